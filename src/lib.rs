@@ -1,0 +1,8 @@
+//! pgbridge: PostgreSQL logical replication (pgoutput) into NATS JetStream.
+//!
+//! The library holds every part of the bridge; `main.rs` only parses the command line and
+//! calls [`run`]. Tests drive the same entry points as the binary.
+
+pub mod config;
+pub mod pg;
+pub mod shutdown;

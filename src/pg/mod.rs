@@ -1,0 +1,9 @@
+//! Everything that speaks to PostgreSQL: the libpq connection, the replication protocol
+//! framing, the pgoutput decoder and the decoding of column values.
+
+pub mod framing;
+pub mod lsn;
+pub mod pgoutput;
+pub mod value;
+
+pub use lsn::Lsn;
