@@ -1,6 +1,7 @@
 //! Everything that speaks to PostgreSQL: the libpq connection, the replication protocol
 //! framing, the pgoutput decoder and the decoding of column values.
 
+pub mod conn;
 pub mod framing;
 pub mod lsn;
 pub mod pgoutput;

