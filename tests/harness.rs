@@ -35,9 +35,11 @@ fn servers_start_configured_and_clean_up() {
     let dirs: Vec<PathBuf> = vec![env.pg.dir().to_path_buf(), env.nats.dir().to_path_buf()];
     assert!(dirs.iter().all(|d| d.exists()));
     drop(env);
-    common::wait_for("postgres processes to exit", Duration::from_secs(20), || {
-        (!pid_alive(checkpointer)).then_some(())
-    });
+    common::wait_for(
+        "postgres processes to exit",
+        Duration::from_secs(20),
+        || (!pid_alive(checkpointer)).then_some(()),
+    );
     for d in dirs {
         assert!(!d.exists(), "{} left behind", d.display());
     }
@@ -58,20 +60,29 @@ fn wrong_password_is_refused() {
         pgbridge::pg::conn::ConnectionKind::Normal,
     )
     .unwrap_err();
-    assert!(err.to_string().contains("password authentication failed"), "{err}");
+    assert!(
+        err.to_string().contains("password authentication failed"),
+        "{err}"
+    );
 }
 
 #[test]
 fn postgres_restarts_with_its_data() {
     let mut pg = PgServer::start();
-    pg.sql("postgres", "CREATE TABLE kept (id int); INSERT INTO kept VALUES (42)");
+    pg.sql(
+        "postgres",
+        "CREATE TABLE kept (id int); INSERT INTO kept VALUES (42)",
+    );
     pg.stop(StopMode::Fast);
     pg.start_again();
     let r = pg.sql("postgres", "SELECT id FROM kept");
     assert_eq!(r.rows[0][0].as_deref(), Some("42"));
     pg.stop(StopMode::Immediate);
     pg.start_again();
-    assert_eq!(pg.sql("postgres", "SELECT count(*) FROM kept").rows[0][0].as_deref(), Some("1"));
+    assert_eq!(
+        pg.sql("postgres", "SELECT count(*) FROM kept").rows[0][0].as_deref(),
+        Some("1")
+    );
 }
 
 #[test]
@@ -93,7 +104,9 @@ fn panicking_test_still_cleans_up() {
         std::panic::panic_any(pid);
     });
     let pid = *result.unwrap_err().downcast::<u32>().unwrap();
-    common::wait_for("postgres to exit after panic", Duration::from_secs(20), || {
-        (!pid_alive(pid)).then_some(())
-    });
+    common::wait_for(
+        "postgres to exit after panic",
+        Duration::from_secs(20),
+        || (!pid_alive(pid)).then_some(()),
+    );
 }

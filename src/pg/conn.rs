@@ -235,7 +235,9 @@ impl PgResult {
                 .to_string()
         });
         DbError {
-            sqlstate: self.field(pq::PG_DIAG_SQLSTATE).unwrap_or_else(|| "XX000".into()),
+            sqlstate: self
+                .field(pq::PG_DIAG_SQLSTATE)
+                .unwrap_or_else(|| "XX000".into()),
             severity: self
                 .field(pq::PG_DIAG_SEVERITY_NONLOCALIZED)
                 .or_else(|| self.field(pq::PG_DIAG_SEVERITY))
@@ -404,7 +406,12 @@ impl PgConnection {
         NonNull::new(r).map(PgResult).ok_or_else(|| self.lost())
     }
 
-    fn check(&self, res: &PgResult, sql: &str, expect: &[pq::ExecStatusType]) -> Result<(), PgError> {
+    fn check(
+        &self,
+        res: &PgResult,
+        sql: &str,
+        expect: &[pq::ExecStatusType],
+    ) -> Result<(), PgError> {
         let status = res.status();
         if expect.contains(&status) {
             return Ok(());
@@ -524,7 +531,10 @@ impl PgConnection {
             return Ok(0);
         }
         let tag = res?.command_tag;
-        Ok(tag.strip_prefix("COPY ").and_then(|n| n.trim().parse().ok()).unwrap_or(0))
+        Ok(tag
+            .strip_prefix("COPY ")
+            .and_then(|n| n.trim().parse().ok())
+            .unwrap_or(0))
     }
 
     /// Asks the server to cancel the running command (best effort).
@@ -760,7 +770,11 @@ mod tests {
     fn refused_connection_is_a_connect_error() {
         // Port 1 on loopback: nothing listens there.
         let err = PgConnection::connect(
-            &[("host", "127.0.0.1"), ("port", "1"), ("connect_timeout", "2")],
+            &[
+                ("host", "127.0.0.1"),
+                ("port", "1"),
+                ("connect_timeout", "2"),
+            ],
             ConnectionKind::Normal,
         )
         .unwrap_err();

@@ -5,6 +5,7 @@ pub mod conn;
 pub mod framing;
 pub mod lsn;
 pub mod pgoutput;
+pub mod replication;
 pub mod value;
 
 pub use lsn::Lsn;

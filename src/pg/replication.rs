@@ -4,7 +4,9 @@
 
 use std::time::Duration;
 
-use super::conn::{quote_ident, quote_literal, ConnectionKind, CopyBuf, CopyData, PgConnection, PgError};
+use super::conn::{
+    quote_ident, quote_literal, ConnectionKind, CopyBuf, CopyData, PgConnection, PgError,
+};
 use super::framing;
 use super::lsn::Lsn;
 
@@ -101,7 +103,6 @@ impl PgOutputOptions {
 #[derive(Debug)]
 pub struct ReplicationConnection {
     conn: PgConnection,
-    status_buf: [u8; framing::STANDBY_STATUS_LEN],
 }
 
 impl ReplicationConnection {
@@ -115,10 +116,7 @@ impl ReplicationConnection {
 
     /// Wraps an open replication connection.
     pub fn from_connection(conn: PgConnection) -> Self {
-        ReplicationConnection {
-            conn,
-            status_buf: [0; framing::STANDBY_STATUS_LEN],
-        }
+        ReplicationConnection { conn }
     }
 
     /// The underlying connection, for SQL in the same session (e.g. `BEGIN`, `COPY`).
@@ -139,7 +137,10 @@ impl ReplicationConnection {
             status: format!("missing or invalid {what}"),
         };
         Ok(SystemIdentity {
-            system_id: r.get(0, "systemid").ok_or_else(|| bad("systemid"))?.to_string(),
+            system_id: r
+                .get(0, "systemid")
+                .ok_or_else(|| bad("systemid"))?
+                .to_string(),
             timeline: r
                 .get(0, "timeline")
                 .and_then(|t| t.parse().ok())
@@ -240,16 +241,14 @@ impl ReplicationConnection {
         apply: Lsn,
         reply_requested: bool,
     ) -> Result<(), PgError> {
-        framing::encode_standby_status(
-            &mut self.status_buf,
+        let update = framing::StandbyStatusUpdate {
             write,
             flush,
             apply,
-            framing::pg_now_micros(),
+            client_time: framing::now_pg_micros(),
             reply_requested,
-        );
-        let buf = self.status_buf;
-        self.conn.put_copy_data(&buf)
+        };
+        self.conn.put_copy_data(&update.encode())
     }
 
     /// Ends the stream from our side (CopyDone) and waits for the server to finish it.

@@ -89,7 +89,11 @@ pub fn pg_bin_dir() -> PathBuf {
         }
     }
     let mut versions: Vec<PathBuf> = fs::read_dir("/usr/lib/postgresql")
-        .map(|rd| rd.filter_map(|e| e.ok()).map(|e| e.path().join("bin")).collect())
+        .map(|rd| {
+            rd.filter_map(|e| e.ok())
+                .map(|e| e.path().join("bin"))
+                .collect()
+        })
         .unwrap_or_default();
     versions.retain(|d| d.join("initdb").is_file());
     versions.sort_by_key(|d| {
@@ -110,9 +114,8 @@ pub fn nats_server_bin() -> PathBuf {
     if let Some(p) = std::env::var_os("NATS_SERVER_BIN") {
         return PathBuf::from(p);
     }
-    which("nats-server").expect(
-        "nats-server not found: run scripts/install-deps.sh or set NATS_SERVER_BIN",
-    )
+    which("nats-server")
+        .expect("nats-server not found: run scripts/install-deps.sh or set NATS_SERVER_BIN")
 }
 
 /// uid/gid to run PostgreSQL as: ourselves, or the `postgres` account when we are root.
@@ -199,7 +202,11 @@ impl PgServer {
         let ids = pg_run_as();
         chown_tree(dir.path(), ids);
         let bin = pg_bin_dir();
-        let password = format!("pw-{}-{}", std::process::id(), COUNTER.fetch_add(1, Ordering::Relaxed));
+        let password = format!(
+            "pw-{}-{}",
+            std::process::id(),
+            COUNTER.fetch_add(1, Ordering::Relaxed)
+        );
         let pwfile = dir.path().join("pwfile");
         fs::write(&pwfile, format!("{password}\n")).unwrap();
         fs::set_permissions(&pwfile, fs::Permissions::from_mode(0o644)).unwrap();
@@ -208,7 +215,14 @@ impl PgServer {
         let out = command_as(&bin.join("initdb"), ids)
             .arg("-D")
             .arg(&data)
-            .args(["-U", PG_SUPERUSER, "-E", "UTF8", "--locale=C.UTF-8", "--no-sync"])
+            .args([
+                "-U",
+                PG_SUPERUSER,
+                "-E",
+                "UTF8",
+                "--locale=C.UTF-8",
+                "--no-sync",
+            ])
             .args(["--auth-local=trust", "--auth-host=scram-sha-256"])
             .arg(format!("--pwfile={}", pwfile.display()))
             .output()
@@ -547,7 +561,10 @@ pub fn wait_for<T>(what: &str, timeout: Duration, mut f: impl FnMut() -> Option<
         if let Some(v) = f() {
             return v;
         }
-        assert!(Instant::now() < deadline, "timed out after {timeout:?} waiting for {what}");
+        assert!(
+            Instant::now() < deadline,
+            "timed out after {timeout:?} waiting for {what}"
+        );
         std::thread::sleep(Duration::from_millis(25));
     }
 }
