@@ -1,1 +1,2439 @@
-//! (in progress)
+//! The bridge configuration: built-in defaults, the TOML file, the environment and the command line.
+//!
+//! # Precedence
+//!
+//! Highest first: command-line flags, environment variables, the TOML file (`--config` /
+//! `BRIDGE_CONFIG`), the built-in defaults (the `DEFAULT_*` constants below). clap already combines
+//! a flag with its environment variable; [`Config::load`] reads the file over the defaults and then
+//! lays clap's values over it, field by field, only where a value was given.
+//!
+//! # PostgreSQL URL
+//!
+//! `postgres.url` (`--pg-url`, `PG_URL`) accepts
+//! `postgres[ql]://[user[:password]@][host][:port][/dbname][?param=value&...]`, with `sslmode`,
+//! `connect_timeout`, `host`, `port`, `user`, `password` and `dbname` as query parameters (a query
+//! parameter wins over the same part earlier in the URL, as in libpq). User, password, host and
+//! database name are percent-decoded. The URL only fills the parts that are not given on their
+//! own: a part set explicitly (`postgres.host`, `PG_HOST`, `--pg-host`, ...) at *any* level wins
+//! over the same part of the URL, wherever the URL comes from. Parts given nowhere take the
+//! defaults.
+//!
+//! # Secrets
+//!
+//! Passwords, tokens and the PostgreSQL URL are held in [`Secret`], whose `Debug`, `Display` and
+//! `Serialize` print `***`. Credentials embedded in NATS URLs are hidden the same way. Nothing in
+//! this module ever formats a secret into an error message.
+
+use std::collections::HashSet;
+use std::fmt;
+use std::net::{IpAddr, Ipv4Addr, SocketAddr};
+use std::path::{Path, PathBuf};
+use std::str::FromStr;
+use std::time::Duration;
+
+use serde::{Deserialize, Serialize, Serializer};
+
+use crate::cli::ConfigArgs;
+
+// ---------------------------------------------------------------------------------------------
+// Defaults and limits
+// ---------------------------------------------------------------------------------------------
+
+/// PostgreSQL host when neither a host nor a URL gives one.
+pub const DEFAULT_PG_HOST: &str = "localhost";
+/// PostgreSQL port.
+pub const DEFAULT_PG_PORT: u16 = 5432;
+/// PostgreSQL user.
+pub const DEFAULT_PG_USER: &str = "postgres";
+/// PostgreSQL database.
+pub const DEFAULT_PG_DBNAME: &str = "postgres";
+/// libpq `sslmode`; `prefer` is libpq's own default.
+pub const DEFAULT_PG_SSLMODE: SslMode = SslMode::Prefer;
+/// libpq `connect_timeout`, in seconds.
+pub const DEFAULT_PG_CONNECT_TIMEOUT_SECS: u64 = 10;
+/// `application_name` sent to PostgreSQL, visible in `pg_stat_activity` and `pg_stat_replication`.
+pub const PG_APPLICATION_NAME: &str = "pgbridge";
+
+/// NATS server list.
+pub const DEFAULT_NATS_URL: &str = "nats://localhost:4222";
+
+/// Logical replication slot.
+pub const DEFAULT_SLOT: &str = "cdc_slot";
+/// Publication the slot streams.
+pub const DEFAULT_PUBLICATION: &str = "cdc_pub";
+/// Message encoding.
+pub const DEFAULT_FORMAT: Format = Format::Msgpack;
+/// Slots of the ring between the wal thread and the publisher thread.
+pub const DEFAULT_RING_CAPACITY: usize = 8192;
+/// Smallest accepted ring capacity; below this the threads hand over too often to keep up.
+pub const MIN_RING_CAPACITY: usize = 16;
+/// Largest accepted ring capacity; bounds the memory a full ring can hold.
+pub const MAX_RING_CAPACITY: usize = 1 << 20;
+/// Messages published to JetStream whose PubAck is still outstanding.
+pub const DEFAULT_MAX_IN_FLIGHT: usize = 1024;
+/// Largest accepted in-flight window.
+pub const MAX_IN_FLIGHT_LIMIT: usize = 65_536;
+/// Wait before reconnecting to PostgreSQL after the connection was lost, in seconds.
+pub const DEFAULT_RECONNECT_BACKOFF_SECS: u64 = 5;
+/// Longest interval between two standby status updates to PostgreSQL, in seconds.
+pub const DEFAULT_STANDBY_STATUS_INTERVAL_SECS: u64 = 10;
+/// Prefix of the default state file name, which is `{prefix}{slot}{suffix}` in the working
+/// directory, so that two bridges with different slots never share one.
+pub const DEFAULT_STATE_FILE_PREFIX: &str = "pgbridge-";
+/// Suffix of the default state file name (see [`DEFAULT_STATE_FILE_PREFIX`]).
+pub const DEFAULT_STATE_FILE_SUFFIX: &str = ".lsn";
+
+/// Address the HTTP endpoints listen on. Loopback, so that nothing is exposed by accident;
+/// containers and remote Prometheus scrapers need `--http-bind 0.0.0.0`.
+pub const DEFAULT_HTTP_BIND: IpAddr = IpAddr::V4(Ipv4Addr::LOCALHOST);
+/// Port of the HTTP endpoints.
+pub const DEFAULT_HTTP_PORT: u16 = 9090;
+
+/// Interval between two reads of the slot's lag, in seconds.
+pub const DEFAULT_MONITOR_INTERVAL_SECS: u64 = 30;
+/// Slot lag that logs a warning, in bytes (512 MiB).
+pub const DEFAULT_LAG_WARN_BYTES: u64 = 512 * 1024 * 1024;
+/// Slot lag that logs an error, in bytes (1 GiB).
+pub const DEFAULT_LAG_CRITICAL_BYTES: u64 = 1024 * 1024 * 1024;
+/// Interval between two logfmt `METRICS` log lines, in seconds; 0 turns the line off.
+pub const DEFAULT_METRICS_LOG_INTERVAL_SECS: u64 = 15;
+
+/// Rows per snapshot chunk message.
+pub const DEFAULT_SNAPSHOT_CHUNK_ROWS: usize = 10_000;
+/// Largest accepted chunk; a chunk is held in memory while it is encoded.
+pub const MAX_SNAPSHOT_CHUNK_ROWS: usize = 1_000_000;
+/// Whether tables whose INIT stream holds nothing are snapshotted at start.
+pub const DEFAULT_SNAPSHOT_ON_START: bool = false;
+
+/// Name of the JetStream stream holding change events (`cdc.>`).
+pub const DEFAULT_CDC_STREAM: &str = "CDC";
+/// Name of the JetStream stream holding snapshots (`init.>`).
+pub const DEFAULT_INIT_STREAM: &str = "INIT";
+/// Retention of the CDC stream, in seconds (7 days). A consumer bootstrapping from a snapshot
+/// needs the CDC stream to still hold the snapshot's `cdc_stream_seq + 1`, so this should not be
+/// shorter than the INIT stream's retention.
+pub const DEFAULT_CDC_MAX_AGE_SECS: u64 = 7 * 24 * 3600;
+/// Duplicate window of the CDC stream, in seconds (JetStream's own default). A republish after a
+/// crash is de-duplicated only within this window.
+pub const DEFAULT_CDC_DUPLICATE_WINDOW_SECS: u64 = 120;
+/// Retention of the INIT stream, in seconds (7 days).
+pub const DEFAULT_INIT_MAX_AGE_SECS: u64 = 7 * 24 * 3600;
+
+/// PostgreSQL's identifier length limit (NAMEDATALEN - 1), in bytes.
+pub const MAX_PG_IDENTIFIER_BYTES: usize = 63;
+/// JetStream's stream name length limit, in bytes.
+pub const MAX_STREAM_NAME_BYTES: usize = 255;
+
+/// What every secret prints as.
+pub const REDACTED: &str = "***";
+
+// ---------------------------------------------------------------------------------------------
+// Errors
+// ---------------------------------------------------------------------------------------------
+
+/// Why the configuration could not be loaded or is not usable. Every message is one line that
+/// names the file or the field, and never contains a secret.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    /// The configuration file could not be read.
+    #[error("cannot read configuration file {}: {source}", path.display())]
+    Io {
+        /// The file named by `--config` / `BRIDGE_CONFIG`.
+        path: PathBuf,
+        /// What the operating system said.
+        source: std::io::Error,
+    },
+    /// The configuration file is not valid TOML, or has an unknown key or a wrongly typed value.
+    #[error("{}: {message}", path.display())]
+    Toml {
+        /// The file named by `--config` / `BRIDGE_CONFIG`.
+        path: PathBuf,
+        /// The parser's message, prefixed with the line and column.
+        message: String,
+    },
+    /// A value is out of range or malformed.
+    #[error("invalid {field}{}: {reason}", sources_hint(.field))]
+    Invalid {
+        /// The field as a TOML key, e.g. `replication.slot`.
+        field: &'static str,
+        /// What is wrong and what is accepted.
+        reason: String,
+    },
+    /// A connection URL cannot be parsed.
+    #[error("invalid {field}{}: {reason}", sources_hint(.field))]
+    Url {
+        /// The field as a TOML key: `postgres.url` or `nats.urls`.
+        field: &'static str,
+        /// What is wrong; never the URL itself, which may hold a password.
+        reason: String,
+    },
+}
+
+/// Where each configuration field can be set: TOML key, flag, environment variable.
+///
+/// Used to point error messages at the knob to turn; a unit test checks it against the CLI.
+pub const FIELD_SOURCES: &[(&str, &str, &str)] = &[
+    ("postgres.url", "--pg-url", "PG_URL"),
+    ("postgres.host", "--pg-host", "PG_HOST"),
+    ("postgres.port", "--pg-port", "PG_PORT"),
+    ("postgres.user", "--pg-user", "PG_USER"),
+    ("postgres.password", "--pg-password", "PG_PASSWORD"),
+    ("postgres.dbname", "--pg-db", "PG_DB"),
+    ("postgres.sslmode", "--pg-sslmode", "PG_SSLMODE"),
+    (
+        "postgres.connect_timeout_secs",
+        "--pg-connect-timeout-secs",
+        "PG_CONNECT_TIMEOUT_SECS",
+    ),
+    ("nats.urls", "--nats-url", "NATS_URL"),
+    ("nats.user", "--nats-user", "NATS_BRIDGE_USER"),
+    ("nats.password", "--nats-password", "NATS_BRIDGE_PASSWORD"),
+    ("nats.token", "--nats-token", "NATS_BRIDGE_TOKEN"),
+    ("nats.creds_file", "--nats-creds", "NATS_BRIDGE_CREDS"),
+    ("replication.slot", "--slot", "BRIDGE_SLOT"),
+    (
+        "replication.publication",
+        "--publication",
+        "BRIDGE_PUBLICATION",
+    ),
+    ("replication.tables", "--table", "BRIDGE_TABLES"),
+    ("replication.format", "--format", "BRIDGE_FORMAT"),
+    (
+        "replication.ring_capacity",
+        "--ring-capacity",
+        "BRIDGE_RING_CAPACITY",
+    ),
+    (
+        "replication.max_in_flight",
+        "--max-in-flight",
+        "BRIDGE_MAX_IN_FLIGHT",
+    ),
+    (
+        "replication.reconnect_backoff_secs",
+        "--reconnect-backoff-secs",
+        "BRIDGE_RECONNECT_BACKOFF_SECS",
+    ),
+    (
+        "replication.standby_status_interval_secs",
+        "--standby-status-interval-secs",
+        "BRIDGE_STANDBY_STATUS_INTERVAL_SECS",
+    ),
+    (
+        "replication.state_file",
+        "--state-file",
+        "BRIDGE_STATE_FILE",
+    ),
+    ("http.bind", "--http-bind", "BRIDGE_HTTP_BIND"),
+    ("http.port", "--port", "BRIDGE_PORT"),
+    ("http.admin_token", "--admin-token", "BRIDGE_ADMIN_TOKEN"),
+    (
+        "monitor.interval_secs",
+        "--monitor-interval-secs",
+        "BRIDGE_MONITOR_INTERVAL_SECS",
+    ),
+    (
+        "monitor.lag_warn_bytes",
+        "--lag-warn-bytes",
+        "BRIDGE_LAG_WARN_BYTES",
+    ),
+    (
+        "monitor.lag_critical_bytes",
+        "--lag-critical-bytes",
+        "BRIDGE_LAG_CRITICAL_BYTES",
+    ),
+    (
+        "monitor.metrics_log_interval_secs",
+        "--metrics-log-interval-secs",
+        "BRIDGE_METRICS_LOG_INTERVAL_SECS",
+    ),
+    (
+        "snapshot.chunk_rows",
+        "--snapshot-chunk-rows",
+        "BRIDGE_SNAPSHOT_CHUNK_ROWS",
+    ),
+    (
+        "snapshot.on_start",
+        "--snapshot-on-start",
+        "BRIDGE_SNAPSHOT_ON_START",
+    ),
+    ("streams.cdc", "--stream", "BRIDGE_STREAMS"),
+    ("streams.init", "--stream", "BRIDGE_STREAMS"),
+    (
+        "streams.cdc_max_age_secs",
+        "--cdc-max-age-secs",
+        "BRIDGE_CDC_MAX_AGE_SECS",
+    ),
+    (
+        "streams.cdc_duplicate_window_secs",
+        "--cdc-duplicate-window-secs",
+        "BRIDGE_CDC_DUPLICATE_WINDOW_SECS",
+    ),
+    (
+        "streams.init_max_age_secs",
+        "--init-max-age-secs",
+        "BRIDGE_INIT_MAX_AGE_SECS",
+    ),
+];
+
+/// " (--flag / ENV)" for a field, or nothing for a field without a flag.
+fn sources_hint(field: &str) -> String {
+    FIELD_SOURCES
+        .iter()
+        .find(|(key, _, _)| *key == field)
+        .map(|(_, flag, env)| format!(" ({flag} / {env})"))
+        .unwrap_or_default()
+}
+
+fn invalid(field: &'static str, reason: impl Into<String>) -> ConfigError {
+    ConfigError::Invalid {
+        field,
+        reason: reason.into(),
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Value types
+// ---------------------------------------------------------------------------------------------
+
+/// A password, token or credential-bearing URL. Prints, debugs and serializes as `***`; the
+/// value is reachable only through [`Secret::expose`].
+#[derive(Clone, Default, PartialEq, Eq)]
+pub struct Secret(String);
+
+impl Secret {
+    /// Wraps a secret value.
+    pub fn new(value: impl Into<String>) -> Self {
+        Self(value.into())
+    }
+
+    /// The secret itself, for the one place that must send it (libpq, the NATS client, the token
+    /// comparison). Never log the result.
+    pub fn expose(&self) -> &str {
+        &self.0
+    }
+
+    /// True for an empty secret.
+    pub fn is_empty(&self) -> bool {
+        self.0.is_empty()
+    }
+}
+
+impl fmt::Debug for Secret {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(REDACTED)
+    }
+}
+
+impl fmt::Display for Secret {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(REDACTED)
+    }
+}
+
+impl Serialize for Secret {
+    fn serialize<S: Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        serializer.serialize_str(REDACTED)
+    }
+}
+
+/// Accepts only strings: serde's error for any other type would quote the value (an unquoted
+/// numeric password, say) into the message.
+impl<'de> Deserialize<'de> for Secret {
+    fn deserialize<D: serde::Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        struct SecretVisitor;
+
+        impl serde::de::Visitor<'_> for SecretVisitor {
+            type Value = Secret;
+
+            fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                f.write_str("a quoted string")
+            }
+
+            fn visit_str<E: serde::de::Error>(self, v: &str) -> Result<Secret, E> {
+                Ok(Secret::new(v))
+            }
+
+            fn visit_string<E: serde::de::Error>(self, v: String) -> Result<Secret, E> {
+                Ok(Secret(v))
+            }
+
+            fn visit_i64<E: serde::de::Error>(self, _: i64) -> Result<Secret, E> {
+                Err(E::custom(NOT_A_STRING))
+            }
+
+            fn visit_u64<E: serde::de::Error>(self, _: u64) -> Result<Secret, E> {
+                Err(E::custom(NOT_A_STRING))
+            }
+
+            fn visit_f64<E: serde::de::Error>(self, _: f64) -> Result<Secret, E> {
+                Err(E::custom(NOT_A_STRING))
+            }
+
+            fn visit_bool<E: serde::de::Error>(self, _: bool) -> Result<Secret, E> {
+                Err(E::custom(NOT_A_STRING))
+            }
+        }
+
+        const NOT_A_STRING: &str = "a secret must be a quoted string";
+        deserializer.deserialize_str(SecretVisitor)
+    }
+}
+
+impl From<String> for Secret {
+    fn from(value: String) -> Self {
+        Self(value)
+    }
+}
+
+impl From<&str> for Secret {
+    fn from(value: &str) -> Self {
+        Self(value.to_owned())
+    }
+}
+
+impl FromStr for Secret {
+    type Err = std::convert::Infallible;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        Ok(Self(s.to_owned()))
+    }
+}
+
+/// Encoding of the messages published to JetStream (DESIGN.md §4).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
+#[serde(rename_all = "lowercase")]
+pub enum Format {
+    /// MessagePack (the default).
+    #[default]
+    Msgpack,
+    /// JSON with the same structure; binary values as base64 strings.
+    Json,
+}
+
+impl Format {
+    /// The name used in the configuration and on the command line.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Format::Msgpack => "msgpack",
+            Format::Json => "json",
+        }
+    }
+}
+
+impl fmt::Display for Format {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// libpq `sslmode`.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
+#[serde(rename_all = "kebab-case")]
+pub enum SslMode {
+    /// Never use TLS.
+    Disable,
+    /// Use TLS only if the server insists.
+    Allow,
+    /// Use TLS if the server supports it (libpq's default).
+    #[default]
+    Prefer,
+    /// Always use TLS, without verifying the certificate.
+    Require,
+    /// Always use TLS and verify the certificate chain.
+    VerifyCa,
+    /// Always use TLS, verify the chain and the host name.
+    VerifyFull,
+}
+
+impl SslMode {
+    /// The libpq keyword value.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            SslMode::Disable => "disable",
+            SslMode::Allow => "allow",
+            SslMode::Prefer => "prefer",
+            SslMode::Require => "require",
+            SslMode::VerifyCa => "verify-ca",
+            SslMode::VerifyFull => "verify-full",
+        }
+    }
+}
+
+impl fmt::Display for SslMode {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+impl FromStr for SslMode {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        [
+            SslMode::Disable,
+            SslMode::Allow,
+            SslMode::Prefer,
+            SslMode::Require,
+            SslMode::VerifyCa,
+            SslMode::VerifyFull,
+        ]
+        .into_iter()
+        .find(|m| m.as_str() == s)
+        .ok_or_else(|| {
+            format!(
+                "unknown sslmode '{s}' (expected disable, allow, prefer, require, verify-ca or verify-full)"
+            )
+        })
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// The effective configuration
+// ---------------------------------------------------------------------------------------------
+
+/// The whole, effective bridge configuration. Build it with [`Config::load`]; `Default` gives the
+/// built-in defaults.
+#[derive(Clone, Debug, Default, PartialEq, Serialize)]
+pub struct Config {
+    /// The PostgreSQL connection (`[postgres]`).
+    pub postgres: PgConfig,
+    /// The NATS connection (`[nats]`).
+    pub nats: NatsConfig,
+    /// Slot, publication, tables and the pipeline's tuning (`[replication]`).
+    pub replication: ReplicationConfig,
+    /// The HTTP endpoints (`[http]`).
+    pub http: HttpConfig,
+    /// The slot-lag monitor and periodic metrics log (`[monitor]`).
+    pub monitor: MonitorConfig,
+    /// Snapshots into the INIT stream (`[snapshot]`).
+    pub snapshot: SnapshotConfig,
+    /// JetStream stream names and retention (`[streams]`).
+    pub streams: StreamsConfig,
+}
+
+/// PostgreSQL connection, fully resolved: the URL, if any, is already expanded into these parts.
+#[derive(Clone, Debug, PartialEq, Serialize)]
+pub struct PgConfig {
+    /// Host name, IP address, or directory of the Unix socket (starts with `/`).
+    pub host: String,
+    /// Port.
+    pub port: u16,
+    /// Role to connect as; it needs REPLICATION and SELECT on the published tables.
+    pub user: String,
+    /// Password; `None` leaves it to libpq (`~/.pgpass`, trust, peer ...).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub password: Option<Secret>,
+    /// Database holding the publication.
+    pub dbname: String,
+    /// libpq `sslmode`.
+    pub sslmode: SslMode,
+    /// libpq `connect_timeout`, in seconds.
+    pub connect_timeout_secs: u64,
+}
+
+impl Default for PgConfig {
+    fn default() -> Self {
+        Self {
+            host: DEFAULT_PG_HOST.to_owned(),
+            port: DEFAULT_PG_PORT,
+            user: DEFAULT_PG_USER.to_owned(),
+            password: None,
+            dbname: DEFAULT_PG_DBNAME.to_owned(),
+            sslmode: DEFAULT_PG_SSLMODE,
+            connect_timeout_secs: DEFAULT_PG_CONNECT_TIMEOUT_SECS,
+        }
+    }
+}
+
+impl PgConfig {
+    /// Keyword/value pairs for `PQconnectdbParams`: host, port, user, password (when set),
+    /// dbname, sslmode, connect_timeout and application_name. The caller adds `replication`,
+    /// `options` and the like, and must pass `expand_dbname = 0` so that a database name is never
+    /// read as a connection string. The password is in clear text here: do not log the result.
+    pub fn libpq_params(&self) -> Vec<(&'static str, String)> {
+        let mut params = vec![
+            ("host", self.host.clone()),
+            ("port", self.port.to_string()),
+            ("user", self.user.clone()),
+        ];
+        if let Some(password) = &self.password {
+            params.push(("password", password.expose().to_owned()));
+        }
+        params.extend([
+            ("dbname", self.dbname.clone()),
+            ("sslmode", self.sslmode.as_str().to_owned()),
+            ("connect_timeout", self.connect_timeout_secs.to_string()),
+            ("application_name", PG_APPLICATION_NAME.to_owned()),
+        ]);
+        params
+    }
+
+    /// Checks every field; see [`Config::validate`].
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        if self.host.trim().is_empty() {
+            return Err(invalid("postgres.host", "is empty"));
+        }
+        if self.port == 0 {
+            return Err(invalid("postgres.port", "must be 1-65535, not 0"));
+        }
+        if self.user.is_empty() {
+            return Err(invalid("postgres.user", "is empty"));
+        }
+        if self.dbname.is_empty() {
+            return Err(invalid("postgres.dbname", "is empty"));
+        }
+        if self.connect_timeout_secs == 0 {
+            return Err(invalid(
+                "postgres.connect_timeout_secs",
+                "must be at least 1 (0 would wait forever)",
+            ));
+        }
+        Ok(())
+    }
+}
+
+/// NATS connection.
+#[derive(Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct NatsConfig {
+    /// Servers, as `nats://host:port`, `tls://host:port`, `host:port` or `host`; the client
+    /// picks one and fails over to the others. Credentials in a URL are accepted and redacted.
+    #[serde(serialize_with = "serialize_redacted_urls")]
+    pub urls: Vec<String>,
+    /// User name (`NATS_BRIDGE_USER`); needs `password` too.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub user: Option<String>,
+    /// Password (`NATS_BRIDGE_PASSWORD`).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub password: Option<Secret>,
+    /// Authentication token, instead of user and password.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub token: Option<Secret>,
+    /// A `.creds` file (JWT and NKey seed), instead of user/password or token.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub creds_file: Option<PathBuf>,
+}
+
+impl Default for NatsConfig {
+    fn default() -> Self {
+        Self {
+            urls: vec![DEFAULT_NATS_URL.to_owned()],
+            user: None,
+            password: None,
+            token: None,
+            creds_file: None,
+        }
+    }
+}
+
+impl fmt::Debug for NatsConfig {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let urls: Vec<String> = self.urls.iter().map(|u| redact_url_userinfo(u)).collect();
+        f.debug_struct("NatsConfig")
+            .field("urls", &urls)
+            .field("user", &self.user)
+            .field("password", &self.password)
+            .field("token", &self.token)
+            .field("creds_file", &self.creds_file)
+            .finish()
+    }
+}
+
+fn serialize_redacted_urls<S: Serializer>(
+    urls: &[String],
+    serializer: S,
+) -> Result<S::Ok, S::Error> {
+    serializer.collect_seq(urls.iter().map(|u| redact_url_userinfo(u)))
+}
+
+impl NatsConfig {
+    /// The server list with credentials replaced by `***`, for logs.
+    pub fn redacted_urls(&self) -> Vec<String> {
+        self.urls.iter().map(|u| redact_url_userinfo(u)).collect()
+    }
+
+    /// Checks every field; see [`Config::validate`].
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        if self.urls.is_empty() {
+            return Err(invalid("nats.urls", "no NATS server given"));
+        }
+        for url in &self.urls {
+            check_nats_url(url).map_err(|reason| ConfigError::Url {
+                field: "nats.urls",
+                reason: format!("'{}': {reason}", redact_url_userinfo(url)),
+            })?;
+        }
+        match (&self.user, &self.password) {
+            (Some(user), _) if user.is_empty() => return Err(invalid("nats.user", "is empty")),
+            (Some(_), None) => {
+                return Err(invalid(
+                    "nats.password",
+                    "a NATS user is set but no password (set NATS_BRIDGE_PASSWORD)",
+                ))
+            }
+            (None, Some(_)) => {
+                return Err(invalid(
+                    "nats.user",
+                    "a NATS password is set but no user (set NATS_BRIDGE_USER)",
+                ))
+            }
+            _ => {}
+        }
+        if self.token.as_ref().is_some_and(Secret::is_empty) {
+            return Err(invalid("nats.token", "is empty"));
+        }
+        let methods = [
+            self.user.is_some(),
+            self.token.is_some(),
+            self.creds_file.is_some(),
+        ];
+        if methods.into_iter().filter(|m| *m).count() > 1 {
+            return Err(invalid(
+                if self.token.is_some() {
+                    "nats.token"
+                } else {
+                    "nats.creds_file"
+                },
+                "give only one NATS authentication: user and password, a token, or a creds file",
+            ));
+        }
+        if self
+            .creds_file
+            .as_ref()
+            .is_some_and(|p| p.as_os_str().is_empty())
+        {
+            return Err(invalid("nats.creds_file", "is empty"));
+        }
+        Ok(())
+    }
+}
+
+/// What to replicate and how the pipeline is tuned.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct ReplicationConfig {
+    /// Logical replication slot (created if missing): `[a-z0-9_]{1,63}`.
+    pub slot: String,
+    /// Publication the slot streams; it must exist.
+    pub publication: String,
+    /// Tables to stream, as `table` or `schema.table`; empty streams every table of the
+    /// publication.
+    pub tables: Vec<String>,
+    /// Message encoding.
+    pub format: Format,
+    /// Capacity of the ring between the wal and publisher threads; a power of two.
+    pub ring_capacity: usize,
+    /// Most messages awaiting a PubAck at once.
+    pub max_in_flight: usize,
+    /// Wait before reconnecting to PostgreSQL, in seconds.
+    pub reconnect_backoff_secs: u64,
+    /// Longest interval between standby status updates, in seconds.
+    pub standby_status_interval_secs: u64,
+    /// File holding the last durable LSN; `None` means [`ReplicationConfig::state_file_path`]'s
+    /// default.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub state_file: Option<PathBuf>,
+}
+
+impl Default for ReplicationConfig {
+    fn default() -> Self {
+        Self {
+            slot: DEFAULT_SLOT.to_owned(),
+            publication: DEFAULT_PUBLICATION.to_owned(),
+            tables: Vec::new(),
+            format: DEFAULT_FORMAT,
+            ring_capacity: DEFAULT_RING_CAPACITY,
+            max_in_flight: DEFAULT_MAX_IN_FLIGHT,
+            reconnect_backoff_secs: DEFAULT_RECONNECT_BACKOFF_SECS,
+            standby_status_interval_secs: DEFAULT_STANDBY_STATUS_INTERVAL_SECS,
+            state_file: None,
+        }
+    }
+}
+
+impl ReplicationConfig {
+    /// The state file: the configured one, or `pgbridge-{slot}.lsn` in the working directory.
+    pub fn state_file_path(&self) -> PathBuf {
+        self.state_file.clone().unwrap_or_else(|| {
+            PathBuf::from(format!(
+                "{DEFAULT_STATE_FILE_PREFIX}{}{DEFAULT_STATE_FILE_SUFFIX}",
+                self.slot
+            ))
+        })
+    }
+
+    /// [`ReplicationConfig::reconnect_backoff_secs`] as a `Duration`.
+    pub fn reconnect_backoff(&self) -> Duration {
+        Duration::from_secs(self.reconnect_backoff_secs)
+    }
+
+    /// [`ReplicationConfig::standby_status_interval_secs`] as a `Duration`.
+    pub fn standby_status_interval(&self) -> Duration {
+        Duration::from_secs(self.standby_status_interval_secs)
+    }
+
+    /// Checks every field; see [`Config::validate`].
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        check_slot_name(&self.slot).map_err(|r| invalid("replication.slot", r))?;
+        check_identifier(&self.publication)
+            .map_err(|r| invalid("replication.publication", format!("publication {r}")))?;
+        let mut seen = HashSet::new();
+        for table in &self.tables {
+            check_table_name(table).map_err(|r| invalid("replication.tables", r))?;
+            if !seen.insert(table.as_str()) {
+                return Err(invalid(
+                    "replication.tables",
+                    format!("table '{table}' is listed twice"),
+                ));
+            }
+        }
+        if !self.ring_capacity.is_power_of_two()
+            || !(MIN_RING_CAPACITY..=MAX_RING_CAPACITY).contains(&self.ring_capacity)
+        {
+            return Err(invalid(
+                "replication.ring_capacity",
+                format!(
+                    "{} is not a power of two between {MIN_RING_CAPACITY} and {MAX_RING_CAPACITY}",
+                    self.ring_capacity
+                ),
+            ));
+        }
+        if !(1..=MAX_IN_FLIGHT_LIMIT).contains(&self.max_in_flight) {
+            return Err(invalid(
+                "replication.max_in_flight",
+                format!(
+                    "{} is not between 1 and {MAX_IN_FLIGHT_LIMIT}",
+                    self.max_in_flight
+                ),
+            ));
+        }
+        if self.reconnect_backoff_secs == 0 {
+            return Err(invalid(
+                "replication.reconnect_backoff_secs",
+                "must be at least 1 second",
+            ));
+        }
+        if self.standby_status_interval_secs == 0 {
+            return Err(invalid(
+                "replication.standby_status_interval_secs",
+                "must be at least 1 second",
+            ));
+        }
+        if self
+            .state_file
+            .as_ref()
+            .is_some_and(|p| p.as_os_str().is_empty())
+        {
+            return Err(invalid("replication.state_file", "is empty"));
+        }
+        Ok(())
+    }
+}
+
+/// HTTP endpoints (`/metrics`, `/status`, `/health`, admin endpoints).
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct HttpConfig {
+    /// Listen address.
+    pub bind: IpAddr,
+    /// Listen port.
+    pub port: u16,
+    /// Bearer token required by the endpoints that change state; without one they are refused.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub admin_token: Option<Secret>,
+}
+
+impl Default for HttpConfig {
+    fn default() -> Self {
+        Self {
+            bind: DEFAULT_HTTP_BIND,
+            port: DEFAULT_HTTP_PORT,
+            admin_token: None,
+        }
+    }
+}
+
+impl HttpConfig {
+    /// The address to listen on.
+    pub fn socket_addr(&self) -> SocketAddr {
+        SocketAddr::new(self.bind, self.port)
+    }
+
+    /// Checks every field; see [`Config::validate`].
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        if self.port == 0 {
+            return Err(invalid("http.port", "must be 1-65535, not 0"));
+        }
+        if let Some(token) = &self.admin_token {
+            if token.is_empty() {
+                return Err(invalid(
+                    "http.admin_token",
+                    "is empty; leave it unset to refuse every admin request",
+                ));
+            }
+            // An Authorization header cannot carry these, so such a token could never match.
+            if token
+                .expose()
+                .chars()
+                .any(|c| c.is_whitespace() || c.is_control())
+            {
+                return Err(invalid(
+                    "http.admin_token",
+                    "contains whitespace or control characters",
+                ));
+            }
+        }
+        Ok(())
+    }
+}
+
+/// Slot-lag monitor and the periodic metrics log line.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct MonitorConfig {
+    /// Interval between two slot reads, in seconds.
+    pub interval_secs: u64,
+    /// Lag above which a warning is logged, in bytes.
+    pub lag_warn_bytes: u64,
+    /// Lag above which an error is logged, in bytes.
+    pub lag_critical_bytes: u64,
+    /// Interval between two `METRICS` log lines, in seconds; 0 turns them off.
+    pub metrics_log_interval_secs: u64,
+}
+
+impl Default for MonitorConfig {
+    fn default() -> Self {
+        Self {
+            interval_secs: DEFAULT_MONITOR_INTERVAL_SECS,
+            lag_warn_bytes: DEFAULT_LAG_WARN_BYTES,
+            lag_critical_bytes: DEFAULT_LAG_CRITICAL_BYTES,
+            metrics_log_interval_secs: DEFAULT_METRICS_LOG_INTERVAL_SECS,
+        }
+    }
+}
+
+impl MonitorConfig {
+    /// [`MonitorConfig::interval_secs`] as a `Duration`.
+    pub fn interval(&self) -> Duration {
+        Duration::from_secs(self.interval_secs)
+    }
+
+    /// [`MonitorConfig::metrics_log_interval_secs`] as a `Duration`, `None` when turned off.
+    pub fn metrics_log_interval(&self) -> Option<Duration> {
+        (self.metrics_log_interval_secs > 0)
+            .then(|| Duration::from_secs(self.metrics_log_interval_secs))
+    }
+
+    /// Checks every field; see [`Config::validate`].
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        if self.interval_secs == 0 {
+            return Err(invalid(
+                "monitor.interval_secs",
+                "must be at least 1 second",
+            ));
+        }
+        if self.lag_warn_bytes == 0 {
+            return Err(invalid("monitor.lag_warn_bytes", "must be above 0"));
+        }
+        if self.lag_warn_bytes >= self.lag_critical_bytes {
+            return Err(invalid(
+                "monitor.lag_warn_bytes",
+                format!(
+                    "{} must be below monitor.lag_critical_bytes ({})",
+                    self.lag_warn_bytes, self.lag_critical_bytes
+                ),
+            ));
+        }
+        Ok(())
+    }
+}
+
+/// Snapshots into the INIT stream.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct SnapshotConfig {
+    /// Rows per chunk message.
+    pub chunk_rows: usize,
+    /// Snapshot, at start, every table whose INIT stream holds nothing yet.
+    pub on_start: bool,
+}
+
+impl Default for SnapshotConfig {
+    fn default() -> Self {
+        Self {
+            chunk_rows: DEFAULT_SNAPSHOT_CHUNK_ROWS,
+            on_start: DEFAULT_SNAPSHOT_ON_START,
+        }
+    }
+}
+
+impl SnapshotConfig {
+    /// Checks every field; see [`Config::validate`].
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        if !(1..=MAX_SNAPSHOT_CHUNK_ROWS).contains(&self.chunk_rows) {
+            return Err(invalid(
+                "snapshot.chunk_rows",
+                format!(
+                    "{} is not between 1 and {MAX_SNAPSHOT_CHUNK_ROWS}",
+                    self.chunk_rows
+                ),
+            ));
+        }
+        Ok(())
+    }
+}
+
+/// JetStream streams. Subjects are fixed (`cdc.>`, `init.>`); only names and retention vary.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct StreamsConfig {
+    /// Name of the CDC stream.
+    pub cdc: String,
+    /// Name of the INIT stream.
+    pub init: String,
+    /// CDC retention, in seconds; 0 keeps messages forever.
+    pub cdc_max_age_secs: u64,
+    /// CDC duplicate window, in seconds.
+    pub cdc_duplicate_window_secs: u64,
+    /// INIT retention, in seconds; 0 keeps messages forever.
+    pub init_max_age_secs: u64,
+}
+
+impl Default for StreamsConfig {
+    fn default() -> Self {
+        Self {
+            cdc: DEFAULT_CDC_STREAM.to_owned(),
+            init: DEFAULT_INIT_STREAM.to_owned(),
+            cdc_max_age_secs: DEFAULT_CDC_MAX_AGE_SECS,
+            cdc_duplicate_window_secs: DEFAULT_CDC_DUPLICATE_WINDOW_SECS,
+            init_max_age_secs: DEFAULT_INIT_MAX_AGE_SECS,
+        }
+    }
+}
+
+impl StreamsConfig {
+    /// CDC retention; `Duration::ZERO` means unlimited, as in JetStream.
+    pub fn cdc_max_age(&self) -> Duration {
+        Duration::from_secs(self.cdc_max_age_secs)
+    }
+
+    /// CDC duplicate window.
+    pub fn cdc_duplicate_window(&self) -> Duration {
+        Duration::from_secs(self.cdc_duplicate_window_secs)
+    }
+
+    /// INIT retention; `Duration::ZERO` means unlimited, as in JetStream.
+    pub fn init_max_age(&self) -> Duration {
+        Duration::from_secs(self.init_max_age_secs)
+    }
+
+    /// Checks every field; see [`Config::validate`].
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        check_stream_name(&self.cdc).map_err(|r| invalid("streams.cdc", r))?;
+        check_stream_name(&self.init).map_err(|r| invalid("streams.init", r))?;
+        if self.cdc == self.init {
+            return Err(invalid(
+                "streams.init",
+                format!(
+                    "the CDC and INIT streams must differ, both are '{}'",
+                    self.cdc
+                ),
+            ));
+        }
+        if self.cdc_duplicate_window_secs == 0 {
+            return Err(invalid(
+                "streams.cdc_duplicate_window_secs",
+                "must be at least 1 second; de-duplication of republished changes depends on it",
+            ));
+        }
+        // JetStream itself refuses a duplicate window longer than the retention.
+        if self.cdc_max_age_secs != 0 && self.cdc_duplicate_window_secs > self.cdc_max_age_secs {
+            return Err(invalid(
+                "streams.cdc_duplicate_window_secs",
+                format!(
+                    "{} is longer than streams.cdc_max_age_secs ({})",
+                    self.cdc_duplicate_window_secs, self.cdc_max_age_secs
+                ),
+            ));
+        }
+        Ok(())
+    }
+}
+
+impl Config {
+    /// Loads the effective configuration: defaults, then the TOML file named by
+    /// `args.config` (if any), then every value given in `args` (flags and environment, already
+    /// combined by clap); expands the PostgreSQL URL; validates the result.
+    pub fn load(args: &ConfigArgs) -> Result<Self, ConfigError> {
+        let mut raw = match &args.config {
+            Some(path) => RawConfig::read(path)?,
+            None => RawConfig::default(),
+        };
+        raw.apply_args(args);
+        let config = raw.resolve()?;
+        config.validate()?;
+        Ok(config)
+    }
+
+    /// Parses a TOML configuration over the defaults and expands the PostgreSQL URL, without
+    /// validating. `origin` names the text in error messages.
+    pub fn from_toml_str(text: &str, origin: &Path) -> Result<Self, ConfigError> {
+        RawConfig::parse(text, origin)?.resolve()
+    }
+
+    /// Checks every field and the relations between them. The first problem found is returned,
+    /// naming the field, the flag and the environment variable that set it.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        self.postgres.validate()?;
+        self.nats.validate()?;
+        self.replication.validate()?;
+        self.http.validate()?;
+        self.monitor.validate()?;
+        self.snapshot.validate()?;
+        self.streams.validate()?;
+        Ok(())
+    }
+
+    /// One line for the startup log: what the bridge connects to and streams, with secrets
+    /// shown only as set (`***`) or not (`none`).
+    pub fn summary(&self) -> String {
+        self.to_string()
+    }
+
+    /// The effective configuration as a TOML document (usable as a configuration file once the
+    /// secrets are filled in), with every secret shown as `***`.
+    pub fn to_redacted_toml(&self) -> String {
+        let mut shown = self.clone();
+        shown.replication.state_file = Some(self.replication.state_file_path());
+        match toml::to_string(&shown) {
+            Ok(text) => text,
+            // Not reachable with these types; say so rather than print half a document.
+            Err(err) => format!("# cannot render the configuration: {err}\n"),
+        }
+    }
+}
+
+impl fmt::Display for Config {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        fn set(s: &Option<Secret>) -> &'static str {
+            if s.is_some() {
+                REDACTED
+            } else {
+                "none"
+            }
+        }
+        let pg = &self.postgres;
+        let nats_auth = if self.nats.user.is_some() {
+            "user"
+        } else if self.nats.token.is_some() {
+            "token"
+        } else if self.nats.creds_file.is_some() {
+            "creds"
+        } else {
+            "none"
+        };
+        let tables = if self.replication.tables.is_empty() {
+            "all".to_owned()
+        } else {
+            self.replication.tables.join(",")
+        };
+        write!(
+            f,
+            "postgres={}@{}:{}/{} pg_password={} sslmode={} nats={} nats_auth={} \
+             slot={} publication={} tables={} format={} streams={},{} http={} admin_token={} \
+             state_file={} ring_capacity={} max_in_flight={} snapshot_chunk_rows={} \
+             snapshot_on_start={}",
+            pg.user,
+            pg.host,
+            pg.port,
+            pg.dbname,
+            set(&pg.password),
+            pg.sslmode,
+            self.nats.redacted_urls().join(","),
+            nats_auth,
+            self.replication.slot,
+            self.replication.publication,
+            tables,
+            self.replication.format,
+            self.streams.cdc,
+            self.streams.init,
+            self.http.socket_addr(),
+            set(&self.http.admin_token),
+            self.replication.state_file_path().display(),
+            self.replication.ring_capacity,
+            self.replication.max_in_flight,
+            self.snapshot.chunk_rows,
+            self.snapshot.on_start,
+        )
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Layering: file and command line, before the PostgreSQL URL is expanded
+// ---------------------------------------------------------------------------------------------
+
+/// The configuration as written in the file (over the defaults) and overridden by the command
+/// line. Only `[postgres]` differs from [`Config`]: its parts stay optional until the URL is
+/// expanded, because an explicit part must win over the URL's.
+#[derive(Clone, Debug, Default, PartialEq, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+struct RawConfig {
+    postgres: RawPgConfig,
+    nats: NatsConfig,
+    replication: ReplicationConfig,
+    http: HttpConfig,
+    monitor: MonitorConfig,
+    snapshot: SnapshotConfig,
+    streams: StreamsConfig,
+}
+
+/// `[postgres]` as written: every part optional.
+#[derive(Clone, Debug, Default, PartialEq, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+struct RawPgConfig {
+    url: Option<Secret>,
+    host: Option<String>,
+    port: Option<u16>,
+    user: Option<String>,
+    password: Option<Secret>,
+    dbname: Option<String>,
+    sslmode: Option<SslMode>,
+    connect_timeout_secs: Option<u64>,
+}
+
+/// Replaces `target` when a value was given.
+fn given<T: Clone>(target: &mut T, value: &Option<T>) {
+    if let Some(value) = value {
+        *target = value.clone();
+    }
+}
+
+/// Replaces an optional `target` when a value was given.
+fn given_opt<T: Clone>(target: &mut Option<T>, value: &Option<T>) {
+    if value.is_some() {
+        target.clone_from(value);
+    }
+}
+
+/// A comma-separated command-line list, trimmed and without empty entries, so that `--table ''`
+/// gives the empty list.
+fn cli_list(values: &[String]) -> Vec<String> {
+    values
+        .iter()
+        .map(|v| v.trim())
+        .filter(|v| !v.is_empty())
+        .map(str::to_owned)
+        .collect()
+}
+
+impl RawConfig {
+    fn read(path: &Path) -> Result<Self, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Io {
+            path: path.to_owned(),
+            source,
+        })?;
+        Self::parse(&text, path)
+    }
+
+    fn parse(text: &str, origin: &Path) -> Result<Self, ConfigError> {
+        toml::from_str(text).map_err(|err| {
+            let message = err.message().replace('\n', " ");
+            let message = match err.span() {
+                Some(span) => {
+                    let before = &text[..span.start.min(text.len())];
+                    let line = before.matches('\n').count() + 1;
+                    let column = before.len() - before.rfind('\n').map_or(0, |i| i + 1) + 1;
+                    format!("line {line}, column {column}: {message}")
+                }
+                None => message,
+            };
+            ConfigError::Toml {
+                path: origin.to_owned(),
+                message,
+            }
+        })
+    }
+
+    /// Lays the command-line values (flag or environment) over the file's, where given.
+    fn apply_args(&mut self, args: &ConfigArgs) {
+        let a = &args.postgres;
+        let pg = &mut self.postgres;
+        given_opt(&mut pg.url, &a.pg_url);
+        given_opt(&mut pg.host, &a.pg_host);
+        given_opt(&mut pg.port, &a.pg_port);
+        given_opt(&mut pg.user, &a.pg_user);
+        given_opt(&mut pg.password, &a.pg_password);
+        given_opt(&mut pg.dbname, &a.pg_db);
+        given_opt(&mut pg.sslmode, &a.pg_sslmode);
+        given_opt(&mut pg.connect_timeout_secs, &a.pg_connect_timeout_secs);
+
+        let a = &args.nats;
+        let nats = &mut self.nats;
+        // NATS_URL/--nats-url and NATS_HOST/--nats-host are two names for one setting.
+        if let Some(urls) = a.nats_url.as_ref().or(a.nats_host.as_ref()) {
+            nats.urls = cli_list(urls);
+        }
+        given_opt(&mut nats.user, &a.nats_user);
+        given_opt(&mut nats.password, &a.nats_password);
+        given_opt(&mut nats.token, &a.nats_token);
+        given_opt(&mut nats.creds_file, &a.nats_creds);
+
+        let a = &args.replication;
+        let r = &mut self.replication;
+        given(&mut r.slot, &a.slot);
+        given(&mut r.publication, &a.publication);
+        if let Some(tables) = &a.table {
+            r.tables = cli_list(tables);
+        }
+        given(&mut r.format, &a.format);
+        given(&mut r.ring_capacity, &a.ring_capacity);
+        given(&mut r.max_in_flight, &a.max_in_flight);
+        given(&mut r.reconnect_backoff_secs, &a.reconnect_backoff_secs);
+        given(
+            &mut r.standby_status_interval_secs,
+            &a.standby_status_interval_secs,
+        );
+        given_opt(&mut r.state_file, &a.state_file);
+
+        let a = &args.http;
+        given(&mut self.http.bind, &a.http_bind);
+        given(&mut self.http.port, &a.port);
+        given_opt(&mut self.http.admin_token, &a.admin_token);
+
+        let a = &args.monitor;
+        let m = &mut self.monitor;
+        given(&mut m.interval_secs, &a.monitor_interval_secs);
+        given(&mut m.lag_warn_bytes, &a.lag_warn_bytes);
+        given(&mut m.lag_critical_bytes, &a.lag_critical_bytes);
+        given(
+            &mut m.metrics_log_interval_secs,
+            &a.metrics_log_interval_secs,
+        );
+
+        let a = &args.snapshot;
+        given(&mut self.snapshot.chunk_rows, &a.snapshot_chunk_rows);
+        given(&mut self.snapshot.on_start, &a.snapshot_on_start);
+
+        let a = &args.streams;
+        let s = &mut self.streams;
+        if let Some(names) = &a.stream {
+            s.cdc.clone_from(&names.cdc);
+            given(&mut s.init, &names.init);
+        }
+        given(&mut s.cdc_max_age_secs, &a.cdc_max_age_secs);
+        given(
+            &mut s.cdc_duplicate_window_secs,
+            &a.cdc_duplicate_window_secs,
+        );
+        given(&mut s.init_max_age_secs, &a.init_max_age_secs);
+    }
+
+    /// Expands the PostgreSQL URL and fills the remaining defaults.
+    fn resolve(self) -> Result<Config, ConfigError> {
+        let mut nats = self.nats;
+        nats.urls = nats
+            .urls
+            .iter()
+            .map(|u| u.trim().to_owned())
+            .filter(|u| !u.is_empty())
+            .collect();
+        Ok(Config {
+            postgres: self.postgres.resolve()?,
+            nats,
+            replication: self.replication,
+            http: self.http,
+            monitor: self.monitor,
+            snapshot: self.snapshot,
+            streams: self.streams,
+        })
+    }
+}
+
+impl RawPgConfig {
+    /// Explicit part, else the URL's part, else the default.
+    fn resolve(self) -> Result<PgConfig, ConfigError> {
+        let url = match &self.url {
+            Some(url) => parse_pg_url(url.expose()).map_err(|reason| ConfigError::Url {
+                field: "postgres.url",
+                reason,
+            })?,
+            None => PgUrlParts::default(),
+        };
+        Ok(PgConfig {
+            host: self
+                .host
+                .or(url.host)
+                .unwrap_or_else(|| DEFAULT_PG_HOST.to_owned()),
+            port: self.port.or(url.port).unwrap_or(DEFAULT_PG_PORT),
+            user: self
+                .user
+                .or(url.user)
+                .unwrap_or_else(|| DEFAULT_PG_USER.to_owned()),
+            password: self.password.or(url.password),
+            dbname: self
+                .dbname
+                .or(url.dbname)
+                .unwrap_or_else(|| DEFAULT_PG_DBNAME.to_owned()),
+            sslmode: self.sslmode.or(url.sslmode).unwrap_or(DEFAULT_PG_SSLMODE),
+            connect_timeout_secs: self
+                .connect_timeout_secs
+                .or(url.connect_timeout_secs)
+                .unwrap_or(DEFAULT_PG_CONNECT_TIMEOUT_SECS),
+        })
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// PostgreSQL URL
+// ---------------------------------------------------------------------------------------------
+
+/// The parts a PostgreSQL URL gave; `None` where it gave nothing.
+#[derive(Debug, Default, PartialEq)]
+struct PgUrlParts {
+    host: Option<String>,
+    port: Option<u16>,
+    user: Option<String>,
+    password: Option<Secret>,
+    dbname: Option<String>,
+    sslmode: Option<SslMode>,
+    connect_timeout_secs: Option<u64>,
+}
+
+/// Parses `postgres[ql]://[user[:password]@][host][:port][/dbname][?k=v&...]`.
+///
+/// Error messages describe the problem without echoing the URL, which may hold a password.
+fn parse_pg_url(url: &str) -> Result<PgUrlParts, String> {
+    let rest = ["postgresql://", "postgres://"]
+        .iter()
+        .find_map(|scheme| url.strip_prefix(scheme))
+        .ok_or("must start with postgres:// or postgresql://")?;
+    // An unescaped '/', '?' or '#' in the user info would make the password look like a path
+    // or a query below, and end up in an error message.
+    if rest
+        .rfind('@')
+        .is_some_and(|at| rest[..at].contains(['/', '?', '#']))
+    {
+        return Err(
+            "'/', '?' or '#' before the '@': percent-encode them in the user name and \
+                    password (%2F, %3F, %23)"
+                .into(),
+        );
+    }
+    let (before_query, query) = match rest.split_once('?') {
+        Some((before, query)) => (before, Some(query)),
+        None => (rest, None),
+    };
+    let (authority, path) = match before_query.split_once('/') {
+        Some((authority, path)) => (authority, Some(path)),
+        None => (before_query, None),
+    };
+    let mut parts = PgUrlParts::default();
+
+    // The last '@' ends the user info: an unescaped '@' in a password is a common slip.
+    let host_port = match authority.rsplit_once('@') {
+        Some((userinfo, host_port)) => {
+            let (user, password) = match userinfo.split_once(':') {
+                Some((user, password)) => (user, Some(password)),
+                None => (userinfo, None),
+            };
+            parts.user = non_empty(percent_decode(user, "user name")?);
+            if let Some(password) = password {
+                parts.password = non_empty(percent_decode(password, "password")?).map(Secret);
+            }
+            host_port
+        }
+        None => authority,
+    };
+    if host_port.contains(',') {
+        return Err("several hosts are not supported; give one host".into());
+    }
+    let (host, port) = if let Some(bracketed) = host_port.strip_prefix('[') {
+        let (host, after) = bracketed
+            .split_once(']')
+            .ok_or("IPv6 address without closing ']'")?;
+        let port = match after {
+            "" => None,
+            p => Some(
+                p.strip_prefix(':')
+                    .ok_or("unexpected text after the IPv6 address")?,
+            ),
+        };
+        (host.to_owned(), port)
+    } else {
+        match host_port.split_once(':') {
+            Some((host, port)) => (percent_decode(host, "host")?, Some(port)),
+            None => (percent_decode(host_port, "host")?, None),
+        }
+    };
+    parts.host = non_empty(host);
+    if let Some(port) = port.filter(|p| !p.is_empty()) {
+        parts.port = Some(parse_port(port)?);
+    }
+    if let Some(path) = path {
+        parts.dbname = non_empty(percent_decode(path, "database name")?);
+    }
+
+    for pair in query.into_iter().flat_map(|q| q.split('&')) {
+        if pair.is_empty() {
+            continue;
+        }
+        let (key, value) = pair
+            .split_once('=')
+            .ok_or_else(|| format!("query parameter '{pair}' has no '=value'"))?;
+        let key = percent_decode(key, "query parameter name")?;
+        match key.as_str() {
+            "password" => {
+                parts.password = non_empty(percent_decode(value, "password")?).map(Secret)
+            }
+            "user" => parts.user = non_empty(percent_decode(value, "user name")?),
+            "host" => parts.host = non_empty(percent_decode(value, "host")?),
+            "port" => parts.port = Some(parse_port(&percent_decode(value, "port")?)?),
+            "dbname" => parts.dbname = non_empty(percent_decode(value, "database name")?),
+            "sslmode" => parts.sslmode = Some(percent_decode(value, "sslmode")?.parse()?),
+            "connect_timeout" => {
+                let value = percent_decode(value, "connect_timeout")?;
+                parts.connect_timeout_secs = Some(value.parse().map_err(|_| {
+                    format!("connect_timeout '{value}' is not a whole number of seconds")
+                })?);
+            }
+            other => {
+                return Err(format!(
+                    "query parameter '{other}' is not supported (use sslmode, connect_timeout, \
+                     host, port, user, password or dbname)"
+                ))
+            }
+        }
+    }
+    Ok(parts)
+}
+
+fn non_empty(s: String) -> Option<String> {
+    (!s.is_empty()).then_some(s)
+}
+
+fn parse_port(port: &str) -> Result<u16, String> {
+    match port.parse::<u16>() {
+        Ok(p) if p != 0 => Ok(p),
+        // The text is not echoed: in a mistyped URL it may be a password.
+        _ => Err("the port is not a number from 1 to 65535".into()),
+    }
+}
+
+/// Decodes `%XX` escapes. `what` names the part in the error, which never shows the text.
+fn percent_decode(s: &str, what: &str) -> Result<String, String> {
+    let bytes = s.as_bytes();
+    let mut out = Vec::with_capacity(bytes.len());
+    let mut i = 0;
+    while i < bytes.len() {
+        if bytes[i] == b'%' {
+            let hex = bytes
+                .get(i + 1..i + 3)
+                .and_then(|h| std::str::from_utf8(h).ok())
+                .and_then(|h| u8::from_str_radix(h, 16).ok())
+                .ok_or_else(|| format!("the {what} has an invalid percent-escape"))?;
+            out.push(hex);
+            i += 3;
+        } else {
+            out.push(bytes[i]);
+            i += 1;
+        }
+    }
+    String::from_utf8(out).map_err(|_| format!("the {what} is not UTF-8 after percent-decoding"))
+}
+
+// ---------------------------------------------------------------------------------------------
+// Name rules
+// ---------------------------------------------------------------------------------------------
+
+/// PostgreSQL's replication slot rule: lower-case letters, digits and underscore, 1-63 bytes.
+fn check_slot_name(slot: &str) -> Result<(), String> {
+    if slot.is_empty() {
+        return Err("is empty".into());
+    }
+    if slot.len() > MAX_PG_IDENTIFIER_BYTES
+        || !slot
+            .bytes()
+            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'_')
+    {
+        return Err(format!(
+            "'{slot}' must be 1-{MAX_PG_IDENTIFIER_BYTES} characters of a-z, 0-9 and _ \
+             (PostgreSQL's rule for replication slot names)"
+        ));
+    }
+    Ok(())
+}
+
+/// An unquoted PostgreSQL identifier: a letter or `_`, then letters, digits, `_` or `$`, at
+/// most 63 bytes. Names that need quoting are refused: they would also need escaping in
+/// subjects and SQL.
+fn check_identifier(name: &str) -> Result<(), String> {
+    let Some(first) = name.chars().next() else {
+        return Err("name is empty".into());
+    };
+    if name.len() > MAX_PG_IDENTIFIER_BYTES {
+        return Err(format!(
+            "name '{name}' is longer than {MAX_PG_IDENTIFIER_BYTES} bytes"
+        ));
+    }
+    if !(first.is_alphabetic() || first == '_') {
+        return Err(format!("name '{name}' must start with a letter or '_'"));
+    }
+    if let Some(bad) = name
+        .chars()
+        .find(|c| !(c.is_alphanumeric() || *c == '_' || *c == '$'))
+    {
+        return Err(format!(
+            "name '{name}' contains {bad:?}; use letters, digits, '_' and '$' \
+             (names that need quoting are not supported)"
+        ));
+    }
+    Ok(())
+}
+
+/// `table` or `schema.table`, each part an unquoted identifier.
+fn check_table_name(table: &str) -> Result<(), String> {
+    let parts: Vec<&str> = table.split('.').collect();
+    if parts.len() > 2 {
+        return Err(format!(
+            "table '{table}' has more than one '.'; write table or schema.table"
+        ));
+    }
+    for part in parts {
+        check_identifier(part).map_err(|r| format!("table '{table}': {r}"))?;
+    }
+    Ok(())
+}
+
+/// JetStream's rule: no whitespace, `.`, `*`, `>`, path separators or control characters.
+fn check_stream_name(name: &str) -> Result<(), String> {
+    if name.is_empty() {
+        return Err("stream name is empty".into());
+    }
+    if name.len() > MAX_STREAM_NAME_BYTES {
+        return Err(format!(
+            "stream name is longer than {MAX_STREAM_NAME_BYTES} bytes"
+        ));
+    }
+    if let Some(bad) = name
+        .chars()
+        .find(|c| c.is_whitespace() || c.is_control() || matches!(c, '.' | '*' | '>' | '/' | '\\'))
+    {
+        return Err(format!(
+            "stream name '{name}' contains {bad:?}; JetStream stream names cannot contain \
+             whitespace, '.', '*', '>', '/' or '\\'"
+        ));
+    }
+    Ok(())
+}
+
+/// A NATS server: `[scheme://][user[:password]@]host[:port]` with scheme nats, tls, ws or wss.
+fn check_nats_url(url: &str) -> Result<(), String> {
+    let rest = match url.split_once("://") {
+        Some((scheme, rest)) => {
+            if !matches!(scheme, "nats" | "tls" | "ws" | "wss") {
+                return Err(format!(
+                    "scheme '{scheme}' is not one of nats, tls, ws, wss"
+                ));
+            }
+            rest
+        }
+        None => url,
+    };
+    let authority = rest.split('/').next().unwrap_or_default();
+    let host_port = authority.rsplit_once('@').map_or(authority, |(_, hp)| hp);
+    let (host, port) = if let Some(bracketed) = host_port.strip_prefix('[') {
+        let (host, after) = bracketed
+            .split_once(']')
+            .ok_or("IPv6 address without closing ']'")?;
+        (host, after.strip_prefix(':'))
+    } else {
+        match host_port.rsplit_once(':') {
+            Some((host, port)) => (host, Some(port)),
+            None => (host_port, None),
+        }
+    };
+    if host.is_empty() {
+        return Err("no host".into());
+    }
+    if let Some(port) = port {
+        parse_port(port)?;
+    }
+    Ok(())
+}
+
+/// Replaces the user info of a URL (`scheme://user:pass@host`) with `***`.
+fn redact_url_userinfo(url: &str) -> String {
+    let (scheme, rest) = match url.split_once("://") {
+        Some((scheme, rest)) => (Some(scheme), rest),
+        None => (None, url),
+    };
+    let authority_end = rest.find('/').unwrap_or(rest.len());
+    match rest[..authority_end].rfind('@') {
+        Some(at) => {
+            let tail = &rest[at..];
+            match scheme {
+                Some(scheme) => format!("{scheme}://{REDACTED}{tail}"),
+                None => format!("{REDACTED}{tail}"),
+            }
+        }
+        None => url.to_owned(),
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Tests
+// ---------------------------------------------------------------------------------------------
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::cli::{test_env::with_env, Cli};
+    use clap::{CommandFactory, Parser};
+
+    fn toml_config(text: &str) -> Result<Config, ConfigError> {
+        Config::from_toml_str(text, Path::new("test.toml"))
+    }
+
+    fn invalid_field(config: &Config) -> &'static str {
+        match config.validate() {
+            Err(ConfigError::Invalid { field, .. }) | Err(ConfigError::Url { field, .. }) => field,
+            other => panic!("expected a field error, got {other:?}"),
+        }
+    }
+
+    /// Writes `text` to a file unique to this test and returns its path.
+    fn temp_file(name: &str, text: &str) -> PathBuf {
+        let dir = std::env::temp_dir().join(format!("pgbridge-config-test-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join(name);
+        std::fs::write(&path, text).unwrap();
+        path
+    }
+
+    #[test]
+    fn defaults_are_the_constants() {
+        let c = Config::default();
+        assert_eq!(c.postgres.host, DEFAULT_PG_HOST);
+        assert_eq!(c.postgres.port, 5432);
+        assert_eq!(c.postgres.sslmode, SslMode::Prefer);
+        assert_eq!(c.nats.urls, vec![DEFAULT_NATS_URL.to_owned()]);
+        assert_eq!(c.replication.slot, "cdc_slot");
+        assert_eq!(c.replication.publication, "cdc_pub");
+        assert!(c.replication.tables.is_empty());
+        assert_eq!(c.replication.format, Format::Msgpack);
+        assert_eq!(c.replication.reconnect_backoff(), Duration::from_secs(5));
+        assert_eq!(
+            c.replication.standby_status_interval(),
+            Duration::from_secs(10)
+        );
+        assert_eq!(
+            c.replication.state_file_path(),
+            PathBuf::from("pgbridge-cdc_slot.lsn")
+        );
+        assert_eq!(c.http.socket_addr().to_string(), "127.0.0.1:9090");
+        assert_eq!(c.http.admin_token, None);
+        assert_eq!(c.monitor.interval(), Duration::from_secs(30));
+        assert_eq!(c.monitor.lag_warn_bytes, 536_870_912);
+        assert_eq!(c.monitor.lag_critical_bytes, 1_073_741_824);
+        assert_eq!(
+            c.monitor.metrics_log_interval(),
+            Some(Duration::from_secs(15))
+        );
+        assert_eq!(c.snapshot.chunk_rows, 10_000);
+        assert!(!c.snapshot.on_start);
+        assert_eq!(
+            (c.streams.cdc.as_str(), c.streams.init.as_str()),
+            ("CDC", "INIT")
+        );
+        assert_eq!(c.streams.cdc_duplicate_window(), Duration::from_secs(120));
+        assert_eq!(c.streams.init_max_age(), Duration::from_secs(7 * 24 * 3600));
+        c.validate().expect("the defaults are valid");
+        // An empty file and an empty command line change nothing.
+        assert_eq!(toml_config("").unwrap(), c);
+        assert_eq!(Config::load(&ConfigArgs::default()).unwrap(), c);
+    }
+
+    #[test]
+    fn toml_sections_are_read() {
+        let c = toml_config(
+            r#"
+            [postgres]
+            host = "db.example"
+            port = 6432
+            user = "bridge_reader"
+            password = "pw"
+            dbname = "app"
+            sslmode = "verify-full"
+            connect_timeout_secs = 3
+
+            [nats]
+            urls = ["nats://n1:4222", "n2:4223"]
+            user = "bridge"
+            password = "npw"
+
+            [replication]
+            slot = "s1"
+            publication = "p1"
+            tables = ["users", "sales.orders"]
+            format = "json"
+            ring_capacity = 1024
+            max_in_flight = 64
+            reconnect_backoff_secs = 2
+            standby_status_interval_secs = 5
+            state_file = "/var/lib/pgbridge/s1.lsn"
+
+            [http]
+            bind = "0.0.0.0"
+            port = 9191
+            admin_token = "tok"
+
+            [monitor]
+            interval_secs = 10
+            lag_warn_bytes = 100
+            lag_critical_bytes = 200
+            metrics_log_interval_secs = 0
+
+            [snapshot]
+            chunk_rows = 500
+            on_start = true
+
+            [streams]
+            cdc = "CHANGES"
+            init = "BOOT"
+            cdc_max_age_secs = 3600
+            cdc_duplicate_window_secs = 60
+            init_max_age_secs = 0
+            "#,
+        )
+        .unwrap();
+        c.validate().unwrap();
+        assert_eq!(c.postgres.host, "db.example");
+        assert_eq!(c.postgres.port, 6432);
+        assert_eq!(c.postgres.password, Some(Secret::new("pw")));
+        assert_eq!(c.postgres.sslmode, SslMode::VerifyFull);
+        assert_eq!(c.nats.urls, ["nats://n1:4222", "n2:4223"]);
+        assert_eq!(c.replication.tables, ["users", "sales.orders"]);
+        assert_eq!(c.replication.format, Format::Json);
+        assert_eq!(
+            c.replication.state_file_path(),
+            PathBuf::from("/var/lib/pgbridge/s1.lsn")
+        );
+        assert_eq!(c.http.socket_addr().to_string(), "0.0.0.0:9191");
+        assert_eq!(c.monitor.metrics_log_interval(), None);
+        assert!(c.snapshot.on_start);
+        assert_eq!(c.streams.init, "BOOT");
+    }
+
+    #[test]
+    fn unknown_keys_and_bad_values_name_the_key_and_line() {
+        let err = toml_config("[replication]\nslot = \"a\"\nslott = \"b\"\n").unwrap_err();
+        let msg = err.to_string();
+        assert!(matches!(err, ConfigError::Toml { .. }));
+        assert!(msg.starts_with("test.toml: line 3, column 1:"), "{msg}");
+        assert!(msg.contains("slott"), "{msg}");
+
+        let msg = toml_config("[bogus]\nx = 1\n").unwrap_err().to_string();
+        assert!(msg.contains("bogus"), "{msg}");
+
+        let msg = toml_config("[replication]\nformat = \"xml\"\n")
+            .unwrap_err()
+            .to_string();
+        assert!(msg.contains("xml") && msg.contains("line 2"), "{msg}");
+
+        let msg = toml_config("[http]\nport = 70000\n")
+            .unwrap_err()
+            .to_string();
+        assert!(msg.contains("line 2"), "{msg}");
+        assert!(!msg.contains('\n'), "one line: {msg}");
+    }
+
+    #[test]
+    fn missing_file_is_an_io_error_naming_it() {
+        let args = ConfigArgs {
+            config: Some(PathBuf::from("/nonexistent/pgbridge.toml")),
+            ..ConfigArgs::default()
+        };
+        let err = Config::load(&args).unwrap_err();
+        assert!(matches!(err, ConfigError::Io { .. }));
+        assert!(err.to_string().contains("/nonexistent/pgbridge.toml"));
+    }
+
+    #[test]
+    fn args_override_file_only_where_given() {
+        let file = temp_file(
+            "override.toml",
+            "[replication]\nslot = \"file_slot\"\npublication = \"file_pub\"\ntables = [\"a\"]\n\
+             [http]\nport = 9100\n[snapshot]\non_start = true\n",
+        );
+        let mut args = ConfigArgs {
+            config: Some(file),
+            ..ConfigArgs::default()
+        };
+        args.replication.slot = Some("flag_slot".into());
+        args.snapshot.snapshot_on_start = Some(false);
+        let c = Config::load(&args).unwrap();
+        assert_eq!(c.replication.slot, "flag_slot"); // flag over file
+        assert_eq!(c.replication.publication, "file_pub"); // file over default
+        assert_eq!(c.replication.tables, ["a"]);
+        assert_eq!(c.http.port, 9100);
+        assert!(!c.snapshot.on_start); // a flag can turn a file's true off
+        assert_eq!(c.monitor, MonitorConfig::default()); // default where nobody spoke
+
+        // `--table ''` means every table, overriding the file's list.
+        args.replication.table = Some(vec![String::new()]);
+        assert!(Config::load(&args).unwrap().replication.tables.is_empty());
+    }
+
+    /// flags > environment > file > defaults, through clap's real environment handling. Every
+    /// environment case lives under the crate's environment lock (see `cli::test_env`).
+    #[test]
+    fn precedence_flag_env_file_default() {
+        let file = temp_file(
+            "precedence.toml",
+            "[postgres]\nhost = \"file-host\"\nuser = \"file-user\"\ndbname = \"file-db\"\n\
+             [replication]\nslot = \"file_slot\"\npublication = \"file_pub\"\n\
+             [http]\nport = 9101\n",
+        );
+        let file = file.to_str().unwrap().to_owned();
+        let load = |argv: &[&str]| {
+            let cli = Cli::try_parse_from(argv).expect("valid command line");
+            Config::load(&cli.config).expect("valid configuration")
+        };
+
+        // File over defaults.
+        let c = with_env(&[("BRIDGE_CONFIG", &file)], || load(&["bridge"]));
+        assert_eq!(c.postgres.host, "file-host");
+        assert_eq!(c.postgres.port, DEFAULT_PG_PORT);
+        assert_eq!(c.replication.slot, "file_slot");
+        assert_eq!(c.http.port, 9101);
+
+        // Environment over file.
+        let env = [
+            ("BRIDGE_CONFIG", file.as_str()),
+            ("PG_HOST", "env-host"),
+            ("PG_PORT", "6000"),
+            ("BRIDGE_SLOT", "env_slot"),
+            ("BRIDGE_PORT", "9102"),
+            ("BRIDGE_TABLES", "users, orders"),
+            ("NATS_HOST", "nats-env:4222"),
+            ("BRIDGE_SNAPSHOT_ON_START", "yes"),
+            ("BRIDGE_STREAMS", "C1,I1"),
+        ];
+        let c = with_env(&env, || load(&["bridge"]));
+        assert_eq!(c.postgres.host, "env-host");
+        assert_eq!(c.postgres.port, 6000);
+        assert_eq!(c.postgres.user, "file-user");
+        assert_eq!(c.replication.slot, "env_slot");
+        assert_eq!(c.replication.publication, "file_pub");
+        assert_eq!(c.replication.tables, ["users", "orders"]);
+        assert_eq!(c.http.port, 9102);
+        assert_eq!(c.nats.urls, ["nats-env:4222"]);
+        assert!(c.snapshot.on_start);
+        assert_eq!(
+            (c.streams.cdc.as_str(), c.streams.init.as_str()),
+            ("C1", "I1")
+        );
+
+        // Flags over environment, also after the subcommand (the flags are global).
+        let c = with_env(&env, || {
+            load(&[
+                "bridge",
+                "check-config",
+                "--pg-host",
+                "flag-host",
+                "--slot",
+                "flag_slot",
+                "--port",
+                "9103",
+                "--nats-url",
+                "nats://flag:4222",
+                "--snapshot-on-start=false",
+                "--stream",
+                "C2",
+            ])
+        });
+        assert_eq!(c.postgres.host, "flag-host");
+        assert_eq!(c.postgres.port, 6000); // env, no flag given
+        assert_eq!(c.replication.slot, "flag_slot");
+        assert_eq!(c.http.port, 9103);
+        assert_eq!(c.nats.urls, ["nats://flag:4222"]);
+        assert!(!c.snapshot.on_start);
+        assert_eq!(
+            (c.streams.cdc.as_str(), c.streams.init.as_str()),
+            ("C2", "INIT")
+        );
+
+        // NATS_URL is the same setting as NATS_HOST and wins over it.
+        let c = with_env(
+            &[
+                ("NATS_HOST", "h1"),
+                ("NATS_URL", "nats://u1:4222,nats://u2:4222"),
+            ],
+            || load(&["bridge"]),
+        );
+        assert_eq!(c.nats.urls, ["nats://u1:4222", "nats://u2:4222"]);
+
+        // The environment is read through clap, so a malformed value is a usage error.
+        with_env(&[("PG_PORT", "not-a-port")], || {
+            assert!(Cli::try_parse_from(["bridge"]).is_err());
+        });
+        // Nothing set anywhere: the defaults.
+        let c = with_env(&[], || load(&["bridge"]));
+        assert_eq!(c, Config::default());
+    }
+
+    #[test]
+    fn pg_url_is_expanded_and_parts_win() {
+        let c = toml_config(
+            "[postgres]\nurl = \"postgresql://us%40er:p%3Ass%2Fw@db.example:6543/my%20db?sslmode=require&connect_timeout=4\"\n",
+        )
+        .unwrap();
+        assert_eq!(c.postgres.user, "us@er");
+        assert_eq!(c.postgres.password.as_ref().unwrap().expose(), "p:ss/w");
+        assert_eq!(c.postgres.host, "db.example");
+        assert_eq!(c.postgres.port, 6543);
+        assert_eq!(c.postgres.dbname, "my db");
+        assert_eq!(c.postgres.sslmode, SslMode::Require);
+        assert_eq!(c.postgres.connect_timeout_secs, 4);
+
+        // An explicit part wins over the URL's, whichever level each comes from.
+        let file = temp_file(
+            "url.toml",
+            "[postgres]\nurl = \"postgres://u:p@urlhost:1111/urldb\"\nport = 2222\n",
+        );
+        let mut args = ConfigArgs {
+            config: Some(file),
+            ..ConfigArgs::default()
+        };
+        args.postgres.pg_host = Some("flaghost".into());
+        let c = Config::load(&args).unwrap();
+        assert_eq!(c.postgres.host, "flaghost");
+        assert_eq!(c.postgres.port, 2222);
+        assert_eq!(c.postgres.user, "u");
+        assert_eq!(c.postgres.dbname, "urldb");
+
+        // Missing parts fall back to the defaults.
+        let p = parse_pg_url("postgres://").unwrap();
+        assert_eq!(p, PgUrlParts::default());
+        let c = toml_config("[postgres]\nurl = \"postgres:///appdb\"\n").unwrap();
+        assert_eq!(c.postgres.host, DEFAULT_PG_HOST);
+        assert_eq!(c.postgres.port, DEFAULT_PG_PORT);
+        assert_eq!(c.postgres.user, DEFAULT_PG_USER);
+        assert_eq!(c.postgres.password, None);
+        assert_eq!(c.postgres.dbname, "appdb");
+
+        let p = parse_pg_url("postgres://[::1]:5433/db").unwrap();
+        assert_eq!((p.host.as_deref(), p.port), (Some("::1"), Some(5433)));
+        let p = parse_pg_url("postgres://%2Fvar%2Frun%2Fpostgresql/db?user=me").unwrap();
+        assert_eq!(p.host.as_deref(), Some("/var/run/postgresql"));
+        assert_eq!(p.user.as_deref(), Some("me"));
+        let p = parse_pg_url("postgres://user@host").unwrap();
+        assert_eq!((p.user.as_deref(), p.password), (Some("user"), None));
+    }
+
+    #[test]
+    fn bad_pg_urls_are_refused_without_echoing_secrets() {
+        for (url, expect) in [
+            ("mysql://u:s3cret@h/db", "postgres://"),
+            ("postgres://u:s3cret@h:notaport/db", "port"),
+            ("postgres://u:s3cret@h:0/db", "port"),
+            ("postgres://u:s3cret%zz@h/db", "percent-escape"),
+            ("postgres://u:s3cret@h1,h2/db", "several hosts"),
+            ("postgres://u:s3cret@h/db?sslmode=sometimes", "sslmode"),
+            (
+                "postgres://u:s3cret@h/db?target_session_attrs=any",
+                "target_session_attrs",
+            ),
+            ("postgres://u:s3cret@[::1/db", "IPv6"),
+            ("postgres://u:s3c/ret@h/db", "percent-encode"),
+            ("postgres://u:s3c?ret@h/db", "percent-encode"),
+            ("postgres://u:s3cret/db", "port"),
+            (
+                "postgres://u:s3cret@h/db?connect_timeout=soon",
+                "connect_timeout",
+            ),
+        ] {
+            let err = toml_config(&format!("[postgres]\nurl = \"{url}\"\n")).unwrap_err();
+            let msg = err.to_string();
+            assert!(
+                matches!(
+                    err,
+                    ConfigError::Url {
+                        field: "postgres.url",
+                        ..
+                    }
+                ),
+                "{msg}"
+            );
+            assert!(msg.contains(expect), "{url}: {msg}");
+            assert!(!msg.contains("s3cret"), "{url}: {msg}");
+            assert!(msg.contains("--pg-url / PG_URL"), "{msg}");
+        }
+    }
+
+    #[test]
+    fn libpq_params() {
+        let mut pg = PgConfig {
+            password: Some(Secret::new("pw")),
+            ..PgConfig::default()
+        };
+        let params = pg.libpq_params();
+        let get = |p: &[(&str, String)], k: &str| {
+            p.iter().find(|(key, _)| *key == k).map(|(_, v)| v.clone())
+        };
+        assert_eq!(get(&params, "host").as_deref(), Some("localhost"));
+        assert_eq!(get(&params, "port").as_deref(), Some("5432"));
+        assert_eq!(get(&params, "password").as_deref(), Some("pw"));
+        assert_eq!(get(&params, "sslmode").as_deref(), Some("prefer"));
+        assert_eq!(get(&params, "connect_timeout").as_deref(), Some("10"));
+        assert_eq!(
+            get(&params, "application_name").as_deref(),
+            Some("pgbridge")
+        );
+        pg.password = None;
+        assert_eq!(get(&pg.libpq_params(), "password"), None);
+    }
+
+    #[test]
+    fn validation_names_the_field() {
+        let ok = Config::default();
+        let check = |f: &dyn Fn(&mut Config)| {
+            let mut c = ok.clone();
+            f(&mut c);
+            c
+        };
+        let cases: Vec<(Config, &str, &str)> = vec![
+            (
+                check(&|c| c.replication.slot.clear()),
+                "replication.slot",
+                "empty",
+            ),
+            (
+                check(&|c| c.replication.slot = "Cdc-Slot".into()),
+                "replication.slot",
+                "a-z, 0-9 and _",
+            ),
+            (
+                check(&|c| c.replication.slot = "a".repeat(64)),
+                "replication.slot",
+                "1-63",
+            ),
+            (
+                check(&|c| c.replication.publication.clear()),
+                "replication.publication",
+                "empty",
+            ),
+            (
+                check(&|c| c.replication.publication = "my pub".into()),
+                "replication.publication",
+                "' '",
+            ),
+            (
+                check(&|c| c.replication.tables = vec!["a.b.c".into()]),
+                "replication.tables",
+                "more than one",
+            ),
+            (
+                check(&|c| c.replication.tables = vec!["1abc".into()]),
+                "replication.tables",
+                "start with",
+            ),
+            (
+                check(&|c| c.replication.tables = vec!["or-ders".into()]),
+                "replication.tables",
+                "'-'",
+            ),
+            (
+                check(&|c| c.replication.tables = vec!["public.".into()]),
+                "replication.tables",
+                "empty",
+            ),
+            (
+                check(&|c| c.replication.tables = vec!["a".into(), "a".into()]),
+                "replication.tables",
+                "twice",
+            ),
+            (
+                check(&|c| c.replication.ring_capacity = 1000),
+                "replication.ring_capacity",
+                "power of two",
+            ),
+            (
+                check(&|c| c.replication.ring_capacity = 8),
+                "replication.ring_capacity",
+                "power of two",
+            ),
+            (
+                check(&|c| c.replication.max_in_flight = 0),
+                "replication.max_in_flight",
+                "between",
+            ),
+            (
+                check(&|c| c.replication.reconnect_backoff_secs = 0),
+                "replication.reconnect_backoff_secs",
+                "at least",
+            ),
+            (
+                check(&|c| c.replication.standby_status_interval_secs = 0),
+                "replication.standby_status_interval_secs",
+                "at least",
+            ),
+            (
+                check(&|c| c.replication.state_file = Some(PathBuf::new())),
+                "replication.state_file",
+                "empty",
+            ),
+            (check(&|c| c.postgres.port = 0), "postgres.port", "not 0"),
+            (
+                check(&|c| c.postgres.host.clear()),
+                "postgres.host",
+                "empty",
+            ),
+            (
+                check(&|c| c.postgres.connect_timeout_secs = 0),
+                "postgres.connect_timeout_secs",
+                "at least",
+            ),
+            (check(&|c| c.http.port = 0), "http.port", "not 0"),
+            (
+                check(&|c| c.http.admin_token = Some(Secret::new(""))),
+                "http.admin_token",
+                "empty",
+            ),
+            (
+                check(&|c| c.http.admin_token = Some(Secret::new("a b"))),
+                "http.admin_token",
+                "whitespace",
+            ),
+            (
+                check(&|c| c.snapshot.chunk_rows = 0),
+                "snapshot.chunk_rows",
+                "between 1",
+            ),
+            (
+                check(&|c| c.monitor.lag_warn_bytes = c.monitor.lag_critical_bytes),
+                "monitor.lag_warn_bytes",
+                "below",
+            ),
+            (
+                check(&|c| c.monitor.interval_secs = 0),
+                "monitor.interval_secs",
+                "at least",
+            ),
+            (
+                check(&|c| c.streams.cdc = "C D C".into()),
+                "streams.cdc",
+                "whitespace",
+            ),
+            (
+                check(&|c| c.streams.cdc = "cdc.stream".into()),
+                "streams.cdc",
+                "'.'",
+            ),
+            (
+                check(&|c| c.streams.init = "INIT>".into()),
+                "streams.init",
+                "'>'",
+            ),
+            (
+                check(&|c| c.streams.init = "I*".into()),
+                "streams.init",
+                "'*'",
+            ),
+            (
+                check(&|c| c.streams.init = "CDC".into()),
+                "streams.init",
+                "differ",
+            ),
+            (
+                check(&|c| c.streams.cdc_duplicate_window_secs = 0),
+                "streams.cdc_duplicate_window_secs",
+                "at least",
+            ),
+            (
+                check(&|c| c.streams.cdc_max_age_secs = 60),
+                "streams.cdc_duplicate_window_secs",
+                "longer than",
+            ),
+            (
+                check(&|c| c.nats.urls.clear()),
+                "nats.urls",
+                "no NATS server",
+            ),
+            (
+                check(&|c| c.nats.urls = vec!["http://x:4222".into()]),
+                "nats.urls",
+                "scheme",
+            ),
+            (
+                check(&|c| c.nats.urls = vec!["nats://:4222".into()]),
+                "nats.urls",
+                "no host",
+            ),
+            (
+                check(&|c| c.nats.urls = vec!["nats://h:99999".into()]),
+                "nats.urls",
+                "port",
+            ),
+            (
+                check(&|c| c.nats.user = Some("u".into())),
+                "nats.password",
+                "no password",
+            ),
+            (
+                check(&|c| c.nats.password = Some(Secret::new("p"))),
+                "nats.user",
+                "no user",
+            ),
+            (
+                check(&|c| {
+                    c.nats.token = Some(Secret::new("t"));
+                    c.nats.creds_file = Some("x.creds".into());
+                }),
+                "nats.token",
+                "only one",
+            ),
+        ];
+        for (config, field, needle) in cases {
+            assert_eq!(invalid_field(&config), field, "{needle}");
+            let msg = config.validate().unwrap_err().to_string();
+            assert!(msg.contains(needle), "{field}: {msg}");
+            assert!(msg.starts_with(&format!("invalid {field} (--")), "{msg}");
+        }
+
+        // Accepted edge cases.
+        let edge = check(&|c| {
+            c.replication.slot = "a".repeat(63);
+            c.replication.tables = vec!["public.users".into(), "_t$1".into(), "ünïcode".into()];
+            c.replication.ring_capacity = MIN_RING_CAPACITY;
+            c.streams.cdc_max_age_secs = 0;
+            c.nats.urls = vec!["localhost".into(), "tls://[::1]:4222".into()];
+            c.nats.user = Some("u".into());
+            c.nats.password = Some(Secret::new("p"));
+        });
+        edge.validate().unwrap();
+    }
+
+    #[test]
+    fn secrets_never_print() {
+        let c = toml_config(
+            r#"
+            [postgres]
+            url = "postgres://u:pg-url-secret@h/db"
+            password = "pg-secret"
+            [nats]
+            urls = ["nats://nu:nats-url-secret@n1:4222"]
+            user = "nu"
+            password = "nats-secret"
+            [http]
+            admin_token = "admin-secret"
+            "#,
+        )
+        .unwrap();
+        assert_eq!(c.postgres.password.as_ref().unwrap().expose(), "pg-secret");
+        let shown = [
+            format!("{c:?}"),
+            format!("{c:#?}"),
+            c.summary(),
+            c.to_redacted_toml(),
+        ];
+        for text in shown {
+            for secret in [
+                "pg-secret",
+                "pg-url-secret",
+                "nats-secret",
+                "nats-url-secret",
+                "admin-secret",
+            ] {
+                assert!(!text.contains(secret), "{secret} leaked in {text}");
+            }
+            assert!(text.contains(REDACTED), "{text}");
+        }
+        assert!(c.summary().contains("admin_token=***"));
+        assert!(c.to_redacted_toml().contains("nats://***@n1:4222"));
+        assert_eq!(format!("{}", Secret::new("x")), REDACTED);
+        assert_eq!(format!("{:?}", Some(Secret::new("x"))), "Some(***)");
+        let raw: RawConfig = toml::from_str("[postgres]\nurl = \"postgres://u:zz@h\"\n").unwrap();
+        assert!(!format!("{raw:?}").contains("zz"));
+        // An unquoted numeric secret is refused without quoting it back.
+        for key in [
+            "[postgres]\npassword",
+            "[nats]\npassword",
+            "[http]\nadmin_token",
+        ] {
+            let msg = toml_config(&format!("{key} = 987654321\n"))
+                .unwrap_err()
+                .to_string();
+            assert!(
+                msg.contains("quoted string") && msg.contains("line 2"),
+                "{msg}"
+            );
+            assert!(!msg.contains("987654321"), "{msg}");
+        }
+    }
+
+    #[test]
+    fn redacted_toml_reads_back() {
+        let mut c = Config::default();
+        c.replication.tables = vec!["users".into()];
+        c.http.admin_token = Some(Secret::new("tok"));
+        let text = c.to_redacted_toml();
+        let back = toml_config(&text).unwrap();
+        assert_eq!(
+            back.replication,
+            ReplicationConfig {
+                state_file: Some("pgbridge-cdc_slot.lsn".into()),
+                ..c.replication.clone()
+            }
+        );
+        assert_eq!(back.http.admin_token, Some(Secret::new(REDACTED)));
+        assert_eq!(back.postgres, c.postgres);
+    }
+
+    #[test]
+    fn summary_line() {
+        let s = Config::default().summary();
+        assert!(!s.contains('\n'));
+        for part in [
+            "postgres=postgres@localhost:5432/postgres",
+            "pg_password=none",
+            "slot=cdc_slot",
+            "publication=cdc_pub",
+            "tables=all",
+            "format=msgpack",
+            "streams=CDC,INIT",
+            "http=127.0.0.1:9090",
+        ] {
+            assert!(s.contains(part), "{part} missing in {s}");
+        }
+    }
+
+    #[test]
+    fn field_sources_match_the_cli() {
+        let cmd = Cli::command();
+        let args: Vec<_> = cmd.get_arguments().collect();
+        for (key, flag, env) in FIELD_SOURCES {
+            let arg = args
+                .iter()
+                .find(|a| a.get_long().map(|l| format!("--{l}")).as_deref() == Some(*flag))
+                .unwrap_or_else(|| panic!("{key}: no flag {flag}"));
+            assert_eq!(
+                arg.get_env().and_then(|e| e.to_str()),
+                Some(*env),
+                "{key}: {flag}"
+            );
+        }
+        // Every flag but --config and the NATS_HOST spelling configures a listed field.
+        for arg in args {
+            let Some(long) = arg.get_long() else { continue };
+            if ["config", "nats-host", "help", "version"].contains(&long) {
+                continue;
+            }
+            let flag = format!("--{long}");
+            assert!(
+                FIELD_SOURCES.iter().any(|(_, f, _)| *f == flag),
+                "{flag} is missing from FIELD_SOURCES"
+            );
+        }
+    }
+}

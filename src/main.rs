@@ -1,1 +1,99 @@
-fn main() {}
+//! `bridge`: parses the command line, loads the configuration and runs the bridge.
+//!
+//! Exit codes: 0 clean, 1 runtime failure, 2 bad usage or configuration.
+
+use std::process::ExitCode;
+
+use clap::error::ErrorKind;
+use clap::Parser;
+use log::info;
+use signal_hook::consts::{SIGINT, SIGTERM};
+
+use pgbridge::cli::{usage_error_line, Cli, Command, EXIT_FAILURE, EXIT_USAGE};
+use pgbridge::config::Config;
+use pgbridge::shutdown::Shutdown;
+
+fn main() -> ExitCode {
+    let cli = match Cli::try_parse() {
+        Ok(cli) => cli,
+        Err(err) => return usage_exit(&err),
+    };
+    init_logging();
+
+    let config = match Config::load(&cli.config) {
+        Ok(config) => config,
+        Err(err) => {
+            eprintln!("bridge: configuration error: {err}");
+            return ExitCode::from(EXIT_USAGE);
+        }
+    };
+
+    match cli.action() {
+        Command::CheckConfig => {
+            print!("{}", config.to_redacted_toml());
+            ExitCode::SUCCESS
+        }
+        Command::Run => {
+            let shutdown = Shutdown::new();
+            if let Err(err) = install_signal_handlers(&shutdown) {
+                eprintln!("bridge: cannot install signal handlers: {err}");
+                return ExitCode::from(EXIT_FAILURE);
+            }
+            info!(
+                "bridge {} starting: {}",
+                env!("CARGO_PKG_VERSION"),
+                config.summary()
+            );
+            let code = pgbridge_run(config, shutdown);
+            ExitCode::from(u8::try_from(code).unwrap_or(EXIT_FAILURE))
+        }
+    }
+}
+
+/// Help and version go to stdout with exit 0; anything else is one line on stderr and exit 2.
+fn usage_exit(err: &clap::Error) -> ExitCode {
+    match err.kind() {
+        ErrorKind::DisplayHelp
+        | ErrorKind::DisplayVersion
+        | ErrorKind::DisplayHelpOnMissingArgumentOrSubcommand => {
+            // Nothing sensible is left to do if printing the help fails.
+            let _ = err.print();
+            ExitCode::from(u8::try_from(err.exit_code()).unwrap_or(EXIT_USAGE))
+        }
+        _ => {
+            eprintln!("bridge: usage error: {}", usage_error_line(err));
+            ExitCode::from(EXIT_USAGE)
+        }
+    }
+}
+
+/// `info` unless `RUST_LOG` says otherwise.
+fn init_logging() {
+    env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("info")).init();
+}
+
+/// The first SIGINT or SIGTERM asks for a graceful shutdown; a second one, while the first is
+/// still being handled, exits at once with code 1, for when draining hangs.
+fn install_signal_handlers(shutdown: &Shutdown) -> std::io::Result<()> {
+    for signal in [SIGINT, SIGTERM] {
+        // Registered first so that it sees the flag as it was before this signal set it.
+        signal_hook::flag::register_conditional_shutdown(
+            signal,
+            i32::from(EXIT_FAILURE),
+            shutdown.flag(),
+        )?;
+        signal_hook::flag::register(signal, shutdown.flag())?;
+    }
+    Ok(())
+}
+
+/// Runs the bridge until `shutdown` is triggered or a fatal error occurs, and returns the exit
+/// code (0 clean, 1 runtime failure). Wired to `pgbridge::run` once the pipeline exists.
+fn pgbridge_run(config: Config, shutdown: Shutdown) -> i32 {
+    info!(
+        "configuration valid (slot {}); shutdown requested: {}",
+        config.replication.slot,
+        shutdown.is_triggered()
+    );
+    0
+}

@@ -1,0 +1,268 @@
+//! The `bridge` binary's command line: help, usage errors, configuration errors, precedence
+//! through the real environment, and that secrets never reach the output.
+//!
+//! Every run starts from an empty environment, so the developer's or CI's variables cannot leak
+//! in, and nothing here needs PostgreSQL or NATS.
+
+use std::path::PathBuf;
+use std::process::{Command, Output};
+
+/// Runs `bridge` with exactly `env` as its environment.
+fn bridge(args: &[&str], env: &[(&str, &str)]) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_bridge"))
+        .args(args)
+        .env_clear()
+        .envs(env.iter().copied())
+        .output()
+        .expect("run the bridge binary")
+}
+
+fn stdout(out: &Output) -> String {
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+fn stderr(out: &Output) -> String {
+    String::from_utf8_lossy(&out.stderr).into_owned()
+}
+
+/// Asserts exit code 2 and a single stderr line starting with `prefix`; returns the line.
+fn assert_one_line_error(out: &Output, prefix: &str) -> String {
+    let err = stderr(out);
+    assert_eq!(out.status.code(), Some(2), "stderr: {err}");
+    assert_eq!(err.lines().count(), 1, "one line expected: {err:?}");
+    assert!(err.starts_with(prefix), "{err}");
+    assert!(stdout(out).is_empty(), "nothing on stdout: {}", stdout(out));
+    err
+}
+
+/// A configuration file in Cargo's per-target temporary directory, unique to `name`.
+fn config_file(name: &str, text: &str) -> PathBuf {
+    let dir = PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join("cli-tests");
+    std::fs::create_dir_all(&dir).unwrap();
+    let path = dir.join(format!("{name}-{}.toml", std::process::id()));
+    std::fs::write(&path, text).unwrap();
+    path
+}
+
+/// `check-config` output as a TOML table.
+fn checked(args: &[&str], env: &[(&str, &str)]) -> toml::Table {
+    let mut full = vec!["check-config"];
+    full.extend_from_slice(args);
+    let out = bridge(&full, env);
+    assert_eq!(out.status.code(), Some(0), "stderr: {}", stderr(&out));
+    stdout(&out).parse().expect("check-config prints TOML")
+}
+
+fn get<'a>(table: &'a toml::Table, section: &str, key: &str) -> &'a toml::Value {
+    &table[section][key]
+}
+
+#[test]
+fn help_documents_every_environment_variable() {
+    let out = bridge(&["--help"], &[]);
+    assert_eq!(out.status.code(), Some(0));
+    let help = stdout(&out);
+    for var in [
+        // DESIGN.md §6
+        "PG_HOST",
+        "PG_PORT",
+        "PG_USER",
+        "PG_PASSWORD",
+        "PG_DB",
+        "NATS_HOST",
+        "NATS_BRIDGE_USER",
+        "NATS_BRIDGE_PASSWORD",
+        "BRIDGE_PORT",
+        // and the URL, file and admin forms
+        "PG_URL",
+        "NATS_URL",
+        "BRIDGE_CONFIG",
+        "BRIDGE_ADMIN_TOKEN",
+    ] {
+        assert!(help.contains(&format!("[env: {var}")), "{var} missing");
+    }
+    for flag in [
+        "--stream",
+        "--slot",
+        "--publication",
+        "--table",
+        "--port",
+        "--format",
+        "--config",
+        "check-config",
+    ] {
+        assert!(help.contains(flag), "{flag} missing");
+    }
+    assert!(help.contains("[default: cdc_slot]") && help.contains("[default: 9090]"));
+
+    let out = bridge(&["--version"], &[]);
+    assert_eq!(out.status.code(), Some(0));
+    assert!(stdout(&out).starts_with("bridge "));
+}
+
+#[test]
+fn help_never_shows_secret_values() {
+    let out = bridge(
+        &["--help"],
+        &[
+            ("PG_PASSWORD", "pg-help-secret"),
+            ("NATS_BRIDGE_PASSWORD", "nats-help-secret"),
+            ("BRIDGE_ADMIN_TOKEN", "admin-help-secret"),
+        ],
+    );
+    let help = stdout(&out);
+    assert!(!help.contains("help-secret"), "{help}");
+}
+
+#[test]
+fn bad_flag_values_are_one_line_usage_errors() {
+    let err = assert_one_line_error(&bridge(&["--port", "ninety"], &[]), "bridge: usage error:");
+    assert!(err.contains("--port") && err.contains("ninety"), "{err}");
+
+    let err = assert_one_line_error(&bridge(&["--format", "xml"], &[]), "bridge: usage error:");
+    assert!(err.contains("msgpack") && err.contains("json"), "{err}");
+
+    let err = assert_one_line_error(&bridge(&["--slott", "x"], &[]), "bridge: usage error:");
+    assert!(err.contains("--slot"), "suggests the right flag: {err}");
+
+    // A bad value from the environment says where it came from.
+    let err = assert_one_line_error(
+        &bridge(&["check-config"], &[("PG_PORT", "port")]),
+        "bridge: usage error:",
+    );
+    assert!(err.contains("PG_PORT"), "{err}");
+}
+
+#[test]
+fn invalid_configuration_names_the_field() {
+    let err = assert_one_line_error(
+        &bridge(&["check-config", "--slot", "Bad-Slot"], &[]),
+        "bridge: configuration error:",
+    );
+    assert!(
+        err.contains("replication.slot") && err.contains("--slot"),
+        "{err}"
+    );
+
+    // The default action validates too, before anything connects.
+    let err = assert_one_line_error(
+        &bridge(&[], &[("BRIDGE_SLOT", "")]),
+        "bridge: configuration error:",
+    );
+    assert!(err.contains("replication.slot"), "{err}");
+
+    let err = assert_one_line_error(
+        &bridge(
+            &[
+                "check-config",
+                "--lag-warn-bytes",
+                "2000",
+                "--lag-critical-bytes",
+                "1000",
+            ],
+            &[],
+        ),
+        "bridge: configuration error:",
+    );
+    assert!(err.contains("monitor.lag_warn_bytes"), "{err}");
+
+    let err = assert_one_line_error(
+        &bridge(&["check-config", "--stream", "CDC.X,INIT"], &[]),
+        "bridge: configuration error:",
+    );
+    assert!(err.contains("streams.cdc"), "{err}");
+}
+
+#[test]
+fn unknown_file_key_is_named() {
+    let file = config_file(
+        "unknown-key",
+        "[replication]\nslot = \"s1\"\npublicaton = \"typo\"\n",
+    );
+    let err = assert_one_line_error(
+        &bridge(&["check-config", "--config", file.to_str().unwrap()], &[]),
+        "bridge: configuration error:",
+    );
+    assert!(
+        err.contains("publicaton") && err.contains("line 3"),
+        "{err}"
+    );
+    assert!(
+        err.contains(file.to_str().unwrap()),
+        "names the file: {err}"
+    );
+
+    let err = assert_one_line_error(
+        &bridge(
+            &["check-config"],
+            &[("BRIDGE_CONFIG", "/nonexistent/bridge.toml")],
+        ),
+        "bridge: configuration error:",
+    );
+    assert!(err.contains("/nonexistent/bridge.toml"), "{err}");
+}
+
+#[test]
+fn check_config_hides_secrets() {
+    let env = [
+        ("PG_PASSWORD", "pg-s3cret"),
+        (
+            "PG_URL",
+            "postgres://reader:url-s3cret@db.internal:6543/app",
+        ),
+        ("NATS_BRIDGE_USER", "bridge"),
+        ("NATS_BRIDGE_PASSWORD", "nats-s3cret"),
+        ("BRIDGE_ADMIN_TOKEN", "admin-s3cret"),
+        ("RUST_LOG", "trace"),
+    ];
+    for args in [&["check-config"][..], &[]] {
+        let out = bridge(args, &env);
+        assert_eq!(out.status.code(), Some(0), "stderr: {}", stderr(&out));
+        let all = format!("{}{}", stdout(&out), stderr(&out));
+        assert!(!all.contains("s3cret"), "a secret leaked: {all}");
+        assert!(all.contains("***"), "{all}");
+    }
+    let c = checked(&[], &env);
+    assert_eq!(get(&c, "postgres", "host").as_str(), Some("db.internal"));
+    assert_eq!(get(&c, "postgres", "port").as_integer(), Some(6543));
+    assert_eq!(get(&c, "postgres", "user").as_str(), Some("reader"));
+    assert_eq!(get(&c, "postgres", "password").as_str(), Some("***"));
+    assert_eq!(get(&c, "http", "admin_token").as_str(), Some("***"));
+}
+
+#[test]
+fn precedence_flag_env_file_default() {
+    let file = config_file(
+        "precedence",
+        "[postgres]\nhost = \"file-host\"\nuser = \"file-user\"\n\
+         [replication]\nslot = \"file_slot\"\npublication = \"file_pub\"\n\
+         [http]\nport = 9201\n",
+    );
+    let file = file.to_str().unwrap();
+
+    let c = checked(&["--config", file], &[]);
+    assert_eq!(get(&c, "postgres", "host").as_str(), Some("file-host"));
+    assert_eq!(get(&c, "postgres", "port").as_integer(), Some(5432)); // default
+    assert_eq!(get(&c, "http", "port").as_integer(), Some(9201));
+
+    let env = [
+        ("BRIDGE_CONFIG", file),
+        ("PG_HOST", "env-host"),
+        ("BRIDGE_SLOT", "env_slot"),
+        ("BRIDGE_PORT", "9202"),
+    ];
+    let c = checked(&[], &env);
+    assert_eq!(get(&c, "postgres", "host").as_str(), Some("env-host"));
+    assert_eq!(get(&c, "postgres", "user").as_str(), Some("file-user"));
+    assert_eq!(get(&c, "replication", "slot").as_str(), Some("env_slot"));
+    assert_eq!(
+        get(&c, "replication", "publication").as_str(),
+        Some("file_pub")
+    );
+    assert_eq!(get(&c, "http", "port").as_integer(), Some(9202));
+
+    let c = checked(&["--pg-host", "flag-host", "--port", "9203"], &env);
+    assert_eq!(get(&c, "postgres", "host").as_str(), Some("flag-host"));
+    assert_eq!(get(&c, "replication", "slot").as_str(), Some("env_slot"));
+    assert_eq!(get(&c, "http", "port").as_integer(), Some(9203));
+}
