@@ -6,4 +6,7 @@
 pub mod cli;
 pub mod config;
 pub mod pg;
+pub mod pipeline;
 pub mod shutdown;
+
+pub use pipeline::{run, RunError};

@@ -88,12 +88,24 @@ fn install_signal_handlers(shutdown: &Shutdown) -> std::io::Result<()> {
 }
 
 /// Runs the bridge until `shutdown` is triggered or a fatal error occurs, and returns the exit
-/// code (0 clean, 1 runtime failure). Wired to `pgbridge::run` once the pipeline exists.
+/// code: 0 clean, 1 runtime failure, 2 configuration or set-up problem.
 fn pgbridge_run(config: Config, shutdown: Shutdown) -> i32 {
-    info!(
-        "configuration valid (slot {}); shutdown requested: {}",
-        config.replication.slot,
-        shutdown.is_triggered()
-    );
-    0
+    match pgbridge::run(&config, &shutdown) {
+        Ok(stats) => {
+            info!(
+                "stopped: uptime={}s wal_messages={} transactions={} changes={} reconnects={} last_commit_end={}",
+                stats.uptime.as_secs(),
+                stats.wal_messages,
+                stats.transactions,
+                stats.changes,
+                stats.reconnects,
+                stats.last_commit_end
+            );
+            0
+        }
+        Err(err) => {
+            eprintln!("bridge: error: {err}");
+            i32::from(err.exit_code())
+        }
+    }
 }

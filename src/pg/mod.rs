@@ -6,6 +6,7 @@ pub mod framing;
 pub mod lsn;
 pub mod pgoutput;
 pub mod replication;
+pub mod setup;
 pub mod value;
 
 pub use lsn::Lsn;

@@ -1,0 +1,303 @@
+//! Checks and set-up on PostgreSQL before streaming: `wal_level`, the role's privileges, the
+//! publication and the tables it contains, and the replication slot (created when missing,
+//! after the publication is known to exist, because pgoutput resolves publications at the
+//! slot's decoding position).
+
+use super::conn::{quote_ident, ConnectionKind, PgConnection, PgError};
+use super::lsn::Lsn;
+use super::replication::{ReplicationConnection, SnapshotAction};
+
+/// Why the bridge cannot stream from this database; each says what to do.
+#[derive(Debug, thiserror::Error)]
+pub enum SetupError {
+    /// `wal_level` is not `logical`.
+    #[error(
+        "wal_level is '{0}', logical replication needs 'logical': run ALTER SYSTEM SET wal_level = logical; and restart PostgreSQL"
+    )]
+    WalLevel(String),
+    /// The login role lacks the REPLICATION attribute.
+    #[error(
+        "role '{0}' may not start replication: run ALTER ROLE \"{0}\" REPLICATION; (init.sh sets up a least-privilege role)"
+    )]
+    NoReplicationPrivilege(String),
+    /// The publication does not exist.
+    #[error(
+        "publication '{publication}' does not exist in database '{database}': create it as a superuser, e.g. {sql} (or run init.sh)"
+    )]
+    PublicationMissing {
+        /// Publication name.
+        publication: String,
+        /// Database searched.
+        database: String,
+        /// SQL that creates it for the configured tables.
+        sql: String,
+    },
+    /// A table given with `--table` is not published.
+    #[error(
+        "table '{table}' is not in publication '{publication}' (it has: {available}): run ALTER PUBLICATION {publication_ident} ADD TABLE {table}; or remove it from --table"
+    )]
+    TableNotPublished {
+        /// The table as configured.
+        table: String,
+        /// Publication name.
+        publication: String,
+        /// The publication name quoted for SQL.
+        publication_ident: String,
+        /// The tables the publication does contain.
+        available: String,
+    },
+    /// The slot exists but cannot be used by this bridge.
+    #[error("replication slot '{slot}' cannot be used: {reason}")]
+    SlotUnusable {
+        /// Slot name.
+        slot: String,
+        /// What is wrong and what to do.
+        reason: String,
+    },
+    /// A PostgreSQL error while checking.
+    #[error(transparent)]
+    Pg(#[from] PgError),
+}
+
+impl SetupError {
+    /// True when the problem is in the configuration or the database set-up (exit code 2),
+    /// not a passing failure worth retrying.
+    pub fn is_configuration(&self) -> bool {
+        !matches!(self, SetupError::Pg(e) if e.is_connection_problem())
+    }
+}
+
+/// A published table as PostgreSQL names it.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub struct PublishedTable {
+    /// Schema.
+    pub schema: String,
+    /// Table name.
+    pub name: String,
+}
+
+impl PublishedTable {
+    /// `schema.name`.
+    pub fn qualified(&self) -> String {
+        format!("{}.{}", self.schema, self.name)
+    }
+
+    /// Matches a configured name: `table` means `public.table`, `schema.table` is exact.
+    pub fn matches(&self, configured: &str) -> bool {
+        match configured.split_once('.') {
+            Some((s, t)) => s == self.schema && t == self.name,
+            None => self.schema == "public" && configured == self.name,
+        }
+    }
+}
+
+/// What [`check_database`] found.
+#[derive(Debug, Clone)]
+pub struct DatabaseInfo {
+    /// Server version number, e.g. 150018.
+    pub server_version: i32,
+    /// Every table of the publication.
+    pub published: Vec<PublishedTable>,
+    /// The tables to stream: the configured ones, or all published when none are configured.
+    pub tables: Vec<PublishedTable>,
+}
+
+/// Checks `wal_level`, the role, the publication and the configured tables over a normal
+/// connection.
+pub fn check_database(
+    conn: &mut PgConnection,
+    publication: &str,
+    tables: &[String],
+) -> Result<DatabaseInfo, SetupError> {
+    debug_assert_eq!(conn.kind(), ConnectionKind::Normal);
+    let r = conn.query(
+        "SELECT current_setting('wal_level') AS wal_level, current_user AS usr, current_database() AS db, \
+                (SELECT rolreplication OR rolsuper FROM pg_roles WHERE rolname = current_user) AS can_replicate",
+    )?;
+    let wal_level = r.get(0, "wal_level").unwrap_or_default().to_string();
+    if wal_level != "logical" {
+        return Err(SetupError::WalLevel(wal_level));
+    }
+    let user = r.get(0, "usr").unwrap_or_default().to_string();
+    let database = r.get(0, "db").unwrap_or_default().to_string();
+    if r.get(0, "can_replicate") != Some("t") {
+        return Err(SetupError::NoReplicationPrivilege(user));
+    }
+
+    let exists = conn.query_params(
+        "SELECT 1 FROM pg_publication WHERE pubname = $1",
+        &[publication],
+    )?;
+    if exists.rows.is_empty() {
+        let sql = if tables.is_empty() {
+            format!("CREATE PUBLICATION {} FOR ALL TABLES;", quote_ident(publication))
+        } else {
+            format!(
+                "CREATE PUBLICATION {} FOR TABLE {};",
+                quote_ident(publication),
+                tables.join(", ")
+            )
+        };
+        return Err(SetupError::PublicationMissing {
+            publication: publication.to_string(),
+            database,
+            sql,
+        });
+    }
+    let r = conn.query_params(
+        "SELECT schemaname, tablename FROM pg_publication_tables WHERE pubname = $1 ORDER BY 1, 2",
+        &[publication],
+    )?;
+    let published: Vec<PublishedTable> = r
+        .rows
+        .iter()
+        .map(|row| PublishedTable {
+            schema: row[0].clone().unwrap_or_default(),
+            name: row[1].clone().unwrap_or_default(),
+        })
+        .collect();
+    let mut selected = Vec::new();
+    for t in tables {
+        match published.iter().find(|p| p.matches(t)) {
+            Some(p) => selected.push(p.clone()),
+            None => {
+                let available = if published.is_empty() {
+                    "no tables".to_string()
+                } else {
+                    published
+                        .iter()
+                        .map(PublishedTable::qualified)
+                        .collect::<Vec<_>>()
+                        .join(", ")
+                };
+                return Err(SetupError::TableNotPublished {
+                    table: t.clone(),
+                    publication: publication.to_string(),
+                    publication_ident: quote_ident(publication),
+                    available,
+                });
+            }
+        }
+    }
+    let tables = if tables.is_empty() {
+        published.clone()
+    } else {
+        selected
+    };
+    Ok(DatabaseInfo {
+        server_version: conn.server_version(),
+        published,
+        tables,
+    })
+}
+
+/// The state of the bridge's slot.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SlotState {
+    /// Where streaming resumes: the slot's `confirmed_flush_lsn`.
+    pub confirmed_flush: Lsn,
+    /// True when this call created the slot.
+    pub created: bool,
+    /// PID of the process streaming from it now, if any.
+    pub active_pid: Option<i32>,
+}
+
+/// Makes sure the logical slot exists in this database with the pgoutput plugin, creating it
+/// when missing. `conn` is a normal connection, `repl` a replication one.
+pub fn ensure_slot(
+    conn: &mut PgConnection,
+    repl: &mut ReplicationConnection,
+    slot: &str,
+) -> Result<SlotState, SetupError> {
+    let r = conn.query_params(
+        "SELECT plugin, slot_type, database, confirmed_flush_lsn::text, active_pid::text, wal_status, \
+                current_database() AS db \
+           FROM pg_replication_slots WHERE slot_name = $1",
+        &[slot],
+    )?;
+    if r.rows.is_empty() {
+        let created = repl.create_slot(slot, false, SnapshotAction::Nothing)?;
+        log::info!(
+            "created replication slot '{slot}' at {}",
+            created.consistent_point
+        );
+        return Ok(SlotState {
+            confirmed_flush: created.consistent_point,
+            created: true,
+            active_pid: None,
+        });
+    }
+    let unusable = |reason: String| SetupError::SlotUnusable {
+        slot: slot.to_string(),
+        reason,
+    };
+    if r.get(0, "slot_type") != Some("logical") {
+        return Err(unusable(
+            "it is a physical slot; choose another --slot name".into(),
+        ));
+    }
+    if r.get(0, "plugin") != Some("pgoutput") {
+        return Err(unusable(format!(
+            "it uses the output plugin '{}', the bridge needs pgoutput; drop it with SELECT pg_drop_replication_slot('{slot}'); or choose another --slot",
+            r.get(0, "plugin").unwrap_or("?")
+        )));
+    }
+    if r.get(0, "database") != r.get(0, "db") {
+        return Err(unusable(format!(
+            "it belongs to database '{}', not '{}'",
+            r.get(0, "database").unwrap_or("?"),
+            r.get(0, "db").unwrap_or("?")
+        )));
+    }
+    if r.get(0, "wal_status") == Some("lost") {
+        return Err(unusable(format!(
+            "it was invalidated (wal_status = lost: the WAL it needed was removed, see max_slot_wal_keep_size); \
+             changes were lost, so drop it with SELECT pg_drop_replication_slot('{slot}'); and bootstrap consumers from a new snapshot"
+        )));
+    }
+    let confirmed_flush = r
+        .get(0, "confirmed_flush_lsn")
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(Lsn::INVALID);
+    Ok(SlotState {
+        confirmed_flush,
+        created: false,
+        active_pid: r.get(0, "active_pid").and_then(|p| p.parse().ok()),
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn configured_names_match_published_tables() {
+        let t = PublishedTable {
+            schema: "public".into(),
+            name: "users".into(),
+        };
+        assert!(t.matches("users"));
+        assert!(t.matches("public.users"));
+        assert!(!t.matches("sales.users"));
+        assert!(!t.matches("user"));
+        let s = PublishedTable {
+            schema: "sales".into(),
+            name: "users".into(),
+        };
+        assert!(!s.matches("users"));
+        assert!(s.matches("sales.users"));
+    }
+
+    #[test]
+    fn errors_say_what_to_run() {
+        let e = SetupError::PublicationMissing {
+            publication: "cdc_pub".into(),
+            database: "app".into(),
+            sql: "CREATE PUBLICATION \"cdc_pub\" FOR ALL TABLES;".into(),
+        };
+        assert!(e.to_string().contains("CREATE PUBLICATION \"cdc_pub\" FOR ALL TABLES;"));
+        assert!(e.is_configuration());
+        let e = SetupError::Pg(PgError::ConnectionLost("gone".into()));
+        assert!(!e.is_configuration());
+    }
+}
