@@ -60,11 +60,32 @@ fn col_keys(r: &Relation<'_>) -> Vec<bool> {
     r.columns.iter().map(Column::is_key).collect()
 }
 
-/// Checks a Begin..Commit pair: same xid on the capture lines, Commit at Begin's final LSN.
+/// The first normal transaction id; lower ones are reserved (invalid, bootstrap, frozen).
+const FIRST_NORMAL_XID: u32 = 3;
+
+/// Checks a Begin..Commit pair against the capture's own columns, which come from the server
+/// independently of the message bytes: every line of the transaction carries Begin's xid,
+/// their LSNs run in WAL order up to the commit record at Begin's final LSN, and the Commit
+/// line's LSN is the transaction's end.
 fn check_txn(vs: &[Vector], msgs: &[LogicalMessage<'_>], begin: usize, commit: usize) {
     let b = variant!(msgs[begin], Begin);
     let c = variant!(msgs[commit], Commit);
-    assert_eq!(b.xid, vs[begin].xid);
+    assert!(b.xid >= FIRST_NORMAL_XID, "xid {}", b.xid);
+    for (i, v) in vs.iter().enumerate().take(commit + 1).skip(begin) {
+        assert_eq!(v.xid, b.xid, "xid column of line {i}");
+    }
+    for (i, w) in vs[begin..commit].windows(2).enumerate() {
+        assert!(
+            w[0].lsn <= w[1].lsn,
+            "LSN column goes back at line {}",
+            begin + i + 1
+        );
+    }
+    assert!(
+        vs[begin..commit].iter().all(|v| v.lsn <= b.final_lsn),
+        "a change after the commit record at {}",
+        b.final_lsn
+    );
     assert_eq!(c.commit_lsn, b.final_lsn, "commit_lsn == final_lsn");
     assert!(c.commit_lsn < c.end_lsn);
     assert_eq!(
@@ -86,7 +107,6 @@ fn basic_transaction() {
     let m = decode_all(&vs);
     assert_eq!(tags(&m), "BRIIC");
     check_txn(&vs, &m, 0, 4);
-    assert_eq!(variant!(m[0], Begin).xid, 790);
 
     let r = variant!(m[1], Relation);
     assert_eq!(r.xid, None);
@@ -389,11 +409,42 @@ fn types_enum_domain_and_text_values() {
     }
 }
 
-/// What a consumer of the streaming capture sees, per top-level transaction.
-#[derive(Default)]
-struct StreamedTxn {
-    /// (subxid, row id) in arrival order.
-    rows: Vec<(u32, u32)>,
+/// One step of the streaming capture with Stream Start/Stop left out (where they fall is
+/// checked on its own) and runs of inserts merged.
+#[derive(Debug, PartialEq)]
+enum Step {
+    /// A Relation, sent in a block of top-level transaction `top` with the xid prefix `xid`.
+    Relation {
+        top: u32,
+        xid: u32,
+    },
+    /// Inserts of rows `first..=last` (consecutive ids, all with `payload`), sent in blocks of
+    /// `top` with the xid prefix `xid`.
+    Rows {
+        top: u32,
+        xid: u32,
+        first: u32,
+        last: u32,
+        payload: String,
+    },
+    Abort {
+        xid: u32,
+        subxid: u32,
+    },
+    Commit {
+        xid: u32,
+    },
+}
+
+/// The `(id, payload)` of a row of table `s`.
+fn s_row(tuple: &TupleData<'_>) -> (u32, String) {
+    match cells(tuple)[..] {
+        [Cell::Text(id), Cell::Text(payload)] => (
+            std::str::from_utf8(id).unwrap().parse().unwrap(),
+            String::from_utf8(payload.to_vec()).unwrap(),
+        ),
+        ref other => panic!("unexpected row {other:?}"),
+    }
 }
 
 #[test]
@@ -401,144 +452,287 @@ fn streaming_blocks_aborts_and_commit() {
     let vs = load(test_vectors::STREAMING);
     let m = decode_all(&vs);
 
-    // Structure: which messages sit inside blocks, and the xid prefix on each of them.
+    // Walk the capture. The xid column holds the top-level xid for everything sent in a
+    // block, the aborted (sub)transaction's xid for a Stream Abort; the Stream Commit line's
+    // LSN is the transaction's end.
     let mut open: Option<u32> = None;
+    let mut block_len = 0;
     let mut starts = Vec::new();
-    let mut inserts_per_xid: HashMap<u32, usize> = HashMap::new();
-    let mut relation_xids = Vec::new();
-    let mut aborts = Vec::new();
-    let mut commits = Vec::new();
-    for msg in &m {
+    let mut steps: Vec<Step> = Vec::new();
+    let mut relation: Option<&Relation<'_>> = None;
+    for (i, (v, msg)) in vs.iter().zip(&m).enumerate() {
+        if let Some(top) = open {
+            if !matches!(msg, LogicalMessage::StreamStop) {
+                assert_eq!(
+                    v.xid, top,
+                    "xid column of line {i}, inside a block of {top}"
+                );
+                block_len += 1;
+            }
+        }
         match msg {
             LogicalMessage::StreamStart(s) => {
-                assert_eq!(open, None, "nested Stream Start");
+                assert_eq!(open, None, "nested Stream Start at line {i}");
+                assert_eq!(s.xid, v.xid, "Stream Start xid at line {i}");
                 open = Some(s.xid);
+                block_len = 0;
                 starts.push((s.xid, s.first_segment));
             }
-            LogicalMessage::StreamStop => assert!(open.take().is_some()),
-            LogicalMessage::Relation(r) => {
-                assert!(open.is_some());
-                relation_xids.push(r.xid.expect("xid prefix inside a block"));
+            LogicalMessage::StreamStop => {
+                assert_eq!(v.xid, open.take().expect("Stream Stop closes a block"));
+                assert!(block_len > 0, "empty block ending at line {i}");
             }
-            LogicalMessage::Insert(i) => {
-                assert!(open.is_some(), "insert outside a block");
-                let xid = i.xid.expect("xid prefix inside a block");
-                *inserts_per_xid.entry(xid).or_default() += 1;
+            LogicalMessage::Relation(r) => {
+                let top = open.expect("Relation inside a block");
+                assert_eq!((r.namespace, r.name), ("public", "s"));
+                assert_eq!(r.replica_identity, ReplicaIdentity::Default);
+                assert_eq!(col_names(r), ["id", "payload"]);
+                assert_eq!(col_types(r), [23, 25]);
+                assert_eq!(col_keys(r), [true, false]);
+                // Re-sent Relations describe the same table; only the xid prefix differs.
+                if let Some(prev) = relation {
+                    assert_eq!(
+                        &Relation {
+                            xid: prev.xid,
+                            ..r.clone()
+                        },
+                        prev
+                    );
+                }
+                relation = Some(r);
+                let xid = r.xid.expect("xid prefix inside a block");
+                steps.push(Step::Relation { top, xid });
+            }
+            LogicalMessage::Insert(ins) => {
+                let top = open.expect("Insert inside a block");
+                assert_eq!(Some(ins.relid), relation.map(|r| r.relid));
+                let xid = ins.xid.expect("xid prefix inside a block");
+                let (id, payload) = s_row(&ins.new);
+                match steps.last_mut() {
+                    Some(Step::Rows {
+                        top: t,
+                        xid: x,
+                        last,
+                        payload: p,
+                        ..
+                    }) if (*t, *x) == (top, xid) && *p == payload && *last + 1 == id => {
+                        *last = id;
+                    }
+                    _ => steps.push(Step::Rows {
+                        top,
+                        xid,
+                        first: id,
+                        last: id,
+                        payload,
+                    }),
+                }
             }
             LogicalMessage::StreamAbort(a) => {
                 assert_eq!(open, None);
-                aborts.push(*a);
+                assert_eq!(a.subxid, v.xid, "Stream Abort subxid at line {i}");
+                assert_eq!(
+                    a.abort_info, None,
+                    "proto 2 / streaming on: no abort LSN and time"
+                );
+                steps.push(Step::Abort {
+                    xid: a.xid,
+                    subxid: a.subxid,
+                });
             }
             LogicalMessage::StreamCommit(c) => {
                 assert_eq!(open, None);
-                commits.push(*c);
+                assert_eq!(c.xid, v.xid, "Stream Commit xid at line {i}");
+                assert_eq!(c.end_lsn, v.lsn, "end_lsn is the commit line's LSN");
+                assert!(c.commit_lsn < c.end_lsn);
+                assert!(
+                    vs[..i].iter().all(|w| w.lsn <= c.commit_lsn),
+                    "a change after the commit record at {}",
+                    c.commit_lsn
+                );
+                let unix = pg_to_unix_micros(c.commit_time);
+                assert!(
+                    (1_577_836_800_000_000..4_102_444_800_000_000).contains(&unix),
+                    "{unix}"
+                );
+                steps.push(Step::Commit { xid: c.xid });
             }
             other => panic!("unexpected message in the streaming capture: {other:?}"),
         }
     }
 
-    // First transaction (xid 838 = 0x346): three blocks, the second mixing the top-level xid
-    // and the savepoint's subxact 839; the statement after ROLLBACK TO SAVEPOINT ran as
-    // subxact 840 in the third block.
-    let (x1, sub_rolled_back, sub_after) = (838, 839, 840);
-    // Second transaction (xid 841): one block, then ROLLBACK.
-    let x2 = 841;
-    assert_eq!(starts, [(x1, true), (x1, false), (x1, false), (x2, true)]);
-    assert_eq!(relation_xids, [x1, sub_after, x2]);
-    assert_eq!(inserts_per_xid[&x1], 400);
-    assert_eq!(
-        inserts_per_xid[&sub_rolled_back], 164,
-        "streamed before the rollback"
+    // The run-specific facts, read off the capture. Two top-level transactions, each sent in
+    // blocks: the first segment flagged as such, the later ones not. The first needs at least
+    // two blocks, as its subtransaction abort falls between blocks.
+    let x1 = starts[0].0;
+    let x2 = starts.last().unwrap().0;
+    let n1 = starts.iter().filter(|&&(x, _)| x == x1).count();
+    let n2 = starts.len() - n1;
+    assert!(n1 >= 2 && n2 >= 1, "{starts:?}");
+    let segments = |x, n| (0..n).map(move |k| (x, k == 0));
+    let want_starts: Vec<_> = segments(x1, n1).chain(segments(x2, n2)).collect();
+    assert_eq!(starts, want_starts);
+    // The savepoint's subtransaction is the one the first Stream Abort names; the statement
+    // after ROLLBACK TO SAVEPOINT ran as a new subtransaction, the only other xid prefix.
+    let Some(&Step::Abort {
+        subxid: sub_rolled_back,
+        ..
+    }) = steps.iter().find(|s| matches!(s, Step::Abort { .. }))
+    else {
+        panic!("no Stream Abort in {steps:?}")
+    };
+    let mut prefixes: Vec<u32> = Vec::new();
+    for s in &steps {
+        if let Step::Rows { xid, .. } = *s {
+            if !prefixes.contains(&xid) {
+                prefixes.push(xid);
+            }
+        }
+    }
+    let [p0, p1, sub_after, p3] = prefixes[..] else {
+        panic!("xid prefixes on the inserts: {prefixes:?}")
+    };
+    assert_eq!([p0, p1, p3], [x1, sub_rolled_back, x2]);
+    // Xids are handed out at a transaction's first write, in statement order.
+    assert!(
+        x1 < sub_rolled_back && sub_rolled_back < sub_after && sub_after < x2,
+        "{prefixes:?}"
     );
-    assert_eq!(inserts_per_xid[&sub_after], 1);
-    assert_eq!(
-        inserts_per_xid[&x2], 282,
-        "streamed before the capture ended"
+    // How many rows of the subtransaction, and of the second transaction, were streamed
+    // before their aborts: the capture ends each at a block boundary set by memory use.
+    let streamed = |x: u32| -> u32 {
+        steps
+            .iter()
+            .map(|s| match *s {
+                Step::Rows {
+                    xid, first, last, ..
+                } if xid == x => last - first + 1,
+                _ => 0,
+            })
+            .sum()
+    };
+    let (k_sub, k2) = (streamed(sub_rolled_back), streamed(x2));
+    assert!(
+        (1..=400).contains(&k_sub),
+        "{k_sub} rows streamed before the rollback"
+    );
+    assert!(
+        (1..=400).contains(&k2),
+        "{k2} rows streamed before the abort"
     );
 
-    // ROLLBACK TO SAVEPOINT: a Stream Abort of the subtransaction only.
-    assert_eq!(aborts.len(), 1);
-    let a = aborts[0];
-    assert_eq!((a.xid, a.subxid), (x1, sub_rolled_back));
+    // Everything else is exact: the statements' rows in order, under the right xids, the
+    // subtransaction abort (ROLLBACK TO SAVEPOINT), the COMMIT, and the second transaction
+    // ending in a whole-transaction Stream Abort (subxid == xid) for its ROLLBACK.
+    let rows = |top, xid, first, last, payload: &str| Step::Rows {
+        top,
+        xid,
+        first,
+        last,
+        payload: payload.to_string(),
+    };
+    let repeat = |c: &str| c.repeat(100);
+    let want = [
+        Step::Relation { top: x1, xid: x1 },
+        rows(x1, x1, 1, 400, &repeat("p")),
+        rows(x1, sub_rolled_back, 401, 400 + k_sub, &repeat("q")),
+        Step::Abort {
+            xid: x1,
+            subxid: sub_rolled_back,
+        },
+        // The abort drops the cached schema; the Relation is re-sent with the new prefix.
+        Step::Relation {
+            top: x1,
+            xid: sub_after,
+        },
+        rows(x1, sub_after, 801, 801, "after rollback"),
+        Step::Commit { xid: x1 },
+        Step::Relation { top: x2, xid: x2 },
+        rows(x2, x2, 1001, 1000 + k2, &repeat("r")),
+        Step::Abort {
+            xid: x2,
+            subxid: x2,
+        },
+    ];
+    assert_eq!(steps, want);
+    let abort_at = |subxid: u32| {
+        m.iter()
+            .position(|msg| matches!(msg, LogicalMessage::StreamAbort(a) if a.subxid == subxid))
+            .unwrap()
+    };
+    let (sub_abort, x2_abort) = (abort_at(sub_rolled_back), abort_at(x2));
+    let a = variant!(m[sub_abort], StreamAbort);
     assert!(!a.is_whole_transaction());
-    assert_eq!(
-        a.abort_info, None,
-        "proto 2 / streaming on: no abort LSN and time"
-    );
+    let a = variant!(m[x2_abort], StreamAbort);
+    assert!(a.is_whole_transaction());
+    assert_eq!(x2_abort, m.len() - 1, "the capture ends with the abort");
 
-    // COMMIT of the first transaction.
-    assert_eq!(commits.len(), 1);
-    let c = commits[0];
-    assert_eq!(c.xid, x1);
-    assert!(c.commit_lsn < c.end_lsn);
-    assert_eq!(c.end_lsn, Lsn(0x57C7718));
-    assert!(pg_to_unix_micros(c.commit_time) > 1_577_836_800_000_000);
+    // The model consumer. Before ROLLBACK TO SAVEPOINT, the first transaction holds its own
+    // rows and the subtransaction's; the Stream Abort drops exactly the subtransaction's.
+    let x1_rows: Vec<(u32, u32)> = (1..=400).map(|id| (x1, id)).collect();
+    let sub_rows = (401..=400 + k_sub).map(|id| (sub_rolled_back, id));
+    let c = apply_streamed(&m[..sub_abort]);
+    assert!(c.committed.is_empty());
+    let want_pending: Vec<_> = x1_rows.iter().copied().chain(sub_rows).collect();
+    assert_eq!(c.pending, HashMap::from([(x1, want_pending)]));
+    let c = apply_streamed(&m[..=sub_abort]);
+    assert_eq!(c.pending, HashMap::from([(x1, x1_rows)]));
 
-    // The second transaction's ROLLBACK does not appear: the capture holds neither a Stream
-    // Commit nor a Stream Abort for it (an abort record is written without a WAL flush, and
-    // the SQL peek interface only decodes up to the flushed position). A consumer must
-    // therefore leave it pending, never apply it, and drop it on reconnect.
-    assert!(aborts.iter().all(|a| a.xid != x2));
-    assert!(commits.iter().all(|c| c.xid != x2));
-
-    // Applying "drop the aborted subtransaction's changes" yields exactly the committed rows.
-    let committed = apply_streamed(&m);
+    // Before its abort, the second transaction's streamed rows are pending (never applied);
+    // the whole-transaction Stream Abort discards them.
     let mut want: Vec<u32> = (1..=400).collect();
     want.push(801);
-    assert_eq!(committed, want);
+    let c = apply_streamed(&m[..x2_abort]);
+    assert_eq!(c.committed, want);
+    let x2_rows: Vec<_> = (1001..=1000 + k2).map(|id| (x2, id)).collect();
+    assert_eq!(c.pending, HashMap::from([(x2, x2_rows)]));
+    let c = apply_streamed(&m);
+    assert_eq!(c.committed, want);
+    assert!(c.pending.is_empty(), "{:?}", c.pending.keys());
+}
 
-    // The whole-transaction form (subxid == xid), as the server sends once the abort of the
-    // second transaction is decoded, discards everything pending for it.
-    let abort = unhex(concat!("41", "00000349", "00000349"));
-    let mut d = Decoder::new();
-    let LogicalMessage::StreamAbort(sa) = d.decode(&abort).expect("stream abort") else {
-        panic!("not a stream abort")
-    };
-    assert!(sa.is_whole_transaction());
-    let mut with_abort = m.clone();
-    with_abort.push(LogicalMessage::StreamAbort(sa));
-    assert_eq!(apply_streamed(&with_abort), want);
+/// What a consumer of streamed transactions holds.
+#[derive(Default)]
+struct Consumer {
+    /// Per top-level xid, the buffered (subxid, row id) in arrival order.
+    pending: HashMap<u32, Vec<(u32, u32)>>,
+    /// The ids of the committed rows in commit order.
+    committed: Vec<u32>,
 }
 
 /// A model consumer: buffers streamed changes per top-level xid, applies them at Stream
 /// Commit, and on Stream Abort drops the aborted subtransaction from the point where it
 /// first appeared (PostgreSQL's `stream_abort_internal`), or the whole transaction.
-/// Returns the ids of the committed rows in commit order.
-fn apply_streamed(msgs: &[LogicalMessage<'_>]) -> Vec<u32> {
-    let mut pending: HashMap<u32, StreamedTxn> = HashMap::new();
+fn apply_streamed(msgs: &[LogicalMessage<'_>]) -> Consumer {
+    let mut c = Consumer::default();
     let mut current = None;
-    let mut committed = Vec::new();
     for msg in msgs {
         match msg {
             LogicalMessage::StreamStart(s) => current = Some(s.xid),
             LogicalMessage::StreamStop => current = None,
             LogicalMessage::Insert(i) => {
                 let top = current.expect("insert inside a block");
-                let id = match i.new.get(0) {
-                    Some(Cell::Text(v)) => std::str::from_utf8(v).unwrap().parse().unwrap(),
-                    other => panic!("unexpected id cell {other:?}"),
-                };
+                let (id, _) = s_row(&i.new);
                 let sub = i.xid.expect("xid prefix");
-                pending.entry(top).or_default().rows.push((sub, id));
+                c.pending.entry(top).or_default().push((sub, id));
             }
             LogicalMessage::StreamAbort(a) if a.is_whole_transaction() => {
-                pending.remove(&a.xid);
+                c.pending.remove(&a.xid);
             }
             LogicalMessage::StreamAbort(a) => {
-                if let Some(txn) = pending.get_mut(&a.xid) {
-                    if let Some(at) = txn.rows.iter().position(|&(sub, _)| sub == a.subxid) {
-                        txn.rows.truncate(at);
+                if let Some(rows) = c.pending.get_mut(&a.xid) {
+                    if let Some(at) = rows.iter().position(|&(sub, _)| sub == a.subxid) {
+                        rows.truncate(at);
                     }
                 }
             }
-            LogicalMessage::StreamCommit(c) => {
-                let txn = pending.remove(&c.xid).unwrap_or_default();
-                committed.extend(txn.rows.into_iter().map(|(_, id)| id));
+            LogicalMessage::StreamCommit(s) => {
+                let rows = c.pending.remove(&s.xid).unwrap_or_default();
+                c.committed.extend(rows.into_iter().map(|(_, id)| id));
             }
             _ => {}
         }
     }
-    committed
+    c
 }
 
 #[test]
@@ -567,10 +761,17 @@ fn decoder_tracks_stream_state_from_start_and_stop() {
             _ => assert_eq!(was_in, d.in_stream()),
         }
     }
-    assert_eq!(blocks, 4);
+    // Every Stream Start and Stop in the capture, counted by their tag bytes, was seen.
+    let count = |tag| vs.iter().filter(|v| v.bytes[0] == tag).count();
+    assert_eq!((blocks, blocks), (count(b'S'), count(b'E')));
+    assert!(
+        blocks >= 3,
+        "two transactions, one with a subtransaction abort between blocks"
+    );
     assert!(!d.in_stream());
 
     // After reset (reconnect), an open block is forgotten.
+    assert_eq!(vs[0].bytes[0], b'S');
     d.decode(&vs[0].bytes).unwrap();
     assert!(d.in_stream());
     d.reset();
