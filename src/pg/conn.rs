@@ -514,15 +514,10 @@ impl PgConnection {
         self.check(&res, sql, &[pq::ExecStatusType::PGRES_COPY_OUT])?;
         drop(res);
         let mut stopped = false;
-        loop {
-            match self.get_copy_data_blocking()? {
-                Some(buf) => {
-                    if !stopped && on_row(&buf).is_break() {
-                        stopped = true;
-                        self.cancel();
-                    }
-                }
-                None => break,
+        while let Some(buf) = self.get_copy_data_blocking()? {
+            if !stopped && on_row(&buf).is_break() {
+                stopped = true;
+                self.cancel();
             }
         }
         let res = self.finish_copy(sql);

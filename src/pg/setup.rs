@@ -130,7 +130,10 @@ pub fn check_database(
     )?;
     if exists.rows.is_empty() {
         let sql = if tables.is_empty() {
-            format!("CREATE PUBLICATION {} FOR ALL TABLES;", quote_ident(publication))
+            format!(
+                "CREATE PUBLICATION {} FOR ALL TABLES;",
+                quote_ident(publication)
+            )
         } else {
             format!(
                 "CREATE PUBLICATION {} FOR TABLE {};",
@@ -295,7 +298,9 @@ mod tests {
             database: "app".into(),
             sql: "CREATE PUBLICATION \"cdc_pub\" FOR ALL TABLES;".into(),
         };
-        assert!(e.to_string().contains("CREATE PUBLICATION \"cdc_pub\" FOR ALL TABLES;"));
+        assert!(e
+            .to_string()
+            .contains("CREATE PUBLICATION \"cdc_pub\" FOR ALL TABLES;"));
         assert!(e.is_configuration());
         let e = SetupError::Pg(PgError::ConnectionLost("gone".into()));
         assert!(!e.is_configuration());

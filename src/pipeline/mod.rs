@@ -26,8 +26,12 @@ impl RunError {
     /// Process exit code: 2 for configuration and set-up problems, 1 for runtime failures.
     pub fn exit_code(&self) -> u8 {
         match self {
+            RunError::Setup(SetupError::Pg(e)) | RunError::Stream(StreamError::Pg(e))
+                if is_login_problem(e) =>
+            {
+                2
+            }
             RunError::Setup(e) if e.is_configuration() => 2,
-            RunError::Stream(StreamError::Pg(e)) if is_login_problem(e) => 2,
             _ => 1,
         }
     }
@@ -69,6 +73,10 @@ pub fn run(config: &Config, shutdown: &Shutdown) -> Result<WalStats, RunError> {
     let mut stats = WalStats::default();
     let backoff = config.replication.reconnect_backoff();
     loop {
+        if shutdown.is_triggered() {
+            stats.uptime = started.elapsed();
+            return Ok(stats);
+        }
         match run_once(config, shutdown, &mut stats) {
             Ok(()) => {
                 stats.uptime = started.elapsed();
@@ -88,10 +96,6 @@ pub fn run(config: &Config, shutdown: &Shutdown) -> Result<WalStats, RunError> {
                     backoff.as_secs()
                 );
                 sleep_unless(shutdown, backoff);
-                if shutdown.is_triggered() {
-                    stats.uptime = started.elapsed();
-                    return Ok(stats);
-                }
             }
             Err(e) => return Err(e),
         }
@@ -116,8 +120,8 @@ fn run_once(config: &Config, shutdown: &Shutdown, stats: &mut WalStats) -> Resul
         &config.replication.publication,
         &config.replication.tables,
     )?;
-    let mut repl = crate::pg::replication::ReplicationConnection::connect(&refs)
-        .map_err(SetupError::Pg)?;
+    let mut repl =
+        crate::pg::replication::ReplicationConnection::connect(&refs).map_err(SetupError::Pg)?;
     let slot = setup::ensure_slot(&mut conn, &mut repl, &config.replication.slot)?;
     drop(conn);
     log::info!(
