@@ -1,0 +1,95 @@
+#!/usr/bin/env bash
+# Runs the bridge against a local throw-away PostgreSQL 15 and nats-server (JetStream), kept
+# under .dev/ and installed first if missing. Safe to run again: what is running stays running.
+#
+#   scripts/dev.sh [bridge flags...]   start the servers (if needed) and run the bridge
+#   scripts/dev.sh psql                a psql shell on the demo database as the superuser
+#   scripts/dev.sh stop                stop the servers (data stays in .dev/)
+#   scripts/dev.sh clean               stop the servers and delete .dev/pg and .dev/nats
+#
+# Ports: DEV_PG_PORT (default 54320), DEV_NATS_PORT (default 42220), loopback only.
+set -euo pipefail
+root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+cd "$root"
+
+pg_port="${DEV_PG_PORT:-54320}"
+nats_port="${DEV_NATS_PORT:-42220}"
+dev="$root/.dev"
+pgdir="$dev/pg"
+natsdir="$dev/nats"
+db=app
+su_password=dev_superuser
+reader_password=dev_reader
+
+say() { printf 'dev: %s\n' "$*" >&2; }
+
+# PostgreSQL refuses to run as root: use the postgres account the Debian package creates.
+as_pg() {
+    if [ "$(id -u)" -eq 0 ]; then runuser -u postgres -- "$@"; else "$@"; fi
+}
+
+stop_all() {
+    if [ -f "$pgdir/data/postmaster.pid" ]; then
+        as_pg "$PG_BIN/pg_ctl" -D "$pgdir/data" -m fast -w stop >/dev/null && say "PostgreSQL stopped"
+    fi
+    if [ -f "$natsdir/nats.pid" ] && kill "$(cat "$natsdir/nats.pid")" 2>/dev/null; then
+        rm -f "$natsdir/nats.pid"
+        say "nats-server stopped"
+    fi
+}
+
+./scripts/install-deps.sh
+# shellcheck source=/dev/null
+. "$dev/env"
+
+case "${1:-}" in
+stop) stop_all; exit 0 ;;
+clean) stop_all; rm -rf "$pgdir" "$natsdir"; say "removed .dev/pg and .dev/nats"; exit 0 ;;
+esac
+
+# --- PostgreSQL ------------------------------------------------------------------------------
+if [ ! -f "$pgdir/data/PG_VERSION" ]; then
+    rm -rf "$pgdir"
+    mkdir -p "$pgdir"
+    [ "$(id -u)" -ne 0 ] || chown postgres: "$pgdir"
+    printf '%s\n' "$su_password" > "$pgdir/pwfile"
+    chmod 644 "$pgdir/pwfile"
+    as_pg "$PG_BIN/initdb" -D "$pgdir/data" -U postgres -E UTF8 --locale=C.UTF-8 \
+        --auth-local=trust --auth-host=scram-sha-256 --pwfile="$pgdir/pwfile" >/dev/null
+    say "initialised a PostgreSQL cluster in $pgdir/data"
+fi
+if ! as_pg "$PG_BIN/pg_ctl" -D "$pgdir/data" status >/dev/null 2>&1; then
+    as_pg "$PG_BIN/pg_ctl" -D "$pgdir/data" -w -l "$pgdir/postgres.log" \
+        -o "-p $pg_port -k $pgdir -c listen_addresses=127.0.0.1 -c wal_level=logical -c max_wal_senders=10 -c max_replication_slots=10" \
+        start >/dev/null
+    say "PostgreSQL listening on 127.0.0.1:$pg_port (log: $pgdir/postgres.log)"
+fi
+
+export PGHOST=127.0.0.1 PGPORT="$pg_port" PGUSER=postgres PGPASSWORD="$su_password"
+if [ "${1:-}" = psql ]; then exec psql -d "$db"; fi
+
+psql -X -q -d postgres -tc "SELECT 1 FROM pg_database WHERE datname = '$db'" | grep -q 1 ||
+    psql -X -q -d postgres -c "CREATE DATABASE $db"
+psql -X -q -d "$db" -v ON_ERROR_STOP=1 <<'SQL'
+CREATE TABLE IF NOT EXISTS users (id bigserial PRIMARY KEY, email text NOT NULL, name text, created_at timestamptz DEFAULT now());
+CREATE TABLE IF NOT EXISTS orders (id bigserial PRIMARY KEY, user_id bigint REFERENCES users, total numeric(12,2), items jsonb);
+SQL
+PGDATABASE="$db" BRIDGE_PG_PASSWORD="$reader_password" ./init.sh >/dev/null
+
+# --- nats-server -----------------------------------------------------------------------------
+mkdir -p "$natsdir"
+if ! { [ -f "$natsdir/nats.pid" ] && kill -0 "$(cat "$natsdir/nats.pid")" 2>/dev/null; }; then
+    setsid "$NATS_SERVER_BIN" -js -a 127.0.0.1 -p "$nats_port" -sd "$natsdir/store" \
+        -P "$natsdir/nats.pid" -l "$natsdir/nats.log" </dev/null >/dev/null 2>&1 &
+    for _ in $(seq 1 100); do [ -f "$natsdir/nats.pid" ] && break; sleep 0.1; done
+    say "nats-server with JetStream on 127.0.0.1:$nats_port (log: $natsdir/nats.log)"
+fi
+
+# --- the bridge ------------------------------------------------------------------------------
+cargo build --release --locked --quiet
+say "try: scripts/dev.sh psql, then INSERT INTO users (email) VALUES ('a@example.com');"
+say "stop the bridge with Ctrl-C; the servers keep running until scripts/dev.sh stop"
+export PG_HOST=127.0.0.1 PG_PORT="$pg_port" PG_USER=bridge_reader PG_PASSWORD="$reader_password" PG_DB="$db"
+export NATS_URL="nats://127.0.0.1:$nats_port"
+unset PGHOST PGPORT PGUSER PGPASSWORD
+exec "$root/target/release/bridge" --state-file "$dev/bridge.lsn" "$@"
