@@ -1,5 +1,6 @@
 //! The path from the replication stream to the sink, and the top-level run loop.
 
+pub mod event;
 pub mod wal;
 
 use std::time::{Duration, Instant};

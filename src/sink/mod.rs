@@ -1,0 +1,1 @@
+//! Everything that speaks to NATS: encoding, subjects, JetStream streams and publishing.
