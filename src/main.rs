@@ -91,15 +91,17 @@ fn install_signal_handlers(shutdown: &Shutdown) -> std::io::Result<()> {
 /// code: 0 clean, 1 runtime failure, 2 configuration or set-up problem.
 fn pgbridge_run(config: Config, shutdown: Shutdown) -> i32 {
     match pgbridge::run(&config, &shutdown) {
-        Ok(stats) => {
+        Ok(s) => {
             info!(
-                "stopped: uptime={}s wal_messages={} transactions={} changes={} reconnects={} last_commit_end={}",
-                stats.uptime.as_secs(),
-                stats.wal_messages,
-                stats.transactions,
-                stats.changes,
-                stats.reconnects,
-                stats.last_commit_end
+                "stopped: uptime={}s wal_messages={} transactions={} changes={} published={} duplicates={} durable_lsn={} reconnects={}",
+                s.wal.uptime.as_secs(),
+                s.wal.wal_messages,
+                s.wal.transactions,
+                s.wal.changes,
+                s.published,
+                s.duplicates,
+                s.durable,
+                s.wal.reconnects
             );
             0
         }

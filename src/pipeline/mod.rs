@@ -1,14 +1,29 @@
-//! The path from the replication stream to the sink, and the top-level run loop.
+//! The path from the replication stream to JetStream, and the top-level run loop:
+//! PostgreSQL set-up, the publisher thread, and the wal loop with its reconnects.
 
+pub mod durable;
 pub mod event;
+pub mod spool;
 pub mod wal;
 
+use std::collections::HashSet;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use crate::config::Config;
 use crate::pg::conn::{sqlstate, ConnectionKind, PgConnection, PgError};
-use crate::pg::setup::{self, SetupError};
+use crate::pg::replication::ReplicationConnection;
+use crate::pg::setup::{self, DatabaseInfo, SetupError, SlotState};
+use crate::pg::Lsn;
 use crate::shutdown::Shutdown;
+use crate::sink::nats::{self, NatsError};
+use crate::sink::publisher::{PublishError, Publisher, PublisherSettings, PublisherStats};
+
+use durable::{DurableLsn, StateFile, StateFileError};
+use spool::{Spool, SpoolError};
+use wal::{RingItem, WalContext, WalStream};
 
 pub use wal::{StreamError, WalStats};
 
@@ -21,6 +36,21 @@ pub enum RunError {
     /// The replication stream failed in a way a reconnect cannot fix.
     #[error(transparent)]
     Stream(#[from] StreamError),
+    /// NATS or JetStream is not usable.
+    #[error(transparent)]
+    Nats(#[from] NatsError),
+    /// Publishing failed in a way retrying cannot fix.
+    #[error(transparent)]
+    Publish(#[from] PublishError),
+    /// The state file could not be read.
+    #[error(transparent)]
+    StateFile(#[from] StateFileError),
+    /// The spool directory could not be created.
+    #[error(transparent)]
+    Spool(#[from] SpoolError),
+    /// A thread could not be started or ended abnormally.
+    #[error("internal error: {0}")]
+    Internal(String),
 }
 
 impl RunError {
@@ -33,13 +63,15 @@ impl RunError {
                 2
             }
             RunError::Setup(e) if e.is_configuration() => 2,
+            RunError::Nats(e) if e.is_configuration() => 2,
             _ => 1,
         }
     }
 
     /// True when another process streams from the slot (`55006 object_in_use`).
     fn is_slot_in_use(&self) -> bool {
-        matches!(self, RunError::Stream(StreamError::Pg(e)) if e.sqlstate() == Some(sqlstate::OBJECT_IN_USE))
+        matches!(self, RunError::Stream(StreamError::Pg(e)) | RunError::Setup(SetupError::Pg(e))
+            if e.sqlstate() == Some(sqlstate::OBJECT_IN_USE))
     }
 
     /// True when reconnecting after the backoff may succeed.
@@ -67,40 +99,17 @@ fn is_login_problem(e: &PgError) -> bool {
     }
 }
 
-/// Runs the bridge until `shutdown` is triggered (returns the totals) or an error that a
-/// reconnect cannot fix. PostgreSQL connection losses are retried after the configured backoff.
-pub fn run(config: &Config, shutdown: &Shutdown) -> Result<WalStats, RunError> {
-    let started = Instant::now();
-    let mut stats = WalStats::default();
-    let backoff = config.replication.reconnect_backoff();
-    loop {
-        if shutdown.is_triggered() {
-            stats.uptime = started.elapsed();
-            return Ok(stats);
-        }
-        match run_once(config, shutdown, &mut stats) {
-            Ok(()) => {
-                stats.uptime = started.elapsed();
-                return Ok(stats);
-            }
-            Err(e) if e.is_slot_in_use() && !shutdown.is_triggered() => {
-                log::info!(
-                    "{e}; another bridge holds the slot, waiting {}s before trying again (standby)",
-                    backoff.as_secs()
-                );
-                sleep_unless(shutdown, backoff);
-            }
-            Err(e) if e.is_transient() && !shutdown.is_triggered() => {
-                stats.reconnects += 1;
-                log::warn!(
-                    "PostgreSQL unavailable: {e}; reconnecting in {}s",
-                    backoff.as_secs()
-                );
-                sleep_unless(shutdown, backoff);
-            }
-            Err(e) => return Err(e),
-        }
-    }
+/// Totals of a run, for the summary line.
+#[derive(Debug, Clone, Default)]
+pub struct RunSummary {
+    /// Wal thread counters.
+    pub wal: WalStats,
+    /// Messages stored in JetStream.
+    pub published: u64,
+    /// Messages JetStream already had (replays within the duplicate window).
+    pub duplicates: u64,
+    /// The durable position at the end.
+    pub durable: Lsn,
 }
 
 /// Sleeps up to `d`, waking early on shutdown.
@@ -111,9 +120,13 @@ fn sleep_unless(shutdown: &Shutdown, d: Duration) {
     }
 }
 
-/// One connection's worth of work: check, set up the slot, stream until shutdown or failure.
-fn run_once(config: &Config, shutdown: &Shutdown, stats: &mut WalStats) -> Result<(), RunError> {
-    let params = config.postgres.libpq_params();
+fn pg_params(config: &Config) -> Vec<(&'static str, String)> {
+    config.postgres.libpq_params()
+}
+
+/// Checks the database and makes sure the slot exists.
+fn pg_setup(config: &Config) -> Result<(DatabaseInfo, SlotState), RunError> {
+    let params = pg_params(config);
     let refs: Vec<(&str, &str)> = params.iter().map(|(k, v)| (*k, v.as_str())).collect();
     let mut conn = PgConnection::connect(&refs, ConnectionKind::Normal).map_err(SetupError::Pg)?;
     let info = setup::check_database(
@@ -121,27 +134,249 @@ fn run_once(config: &Config, shutdown: &Shutdown, stats: &mut WalStats) -> Resul
         &config.replication.publication,
         &config.replication.tables,
     )?;
-    let mut repl =
-        crate::pg::replication::ReplicationConnection::connect(&refs).map_err(SetupError::Pg)?;
+    let mut repl = ReplicationConnection::connect(&refs).map_err(SetupError::Pg)?;
     let slot = setup::ensure_slot(&mut conn, &mut repl, &config.replication.slot)?;
-    drop(conn);
+    Ok((info, slot))
+}
+
+/// Runs `f` until it succeeds, retrying transient PostgreSQL failures and waiting while the
+/// slot is held by another process. `None` when shutdown came first.
+fn with_retries<T>(
+    config: &Config,
+    shutdown: &Shutdown,
+    reconnects: &mut u64,
+    mut f: impl FnMut() -> Result<T, RunError>,
+) -> Result<Option<T>, RunError> {
+    let backoff = config.replication.reconnect_backoff();
+    loop {
+        if shutdown.is_triggered() {
+            return Ok(None);
+        }
+        match f() {
+            Ok(v) => return Ok(Some(v)),
+            Err(e) if e.is_slot_in_use() => {
+                log::info!(
+                    "{e}; another bridge holds the slot, waiting {}s before trying again (standby)",
+                    backoff.as_secs()
+                );
+            }
+            Err(e) if e.is_transient() => {
+                *reconnects += 1;
+                log::warn!(
+                    "PostgreSQL unavailable: {e}; reconnecting in {}s",
+                    backoff.as_secs()
+                );
+            }
+            Err(e) => return Err(e),
+        }
+        sleep_unless(shutdown, backoff);
+    }
+}
+
+/// Runs the bridge until `shutdown` is triggered (returns the totals) or an error that a
+/// reconnect cannot fix.
+pub fn run(config: &Config, shutdown: &Shutdown) -> Result<RunSummary, RunError> {
+    let started = Instant::now();
+    let mut reconnects = 0;
+    let Some((info, slot)) = with_retries(config, shutdown, &mut reconnects, || pg_setup(config))?
+    else {
+        return Ok(RunSummary::default());
+    };
+
+    // Resume from the later of what we persisted and what the slot confirmed.
+    let mut state = StateFile::new(config.replication.state_file_path());
+    let persisted = state.load()?;
+    if let Some(p) = persisted {
+        if slot.confirmed_flush > p && !slot.created {
+            log::warn!(
+                "replication slot '{}' is at {} but the last position stored in JetStream by this bridge was {} ({}): \
+                 changes between the two were confirmed to PostgreSQL without being stored and may be missing from the stream \
+                 (was the slot advanced by hand, or the state file replaced?)",
+                config.replication.slot,
+                slot.confirmed_flush,
+                p,
+                state.path().display()
+            );
+        }
+    }
+    let start = persisted.unwrap_or(Lsn::INVALID).max(slot.confirmed_flush);
+    let durable = DurableLsn::new(start);
+
+    let tables: Option<HashSet<String>> = (!config.replication.tables.is_empty())
+        .then(|| info.tables.iter().map(|t| t.qualified()).collect());
     log::info!(
-        "streaming slot '{}' of publication '{}' from {} (PostgreSQL {}, tables: {})",
+        "slot '{}' publication '{}' tables [{}] format {:?} streams {},{} from {}",
         config.replication.slot,
         config.replication.publication,
-        slot.confirmed_flush,
-        info.server_version,
-        if info.tables.is_empty() {
-            "none yet".to_string()
-        } else {
-            info.tables
-                .iter()
-                .map(|t| t.qualified())
-                .collect::<Vec<_>>()
-                .join(", ")
-        }
+        info.tables
+            .iter()
+            .map(|t| t.qualified())
+            .collect::<Vec<_>>()
+            .join(", "),
+        config.replication.format,
+        config.streams.cdc,
+        config.streams.init,
+        start
     );
-    let mut stream = wal::WalStream::new(repl, &info, config, shutdown.clone());
-    stream.run(stats)?;
-    Ok(())
+
+    let (producer, consumer) = rtrb::RingBuffer::<RingItem>::new(config.replication.ring_capacity);
+    let notify = Arc::new(tokio::sync::Notify::new());
+    let publisher_done = Arc::new(AtomicBool::new(false));
+    let stats = Arc::new(PublisherStats::default());
+    let (ready_tx, ready_rx) = std::sync::mpsc::channel();
+    let publisher = spawn_publisher(
+        config,
+        shutdown,
+        consumer,
+        Arc::clone(&notify),
+        durable.clone(),
+        Arc::clone(&stats),
+        Arc::clone(&publisher_done),
+        ready_tx,
+    )?;
+    // Wait for NATS and the streams before reading WAL: nothing could be made durable.
+    match ready_rx.recv() {
+        Ok(Ok(())) => {}
+        Ok(Err(e)) => {
+            let _ = publisher.join();
+            return Err(e.into());
+        }
+        Err(_) => {
+            // The publisher ended before it was ready: shutdown during connect, or a panic.
+            return match publisher.join() {
+                Ok(Ok(())) => Ok(RunSummary::default()),
+                Ok(Err(e)) => Err(e),
+                Err(_) => Err(RunError::Internal("the publisher thread panicked".into())),
+            };
+        }
+    }
+    log::info!(
+        "streaming started in {} ms",
+        started.elapsed().as_millis()
+    );
+
+    let mut ctx = WalContext {
+        producer,
+        notify: Arc::clone(&notify),
+        durable: durable.clone(),
+        state,
+        stats: WalStats::default(),
+        last_pushed_end: start,
+        reported_flush: start,
+        publisher_done: Arc::clone(&publisher_done),
+    };
+    ctx.stats.reconnects = reconnects;
+    let spool_dir = std::env::temp_dir().join(format!(
+        "pgbridge-spool-{}-{}",
+        config.replication.slot,
+        std::process::id()
+    ));
+    let mut wal_reconnects = 0;
+    let wal_result = with_retries(config, shutdown, &mut wal_reconnects, || {
+        let params = pg_params(config);
+        let refs: Vec<(&str, &str)> = params.iter().map(|(k, v)| (*k, v.as_str())).collect();
+        let repl = ReplicationConnection::connect(&refs).map_err(SetupError::Pg)?;
+        let spool = Spool::new(&spool_dir)?;
+        let mut stream = WalStream::new(
+            repl,
+            tables.clone(),
+            info.server_version,
+            config,
+            shutdown.clone(),
+            spool,
+        );
+        let resume = ctx.reported_flush.max(start);
+        stream.run(resume, &mut ctx).map_err(RunError::from)
+    });
+    ctx.stats.reconnects += wal_reconnects;
+
+    // Close the ring (the wal side is dropped) and collect the publisher's outcome.
+    drop(ctx.producer);
+    notify.notify_one();
+    let publisher_result = publisher
+        .join()
+        .map_err(|_| RunError::Internal("the publisher thread panicked".into()))?;
+    let summary = RunSummary {
+        wal: WalStats {
+            uptime: started.elapsed(),
+            ..ctx.stats.clone()
+        },
+        published: stats.published.load(Ordering::Relaxed),
+        duplicates: stats.duplicates.load(Ordering::Relaxed),
+        durable: durable.get(),
+    };
+    match (wal_result, publisher_result) {
+        (_, Err(e)) => Err(e),
+        (Err(RunError::Stream(StreamError::PublisherGone)), Ok(())) => Ok(summary),
+        (Err(e), _) => Err(e),
+        (Ok(_), Ok(())) => Ok(summary),
+    }
+}
+
+#[allow(clippy::too_many_arguments)]
+fn spawn_publisher(
+    config: &Config,
+    shutdown: &Shutdown,
+    consumer: rtrb::Consumer<RingItem>,
+    notify: Arc<tokio::sync::Notify>,
+    durable: DurableLsn,
+    stats: Arc<PublisherStats>,
+    done: Arc<AtomicBool>,
+    ready: std::sync::mpsc::Sender<Result<(), NatsError>>,
+) -> Result<JoinHandle<Result<(), RunError>>, RunError> {
+    let nats_config = config.nats.clone();
+    let streams = config.streams.clone();
+    let backoff = config.replication.reconnect_backoff();
+    let settings = PublisherSettings {
+        format: config.replication.format,
+        max_in_flight: config.replication.max_in_flight,
+        subject_prefix: nats::CDC_SUBJECT_PREFIX.to_string(),
+    };
+    let shutdown = shutdown.clone();
+    std::thread::Builder::new()
+        .name("publisher".into())
+        .spawn(move || {
+            let result = (|| {
+                let rt = tokio::runtime::Builder::new_current_thread()
+                    .enable_all()
+                    .build()
+                    .map_err(|e| RunError::Internal(format!("tokio runtime: {e}")))?;
+                rt.block_on(async {
+                    // Connect, retrying while NATS is unreachable (it may start after us).
+                    let (client, _nats_stats) = loop {
+                        match nats::connect(&nats_config).await {
+                            Ok(c) => break c,
+                            Err(e) if !e.is_configuration() && !shutdown.is_triggered() => {
+                                log::warn!("{e}; retrying in {}s", backoff.as_secs());
+                                let deadline = Instant::now() + backoff;
+                                while Instant::now() < deadline && !shutdown.is_triggered() {
+                                    tokio::time::sleep(Duration::from_millis(50)).await;
+                                }
+                            }
+                            Err(e) if e.is_configuration() => {
+                                let _ = ready.send(Err(e));
+                                return Ok(());
+                            }
+                            Err(_) => return Ok(()),
+                        }
+                    };
+                    let js = async_nats::jetstream::context::ContextBuilder::new()
+                        .timeout(nats::ACK_TIMEOUT)
+                        .max_ack_inflight(settings.max_in_flight.max(1))
+                        .build(client);
+                    if let Err(e) = nats::ensure_streams(&js, &streams).await {
+                        let _ = ready.send(Err(e));
+                        return Ok(());
+                    }
+                    let _ = ready.send(Ok(()));
+                    Publisher::new(js, consumer, notify, durable, settings, stats, shutdown)
+                        .run()
+                        .await
+                        .map_err(RunError::from)
+                })
+            })();
+            done.store(true, Ordering::Release);
+            result
+        })
+        .map_err(|e| RunError::Internal(format!("cannot start the publisher thread: {e}")))
 }

@@ -1,30 +1,56 @@
-//! The wal loop: reads the replication stream, decodes pgoutput, assembles committed
-//! transactions (including streamed ones, honouring subtransaction aborts), answers keepalives
-//! and sends standby status updates.
+//! The wal thread: reads the replication stream, decodes pgoutput into [`ChangeEvent`]s,
+//! hands them through the ring to the publisher, answers keepalives and reports the durable
+//! position to PostgreSQL.
 //!
-//! Until the JetStream publisher exists nothing downstream is durable, so the flush position
-//! reported to PostgreSQL stays unset (`0/0`, which never moves the slot) and committed
-//! transactions are logged. The write position follows what was received, which is what lets
-//! PostgreSQL shut down cleanly while we are connected.
+//! Transactions reach the ring as their changes followed by a [`RingItem::Commit`] carrying
+//! the commit's `end_lsn`; the publisher advances the durable position to it once every
+//! message before it has a PubAck. Streamed (in-progress) transactions are spooled to disk and
+//! only put on the ring at Stream Commit. When the ring is full this thread waits (PostgreSQL
+//! keeps the WAL) but keeps sending status updates so the walsender does not time out.
 
-use std::collections::{BTreeMap, HashMap, HashSet};
+use std::collections::{HashMap, HashSet};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use crate::config::Config;
 use crate::pg::conn::PgError;
 use crate::pg::framing::{parse_copy_data, FramingError, ReplicationMessage};
-use crate::pg::pgoutput::{DecodeError, Decoder, LogicalMessage};
+use crate::pg::pgoutput::{Cell, DecodeError, Decoder, LogicalMessage, OldTuple, TupleData};
 use crate::pg::replication::{PgOutputOptions, ReplicationConnection};
-use crate::pg::setup::DatabaseInfo;
+use crate::pg::value::{decode_text, TypeRegistry, Value, ValueKind};
 use crate::pg::Lsn;
 use crate::shutdown::Shutdown;
 
-/// How long one wait for the server may last before shutdown is checked again.
-const POLL_INTERVAL: Duration = Duration::from_millis(100);
+use super::durable::{DurableLsn, StateFile, StateFileError};
+use super::event::{ChangeEvent, ColumnValue, Operation, TableRef};
+use super::spool::{Spool, SpoolError};
+
+/// How long one wait for the server may last before other work is checked.
+const POLL_INTERVAL: Duration = Duration::from_millis(50);
+/// Least time between two status updates sent only because the durable position moved.
+const STATUS_MIN_INTERVAL: Duration = Duration::from_millis(100);
 /// How long to wait for the server to end the stream at shutdown.
 const STOP_TIMEOUT: Duration = Duration::from_secs(10);
+/// Longest wait at shutdown for the publisher to store what is in the ring.
+const SHUTDOWN_DRAIN_TIMEOUT: Duration = Duration::from_secs(30);
+/// Wake the publisher at least every this many changes inside a big transaction.
+const NOTIFY_EVERY: u32 = 256;
 
-/// Errors of the replication stream.
+/// What travels through the ring from the wal thread to the publisher.
+#[derive(Debug)]
+pub enum RingItem {
+    /// One change to publish.
+    Change(Box<ChangeEvent>),
+    /// The end of a transaction: durable once everything before it is acknowledged.
+    Commit {
+        /// The commit record's end: the position to report as flushed.
+        end_lsn: Lsn,
+    },
+    /// No more items: the wal thread is stopping.
+    End,
+}
+
+/// Errors of the wal thread.
 #[derive(Debug, thiserror::Error)]
 pub enum StreamError {
     /// The connection or a command failed.
@@ -39,69 +65,89 @@ pub enum StreamError {
     /// A change referred to a relation that was never described.
     #[error("pgoutput change for relation {0} without a preceding Relation message")]
     UnknownRelation(u32),
+    /// A tuple did not have as many columns as its Relation message.
+    #[error("relation {relation}: tuple has {got} columns, the Relation message {expected}")]
+    ColumnCount {
+        /// Table.
+        relation: String,
+        /// Columns in the tuple.
+        got: usize,
+        /// Columns in the Relation message.
+        expected: usize,
+    },
+    /// The spool of streamed transactions failed.
+    #[error(transparent)]
+    Spool(#[from] SpoolError),
+    /// The durable position could not be persisted.
+    #[error(transparent)]
+    StateFile(#[from] StateFileError),
+    /// The publisher stopped; nothing more can be made durable.
+    #[error("the publisher stopped")]
+    PublisherGone,
+    /// Shutdown was requested while waiting for room in the ring.
+    #[error("shutdown requested")]
+    ShuttingDown,
 }
 
-/// Totals since start.
+/// Counters of the wal thread since start.
 #[derive(Debug, Clone, Default)]
 pub struct WalStats {
     /// CopyData messages received.
     pub wal_messages: u64,
-    /// Committed transactions seen with at least one change of a streamed table.
+    /// Committed transactions put on the ring.
     pub transactions: u64,
-    /// Row changes (and truncates) of streamed tables in committed transactions.
+    /// Changes put on the ring.
     pub changes: u64,
     /// Reconnects to PostgreSQL.
     pub reconnects: u64,
-    /// End LSN of the last committed transaction seen.
-    pub last_commit_end: Lsn,
+    /// The last flush position reported to PostgreSQL.
+    pub flushed: Lsn,
     /// Time since start.
     pub uptime: Duration,
 }
 
-#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
-enum Op {
-    Insert,
-    Update,
-    Delete,
-    Truncate,
+/// What outlives one replication connection: the ring's producer side, the durable
+/// position, the state file and the spool.
+pub struct WalContext {
+    /// Producer side of the ring to the publisher.
+    pub producer: rtrb::Producer<RingItem>,
+    /// Wakes the publisher when work is waiting.
+    pub notify: Arc<tokio::sync::Notify>,
+    /// Durable position, advanced by the publisher.
+    pub durable: DurableLsn,
+    /// Where the durable position is persisted.
+    pub state: StateFile,
+    /// Counters.
+    pub stats: WalStats,
+    /// End of the last transaction put on the ring.
+    pub last_pushed_end: Lsn,
+    /// Flush position last reported (never decreases).
+    pub reported_flush: Lsn,
+    /// True once the publisher thread has ended (set by the run loop's watcher).
+    pub publisher_done: Arc<std::sync::atomic::AtomicBool>,
 }
 
-impl Op {
-    fn name(self) -> &'static str {
-        match self {
-            Op::Insert => "insert",
-            Op::Update => "update",
-            Op::Delete => "delete",
-            Op::Truncate => "truncate",
-        }
-    }
+#[derive(Debug)]
+struct ColumnInfo {
+    name: Arc<str>,
+    kind: ValueKind,
+    key: bool,
 }
 
-/// Changes of one transaction, run-length encoded by (subtransaction, table, operation) so a
-/// huge streamed transaction costs little memory and a subtransaction abort can cut it.
-#[derive(Default)]
-struct TxnChanges {
-    runs: Vec<(u32, u32, Op, u64)>,
+#[derive(Debug)]
+struct RelationInfo {
+    table: Arc<TableRef>,
+    qualified: String,
+    columns: Vec<ColumnInfo>,
+    streamed: bool,
 }
 
-impl TxnChanges {
-    fn push(&mut self, xid: u32, relid: u32, op: Op) {
-        if let Some(last) = self.runs.last_mut() {
-            if last.0 == xid && last.1 == relid && last.2 == op {
-                last.3 += 1;
-                return;
-            }
-        }
-        self.runs.push((xid, relid, op, 1));
-    }
-
-    /// Drops everything from the subtransaction's first change on, as PostgreSQL's own apply
-    /// worker does (later changes belong to nested subtransactions aborted with it).
-    fn abort_subxact(&mut self, subxid: u32) {
-        if let Some(pos) = self.runs.iter().position(|r| r.0 == subxid) {
-            self.runs.truncate(pos);
-        }
-    }
+#[derive(Debug, Clone, Copy)]
+struct Txn {
+    xid: u32,
+    commit_lsn: Lsn,
+    commit_time: i64,
+    seq: u32,
 }
 
 /// The replication stream of one connection.
@@ -110,196 +156,476 @@ pub struct WalStream<'c> {
     config: &'c Config,
     shutdown: Shutdown,
     decoder: Decoder,
-    relations: HashMap<u32, String>,
-    streamed_tables: Option<HashSet<String>>,
-    publications: Vec<String>,
+    relations: HashMap<u32, RelationInfo>,
+    types: TypeRegistry,
+    table_filter: Option<HashSet<String>>,
     server_version: i32,
-    txn: Option<(u32, TxnChanges)>,
-    streams: HashMap<u32, TxnChanges>,
+    txn: Option<Txn>,
     current_stream: Option<u32>,
     last_received: Lsn,
+    idle_candidate: Lsn,
+    last_status: Instant,
+    warned_values: std::cell::Cell<bool>,
+    /// Spool of streamed transactions (taken out while one is replayed).
+    spool: Option<Spool>,
 }
 
 impl<'c> WalStream<'c> {
-    /// Wraps a replication connection whose slot exists.
+    /// Wraps a replication connection whose slot exists. `tables` restricts the published
+    /// tables (qualified names) when given; `spool` keeps streamed transactions.
     pub fn new(
         repl: ReplicationConnection,
-        info: &DatabaseInfo,
+        tables: Option<HashSet<String>>,
+        server_version: i32,
         config: &'c Config,
         shutdown: Shutdown,
+        spool: Spool,
     ) -> Self {
-        let streamed_tables = (!config.replication.tables.is_empty())
-            .then(|| info.tables.iter().map(|t| t.qualified()).collect());
         WalStream {
+            spool: Some(spool),
             repl,
             config,
             shutdown,
             decoder: Decoder::new(),
             relations: HashMap::new(),
-            streamed_tables,
-            publications: vec![config.replication.publication.clone()],
-            server_version: info.server_version,
+            types: TypeRegistry::new(),
+            table_filter: tables,
+            server_version,
             txn: None,
-            streams: HashMap::new(),
             current_stream: None,
             last_received: Lsn::INVALID,
+            idle_candidate: Lsn::INVALID,
+            last_status: Instant::now(),
+            warned_values: std::cell::Cell::new(false),
         }
     }
 
-    /// Streams from the slot's confirmed position until shutdown or an error.
-    pub fn run(&mut self, stats: &mut WalStats) -> Result<(), StreamError> {
-        let options = PgOutputOptions::for_server(self.server_version, self.publications.clone());
+    /// Streams from `start` (the server starts at the later of it and the slot's
+    /// confirmed position) until shutdown, then drains the ring and reports the final flush.
+    pub fn run(&mut self, start: Lsn, ctx: &mut WalContext) -> Result<(), StreamError> {
+        let options = PgOutputOptions::for_server(
+            self.server_version,
+            vec![self.config.replication.publication.clone()],
+        );
         self.repl
-            .start_logical(&self.config.replication.slot, Lsn::INVALID, &options)?;
+            .start_logical(&self.config.replication.slot, start, &options)?;
+        self.last_received = start;
         let status_interval = self.config.replication.standby_status_interval();
-        let mut last_status = Instant::now();
         while !self.shutdown.is_triggered() {
+            if ctx.publisher_done.load(std::sync::atomic::Ordering::Acquire) {
+                return Err(StreamError::PublisherGone);
+            }
             if let Some(buf) = self.repl.recv(POLL_INTERVAL)? {
-                stats.wal_messages += 1;
+                ctx.stats.wal_messages += 1;
                 match parse_copy_data(&buf)? {
                     ReplicationMessage::XLogData(x) => {
                         self.last_received = self.last_received.max(x.wal_end);
                         let msg = self.decoder.decode(x.data)?;
-                        self.handle(msg, stats)?;
+                        match self.handle(msg, x.wal_start, x.data, ctx) {
+                            Err(StreamError::ShuttingDown) => break,
+                            other => other?,
+                        }
                     }
                     ReplicationMessage::Keepalive(k) => {
                         self.last_received = self.last_received.max(k.wal_end);
+                        self.idle_candidate = self.idle_candidate.max(k.wal_end);
                         if k.reply_requested {
-                            self.send_status()?;
-                            last_status = Instant::now();
+                            self.send_status(ctx, true)?;
                         }
                     }
                 }
             }
-            if last_status.elapsed() >= status_interval {
-                self.send_status()?;
-                last_status = Instant::now();
-            }
+            let due = self.last_status.elapsed() >= status_interval;
+            self.send_status(ctx, due)?;
         }
-        self.send_status()?;
+        self.finish(ctx)
+    }
+
+    /// Shutdown: tell the publisher no more items come, wait for it to drain (bounded),
+    /// report the final flush and end the stream.
+    fn finish(&mut self, ctx: &mut WalContext) -> Result<(), StreamError> {
+        // A half-received transaction is dropped: PostgreSQL sends it again next time.
+        self.txn = None;
+        self.current_stream = None;
+        push_wait(ctx, RingItem::End, &self.shutdown, true, &mut |_| Ok(()))?;
+        ctx.notify.notify_one();
+        let deadline = Instant::now() + SHUTDOWN_DRAIN_TIMEOUT;
+        while ctx.durable.get() < ctx.last_pushed_end
+            && !ctx.publisher_done.load(std::sync::atomic::Ordering::Acquire)
+            && Instant::now() < deadline
+        {
+            std::thread::sleep(Duration::from_millis(10));
+            let due = self.last_status.elapsed() >= Duration::from_secs(1);
+            self.send_status(ctx, due)?;
+        }
+        self.send_status(ctx, true)?;
         self.repl.stop(STOP_TIMEOUT)?;
         Ok(())
     }
 
-    fn send_status(&mut self) -> Result<(), PgError> {
-        // Nothing is durable downstream yet: report what was received, confirm nothing.
-        self.repl
-            .send_status(self.last_received, Lsn::INVALID, Lsn::INVALID, false)
+    /// Sends a standby status update when forced, or when the flush position moved (at most
+    /// every [`STATUS_MIN_INTERVAL`]). The flush position is the durable one, or, when
+    /// everything received is durable and no transaction is open, the last keepalive's WAL
+    /// end, so an idle or filtered database does not pile up WAL.
+    fn send_status(&mut self, ctx: &mut WalContext, force: bool) -> Result<(), StreamError> {
+        let durable = ctx.durable.get();
+        let drained = durable >= ctx.last_pushed_end;
+        let idle = drained
+            && self.txn.is_none()
+            && self.current_stream.is_none()
+            && self.spool.as_ref().is_none_or(Spool::is_empty);
+        let mut flush = durable;
+        if idle {
+            flush = flush.max(self.idle_candidate);
+        }
+        flush = flush.max(ctx.reported_flush);
+        let moved = flush > ctx.reported_flush;
+        if !force && !(moved && self.last_status.elapsed() >= STATUS_MIN_INTERVAL) {
+            return Ok(());
+        }
+        if moved {
+            // Persist before confirming, so the file is never behind the slot.
+            ctx.state.store(flush)?;
+        }
+        let write = self.last_received.max(flush);
+        self.repl.send_status(write, flush, flush, false)?;
+        ctx.reported_flush = flush;
+        ctx.stats.flushed = flush;
+        self.last_status = Instant::now();
+        Ok(())
     }
 
-    fn record(&mut self, xid: Option<u32>, relid: u32, op: Op) -> Result<(), StreamError> {
-        let name = self
-            .relations
-            .get(&relid)
-            .ok_or(StreamError::UnknownRelation(relid))?;
-        if let Some(filter) = &self.streamed_tables {
-            if !filter.contains(name) {
-                return Ok(());
+    fn handle(
+        &mut self,
+        msg: LogicalMessage<'_>,
+        wal_start: Lsn,
+        raw: &[u8],
+        ctx: &mut WalContext,
+    ) -> Result<(), StreamError> {
+        // Inside a stream block everything goes to the transaction's spool file.
+        if let Some(top) = self.current_stream {
+            let sub = match &msg {
+                LogicalMessage::StreamStop => None,
+                LogicalMessage::Relation(r) => r.xid,
+                LogicalMessage::Type(t) => t.xid,
+                LogicalMessage::Insert(i) => i.xid,
+                LogicalMessage::Update(u) => u.xid,
+                LogicalMessage::Delete(d) => d.xid,
+                LogicalMessage::Truncate(t) => t.xid,
+                LogicalMessage::Message(m) => m.xid,
+                _ => Some(top),
+            };
+            match sub {
+                Some(sub) => {
+                    if let Some(spool) = self.spool.as_mut() {
+                        spool.append(top, sub, wal_start, raw)?;
+                    }
+                    return Ok(());
+                }
+                None => {
+                    self.current_stream = None;
+                    return Ok(());
+                }
             }
         }
-        match (self.current_stream, xid) {
-            (Some(top), Some(sub)) => self.streams.entry(top).or_default().push(sub, relid, op),
-            _ => {
-                if let Some((top, changes)) = self.txn.as_mut() {
-                    let top = *top;
-                    changes.push(top, relid, op);
+        match msg {
+            LogicalMessage::Begin(b) => {
+                self.txn = Some(Txn {
+                    xid: b.xid,
+                    commit_lsn: b.final_lsn,
+                    commit_time: b.commit_time,
+                    seq: 0,
+                })
+            }
+            LogicalMessage::Commit(c) => {
+                self.txn = None;
+                self.commit(c.end_lsn, ctx)?;
+            }
+            LogicalMessage::StreamStart(s) => self.current_stream = Some(s.xid),
+            LogicalMessage::StreamCommit(c) => {
+                let mut txn = Txn {
+                    xid: c.xid,
+                    commit_lsn: c.commit_lsn,
+                    commit_time: c.commit_time,
+                    seq: 0,
+                };
+                if let Some(mut spool) = self.spool.take() {
+                    let replayed = spool.replay(c.xid, |m| {
+                        let msg = LogicalMessage::parse(&m.data, true)?;
+                        self.apply(msg, m.lsn, &mut txn, ctx)
+                    });
+                    self.spool = Some(spool);
+                    replayed??;
+                }
+                self.commit(c.end_lsn, ctx)?;
+            }
+            LogicalMessage::StreamAbort(a) => {
+                if let Some(spool) = self.spool.as_mut() {
+                    spool.abort(a.xid, a.subxid)?;
+                }
+            }
+            other => {
+                let mut txn = self.txn.unwrap_or(Txn {
+                    xid: 0,
+                    commit_lsn: wal_start,
+                    commit_time: 0,
+                    seq: 0,
+                });
+                self.apply(other, wal_start, &mut txn, ctx)?;
+                if self.txn.is_some() {
+                    self.txn = Some(txn);
                 }
             }
         }
         Ok(())
     }
 
-    fn handle(&mut self, msg: LogicalMessage<'_>, stats: &mut WalStats) -> Result<(), StreamError> {
+    fn commit(&mut self, end_lsn: Lsn, ctx: &mut WalContext) -> Result<(), StreamError> {
+        push_wait(
+            ctx,
+            RingItem::Commit { end_lsn },
+            &self.shutdown,
+            false,
+            &mut |_| Ok(()),
+        )?;
+        ctx.last_pushed_end = ctx.last_pushed_end.max(end_lsn);
+        ctx.stats.transactions += 1;
+        ctx.notify.notify_one();
+        Ok(())
+    }
+
+    /// Schema messages update the caches; row messages become events on the ring.
+    fn apply(
+        &mut self,
+        msg: LogicalMessage<'_>,
+        lsn: Lsn,
+        txn: &mut Txn,
+        ctx: &mut WalContext,
+    ) -> Result<(), StreamError> {
         match msg {
-            LogicalMessage::Begin(b) => self.txn = Some((b.xid, TxnChanges::default())),
-            LogicalMessage::Commit(c) => {
-                if let Some((xid, changes)) = self.txn.take() {
-                    self.committed(xid, c.commit_lsn, c.end_lsn, changes, stats);
+            LogicalMessage::Relation(r) => {
+                let qualified = format!("{}.{}", r.namespace, r.name);
+                let columns = r
+                    .columns
+                    .iter()
+                    .map(|c| ColumnInfo {
+                        name: Arc::from(c.name),
+                        kind: self.types.kind(c.type_oid),
+                        key: c.is_key(),
+                    })
+                    .collect();
+                let streamed = self
+                    .table_filter
+                    .as_ref()
+                    .is_none_or(|f| f.contains(&qualified));
+                self.relations.insert(
+                    r.relid,
+                    RelationInfo {
+                        table: Arc::new(TableRef {
+                            schema: Arc::from(r.namespace),
+                            table: Arc::from(r.name),
+                            relation_id: r.relid,
+                        }),
+                        qualified,
+                        columns,
+                        streamed,
+                    },
+                );
+            }
+            LogicalMessage::Type(t) => {
+                self.types.register(t.oid, t.namespace, t.name);
+            }
+            LogicalMessage::Insert(i) => {
+                let seq = next_seq(txn);
+                let rel = self.relation(i.relid)?;
+                if rel.streamed {
+                    let mut unchanged = Vec::new();
+                    let columns = self.columns(rel, &i.new, false, None, &mut unchanged)?;
+                    let ev = self.event(rel, Operation::Insert, lsn, txn, seq, columns, None, unchanged);
+                    self.push_change(ev, ctx)?;
                 }
             }
-            LogicalMessage::Relation(r) => {
-                self.relations
-                    .insert(r.relid, format!("{}.{}", r.namespace, r.name));
+            LogicalMessage::Update(u) => {
+                let seq = next_seq(txn);
+                let rel = self.relation(u.relid)?;
+                if rel.streamed {
+                    let mut unchanged = Vec::new();
+                    let (old, full_old) = match &u.old {
+                        Some(OldTuple::Key(t)) => (Some(self.columns(rel, t, true, None, &mut Vec::new())?), None),
+                        Some(OldTuple::Full(t)) => (Some(self.columns(rel, t, false, None, &mut Vec::new())?), Some(t)),
+                        None => (None, None),
+                    };
+                    let columns = self.columns(rel, &u.new, false, full_old, &mut unchanged)?;
+                    let ev = self.event(rel, Operation::Update, lsn, txn, seq, columns, old, unchanged);
+                    self.push_change(ev, ctx)?;
+                }
             }
-            LogicalMessage::Insert(i) => self.record(i.xid, i.relid, Op::Insert)?,
-            LogicalMessage::Update(u) => self.record(u.xid, u.relid, Op::Update)?,
-            LogicalMessage::Delete(d) => self.record(d.xid, d.relid, Op::Delete)?,
+            LogicalMessage::Delete(d) => {
+                let seq = next_seq(txn);
+                let rel = self.relation(d.relid)?;
+                if rel.streamed {
+                    let old = self.columns(rel, &d.old.tuple(), d.old.is_key(), None, &mut Vec::new())?;
+                    let ev = self.event(rel, Operation::Delete, lsn, txn, seq, old.clone(), Some(old), Vec::new());
+                    self.push_change(ev, ctx)?;
+                }
+            }
             LogicalMessage::Truncate(t) => {
                 for relid in &t.relids {
-                    self.record(t.xid, *relid, Op::Truncate)?;
+                    let seq = next_seq(txn);
+                    let rel = self.relation(*relid)?;
+                    if rel.streamed {
+                        let ev = self.event(rel, Operation::Truncate, lsn, txn, seq, Vec::new(), None, Vec::new());
+                        self.push_change(ev, ctx)?;
+                    }
                 }
             }
-            LogicalMessage::StreamStart(s) => self.current_stream = Some(s.xid),
-            LogicalMessage::StreamStop => self.current_stream = None,
-            LogicalMessage::StreamCommit(c) => {
-                let changes = self.streams.remove(&c.xid).unwrap_or_default();
-                self.committed(c.xid, c.commit_lsn, c.end_lsn, changes, stats);
-            }
-            LogicalMessage::StreamAbort(a) => {
-                if a.is_whole_transaction() {
-                    self.streams.remove(&a.xid);
-                } else if let Some(changes) = self.streams.get_mut(&a.xid) {
-                    changes.abort_subxact(a.subxid);
-                }
-            }
-            // Origins, types, logical messages and two-phase messages carry no row changes
-            // for the log; the publisher will handle them.
+            // Origins, logical decoding messages and two-phase markers carry no row changes.
             _ => {}
         }
         Ok(())
     }
 
-    fn committed(
-        &mut self,
-        xid: u32,
-        commit_lsn: Lsn,
-        end_lsn: Lsn,
-        changes: TxnChanges,
-        stats: &mut WalStats,
-    ) {
-        stats.last_commit_end = end_lsn;
-        let mut per_table: BTreeMap<(&str, Op), u64> = BTreeMap::new();
-        let mut total = 0;
-        for (_, relid, op, n) in &changes.runs {
-            let name = self.relations.get(relid).map_or("?", String::as_str);
-            *per_table.entry((name, *op)).or_default() += n;
-            total += n;
+    fn relation(&self, relid: u32) -> Result<&RelationInfo, StreamError> {
+        self.relations
+            .get(&relid)
+            .ok_or(StreamError::UnknownRelation(relid))
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn event(
+        &self,
+        rel: &RelationInfo,
+        operation: Operation,
+        lsn: Lsn,
+        txn: &Txn,
+        seq: u32,
+        columns: Vec<ColumnValue>,
+        old_columns: Option<Vec<ColumnValue>>,
+        unchanged_toast: Vec<Arc<str>>,
+    ) -> ChangeEvent {
+        ChangeEvent {
+            table: Arc::clone(&rel.table),
+            operation,
+            lsn,
+            commit_lsn: txn.commit_lsn,
+            xid: txn.xid,
+            commit_time: txn.commit_time,
+            seq,
+            columns,
+            old_columns,
+            unchanged_toast,
         }
-        if total == 0 {
-            return;
+    }
+
+    /// Typed columns of a tuple. `keys_only` keeps just the replica identity columns (a 'K'
+    /// tuple carries NULLs elsewhere). Unchanged TOAST values are taken from the full old row
+    /// when there is one, otherwise listed in `unchanged`.
+    fn columns(
+        &self,
+        rel: &RelationInfo,
+        tuple: &TupleData<'_>,
+        keys_only: bool,
+        full_old: Option<&TupleData<'_>>,
+        unchanged: &mut Vec<Arc<str>>,
+    ) -> Result<Vec<ColumnValue>, StreamError> {
+        if tuple.len() != rel.columns.len() {
+            return Err(StreamError::ColumnCount {
+                relation: rel.qualified.clone(),
+                got: tuple.len(),
+                expected: rel.columns.len(),
+            });
         }
-        stats.transactions += 1;
-        stats.changes += total;
-        let detail: Vec<String> = per_table
-            .iter()
-            .map(|((t, op), n)| format!("{t} {}={n}", op.name()))
-            .collect();
-        log::info!(
-            "committed xid={xid} commit_lsn={commit_lsn} end_lsn={end_lsn} changes={total} [{}]",
-            detail.join(", ")
-        );
+        let mut out = Vec::with_capacity(rel.columns.len());
+        for (i, (cell, col)) in tuple.iter().zip(&rel.columns).enumerate() {
+            if keys_only && !col.key {
+                continue;
+            }
+            let cell = match cell {
+                Cell::Unchanged => match full_old.and_then(|o| o.get(i)) {
+                    Some(c) if !c.is_unchanged() => c,
+                    _ => {
+                        unchanged.push(Arc::clone(&col.name));
+                        continue;
+                    }
+                },
+                c => c,
+            };
+            let value = match cell {
+                Cell::Null | Cell::Unchanged => Value::Null,
+                Cell::Text(b) => match decode_text(col.kind, b) {
+                    Ok(v) => v,
+                    Err(e) => {
+                        if !self.warned_values.replace(true) {
+                            log::warn!(
+                                "{}.{}: {e}; publishing the text as it is",
+                                rel.qualified,
+                                col.name
+                            );
+                        }
+                        Value::Text(String::from_utf8_lossy(b).into_owned())
+                    }
+                },
+                Cell::Binary(b) => Value::Bytes(b.to_vec()),
+            };
+            out.push(ColumnValue {
+                name: Arc::clone(&col.name),
+                value,
+            });
+        }
+        Ok(out)
+    }
+
+    fn push_change(&mut self, ev: ChangeEvent, ctx: &mut WalContext) -> Result<(), StreamError> {
+        let seq = ev.seq;
+        let shutdown = self.shutdown.clone();
+        let mut keepalive = |ctx: &mut WalContext| self.keep_alive_while_waiting(ctx);
+        push_wait(ctx, RingItem::Change(Box::new(ev)), &shutdown, false, &mut keepalive)?;
+        ctx.stats.changes += 1;
+        if seq % NOTIFY_EVERY == NOTIFY_EVERY - 1 {
+            ctx.notify.notify_one();
+        }
+        Ok(())
+    }
+
+    /// While the ring is full: status updates keep the walsender from timing out.
+    fn keep_alive_while_waiting(&mut self, ctx: &mut WalContext) -> Result<(), StreamError> {
+        let due = self.last_status.elapsed() >= self.config.replication.standby_status_interval();
+        self.send_status(ctx, due)
     }
 }
 
-#[cfg(test)]
-mod tests {
-    use super::*;
+fn next_seq(txn: &mut Txn) -> u32 {
+    let s = txn.seq;
+    txn.seq = txn.seq.wrapping_add(1);
+    s
+}
 
-    #[test]
-    fn subtransaction_abort_cuts_from_its_first_change() {
-        let mut c = TxnChanges::default();
-        for _ in 0..3 {
-            c.push(10, 1, Op::Insert);
+/// Pushes onto the ring, waiting while it is full. `at_shutdown` pushes even after shutdown
+/// was requested (the End marker); otherwise a requested shutdown aborts the wait.
+fn push_wait(
+    ctx: &mut WalContext,
+    item: RingItem,
+    shutdown: &Shutdown,
+    at_shutdown: bool,
+    while_waiting: &mut dyn FnMut(&mut WalContext) -> Result<(), StreamError>,
+) -> Result<(), StreamError> {
+    let mut item = item;
+    let mut pause = Duration::from_micros(50);
+    let started = Instant::now();
+    loop {
+        match ctx.producer.push(item) {
+            Ok(()) => return Ok(()),
+            Err(rtrb::PushError::Full(back)) => item = back,
         }
-        c.push(11, 1, Op::Insert);
-        c.push(11, 1, Op::Insert);
-        c.push(12, 1, Op::Insert); // nested in 11: aborted with it
-        assert_eq!(c.runs.len(), 3);
-        assert_eq!(c.runs[0].3, 3);
-        c.abort_subxact(11);
-        assert_eq!(c.runs, vec![(10, 1, Op::Insert, 3)]);
-        c.abort_subxact(99);
-        c.push(10, 1, Op::Update);
-        assert_eq!(c.runs, vec![(10, 1, Op::Insert, 3), (10, 1, Op::Update, 1)]);
+        if ctx.publisher_done.load(std::sync::atomic::Ordering::Acquire) {
+            return Err(StreamError::PublisherGone);
+        }
+        if shutdown.is_triggered() && (!at_shutdown || started.elapsed() > Duration::from_secs(30)) {
+            return Err(StreamError::ShuttingDown);
+        }
+        ctx.notify.notify_one();
+        while_waiting(ctx)?;
+        std::thread::sleep(pause);
+        pause = (pause * 2).min(Duration::from_millis(5));
     }
 }

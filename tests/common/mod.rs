@@ -600,3 +600,176 @@ pub fn wait_for<T>(what: &str, timeout: Duration, mut f: impl FnMut() -> Option<
         std::thread::sleep(Duration::from_millis(25));
     }
 }
+
+/// Password of the `bridge_reader` role that [`setup_app_db`] creates.
+pub const READER_PASSWORD: &str = "reader-secret";
+
+/// Creates database `app` with `schema_sql`, then runs the project's own `init.sh` in it
+/// (role `bridge_reader`, publication `cdc_pub` for `tables`, or all tables when empty).
+pub fn setup_app_db(pg: &PgServer, schema_sql: &str, tables: &str) {
+    pg.create_database("app");
+    if !schema_sql.is_empty() {
+        pg.sql("app", schema_sql);
+    }
+    let out = Command::new("bash")
+        .arg(concat!(env!("CARGO_MANIFEST_DIR"), "/init.sh"))
+        .env("PGHOST", pg.host())
+        .env("PGPORT", pg.port().to_string())
+        .env("PGUSER", PG_SUPERUSER)
+        .env("PGPASSWORD", pg.password())
+        .env("PGDATABASE", "app")
+        .env("BRIDGE_PG_PASSWORD", READER_PASSWORD)
+        .env("BRIDGE_TABLES", tables)
+        .output()
+        .expect("run init.sh");
+    assert!(
+        out.status.success(),
+        "init.sh failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+/// The `bridge` binary set up for database `app` of `pg` as `bridge_reader`, publishing to
+/// `nats_url`, with its state file in `state_dir`. Add flags with `.args(...)`.
+pub fn bridge_command(pg: &PgServer, nats_url: &str, state_dir: &Path) -> Command {
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_bridge"));
+    cmd.env_clear()
+        .env("PG_HOST", pg.host())
+        .env("PG_PORT", pg.port().to_string())
+        .env("PG_USER", "bridge_reader")
+        .env("PG_PASSWORD", READER_PASSWORD)
+        .env("PG_DB", "app")
+        .env("NATS_URL", nats_url)
+        .env("RUST_LOG", "info")
+        .env("TMPDIR", state_dir)
+        .args(["--reconnect-backoff-secs", "1"])
+        .arg("--state-file")
+        .arg(state_dir.join("bridge.lsn"));
+    cmd
+}
+
+/// A running bridge whose stderr lines are collected; killed on drop.
+pub struct BridgeProcess {
+    /// The process.
+    pub child: KillOnDrop,
+    lines: std::sync::Arc<std::sync::Mutex<Vec<String>>>,
+}
+
+impl BridgeProcess {
+    /// Starts the command with stderr captured.
+    pub fn spawn(cmd: &mut Command) -> Self {
+        let mut child = cmd
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("spawn bridge");
+        let stderr = child.stderr.take().unwrap();
+        let lines = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+        let sink = std::sync::Arc::clone(&lines);
+        std::thread::spawn(move || {
+            for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+                sink.lock().unwrap().push(line);
+            }
+        });
+        BridgeProcess {
+            child: KillOnDrop(child),
+            lines,
+        }
+    }
+
+    /// Everything logged so far.
+    pub fn log(&self) -> String {
+        self.lines.lock().unwrap().join("\n")
+    }
+
+    /// Waits (bounded) for a log line containing `needle` and returns it.
+    pub fn wait_for_line(&self, needle: &str, timeout: Duration) -> String {
+        wait_for(&format!("log line {needle:?}"), timeout, || {
+            self.lines
+                .lock()
+                .unwrap()
+                .iter()
+                .find(|l| l.contains(needle))
+                .cloned()
+        })
+    }
+
+    /// Sends SIGTERM and waits (bounded) for the exit code.
+    pub fn terminate(&mut self, timeout: Duration) -> Option<i32> {
+        self.child.signal(libc::SIGTERM);
+        self.wait_exit(timeout)
+    }
+
+    /// Waits (bounded) for the process to exit; its exit code.
+    pub fn wait_exit(&mut self, timeout: Duration) -> Option<i32> {
+        let status = wait_for("bridge to exit", timeout, || self.child.try_wait().unwrap());
+        // Let the reader thread collect the last lines.
+        std::thread::sleep(Duration::from_millis(100));
+        status.code()
+    }
+}
+
+/// One message stored in a JetStream stream.
+#[derive(Debug, Clone)]
+pub struct StoredMessage {
+    /// Stream sequence.
+    pub seq: u64,
+    /// Subject.
+    pub subject: String,
+    /// The `Nats-Msg-Id` header.
+    pub msg_id: Option<String>,
+    /// Payload.
+    pub payload: Vec<u8>,
+}
+
+/// Reads every message of `stream` (empty when the stream does not exist yet).
+pub fn read_stream(nats_url: &str, stream: &str) -> Vec<StoredMessage> {
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    rt.block_on(async {
+        let client = async_nats::connect(nats_url).await.expect("connect to NATS");
+        let js = async_nats::jetstream::new(client);
+        let Ok(mut s) = js.get_stream(stream).await else {
+            return Vec::new();
+        };
+        let info = s.info().await.expect("stream info").clone();
+        let mut out = Vec::new();
+        for seq in info.state.first_sequence..=info.state.last_sequence {
+            if info.state.messages == 0 {
+                break;
+            }
+            let Ok(m) = s.get_raw_message(seq).await else {
+                continue;
+            };
+            out.push(StoredMessage {
+                seq: m.sequence,
+                subject: m.subject.to_string(),
+                msg_id: m
+                    .headers
+                    .get("Nats-Msg-Id")
+                    .map(|v| v.as_str().to_string()),
+                payload: m.payload.to_vec(),
+            });
+        }
+        out
+    })
+}
+
+/// Number of messages in `stream` (0 when it does not exist).
+pub fn stream_len(nats_url: &str, stream: &str) -> u64 {
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    rt.block_on(async {
+        let client = async_nats::connect(nats_url).await.expect("connect to NATS");
+        let js = async_nats::jetstream::new(client);
+        match js.get_stream(stream).await {
+            Ok(mut s) => s.info().await.map(|i| i.state.messages).unwrap_or(0),
+            Err(_) => 0,
+        }
+    })
+}

@@ -1,0 +1,304 @@
+//! The publisher: takes changes off the ring, encodes them, publishes them to JetStream with
+//! their deterministic message ids, and keeps a bounded window of PubAcks in flight.
+//!
+//! Acks are collected in publish order. When every message of a transaction (and of every
+//! transaction before it) is acknowledged, the transaction's commit `end_lsn` becomes the
+//! durable position, which the wal thread reports to PostgreSQL. A failed publish (timeout,
+//! NATS down) is retried with the same message id, so JetStream stores it once however often
+//! it is sent within the duplicate window.
+
+use std::collections::VecDeque;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use async_nats::jetstream::context::{Publish, PublishAckFuture, PublishErrorKind};
+use async_nats::jetstream::Context;
+use bytes::Bytes;
+
+use crate::config::Format;
+use crate::pg::Lsn;
+use crate::pipeline::durable::DurableLsn;
+use crate::pipeline::wal::RingItem;
+use crate::shutdown::Shutdown;
+
+use super::encode::encode_change;
+use super::subject::change_subject;
+
+/// First wait before republishing after a failure; doubles up to [`RETRY_MAX`].
+const RETRY_MIN: Duration = Duration::from_millis(100);
+/// Longest wait between republish attempts.
+const RETRY_MAX: Duration = Duration::from_secs(2);
+/// How long the publisher sleeps when the ring is empty and nobody wakes it.
+const IDLE_WAIT: Duration = Duration::from_millis(20);
+/// At shutdown, how long to keep retrying when JetStream does not acknowledge.
+const SHUTDOWN_RETRY_LIMIT: Duration = Duration::from_secs(30);
+
+/// Why the publisher stopped.
+#[derive(Debug, thiserror::Error)]
+pub enum PublishError {
+    /// A change is larger than the server accepts; publishing it would need a bigger
+    /// `max_payload`, and skipping it would lose data.
+    #[error(
+        "a change of {table} ({size} bytes encoded, message id {message_id}) exceeds the NATS server's max_payload of {max} bytes: raise max_payload in the nats-server configuration (the change stays in PostgreSQL's WAL until it can be published)"
+    )]
+    TooLarge {
+        /// `schema.table`.
+        table: String,
+        /// Encoded size.
+        size: usize,
+        /// The server's limit.
+        max: usize,
+        /// The change's message id.
+        message_id: String,
+    },
+    /// Shutdown came while JetStream was not acknowledging; what is not acknowledged was not
+    /// confirmed to PostgreSQL and is sent again on the next start.
+    #[error("stopped with {pending} messages not acknowledged by JetStream (they will be sent again on the next start): {last_error}")]
+    NotDrained {
+        /// Messages still waiting for a PubAck.
+        pending: usize,
+        /// The last publish error.
+        last_error: String,
+    },
+}
+
+/// Publisher counters, shared with telemetry.
+#[derive(Debug, Default)]
+pub struct PublisherStats {
+    /// Messages acknowledged as newly stored.
+    pub published: AtomicU64,
+    /// Messages acknowledged as duplicates (already stored within the duplicate window).
+    pub duplicates: AtomicU64,
+    /// Payload bytes acknowledged.
+    pub bytes: AtomicU64,
+    /// Failed publish attempts (each retried).
+    pub publish_errors: AtomicU64,
+    /// Messages waiting for a PubAck now.
+    pub in_flight: AtomicU64,
+}
+
+/// Settings of the publisher.
+#[derive(Debug, Clone)]
+pub struct PublisherSettings {
+    /// Wire format.
+    pub format: Format,
+    /// Most PubAcks awaited at once.
+    pub max_in_flight: usize,
+    /// Subject prefix of change events (`cdc`).
+    pub subject_prefix: String,
+}
+
+struct InFlight {
+    subject: String,
+    message_id: String,
+    payload: Bytes,
+    ack: Option<PublishAckFuture>,
+    /// Set on the last message of a transaction: durable once this is acknowledged.
+    commit_end: Option<Lsn>,
+}
+
+/// The publisher loop; runs on its own thread's tokio runtime until the ring is closed
+/// (End item, or the wal side dropped) and everything is acknowledged.
+pub struct Publisher {
+    js: Context,
+    consumer: rtrb::Consumer<RingItem>,
+    notify: Arc<tokio::sync::Notify>,
+    durable: DurableLsn,
+    settings: PublisherSettings,
+    stats: Arc<PublisherStats>,
+    shutdown: Shutdown,
+    buf: Vec<u8>,
+    window: VecDeque<InFlight>,
+}
+
+impl Publisher {
+    /// A publisher reading `consumer` and publishing through `js`.
+    pub fn new(
+        js: Context,
+        consumer: rtrb::Consumer<RingItem>,
+        notify: Arc<tokio::sync::Notify>,
+        durable: DurableLsn,
+        settings: PublisherSettings,
+        stats: Arc<PublisherStats>,
+        shutdown: Shutdown,
+    ) -> Self {
+        let window = VecDeque::with_capacity(settings.max_in_flight);
+        Publisher {
+            js,
+            consumer,
+            notify,
+            durable,
+            settings,
+            stats,
+            shutdown,
+            buf: Vec::with_capacity(4096),
+            window,
+        }
+    }
+
+    /// Runs until the ring is closed and drained.
+    pub async fn run(mut self) -> Result<(), PublishError> {
+        let mut ended = false;
+        loop {
+            // Fill the window from the ring.
+            while self.window.len() < self.settings.max_in_flight && !ended {
+                match self.consumer.pop() {
+                    Ok(RingItem::Change(ev)) => self.publish_change(&ev).await?,
+                    Ok(RingItem::Commit { end_lsn }) => match self.window.back_mut() {
+                        Some(last) => last.commit_end = Some(end_lsn),
+                        None => self.durable.advance(end_lsn),
+                    },
+                    Ok(RingItem::End) => ended = true,
+                    Err(_) => {
+                        if self.consumer.is_abandoned() && self.consumer.is_empty() {
+                            ended = true;
+                        }
+                        break;
+                    }
+                }
+            }
+            self.stats
+                .in_flight
+                .store(self.window.len() as u64, Ordering::Relaxed);
+            if !self.window.is_empty() {
+                self.complete_front().await?;
+            } else if ended {
+                return Ok(());
+            } else {
+                let _ = tokio::time::timeout(IDLE_WAIT, self.notify.notified()).await;
+            }
+        }
+    }
+
+    async fn publish_change(&mut self, ev: &crate::pipeline::event::ChangeEvent) -> Result<(), PublishError> {
+        encode_change(self.settings.format, ev, &mut self.buf);
+        let subject = change_subject(
+            &self.settings.subject_prefix,
+            &ev.table.schema,
+            &ev.table.table,
+            ev.operation,
+        );
+        let mut entry = InFlight {
+            subject,
+            message_id: ev.message_id(),
+            payload: Bytes::copy_from_slice(&self.buf),
+            ack: None,
+            commit_end: None,
+        };
+        if let Err(e) = self.send(&mut entry).await {
+            if let Some(fatal) = self.fatal(&entry, &e) {
+                return Err(fatal);
+            }
+            // Retried when it reaches the front of the window.
+            self.stats.publish_errors.fetch_add(1, Ordering::Relaxed);
+        }
+        self.window.push_back(entry);
+        Ok(())
+    }
+
+    async fn send(&self, entry: &mut InFlight) -> Result<(), async_nats::jetstream::context::PublishError> {
+        let publish = Publish::build()
+            .payload(entry.payload.clone())
+            .message_id(&entry.message_id);
+        let ack = self.js.send_publish(entry.subject.clone(), publish).await?;
+        entry.ack = Some(ack);
+        Ok(())
+    }
+
+    fn fatal(
+        &self,
+        entry: &InFlight,
+        e: &async_nats::jetstream::context::PublishError,
+    ) -> Option<PublishError> {
+        (e.kind() == PublishErrorKind::MaxPayloadExceeded).then(|| PublishError::TooLarge {
+            table: entry.subject.clone(),
+            size: entry.payload.len(),
+            max: self.js.client().server_info().max_payload,
+            message_id: entry.message_id.clone(),
+        })
+    }
+
+    /// Waits for the oldest PubAck, republishing (same message id) until it succeeds.
+    async fn complete_front(&mut self) -> Result<(), PublishError> {
+        let mut backoff = RETRY_MIN;
+        let mut failing_since: Option<Instant> = None;
+        loop {
+            let Some(front) = self.window.front_mut() else {
+                return Ok(());
+            };
+            let outcome = match front.ack.take() {
+                Some(ack) => ack.await,
+                None => Err(async_nats::jetstream::context::PublishError::new(
+                    PublishErrorKind::Other,
+                )),
+            };
+            match outcome {
+                Ok(ack) => {
+                    if ack.duplicate {
+                        self.stats.duplicates.fetch_add(1, Ordering::Relaxed);
+                    } else {
+                        self.stats.published.fetch_add(1, Ordering::Relaxed);
+                    }
+                    if let Some(done) = self.window.pop_front() {
+                        self.stats
+                            .bytes
+                            .fetch_add(done.payload.len() as u64, Ordering::Relaxed);
+                        if let Some(end) = done.commit_end {
+                            self.durable.advance(end);
+                        }
+                    }
+                    if failing_since.is_some() {
+                        log::info!("JetStream acknowledges again; publishing resumes");
+                    }
+                    return Ok(());
+                }
+                Err(e) => {
+                    self.stats.publish_errors.fetch_add(1, Ordering::Relaxed);
+                    let since = *failing_since.get_or_insert_with(Instant::now);
+                    if backoff == RETRY_MIN {
+                        log::warn!(
+                            "publish of {} ({}) not acknowledged: {e}; retrying (PostgreSQL keeps the WAL meanwhile)",
+                            front.subject,
+                            front.message_id
+                        );
+                    }
+                    if self.shutdown.is_triggered() && since.elapsed() > SHUTDOWN_RETRY_LIMIT {
+                        return Err(PublishError::NotDrained {
+                            pending: self.window.len(),
+                            last_error: e.to_string(),
+                        });
+                    }
+                    tokio::time::sleep(backoff).await;
+                    backoff = (backoff * 2).min(RETRY_MAX);
+                    self.republish_all().await?;
+                }
+            }
+        }
+    }
+
+    /// After a failure every message in the window is sent again, in order: their first
+    /// attempts most likely failed too, and waiting for each to time out in turn would take
+    /// the ack timeout times the window. Those already stored come back as duplicates.
+    async fn republish_all(&mut self) -> Result<(), PublishError> {
+        let mut window = std::mem::take(&mut self.window);
+        let mut result = Ok(());
+        for entry in window.iter_mut() {
+            entry.ack = None;
+            if let Err(e) = self.send(entry).await {
+                self.stats.publish_errors.fetch_add(1, Ordering::Relaxed);
+                if let Some(fatal) = self.fatal(entry, &e) {
+                    result = Err(fatal);
+                    break;
+                }
+                // Not connected: the rest would fail the same way; retried next round.
+                break;
+            }
+        }
+        self.window = window;
+        result
+    }
+}
+
+/// Set when the publisher thread ends, for the wal thread to notice.
+pub type PublisherDone = Arc<AtomicBool>;
