@@ -1,1 +1,2 @@
 //! Everything that speaks to NATS: encoding, subjects, JetStream streams and publishing.
+pub mod nats;

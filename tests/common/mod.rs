@@ -415,21 +415,41 @@ impl Drop for PgServer {
     }
 }
 
-/// A throw-away `nats-server -js` on a random loopback port with its own store directory.
+/// A throw-away `nats-server -js` (or without `-js`, see [`NatsServer::start_without_jetstream`])
+/// on a random loopback port with its own store directory.
 pub struct NatsServer {
     dir: TempDir,
     bin: PathBuf,
     port: u16,
+    jetstream: bool,
+    extra_args: Vec<String>,
     child: Option<Child>,
 }
 
 impl NatsServer {
     /// Starts nats-server with JetStream enabled.
     pub fn start() -> Self {
+        Self::launch(true, &[])
+    }
+
+    /// Starts nats-server without JetStream (no `-js`), e.g. to test the error it causes.
+    pub fn start_without_jetstream() -> Self {
+        Self::launch(false, &[])
+    }
+
+    /// Starts nats-server with JetStream and extra command-line arguments, e.g.
+    /// `&["--user", "u", "--pass", "p"]`. They are kept for [`NatsServer::start_again`].
+    pub fn start_with_args(args: &[&str]) -> Self {
+        Self::launch(true, args)
+    }
+
+    fn launch(jetstream: bool, args: &[&str]) -> Self {
         let mut s = NatsServer {
             dir: TempDir::new("nats"),
             bin: nats_server_bin(),
             port: 0,
+            jetstream,
+            extra_args: args.iter().map(|a| a.to_string()).collect(),
             child: None,
         };
         s.start_again();
@@ -448,11 +468,14 @@ impl NatsServer {
                 .append(true)
                 .open(self.dir.path().join("nats.log"))
                 .unwrap();
-            let child = Command::new(&self.bin)
-                .args(["-js", "-a", "127.0.0.1", "-p"])
-                .arg(self.port.to_string())
-                .arg("-sd")
-                .arg(self.dir.path().join("store"))
+            let mut cmd = Command::new(&self.bin);
+            cmd.args(["-a", "127.0.0.1", "-p"])
+                .arg(self.port.to_string());
+            if self.jetstream {
+                cmd.arg("-js").arg("-sd").arg(self.dir.path().join("store"));
+            }
+            let child = cmd
+                .args(&self.extra_args)
                 .stdin(Stdio::null())
                 .stdout(log.try_clone().unwrap())
                 .stderr(log)
