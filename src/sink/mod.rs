@@ -1,1 +1,4 @@
 //! Everything that speaks to NATS: encoding, subjects, JetStream streams and publishing.
+
+pub mod encode;
+pub mod subject;
