@@ -1,2 +1,6 @@
 //! Everything that speaks to NATS: encoding, subjects, JetStream streams and publishing.
+
+pub mod encode;
 pub mod nats;
+pub mod publisher;
+pub mod subject;
