@@ -7,7 +7,7 @@ pub mod cli;
 pub mod config;
 pub mod pg;
 pub mod pipeline;
-pub mod sink;
 pub mod shutdown;
+pub mod sink;
 
 pub use pipeline::{run, RunError};

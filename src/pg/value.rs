@@ -384,7 +384,7 @@ fn decode_bytea(text: &[u8]) -> Result<Vec<u8>, ValueError> {
 }
 
 fn decode_bytea_hex(hex: &[u8]) -> Option<Vec<u8>> {
-    if hex.len() % 2 != 0 {
+    if !hex.len().is_multiple_of(2) {
         return None;
     }
     let mut out = Vec::with_capacity(hex.len() / 2);

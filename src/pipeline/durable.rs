@@ -149,7 +149,10 @@ mod tests {
         assert_eq!(g.load().unwrap(), Some(Lsn(0x1_0000_0010)));
         std::fs::write(&path, "garbage").unwrap();
         let err = StateFile::new(&path).load().unwrap_err();
-        assert!(err.to_string().contains("does not hold a WAL position"), "{err}");
+        assert!(
+            err.to_string().contains("does not hold a WAL position"),
+            "{err}"
+        );
         std::fs::remove_dir_all(&dir).unwrap();
     }
 }

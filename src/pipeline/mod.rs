@@ -250,10 +250,7 @@ pub fn run(config: &Config, shutdown: &Shutdown) -> Result<RunSummary, RunError>
             };
         }
     }
-    log::info!(
-        "streaming started in {} ms",
-        started.elapsed().as_millis()
-    );
+    log::info!("streaming started in {} ms", started.elapsed().as_millis());
 
     let mut ctx = WalContext {
         producer,
@@ -344,7 +341,7 @@ fn spawn_publisher(
                 rt.block_on(async {
                     // Connect, retrying while NATS is unreachable (it may start after us).
                     let (client, _nats_stats) = loop {
-                        match nats::connect(&nats_config).await {
+                        match nats::connect(&nats_config, nats::CONNECTION_NAME).await {
                             Ok(c) => break c,
                             Err(e) if !e.is_configuration() && !shutdown.is_triggered() => {
                                 log::warn!("{e}; retrying in {}s", backoff.as_secs());
@@ -361,7 +358,7 @@ fn spawn_publisher(
                         }
                     };
                     let js = async_nats::jetstream::context::ContextBuilder::new()
-                        .timeout(nats::ACK_TIMEOUT)
+                        .timeout(crate::sink::publisher::ACK_TIMEOUT)
                         .max_ack_inflight(settings.max_in_flight.max(1))
                         .build(client);
                     if let Err(e) = nats::ensure_streams(&js, &streams).await {

@@ -80,7 +80,13 @@ impl Spool {
     }
 
     /// Appends a message of subtransaction `subxid` (may equal `xid`) to transaction `xid`.
-    pub fn append(&mut self, xid: u32, subxid: u32, lsn: Lsn, data: &[u8]) -> Result<(), SpoolError> {
+    pub fn append(
+        &mut self,
+        xid: u32,
+        subxid: u32,
+        lsn: Lsn,
+        data: &[u8],
+    ) -> Result<(), SpoolError> {
         let f = match self.files.entry(xid) {
             std::collections::hash_map::Entry::Occupied(e) => e.into_mut(),
             std::collections::hash_map::Entry::Vacant(e) => {

@@ -212,7 +212,10 @@ impl<'c> WalStream<'c> {
         self.last_received = start;
         let status_interval = self.config.replication.standby_status_interval();
         while !self.shutdown.is_triggered() {
-            if ctx.publisher_done.load(std::sync::atomic::Ordering::Acquire) {
+            if ctx
+                .publisher_done
+                .load(std::sync::atomic::Ordering::Acquire)
+            {
                 return Err(StreamError::PublisherGone);
             }
             if let Some(buf) = self.repl.recv(POLL_INTERVAL)? {
@@ -251,7 +254,9 @@ impl<'c> WalStream<'c> {
         ctx.notify.notify_one();
         let deadline = Instant::now() + SHUTDOWN_DRAIN_TIMEOUT;
         while ctx.durable.get() < ctx.last_pushed_end
-            && !ctx.publisher_done.load(std::sync::atomic::Ordering::Acquire)
+            && !ctx
+                .publisher_done
+                .load(std::sync::atomic::Ordering::Acquire)
             && Instant::now() < deadline
         {
             std::thread::sleep(Duration::from_millis(10));
@@ -280,7 +285,8 @@ impl<'c> WalStream<'c> {
         }
         flush = flush.max(ctx.reported_flush);
         let moved = flush > ctx.reported_flush;
-        if !force && !(moved && self.last_status.elapsed() >= STATUS_MIN_INTERVAL) {
+        let due = moved && self.last_status.elapsed() >= STATUS_MIN_INTERVAL;
+        if !force && !due {
             return Ok(());
         }
         if moved {
@@ -441,7 +447,16 @@ impl<'c> WalStream<'c> {
                 if rel.streamed {
                     let mut unchanged = Vec::new();
                     let columns = self.columns(rel, &i.new, false, None, &mut unchanged)?;
-                    let ev = self.event(rel, Operation::Insert, lsn, txn, seq, columns, None, unchanged);
+                    let ev = self.event(
+                        rel,
+                        Operation::Insert,
+                        lsn,
+                        txn,
+                        seq,
+                        columns,
+                        None,
+                        unchanged,
+                    );
                     self.push_change(ev, ctx)?;
                 }
             }
@@ -451,12 +466,27 @@ impl<'c> WalStream<'c> {
                 if rel.streamed {
                     let mut unchanged = Vec::new();
                     let (old, full_old) = match &u.old {
-                        Some(OldTuple::Key(t)) => (Some(self.columns(rel, t, true, None, &mut Vec::new())?), None),
-                        Some(OldTuple::Full(t)) => (Some(self.columns(rel, t, false, None, &mut Vec::new())?), Some(t)),
+                        Some(OldTuple::Key(t)) => (
+                            Some(self.columns(rel, t, true, None, &mut Vec::new())?),
+                            None,
+                        ),
+                        Some(OldTuple::Full(t)) => (
+                            Some(self.columns(rel, t, false, None, &mut Vec::new())?),
+                            Some(t),
+                        ),
                         None => (None, None),
                     };
                     let columns = self.columns(rel, &u.new, false, full_old, &mut unchanged)?;
-                    let ev = self.event(rel, Operation::Update, lsn, txn, seq, columns, old, unchanged);
+                    let ev = self.event(
+                        rel,
+                        Operation::Update,
+                        lsn,
+                        txn,
+                        seq,
+                        columns,
+                        old,
+                        unchanged,
+                    );
                     self.push_change(ev, ctx)?;
                 }
             }
@@ -464,8 +494,18 @@ impl<'c> WalStream<'c> {
                 let seq = next_seq(txn);
                 let rel = self.relation(d.relid)?;
                 if rel.streamed {
-                    let old = self.columns(rel, &d.old.tuple(), d.old.is_key(), None, &mut Vec::new())?;
-                    let ev = self.event(rel, Operation::Delete, lsn, txn, seq, old.clone(), Some(old), Vec::new());
+                    let old =
+                        self.columns(rel, &d.old.tuple(), d.old.is_key(), None, &mut Vec::new())?;
+                    let ev = self.event(
+                        rel,
+                        Operation::Delete,
+                        lsn,
+                        txn,
+                        seq,
+                        old.clone(),
+                        Some(old),
+                        Vec::new(),
+                    );
                     self.push_change(ev, ctx)?;
                 }
             }
@@ -474,7 +514,16 @@ impl<'c> WalStream<'c> {
                     let seq = next_seq(txn);
                     let rel = self.relation(*relid)?;
                     if rel.streamed {
-                        let ev = self.event(rel, Operation::Truncate, lsn, txn, seq, Vec::new(), None, Vec::new());
+                        let ev = self.event(
+                            rel,
+                            Operation::Truncate,
+                            lsn,
+                            txn,
+                            seq,
+                            Vec::new(),
+                            None,
+                            Vec::new(),
+                        );
                         self.push_change(ev, ctx)?;
                     }
                 }
@@ -579,7 +628,13 @@ impl<'c> WalStream<'c> {
         let seq = ev.seq;
         let shutdown = self.shutdown.clone();
         let mut keepalive = |ctx: &mut WalContext| self.keep_alive_while_waiting(ctx);
-        push_wait(ctx, RingItem::Change(Box::new(ev)), &shutdown, false, &mut keepalive)?;
+        push_wait(
+            ctx,
+            RingItem::Change(Box::new(ev)),
+            &shutdown,
+            false,
+            &mut keepalive,
+        )?;
         ctx.stats.changes += 1;
         if seq % NOTIFY_EVERY == NOTIFY_EVERY - 1 {
             ctx.notify.notify_one();
@@ -617,10 +672,14 @@ fn push_wait(
             Ok(()) => return Ok(()),
             Err(rtrb::PushError::Full(back)) => item = back,
         }
-        if ctx.publisher_done.load(std::sync::atomic::Ordering::Acquire) {
+        if ctx
+            .publisher_done
+            .load(std::sync::atomic::Ordering::Acquire)
+        {
             return Err(StreamError::PublisherGone);
         }
-        if shutdown.is_triggered() && (!at_shutdown || started.elapsed() > Duration::from_secs(30)) {
+        if shutdown.is_triggered() && (!at_shutdown || started.elapsed() > Duration::from_secs(30))
+        {
             return Err(StreamError::ShuttingDown);
         }
         ctx.notify.notify_one();

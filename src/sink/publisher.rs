@@ -12,7 +12,8 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use async_nats::jetstream::context::{Publish, PublishAckFuture, PublishErrorKind};
+use async_nats::jetstream::context::{PublishAckFuture, PublishErrorKind};
+use async_nats::jetstream::message::PublishMessage;
 use async_nats::jetstream::Context;
 use bytes::Bytes;
 
@@ -25,6 +26,8 @@ use crate::shutdown::Shutdown;
 use super::encode::encode_change;
 use super::subject::change_subject;
 
+/// How long a PubAck (and a JetStream API request) may take before the publish is retried.
+pub const ACK_TIMEOUT: Duration = Duration::from_secs(5);
 /// First wait before republishing after a failure; doubles up to [`RETRY_MAX`].
 const RETRY_MIN: Duration = Duration::from_millis(100);
 /// Longest wait between republish attempts.
@@ -171,7 +174,10 @@ impl Publisher {
         }
     }
 
-    async fn publish_change(&mut self, ev: &crate::pipeline::event::ChangeEvent) -> Result<(), PublishError> {
+    async fn publish_change(
+        &mut self,
+        ev: &crate::pipeline::event::ChangeEvent,
+    ) -> Result<(), PublishError> {
         encode_change(self.settings.format, ev, &mut self.buf);
         let subject = change_subject(
             &self.settings.subject_prefix,
@@ -197,8 +203,11 @@ impl Publisher {
         Ok(())
     }
 
-    async fn send(&self, entry: &mut InFlight) -> Result<(), async_nats::jetstream::context::PublishError> {
-        let publish = Publish::build()
+    async fn send(
+        &self,
+        entry: &mut InFlight,
+    ) -> Result<(), async_nats::jetstream::context::PublishError> {
+        let publish = PublishMessage::build()
             .payload(entry.payload.clone())
             .message_id(&entry.message_id);
         let ack = self.js.send_publish(entry.subject.clone(), publish).await?;

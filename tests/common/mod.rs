@@ -753,7 +753,9 @@ pub fn read_stream(nats_url: &str, stream: &str) -> Vec<StoredMessage> {
         .build()
         .unwrap();
     rt.block_on(async {
-        let client = async_nats::connect(nats_url).await.expect("connect to NATS");
+        let client = async_nats::connect(nats_url)
+            .await
+            .expect("connect to NATS");
         let js = async_nats::jetstream::new(client);
         let Ok(mut s) = js.get_stream(stream).await else {
             return Vec::new();
@@ -770,10 +772,7 @@ pub fn read_stream(nats_url: &str, stream: &str) -> Vec<StoredMessage> {
             out.push(StoredMessage {
                 seq: m.sequence,
                 subject: m.subject.to_string(),
-                msg_id: m
-                    .headers
-                    .get("Nats-Msg-Id")
-                    .map(|v| v.as_str().to_string()),
+                msg_id: m.headers.get("Nats-Msg-Id").map(|v| v.as_str().to_string()),
                 payload: m.payload.to_vec(),
             });
         }
@@ -788,7 +787,9 @@ pub fn stream_len(nats_url: &str, stream: &str) -> u64 {
         .build()
         .unwrap();
     rt.block_on(async {
-        let client = async_nats::connect(nats_url).await.expect("connect to NATS");
+        let client = async_nats::connect(nats_url)
+            .await
+            .expect("connect to NATS");
         let js = async_nats::jetstream::new(client);
         match js.get_stream(stream).await {
             Ok(mut s) => s.info().await.map(|i| i.state.messages).unwrap_or(0),

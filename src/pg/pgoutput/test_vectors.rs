@@ -49,7 +49,7 @@ pub(crate) fn unhex(s: &str) -> Vec<u8> {
             _ => panic!("bad hex digit {:?}", c as char),
         }
     }
-    assert!(s.len() % 2 == 0, "odd-length hex");
+    assert!(s.len().is_multiple_of(2), "odd-length hex");
     s.as_bytes()
         .chunks(2)
         .map(|p| (nibble(p[0]) << 4) | nibble(p[1]))
