@@ -1,58 +1,21 @@
-//! The `bridge` binary against a real PostgreSQL: set-up errors are one clear line with exit
-//! code 2; a normal run creates the slot, follows the stream, and stops cleanly on SIGTERM
-//! without confirming anything it has not made durable.
+//! The `bridge` binary against real servers: set-up problems are one clear line with the
+//! documented exit code and lose nothing; a second instance waits as a standby; SIGTERM
+//! drains and exits 0.
 
 mod common;
 
-use std::io::{BufRead, BufReader};
-use std::process::{Command, Stdio};
-use std::sync::mpsc;
 use std::time::Duration;
 
-use common::{wait_for, KillOnDrop, PgServer};
+use common::{
+    bridge_command, read_stream, setup_app_db, stream_len, wait_for, BridgeProcess, NatsServer,
+    PgServer, TempDir, TestEnv,
+};
+use pgbridge::pg::Lsn;
 
-fn bridge(pg: &PgServer, password: &str, args: &[&str]) -> Command {
-    let mut cmd = Command::new(env!("CARGO_BIN_EXE_bridge"));
-    cmd.env_clear()
-        .env("PG_HOST", pg.host())
-        .env("PG_PORT", pg.port().to_string())
-        .env("PG_USER", "bridge_reader")
-        .env("PG_PASSWORD", password)
-        .env("PG_DB", "app")
-        .env("RUST_LOG", "info")
-        .args(["--state-file", "/dev/null", "--reconnect-backoff-secs", "1"])
-        .args(args);
-    cmd
-}
+const SCHEMA: &str = "CREATE TABLE users (id int PRIMARY KEY, name text); \
+                      CREATE TABLE orders (id int PRIMARY KEY, total numeric)";
 
-/// A database `app` set up by the project's own init.sh.
-fn setup(tables: &str) -> PgServer {
-    let pg = PgServer::start();
-    pg.create_database("app");
-    pg.sql(
-        "app",
-        "CREATE TABLE users (id int PRIMARY KEY, name text); CREATE TABLE orders (id int PRIMARY KEY, total numeric)",
-    );
-    let out = Command::new("bash")
-        .arg(concat!(env!("CARGO_MANIFEST_DIR"), "/init.sh"))
-        .env("PGHOST", pg.host())
-        .env("PGPORT", pg.port().to_string())
-        .env("PGUSER", common::PG_SUPERUSER)
-        .env("PGPASSWORD", pg.password())
-        .env("PGDATABASE", "app")
-        .env("BRIDGE_PG_PASSWORD", "reader-secret")
-        .env("BRIDGE_TABLES", tables)
-        .output()
-        .expect("run init.sh");
-    assert!(
-        out.status.success(),
-        "init.sh failed: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    pg
-}
-
-fn run_to_end(cmd: &mut Command) -> (i32, String) {
+fn run_to_end(cmd: &mut std::process::Command) -> (i32, String) {
     let out = cmd.output().expect("run bridge");
     (
         out.status.code().unwrap_or(-1),
@@ -67,15 +30,29 @@ fn error_lines(stderr: &str) -> Vec<&str> {
         .collect()
 }
 
+fn confirmed_flush(pg: &PgServer, slot: &str) -> Option<Lsn> {
+    pg.sql(
+        "app",
+        &format!(
+            "SELECT confirmed_flush_lsn::text FROM pg_replication_slots WHERE slot_name = '{slot}'"
+        ),
+    )
+    .rows
+    .first()
+    .and_then(|r| r[0].as_deref())
+    .map(|s| s.parse().unwrap())
+}
+
 #[test]
 fn setup_problems_are_one_clear_line_and_exit_2() {
-    let pg = setup("users");
+    let pg = PgServer::start();
+    setup_app_db(&pg, SCHEMA, "users");
+    let dir = TempDir::new("bridge");
+    // PostgreSQL is checked before NATS: no NATS server is needed to see these.
+    let nats = "nats://127.0.0.1:1";
 
-    let (code, err) = run_to_end(&mut bridge(
-        &pg,
-        "reader-secret",
-        &["--publication", "nosuch"],
-    ));
+    let (code, err) =
+        run_to_end(bridge_command(&pg, nats, dir.path()).args(["--publication", "nosuch"]));
     assert_eq!(code, 2, "{err}");
     let lines = error_lines(&err);
     assert_eq!(lines.len(), 1, "{err}");
@@ -85,11 +62,8 @@ fn setup_problems_are_one_clear_line_and_exit_2() {
     );
     assert!(lines[0].contains("CREATE PUBLICATION \"nosuch\""), "{err}");
 
-    let (code, err) = run_to_end(&mut bridge(
-        &pg,
-        "reader-secret",
-        &["--table", "users,orders"],
-    ));
+    let (code, err) =
+        run_to_end(bridge_command(&pg, nats, dir.path()).args(["--table", "users,orders"]));
     assert_eq!(code, 2, "{err}");
     let lines = error_lines(&err);
     assert_eq!(lines.len(), 1, "{err}");
@@ -99,12 +73,13 @@ fn setup_problems_are_one_clear_line_and_exit_2() {
     );
     assert!(lines[0].contains("public.users"), "{err}");
 
-    let (code, err) = run_to_end(&mut bridge(&pg, "wrong", &[]));
+    let (code, err) =
+        run_to_end(bridge_command(&pg, nats, dir.path()).env("PG_PASSWORD", "wrong-pw"));
     assert_eq!(code, 2, "{err}");
     let lines = error_lines(&err);
     assert_eq!(lines.len(), 1, "{err}");
     assert!(lines[0].contains("password authentication failed"), "{err}");
-    assert!(!err.contains("wrong"), "password echoed: {err}");
+    assert!(!err.contains("wrong-pw"), "password echoed: {err}");
 
     // Nothing was created by the failed attempts.
     let slots = pg.sql("app", "SELECT count(*) FROM pg_replication_slots");
@@ -119,7 +94,8 @@ fn wal_level_replica_is_refused_with_the_fix() {
         "app",
         "CREATE ROLE bridge_reader LOGIN REPLICATION PASSWORD 'reader-secret'",
     );
-    let (code, err) = run_to_end(&mut bridge(&pg, "reader-secret", &[]));
+    let dir = TempDir::new("bridge");
+    let (code, err) = run_to_end(&mut bridge_command(&pg, "nats://127.0.0.1:1", dir.path()));
     assert_eq!(code, 2, "{err}");
     assert!(err.contains("wal_level is 'replica'"), "{err}");
     assert!(
@@ -128,84 +104,164 @@ fn wal_level_replica_is_refused_with_the_fix() {
     );
 }
 
-/// Collects stderr lines of a running bridge on a channel.
-fn spawn_logged(cmd: &mut Command) -> (KillOnDrop, mpsc::Receiver<String>) {
-    let mut child = KillOnDrop(cmd.stderr(Stdio::piped()).spawn().expect("spawn bridge"));
-    let stderr = child.stderr.take().unwrap();
-    let (tx, rx) = mpsc::channel();
-    std::thread::spawn(move || {
-        for line in BufReader::new(stderr).lines().map_while(Result::ok) {
-            if tx.send(line).is_err() {
-                break;
-            }
-        }
-    });
-    (child, rx)
-}
-
-fn wait_line(rx: &mpsc::Receiver<String>, what: &str, pred: impl Fn(&str) -> bool) -> String {
-    let deadline = std::time::Instant::now() + Duration::from_secs(30);
-    loop {
-        let left = deadline.saturating_duration_since(std::time::Instant::now());
-        match rx.recv_timeout(left) {
-            Ok(line) if pred(&line) => return line,
-            Ok(_) => continue,
-            Err(_) => panic!("no log line {what} within 30 s"),
-        }
-    }
+#[test]
+fn nats_without_jetstream_is_one_clear_line_and_exit_2() {
+    let pg = PgServer::start();
+    setup_app_db(&pg, SCHEMA, "");
+    let nats = NatsServer::start_without_jetstream();
+    let dir = TempDir::new("bridge");
+    let (code, err) = run_to_end(&mut bridge_command(&pg, &nats.url(), dir.path()));
+    assert_eq!(code, 2, "{err}");
+    let lines = error_lines(&err);
+    assert_eq!(lines.len(), 1, "{err}");
+    assert!(lines[0].contains("JetStream is not enabled"), "{err}");
+    assert!(lines[0].contains("-js"), "{err}");
 }
 
 #[test]
-fn streams_until_sigterm_and_confirms_nothing_undurable() {
-    let pg = setup("");
-    let (mut child, rx) = spawn_logged(&mut bridge(&pg, "reader-secret", &["--slot", "app_slot"]));
-    wait_line(&rx, "streaming", |l| {
-        l.contains("streaming slot 'app_slot'")
-    });
-    let before: String = pg.sql(
-        "app",
-        "SELECT confirmed_flush_lsn::text FROM pg_replication_slots WHERE slot_name = 'app_slot'",
-    )
-    .rows[0][0]
-        .clone()
-        .unwrap();
+fn a_row_larger_than_max_payload_stops_without_losing_it() {
+    let pg = PgServer::start();
+    setup_app_db(&pg, SCHEMA, "");
+    let nats_dir = TempDir::new("natsconf");
+    let conf = nats_dir.path().join("small.conf");
+    std::fs::write(&conf, "max_payload: 2048\n").unwrap();
+    let nats = NatsServer::start_with_args(&["-c", conf.to_str().unwrap()]);
+    let dir = TempDir::new("bridge");
+    let mut bridge = BridgeProcess::spawn(&mut bridge_command(&pg, &nats.url(), dir.path()));
+    bridge.wait_for_line("streaming started", Duration::from_secs(60));
 
-    pg.sql(
+    pg.sql("app", "INSERT INTO users VALUES (1, 'small')");
+    wait_for("the small row", Duration::from_secs(30), || {
+        (stream_len(&nats.url(), "CDC") == 1).then_some(())
+    });
+    let small_commit: Lsn = {
+        let m = &read_stream(&nats.url(), "CDC")[0];
+        let id = m.msg_id.as_deref().unwrap();
+        id.split('-').next().unwrap().parse().unwrap()
+    };
+    let before_big = wait_for(
+        "the slot to confirm the small row",
+        Duration::from_secs(30),
+        || confirmed_flush(&pg, "cdc_slot").filter(|l| *l > small_commit),
+    );
+    let r = pg.sql(
+        "app",
+        "INSERT INTO users VALUES (2, repeat('x', 10000)) RETURNING pg_current_wal_lsn()::text",
+    );
+    let big_lsn: Lsn = r.rows[0][0].as_deref().unwrap().parse().unwrap();
+
+    let code = bridge.wait_exit(Duration::from_secs(60));
+    assert_eq!(code, Some(1), "{}", bridge.log());
+    let log = bridge.log();
+    let lines: Vec<&str> = log.lines().filter(|l| l.starts_with("bridge: ")).collect();
+    assert_eq!(lines.len(), 1, "{log}");
+    assert!(
+        lines[0].contains("exceeds the NATS server's max_payload of 2048 bytes"),
+        "{log}"
+    );
+    assert!(lines[0].contains("users"), "{log}");
+    // Not confirmed to PostgreSQL: the row is still in the slot's WAL ...
+    let confirmed = confirmed_flush(&pg, "cdc_slot").unwrap();
+    assert!(confirmed >= before_big);
+    assert!(
+        confirmed <= big_lsn,
+        "confirmed {confirmed} passed the unpublished row at {big_lsn}"
+    );
+    assert_eq!(stream_len(&nats.url(), "CDC"), 1);
+    // ... and is published once a server accepts it.
+    let roomy = NatsServer::start();
+    let mut again = BridgeProcess::spawn(&mut bridge_command(&pg, &roomy.url(), dir.path()));
+    wait_for("the big row", Duration::from_secs(60), || {
+        (stream_len(&roomy.url(), "CDC") >= 1).then_some(())
+    });
+    let msgs = read_stream(&roomy.url(), "CDC");
+    assert_eq!(
+        msgs.len(),
+        1,
+        "only the unpublished row is sent again: {:?}\n{}",
+        msgs.iter()
+            .map(|m| (&m.subject, &m.msg_id, m.payload.len()))
+            .collect::<Vec<_>>(),
+        again.log()
+    );
+    assert!(msgs[0].payload.len() > 10000);
+    assert_eq!(
+        again.terminate(Duration::from_secs(60)),
+        Some(0),
+        "{}",
+        again.log()
+    );
+}
+
+#[test]
+fn standby_waits_and_sigterm_drains_and_exits_0() {
+    let env = TestEnv::start();
+    setup_app_db(&env.pg, SCHEMA, "");
+    let dir = TempDir::new("bridge");
+    let mut active =
+        BridgeProcess::spawn(&mut bridge_command(&env.pg, &env.nats.url(), dir.path()));
+    active.wait_for_line("streaming started", Duration::from_secs(60));
+
+    env.pg.sql(
         "app",
         "BEGIN; INSERT INTO users VALUES (1, 'a'), (2, 'b'); UPDATE users SET name = 'c' WHERE id = 1; \
          INSERT INTO orders VALUES (1, 9.5); COMMIT",
     );
-    let line = wait_line(&rx, "with the transaction", |l| {
-        l.contains("committed xid=")
+    wait_for("4 messages", Duration::from_secs(30), || {
+        (stream_len(&env.nats.url(), "CDC") == 4).then_some(())
     });
-    assert!(line.contains("changes=4"), "{line}");
-    assert!(line.contains("public.users insert=2"), "{line}");
-    assert!(line.contains("public.users update=1"), "{line}");
-    assert!(line.contains("public.orders insert=1"), "{line}");
 
     // A second bridge on the same slot waits as a standby instead of failing.
-    let (mut standby, standby_rx) =
-        spawn_logged(&mut bridge(&pg, "reader-secret", &["--slot", "app_slot"]));
-    wait_line(&standby_rx, "about the busy slot", |l| {
-        l.contains("is active for PID") && l.contains("waiting")
-    });
-    assert!(standby.try_wait().unwrap().is_none(), "standby exited");
-    standby.signal(libc::SIGTERM);
-    assert_eq!(standby.wait().unwrap().code(), Some(0));
-
-    child.signal(libc::SIGTERM);
-    let status = wait_for("bridge to exit", Duration::from_secs(30), || {
-        child.try_wait().unwrap()
-    });
-    assert_eq!(status.code(), Some(0));
-    let summary = wait_line(&rx, "summary", |l| l.contains("stopped:"));
-    assert!(summary.contains("transactions=1 changes=4"), "{summary}");
-
-    // No sink yet: nothing is durable, so the slot must not have moved.
-    let after = pg.sql(
-        "app",
-        "SELECT confirmed_flush_lsn::text, active FROM pg_replication_slots WHERE slot_name = 'app_slot'",
+    let standby_dir = TempDir::new("bridge");
+    let mut standby = BridgeProcess::spawn(&mut bridge_command(
+        &env.pg,
+        &env.nats.url(),
+        standby_dir.path(),
+    ));
+    standby.wait_for_line("is active for PID", Duration::from_secs(60));
+    assert!(standby.log().contains("waiting"), "{}", standby.log());
+    assert!(
+        standby.child.try_wait().unwrap().is_none(),
+        "standby exited"
     );
-    assert_eq!(after.rows[0][0].as_deref(), Some(before.as_str()));
-    assert_eq!(after.rows[0][1].as_deref(), Some("f"));
+    assert_eq!(
+        standby.terminate(Duration::from_secs(30)),
+        Some(0),
+        "{}",
+        standby.log()
+    );
+
+    assert_eq!(
+        active.terminate(Duration::from_secs(60)),
+        Some(0),
+        "{}",
+        active.log()
+    );
+    let summary = active.wait_for_line("stopped:", Duration::from_secs(5));
+    assert!(
+        summary.contains("transactions=1 changes=4 published=4 duplicates=0"),
+        "{summary}"
+    );
+    let msgs = read_stream(&env.nats.url(), "CDC");
+    let commit_lsn = {
+        let v = rmpv::decode::read_value(&mut msgs[3].payload.as_slice()).unwrap();
+        let m = v.as_map().unwrap().clone();
+        m.iter()
+            .find(|(k, _)| k.as_str() == Some("commit_lsn"))
+            .and_then(|(_, v)| v.as_str())
+            .unwrap()
+            .parse::<Lsn>()
+            .unwrap()
+    };
+    let after = confirmed_flush(&env.pg, "cdc_slot").unwrap();
+    assert!(
+        after > commit_lsn,
+        "slot confirmed {after}, commit at {commit_lsn}"
+    );
+    let state = std::fs::read_to_string(dir.path().join("bridge.lsn")).unwrap();
+    assert_eq!(
+        state.trim().parse::<Lsn>().unwrap(),
+        after,
+        "state file = confirmed position"
+    );
 }
