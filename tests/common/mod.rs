@@ -746,8 +746,10 @@ pub struct StoredMessage {
     pub payload: Vec<u8>,
 }
 
-/// Reads every message of `stream` (empty when the stream does not exist yet).
+/// Reads every message of `stream` (empty when the stream does not exist yet), in stream
+/// order, through an ordered consumer.
 pub fn read_stream(nats_url: &str, stream: &str) -> Vec<StoredMessage> {
+    use futures_util::StreamExt;
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
@@ -762,19 +764,36 @@ pub fn read_stream(nats_url: &str, stream: &str) -> Vec<StoredMessage> {
         };
         let info = s.info().await.expect("stream info").clone();
         let mut out = Vec::new();
-        for seq in info.state.first_sequence..=info.state.last_sequence {
-            if info.state.messages == 0 {
+        if info.state.messages == 0 {
+            return out;
+        }
+        let consumer = s
+            .create_consumer(async_nats::jetstream::consumer::pull::OrderedConfig::default())
+            .await
+            .expect("ordered consumer");
+        let mut messages = consumer.messages().await.expect("consume");
+        let deadline = Instant::now() + Duration::from_secs(120);
+        while out.len() < info.state.messages as usize {
+            let left = deadline.saturating_duration_since(Instant::now());
+            let next = tokio::time::timeout(left, messages.next())
+                .await
+                .expect("reading the stream timed out")
+                .expect("stream ended")
+                .expect("message");
+            let seq = next.info().expect("message info").stream_sequence;
+            out.push(StoredMessage {
+                seq,
+                subject: next.subject.to_string(),
+                msg_id: next
+                    .headers
+                    .as_ref()
+                    .and_then(|h| h.get("Nats-Msg-Id"))
+                    .map(|v| v.as_str().to_string()),
+                payload: next.payload.to_vec(),
+            });
+            if seq >= info.state.last_sequence {
                 break;
             }
-            let Ok(m) = s.get_raw_message(seq).await else {
-                continue;
-            };
-            out.push(StoredMessage {
-                seq: m.sequence,
-                subject: m.subject.to_string(),
-                msg_id: m.headers.get("Nats-Msg-Id").map(|v| v.as_str().to_string()),
-                payload: m.payload.to_vec(),
-            });
         }
         out
     })
