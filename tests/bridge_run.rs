@@ -265,3 +265,38 @@ fn standby_waits_and_sigterm_drains_and_exits_0() {
         "state file = confirmed position"
     );
 }
+
+#[test]
+fn a_slot_ahead_of_the_state_file_is_reported_loudly() {
+    let env = TestEnv::start();
+    setup_app_db(&env.pg, SCHEMA, "");
+    let dir = TempDir::new("bridge");
+    let mut first = BridgeProcess::spawn(&mut bridge_command(&env.pg, &env.nats.url(), dir.path()));
+    first.wait_for_line("streaming started", Duration::from_secs(60));
+    env.pg.sql("app", "INSERT INTO users VALUES (1, 'a')");
+    wait_for("the row", Duration::from_secs(30), || {
+        (stream_len(&env.nats.url(), "CDC") == 1).then_some(())
+    });
+    assert_eq!(
+        first.terminate(Duration::from_secs(60)),
+        Some(0),
+        "{}",
+        first.log()
+    );
+    let slot = confirmed_flush(&env.pg, "cdc_slot").unwrap();
+    assert!(slot > Lsn(1));
+
+    // The state file says less was stored than the slot confirmed (e.g. it was replaced).
+    std::fs::write(dir.path().join("bridge.lsn"), "0/1\n").unwrap();
+    let mut second =
+        BridgeProcess::spawn(&mut bridge_command(&env.pg, &env.nats.url(), dir.path()));
+    let line = second.wait_for_line("may be missing from the stream", Duration::from_secs(60));
+    assert!(line.contains("WARN"), "{line}");
+    assert!(line.contains(&slot.to_string()), "{line}");
+    assert_eq!(
+        second.terminate(Duration::from_secs(60)),
+        Some(0),
+        "{}",
+        second.log()
+    );
+}
