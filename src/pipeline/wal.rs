@@ -387,12 +387,15 @@ impl<'c> WalStream<'c> {
     }
 
     fn commit(&mut self, end_lsn: Lsn, ctx: &mut WalContext) -> Result<(), StreamError> {
+        // A full ring can hold the commit back as long as a change: keep the walsender alive.
+        let shutdown = self.shutdown.clone();
+        let mut keepalive = |ctx: &mut WalContext| self.keep_alive_while_waiting(ctx);
         push_wait(
             ctx,
             RingItem::Commit { end_lsn },
-            &self.shutdown,
+            &shutdown,
             false,
-            &mut |_| Ok(()),
+            &mut keepalive,
         )?;
         ctx.last_pushed_end = ctx.last_pushed_end.max(end_lsn);
         ctx.stats.transactions += 1;

@@ -266,13 +266,20 @@ impl PgServer {
         server
     }
 
-    /// (Re)starts the postmaster on the same data directory, on a new port if the old one
-    /// was taken meanwhile. Waits until it accepts connections.
+    /// (Re)starts the postmaster on the same data directory. The first start picks a free
+    /// port (another one if the pick was taken meanwhile); a restart keeps the port, so
+    /// clients configured with it (the bridge) reconnect, and retries it a few times before
+    /// giving up. Waits until it accepts connections.
     pub fn start_again(&mut self) {
         assert!(self.child.is_none(), "PostgreSQL is already running");
+        let restart = self.port != 0;
         for attempt in 0..5 {
-            if self.port == 0 || attempt > 0 {
+            if !restart && (self.port == 0 || attempt > 0) {
                 self.port = free_port();
+            }
+            if restart && attempt > 0 {
+                // The old postmaster's socket may linger for a moment.
+                std::thread::sleep(Duration::from_millis(200));
             }
             let log = fs::File::create(self.dir.path().join("postgres.log")).unwrap();
             chown_tree(&self.dir.path().join("postgres.log"), self.ids);
@@ -296,12 +303,16 @@ impl PgServer {
             if self.wait_ready() {
                 return;
             }
-            // Port race or slow start: stop and retry on another port.
+            // Port race or slow start: stop and retry (on another port for a first start).
             if let Some(mut c) = self.child.take() {
                 stop_child(&mut c, libc::SIGQUIT, STOP_TIMEOUT);
             }
         }
-        panic!("PostgreSQL did not start; log:\n{}", self.log());
+        panic!(
+            "PostgreSQL did not start on port {}; log:\n{}",
+            self.port,
+            self.log()
+        );
     }
 
     fn wait_ready(&mut self) -> bool {
@@ -744,6 +755,8 @@ pub struct StoredMessage {
     pub msg_id: Option<String>,
     /// Payload.
     pub payload: Vec<u8>,
+    /// When JetStream stored it (the server's clock: the same host in tests).
+    pub stored_at: std::time::SystemTime,
 }
 
 /// Reads every message of `stream` (empty when the stream does not exist yet), in stream
@@ -780,9 +793,15 @@ pub fn read_stream(nats_url: &str, stream: &str) -> Vec<StoredMessage> {
                 .expect("reading the stream timed out")
                 .expect("stream ended")
                 .expect("message");
-            let seq = next.info().expect("message info").stream_sequence;
+            let info_of = next.info().expect("message info");
+            let seq = info_of.stream_sequence;
+            let stored_at = std::time::UNIX_EPOCH
+                + Duration::from_nanos(
+                    u64::try_from(info_of.published.unix_timestamp_nanos()).unwrap_or(0),
+                );
             out.push(StoredMessage {
                 seq,
+                stored_at,
                 subject: next.subject.to_string(),
                 msg_id: next
                     .headers
