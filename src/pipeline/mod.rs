@@ -22,7 +22,6 @@ use crate::sink::nats::{self, NatsError};
 use crate::sink::publisher::{PublishError, Publisher, PublisherSettings, PublisherStats};
 
 use durable::{DurableLsn, StateFile, StateFileError};
-use spool::{Spool, SpoolError};
 use wal::{RingItem, WalContext, WalStream};
 
 pub use wal::{StreamError, WalStats};
@@ -45,9 +44,6 @@ pub enum RunError {
     /// The state file could not be read.
     #[error(transparent)]
     StateFile(#[from] StateFileError),
-    /// The spool directory could not be created.
-    #[error(transparent)]
-    Spool(#[from] SpoolError),
     /// A thread could not be started or ended abnormally.
     #[error("internal error: {0}")]
     Internal(String),
@@ -263,24 +259,21 @@ pub fn run(config: &Config, shutdown: &Shutdown) -> Result<RunSummary, RunError>
         publisher_done: Arc::clone(&publisher_done),
     };
     ctx.stats.reconnects = reconnects;
-    let spool_dir = std::env::temp_dir().join(format!(
-        "pgbridge-spool-{}-{}",
-        config.replication.slot,
-        std::process::id()
-    ));
+    // One directory per slot: only the process holding the slot writes there.
+    let spool_dir =
+        std::env::temp_dir().join(format!("pgbridge-spool-{}", config.replication.slot));
     let mut wal_reconnects = 0;
     let wal_result = with_retries(config, shutdown, &mut wal_reconnects, || {
         let params = pg_params(config);
         let refs: Vec<(&str, &str)> = params.iter().map(|(k, v)| (*k, v.as_str())).collect();
         let repl = ReplicationConnection::connect(&refs).map_err(SetupError::Pg)?;
-        let spool = Spool::new(&spool_dir)?;
         let mut stream = WalStream::new(
             repl,
             tables.clone(),
             info.server_version,
             config,
             shutdown.clone(),
-            spool,
+            spool_dir.clone(),
         );
         let resume = ctx.reported_flush.max(start);
         stream.run(resume, &mut ctx).map_err(RunError::from)

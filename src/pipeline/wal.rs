@@ -166,23 +166,27 @@ pub struct WalStream<'c> {
     idle_candidate: Lsn,
     last_status: Instant,
     warned_values: std::cell::Cell<bool>,
-    /// Spool of streamed transactions (taken out while one is replayed).
+    /// Where streamed transactions are spooled.
+    spool_dir: std::path::PathBuf,
+    /// Spool of streamed transactions: created once the slot is ours, taken out while a
+    /// transaction is replayed.
     spool: Option<Spool>,
 }
 
 impl<'c> WalStream<'c> {
     /// Wraps a replication connection whose slot exists. `tables` restricts the published
-    /// tables (qualified names) when given; `spool` keeps streamed transactions.
+    /// tables (qualified names) when given; streamed transactions are spooled in `spool_dir`.
     pub fn new(
         repl: ReplicationConnection,
         tables: Option<HashSet<String>>,
         server_version: i32,
         config: &'c Config,
         shutdown: Shutdown,
-        spool: Spool,
+        spool_dir: std::path::PathBuf,
     ) -> Self {
         WalStream {
-            spool: Some(spool),
+            spool_dir,
+            spool: None,
             repl,
             config,
             shutdown,
@@ -209,6 +213,9 @@ impl<'c> WalStream<'c> {
         );
         self.repl
             .start_logical(&self.config.replication.slot, start, &options)?;
+        // Only now is the slot ours: a standby waiting for it must not touch the spool, and
+        // what an earlier (crashed) run left there is stale, so it is emptied.
+        self.spool = Some(Spool::new(&self.spool_dir)?);
         self.last_received = start;
         let status_interval = self.config.replication.standby_status_interval();
         while !self.shutdown.is_triggered() {
@@ -278,7 +285,8 @@ impl<'c> WalStream<'c> {
         let idle = drained
             && self.txn.is_none()
             && self.current_stream.is_none()
-            && self.spool.as_ref().is_none_or(Spool::is_empty);
+            // No spool means a streamed transaction is being replayed right now.
+            && self.spool.as_ref().is_some_and(Spool::is_empty);
         let mut flush = durable;
         if idle {
             flush = flush.max(self.idle_candidate);
