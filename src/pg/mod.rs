@@ -2,6 +2,7 @@
 //! framing, the pgoutput decoder and the decoding of column values.
 
 pub mod conn;
+pub mod copy;
 pub mod framing;
 pub mod lsn;
 pub mod pgoutput;
