@@ -83,6 +83,180 @@ pub fn push_value(format: Format, value: &Value, out: &mut Vec<u8>) {
 
 /// Whether the event has an `old_columns` key. An event that carries old values anyway
 /// (whatever its operation) keeps them, so nothing it holds is lost.
+/// The rows of one snapshot chunk, encoded as they arrive so a chunk never exists twice in
+/// memory: each row is a map `{column: value}`.
+#[derive(Debug)]
+pub struct ChunkRows {
+    format: Format,
+    buf: Vec<u8>,
+    count: usize,
+}
+
+impl ChunkRows {
+    /// An empty chunk.
+    pub fn new(format: Format) -> Self {
+        ChunkRows {
+            format,
+            buf: Vec::with_capacity(64 * 1024),
+            count: 0,
+        }
+    }
+
+    /// Rows in the chunk.
+    pub fn len(&self) -> usize {
+        self.count
+    }
+
+    /// True when no row was added since the last [`ChunkRows::clear`].
+    pub fn is_empty(&self) -> bool {
+        self.count == 0
+    }
+
+    /// Encoded size of the rows so far.
+    pub fn encoded_len(&self) -> usize {
+        self.buf.len()
+    }
+
+    /// Starts the next chunk.
+    pub fn clear(&mut self) {
+        self.buf.clear();
+        self.count = 0;
+    }
+
+    /// Adds a row of `names.len()` columns.
+    pub fn push_row<'v>(
+        &mut self,
+        names: &[std::sync::Arc<str>],
+        values: impl IntoIterator<Item = &'v Value>,
+    ) {
+        let out = &mut self.buf;
+        match self.format {
+            Format::Msgpack => {
+                written(rmp::encode::write_map_len(out, len32(names.len())));
+                for (name, value) in names.iter().zip(values) {
+                    mp_str(out, name);
+                    msgpack_value(value, out);
+                }
+            }
+            Format::Json => {
+                if self.count > 0 {
+                    out.push(b',');
+                }
+                out.push(b'{');
+                for (i, (name, value)) in names.iter().zip(values).enumerate() {
+                    if i > 0 {
+                        out.push(b',');
+                    }
+                    json_str(out, name);
+                    out.push(b':');
+                    json_value(value, out);
+                }
+                out.push(b'}');
+            }
+        }
+        self.count += 1;
+    }
+}
+
+/// The fields of a snapshot chunk besides its rows.
+#[derive(Debug, Clone)]
+pub struct ChunkHeader<'a> {
+    /// Table name.
+    pub table: &'a str,
+    /// Schema name.
+    pub schema: &'a str,
+    /// The snapshot's id.
+    pub snapshot_id: &'a str,
+    /// Chunk number, from 0.
+    pub chunk: u64,
+    /// The snapshot's consistent point.
+    pub lsn: Lsn,
+}
+
+/// Encodes a snapshot chunk: `{table, schema, operation: "snapshot", snapshot_id, chunk, lsn,
+/// data: [rows]}` (DESIGN §4).
+pub fn encode_chunk(format: Format, header: &ChunkHeader<'_>, rows: &ChunkRows, out: &mut Vec<u8>) {
+    out.clear();
+    let mut lsn = [0; LSN_MAX_LEN];
+    let lsn = lsn_text(header.lsn, &mut lsn);
+    match format {
+        Format::Msgpack => {
+            written(rmp::encode::write_map_len(out, 7));
+            mp_str(out, "table");
+            mp_str(out, header.table);
+            mp_str(out, "schema");
+            mp_str(out, header.schema);
+            mp_str(out, "operation");
+            mp_str(out, "snapshot");
+            mp_str(out, "snapshot_id");
+            mp_str(out, header.snapshot_id);
+            mp_str(out, "chunk");
+            mp_uint(out, header.chunk);
+            mp_str(out, "lsn");
+            mp_str(out, lsn);
+            mp_str(out, "data");
+            written(rmp::encode::write_array_len(out, len32(rows.count)));
+        }
+        Format::Json => {
+            out.extend_from_slice(b"{\"table\":");
+            json_str(out, header.table);
+            out.extend_from_slice(b",\"schema\":");
+            json_str(out, header.schema);
+            out.extend_from_slice(b",\"operation\":\"snapshot\",\"snapshot_id\":");
+            json_str(out, header.snapshot_id);
+            out.extend_from_slice(b",\"chunk\":");
+            json_u64(out, header.chunk);
+            out.extend_from_slice(b",\"lsn\":");
+            json_str(out, lsn);
+            out.extend_from_slice(b",\"data\":[");
+        }
+    }
+    out.extend_from_slice(&rows.buf);
+    if format == Format::Json {
+        out.extend_from_slice(b"]}");
+    }
+}
+
+/// Encodes a small document (snapshot meta, table schema, request replies) given as JSON
+/// in the wire format: JSON as it is, or the same structure in MessagePack.
+pub fn encode_document(format: Format, doc: &serde_json::Value, out: &mut Vec<u8>) {
+    out.clear();
+    match format {
+        Format::Json => written(serde_json::to_writer(&mut *out, doc)),
+        Format::Msgpack => msgpack_document(doc, out),
+    }
+}
+
+fn msgpack_document(doc: &serde_json::Value, out: &mut Vec<u8>) {
+    match doc {
+        serde_json::Value::Null => written(rmp::encode::write_nil(out)),
+        serde_json::Value::Bool(b) => written(rmp::encode::write_bool(out, *b)),
+        serde_json::Value::Number(n) => {
+            if let Some(u) = n.as_u64() {
+                mp_uint(out, u);
+            } else if let Some(i) = n.as_i64() {
+                written(rmp::encode::write_sint(out, i));
+            } else {
+                written(rmp::encode::write_f64(out, n.as_f64().unwrap_or(f64::NAN)));
+            }
+        }
+        serde_json::Value::String(s) => mp_str(out, s),
+        serde_json::Value::Array(items) => {
+            written(rmp::encode::write_array_len(out, len32(items.len())));
+            for item in items {
+                msgpack_document(item, out);
+            }
+        }
+        serde_json::Value::Object(map) => {
+            written(rmp::encode::write_map_len(out, len32(map.len())));
+            for (k, v) in map {
+                mp_str(out, k);
+                msgpack_document(v, out);
+            }
+        }
+    }
+}
+
 fn has_old_columns(event: &ChangeEvent) -> bool {
     matches!(event.operation, Operation::Update | Operation::Delete) || event.old_columns.is_some()
 }
@@ -467,6 +641,83 @@ mod tests {
 
     use super::*;
     use crate::pipeline::event::TableRef;
+
+    #[test]
+    fn snapshot_chunks_in_both_formats() {
+        let names: Vec<Arc<str>> = vec![Arc::from("id"), Arc::from("b")];
+        let header = ChunkHeader {
+            table: "users",
+            schema: "public",
+            snapshot_id: "s1",
+            chunk: 3,
+            lsn: Lsn(0x1_0000_00A0),
+        };
+        for format in [Format::Msgpack, Format::Json] {
+            let mut rows = ChunkRows::new(format);
+            rows.push_row(&names, &[Value::Int(1), Value::Bytes(vec![0, 1])]);
+            rows.push_row(&names, &[Value::Int(-2), Value::Null]);
+            assert_eq!(rows.len(), 2);
+            let mut out = Vec::new();
+            encode_chunk(format, &header, &rows, &mut out);
+            let v: serde_json::Value = match format {
+                Format::Json => serde_json::from_slice(&out).unwrap(),
+                Format::Msgpack => {
+                    let mp = rmpv::decode::read_value(&mut out.as_slice()).unwrap();
+                    let m = mp.as_map().unwrap();
+                    let keys: Vec<&str> = m.iter().map(|(k, _)| k.as_str().unwrap()).collect();
+                    assert_eq!(
+                        keys,
+                        [
+                            "table",
+                            "schema",
+                            "operation",
+                            "snapshot_id",
+                            "chunk",
+                            "lsn",
+                            "data"
+                        ]
+                    );
+                    let data = m[6].1.as_array().unwrap();
+                    assert_eq!(
+                        data[0].as_map().unwrap()[1].1,
+                        rmpv::Value::Binary(vec![0, 1])
+                    );
+                    serde_json::json!({
+                        "table": m[0].1.as_str(), "schema": m[1].1.as_str(), "operation": m[2].1.as_str(),
+                        "snapshot_id": m[3].1.as_str(), "chunk": m[4].1.as_u64(), "lsn": m[5].1.as_str(),
+                        "data": [{"id": data[0].as_map().unwrap()[0].1.as_i64(), "b": "AAE="},
+                                 {"id": data[1].as_map().unwrap()[0].1.as_i64(), "b": null}],
+                    })
+                }
+            };
+            assert_eq!(
+                v,
+                serde_json::json!({"table": "users", "schema": "public", "operation": "snapshot",
+                    "snapshot_id": "s1", "chunk": 3, "lsn": "1/A0",
+                    "data": [{"id": 1, "b": "AAE="}, {"id": -2, "b": null}]})
+            );
+            rows.clear();
+            assert!(rows.is_empty());
+        }
+    }
+
+    #[test]
+    fn documents_in_both_formats() {
+        let doc = serde_json::json!({"a": [1, -2, 1.5, null, true], "b": "x"});
+        let mut out = Vec::new();
+        encode_document(Format::Json, &doc, &mut out);
+        assert_eq!(
+            serde_json::from_slice::<serde_json::Value>(&out).unwrap(),
+            doc
+        );
+        encode_document(Format::Msgpack, &doc, &mut out);
+        let mp = rmpv::decode::read_value(&mut out.as_slice()).unwrap();
+        assert_eq!(mp.as_map().unwrap()[1].1.as_str(), Some("x"));
+        assert_eq!(
+            mp.as_map().unwrap()[0].1.as_array().unwrap()[1].as_i64(),
+            Some(-2)
+        );
+    }
 
     // ---- An independent model of a decoded message ----
 
