@@ -8,6 +8,7 @@ pub mod lsn;
 pub mod pgoutput;
 pub mod replication;
 pub mod setup;
+pub mod snapshot;
 pub mod value;
 
 pub use lsn::Lsn;

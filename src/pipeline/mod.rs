@@ -247,6 +247,7 @@ pub fn run(config: &Config, shutdown: &Shutdown) -> Result<RunSummary, RunError>
         }
     }
     log::info!("streaming started in {} ms", started.elapsed().as_millis());
+    let snapshots = spawn_snapshot_service(config, shutdown, info.tables.clone());
 
     let mut ctx = WalContext {
         producer,
@@ -286,6 +287,11 @@ pub fn run(config: &Config, shutdown: &Shutdown) -> Result<RunSummary, RunError>
     let publisher_result = publisher
         .join()
         .map_err(|_| RunError::Internal("the publisher thread panicked".into()))?;
+    if let Some(s) = snapshots {
+        // It stops on the shutdown signal within its poll interval.
+        shutdown.trigger();
+        let _ = s.join();
+    }
     let summary = RunSummary {
         wal: WalStats {
             uptime: started.elapsed(),
@@ -369,4 +375,57 @@ fn spawn_publisher(
             result
         })
         .map_err(|e| RunError::Internal(format!("cannot start the publisher thread: {e}")))
+}
+
+/// Starts the snapshot thread: its own NATS connection and runtime, serving
+/// `snapshot.request.{table}` until shutdown. A failure to start only disables snapshots.
+fn spawn_snapshot_service(
+    config: &Config,
+    shutdown: &Shutdown,
+    tables: Vec<setup::PublishedTable>,
+) -> Option<JoinHandle<()>> {
+    let config = config.clone();
+    let shutdown = shutdown.clone();
+    let spawned = std::thread::Builder::new()
+        .name("snapshots".into())
+        .spawn(move || {
+            let rt = match tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+            {
+                Ok(rt) => rt,
+                Err(e) => {
+                    log::error!("snapshots unavailable: tokio runtime: {e}");
+                    return;
+                }
+            };
+            let handle = rt.handle().clone();
+            rt.block_on(async {
+                let client = match nats::connect(&config.nats, "pgbridge-snapshots").await {
+                    Ok((c, _)) => c,
+                    Err(e) => {
+                        log::error!("snapshots unavailable: {e}");
+                        return;
+                    }
+                };
+                let js = async_nats::jetstream::context::ContextBuilder::new()
+                    .timeout(crate::sink::publisher::ACK_TIMEOUT)
+                    .build(client.clone());
+                let service = crate::sink::snapshot::SnapshotService::new(
+                    &config,
+                    js,
+                    handle,
+                    tables,
+                    shutdown.clone(),
+                );
+                service.serve(client).await;
+            });
+        });
+    match spawned {
+        Ok(h) => Some(h),
+        Err(e) => {
+            log::error!("snapshots unavailable: cannot start the thread: {e}");
+            None
+        }
+    }
 }

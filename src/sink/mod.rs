@@ -3,4 +3,5 @@
 pub mod encode;
 pub mod nats;
 pub mod publisher;
+pub mod snapshot;
 pub mod subject;

@@ -1,0 +1,318 @@
+//! On-demand snapshots with real servers: request handling (unknown table, duplicate,
+//! malformed subject) and the exactness of the bootstrap rule (DESIGN §5) under concurrent
+//! writes: chunks + CDC changes from `cdc_stream_seq + 1` with `commit_lsn >= lsn` rebuild
+//! the table exactly.
+
+mod common;
+
+use std::collections::BTreeMap;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use common::{
+    bridge_command, read_stream, setup_app_db, wait_for, BridgeProcess, TempDir, TestEnv,
+};
+use pgbridge::pg::Lsn;
+use rmpv::Value as Mp;
+
+fn request(nats_url: &str, subject: &str) -> serde_json::Value {
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    rt.block_on(async {
+        let client = async_nats::connect(nats_url).await.unwrap();
+        let reply = tokio::time::timeout(
+            Duration::from_secs(10),
+            client.request(subject.to_string(), "".into()),
+        )
+        .await
+        .expect("reply in time")
+        .expect("a reply");
+        serde_json::from_slice(&reply.payload).expect("JSON reply")
+    })
+}
+
+fn map(v: &Mp) -> BTreeMap<String, Mp> {
+    v.as_map()
+        .expect("a map")
+        .iter()
+        .map(|(k, v)| (k.as_str().unwrap().to_string(), v.clone()))
+        .collect()
+}
+
+fn decode(payload: &[u8]) -> BTreeMap<String, Mp> {
+    map(&rmpv::decode::read_value(&mut &payload[..]).expect("MessagePack"))
+}
+
+fn cols(v: &Mp) -> BTreeMap<String, Mp> {
+    v.as_array()
+        .unwrap()
+        .iter()
+        .map(|c| {
+            let c = map(c);
+            (c["name"].as_str().unwrap().to_string(), c["value"].clone())
+        })
+        .collect()
+}
+
+#[test]
+fn requests_get_clear_replies_and_leave_streaming_untouched() {
+    let env = TestEnv::start();
+    setup_app_db(
+        &env.pg,
+        "CREATE TABLE users (id int PRIMARY KEY, name text); \
+         INSERT INTO users SELECT g, 'u' || g FROM generate_series(1, 100000) g",
+        "",
+    );
+    let dir = TempDir::new("bridge");
+    let bridge = BridgeProcess::spawn(
+        bridge_command(&env.pg, &env.nats.url(), dir.path()).args(["--snapshot-chunk-rows", "500"]),
+    );
+    bridge.wait_for_line("snapshot requests served", Duration::from_secs(60));
+    let url = env.nats.url();
+
+    let r = request(&url, "snapshot.request.nosuch");
+    assert_eq!(r["status"], "error", "{r}");
+    assert!(
+        r["error"]
+            .as_str()
+            .unwrap()
+            .contains("unknown table public.nosuch"),
+        "{r}"
+    );
+    assert!(r["error"].as_str().unwrap().contains("public.users"), "{r}");
+
+    let r = request(&url, "snapshot.request.a.b.c");
+    assert_eq!(r["status"], "error", "{r}");
+    assert!(
+        r["error"].as_str().unwrap().contains("malformed subject"),
+        "{r}"
+    );
+
+    let r = request(&url, "snapshot.request.bad%zz");
+    assert_eq!(r["status"], "error", "{r}");
+
+    let first = request(&url, "snapshot.request.users");
+    assert_eq!(first["status"], "accepted", "{first}");
+    let id = first["snapshot_id"].as_str().unwrap().to_string();
+    let dup = request(&url, "snapshot.request.users");
+    assert_eq!(dup["status"], "error", "{dup}");
+    assert!(
+        dup["error"]
+            .as_str()
+            .unwrap()
+            .contains("already in progress"),
+        "{dup}"
+    );
+
+    // Streaming goes on meanwhile.
+    env.pg
+        .sql("app", "INSERT INTO users VALUES (200001, 'during')");
+    wait_for(
+        "the change during the snapshot",
+        Duration::from_secs(60),
+        || {
+            read_stream(&url, "CDC")
+                .iter()
+                .any(|m| m.subject == "cdc.users.insert")
+                .then_some(())
+        },
+    );
+
+    let meta = wait_for("snapshot meta", Duration::from_secs(120), || {
+        read_stream(&url, "INIT")
+            .into_iter()
+            .find(|m| m.subject == "init.meta.users")
+    });
+    let meta = decode(&meta.payload);
+    assert_eq!(meta["snapshot_id"].as_str(), Some(id.as_str()));
+    assert_eq!(meta["table"].as_str(), Some("users"));
+    // The row inserted meanwhile is in the snapshot exactly when it committed before the
+    // consistent point.
+    let during = read_stream(&url, "CDC")
+        .into_iter()
+        .find(|m| m.subject == "cdc.users.insert")
+        .unwrap();
+    let during_commit: Lsn = decode(&during.payload)["commit_lsn"]
+        .as_str()
+        .unwrap()
+        .parse()
+        .unwrap();
+    let lsn: Lsn = meta["lsn"].as_str().unwrap().parse().unwrap();
+    let rows = if during_commit < lsn { 100001 } else { 100000 };
+    assert_eq!(meta["row_count"].as_u64(), Some(rows));
+    assert_eq!(meta["batch_count"].as_u64(), Some(rows.div_ceil(500)));
+    let chunks: Vec<_> = read_stream(&url, "INIT")
+        .into_iter()
+        .filter(|m| m.subject.starts_with(&format!("init.snap.users.{id}.")))
+        .collect();
+    assert_eq!(chunks.len() as u64, rows.div_ceil(500));
+    let first_chunk = decode(&chunks[0].payload);
+    assert_eq!(first_chunk["operation"].as_str(), Some("snapshot"));
+    assert_eq!(first_chunk["chunk"].as_u64(), Some(0));
+    assert_eq!(first_chunk["lsn"], meta["lsn"]);
+    assert_eq!(first_chunk["data"].as_array().unwrap().len(), 500);
+
+    // After the first finished, a new request is accepted again.
+    // Tables in public have one spelling, as in change subjects.
+    let spelled = request(&url, "snapshot.request.public.users");
+    assert_eq!(spelled["status"], "error", "{spelled}");
+    let again = request(&url, "snapshot.request.users");
+    assert_eq!(again["status"], "accepted", "{again}");
+    drop(bridge);
+}
+
+#[test]
+fn snapshot_plus_stream_rebuilds_the_table_exactly_under_concurrent_writes() {
+    let env = TestEnv::start();
+    setup_app_db(
+        &env.pg,
+        "CREATE TABLE items (id int PRIMARY KEY, v int, note text); \
+         INSERT INTO items SELECT g, 0, 'seed' FROM generate_series(1, 30000) g",
+        "",
+    );
+    let dir = TempDir::new("bridge");
+    let bridge = BridgeProcess::spawn(
+        bridge_command(&env.pg, &env.nats.url(), dir.path())
+            .args(["--snapshot-chunk-rows", "1000"]),
+    );
+    bridge.wait_for_line("snapshot requests served", Duration::from_secs(60));
+    let url = env.nats.url();
+
+    // A writer changes the table before, during and after the snapshot.
+    let stop = Arc::new(AtomicBool::new(false));
+    let writer = {
+        let stop = Arc::clone(&stop);
+        let mut conn = env.pg.connect("app");
+        std::thread::spawn(move || {
+            let mut n = 0u32;
+            while !stop.load(Ordering::Relaxed) && n < 20_000 {
+                n += 1;
+                let id = (n * 7919) % 30000 + 1;
+                let sql = match n % 4 {
+                    0 => format!("UPDATE items SET v = v + 1, note = 'u{n}' WHERE id = {id}"),
+                    1 => format!("DELETE FROM items WHERE id = {id}"),
+                    2 => format!("INSERT INTO items VALUES ({}, {n}, 'new') ON CONFLICT (id) DO UPDATE SET v = {n}", 30000 + n),
+                    _ => format!("UPDATE items SET id = {} WHERE id = {id}", 100000 + n),
+                };
+                conn.execute(&sql).expect("writer statement");
+            }
+            n
+        })
+    };
+    std::thread::sleep(Duration::from_millis(300));
+    let r = request(&url, "snapshot.request.items");
+    assert_eq!(r["status"], "accepted", "{r}");
+    let id = r["snapshot_id"].as_str().unwrap().to_string();
+    let meta = wait_for("snapshot meta", Duration::from_secs(120), || {
+        read_stream(&url, "INIT")
+            .into_iter()
+            .find(|m| m.subject == "init.meta.items")
+    });
+    std::thread::sleep(Duration::from_millis(300));
+    stop.store(true, Ordering::Relaxed);
+    let written = writer.join().unwrap();
+    assert!(written > 100, "the writer ran ({written} statements)");
+
+    // Wait until the bridge has confirmed everything written.
+    let end: Lsn = env.pg.sql("app", "SELECT pg_current_wal_lsn()::text").rows[0][0]
+        .as_deref()
+        .unwrap()
+        .parse()
+        .unwrap();
+    wait_for("the bridge to catch up", Duration::from_secs(120), || {
+        let r = env.pg.sql(
+            "app",
+            "SELECT confirmed_flush_lsn::text FROM pg_replication_slots WHERE slot_name = 'cdc_slot'",
+        );
+        (r.rows[0][0].as_deref().unwrap().parse::<Lsn>().unwrap() >= end).then_some(())
+    });
+
+    // Bootstrap as a consumer does.
+    let meta = decode(&meta.payload);
+    let lsn: Lsn = meta["lsn"].as_str().unwrap().parse().unwrap();
+    let cdc_seq = meta["cdc_stream_seq"].as_u64().unwrap();
+    let mut replica: BTreeMap<i64, (i64, String)> = BTreeMap::new();
+    let row = |c: &BTreeMap<String, Mp>| {
+        (
+            c["v"].as_i64().unwrap(),
+            c["note"].as_str().unwrap().to_string(),
+        )
+    };
+    let mut chunks = 0;
+    for m in read_stream(&url, "INIT") {
+        if !m.subject.starts_with(&format!("init.snap.items.{id}.")) {
+            continue;
+        }
+        chunks += 1;
+        let c = decode(&m.payload);
+        for r in c["data"].as_array().unwrap() {
+            let r = map(r);
+            replica.insert(r["id"].as_i64().unwrap(), row(&r));
+        }
+    }
+    assert_eq!(chunks, meta["batch_count"].as_u64().unwrap());
+    let mut applied = 0;
+    let mut skipped = 0;
+    for m in read_stream(&url, "CDC") {
+        if m.seq <= cdc_seq {
+            continue;
+        }
+        let ev = decode(&m.payload);
+        let commit: Lsn = ev["commit_lsn"].as_str().unwrap().parse().unwrap();
+        if commit < lsn {
+            skipped += 1;
+            continue;
+        }
+        applied += 1;
+        match ev["operation"].as_str().unwrap() {
+            "INSERT" => {
+                let c = cols(&ev["columns"]);
+                replica.insert(c["id"].as_i64().unwrap(), row(&c));
+            }
+            "UPDATE" => {
+                let c = cols(&ev["columns"]);
+                if let Some(old) = ev["old_columns"]
+                    .as_array()
+                    .map(|_| cols(&ev["old_columns"]))
+                {
+                    replica.remove(&old["id"].as_i64().unwrap());
+                }
+                replica.insert(c["id"].as_i64().unwrap(), row(&c));
+            }
+            "DELETE" => {
+                let c = cols(&ev["columns"]);
+                replica.remove(&c["id"].as_i64().unwrap());
+            }
+            other => panic!("unexpected {other}"),
+        }
+    }
+    assert!(applied > 0, "changes after the snapshot were applied");
+    let source: BTreeMap<i64, (i64, String)> = env
+        .pg
+        .sql("app", "SELECT id, v, note FROM items")
+        .rows
+        .iter()
+        .map(|r| {
+            (
+                r[0].as_deref().unwrap().parse().unwrap(),
+                (
+                    r[1].as_deref().unwrap().parse().unwrap(),
+                    r[2].clone().unwrap(),
+                ),
+            )
+        })
+        .collect();
+    assert_eq!(
+        replica.len(),
+        source.len(),
+        "applied {applied}, skipped {skipped}"
+    );
+    assert!(
+        replica == source,
+        "the replica differs from the table (applied {applied}, skipped {skipped})"
+    );
+    drop(bridge);
+}
