@@ -316,3 +316,116 @@ fn snapshot_plus_stream_rebuilds_the_table_exactly_under_concurrent_writes() {
     );
     drop(bridge);
 }
+
+/// The current value and revision of a key in the `schemas` bucket.
+fn schema_entry(nats_url: &str, key: &str) -> Option<(u64, BTreeMap<String, Mp>)> {
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    rt.block_on(async {
+        let client = async_nats::connect(nats_url).await.unwrap();
+        let js = async_nats::jetstream::new(client);
+        let kv = js.get_key_value("schemas").await.ok()?;
+        let e = kv.entry(key).await.ok()??;
+        Some((e.revision, decode(&e.value)))
+    })
+}
+
+/// How many revisions the `schemas` bucket holds for a key.
+fn schema_revisions(nats_url: &str, key: &str) -> usize {
+    use futures_util::StreamExt;
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    rt.block_on(async {
+        let client = async_nats::connect(nats_url).await.unwrap();
+        let js = async_nats::jetstream::new(client);
+        let kv = js.get_key_value("schemas").await.unwrap();
+        let mut h = kv.history(key).await.unwrap();
+        let mut n = 0;
+        while let Ok(Some(e)) = tokio::time::timeout(Duration::from_secs(2), h.next()).await {
+            e.unwrap();
+            n += 1;
+        }
+        n
+    })
+}
+
+#[test]
+fn schemas_are_in_kv_and_follow_alter_table() {
+    let env = TestEnv::start();
+    setup_app_db(
+        &env.pg,
+        "CREATE TABLE users (id int PRIMARY KEY, email varchar(200) NOT NULL, created timestamptz DEFAULT now()); \
+         CREATE SCHEMA sales; CREATE TABLE sales.orders (a int, b int, PRIMARY KEY (b, a))",
+        "",
+    );
+    let dir = TempDir::new("bridge");
+    let bridge = BridgeProcess::spawn(&mut bridge_command(&env.pg, &env.nats.url(), dir.path()));
+    bridge.wait_for_line("snapshot requests served", Duration::from_secs(60));
+    let url = env.nats.url();
+
+    let (rev, users) = wait_for("schema of users", Duration::from_secs(30), || {
+        schema_entry(&url, "users")
+    });
+    assert_eq!(users["table"].as_str(), Some("users"));
+    assert_eq!(users["schema"].as_str(), Some("public.users"));
+    assert!(users["relation_id"].as_u64().unwrap() > 0);
+    assert!(users["timestamp"].as_str().unwrap().ends_with('Z'));
+    assert_eq!(users["primary_key"], Mp::Array(vec![Mp::from("id")]));
+    let columns = users["columns"].as_array().unwrap();
+    let col = |i: usize| map(&columns[i]);
+    assert_eq!(col(1)["name"].as_str(), Some("email"));
+    assert_eq!(col(1)["position"].as_u64(), Some(2));
+    assert_eq!(col(1)["data_type"].as_str(), Some("character varying(200)"));
+    assert_eq!(col(1)["is_nullable"], Mp::Boolean(false));
+    assert_eq!(col(2)["column_default"].as_str(), Some("now()"));
+    assert_eq!(col(2)["is_nullable"], Mp::Boolean(true));
+
+    let (_, orders) = wait_for("schema of sales.orders", Duration::from_secs(30), || {
+        schema_entry(&url, "sales.orders")
+    });
+    assert_eq!(
+        orders["primary_key"],
+        Mp::Array(vec![Mp::from("b"), Mp::from("a")])
+    );
+
+    // A change that does not alter the table writes no new revision; ALTER TABLE does.
+    env.pg
+        .sql("app", "INSERT INTO users (id, email) VALUES (1, 'a@x')");
+    env.pg.sql("app", "ALTER TABLE users ADD COLUMN age int");
+    env.pg.sql(
+        "app",
+        "INSERT INTO users (id, email, age) VALUES (2, 'b@x', 30)",
+    );
+    let (rev2, users2) = wait_for("a new schema revision", Duration::from_secs(30), || {
+        schema_entry(&url, "users").filter(|(r, _)| *r > rev)
+    });
+    let names: Vec<String> = users2["columns"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|c| map(c)["name"].as_str().unwrap().to_string())
+        .collect();
+    assert_eq!(names, ["id", "email", "created", "age"]);
+    assert!(rev2 > rev);
+    // The restarted bridge finds the same schema and writes nothing new either.
+    drop(bridge);
+    let bridge = BridgeProcess::spawn(&mut bridge_command(&env.pg, &env.nats.url(), dir.path()));
+    bridge.wait_for_line("snapshot requests served", Duration::from_secs(60));
+    env.pg.sql(
+        "app",
+        "INSERT INTO users (id, email, age) VALUES (3, 'c@x', 31)",
+    );
+    wait_for("the insert", Duration::from_secs(30), || {
+        (common::stream_len(&url, "CDC") == 3).then_some(())
+    });
+    assert_eq!(
+        schema_revisions(&url, "users"),
+        2,
+        "one revision at start, one after ALTER TABLE"
+    );
+    drop(bridge);
+}

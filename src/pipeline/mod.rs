@@ -247,7 +247,8 @@ pub fn run(config: &Config, shutdown: &Shutdown) -> Result<RunSummary, RunError>
         }
     }
     log::info!("streaming started in {} ms", started.elapsed().as_millis());
-    let snapshots = spawn_snapshot_service(config, shutdown, info.tables.clone());
+    let (schema_tx, schema_rx) = tokio::sync::mpsc::unbounded_channel();
+    let snapshots = spawn_snapshot_service(config, shutdown, info.tables.clone(), schema_rx);
 
     let mut ctx = WalContext {
         producer,
@@ -258,6 +259,7 @@ pub fn run(config: &Config, shutdown: &Shutdown) -> Result<RunSummary, RunError>
         last_pushed_end: start,
         reported_flush: start,
         publisher_done: Arc::clone(&publisher_done),
+        schema_changes: Some(schema_tx),
     };
     ctx.stats.reconnects = reconnects;
     // One directory per slot: only the process holding the slot writes there.
@@ -383,6 +385,7 @@ fn spawn_snapshot_service(
     config: &Config,
     shutdown: &Shutdown,
     tables: Vec<setup::PublishedTable>,
+    schema_changes: tokio::sync::mpsc::UnboundedReceiver<(Arc<str>, Arc<str>)>,
 ) -> Option<JoinHandle<()>> {
     let config = config.clone();
     let shutdown = shutdown.clone();
@@ -411,6 +414,17 @@ fn spawn_snapshot_service(
                 let js = async_nats::jetstream::context::ContextBuilder::new()
                     .timeout(crate::sink::publisher::ACK_TIMEOUT)
                     .build(client.clone());
+                let schemas = match crate::sink::schemas::open_bucket(&js).await {
+                    Ok(store) => Some(crate::sink::schemas::SchemaWriter::new(
+                        store,
+                        config.replication.format,
+                        config.postgres.libpq_params(),
+                    )),
+                    Err(e) => {
+                        log::error!("schemas unavailable: {e}");
+                        None
+                    }
+                };
                 let service = crate::sink::snapshot::SnapshotService::new(
                     &config,
                     js,
@@ -418,7 +432,7 @@ fn spawn_snapshot_service(
                     tables,
                     shutdown.clone(),
                 );
-                service.serve(client).await;
+                service.serve(client, schemas, schema_changes).await;
             });
         });
     match spawned {

@@ -125,6 +125,8 @@ pub struct WalContext {
     pub reported_flush: Lsn,
     /// True once the publisher thread has ended (set by the run loop's watcher).
     pub publisher_done: Arc<std::sync::atomic::AtomicBool>,
+    /// Told about every Relation message (schema, table), to keep the schemas bucket current.
+    pub schema_changes: Option<tokio::sync::mpsc::UnboundedSender<(Arc<str>, Arc<str>)>>,
 }
 
 #[derive(Debug)]
@@ -435,14 +437,22 @@ impl<'c> WalStream<'c> {
                     .table_filter
                     .as_ref()
                     .is_none_or(|f| f.contains(&qualified));
+                let table = Arc::new(TableRef {
+                    schema: Arc::from(r.namespace),
+                    table: Arc::from(r.name),
+                    relation_id: r.relid,
+                });
+                if streamed {
+                    if let Some(tx) = &ctx.schema_changes {
+                        // The schema writer compares with the stored revision; a closed
+                        // channel only means schemas are unavailable.
+                        let _ = tx.send((Arc::clone(&table.schema), Arc::clone(&table.table)));
+                    }
+                }
                 self.relations.insert(
                     r.relid,
                     RelationInfo {
-                        table: Arc::new(TableRef {
-                            schema: Arc::from(r.namespace),
-                            table: Arc::from(r.name),
-                            relation_id: r.relid,
-                        }),
+                        table,
                         qualified,
                         columns,
                         streamed,

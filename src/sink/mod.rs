@@ -3,5 +3,6 @@
 pub mod encode;
 pub mod nats;
 pub mod publisher;
+pub mod schemas;
 pub mod snapshot;
 pub mod subject;

@@ -25,6 +25,7 @@ use crate::shutdown::Shutdown;
 
 use super::encode::{encode_chunk, encode_document, ChunkHeader, ChunkRows};
 use super::nats::{stream_last_sequence, INIT_SUBJECT_PREFIX};
+use super::schemas::{SchemaWriter, SCHEMAS_BUCKET};
 use super::subject::{parse_table_token, push_table_token};
 
 /// Subject prefix of snapshot requests.
@@ -69,8 +70,26 @@ impl SnapshotService {
         })
     }
 
-    /// Serves requests until shutdown. Runs on the runtime of `self.rt`.
-    pub async fn serve(self: Arc<Self>, client: async_nats::Client) {
+    /// Serves requests, and keeps the schemas bucket current from `schema_changes` (tables
+    /// whose Relation message arrived), until shutdown. Runs on the runtime of `self.rt`.
+    pub async fn serve(
+        self: Arc<Self>,
+        client: async_nats::Client,
+        mut schemas: Option<SchemaWriter>,
+        mut schema_changes: tokio::sync::mpsc::UnboundedReceiver<(Arc<str>, Arc<str>)>,
+    ) {
+        if let Some(w) = schemas.as_mut() {
+            for t in &self.tables {
+                match w.refresh(&t.schema, &t.name).await {
+                    Ok(true) => log::info!(
+                        "schema of {} written to KV bucket {SCHEMAS_BUCKET}",
+                        t.qualified()
+                    ),
+                    Ok(false) => {}
+                    Err(e) => log::warn!("{e}"),
+                }
+            }
+        }
         let mut sub = match client.subscribe(format!("{REQUEST_PREFIX}.>")).await {
             Ok(s) => s,
             Err(e) => {
@@ -82,10 +101,22 @@ impl SnapshotService {
         };
         log::info!("snapshot requests served on {REQUEST_PREFIX}.{{table}}");
         while !self.shutdown.is_triggered() {
-            let msg = match tokio::time::timeout(Duration::from_millis(200), sub.next()).await {
-                Ok(Some(m)) => m,
-                Ok(None) => break,
-                Err(_) => continue,
+            let msg = tokio::select! {
+                m = sub.next() => match m {
+                    Some(m) => m,
+                    None => break,
+                },
+                Some((schema, table)) = schema_changes.recv() => {
+                    if let Some(w) = schemas.as_mut() {
+                        match w.refresh(&schema, &table).await {
+                            Ok(true) => log::info!("schema of {schema}.{table} changed: new revision in KV bucket {SCHEMAS_BUCKET}"),
+                            Ok(false) => {}
+                            Err(e) => log::warn!("{e}"),
+                        }
+                    }
+                    continue;
+                }
+                _ = tokio::time::sleep(Duration::from_millis(200)) => continue,
             };
             let reply = self.handle_request(msg.subject.as_str());
             if let Some(to) = msg.reply {

@@ -1,0 +1,279 @@
+//! Table schemas in the JetStream key-value bucket `schemas` (DESIGN §3–§4), so consumers can
+//! create their local tables and watch for changes.
+//!
+//! The key is the table's subject token (`users`, or `sales.invoices` outside `public`) with
+//! `%` written as `=`, because KV keys allow only `[-/_=.a-zA-Z0-9]`. The value is
+//! `{table, schema: "public.users", relation_id, timestamp, primary_key: [...], columns:
+//! [{name, position, data_type, is_nullable, column_default}]}` in the bridge's message format;
+//! `data_type` is PostgreSQL's `format_type` (e.g. `character varying(20)`). A new revision is
+//! written at start and whenever a Relation message arrives for the table, but only when the
+//! schema differs from the stored one.
+
+use async_nats::jetstream::kv::Store;
+use async_nats::jetstream::Context;
+use bytes::Bytes;
+
+use crate::config::Format;
+use crate::pg::conn::{ConnectionKind, PgConnection, PgError};
+
+use super::encode::encode_document;
+use super::subject::push_table_token;
+
+/// Name of the key-value bucket.
+pub const SCHEMAS_BUCKET: &str = "schemas";
+/// Revisions kept per key.
+const HISTORY: i64 = 16;
+
+/// Errors writing schemas.
+#[derive(Debug, thiserror::Error)]
+pub enum SchemaError {
+    /// Reading the catalog failed.
+    #[error("reading the schema of {table}: {source}")]
+    Pg {
+        /// `schema.table`.
+        table: String,
+        /// The error.
+        source: PgError,
+    },
+    /// The table does not exist (any more).
+    #[error("table {0} does not exist")]
+    Missing(String),
+    /// The bucket could not be opened or written.
+    #[error("key-value bucket {SCHEMAS_BUCKET}: {0}")]
+    Kv(String),
+}
+
+/// The KV key of a table.
+pub fn schema_key(schema: &str, table: &str) -> String {
+    let mut token = String::new();
+    push_table_token(&mut token, schema, table);
+    token.replace('%', "=")
+}
+
+/// Opens the bucket, creating it when missing.
+pub async fn open_bucket(js: &Context) -> Result<Store, SchemaError> {
+    if let Ok(store) = js.get_key_value(SCHEMAS_BUCKET).await {
+        return Ok(store);
+    }
+    js.create_key_value(async_nats::jetstream::kv::Config {
+        bucket: SCHEMAS_BUCKET.to_string(),
+        description: "pgbridge table schemas".to_string(),
+        history: HISTORY,
+        storage: async_nats::jetstream::stream::StorageType::File,
+        ..Default::default()
+    })
+    .await
+    .map_err(|e| SchemaError::Kv(e.to_string()))
+}
+
+/// Reads a table's schema document from the catalog (without the timestamp).
+pub fn read_schema(
+    conn: &mut PgConnection,
+    schema: &str,
+    table: &str,
+) -> Result<serde_json::Value, SchemaError> {
+    let qualified = format!("{schema}.{table}");
+    let r = conn
+        .query_params(
+            "SELECT c.oid::int8, a.attname, a.attnum, format_type(a.atttypid, a.atttypmod), \
+                    NOT a.attnotnull, pg_get_expr(d.adbin, d.adrelid), \
+                    COALESCE(a.attnum = ANY (i.indkey::int2[]), false), \
+                    COALESCE(array_position(i.indkey::int2[], a.attnum), 0) \
+               FROM pg_class c \
+               JOIN pg_namespace n ON n.oid = c.relnamespace \
+               JOIN pg_attribute a ON a.attrelid = c.oid AND a.attnum > 0 AND NOT a.attisdropped \
+               LEFT JOIN pg_attrdef d ON d.adrelid = c.oid AND d.adnum = a.attnum \
+               LEFT JOIN pg_index i ON i.indrelid = c.oid AND i.indisprimary \
+              WHERE n.nspname = $1 AND c.relname = $2 \
+              ORDER BY a.attnum",
+            &[schema, table],
+        )
+        .map_err(|source| SchemaError::Pg {
+            table: qualified.clone(),
+            source,
+        })?;
+    if r.rows.is_empty() {
+        return Err(SchemaError::Missing(qualified));
+    }
+    let text = |row: &Vec<Option<String>>, i: usize| row.get(i).cloned().flatten();
+    let relid: u64 = text(&r.rows[0], 0)
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(0);
+    let mut pk: Vec<(i64, String)> = Vec::new();
+    let columns: Vec<serde_json::Value> = r
+        .rows
+        .iter()
+        .map(|row| {
+            let name = text(row, 1).unwrap_or_default();
+            if text(row, 6).as_deref() == Some("t") {
+                let pos = text(row, 7).and_then(|s| s.parse().ok()).unwrap_or(0);
+                pk.push((pos, name.clone()));
+            }
+            serde_json::json!({
+                "name": name,
+                "position": text(row, 2).and_then(|s| s.parse::<i64>().ok()).unwrap_or(0),
+                "data_type": text(row, 3),
+                "is_nullable": text(row, 4).as_deref() == Some("t"),
+                "column_default": text(row, 5),
+            })
+        })
+        .collect();
+    pk.sort();
+    Ok(serde_json::json!({
+        "table": table,
+        "schema": qualified,
+        "relation_id": relid,
+        "primary_key": pk.into_iter().map(|(_, n)| n).collect::<Vec<_>>(),
+        "columns": columns,
+    }))
+}
+
+/// Keeps the bucket in line with the catalog.
+pub struct SchemaWriter {
+    store: Store,
+    format: Format,
+    conn: Option<PgConnection>,
+    params: Vec<(&'static str, String)>,
+    buf: Vec<u8>,
+}
+
+impl SchemaWriter {
+    /// A writer using its own normal PostgreSQL connection (opened on first use).
+    pub fn new(store: Store, format: Format, params: Vec<(&'static str, String)>) -> Self {
+        SchemaWriter {
+            store,
+            format,
+            conn: None,
+            params,
+            buf: Vec::new(),
+        }
+    }
+
+    /// Writes the table's schema if it differs from the stored revision; true when a new
+    /// revision was written.
+    pub async fn refresh(&mut self, schema: &str, table: &str) -> Result<bool, SchemaError> {
+        let mut doc = match self.read(schema, table) {
+            Ok(d) => d,
+            Err(e) => {
+                // A broken connection is reopened next time.
+                self.conn = None;
+                return Err(e);
+            }
+        };
+        let key = schema_key(schema, table);
+        if let Ok(Some(current)) = self.store.get(key.clone()).await {
+            if decoded_without_timestamp(self.format, &current).as_ref() == Some(&doc) {
+                return Ok(false);
+            }
+        }
+        if let Some(map) = doc.as_object_mut() {
+            map.insert("timestamp".into(), serde_json::Value::String(now_rfc3339()));
+        }
+        encode_document(self.format, &doc, &mut self.buf);
+        self.store
+            .put(key, Bytes::copy_from_slice(&self.buf))
+            .await
+            .map_err(|e| SchemaError::Kv(e.to_string()))?;
+        Ok(true)
+    }
+
+    fn read(&mut self, schema: &str, table: &str) -> Result<serde_json::Value, SchemaError> {
+        if self.conn.is_none() {
+            let refs: Vec<(&str, &str)> =
+                self.params.iter().map(|(k, v)| (*k, v.as_str())).collect();
+            self.conn = Some(
+                PgConnection::connect(&refs, ConnectionKind::Normal).map_err(|source| {
+                    SchemaError::Pg {
+                        table: format!("{schema}.{table}"),
+                        source,
+                    }
+                })?,
+            );
+        }
+        match self.conn.as_mut() {
+            Some(conn) => read_schema(conn, schema, table),
+            None => Err(SchemaError::Missing(format!("{schema}.{table}"))),
+        }
+    }
+}
+
+/// The stored document without its timestamp, for comparison (`None` if unreadable).
+fn decoded_without_timestamp(format: Format, bytes: &[u8]) -> Option<serde_json::Value> {
+    let mut v: serde_json::Value = match format {
+        Format::Json => serde_json::from_slice(bytes).ok()?,
+        Format::Msgpack => msgpack_to_json(&rmp_value(bytes)?)?,
+    };
+    v.as_object_mut()?.remove("timestamp");
+    Some(v)
+}
+
+fn rmp_value(bytes: &[u8]) -> Option<rmpv::Value> {
+    rmpv::decode::read_value(&mut &bytes[..]).ok()
+}
+
+fn msgpack_to_json(v: &rmpv::Value) -> Option<serde_json::Value> {
+    use rmpv::Value as M;
+    Some(match v {
+        M::Nil => serde_json::Value::Null,
+        M::Boolean(b) => serde_json::Value::Bool(*b),
+        M::Integer(i) => match (i.as_u64(), i.as_i64()) {
+            (Some(u), _) => serde_json::Value::from(u),
+            (None, Some(n)) => serde_json::Value::from(n),
+            _ => return None,
+        },
+        M::F32(f) => serde_json::Value::from(f64::from(*f)),
+        M::F64(f) => serde_json::Value::from(*f),
+        M::String(s) => serde_json::Value::String(s.as_str()?.to_string()),
+        M::Array(a) => {
+            serde_json::Value::Array(a.iter().map(msgpack_to_json).collect::<Option<_>>()?)
+        }
+        M::Map(m) => serde_json::Value::Object(
+            m.iter()
+                .map(|(k, v)| Some((k.as_str()?.to_string(), msgpack_to_json(v)?)))
+                .collect::<Option<_>>()?,
+        ),
+        M::Binary(_) | M::Ext(..) => return None,
+    })
+}
+
+fn now_rfc3339() -> String {
+    let micros = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_micros() as i64)
+        .unwrap_or(0);
+    let mut buf = [0u8; super::encode::TIMESTAMP_LEN];
+    super::encode::format_timestamp(crate::pg::pgoutput::unix_to_pg_micros(micros), &mut buf)
+        .to_string()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn keys_are_valid_kv_keys() {
+        assert_eq!(schema_key("public", "users"), "users");
+        assert_eq!(schema_key("sales", "in voices"), "sales.in=20voices");
+        let k = schema_key("public", "ü.x");
+        assert!(
+            k.bytes()
+                .all(|b| b.is_ascii_alphanumeric() || b"-/_=.".contains(&b)),
+            "{k}"
+        );
+    }
+
+    #[test]
+    fn stored_documents_compare_without_timestamp() {
+        let doc = serde_json::json!({"table": "t", "columns": [{"name": "id", "position": 1, "is_nullable": false, "column_default": null}], "relation_id": 16384});
+        let mut with_ts = doc.clone();
+        with_ts
+            .as_object_mut()
+            .unwrap()
+            .insert("timestamp".into(), "x".into());
+        for format in [Format::Msgpack, Format::Json] {
+            let mut out = Vec::new();
+            encode_document(format, &with_ts, &mut out);
+            assert_eq!(decoded_without_timestamp(format, &out), Some(doc.clone()));
+        }
+    }
+}
