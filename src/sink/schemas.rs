@@ -32,8 +32,8 @@ pub enum SchemaError {
     Pg {
         /// `schema.table`.
         table: String,
-        /// The error.
-        source: PgError,
+        /// The error (boxed: it is large and rare).
+        source: Box<PgError>,
     },
     /// The table does not exist (any more).
     #[error("table {0} does not exist")]
@@ -90,7 +90,7 @@ pub fn read_schema(
         )
         .map_err(|source| SchemaError::Pg {
             table: qualified.clone(),
-            source,
+            source: Box::new(source),
         })?;
     if r.rows.is_empty() {
         return Err(SchemaError::Missing(qualified));
@@ -185,7 +185,7 @@ impl SchemaWriter {
                 PgConnection::connect(&refs, ConnectionKind::Normal).map_err(|source| {
                     SchemaError::Pg {
                         table: format!("{schema}.{table}"),
-                        source,
+                        source: Box::new(source),
                     }
                 })?,
             );
