@@ -1,11 +1,12 @@
 //! The HTTP endpoints: `/metrics`, `/status`, `/health`, `POST /shutdown` and `/streams/*`.
 //!
 //! A small HTTP/1.1 server on the standard library, bounded in every dimension so that no
-//! request can hurt the bridge: one acceptor thread, [`WORKERS`] worker threads fed through a
-//! queue of [`QUEUE`] connections (when it is full, new connections get a 503 at once), one
-//! request per connection, limits on head and body size (see [`request`]), a deadline for
-//! reading the request and a timeout for writing the answer. Nothing here panics on input;
-//! a bad request gets a 4xx answer and the pipeline threads never notice.
+//! request can hurt the bridge: one acceptor thread that holds up to [`MAX_PENDING`]
+//! connections until they send something (408 after two silent seconds), [`WORKERS`] worker
+//! threads fed through a queue of [`QUEUE`] connections (when it is full, new connections get a
+//! 503 at once), one request per connection, limits on head and body size (see [`request`]),
+//! a deadline for reading the request and a timeout for writing the answer. Nothing here
+//! panics on input; a bad request gets a 4xx answer and the pipeline threads never notice.
 //!
 //! A general-purpose HTTP crate was not used because the bridge needs these guarantees more
 //! than features: tiny_http 0.12, for one, allocates a request's whole announced
@@ -47,8 +48,12 @@ const WRITE_TIMEOUT: Duration = Duration::from_secs(5);
 /// client reads the answer instead of a connection reset.
 const LINGER: Duration = Duration::from_secs(2);
 const LINGER_BYTES: usize = 16 * 1024 * 1024;
-/// How often the acceptor checks for shutdown while no connection comes.
+/// How often the acceptor checks for shutdown and silent connections.
 const ACCEPT_POLL_MS: i32 = 200;
+/// How long an accepted connection may stay silent before it gets a 408.
+const FIRST_BYTE_TIMEOUT: Duration = Duration::from_secs(2);
+/// Most accepted connections waiting for their first byte; more get a 503 at once.
+pub const MAX_PENDING: usize = 128;
 
 /// Why the HTTP server could not start.
 #[derive(Debug, thiserror::Error)]
@@ -147,32 +152,70 @@ impl Drop for HttpServer {
     }
 }
 
-/// Waits until `listener` has a connection or `timeout_ms` passed.
-fn wait_readable(listener: &TcpListener, timeout_ms: i32) {
-    let mut pfd = libc::pollfd {
-        fd: listener.as_raw_fd(),
-        events: libc::POLLIN,
-        revents: 0,
-    };
-    // SAFETY: one valid pollfd for the duration of the call; the fd stays open meanwhile.
-    unsafe { libc::poll(&mut pfd, 1, timeout_ms) };
+/// A connection accepted but not yet sending.
+struct Pending {
+    stream: TcpStream,
+    since: Instant,
 }
 
+/// Accepts connections and hands each to a worker once it has sent something, so that
+/// connections that stay silent (port scans, stalled clients) never occupy a worker: they get
+/// a 408 after [`FIRST_BYTE_TIMEOUT`]. At most [`MAX_PENDING`] wait; more get a 503.
 fn accept_loop(
     listener: &TcpListener,
     tx: &std::sync::mpsc::SyncSender<TcpStream>,
     stop: &Shutdown,
 ) {
+    let mut pending: Vec<Pending> = Vec::new();
+    let mut fds: Vec<libc::pollfd> = Vec::new();
     let mut last_error_log: Option<Instant> = None;
     while !stop.is_triggered() {
-        wait_readable(listener, ACCEPT_POLL_MS);
+        fds.clear();
+        fds.push(libc::pollfd {
+            fd: listener.as_raw_fd(),
+            events: libc::POLLIN,
+            revents: 0,
+        });
+        fds.extend(pending.iter().map(|p| libc::pollfd {
+            fd: p.stream.as_raw_fd(),
+            events: libc::POLLIN,
+            revents: 0,
+        }));
+        // SAFETY: `fds` holds `fds.len()` valid pollfds for the duration of the call, and
+        // every fd in it stays open meanwhile (owned by `listener` and `pending`).
+        unsafe { libc::poll(fds.as_mut_ptr(), fds.len() as libc::nfds_t, ACCEPT_POLL_MS) };
+
+        // Connections with input (or closed by the peer) go to the workers.
+        let mut i = pending.len();
+        while i > 0 {
+            i -= 1;
+            let ready = fds.get(i + 1).is_some_and(|f| f.revents != 0);
+            if ready {
+                let p = pending.swap_remove(i);
+                match tx.try_send(p.stream) {
+                    Ok(()) => {}
+                    Err(TrySendError::Full(stream)) => refuse(stream, &busy()),
+                    Err(TrySendError::Disconnected(_)) => return,
+                }
+            } else if pending[i].since.elapsed() >= FIRST_BYTE_TIMEOUT {
+                let p = pending.swap_remove(i);
+                refuse(
+                    p.stream,
+                    &Response::error(408, "no request received in time"),
+                );
+            }
+        }
+
+        if fds[0].revents == 0 {
+            continue;
+        }
         loop {
             match listener.accept() {
-                Ok((stream, _)) => match tx.try_send(stream) {
-                    Ok(()) => {}
-                    Err(TrySendError::Full(stream)) => refuse_busy(stream),
-                    Err(TrySendError::Disconnected(_)) => return,
-                },
+                Ok((stream, _)) if pending.len() < MAX_PENDING => pending.push(Pending {
+                    stream,
+                    since: Instant::now(),
+                }),
+                Ok((stream, _)) => refuse(stream, &busy()),
                 Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => break,
                 Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
                 Err(e) => {
@@ -189,13 +232,15 @@ fn accept_loop(
     }
 }
 
-/// Every worker is busy and the queue is full: a quick 503 instead of waiting.
-fn refuse_busy(mut stream: TcpStream) {
+fn busy() -> Response {
+    Response::error(503, "too many concurrent requests; try again").with_header("Retry-After", "1")
+}
+
+/// Answers without reading the request (busy, or silent too long) and closes.
+fn refuse(mut stream: TcpStream, response: &Response) {
     let _ = stream.set_nonblocking(false);
     let _ = stream.set_write_timeout(Some(Duration::from_millis(100)));
-    let _ = Response::error(503, "too many concurrent requests; try again")
-        .with_header("Retry-After", "1")
-        .write_to(&mut stream);
+    let _ = response.write_to(&mut stream);
 }
 
 fn worker(rx: &Mutex<Receiver<TcpStream>>, ctx: &HttpContext) {

@@ -129,22 +129,23 @@ pub fn run(
             };
             let js = ContextBuilder::new().timeout(API_TIMEOUT).build(client);
             let api = |verb: &str| format!("STREAM.{verb}.{name}");
+            // The server reads `{}` as "no parameters"; some verbs refuse `null`.
             match op {
-                StreamOp::Info => match js.request(api("INFO"), &()).await {
+                StreamOp::Info => match js.request(api("INFO"), &json!({})).await {
                     Ok(reply) => from_api(reply, 200),
                     Err(e) => request_failed(e),
                 },
-                StreamOp::Purge => match js.request(api("PURGE"), &()).await {
+                StreamOp::Purge => match js.request(api("PURGE"), &json!({})).await {
                     Ok(reply) => from_api(reply, 200),
                     Err(e) => request_failed(e),
                 },
-                StreamOp::Delete => match js.request(api("DELETE"), &()).await {
+                StreamOp::Delete => match js.request(api("DELETE"), &json!({})).await {
                     Ok(reply) => from_api(reply, 200),
                     Err(e) => request_failed(e),
                 },
                 StreamOp::Create => {
                     match js
-                        .request::<_, _, JsResponse<Value>>(api("INFO"), &())
+                        .request::<_, _, JsResponse<Value>>(api("INFO"), &json!({}))
                         .await
                     {
                         Ok(JsResponse::Ok(info)) => {
