@@ -197,6 +197,25 @@ fn start_bridge(env: &TestEnv, dir: &TempDir, port: u16, extra: &[&str]) -> Brid
     bridge
 }
 
+/// `bridge health` against the bridge on `port`: exit code and what it printed.
+fn health_probe(port: u16) -> (Option<i32>, String) {
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_bridge"))
+        .env_clear()
+        .args([
+            "health",
+            "--http-bind",
+            "0.0.0.0",
+            "--port",
+            &port.to_string(),
+        ])
+        .output()
+        .unwrap();
+    (
+        out.status.code(),
+        String::from_utf8_lossy(&out.stdout).trim().to_owned(),
+    )
+}
+
 /// The metric names every scrape must show (DESIGN §6 and the operations issue).
 const REQUIRED: &[&str] = &[
     "bridge_uptime_seconds",
@@ -323,10 +342,17 @@ fn health_and_slot_lag_follow_nats_and_postgresql_outages() {
     let mut bridge = start_bridge(&env, &dir, port, &["--monitor-interval-secs", "1"]);
     insert_rows(&env.pg, 1, 3);
     wait_stream_len(&env.nats.url(), 3);
+    assert_eq!(
+        health_probe(port),
+        (Some(0), "{\"status\":\"ok\"}".to_owned())
+    );
 
     // NATS down: 503 with the reason; nothing is confirmed, so the slot lag grows.
     env.nats.stop();
     let down = wait_health(port, 503, Duration::from_secs(30));
+    let (code, out) = health_probe(port);
+    assert_eq!(code, Some(1), "{out}");
+    assert!(out.contains("NATS unavailable"), "{out}");
     let reason = down.json()["reason"].as_str().unwrap().to_owned();
     assert!(reason.contains("NATS unavailable"), "{reason}");
     assert_eq!(down.json()["status"], "unavailable");

@@ -15,6 +15,7 @@
 //! starts a thread per connection.
 
 pub mod auth;
+pub mod probe;
 pub mod request;
 pub mod response;
 pub mod router;
