@@ -26,8 +26,11 @@ RUN apt-get update -qq \
     && rm -rf /var/lib/apt/lists/*
 WORKDIR /src
 COPY . .
-# RUSTFLAGS apply to the --target build only, not to build scripts and proc macros.
-ENV OPENSSL_STATIC=1 RUSTFLAGS="-C target-feature=+crt-static"
+# RUSTFLAGS apply to the --target build only, not to build scripts and proc macros. The
+# getrandom backend: a static binary cannot look up glibc's getrandom() with dlsym, and
+# getrandom's fallback would then need /dev/urandom; this calls the system call directly.
+ENV OPENSSL_STATIC=1 \
+    RUSTFLAGS="-C target-feature=+crt-static --cfg getrandom_backend=\"linux_getrandom\""
 RUN target="$(rustc -vV | sed -n 's/^host: //p')" \
     && cargo build --release --locked --target "$target" --bin bridge \
     && cp "target/$target/release/bridge" /bridge \

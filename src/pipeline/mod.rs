@@ -164,7 +164,7 @@ fn with_retries<T>(
             Ok(v) => return Ok(Some(v)),
             Err(e) if e.is_slot_in_use() => {
                 telemetry.set_pg_problem(Some(
-                    "the replication slot is in use by another process (standby)".into(),
+                    "standby: the replication slot is in use by another process".into(),
                 ));
                 log::info!(
                     "{e}; another bridge holds the slot, waiting {}s before trying again (standby)",
@@ -173,7 +173,7 @@ fn with_retries<T>(
             }
             Err(e) if e.is_transient() => {
                 telemetry.wal.reconnects.fetch_add(1, Ordering::Relaxed);
-                telemetry.set_pg_problem(Some(e.to_string()));
+                telemetry.set_pg_problem(Some(format!("PostgreSQL unavailable: {e}")));
                 log::warn!(
                     "PostgreSQL unavailable: {e}; reconnecting in {}s",
                     backoff.as_secs()

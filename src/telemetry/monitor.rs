@@ -193,6 +193,7 @@ pub fn spawn_monitor(
             let refs: Vec<(&str, &str)> = params.iter().map(|(k, v)| (*k, v.as_str())).collect();
             let mut conn: Option<PgConnection> = None;
             let mut failing = false;
+            let mut seen = false;
             while !stop.is_triggered() {
                 let result = match conn.as_mut() {
                     Some(c) => read_slot(c, &slot),
@@ -202,12 +203,17 @@ pub fn spawn_monitor(
                         r
                     }),
                 };
+                if failing && result.is_ok() {
+                    log::info!("slot monitor reads replication slot '{slot}' again");
+                    failing = false;
+                }
                 match result {
+                    // The bridge creates the slot at its first start, maybe after this read.
+                    Ok(None) if !seen => {
+                        log::debug!("replication slot '{slot}' does not exist yet")
+                    }
                     Ok(reading) => {
-                        if failing {
-                            log::info!("slot monitor reads replication slot '{slot}' again");
-                            failing = false;
-                        }
+                        seen |= reading.is_some();
                         record(&telemetry, reading.as_ref());
                         for f in assess(reading.as_ref(), &slot, &monitor) {
                             log::log!(f.level, "{}", f.message);

@@ -153,7 +153,8 @@ impl Telemetry {
         }
     }
 
-    /// Records a PostgreSQL connection problem (`None` once it is solved).
+    /// Records why the replication stream is not up, as `/health` shows it (`None` once it
+    /// streams).
     pub fn set_pg_problem(&self, problem: Option<String>) {
         if let Ok(mut p) = self.pg_problem.lock() {
             *p = problem;

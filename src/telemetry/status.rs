@@ -53,7 +53,7 @@ pub fn health(s: &Snapshot) -> Health {
     if s.phase != Phase::Stopping {
         if !s.pg_connected && (s.phase == Phase::Streaming || s.pg_problem.is_some()) {
             reasons.push(match &s.pg_problem {
-                Some(p) => format!("PostgreSQL unavailable: {p}"),
+                Some(p) => p.clone(),
                 None => "PostgreSQL unavailable: replication connection down, reconnecting".into(),
             });
         }
@@ -199,7 +199,7 @@ mod tests {
 
         let pg_down = Snapshot {
             pg_connected: false,
-            pg_problem: Some("could not connect".into()),
+            pg_problem: Some("PostgreSQL unavailable: could not connect".into()),
             ..streaming()
         };
         assert!(
