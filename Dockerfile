@@ -10,10 +10,11 @@
 # the binary is linked statically against glibc as a static PIE (-C target-feature=+crt-static)
 # with OpenSSL's static libraries (OPENSSL_STATIC=1; libpq is built from source by pq-sys and
 # uses them for TLS). Checked on Debian 12 (glibc 2.36) with exactly these commands: `ldd`
-# reports "statically linked", and the binary, run in an empty root holding only
-# /etc/hosts and /etc/resolv.conf, resolves host names through both (glibc >= 2.34 carries its
-# "files" and "dns" lookups inside libc, so no NSS module is needed at run time; Docker
-# provides both files). The build fails if the result is not static.
+# reports "statically linked", and the binary, run as 65532 in an empty root holding only
+# what this image holds plus /etc/hosts and /etc/resolv.conf (which Docker provides), resolves
+# host names through both (glibc >= 2.34 carries its "files" and "dns" lookups inside libc,
+# so no NSS module is needed), streams, and answers `bridge health`. The build fails if the
+# result is not static.
 #
 # This file is not built on the development machine (no Docker engine there). Its commands are
 # the scripts' own: the packages scripts/install-deps.sh installs, and the release build of

@@ -231,7 +231,13 @@ pub fn spawn_monitor(
                         }
                     }
                 }
-                let deadline = Instant::now() + monitor.interval();
+                // Until the bridge has created the slot, look again soon.
+                let wait = if seen {
+                    monitor.interval()
+                } else {
+                    monitor.interval().min(Duration::from_secs(1))
+                };
+                let deadline = Instant::now() + wait;
                 while !stop.is_triggered() && Instant::now() < deadline {
                     std::thread::sleep(
                         Duration::from_millis(100).min(deadline.saturating_duration_since(Instant::now())),
