@@ -104,6 +104,10 @@ pub enum Command {
     /// Load and validate the configuration, print it as TOML with secrets shown as ***, and
     /// exit: 0 when valid, 2 when not.
     CheckConfig,
+    /// Ask the running bridge's GET /health (at --http-bind/--port; 127.0.0.1 when it listens
+    /// on every address), print the answer and exit 0 when it is 200, 1 otherwise. For
+    /// container health checks in images without a shell or curl.
+    Health,
 }
 
 /// Every configuration flag. Each field overrides the configuration field of the same meaning

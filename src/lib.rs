@@ -9,5 +9,6 @@ pub mod pg;
 pub mod pipeline;
 pub mod shutdown;
 pub mod sink;
+pub mod telemetry;
 
 pub use pipeline::{run, RunError};

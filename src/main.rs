@@ -33,6 +33,20 @@ fn main() -> ExitCode {
             print!("{}", config.to_redacted_toml());
             ExitCode::SUCCESS
         }
+        Command::Health => match pgbridge::telemetry::http::probe::probe_health(&config.http) {
+            Ok((200, body)) => {
+                println!("{body}");
+                ExitCode::SUCCESS
+            }
+            Ok((_, body)) => {
+                println!("{body}");
+                ExitCode::from(EXIT_FAILURE)
+            }
+            Err(err) => {
+                eprintln!("bridge: health check failed: {err}");
+                ExitCode::from(EXIT_FAILURE)
+            }
+        },
         Command::Run => {
             let shutdown = Shutdown::new();
             if let Err(err) = install_signal_handlers(&shutdown) {

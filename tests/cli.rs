@@ -17,6 +17,14 @@ fn bridge(args: &[&str], env: &[(&str, &str)]) -> Output {
         .expect("run the bridge binary")
 }
 
+/// A free loopback port (bound and released).
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .map(|a| a.port())
+        .expect("no free loopback port")
+}
+
 /// Runs the bridge until it logs its first reconnect attempt, then stops it with SIGTERM;
 /// returns the exit code and everything it printed.
 fn run_until_retry(env: &[(&str, &str)]) -> (Option<i32>, String) {
@@ -30,6 +38,8 @@ fn run_until_retry(env: &[(&str, &str)]) -> (Option<i32>, String) {
         ])
         .env_clear()
         .envs(env.iter().copied())
+        // Tests run in parallel: not the default HTTP port.
+        .env("BRIDGE_PORT", free_port().to_string())
         .stdout(std::process::Stdio::piped())
         .stderr(std::process::Stdio::piped())
         .spawn()

@@ -18,8 +18,9 @@ use crate::pg::replication::ReplicationConnection;
 use crate::pg::setup::{self, DatabaseInfo, SetupError, SlotState};
 use crate::pg::Lsn;
 use crate::shutdown::Shutdown;
-use crate::sink::nats::{self, NatsError};
+use crate::sink::nats::{self, NatsError, NatsStats};
 use crate::sink::publisher::{PublishError, Publisher, PublisherSettings, PublisherStats};
+use crate::telemetry::{self, Telemetry, TelemetryError};
 
 use durable::{DurableLsn, StateFile, StateFileError};
 use wal::{RingItem, WalContext, WalStream};
@@ -44,6 +45,9 @@ pub enum RunError {
     /// The state file could not be read.
     #[error(transparent)]
     StateFile(#[from] StateFileError),
+    /// The HTTP server or another telemetry thread could not start.
+    #[error(transparent)]
+    Telemetry(#[from] TelemetryError),
     /// A thread could not be started or ended abnormally.
     #[error("internal error: {0}")]
     Internal(String),
@@ -60,6 +64,7 @@ impl RunError {
             }
             RunError::Setup(e) if e.is_configuration() => 2,
             RunError::Nats(e) if e.is_configuration() => 2,
+            RunError::Telemetry(e) if e.is_configuration() => 2,
             _ => 1,
         }
     }
@@ -136,11 +141,12 @@ fn pg_setup(config: &Config) -> Result<(DatabaseInfo, SlotState), RunError> {
 }
 
 /// Runs `f` until it succeeds, retrying transient PostgreSQL failures and waiting while the
-/// slot is held by another process. `None` when shutdown came first.
+/// slot is held by another process. `None` when shutdown came first. Reconnects and the
+/// reason for waiting are recorded in `telemetry`.
 fn with_retries<T>(
     config: &Config,
     shutdown: &Shutdown,
-    reconnects: &mut u64,
+    telemetry: &Telemetry,
     mut f: impl FnMut() -> Result<T, RunError>,
 ) -> Result<Option<T>, RunError> {
     let backoff = config.replication.reconnect_backoff();
@@ -148,16 +154,22 @@ fn with_retries<T>(
         if shutdown.is_triggered() {
             return Ok(None);
         }
-        match f() {
+        let result = f();
+        telemetry.wal.set_connected(false);
+        match result {
             Ok(v) => return Ok(Some(v)),
             Err(e) if e.is_slot_in_use() => {
+                telemetry.set_pg_problem(Some(
+                    "standby: the replication slot is in use by another process".into(),
+                ));
                 log::info!(
                     "{e}; another bridge holds the slot, waiting {}s before trying again (standby)",
                     backoff.as_secs()
                 );
             }
             Err(e) if e.is_transient() => {
-                *reconnects += 1;
+                telemetry.wal.reconnects.fetch_add(1, Ordering::Relaxed);
+                telemetry.set_pg_problem(Some(format!("PostgreSQL unavailable: {e}")));
                 log::warn!(
                     "PostgreSQL unavailable: {e}; reconnecting in {}s",
                     backoff.as_secs()
@@ -170,12 +182,33 @@ fn with_retries<T>(
 }
 
 /// Runs the bridge until `shutdown` is triggered (returns the totals) or an error that a
-/// reconnect cannot fix.
+/// reconnect cannot fix. The HTTP endpoints, the slot monitor and the `METRICS` log line run
+/// alongside; `POST /shutdown` triggers `shutdown`.
 pub fn run(config: &Config, shutdown: &Shutdown) -> Result<RunSummary, RunError> {
+    let latency = telemetry::metrics::commit_to_puback_histogram().map_err(TelemetryError::from)?;
+    let stats = Arc::new(PublisherStats {
+        commit_to_ack: Some(latency.clone()),
+        ..PublisherStats::default()
+    });
+    let telemetry = Arc::new(Telemetry::new(
+        shutdown.clone(),
+        stats,
+        Arc::new(NatsStats::default()),
+        config.replication.ring_capacity,
+    ));
+    let threads = telemetry::start(config, Arc::clone(&telemetry), latency, shutdown)?;
+    let result = run_pipeline(config, shutdown, &telemetry);
+    threads.stop();
+    result
+}
+
+fn run_pipeline(
+    config: &Config,
+    shutdown: &Shutdown,
+    telemetry: &Arc<Telemetry>,
+) -> Result<RunSummary, RunError> {
     let started = Instant::now();
-    let mut reconnects = 0;
-    let Some((info, slot)) = with_retries(config, shutdown, &mut reconnects, || pg_setup(config))?
-    else {
+    let Some((info, slot)) = with_retries(config, shutdown, telemetry, || pg_setup(config))? else {
         return Ok(RunSummary::default());
     };
 
@@ -196,7 +229,8 @@ pub fn run(config: &Config, shutdown: &Shutdown) -> Result<RunSummary, RunError>
         }
     }
     let start = persisted.unwrap_or(Lsn::INVALID).max(slot.confirmed_flush);
-    let durable = DurableLsn::new(start);
+    let durable: DurableLsn = telemetry.durable.clone();
+    durable.advance(start);
 
     let tables: Option<HashSet<String>> = (!config.replication.tables.is_empty())
         .then(|| info.tables.iter().map(|t| t.qualified()).collect());
@@ -218,7 +252,7 @@ pub fn run(config: &Config, shutdown: &Shutdown) -> Result<RunSummary, RunError>
     let (producer, consumer) = rtrb::RingBuffer::<RingItem>::new(config.replication.ring_capacity);
     let notify = Arc::new(tokio::sync::Notify::new());
     let publisher_done = Arc::new(AtomicBool::new(false));
-    let stats = Arc::new(PublisherStats::default());
+    let stats = Arc::clone(&telemetry.publisher);
     let (ready_tx, ready_rx) = std::sync::mpsc::channel();
     let publisher = spawn_publisher(
         config,
@@ -226,7 +260,7 @@ pub fn run(config: &Config, shutdown: &Shutdown) -> Result<RunSummary, RunError>
         consumer,
         Arc::clone(&notify),
         durable.clone(),
-        Arc::clone(&stats),
+        (Arc::clone(&stats), Arc::clone(&telemetry.nats)),
         Arc::clone(&publisher_done),
         ready_tx,
     )?;
@@ -246,6 +280,7 @@ pub fn run(config: &Config, shutdown: &Shutdown) -> Result<RunSummary, RunError>
             };
         }
     }
+    telemetry.set_streaming();
     log::info!("streaming started in {} ms", started.elapsed().as_millis());
     let (schema_tx, schema_rx) = tokio::sync::mpsc::unbounded_channel();
     let snapshots = spawn_snapshot_service(config, shutdown, info.tables.clone(), schema_rx);
@@ -259,14 +294,13 @@ pub fn run(config: &Config, shutdown: &Shutdown) -> Result<RunSummary, RunError>
         last_pushed_end: start,
         reported_flush: start,
         publisher_done: Arc::clone(&publisher_done),
+        telemetry: Arc::clone(telemetry),
         schema_changes: Some(schema_tx),
     };
-    ctx.stats.reconnects = reconnects;
     // One directory per slot: only the process holding the slot writes there.
     let spool_dir =
         std::env::temp_dir().join(format!("pgbridge-spool-{}", config.replication.slot));
-    let mut wal_reconnects = 0;
-    let wal_result = with_retries(config, shutdown, &mut wal_reconnects, || {
+    let wal_result = with_retries(config, shutdown, telemetry, || {
         let params = pg_params(config);
         let refs: Vec<(&str, &str)> = params.iter().map(|(k, v)| (*k, v.as_str())).collect();
         let repl = ReplicationConnection::connect(&refs).map_err(SetupError::Pg)?;
@@ -281,7 +315,7 @@ pub fn run(config: &Config, shutdown: &Shutdown) -> Result<RunSummary, RunError>
         let resume = ctx.reported_flush.max(start);
         stream.run(resume, &mut ctx).map_err(RunError::from)
     });
-    ctx.stats.reconnects += wal_reconnects;
+    ctx.stats.reconnects = telemetry.wal.reconnects.load(Ordering::Relaxed);
 
     // Close the ring (the wal side is dropped) and collect the publisher's outcome.
     drop(ctx.producer);
@@ -318,7 +352,7 @@ fn spawn_publisher(
     consumer: rtrb::Consumer<RingItem>,
     notify: Arc<tokio::sync::Notify>,
     durable: DurableLsn,
-    stats: Arc<PublisherStats>,
+    (stats, nats_stats): (Arc<PublisherStats>, Arc<NatsStats>),
     done: Arc<AtomicBool>,
     ready: std::sync::mpsc::Sender<Result<(), NatsError>>,
 ) -> Result<JoinHandle<Result<(), RunError>>, RunError> {
@@ -341,8 +375,14 @@ fn spawn_publisher(
                     .map_err(|e| RunError::Internal(format!("tokio runtime: {e}")))?;
                 rt.block_on(async {
                     // Connect, retrying while NATS is unreachable (it may start after us).
-                    let (client, _nats_stats) = loop {
-                        match nats::connect(&nats_config, nats::CONNECTION_NAME).await {
+                    let client = loop {
+                        match nats::connect_with_stats(
+                            &nats_config,
+                            nats::CONNECTION_NAME,
+                            Arc::clone(&nats_stats),
+                        )
+                        .await
+                        {
                             Ok(c) => break c,
                             Err(e) if !e.is_configuration() && !shutdown.is_triggered() => {
                                 log::warn!("{e}; retrying in {}s", backoff.as_secs());

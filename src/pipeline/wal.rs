@@ -9,6 +9,7 @@
 //! keeps the WAL) but keeps sending status updates so the walsender does not time out.
 
 use std::collections::{HashMap, HashSet};
+use std::sync::atomic::Ordering::Relaxed;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -20,6 +21,7 @@ use crate::pg::replication::{PgOutputOptions, ReplicationConnection};
 use crate::pg::value::{decode_text, TypeRegistry, Value, ValueKind};
 use crate::pg::Lsn;
 use crate::shutdown::Shutdown;
+use crate::telemetry::Telemetry;
 
 use super::durable::{DurableLsn, StateFile, StateFileError};
 use super::event::{ChangeEvent, ColumnValue, Operation, TableRef};
@@ -35,6 +37,9 @@ const STOP_TIMEOUT: Duration = Duration::from_secs(10);
 const SHUTDOWN_DRAIN_TIMEOUT: Duration = Duration::from_secs(30);
 /// Wake the publisher at least every this many changes inside a big transaction.
 const NOTIFY_EVERY: u32 = 256;
+/// One XLogData message in this many is timed for `last_processing_time_us` (two clock reads per
+/// message would cost a few percent of the per-change budget).
+const TIME_EVERY: u64 = 16;
 
 /// What travels through the ring from the wal thread to the publisher.
 #[derive(Debug)]
@@ -125,8 +130,28 @@ pub struct WalContext {
     pub reported_flush: Lsn,
     /// True once the publisher thread has ended (set by the run loop's watcher).
     pub publisher_done: Arc<std::sync::atomic::AtomicBool>,
+    /// Live state for telemetry.
+    pub telemetry: Arc<Telemetry>,
     /// Told about every Relation message (schema, table), to keep the schemas bucket current.
     pub schema_changes: Option<tokio::sync::mpsc::UnboundedSender<(Arc<str>, Arc<str>)>>,
+}
+
+impl WalContext {
+    /// Copies the counters to the telemetry: a few relaxed stores to lines only this thread
+    /// writes.
+    fn publish_counters(&self, received: Lsn) {
+        let t = &self.telemetry.wal;
+        t.wal_messages.store(self.stats.wal_messages, Relaxed);
+        t.transactions.store(self.stats.transactions, Relaxed);
+        t.changes.store(self.stats.changes, Relaxed);
+        t.received_lsn.store(received.0, Relaxed);
+    }
+
+    /// Samples the ring's occupancy (reads the publisher's position: not on every message).
+    fn sample_ring(&self) {
+        let used = self.producer.buffer().capacity() - self.producer.slots();
+        self.telemetry.wal.ring_used.store(used as u64, Relaxed);
+    }
 }
 
 #[derive(Debug)]
@@ -168,6 +193,8 @@ pub struct WalStream<'c> {
     idle_candidate: Lsn,
     last_status: Instant,
     warned_values: std::cell::Cell<bool>,
+    /// XLogData messages received, for sampling the processing time.
+    xlog_messages: u64,
     /// Where streamed transactions are spooled.
     spool_dir: std::path::PathBuf,
     /// Spool of streamed transactions: created once the slot is ours, taken out while a
@@ -203,6 +230,7 @@ impl<'c> WalStream<'c> {
             idle_candidate: Lsn::INVALID,
             last_status: Instant::now(),
             warned_values: std::cell::Cell::new(false),
+            xlog_messages: 0,
         }
     }
 
@@ -218,6 +246,8 @@ impl<'c> WalStream<'c> {
         // Only now is the slot ours: a standby waiting for it must not touch the spool, and
         // what an earlier (crashed) run left there is stale, so it is emptied.
         self.spool = Some(Spool::new(&self.spool_dir)?);
+        ctx.telemetry.wal.set_connected(true);
+        ctx.telemetry.set_pg_problem(None);
         self.last_received = start;
         let status_interval = self.config.replication.standby_status_interval();
         while !self.shutdown.is_triggered() {
@@ -231,11 +261,18 @@ impl<'c> WalStream<'c> {
                 ctx.stats.wal_messages += 1;
                 match parse_copy_data(&buf)? {
                     ReplicationMessage::XLogData(x) => {
+                        self.xlog_messages += 1;
+                        let timed = (self.xlog_messages % TIME_EVERY == 1).then(Instant::now);
                         self.last_received = self.last_received.max(x.wal_end);
                         let msg = self.decoder.decode(x.data)?;
                         match self.handle(msg, x.wal_start, x.data, ctx) {
                             Err(StreamError::ShuttingDown) => break,
                             other => other?,
+                        }
+                        if let Some(t0) = timed {
+                            let us = u64::try_from(t0.elapsed().as_micros()).unwrap_or(u64::MAX);
+                            ctx.telemetry.wal.last_processing_us.store(us, Relaxed);
+                            ctx.sample_ring();
                         }
                     }
                     ReplicationMessage::Keepalive(k) => {
@@ -246,6 +283,9 @@ impl<'c> WalStream<'c> {
                         }
                     }
                 }
+                ctx.publish_counters(self.last_received);
+            } else {
+                ctx.sample_ring();
             }
             let due = self.last_status.elapsed() >= status_interval;
             self.send_status(ctx, due)?;
@@ -307,6 +347,7 @@ impl<'c> WalStream<'c> {
         self.repl.send_status(write, flush, flush, false)?;
         ctx.reported_flush = flush;
         ctx.stats.flushed = flush;
+        ctx.telemetry.wal.flushed_lsn.store(flush.0, Relaxed);
         self.last_status = Instant::now();
         Ok(())
     }
@@ -693,6 +734,10 @@ fn push_wait(
             Ok(()) => return Ok(()),
             Err(rtrb::PushError::Full(back)) => item = back,
         }
+        ctx.telemetry
+            .wal
+            .ring_used
+            .store(ctx.producer.buffer().capacity() as u64, Relaxed);
         if ctx
             .publisher_done
             .load(std::sync::atomic::Ordering::Acquire)

@@ -10,7 +10,7 @@
 use std::collections::VecDeque;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use async_nats::jetstream::context::{PublishAckFuture, PublishErrorKind};
 use async_nats::jetstream::message::PublishMessage;
@@ -18,6 +18,7 @@ use async_nats::jetstream::Context;
 use bytes::Bytes;
 
 use crate::config::Format;
+use crate::pg::pgoutput::pg_to_unix_micros;
 use crate::pg::Lsn;
 use crate::pipeline::durable::DurableLsn;
 use crate::pipeline::wal::RingItem;
@@ -79,6 +80,10 @@ pub struct PublisherStats {
     pub publish_errors: AtomicU64,
     /// Messages waiting for a PubAck now.
     pub in_flight: AtomicU64,
+    /// True while JetStream does not acknowledge (the oldest publish is being retried).
+    pub stalled: AtomicBool,
+    /// Commit time → PubAck latency, observed per acknowledged message.
+    pub commit_to_ack: Option<prometheus::Histogram>,
 }
 
 /// Settings of the publisher.
@@ -99,6 +104,8 @@ struct InFlight {
     ack: Option<PublishAckFuture>,
     /// Set on the last message of a transaction: durable once this is acknowledged.
     commit_end: Option<Lsn>,
+    /// The transaction's commit time, µs since 2000-01-01 (0: unknown).
+    commit_time: i64,
 }
 
 /// The publisher loop; runs on its own thread's tokio runtime until the ring is closed
@@ -191,6 +198,7 @@ impl Publisher {
             payload: Bytes::copy_from_slice(&self.buf),
             ack: None,
             commit_end: None,
+            commit_time: ev.commit_time,
         };
         if let Err(e) = self.send(&mut entry).await {
             if let Some(fatal) = self.fatal(&entry, &e) {
@@ -256,14 +264,17 @@ impl Publisher {
                         if let Some(end) = done.commit_end {
                             self.durable.advance(end);
                         }
+                        self.observe_latency(done.commit_time);
                     }
                     if failing_since.is_some() {
+                        self.stats.stalled.store(false, Ordering::Relaxed);
                         log::info!("JetStream acknowledges again; publishing resumes");
                     }
                     return Ok(());
                 }
                 Err(e) => {
                     self.stats.publish_errors.fetch_add(1, Ordering::Relaxed);
+                    self.stats.stalled.store(true, Ordering::Relaxed);
                     let since = *failing_since.get_or_insert_with(Instant::now);
                     if backoff == RETRY_MIN {
                         log::warn!(
@@ -284,6 +295,23 @@ impl Publisher {
                 }
             }
         }
+    }
+
+    /// Records commit → PubAck for one acknowledged message. Clock skew between the database
+    /// host and this one can make it negative: counted as zero.
+    fn observe_latency(&self, commit_time: i64) {
+        let Some(h) = &self.stats.commit_to_ack else {
+            return;
+        };
+        if commit_time == 0 {
+            return;
+        }
+        let now = SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .map(|d| d.as_micros() as i64)
+            .unwrap_or(0);
+        let micros = now.saturating_sub(pg_to_unix_micros(commit_time)).max(0);
+        h.observe(micros as f64 / 1e6);
     }
 
     /// After a failure every message in the window is sent again, in order: their first

@@ -664,10 +664,12 @@ pub fn setup_app_db(pg: &PgServer, schema_sql: &str, tables: &str) {
 }
 
 /// The `bridge` binary set up for database `app` of `pg` as `bridge_reader`, publishing to
-/// `nats_url`, with its state file in `state_dir`. Add flags with `.args(...)`.
+/// `nats_url`, with its state file in `state_dir` and its HTTP endpoints on a free loopback
+/// port (`BRIDGE_PORT`; a `--port` flag wins). Add flags with `.args(...)`.
 pub fn bridge_command(pg: &PgServer, nats_url: &str, state_dir: &Path) -> Command {
     let mut cmd = Command::new(env!("CARGO_BIN_EXE_bridge"));
     cmd.env_clear()
+        .env("BRIDGE_PORT", free_port().to_string())
         .env("PG_HOST", pg.host())
         .env("PG_PORT", pg.port().to_string())
         .env("PG_USER", "bridge_reader")

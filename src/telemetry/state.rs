@@ -1,0 +1,275 @@
+//! The live state of a running bridge: counters and flags that the pipeline threads and the
+//! monitor write, and that `/metrics`, `/status`, `/health` and the `METRICS` log line read.
+//!
+//! Writers use relaxed atomic stores and increments only, so the hot path pays a few
+//! nanoseconds per message; readers take a consistent-enough [`Snapshot`] when asked.
+
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering::Relaxed};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use crossbeam_utils::CachePadded;
+
+use crate::pg::Lsn;
+use crate::pipeline::durable::DurableLsn;
+use crate::shutdown::Shutdown;
+use crate::sink::nats::NatsStats;
+use crate::sink::publisher::PublisherStats;
+
+/// Counters of the wal thread and the run loop. Only the wal side writes them.
+#[derive(Debug, Default)]
+pub struct WalTelemetry {
+    /// CopyData messages received from the walsender.
+    pub wal_messages: AtomicU64,
+    /// Committed transactions put on the ring.
+    pub transactions: AtomicU64,
+    /// Changes put on the ring.
+    pub changes: AtomicU64,
+    /// Last WAL position received from PostgreSQL.
+    pub received_lsn: AtomicU64,
+    /// Last flush position reported to PostgreSQL (the slot's `confirmed_flush_lsn` follows).
+    pub flushed_lsn: AtomicU64,
+    /// True while the replication connection streams.
+    pub connected: AtomicBool,
+    /// Reconnects to PostgreSQL after a connection problem.
+    pub reconnects: AtomicU64,
+    /// Time the wal thread took for one recent message (decode, convert, put on the ring), µs.
+    pub last_processing_us: AtomicU64,
+    /// Items waiting in the ring (sampled).
+    pub ring_used: AtomicU64,
+}
+
+impl WalTelemetry {
+    /// Records that the replication stream is up (true) or down (false).
+    pub fn set_connected(&self, up: bool) {
+        self.connected.store(up, Relaxed);
+    }
+}
+
+/// What the monitor last read about the replication slot.
+#[derive(Debug, Default)]
+pub struct SlotTelemetry {
+    /// True once the slot was read at least once.
+    pub checked: AtomicBool,
+    /// `pg_replication_slots.active`.
+    pub active: AtomicBool,
+    /// `pg_current_wal_lsn() - confirmed_flush_lsn`, bytes.
+    pub lag_bytes: AtomicU64,
+    /// `pg_current_wal_lsn() - restart_lsn`: WAL the server keeps for the slot, bytes.
+    pub retained_bytes: AtomicU64,
+    /// `wal_status = 'lost'`: the slot was invalidated.
+    pub lost: AtomicBool,
+    /// The slot does not exist (any more).
+    pub missing: AtomicBool,
+}
+
+/// Where the bridge is in its life.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Phase {
+    /// Checking PostgreSQL, connecting to NATS, creating streams.
+    Starting,
+    /// Reading WAL and publishing.
+    Streaming,
+    /// Shutdown requested: draining.
+    Stopping,
+}
+
+impl Phase {
+    /// Lower-case name, as `/status` shows it.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Phase::Starting => "starting",
+            Phase::Streaming => "streaming",
+            Phase::Stopping => "stopping",
+        }
+    }
+}
+
+/// Everything telemetry reads, shared by every thread of one run.
+#[derive(Debug)]
+pub struct Telemetry {
+    started: Instant,
+    /// The wal thread's counters, on their own cache lines (written per message).
+    pub wal: CachePadded<WalTelemetry>,
+    /// The publisher's counters.
+    pub publisher: Arc<PublisherStats>,
+    /// The publisher's NATS connection.
+    pub nats: Arc<NatsStats>,
+    /// Position up to which everything is stored in JetStream.
+    pub durable: DurableLsn,
+    /// The monitor's readings.
+    pub slot: SlotTelemetry,
+    /// Ring capacity, for occupancy.
+    pub ring_capacity: u64,
+    streaming: AtomicBool,
+    shutdown: Shutdown,
+    /// Fraction of the running snapshot done, as `f64` bits; 0 when none runs.
+    snapshot_progress: AtomicU64,
+    /// The last PostgreSQL connection problem, for `/health`; cleared when streaming resumes.
+    pg_problem: Mutex<Option<String>>,
+}
+
+impl Telemetry {
+    /// State for a run that stops when `shutdown` is triggered.
+    pub fn new(
+        shutdown: Shutdown,
+        publisher: Arc<PublisherStats>,
+        nats: Arc<NatsStats>,
+        ring_capacity: usize,
+    ) -> Self {
+        Telemetry {
+            started: Instant::now(),
+            wal: CachePadded::new(WalTelemetry::default()),
+            publisher,
+            nats,
+            durable: DurableLsn::new(Lsn::INVALID),
+            slot: SlotTelemetry::default(),
+            ring_capacity: ring_capacity as u64,
+            streaming: AtomicBool::new(false),
+            shutdown,
+            snapshot_progress: AtomicU64::new(0f64.to_bits()),
+            pg_problem: Mutex::new(None),
+        }
+    }
+
+    /// Time since start.
+    pub fn uptime(&self) -> Duration {
+        self.started.elapsed()
+    }
+
+    /// Marks the set-up as done: NATS, streams and PostgreSQL are ready.
+    pub fn set_streaming(&self) {
+        self.streaming.store(true, Relaxed);
+    }
+
+    /// The current phase.
+    pub fn phase(&self) -> Phase {
+        if self.shutdown.is_triggered() {
+            Phase::Stopping
+        } else if self.streaming.load(Relaxed) {
+            Phase::Streaming
+        } else {
+            Phase::Starting
+        }
+    }
+
+    /// Records why the replication stream is not up, as `/health` shows it (`None` once it
+    /// streams).
+    pub fn set_pg_problem(&self, problem: Option<String>) {
+        if let Ok(mut p) = self.pg_problem.lock() {
+            *p = problem;
+        }
+    }
+
+    /// Sets the progress of the running snapshot, 0.0 to 1.0 (0 when none runs).
+    pub fn set_snapshot_progress(&self, fraction: f64) {
+        let f = if fraction.is_finite() {
+            fraction.clamp(0.0, 1.0)
+        } else {
+            0.0
+        };
+        self.snapshot_progress.store(f.to_bits(), Relaxed);
+    }
+
+    /// A point-in-time copy of every value.
+    pub fn snapshot(&self) -> Snapshot {
+        let w = &self.wal;
+        let p = &self.publisher;
+        let s = &self.slot;
+        Snapshot {
+            phase: self.phase(),
+            uptime: self.uptime(),
+            wal_messages: w.wal_messages.load(Relaxed),
+            transactions: w.transactions.load(Relaxed),
+            changes: w.changes.load(Relaxed),
+            received_lsn: Lsn(w.received_lsn.load(Relaxed)),
+            flushed_lsn: Lsn(w.flushed_lsn.load(Relaxed)),
+            durable_lsn: self.durable.get(),
+            pg_connected: w.connected.load(Relaxed),
+            pg_reconnects: w.reconnects.load(Relaxed),
+            pg_problem: self.pg_problem.lock().ok().and_then(|p| p.clone()),
+            last_processing_us: w.last_processing_us.load(Relaxed),
+            ring_used: w.ring_used.load(Relaxed).min(self.ring_capacity),
+            ring_capacity: self.ring_capacity,
+            published: p.published.load(Relaxed),
+            duplicates: p.duplicates.load(Relaxed),
+            bytes_published: p.bytes.load(Relaxed),
+            publish_errors: p.publish_errors.load(Relaxed),
+            in_flight: p.in_flight.load(Relaxed),
+            publisher_stalled: p.stalled.load(Relaxed),
+            nats_connected: self.nats.is_connected(),
+            nats_reconnects: self.nats.reconnects(),
+            slot_checked: s.checked.load(Relaxed),
+            slot_active: s.active.load(Relaxed),
+            slot_lost: s.lost.load(Relaxed),
+            slot_missing: s.missing.load(Relaxed),
+            lag_bytes: s.lag_bytes.load(Relaxed),
+            retained_bytes: s.retained_bytes.load(Relaxed),
+            snapshot_progress: f64::from_bits(self.snapshot_progress.load(Relaxed)),
+        }
+    }
+}
+
+/// A copy of the live state at one moment; what `/status`, `/health`, `/metrics` and the
+/// `METRICS` line are made of.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Snapshot {
+    /// Where the bridge is in its life.
+    pub phase: Phase,
+    /// Time since start.
+    pub uptime: Duration,
+    /// CopyData messages received.
+    pub wal_messages: u64,
+    /// Transactions put on the ring.
+    pub transactions: u64,
+    /// Changes put on the ring.
+    pub changes: u64,
+    /// Last WAL position received.
+    pub received_lsn: Lsn,
+    /// Last flush position reported to PostgreSQL.
+    pub flushed_lsn: Lsn,
+    /// Everything up to here is stored in JetStream.
+    pub durable_lsn: Lsn,
+    /// Replication connection streaming.
+    pub pg_connected: bool,
+    /// Reconnects to PostgreSQL.
+    pub pg_reconnects: u64,
+    /// The last PostgreSQL connection problem while not connected.
+    pub pg_problem: Option<String>,
+    /// Processing time of a recent WAL message, µs.
+    pub last_processing_us: u64,
+    /// Items in the ring.
+    pub ring_used: u64,
+    /// Ring capacity.
+    pub ring_capacity: u64,
+    /// Messages JetStream stored.
+    pub published: u64,
+    /// Messages JetStream acknowledged as duplicates.
+    pub duplicates: u64,
+    /// Payload bytes acknowledged.
+    pub bytes_published: u64,
+    /// Failed publish attempts.
+    pub publish_errors: u64,
+    /// PubAcks awaited.
+    pub in_flight: u64,
+    /// JetStream does not acknowledge (publishes are being retried).
+    pub publisher_stalled: bool,
+    /// The publisher's NATS connection is up.
+    pub nats_connected: bool,
+    /// NATS reconnects.
+    pub nats_reconnects: u64,
+    /// The monitor read the slot at least once.
+    pub slot_checked: bool,
+    /// The slot is active (a walsender streams from it).
+    pub slot_active: bool,
+    /// The slot was invalidated (`wal_status = lost`).
+    pub slot_lost: bool,
+    /// The slot does not exist.
+    pub slot_missing: bool,
+    /// Slot lag (`pg_current_wal_lsn() - confirmed_flush_lsn`), bytes.
+    pub lag_bytes: u64,
+    /// WAL kept for the slot (`pg_current_wal_lsn() - restart_lsn`), bytes.
+    pub retained_bytes: u64,
+    /// Progress of the running snapshot, 0 to 1.
+    pub snapshot_progress: f64,
+}
