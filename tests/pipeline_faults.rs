@@ -16,8 +16,8 @@ use std::thread::JoinHandle;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use common::{
-    bridge_command, read_stream, setup_app_db, stream_len, wait_for, BridgeProcess, NatsServer,
-    PgServer, StopMode, StoredMessage, TempDir, TestEnv,
+    bridge_command, read_stream, setup_app_db, stream_len, wait_for, with_nats, BridgeProcess,
+    NatsServer, PgServer, StopMode, StoredMessage, TempDir, TestEnv,
 };
 use pgbridge::pg::conn::{ConnectionKind, PgConnection};
 use pgbridge::pg::Lsn;
@@ -406,14 +406,7 @@ fn resume_position(pg: &PgServer, state_dir: &Path) -> Lsn {
 /// Stored messages of transactions committed at or after `from`: the next start sends them
 /// again. The stream is in commit order, so they are at its end: read backwards from there.
 fn stored_from(nats_url: &str, from: Lsn) -> u64 {
-    let rt = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .unwrap();
-    rt.block_on(async {
-        let client = async_nats::connect(nats_url)
-            .await
-            .expect("connect to NATS");
+    with_nats(nats_url, |client| async move {
         let js = async_nats::jetstream::new(client);
         let mut stream = js.get_stream("CDC").await.expect("stream CDC");
         let state = stream.info().await.expect("stream info").state.clone();

@@ -17,12 +17,7 @@ use pgbridge::pg::Lsn;
 use rmpv::Value as Mp;
 
 fn request(nats_url: &str, subject: &str) -> serde_json::Value {
-    let rt = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .unwrap();
-    rt.block_on(async {
-        let client = async_nats::connect(nats_url).await.unwrap();
+    common::with_nats(nats_url, |client| async move {
         let reply = tokio::time::timeout(
             Duration::from_secs(10),
             client.request(subject.to_string(), "".into()),
@@ -319,12 +314,7 @@ fn snapshot_plus_stream_rebuilds_the_table_exactly_under_concurrent_writes() {
 
 /// The current value and revision of a key in the `schemas` bucket.
 fn schema_entry(nats_url: &str, key: &str) -> Option<(u64, BTreeMap<String, Mp>)> {
-    let rt = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .unwrap();
-    rt.block_on(async {
-        let client = async_nats::connect(nats_url).await.unwrap();
+    common::with_nats(nats_url, |client| async move {
         let js = async_nats::jetstream::new(client);
         let kv = js.get_key_value("schemas").await.ok()?;
         let e = kv.entry(key).await.ok()??;
@@ -335,12 +325,7 @@ fn schema_entry(nats_url: &str, key: &str) -> Option<(u64, BTreeMap<String, Mp>)
 /// How many revisions the `schemas` bucket holds for a key.
 fn schema_revisions(nats_url: &str, key: &str) -> usize {
     use futures_util::StreamExt;
-    let rt = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .unwrap();
-    rt.block_on(async {
-        let client = async_nats::connect(nats_url).await.unwrap();
+    common::with_nats(nats_url, |client| async move {
         let js = async_nats::jetstream::new(client);
         let kv = js.get_key_value("schemas").await.unwrap();
         let mut h = kv.history(key).await.unwrap();

@@ -761,10 +761,12 @@ pub struct StoredMessage {
     pub stored_at: std::time::SystemTime,
 }
 
-/// Reads every message of `stream` (empty when the stream does not exist yet), in stream
-/// order, through an ordered consumer.
-pub fn read_stream(nats_url: &str, stream: &str) -> Vec<StoredMessage> {
-    use futures_util::StreamExt;
+/// Runs `f` with a NATS client connected to `nats_url`, on a throw-away current-thread runtime.
+pub fn with_nats<T, F, Fut>(nats_url: &str, f: F) -> T
+where
+    F: FnOnce(async_nats::Client) -> Fut,
+    Fut: std::future::Future<Output = T>,
+{
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
@@ -773,6 +775,15 @@ pub fn read_stream(nats_url: &str, stream: &str) -> Vec<StoredMessage> {
         let client = async_nats::connect(nats_url)
             .await
             .expect("connect to NATS");
+        f(client).await
+    })
+}
+
+/// Reads every message of `stream` (empty when the stream does not exist yet), in stream
+/// order, through an ordered consumer.
+pub fn read_stream(nats_url: &str, stream: &str) -> Vec<StoredMessage> {
+    use futures_util::StreamExt;
+    with_nats(nats_url, |client| async move {
         let js = async_nats::jetstream::new(client);
         let Ok(mut s) = js.get_stream(stream).await else {
             return Vec::new();
@@ -822,14 +833,7 @@ pub fn read_stream(nats_url: &str, stream: &str) -> Vec<StoredMessage> {
 
 /// Number of messages in `stream` (0 when it does not exist).
 pub fn stream_len(nats_url: &str, stream: &str) -> u64 {
-    let rt = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .unwrap();
-    rt.block_on(async {
-        let client = async_nats::connect(nats_url)
-            .await
-            .expect("connect to NATS");
+    with_nats(nats_url, |client| async move {
         let js = async_nats::jetstream::new(client);
         match js.get_stream(stream).await {
             Ok(mut s) => s.info().await.map(|i| i.state.messages).unwrap_or(0),
