@@ -17,6 +17,7 @@
 //! Prints a table and writes the figures as JSON.
 
 mod nats;
+mod probe;
 mod procs;
 mod servers;
 
@@ -33,6 +34,7 @@ use servers::{Nats, Postgres, DB, READER, READER_PASSWORD};
 
 const SLOT: &str = "cdc_slot";
 const CEILING_SLOT: &str = "ceiling_slot";
+const PROBE_SLOT: &str = "probe_slot";
 const PUBLICATION: &str = "cdc_pub";
 /// The bridge's default PubAck window (`--max-in-flight`).
 const WINDOW: usize = 1024;
@@ -166,6 +168,17 @@ struct Bench {
     js: async_nats::jetstream::Context,
     bridge_runs: u32,
     http_port: u16,
+    loadavg_at_start: String,
+}
+
+/// `/proc/loadavg`: other work on the machine shows in every figure.
+fn loadavg() -> String {
+    fs::read_to_string("/proc/loadavg")
+        .unwrap_or_default()
+        .split_whitespace()
+        .take(3)
+        .collect::<Vec<_>>()
+        .join(" ")
 }
 
 fn say(b: &Bench, what: &str) {
@@ -184,6 +197,7 @@ fn round(x: f64, digits: i32) -> f64 {
 fn main() {
     let o = opts();
     let started = Instant::now();
+    let loadavg_at_start = loadavg();
     fs::create_dir_all(&o.dir).expect("bench dir");
     // PostgreSQL runs as another user and must reach its directory below this one.
     let _ = fs::set_permissions(&o.dir, std::os::unix::fs::PermissionsExt::from_mode(0o755));
@@ -236,6 +250,7 @@ fn main() {
         js,
         bridge_runs: 0,
         http_port: free_port(),
+        loadavg_at_start,
     };
     say(&b, "servers up");
     b.setup();
@@ -733,6 +748,15 @@ impl Bench {
             })
             .expect("subscribe")
             .expect("subscribe");
+        self.pg.sql(
+            DB,
+            &format!("SELECT pg_create_logical_replication_slot('{PROBE_SLOT}', 'pgoutput')"),
+        );
+        let probe = probe::Probe::start(
+            self.pg.params(DB, READER, READER_PASSWORD),
+            PROBE_SLOT,
+            PUBLICATION,
+        );
         let clients = self.o.clients.to_string();
         let threads = self.o.clients.min(2).to_string();
         let mut cmd = self.pg.tool("pgbench");
@@ -778,6 +802,12 @@ impl Bench {
             .find_map(|l| l.strip_prefix("number of transactions actually processed: "))
             .and_then(|v| v.split(['/', ' ']).next()?.parse().ok())
             .unwrap_or(0);
+        let mut pg_latencies_ms = probe.finish();
+        pg_latencies_ms.sort_by(f64::total_cmp);
+        self.pg.sql(
+            DB,
+            &format!("SELECT pg_drop_replication_slot('{PROBE_SLOT}')"),
+        );
         let metrics = nats::http_get(self.http_port, "/metrics");
         let cpu = cpu_of(bridge.pid()).unwrap_or_default().total() - cpu0.total();
         let hwm = status_kb(bridge.pid(), "VmHWM").unwrap_or(0);
@@ -808,6 +838,13 @@ impl Bench {
                 "mean_ms": round(latencies_ms.iter().sum::<f64>() / n.max(1) as f64, 3),
             },
             "bridge_histogram": histogram,
+            "postgresql_only": {
+                "what": "commit -> Begin delivered to a bare replication client on a second slot, same time",
+                "transactions": pg_latencies_ms.len(),
+                "p50_ms": round(nats::percentile(&pg_latencies_ms, 50.0), 3),
+                "p99_ms": round(nats::percentile(&pg_latencies_ms, 99.0), 3),
+                "max_ms": round(pg_latencies_ms.last().copied().unwrap_or(f64::NAN), 3),
+            },
             "bridge_cpu_us_per_change": round(cpu.as_secs_f64() * 1e6 / n.max(1) as f64, 3),
             "bridge_peak_rss_kb": hwm,
         })
@@ -956,6 +993,8 @@ fn machine(b: &Bench) -> Json {
             std::env::var_os("NATS_SERVER_BIN").unwrap_or_else(|| "nats-server".into())
         ).arg("--version")),
         "bridge_commit": std::env::var("BENCH_COMMIT").unwrap_or_default(),
+        "loadavg_at_start": b.loadavg_at_start,
+        "loadavg_at_end": loadavg(),
     })
 }
 
@@ -1088,6 +1127,17 @@ fn print_table(r: &Json) {
             format!(
                 "{} / {} / {} ms",
                 lat["consumer"]["p50_ms"], lat["consumer"]["p99_ms"], lat["consumer"]["max_ms"]
+            ),
+            String::new(),
+            String::new(),
+        ],
+        [
+            "  PostgreSQL alone (2nd slot), p50 / p99 / max".into(),
+            format!(
+                "{} / {} / {} ms",
+                lat["postgresql_only"]["p50_ms"],
+                lat["postgresql_only"]["p99_ms"],
+                lat["postgresql_only"]["max_ms"]
             ),
             String::new(),
             String::new(),

@@ -21,7 +21,7 @@ use crate::shutdown::Shutdown;
 use crate::sink::nats::{self, NatsError};
 use crate::sink::publisher::{PublishError, Publisher, PublisherSettings, PublisherStats};
 
-use durable::{DurableLsn, StateFile, StateFileError};
+use durable::{DurableLsn, StateFile, StateFileError, StateWriter};
 use spool::{Spool, SpoolError};
 use wal::{RingItem, WalContext, WalStream};
 
@@ -200,6 +200,8 @@ pub fn run(config: &Config, shutdown: &Shutdown) -> Result<RunSummary, RunError>
         }
     }
     let start = persisted.unwrap_or(Lsn::INVALID).max(slot.confirmed_flush);
+    let state = StateWriter::spawn(state)
+        .map_err(|e| RunError::Internal(format!("cannot start the state file thread: {e}")))?;
     let durable = DurableLsn::new(start);
 
     let tables: Option<HashSet<String>> = (!config.replication.tables.is_empty())

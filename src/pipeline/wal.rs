@@ -21,7 +21,7 @@ use crate::pg::value::{decode_text, TypeRegistry, Value, ValueKind};
 use crate::pg::Lsn;
 use crate::shutdown::Shutdown;
 
-use super::durable::{DurableLsn, StateFile, StateFileError};
+use super::durable::{DurableLsn, StateFileError, StateWriter};
 use super::event::{ChangeEvent, ColumnValue, Operation, TableRef};
 use super::spool::{Spool, SpoolError};
 
@@ -29,6 +29,8 @@ use super::spool::{Spool, SpoolError};
 const POLL_INTERVAL: Duration = Duration::from_millis(50);
 /// Least time between two status updates sent only because the durable position moved.
 const STATUS_MIN_INTERVAL: Duration = Duration::from_millis(100);
+/// Longest wait at shutdown for the final position to be stored in the state file.
+const FINAL_STORE_TIMEOUT: Duration = Duration::from_secs(10);
 /// How long to wait for the server to end the stream at shutdown.
 const STOP_TIMEOUT: Duration = Duration::from_secs(10);
 /// Longest wait at shutdown for the publisher to store what is in the ring.
@@ -115,8 +117,8 @@ pub struct WalContext {
     pub notify: Arc<tokio::sync::Notify>,
     /// Durable position, advanced by the publisher.
     pub durable: DurableLsn,
-    /// Where the durable position is persisted.
-    pub state: StateFile,
+    /// Where the durable position is persisted (on its own thread).
+    pub state: StateWriter,
     /// Counters.
     pub stats: WalStats,
     /// End of the last transaction put on the ring.
@@ -263,7 +265,7 @@ impl<'c> WalStream<'c> {
             let due = self.last_status.elapsed() >= Duration::from_secs(1);
             self.send_status(ctx, due)?;
         }
-        self.send_status(ctx, true)?;
+        self.send_status_with(ctx, true, true)?;
         self.repl.stop(STOP_TIMEOUT)?;
         Ok(())
     }
@@ -273,6 +275,19 @@ impl<'c> WalStream<'c> {
     /// everything received is durable and no transaction is open, the last keepalive's WAL
     /// end, so an idle or filtered database does not pile up WAL.
     fn send_status(&mut self, ctx: &mut WalContext, force: bool) -> Result<(), StreamError> {
+        self.send_status_with(ctx, force, false)
+    }
+
+    /// [`send_status`](Self::send_status); the position is first stored in the state file,
+    /// and only what is stored is confirmed. The file is written on its own thread: the
+    /// position stored at one update is confirmed at the next. `wait_stored` waits for the
+    /// file instead (at shutdown).
+    fn send_status_with(
+        &mut self,
+        ctx: &mut WalContext,
+        force: bool,
+        wait_stored: bool,
+    ) -> Result<(), StreamError> {
         let durable = ctx.durable.get();
         let drained = durable >= ctx.last_pushed_end;
         let idle = drained
@@ -289,10 +304,19 @@ impl<'c> WalStream<'c> {
         if !force && !due {
             return Ok(());
         }
-        if moved {
-            // Persist before confirming, so the file is never behind the slot.
-            ctx.state.store(flush)?;
-        }
+        let stored = if wait_stored {
+            ctx.state.store_now(flush, FINAL_STORE_TIMEOUT)?
+        } else {
+            if moved {
+                ctx.state.request(flush);
+            }
+            if let Some(e) = ctx.state.take_error() {
+                return Err(e.into());
+            }
+            ctx.state.stored()
+        };
+        // Never confirm past the state file, never move back.
+        let flush = flush.min(stored).max(ctx.reported_flush);
         let write = self.last_received.max(flush);
         self.repl.send_status(write, flush, flush, false)?;
         ctx.reported_flush = flush;
