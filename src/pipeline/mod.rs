@@ -27,6 +27,9 @@ use wal::{RingItem, WalContext, WalStream};
 
 pub use wal::{StreamError, WalStats};
 
+/// Most published events kept for the wal thread to reuse.
+const RECYCLE_CAPACITY: usize = 1024;
+
 /// Why [`run`] stopped with an error.
 #[derive(Debug, thiserror::Error)]
 pub enum RunError {
@@ -222,6 +225,11 @@ pub fn run(config: &Config, shutdown: &Shutdown) -> Result<RunSummary, RunError>
     );
 
     let (producer, consumer) = rtrb::RingBuffer::<RingItem>::new(config.replication.ring_capacity);
+    // Published events go back to the wal thread to be reused (bounded: at most this many
+    // wait there, the rest are dropped).
+    let (recycle_tx, recycle_rx) = rtrb::RingBuffer::<Box<event::ChangeEvent>>::new(
+        config.replication.ring_capacity.min(RECYCLE_CAPACITY),
+    );
     let notify = Arc::new(tokio::sync::Notify::new());
     let publisher_done = Arc::new(AtomicBool::new(false));
     let stats = Arc::new(PublisherStats::default());
@@ -230,6 +238,7 @@ pub fn run(config: &Config, shutdown: &Shutdown) -> Result<RunSummary, RunError>
         config,
         shutdown,
         consumer,
+        recycle_tx,
         Arc::clone(&notify),
         durable.clone(),
         Arc::clone(&stats),
@@ -263,6 +272,7 @@ pub fn run(config: &Config, shutdown: &Shutdown) -> Result<RunSummary, RunError>
         last_pushed_end: start,
         reported_flush: start,
         publisher_done: Arc::clone(&publisher_done),
+        recycled: Some(recycle_rx),
     };
     ctx.stats.reconnects = reconnects;
     let spool_dir = std::env::temp_dir().join(format!(
@@ -317,6 +327,7 @@ fn spawn_publisher(
     config: &Config,
     shutdown: &Shutdown,
     consumer: rtrb::Consumer<RingItem>,
+    recycle: rtrb::Producer<Box<event::ChangeEvent>>,
     notify: Arc<tokio::sync::Notify>,
     durable: DurableLsn,
     stats: Arc<PublisherStats>,
@@ -369,6 +380,7 @@ fn spawn_publisher(
                     }
                     let _ = ready.send(Ok(()));
                     Publisher::new(js, consumer, notify, durable, settings, stats, shutdown)
+                        .with_recycling(recycle)
                         .run()
                         .await
                         .map_err(RunError::from)

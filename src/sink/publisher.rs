@@ -118,6 +118,7 @@ pub struct Publisher {
     buf: Vec<u8>,
     window: VecDeque<InFlight>,
     subjects: SubjectCache,
+    recycle: Option<rtrb::Producer<Box<ChangeEvent>>>,
 }
 
 /// The subjects of each table, built once rather than for every message. Keyed by the
@@ -176,7 +177,15 @@ impl Publisher {
             buf: Vec::with_capacity(4096),
             window,
             subjects: SubjectCache::default(),
+            recycle: None,
         }
+    }
+
+    /// Gives published events back to the wal thread through `ring`, to be filled again
+    /// (when the ring is full they are dropped).
+    pub fn with_recycling(mut self, ring: rtrb::Producer<Box<ChangeEvent>>) -> Self {
+        self.recycle = Some(ring);
+        self
     }
 
     /// Runs until the ring is closed and drained.
@@ -186,7 +195,12 @@ impl Publisher {
             // Fill the window from the ring.
             while self.window.len() < self.settings.max_in_flight && !ended {
                 match self.consumer.pop() {
-                    Ok(RingItem::Change(ev)) => self.publish_change(&ev).await?,
+                    Ok(RingItem::Change(ev)) => {
+                        self.publish_change(&ev).await?;
+                        if let Some(ring) = self.recycle.as_mut() {
+                            let _ = ring.push(ev);
+                        }
+                    }
                     Ok(RingItem::Commit { end_lsn }) => match self.window.back_mut() {
                         Some(last) => last.commit_end = Some(end_lsn),
                         None => self.durable.advance(end_lsn),
