@@ -5,10 +5,16 @@
 //! not timed), then publishes the same payloads, with the same subjects (prefix replaced) and
 //! the same `Nats-Msg-Id`s, to a new stream with the source's settings, keeping at most
 //! `--window` PubAcks in flight and awaiting them in order, as the bridge's publisher does.
-//! Prints one JSON line with the timed part.
+//! Prints one JSON line with the timed part and the CPU time it took.
+//!
+//! `--mode core` publishes the same messages as plain NATS publishes with a reply subject
+//! under one inbox subscription, and counts the PubAcks that arrive there, instead of the
+//! client's JetStream publish (a request per message, with its own inbox, oneshot channel
+//! and JSON decoding of the ack). JetStream stores and acknowledges them just the same;
+//! the difference is the client's cost per message.
 //!
 //! ```text
-//! js_publish --url nats://127.0.0.1:4222 --source CDC --target CEIL --window 1024
+//! js_publish --url nats://127.0.0.1:4222 --source CDC --target CEIL --window 1024 [--mode core]
 //! ```
 
 use std::collections::VecDeque;
@@ -26,6 +32,7 @@ struct Args {
     source: String,
     target: String,
     window: usize,
+    core: bool,
 }
 
 fn args() -> Args {
@@ -34,6 +41,7 @@ fn args() -> Args {
         source: "CDC".into(),
         target: "CEIL".into(),
         window: 1024,
+        core: false,
     };
     let mut it = std::env::args().skip(1);
     while let Some(flag) = it.next() {
@@ -43,6 +51,7 @@ fn args() -> Args {
             "--source" => a.source = value(),
             "--target" => a.target = value(),
             "--window" => a.window = value().parse().expect("--window N"),
+            "--mode" => a.core = value() == "core",
             other => panic!("unknown argument {other}"),
         }
     }
@@ -118,29 +127,35 @@ async fn run(args: Args) {
     let js = async_nats::jetstream::context::ContextBuilder::new()
         .timeout(ACK_TIMEOUT)
         .max_ack_inflight(args.window.max(1))
-        .build(client);
+        .build(client.clone());
     let bytes: usize = msgs.iter().map(|m| m.payload.len()).sum();
+    let cpu_before = cpu_time();
     let started = Instant::now();
-    let mut window = VecDeque::with_capacity(args.window);
-    for m in &msgs {
-        if window.len() >= args.window {
-            let ack: async_nats::jetstream::context::PublishAckFuture =
-                window.pop_front().expect("non-empty window");
+    if args.core {
+        publish_core(&client, &msgs, args.window).await;
+    } else {
+        let mut window = VecDeque::with_capacity(args.window);
+        for m in &msgs {
+            if window.len() >= args.window {
+                let ack: async_nats::jetstream::context::PublishAckFuture =
+                    window.pop_front().expect("non-empty window");
+                ack.await.expect("PubAck");
+            }
+            let publish = PublishMessage::build()
+                .payload(m.payload.clone())
+                .message_id(&m.id);
+            let ack = js
+                .send_publish(m.subject.clone(), publish)
+                .await
+                .expect("publish");
+            window.push_back(ack);
+        }
+        while let Some(ack) = window.pop_front() {
             ack.await.expect("PubAck");
         }
-        let publish = PublishMessage::build()
-            .payload(m.payload.clone())
-            .message_id(&m.id);
-        let ack = js
-            .send_publish(m.subject.clone(), publish)
-            .await
-            .expect("publish");
-        window.push_back(ack);
-    }
-    while let Some(ack) = window.pop_front() {
-        ack.await.expect("PubAck");
     }
     let secs = started.elapsed().as_secs_f64();
+    let cpu = cpu_time() - cpu_before;
     let stored = js
         .get_stream(&args.target)
         .await
@@ -152,12 +167,65 @@ async fn run(args: Args) {
         .messages;
     assert_eq!(stored as usize, msgs.len(), "every message stored once");
     println!(
-        "{{\"messages\":{},\"payload_bytes\":{},\"seconds\":{:.6},\"rate\":{:.1},\"read_seconds\":{:.3}}}",
+        "{{\"messages\":{},\"payload_bytes\":{},\"seconds\":{:.6},\"rate\":{:.1},\"cpu_seconds\":{:.6},\"read_seconds\":{:.3}}}",
         msgs.len(),
         bytes,
         secs,
         msgs.len() as f64 / secs,
+        cpu,
         read_secs
     );
     let _ = js.delete_stream(&args.target).await;
+}
+
+/// Plain publishes with a reply subject `{inbox}.{n}`, at most `window` without a PubAck.
+async fn publish_core(client: &async_nats::Client, msgs: &[Msg], window: usize) {
+    let inbox = client.new_inbox();
+    let mut acks = client
+        .subscribe(format!("{inbox}.*"))
+        .await
+        .expect("ack subscription");
+    let mut in_flight = 0;
+    let mut next_ack = async || {
+        let ack = tokio::time::timeout(ACK_TIMEOUT, acks.next())
+            .await
+            .expect("PubAck timed out")
+            .expect("ack subscription ended");
+        assert!(
+            !ack.payload.windows(8).any(|w| w == b"\"error\"") && ack.status.is_none(),
+            "JetStream refused a message: {:?}",
+            ack
+        );
+    };
+    for (n, m) in msgs.iter().enumerate() {
+        if in_flight >= window {
+            next_ack().await;
+            in_flight -= 1;
+        }
+        let mut headers = async_nats::HeaderMap::new();
+        headers.insert("Nats-Msg-Id", m.id.as_str());
+        client
+            .publish_with_reply_and_headers(
+                m.subject.clone(),
+                format!("{inbox}.{n}"),
+                headers,
+                m.payload.clone(),
+            )
+            .await
+            .expect("publish");
+        in_flight += 1;
+    }
+    while in_flight > 0 {
+        next_ack().await;
+        in_flight -= 1;
+    }
+}
+
+/// User + system CPU time of this process so far, in seconds.
+fn cpu_time() -> f64 {
+    // SAFETY: getrusage fills the zeroed struct.
+    let mut ru: libc::rusage = unsafe { std::mem::zeroed() };
+    unsafe { libc::getrusage(libc::RUSAGE_SELF, &mut ru) };
+    let tv = |t: libc::timeval| t.tv_sec as f64 + t.tv_usec as f64 / 1e6;
+    tv(ru.ru_utime) + tv(ru.ru_stime)
 }

@@ -636,6 +636,19 @@ impl Bench {
             self,
             "ceiling: the same messages through a minimal async-nats publisher",
         );
+        let expected = standard["changes"].as_u64().unwrap();
+        let api = self.js_publish("jetstream", expected);
+        say(
+            self,
+            "reference: the same messages as plain publishes with one ack inbox",
+        );
+        let core = self.js_publish("core", expected);
+        let mut r = api.clone();
+        r["core_publish_reference"] = core;
+        r
+    }
+
+    fn js_publish(&mut self, mode: &str, expected: u64) -> Json {
         let mut cmd = Command::new(&self.o.js_publish);
         cmd.args([
             "--url",
@@ -645,27 +658,33 @@ impl Bench {
             "--target",
             "CEIL",
         ])
-        .args(["--window", &WINDOW.to_string()])
+        .args(["--window", &WINDOW.to_string(), "--mode", mode])
         .stdout(Stdio::piped())
         .stderr(Stdio::inherit());
         let mut p = Proc::spawn(&self.o.dir, "js_publish", &mut cmd, libc::SIGTERM);
         let mut out = String::new();
         std::io::Read::read_to_string(p.child.stdout.as_mut().unwrap(), &mut out).unwrap();
-        let (code, ru) = p
+        let (code, _) = p
             .wait_timeout(Duration::from_secs(600))
             .expect("js_publish");
         assert_eq!(code, 0, "js_publish failed");
         let r: Json = serde_json::from_str(out.trim()).expect("js_publish output");
-        let expected = standard["changes"].as_u64().unwrap();
         assert_eq!(r["messages"].as_u64(), Some(expected));
+        let n = expected as f64;
         json!({
+            "client": if mode == "core" {
+                "async-nats Client::publish_with_reply_and_headers, one ack inbox subscription"
+            } else {
+                "async-nats jetstream::Context::send_publish (as the bridge)"
+            },
             "messages": r["messages"],
             "payload_bytes": r["payload_bytes"],
-            "mean_payload_bytes": round(r["payload_bytes"].as_f64().unwrap() / expected as f64, 1),
+            "mean_payload_bytes": round(r["payload_bytes"].as_f64().unwrap() / n, 1),
             "seconds": r["seconds"],
             "messages_per_s": round(r["rate"].as_f64().unwrap(), 0),
             "window": WINDOW,
-            "publisher_cpu_s_including_read": secs(ru.total()),
+            "publisher_cpu_s": r["cpu_seconds"],
+            "publisher_cpu_us_per_message": round(r["cpu_seconds"].as_f64().unwrap() * 1e6 / n, 3),
         })
     }
 
@@ -1091,7 +1110,10 @@ fn print_table(r: &Json) {
         [
             "  bridge CPU per change".into(),
             fmt_num(&s["bridge"]["cpu_us_per_change"], "us"),
-            String::new(),
+            format!(
+                "publisher alone {}",
+                fmt_num(&j["publisher_cpu_us_per_message"], "us")
+            ),
             String::new(),
         ],
         [
