@@ -127,8 +127,9 @@ fn pg_params(config: &Config) -> Vec<(&'static str, String)> {
     config.postgres.libpq_params()
 }
 
-/// Checks the database and makes sure the slot exists.
-fn pg_setup(config: &Config) -> Result<(DatabaseInfo, SlotState), RunError> {
+/// Checks the database and makes sure the slot exists. Returns the replication connection
+/// too, so streaming can start on it without logging in again.
+fn pg_setup(config: &Config) -> Result<(DatabaseInfo, SlotState, ReplicationConnection), RunError> {
     let params = pg_params(config);
     let refs: Vec<(&str, &str)> = params.iter().map(|(k, v)| (*k, v.as_str())).collect();
     let mut conn = PgConnection::connect(&refs, ConnectionKind::Normal).map_err(SetupError::Pg)?;
@@ -139,7 +140,7 @@ fn pg_setup(config: &Config) -> Result<(DatabaseInfo, SlotState), RunError> {
     )?;
     let mut repl = ReplicationConnection::connect(&refs).map_err(SetupError::Pg)?;
     let slot = setup::ensure_slot(&mut conn, &mut repl, &config.replication.slot)?;
-    Ok((info, slot))
+    Ok((info, slot, repl))
 }
 
 /// Runs `f` until it succeeds, retrying transient PostgreSQL failures and waiting while the
@@ -181,7 +182,8 @@ fn with_retries<T>(
 pub fn run(config: &Config, shutdown: &Shutdown) -> Result<RunSummary, RunError> {
     let started = Instant::now();
     let mut reconnects = 0;
-    let Some((info, slot)) = with_retries(config, shutdown, &mut reconnects, || pg_setup(config))?
+    let Some((info, slot, setup_repl)) =
+        with_retries(config, shutdown, &mut reconnects, || pg_setup(config))?
     else {
         return Ok(RunSummary::default());
     };
@@ -281,10 +283,19 @@ pub fn run(config: &Config, shutdown: &Shutdown) -> Result<RunSummary, RunError>
         std::process::id()
     ));
     let mut wal_reconnects = 0;
+    // The first attempt streams on the set-up connection (a login costs tens of ms of CPU
+    // with SCRAM); if it was lost meanwhile, the attempt fails and the next one reconnects.
+    let mut setup_repl = Some(setup_repl);
     let wal_result = with_retries(config, shutdown, &mut wal_reconnects, || {
-        let params = pg_params(config);
-        let refs: Vec<(&str, &str)> = params.iter().map(|(k, v)| (*k, v.as_str())).collect();
-        let repl = ReplicationConnection::connect(&refs).map_err(SetupError::Pg)?;
+        let repl = match setup_repl.take() {
+            Some(repl) => repl,
+            None => {
+                let params = pg_params(config);
+                let refs: Vec<(&str, &str)> =
+                    params.iter().map(|(k, v)| (*k, v.as_str())).collect();
+                ReplicationConnection::connect(&refs).map_err(SetupError::Pg)?
+            }
+        };
         let spool = Spool::new(&spool_dir)?;
         let mut stream = WalStream::new(
             repl,
