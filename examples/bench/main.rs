@@ -873,11 +873,34 @@ impl Bench {
         say(self, "start-up: spawn to the first change in the stream");
         let mut to_first = Vec::new();
         let mut logged = Vec::new();
+        let mut pg_only = Vec::new();
+        let mut reread = Vec::new();
         for i in 0..self.o.startup_runs {
             self.pg.sql(
                 DB,
                 &format!("INSERT INTO users (name, email) VALUES ('startup {i}', 'startup{i}@example.com')"),
             );
+            // What the walsender re-reads before the first new change: restart_lsn -> confirmed.
+            reread.push(
+                self.pg
+                    .value(
+                        DB,
+                        &format!(
+                            "SELECT pg_wal_lsn_diff(confirmed_flush_lsn, restart_lsn)::bigint \
+                             FROM pg_replication_slots WHERE slot_name = '{SLOT}'"
+                        ),
+                    )
+                    .parse::<u64>()
+                    .unwrap_or(0),
+            );
+            pg_only.push(round(
+                probe::first_change_ms(
+                    &self.pg.params(DB, READER, READER_PASSWORD),
+                    SLOT,
+                    PUBLICATION,
+                ),
+                1,
+            ));
             let mut sub = self
                 .rt
                 .block_on(async {
@@ -911,6 +934,13 @@ impl Bench {
             "median_ms": round(nats::percentile(&sorted, 50.0), 1),
             "max_ms": round(sorted.last().copied().unwrap_or(f64::NAN), 1),
             "streaming_started_logged_ms": logged,
+            "postgresql_only_first_change_ms": pg_only,
+            "postgresql_only_median_ms": round(nats::percentile(&{
+                let mut v = pg_only.clone();
+                v.sort_by(f64::total_cmp);
+                v
+            }, 50.0), 1),
+            "slot_wal_reread_bytes": reread,
         })
     }
 
@@ -1179,6 +1209,12 @@ fn print_table(r: &Json) {
                 "{} / {} ms",
                 r["startup"]["median_ms"], r["startup"]["max_ms"]
             ),
+            String::new(),
+            String::new(),
+        ],
+        [
+            "  PostgreSQL alone: login to first change".into(),
+            format!("{} ms", r["startup"]["postgresql_only_median_ms"]),
             String::new(),
             String::new(),
         ],

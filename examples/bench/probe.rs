@@ -69,3 +69,31 @@ impl Probe {
         self.thread.join().expect("probe thread")
     }
 }
+
+/// PostgreSQL's share of the start-up: log in on a replication connection, start streaming
+/// from `slot` (at its confirmed position, confirming nothing) and wait for the first row
+/// change. The walsender first re-reads the WAL from the slot's `restart_lsn`, which is most
+/// of the time when the slot's last transactions were busy. Milliseconds.
+pub fn first_change_ms(params: &[(&'static str, String)], slot: &str, publication: &str) -> f64 {
+    let started = std::time::Instant::now();
+    let refs: Vec<(&str, &str)> = params.iter().map(|(k, v)| (*k, v.as_str())).collect();
+    let mut repl = ReplicationConnection::connect(&refs).expect("probe connection");
+    let options = PgOutputOptions::for_server(150000, vec![publication.to_string()]);
+    repl.start_logical(slot, Lsn::INVALID, &options)
+        .expect("probe START_REPLICATION");
+    let mut decoder = Decoder::new();
+    loop {
+        assert!(
+            started.elapsed() < Duration::from_secs(60),
+            "no change in 60 s"
+        );
+        let Some(buf) = repl.recv(Duration::from_millis(50)).expect("probe recv") else {
+            continue;
+        };
+        if let ReplicationMessage::XLogData(x) = parse_copy_data(&buf).expect("probe framing") {
+            if let Ok(LogicalMessage::Insert(_)) = decoder.decode(x.data) {
+                return started.elapsed().as_secs_f64() * 1e3;
+            }
+        }
+    }
+}
