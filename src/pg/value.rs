@@ -302,6 +302,20 @@ pub fn decode_text(kind: ValueKind, text: &[u8]) -> Result<Value, ValueError> {
     }
 }
 
+/// [`decode_text`] into `slot`, reusing the allocation of the text value `slot` holds when
+/// the new value is text too (the hot path reuses decoded rows).
+pub fn decode_text_into(kind: ValueKind, text: &[u8], slot: &mut Value) -> Result<(), ValueError> {
+    if let (ValueKind::Text, Value::Text(s)) = (kind, &mut *slot) {
+        let t =
+            std::str::from_utf8(text).map_err(|_| ValueError::new("text", "valid UTF-8", text))?;
+        s.clear();
+        s.push_str(t);
+        return Ok(());
+    }
+    *slot = decode_text(kind, text)?;
+    Ok(())
+}
+
 fn decode_scalar(kind: ElemKind, text: &[u8]) -> Result<Value, ValueError> {
     match kind {
         ElemKind::Bool => match text {

@@ -7,8 +7,10 @@
 
 use std::io::Write;
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
 
 use crossbeam_utils::CachePadded;
 
@@ -121,6 +123,112 @@ impl StateFile {
     }
 }
 
+/// Writes the state file on its own thread, so the wal thread never waits for the disk: a
+/// synced write takes from under a millisecond to tens of milliseconds on a busy disk, and
+/// the wal thread would hold back every change meanwhile.
+///
+/// The wal thread [requests](StateWriter::request) a position and confirms to PostgreSQL only
+/// what [has been stored](StateWriter::stored), so the file is never behind the slot.
+pub struct StateWriter {
+    shared: Arc<WriterShared>,
+    thread: Option<JoinHandle<()>>,
+}
+
+struct WriterShared {
+    wanted: AtomicU64,
+    stored: AtomicU64,
+    stop: AtomicBool,
+    error: Mutex<Option<StateFileError>>,
+}
+
+impl StateWriter {
+    /// Starts the writer thread for `file` (already [loaded](StateFile::load), if it exists).
+    pub fn spawn(mut file: StateFile) -> std::io::Result<StateWriter> {
+        let shared = Arc::new(WriterShared {
+            wanted: AtomicU64::new(file.last_written.0),
+            stored: AtomicU64::new(file.last_written.0),
+            stop: AtomicBool::new(false),
+            error: Mutex::new(None),
+        });
+        let worker = Arc::clone(&shared);
+        let thread = std::thread::Builder::new()
+            .name("state-file".into())
+            .spawn(move || loop {
+                let stop = worker.stop.load(Ordering::Acquire);
+                let wanted = Lsn(worker.wanted.load(Ordering::Acquire));
+                if wanted > file.last_written {
+                    match file.store(wanted) {
+                        Ok(()) => worker.stored.store(wanted.0, Ordering::Release),
+                        Err(e) => {
+                            *worker.error.lock().unwrap_or_else(|p| p.into_inner()) = Some(e);
+                            return;
+                        }
+                    }
+                }
+                if stop {
+                    return;
+                }
+                std::thread::park_timeout(Duration::from_secs(1));
+            })?;
+        Ok(StateWriter {
+            shared,
+            thread: Some(thread),
+        })
+    }
+
+    /// Asks for `lsn` to be stored (a newer request replaces an older one).
+    pub fn request(&self, lsn: Lsn) {
+        if self.shared.wanted.fetch_max(lsn.0, Ordering::AcqRel) < lsn.0 {
+            if let Some(t) = &self.thread {
+                t.thread().unpark();
+            }
+        }
+    }
+
+    /// The newest position stored in the file.
+    pub fn stored(&self) -> Lsn {
+        Lsn(self.shared.stored.load(Ordering::Acquire))
+    }
+
+    /// The error that stopped the writer, if any (reported once).
+    pub fn take_error(&self) -> Option<StateFileError> {
+        self.shared
+            .error
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .take()
+    }
+
+    /// Requests `lsn` and waits (at most `timeout`) until it is stored; the stored position.
+    pub fn store_now(&self, lsn: Lsn, timeout: Duration) -> Result<Lsn, StateFileError> {
+        self.request(lsn);
+        let deadline = Instant::now() + timeout;
+        while self.stored() < lsn && Instant::now() < deadline {
+            if let Some(e) = self.take_error() {
+                return Err(e);
+            }
+            if self.thread.as_ref().is_none_or(JoinHandle::is_finished) {
+                break;
+            }
+            std::thread::sleep(Duration::from_millis(1));
+        }
+        match self.take_error() {
+            Some(e) => Err(e),
+            None => Ok(self.stored()),
+        }
+    }
+}
+
+impl Drop for StateWriter {
+    fn drop(&mut self) {
+        self.shared.stop.store(true, Ordering::Release);
+        if let Some(t) = self.thread.take() {
+            t.thread().unpark();
+            let _ = t.join();
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -153,6 +261,28 @@ mod tests {
             err.to_string().contains("does not hold a WAL position"),
             "{err}"
         );
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn state_writer_stores_in_the_background() {
+        let dir = std::env::temp_dir().join(format!("pgbridge-writer-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("s.lsn");
+        let _ = std::fs::remove_file(&path);
+        let w = StateWriter::spawn(StateFile::new(&path)).unwrap();
+        assert_eq!(w.stored(), Lsn::INVALID);
+        w.request(Lsn(0x20));
+        assert_eq!(
+            w.store_now(Lsn(0x30), Duration::from_secs(10)).unwrap(),
+            Lsn(0x30)
+        );
+        w.request(Lsn(0x10)); // older: ignored
+        drop(w);
+        assert_eq!(std::fs::read_to_string(&path).unwrap(), "0/30\n");
+        // An unwritable path is reported, not hidden.
+        let w = StateWriter::spawn(StateFile::new(dir.join("missing/s.lsn"))).unwrap();
+        assert!(w.store_now(Lsn(1), Duration::from_secs(10)).is_err());
         std::fs::remove_dir_all(&dir).unwrap();
     }
 }

@@ -22,10 +22,13 @@ use crate::sink::nats::{self, NatsError, NatsStats};
 use crate::sink::publisher::{PublishError, Publisher, PublisherSettings, PublisherStats};
 use crate::telemetry::{self, Telemetry, TelemetryError};
 
-use durable::{DurableLsn, StateFile, StateFileError};
+use durable::{DurableLsn, StateFile, StateFileError, StateWriter};
 use wal::{RingItem, WalContext, WalStream};
 
 pub use wal::{StreamError, WalStats};
+
+/// Most published events kept for the wal thread to reuse.
+const RECYCLE_CAPACITY: usize = 1024;
 
 /// Why [`run`] stopped with an error.
 #[derive(Debug, thiserror::Error)]
@@ -125,8 +128,9 @@ fn pg_params(config: &Config) -> Vec<(&'static str, String)> {
     config.postgres.libpq_params()
 }
 
-/// Checks the database and makes sure the slot exists.
-fn pg_setup(config: &Config) -> Result<(DatabaseInfo, SlotState), RunError> {
+/// Checks the database and makes sure the slot exists. Returns the replication connection
+/// too, so streaming can start on it without logging in again.
+fn pg_setup(config: &Config) -> Result<(DatabaseInfo, SlotState, ReplicationConnection), RunError> {
     let params = pg_params(config);
     let refs: Vec<(&str, &str)> = params.iter().map(|(k, v)| (*k, v.as_str())).collect();
     let mut conn = PgConnection::connect(&refs, ConnectionKind::Normal).map_err(SetupError::Pg)?;
@@ -137,7 +141,7 @@ fn pg_setup(config: &Config) -> Result<(DatabaseInfo, SlotState), RunError> {
     )?;
     let mut repl = ReplicationConnection::connect(&refs).map_err(SetupError::Pg)?;
     let slot = setup::ensure_slot(&mut conn, &mut repl, &config.replication.slot)?;
-    Ok((info, slot))
+    Ok((info, slot, repl))
 }
 
 /// Runs `f` until it succeeds, retrying transient PostgreSQL failures and waiting while the
@@ -208,7 +212,9 @@ fn run_pipeline(
     telemetry: &Arc<Telemetry>,
 ) -> Result<RunSummary, RunError> {
     let started = Instant::now();
-    let Some((info, slot)) = with_retries(config, shutdown, telemetry, || pg_setup(config))? else {
+    let Some((info, slot, setup_repl)) =
+        with_retries(config, shutdown, telemetry, || pg_setup(config))?
+    else {
         return Ok(RunSummary::default());
     };
 
@@ -229,6 +235,8 @@ fn run_pipeline(
         }
     }
     let start = persisted.unwrap_or(Lsn::INVALID).max(slot.confirmed_flush);
+    let state = StateWriter::spawn(state)
+        .map_err(|e| RunError::Internal(format!("cannot start the state file thread: {e}")))?;
     let durable: DurableLsn = telemetry.durable.clone();
     durable.advance(start);
 
@@ -250,6 +258,11 @@ fn run_pipeline(
     );
 
     let (producer, consumer) = rtrb::RingBuffer::<RingItem>::new(config.replication.ring_capacity);
+    // Published events go back to the wal thread to be reused (bounded: at most this many
+    // wait there, the rest are dropped).
+    let (recycle_tx, recycle_rx) = rtrb::RingBuffer::<Box<event::ChangeEvent>>::new(
+        config.replication.ring_capacity.min(RECYCLE_CAPACITY),
+    );
     let notify = Arc::new(tokio::sync::Notify::new());
     let publisher_done = Arc::new(AtomicBool::new(false));
     let stats = Arc::clone(&telemetry.publisher);
@@ -258,6 +271,7 @@ fn run_pipeline(
         config,
         shutdown,
         consumer,
+        recycle_tx,
         Arc::clone(&notify),
         durable.clone(),
         (Arc::clone(&stats), Arc::clone(&telemetry.nats)),
@@ -296,14 +310,24 @@ fn run_pipeline(
         publisher_done: Arc::clone(&publisher_done),
         telemetry: Arc::clone(telemetry),
         schema_changes: Some(schema_tx),
+        recycled: Some(recycle_rx),
     };
     // One directory per slot: only the process holding the slot writes there.
     let spool_dir =
         std::env::temp_dir().join(format!("pgbridge-spool-{}", config.replication.slot));
+    // The first attempt streams on the set-up connection (a login costs tens of ms of CPU
+    // with SCRAM); if it was lost meanwhile, the attempt fails and the next one reconnects.
+    let mut setup_repl = Some(setup_repl);
     let wal_result = with_retries(config, shutdown, telemetry, || {
-        let params = pg_params(config);
-        let refs: Vec<(&str, &str)> = params.iter().map(|(k, v)| (*k, v.as_str())).collect();
-        let repl = ReplicationConnection::connect(&refs).map_err(SetupError::Pg)?;
+        let repl = match setup_repl.take() {
+            Some(repl) => repl,
+            None => {
+                let params = pg_params(config);
+                let refs: Vec<(&str, &str)> =
+                    params.iter().map(|(k, v)| (*k, v.as_str())).collect();
+                ReplicationConnection::connect(&refs).map_err(SetupError::Pg)?
+            }
+        };
         let mut stream = WalStream::new(
             repl,
             tables.clone(),
@@ -350,6 +374,7 @@ fn spawn_publisher(
     config: &Config,
     shutdown: &Shutdown,
     consumer: rtrb::Consumer<RingItem>,
+    recycle: rtrb::Producer<Box<event::ChangeEvent>>,
     notify: Arc<tokio::sync::Notify>,
     durable: DurableLsn,
     (stats, nats_stats): (Arc<PublisherStats>, Arc<NatsStats>),
@@ -408,6 +433,7 @@ fn spawn_publisher(
                     }
                     let _ = ready.send(Ok(()));
                     Publisher::new(js, consumer, notify, durable, settings, stats, shutdown)
+                        .with_recycling(recycle)
                         .run()
                         .await
                         .map_err(RunError::from)

@@ -18,12 +18,12 @@ use crate::pg::conn::PgError;
 use crate::pg::framing::{parse_copy_data, FramingError, ReplicationMessage};
 use crate::pg::pgoutput::{Cell, DecodeError, Decoder, LogicalMessage, OldTuple, TupleData};
 use crate::pg::replication::{PgOutputOptions, ReplicationConnection};
-use crate::pg::value::{decode_text, TypeRegistry, Value, ValueKind};
+use crate::pg::value::{decode_text_into, TypeRegistry, Value, ValueKind};
 use crate::pg::Lsn;
 use crate::shutdown::Shutdown;
 use crate::telemetry::Telemetry;
 
-use super::durable::{DurableLsn, StateFile, StateFileError};
+use super::durable::{DurableLsn, StateFileError, StateWriter};
 use super::event::{ChangeEvent, ColumnValue, Operation, TableRef};
 use super::spool::{Spool, SpoolError};
 
@@ -31,6 +31,8 @@ use super::spool::{Spool, SpoolError};
 const POLL_INTERVAL: Duration = Duration::from_millis(50);
 /// Least time between two status updates sent only because the durable position moved.
 const STATUS_MIN_INTERVAL: Duration = Duration::from_millis(100);
+/// Longest wait at shutdown for the final position to be stored in the state file.
+const FINAL_STORE_TIMEOUT: Duration = Duration::from_secs(10);
 /// How long to wait for the server to end the stream at shutdown.
 const STOP_TIMEOUT: Duration = Duration::from_secs(10);
 /// Longest wait at shutdown for the publisher to store what is in the ring.
@@ -120,8 +122,8 @@ pub struct WalContext {
     pub notify: Arc<tokio::sync::Notify>,
     /// Durable position, advanced by the publisher.
     pub durable: DurableLsn,
-    /// Where the durable position is persisted.
-    pub state: StateFile,
+    /// Where the durable position is persisted (on its own thread).
+    pub state: StateWriter,
     /// Counters.
     pub stats: WalStats,
     /// End of the last transaction put on the ring.
@@ -134,6 +136,9 @@ pub struct WalContext {
     pub telemetry: Arc<Telemetry>,
     /// Told about every Relation message (schema, table), to keep the schemas bucket current.
     pub schema_changes: Option<tokio::sync::mpsc::UnboundedSender<(Arc<str>, Arc<str>)>>,
+    /// Events the publisher is done with, to be filled again: their vectors and strings keep
+    /// their allocations, so a change in the steady state allocates nothing here.
+    pub recycled: Option<rtrb::Consumer<Box<ChangeEvent>>>,
 }
 
 impl WalContext {
@@ -312,7 +317,7 @@ impl<'c> WalStream<'c> {
             let due = self.last_status.elapsed() >= Duration::from_secs(1);
             self.send_status(ctx, due)?;
         }
-        self.send_status(ctx, true)?;
+        self.send_status_with(ctx, true, true)?;
         self.repl.stop(STOP_TIMEOUT)?;
         Ok(())
     }
@@ -322,6 +327,19 @@ impl<'c> WalStream<'c> {
     /// everything received is durable and no transaction is open, the last keepalive's WAL
     /// end, so an idle or filtered database does not pile up WAL.
     fn send_status(&mut self, ctx: &mut WalContext, force: bool) -> Result<(), StreamError> {
+        self.send_status_with(ctx, force, false)
+    }
+
+    /// [`send_status`](Self::send_status); the position is first stored in the state file,
+    /// and only what is stored is confirmed. The file is written on its own thread: the
+    /// position stored at one update is confirmed at the next. `wait_stored` waits for the
+    /// file instead (at shutdown).
+    fn send_status_with(
+        &mut self,
+        ctx: &mut WalContext,
+        force: bool,
+        wait_stored: bool,
+    ) -> Result<(), StreamError> {
         let durable = ctx.durable.get();
         let drained = durable >= ctx.last_pushed_end;
         let idle = drained
@@ -339,10 +357,19 @@ impl<'c> WalStream<'c> {
         if !force && !due {
             return Ok(());
         }
-        if moved {
-            // Persist before confirming, so the file is never behind the slot.
-            ctx.state.store(flush)?;
-        }
+        let stored = if wait_stored {
+            ctx.state.store_now(flush, FINAL_STORE_TIMEOUT)?
+        } else {
+            if moved {
+                ctx.state.request(flush);
+            }
+            if let Some(e) = ctx.state.take_error() {
+                return Err(e.into());
+            }
+            ctx.state.stored()
+        };
+        // Never confirm past the state file, never move back.
+        let flush = flush.min(stored).max(ctx.reported_flush);
         let write = self.last_received.max(flush);
         self.repl.send_status(write, flush, flush, false)?;
         ctx.reported_flush = flush;
@@ -507,18 +534,14 @@ impl<'c> WalStream<'c> {
                 let seq = next_seq(txn);
                 let rel = self.relation(i.relid)?;
                 if rel.streamed {
-                    let mut unchanged = Vec::new();
-                    let columns = self.columns(rel, &i.new, false, None, &mut unchanged)?;
-                    let ev = self.event(
-                        rel,
-                        Operation::Insert,
-                        lsn,
-                        txn,
-                        seq,
+                    let mut ev = new_event(ctx, rel, Operation::Insert, lsn, txn, seq);
+                    ev.old_columns = None;
+                    let ChangeEvent {
                         columns,
-                        None,
-                        unchanged,
-                    );
+                        unchanged_toast,
+                        ..
+                    } = &mut *ev;
+                    self.columns(rel, &i.new, false, None, unchanged_toast, columns)?;
                     self.push_change(ev, ctx)?;
                 }
             }
@@ -526,29 +549,26 @@ impl<'c> WalStream<'c> {
                 let seq = next_seq(txn);
                 let rel = self.relation(u.relid)?;
                 if rel.streamed {
-                    let mut unchanged = Vec::new();
+                    let mut ev = new_event(ctx, rel, Operation::Update, lsn, txn, seq);
                     let (old, full_old) = match &u.old {
-                        Some(OldTuple::Key(t)) => (
-                            Some(self.columns(rel, t, true, None, &mut Vec::new())?),
-                            None,
-                        ),
-                        Some(OldTuple::Full(t)) => (
-                            Some(self.columns(rel, t, false, None, &mut Vec::new())?),
-                            Some(t),
-                        ),
+                        Some(OldTuple::Key(t)) => (Some((t, true)), None),
+                        Some(OldTuple::Full(t)) => (Some((t, false)), Some(t)),
                         None => (None, None),
                     };
-                    let columns = self.columns(rel, &u.new, false, full_old, &mut unchanged)?;
-                    let ev = self.event(
-                        rel,
-                        Operation::Update,
-                        lsn,
-                        txn,
-                        seq,
+                    ev.old_columns = match old {
+                        Some((t, keys_only)) => {
+                            let mut old = ev.old_columns.take().unwrap_or_default();
+                            self.columns(rel, t, keys_only, None, &mut Vec::new(), &mut old)?;
+                            Some(old)
+                        }
+                        None => None,
+                    };
+                    let ChangeEvent {
                         columns,
-                        old,
-                        unchanged,
-                    );
+                        unchanged_toast,
+                        ..
+                    } = &mut *ev;
+                    self.columns(rel, &u.new, false, full_old, unchanged_toast, columns)?;
                     self.push_change(ev, ctx)?;
                 }
             }
@@ -556,18 +576,17 @@ impl<'c> WalStream<'c> {
                 let seq = next_seq(txn);
                 let rel = self.relation(d.relid)?;
                 if rel.streamed {
-                    let old =
-                        self.columns(rel, &d.old.tuple(), d.old.is_key(), None, &mut Vec::new())?;
-                    let ev = self.event(
+                    let mut ev = new_event(ctx, rel, Operation::Delete, lsn, txn, seq);
+                    let tuple = d.old.tuple();
+                    self.columns(
                         rel,
-                        Operation::Delete,
-                        lsn,
-                        txn,
-                        seq,
-                        old.clone(),
-                        Some(old),
-                        Vec::new(),
-                    );
+                        &tuple,
+                        d.old.is_key(),
+                        None,
+                        &mut Vec::new(),
+                        &mut ev.columns,
+                    )?;
+                    ev.old_columns = Some(ev.columns.clone());
                     self.push_change(ev, ctx)?;
                 }
             }
@@ -576,16 +595,9 @@ impl<'c> WalStream<'c> {
                     let seq = next_seq(txn);
                     let rel = self.relation(*relid)?;
                     if rel.streamed {
-                        let ev = self.event(
-                            rel,
-                            Operation::Truncate,
-                            lsn,
-                            txn,
-                            seq,
-                            Vec::new(),
-                            None,
-                            Vec::new(),
-                        );
+                        let mut ev = new_event(ctx, rel, Operation::Truncate, lsn, txn, seq);
+                        ev.columns.clear();
+                        ev.old_columns = None;
                         self.push_change(ev, ctx)?;
                     }
                 }
@@ -602,35 +614,10 @@ impl<'c> WalStream<'c> {
             .ok_or(StreamError::UnknownRelation(relid))
     }
 
-    #[allow(clippy::too_many_arguments)]
-    fn event(
-        &self,
-        rel: &RelationInfo,
-        operation: Operation,
-        lsn: Lsn,
-        txn: &Txn,
-        seq: u32,
-        columns: Vec<ColumnValue>,
-        old_columns: Option<Vec<ColumnValue>>,
-        unchanged_toast: Vec<Arc<str>>,
-    ) -> ChangeEvent {
-        ChangeEvent {
-            table: Arc::clone(&rel.table),
-            operation,
-            lsn,
-            commit_lsn: txn.commit_lsn,
-            xid: txn.xid,
-            commit_time: txn.commit_time,
-            seq,
-            columns,
-            old_columns,
-            unchanged_toast,
-        }
-    }
-
-    /// Typed columns of a tuple. `keys_only` keeps just the replica identity columns (a 'K'
-    /// tuple carries NULLs elsewhere). Unchanged TOAST values are taken from the full old row
-    /// when there is one, otherwise listed in `unchanged`.
+    /// Typed columns of a tuple, written over `out` (reusing its names and text values).
+    /// `keys_only` keeps just the replica identity columns (a 'K' tuple carries NULLs
+    /// elsewhere). Unchanged TOAST values are taken from the full old row when there is one,
+    /// otherwise listed in `unchanged`.
     fn columns(
         &self,
         rel: &RelationInfo,
@@ -638,7 +625,8 @@ impl<'c> WalStream<'c> {
         keys_only: bool,
         full_old: Option<&TupleData<'_>>,
         unchanged: &mut Vec<Arc<str>>,
-    ) -> Result<Vec<ColumnValue>, StreamError> {
+        out: &mut Vec<ColumnValue>,
+    ) -> Result<(), StreamError> {
         if tuple.len() != rel.columns.len() {
             return Err(StreamError::ColumnCount {
                 relation: rel.qualified.clone(),
@@ -646,7 +634,7 @@ impl<'c> WalStream<'c> {
                 expected: rel.columns.len(),
             });
         }
-        let mut out = Vec::with_capacity(rel.columns.len());
+        let mut n = 0;
         for (i, (cell, col)) in tuple.iter().zip(&rel.columns).enumerate() {
             if keys_only && !col.key {
                 continue;
@@ -661,11 +649,20 @@ impl<'c> WalStream<'c> {
                 },
                 c => c,
             };
-            let value = match cell {
-                Cell::Null | Cell::Unchanged => Value::Null,
-                Cell::Text(b) => match decode_text(col.kind, b) {
-                    Ok(v) => v,
-                    Err(e) => {
+            if n == out.len() {
+                out.push(ColumnValue {
+                    name: Arc::clone(&col.name),
+                    value: Value::Null,
+                });
+            } else if !Arc::ptr_eq(&out[n].name, &col.name) {
+                out[n].name = Arc::clone(&col.name);
+            }
+            let value = &mut out[n].value;
+            n += 1;
+            match cell {
+                Cell::Null | Cell::Unchanged => *value = Value::Null,
+                Cell::Text(b) => {
+                    if let Err(e) = decode_text_into(col.kind, b, value) {
                         if !self.warned_values.replace(true) {
                             log::warn!(
                                 "{}.{}: {e}; publishing the text as it is",
@@ -673,30 +670,25 @@ impl<'c> WalStream<'c> {
                                 col.name
                             );
                         }
-                        Value::Text(String::from_utf8_lossy(b).into_owned())
+                        *value = Value::Text(String::from_utf8_lossy(b).into_owned());
                     }
-                },
-                Cell::Binary(b) => Value::Bytes(b.to_vec()),
-            };
-            out.push(ColumnValue {
-                name: Arc::clone(&col.name),
-                value,
-            });
+                }
+                Cell::Binary(b) => *value = Value::Bytes(b.to_vec()),
+            }
         }
-        Ok(out)
+        out.truncate(n);
+        Ok(())
     }
 
-    fn push_change(&mut self, ev: ChangeEvent, ctx: &mut WalContext) -> Result<(), StreamError> {
+    fn push_change(
+        &mut self,
+        ev: Box<ChangeEvent>,
+        ctx: &mut WalContext,
+    ) -> Result<(), StreamError> {
         let seq = ev.seq;
         let shutdown = self.shutdown.clone();
         let mut keepalive = |ctx: &mut WalContext| self.keep_alive_while_waiting(ctx);
-        push_wait(
-            ctx,
-            RingItem::Change(Box::new(ev)),
-            &shutdown,
-            false,
-            &mut keepalive,
-        )?;
+        push_wait(ctx, RingItem::Change(ev), &shutdown, false, &mut keepalive)?;
         ctx.stats.changes += 1;
         if seq % NOTIFY_EVERY == NOTIFY_EVERY - 1 {
             ctx.notify.notify_one();
@@ -708,6 +700,45 @@ impl<'c> WalStream<'c> {
     fn keep_alive_while_waiting(&mut self, ctx: &mut WalContext) -> Result<(), StreamError> {
         let due = self.last_status.elapsed() >= self.config.replication.standby_status_interval();
         self.send_status(ctx, due)
+    }
+}
+
+/// An event for a change of `rel`: one the publisher gave back, or a new one. The caller
+/// sets `columns` and `old_columns`; `unchanged_toast` is emptied.
+fn new_event(
+    ctx: &mut WalContext,
+    rel: &RelationInfo,
+    operation: Operation,
+    lsn: Lsn,
+    txn: &Txn,
+    seq: u32,
+) -> Box<ChangeEvent> {
+    match ctx.recycled.as_mut().and_then(|r| r.pop().ok()) {
+        Some(mut ev) => {
+            if !Arc::ptr_eq(&ev.table, &rel.table) {
+                ev.table = Arc::clone(&rel.table);
+            }
+            ev.operation = operation;
+            ev.lsn = lsn;
+            ev.commit_lsn = txn.commit_lsn;
+            ev.xid = txn.xid;
+            ev.commit_time = txn.commit_time;
+            ev.seq = seq;
+            ev.unchanged_toast.clear();
+            ev
+        }
+        None => Box::new(ChangeEvent {
+            table: Arc::clone(&rel.table),
+            operation,
+            lsn,
+            commit_lsn: txn.commit_lsn,
+            xid: txn.xid,
+            commit_time: txn.commit_time,
+            seq,
+            columns: Vec::with_capacity(rel.columns.len()),
+            old_columns: None,
+            unchanged_toast: Vec::new(),
+        }),
     }
 }
 

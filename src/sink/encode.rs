@@ -384,40 +384,57 @@ fn mp_uint(out: &mut Vec<u8>, v: u64) {
     written(rmp::encode::write_uint(out, v));
 }
 
+/// The map keys as MessagePack fixstr (`0xa0 | length`, then the bytes), written with one
+/// copy each: every message carries 12 of them plus 2 per column.
+const K_TABLE: &[u8] = b"\xa5table";
+const K_SCHEMA: &[u8] = b"\xa6schema";
+const K_OPERATION: &[u8] = b"\xa9operation";
+const K_RELATION_ID: &[u8] = b"\xabrelation_id";
+const K_LSN: &[u8] = b"\xa3lsn";
+const K_COMMIT_LSN: &[u8] = b"\xaacommit_lsn";
+const K_XID: &[u8] = b"\xa3xid";
+const K_COMMIT_TIME: &[u8] = b"\xabcommit_time";
+const K_SEQ: &[u8] = b"\xa3seq";
+const K_COLUMNS: &[u8] = b"\xa7columns";
+const K_OLD_COLUMNS: &[u8] = b"\xabold_columns";
+const K_UNCHANGED_TOAST: &[u8] = b"\xafunchanged_toast";
+const K_NAME: &[u8] = b"\xa4name";
+const K_VALUE: &[u8] = b"\xa5value";
+
 fn msgpack_change(event: &ChangeEvent, out: &mut Vec<u8>) {
     let with_old = has_old_columns(event);
     written(rmp::encode::write_map_len(out, 11 + u32::from(with_old)));
 
-    mp_str(out, "table");
+    out.extend_from_slice(K_TABLE);
     mp_str(out, &event.table.table);
-    mp_str(out, "schema");
+    out.extend_from_slice(K_SCHEMA);
     mp_str(out, &event.table.schema);
-    mp_str(out, "operation");
+    out.extend_from_slice(K_OPERATION);
     mp_str(out, event.operation.as_upper());
-    mp_str(out, "relation_id");
+    out.extend_from_slice(K_RELATION_ID);
     mp_uint(out, u64::from(event.table.relation_id));
     let mut lsn = [0; LSN_MAX_LEN];
-    mp_str(out, "lsn");
+    out.extend_from_slice(K_LSN);
     mp_str(out, lsn_text(event.lsn, &mut lsn));
-    mp_str(out, "commit_lsn");
+    out.extend_from_slice(K_COMMIT_LSN);
     mp_str(out, lsn_text(event.commit_lsn, &mut lsn));
-    mp_str(out, "xid");
+    out.extend_from_slice(K_XID);
     mp_uint(out, u64::from(event.xid));
     let mut time = [0; TIMESTAMP_LEN];
-    mp_str(out, "commit_time");
+    out.extend_from_slice(K_COMMIT_TIME);
     mp_str(out, format_timestamp(event.commit_time, &mut time));
-    mp_str(out, "seq");
+    out.extend_from_slice(K_SEQ);
     mp_uint(out, u64::from(event.seq));
-    mp_str(out, "columns");
+    out.extend_from_slice(K_COLUMNS);
     msgpack_columns(&event.columns, out);
     if with_old {
-        mp_str(out, "old_columns");
+        out.extend_from_slice(K_OLD_COLUMNS);
         match &event.old_columns {
             Some(columns) => msgpack_columns(columns, out),
             None => written(rmp::encode::write_nil(out)),
         }
     }
-    mp_str(out, "unchanged_toast");
+    out.extend_from_slice(K_UNCHANGED_TOAST);
     written(rmp::encode::write_array_len(
         out,
         len32(event.unchanged_toast.len()),
@@ -431,9 +448,9 @@ fn msgpack_columns(columns: &[ColumnValue], out: &mut Vec<u8>) {
     written(rmp::encode::write_array_len(out, len32(columns.len())));
     for column in columns {
         written(rmp::encode::write_map_len(out, 2));
-        mp_str(out, "name");
+        out.extend_from_slice(K_NAME);
         mp_str(out, &column.name);
-        mp_str(out, "value");
+        out.extend_from_slice(K_VALUE);
         msgpack_value(&column.value, out);
     }
 }
@@ -640,6 +657,30 @@ mod tests {
     use serde::de::{Deserialize, Deserializer, MapAccess, SeqAccess, Visitor};
 
     use super::*;
+
+    #[test]
+    fn msgpack_keys_are_their_fixstr_encoding() {
+        for (key, bytes) in [
+            ("table", K_TABLE),
+            ("schema", K_SCHEMA),
+            ("operation", K_OPERATION),
+            ("relation_id", K_RELATION_ID),
+            ("lsn", K_LSN),
+            ("commit_lsn", K_COMMIT_LSN),
+            ("xid", K_XID),
+            ("commit_time", K_COMMIT_TIME),
+            ("seq", K_SEQ),
+            ("columns", K_COLUMNS),
+            ("old_columns", K_OLD_COLUMNS),
+            ("unchanged_toast", K_UNCHANGED_TOAST),
+            ("name", K_NAME),
+            ("value", K_VALUE),
+        ] {
+            let mut v = Vec::new();
+            rmp::encode::write_str(&mut v, key).unwrap();
+            assert_eq!(v, bytes, "{key}");
+        }
+    }
     use crate::pipeline::event::TableRef;
 
     #[test]

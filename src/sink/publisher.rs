@@ -7,7 +7,7 @@
 //! NATS down) is retried with the same message id, so JetStream stores it once however often
 //! it is sent within the duplicate window.
 
-use std::collections::VecDeque;
+use std::collections::{HashMap, VecDeque};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
@@ -15,12 +15,14 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 use async_nats::jetstream::context::{PublishAckFuture, PublishErrorKind};
 use async_nats::jetstream::message::PublishMessage;
 use async_nats::jetstream::Context;
+use async_nats::Subject;
 use bytes::Bytes;
 
 use crate::config::Format;
 use crate::pg::pgoutput::pg_to_unix_micros;
 use crate::pg::Lsn;
 use crate::pipeline::durable::DurableLsn;
+use crate::pipeline::event::{ChangeEvent, Operation, TableRef};
 use crate::pipeline::wal::RingItem;
 use crate::shutdown::Shutdown;
 
@@ -37,6 +39,8 @@ const RETRY_MAX: Duration = Duration::from_secs(2);
 const IDLE_WAIT: Duration = Duration::from_millis(20);
 /// At shutdown, how long to keep retrying when JetStream does not acknowledge.
 const SHUTDOWN_RETRY_LIMIT: Duration = Duration::from_secs(30);
+/// Most tables whose subjects are kept (a schema change gives a table a new entry).
+const SUBJECT_CACHE_TABLES: usize = 4096;
 
 /// Why the publisher stopped.
 #[derive(Debug, thiserror::Error)]
@@ -98,7 +102,7 @@ pub struct PublisherSettings {
 }
 
 struct InFlight {
-    subject: String,
+    subject: Subject,
     message_id: String,
     payload: Bytes,
     ack: Option<PublishAckFuture>,
@@ -120,6 +124,41 @@ pub struct Publisher {
     shutdown: Shutdown,
     buf: Vec<u8>,
     window: VecDeque<InFlight>,
+    subjects: SubjectCache,
+    recycle: Option<rtrb::Producer<Box<ChangeEvent>>>,
+}
+
+/// The subjects of each table, built once rather than for every message. Keyed by the
+/// address of the table's [`TableRef`], which the wal thread creates anew for each Relation
+/// message (so a renamed table gets a new entry); the entry holds the `Arc`, so the address
+/// cannot be reused by another table while it is cached.
+#[derive(Default)]
+struct SubjectCache {
+    tables: HashMap<usize, (Arc<TableRef>, [Option<Subject>; 4])>,
+}
+
+impl SubjectCache {
+    fn get(&mut self, prefix: &str, table: &Arc<TableRef>, op: Operation) -> Subject {
+        if self.tables.len() >= SUBJECT_CACHE_TABLES {
+            self.tables.clear();
+        }
+        let key = Arc::as_ptr(table) as usize;
+        let (_, subjects) = self
+            .tables
+            .entry(key)
+            .or_insert_with(|| (Arc::clone(table), Default::default()));
+        let slot = match op {
+            Operation::Insert => 0,
+            Operation::Update => 1,
+            Operation::Delete => 2,
+            Operation::Truncate => 3,
+        };
+        subjects[slot]
+            .get_or_insert_with(|| {
+                Subject::from(change_subject(prefix, &table.schema, &table.table, op))
+            })
+            .clone()
+    }
 }
 
 impl Publisher {
@@ -144,7 +183,16 @@ impl Publisher {
             shutdown,
             buf: Vec::with_capacity(4096),
             window,
+            subjects: SubjectCache::default(),
+            recycle: None,
         }
+    }
+
+    /// Gives published events back to the wal thread through `ring`, to be filled again
+    /// (when the ring is full they are dropped).
+    pub fn with_recycling(mut self, ring: rtrb::Producer<Box<ChangeEvent>>) -> Self {
+        self.recycle = Some(ring);
+        self
     }
 
     /// Runs until the ring is closed and drained.
@@ -154,7 +202,12 @@ impl Publisher {
             // Fill the window from the ring.
             while self.window.len() < self.settings.max_in_flight && !ended {
                 match self.consumer.pop() {
-                    Ok(RingItem::Change(ev)) => self.publish_change(&ev).await?,
+                    Ok(RingItem::Change(ev)) => {
+                        self.publish_change(&ev).await?;
+                        if let Some(ring) = self.recycle.as_mut() {
+                            let _ = ring.push(ev);
+                        }
+                    }
                     Ok(RingItem::Commit { end_lsn }) => match self.window.back_mut() {
                         Some(last) => last.commit_end = Some(end_lsn),
                         None => self.durable.advance(end_lsn),
@@ -181,17 +234,11 @@ impl Publisher {
         }
     }
 
-    async fn publish_change(
-        &mut self,
-        ev: &crate::pipeline::event::ChangeEvent,
-    ) -> Result<(), PublishError> {
+    async fn publish_change(&mut self, ev: &ChangeEvent) -> Result<(), PublishError> {
         encode_change(self.settings.format, ev, &mut self.buf);
-        let subject = change_subject(
-            &self.settings.subject_prefix,
-            &ev.table.schema,
-            &ev.table.table,
-            ev.operation,
-        );
+        let subject = self
+            .subjects
+            .get(&self.settings.subject_prefix, &ev.table, ev.operation);
         let mut entry = InFlight {
             subject,
             message_id: ev.message_id(),
@@ -229,7 +276,7 @@ impl Publisher {
         e: &async_nats::jetstream::context::PublishError,
     ) -> Option<PublishError> {
         (e.kind() == PublishErrorKind::MaxPayloadExceeded).then(|| PublishError::TooLarge {
-            table: entry.subject.clone(),
+            table: entry.subject.to_string(),
             size: entry.payload.len(),
             max: self.js.client().server_info().max_payload,
             message_id: entry.message_id.clone(),

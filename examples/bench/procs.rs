@@ -1,0 +1,202 @@
+//! Child processes of the benchmark and what /proc says about them.
+//!
+//! Every child's pid is written to `{dir}/pids/{name}.pid` as soon as it is spawned, so
+//! `scripts/bench` can stop whatever is left if this program dies without cleaning up. Normally
+//! the [`Proc`] guards stop their process on drop.
+
+use std::fs;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command};
+use std::time::{Duration, Instant};
+
+/// A child process, stopped (signal, then SIGKILL after a grace period) on drop.
+pub struct Proc {
+    pub child: Child,
+    pub name: String,
+    stop_signal: i32,
+    pid_file: PathBuf,
+}
+
+impl Proc {
+    /// Spawns `cmd`, recording its pid under `dir/pids`.
+    pub fn spawn(dir: &Path, name: &str, cmd: &mut Command, stop_signal: i32) -> Proc {
+        let child = cmd
+            .spawn()
+            .unwrap_or_else(|e| panic!("cannot start {name}: {e}"));
+        let pids = dir.join("pids");
+        fs::create_dir_all(&pids).expect("pid dir");
+        let pid_file = pids.join(format!("{name}-{}.pid", child.id()));
+        // The signal the cleanup trap should send first (postmaster: SIGQUIT).
+        fs::write(&pid_file, format!("{} {}\n", child.id(), stop_signal)).expect("pid file");
+        Proc {
+            child,
+            name: name.to_string(),
+            stop_signal,
+            pid_file,
+        }
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    pub fn signal(&self, sig: i32) {
+        // SAFETY: kill(2) on our own child.
+        unsafe { libc::kill(self.child.id() as i32, sig) };
+    }
+
+    /// Waits up to `timeout` for the exit; the exit status and the child's resource usage.
+    pub fn wait_timeout(&mut self, timeout: Duration) -> Option<(i32, Rusage)> {
+        let deadline = Instant::now() + timeout;
+        loop {
+            let mut status = 0;
+            // SAFETY: an all-zero rusage is valid; wait4 on our own child's pid.
+            let mut ru: libc::rusage = unsafe { std::mem::zeroed() };
+            let r =
+                unsafe { libc::wait4(self.child.id() as i32, &mut status, libc::WNOHANG, &mut ru) };
+            if r == self.child.id() as i32 {
+                let _ = fs::remove_file(&self.pid_file);
+                let code = if libc::WIFEXITED(status) {
+                    libc::WEXITSTATUS(status)
+                } else {
+                    128 + libc::WTERMSIG(status)
+                };
+                return Some((code, Rusage::from(&ru)));
+            }
+            if r < 0 || Instant::now() >= deadline {
+                return None;
+            }
+            std::thread::sleep(Duration::from_millis(5));
+        }
+    }
+
+    /// Sends `sig` and waits for the exit, with SIGKILL after `grace`.
+    pub fn stop(&mut self, sig: i32, grace: Duration) -> Option<(i32, Rusage)> {
+        self.signal(sig);
+        if let Some(r) = self.wait_timeout(grace) {
+            return Some(r);
+        }
+        eprintln!("bench: {} did not stop in {grace:?}; killing it", self.name);
+        self.signal(libc::SIGKILL);
+        self.wait_timeout(Duration::from_secs(10))
+    }
+}
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        if fs::metadata(&self.pid_file).is_ok() {
+            self.stop(self.stop_signal, Duration::from_secs(10));
+        }
+    }
+}
+
+/// CPU time of a process or thread, from wait4 or /proc.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct Rusage {
+    pub user: Duration,
+    pub sys: Duration,
+}
+
+impl Rusage {
+    pub fn total(&self) -> Duration {
+        self.user + self.sys
+    }
+}
+
+impl From<&libc::rusage> for Rusage {
+    fn from(ru: &libc::rusage) -> Self {
+        let tv = |t: libc::timeval| {
+            Duration::from_secs(t.tv_sec as u64) + Duration::from_micros(t.tv_usec as u64)
+        };
+        Rusage {
+            user: tv(ru.ru_utime),
+            sys: tv(ru.ru_stime),
+        }
+    }
+}
+
+fn clock_ticks() -> u64 {
+    // SAFETY: sysconf has no preconditions.
+    let t = unsafe { libc::sysconf(libc::_SC_CLK_TCK) };
+    if t > 0 {
+        t as u64
+    } else {
+        100
+    }
+}
+
+/// `(comm, utime+stime)` of `/proc/.../stat`.
+fn parse_stat(text: &str) -> Option<(String, Rusage)> {
+    let open = text.find('(')?;
+    let close = text.rfind(')')?;
+    let comm = text[open + 1..close].to_string();
+    // Fields after the comm start at field 3 (state); utime is field 14, stime 15.
+    let rest: Vec<&str> = text[close + 2..].split_whitespace().collect();
+    let ticks = clock_ticks();
+    let to_dur = |s: &str| {
+        let t: u64 = s.parse().unwrap_or(0);
+        Duration::from_micros(t * 1_000_000 / ticks)
+    };
+    Some((
+        comm,
+        Rusage {
+            user: to_dur(rest.get(11)?),
+            sys: to_dur(rest.get(12)?),
+        },
+    ))
+}
+
+/// CPU time used so far by process `pid` (all its threads).
+pub fn cpu_of(pid: u32) -> Option<Rusage> {
+    let text = fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    parse_stat(&text).map(|(_, r)| r)
+}
+
+/// CPU time used so far by each thread of `pid`, by thread name.
+pub fn cpu_by_thread(pid: u32) -> Vec<(String, Rusage)> {
+    let mut out = Vec::new();
+    let Ok(rd) = fs::read_dir(format!("/proc/{pid}/task")) else {
+        return out;
+    };
+    for e in rd.flatten() {
+        if let Ok(text) = fs::read_to_string(e.path().join("stat")) {
+            if let Some(x) = parse_stat(&text) {
+                out.push(x);
+            }
+        }
+    }
+    out.sort_by_key(|t| std::cmp::Reverse(t.1.total()));
+    out
+}
+
+/// A `kB` field of /proc/<pid>/status, e.g. `VmHWM` (peak RSS) or `VmRSS`.
+pub fn status_kb(pid: u32, field: &str) -> Option<u64> {
+    let text = fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
+    text.lines()
+        .find_map(|l| l.strip_prefix(field)?.strip_prefix(':'))
+        .and_then(|v| v.split_whitespace().next()?.parse().ok())
+}
+
+/// A free TCP port on 127.0.0.1.
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .map(|a| a.port())
+        .expect("no free loopback port")
+}
+
+/// Runs a command to completion; panics with its output when it fails.
+pub fn run(cmd: &mut Command, what: &str) -> String {
+    let out = cmd
+        .output()
+        .unwrap_or_else(|e| panic!("cannot run {what}: {e}"));
+    if !out.status.success() {
+        panic!(
+            "{what} failed ({}):\n{}\n{}",
+            out.status,
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}

@@ -1,0 +1,231 @@
+//! The JetStream ceiling of the benchmark: the least a publisher must do to store the bridge's
+//! messages, with the bridge's own client settings and PubAck window.
+//!
+//! It first reads every message of a source stream (the CDC stream the bridge just filled;
+//! not timed), then publishes the same payloads, with the same subjects (prefix replaced) and
+//! the same `Nats-Msg-Id`s, to a new stream with the source's settings, keeping at most
+//! `--window` PubAcks in flight and awaiting them in order, as the bridge's publisher does.
+//! Prints one JSON line with the timed part and the CPU time it took.
+//!
+//! `--mode core` publishes the same messages as plain NATS publishes with a reply subject
+//! under one inbox subscription, and counts the PubAcks that arrive there, instead of the
+//! client's JetStream publish (a request per message, with its own inbox, oneshot channel
+//! and JSON decoding of the ack). JetStream stores and acknowledges them just the same;
+//! the difference is the client's cost per message.
+//!
+//! ```text
+//! js_publish --url nats://127.0.0.1:4222 --source CDC --target CEIL --window 1024 [--mode core]
+//! ```
+
+use std::collections::VecDeque;
+use std::time::{Duration, Instant};
+
+use async_nats::jetstream::message::PublishMessage;
+use bytes::Bytes;
+use futures_util::StreamExt;
+
+/// The bridge's PubAck timeout (`ACK_TIMEOUT`).
+const ACK_TIMEOUT: Duration = Duration::from_secs(5);
+
+struct Args {
+    url: String,
+    source: String,
+    target: String,
+    window: usize,
+    core: bool,
+}
+
+fn args() -> Args {
+    let mut a = Args {
+        url: "nats://127.0.0.1:4222".into(),
+        source: "CDC".into(),
+        target: "CEIL".into(),
+        window: 1024,
+        core: false,
+    };
+    let mut it = std::env::args().skip(1);
+    while let Some(flag) = it.next() {
+        let mut value = || it.next().unwrap_or_else(|| panic!("{flag} needs a value"));
+        match flag.as_str() {
+            "--url" => a.url = value(),
+            "--source" => a.source = value(),
+            "--target" => a.target = value(),
+            "--window" => a.window = value().parse().expect("--window N"),
+            "--mode" => a.core = value() == "core",
+            other => panic!("unknown argument {other}"),
+        }
+    }
+    a
+}
+
+struct Msg {
+    subject: String,
+    id: String,
+    payload: Bytes,
+}
+
+fn main() {
+    let args = args();
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .expect("tokio runtime");
+    rt.block_on(run(args));
+}
+
+async fn run(args: Args) {
+    let client = async_nats::connect(&args.url).await.expect("connect");
+    let js = async_nats::jetstream::new(client.clone());
+
+    // Read the source (not timed).
+    let read_started = Instant::now();
+    let mut source = js.get_stream(&args.source).await.expect("source stream");
+    let info = source.info().await.expect("stream info").clone();
+    let total = info.state.messages as usize;
+    let consumer = source
+        .create_consumer(async_nats::jetstream::consumer::pull::OrderedConfig::default())
+        .await
+        .expect("ordered consumer");
+    let mut messages = consumer.messages().await.expect("consume");
+    let prefix = format!("{}.", info.config.subjects[0].trim_end_matches(".>"));
+    let target_prefix = args.target.to_lowercase();
+    let mut msgs = Vec::with_capacity(total);
+    while msgs.len() < total {
+        let m = tokio::time::timeout(Duration::from_secs(30), messages.next())
+            .await
+            .expect("reading the source stream timed out")
+            .expect("source stream ended")
+            .expect("message");
+        let subject = m.subject.as_str();
+        let tail = subject.strip_prefix(&prefix).unwrap_or(subject);
+        let id = m
+            .headers
+            .as_ref()
+            .and_then(|h| h.get("Nats-Msg-Id"))
+            .map(|v| v.as_str().to_string())
+            .unwrap_or_default();
+        msgs.push(Msg {
+            subject: format!("{target_prefix}.{tail}"),
+            id,
+            payload: m.payload.clone(),
+        });
+    }
+    drop(messages);
+    let read_secs = read_started.elapsed().as_secs_f64();
+
+    // A target stream with the source's settings.
+    let mut config = info.config.clone();
+    config.name = args.target.clone();
+    config.subjects = vec![format!("{target_prefix}.>")];
+    config.description = Some("pgbridge benchmark: JetStream ceiling".into());
+    let _ = js.delete_stream(&args.target).await;
+    js.create_stream(config)
+        .await
+        .expect("create target stream");
+
+    // Publish with the bridge's client settings and window (timed).
+    let js = async_nats::jetstream::context::ContextBuilder::new()
+        .timeout(ACK_TIMEOUT)
+        .max_ack_inflight(args.window.max(1))
+        .build(client.clone());
+    let bytes: usize = msgs.iter().map(|m| m.payload.len()).sum();
+    let cpu_before = cpu_time();
+    let started = Instant::now();
+    if args.core {
+        publish_core(&client, &msgs, args.window).await;
+    } else {
+        let mut window = VecDeque::with_capacity(args.window);
+        for m in &msgs {
+            if window.len() >= args.window {
+                let ack: async_nats::jetstream::context::PublishAckFuture =
+                    window.pop_front().expect("non-empty window");
+                ack.await.expect("PubAck");
+            }
+            let publish = PublishMessage::build()
+                .payload(m.payload.clone())
+                .message_id(&m.id);
+            let ack = js
+                .send_publish(m.subject.clone(), publish)
+                .await
+                .expect("publish");
+            window.push_back(ack);
+        }
+        while let Some(ack) = window.pop_front() {
+            ack.await.expect("PubAck");
+        }
+    }
+    let secs = started.elapsed().as_secs_f64();
+    let cpu = cpu_time() - cpu_before;
+    let stored = js
+        .get_stream(&args.target)
+        .await
+        .expect("target stream")
+        .info()
+        .await
+        .expect("info")
+        .state
+        .messages;
+    assert_eq!(stored as usize, msgs.len(), "every message stored once");
+    println!(
+        "{{\"messages\":{},\"payload_bytes\":{},\"seconds\":{:.6},\"rate\":{:.1},\"cpu_seconds\":{:.6},\"read_seconds\":{:.3}}}",
+        msgs.len(),
+        bytes,
+        secs,
+        msgs.len() as f64 / secs,
+        cpu,
+        read_secs
+    );
+    let _ = js.delete_stream(&args.target).await;
+}
+
+/// Plain publishes with a reply subject `{inbox}.{n}`, at most `window` without a PubAck.
+async fn publish_core(client: &async_nats::Client, msgs: &[Msg], window: usize) {
+    let inbox = client.new_inbox();
+    let mut acks = client
+        .subscribe(format!("{inbox}.*"))
+        .await
+        .expect("ack subscription");
+    let mut in_flight = 0;
+    let mut next_ack = async || {
+        let ack = tokio::time::timeout(ACK_TIMEOUT, acks.next())
+            .await
+            .expect("PubAck timed out")
+            .expect("ack subscription ended");
+        assert!(
+            !ack.payload.windows(8).any(|w| w == b"\"error\"") && ack.status.is_none(),
+            "JetStream refused a message: {:?}",
+            ack
+        );
+    };
+    for (n, m) in msgs.iter().enumerate() {
+        if in_flight >= window {
+            next_ack().await;
+            in_flight -= 1;
+        }
+        let mut headers = async_nats::HeaderMap::new();
+        headers.insert("Nats-Msg-Id", m.id.as_str());
+        client
+            .publish_with_reply_and_headers(
+                m.subject.clone(),
+                format!("{inbox}.{n}"),
+                headers,
+                m.payload.clone(),
+            )
+            .await
+            .expect("publish");
+        in_flight += 1;
+    }
+    while in_flight > 0 {
+        next_ack().await;
+        in_flight -= 1;
+    }
+}
+
+/// User + system CPU time of this process so far, in seconds.
+fn cpu_time() -> f64 {
+    // SAFETY: getrusage fills the zeroed struct.
+    let mut ru: libc::rusage = unsafe { std::mem::zeroed() };
+    unsafe { libc::getrusage(libc::RUSAGE_SELF, &mut ru) };
+    let tv = |t: libc::timeval| t.tv_sec as f64 + t.tv_usec as f64 / 1e6;
+    tv(ru.ru_utime) + tv(ru.ru_stime)
+}
