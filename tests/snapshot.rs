@@ -414,3 +414,40 @@ fn schemas_are_in_kv_and_follow_alter_table() {
     );
     drop(bridge);
 }
+
+#[test]
+fn chunks_stay_under_max_payload_whatever_the_row_count() {
+    let env = TestEnv::start();
+    setup_app_db(
+        &env.pg,
+        "CREATE TABLE wide (id int PRIMARY KEY, pad text); \
+         INSERT INTO wide SELECT g, repeat(md5(g::text), 250) FROM generate_series(1, 400) g",
+        "",
+    );
+    let dir = TempDir::new("bridge");
+    let bridge = BridgeProcess::spawn(&mut bridge_command(&env.pg, &env.nats.url(), dir.path()));
+    bridge.wait_for_line("snapshot requests served", Duration::from_secs(60));
+    let url = env.nats.url();
+    // 400 rows of 8 KB: one chunk by row count (10 000), several by size (1 MB limit).
+    let r = request(&url, "snapshot.request.wide");
+    assert_eq!(r["status"], "accepted", "{r}");
+    let meta = wait_for("snapshot meta", Duration::from_secs(60), || {
+        read_stream(&url, "INIT")
+            .into_iter()
+            .find(|m| m.subject == "init.meta.wide")
+    });
+    let meta = decode(&meta.payload);
+    assert_eq!(meta["row_count"].as_u64(), Some(400));
+    let chunks: Vec<_> = read_stream(&url, "INIT")
+        .into_iter()
+        .filter(|m| m.subject.starts_with("init.snap.wide."))
+        .collect();
+    assert!(chunks.len() > 1, "split by size: {} chunks", chunks.len());
+    assert_eq!(chunks.len() as u64, meta["batch_count"].as_u64().unwrap());
+    assert!(chunks.iter().all(|c| c.payload.len() <= 1024 * 1024));
+    let rows: usize = chunks
+        .iter()
+        .map(|c| decode(&c.payload)["data"].as_array().unwrap().len())
+        .sum();
+    assert_eq!(rows, 400, "{}", bridge.log());
+}

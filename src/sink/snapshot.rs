@@ -232,6 +232,8 @@ impl SnapshotService {
             .collect();
         let mut rows = ChunkRows::new(self.format);
         let mut out = Vec::new();
+        // Half the server's limit leaves room for the chunk's own fields and the next row.
+        let max_chunk_bytes = self.js.client().server_info().max_payload / 2;
         // Consistent point and column names, set before the first row.
         let started: std::cell::RefCell<(Lsn, Vec<Arc<str>>)> = Default::default();
         let mut chunk = 0u64;
@@ -272,7 +274,8 @@ impl SnapshotService {
                 }
                 let (lsn, names) = &*started.borrow();
                 rows.push_row(names, values);
-                if rows.len() >= self.chunk_rows {
+                // A chunk also ends before it could outgrow the server's max_payload.
+                if rows.len() >= self.chunk_rows || rows.encoded_len() >= max_chunk_bytes {
                     flush(&mut rows, &mut chunk, &mut out, *lsn)?;
                 }
                 Ok(())
