@@ -790,17 +790,42 @@ impl Bench {
         let mut received = Vec::with_capacity(latencies_ms.capacity());
         let mut pgbench_exit = None;
         let mut quiet_since = Instant::now();
+        // NATS's (and this consumer's) share: a ping every 5 ms from this process through
+        // nats-server back to it, on the same connection as the CDC subscription.
+        let mut pings = self
+            .rt
+            .block_on(async {
+                let s = self.client.subscribe("bench.ping").await;
+                self.client.flush().await.map(|_| s)
+            })
+            .expect("subscribe")
+            .expect("subscribe");
+        let mut ping_ms: Vec<f64> = Vec::new();
         self.rt.block_on(async {
+            let mut tick = tokio::time::interval(Duration::from_millis(5));
             loop {
-                match tokio::time::timeout(Duration::from_millis(100), sub.next()).await {
-                    Ok(Some(m)) => {
-                        // Only note the time here; decoding later keeps this loop from
-                        // falling behind (and adding its own delay) on a busy machine.
-                        received.push((nats::now_unix_micros(), m.payload));
-                        quiet_since = Instant::now();
+                tokio::select! {
+                    m = sub.next() => match m {
+                        Some(m) => {
+                            // Only note the time here; decoding later keeps this loop from
+                            // falling behind (and adding its own delay) on a busy machine.
+                            received.push((nats::now_unix_micros(), m.payload));
+                            quiet_since = Instant::now();
+                        }
+                        None => break,
+                    },
+                    Some(p) = pings.next() => {
+                        let now = nats::now_unix_micros();
+                        if let Some(sent) = std::str::from_utf8(&p.payload).ok().and_then(|t| t.parse::<i64>().ok()) {
+                            ping_ms.push((now - sent) as f64 / 1000.0);
+                        }
                     }
-                    Ok(None) => break,
-                    Err(_) => {}
+                    _ = tick.tick() => {
+                        if pgbench_exit.is_none() {
+                            let sent = nats::now_unix_micros().to_string();
+                            let _ = self.client.publish("bench.ping", sent.into()).await;
+                        }
+                    }
                 }
                 if pgbench_exit.is_none() {
                     pgbench_exit = pgbench.wait_timeout(Duration::ZERO);
@@ -813,6 +838,7 @@ impl Bench {
                 );
             }
         });
+        ping_ms.sort_by(f64::total_cmp);
         for (now, payload) in &received {
             if let Some(ct) =
                 nats::field(payload, "commit_time").and_then(|t| nats::parse_commit_time(&t))
@@ -875,8 +901,15 @@ impl Bench {
                 "mean_ms": round(latencies_ms.iter().sum::<f64>() / n.max(1) as f64, 3),
             },
             "bridge_histogram": histogram,
+            "nats_ping": {
+                "what": "a ping every 5 ms from the consumer through nats-server back to it, same connection, same time",
+                "pings": ping_ms.len(),
+                "p50_ms": round(nats::percentile(&ping_ms, 50.0), 3),
+                "p99_ms": round(nats::percentile(&ping_ms, 99.0), 3),
+                "max_ms": round(ping_ms.last().copied().unwrap_or(f64::NAN), 3),
+            },
             "bridge_share": {
-                "what": "per message: consumer latency minus the PostgreSQL-only latency of its transaction",
+                "what": "per message: consumer latency minus the PostgreSQL-only latency of its transaction (bridge, nats-server and this consumer)",
                 "messages": added_ms.len(),
                 "p50_ms": round(nats::percentile(&added_ms, 50.0), 3),
                 "p99_ms": round(nats::percentile(&added_ms, 99.0), 3),
@@ -1220,12 +1253,21 @@ fn print_table(r: &Json) {
             String::new(),
         ],
         [
-            "  bridge's share (minus PostgreSQL), p50 / p99 / max".into(),
+            "  minus PostgreSQL, per txn, p50 / p99 / max".into(),
             format!(
                 "{} / {} / {} ms",
                 lat["bridge_share"]["p50_ms"],
                 lat["bridge_share"]["p99_ms"],
                 lat["bridge_share"]["max_ms"]
+            ),
+            String::new(),
+            String::new(),
+        ],
+        [
+            "  NATS ping (5 ms), p50 / p99 / max".into(),
+            format!(
+                "{} / {} / {} ms",
+                lat["nats_ping"]["p50_ms"], lat["nats_ping"]["p99_ms"], lat["nats_ping"]["max_ms"]
             ),
             String::new(),
             String::new(),
