@@ -155,7 +155,7 @@ fn usage(problem: &str) -> ! {
          phases: streaming jetstream large latency startup snapshot\n\
          BENCH_BRIDGE_WRAPPER='valgrind --tool=callgrind' runs the bridge under a profiler"
     );
-    std::process::exit(2)
+    std::process::exit(if problem.is_empty() { 0 } else { 2 })
 }
 
 struct Bench {
