@@ -155,7 +155,7 @@ fn usage(problem: &str) -> ! {
          phases: streaming jetstream large latency startup snapshot\n\
          BENCH_BRIDGE_WRAPPER='valgrind --tool=callgrind' runs the bridge under a profiler"
     );
-    std::process::exit(2)
+    std::process::exit(if problem.is_empty() { 0 } else { 2 })
 }
 
 struct Bench {
@@ -786,22 +786,46 @@ impl Bench {
             .stderr(Stdio::null());
         let mut pgbench = Proc::spawn(&self.o.dir, "pgbench", &mut cmd, libc::SIGTERM);
         let mut latencies_ms: Vec<f64> = Vec::with_capacity((rate * duration) as usize + 1024);
+        let mut by_xid: Vec<(u32, f64)> = Vec::with_capacity(latencies_ms.capacity());
+        let mut received = Vec::with_capacity(latencies_ms.capacity());
         let mut pgbench_exit = None;
         let mut quiet_since = Instant::now();
+        // NATS's (and this consumer's) share: a ping every 5 ms from this process through
+        // nats-server back to it, on the same connection as the CDC subscription.
+        let mut pings = self
+            .rt
+            .block_on(async {
+                let s = self.client.subscribe("bench.ping").await;
+                self.client.flush().await.map(|_| s)
+            })
+            .expect("subscribe")
+            .expect("subscribe");
+        let mut ping_ms: Vec<f64> = Vec::new();
         self.rt.block_on(async {
+            let mut tick = tokio::time::interval(Duration::from_millis(5));
             loop {
-                match tokio::time::timeout(Duration::from_millis(100), sub.next()).await {
-                    Ok(Some(m)) => {
-                        let now = nats::now_unix_micros();
-                        if let Some(ct) = nats::field(&m.payload, "commit_time")
-                            .and_then(|t| nats::parse_commit_time(&t))
-                        {
-                            latencies_ms.push((now - ct) as f64 / 1000.0);
+                tokio::select! {
+                    m = sub.next() => match m {
+                        Some(m) => {
+                            // Only note the time here; decoding later keeps this loop from
+                            // falling behind (and adding its own delay) on a busy machine.
+                            received.push((nats::now_unix_micros(), m.payload));
+                            quiet_since = Instant::now();
                         }
-                        quiet_since = Instant::now();
+                        None => break,
+                    },
+                    Some(p) = pings.next() => {
+                        let now = nats::now_unix_micros();
+                        if let Some(sent) = std::str::from_utf8(&p.payload).ok().and_then(|t| t.parse::<i64>().ok()) {
+                            ping_ms.push((now - sent) as f64 / 1000.0);
+                        }
                     }
-                    Ok(None) => break,
-                    Err(_) => {}
+                    _ = tick.tick() => {
+                        if pgbench_exit.is_none() {
+                            let sent = nats::now_unix_micros().to_string();
+                            let _ = self.client.publish("bench.ping", sent.into()).await;
+                        }
+                    }
                 }
                 if pgbench_exit.is_none() {
                     pgbench_exit = pgbench.wait_timeout(Duration::ZERO);
@@ -814,6 +838,19 @@ impl Bench {
                 );
             }
         });
+        ping_ms.sort_by(f64::total_cmp);
+        for (now, payload) in &received {
+            if let Some(ct) =
+                nats::field(payload, "commit_time").and_then(|t| nats::parse_commit_time(&t))
+            {
+                let ms = (now - ct) as f64 / 1000.0;
+                latencies_ms.push(ms);
+                if let Some(xid) = nats::uint_field(payload, "xid") {
+                    by_xid.push((xid as u32, ms));
+                }
+            }
+        }
+        drop(received);
         let mut out = String::new();
         std::io::Read::read_to_string(pgbench.child.stdout.as_mut().unwrap(), &mut out).ok();
         let done_txns: u64 = out
@@ -821,8 +858,15 @@ impl Bench {
             .find_map(|l| l.strip_prefix("number of transactions actually processed: "))
             .and_then(|v| v.split(['/', ' ']).next()?.parse().ok())
             .unwrap_or(0);
-        let mut pg_latencies_ms = probe.finish();
+        let pg_by_xid: std::collections::HashMap<u32, f64> = probe.finish().into_iter().collect();
+        let mut pg_latencies_ms: Vec<f64> = pg_by_xid.values().copied().collect();
         pg_latencies_ms.sort_by(f64::total_cmp);
+        // The bridge's own share: each message's latency minus PostgreSQL's for its transaction.
+        let mut added_ms: Vec<f64> = by_xid
+            .iter()
+            .filter_map(|(xid, ms)| Some(ms - pg_by_xid.get(xid)?))
+            .collect();
+        added_ms.sort_by(f64::total_cmp);
         self.pg.sql(
             DB,
             &format!("SELECT pg_drop_replication_slot('{PROBE_SLOT}')"),
@@ -857,6 +901,20 @@ impl Bench {
                 "mean_ms": round(latencies_ms.iter().sum::<f64>() / n.max(1) as f64, 3),
             },
             "bridge_histogram": histogram,
+            "nats_ping": {
+                "what": "a ping every 5 ms from the consumer through nats-server back to it, same connection, same time",
+                "pings": ping_ms.len(),
+                "p50_ms": round(nats::percentile(&ping_ms, 50.0), 3),
+                "p99_ms": round(nats::percentile(&ping_ms, 99.0), 3),
+                "max_ms": round(ping_ms.last().copied().unwrap_or(f64::NAN), 3),
+            },
+            "bridge_share": {
+                "what": "per message: consumer latency minus the PostgreSQL-only latency of its transaction (bridge, nats-server and this consumer)",
+                "messages": added_ms.len(),
+                "p50_ms": round(nats::percentile(&added_ms, 50.0), 3),
+                "p99_ms": round(nats::percentile(&added_ms, 99.0), 3),
+                "max_ms": round(added_ms.last().copied().unwrap_or(f64::NAN), 3),
+            },
             "postgresql_only": {
                 "what": "commit -> Begin delivered to a bare replication client on a second slot, same time",
                 "transactions": pg_latencies_ms.len(),
@@ -1190,6 +1248,26 @@ fn print_table(r: &Json) {
                 lat["postgresql_only"]["p50_ms"],
                 lat["postgresql_only"]["p99_ms"],
                 lat["postgresql_only"]["max_ms"]
+            ),
+            String::new(),
+            String::new(),
+        ],
+        [
+            "  minus PostgreSQL, per txn, p50 / p99 / max".into(),
+            format!(
+                "{} / {} / {} ms",
+                lat["bridge_share"]["p50_ms"],
+                lat["bridge_share"]["p99_ms"],
+                lat["bridge_share"]["max_ms"]
+            ),
+            String::new(),
+            String::new(),
+        ],
+        [
+            "  NATS ping (5 ms), p50 / p99 / max".into(),
+            format!(
+                "{} / {} / {} ms",
+                lat["nats_ping"]["p50_ms"], lat["nats_ping"]["p99_ms"], lat["nats_ping"]["max_ms"]
             ),
             String::new(),
             String::new(),

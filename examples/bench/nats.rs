@@ -28,6 +28,15 @@ pub fn field(payload: &[u8], key: &str) -> Option<String> {
         .find_map(|(k, v)| (k.as_str() == Some(key)).then(|| v.as_str().map(str::to_string))?)
 }
 
+/// The unsigned integer field `key` of a MessagePack change event.
+pub fn uint_field(payload: &[u8], key: &str) -> Option<u64> {
+    let value = rmpv::decode::read_value(&mut &payload[..]).ok()?;
+    value
+        .as_map()?
+        .iter()
+        .find_map(|(k, v)| (k.as_str() == Some(key)).then(|| v.as_u64())?)
+}
+
 /// `2025-12-10T10:30:00.123456Z` as µs since the Unix epoch.
 pub fn parse_commit_time(s: &str) -> Option<i64> {
     let b = s.as_bytes();

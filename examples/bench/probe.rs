@@ -19,7 +19,7 @@ const PG_EPOCH_UNIX_MICROS: i64 = 946_684_800_000_000;
 
 pub struct Probe {
     stop: Arc<AtomicBool>,
-    thread: JoinHandle<Vec<f64>>,
+    thread: JoinHandle<Vec<(u32, f64)>>,
 }
 
 impl Probe {
@@ -47,7 +47,7 @@ impl Probe {
                         if let Ok(LogicalMessage::Begin(b)) = decoder.decode(x.data) {
                             let now = crate::nats::now_unix_micros();
                             let commit = b.commit_time + PG_EPOCH_UNIX_MICROS;
-                            latencies_ms.push((now - commit) as f64 / 1000.0);
+                            latencies_ms.push((b.xid, (now - commit) as f64 / 1000.0));
                         }
                     }
                     ReplicationMessage::Keepalive(k) => {
@@ -63,8 +63,8 @@ impl Probe {
         Probe { stop, thread }
     }
 
-    /// Stops the probe; commit → delivery latencies (ms), one per transaction.
-    pub fn finish(self) -> Vec<f64> {
+    /// Stops the probe; (xid, commit → delivery latency in ms), one per transaction.
+    pub fn finish(self) -> Vec<(u32, f64)> {
         self.stop.store(true, Ordering::Relaxed);
         self.thread.join().expect("probe thread")
     }

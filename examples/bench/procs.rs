@@ -1,10 +1,13 @@
 //! Child processes of the benchmark and what /proc says about them.
 //!
-//! Every child's pid is written to `{dir}/pids/{name}.pid` as soon as it is spawned, so
-//! `scripts/bench` can stop whatever is left if this program dies without cleaning up. Normally
-//! the [`Proc`] guards stop their process on drop.
+//! Every child runs in a process group of its own, and its pid (the group's id) is written to
+//! `{dir}/pids/{name}-{pid}.pid` as soon as it is spawned, so `scripts/bench` can stop
+//! whatever is left if this program dies without cleaning up. Signals go to the whole group,
+//! so a wrapper such as a profiler does not leave the bridge behind. Normally the [`Proc`]
+//! guards stop their process on drop.
 
 use std::fs;
+use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command};
 use std::time::{Duration, Instant};
@@ -21,6 +24,7 @@ impl Proc {
     /// Spawns `cmd`, recording its pid under `dir/pids`.
     pub fn spawn(dir: &Path, name: &str, cmd: &mut Command, stop_signal: i32) -> Proc {
         let child = cmd
+            .process_group(0)
             .spawn()
             .unwrap_or_else(|e| panic!("cannot start {name}: {e}"));
         let pids = dir.join("pids");
@@ -40,9 +44,10 @@ impl Proc {
         self.child.id()
     }
 
+    /// Sends `sig` to the child's process group.
     pub fn signal(&self, sig: i32) {
-        // SAFETY: kill(2) on our own child.
-        unsafe { libc::kill(self.child.id() as i32, sig) };
+        // SAFETY: kill(2) on the process group our own child leads.
+        unsafe { libc::kill(-(self.child.id() as i32), sig) };
     }
 
     /// Waits up to `timeout` for the exit; the exit status and the child's resource usage.
