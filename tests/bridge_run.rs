@@ -7,8 +7,8 @@ mod common;
 use std::time::Duration;
 
 use common::{
-    bridge_command, read_stream, setup_app_db, stream_len, wait_for, BridgeProcess, NatsServer,
-    PgServer, TempDir, TestEnv,
+    bridge_command, confirmed_flush, read_stream, setup_app_db, stream_len, wait_for,
+    BridgeProcess, NatsServer, PgServer, TempDir, TestEnv,
 };
 use pgbridge::pg::Lsn;
 
@@ -28,19 +28,6 @@ fn error_lines(stderr: &str) -> Vec<&str> {
         .lines()
         .filter(|l| l.starts_with("bridge: "))
         .collect()
-}
-
-fn confirmed_flush(pg: &PgServer, slot: &str) -> Option<Lsn> {
-    pg.sql(
-        "app",
-        &format!(
-            "SELECT confirmed_flush_lsn::text FROM pg_replication_slots WHERE slot_name = '{slot}'"
-        ),
-    )
-    .rows
-    .first()
-    .and_then(|r| r[0].as_deref())
-    .map(|s| s.parse().unwrap())
 }
 
 #[test]

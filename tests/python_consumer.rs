@@ -13,8 +13,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use common::{bridge_command, setup_app_db, wait_for, BridgeProcess, KillOnDrop, TempDir, TestEnv};
-use pgbridge::pg::Lsn;
+use common::{bridge_command, setup_app_db, BridgeProcess, KillOnDrop, TempDir, TestEnv};
 use serde_json::{json, Value};
 
 const SEED_ROWS: i64 = 2000;
@@ -190,7 +189,7 @@ fn mirror_scenario(format: &str) {
     let written = writer.join().unwrap();
     assert!(written > 100, "the writer ran ({written} statements)");
 
-    wait_caught_up(&env);
+    common::wait_caught_up(&env.pg, "cdc_slot", Duration::from_secs(120));
 
     // Second run: continues from the position the killed run committed, until idle.
     finish(
@@ -209,7 +208,7 @@ fn mirror_scenario(format: &str) {
         "UPDATE accounts SET name = 'after purge' WHERE id % 7 = 0; \
          DELETE FROM accounts WHERE id % 11 = 0",
     );
-    wait_caught_up(&env);
+    common::wait_caught_up(&env.pg, "cdc_slot", Duration::from_secs(120));
     common::with_nats(&url, |client| async move {
         let js = async_nats::jetstream::new(client);
         js.get_stream("CDC").await.unwrap().purge().await.unwrap();
@@ -220,22 +219,6 @@ fn mirror_scenario(format: &str) {
     );
     assert_mirrors_the_table(&env, &url, format, &db);
     drop(bridge);
-}
-
-/// Waits until the bridge has confirmed everything written so far.
-fn wait_caught_up(env: &TestEnv) {
-    let end: Lsn = env.pg.sql("app", "SELECT pg_current_wal_lsn()::text").rows[0][0]
-        .as_deref()
-        .unwrap()
-        .parse()
-        .unwrap();
-    wait_for("the bridge to catch up", Duration::from_secs(120), || {
-        let r = env.pg.sql(
-            "app",
-            "SELECT confirmed_flush_lsn::text FROM pg_replication_slots WHERE slot_name = 'cdc_slot'",
-        );
-        (r.rows[0][0].as_deref().unwrap().parse::<Lsn>().unwrap() >= end).then_some(())
-    });
 }
 
 /// Compares `mirror.py --dump` with the table, row by row.

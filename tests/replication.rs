@@ -7,7 +7,7 @@ mod common;
 use std::ops::ControlFlow;
 use std::time::{Duration, Instant};
 
-use common::{wait_for, PgServer};
+use common::{confirmed_flush, wait_for, PgServer};
 use pgbridge::pg::conn::{sqlstate, ConnectionKind, PgConnection};
 use pgbridge::pg::framing::{parse_copy_data, ReplicationMessage};
 use pgbridge::pg::pgoutput::{Cell, Decoder, LogicalMessage};
@@ -18,17 +18,6 @@ fn replication(pg: &PgServer, db: &str) -> ReplicationConnection {
     let params = pg.params(db);
     let refs: Vec<(&str, &str)> = params.iter().map(|(k, v)| (*k, v.as_str())).collect();
     ReplicationConnection::connect(&refs).expect("replication connection")
-}
-
-fn confirmed_flush(pg: &PgServer, slot: &str) -> Option<Lsn> {
-    pg.sql(
-        "postgres",
-        &format!("SELECT confirmed_flush_lsn FROM pg_replication_slots WHERE slot_name = '{slot}'"),
-    )
-    .rows
-    .first()
-    .and_then(|r| r[0].as_deref())
-    .map(|s| s.parse().unwrap())
 }
 
 /// What the loop saw, in order: one short line per pgoutput message.

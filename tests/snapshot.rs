@@ -212,18 +212,7 @@ fn snapshot_plus_stream_rebuilds_the_table_exactly_under_concurrent_writes() {
     assert!(written > 100, "the writer ran ({written} statements)");
 
     // Wait until the bridge has confirmed everything written.
-    let end: Lsn = env.pg.sql("app", "SELECT pg_current_wal_lsn()::text").rows[0][0]
-        .as_deref()
-        .unwrap()
-        .parse()
-        .unwrap();
-    wait_for("the bridge to catch up", Duration::from_secs(120), || {
-        let r = env.pg.sql(
-            "app",
-            "SELECT confirmed_flush_lsn::text FROM pg_replication_slots WHERE slot_name = 'cdc_slot'",
-        );
-        (r.rows[0][0].as_deref().unwrap().parse::<Lsn>().unwrap() >= end).then_some(())
-    });
+    common::wait_caught_up(&env.pg, "cdc_slot", Duration::from_secs(120));
 
     // Bootstrap as a consumer does.
     let meta = decode(&meta.payload);

@@ -635,6 +635,34 @@ pub fn wait_for<T>(what: &str, timeout: Duration, mut f: impl FnMut() -> Option<
     }
 }
 
+/// The slot's `confirmed_flush_lsn` (slots are cluster-wide: read from any database).
+pub fn confirmed_flush(pg: &PgServer, slot: &str) -> Option<pgbridge::pg::Lsn> {
+    pg.sql(
+        "postgres",
+        &format!(
+            "SELECT confirmed_flush_lsn::text FROM pg_replication_slots WHERE slot_name = '{slot}'"
+        ),
+    )
+    .rows
+    .first()
+    .and_then(|r| r[0].as_deref())
+    .map(|s| s.parse().expect("an LSN from PostgreSQL"))
+}
+
+/// Waits (bounded) until `slot` confirms everything written so far; the confirmed position.
+pub fn wait_caught_up(pg: &PgServer, slot: &str, timeout: Duration) -> pgbridge::pg::Lsn {
+    let end: pgbridge::pg::Lsn = pg.sql("postgres", "SELECT pg_current_wal_lsn()::text").rows[0][0]
+        .as_deref()
+        .expect("current WAL")
+        .parse()
+        .expect("an LSN from PostgreSQL");
+    wait_for(
+        "the slot to confirm the current WAL position",
+        timeout,
+        || confirmed_flush(pg, slot).filter(|c| *c >= end),
+    )
+}
+
 /// Password of the `bridge_reader` role that [`setup_app_db`] creates.
 pub const READER_PASSWORD: &str = "reader-secret";
 
