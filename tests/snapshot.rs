@@ -473,7 +473,10 @@ fn a_failed_snapshot_publishes_its_error_to_the_meta_subject_and_streaming_goes_
         &pg,
         "CREATE TABLE docs (id int PRIMARY KEY, body text); \
          INSERT INTO docs SELECT g, 'small ' || g FROM generate_series(1, 40) g; \
-         INSERT INTO docs VALUES (41, repeat('x', 6000))",
+         INSERT INTO docs VALUES (41, repeat('x', 6000)); \
+         CREATE TABLE pairs (id int PRIMARY KEY, pad text); \
+         INSERT INTO pairs SELECT g, repeat('p', CASE WHEN g % 2 = 1 THEN 1950 ELSE 2040 END) \
+           FROM generate_series(1, 4) g",
         "",
     );
     let conf_dir = TempDir::new("natsconf");
@@ -525,6 +528,20 @@ fn a_failed_snapshot_publishes_its_error_to_the_meta_subject_and_streaming_goes_
         &format!("snapshot {id} of public.docs failed"),
         Duration::from_secs(10),
     );
+
+    // Rows that fit one by one but not two together go in chunks of their own.
+    let r = request(&url, "snapshot.request.pairs");
+    assert_eq!(r["status"], "accepted", "{r}");
+    let meta = decode(&wait_for_metas(&url, "pairs", 1).payload);
+    assert!(!meta.contains_key("error"), "{meta:?}");
+    assert_eq!(meta["row_count"].as_u64(), Some(4));
+    assert_eq!(meta["batch_count"].as_u64(), Some(4));
+    let chunks: Vec<_> = read_stream(&url, "INIT")
+        .into_iter()
+        .filter(|m| m.subject.starts_with("init.snap.pairs."))
+        .collect();
+    assert_eq!(chunks.len(), 4);
+    assert!(chunks.iter().all(|c| c.payload.len() <= 4096));
 
     // Streaming goes on, and the table is free for the next snapshot.
     pg.sql("app", "INSERT INTO docs VALUES (100, 'after')");
