@@ -740,3 +740,47 @@ fn snapshot_on_start_fills_in_only_tables_without_a_snapshot() {
     assert_eq!(common::stream_len(&url, "INIT"), before);
     drop(bridge);
 }
+
+#[test]
+fn a_snapshot_stopped_by_shutdown_reports_it() {
+    let env = TestEnv::start();
+    setup_app_db(
+        &env.pg,
+        "CREATE TABLE big (id int PRIMARY KEY, v text); \
+         INSERT INTO big SELECT g, 'row ' || g FROM generate_series(1, 200000) g",
+        "",
+    );
+    let url = env.nats.url();
+    let dir = TempDir::new("bridge");
+    // Small chunks, each waiting for its PubAck: the snapshot runs far longer than it takes
+    // the test to see its first chunk and stop the bridge.
+    let mut bridge = BridgeProcess::spawn(
+        bridge_command(&env.pg, &url, dir.path()).args(["--snapshot-chunk-rows", "50"]),
+    );
+    bridge.wait_for_line("snapshot requests served", Duration::from_secs(60));
+    let r = request(&url, "snapshot.request.big");
+    assert_eq!(r["status"], "accepted", "{r}");
+    wait_for("the first chunk", Duration::from_secs(60), || {
+        (common::stream_len(&url, "INIT") > 0).then_some(())
+    });
+    assert_eq!(
+        bridge.terminate(Duration::from_secs(60)),
+        Some(0),
+        "{}",
+        bridge.log()
+    );
+
+    let metas = metas(&url, "big");
+    assert_eq!(metas.len(), 1, "{}", bridge.log());
+    let doc = decode(&metas[0].payload);
+    assert_eq!(doc["snapshot_id"].as_str(), r["snapshot_id"].as_str());
+    let error = doc["error"]
+        .as_str()
+        .unwrap_or_else(|| panic!("a failure: {doc:?}"));
+    assert!(
+        error.contains("the bridge shut down before the snapshot finished"),
+        "{error}"
+    );
+    let chunks = common::stream_len(&url, "INIT") - 1;
+    assert!(chunks < 200000 / 50, "stopped part way: {chunks} chunks");
+}
