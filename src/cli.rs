@@ -397,8 +397,9 @@ pub struct SnapshotArgs {
     #[arg(long, env = "BRIDGE_SNAPSHOT_ON_START", value_name = "BOOL", global = true,
           num_args = 0..=1, require_equals = true, default_missing_value = "true",
           value_parser = BoolishValueParser::new(),
-          help = with_default("At start, snapshot every table whose INIT stream is empty \
-                               (--snapshot-on-start=false turns a file's true off)",
+          help = with_default("At start, snapshot, one after the other, every streamed table \
+                               without a snapshot in the INIT stream (no init.meta.{table}, or \
+                               a failed one); --snapshot-on-start=false turns a file's true off",
                               cfg::DEFAULT_SNAPSHOT_ON_START))]
     pub snapshot_on_start: Option<bool>,
 }

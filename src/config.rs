@@ -102,7 +102,7 @@ pub const DEFAULT_METRICS_LOG_INTERVAL_SECS: u64 = 15;
 pub const DEFAULT_SNAPSHOT_CHUNK_ROWS: usize = 10_000;
 /// Largest accepted chunk; a chunk is held in memory while it is encoded.
 pub const MAX_SNAPSHOT_CHUNK_ROWS: usize = 1_000_000;
-/// Whether tables whose INIT stream holds nothing are snapshotted at start.
+/// Whether streamed tables without a snapshot in the INIT stream are snapshotted at start.
 pub const DEFAULT_SNAPSHOT_ON_START: bool = false;
 
 /// Name of the JetStream stream holding change events (`cdc.>`).
@@ -954,7 +954,8 @@ impl MonitorConfig {
 pub struct SnapshotConfig {
     /// Rows per chunk message.
     pub chunk_rows: usize,
-    /// Snapshot, at start, every table whose INIT stream holds nothing yet.
+    /// Snapshot, at start, every streamed table whose INIT stream holds no `init.meta.{table}`,
+    /// or only a failed one.
     pub on_start: bool,
 }
 

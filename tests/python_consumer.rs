@@ -237,3 +237,59 @@ fn assert_mirrors_the_table(env: &TestEnv, url: &str, format: &str, db: &Path) {
         assert_eq!(m, s, "mirrored row differs from the table");
     }
 }
+
+#[test]
+fn python_mirror_stops_with_the_error_of_a_failed_snapshot() {
+    let _ = python();
+    let pg = common::PgServer::start();
+    setup_app_db(
+        &pg,
+        "CREATE TABLE accounts (id int PRIMARY KEY, big text); \
+         INSERT INTO accounts VALUES (1, 'small'), (2, repeat('x', 6000))",
+        "",
+    );
+    let conf_dir = TempDir::new("natsconf");
+    let conf = conf_dir.path().join("small.conf");
+    std::fs::write(&conf, "max_payload: 4096\n").unwrap();
+    let nats = common::NatsServer::start_with_args(&["-c", conf.to_str().unwrap()]);
+    let dir = TempDir::new("pymirror");
+    let bridge = BridgeProcess::spawn(&mut bridge_command(&pg, &nats.url(), dir.path()));
+    bridge.wait_for_line("snapshot requests served", Duration::from_secs(60));
+
+    let mut mirror = KillOnDrop(
+        Command::new(python())
+            .arg(mirror_script())
+            .args(["--nats", &nats.url(), "--table", "accounts", "--db"])
+            .arg(dir.path().join("mirror.sqlite"))
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("spawn mirror.py"),
+    );
+    let mut stderr = mirror.stderr.take().expect("piped stderr");
+    let reader = std::thread::spawn(move || {
+        let mut out = String::new();
+        std::io::Read::read_to_string(&mut stderr, &mut out).map(|_| out)
+    });
+    // Far below the mirror's own SNAPSHOT_TIMEOUT: it must not wait for a meta that the
+    // failure replaced.
+    let deadline = Instant::now() + MIRROR_TIMEOUT;
+    let status = loop {
+        if let Some(s) = mirror.try_wait().unwrap() {
+            break s;
+        }
+        assert!(Instant::now() < deadline, "the mirror kept waiting");
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    let stderr = reader.join().unwrap().expect("read the mirror's stderr");
+    assert_eq!(status.code(), Some(1), "{stderr}");
+    let last = stderr.lines().last().unwrap_or_default();
+    assert!(last.starts_with("snapshot "), "{stderr}");
+    assert!(
+        last.contains(" of accounts failed: row 2 of public.accounts"),
+        "{stderr}"
+    );
+    assert!(last.contains("max_payload of 4096 bytes"), "{stderr}");
+    drop(bridge);
+}

@@ -440,3 +440,347 @@ fn chunks_stay_under_max_payload_whatever_the_row_count() {
         .sum();
     assert_eq!(rows, 400, "{}", bridge.log());
 }
+
+/// The `init.meta.{token}` messages of the INIT stream, in stream order.
+fn metas(nats_url: &str, token: &str) -> Vec<common::StoredMessage> {
+    let subject = format!("init.meta.{token}");
+    read_stream(nats_url, "INIT")
+        .into_iter()
+        .filter(|m| m.subject == subject)
+        .collect()
+}
+
+/// Waits until the INIT stream holds `n` metas of `token`; the last one.
+fn wait_for_metas(nats_url: &str, token: &str, n: usize) -> common::StoredMessage {
+    wait_for(
+        &format!("{n} messages on init.meta.{token}"),
+        Duration::from_secs(120),
+        || {
+            let m = metas(nats_url, token);
+            (m.len() >= n).then(|| m.last().cloned()).flatten()
+        },
+    )
+}
+
+fn keys(m: &BTreeMap<String, Mp>) -> Vec<&str> {
+    m.keys().map(String::as_str).collect()
+}
+
+#[test]
+fn a_failed_snapshot_publishes_its_error_to_the_meta_subject_and_streaming_goes_on() {
+    let pg = common::PgServer::start();
+    setup_app_db(
+        &pg,
+        "CREATE TABLE docs (id int PRIMARY KEY, body text); \
+         INSERT INTO docs SELECT g, 'small ' || g FROM generate_series(1, 40) g; \
+         INSERT INTO docs VALUES (41, repeat('x', 6000)); \
+         CREATE TABLE pairs (id int PRIMARY KEY, pad text); \
+         INSERT INTO pairs SELECT g, repeat('p', CASE WHEN g % 2 = 1 THEN 1950 ELSE 2040 END) \
+           FROM generate_series(1, 4) g",
+        "",
+    );
+    let conf_dir = TempDir::new("natsconf");
+    let conf = conf_dir.path().join("small.conf");
+    std::fs::write(&conf, "max_payload: 4096\n").unwrap();
+    let nats = common::NatsServer::start_with_args(&["-c", conf.to_str().unwrap()]);
+    let url = nats.url();
+    let dir = TempDir::new("bridge");
+    let bridge = BridgeProcess::spawn(
+        bridge_command(&pg, &url, dir.path()).args(["--snapshot-chunk-rows", "10"]),
+    );
+    bridge.wait_for_line("snapshot requests served", Duration::from_secs(60));
+
+    let r = request(&url, "snapshot.request.docs");
+    assert_eq!(r["status"], "accepted", "{r}");
+    let id = r["snapshot_id"].as_str().unwrap().to_string();
+    let failure = wait_for_metas(&url, "docs", 1);
+    assert_eq!(
+        failure.msg_id.as_deref(),
+        Some(format!("meta-{id}").as_str())
+    );
+    let doc = decode(&failure.payload);
+    assert_eq!(
+        keys(&doc),
+        ["error", "schema", "snapshot_id", "table", "timestamp"],
+        "no position fields in a failure: {doc:?}"
+    );
+    assert_eq!(doc["snapshot_id"].as_str(), Some(id.as_str()));
+    assert_eq!(doc["table"].as_str(), Some("docs"));
+    assert_eq!(doc["schema"].as_str(), Some("public"));
+    assert!(doc["timestamp"].as_str().unwrap().ends_with('Z'));
+    let error = doc["error"].as_str().unwrap();
+    assert!(
+        error.contains("row 41 of public.docs (first column id = 41)"),
+        "{error}"
+    );
+    assert!(
+        error.contains("exceeds the NATS server's max_payload of 4096 bytes"),
+        "{error}"
+    );
+    let size: usize = error
+        .split(" encodes to ")
+        .nth(1)
+        .and_then(|s| s.split(' ').next())
+        .and_then(|n| n.parse().ok())
+        .unwrap_or_else(|| panic!("the error names the row's size: {error}"));
+    assert!(size > 6000, "{error}");
+    bridge.wait_for_line(
+        &format!("snapshot {id} of public.docs failed"),
+        Duration::from_secs(10),
+    );
+
+    // Rows that fit one by one but not two together go in chunks of their own.
+    let r = request(&url, "snapshot.request.pairs");
+    assert_eq!(r["status"], "accepted", "{r}");
+    let meta = decode(&wait_for_metas(&url, "pairs", 1).payload);
+    assert!(!meta.contains_key("error"), "{meta:?}");
+    assert_eq!(meta["row_count"].as_u64(), Some(4));
+    assert_eq!(meta["batch_count"].as_u64(), Some(4));
+    let chunks: Vec<_> = read_stream(&url, "INIT")
+        .into_iter()
+        .filter(|m| m.subject.starts_with("init.snap.pairs."))
+        .collect();
+    assert_eq!(chunks.len(), 4);
+    assert!(chunks.iter().all(|c| c.payload.len() <= 4096));
+
+    // Streaming goes on, and the table is free for the next snapshot.
+    pg.sql("app", "INSERT INTO docs VALUES (100, 'after')");
+    wait_for(
+        "the insert after the failure",
+        Duration::from_secs(60),
+        || {
+            read_stream(&url, "CDC")
+                .iter()
+                .any(|m| m.subject == "cdc.docs.insert")
+                .then_some(())
+        },
+    );
+    let again = request(&url, "snapshot.request.docs");
+    assert_eq!(again["status"], "accepted", "{again}");
+    let second = decode(&wait_for_metas(&url, "docs", 2).payload);
+    assert_eq!(
+        second["snapshot_id"].as_str(),
+        again["snapshot_id"].as_str()
+    );
+    assert!(second.contains_key("error"), "{second:?}");
+
+    // Once the row is gone, a restart with --snapshot-on-start replaces the failed snapshot.
+    pg.sql("app", "DELETE FROM docs WHERE id = 41");
+    common::wait_caught_up(&pg, "cdc_slot", Duration::from_secs(60));
+    drop(bridge);
+    let bridge =
+        BridgeProcess::spawn(bridge_command(&pg, &url, dir.path()).args(["--snapshot-on-start"]));
+    bridge.wait_for_line(
+        "the last snapshot of public.docs in stream 'INIT' failed; taking a new one",
+        Duration::from_secs(60),
+    );
+    let meta = decode(&wait_for_metas(&url, "docs", 3).payload);
+    assert!(!meta.contains_key("error"), "{meta:?}\n{}", bridge.log());
+    assert_eq!(meta["row_count"].as_u64(), Some(41), "{meta:?}");
+    drop(bridge);
+}
+
+#[test]
+fn a_snapshot_while_postgresql_is_down_reports_it_in_the_configured_format() {
+    let mut env = TestEnv::start();
+    setup_app_db(&env.pg, "CREATE TABLE users (id int PRIMARY KEY)", "");
+    let url = env.nats.url();
+    let dir = TempDir::new("bridge");
+    let bridge =
+        BridgeProcess::spawn(bridge_command(&env.pg, &url, dir.path()).args(["--format", "json"]));
+    bridge.wait_for_line("snapshot requests served", Duration::from_secs(60));
+    env.pg.stop(common::StopMode::Fast);
+
+    let r = request(&url, "snapshot.request.users");
+    assert_eq!(r["status"], "accepted", "{r}");
+    let failure = wait_for_metas(&url, "users", 1);
+    let doc: serde_json::Value = serde_json::from_slice(&failure.payload).expect("JSON");
+    assert_eq!(doc["snapshot_id"], r["snapshot_id"]);
+    let error = doc["error"].as_str().unwrap();
+    assert!(error.contains("PostgreSQL is unreachable"), "{error}");
+    assert!(error.contains("request the snapshot again"), "{error}");
+    assert!(
+        doc.get("lsn").is_none() && doc.get("cdc_stream_seq").is_none(),
+        "{doc}"
+    );
+
+    // Back again: the bridge reconnects and the next snapshot succeeds.
+    env.pg.start_again();
+    let r = request(&url, "snapshot.request.users");
+    assert_eq!(r["status"], "accepted", "{r}");
+    let meta = wait_for_metas(&url, "users", 2);
+    let meta: serde_json::Value = serde_json::from_slice(&meta.payload).expect("JSON");
+    assert_eq!(meta["row_count"], 0, "{meta}\n{}", bridge.log());
+    drop(bridge);
+}
+
+#[test]
+fn snapshots_hold_exactly_the_rows_and_columns_the_publication_streams() {
+    let env = TestEnv::start();
+    setup_app_db(
+        &env.pg,
+        "CREATE TABLE evens (id int PRIMARY KEY, v text, secret text); \
+         CREATE TABLE evens_kid (extra int) INHERITS (evens); \
+         INSERT INTO evens SELECT g, 'v' || g, 'hidden' FROM generate_series(1, 100) g; \
+         INSERT INTO evens_kid VALUES (1000, 'kid', 'hidden', 1), (1001, 'odd kid', 'hidden', 2)",
+        "evens",
+    );
+    // FOR TABLE without ONLY takes the inheritance child in too, as a table of its own with
+    // the same column list and filter.
+    env.pg.sql(
+        "app",
+        "ALTER PUBLICATION cdc_pub SET TABLE evens (id, v) WHERE (id % 2 = 0)",
+    );
+    let url = env.nats.url();
+    let dir = TempDir::new("bridge");
+    let bridge = BridgeProcess::spawn(
+        bridge_command(&env.pg, &url, dir.path()).args(["--snapshot-chunk-rows", "20"]),
+    );
+    bridge.wait_for_line("snapshot requests served", Duration::from_secs(60));
+
+    let rows_of = |token: &str, id: &str| -> Vec<BTreeMap<String, Mp>> {
+        read_stream(&url, "INIT")
+            .into_iter()
+            .filter(|m| m.subject.starts_with(&format!("init.snap.{token}.{id}.")))
+            .flat_map(|m| {
+                decode(&m.payload)["data"]
+                    .as_array()
+                    .unwrap()
+                    .iter()
+                    .map(map)
+                    .collect::<Vec<_>>()
+            })
+            .collect()
+    };
+
+    let r = request(&url, "snapshot.request.evens");
+    assert_eq!(r["status"], "accepted", "{r}");
+    let meta = decode(&wait_for_metas(&url, "evens", 1).payload);
+    assert!(!meta.contains_key("error"), "{meta:?}");
+    assert_eq!(meta["row_count"].as_u64(), Some(50), "{meta:?}");
+    let rows = rows_of("evens", r["snapshot_id"].as_str().unwrap());
+    let ids: Vec<i64> = rows.iter().map(|r| r["id"].as_i64().unwrap()).collect();
+    assert_eq!(ids, (2..=100).step_by(2).collect::<Vec<i64>>());
+    assert!(rows.iter().all(|r| keys(r) == ["id", "v"]), "{:?}", rows[0]);
+    bridge.wait_for_line(
+        "publication row filter (((id % 2) = 0))",
+        Duration::from_secs(10),
+    );
+
+    // The child is snapshotted on its own, with the same filter.
+    let r = request(&url, "snapshot.request.evens_kid");
+    assert_eq!(r["status"], "accepted", "{r}");
+    wait_for_metas(&url, "evens_kid", 1);
+    let kid = rows_of("evens_kid", r["snapshot_id"].as_str().unwrap());
+    assert_eq!(kid.len(), 1, "{kid:?}");
+    assert_eq!(kid[0]["id"].as_i64(), Some(1000));
+
+    // The stream applies the same filter: an odd row is not streamed, an even one is.
+    env.pg.sql(
+        "app",
+        "INSERT INTO evens VALUES (101, 'odd', 'x'), (102, 'even', 'x')",
+    );
+    common::wait_caught_up(&env.pg, "cdc_slot", Duration::from_secs(60));
+    let inserted: Vec<i64> = read_stream(&url, "CDC")
+        .iter()
+        .filter(|m| m.subject == "cdc.evens.insert")
+        .map(|m| cols(&decode(&m.payload)["columns"])["id"].as_i64().unwrap())
+        .collect();
+    assert_eq!(inserted, [102]);
+    drop(bridge);
+}
+
+#[test]
+fn snapshot_on_start_fills_in_only_tables_without_a_snapshot() {
+    let env = TestEnv::start();
+    setup_app_db(
+        &env.pg,
+        "CREATE TABLE a (id int PRIMARY KEY); INSERT INTO a VALUES (1), (2), (3); \
+         CREATE TABLE b (id int PRIMARY KEY); INSERT INTO b VALUES (1), (2)",
+        "",
+    );
+    let url = env.nats.url();
+    let dir = TempDir::new("bridge");
+    let bridge = BridgeProcess::spawn(&mut bridge_command(&env.pg, &url, dir.path()));
+    bridge.wait_for_line("snapshot requests served", Duration::from_secs(60));
+    assert_eq!(request(&url, "snapshot.request.a")["status"], "accepted");
+    wait_for_metas(&url, "a", 1);
+    drop(bridge);
+
+    // The environment variable turns it on; only b lacks a snapshot.
+    let bridge = BridgeProcess::spawn(
+        bridge_command(&env.pg, &url, dir.path()).env("BRIDGE_SNAPSHOT_ON_START", "true"),
+    );
+    bridge.wait_for_line(
+        "stream 'INIT' already holds a snapshot of public.a",
+        Duration::from_secs(60),
+    );
+    bridge.wait_for_line(
+        "stream 'INIT' holds no snapshot of public.b",
+        Duration::from_secs(60),
+    );
+    let meta = decode(&wait_for_metas(&url, "b", 1).payload);
+    assert_eq!(meta["row_count"].as_u64(), Some(2), "{meta:?}");
+    bridge.wait_for_line("of public.b: 2 rows in 1 chunks", Duration::from_secs(10));
+    assert_eq!(metas(&url, "a").len(), 1);
+    drop(bridge);
+
+    // Both have one now: a restart takes none.
+    let before = common::stream_len(&url, "INIT");
+    let bridge = BridgeProcess::spawn(
+        bridge_command(&env.pg, &url, dir.path()).args(["--snapshot-on-start"]),
+    );
+    bridge.wait_for_line(
+        "stream 'INIT' already holds a snapshot of public.b",
+        Duration::from_secs(60),
+    );
+    assert!(bridge
+        .log()
+        .contains("already holds a snapshot of public.a"));
+    assert_eq!(common::stream_len(&url, "INIT"), before);
+    drop(bridge);
+}
+
+#[test]
+fn a_snapshot_stopped_by_shutdown_reports_it() {
+    let env = TestEnv::start();
+    setup_app_db(
+        &env.pg,
+        "CREATE TABLE big (id int PRIMARY KEY, v text); \
+         INSERT INTO big SELECT g, 'row ' || g FROM generate_series(1, 200000) g",
+        "",
+    );
+    let url = env.nats.url();
+    let dir = TempDir::new("bridge");
+    // Small chunks, each waiting for its PubAck: the snapshot runs far longer than it takes
+    // the test to see its first chunk and stop the bridge.
+    let mut bridge = BridgeProcess::spawn(
+        bridge_command(&env.pg, &url, dir.path()).args(["--snapshot-chunk-rows", "50"]),
+    );
+    bridge.wait_for_line("snapshot requests served", Duration::from_secs(60));
+    let r = request(&url, "snapshot.request.big");
+    assert_eq!(r["status"], "accepted", "{r}");
+    wait_for("the first chunk", Duration::from_secs(60), || {
+        (common::stream_len(&url, "INIT") > 0).then_some(())
+    });
+    assert_eq!(
+        bridge.terminate(Duration::from_secs(60)),
+        Some(0),
+        "{}",
+        bridge.log()
+    );
+
+    let metas = metas(&url, "big");
+    assert_eq!(metas.len(), 1, "{}", bridge.log());
+    let doc = decode(&metas[0].payload);
+    assert_eq!(doc["snapshot_id"].as_str(), r["snapshot_id"].as_str());
+    let error = doc["error"]
+        .as_str()
+        .unwrap_or_else(|| panic!("a failure: {doc:?}"));
+    assert!(
+        error.contains("the bridge shut down before the snapshot finished"),
+        "{error}"
+    );
+    let chunks = common::stream_len(&url, "INIT") - 1;
+    assert!(chunks < 200000 / 50, "stopped part way: {chunks} chunks");
+}

@@ -6,6 +6,7 @@ It follows the bootstrap rule of the pgbridge README:
 1. read the table's schema from the KV bucket ``schemas`` and create the SQLite table;
 2. request a snapshot (core NATS request on ``snapshot.request.{table}``), wait for its
    ``init.meta.{table}`` message and load its chunks ``init.snap.{table}.{id}.*`` in order;
+   a meta with ``error`` means the snapshot failed, and the mirror stops with that error;
 3. read the ``CDC`` stream filtered on ``cdc.{table}.*`` from ``cdc_stream_seq + 1`` and apply
    the changes whose ``commit_lsn >= lsn``, idempotently (upsert and delete by primary key).
 
@@ -306,13 +307,22 @@ class Bridge:
                 left = deadline - time.monotonic()
                 if left <= 0:
                     raise SystemExit(
-                        f"snapshot {snapshot_id} did not finish in time (the bridge's log says "
-                        "why a snapshot failed, e.g. a chunk over the NATS max payload)"
+                        f"snapshot {snapshot_id} did not finish in {SNAPSHOT_TIMEOUT:.0f} s "
+                        "(the bridge's log may say why, e.g. NATS unreachable)"
                     )
-                msg = await meta_sub.next_msg(timeout=left)
+                try:
+                    msg = await meta_sub.next_msg(timeout=left)
+                except NatsTimeout:
+                    continue
                 meta = self.codec.decode(msg.data)
-                if meta["snapshot_id"] == snapshot_id:
-                    break
+                if meta.get("snapshot_id") != snapshot_id:
+                    continue  # another consumer's snapshot of the same table
+                if "error" in meta:
+                    # A failure document: the snapshot will not come, and waiting is useless.
+                    raise SystemExit(
+                        f"snapshot {snapshot_id} of {self.table} failed: {meta['error']}"
+                    )
+                break
         finally:
             await meta_sub.unsubscribe()
         chunks = await self.js.subscribe(

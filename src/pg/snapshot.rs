@@ -2,7 +2,9 @@
 //! (DESIGN §5, reference §3.1): on a replication connection, `BEGIN READ ONLY ISOLATION LEVEL
 //! REPEATABLE READ`, `CREATE_REPLICATION_SLOT ... TEMPORARY ... (SNAPSHOT 'use')` gives the
 //! consistent point C and installs the slot's snapshot, `COPY (SELECT ...) TO STDOUT` reads the
-//! table in that snapshot, `COMMIT`, and the connection (with its temporary slot) is dropped.
+//! rows and columns the publication streams in that snapshot (reference §3.1: PostgreSQL does
+//! not apply column lists or row filters to a COPY, so the query does), `COMMIT`, and the
+//! connection (with its temporary slot) is dropped.
 //! The snapshot holds exactly the transactions that commit before C; every transaction with
 //! `commit_lsn >= C` is in the change stream.
 
@@ -45,19 +47,24 @@ pub struct SnapshotColumns {
 }
 
 /// What a finished snapshot read.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct SnapshotOutcome {
     /// The consistent point: stream changes with `commit_lsn >= lsn` come after the snapshot.
     pub lsn: Lsn,
     /// Rows read.
     pub rows: u64,
+    /// The publication's row filter the rows were read with, as PostgreSQL prints it; `None`
+    /// when the publication streams every row of the table.
+    pub row_filter: Option<String>,
 }
 
 /// Reads `schema.table` in a snapshot consistent with the replication stream.
 ///
 /// `on_start` gets the consistent point and the columns before the first row; `on_row` gets
-/// each row's typed values and may stop the snapshot with a reason. The publication's column
-/// list (PostgreSQL 15+) is honoured; row filters are not applied (see README).
+/// each row's typed values and may stop the snapshot with a reason. The rows and columns are
+/// exactly those the publication streams: its column list and row filter (PostgreSQL 15+) are
+/// applied to the COPY, read in the same transaction so they are the ones in force at the
+/// consistent point.
 pub fn take_snapshot(
     params: &[(&str, &str)],
     publication: &str,
@@ -68,6 +75,7 @@ pub fn take_snapshot(
 ) -> Result<SnapshotOutcome, SnapshotError> {
     let qualified = format!("{}.{}", quote_ident(schema), quote_ident(table));
     let mut repl = ReplicationConnection::connect(params)?;
+    let server_version = repl.server_version();
     repl.connection()
         .execute("BEGIN READ ONLY ISOLATION LEVEL REPEATABLE READ")?;
     let slot_name = format!(
@@ -77,21 +85,13 @@ pub fn take_snapshot(
     );
     let slot = repl.create_slot(&slot_name, true, SnapshotAction::Use)?;
 
-    // Columns as of the snapshot, limited to the publication's column list when it has one.
-    let cols = repl.connection().query(&format!(
-        "SELECT a.attname, CASE WHEN t.typtype = 'd' THEN t.typbasetype ELSE a.atttypid END AS typ \
-           FROM pg_attribute a JOIN pg_type t ON t.oid = a.atttypid \
-          WHERE a.attrelid = {rel}::regclass AND a.attnum > 0 AND NOT a.attisdropped AND a.attgenerated = '' \
-            AND (NOT EXISTS (SELECT FROM pg_publication_tables p WHERE p.pubname = {pubname} \
-                              AND p.schemaname = {s} AND p.tablename = {t}) \
-                 OR a.attname = ANY (SELECT unnest(p.attnames) FROM pg_publication_tables p \
-                                      WHERE p.pubname = {pubname} AND p.schemaname = {s} AND p.tablename = {t})) \
-          ORDER BY a.attnum",
-        rel = quote_literal(&qualified),
-        pubname = quote_literal(publication),
-        s = quote_literal(schema),
-        t = quote_literal(table),
-    ))?;
+    let target = SnapshotTarget {
+        server_version,
+        publication,
+        schema,
+        table,
+    };
+    let cols = repl.connection().query(&target.columns_sql())?;
     let columns = SnapshotColumns {
         names: cols
             .rows
@@ -107,46 +107,42 @@ pub fn take_snapshot(
     if columns.names.is_empty() {
         return Err(SnapshotError::NoColumns(qualified));
     }
+    let plan = repl.connection().query(&target.plan_sql())?;
+    // A plain table is read without its inheritance children: pgoutput streams each child as
+    // a table of its own. A partitioned table is read with its partitions, as it is streamed.
+    let only = plan.get(0, "relkind") != Some("p");
+    let row_filter = plan.get(0, "row_filter").map(str::to_string);
     on_start(slot.consistent_point, &columns)
         .map_err(|e| SnapshotError::Stopped(qualified.clone(), e))?;
 
-    let select = columns
-        .names
-        .iter()
-        .map(|n| quote_ident(n))
-        .collect::<Vec<_>>()
-        .join(", ");
+    let copy = copy_sql(&qualified, only, &columns.names, row_filter.as_deref());
     let mut parser = CopyRowParser::new();
     let mut values: Vec<Value> = Vec::with_capacity(columns.names.len());
     let mut failure: Option<SnapshotError> = None;
     let mut rows = 0u64;
-    repl.connection().copy_out(
-        &format!("COPY (SELECT {select} FROM {qualified}) TO STDOUT"),
-        |row| {
-            if let Err(e) = parser.parse(row) {
-                failure = Some(e.into());
-                return ControlFlow::Break(());
+    repl.connection().copy_out(&copy, |row| {
+        if let Err(e) = parser.parse(row) {
+            failure = Some(e.into());
+            return ControlFlow::Break(());
+        }
+        values.clear();
+        for (i, kind) in columns.kinds.iter().enumerate() {
+            let v = match parser.get(i) {
+                None => Value::Null,
+                Some(text) => decode_text(*kind, text)
+                    .unwrap_or_else(|_| Value::Text(String::from_utf8_lossy(text).into_owned())),
+            };
+            values.push(v);
+        }
+        rows += 1;
+        match on_row(&values) {
+            Ok(()) => ControlFlow::Continue(()),
+            Err(e) => {
+                failure = Some(SnapshotError::Stopped(qualified.clone(), e));
+                ControlFlow::Break(())
             }
-            values.clear();
-            for (i, kind) in columns.kinds.iter().enumerate() {
-                let v = match parser.get(i) {
-                    None => Value::Null,
-                    Some(text) => decode_text(*kind, text).unwrap_or_else(|_| {
-                        Value::Text(String::from_utf8_lossy(text).into_owned())
-                    }),
-                };
-                values.push(v);
-            }
-            rows += 1;
-            match on_row(&values) {
-                Ok(()) => ControlFlow::Continue(()),
-                Err(e) => {
-                    failure = Some(SnapshotError::Stopped(qualified.clone(), e));
-                    ControlFlow::Break(())
-                }
-            }
-        },
-    )?;
+        }
+    })?;
     if let Some(e) = failure {
         return Err(e);
     }
@@ -154,5 +150,179 @@ pub fn take_snapshot(
     Ok(SnapshotOutcome {
         lsn: slot.consistent_point,
         rows,
+        row_filter,
     })
+}
+
+/// The table a snapshot reads, and what it needs to know to build its SQL.
+struct SnapshotTarget<'a> {
+    server_version: i32,
+    publication: &'a str,
+    schema: &'a str,
+    table: &'a str,
+}
+
+impl SnapshotTarget<'_> {
+    /// `schemaname = ... AND tablename = ...` on `pg_publication_tables p` for this table.
+    fn publication_entries(&self) -> String {
+        format!(
+            "p.pubname = {} AND p.schemaname = {} AND p.tablename = {}",
+            quote_literal(self.publication),
+            quote_literal(self.schema),
+            quote_literal(self.table)
+        )
+    }
+
+    fn regclass(&self) -> String {
+        quote_literal(&format!(
+            "{}.{}",
+            quote_ident(self.schema),
+            quote_ident(self.table)
+        ))
+    }
+
+    /// The published columns in table order, with the OID their text decodes as (a domain's
+    /// base type). Dropped and generated columns are never published; on PostgreSQL 15+ a
+    /// publication's column list (`pg_publication_tables.attnames`) narrows them further. A
+    /// NULL `attnames` (no list) means every column.
+    fn columns_sql(&self) -> String {
+        let generated = if self.server_version >= 120000 {
+            " AND a.attgenerated = ''"
+        } else {
+            ""
+        };
+        let column_list = if self.server_version >= 150000 {
+            let entries = self.publication_entries();
+            format!(
+                " AND (NOT EXISTS (SELECT FROM pg_publication_tables p WHERE {entries} AND p.attnames IS NOT NULL) \
+                   OR a.attname = ANY (SELECT unnest(p.attnames) FROM pg_publication_tables p WHERE {entries}))"
+            )
+        } else {
+            String::new()
+        };
+        format!(
+            "SELECT a.attname, CASE WHEN t.typtype = 'd' THEN t.typbasetype ELSE a.atttypid END AS typ \
+               FROM pg_attribute a JOIN pg_type t ON t.oid = a.atttypid \
+              WHERE a.attrelid = {rel}::regclass AND a.attnum > 0 AND NOT a.attisdropped{generated}{column_list} \
+              ORDER BY a.attnum",
+            rel = self.regclass(),
+        )
+    }
+
+    /// One row: the table's `relkind` and the row filter the publication streams it with
+    /// (NULL for none).
+    ///
+    /// The filter follows pgoutput (PostgreSQL 15+, `pgoutput_row_filter_init`): a publication
+    /// `FOR ALL TABLES`, or one holding the table's schema (`FOR TABLES IN SCHEMA`), streams
+    /// every row whatever filter an entry has; otherwise the filters of the table's entries
+    /// are OR'ed, and one entry without a filter streams every row. `rowfilter` is the text
+    /// `pg_get_expr` prints in this session, so it parses back here. Before PostgreSQL 15
+    /// there are no row filters and the columns do not exist.
+    fn plan_sql(&self) -> String {
+        let row_filter = if self.server_version >= 150000 {
+            let publication = quote_literal(self.publication);
+            format!(
+                "(SELECT CASE WHEN bool_or(p.rowfilter IS NULL) THEN NULL \
+                              ELSE string_agg(DISTINCT '(' || p.rowfilter || ')', ' OR ' \
+                                              ORDER BY '(' || p.rowfilter || ')') END \
+                    FROM pg_publication_tables p \
+                   WHERE {entries} \
+                     AND NOT EXISTS (SELECT FROM pg_publication pb \
+                                      WHERE pb.pubname = {publication} \
+                                        AND (pb.puballtables \
+                                             OR EXISTS (SELECT FROM pg_publication_namespace pn \
+                                                          JOIN pg_namespace n ON n.oid = pn.pnnspid \
+                                                         WHERE pn.pnpubid = pb.oid AND n.nspname = {schema}))))",
+                entries = self.publication_entries(),
+                schema = quote_literal(self.schema),
+            )
+        } else {
+            "NULL::text".to_string()
+        };
+        format!(
+            "SELECT c.relkind::text AS relkind, {row_filter} AS row_filter \
+               FROM pg_class c WHERE c.oid = {rel}::regclass",
+            rel = self.regclass(),
+        )
+    }
+}
+
+/// `COPY (SELECT columns FROM [ONLY] table [WHERE row filter]) TO STDOUT`.
+fn copy_sql(qualified: &str, only: bool, names: &[Arc<str>], row_filter: Option<&str>) -> String {
+    let select = names
+        .iter()
+        .map(|n| quote_ident(n))
+        .collect::<Vec<_>>()
+        .join(", ");
+    let only = if only { "ONLY " } else { "" };
+    match row_filter {
+        Some(filter) => {
+            format!("COPY (SELECT {select} FROM {only}{qualified} WHERE {filter}) TO STDOUT")
+        }
+        None => format!("COPY (SELECT {select} FROM {only}{qualified}) TO STDOUT"),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn target(server_version: i32) -> SnapshotTarget<'static> {
+        SnapshotTarget {
+            server_version,
+            publication: "cdc_pub",
+            schema: "sales",
+            table: "o'rders",
+        }
+    }
+
+    #[test]
+    fn servers_before_15_are_never_asked_for_column_lists_or_row_filters() {
+        for v in [100023, 110022, 130016, 140013] {
+            let t = target(v);
+            for sql in [t.columns_sql(), t.plan_sql()] {
+                assert!(!sql.contains("attnames"), "{v}: {sql}");
+                assert!(!sql.contains("rowfilter"), "{v}: {sql}");
+                assert!(!sql.contains("pg_publication_namespace"), "{v}: {sql}");
+            }
+        }
+        // attgenerated came with PostgreSQL 12.
+        assert!(!target(110022).columns_sql().contains("attgenerated"));
+        assert!(target(120000).columns_sql().contains("attgenerated"));
+    }
+
+    #[test]
+    fn postgres_15_reads_the_publication_column_list_and_row_filter() {
+        let t = target(150018);
+        let cols = t.columns_sql();
+        assert!(cols.contains("p.attnames"), "{cols}");
+        assert!(cols.contains("p.pubname = 'cdc_pub'"), "{cols}");
+        assert!(cols.contains("p.tablename = 'o''rders'"), "{cols}");
+        assert!(
+            cols.contains("'\"sales\".\"o''rders\"'::regclass"),
+            "{cols}"
+        );
+        let plan = t.plan_sql();
+        assert!(plan.contains("p.rowfilter"), "{plan}");
+        assert!(plan.contains("puballtables"), "{plan}");
+        assert!(plan.contains("n.nspname = 'sales'"), "{plan}");
+    }
+
+    #[test]
+    fn copy_reads_only_the_table_and_applies_the_filter() {
+        let names: Vec<Arc<str>> = vec![Arc::from("id"), Arc::from("we\"ird")];
+        assert_eq!(
+            copy_sql("\"public\".\"t\"", true, &names, None),
+            "COPY (SELECT \"id\", \"we\"\"ird\" FROM ONLY \"public\".\"t\") TO STDOUT"
+        );
+        assert_eq!(
+            copy_sql(
+                "\"public\".\"t\"",
+                false,
+                &names[..1],
+                Some("(((id % 2) = 0)) OR ((id > 5))")
+            ),
+            "COPY (SELECT \"id\" FROM \"public\".\"t\" WHERE (((id % 2) = 0)) OR ((id > 5))) TO STDOUT"
+        );
+    }
 }

@@ -90,6 +90,9 @@ pub struct ChunkRows {
     format: Format,
     buf: Vec<u8>,
     count: usize,
+    /// Where the last row added begins in `buf` (after JSON's separating comma); `None` once
+    /// it was moved out or the chunk cleared.
+    last_start: Option<usize>,
 }
 
 impl ChunkRows {
@@ -99,6 +102,7 @@ impl ChunkRows {
             format,
             buf: Vec::with_capacity(64 * 1024),
             count: 0,
+            last_start: None,
         }
     }
 
@@ -121,15 +125,40 @@ impl ChunkRows {
     pub fn clear(&mut self) {
         self.buf.clear();
         self.count = 0;
+        self.last_start = None;
     }
 
-    /// Adds a row of `names.len()` columns.
+    /// Moves the row added last into `next` (emptied first), to start the next chunk with it
+    /// when it would make this one too large. Does nothing when there is no such row.
+    pub fn move_last_row(&mut self, next: &mut ChunkRows) {
+        next.clear();
+        let Some(start) = self.last_start.take() else {
+            return;
+        };
+        next.buf.extend_from_slice(&self.buf[start..]);
+        next.count = 1;
+        next.last_start = Some(0);
+        // In JSON the rows before it end with the comma that separated them.
+        let end = if self.format == Format::Json && self.count > 1 {
+            start - 1
+        } else {
+            start
+        };
+        self.buf.truncate(end);
+        self.count -= 1;
+    }
+
+    /// Adds a row of `names.len()` columns; its encoded size.
     pub fn push_row<'v>(
         &mut self,
         names: &[std::sync::Arc<str>],
         values: impl IntoIterator<Item = &'v Value>,
-    ) {
+    ) -> usize {
         let out = &mut self.buf;
+        if self.format == Format::Json && self.count > 0 {
+            out.push(b',');
+        }
+        let start = out.len();
         match self.format {
             Format::Msgpack => {
                 written(rmp::encode::write_map_len(out, len32(names.len())));
@@ -139,9 +168,6 @@ impl ChunkRows {
                 }
             }
             Format::Json => {
-                if self.count > 0 {
-                    out.push(b',');
-                }
                 out.push(b'{');
                 for (i, (name, value)) in names.iter().zip(values).enumerate() {
                     if i > 0 {
@@ -155,6 +181,8 @@ impl ChunkRows {
             }
         }
         self.count += 1;
+        self.last_start = Some(start);
+        out.len() - start
     }
 }
 
@@ -739,6 +767,60 @@ mod tests {
             );
             rows.clear();
             assert!(rows.is_empty());
+        }
+    }
+
+    #[test]
+    fn the_last_row_moves_to_the_next_chunk_intact() {
+        let names: Vec<Arc<str>> = vec![Arc::from("id")];
+        let header = |chunk| ChunkHeader {
+            table: "t",
+            schema: "public",
+            snapshot_id: "s",
+            chunk,
+            lsn: Lsn(1),
+        };
+        let ids = |format, rows: &ChunkRows| -> Vec<i64> {
+            let mut out = Vec::new();
+            encode_chunk(format, &header(0), rows, &mut out);
+            let v: serde_json::Value = match format {
+                Format::Json => serde_json::from_slice(&out).unwrap(),
+                Format::Msgpack => {
+                    let mp = rmpv::decode::read_value(&mut out.as_slice()).unwrap();
+                    let data = mp.as_map().unwrap()[6].1.as_array().unwrap().clone();
+                    serde_json::json!({"data": data.iter()
+                        .map(|r| serde_json::json!({"id": r.as_map().unwrap()[0].1.as_i64()}))
+                        .collect::<Vec<_>>()})
+                }
+            };
+            v["data"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .map(|r| r["id"].as_i64().unwrap())
+                .collect()
+        };
+        for format in [Format::Msgpack, Format::Json] {
+            let mut rows = ChunkRows::new(format);
+            let mut next = ChunkRows::new(format);
+            let first = rows.push_row(&names, &[Value::Int(1)]);
+            let size = rows.push_row(&names, &[Value::Int(22)]);
+            assert!(size > 0 && first > 0);
+            rows.push_row(&names, &[Value::Int(333)]);
+            rows.move_last_row(&mut next);
+            assert_eq!((rows.len(), next.len()), (2, 1));
+            assert_eq!(ids(format, &rows), [1, 22], "{format:?}");
+            assert_eq!(ids(format, &next), [333], "{format:?}");
+            // Only the row added last can move; the next chunk goes on after it.
+            rows.move_last_row(&mut next);
+            assert_eq!(next.len(), 0);
+            assert_eq!(ids(format, &rows), [1, 22]);
+            rows.clear();
+            rows.push_row(&names, &[Value::Int(4)]);
+            rows.move_last_row(&mut next);
+            assert!(rows.is_empty());
+            next.push_row(&names, &[Value::Int(5)]);
+            assert_eq!(ids(format, &next), [4, 5], "{format:?}");
         }
     }
 
