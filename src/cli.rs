@@ -132,6 +132,12 @@ pub struct MirrorArgs {
     /// refresh; without it the mirror runs until SIGINT or SIGTERM.
     #[arg(long, value_name = "SECONDS")]
     pub until_idle: Option<u64>,
+
+    /// Request a snapshot again when the one being loaded sent nothing for this many seconds
+    /// (the bridge serving it was stopped).
+    #[arg(long, value_name = "SECONDS", default_value_t = crate::mirror::DEFAULT_SNAPSHOT_STALL.as_secs(),
+          value_parser = clap::value_parser!(u64).range(1..))]
+    pub snapshot_stall_secs: u64,
 }
 
 /// A consumer name JetStream accepts: letters, digits, `-` and `_`.

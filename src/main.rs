@@ -60,6 +60,7 @@ fn main() -> ExitCode {
                 tables: config.replication.tables.clone(),
                 durable: args.durable,
                 until_idle: args.until_idle.map(Duration::from_secs),
+                snapshot_stall: Duration::from_secs(args.snapshot_stall_secs),
             };
             match pgbridge::mirror::run(&config, &options, &shutdown) {
                 Ok(s) => {

@@ -54,9 +54,8 @@ const SCHEMA_TIMEOUT: Duration = Duration::from_secs(60);
 const REQUEST_TIMEOUT: Duration = Duration::from_secs(10);
 /// How long to keep asking when no bridge answers snapshot requests (it may be restarting).
 const BRIDGE_WAIT: Duration = Duration::from_secs(300);
-/// A snapshot that sends neither a chunk nor its meta for this long is given up and requested
-/// again (the bridge serving it was stopped).
-const SNAPSHOT_STALL: Duration = Duration::from_secs(60);
+/// Default of [`MirrorOptions::snapshot_stall`].
+pub const DEFAULT_SNAPSHOT_STALL: Duration = Duration::from_secs(60);
 /// An open SQLite transaction is committed when no change arrived for this long.
 pub const IDLE_COMMIT: Duration = Duration::from_millis(100);
 /// Changes per SQLite transaction before it is committed at the next source-transaction
@@ -82,6 +81,9 @@ pub struct MirrorOptions {
     pub durable: String,
     /// Stop after this long without a new change (`None`: run until shutdown).
     pub until_idle: Option<Duration>,
+    /// A snapshot that sends neither a chunk nor its meta for this long is given up and
+    /// requested again (the bridge serving it was stopped).
+    pub snapshot_stall: Duration,
 }
 
 /// Why the mirror stopped.
@@ -268,13 +270,17 @@ impl Mirror {
             names.join(", "),
             self.options.db.display()
         );
+        let mut pending: Vec<String> = Vec::new();
         for t in self.tables.clone() {
             let schema = self.schema(&t).await?;
-            self.store.apply_schema(&t.token, &t.local, &schema)?;
-        }
-        let mut pending: Vec<String> = Vec::new();
-        for t in &self.tables {
+            let defaults_added = self.store.apply_schema(&t.token, &t.local, &schema)?;
             if self.store.position(&t.token)?.is_none() {
+                pending.push(t.token.clone());
+            } else if defaults_added {
+                log::info!(
+                    "{}: a column with a default was added; taking a new snapshot",
+                    t.local
+                );
                 pending.push(t.token.clone());
             }
         }
@@ -364,19 +370,22 @@ impl Mirror {
 
     /// Makes sure the SQLite table has `names` as columns, reading the schema again when not
     /// (the source table was altered; the bridge writes the new revision as it sees it).
-    async fn ensure_columns(&mut self, token: &str, names: &[&str]) -> Result<(), MirrorError> {
+    /// Returns true when a column with a default was added: the table's older rows then need
+    /// a new snapshot (see [`Store::apply_schema`]).
+    async fn ensure_columns(&mut self, token: &str, names: &[&str]) -> Result<bool, MirrorError> {
         if self.store.has_columns(token, names.iter().copied()) {
-            return Ok(());
+            return Ok(false);
         }
         let t = self.table(token).cloned().ok_or_else(|| {
             MirrorError::JetStream(format!("change for {token}, which is not mirrored"))
         })?;
         let deadline = Instant::now() + SCHEMA_TIMEOUT;
+        let mut defaults_added = false;
         loop {
             let schema = self.schema(&t).await?;
-            self.store.apply_schema(&t.token, &t.local, &schema)?;
+            defaults_added |= self.store.apply_schema(&t.token, &t.local, &schema)?;
             if self.store.has_columns(token, names.iter().copied()) {
-                return Ok(());
+                return Ok(defaults_added);
             }
             if Instant::now() > deadline {
                 return Err(MirrorError::NoSchema(format!(
@@ -445,10 +454,11 @@ impl Mirror {
                     self.store.rollback()?;
                     return Ok(false);
                 }
-                if progress.elapsed() > SNAPSHOT_STALL {
+                if progress.elapsed() > self.options.snapshot_stall {
                     log::warn!(
-                        "snapshot {id} of {token}: nothing arrived for {SNAPSHOT_STALL:?} (was \
-                         the bridge stopped?); requesting a new one"
+                        "snapshot {id} of {token}: nothing arrived for {:?} (was the bridge \
+                         stopped?); requesting a new one",
+                        self.options.snapshot_stall
                     );
                     self.store.rollback()?;
                     break None;
@@ -672,7 +682,8 @@ impl Mirror {
             let next = tokio::time::timeout(wait, messages.next()).await;
             let msg = match next {
                 Err(_) => {
-                    self.commit(&mut last, &mut in_batch).await?;
+                    self.commit(&mut positions, &mut last, &mut in_batch)
+                        .await?;
                     if self.shutdown.is_triggered() {
                         return Ok(FollowEnd::Done);
                     }
@@ -685,12 +696,14 @@ impl Mirror {
                     continue;
                 }
                 Ok(None) => {
-                    self.commit(&mut last, &mut in_batch).await?;
+                    self.commit(&mut positions, &mut last, &mut in_batch)
+                        .await?;
                     log::warn!("the consumer's message stream ended; following again");
                     return Ok(FollowEnd::Restart);
                 }
                 Ok(Some(Err(e))) => {
-                    self.commit(&mut last, &mut in_batch).await?;
+                    self.commit(&mut positions, &mut last, &mut in_batch)
+                        .await?;
                     log::warn!("consumer {durable}: {e}; following again");
                     return Ok(FollowEnd::Restart);
                 }
@@ -709,11 +722,13 @@ impl Mirror {
             // Between source transactions: commit a full batch, or stop when asked to.
             if txn != Some(commit_lsn) {
                 if self.shutdown.is_triggered() {
-                    self.commit(&mut last, &mut in_batch).await?;
+                    self.commit(&mut positions, &mut last, &mut in_batch)
+                        .await?;
                     return Ok(FollowEnd::Done);
                 }
                 if in_batch >= COMMIT_EVERY {
-                    self.commit(&mut last, &mut in_batch).await?;
+                    self.commit(&mut positions, &mut last, &mut in_batch)
+                        .await?;
                 }
                 txn = Some(commit_lsn);
             }
@@ -728,10 +743,18 @@ impl Mirror {
             }
             self.store.begin()?;
             if commit_lsn >= position.lsn {
-                self.apply(&token, &event).await.map_err(|e| match e {
+                let applied = self.apply(&token, &event).await.map_err(|e| match e {
                     MirrorError::BadMessage { reason, .. } => self.bad(&msg, reason),
                     e => e,
                 })?;
+                if !applied {
+                    // This change stays unapplied and unacknowledged: the snapshot replaces
+                    // the table and its position.
+                    self.commit(&mut positions, &mut last, &mut in_batch)
+                        .await?;
+                    log::info!("{token}: a column with a default was added; taking a new snapshot");
+                    return Ok(FollowEnd::Snapshot(vec![token]));
+                }
                 self.summary.applied += 1;
             } else {
                 self.summary.skipped += 1;
@@ -744,11 +767,30 @@ impl Mirror {
     }
 
     /// Commits the open transaction and acknowledges every message up to the last one.
+    ///
+    /// The consumer delivers every change of every mirrored table in stream order, so once the
+    /// message at sequence `s` is handled, no table has an unseen change before `s`: each
+    /// table's stored sequence moves up to `s` with the commit. A table that rarely changes
+    /// then does not fall behind the stream's limits and need a snapshot it does not need.
     async fn commit(
         &mut self,
+        positions: &mut HashMap<String, Position>,
         last: &mut Option<Message>,
         in_batch: &mut u64,
     ) -> Result<(), MirrorError> {
+        if let Some(seq) = last
+            .as_ref()
+            .and_then(|m| m.info().ok())
+            .map(|i| i.stream_sequence)
+        {
+            for (token, p) in positions.iter_mut() {
+                if p.last_seq < seq {
+                    self.store.begin()?;
+                    p.last_seq = seq;
+                    self.store.set_last_seq(token, seq)?;
+                }
+            }
+        }
         self.store.commit()?;
         *in_batch = 0;
         if let Some(msg) = last.take() {
@@ -761,8 +803,9 @@ impl Mirror {
         Ok(())
     }
 
-    /// Applies one change event to the table.
-    async fn apply(&mut self, token: &str, event: &Value) -> Result<(), MirrorError> {
+    /// Applies one change event to the table. Returns false, having changed nothing, when the
+    /// table needs a new snapshot first (a column with a default was added).
+    async fn apply(&mut self, token: &str, event: &Value) -> Result<bool, MirrorError> {
         let bad = |e: doc::DocError| MirrorError::BadMessage {
             stream: String::new(),
             seq: 0,
@@ -771,11 +814,13 @@ impl Mirror {
         let op = doc::str_field(event, "operation").map_err(bad)?;
         if op == "TRUNCATE" {
             self.store.clear(token)?;
-            return Ok(());
+            return Ok(true);
         }
         let columns = doc::column_pairs(event, "columns").map_err(bad)?;
         let names: Vec<&str> = columns.iter().map(|c| c.0).collect();
-        self.ensure_columns(token, &names).await?;
+        if self.ensure_columns(token, &names).await? {
+            return Ok(false);
+        }
         match op {
             "INSERT" => self.store.upsert(token, &columns)?,
             "UPDATE" => {
@@ -796,6 +841,6 @@ impl Mirror {
             }
             other => return Err(bad(doc::DocError(format!("unknown operation {other:?}")))),
         }
-        Ok(())
+        Ok(true)
     }
 }

@@ -106,12 +106,16 @@ impl Store {
 
     /// Creates the table `name` from a schema document of the `schemas` bucket, or adds the
     /// columns it lacks; `token` names it from now on.
+    ///
+    /// Returns true when a column with a default was added to an existing table: PostgreSQL
+    /// gives the rows it already had that default without writing them to the WAL, so only a
+    /// new snapshot brings those values.
     pub fn apply_schema(
         &mut self,
         token: &str,
         name: &str,
         schema: &Value,
-    ) -> Result<(), StoreError> {
+    ) -> Result<bool, StoreError> {
         let unsupported = |reason: &str| StoreError::Unsupported {
             table: name.to_owned(),
             reason: reason.to_owned(),
@@ -128,7 +132,8 @@ impl Store {
                 "it has no primary key (add one in PostgreSQL; the mirror finds rows by key)",
             ));
         }
-        let mut columns: Vec<(i64, String, ColumnKind)> = match doc::field(schema, "columns") {
+        let mut columns: Vec<(i64, String, ColumnKind, bool)> = match doc::field(schema, "columns")
+        {
             Some(Value::Array(cols)) => cols
                 .iter()
                 .map(|c| {
@@ -138,6 +143,7 @@ impl Store {
                             .unwrap_or(0),
                         doc::str_field(c, "name")?.to_owned(),
                         ColumnKind::for_pg_type(doc::str_field(c, "data_type")?),
+                        doc::field(c, "column_default").is_some_and(|d| !d.is_nil()),
                     ))
                 })
                 .collect::<Result<_, doc::DocError>>()?,
@@ -146,10 +152,11 @@ impl Store {
         columns.sort_by_key(|c| c.0);
         let quoted = quote(name);
         let existing = self.read_columns(name)?;
+        let mut added_with_default = false;
         if existing.is_empty() {
             let mut defs: Vec<String> = columns
                 .iter()
-                .map(|(_, n, k)| format!("{} {}", quote(n), k.sqlite_type()))
+                .map(|(_, n, k, _)| format!("{} {}", quote(n), k.sqlite_type()))
                 .collect();
             defs.push(format!(
                 "PRIMARY KEY ({})",
@@ -159,8 +166,9 @@ impl Store {
                 .execute_batch(&format!("CREATE TABLE {quoted} ({})", defs.join(", ")))?;
             log::info!("created table {quoted}");
         } else {
-            for (_, n, k) in &columns {
+            for (_, n, k, has_default) in &columns {
                 if !existing.iter().any(|(e, _, _)| e == n) {
+                    added_with_default |= *has_default;
                     self.conn.execute_batch(&format!(
                         "ALTER TABLE {quoted} ADD COLUMN {} {}",
                         quote(n),
@@ -188,7 +196,7 @@ impl Store {
                 key: key.into_iter().map(|(_, n)| n).collect(),
             },
         );
-        Ok(())
+        Ok(added_with_default)
     }
 
     /// (name, declared type, position in the primary key or 0) of each column.
