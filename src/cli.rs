@@ -108,6 +108,50 @@ pub enum Command {
     /// on every address), print the answer and exit 0 when it is 200, 1 otherwise. For
     /// container health checks in images without a shell or curl.
     Health,
+    /// Keep a local SQLite database equal to the streamed tables: read their schemas from the
+    /// KV bucket `schemas`, load a snapshot when the local copy is empty or older than the CDC
+    /// stream, then follow the CDC stream. Uses the NATS and stream settings; --table chooses
+    /// the tables (default: every table with a schema in the bucket).
+    Mirror(MirrorArgs),
+}
+
+/// `bridge mirror` options.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Args)]
+pub struct MirrorArgs {
+    /// SQLite file, created when missing; it also holds each table's position.
+    #[arg(long, env = "MIRROR_DB", value_name = "FILE")]
+    pub db: PathBuf,
+
+    /// Durable JetStream consumer on the CDC stream; give each mirror file its own.
+    #[arg(long, env = "MIRROR_DURABLE", value_name = "NAME",
+          default_value = crate::mirror::DEFAULT_DURABLE,
+          value_parser = parse_durable)]
+    pub durable: String,
+
+    /// Exit (code 0) after this many seconds without a new change, e.g. for a scheduled
+    /// refresh; without it the mirror runs until SIGINT or SIGTERM.
+    #[arg(long, value_name = "SECONDS")]
+    pub until_idle: Option<u64>,
+
+    /// Request a snapshot again when the one being loaded sent nothing for this many seconds
+    /// (the bridge serving it was stopped).
+    #[arg(long, value_name = "SECONDS", default_value_t = crate::mirror::DEFAULT_SNAPSHOT_STALL.as_secs(),
+          value_parser = clap::value_parser!(u64).range(1..))]
+    pub snapshot_stall_secs: u64,
+}
+
+/// A consumer name JetStream accepts: letters, digits, `-` and `_`.
+fn parse_durable(value: &str) -> Result<String, String> {
+    if !value.is_empty()
+        && value.len() <= 64
+        && value
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
+    {
+        Ok(value.to_owned())
+    } else {
+        Err("use 1 to 64 letters, digits, '-' or '_'".to_owned())
+    }
 }
 
 /// Every configuration flag. Each field overrides the configuration field of the same meaning

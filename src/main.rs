@@ -3,6 +3,7 @@
 //! Exit codes: 0 clean, 1 runtime failure, 2 bad usage or configuration.
 
 use std::process::ExitCode;
+use std::time::Duration;
 
 use clap::error::ErrorKind;
 use clap::Parser;
@@ -11,6 +12,7 @@ use signal_hook::consts::{SIGINT, SIGTERM};
 
 use pgbridge::cli::{usage_error_line, Cli, Command, EXIT_FAILURE, EXIT_USAGE};
 use pgbridge::config::Config;
+use pgbridge::mirror::MirrorOptions;
 use pgbridge::shutdown::Shutdown;
 
 fn main() -> ExitCode {
@@ -47,6 +49,33 @@ fn main() -> ExitCode {
                 ExitCode::from(EXIT_FAILURE)
             }
         },
+        Command::Mirror(args) => {
+            let shutdown = Shutdown::new();
+            if let Err(err) = install_signal_handlers(&shutdown) {
+                eprintln!("bridge: cannot install signal handlers: {err}");
+                return ExitCode::from(EXIT_FAILURE);
+            }
+            let options = MirrorOptions {
+                db: args.db,
+                tables: config.replication.tables.clone(),
+                durable: args.durable,
+                until_idle: args.until_idle.map(Duration::from_secs),
+                snapshot_stall: Duration::from_secs(args.snapshot_stall_secs),
+            };
+            match pgbridge::mirror::run(&config, &options, &shutdown) {
+                Ok(s) => {
+                    info!(
+                        "mirror stopped: snapshots={} snapshot_rows={} applied={} skipped={}",
+                        s.snapshots, s.snapshot_rows, s.applied, s.skipped
+                    );
+                    ExitCode::SUCCESS
+                }
+                Err(err) => {
+                    eprintln!("bridge mirror: error: {err}");
+                    ExitCode::from(err.exit_code())
+                }
+            }
+        }
         Command::Run => {
             let shutdown = Shutdown::new();
             if let Err(err) = install_signal_handlers(&shutdown) {

@@ -1,0 +1,846 @@
+//! `bridge mirror`: a consumer that keeps a local SQLite database equal to chosen PostgreSQL
+//! tables, from what the bridge publishes (DESIGN §5's bootstrap rule):
+//!
+//! 1. read each table's schema from the KV bucket `schemas` and create the SQLite table (new
+//!    columns are added when a later schema revision has them);
+//! 2. when the table has no stored position, or the CDC stream no longer holds the change after
+//!    it, request a snapshot (`snapshot.request.{table}`), and load its chunks
+//!    `init.snap.{table}.{id}.*` as they arrive, in one SQLite transaction with the position
+//!    (`lsn`, `cdc_stream_seq`) of its meta message;
+//! 3. follow the CDC stream with a durable pull consumer from the lowest stored sequence + 1,
+//!    applying to each table only the changes after its own stored sequence whose
+//!    `commit_lsn >= lsn`.
+//!
+//! Changes are applied in SQLite transactions that end only between source transactions
+//! (several small source transactions may share one); the stored sequence moves in the same
+//! transaction, so a restart, even after `kill -9`, neither loses nor repeats a change. A
+//! transaction is also committed when no change arrived for [`IDLE_COMMIT`]; only a bridge
+//! that stalls in the middle of publishing one transaction can make that split it, and the
+//! rest then follows in the next commit.
+
+mod doc;
+mod store;
+
+use std::collections::HashMap;
+use std::path::PathBuf;
+use std::time::{Duration, Instant};
+
+use async_nats::jetstream::consumer::{pull, AckPolicy, DeliverPolicy};
+use async_nats::jetstream::{self, Context, Message};
+use bytes::Bytes;
+use futures_util::StreamExt;
+use rmpv::Value;
+
+use crate::config::Config;
+use crate::pg::Lsn;
+use crate::shutdown::Shutdown;
+use crate::sink::nats::{connect, NatsError, CDC_SUBJECT_PREFIX, INIT_SUBJECT_PREFIX};
+use crate::sink::schemas::{schema_key, SCHEMAS_BUCKET};
+use crate::sink::snapshot::REQUEST_PREFIX;
+use crate::sink::subject::{parse_table_token, table_token, DEFAULT_SCHEMA};
+
+pub use doc::ColumnKind;
+use store::Store;
+pub use store::{Position, StoreError, STATE_TABLE};
+
+/// Name of the durable consumer on the CDC stream unless `--durable` says otherwise.
+pub const DEFAULT_DURABLE: &str = "pgbridge-mirror";
+/// NATS connection name.
+const CONNECTION_NAME: &str = "pgbridge-mirror";
+/// How long to wait for a table's schema to appear in the KV bucket (the bridge writes it at
+/// start).
+const SCHEMA_TIMEOUT: Duration = Duration::from_secs(60);
+/// How long one snapshot request may wait for the bridge's reply.
+const REQUEST_TIMEOUT: Duration = Duration::from_secs(10);
+/// How long to keep asking when no bridge answers snapshot requests (it may be restarting).
+const BRIDGE_WAIT: Duration = Duration::from_secs(300);
+/// Default of [`MirrorOptions::snapshot_stall`].
+pub const DEFAULT_SNAPSHOT_STALL: Duration = Duration::from_secs(60);
+/// An open SQLite transaction is committed when no change arrived for this long.
+pub const IDLE_COMMIT: Duration = Duration::from_millis(100);
+/// Changes per SQLite transaction before it is committed at the next source-transaction
+/// boundary.
+const COMMIT_EVERY: u64 = 2000;
+/// Unacknowledged messages the consumer may have outstanding: above [`COMMIT_EVERY`] plus one
+/// large source transaction's worth, so delivery never waits for a commit that waits for it.
+const MAX_ACK_PENDING: i64 = 100_000;
+/// How long the server waits for an acknowledgement before delivering again.
+const ACK_WAIT: Duration = Duration::from_secs(120);
+/// Pause before following again after the consumer's message stream failed.
+const RESTART_DELAY: Duration = Duration::from_secs(1);
+
+/// What `bridge mirror` does, besides the NATS connection and stream names of the
+/// configuration.
+#[derive(Clone, Debug)]
+pub struct MirrorOptions {
+    /// The SQLite file (created when missing).
+    pub db: PathBuf,
+    /// Tables as `table` or `schema.table`; empty mirrors every table in the `schemas` bucket.
+    pub tables: Vec<String>,
+    /// Durable consumer name on the CDC stream; one per mirror file.
+    pub durable: String,
+    /// Stop after this long without a new change (`None`: run until shutdown).
+    pub until_idle: Option<Duration>,
+    /// A snapshot that sends neither a chunk nor its meta for this long is given up and
+    /// requested again (the bridge serving it was stopped).
+    pub snapshot_stall: Duration,
+}
+
+/// Why the mirror stopped.
+#[derive(Debug, thiserror::Error)]
+pub enum MirrorError {
+    /// NATS unreachable, credentials refused, JetStream disabled.
+    #[error(transparent)]
+    Nats(#[from] NatsError),
+    /// The SQLite file.
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    /// A JetStream stream the mirror reads does not exist.
+    #[error(
+        "JetStream stream '{0}' does not exist: start the bridge first (it creates its streams), \
+         or fix --stream"
+    )]
+    StreamMissing(String),
+    /// Nothing to mirror.
+    #[error("{0}")]
+    NoTables(String),
+    /// A table has no schema in the KV bucket.
+    #[error(
+        "no schema for {0} in KV bucket '{SCHEMAS_BUCKET}' after {SCHEMA_TIMEOUT:?}: is the table \
+         streamed by a running bridge (check its --table and publication)?"
+    )]
+    NoSchema(String),
+    /// The bridge refused a snapshot request.
+    #[error("snapshot of {table} refused by the bridge: {reason}")]
+    SnapshotRefused {
+        /// The table.
+        table: String,
+        /// The bridge's reply.
+        reason: String,
+    },
+    /// The bridge reported the snapshot failed.
+    #[error("snapshot {snapshot_id} of {table} failed in the bridge: {reason}")]
+    SnapshotFailed {
+        /// The table.
+        table: String,
+        /// The snapshot.
+        snapshot_id: String,
+        /// The bridge's error.
+        reason: String,
+    },
+    /// No bridge answered snapshot requests.
+    #[error(
+        "no bridge answered snapshot requests on {subject} for {BRIDGE_WAIT:?}: start the \
+         bridge (it serves snapshot requests for the tables it streams)"
+    )]
+    NoBridge {
+        /// The request subject.
+        subject: String,
+    },
+    /// A message that is not what the bridge publishes.
+    #[error("message {stream} #{seq}: {reason}")]
+    BadMessage {
+        /// The stream.
+        stream: String,
+        /// Its sequence.
+        seq: u64,
+        /// What is wrong.
+        reason: String,
+    },
+    /// A JetStream request failed.
+    #[error("JetStream: {0}")]
+    JetStream(String),
+}
+
+impl MirrorError {
+    /// The process exit code: 2 for what the operator must fix in the configuration or the
+    /// source tables, 1 for runtime failures.
+    pub fn exit_code(&self) -> u8 {
+        match self {
+            MirrorError::Nats(e) if e.is_configuration() => 2,
+            MirrorError::NoTables(_)
+            | MirrorError::StreamMissing(_)
+            | MirrorError::Store(StoreError::Unsupported { .. }) => 2,
+            _ => 1,
+        }
+    }
+}
+
+/// What a run did.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct MirrorSummary {
+    /// Snapshots loaded.
+    pub snapshots: u64,
+    /// Rows loaded from snapshots.
+    pub snapshot_rows: u64,
+    /// Changes applied.
+    pub applied: u64,
+    /// Changes skipped: committed before their table's snapshot, or already applied.
+    pub skipped: u64,
+}
+
+/// One mirrored table.
+#[derive(Clone, Debug)]
+struct MirrorTable {
+    schema: String,
+    name: String,
+    /// Subject token: `users`, `sales.invoices`.
+    token: String,
+    /// Table name in SQLite: `users`, `sales.invoices`.
+    local: String,
+}
+
+impl MirrorTable {
+    fn new(schema: String, name: String) -> Self {
+        MirrorTable {
+            token: table_token(&schema, &name),
+            local: if schema == DEFAULT_SCHEMA {
+                name.clone()
+            } else {
+                format!("{schema}.{name}")
+            },
+            schema,
+            name,
+        }
+    }
+}
+
+/// How following the stream ended.
+enum FollowEnd {
+    /// Shutdown requested, or idle for `until_idle`.
+    Done,
+    /// These tables need a new snapshot first.
+    Snapshot(Vec<String>),
+    /// The consumer failed; follow again from the stored positions.
+    Restart,
+}
+
+/// Runs the mirror until `shutdown` (or `until_idle`), on a runtime of its own.
+pub fn run(
+    config: &Config,
+    options: &MirrorOptions,
+    shutdown: &Shutdown,
+) -> Result<MirrorSummary, MirrorError> {
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .map_err(|e| MirrorError::JetStream(format!("cannot start the runtime: {e}")))?;
+    rt.block_on(async {
+        let (client, _) = connect(&config.nats, CONNECTION_NAME).await?;
+        let store = Store::open(&options.db)?;
+        let mut mirror = Mirror {
+            js: jetstream::new(client.clone()),
+            client,
+            store,
+            tables: Vec::new(),
+            cdc: config.streams.cdc.clone(),
+            init: config.streams.init.clone(),
+            options: options.clone(),
+            shutdown: shutdown.clone(),
+            summary: MirrorSummary::default(),
+        };
+        mirror.run().await?;
+        Ok(mirror.summary)
+    })
+}
+
+struct Mirror {
+    js: Context,
+    client: async_nats::Client,
+    store: Store,
+    tables: Vec<MirrorTable>,
+    cdc: String,
+    init: String,
+    options: MirrorOptions,
+    shutdown: Shutdown,
+    summary: MirrorSummary,
+}
+
+impl Mirror {
+    async fn run(&mut self) -> Result<(), MirrorError> {
+        for stream in [self.cdc.clone(), self.init.clone()] {
+            if self.js.get_stream(&stream).await.is_err() {
+                return Err(MirrorError::StreamMissing(stream));
+            }
+        }
+        self.tables = self.resolve_tables().await?;
+        let names: Vec<&str> = self.tables.iter().map(|t| t.local.as_str()).collect();
+        log::info!(
+            "mirroring {} into {}",
+            names.join(", "),
+            self.options.db.display()
+        );
+        let mut pending: Vec<String> = Vec::new();
+        for t in self.tables.clone() {
+            let schema = self.schema(&t).await?;
+            let defaults_added = self.store.apply_schema(&t.token, &t.local, &schema)?;
+            if self.store.position(&t.token)?.is_none() {
+                pending.push(t.token.clone());
+            } else if defaults_added {
+                log::info!(
+                    "{}: a column with a default was added; taking a new snapshot",
+                    t.local
+                );
+                pending.push(t.token.clone());
+            }
+        }
+        loop {
+            for token in std::mem::take(&mut pending) {
+                if !self.snapshot(&token).await? {
+                    return Ok(());
+                }
+            }
+            match self.follow().await? {
+                FollowEnd::Done => return Ok(()),
+                FollowEnd::Snapshot(tokens) => pending = tokens,
+                FollowEnd::Restart => {
+                    if self.shutdown.is_triggered() {
+                        return Ok(());
+                    }
+                    tokio::time::sleep(RESTART_DELAY).await;
+                }
+            }
+        }
+    }
+
+    /// The tables named by `--table`, or those with a schema in the bucket.
+    async fn resolve_tables(&self) -> Result<Vec<MirrorTable>, MirrorError> {
+        if !self.options.tables.is_empty() {
+            return Ok(self
+                .options
+                .tables
+                .iter()
+                .map(|t| match t.split_once('.') {
+                    Some((s, n)) => MirrorTable::new(s.to_owned(), n.to_owned()),
+                    None => MirrorTable::new(DEFAULT_SCHEMA.to_owned(), t.clone()),
+                })
+                .collect());
+        }
+        let deadline = Instant::now() + SCHEMA_TIMEOUT;
+        loop {
+            let mut tables = Vec::new();
+            if let Ok(kv) = self.js.get_key_value(SCHEMAS_BUCKET).await {
+                if let Ok(mut keys) = kv.keys().await {
+                    while let Some(Ok(key)) = keys.next().await {
+                        if let Ok((s, n)) = parse_table_token(&key.replace('=', "%")) {
+                            tables.push(MirrorTable::new(s, n));
+                        }
+                    }
+                }
+            }
+            if !tables.is_empty() {
+                tables.sort_by(|a, b| a.token.cmp(&b.token));
+                return Ok(tables);
+            }
+            if Instant::now() > deadline || self.shutdown.is_triggered() {
+                return Err(MirrorError::NoTables(format!(
+                    "nothing to mirror: KV bucket '{SCHEMAS_BUCKET}' holds no table schema; start \
+                     the bridge (it writes the schemas of the tables it streams) or name tables \
+                     with --table"
+                )));
+            }
+            tokio::time::sleep(Duration::from_millis(500)).await;
+        }
+    }
+
+    /// The table's current schema document, waiting for it to appear.
+    async fn schema(&self, t: &MirrorTable) -> Result<Value, MirrorError> {
+        let key = schema_key(&t.schema, &t.name);
+        let deadline = Instant::now() + SCHEMA_TIMEOUT;
+        loop {
+            if let Ok(kv) = self.js.get_key_value(SCHEMAS_BUCKET).await {
+                if let Ok(Some(bytes)) = kv.get(key.as_str()).await {
+                    return doc::decode(&bytes).map_err(|e| MirrorError::BadMessage {
+                        stream: format!("KV_{SCHEMAS_BUCKET}"),
+                        seq: 0,
+                        reason: format!("schema of {}: {e}", t.local),
+                    });
+                }
+            }
+            if Instant::now() > deadline || self.shutdown.is_triggered() {
+                return Err(MirrorError::NoSchema(format!("{}.{}", t.schema, t.name)));
+            }
+            tokio::time::sleep(Duration::from_millis(500)).await;
+        }
+    }
+
+    fn table(&self, token: &str) -> Option<&MirrorTable> {
+        self.tables.iter().find(|t| t.token == token)
+    }
+
+    /// Makes sure the SQLite table has `names` as columns, reading the schema again when not
+    /// (the source table was altered; the bridge writes the new revision as it sees it).
+    /// Returns true when a column with a default was added: the table's older rows then need
+    /// a new snapshot (see [`Store::apply_schema`]).
+    async fn ensure_columns(&mut self, token: &str, names: &[&str]) -> Result<bool, MirrorError> {
+        if self.store.has_columns(token, names.iter().copied()) {
+            return Ok(false);
+        }
+        let t = self.table(token).cloned().ok_or_else(|| {
+            MirrorError::JetStream(format!("change for {token}, which is not mirrored"))
+        })?;
+        let deadline = Instant::now() + SCHEMA_TIMEOUT;
+        let mut defaults_added = false;
+        loop {
+            let schema = self.schema(&t).await?;
+            defaults_added |= self.store.apply_schema(&t.token, &t.local, &schema)?;
+            if self.store.has_columns(token, names.iter().copied()) {
+                return Ok(defaults_added);
+            }
+            if Instant::now() > deadline {
+                return Err(MirrorError::NoSchema(format!(
+                    "{}.{} with columns {}",
+                    t.schema,
+                    t.name,
+                    names.join(", ")
+                )));
+            }
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+    }
+
+    /// Requests a snapshot of the table and loads it with its position, replacing the table's
+    /// rows. Returns false when stopped by shutdown (nothing changed then).
+    async fn snapshot(&mut self, token: &str) -> Result<bool, MirrorError> {
+        let js_err = |e: &dyn std::fmt::Display| MirrorError::JetStream(e.to_string());
+        let init = self
+            .js
+            .get_stream(&self.init)
+            .await
+            .map_err(|_| MirrorError::StreamMissing(self.init.clone()))?;
+        loop {
+            // Subscribed before the request, so the meta cannot be missed.
+            let mut metas = init
+                .create_consumer(pull::OrderedConfig {
+                    filter_subject: format!("{INIT_SUBJECT_PREFIX}.meta.{token}"),
+                    deliver_policy: DeliverPolicy::New,
+                    ..Default::default()
+                })
+                .await
+                .map_err(|e| js_err(&e))?
+                .messages()
+                .await
+                .map_err(|e| js_err(&e))?;
+            let Some(id) = self.request_snapshot(token).await? else {
+                return Ok(false);
+            };
+            log::info!("snapshot {id} of {token} requested");
+            let mut chunks = init
+                .create_consumer(pull::OrderedConfig {
+                    filter_subject: format!("{INIT_SUBJECT_PREFIX}.snap.{token}.{id}.*"),
+                    deliver_policy: DeliverPolicy::All,
+                    ..Default::default()
+                })
+                .await
+                .map_err(|e| js_err(&e))?
+                .messages()
+                .await
+                .map_err(|e| js_err(&e))?;
+            self.store.begin()?;
+            self.store.clear(token)?;
+            let mut loaded = 0u64;
+            let mut rows = 0u64;
+            let mut meta: Option<(Position, u64)> = None;
+            let mut progress = Instant::now();
+            let outcome = loop {
+                if let Some((position, batches)) = &meta {
+                    if loaded == *batches {
+                        self.store.set_position(token, position)?;
+                        self.store.commit()?;
+                        break Some(position.clone());
+                    }
+                }
+                if self.shutdown.is_triggered() {
+                    self.store.rollback()?;
+                    return Ok(false);
+                }
+                if progress.elapsed() > self.options.snapshot_stall {
+                    log::warn!(
+                        "snapshot {id} of {token}: nothing arrived for {:?} (was the bridge \
+                         stopped?); requesting a new one",
+                        self.options.snapshot_stall
+                    );
+                    self.store.rollback()?;
+                    break None;
+                }
+                tokio::select! {
+                    m = chunks.next() => {
+                        let msg = m.ok_or_else(|| js_err(&"chunk consumer ended"))?
+                            .map_err(|e| js_err(&e))?;
+                        let chunk = self.decode(&msg)?;
+                        let n = doc::u64_field(&chunk, "chunk").map_err(|e| self.bad(&msg, e))?;
+                        if n != loaded {
+                            self.store.rollback()?;
+                            return Err(self.bad(&msg, format!("chunk {n} came where {loaded} was due")));
+                        }
+                        let data = match doc::field(&chunk, "data") {
+                            Some(Value::Array(d)) => d,
+                            _ => return Err(self.bad(&msg, "chunk without a data list")),
+                        };
+                        for row in data {
+                            let pairs = doc::row_pairs(row).map_err(|e| self.bad(&msg, e))?;
+                            let names: Vec<&str> = pairs.iter().map(|p| p.0).collect();
+                            self.ensure_columns(token, &names).await?;
+                            self.store.upsert(token, &pairs)?;
+                        }
+                        rows += data.len() as u64;
+                        loaded += 1;
+                        progress = Instant::now();
+                    }
+                    m = metas.next() => {
+                        let msg = m.ok_or_else(|| js_err(&"meta consumer ended"))?
+                            .map_err(|e| js_err(&e))?;
+                        let doc = self.decode(&msg)?;
+                        if doc::str_field(&doc, "snapshot_id").ok() != Some(id.as_str()) {
+                            continue; // another consumer's snapshot of the same table
+                        }
+                        if let Some(err) = doc::field(&doc, "error") {
+                            self.store.rollback()?;
+                            return Err(MirrorError::SnapshotFailed {
+                                table: token.to_owned(),
+                                snapshot_id: id,
+                                reason: err.as_str().map_or_else(|| err.to_string(), str::to_owned),
+                            });
+                        }
+                        let position = Position {
+                            snapshot_id: id.clone(),
+                            lsn: doc::lsn_field(&doc, "lsn").map_err(|e| self.bad(&msg, e))?,
+                            last_seq: doc::u64_field(&doc, "cdc_stream_seq").map_err(|e| self.bad(&msg, e))?,
+                        };
+                        let batches = doc::u64_field(&doc, "batch_count").map_err(|e| self.bad(&msg, e))?;
+                        meta = Some((position, batches));
+                        progress = Instant::now();
+                    }
+                    _ = tokio::time::sleep(Duration::from_millis(200)) => {}
+                }
+            };
+            if let Some(p) = outcome {
+                self.summary.snapshots += 1;
+                self.summary.snapshot_rows += rows;
+                log::info!(
+                    "snapshot {id} of {token}: {rows} rows loaded, consistent point {}, CDC from \
+                     sequence {}",
+                    p.lsn,
+                    p.last_seq + 1
+                );
+                return Ok(true);
+            }
+        }
+    }
+
+    /// Sends the snapshot request until the bridge accepts it: the snapshot id, or `None` on
+    /// shutdown.
+    async fn request_snapshot(&self, token: &str) -> Result<Option<String>, MirrorError> {
+        let subject = format!("{REQUEST_PREFIX}.{token}");
+        let deadline = Instant::now() + BRIDGE_WAIT;
+        let mut warned = false;
+        loop {
+            if self.shutdown.is_triggered() {
+                return Ok(None);
+            }
+            let reply = tokio::time::timeout(
+                REQUEST_TIMEOUT,
+                self.client.request(subject.clone(), Bytes::new()),
+            )
+            .await;
+            match reply {
+                Ok(Ok(msg)) => {
+                    let answer: serde_json::Value =
+                        serde_json::from_slice(&msg.payload).unwrap_or_default();
+                    if answer["status"] == "accepted" {
+                        if let Some(id) = answer["snapshot_id"].as_str() {
+                            return Ok(Some(id.to_owned()));
+                        }
+                    }
+                    let reason = answer["error"].as_str().map_or_else(
+                        || String::from_utf8_lossy(&msg.payload).into_owned(),
+                        str::to_owned,
+                    );
+                    if !reason.contains("already in progress") {
+                        return Err(MirrorError::SnapshotRefused {
+                            table: token.to_owned(),
+                            reason,
+                        });
+                    }
+                    // Another consumer's snapshot of this table runs: ask again shortly.
+                }
+                Ok(Err(e)) => {
+                    if !warned {
+                        log::warn!("snapshot request on {subject}: {e}; retrying");
+                        warned = true;
+                    }
+                }
+                Err(_) => {
+                    if !warned {
+                        log::warn!("snapshot request on {subject}: no reply in {REQUEST_TIMEOUT:?}; retrying");
+                        warned = true;
+                    }
+                }
+            }
+            if Instant::now() > deadline {
+                return Err(MirrorError::NoBridge { subject });
+            }
+            tokio::time::sleep(Duration::from_secs(1)).await;
+        }
+    }
+
+    fn decode(&self, msg: &Message) -> Result<Value, MirrorError> {
+        doc::decode(&msg.payload).map_err(|e| self.bad(msg, e))
+    }
+
+    fn bad(&self, msg: &Message, reason: impl std::fmt::Display) -> MirrorError {
+        let (stream, seq) = msg
+            .info()
+            .map(|i| (i.stream.to_owned(), i.stream_sequence))
+            .unwrap_or_default();
+        MirrorError::BadMessage {
+            stream,
+            seq,
+            reason: format!("{} ({})", reason, msg.subject),
+        }
+    }
+
+    /// Follows the CDC stream from the stored positions.
+    async fn follow(&mut self) -> Result<FollowEnd, MirrorError> {
+        let mut positions: HashMap<String, Position> = HashMap::new();
+        for t in &self.tables {
+            if let Some(p) = self.store.position(&t.token)? {
+                positions.insert(t.token.clone(), p);
+            }
+        }
+        let mut cdc = self
+            .js
+            .get_stream(&self.cdc)
+            .await
+            .map_err(|_| MirrorError::StreamMissing(self.cdc.clone()))?;
+        let first = cdc
+            .info()
+            .await
+            .map_err(|e| MirrorError::JetStream(e.to_string()))?
+            .state
+            .first_sequence;
+        let stale: Vec<String> = positions
+            .iter()
+            .filter(|(_, p)| p.last_seq + 1 < first)
+            .map(|(t, p)| {
+                log::info!(
+                    "the CDC stream no longer holds sequence {} of {t} (it starts at {first}): \
+                     taking a new snapshot",
+                    p.last_seq + 1
+                );
+                t.clone()
+            })
+            .collect();
+        if !stale.is_empty() {
+            return Ok(FollowEnd::Snapshot(stale));
+        }
+        let start = positions.values().map(|p| p.last_seq).min().unwrap_or(0) + 1;
+        let durable = self.options.durable.clone();
+        // The SQLite file holds the position: the consumer is made anew from it each time.
+        let _ = cdc.delete_consumer(&durable).await;
+        let consumer = cdc
+            .create_consumer(pull::Config {
+                durable_name: Some(durable.clone()),
+                description: Some(format!(
+                    "pgbridge mirror into {}",
+                    self.options.db.display()
+                )),
+                filter_subjects: self
+                    .tables
+                    .iter()
+                    .map(|t| format!("{CDC_SUBJECT_PREFIX}.{}.*", t.token))
+                    .collect(),
+                deliver_policy: DeliverPolicy::ByStartSequence {
+                    start_sequence: start,
+                },
+                ack_policy: AckPolicy::All,
+                ack_wait: ACK_WAIT,
+                max_ack_pending: MAX_ACK_PENDING,
+                ..Default::default()
+            })
+            .await
+            .map_err(|e| MirrorError::JetStream(format!("creating consumer {durable}: {e}")))?;
+        let mut messages = consumer
+            .messages()
+            .await
+            .map_err(|e| MirrorError::JetStream(e.to_string()))?;
+        log::info!(
+            "following stream {} from sequence {start} (consumer {durable})",
+            self.cdc
+        );
+
+        let mut idle_since = Instant::now();
+        let mut last: Option<Message> = None;
+        let mut txn: Option<Lsn> = None;
+        let mut in_batch = 0u64;
+        loop {
+            let wait = if self.store.in_transaction() {
+                IDLE_COMMIT
+            } else {
+                Duration::from_millis(250)
+            };
+            let next = tokio::time::timeout(wait, messages.next()).await;
+            let msg = match next {
+                Err(_) => {
+                    self.commit(&mut positions, &mut last, &mut in_batch)
+                        .await?;
+                    if self.shutdown.is_triggered() {
+                        return Ok(FollowEnd::Done);
+                    }
+                    if let Some(idle) = self.options.until_idle {
+                        if idle_since.elapsed() >= idle {
+                            log::info!("no change for {idle:?}: stopping");
+                            return Ok(FollowEnd::Done);
+                        }
+                    }
+                    continue;
+                }
+                Ok(None) => {
+                    self.commit(&mut positions, &mut last, &mut in_batch)
+                        .await?;
+                    log::warn!("the consumer's message stream ended; following again");
+                    return Ok(FollowEnd::Restart);
+                }
+                Ok(Some(Err(e))) => {
+                    self.commit(&mut positions, &mut last, &mut in_batch)
+                        .await?;
+                    log::warn!("consumer {durable}: {e}; following again");
+                    return Ok(FollowEnd::Restart);
+                }
+                Ok(Some(Ok(msg))) => msg,
+            };
+            idle_since = Instant::now();
+            let seq = msg
+                .info()
+                .map(|i| i.stream_sequence)
+                .map_err(|e| self.bad(&msg, e))?;
+            let event = self.decode(&msg)?;
+            let schema = doc::str_field(&event, "schema").map_err(|e| self.bad(&msg, e))?;
+            let table = doc::str_field(&event, "table").map_err(|e| self.bad(&msg, e))?;
+            let token = table_token(schema, table);
+            let commit_lsn = doc::lsn_field(&event, "commit_lsn").map_err(|e| self.bad(&msg, e))?;
+            // Between source transactions: commit a full batch, or stop when asked to.
+            if txn != Some(commit_lsn) {
+                if self.shutdown.is_triggered() {
+                    self.commit(&mut positions, &mut last, &mut in_batch)
+                        .await?;
+                    return Ok(FollowEnd::Done);
+                }
+                if in_batch >= COMMIT_EVERY {
+                    self.commit(&mut positions, &mut last, &mut in_batch)
+                        .await?;
+                }
+                txn = Some(commit_lsn);
+            }
+            let Some(position) = positions.get_mut(&token) else {
+                last = Some(msg);
+                continue;
+            };
+            if seq <= position.last_seq {
+                self.summary.skipped += 1;
+                last = Some(msg);
+                continue;
+            }
+            self.store.begin()?;
+            if commit_lsn >= position.lsn {
+                let applied = self.apply(&token, &event).await.map_err(|e| match e {
+                    MirrorError::BadMessage { reason, .. } => self.bad(&msg, reason),
+                    e => e,
+                })?;
+                if !applied {
+                    // This change stays unapplied and unacknowledged: the snapshot replaces
+                    // the table and its position.
+                    self.commit(&mut positions, &mut last, &mut in_batch)
+                        .await?;
+                    log::info!("{token}: a column with a default was added; taking a new snapshot");
+                    return Ok(FollowEnd::Snapshot(vec![token]));
+                }
+                self.summary.applied += 1;
+            } else {
+                self.summary.skipped += 1;
+            }
+            position.last_seq = seq;
+            self.store.set_last_seq(&token, seq)?;
+            in_batch += 1;
+            last = Some(msg);
+        }
+    }
+
+    /// Commits the open transaction and acknowledges every message up to the last one.
+    ///
+    /// The consumer delivers every change of every mirrored table in stream order, so once the
+    /// message at sequence `s` is handled, no table has an unseen change before `s`: each
+    /// table's stored sequence moves up to `s` with the commit. A table that rarely changes
+    /// then does not fall behind the stream's limits and need a snapshot it does not need.
+    async fn commit(
+        &mut self,
+        positions: &mut HashMap<String, Position>,
+        last: &mut Option<Message>,
+        in_batch: &mut u64,
+    ) -> Result<(), MirrorError> {
+        if let Some(seq) = last
+            .as_ref()
+            .and_then(|m| m.info().ok())
+            .map(|i| i.stream_sequence)
+        {
+            for (token, p) in positions.iter_mut() {
+                if p.last_seq < seq {
+                    self.store.begin()?;
+                    p.last_seq = seq;
+                    self.store.set_last_seq(token, seq)?;
+                }
+            }
+        }
+        self.store.commit()?;
+        *in_batch = 0;
+        if let Some(msg) = last.take() {
+            // AckAll: one acknowledgement covers every earlier message. A lost one only
+            // means a redelivery, which the stored sequences skip.
+            if let Err(e) = msg.ack().await {
+                log::debug!("acknowledgement not sent: {e}");
+            }
+        }
+        Ok(())
+    }
+
+    /// Applies one change event to the table. Returns false, having changed nothing, when the
+    /// table needs a new snapshot first (a column with a default was added).
+    async fn apply(&mut self, token: &str, event: &Value) -> Result<bool, MirrorError> {
+        let bad = |e: doc::DocError| MirrorError::BadMessage {
+            stream: String::new(),
+            seq: 0,
+            reason: e.0,
+        };
+        let op = doc::str_field(event, "operation").map_err(bad)?;
+        if op == "TRUNCATE" {
+            self.store.clear(token)?;
+            return Ok(true);
+        }
+        let columns = doc::column_pairs(event, "columns").map_err(bad)?;
+        let names: Vec<&str> = columns.iter().map(|c| c.0).collect();
+        if self.ensure_columns(token, &names).await? {
+            return Ok(false);
+        }
+        match op {
+            "INSERT" => self.store.upsert(token, &columns)?,
+            "UPDATE" => {
+                let old = doc::column_pairs(event, "old_columns").map_err(bad)?;
+                if !old.is_empty() {
+                    let old_key = self.store.key_of(token, &old)?;
+                    let new_key = self.store.key_of(token, &columns)?;
+                    if old_key != new_key {
+                        self.store.move_key(token, &old_key, &new_key)?;
+                    }
+                }
+                // Columns in `unchanged_toast` are not in `columns`: the row keeps them.
+                self.store.upsert(token, &columns)?;
+            }
+            "DELETE" => {
+                let key = self.store.key_of(token, &columns)?;
+                self.store.delete(token, &key)?;
+            }
+            other => return Err(bad(doc::DocError(format!("unknown operation {other:?}")))),
+        }
+        Ok(true)
+    }
+}

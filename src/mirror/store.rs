@@ -1,0 +1,551 @@
+//! The SQLite side of the mirror: the mirrored tables and, in the same file, the position of
+//! each (`_pgbridge_mirror`), written in the same transaction as the rows so that a restart
+//! continues exactly where the last commit stopped.
+
+use std::collections::HashMap;
+use std::path::Path;
+
+use rmpv::Value;
+use rusqlite::types::Value as Sql;
+use rusqlite::{params, Connection, OptionalExtension};
+
+use super::doc::{self, to_sql, ColumnKind};
+use crate::pg::Lsn;
+
+/// The table holding each mirrored table's position.
+pub const STATE_TABLE: &str = "_pgbridge_mirror";
+/// Prepared statements kept: a few per mirrored table and column set.
+const STATEMENT_CACHE: usize = 256;
+
+/// SQLite failures.
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    /// The file cannot be opened or written.
+    #[error("SQLite file {path}: {source}")]
+    Open {
+        /// The file.
+        path: String,
+        /// SQLite's error.
+        source: rusqlite::Error,
+    },
+    /// A statement failed.
+    #[error("SQLite: {0}")]
+    Sql(#[from] rusqlite::Error),
+    /// The table cannot be mirrored as it is.
+    #[error("cannot mirror {table}: {reason}")]
+    Unsupported {
+        /// The table.
+        table: String,
+        /// Why.
+        reason: String,
+    },
+    /// A schema document or change without the fields the mirror needs.
+    #[error("{0}")]
+    Message(#[from] doc::DocError),
+}
+
+/// Where a mirrored table stands.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Position {
+    /// The snapshot the table was loaded from.
+    pub snapshot_id: String,
+    /// The snapshot's consistent point: changes committed before it are in the snapshot.
+    pub lsn: Lsn,
+    /// The last CDC stream sequence applied (or skipped) for this table.
+    pub last_seq: u64,
+}
+
+/// What the mirror knows of one SQLite table.
+#[derive(Debug)]
+struct Table {
+    /// `"name"`, quoted.
+    quoted: String,
+    /// Column kinds by name.
+    kinds: HashMap<String, ColumnKind>,
+    /// Primary-key columns in key order.
+    key: Vec<String>,
+}
+
+/// The SQLite database of a mirror.
+pub struct Store {
+    conn: Connection,
+    /// By table token (`users`, `sales.invoices`).
+    tables: HashMap<String, Table>,
+    in_transaction: bool,
+}
+
+/// An SQLite identifier, quoted.
+pub fn quote(name: &str) -> String {
+    format!("\"{}\"", name.replace('"', "\"\""))
+}
+
+impl Store {
+    /// Opens (creating) the SQLite file.
+    pub fn open(path: &Path) -> Result<Self, StoreError> {
+        let open_err = |source| StoreError::Open {
+            path: path.display().to_string(),
+            source,
+        };
+        let conn = Connection::open(path).map_err(open_err)?;
+        // WAL lets readers query the mirror while it applies changes; NORMAL still never
+        // loses a committed transaction to a process crash, only (at most the last ones) to a
+        // power loss, and then the stored position goes back with the rows.
+        conn.execute_batch(&format!(
+            "PRAGMA journal_mode=WAL; PRAGMA synchronous=NORMAL; PRAGMA busy_timeout=10000; \
+             CREATE TABLE IF NOT EXISTS {STATE_TABLE} (table_token TEXT PRIMARY KEY, \
+             snapshot_id TEXT NOT NULL, lsn TEXT NOT NULL, last_seq INTEGER NOT NULL)"
+        ))
+        .map_err(open_err)?;
+        conn.set_prepared_statement_cache_capacity(STATEMENT_CACHE);
+        Ok(Store {
+            conn,
+            tables: HashMap::new(),
+            in_transaction: false,
+        })
+    }
+
+    /// Creates the table `name` from a schema document of the `schemas` bucket, or adds the
+    /// columns it lacks; `token` names it from now on.
+    ///
+    /// Returns true when a column with a default was added to an existing table: PostgreSQL
+    /// gives the rows it already had that default without writing them to the WAL, so only a
+    /// new snapshot brings those values.
+    pub fn apply_schema(
+        &mut self,
+        token: &str,
+        name: &str,
+        schema: &Value,
+    ) -> Result<bool, StoreError> {
+        let unsupported = |reason: &str| StoreError::Unsupported {
+            table: name.to_owned(),
+            reason: reason.to_owned(),
+        };
+        let key: Vec<String> = match doc::field(schema, "primary_key") {
+            Some(Value::Array(k)) => k
+                .iter()
+                .filter_map(|v| v.as_str().map(str::to_owned))
+                .collect(),
+            _ => Vec::new(),
+        };
+        if key.is_empty() {
+            return Err(unsupported(
+                "it has no primary key (add one in PostgreSQL; the mirror finds rows by key)",
+            ));
+        }
+        let mut columns: Vec<(i64, String, ColumnKind, bool)> = match doc::field(schema, "columns")
+        {
+            Some(Value::Array(cols)) => cols
+                .iter()
+                .map(|c| {
+                    Ok((
+                        doc::field(c, "position")
+                            .and_then(Value::as_i64)
+                            .unwrap_or(0),
+                        doc::str_field(c, "name")?.to_owned(),
+                        ColumnKind::for_pg_type(doc::str_field(c, "data_type")?),
+                        doc::field(c, "column_default").is_some_and(|d| !d.is_nil()),
+                    ))
+                })
+                .collect::<Result<_, doc::DocError>>()?,
+            _ => return Err(unsupported("its schema document lists no columns")),
+        };
+        columns.sort_by_key(|c| c.0);
+        let quoted = quote(name);
+        let existing = self.read_columns(name)?;
+        let mut added_with_default = false;
+        if existing.is_empty() {
+            let mut defs: Vec<String> = columns
+                .iter()
+                .map(|(_, n, k, _)| format!("{} {}", quote(n), k.sqlite_type()))
+                .collect();
+            defs.push(format!(
+                "PRIMARY KEY ({})",
+                key.iter().map(|k| quote(k)).collect::<Vec<_>>().join(", ")
+            ));
+            self.conn
+                .execute_batch(&format!("CREATE TABLE {quoted} ({})", defs.join(", ")))?;
+            log::info!("created table {quoted}");
+        } else {
+            for (_, n, k, has_default) in &columns {
+                if !existing.iter().any(|(e, _, _)| e == n) {
+                    added_with_default |= *has_default;
+                    self.conn.execute_batch(&format!(
+                        "ALTER TABLE {quoted} ADD COLUMN {} {}",
+                        quote(n),
+                        k.sqlite_type()
+                    ))?;
+                    log::info!("added column {} to {quoted}", quote(n));
+                }
+            }
+        }
+        let info = self.read_columns(name)?;
+        let mut key: Vec<(i64, String)> = info
+            .iter()
+            .filter(|(_, _, pk)| *pk > 0)
+            .map(|(n, _, pk)| (*pk, n.clone()))
+            .collect();
+        key.sort();
+        self.tables.insert(
+            token.to_owned(),
+            Table {
+                quoted,
+                kinds: info
+                    .into_iter()
+                    .map(|(n, t, _)| (n, ColumnKind::from_sqlite_type(&t)))
+                    .collect(),
+                key: key.into_iter().map(|(_, n)| n).collect(),
+            },
+        );
+        Ok(added_with_default)
+    }
+
+    /// (name, declared type, position in the primary key or 0) of each column.
+    fn read_columns(&self, name: &str) -> Result<Vec<(String, String, i64)>, StoreError> {
+        let mut stmt = self.conn.prepare(&format!(
+            "SELECT name, type, pk FROM pragma_table_info({})",
+            sql_string(name)
+        ))?;
+        let rows = stmt
+            .query_map([], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)))?
+            .collect::<Result<_, _>>()?;
+        Ok(rows)
+    }
+
+    /// Whether the table has every one of `names` as a column.
+    pub fn has_columns<'a>(&self, token: &str, mut names: impl Iterator<Item = &'a str>) -> bool {
+        self.tables
+            .get(token)
+            .is_some_and(|t| names.all(|n| t.kinds.contains_key(n)))
+    }
+
+    /// The table's position, or `None` before its first snapshot.
+    pub fn position(&self, token: &str) -> Result<Option<Position>, StoreError> {
+        let row: Option<(String, String, i64)> = self
+            .conn
+            .query_row(
+                &format!(
+                    "SELECT snapshot_id, lsn, last_seq FROM {STATE_TABLE} WHERE table_token = ?1"
+                ),
+                [token],
+                |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)),
+            )
+            .optional()?;
+        row.map(|(snapshot_id, lsn, last_seq)| {
+            Ok(Position {
+                lsn: lsn.parse().map_err(|_| {
+                    doc::DocError(format!("{STATE_TABLE}: invalid LSN {lsn:?} for {token}"))
+                })?,
+                snapshot_id,
+                last_seq: u64::try_from(last_seq).unwrap_or(0),
+            })
+        })
+        .transpose()
+    }
+
+    /// Records the position (inside the current transaction).
+    pub fn set_position(&mut self, token: &str, p: &Position) -> Result<(), StoreError> {
+        self.conn
+            .prepare_cached(&format!(
+                "INSERT INTO {STATE_TABLE} VALUES (?1, ?2, ?3, ?4) ON CONFLICT (table_token) \
+                 DO UPDATE SET snapshot_id = excluded.snapshot_id, lsn = excluded.lsn, \
+                 last_seq = excluded.last_seq"
+            ))?
+            .execute(params![
+                token,
+                p.snapshot_id,
+                p.lsn.to_string(),
+                seq_sql(p.last_seq)
+            ])?;
+        Ok(())
+    }
+
+    /// Moves the table's stream position (inside the current transaction).
+    pub fn set_last_seq(&mut self, token: &str, last_seq: u64) -> Result<(), StoreError> {
+        self.conn
+            .prepare_cached(&format!(
+                "UPDATE {STATE_TABLE} SET last_seq = ?1 WHERE table_token = ?2"
+            ))?
+            .execute(params![seq_sql(last_seq), token])?;
+        Ok(())
+    }
+
+    /// Starts a transaction unless one is open.
+    pub fn begin(&mut self) -> Result<(), StoreError> {
+        if !self.in_transaction {
+            self.conn.execute_batch("BEGIN IMMEDIATE")?;
+            self.in_transaction = true;
+        }
+        Ok(())
+    }
+
+    /// Whether a transaction is open.
+    pub fn in_transaction(&self) -> bool {
+        self.in_transaction
+    }
+
+    /// Commits the open transaction, if any.
+    pub fn commit(&mut self) -> Result<(), StoreError> {
+        if self.in_transaction {
+            self.conn.execute_batch("COMMIT")?;
+            self.in_transaction = false;
+        }
+        Ok(())
+    }
+
+    /// Rolls back the open transaction, if any.
+    pub fn rollback(&mut self) -> Result<(), StoreError> {
+        if self.in_transaction {
+            self.in_transaction = false;
+            self.conn.execute_batch("ROLLBACK")?;
+        }
+        Ok(())
+    }
+
+    fn table(&self, token: &str) -> Result<&Table, StoreError> {
+        self.tables
+            .get(token)
+            .ok_or_else(|| StoreError::Unsupported {
+                table: token.to_owned(),
+                reason: "not a mirrored table".into(),
+            })
+    }
+
+    /// Deletes every row (a snapshot's start, TRUNCATE).
+    pub fn clear(&mut self, token: &str) -> Result<(), StoreError> {
+        let sql = format!("DELETE FROM {}", self.table(token)?.quoted);
+        self.conn.execute(&sql, [])?;
+        Ok(())
+    }
+
+    /// Inserts the row, or updates the given columns of the row with its key; columns not
+    /// given (unchanged TOAST values) keep their value.
+    pub fn upsert(&mut self, token: &str, row: &[(&str, &Value)]) -> Result<(), StoreError> {
+        let t = self.table(token)?;
+        let mut names = String::new();
+        let mut marks = String::new();
+        let mut sets = String::new();
+        let mut values = Vec::with_capacity(row.len());
+        for (i, (name, value)) in row.iter().enumerate() {
+            let q = quote(name);
+            if i > 0 {
+                names.push_str(", ");
+                marks.push_str(", ");
+            }
+            names.push_str(&q);
+            marks.push('?');
+            if !t.key.iter().any(|k| k == name) {
+                if !sets.is_empty() {
+                    sets.push_str(", ");
+                }
+                sets.push_str(&format!("{q} = excluded.{q}"));
+            }
+            values.push(to_sql(kind(t, name), value));
+        }
+        let keys = t
+            .key
+            .iter()
+            .map(|k| quote(k))
+            .collect::<Vec<_>>()
+            .join(", ");
+        let action = if sets.is_empty() {
+            "DO NOTHING".to_owned()
+        } else {
+            format!("DO UPDATE SET {sets}")
+        };
+        let sql = format!(
+            "INSERT INTO {} ({names}) VALUES ({marks}) ON CONFLICT ({keys}) {action}",
+            t.quoted
+        );
+        self.conn
+            .prepare_cached(&sql)?
+            .execute(rusqlite::params_from_iter(values))?;
+        Ok(())
+    }
+
+    /// The key values of a row's columns (missing key columns are NULL).
+    pub fn key_of(&self, token: &str, row: &[(&str, &Value)]) -> Result<Vec<Sql>, StoreError> {
+        let t = self.table(token)?;
+        Ok(t.key
+            .iter()
+            .map(|k| {
+                row.iter()
+                    .find(|(n, _)| n == k)
+                    .map_or(Sql::Null, |(_, v)| to_sql(kind(t, k), v))
+            })
+            .collect())
+    }
+
+    fn where_key(t: &Table) -> String {
+        t.key
+            .iter()
+            .map(|k| format!("{} IS ?", quote(k)))
+            .collect::<Vec<_>>()
+            .join(" AND ")
+    }
+
+    /// Deletes the row with this key (nothing when there is none).
+    pub fn delete(&mut self, token: &str, key: &[Sql]) -> Result<(), StoreError> {
+        let t = self.table(token)?;
+        let sql = format!("DELETE FROM {} WHERE {}", t.quoted, Self::where_key(t));
+        self.conn
+            .prepare_cached(&sql)?
+            .execute(rusqlite::params_from_iter(key))?;
+        Ok(())
+    }
+
+    /// Gives the row at key `old` the key `new` (a primary-key change), keeping its other
+    /// columns, so that the columns the change does not carry (unchanged TOAST) survive.
+    pub fn move_key(&mut self, token: &str, old: &[Sql], new: &[Sql]) -> Result<(), StoreError> {
+        self.delete(token, new)?;
+        let t = self.table(token)?;
+        let sets = t
+            .key
+            .iter()
+            .map(|k| format!("{} = ?", quote(k)))
+            .collect::<Vec<_>>()
+            .join(", ");
+        let sql = format!(
+            "UPDATE {} SET {sets} WHERE {}",
+            t.quoted,
+            Self::where_key(t)
+        );
+        self.conn
+            .prepare_cached(&sql)?
+            .execute(rusqlite::params_from_iter(new.iter().chain(old)))?;
+        Ok(())
+    }
+
+    /// Number of rows in a mirrored table.
+    #[cfg(test)]
+    pub fn count(&self, token: &str) -> Result<u64, StoreError> {
+        let sql = format!("SELECT count(*) FROM {}", self.table(token)?.quoted);
+        let n: i64 = self.conn.query_row(&sql, [], |r| r.get(0))?;
+        Ok(u64::try_from(n).unwrap_or(0))
+    }
+}
+
+fn kind(t: &Table, name: &str) -> ColumnKind {
+    t.kinds.get(name).copied().unwrap_or(ColumnKind::Text)
+}
+
+/// A stream sequence as SQLite's signed integer (sequences never come near `i64::MAX`).
+fn seq_sql(seq: u64) -> i64 {
+    i64::try_from(seq).unwrap_or(i64::MAX)
+}
+
+/// An SQL string literal.
+fn sql_string(s: &str) -> String {
+    format!("'{}'", s.replace('\'', "''"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn schema(cols: &[(&str, &str)], key: &[&str]) -> Value {
+        Value::Map(vec![
+            (
+                Value::from("primary_key"),
+                Value::Array(key.iter().map(|k| Value::from(*k)).collect()),
+            ),
+            (
+                Value::from("columns"),
+                Value::Array(
+                    cols.iter()
+                        .enumerate()
+                        .map(|(i, (n, t))| {
+                            Value::Map(vec![
+                                (Value::from("name"), Value::from(*n)),
+                                (Value::from("position"), Value::from(i as i64 + 1)),
+                                (Value::from("data_type"), Value::from(*t)),
+                            ])
+                        })
+                        .collect(),
+                ),
+            ),
+        ])
+    }
+
+    fn rows(store: &Store, sql: &str) -> Vec<Vec<Sql>> {
+        let mut stmt = store.conn.prepare(sql).unwrap();
+        let n = stmt.column_count();
+        stmt.query_map([], |r| (0..n).map(|i| r.get::<_, Sql>(i)).collect())
+            .unwrap()
+            .collect::<Result<_, _>>()
+            .unwrap()
+    }
+
+    #[test]
+    fn applies_changes_keeps_unsent_columns_and_moves_keys() {
+        let dir = std::env::temp_dir().join(format!("pgbridge-store-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("m.sqlite");
+        let _ = std::fs::remove_file(&path);
+        let mut s = Store::open(&path).unwrap();
+        let sch = schema(
+            &[("id", "integer"), ("body", "text"), ("n", "bigint")],
+            &["id"],
+        );
+        s.apply_schema("t", "t", &sch).unwrap();
+        s.begin().unwrap();
+        let (one, two, body, n5) = (
+            Value::from(1),
+            Value::from(2),
+            Value::from("long"),
+            Value::from(5),
+        );
+        s.upsert("t", &[("id", &one), ("body", &body), ("n", &n5)])
+            .unwrap();
+        // An update without `body` (unchanged TOAST) keeps it.
+        let n6 = Value::from(6);
+        s.upsert("t", &[("id", &one), ("n", &n6)]).unwrap();
+        // A key change keeps the columns the change does not carry.
+        let old = s.key_of("t", &[("id", &one)]).unwrap();
+        let new = s.key_of("t", &[("id", &two)]).unwrap();
+        s.move_key("t", &old, &new).unwrap();
+        s.set_position(
+            "t",
+            &Position {
+                snapshot_id: "x".into(),
+                lsn: Lsn::from(42),
+                last_seq: 7,
+            },
+        )
+        .unwrap();
+        s.commit().unwrap();
+        assert_eq!(
+            rows(&s, "SELECT id, body, n FROM t"),
+            vec![vec![
+                Sql::Integer(2),
+                Sql::Text("long".into()),
+                Sql::Integer(6)
+            ]]
+        );
+        assert_eq!(s.position("t").unwrap().unwrap().last_seq, 7);
+
+        // A new column in the schema is added, old rows get NULL.
+        drop(s);
+        let mut s = Store::open(&path).unwrap();
+        let sch2 = schema(
+            &[
+                ("id", "integer"),
+                ("body", "text"),
+                ("n", "bigint"),
+                ("f", "double precision"),
+            ],
+            &["id"],
+        );
+        s.apply_schema("t", "t", &sch2).unwrap();
+        assert!(s.has_columns("t", ["f", "id"].into_iter()));
+        assert_eq!(s.count("t").unwrap(), 1);
+        s.begin().unwrap();
+        s.clear("t").unwrap();
+        s.rollback().unwrap();
+        assert_eq!(s.count("t").unwrap(), 1);
+        assert!(matches!(
+            s.apply_schema("u", "u", &schema(&[("a", "text")], &[])),
+            Err(StoreError::Unsupported { .. })
+        ));
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+}
