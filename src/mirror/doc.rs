@@ -277,7 +277,7 @@ fn base64_encode(data: &[u8]) -> String {
 /// Standard base64 with padding; `None` when `text` is not base64.
 fn base64_decode(text: &str) -> Option<Vec<u8>> {
     let bytes = text.as_bytes();
-    if bytes.len() % 4 != 0 {
+    if !bytes.len().is_multiple_of(4) {
         return None;
     }
     let mut out = Vec::with_capacity(bytes.len() / 4 * 3);
