@@ -322,3 +322,33 @@ fn precedence_flag_env_file_default() {
     assert_eq!(get(&c, "replication", "slot").as_str(), Some("env_slot"));
     assert_eq!(get(&c, "http", "port").as_integer(), Some(9203));
 }
+
+#[test]
+fn mirror_usage_and_unreachable_nats_are_one_line_errors() {
+    // Without --db: usage error, exit 2.
+    let out = bridge(&["mirror"], &[]);
+    assert_eq!(out.status.code(), Some(2));
+    assert!(assert_one_line_error(&out, "bridge: usage error:").contains("--db"));
+    // A consumer name JetStream would refuse.
+    let out = bridge(&["mirror", "--db", "m.sqlite", "--durable", "a.b"], &[]);
+    assert_eq!(out.status.code(), Some(2));
+    assert!(assert_one_line_error(&out, "bridge: usage error:").contains("--durable"));
+    // Nothing listens there: exit 1 with what to check, before any file is created.
+    let dir = std::env::temp_dir().join(format!("pgbridge-cli-mirror-{}", std::process::id()));
+    let db = dir.join("m.sqlite");
+    let port = free_port().to_string();
+    let url = format!("nats://127.0.0.1:{port}");
+    let out = bridge(
+        &["mirror", "--db", db.to_str().unwrap(), "--nats-url", &url],
+        &[],
+    );
+    assert_eq!(out.status.code(), Some(1));
+    let err = stderr(&out);
+    let line = err.lines().last().unwrap_or_default();
+    assert!(
+        line.starts_with("bridge mirror: error: cannot reach NATS"),
+        "{err}"
+    );
+    assert!(line.contains("--nats-url"), "{line}");
+    assert!(!db.exists());
+}
