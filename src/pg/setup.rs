@@ -100,6 +100,31 @@ pub struct DatabaseInfo {
     pub published: Vec<PublishedTable>,
     /// The tables to stream: the configured ones, or all published when none are configured.
     pub tables: Vec<PublishedTable>,
+    /// The server's `wal_sender_timeout` in milliseconds (0: disabled).
+    pub wal_sender_timeout_ms: u64,
+}
+
+/// A warning when the bridge's longest interval between standby status updates comes too
+/// close to the server's `wal_sender_timeout`: while the bridge cannot take more WAL (the
+/// ring is full during a NATS outage) it only sends those updates, and a server that waits
+/// less than twice the interval may drop the connection in between.
+pub fn status_interval_warning(
+    standby_status_interval: std::time::Duration,
+    wal_sender_timeout_ms: u64,
+) -> Option<String> {
+    let interval_ms = u64::try_from(standby_status_interval.as_millis()).unwrap_or(u64::MAX);
+    (wal_sender_timeout_ms > 0 && interval_ms.saturating_mul(2) > wal_sender_timeout_ms).then(
+        || {
+            format!(
+                "the server's wal_sender_timeout ({wal_sender_timeout_ms} ms) is less than twice \
+             --standby-status-interval-secs ({} s): while the bridge waits for NATS the server \
+             may drop the replication connection; lower the interval to at most {} s or raise \
+             wal_sender_timeout",
+                standby_status_interval.as_secs(),
+                (wal_sender_timeout_ms / 2000).max(1)
+            )
+        },
+    )
 }
 
 /// Checks `wal_level`, the role, the publication and the configured tables over a normal
@@ -112,8 +137,14 @@ pub fn check_database(
     debug_assert_eq!(conn.kind(), ConnectionKind::Normal);
     let r = conn.query(
         "SELECT current_setting('wal_level') AS wal_level, current_user AS usr, current_database() AS db, \
-                (SELECT rolreplication OR rolsuper FROM pg_roles WHERE rolname = current_user) AS can_replicate",
+                (SELECT rolreplication OR rolsuper FROM pg_roles WHERE rolname = current_user) AS can_replicate, \
+                (SELECT setting FROM pg_settings WHERE name = 'wal_sender_timeout') AS wal_sender_timeout",
     )?;
+    // pg_settings gives it in its unit, milliseconds.
+    let wal_sender_timeout_ms = r
+        .get(0, "wal_sender_timeout")
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(0);
     let wal_level = r.get(0, "wal_level").unwrap_or_default().to_string();
     if wal_level != "logical" {
         return Err(SetupError::WalLevel(wal_level));
@@ -191,6 +222,7 @@ pub fn check_database(
         server_version: conn.server_version(),
         published,
         tables,
+        wal_sender_timeout_ms,
     })
 }
 
@@ -272,6 +304,20 @@ pub fn ensure_slot(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn status_interval_is_checked_against_wal_sender_timeout() {
+        use std::time::Duration;
+        let ten = Duration::from_secs(10);
+        assert_eq!(status_interval_warning(ten, 60_000), None);
+        assert_eq!(status_interval_warning(ten, 20_000), None);
+        assert_eq!(status_interval_warning(ten, 0), None, "disabled");
+        let w = status_interval_warning(ten, 15_000).unwrap();
+        assert!(w.contains("15000 ms") && w.contains("at most 7 s"), "{w}");
+        assert!(status_interval_warning(ten, 1_000)
+            .unwrap()
+            .contains("at most 1 s"));
+    }
 
     #[test]
     fn configured_names_match_published_tables() {

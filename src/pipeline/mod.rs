@@ -139,6 +139,12 @@ fn pg_setup(config: &Config) -> Result<(DatabaseInfo, SlotState, ReplicationConn
         &config.replication.publication,
         &config.replication.tables,
     )?;
+    if let Some(w) = setup::status_interval_warning(
+        config.replication.standby_status_interval(),
+        info.wal_sender_timeout_ms,
+    ) {
+        log::warn!("{w}");
+    }
     let mut repl = ReplicationConnection::connect(&refs).map_err(SetupError::Pg)?;
     let slot = setup::ensure_slot(&mut conn, &mut repl, &config.replication.slot)?;
     Ok((info, slot, repl))
