@@ -1368,6 +1368,52 @@ fn mirror_reads_the_json_format() {
     drop(bridge);
 }
 
+/// NATS stops for a few seconds while the bridge publishes and the mirror follows: both wait
+/// it out, and the mirror ends equal to the source.
+#[test]
+fn mirror_rides_out_a_nats_restart() {
+    let seed = seed();
+    let _report_seed = SeedOnFailure(seed);
+    let (mut env, bridge, dir) = prepare();
+    let url = env.nats.url();
+    let db: PathBuf = dir.path().join("mirror.sqlite");
+    let writer = Writer::start(&env.pg, seed, 8_000, WRITER_RATE);
+    writer.wait_changes(1_000);
+    let mut mirror = BridgeProcess::spawn(&mut mirror_command(
+        &url,
+        &db,
+        dir.path(),
+        Some(TABLES),
+        &[],
+    ));
+    let tokens = table_tokens();
+    wait_for("the mirror to bootstrap", STEP_TIMEOUT, || {
+        if let Some(status) = mirror.child.try_wait().unwrap() {
+            panic!("the mirror exited ({status}):\n{}", tail(&mirror.log(), 60));
+        }
+        bootstrapped(&db, &tokens).then_some(())
+    });
+    env.nats.stop();
+    std::thread::sleep(Duration::from_secs(4));
+    env.nats.start_again();
+    let report = writer.finish();
+    assert!(
+        report.changes >= 8_000,
+        "the workload made {} changes",
+        report.changes
+    );
+    wait_mirror_caught_up(&env.pg, &url, DURABLE);
+    assert_eq!(
+        mirror.terminate(Duration::from_secs(30)),
+        Some(0),
+        "the mirror kept running; log:\n{}",
+        tail(&mirror.log(), 40)
+    );
+    eprintln!("mirror log (tail):\n{}", tail(&mirror.log(), 12));
+    assert_mirrored(&env, &db, seed, &mirror.log());
+    drop(bridge);
+}
+
 #[test]
 fn mirror_equals_source_after_kill_9_of_mirror_and_bridge() {
     let _heavy = HEAVY.lock().unwrap_or_else(|e| e.into_inner());

@@ -244,6 +244,19 @@ pub fn run(
     })
 }
 
+/// Opens a stream: [`MirrorError::StreamMissing`] when the server says it does not exist,
+/// [`MirrorError::JetStream`] (worth retrying) for anything else.
+async fn open_stream(js: &Context, name: &str) -> Result<jetstream::stream::Stream, MirrorError> {
+    use async_nats::jetstream::context::GetStreamErrorKind;
+    use async_nats::jetstream::ErrorCode;
+    js.get_stream(name).await.map_err(|e| match e.kind() {
+        GetStreamErrorKind::JetStream(j) if j.error_code() == ErrorCode::STREAM_NOT_FOUND => {
+            MirrorError::StreamMissing(name.to_owned())
+        }
+        _ => MirrorError::JetStream(format!("reading stream '{name}': {e}")),
+    })
+}
+
 struct Mirror {
     js: Context,
     client: async_nats::Client,
@@ -259,9 +272,7 @@ struct Mirror {
 impl Mirror {
     async fn run(&mut self) -> Result<(), MirrorError> {
         for stream in [self.cdc.clone(), self.init.clone()] {
-            if self.js.get_stream(&stream).await.is_err() {
-                return Err(MirrorError::StreamMissing(stream));
-            }
+            open_stream(&self.js, &stream).await?;
         }
         self.tables = self.resolve_tables().await?;
         let names: Vec<&str> = self.tables.iter().map(|t| t.local.as_str()).collect();
@@ -284,23 +295,55 @@ impl Mirror {
                 pending.push(t.token.clone());
             }
         }
+        // JetStream failures (NATS restarting, a request timing out) are waited out: the
+        // client reconnects by itself, and the SQLite file says where to go on.
         loop {
-            for token in std::mem::take(&mut pending) {
-                if !self.snapshot(&token).await? {
-                    return Ok(());
+            while let Some(token) = pending.first().cloned() {
+                match self.snapshot(&token).await {
+                    Ok(true) => {
+                        pending.remove(0);
+                    }
+                    Ok(false) => return Ok(()),
+                    Err(MirrorError::JetStream(e)) => {
+                        self.store.rollback()?;
+                        log::warn!("snapshot of {token}: {e}; trying again");
+                        if !self.pause().await {
+                            return Ok(());
+                        }
+                    }
+                    Err(e) => {
+                        self.store.rollback()?;
+                        return Err(e);
+                    }
                 }
             }
-            match self.follow().await? {
-                FollowEnd::Done => return Ok(()),
-                FollowEnd::Snapshot(tokens) => pending = tokens,
-                FollowEnd::Restart => {
-                    if self.shutdown.is_triggered() {
+            match self.follow().await {
+                Ok(FollowEnd::Done) => return Ok(()),
+                Ok(FollowEnd::Snapshot(tokens)) => pending = tokens,
+                Ok(FollowEnd::Restart) => {
+                    if !self.pause().await {
                         return Ok(());
                     }
-                    tokio::time::sleep(RESTART_DELAY).await;
                 }
+                Err(MirrorError::JetStream(e)) => {
+                    self.store.rollback()?;
+                    log::warn!("following stream {}: {e}; trying again", self.cdc);
+                    if !self.pause().await {
+                        return Ok(());
+                    }
+                }
+                Err(e) => return Err(e),
             }
         }
+    }
+
+    /// Waits [`RESTART_DELAY`]; false when shutdown was asked for.
+    async fn pause(&self) -> bool {
+        if self.shutdown.is_triggered() {
+            return false;
+        }
+        tokio::time::sleep(RESTART_DELAY).await;
+        !self.shutdown.is_triggered()
     }
 
     /// The tables named by `--table`, or those with a schema in the bucket.
@@ -376,9 +419,14 @@ impl Mirror {
         if self.store.has_columns(token, names.iter().copied()) {
             return Ok(false);
         }
-        let t = self.table(token).cloned().ok_or_else(|| {
-            MirrorError::JetStream(format!("change for {token}, which is not mirrored"))
-        })?;
+        let t = self
+            .table(token)
+            .cloned()
+            .ok_or_else(|| MirrorError::BadMessage {
+                stream: self.cdc.clone(),
+                seq: 0,
+                reason: format!("change for {token}, which is not mirrored"),
+            })?;
         let deadline = Instant::now() + SCHEMA_TIMEOUT;
         let mut defaults_added = false;
         loop {
@@ -403,11 +451,7 @@ impl Mirror {
     /// rows. Returns false when stopped by shutdown (nothing changed then).
     async fn snapshot(&mut self, token: &str) -> Result<bool, MirrorError> {
         let js_err = |e: &dyn std::fmt::Display| MirrorError::JetStream(e.to_string());
-        let init = self
-            .js
-            .get_stream(&self.init)
-            .await
-            .map_err(|_| MirrorError::StreamMissing(self.init.clone()))?;
+        let init = open_stream(&self.js, &self.init).await?;
         loop {
             // Subscribed before the request, so the meta cannot be missed.
             let mut metas = init
@@ -608,11 +652,7 @@ impl Mirror {
                 positions.insert(t.token.clone(), p);
             }
         }
-        let mut cdc = self
-            .js
-            .get_stream(&self.cdc)
-            .await
-            .map_err(|_| MirrorError::StreamMissing(self.cdc.clone()))?;
+        let mut cdc = open_stream(&self.js, &self.cdc).await?;
         let first = cdc
             .info()
             .await
