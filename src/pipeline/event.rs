@@ -91,26 +91,32 @@ pub struct ChangeEvent {
 impl ChangeEvent {
     /// The deterministic JetStream message id: `{commit_lsn}-{seq}`.
     pub fn message_id(&self) -> String {
-        // Written by hand: this runs for every message, and `format!` costs several times more.
-        let mut id = String::with_capacity(28);
-        push_hex(&mut id, (self.commit_lsn.0 >> 32) as u32);
-        id.push('/');
-        push_hex(&mut id, self.commit_lsn.0 as u32);
-        id.push('-');
-        let mut digits = [0u8; 10];
-        let mut n = self.seq;
-        let mut at = digits.len();
-        loop {
-            at -= 1;
-            digits[at] = b'0' + (n % 10) as u8;
-            n /= 10;
-            if n == 0 {
-                break;
-            }
-        }
-        id.extend(digits[at..].iter().map(|&d| char::from(d)));
-        id
+        message_id(self.commit_lsn, self.seq)
     }
+}
+
+/// The JetStream message id of the change `seq` of the transaction committed at `commit_lsn`:
+/// `{commit_lsn}-{seq}` (see [`ChangeEvent::message_id`]).
+pub fn message_id(commit_lsn: Lsn, seq: u32) -> String {
+    // Written by hand: this runs for every message, and `format!` costs several times more.
+    let mut id = String::with_capacity(28);
+    push_hex(&mut id, (commit_lsn.0 >> 32) as u32);
+    id.push('/');
+    push_hex(&mut id, commit_lsn.0 as u32);
+    id.push('-');
+    let mut digits = [0u8; 10];
+    let mut n = seq;
+    let mut at = digits.len();
+    loop {
+        at -= 1;
+        digits[at] = b'0' + (n % 10) as u8;
+        n /= 10;
+        if n == 0 {
+            break;
+        }
+    }
+    id.extend(digits[at..].iter().map(|&d| char::from(d)));
+    id
 }
 
 /// Appends `v` in uppercase hex without leading zeros, as [`Lsn`]'s `Display` writes each half.

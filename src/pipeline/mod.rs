@@ -429,16 +429,17 @@ fn spawn_publisher(
                             Err(_) => return Ok(()),
                         }
                     };
+                    // For the set-up requests only; changes go out on the publisher's own
+                    // pipelined path over the same connection.
                     let js = async_nats::jetstream::context::ContextBuilder::new()
                         .timeout(crate::sink::publisher::ACK_TIMEOUT)
-                        .max_ack_inflight(settings.max_in_flight.max(1))
-                        .build(client);
+                        .build(client.clone());
                     if let Err(e) = nats::ensure_streams(&js, &streams).await {
                         let _ = ready.send(Err(e));
                         return Ok(());
                     }
                     let _ = ready.send(Ok(()));
-                    Publisher::new(js, consumer, notify, durable, settings, stats, shutdown)
+                    Publisher::new(client, consumer, notify, durable, settings, stats, shutdown)
                         .with_recycling(recycle)
                         .run()
                         .await

@@ -2,6 +2,7 @@
 
 pub mod encode;
 pub mod nats;
+pub mod puback;
 pub mod publisher;
 pub mod schemas;
 pub mod snapshot;

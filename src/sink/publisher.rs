@@ -1,46 +1,66 @@
 //! The publisher: takes changes off the ring, encodes them, publishes them to JetStream with
 //! their deterministic message ids, and keeps a bounded window of PubAcks in flight.
 //!
-//! Acks are collected in publish order. When every message of a transaction (and of every
+//! Publishing is pipelined on the client's own connection rather than going through the
+//! client's JetStream request for each message (a new inbox, a oneshot channel and a JSON
+//! decoder per message). The publisher subscribes once to `{inbox}.*`, an inbox of its own,
+//! and sends every message as a plain publish whose reply subject is `{inbox}.{token}`, the
+//! token counting messages. JetStream answers each publish on its reply subject, so the token
+//! of the answer finds the message in the window; [`super::puback`] reads the answer.
+//!
+//! Acks are applied in publish order. When every message of a transaction (and of every
 //! transaction before it) is acknowledged, the transaction's commit `end_lsn` becomes the
-//! durable position, which the wal thread reports to PostgreSQL. A failed publish (timeout,
-//! NATS down) is retried with the same message id, so JetStream stores it once however often
-//! it is sent within the duplicate window.
+//! durable position, which the wal thread reports to PostgreSQL.
+//!
+//! A failed publish (a refusal, no PubAck within [`ACK_TIMEOUT`] of reaching the front of the
+//! window, NATS down) stops the window from taking new changes: messages behind the failed one
+//! may be stored already, and new ones must not overtake it. After a backoff, and once the
+//! client is connected, every unacknowledged message is sent again in order from the first one,
+//! with the same message id, so JetStream stores each once however often it is sent within the
+//! duplicate window. New changes are taken again when the window has drained.
 
 use std::collections::{HashMap, VecDeque};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
-use async_nats::jetstream::context::{PublishAckFuture, PublishErrorKind};
-use async_nats::jetstream::message::PublishMessage;
-use async_nats::jetstream::Context;
-use async_nats::Subject;
-use bytes::Bytes;
+use async_nats::connection::State;
+use async_nats::header::NATS_MESSAGE_ID;
+use async_nats::{Client, HeaderMap, Message, PublishErrorKind, Subject, Subscriber};
+use bytes::{BufMut, Bytes, BytesMut};
+use futures_util::{FutureExt, StreamExt};
 
 use crate::config::Format;
 use crate::pg::pgoutput::pg_to_unix_micros;
 use crate::pg::Lsn;
 use crate::pipeline::durable::DurableLsn;
-use crate::pipeline::event::{ChangeEvent, Operation, TableRef};
+use crate::pipeline::event::{self, ChangeEvent, Operation, TableRef};
 use crate::pipeline::wal::RingItem;
 use crate::shutdown::Shutdown;
 
 use super::encode::encode_change;
+use super::puback::{self, PubAckError};
 use super::subject::change_subject;
 
-/// How long a PubAck (and a JetStream API request) may take before the publish is retried.
+/// How long the oldest message of the window waits for its PubAck before it is sent again.
 pub const ACK_TIMEOUT: Duration = Duration::from_secs(5);
 /// First wait before republishing after a failure; doubles up to [`RETRY_MAX`].
 const RETRY_MIN: Duration = Duration::from_millis(100);
 /// Longest wait between republish attempts.
 const RETRY_MAX: Duration = Duration::from_secs(2);
+/// While NATS is disconnected, how often the publisher looks whether it is back.
+const RECONNECT_POLL: Duration = Duration::from_millis(50);
 /// How long the publisher sleeps when the ring is empty and nobody wakes it.
 const IDLE_WAIT: Duration = Duration::from_millis(20);
 /// At shutdown, how long to keep retrying when JetStream does not acknowledge.
 const SHUTDOWN_RETRY_LIMIT: Duration = Duration::from_secs(30);
 /// Most tables whose subjects are kept (a schema change gives a table a new entry).
 const SUBJECT_CACHE_TABLES: usize = 4096;
+/// Size of the buffers encoded payloads are copied into and cut from: one allocation serves
+/// many messages, and it is freed when the last of them is acknowledged and written.
+const PAYLOAD_CHUNK: usize = 16 * 1024;
+/// Size of the buffers reply subjects are cut from.
+const REPLY_CHUNK: usize = 4 * 1024;
 
 /// Why the publisher stopped.
 #[derive(Debug, thiserror::Error)]
@@ -68,6 +88,15 @@ pub enum PublishError {
         pending: usize,
         /// The last publish error.
         last_error: String,
+    },
+    /// The subscription PubAcks arrive on could not be made.
+    #[error("cannot subscribe to the PubAck inbox: {0}")]
+    AckInbox(#[source] async_nats::SubscribeError),
+    /// The NATS client ended (its connection task stopped), so no PubAck can arrive any more.
+    #[error("the NATS client closed with {pending} messages not acknowledged by JetStream (they will be sent again on the next start)")]
+    ClientClosed {
+        /// Messages still waiting for a PubAck.
+        pending: usize,
     },
 }
 
@@ -101,29 +130,172 @@ pub struct PublisherSettings {
     pub subject_prefix: String,
 }
 
+/// Where a message of the window stands.
+enum AckState {
+    /// Sent; no answer yet.
+    Pending,
+    /// Stored (or, when `duplicate`, found already stored).
+    Acked { duplicate: bool },
+    /// Not stored as far as the publisher knows: to be sent again. Boxed: rare, and every
+    /// entry of the window would otherwise carry its size.
+    Failed(Box<Failure>),
+}
+
+/// Why a message has to be sent again.
+#[derive(Debug, thiserror::Error)]
+enum Failure {
+    /// JetStream (or the server on its behalf) answered with an error.
+    #[error(transparent)]
+    Refused(#[from] PubAckError),
+    /// No answer in time (a lost connection shows as this too).
+    #[error("no PubAck within {}s", ACK_TIMEOUT.as_secs())]
+    TimedOut,
+    /// The client did not take the message.
+    #[error("not sent: {0}")]
+    NotSent(String),
+}
+
+/// A message of the window, kept until JetStream acknowledges it.
 struct InFlight {
+    /// Publish ordinal, the last token of the reply subject.
+    token: u64,
     subject: Subject,
-    message_id: String,
+    reply: Subject,
+    /// With `seq`, the message id (built again only when needed: resends, errors).
+    commit_lsn: Lsn,
+    seq: u32,
     payload: Bytes,
-    ack: Option<PublishAckFuture>,
+    state: AckState,
     /// Set on the last message of a transaction: durable once this is acknowledged.
     commit_end: Option<Lsn>,
     /// The transaction's commit time, µs since 2000-01-01 (0: unknown).
     commit_time: i64,
 }
 
+impl InFlight {
+    fn message_id(&self) -> String {
+        event::message_id(self.commit_lsn, self.seq)
+    }
+}
+
+/// Copies small byte strings into shared buffers of a fixed size and hands them out as
+/// [`Bytes`]: one allocation for many messages instead of one each. A buffer is freed when the
+/// last piece cut from it is dropped; large pieces get an allocation of their own, so one big
+/// row never keeps a big buffer alive.
+struct Chunks {
+    chunk: BytesMut,
+    size: usize,
+}
+
+impl Chunks {
+    fn new(size: usize) -> Self {
+        Chunks {
+            chunk: BytesMut::new(),
+            size,
+        }
+    }
+
+    fn copy(&mut self, data: &[u8]) -> Bytes {
+        if data.len() > self.size / 4 {
+            return Bytes::copy_from_slice(data);
+        }
+        // After each split the chunk holds only its unused rest; when that is too short a new
+        // chunk starts (the old one lives on in the pieces already cut from it).
+        if self.chunk.capacity() < data.len() {
+            self.chunk = BytesMut::with_capacity(self.size);
+        }
+        self.chunk.put_slice(data);
+        self.chunk.split().freeze()
+    }
+}
+
+/// The reply subjects `{inbox}.{token}` of one publisher, and the reverse: the token of a
+/// reply. The subjects are cut from shared buffers instead of being allocated one by one.
+struct Replies {
+    /// `{inbox}.`
+    prefix: String,
+    /// Where a subject is written before it is copied into `chunks`.
+    scratch: Vec<u8>,
+    chunks: Chunks,
+}
+
+impl Replies {
+    fn new(inbox: &str) -> Self {
+        Replies {
+            prefix: format!("{inbox}."),
+            scratch: Vec::with_capacity(inbox.len() + 21),
+            chunks: Chunks::new(REPLY_CHUNK),
+        }
+    }
+
+    /// The wildcard subject all replies arrive on.
+    fn filter(&self) -> String {
+        format!("{}*", self.prefix)
+    }
+
+    fn subject(&mut self, token: u64) -> Subject {
+        self.scratch.clear();
+        self.scratch.extend_from_slice(self.prefix.as_bytes());
+        let mut digits = [0u8; 20];
+        let mut at = digits.len();
+        let mut n = token;
+        loop {
+            at -= 1;
+            digits[at] = b'0' + (n % 10) as u8;
+            n /= 10;
+            if n == 0 {
+                break;
+            }
+        }
+        self.scratch.extend_from_slice(&digits[at..]);
+        let bytes = self.chunks.copy(&self.scratch);
+        // The inbox is a string and the token ASCII digits, so this cannot fail; the fallback
+        // only spares a panic path.
+        Subject::try_from(bytes)
+            .unwrap_or_else(|_| Subject::from(format!("{}{token}", self.prefix)))
+    }
+
+    /// The token of a reply subject, `None` for anything else.
+    fn token(&self, subject: &str) -> Option<u64> {
+        let digits = subject.strip_prefix(self.prefix.as_str())?.as_bytes();
+        if digits.is_empty() {
+            return None;
+        }
+        digits.iter().try_fold(0u64, |n, &d| {
+            if d.is_ascii_digit() {
+                n.checked_mul(10)?.checked_add(u64::from(d - b'0'))
+            } else {
+                None
+            }
+        })
+    }
+}
+
 /// The publisher loop; runs on its own thread's tokio runtime until the ring is closed
 /// (End item, or the wal side dropped) and everything is acknowledged.
 pub struct Publisher {
-    js: Context,
+    client: Client,
     consumer: rtrb::Consumer<RingItem>,
     notify: Arc<tokio::sync::Notify>,
     durable: DurableLsn,
     settings: PublisherSettings,
     stats: Arc<PublisherStats>,
     shutdown: Shutdown,
+    /// Encoding buffer, reused for every change.
     buf: Vec<u8>,
+    /// Where payloads are copied to and cut from.
+    payloads: Chunks,
+    replies: Replies,
+    next_token: u64,
     window: VecDeque<InFlight>,
+    /// Since when the front of the window is the front (or was last sent): its PubAck is due
+    /// [`ACK_TIMEOUT`] later.
+    front_since: Instant,
+    /// Set at the first failure: no new changes enter the window until it has drained.
+    recovering: bool,
+    /// When the current run of failures began (`None`: JetStream acknowledges).
+    failing_since: Option<Instant>,
+    backoff: Duration,
     subjects: SubjectCache,
     recycle: Option<rtrb::Producer<Box<ChangeEvent>>>,
 }
@@ -162,9 +334,9 @@ impl SubjectCache {
 }
 
 impl Publisher {
-    /// A publisher reading `consumer` and publishing through `js`.
+    /// A publisher reading `consumer` and publishing through `client`.
     pub fn new(
-        js: Context,
+        client: Client,
         consumer: rtrb::Consumer<RingItem>,
         notify: Arc<tokio::sync::Notify>,
         durable: DurableLsn,
@@ -173,8 +345,9 @@ impl Publisher {
         shutdown: Shutdown,
     ) -> Self {
         let window = VecDeque::with_capacity(settings.max_in_flight);
+        let replies = Replies::new(&client.new_inbox());
         Publisher {
-            js,
+            client,
             consumer,
             notify,
             durable,
@@ -182,7 +355,14 @@ impl Publisher {
             stats,
             shutdown,
             buf: Vec::with_capacity(4096),
+            payloads: Chunks::new(PAYLOAD_CHUNK),
+            replies,
+            next_token: 0,
             window,
+            front_since: Instant::now(),
+            recovering: false,
+            failing_since: None,
+            backoff: RETRY_MIN,
             subjects: SubjectCache::default(),
             recycle: None,
         }
@@ -197,41 +377,88 @@ impl Publisher {
 
     /// Runs until the ring is closed and drained.
     pub async fn run(mut self) -> Result<(), PublishError> {
+        // Subscribed before the first publish: both go through the client's command queue in
+        // order, so the server knows the inbox before any reply is due.
+        let mut acks = self
+            .client
+            .subscribe(self.replies.filter())
+            .await
+            .map_err(PublishError::AckInbox)?;
+        let notify = Arc::clone(&self.notify);
+        // One timer for the front's deadline. Deadlines only move later, so the timer is
+        // re-armed only when it fires early, not each time the front changes.
+        let timer = tokio::time::sleep(ACK_TIMEOUT);
+        tokio::pin!(timer);
         let mut ended = false;
         loop {
-            // Fill the window from the ring.
-            while self.window.len() < self.settings.max_in_flight && !ended {
-                match self.consumer.pop() {
-                    Ok(RingItem::Change(ev)) => {
-                        self.publish_change(&ev).await?;
-                        if let Some(ring) = self.recycle.as_mut() {
-                            let _ = ring.push(ev);
-                        }
-                    }
-                    Ok(RingItem::Commit { end_lsn }) => match self.window.back_mut() {
-                        Some(last) => last.commit_end = Some(end_lsn),
-                        None => self.durable.advance(end_lsn),
-                    },
-                    Ok(RingItem::End) => ended = true,
-                    Err(_) => {
-                        if self.consumer.is_abandoned() && self.consumer.is_empty() {
-                            ended = true;
-                        }
-                        break;
-                    }
-                }
-            }
+            // Acknowledged messages leave first, so their room is filled at once.
+            self.complete_acked();
+            self.fill(&mut ended).await?;
             self.stats
                 .in_flight
                 .store(self.window.len() as u64, Ordering::Relaxed);
-            if !self.window.is_empty() {
-                self.complete_front().await?;
-            } else if ended {
-                return Ok(());
-            } else {
-                let _ = tokio::time::timeout(IDLE_WAIT, self.notify.notified()).await;
+            let Some(front) = self.window.front_mut() else {
+                self.recovering = false;
+                if ended {
+                    return Ok(());
+                }
+                if self.consumer.is_empty() {
+                    let _ = tokio::time::timeout(IDLE_WAIT, notify.notified()).await;
+                }
+                continue;
+            };
+            let deadline = self.front_since + ACK_TIMEOUT;
+            if matches!(front.state, AckState::Pending) && Instant::now() >= deadline {
+                front.state = AckState::Failed(Box::new(Failure::TimedOut));
+                self.stats.publish_errors.fetch_add(1, Ordering::Relaxed);
+                self.recovering = true;
+            }
+            if matches!(front.state, AckState::Failed(_)) {
+                self.retry(&mut acks).await?;
+                continue;
+            }
+            if timer.is_elapsed() {
+                timer.as_mut().reset(deadline.into());
+            }
+            let can_feed =
+                !self.recovering && !ended && self.window.len() < self.settings.max_in_flight;
+            tokio::select! {
+                biased;
+                reply = acks.next() => match reply {
+                    Some(reply) => self.take_replies(&reply, &mut acks),
+                    None => return Err(self.client_closed()),
+                },
+                () = &mut timer => {}
+                () = notify.notified(), if can_feed => {}
             }
         }
+    }
+
+    /// Moves changes from the ring into the window, publishing each, until the window is full,
+    /// the ring is empty or a publish failed.
+    async fn fill(&mut self, ended: &mut bool) -> Result<(), PublishError> {
+        while self.window.len() < self.settings.max_in_flight && !*ended && !self.recovering {
+            match self.consumer.pop() {
+                Ok(RingItem::Change(ev)) => {
+                    self.publish_change(&ev).await?;
+                    if let Some(ring) = self.recycle.as_mut() {
+                        let _ = ring.push(ev);
+                    }
+                }
+                Ok(RingItem::Commit { end_lsn }) => match self.window.back_mut() {
+                    Some(last) => last.commit_end = Some(end_lsn),
+                    None => self.durable.advance(end_lsn),
+                },
+                Ok(RingItem::End) => *ended = true,
+                Err(_) => {
+                    if self.consumer.is_abandoned() && self.consumer.is_empty() {
+                        *ended = true;
+                    }
+                    break;
+                }
+            }
+        }
+        Ok(())
     }
 
     async fn publish_change(&mut self, ev: &ChangeEvent) -> Result<(), PublishError> {
@@ -239,150 +466,302 @@ impl Publisher {
         let subject = self
             .subjects
             .get(&self.settings.subject_prefix, &ev.table, ev.operation);
+        let token = self.next_token;
+        self.next_token += 1;
         let mut entry = InFlight {
+            token,
             subject,
-            message_id: ev.message_id(),
-            payload: Bytes::copy_from_slice(&self.buf),
-            ack: None,
+            reply: self.replies.subject(token),
+            commit_lsn: ev.commit_lsn,
+            seq: ev.seq,
+            payload: self.payloads.copy(&self.buf),
+            state: AckState::Pending,
             commit_end: None,
             commit_time: ev.commit_time,
         };
-        if let Err(e) = self.send(&mut entry).await {
+        if let Err(e) = send(&self.client, &entry).await {
             if let Some(fatal) = self.fatal(&entry, &e) {
                 return Err(fatal);
             }
-            // Retried when it reaches the front of the window.
             self.stats.publish_errors.fetch_add(1, Ordering::Relaxed);
+            entry.state = AckState::Failed(Box::new(Failure::NotSent(e.to_string())));
+            self.recovering = true;
+        }
+        if self.window.is_empty() {
+            self.front_since = Instant::now();
         }
         self.window.push_back(entry);
         Ok(())
     }
 
-    async fn send(
-        &self,
-        entry: &mut InFlight,
-    ) -> Result<(), async_nats::jetstream::context::PublishError> {
-        let publish = PublishMessage::build()
-            .payload(entry.payload.clone())
-            .message_id(&entry.message_id);
-        let ack = self.js.send_publish(entry.subject.clone(), publish).await?;
-        entry.ack = Some(ack);
-        Ok(())
-    }
-
-    fn fatal(
-        &self,
-        entry: &InFlight,
-        e: &async_nats::jetstream::context::PublishError,
-    ) -> Option<PublishError> {
+    fn fatal(&self, entry: &InFlight, e: &async_nats::PublishError) -> Option<PublishError> {
         (e.kind() == PublishErrorKind::MaxPayloadExceeded).then(|| PublishError::TooLarge {
             table: entry.subject.to_string(),
             size: entry.payload.len(),
-            max: self.js.client().server_info().max_payload,
-            message_id: entry.message_id.clone(),
+            max: super::nats::max_payload(&self.client),
+            message_id: entry.message_id(),
         })
     }
 
-    /// Waits for the oldest PubAck, republishing (same message id) until it succeeds.
-    async fn complete_front(&mut self) -> Result<(), PublishError> {
-        let mut backoff = RETRY_MIN;
-        let mut failing_since: Option<Instant> = None;
-        loop {
-            let Some(front) = self.window.front_mut() else {
-                return Ok(());
-            };
-            let outcome = match front.ack.take() {
-                Some(ack) => ack.await,
-                None => Err(async_nats::jetstream::context::PublishError::new(
-                    PublishErrorKind::Other,
-                )),
-            };
-            match outcome {
-                Ok(ack) => {
-                    if ack.duplicate {
-                        self.stats.duplicates.fetch_add(1, Ordering::Relaxed);
-                    } else {
-                        self.stats.published.fetch_add(1, Ordering::Relaxed);
-                    }
-                    if let Some(done) = self.window.pop_front() {
-                        self.stats
-                            .bytes
-                            .fetch_add(done.payload.len() as u64, Ordering::Relaxed);
-                        if let Some(end) = done.commit_end {
-                            self.durable.advance(end);
-                        }
-                        self.observe_latency(done.commit_time);
-                    }
-                    if failing_since.is_some() {
-                        self.stats.stalled.store(false, Ordering::Relaxed);
-                        log::info!("JetStream acknowledges again; publishing resumes");
-                    }
-                    return Ok(());
+    /// Applies `first` and every further reply already waiting, without waiting for more.
+    fn take_replies(&mut self, first: &Message, acks: &mut Subscriber) {
+        self.take_reply(first);
+        // Bounded, so a flood of replies cannot starve the ring.
+        for _ in 0..self.settings.max_in_flight.max(64) {
+            match acks.next().now_or_never() {
+                Some(Some(reply)) => self.take_reply(&reply),
+                _ => break,
+            }
+        }
+    }
+
+    /// Records JetStream's answer for the message its reply subject names. Answers for
+    /// messages no longer in the window (late answers to an earlier attempt) are ignored; for a
+    /// message sent several times, any positive answer means it is stored.
+    fn take_reply(&mut self, reply: &Message) {
+        let Some(token) = self.replies.token(reply.subject.as_str()) else {
+            return;
+        };
+        let Some(front) = self.window.front() else {
+            return;
+        };
+        let Some(at) = token
+            .checked_sub(front.token)
+            .and_then(|i| usize::try_from(i).ok())
+        else {
+            return;
+        };
+        let Some(entry) = self.window.get_mut(at) else {
+            return;
+        };
+        if matches!(entry.state, AckState::Acked { .. }) {
+            return;
+        }
+        match puback::read_reply(reply) {
+            Ok(ack) => {
+                entry.state = AckState::Acked {
+                    duplicate: ack.duplicate,
                 }
-                Err(e) => {
-                    self.stats.publish_errors.fetch_add(1, Ordering::Relaxed);
-                    self.stats.stalled.store(true, Ordering::Relaxed);
-                    let since = *failing_since.get_or_insert_with(Instant::now);
-                    if backoff == RETRY_MIN {
-                        log::warn!(
-                            "publish of {} ({}) not acknowledged: {e}; retrying (PostgreSQL keeps the WAL meanwhile)",
-                            front.subject,
-                            front.message_id
-                        );
-                    }
+            }
+            Err(e) => {
+                self.stats.publish_errors.fetch_add(1, Ordering::Relaxed);
+                entry.state = AckState::Failed(Box::new(Failure::Refused(e)));
+                // Whatever follows this message must not be stored before it.
+                self.recovering = true;
+            }
+        }
+    }
+
+    /// Removes the acknowledged messages at the front of the window and advances the durable
+    /// position past each completed transaction.
+    fn complete_acked(&mut self) {
+        let (mut published, mut duplicates, mut bytes, mut popped) = (0u64, 0u64, 0u64, 0u64);
+        let mut now_micros = None;
+        while let Some(AckState::Acked { duplicate }) = self.window.front().map(|e| &e.state) {
+            if *duplicate {
+                duplicates += 1;
+            } else {
+                published += 1;
+            }
+            let Some(done) = self.window.pop_front() else {
+                break;
+            };
+            popped += 1;
+            bytes += done.payload.len() as u64;
+            if let Some(end) = done.commit_end {
+                self.durable.advance(end);
+            }
+            self.observe_latency(done.commit_time, &mut now_micros);
+        }
+        if popped == 0 {
+            return;
+        }
+        self.stats.published.fetch_add(published, Ordering::Relaxed);
+        self.stats
+            .duplicates
+            .fetch_add(duplicates, Ordering::Relaxed);
+        self.stats.bytes.fetch_add(bytes, Ordering::Relaxed);
+        self.front_since = Instant::now();
+        if self.failing_since.take().is_some() {
+            self.backoff = RETRY_MIN;
+            self.stats.stalled.store(false, Ordering::Relaxed);
+            log::info!("JetStream acknowledges again; publishing resumes");
+        }
+    }
+
+    /// The front of the window failed: waits out the backoff (still taking answers in, since a
+    /// late PubAck makes the resend unnecessary) and until the client is connected, then sends
+    /// every unacknowledged message again, in order.
+    async fn retry(&mut self, acks: &mut Subscriber) -> Result<(), PublishError> {
+        self.recovering = true;
+        self.stats.stalled.store(true, Ordering::Relaxed);
+        let since = *self.failing_since.get_or_insert_with(Instant::now);
+        if self.backoff == RETRY_MIN {
+            if let Some(front) = self.window.front() {
+                if let AckState::Failed(e) = &front.state {
+                    log::warn!(
+                        "publish of {} ({}) not acknowledged: {e}; retrying (PostgreSQL keeps the WAL meanwhile)",
+                        front.subject,
+                        front.message_id()
+                    );
+                }
+            }
+        }
+        let backoff_end = Instant::now() + self.backoff;
+        self.backoff = (self.backoff * 2).min(RETRY_MAX);
+        loop {
+            match self.window.front() {
+                Some(InFlight {
+                    state: AckState::Failed(e),
+                    ..
+                }) => {
                     if self.shutdown.is_triggered() && since.elapsed() > SHUTDOWN_RETRY_LIMIT {
                         return Err(PublishError::NotDrained {
                             pending: self.window.len(),
                             last_error: e.to_string(),
                         });
                     }
-                    tokio::time::sleep(backoff).await;
-                    backoff = (backoff * 2).min(RETRY_MAX);
-                    self.republish_all().await?;
+                }
+                // Answered meanwhile: nothing to resend from here.
+                _ => return Ok(()),
+            }
+            let now = Instant::now();
+            // Sent while disconnected, messages would only pile up in the client's queue.
+            let connected = self.client.connection_state() == State::Connected;
+            if now >= backoff_end && connected {
+                break;
+            }
+            let wake = if now >= backoff_end {
+                now + RECONNECT_POLL
+            } else {
+                backoff_end
+            };
+            tokio::select! {
+                biased;
+                reply = acks.next() => match reply {
+                    Some(reply) => self.take_replies(&reply, acks),
+                    None => return Err(self.client_closed()),
+                },
+                () = tokio::time::sleep_until(wake.into()) => {}
+            }
+        }
+        self.republish().await
+    }
+
+    /// Sends every message of the window that is not acknowledged again, in order. Stops at
+    /// the first one the client does not take: what follows it must not overtake it.
+    async fn republish(&mut self) -> Result<(), PublishError> {
+        let mut window = std::mem::take(&mut self.window);
+        let mut result = Ok(());
+        for entry in window.iter_mut() {
+            if matches!(entry.state, AckState::Acked { .. }) {
+                continue;
+            }
+            match send(&self.client, entry).await {
+                Ok(()) => entry.state = AckState::Pending,
+                Err(e) => {
+                    self.stats.publish_errors.fetch_add(1, Ordering::Relaxed);
+                    if let Some(fatal) = self.fatal(entry, &e) {
+                        result = Err(fatal);
+                    }
+                    entry.state = AckState::Failed(Box::new(Failure::NotSent(e.to_string())));
+                    break;
                 }
             }
+        }
+        self.window = window;
+        self.front_since = Instant::now();
+        result
+    }
+
+    fn client_closed(&self) -> PublishError {
+        PublishError::ClientClosed {
+            pending: self.window.len(),
         }
     }
 
     /// Records commit → PubAck for one acknowledged message. Clock skew between the database
-    /// host and this one can make it negative: counted as zero.
-    fn observe_latency(&self, commit_time: i64) {
+    /// host and this one can make it negative: counted as zero. `now` is read once for all
+    /// messages acknowledged together.
+    fn observe_latency(&self, commit_time: i64, now: &mut Option<i64>) {
         let Some(h) = &self.stats.commit_to_ack else {
             return;
         };
         if commit_time == 0 {
             return;
         }
-        let now = SystemTime::now()
-            .duration_since(UNIX_EPOCH)
-            .map(|d| d.as_micros() as i64)
-            .unwrap_or(0);
+        let now = *now.get_or_insert_with(|| {
+            SystemTime::now()
+                .duration_since(UNIX_EPOCH)
+                .map(|d| d.as_micros() as i64)
+                .unwrap_or(0)
+        });
         let micros = now.saturating_sub(pg_to_unix_micros(commit_time)).max(0);
         h.observe(micros as f64 / 1e6);
     }
+}
 
-    /// After a failure every message in the window is sent again, in order: their first
-    /// attempts most likely failed too, and waiting for each to time out in turn would take
-    /// the ack timeout times the window. Those already stored come back as duplicates.
-    async fn republish_all(&mut self) -> Result<(), PublishError> {
-        let mut window = std::mem::take(&mut self.window);
-        let mut result = Ok(());
-        for entry in window.iter_mut() {
-            entry.ack = None;
-            if let Err(e) = self.send(entry).await {
-                self.stats.publish_errors.fetch_add(1, Ordering::Relaxed);
-                if let Some(fatal) = self.fatal(entry, &e) {
-                    result = Err(fatal);
-                    break;
-                }
-                // Not connected: the rest would fail the same way; retried next round.
-                break;
-            }
-        }
-        self.window = window;
-        result
-    }
+/// Publishes one message of the window with its message id and reply subject. The header map
+/// is built for each send: the client takes it by value, and cloning one costs as much as
+/// building it.
+async fn send(client: &Client, entry: &InFlight) -> Result<(), async_nats::PublishError> {
+    let mut headers = HeaderMap::new();
+    headers.insert(NATS_MESSAGE_ID, entry.message_id());
+    client
+        .publish_with_reply_and_headers(
+            entry.subject.clone(),
+            entry.reply.clone(),
+            headers,
+            entry.payload.clone(),
+        )
+        .await
 }
 
 /// Set when the publisher thread ends, for the wal thread to notice.
 pub type PublisherDone = Arc<AtomicBool>;
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn reply_subjects_carry_their_token() {
+        let mut replies = Replies::new("_INBOX.abc");
+        assert_eq!(replies.filter(), "_INBOX.abc.*");
+        for token in [0, 7, 10, 123_456_789, u64::MAX] {
+            let subject = replies.subject(token);
+            assert_eq!(subject.as_str(), format!("_INBOX.abc.{token}"));
+            assert_eq!(replies.token(&subject), Some(token));
+        }
+        // Enough subjects to span several buffers; earlier ones stay intact.
+        let subjects: Vec<Subject> = (0..2000).map(|t| replies.subject(t)).collect();
+        for (t, subject) in subjects.iter().enumerate() {
+            assert_eq!(replies.token(subject), Some(t as u64));
+        }
+        for other in [
+            "_INBOX.abc.",
+            "_INBOX.abc.1x",
+            "_INBOX.abc.1.2",
+            "_INBOX.abc.-1",
+            "_INBOX.abd.1",
+            "_INBOX.abc",
+            "_INBOX.abc.18446744073709551616",
+        ] {
+            assert_eq!(replies.token(other), None, "{other}");
+        }
+    }
+
+    #[test]
+    fn chunks_share_small_pieces_and_not_large_ones() {
+        let mut chunks = Chunks::new(64);
+        let pieces: Vec<Bytes> = (0u8..40).map(|i| chunks.copy(&[i; 10])).collect();
+        for (i, piece) in pieces.iter().enumerate() {
+            assert_eq!(&piece[..], &[i as u8; 10]);
+        }
+        // A piece too large to share is copied on its own; the chunk goes on after it.
+        let large = chunks.copy(&[7; 17]);
+        assert_eq!(&large[..], &[7; 17]);
+        assert_eq!(&chunks.copy(b"abc")[..], b"abc");
+        assert_eq!(&chunks.copy(b"")[..], b"");
+    }
+}

@@ -1,0 +1,237 @@
+//! The publisher against a real nats-server, without PostgreSQL: PubAcks are matched to their
+//! messages, a missing stream (no responders) and refusals in the middle of the window are
+//! retried in order, and the durable position never passes a message JetStream has not stored.
+
+mod common;
+
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+use async_nats::jetstream::stream::{Config, DiscardPolicy, StorageType};
+use pgbridge::config::Format;
+use pgbridge::pg::value::Value;
+use pgbridge::pg::Lsn;
+use pgbridge::pipeline::durable::DurableLsn;
+use pgbridge::pipeline::event::{ChangeEvent, ColumnValue, Operation, TableRef};
+use pgbridge::pipeline::wal::RingItem;
+use pgbridge::shutdown::Shutdown;
+use pgbridge::sink::publisher::{PublishError, Publisher, PublisherSettings, PublisherStats};
+
+use common::{read_stream, with_nats, NatsServer};
+
+/// Transactions fed to the publisher, each of [`PER_TXN`] changes.
+const TXNS: u64 = 40;
+const PER_TXN: u32 = 3;
+/// Bound of every wait.
+const WAIT: Duration = Duration::from_secs(30);
+
+fn commit_lsn(txn: u64) -> Lsn {
+    Lsn(0x1_0000 + txn * 0x100)
+}
+
+fn end_lsn(txn: u64) -> Lsn {
+    Lsn(commit_lsn(txn).0 + 0x30)
+}
+
+fn change(table: &Arc<TableRef>, txn: u64, seq: u32) -> Box<ChangeEvent> {
+    Box::new(ChangeEvent {
+        table: Arc::clone(table),
+        operation: Operation::Insert,
+        lsn: Lsn(commit_lsn(txn).0 - 0x10),
+        commit_lsn: commit_lsn(txn),
+        xid: 1000 + txn as u32,
+        commit_time: 0,
+        seq,
+        columns: vec![ColumnValue {
+            name: Arc::from("id"),
+            value: Value::Int((txn * u64::from(PER_TXN) + u64::from(seq)) as i64),
+        }],
+        old_columns: None,
+        unchanged_toast: Vec::new(),
+    })
+}
+
+/// Every message id, in commit order.
+fn expected_ids() -> Vec<String> {
+    (0..TXNS)
+        .flat_map(|t| (0..PER_TXN).map(move |s| format!("{}-{s}", commit_lsn(t))))
+        .collect()
+}
+
+struct Running {
+    thread: JoinHandle<Result<(), PublishError>>,
+    durable: DurableLsn,
+    stats: Arc<PublisherStats>,
+}
+
+impl Running {
+    fn wait_until(&self, what: &str, check: impl Fn(&Running) -> bool) {
+        let deadline = Instant::now() + WAIT;
+        while !check(self) {
+            assert!(Instant::now() < deadline, "timed out waiting for {what}");
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    fn join(self) -> Result<(), PublishError> {
+        let deadline = Instant::now() + WAIT;
+        while !self.thread.is_finished() {
+            assert!(Instant::now() < deadline, "the publisher did not finish");
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        self.thread.join().expect("publisher thread panicked")
+    }
+}
+
+/// Puts all transactions and the end marker on the ring, then runs a publisher over it on its
+/// own thread and runtime, as the bridge does.
+fn start_publisher(url: &str, max_in_flight: usize) -> Running {
+    let table = Arc::new(TableRef {
+        schema: Arc::from("public"),
+        table: Arc::from("t"),
+        relation_id: 16384,
+    });
+    let (mut producer, consumer) =
+        rtrb::RingBuffer::<RingItem>::new((TXNS * (u64::from(PER_TXN) + 1) + 1) as usize);
+    for txn in 0..TXNS {
+        for seq in 0..PER_TXN {
+            assert!(producer
+                .push(RingItem::Change(change(&table, txn, seq)))
+                .is_ok());
+        }
+        assert!(producer
+            .push(RingItem::Commit {
+                end_lsn: end_lsn(txn)
+            })
+            .is_ok());
+    }
+    assert!(producer.push(RingItem::End).is_ok());
+    let durable = DurableLsn::new(Lsn(0));
+    let stats = Arc::new(PublisherStats::default());
+    let settings = PublisherSettings {
+        format: Format::Json,
+        max_in_flight,
+        subject_prefix: "cdc".into(),
+    };
+    let url = url.to_owned();
+    let (d, s) = (durable.clone(), Arc::clone(&stats));
+    let thread = std::thread::spawn(move || {
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
+        rt.block_on(async move {
+            let client = async_nats::connect(url).await.expect("connect to NATS");
+            let notify = Arc::new(tokio::sync::Notify::new());
+            Publisher::new(client, consumer, notify, d, settings, s, Shutdown::new())
+                .run()
+                .await
+        })
+    });
+    Running {
+        thread,
+        durable,
+        stats,
+    }
+}
+
+fn cdc_config() -> Config {
+    Config {
+        name: "CDC".into(),
+        subjects: vec!["cdc.>".into()],
+        storage: StorageType::File,
+        ..Default::default()
+    }
+}
+
+fn create_stream(url: &str, config: Config) {
+    with_nats(url, |client| async move {
+        async_nats::jetstream::new(client)
+            .create_stream(config)
+            .await
+            .expect("create stream");
+    });
+}
+
+fn update_stream(url: &str, config: Config) {
+    with_nats(url, |client| async move {
+        async_nats::jetstream::new(client)
+            .update_stream(config)
+            .await
+            .expect("update stream");
+    });
+}
+
+/// The stream holds every change once, in commit order.
+fn assert_stored_in_order(url: &str) {
+    let ids: Vec<String> = read_stream(url, "CDC")
+        .into_iter()
+        .map(|m| m.msg_id.expect("Nats-Msg-Id"))
+        .collect();
+    assert_eq!(ids, expected_ids());
+}
+
+#[test]
+fn without_a_stream_nothing_is_confirmed_until_the_stream_exists() {
+    let nats = NatsServer::start();
+    let url = nats.url();
+    let running = start_publisher(&url, 16);
+    // Every publish comes back as "no responders": nothing may count as stored.
+    running.wait_until("refusals", |r| {
+        r.stats.publish_errors.load(Ordering::Relaxed) >= 16
+            && r.stats.stalled.load(Ordering::Relaxed)
+    });
+    std::thread::sleep(Duration::from_millis(500));
+    assert_eq!(running.durable.get(), Lsn(0));
+    assert_eq!(running.stats.published.load(Ordering::Relaxed), 0);
+    assert!(running.stats.in_flight.load(Ordering::Relaxed) <= 16);
+
+    create_stream(&url, cdc_config());
+    let (durable, stats) = (running.durable.clone(), Arc::clone(&running.stats));
+    running.join().expect("publisher");
+    assert_eq!(durable.get(), end_lsn(TXNS - 1));
+    assert!(!stats.stalled.load(Ordering::Relaxed));
+    assert_eq!(
+        stats.published.load(Ordering::Relaxed) + stats.duplicates.load(Ordering::Relaxed),
+        TXNS * u64::from(PER_TXN)
+    );
+    assert_stored_in_order(&url);
+}
+
+#[test]
+fn a_refusal_inside_the_window_holds_the_position_and_is_resent_in_order() {
+    let nats = NatsServer::start();
+    let url = nats.url();
+    // A full stream that discards new messages refuses them with a JetStream error.
+    let limited = Config {
+        max_messages: 10,
+        discard: DiscardPolicy::New,
+        ..cdc_config()
+    };
+    create_stream(&url, limited);
+    let running = start_publisher(&url, 16);
+    running.wait_until("a refusal", |r| {
+        r.stats.published.load(Ordering::Relaxed) == 10
+            && r.stats.publish_errors.load(Ordering::Relaxed) > 0
+            && r.stats.stalled.load(Ordering::Relaxed)
+    });
+    std::thread::sleep(Duration::from_millis(500));
+    // Changes 0..10 are stored: transactions 0, 1 and 2 (changes 0..9) are complete, the
+    // fourth is not.
+    assert_eq!(running.durable.get(), end_lsn(2));
+    assert_eq!(read_stream(&url, "CDC").len(), 10);
+    // The window stopped taking changes at the refusal.
+    assert!(running.stats.in_flight.load(Ordering::Relaxed) <= 6);
+
+    update_stream(&url, cdc_config());
+    let (durable, stats) = (running.durable.clone(), Arc::clone(&running.stats));
+    running.join().expect("publisher");
+    assert_eq!(durable.get(), end_lsn(TXNS - 1));
+    assert_eq!(
+        stats.published.load(Ordering::Relaxed),
+        TXNS * u64::from(PER_TXN)
+    );
+    assert_stored_in_order(&url);
+}
