@@ -1255,10 +1255,11 @@ fn histogram_figures(before: Option<&str>, after: Option<&str>) -> Json {
     };
     json!({
         "name": LATENCY_HISTOGRAM,
-        "what": "commit -> PubAck per change event, as the bridge observes it: the difference of two scrapes of /metrics around the run; p50/p99 estimated from the buckets (linear within a bucket), max is the upper bound of the highest non-empty bucket, mean is exact",
+        "what": "commit -> PubAck per change event, as the bridge observes it: the difference of two scrapes of /metrics around the run; p50/p99 estimated from the buckets (linear within a bucket), p99_bucket_ms are the bounds of the bucket the p99 falls in, max is the upper bound of the highest non-empty bucket, mean is exact",
         "count": h.count(),
         "p50_ms": ms(h.quantile(0.5)),
         "p99_ms": ms(h.quantile(0.99)),
+        "p99_bucket_ms": h.bucket_of(0.99).map(|(lo, hi)| [ms(lo), ms(hi)]),
         "max_at_most_ms": ms(h.max_bound()),
         "mean_ms": ms(h.mean()),
         "share_within_10ms": h.share_within(0.01).map(|v| round(v, 5)),
@@ -1501,7 +1502,11 @@ fn print_table(r: &Json) {
                     lat["bridge_histogram"]["p99_ms"],
                     lat["bridge_histogram"]["max_at_most_ms"]
                 ),
-                format!("{} acks", lat["bridge_histogram"]["count"]),
+                format!(
+                    "p99 bucket ({}, {}] ms",
+                    lat["bridge_histogram"]["p99_bucket_ms"][0],
+                    lat["bridge_histogram"]["p99_bucket_ms"][1]
+                ),
                 String::new(),
             ],
         ),

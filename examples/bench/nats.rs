@@ -160,6 +160,21 @@ impl Histogram {
         lo
     }
 
+    /// The bounds `(lower, upper]` of the bucket quantile `q` falls in: all the buckets say
+    /// about it, the estimate aside.
+    pub fn bucket_of(&self, q: f64) -> Option<(f64, f64)> {
+        let target = q * self.count() as f64;
+        let (mut lo, mut below) = (0.0, 0.0);
+        for &(bound, count) in &self.buckets {
+            if count >= target && count > below {
+                return Some((lo, bound));
+            }
+            lo = bound;
+            below = count;
+        }
+        None
+    }
+
     /// The upper bound of the highest bucket that holds an observation: the maximum is at
     /// most this (infinite when the `+Inf` bucket holds one).
     pub fn max_bound(&self) -> f64 {
@@ -254,5 +269,7 @@ mod tests {
         // The median lies in the second bucket: 50.5 of its 100 observations.
         assert!((d.quantile(0.5) - 0.001_505).abs() < 1e-9);
         assert!((d.sum - 0.195).abs() < 1e-12);
+        assert_eq!(d.bucket_of(0.5), Some((0.001, 0.002)));
+        assert_eq!(d.bucket_of(1.0), Some((0.002, f64::INFINITY)));
     }
 }
