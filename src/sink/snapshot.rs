@@ -8,10 +8,11 @@
 //! Snapshots run on their own threads: change streaming never waits for them, and a request
 //! never takes the bridge down.
 
-use std::collections::HashSet;
+use std::collections::{HashSet, VecDeque};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
+use async_nats::jetstream::context::PublishAckFuture;
 use async_nats::jetstream::message::PublishMessage;
 use async_nats::jetstream::Context;
 use bytes::Bytes;
@@ -32,6 +33,11 @@ use super::subject::{parse_table_token, push_table_token};
 pub const REQUEST_PREFIX: &str = "snapshot.request";
 /// How long publishing one chunk may take before the snapshot fails.
 const CHUNK_ACK_TIMEOUT: Duration = Duration::from_secs(30);
+/// Chunks whose PubAck may be outstanding at once. Waiting for each ack before reading on
+/// would make PostgreSQL, the bridge and nats-server take turns; with a few chunks in flight
+/// they work at the same time. A chunk is at most about half the server's max_payload, so
+/// this keeps at most two max_payloads of chunks in flight.
+const CHUNK_ACK_WINDOW: usize = 4;
 
 /// Everything a snapshot needs, shared by the request handler and snapshot threads.
 pub struct SnapshotService {
@@ -197,17 +203,27 @@ impl SnapshotService {
         serde_json::json!({"status": "accepted", "snapshot_id": snapshot_id, "table": table, "schema": schema})
     }
 
-    /// Publishes one message and waits for its PubAck.
-    fn publish(&self, subject: String, id: String, payload: Vec<u8>) -> Result<(), String> {
+    /// Publishes one message; its PubAck is awaited with [`Self::wait_ack`].
+    fn send(
+        &self,
+        subject: String,
+        id: String,
+        payload: Vec<u8>,
+    ) -> Result<(String, PublishAckFuture), String> {
         self.rt.block_on(async {
             let msg = PublishMessage::build()
                 .payload(Bytes::from(payload))
                 .message_id(id);
-            let ack = self
-                .js
-                .send_publish(subject.clone(), msg)
-                .await
-                .map_err(|e| format!("publish to {subject}: {e}"))?;
+            match self.js.send_publish(subject.clone(), msg).await {
+                Ok(ack) => Ok((subject, ack)),
+                Err(e) => Err(format!("publish to {subject}: {e}")),
+            }
+        })
+    }
+
+    /// Waits for the PubAck of a message published to `subject`.
+    fn wait_ack(&self, (subject, ack): (String, PublishAckFuture)) -> Result<(), String> {
+        self.rt.block_on(async {
             tokio::time::timeout(CHUNK_ACK_TIMEOUT, ack)
                 .await
                 .map_err(|_| format!("no PubAck for {subject} within {CHUNK_ACK_TIMEOUT:?}"))?
@@ -237,9 +253,12 @@ impl SnapshotService {
         // Consistent point and column names, set before the first row.
         let started: std::cell::RefCell<(Lsn, Vec<Arc<str>>)> = Default::default();
         let mut chunk = 0u64;
+        // Chunks published and not yet acknowledged, oldest first.
+        let mut in_flight = VecDeque::with_capacity(CHUNK_ACK_WINDOW);
         let flush = |rows: &mut ChunkRows,
                      chunk: &mut u64,
                      out: &mut Vec<u8>,
+                     in_flight: &mut VecDeque<_>,
                      lsn: Lsn|
          -> Result<(), String> {
             let header = ChunkHeader {
@@ -250,11 +269,16 @@ impl SnapshotService {
                 lsn,
             };
             encode_chunk(self.format, &header, rows, out);
-            self.publish(
+            if in_flight.len() >= CHUNK_ACK_WINDOW {
+                if let Some(oldest) = in_flight.pop_front() {
+                    self.wait_ack(oldest)?;
+                }
+            }
+            in_flight.push_back(self.send(
                 format!("{INIT_SUBJECT_PREFIX}.snap.{token}.{id}.{chunk}"),
                 format!("snap-{id}-{chunk}"),
                 std::mem::take(out),
-            )?;
+            )?);
             *chunk += 1;
             rows.clear();
             Ok(())
@@ -276,14 +300,18 @@ impl SnapshotService {
                 rows.push_row(names, values);
                 // A chunk also ends before it could outgrow the server's max_payload.
                 if rows.len() >= self.chunk_rows || rows.encoded_len() >= max_chunk_bytes {
-                    flush(&mut rows, &mut chunk, &mut out, *lsn)?;
+                    flush(&mut rows, &mut chunk, &mut out, &mut in_flight, *lsn)?;
                 }
                 Ok(())
             },
         )
         .map_err(|e| e.to_string())?;
         if !rows.is_empty() || chunk == 0 {
-            flush(&mut rows, &mut chunk, &mut out, outcome.lsn)?;
+            flush(&mut rows, &mut chunk, &mut out, &mut in_flight, outcome.lsn)?;
+        }
+        // The meta says the snapshot is complete: only once every chunk is stored.
+        for pending in in_flight.drain(..) {
+            self.wait_ack(pending)?;
         }
         let meta = serde_json::json!({
             "snapshot_id": id,
@@ -296,11 +324,12 @@ impl SnapshotService {
             "cdc_stream_seq": cdc_stream_seq,
         });
         encode_document(self.format, &meta, &mut out);
-        self.publish(
+        let meta = self.send(
             format!("{INIT_SUBJECT_PREFIX}.meta.{token}"),
             format!("meta-{id}"),
             out,
         )?;
+        self.wait_ack(meta)?;
         Ok((outcome.lsn, outcome.rows, chunk))
     }
 }
