@@ -73,52 +73,133 @@ pub fn percentile(sorted: &[f64], p: f64) -> f64 {
     sorted[rank.clamp(1, sorted.len()) - 1]
 }
 
-/// Quantile `q` (0..1) of a Prometheus histogram `name` in `text` (linear within a bucket),
-/// with the count; `None` when the histogram is not there.
-pub fn histogram_quantile(text: &str, name: &str, q: f64) -> Option<(f64, u64)> {
-    let prefix = format!("{name}_bucket{{");
-    let mut buckets: Vec<(f64, f64)> = Vec::new();
-    for line in text.lines() {
-        let Some(rest) = line.strip_prefix(&prefix) else {
-            continue;
-        };
-        let le_at = rest.find("le=\"")? + 4;
-        let le_end = le_at + rest[le_at..].find('"')?;
-        let le = &rest[le_at..le_end];
-        let bound = if le == "+Inf" {
-            f64::INFINITY
-        } else {
-            le.parse().ok()?
-        };
-        let count: f64 = rest.rsplit(' ').next()?.trim().parse().ok()?;
-        buckets.push((bound, count));
-    }
-    if buckets.is_empty() {
-        return None;
-    }
-    buckets.sort_by(|a, b| a.0.total_cmp(&b.0));
-    let total = buckets.last()?.1;
-    if total == 0.0 {
-        return Some((f64::NAN, 0));
-    }
-    let target = q * total;
-    let (mut lo, mut below) = (0.0, 0.0);
-    for &(bound, count) in &buckets {
-        if count >= target {
-            if bound.is_infinite() {
-                return Some((lo, total as u64));
+/// A Prometheus histogram as scraped: cumulative counts per upper bound (ascending, the
+/// last one `+Inf`), and the sum of the observations.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct Histogram {
+    pub buckets: Vec<(f64, f64)>,
+    pub sum: f64,
+}
+
+impl Histogram {
+    /// Histogram `name` in the text exposition format `text`; `None` when it is not there.
+    pub fn parse(text: &str, name: &str) -> Option<Histogram> {
+        let prefix = format!("{name}_bucket{{");
+        let sum_prefix = format!("{name}_sum ");
+        let mut h = Histogram::default();
+        for line in text.lines() {
+            if let Some(v) = line.strip_prefix(&sum_prefix) {
+                h.sum = v.trim().parse().ok()?;
+                continue;
             }
-            let frac = if count > below {
-                (target - below) / (count - below)
-            } else {
-                0.0
+            let Some(rest) = line.strip_prefix(&prefix) else {
+                continue;
             };
-            return Some((lo + (bound - lo) * frac, total as u64));
+            let le_at = rest.find("le=\"")? + 4;
+            let le_end = le_at + rest[le_at..].find('"')?;
+            let le = &rest[le_at..le_end];
+            let bound = if le == "+Inf" {
+                f64::INFINITY
+            } else {
+                le.parse().ok()?
+            };
+            let count: f64 = rest.rsplit(' ').next()?.trim().parse().ok()?;
+            h.buckets.push((bound, count));
         }
-        lo = bound;
-        below = count;
+        if h.buckets.is_empty() {
+            return None;
+        }
+        h.buckets.sort_by(|a, b| a.0.total_cmp(&b.0));
+        Some(h)
     }
-    Some((lo, total as u64))
+
+    /// The observations made between `earlier` (a scrape of the same histogram) and this one.
+    /// Buckets missing from `earlier` count as empty there.
+    pub fn since(&self, earlier: &Histogram) -> Histogram {
+        let before = |bound: f64| {
+            earlier
+                .buckets
+                .iter()
+                .find(|(b, _)| *b == bound)
+                .map_or(0.0, |(_, c)| *c)
+        };
+        Histogram {
+            buckets: self
+                .buckets
+                .iter()
+                .map(|&(b, c)| (b, (c - before(b)).max(0.0)))
+                .collect(),
+            sum: self.sum - earlier.sum,
+        }
+    }
+
+    /// Number of observations.
+    pub fn count(&self) -> u64 {
+        self.buckets.last().map_or(0, |(_, c)| *c as u64)
+    }
+
+    /// Estimated quantile `q` (0..1): linear within the bucket it falls in, the way
+    /// Prometheus's `histogram_quantile` does; the lower bound of `+Inf` when it falls there.
+    pub fn quantile(&self, q: f64) -> f64 {
+        let total = self.count() as f64;
+        if total == 0.0 {
+            return f64::NAN;
+        }
+        let target = q * total;
+        let (mut lo, mut below) = (0.0, 0.0);
+        for &(bound, count) in &self.buckets {
+            if count >= target && count > below {
+                if bound.is_infinite() {
+                    return lo;
+                }
+                return lo + (bound - lo) * (target - below) / (count - below);
+            }
+            lo = bound;
+            below = count;
+        }
+        lo
+    }
+
+    /// The bounds `(lower, upper]` of the bucket quantile `q` falls in: all the buckets say
+    /// about it, the estimate aside.
+    pub fn bucket_of(&self, q: f64) -> Option<(f64, f64)> {
+        let target = q * self.count() as f64;
+        let (mut lo, mut below) = (0.0, 0.0);
+        for &(bound, count) in &self.buckets {
+            if count >= target && count > below {
+                return Some((lo, bound));
+            }
+            lo = bound;
+            below = count;
+        }
+        None
+    }
+
+    /// The upper bound of the highest bucket that holds an observation: the maximum is at
+    /// most this (infinite when the `+Inf` bucket holds one).
+    pub fn max_bound(&self) -> f64 {
+        let mut below = 0.0;
+        let mut top = f64::NAN;
+        for &(bound, count) in &self.buckets {
+            if count > below {
+                top = bound;
+            }
+            below = count;
+        }
+        top
+    }
+
+    /// Share of the observations at most `bound`, when `bound` is a bucket boundary.
+    pub fn share_within(&self, bound: f64) -> Option<f64> {
+        let total = self.count() as f64;
+        let (_, c) = self.buckets.iter().find(|(b, _)| *b == bound)?;
+        (total > 0.0).then(|| c / total)
+    }
+
+    /// Mean of the observations (exact: from the sum and the count).
+    pub fn mean(&self) -> f64 {
+        self.sum / self.count() as f64
+    }
 }
 
 /// GET http://127.0.0.1:{port}{path}, plain HTTP/1.0; `None` when nothing answers.
@@ -158,10 +239,37 @@ mod tests {
 
     #[test]
     fn quantile() {
-        let text =
-            "x_bucket{le=\"0.001\"} 50\nx_bucket{le=\"0.002\"} 100\nx_bucket{le=\"+Inf\"} 100\n";
-        let (v, n) = histogram_quantile(text, "x", 0.75).unwrap();
-        assert_eq!(n, 100);
-        assert!((v - 0.0015).abs() < 1e-9);
+        let text = "x_bucket{le=\"0.001\"} 50\nx_bucket{le=\"0.002\"} 100\n\
+                    x_bucket{le=\"0.005\"} 100\nx_bucket{le=\"+Inf\"} 100\nx_sum 0.1\nx_count 100\n";
+        let h = Histogram::parse(text, "x").unwrap();
+        assert_eq!(h.count(), 100);
+        assert!((h.quantile(0.75) - 0.0015).abs() < 1e-9);
+        assert_eq!(h.max_bound(), 0.002);
+        assert_eq!(h.share_within(0.001), Some(0.5));
+        assert!((h.mean() - 0.001).abs() < 1e-12);
+        assert!(Histogram::parse(text, "y").is_none());
+    }
+
+    #[test]
+    fn difference_of_two_scrapes() {
+        let before = Histogram::parse(
+            "x_bucket{le=\"0.001\"} 10\nx_bucket{le=\"0.002\"} 10\nx_bucket{le=\"+Inf\"} 10\nx_sum 0.005\n",
+            "x",
+        )
+        .unwrap();
+        let after = Histogram::parse(
+            "x_bucket{le=\"0.001\"} 10\nx_bucket{le=\"0.002\"} 110\nx_bucket{le=\"+Inf\"} 111\nx_sum 0.2\n",
+            "x",
+        )
+        .unwrap();
+        let d = after.since(&before);
+        assert_eq!(d.count(), 101);
+        assert_eq!(d.buckets[0], (0.001, 0.0));
+        assert!(d.max_bound().is_infinite());
+        // The median lies in the second bucket: 50.5 of its 100 observations.
+        assert!((d.quantile(0.5) - 0.001_505).abs() < 1e-9);
+        assert!((d.sum - 0.195).abs() < 1e-12);
+        assert_eq!(d.bucket_of(0.5), Some((0.001, 0.002)));
+        assert_eq!(d.bucket_of(1.0), Some((0.002, f64::INFINITY)));
     }
 }

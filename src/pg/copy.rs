@@ -39,7 +39,23 @@ impl CopyRowParser {
         let mut start = 0;
         let mut i = 0;
         let mut null = false;
-        while i <= row.len() {
+        loop {
+            // Most fields have no escapes: copy everything up to the next tab or backslash
+            // in one go (byte by byte, this loop took a third of a snapshot's CPU).
+            let run = row[i..]
+                .iter()
+                .position(|&b| b == b'\t' || b == b'\\')
+                .unwrap_or(row.len() - i);
+            if run > 0 {
+                if null {
+                    return Err(CopyRowError {
+                        reason: "\\N mixed with other data",
+                        offset: i,
+                    });
+                }
+                self.buf.extend_from_slice(&row[i..i + run]);
+                i += run;
+            }
             let b = row.get(i).copied();
             match b {
                 None | Some(b'\t') => {
@@ -54,11 +70,15 @@ impl CopyRowParser {
                     } else {
                         self.fields.push(Some((start, self.buf.len())));
                     }
+                    if b.is_none() {
+                        break;
+                    }
                     null = false;
                     start = self.buf.len();
                     i += 1;
                 }
-                Some(b'\\') => {
+                // A backslash: the run stops only there, at a tab or at the end.
+                Some(_) => {
                     let Some(&e) = row.get(i + 1) else {
                         return Err(CopyRowError {
                             reason: "backslash at the end of the row",
@@ -124,16 +144,6 @@ impl CopyRowParser {
                         });
                     }
                     self.buf.push(byte);
-                }
-                Some(other) => {
-                    if null {
-                        return Err(CopyRowError {
-                            reason: "\\N mixed with other data",
-                            offset: i,
-                        });
-                    }
-                    self.buf.push(other);
-                    i += 1;
                 }
             }
         }
@@ -203,11 +213,171 @@ mod tests {
         assert!(p.is_null(1));
     }
 
+    /// The parser as first written, one byte at a time: the fast one must agree with it on
+    /// every input, errors included.
+    #[derive(Default)]
+    struct ByteByByte {
+        buf: Vec<u8>,
+        fields: Vec<Option<(usize, usize)>>,
+    }
+
+    impl ByteByByte {
+        fn parse(&mut self, row: &[u8]) -> Result<(), CopyRowError> {
+            self.buf.clear();
+            self.fields.clear();
+            let row = row.strip_suffix(b"\n").unwrap_or(row);
+            let mut start = 0;
+            let mut i = 0;
+            let mut null = false;
+            while i <= row.len() {
+                let b = row.get(i).copied();
+                match b {
+                    None | Some(b'\t') => {
+                        if null {
+                            if self.buf.len() != start {
+                                return Err(CopyRowError {
+                                    reason: "\\N mixed with other data",
+                                    offset: i,
+                                });
+                            }
+                            self.fields.push(None);
+                        } else {
+                            self.fields.push(Some((start, self.buf.len())));
+                        }
+                        null = false;
+                        start = self.buf.len();
+                        i += 1;
+                    }
+                    Some(b'\\') => {
+                        let Some(&e) = row.get(i + 1) else {
+                            return Err(CopyRowError {
+                                reason: "backslash at the end of the row",
+                                offset: i,
+                            });
+                        };
+                        i += 2;
+                        let byte = match e {
+                            b'N' => {
+                                if self.buf.len() != start {
+                                    return Err(CopyRowError {
+                                        reason: "\\N mixed with other data",
+                                        offset: i - 2,
+                                    });
+                                }
+                                null = true;
+                                continue;
+                            }
+                            b'b' => 0x08,
+                            b'f' => 0x0c,
+                            b'n' => b'\n',
+                            b'r' => b'\r',
+                            b't' => b'\t',
+                            b'v' => 0x0b,
+                            b'0'..=b'7' => {
+                                let mut v = u32::from(e - b'0');
+                                for _ in 0..2 {
+                                    match row.get(i) {
+                                        Some(&d @ b'0'..=b'7') => {
+                                            v = v * 8 + u32::from(d - b'0');
+                                            i += 1;
+                                        }
+                                        _ => break,
+                                    }
+                                }
+                                (v & 0xff) as u8
+                            }
+                            b'x' => {
+                                let mut v = 0u8;
+                                let mut n = 0;
+                                while n < 2 {
+                                    match row.get(i).and_then(|d| (*d as char).to_digit(16)) {
+                                        Some(d) => {
+                                            v = v * 16 + d as u8;
+                                            i += 1;
+                                            n += 1;
+                                        }
+                                        None => break,
+                                    }
+                                }
+                                if n == 0 {
+                                    b'x'
+                                } else {
+                                    v
+                                }
+                            }
+                            other => other,
+                        };
+                        if null {
+                            return Err(CopyRowError {
+                                reason: "\\N mixed with other data",
+                                offset: i,
+                            });
+                        }
+                        self.buf.push(byte);
+                    }
+                    Some(other) => {
+                        if null {
+                            return Err(CopyRowError {
+                                reason: "\\N mixed with other data",
+                                offset: i,
+                            });
+                        }
+                        self.buf.push(other);
+                        i += 1;
+                    }
+                }
+            }
+            Ok(())
+        }
+    }
+
+    fn agree(row: &[u8]) {
+        let mut fast = CopyRowParser::new();
+        let mut slow = ByteByByte::default();
+        let (a, b) = (fast.parse(row), slow.parse(row));
+        assert_eq!(a, b, "{row:?}");
+        if a.is_ok() {
+            let fields: Vec<_> = (0..fast.len())
+                .map(|i| fast.get(i).map(<[u8]>::to_vec))
+                .collect();
+            let expected: Vec<_> = slow
+                .fields
+                .iter()
+                .map(|f| f.map(|(s, e)| slow.buf[s..e].to_vec()))
+                .collect();
+            assert_eq!(fields, expected, "{row:?}");
+        }
+    }
+
+    #[test]
+    fn agrees_with_the_byte_by_byte_parser() {
+        for row in [
+            &b""[..],
+            b"\n",
+            b"a\tb\t\\N\n",
+            b"\\N\\N",
+            b"x\\N",
+            b"\\Nx",
+            b"\\N\\t",
+            b"abc\\",
+            b"\\1234\\x4g\\xzz\\q",
+            b"\t\t",
+        ] {
+            agree(row);
+        }
+    }
+
     proptest::proptest! {
         #[test]
         fn never_panics(row in proptest::collection::vec(proptest::prelude::any::<u8>(), 0..200)) {
             let mut p = CopyRowParser::new();
             let _ = p.parse(&row);
+        }
+
+        #[test]
+        fn fast_and_byte_by_byte_agree(row in proptest::collection::vec(
+            proptest::sample::select(b"\t\\Nntx0179afAz\n\xc3".to_vec()), 0..40)) {
+            agree(&row);
         }
 
         #[test]

@@ -16,7 +16,7 @@ use super::conn::{quote_ident, quote_literal, PgError};
 use super::copy::{CopyRowError, CopyRowParser};
 use super::lsn::Lsn;
 use super::replication::{ReplicationConnection, SnapshotAction};
-use super::value::{decode_text, Value, ValueKind};
+use super::value::{decode_text_into, Value, ValueKind};
 
 static SLOT_COUNTER: AtomicU32 = AtomicU32::new(0);
 
@@ -117,7 +117,8 @@ pub fn take_snapshot(
 
     let copy = copy_sql(&qualified, only, &columns.names, row_filter.as_deref());
     let mut parser = CopyRowParser::new();
-    let mut values: Vec<Value> = Vec::with_capacity(columns.names.len());
+    // One slot per column, reused from row to row: a text value keeps its allocation.
+    let mut values: Vec<Value> = vec![Value::Null; columns.names.len()];
     let mut failure: Option<SnapshotError> = None;
     let mut rows = 0u64;
     repl.connection().copy_out(&copy, |row| {
@@ -125,14 +126,15 @@ pub fn take_snapshot(
             failure = Some(e.into());
             return ControlFlow::Break(());
         }
-        values.clear();
-        for (i, kind) in columns.kinds.iter().enumerate() {
-            let v = match parser.get(i) {
-                None => Value::Null,
-                Some(text) => decode_text(*kind, text)
-                    .unwrap_or_else(|_| Value::Text(String::from_utf8_lossy(text).into_owned())),
-            };
-            values.push(v);
+        for (i, (kind, slot)) in columns.kinds.iter().zip(values.iter_mut()).enumerate() {
+            match parser.get(i) {
+                None => *slot = Value::Null,
+                Some(text) => {
+                    if decode_text_into(*kind, text, slot).is_err() {
+                        *slot = Value::Text(String::from_utf8_lossy(text).into_owned());
+                    }
+                }
+            }
         }
         rows += 1;
         match on_row(&values) {

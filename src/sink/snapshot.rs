@@ -14,12 +14,12 @@
 //! Snapshots run on their own threads: change streaming never waits for them, and a request
 //! never takes the bridge down.
 
-use std::collections::HashSet;
+use std::collections::{HashSet, VecDeque};
 use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
-use async_nats::jetstream::context::PublishErrorKind;
+use async_nats::jetstream::context::{PublishAckFuture, PublishErrorKind};
 use async_nats::jetstream::message::PublishMessage;
 use async_nats::jetstream::stream::LastRawMessageErrorKind;
 use async_nats::jetstream::Context;
@@ -42,6 +42,11 @@ use super::subject::{parse_table_token, push_table_token};
 pub const REQUEST_PREFIX: &str = "snapshot.request";
 /// How long publishing one chunk may take before the snapshot fails.
 const CHUNK_ACK_TIMEOUT: Duration = Duration::from_secs(30);
+/// Chunks whose PubAck may be outstanding at once. Waiting for each ack before reading on
+/// would make PostgreSQL, the bridge and nats-server take turns; with a few chunks in flight
+/// they work at the same time. A chunk is at most about half the server's max_payload, so
+/// this keeps at most two max_payloads of chunks in flight.
+const CHUNK_ACK_WINDOW: usize = 4;
 /// How long publishing a failure document may take. Short: when it does not get through,
 /// NATS is the problem and the log is all that is left.
 const FAILURE_ACK_TIMEOUT: Duration = Duration::from_secs(5);
@@ -475,35 +480,60 @@ impl SnapshotService {
         payload: Vec<u8>,
         timeout: Duration,
     ) -> Result<(), SnapshotFailure> {
-        let failed = |reason: String| SnapshotFailure::Publish {
-            subject: subject.clone(),
-            reason,
-        };
-        let reason = |e: async_nats::jetstream::context::PublishError| {
-            if e.kind() == PublishErrorKind::MaxPayloadExceeded {
-                format!(
-                    "{e}: the message exceeds the NATS server's max_payload of {} bytes; raise it in the nats-server configuration",
-                    max_payload(&self.js.client())
-                )
-            } else {
-                e.to_string()
-            }
-        };
+        let pending = self.send(subject, id, payload)?;
+        self.wait_ack(pending, timeout)
+    }
+
+    /// Publishes one message; its PubAck is awaited with [`Self::wait_ack`].
+    fn send(
+        &self,
+        subject: String,
+        id: String,
+        payload: Vec<u8>,
+    ) -> Result<(String, PublishAckFuture), SnapshotFailure> {
         self.rt.block_on(async {
             let msg = PublishMessage::build()
                 .payload(Bytes::from(payload))
                 .message_id(id);
-            let ack = self
-                .js
-                .send_publish(subject.clone(), msg)
-                .await
-                .map_err(|e| failed(reason(e)))?;
+            match self.js.send_publish(subject.clone(), msg).await {
+                Ok(ack) => Ok((subject, ack)),
+                Err(e) => Err(SnapshotFailure::Publish {
+                    reason: self.publish_reason(e),
+                    subject,
+                }),
+            }
+        })
+    }
+
+    /// Waits (at most `timeout`) for the PubAck of a message published to `subject`.
+    fn wait_ack(
+        &self,
+        (subject, ack): (String, PublishAckFuture),
+        timeout: Duration,
+    ) -> Result<(), SnapshotFailure> {
+        self.rt.block_on(async {
+            let failed = |reason: String| SnapshotFailure::Publish {
+                subject: subject.clone(),
+                reason,
+            };
             tokio::time::timeout(timeout, ack)
                 .await
                 .map_err(|_| failed(format!("no PubAck within {timeout:?}")))?
-                .map_err(|e| failed(reason(e)))?;
+                .map_err(|e| failed(self.publish_reason(e)))?;
             Ok(())
         })
+    }
+
+    /// What a failed publish means, with what to do when the message is too large.
+    fn publish_reason(&self, e: async_nats::jetstream::context::PublishError) -> String {
+        if e.kind() == PublishErrorKind::MaxPayloadExceeded {
+            format!(
+                "{e}: the message exceeds the NATS server's max_payload of {} bytes; raise it in the nats-server configuration",
+                max_payload(&self.js.client())
+            )
+        } else {
+            e.to_string()
+        }
     }
 
     /// Takes and publishes the snapshot.
@@ -553,10 +583,12 @@ impl SnapshotService {
         let started: std::cell::RefCell<(Lsn, Vec<Arc<str>>)> = Default::default();
         let mut chunk = 0u64;
         let mut row_number = 0u64;
-        let flush = |rows: &mut ChunkRows,
-                     chunk: &mut u64,
-                     out: &mut Vec<u8>,
-                     lsn: Lsn|
+        // Chunks published and not yet acknowledged, oldest first.
+        let mut in_flight = VecDeque::with_capacity(CHUNK_ACK_WINDOW);
+        let mut flush = |rows: &mut ChunkRows,
+                         chunk: &mut u64,
+                         out: &mut Vec<u8>,
+                         lsn: Lsn|
          -> Result<(), SnapshotFailure> {
             let header = ChunkHeader {
                 table,
@@ -566,12 +598,16 @@ impl SnapshotService {
                 lsn,
             };
             encode_chunk(self.format, &header, rows, out);
-            self.publish(
+            if in_flight.len() >= CHUNK_ACK_WINDOW {
+                if let Some(oldest) = in_flight.pop_front() {
+                    self.wait_ack(oldest, CHUNK_ACK_TIMEOUT)?;
+                }
+            }
+            in_flight.push_back(self.send(
                 format!("{INIT_SUBJECT_PREFIX}.snap.{token}.{id}.{chunk}"),
                 format!("snap-{id}-{chunk}"),
                 std::mem::take(out),
-                CHUNK_ACK_TIMEOUT,
-            )?;
+            )?);
             *chunk += 1;
             rows.clear();
             Ok(())
@@ -630,6 +666,10 @@ impl SnapshotService {
         };
         if !rows.is_empty() || chunk == 0 {
             flush(&mut rows, &mut chunk, &mut out, outcome.lsn)?;
+        }
+        // The meta says the snapshot is complete: only once every chunk is stored.
+        for pending in in_flight.drain(..) {
+            self.wait_ack(pending, CHUNK_ACK_TIMEOUT)?;
         }
         let meta = serde_json::json!({
             "snapshot_id": id,
