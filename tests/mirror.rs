@@ -1283,20 +1283,7 @@ fn mirror_equals_source_after_50k_changes() {
 
     let writer = Writer::start(&env.pg, seed, TARGET_CHANGES, WRITER_RATE);
     writer.wait_changes(5_000);
-    let mut mirror = BridgeProcess::spawn(&mut mirror_command(
-        &url,
-        &db,
-        dir.path(),
-        Some(TABLES),
-        &[],
-    ));
-    let tokens = table_tokens();
-    wait_for("the mirror to bootstrap", STEP_TIMEOUT, || {
-        if let Some(status) = mirror.child.try_wait().unwrap() {
-            panic!("the mirror exited ({status}):\n{}", tail(&mirror.log(), 60));
-        }
-        bootstrapped(&db, &tokens).then_some(())
-    });
+    let mut mirror = spawn_bootstrapped_mirror(&url, &db, dir.path());
     let at_bootstrap = writer.changes();
     eprintln!("mirror oracle: bootstrapped after {at_bootstrap} changes");
     assert!(
@@ -1330,6 +1317,19 @@ fn mirror_equals_source_after_50k_changes() {
     eprintln!("mirror oracle: scenario took {:?}", started.elapsed());
 }
 
+/// Starts `bridge mirror` on every table and waits until each has its snapshot.
+fn spawn_bootstrapped_mirror(url: &str, db: &Path, dir: &Path) -> BridgeProcess {
+    let mut mirror = BridgeProcess::spawn(&mut mirror_command(url, db, dir, Some(TABLES), &[]));
+    let tokens = table_tokens();
+    wait_for("the mirror to bootstrap", STEP_TIMEOUT, || {
+        if let Some(status) = mirror.child.try_wait().unwrap() {
+            panic!("the mirror exited ({status}):\n{}", tail(&mirror.log(), 60));
+        }
+        bootstrapped(db, &tokens).then_some(())
+    });
+    mirror
+}
+
 /// The same workload, smaller, with the bridge publishing JSON: the mirror tells the format
 /// from each message and ends with the same values (bytea from base64, NaN and infinities from
 /// strings).
@@ -1342,20 +1342,7 @@ fn mirror_reads_the_json_format() {
     let db: PathBuf = dir.path().join("mirror.sqlite");
     let writer = Writer::start(&env.pg, seed, 8_000, WRITER_RATE);
     writer.wait_changes(1_000);
-    let mut mirror = BridgeProcess::spawn(&mut mirror_command(
-        &url,
-        &db,
-        dir.path(),
-        Some(TABLES),
-        &[],
-    ));
-    let tokens = table_tokens();
-    wait_for("the mirror to bootstrap", STEP_TIMEOUT, || {
-        if let Some(status) = mirror.child.try_wait().unwrap() {
-            panic!("the mirror exited ({status}):\n{}", tail(&mirror.log(), 60));
-        }
-        bootstrapped(&db, &tokens).then_some(())
-    });
+    let mut mirror = spawn_bootstrapped_mirror(&url, &db, dir.path());
     let report = writer.finish();
     assert!(
         report.changes >= 8_000,
@@ -1379,20 +1366,7 @@ fn mirror_rides_out_a_nats_restart() {
     let db: PathBuf = dir.path().join("mirror.sqlite");
     let writer = Writer::start(&env.pg, seed, 8_000, WRITER_RATE);
     writer.wait_changes(1_000);
-    let mut mirror = BridgeProcess::spawn(&mut mirror_command(
-        &url,
-        &db,
-        dir.path(),
-        Some(TABLES),
-        &[],
-    ));
-    let tokens = table_tokens();
-    wait_for("the mirror to bootstrap", STEP_TIMEOUT, || {
-        if let Some(status) = mirror.child.try_wait().unwrap() {
-            panic!("the mirror exited ({status}):\n{}", tail(&mirror.log(), 60));
-        }
-        bootstrapped(&db, &tokens).then_some(())
-    });
+    let mut mirror = spawn_bootstrapped_mirror(&url, &db, dir.path());
     env.nats.stop();
     std::thread::sleep(Duration::from_secs(4));
     env.nats.start_again();

@@ -257,6 +257,26 @@ async fn open_stream(js: &Context, name: &str) -> Result<jetstream::stream::Stre
     })
 }
 
+/// The messages of `stream` on `filter`, in order, through an ordered consumer.
+async fn ordered(
+    stream: &jetstream::stream::Stream,
+    filter: String,
+    deliver_policy: DeliverPolicy,
+) -> Result<pull::Ordered, MirrorError> {
+    let js_err = |e: &dyn std::fmt::Display| MirrorError::JetStream(format!("{filter}: {e}"));
+    stream
+        .create_consumer(pull::OrderedConfig {
+            filter_subject: filter.clone(),
+            deliver_policy,
+            ..Default::default()
+        })
+        .await
+        .map_err(|e| js_err(&e))?
+        .messages()
+        .await
+        .map_err(|e| js_err(&e))
+}
+
 struct Mirror {
     js: Context,
     client: async_nats::Client,
@@ -454,32 +474,14 @@ impl Mirror {
         let init = open_stream(&self.js, &self.init).await?;
         loop {
             // Subscribed before the request, so the meta cannot be missed.
-            let mut metas = init
-                .create_consumer(pull::OrderedConfig {
-                    filter_subject: format!("{INIT_SUBJECT_PREFIX}.meta.{token}"),
-                    deliver_policy: DeliverPolicy::New,
-                    ..Default::default()
-                })
-                .await
-                .map_err(|e| js_err(&e))?
-                .messages()
-                .await
-                .map_err(|e| js_err(&e))?;
+            let meta_subject = format!("{INIT_SUBJECT_PREFIX}.meta.{token}");
+            let mut metas = ordered(&init, meta_subject, DeliverPolicy::New).await?;
             let Some(id) = self.request_snapshot(token).await? else {
                 return Ok(false);
             };
             log::info!("snapshot {id} of {token} requested");
-            let mut chunks = init
-                .create_consumer(pull::OrderedConfig {
-                    filter_subject: format!("{INIT_SUBJECT_PREFIX}.snap.{token}.{id}.*"),
-                    deliver_policy: DeliverPolicy::All,
-                    ..Default::default()
-                })
-                .await
-                .map_err(|e| js_err(&e))?
-                .messages()
-                .await
-                .map_err(|e| js_err(&e))?;
+            let chunk_subjects = format!("{INIT_SUBJECT_PREFIX}.snap.{token}.{id}.*");
+            let mut chunks = ordered(&init, chunk_subjects, DeliverPolicy::All).await?;
             self.store.begin()?;
             self.store.clear(token)?;
             let mut loaded = 0u64;
