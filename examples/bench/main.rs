@@ -487,6 +487,45 @@ impl Bench {
         )
     }
 
+    /// Waits until the bridge's slot has confirmed `end` and its log has a line containing
+    /// `ready`; the time it took. The walsender first re-reads the WAL from the slot's
+    /// restart_lsn (after a large transaction, all of it), work that is no part of what the
+    /// phase measures.
+    fn wait_caught_up(&self, bridge: &mut Proc, log: &Path, end: &str, ready: &str) -> Duration {
+        let t0 = Instant::now();
+        loop {
+            let caught_up = self.pg.value(
+                DB,
+                &format!(
+                    "SELECT confirmed_flush_lsn >= '{end}'::pg_lsn FROM pg_replication_slots WHERE slot_name = '{SLOT}'"
+                ),
+            ) == "t";
+            if caught_up && fs::read_to_string(log).unwrap_or_default().contains(ready) {
+                return t0.elapsed();
+            }
+            self.check_alive(bridge, log);
+            assert!(
+                t0.elapsed() < Duration::from_secs(120),
+                "the bridge did not catch up with its slot (or log {ready:?}) in 2 minutes"
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    /// Bytes of WAL the walsender re-reads before anything new: restart_lsn -> confirmed.
+    fn slot_reread_bytes(&self) -> u64 {
+        self.pg
+            .value(
+                DB,
+                &format!(
+                    "SELECT pg_wal_lsn_diff(confirmed_flush_lsn, restart_lsn)::bigint \
+                     FROM pg_replication_slots WHERE slot_name = '{SLOT}'"
+                ),
+            )
+            .parse()
+            .unwrap_or(0)
+    }
+
     /// The bridge's /metrics text, retried for a second while its HTTP server comes up.
     fn scrape_metrics(&self) -> Option<String> {
         for _ in 0..20 {
@@ -761,16 +800,12 @@ impl Bench {
             self,
             &format!("latency: {rate} changes/s ({tps} tps) for {duration} s"),
         );
+        // Steady state: the run starts once the walsender is past the WAL it re-reads.
+        let reread = self.slot_reread_bytes();
+        let end = self.wal_lsn();
         let (mut bridge, log) = self.spawn_bridge("latency", "users");
+        let catch_up = self.wait_caught_up(&mut bridge, &log, &end, "streaming started");
         let t0 = Instant::now();
-        while streaming_started_ms(&log).is_none() {
-            self.check_alive(&mut bridge, &log);
-            assert!(
-                t0.elapsed() < Duration::from_secs(60),
-                "bridge did not start"
-            );
-            std::thread::sleep(Duration::from_millis(20));
-        }
         let cpu0 = cpu_of(bridge.pid()).unwrap_or_default();
         // The bridge's histogram counts from its start: the phase's own observations are the
         // difference between a scrape now and one after the run.
@@ -898,6 +933,8 @@ impl Bench {
         json!({
             "target_changes_per_s": rate,
             "pgbench_tps": tps,
+            "slot_wal_reread_bytes": reread,
+            "seconds_to_catch_up_before_run": secs(catch_up),
             "seconds": duration,
             "transactions": done_txns,
             "messages": n,
@@ -1074,30 +1111,8 @@ impl Bench {
         );
         let end = self.wal_lsn();
         let (mut bridge, log) = self.spawn_bridge("snapshot", &format!("users,{TABLE}"));
-        // Before the request: the walsender first decodes the table's creation (all its rows
-        // are in the WAL the slot retains), work that is no part of the snapshot.
-        let t0 = Instant::now();
-        loop {
-            let caught_up = self.pg.value(
-                DB,
-                &format!(
-                    "SELECT confirmed_flush_lsn >= '{end}'::pg_lsn FROM pg_replication_slots WHERE slot_name = '{SLOT}'"
-                ),
-            ) == "t";
-            let serving = fs::read_to_string(&log)
-                .unwrap_or_default()
-                .contains("snapshot requests served");
-            if caught_up && serving {
-                break;
-            }
-            self.check_alive(&mut bridge, &log);
-            assert!(
-                t0.elapsed() < Duration::from_secs(120),
-                "the bridge did not catch up with the slot or serve snapshot requests in 2 minutes"
-            );
-            std::thread::sleep(Duration::from_millis(50));
-        }
-        let catch_up = t0.elapsed();
+        // Before the request: the table's creation is in the WAL the walsender re-reads.
+        let catch_up = self.wait_caught_up(&mut bridge, &log, &end, "snapshot requests served");
         let pid = bridge.pid();
         let rss_before = status_kb(pid, "VmRSS").unwrap_or(0);
         let hwm_before = status_kb(pid, "VmHWM").unwrap_or(0);
