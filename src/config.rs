@@ -1702,13 +1702,29 @@ mod tests {
         }
     }
 
-    /// Writes `text` to a file unique to this test and returns its path.
-    fn temp_file(name: &str, text: &str) -> PathBuf {
-        let dir = std::env::temp_dir().join(format!("pgbridge-config-test-{}", std::process::id()));
+    /// A configuration file in a directory of its own, removed on drop.
+    struct TempConfig {
+        path: PathBuf,
+    }
+
+    impl Drop for TempConfig {
+        fn drop(&mut self) {
+            if let Some(dir) = self.path.parent() {
+                let _ = std::fs::remove_dir_all(dir);
+            }
+        }
+    }
+
+    /// Writes `text` to a file unique to this test.
+    fn temp_file(name: &str, text: &str) -> TempConfig {
+        let dir = std::env::temp_dir().join(format!(
+            "pgbridge-config-test-{}-{name}",
+            std::process::id()
+        ));
         std::fs::create_dir_all(&dir).unwrap();
         let path = dir.join(name);
         std::fs::write(&path, text).unwrap();
-        path
+        TempConfig { path }
     }
 
     #[test]
@@ -1861,11 +1877,12 @@ mod tests {
 
     #[test]
     fn args_override_file_only_where_given() {
-        let file = temp_file(
+        let tmp = temp_file(
             "override.toml",
             "[replication]\nslot = \"file_slot\"\npublication = \"file_pub\"\ntables = [\"a\"]\n\
              [http]\nport = 9100\n[snapshot]\non_start = true\n",
         );
+        let file = tmp.path.clone();
         let mut args = ConfigArgs {
             config: Some(file),
             ..ConfigArgs::default()
@@ -1889,12 +1906,13 @@ mod tests {
     /// environment case lives under the crate's environment lock (see `cli::test_env`).
     #[test]
     fn precedence_flag_env_file_default() {
-        let file = temp_file(
+        let tmp = temp_file(
             "precedence.toml",
             "[postgres]\nhost = \"file-host\"\nuser = \"file-user\"\ndbname = \"file-db\"\n\
              [replication]\nslot = \"file_slot\"\npublication = \"file_pub\"\n\
              [http]\nport = 9101\n",
         );
+        let file = tmp.path.clone();
         let file = file.to_str().unwrap().to_owned();
         let load = |argv: &[&str]| {
             let cli = Cli::try_parse_from(argv).expect("valid command line");
@@ -1998,10 +2016,11 @@ mod tests {
         assert_eq!(c.postgres.connect_timeout_secs, 4);
 
         // An explicit part wins over the URL's, whichever level each comes from.
-        let file = temp_file(
+        let tmp = temp_file(
             "url.toml",
             "[postgres]\nurl = \"postgres://u:p@urlhost:1111/urldb\"\nport = 2222\n",
         );
+        let file = tmp.path.clone();
         let mut args = ConfigArgs {
             config: Some(file),
             ..ConfigArgs::default()
