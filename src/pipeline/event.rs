@@ -104,18 +104,7 @@ pub fn message_id(commit_lsn: Lsn, seq: u32) -> String {
     id.push('/');
     push_hex(&mut id, commit_lsn.0 as u32);
     id.push('-');
-    let mut digits = [0u8; 10];
-    let mut n = seq;
-    let mut at = digits.len();
-    loop {
-        at -= 1;
-        digits[at] = b'0' + (n % 10) as u8;
-        n /= 10;
-        if n == 0 {
-            break;
-        }
-    }
-    id.extend(digits[at..].iter().map(|&d| char::from(d)));
+    id.push_str(crate::sink::encode::decimal(u64::from(seq), &mut [0u8; 20]));
     id
 }
 

@@ -328,6 +328,16 @@ const MIN_MICROS: i64 = (days_from_civil(1, 1, 1) - PG_EPOCH_DAY) * MICROS_PER_D
 /// Last microsecond of 9999-12-31, in µs since 2000-01-01.
 const MAX_MICROS: i64 = (days_from_civil(10_000, 1, 1) - PG_EPOCH_DAY) * MICROS_PER_DAY - 1;
 
+/// The current time as [`format_timestamp`] writes it (snapshot metas, schema documents).
+pub fn now_timestamp() -> String {
+    let micros = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_micros() as i64)
+        .unwrap_or(0);
+    let mut buf = [0u8; TIMESTAMP_LEN];
+    format_timestamp(crate::pg::pgoutput::unix_to_pg_micros(micros), &mut buf).to_string()
+}
+
 /// A PostgreSQL timestamp (µs since 2000-01-01 UTC) as RFC 3339 UTC text with microseconds,
 /// e.g. `2025-12-10T10:30:00.123456Z`, written into `buf` without allocating.
 ///
@@ -592,8 +602,13 @@ fn json_value(value: &Value, out: &mut Vec<u8>) {
     }
 }
 
-fn json_u64(out: &mut Vec<u8>, mut v: u64) {
-    let mut buf = [0u8; 20];
+fn json_u64(out: &mut Vec<u8>, v: u64) {
+    out.extend_from_slice(decimal(v, &mut [0u8; 20]).as_bytes());
+}
+
+/// `v` in decimal, written into `buf` (20 bytes hold any `u64`); the hot paths (message ids,
+/// reply subjects, JSON numbers) use it instead of `format!`, which costs several times more.
+pub fn decimal(mut v: u64, buf: &mut [u8; 20]) -> &str {
     let mut at = buf.len();
     loop {
         at -= 1;
@@ -603,7 +618,8 @@ fn json_u64(out: &mut Vec<u8>, mut v: u64) {
             break;
         }
     }
-    out.extend_from_slice(&buf[at..]);
+    // Only ASCII digits were written.
+    std::str::from_utf8(&buf[at..]).unwrap_or_default()
 }
 
 fn json_f64(out: &mut Vec<u8>, x: f64) {
@@ -1444,6 +1460,14 @@ mod tests {
     fn content_types() {
         assert_eq!(content_type(Format::Msgpack), "application/msgpack");
         assert_eq!(content_type(Format::Json), "application/json");
+    }
+
+    #[test]
+    fn decimal_writes_every_u64() {
+        let mut buf = [0u8; 20];
+        for v in [0, 7, 10, 4_294_967_295, u64::MAX] {
+            assert_eq!(decimal(v, &mut buf), v.to_string());
+        }
     }
 
     #[test]

@@ -236,18 +236,8 @@ impl Replies {
     fn subject(&mut self, token: u64) -> Subject {
         self.scratch.clear();
         self.scratch.extend_from_slice(self.prefix.as_bytes());
-        let mut digits = [0u8; 20];
-        let mut at = digits.len();
-        let mut n = token;
-        loop {
-            at -= 1;
-            digits[at] = b'0' + (n % 10) as u8;
-            n /= 10;
-            if n == 0 {
-                break;
-            }
-        }
-        self.scratch.extend_from_slice(&digits[at..]);
+        self.scratch
+            .extend_from_slice(super::encode::decimal(token, &mut [0u8; 20]).as_bytes());
         let bytes = self.chunks.copy(&self.scratch);
         // The inbox is a string and the token ASCII digits, so this cannot fail; the fallback
         // only spares a panic path.

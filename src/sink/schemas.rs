@@ -167,7 +167,10 @@ impl SchemaWriter {
             }
         }
         if let Some(map) = doc.as_object_mut() {
-            map.insert("timestamp".into(), serde_json::Value::String(now_rfc3339()));
+            map.insert(
+                "timestamp".into(),
+                serde_json::Value::String(super::encode::now_timestamp()),
+            );
         }
         encode_document(self.format, &doc, &mut self.buf);
         self.store
@@ -234,16 +237,6 @@ fn msgpack_to_json(v: &rmpv::Value) -> Option<serde_json::Value> {
         ),
         M::Binary(_) | M::Ext(..) => return None,
     })
-}
-
-fn now_rfc3339() -> String {
-    let micros = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.as_micros() as i64)
-        .unwrap_or(0);
-    let mut buf = [0u8; super::encode::TIMESTAMP_LEN];
-    super::encode::format_timestamp(crate::pg::pgoutput::unix_to_pg_micros(micros), &mut buf)
-        .to_string()
 }
 
 #[cfg(test)]

@@ -461,7 +461,13 @@ impl SnapshotService {
         let mut token = String::new();
         push_table_token(&mut token, schema, table);
         let subject = format!("{INIT_SUBJECT_PREFIX}.meta.{token}");
-        let doc = failure_document(id, schema, table, &now_rfc3339(), &failure.to_string());
+        let doc = failure_document(
+            id,
+            schema,
+            table,
+            &super::encode::now_timestamp(),
+            &failure.to_string(),
+        );
         let mut out = Vec::new();
         encode_document(self.format, &doc, &mut out);
         match self.publish(subject.clone(), format!("meta-{id}"), out, FAILURE_ACK_TIMEOUT) {
@@ -674,7 +680,7 @@ impl SnapshotService {
         let meta = serde_json::json!({
             "snapshot_id": id,
             "lsn": outcome.lsn.to_string(),
-            "timestamp": now_rfc3339(),
+            "timestamp": super::encode::now_timestamp(),
             "batch_count": chunk,
             "row_count": outcome.rows,
             "table": table,
@@ -754,16 +760,6 @@ fn new_snapshot_id() -> String {
         std::process::id() & 0xffff,
         COUNTER.fetch_add(1, std::sync::atomic::Ordering::Relaxed) & 0xffff
     )
-}
-
-fn now_rfc3339() -> String {
-    let micros = SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map(|d| d.as_micros() as i64)
-        .unwrap_or(0);
-    let mut buf = [0u8; super::encode::TIMESTAMP_LEN];
-    super::encode::format_timestamp(crate::pg::pgoutput::unix_to_pg_micros(micros), &mut buf)
-        .to_string()
 }
 
 #[cfg(test)]
