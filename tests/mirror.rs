@@ -1303,14 +1303,7 @@ fn mirror_equals_source_after_50k_changes() {
         report.changes
     );
 
-    wait_mirror_caught_up(&env.pg, &url, DURABLE);
-    let code = mirror.terminate(Duration::from_secs(30));
-    assert_eq!(
-        code,
-        Some(0),
-        "mirror exit code; log:\n{}",
-        tail(&mirror.log(), 40)
-    );
+    stop_caught_up_mirror(&env, &url, &mut mirror);
     assert_mirrored(&env, &db, seed, &mirror.log());
     assert_oracle_sees_tampering(&env, &db);
     drop(bridge);
@@ -1336,6 +1329,18 @@ fn assert_stream_in_commit_order(url: &str) {
         }
         last = Some((key, m.seq));
     }
+}
+
+/// Waits until the mirror (consumer [`DURABLE`]) has applied everything, then stops it with
+/// SIGTERM, which must end it with exit code 0.
+fn stop_caught_up_mirror(env: &TestEnv, url: &str, mirror: &mut BridgeProcess) {
+    wait_mirror_caught_up(&env.pg, url, DURABLE);
+    assert_eq!(
+        mirror.terminate(Duration::from_secs(30)),
+        Some(0),
+        "mirror exit code; log:\n{}",
+        tail(&mirror.log(), 40)
+    );
 }
 
 /// Starts `bridge mirror` on every table and waits until each has its snapshot.
@@ -1370,8 +1375,7 @@ fn mirror_reads_the_json_format() {
         "the workload made {} changes",
         report.changes
     );
-    wait_mirror_caught_up(&env.pg, &url, DURABLE);
-    assert_eq!(mirror.terminate(Duration::from_secs(30)), Some(0));
+    stop_caught_up_mirror(&env, &url, &mut mirror);
     assert_mirrored(&env, &db, seed, &mirror.log());
     drop(bridge);
 }
@@ -1404,13 +1408,7 @@ fn mirror_rides_out_a_nats_restart() {
         "the workload made {} changes",
         report.changes
     );
-    wait_mirror_caught_up(&env.pg, &url, DURABLE);
-    assert_eq!(
-        mirror.terminate(Duration::from_secs(30)),
-        Some(0),
-        "the mirror kept running; log:\n{}",
-        tail(&mirror.log(), 40)
-    );
+    stop_caught_up_mirror(&env, &url, &mut mirror);
     eprintln!("mirror log (tail):\n{}", tail(&mirror.log(), 12));
     assert_stream_in_commit_order(&url);
     assert_mirrored(&env, &db, seed, &mirror.log());
@@ -1662,8 +1660,7 @@ fn mirror_takes_a_new_snapshot_when_the_bridge_dies_during_one() {
         started.elapsed(),
         report.changes
     );
-    wait_mirror_caught_up(&env.pg, &url, DURABLE);
-    assert_eq!(mirror.terminate(Duration::from_secs(30)), Some(0));
+    stop_caught_up_mirror(&env, &url, &mut mirror);
     assert_mirrored(&env, &db, seed, &mirror.log());
     drop(bridge);
 }
