@@ -353,6 +353,18 @@ pub struct ReplicationArgs {
           help = with_default("Messages awaiting a JetStream PubAck at once", cfg::DEFAULT_MAX_IN_FLIGHT))]
     pub max_in_flight: Option<usize>,
 
+    /// `replication.ring_max_bytes`.
+    #[arg(long, env = "BRIDGE_RING_MAX_BYTES", value_name = "BYTES", global = true,
+          help = with_default("Bytes the decoded changes waiting between the wal and publisher \
+                               threads may hold", cfg::DEFAULT_RING_MAX_BYTES))]
+    pub ring_max_bytes: Option<u64>,
+
+    /// `replication.max_in_flight_bytes`.
+    #[arg(long, env = "BRIDGE_MAX_IN_FLIGHT_BYTES", value_name = "BYTES", global = true,
+          help = with_default("Payload bytes awaiting a JetStream PubAck at once",
+                              cfg::DEFAULT_MAX_IN_FLIGHT_BYTES))]
+    pub max_in_flight_bytes: Option<u64>,
+
     /// `replication.reconnect_backoff_secs`.
     #[arg(long, env = "BRIDGE_RECONNECT_BACKOFF_SECS", value_name = "SECS", global = true,
           help = with_default("Wait before reconnecting to PostgreSQL, in seconds",
@@ -371,6 +383,22 @@ pub struct ReplicationArgs {
                               format!("{}{{slot}}{}", cfg::DEFAULT_STATE_FILE_PREFIX,
                                       cfg::DEFAULT_STATE_FILE_SUFFIX)))]
     pub state_file: Option<PathBuf>,
+
+    /// `replication.spool_dir`.
+    #[arg(long, env = "BRIDGE_SPOOL_DIR", value_name = "DIR", global = true,
+          help = with_default("Private directory (created with mode 0700) for the spool files \
+                               of large transactions streamed before they commit",
+                              format!("{}{{slot}} beside the state file",
+                                      cfg::DEFAULT_SPOOL_DIR_PREFIX)))]
+    pub spool_dir: Option<PathBuf>,
+
+    /// `replication.wal_receive_timeout_secs`.
+    #[arg(long, env = "BRIDGE_WAL_RECEIVE_TIMEOUT_SECS", value_name = "SECS", global = true,
+          help = with_default("Silence from PostgreSQL after which the replication connection \
+                               is dropped and reconnected, in seconds; 0: the server's \
+                               wal_sender_timeout plus 30 s (120 s if it has none)",
+                              cfg::DEFAULT_WAL_RECEIVE_TIMEOUT_SECS))]
+    pub wal_receive_timeout_secs: Option<u64>,
 }
 
 /// HTTP flags (`[http]`).

@@ -73,6 +73,13 @@ pub const MAX_RING_CAPACITY: usize = 1 << 20;
 pub const DEFAULT_MAX_IN_FLIGHT: usize = 1024;
 /// Largest accepted in-flight window.
 pub const MAX_IN_FLIGHT_LIMIT: usize = 65_536;
+/// Bytes the changes waiting on the ring may hold (16 MiB): with wide rows the ring fills by
+/// bytes long before it fills by count, and PostgreSQL keeps the WAL meanwhile.
+pub const DEFAULT_RING_MAX_BYTES: u64 = 16 * 1024 * 1024;
+/// Payload bytes awaiting a PubAck at once (8 MiB); at least one message is always sent.
+pub const DEFAULT_MAX_IN_FLIGHT_BYTES: u64 = 8 * 1024 * 1024;
+/// Smallest accepted byte budget for the ring and the in-flight window.
+pub const MIN_BYTE_BUDGET: u64 = 64 * 1024;
 /// Wait before reconnecting to PostgreSQL after the connection was lost, in seconds.
 pub const DEFAULT_RECONNECT_BACKOFF_SECS: u64 = 5;
 /// Longest interval between two standby status updates to PostgreSQL, in seconds.
@@ -82,6 +89,18 @@ pub const DEFAULT_STANDBY_STATUS_INTERVAL_SECS: u64 = 10;
 pub const DEFAULT_STATE_FILE_PREFIX: &str = "pgbridge-";
 /// Suffix of the default state file name (see [`DEFAULT_STATE_FILE_PREFIX`]).
 pub const DEFAULT_STATE_FILE_SUFFIX: &str = ".lsn";
+/// Prefix of the default spool directory, `{prefix}{slot}` beside the state file: private to
+/// the bridge, never a predictable path in a shared directory such as /tmp.
+pub const DEFAULT_SPOOL_DIR_PREFIX: &str = "pgbridge-spool-";
+/// How long the replication connection may stay silent before it is given up and reconnected,
+/// in seconds; 0 means automatic: the server's `wal_sender_timeout` plus
+/// [`WAL_RECEIVE_TIMEOUT_MARGIN_SECS`] (or [`WAL_RECEIVE_TIMEOUT_NO_SENDER_TIMEOUT_SECS`] when
+/// the server has none).
+pub const DEFAULT_WAL_RECEIVE_TIMEOUT_SECS: u64 = 0;
+/// Added to the server's `wal_sender_timeout` for the automatic receive timeout.
+pub const WAL_RECEIVE_TIMEOUT_MARGIN_SECS: u64 = 30;
+/// The automatic receive timeout when the server's `wal_sender_timeout` is 0 (disabled).
+pub const WAL_RECEIVE_TIMEOUT_NO_SENDER_TIMEOUT_SECS: u64 = 120;
 
 /// Address the HTTP endpoints listen on. Loopback, so that nothing is exposed by accident;
 /// containers and remote Prometheus scrapers need `--http-bind 0.0.0.0`.
@@ -209,6 +228,16 @@ pub const FIELD_SOURCES: &[(&str, &str, &str)] = &[
         "BRIDGE_MAX_IN_FLIGHT",
     ),
     (
+        "replication.ring_max_bytes",
+        "--ring-max-bytes",
+        "BRIDGE_RING_MAX_BYTES",
+    ),
+    (
+        "replication.max_in_flight_bytes",
+        "--max-in-flight-bytes",
+        "BRIDGE_MAX_IN_FLIGHT_BYTES",
+    ),
+    (
         "replication.reconnect_backoff_secs",
         "--reconnect-backoff-secs",
         "BRIDGE_RECONNECT_BACKOFF_SECS",
@@ -222,6 +251,12 @@ pub const FIELD_SOURCES: &[(&str, &str, &str)] = &[
         "replication.state_file",
         "--state-file",
         "BRIDGE_STATE_FILE",
+    ),
+    ("replication.spool_dir", "--spool-dir", "BRIDGE_SPOOL_DIR"),
+    (
+        "replication.wal_receive_timeout_secs",
+        "--wal-receive-timeout-secs",
+        "BRIDGE_WAL_RECEIVE_TIMEOUT_SECS",
     ),
     ("http.bind", "--http-bind", "BRIDGE_HTTP_BIND"),
     ("http.port", "--port", "BRIDGE_PORT"),
@@ -725,6 +760,10 @@ pub struct ReplicationConfig {
     pub ring_capacity: usize,
     /// Most messages awaiting a PubAck at once.
     pub max_in_flight: usize,
+    /// Most bytes the changes on the ring may hold.
+    pub ring_max_bytes: u64,
+    /// Most payload bytes awaiting a PubAck at once.
+    pub max_in_flight_bytes: u64,
     /// Wait before reconnecting to PostgreSQL, in seconds.
     pub reconnect_backoff_secs: u64,
     /// Longest interval between standby status updates, in seconds.
@@ -733,6 +772,13 @@ pub struct ReplicationConfig {
     /// default.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub state_file: Option<PathBuf>,
+    /// Private directory (mode 0700) for the spool files of large streamed transactions; `None`
+    /// means [`ReplicationConfig::spool_dir_path`]'s default.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub spool_dir: Option<PathBuf>,
+    /// Silence on the replication connection after which it is reconnected, in seconds
+    /// (0: automatic, see [`DEFAULT_WAL_RECEIVE_TIMEOUT_SECS`]).
+    pub wal_receive_timeout_secs: u64,
 }
 
 impl Default for ReplicationConfig {
@@ -744,9 +790,13 @@ impl Default for ReplicationConfig {
             format: DEFAULT_FORMAT,
             ring_capacity: DEFAULT_RING_CAPACITY,
             max_in_flight: DEFAULT_MAX_IN_FLIGHT,
+            ring_max_bytes: DEFAULT_RING_MAX_BYTES,
+            max_in_flight_bytes: DEFAULT_MAX_IN_FLIGHT_BYTES,
             reconnect_backoff_secs: DEFAULT_RECONNECT_BACKOFF_SECS,
             standby_status_interval_secs: DEFAULT_STANDBY_STATUS_INTERVAL_SECS,
             state_file: None,
+            spool_dir: None,
+            wal_receive_timeout_secs: DEFAULT_WAL_RECEIVE_TIMEOUT_SECS,
         }
     }
 }
@@ -760,6 +810,30 @@ impl ReplicationConfig {
                 self.slot
             ))
         })
+    }
+
+    /// The spool directory: the configured one, or `pgbridge-spool-{slot}` in the state
+    /// file's directory.
+    pub fn spool_dir_path(&self) -> PathBuf {
+        self.spool_dir.clone().unwrap_or_else(|| {
+            let name = format!("{DEFAULT_SPOOL_DIR_PREFIX}{}", self.slot);
+            match self.state_file_path().parent() {
+                Some(dir) if !dir.as_os_str().is_empty() => dir.join(name),
+                _ => PathBuf::from(name),
+            }
+        })
+    }
+
+    /// The receive timeout for a server whose `wal_sender_timeout` is `sender_timeout`
+    /// (zero: none): the configured one, or the automatic one.
+    pub fn wal_receive_timeout(&self, sender_timeout: Duration) -> Duration {
+        if self.wal_receive_timeout_secs > 0 {
+            Duration::from_secs(self.wal_receive_timeout_secs)
+        } else if sender_timeout.is_zero() {
+            Duration::from_secs(WAL_RECEIVE_TIMEOUT_NO_SENDER_TIMEOUT_SECS)
+        } else {
+            sender_timeout + Duration::from_secs(WAL_RECEIVE_TIMEOUT_MARGIN_SECS)
+        }
     }
 
     /// [`ReplicationConfig::reconnect_backoff_secs`] as a `Duration`.
@@ -807,6 +881,17 @@ impl ReplicationConfig {
                 ),
             ));
         }
+        for (field, value) in [
+            ("replication.ring_max_bytes", self.ring_max_bytes),
+            ("replication.max_in_flight_bytes", self.max_in_flight_bytes),
+        ] {
+            if value < MIN_BYTE_BUDGET {
+                return Err(invalid(
+                    field,
+                    format!("{value} bytes is less than the minimum of {MIN_BYTE_BUDGET}"),
+                ));
+            }
+        }
         if self.reconnect_backoff_secs == 0 {
             return Err(invalid(
                 "replication.reconnect_backoff_secs",
@@ -825,6 +910,24 @@ impl ReplicationConfig {
             .is_some_and(|p| p.as_os_str().is_empty())
         {
             return Err(invalid("replication.state_file", "is empty"));
+        }
+        if self
+            .spool_dir
+            .as_ref()
+            .is_some_and(|p| p.as_os_str().is_empty())
+        {
+            return Err(invalid("replication.spool_dir", "is empty"));
+        }
+        if self.wal_receive_timeout_secs > 0
+            && self.wal_receive_timeout_secs <= 2 * self.standby_status_interval_secs
+        {
+            return Err(invalid(
+                "replication.wal_receive_timeout_secs",
+                format!(
+                    "{} s is too short: it must be more than twice standby_status_interval_secs ({} s), or 0 for automatic",
+                    self.wal_receive_timeout_secs, self.standby_status_interval_secs
+                ),
+            ));
         }
         Ok(())
     }
@@ -1106,6 +1209,7 @@ impl Config {
     pub fn to_redacted_toml(&self) -> String {
         let mut shown = self.clone();
         shown.replication.state_file = Some(self.replication.state_file_path());
+        shown.replication.spool_dir = Some(self.replication.spool_dir_path());
         match toml::to_string(&shown) {
             Ok(text) => text,
             // Not reachable with these types; say so rather than print half a document.
@@ -1289,12 +1393,16 @@ impl RawConfig {
         given(&mut r.format, &a.format);
         given(&mut r.ring_capacity, &a.ring_capacity);
         given(&mut r.max_in_flight, &a.max_in_flight);
+        given(&mut r.ring_max_bytes, &a.ring_max_bytes);
+        given(&mut r.max_in_flight_bytes, &a.max_in_flight_bytes);
         given(&mut r.reconnect_backoff_secs, &a.reconnect_backoff_secs);
         given(
             &mut r.standby_status_interval_secs,
             &a.standby_status_interval_secs,
         );
         given_opt(&mut r.state_file, &a.state_file);
+        given_opt(&mut r.spool_dir, &a.spool_dir);
+        given(&mut r.wal_receive_timeout_secs, &a.wal_receive_timeout_secs);
 
         let a = &args.http;
         given(&mut self.http.bind, &a.http_bind);
@@ -2403,6 +2511,7 @@ mod tests {
             back.replication,
             ReplicationConfig {
                 state_file: Some("pgbridge-cdc_slot.lsn".into()),
+                spool_dir: Some("pgbridge-spool-cdc_slot".into()),
                 ..c.replication.clone()
             }
         );

@@ -1381,15 +1381,9 @@ fn mirror_reads_the_json_format() {
 }
 
 /// NATS stops for a few seconds while the bridge publishes and the mirror follows: both wait
-/// it out, and the mirror ends equal to the source.
-///
-/// Ignored: about one run in five, the bridge stores changes out of commit order across the
-/// restart. Publishes queued in the NATS client while it was disconnected are stored after
-/// the reconnect, before the resends of earlier changes lost with the connection. The
-/// mirror, applying in stream order, then ends with an older value. Run it with
-/// `cargo test --test mirror -- --ignored nats_restart`; the order check fails first.
+/// it out, the stream keeps commit order across the restart, and the mirror ends equal to the
+/// source.
 #[test]
-#[ignore = "the bridge can store changes out of commit order across a NATS restart"]
 fn mirror_rides_out_a_nats_restart() {
     let seed = seed();
     let _report_seed = SeedOnFailure(seed);

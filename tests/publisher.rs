@@ -35,8 +35,9 @@ fn end_lsn(txn: u64) -> Lsn {
     Lsn(commit_lsn(txn).0 + 0x30)
 }
 
-fn change(table: &Arc<TableRef>, txn: u64, seq: u32) -> Box<ChangeEvent> {
-    Box::new(ChangeEvent {
+/// A change with a text column of `pad` bytes besides its id.
+fn change_sized(table: &Arc<TableRef>, txn: u64, seq: u32, pad: usize) -> Box<ChangeEvent> {
+    let mut ev = Box::new(ChangeEvent {
         table: Arc::clone(table),
         operation: Operation::Insert,
         lsn: Lsn(commit_lsn(txn).0 - 0x10),
@@ -50,7 +51,14 @@ fn change(table: &Arc<TableRef>, txn: u64, seq: u32) -> Box<ChangeEvent> {
         }],
         old_columns: None,
         unchanged_toast: Vec::new(),
-    })
+    });
+    if pad > 0 {
+        ev.columns.push(ColumnValue {
+            name: Arc::from("pad"),
+            value: Value::Text("x".repeat(pad)),
+        });
+    }
+    ev
 }
 
 /// Every message id, in commit order.
@@ -88,6 +96,16 @@ impl Running {
 /// Puts all transactions and the end marker on the ring, then runs a publisher over it on its
 /// own thread and runtime, as the bridge does.
 fn start_publisher(url: &str, max_in_flight: usize) -> Running {
+    start_publisher_with(url, max_in_flight, |_, _| 0)
+}
+
+/// As [`start_publisher`], with the change `seq` of transaction `txn` padded by `pad(txn, seq)`
+/// bytes.
+fn start_publisher_with(
+    url: &str,
+    max_in_flight: usize,
+    pad: impl Fn(u64, u32) -> usize,
+) -> Running {
     let table = Arc::new(TableRef {
         schema: Arc::from("public"),
         table: Arc::from("t"),
@@ -98,7 +116,12 @@ fn start_publisher(url: &str, max_in_flight: usize) -> Running {
     for txn in 0..TXNS {
         for seq in 0..PER_TXN {
             assert!(producer
-                .push(RingItem::Change(change(&table, txn, seq)))
+                .push(RingItem::Change(change_sized(
+                    &table,
+                    txn,
+                    seq,
+                    pad(txn, seq)
+                )))
                 .is_ok());
         }
         assert!(producer
@@ -113,6 +136,7 @@ fn start_publisher(url: &str, max_in_flight: usize) -> Running {
     let settings = PublisherSettings {
         format: Format::Json,
         max_in_flight,
+        max_in_flight_bytes: 8 << 20,
         subject_prefix: "cdc".into(),
     };
     let url = url.to_owned();
@@ -222,8 +246,12 @@ fn a_refusal_inside_the_window_holds_the_position_and_is_resent_in_order() {
     // fourth is not.
     assert_eq!(running.durable.get(), end_lsn(2));
     assert_eq!(read_stream(&url, "CDC").len(), 10);
-    // The window stopped taking changes at the refusal.
-    assert!(running.stats.in_flight.load(Ordering::Relaxed) <= 6);
+    // The window stopped taking changes at the refusal (changes taken before the refusal
+    // arrived stay in it, refused in turn).
+    let in_flight = running.stats.in_flight.load(Ordering::Relaxed);
+    assert!((6..=16).contains(&in_flight), "{in_flight} in flight");
+    std::thread::sleep(Duration::from_millis(300));
+    assert_eq!(running.stats.in_flight.load(Ordering::Relaxed), in_flight);
 
     update_stream(&url, cdc_config());
     let (durable, stats) = (running.durable.clone(), Arc::clone(&running.stats));
@@ -234,4 +262,101 @@ fn a_refusal_inside_the_window_holds_the_position_and_is_resent_in_order() {
         TXNS * u64::from(PER_TXN)
     );
     assert_stored_in_order(&url);
+}
+
+/// A message refused in the middle of the window while the ones behind it would be accepted
+/// (here: one larger than the stream's `max_msg_size`, as a stream limit or a leader change can
+/// refuse one message and not the next) must not let them be stored ahead of it: the server
+/// refuses them too, because each expects its predecessor to be the stream's last message.
+#[test]
+fn a_message_refused_mid_window_is_not_overtaken_by_the_ones_behind_it() {
+    let nats = NatsServer::start();
+    let url = nats.url();
+    let limited = Config {
+        max_message_size: 2048,
+        ..cdc_config()
+    };
+    create_stream(&url, limited);
+    // Change 1 of transaction 5 is too large for the stream; everything else is small.
+    let running = start_publisher_with(
+        &url,
+        64,
+        |txn, seq| {
+            if (txn, seq) == (5, 1) {
+                4096
+            } else {
+                0
+            }
+        },
+    );
+    running.wait_until("the refusal", |r| {
+        r.stats.publish_errors.load(Ordering::Relaxed) > 0
+            && r.stats.stalled.load(Ordering::Relaxed)
+    });
+    std::thread::sleep(Duration::from_millis(500));
+    // Only the changes before the refused one are stored, however many were sent behind it.
+    let stored = read_stream(&url, "CDC");
+    assert_eq!(
+        stored.len(),
+        5 * PER_TXN as usize + 1,
+        "changes stored past the refused one"
+    );
+    assert_eq!(running.durable.get(), end_lsn(4));
+
+    update_stream(&url, cdc_config());
+    let (durable, stats) = (running.durable.clone(), Arc::clone(&running.stats));
+    running.join().expect("publisher");
+    assert_eq!(durable.get(), end_lsn(TXNS - 1));
+    assert_eq!(
+        stats.published.load(Ordering::Relaxed) + stats.duplicates.load(Ordering::Relaxed),
+        TXNS * u64::from(PER_TXN)
+    );
+    assert_stored_in_order(&url);
+}
+
+/// Another writer storing into the same stream breaks the chain of expected ids now and then;
+/// the publisher sends the refused message again at once and keeps its own messages in order.
+#[test]
+fn another_writer_in_the_stream_does_not_reorder_or_stall() {
+    let nats = NatsServer::start();
+    let url = nats.url();
+    create_stream(&url, cdc_config());
+    let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let other = {
+        let (url, stop) = (url.clone(), Arc::clone(&stop));
+        std::thread::spawn(move || {
+            with_nats(&url, |client| async move {
+                let js = async_nats::jetstream::new(client);
+                let mut n = 0u64;
+                while !stop.load(Ordering::Relaxed) && n < 5_000 {
+                    js.publish("cdc.other.insert", "x".into())
+                        .await
+                        .expect("publish")
+                        .await
+                        .expect("other writer's PubAck");
+                    n += 1;
+                }
+                n
+            })
+        })
+    };
+    let running = start_publisher(&url, 64);
+    let stats = Arc::clone(&running.stats);
+    let durable = running.durable.clone();
+    let result = running.join();
+    stop.store(true, Ordering::Relaxed);
+    let others = other.join().expect("other writer");
+    result.expect("publisher");
+    assert!(others > 0);
+    assert_eq!(durable.get(), end_lsn(TXNS - 1));
+    assert_eq!(
+        stats.published.load(Ordering::Relaxed),
+        TXNS * u64::from(PER_TXN)
+    );
+    let ours: Vec<String> = read_stream(&url, "CDC")
+        .into_iter()
+        .filter(|m| m.subject != "cdc.other.insert")
+        .map(|m| m.msg_id.expect("Nats-Msg-Id"))
+        .collect();
+    assert_eq!(ours, expected_ids());
 }

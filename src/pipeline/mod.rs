@@ -3,6 +3,7 @@
 
 pub mod durable;
 pub mod event;
+pub mod ring;
 pub mod spool;
 pub mod wal;
 
@@ -66,6 +67,7 @@ impl RunError {
                 2
             }
             RunError::Setup(e) if e.is_configuration() => 2,
+            RunError::Stream(StreamError::Spool(e)) if e.is_configuration() => 2,
             RunError::Nats(e) if e.is_configuration() => 2,
             RunError::Telemetry(e) if e.is_configuration() => 2,
             _ => 1,
@@ -84,6 +86,7 @@ impl RunError {
             RunError::Setup(SetupError::Pg(e)) | RunError::Stream(StreamError::Pg(e)) => {
                 e.is_connection_problem() && !is_login_problem(e)
             }
+            RunError::Stream(StreamError::Silent(_)) => true,
             _ => false,
         }
     }
@@ -224,6 +227,13 @@ fn run_pipeline(
         return Ok(RunSummary::default());
     };
 
+    // The spool holds row data: its directory must be private before anything streams.
+    let spool_dir = config.replication.spool_dir_path();
+    spool::ensure_private_dir(&spool_dir).map_err(StreamError::from)?;
+    let receive_timeout = config
+        .replication
+        .wal_receive_timeout(Duration::from_millis(info.wal_sender_timeout_ms));
+
     // Resume from the later of what we persisted and what the slot confirmed.
     let mut state = StateFile::new(config.replication.state_file_path());
     let persisted = state.load()?;
@@ -269,6 +279,7 @@ fn run_pipeline(
     let (recycle_tx, recycle_rx) = rtrb::RingBuffer::<Box<event::ChangeEvent>>::new(
         config.replication.ring_capacity.min(RECYCLE_CAPACITY),
     );
+    let budget = Arc::new(ring::RingBudget::new(config.replication.ring_max_bytes));
     let notify = Arc::new(tokio::sync::Notify::new());
     let publisher_done = Arc::new(AtomicBool::new(false));
     let stats = Arc::clone(&telemetry.publisher);
@@ -277,7 +288,7 @@ fn run_pipeline(
         config,
         shutdown,
         consumer,
-        recycle_tx,
+        (recycle_tx, Arc::clone(&budget)),
         Arc::clone(&notify),
         durable.clone(),
         (Arc::clone(&stats), Arc::clone(&telemetry.nats)),
@@ -317,10 +328,8 @@ fn run_pipeline(
         telemetry: Arc::clone(telemetry),
         schema_changes: Some(schema_tx),
         recycled: Some(recycle_rx),
+        budget: Arc::clone(&budget),
     };
-    // One directory per slot: only the process holding the slot writes there.
-    let spool_dir =
-        std::env::temp_dir().join(format!("pgbridge-spool-{}", config.replication.slot));
     // The first attempt streams on the set-up connection (a login costs tens of ms of CPU
     // with SCRAM); if it was lost meanwhile, the attempt fails and the next one reconnects.
     let mut setup_repl = Some(setup_repl);
@@ -341,12 +350,25 @@ fn run_pipeline(
             config,
             shutdown.clone(),
             spool_dir.clone(),
-        );
+        )
+        .with_receive_timeout(receive_timeout);
         let resume = ctx.reported_flush.max(start);
         stream.run(resume, &mut ctx).map_err(RunError::from)
     });
     ctx.stats.reconnects = telemetry.wal.reconnects.load(Ordering::Relaxed);
 
+    let wal_failed =
+        matches!(&wal_result, Err(e) if !matches!(e, RunError::Stream(StreamError::PublisherGone)));
+    if let Err(e) = &wal_result {
+        if wal_failed {
+            // Said at once: with NATS down, the publisher can take a while to give up.
+            log::error!(
+                "{e}; stopping (waiting up to {} s for JetStream to acknowledge what was sent)",
+                crate::sink::publisher::SHUTDOWN_RETRY_LIMIT.as_secs()
+            );
+            shutdown.trigger();
+        }
+    }
     // Close the ring (the wal side is dropped) and collect the publisher's outcome.
     drop(ctx.producer);
     notify.notify_one();
@@ -368,6 +390,8 @@ fn run_pipeline(
         durable: durable.get(),
     };
     match (wal_result, publisher_result) {
+        // The wal thread's failure is the cause; the publisher's is its consequence.
+        (Err(e), _) if wal_failed => Err(e),
         (_, Err(e)) => Err(e),
         (Err(RunError::Stream(StreamError::PublisherGone)), Ok(())) => Ok(summary),
         (Err(e), _) => Err(e),
@@ -380,7 +404,10 @@ fn spawn_publisher(
     config: &Config,
     shutdown: &Shutdown,
     consumer: rtrb::Consumer<RingItem>,
-    recycle: rtrb::Producer<Box<event::ChangeEvent>>,
+    (recycle, budget): (
+        rtrb::Producer<Box<event::ChangeEvent>>,
+        Arc<ring::RingBudget>,
+    ),
     notify: Arc<tokio::sync::Notify>,
     durable: DurableLsn,
     (stats, nats_stats): (Arc<PublisherStats>, Arc<NatsStats>),
@@ -393,6 +420,7 @@ fn spawn_publisher(
     let settings = PublisherSettings {
         format: config.replication.format,
         max_in_flight: config.replication.max_in_flight,
+        max_in_flight_bytes: config.replication.max_in_flight_bytes,
         subject_prefix: nats::CDC_SUBJECT_PREFIX.to_string(),
     };
     let shutdown = shutdown.clone();
@@ -441,6 +469,8 @@ fn spawn_publisher(
                     let _ = ready.send(Ok(()));
                     Publisher::new(client, consumer, notify, durable, settings, stats, shutdown)
                         .with_recycling(recycle)
+                        .with_ring_budget(budget)
+                        .with_connection_events(nats_stats)
                         .run()
                         .await
                         .map_err(RunError::from)

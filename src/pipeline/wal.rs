@@ -94,6 +94,11 @@ pub enum StreamError {
     /// Shutdown was requested while waiting for room in the ring.
     #[error("shutdown requested")]
     ShuttingDown,
+    /// Nothing arrived from PostgreSQL for longer than the receive timeout, although a reply
+    /// was asked for: the connection is taken as dead (a peer gone without a reset can leave
+    /// a socket open for many minutes) and made anew.
+    #[error("nothing received from PostgreSQL for {} s (--wal-receive-timeout-secs), not even an answer to a keepalive request; the connection is taken as dead", .0.as_secs())]
+    Silent(Duration),
 }
 
 /// Counters of the wal thread since start.
@@ -139,6 +144,8 @@ pub struct WalContext {
     /// Events the publisher is done with, to be filled again: their vectors and strings keep
     /// their allocations, so a change in the steady state allocates nothing here.
     pub recycled: Option<rtrb::Consumer<Box<ChangeEvent>>>,
+    /// The ring's byte budget, shared with the publisher.
+    pub budget: Arc<super::ring::RingBudget>,
 }
 
 impl WalContext {
@@ -205,6 +212,13 @@ pub struct WalStream<'c> {
     /// Spool of streamed transactions: created once the slot is ours, taken out while a
     /// transaction is replayed.
     spool: Option<Spool>,
+    /// Silence after which the connection is given up ([`StreamError::Silent`]); at half of
+    /// it a status update asks the server for an answer.
+    receive_timeout: Duration,
+    /// When something last arrived from the server.
+    last_heard: Instant,
+    /// Whether an answer was asked for since then.
+    pinged: bool,
 }
 
 impl<'c> WalStream<'c> {
@@ -236,7 +250,16 @@ impl<'c> WalStream<'c> {
             last_status: Instant::now(),
             warned_values: std::cell::Cell::new(false),
             xlog_messages: 0,
+            receive_timeout: config.replication.wal_receive_timeout(Duration::ZERO),
+            last_heard: Instant::now(),
+            pinged: false,
         }
+    }
+
+    /// Gives the connection up after `timeout` of silence (see [`StreamError::Silent`]).
+    pub fn with_receive_timeout(mut self, timeout: Duration) -> Self {
+        self.receive_timeout = timeout;
+        self
     }
 
     /// Streams from `start` (the server starts at the later of it and the slot's
@@ -254,6 +277,8 @@ impl<'c> WalStream<'c> {
         ctx.telemetry.wal.set_connected(true);
         ctx.telemetry.set_pg_problem(None);
         self.last_received = start;
+        self.last_heard = Instant::now();
+        self.pinged = false;
         let status_interval = self.config.replication.standby_status_interval();
         while !self.shutdown.is_triggered() {
             if ctx
@@ -263,6 +288,8 @@ impl<'c> WalStream<'c> {
                 return Err(StreamError::PublisherGone);
             }
             if let Some(buf) = self.repl.recv(POLL_INTERVAL)? {
+                self.last_heard = Instant::now();
+                self.pinged = false;
                 ctx.stats.wal_messages += 1;
                 match parse_copy_data(&buf)? {
                     ReplicationMessage::XLogData(x) => {
@@ -291,11 +318,30 @@ impl<'c> WalStream<'c> {
                 ctx.publish_counters(self.last_received);
             } else {
                 ctx.sample_ring();
+                self.check_silence(ctx)?;
             }
             let due = self.last_status.elapsed() >= status_interval;
             self.send_status(ctx, due)?;
         }
         self.finish(ctx)
+    }
+
+    /// After half the receive timeout without a word from the server, asks it for an answer
+    /// (a status update with the reply flag: a live walsender answers with a keepalive at
+    /// once); after the whole timeout, gives the connection up.
+    fn check_silence(&mut self, ctx: &mut WalContext) -> Result<(), StreamError> {
+        let silent = self.last_heard.elapsed();
+        if silent >= self.receive_timeout {
+            return Err(StreamError::Silent(self.receive_timeout));
+        }
+        if !self.pinged && silent >= self.receive_timeout / 2 {
+            self.pinged = true;
+            let flush = ctx.reported_flush;
+            self.repl
+                .send_status(self.last_received.max(flush), flush, flush, true)?;
+            self.last_status = Instant::now();
+        }
+        Ok(())
     }
 
     /// Shutdown: tell the publisher no more items come, wait for it to drain (bounded),
@@ -760,10 +806,24 @@ fn push_wait(
     let mut item = item;
     let mut pause = Duration::from_micros(50);
     let started = Instant::now();
+    let bytes = match &item {
+        RingItem::Change(ev) => super::ring::event_bytes(ev),
+        _ => 0,
+    };
     loop {
-        match ctx.producer.push(item) {
-            Ok(()) => return Ok(()),
-            Err(rtrb::PushError::Full(back)) => item = back,
+        // Over the byte budget the ring counts as full, unless it is empty: one change larger
+        // than the budget still goes, alone.
+        let over_budget = bytes > 0
+            && ctx.budget.would_exceed(bytes)
+            && ctx.producer.slots() < ctx.producer.buffer().capacity();
+        if !over_budget {
+            match ctx.producer.push(item) {
+                Ok(()) => {
+                    ctx.budget.pushed(bytes);
+                    return Ok(());
+                }
+                Err(rtrb::PushError::Full(back)) => item = back,
+            }
         }
         ctx.telemetry
             .wal

@@ -194,6 +194,8 @@ pub struct NatsStats {
     pub reconnects: AtomicU64,
     /// Times the connection was lost.
     pub disconnects: AtomicU64,
+    /// Woken at every connect and disconnect, for the publisher to wait on instead of polling.
+    pub changed: tokio::sync::Notify,
 }
 
 impl NatsStats {
@@ -224,6 +226,7 @@ impl NatsStats {
                         "NATS connection re-established (reconnect {n}); publishing resumes"
                     );
                 }
+                self.changed.notify_one();
             }
             Event::Disconnected => {
                 self.connected.store(false, Ordering::Relaxed);
@@ -232,6 +235,7 @@ impl NatsStats {
                     "NATS connection lost; reconnecting (publishing and acknowledgements to \
                      PostgreSQL wait until it is back)"
                 );
+                self.changed.notify_one();
             }
             Event::LameDuckMode => log::warn!(
                 "NATS server entered lame duck mode (shutting down); the client moves to another \

@@ -55,6 +55,18 @@ pub enum PubAckError {
     },
 }
 
+/// JetStream's error code for a message whose `Nats-Expected-Last-Msg-Id` is not the id of the
+/// stream's last message.
+pub const ERR_WRONG_LAST_MSG_ID: u64 = 10070;
+
+impl PubAckError {
+    /// True when JetStream refused the message because the stream's last message is not the
+    /// one it expects (`Nats-Expected-Last-Msg-Id`).
+    pub fn is_wrong_last_msg_id(&self) -> bool {
+        matches!(self, PubAckError::Refused { err_code, .. } if *err_code == ERR_WRONG_LAST_MSG_ID)
+    }
+}
+
 /// Longest part of a malformed reply quoted in the error.
 const EXCERPT: usize = 120;
 /// Deepest nesting skipped inside an unknown member before the reply is called malformed.

@@ -12,12 +12,20 @@
 //! transaction before it) is acknowledged, the transaction's commit `end_lsn` becomes the
 //! durable position, which the wal thread reports to PostgreSQL.
 //!
+//! Order is enforced by the server, not by timing: every message but the first unacknowledged
+//! one carries `Nats-Expected-Last-Msg-Id` with the id of the message before it, so JetStream
+//! stores it only right after its predecessor. If one message is not stored (a refusal, a 503
+//! during a leader change, a connection lost with it), every message behind it is refused too,
+//! instead of being stored ahead of it. The duplicate check comes first on the server, so a
+//! message already stored is acknowledged as a duplicate whatever it expects.
+//!
 //! A failed publish (a refusal, no PubAck within [`ACK_TIMEOUT`] of reaching the front of the
-//! window, NATS down) stops the window from taking new changes: messages behind the failed one
-//! may be stored already, and new ones must not overtake it. After a backoff, and once the
+//! window, NATS down) stops the window from taking new changes. After a backoff, and once the
 //! client is connected, every unacknowledged message is sent again in order from the first one,
 //! with the same message id, so JetStream stores each once however often it is sent within the
-//! duplicate window. New changes are taken again when the window has drained.
+//! duplicate window. New changes are taken again when the window has drained. While the client
+//! is disconnected nothing new is published; when it reconnects, what was in flight on the old
+//! connection is sent again at once rather than after the ack timeout.
 
 use std::collections::{HashMap, VecDeque};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -25,7 +33,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use async_nats::connection::State;
-use async_nats::header::NATS_MESSAGE_ID;
+use async_nats::header::{NATS_EXPECTED_LAST_MESSAGE_ID, NATS_MESSAGE_ID};
 use async_nats::{Client, HeaderMap, Message, PublishErrorKind, Subject, Subscriber};
 use bytes::{BufMut, Bytes, BytesMut};
 use futures_util::{FutureExt, StreamExt};
@@ -35,10 +43,12 @@ use crate::pg::pgoutput::pg_to_unix_micros;
 use crate::pg::Lsn;
 use crate::pipeline::durable::DurableLsn;
 use crate::pipeline::event::{self, ChangeEvent, Operation, TableRef};
+use crate::pipeline::ring::{event_bytes, RingBudget};
 use crate::pipeline::wal::RingItem;
 use crate::shutdown::Shutdown;
 
 use super::encode::encode_change;
+use super::nats::NatsStats;
 use super::puback::{self, PubAckError};
 use super::subject::change_subject;
 
@@ -50,10 +60,12 @@ const RETRY_MIN: Duration = Duration::from_millis(100);
 const RETRY_MAX: Duration = Duration::from_secs(2);
 /// While NATS is disconnected, how often the publisher looks whether it is back.
 const RECONNECT_POLL: Duration = Duration::from_millis(50);
+/// While disconnected with nothing in flight, how often the publisher looks at shutdown.
+const DISCONNECTED_CHECK: Duration = Duration::from_secs(1);
 /// How long the publisher sleeps when the ring is empty and nobody wakes it.
 const IDLE_WAIT: Duration = Duration::from_millis(20);
 /// At shutdown, how long to keep retrying when JetStream does not acknowledge.
-const SHUTDOWN_RETRY_LIMIT: Duration = Duration::from_secs(30);
+pub const SHUTDOWN_RETRY_LIMIT: Duration = Duration::from_secs(30);
 /// Most tables whose subjects are kept (a schema change gives a table a new entry).
 const SUBJECT_CACHE_TABLES: usize = 4096;
 /// Size of the buffers encoded payloads are copied into and cut from: one allocation serves
@@ -61,6 +73,9 @@ const SUBJECT_CACHE_TABLES: usize = 4096;
 const PAYLOAD_CHUNK: usize = 16 * 1024;
 /// Size of the buffers reply subjects are cut from.
 const REPLY_CHUNK: usize = 4 * 1024;
+/// A published change holding more heap than this is dropped instead of going back to the
+/// wal thread for reuse: reused, its buffers would keep a burst of wide rows' memory for good.
+const RECYCLE_MAX_EVENT_BYTES: u64 = 8 * 1024;
 
 /// Why the publisher stopped.
 #[derive(Debug, thiserror::Error)]
@@ -88,6 +103,14 @@ pub enum PublishError {
         pending: usize,
         /// The last publish error.
         last_error: String,
+    },
+    /// The client refuses the subject; no retry can change that.
+    #[error("the NATS client refuses the subject {subject:?} of message {message_id} as invalid; the change stays in PostgreSQL's WAL (report this: subjects are built from table names, which should always give valid subjects)")]
+    InvalidSubject {
+        /// The subject.
+        subject: String,
+        /// The change's message id.
+        message_id: String,
     },
     /// The subscription PubAcks arrive on could not be made.
     #[error("cannot subscribe to the PubAck inbox: {0}")]
@@ -126,6 +149,8 @@ pub struct PublisherSettings {
     pub format: Format,
     /// Most PubAcks awaited at once.
     pub max_in_flight: usize,
+    /// Most payload bytes awaiting a PubAck at once (one message always goes, however big).
+    pub max_in_flight_bytes: u64,
     /// Subject prefix of change events (`cdc`).
     pub subject_prefix: String,
 }
@@ -153,6 +178,9 @@ enum Failure {
     /// The client did not take the message.
     #[error("not sent: {0}")]
     NotSent(String),
+    /// In flight when the connection was lost; its answer may never come.
+    #[error("the NATS connection was lost while it was in flight")]
+    Reconnected,
 }
 
 /// A message of the window, kept until JetStream acknowledges it.
@@ -288,6 +316,19 @@ pub struct Publisher {
     backoff: Duration,
     subjects: SubjectCache,
     recycle: Option<rtrb::Producer<Box<ChangeEvent>>>,
+    /// Connection events of the client (`None`: the connection state is asked directly).
+    connection: Option<Arc<NatsStats>>,
+    /// Reconnects seen so far: a new one means what was in flight has to be sent again.
+    reconnects_seen: u64,
+    /// The message id of the last message put in the window, which the next one expects to
+    /// follow in the stream (`None` when the window was empty).
+    last_id: Option<String>,
+    /// Set once another writer's message was found between two of ours.
+    foreign_writer_seen: bool,
+    /// Payload bytes in the window.
+    window_bytes: u64,
+    /// The ring's byte budget, to which popped changes are given back.
+    budget: Option<Arc<RingBudget>>,
 }
 
 /// The subjects of each table, built once rather than for every message. Keyed by the
@@ -355,6 +396,65 @@ impl Publisher {
             backoff: RETRY_MIN,
             subjects: SubjectCache::default(),
             recycle: None,
+            connection: None,
+            reconnects_seen: 0,
+            last_id: None,
+            foreign_writer_seen: false,
+            window_bytes: 0,
+            budget: None,
+        }
+    }
+
+    /// Gives the bytes of each change taken off the ring back to `budget` (the wal thread
+    /// counts them in when it pushes).
+    pub fn with_ring_budget(mut self, budget: Arc<RingBudget>) -> Self {
+        self.budget = Some(budget);
+        self
+    }
+
+    /// Follows the client's connection events through `stats` (the ones its connect function
+    /// keeps): nothing is published while disconnected, and what was in flight is sent again
+    /// at once after a reconnect.
+    pub fn with_connection_events(mut self, stats: Arc<NatsStats>) -> Self {
+        self.reconnects_seen = stats.reconnects();
+        self.connection = Some(stats);
+        self
+    }
+
+    fn is_connected(&self) -> bool {
+        match &self.connection {
+            Some(stats) => stats.is_connected(),
+            None => self.client.connection_state() == State::Connected,
+        }
+    }
+
+    /// After a reconnect, marks every message still waiting for its answer as failed: it was
+    /// sent on the lost connection, and its answer may never come.
+    fn check_reconnect(&mut self) {
+        let Some(stats) = &self.connection else {
+            return;
+        };
+        let reconnects = stats.reconnects();
+        if reconnects == self.reconnects_seen {
+            return;
+        }
+        self.reconnects_seen = reconnects;
+        let mut lost = 0;
+        for entry in self.window.iter_mut() {
+            if matches!(entry.state, AckState::Pending) {
+                entry.state = AckState::Failed(Box::new(Failure::Reconnected));
+                lost += 1;
+            }
+        }
+        if lost > 0 {
+            self.stats.publish_errors.fetch_add(1, Ordering::Relaxed);
+            self.recovering = true;
+            // Not the server's fault: resend at once.
+            self.backoff = RETRY_MIN;
+            self.failing_since.get_or_insert_with(Instant::now);
+            log::info!(
+                "NATS reconnected; sending the {lost} unacknowledged messages again, in order"
+            );
         }
     }
 
@@ -375,24 +475,48 @@ impl Publisher {
             .await
             .map_err(PublishError::AckInbox)?;
         let notify = Arc::clone(&self.notify);
+        let connection = self.connection.clone();
         // One timer for the front's deadline. Deadlines only move later, so the timer is
         // re-armed only when it fires early, not each time the front changes.
         let timer = tokio::time::sleep(ACK_TIMEOUT);
         tokio::pin!(timer);
         let mut ended = false;
         loop {
+            self.check_reconnect();
             // Acknowledged messages leave first, so their room is filled at once.
             self.complete_acked();
             self.fill(&mut ended).await?;
             self.stats
                 .in_flight
                 .store(self.window.len() as u64, Ordering::Relaxed);
+            let connected = self.is_connected();
             let Some(front) = self.window.front_mut() else {
                 self.recovering = false;
+                self.last_id = None;
                 if ended {
                     return Ok(());
                 }
-                if self.consumer.is_empty() {
+                if !connected {
+                    // Nothing is published while disconnected: wait for the connection, unless
+                    // nothing more will come, or shutdown has waited long enough.
+                    if self.consumer.is_abandoned() && self.consumer.is_empty() {
+                        return Ok(());
+                    }
+                    if self.shutdown.is_triggered() {
+                        let since = *self.failing_since.get_or_insert_with(Instant::now);
+                        if since.elapsed() > SHUTDOWN_RETRY_LIMIT {
+                            return Err(PublishError::NotDrained {
+                                pending: self.consumer.slots(),
+                                last_error: "the NATS connection is lost".into(),
+                            });
+                        }
+                    }
+                    let _ = tokio::time::timeout(
+                        DISCONNECTED_CHECK,
+                        wait_connection_change(connection.as_deref()),
+                    )
+                    .await;
+                } else if self.consumer.is_empty() {
                     let _ = tokio::time::timeout(IDLE_WAIT, notify.notified()).await;
                 }
                 continue;
@@ -410,8 +534,11 @@ impl Publisher {
             if timer.is_elapsed() {
                 timer.as_mut().reset(deadline.into());
             }
-            let can_feed =
-                !self.recovering && !ended && self.window.len() < self.settings.max_in_flight;
+            let can_feed = connected
+                && !self.recovering
+                && !ended
+                && self.window.len() < self.settings.max_in_flight
+                && self.window_bytes < self.settings.max_in_flight_bytes;
             tokio::select! {
                 biased;
                 reply = acks.next() => match reply {
@@ -419,6 +546,7 @@ impl Publisher {
                     None => return Err(self.client_closed()),
                 },
                 () = &mut timer => {}
+                () = wait_connection_change(connection.as_deref()) => {}
                 () = notify.notified(), if can_feed => {}
             }
         }
@@ -427,12 +555,42 @@ impl Publisher {
     /// Moves changes from the ring into the window, publishing each, until the window is full,
     /// the ring is empty or a publish failed.
     async fn fill(&mut self, ended: &mut bool) -> Result<(), PublishError> {
-        while self.window.len() < self.settings.max_in_flight && !*ended && !self.recovering {
+        // Published while disconnected, changes would only queue in the client, to be sent
+        // after whatever the reconnect resends.
+        if self.recovering || !self.is_connected() {
+            return Ok(());
+        }
+        let mut popped_bytes = 0;
+        let result = self.fill_window(ended, &mut popped_bytes).await;
+        if let Some(budget) = &self.budget {
+            budget.popped(popped_bytes);
+        }
+        result
+    }
+
+    async fn fill_window(
+        &mut self,
+        ended: &mut bool,
+        popped_bytes: &mut u64,
+    ) -> Result<(), PublishError> {
+        while self.window.len() < self.settings.max_in_flight
+            && (self.window_bytes < self.settings.max_in_flight_bytes || self.window.is_empty())
+            && !*ended
+            && !self.recovering
+        {
             match self.consumer.pop() {
                 Ok(RingItem::Change(ev)) => {
+                    let bytes = if self.budget.is_some() || self.recycle.is_some() {
+                        event_bytes(&ev)
+                    } else {
+                        0
+                    };
+                    *popped_bytes += bytes;
                     self.publish_change(&ev).await?;
-                    if let Some(ring) = self.recycle.as_mut() {
-                        let _ = ring.push(ev);
+                    if bytes <= RECYCLE_MAX_EVENT_BYTES {
+                        if let Some(ring) = self.recycle.as_mut() {
+                            let _ = ring.push(ev);
+                        }
                     }
                 }
                 Ok(RingItem::Commit { end_lsn }) => match self.window.back_mut() {
@@ -469,7 +627,16 @@ impl Publisher {
             commit_end: None,
             commit_time: ev.commit_time,
         };
-        if let Err(e) = send(&self.client, &entry).await {
+        let id = entry.message_id();
+        // The first message of an empty window follows what is already stored; every other
+        // one must follow the message before it.
+        let expect = if self.window.is_empty() {
+            None
+        } else {
+            self.last_id.take()
+        };
+        self.last_id = Some(id.clone());
+        if let Err(e) = send(&self.client, &entry, id, expect).await {
             if let Some(fatal) = self.fatal(&entry, &e) {
                 return Err(fatal);
             }
@@ -480,17 +647,26 @@ impl Publisher {
         if self.window.is_empty() {
             self.front_since = Instant::now();
         }
+        self.window_bytes += entry.payload.len() as u64;
         self.window.push_back(entry);
         Ok(())
     }
 
     fn fatal(&self, entry: &InFlight, e: &async_nats::PublishError) -> Option<PublishError> {
-        (e.kind() == PublishErrorKind::MaxPayloadExceeded).then(|| PublishError::TooLarge {
-            table: entry.subject.to_string(),
-            size: entry.payload.len(),
-            max: super::nats::max_payload(&self.client),
-            message_id: entry.message_id(),
-        })
+        match e.kind() {
+            PublishErrorKind::MaxPayloadExceeded => Some(PublishError::TooLarge {
+                table: entry.subject.to_string(),
+                size: entry.payload.len(),
+                max: super::nats::max_payload(&self.client),
+                message_id: entry.message_id(),
+            }),
+            // Retrying cannot make a subject valid.
+            PublishErrorKind::InvalidSubject => Some(PublishError::InvalidSubject {
+                subject: entry.subject.to_string(),
+                message_id: entry.message_id(),
+            }),
+            PublishErrorKind::Send => None,
+        }
     }
 
     /// Applies `first` and every further reply already waiting, without waiting for more.
@@ -558,6 +734,7 @@ impl Publisher {
             };
             popped += 1;
             bytes += done.payload.len() as u64;
+            self.window_bytes -= done.payload.len() as u64;
             if let Some(end) = done.commit_end {
                 self.durable.advance(end);
             }
@@ -584,6 +761,34 @@ impl Publisher {
     /// every unacknowledged message again, in order.
     async fn retry(&mut self, acks: &mut Subscriber) -> Result<(), PublishError> {
         self.recovering = true;
+        let mut immediate = false;
+        if let Some(InFlight {
+            state: AckState::Failed(e),
+            subject,
+            ..
+        }) = self.window.front()
+        {
+            match &**e {
+                // Another writer stored a message between the front's predecessor (stored
+                // and acknowledged) and the front: nothing failed, send it again at once.
+                Failure::Refused(r) if r.is_wrong_last_msg_id() => {
+                    immediate = true;
+                    if !self.foreign_writer_seen {
+                        self.foreign_writer_seen = true;
+                        log::warn!(
+                            "another writer stores messages into the stream of {subject} ({r}); \
+                             pgbridge keeps its own changes in commit order, but each interleaved \
+                             message costs a resend: give each bridge a stream of its own"
+                        );
+                    }
+                }
+                Failure::Reconnected => immediate = true,
+                _ => {}
+            }
+        }
+        if immediate {
+            return self.republish().await;
+        }
         self.stats.stalled.store(true, Ordering::Relaxed);
         let since = *self.failing_since.get_or_insert_with(Instant::now);
         if self.backoff == RETRY_MIN {
@@ -599,6 +804,7 @@ impl Publisher {
         }
         let backoff_end = Instant::now() + self.backoff;
         self.backoff = (self.backoff * 2).min(RETRY_MAX);
+        let connection = self.connection.clone();
         loop {
             match self.window.front() {
                 Some(InFlight {
@@ -617,7 +823,7 @@ impl Publisher {
             }
             let now = Instant::now();
             // Sent while disconnected, messages would only pile up in the client's queue.
-            let connected = self.client.connection_state() == State::Connected;
+            let connected = self.is_connected();
             if now >= backoff_end && connected {
                 break;
             }
@@ -632,22 +838,36 @@ impl Publisher {
                     Some(reply) => self.take_replies(&reply, acks),
                     None => return Err(self.client_closed()),
                 },
+                () = wait_connection_change(connection.as_deref()) => {}
                 () = tokio::time::sleep_until(wake.into()) => {}
             }
         }
+        // A reconnect during the wait: what was in flight on the old connection goes again.
+        self.check_reconnect();
         self.republish().await
     }
 
-    /// Sends every message of the window that is not acknowledged again, in order. Stops at
-    /// the first one the client does not take: what follows it must not overtake it.
+    /// Sends every message of the window that is not acknowledged again, in order, each but
+    /// the first expecting the one before it. Stops at the first one the client does not take:
+    /// what follows it must not overtake it.
     async fn republish(&mut self) -> Result<(), PublishError> {
         let mut window = std::mem::take(&mut self.window);
         let mut result = Ok(());
+        // Every message before the first unacknowledged one is stored: it needs no expectation.
+        let mut prev: Option<String> = None;
+        let mut first = true;
         for entry in window.iter_mut() {
+            let id = entry.message_id();
             if matches!(entry.state, AckState::Acked { .. }) {
+                if !first {
+                    prev = Some(id);
+                }
                 continue;
             }
-            match send(&self.client, entry).await {
+            let expect = if first { None } else { prev.take() };
+            first = false;
+            prev = Some(id.clone());
+            match send(&self.client, entry, id, expect).await {
                 Ok(()) => entry.state = AckState::Pending,
                 Err(e) => {
                     self.stats.publish_errors.fetch_add(1, Ordering::Relaxed);
@@ -659,6 +879,8 @@ impl Publisher {
                 }
             }
         }
+        // The next new message follows the last one of the window.
+        self.last_id = window.back().map(InFlight::message_id);
         self.window = window;
         self.front_since = Instant::now();
         result
@@ -691,12 +913,21 @@ impl Publisher {
     }
 }
 
-/// Publishes one message of the window with its message id and reply subject. The header map
-/// is built for each send: the client takes it by value, and cloning one costs as much as
-/// building it.
-async fn send(client: &Client, entry: &InFlight) -> Result<(), async_nats::PublishError> {
+/// Publishes one message of the window with its message id `id`, its reply subject and, when
+/// `expect` is given, the id of the message that must be the last one in the stream before it.
+/// The header map is built for each send: the client takes it by value, and cloning one costs
+/// as much as building it.
+async fn send(
+    client: &Client,
+    entry: &InFlight,
+    id: String,
+    expect: Option<String>,
+) -> Result<(), async_nats::PublishError> {
     let mut headers = HeaderMap::new();
-    headers.insert(NATS_MESSAGE_ID, entry.message_id());
+    headers.insert(NATS_MESSAGE_ID, id);
+    if let Some(expect) = expect {
+        headers.insert(NATS_EXPECTED_LAST_MESSAGE_ID, expect);
+    }
     client
         .publish_with_reply_and_headers(
             entry.subject.clone(),
@@ -705,6 +936,15 @@ async fn send(client: &Client, entry: &InFlight) -> Result<(), async_nats::Publi
             entry.payload.clone(),
         )
         .await
+}
+
+/// Returns when the client connects or disconnects; without connection events, after a short
+/// wait (the caller then asks the client for its state).
+async fn wait_connection_change(connection: Option<&NatsStats>) {
+    match connection {
+        Some(stats) => stats.changed.notified().await,
+        None => tokio::time::sleep(RECONNECT_POLL).await,
+    }
 }
 
 /// Set when the publisher thread ends, for the wal thread to notice.
