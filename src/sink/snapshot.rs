@@ -767,7 +767,7 @@ impl SnapshotService {
                     continue;
                 }
             }
-            // Under the same cap as requests, ignoring the cooldown: wait for a free place.
+            // Under the same cap as requests: wait for a free place.
             let claim = loop {
                 if self.shutdown.is_triggered() {
                     return;
@@ -784,7 +784,7 @@ impl SnapshotService {
             };
             let Some(claim) = claim else {
                 log::info!(
-                    "snapshot on start: a requested snapshot of {qualified} is already running; none taken"
+                    "snapshot on start: a requested snapshot of {qualified} is running or just started; none taken"
                 );
                 continue;
             };
