@@ -474,6 +474,28 @@ pub struct SnapshotArgs {
                                a failed one); --snapshot-on-start=false turns a file's true off",
                               cfg::DEFAULT_SNAPSHOT_ON_START))]
     pub snapshot_on_start: Option<bool>,
+
+    /// `snapshot.reply_prefix`.
+    #[arg(long, env = "BRIDGE_SNAPSHOT_REPLY_PREFIX", value_name = "PREFIX", global = true,
+          help = with_default("Answer snapshot requests only when their reply subject starts \
+                               with this prefix (the clients' inbox prefix); other requests \
+                               are neither answered nor served",
+                              cfg::DEFAULT_SNAPSHOT_REPLY_PREFIX))]
+    pub snapshot_reply_prefix: Option<String>,
+
+    /// `snapshot.max_concurrent`.
+    #[arg(long, env = "BRIDGE_SNAPSHOT_MAX_CONCURRENT", value_name = "N", global = true,
+          help = with_default("Snapshots that may run at once (each holds a temporary \
+                               replication slot); more requests are refused as busy",
+                              cfg::DEFAULT_SNAPSHOT_MAX_CONCURRENT))]
+    pub snapshot_max_concurrent: Option<usize>,
+
+    /// `snapshot.cooldown_secs`.
+    #[arg(long, env = "BRIDGE_SNAPSHOT_COOLDOWN_SECS", value_name = "SECS", global = true,
+          help = with_default("Seconds after a snapshot of a table started during which new \
+                               requests for it are refused; 0 turns it off",
+                              cfg::DEFAULT_SNAPSHOT_COOLDOWN_SECS))]
+    pub snapshot_cooldown_secs: Option<u64>,
 }
 
 /// Stream flags (`[streams]`).

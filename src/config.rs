@@ -123,6 +123,15 @@ pub const DEFAULT_SNAPSHOT_CHUNK_ROWS: usize = 10_000;
 pub const MAX_SNAPSHOT_CHUNK_ROWS: usize = 1_000_000;
 /// Whether streamed tables without a snapshot in the INIT stream are snapshotted at start.
 pub const DEFAULT_SNAPSHOT_ON_START: bool = false;
+/// Subject prefix a snapshot request's reply subject must start with: the inbox prefix of
+/// the NATS clients, so the bridge never publishes a reply into a stream or the JetStream API.
+pub const DEFAULT_SNAPSHOT_REPLY_PREFIX: &str = "_INBOX.";
+/// Snapshots that may run at once; each holds a temporary replication slot and a walsender.
+pub const DEFAULT_SNAPSHOT_MAX_CONCURRENT: usize = 2;
+/// Largest accepted `snapshot.max_concurrent`.
+pub const MAX_SNAPSHOT_MAX_CONCURRENT: usize = 64;
+/// Seconds after a snapshot of a table started during which a new request for it is refused.
+pub const DEFAULT_SNAPSHOT_COOLDOWN_SECS: u64 = 10;
 
 /// Name of the JetStream stream holding change events (`cdc.>`).
 pub const DEFAULT_CDC_STREAM: &str = "CDC";
@@ -290,6 +299,21 @@ pub const FIELD_SOURCES: &[(&str, &str, &str)] = &[
         "snapshot.on_start",
         "--snapshot-on-start",
         "BRIDGE_SNAPSHOT_ON_START",
+    ),
+    (
+        "snapshot.reply_prefix",
+        "--snapshot-reply-prefix",
+        "BRIDGE_SNAPSHOT_REPLY_PREFIX",
+    ),
+    (
+        "snapshot.max_concurrent",
+        "--snapshot-max-concurrent",
+        "BRIDGE_SNAPSHOT_MAX_CONCURRENT",
+    ),
+    (
+        "snapshot.cooldown_secs",
+        "--snapshot-cooldown-secs",
+        "BRIDGE_SNAPSHOT_COOLDOWN_SECS",
     ),
     ("streams.cdc", "--stream", "BRIDGE_STREAMS"),
     ("streams.init", "--stream", "BRIDGE_STREAMS"),
@@ -1060,6 +1084,13 @@ pub struct SnapshotConfig {
     /// Snapshot, at start, every streamed table whose INIT stream holds no `init.meta.{table}`,
     /// or only a failed one.
     pub on_start: bool,
+    /// Requests are answered only when their reply subject starts with this prefix.
+    pub reply_prefix: String,
+    /// Snapshots that may run at once.
+    pub max_concurrent: usize,
+    /// Seconds after a snapshot of a table started during which requests for it are refused;
+    /// 0 turns the cooldown off.
+    pub cooldown_secs: u64,
 }
 
 impl Default for SnapshotConfig {
@@ -1067,6 +1098,9 @@ impl Default for SnapshotConfig {
         Self {
             chunk_rows: DEFAULT_SNAPSHOT_CHUNK_ROWS,
             on_start: DEFAULT_SNAPSHOT_ON_START,
+            reply_prefix: DEFAULT_SNAPSHOT_REPLY_PREFIX.to_owned(),
+            max_concurrent: DEFAULT_SNAPSHOT_MAX_CONCURRENT,
+            cooldown_secs: DEFAULT_SNAPSHOT_COOLDOWN_SECS,
         }
     }
 }
@@ -1083,7 +1117,111 @@ impl SnapshotConfig {
                 ),
             ));
         }
+        if !(1..=MAX_SNAPSHOT_MAX_CONCURRENT).contains(&self.max_concurrent) {
+            return Err(invalid(
+                "snapshot.max_concurrent",
+                format!(
+                    "{} is not between 1 and {MAX_SNAPSHOT_MAX_CONCURRENT}",
+                    self.max_concurrent
+                ),
+            ));
+        }
+        if let Err(reason) = check_reply_prefix(&self.reply_prefix) {
+            return Err(invalid("snapshot.reply_prefix", reason));
+        }
         Ok(())
+    }
+
+    /// The cooldown between two snapshots of one table.
+    pub fn cooldown(&self) -> Duration {
+        Duration::from_secs(self.cooldown_secs)
+    }
+}
+
+/// Subject prefixes of the bridge's own streams and of the NATS system subjects: a reply
+/// prefix overlapping one would let a requester have replies stored or sent to an API.
+const RESERVED_SUBJECT_PREFIXES: &[&str] = &["cdc.", "init.", "snapshot.", "outbox.", "dlq."];
+
+/// Checks a snapshot reply prefix: printable, no wildcards, whole tokens ending in `.`, and
+/// clear of the bridge's streams and of `$`-subjects (JetStream API, KV buckets, system).
+fn check_reply_prefix(prefix: &str) -> Result<(), String> {
+    let shown = format!("{prefix:?}");
+    if prefix.is_empty() {
+        return Err("is empty: use the NATS inbox prefix, e.g. _INBOX.".into());
+    }
+    if prefix.bytes().any(|b| !b.is_ascii_graphic()) {
+        return Err(format!(
+            "{shown} contains whitespace or non-ASCII characters"
+        ));
+    }
+    if prefix.contains(['*', '>']) {
+        return Err(format!("{shown} contains a wildcard (* or >)"));
+    }
+    let Some(body) = prefix.strip_suffix('.') else {
+        return Err(format!(
+            "{shown} must end with '.' so it matches whole tokens, e.g. \"{prefix}.\""
+        ));
+    };
+    if body.is_empty() || body.split('.').any(str::is_empty) {
+        return Err(format!("{shown} has an empty subject token"));
+    }
+    if prefix.starts_with('$') {
+        return Err(format!(
+            "{shown} reaches system subjects ($JS, $KV, $SYS): use an inbox prefix such as _INBOX."
+        ));
+    }
+    let lower = prefix.to_ascii_lowercase();
+    if let Some(r) = RESERVED_SUBJECT_PREFIXES
+        .iter()
+        .find(|r| lower.starts_with(*r) || r.starts_with(&lower))
+    {
+        return Err(format!(
+            "{shown} overlaps the bridge's subjects {r}>: use an inbox prefix such as _INBOX."
+        ));
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod reply_prefix_tests {
+    use super::*;
+
+    #[test]
+    fn only_inbox_like_prefixes_are_accepted() {
+        for ok in ["_INBOX.", "_INBOX_app.", "replies.bridge.", "a."] {
+            assert_eq!(check_reply_prefix(ok), Ok(()), "{ok}");
+        }
+        for bad in [
+            "",
+            "_INBOX",
+            ".",
+            "a..b.",
+            ".a.",
+            "_IN BOX.",
+            "_INBOX.*.",
+            "_INBOX.>",
+            "$JS.API.",
+            "$KV.schemas.",
+            "cdc.",
+            "CDC.",
+            "init.x.",
+            "snapshot.",
+            "c",
+            "dlq.",
+        ] {
+            assert!(check_reply_prefix(bad).is_err(), "{bad:?} accepted");
+        }
+        let mut c = SnapshotConfig {
+            reply_prefix: "cdc.".into(),
+            ..SnapshotConfig::default()
+        };
+        let e = c.validate().unwrap_err().to_string();
+        assert!(e.contains("snapshot.reply_prefix"), "{e}");
+        c.reply_prefix = DEFAULT_SNAPSHOT_REPLY_PREFIX.into();
+        c.max_concurrent = 0;
+        assert!(c.validate().is_err());
+        c.max_concurrent = 2;
+        assert!(c.validate().is_ok());
     }
 }
 
@@ -1247,7 +1385,8 @@ impl fmt::Display for Config {
             "postgres={}@{}:{}/{} pg_password={} sslmode={} nats={} nats_auth={} \
              slot={} publication={} tables={} format={} streams={},{} http={} admin_token={} \
              state_file={} ring_capacity={} max_in_flight={} snapshot_chunk_rows={} \
-             snapshot_on_start={}",
+             snapshot_on_start={} snapshot_reply_prefix={} snapshot_max_concurrent={} \
+             snapshot_cooldown_secs={}",
             pg.user,
             pg.host,
             pg.port,
@@ -1269,6 +1408,9 @@ impl fmt::Display for Config {
             self.replication.max_in_flight,
             self.snapshot.chunk_rows,
             self.snapshot.on_start,
+            self.snapshot.reply_prefix,
+            self.snapshot.max_concurrent,
+            self.snapshot.cooldown_secs,
         )
     }
 }
@@ -1422,6 +1564,12 @@ impl RawConfig {
         let a = &args.snapshot;
         given(&mut self.snapshot.chunk_rows, &a.snapshot_chunk_rows);
         given(&mut self.snapshot.on_start, &a.snapshot_on_start);
+        given(&mut self.snapshot.reply_prefix, &a.snapshot_reply_prefix);
+        given(
+            &mut self.snapshot.max_concurrent,
+            &a.snapshot_max_concurrent,
+        );
+        given(&mut self.snapshot.cooldown_secs, &a.snapshot_cooldown_secs);
 
         let a = &args.streams;
         let s = &mut self.streams;

@@ -62,9 +62,12 @@ fn requests_get_clear_replies_and_leave_streaming_untouched() {
         "",
     );
     let dir = TempDir::new("bridge");
-    let bridge = BridgeProcess::spawn(
-        bridge_command(&env.pg, &env.nats.url(), dir.path()).args(["--snapshot-chunk-rows", "500"]),
-    );
+    let bridge = BridgeProcess::spawn(bridge_command(&env.pg, &env.nats.url(), dir.path()).args([
+        "--snapshot-chunk-rows",
+        "500",
+        "--snapshot-cooldown-secs",
+        "0",
+    ]));
     bridge.wait_for_line("snapshot requests served", Duration::from_secs(60));
     let url = env.nats.url();
 
@@ -77,12 +80,18 @@ fn requests_get_clear_replies_and_leave_streaming_untouched() {
             .contains("unknown table public.nosuch"),
         "{r}"
     );
-    assert!(r["error"].as_str().unwrap().contains("public.users"), "{r}");
+    assert_eq!(r["reason"], "unknown_table", "{r}");
+    // The streamed tables are not listed to whoever asks.
+    assert!(
+        !r["error"].as_str().unwrap().contains("public.users"),
+        "{r}"
+    );
 
     let r = request(&url, "snapshot.request.a.b.c");
     assert_eq!(r["status"], "error", "{r}");
+    assert_eq!(r["reason"], "malformed", "{r}");
     assert!(
-        r["error"].as_str().unwrap().contains("malformed subject"),
+        r["error"].as_str().unwrap().contains("malformed table"),
         "{r}"
     );
 
@@ -485,9 +494,12 @@ fn a_failed_snapshot_publishes_its_error_to_the_meta_subject_and_streaming_goes_
     let nats = common::NatsServer::start_with_args(&["-c", conf.to_str().unwrap()]);
     let url = nats.url();
     let dir = TempDir::new("bridge");
-    let bridge = BridgeProcess::spawn(
-        bridge_command(&pg, &url, dir.path()).args(["--snapshot-chunk-rows", "10"]),
-    );
+    let bridge = BridgeProcess::spawn(bridge_command(&pg, &url, dir.path()).args([
+        "--snapshot-chunk-rows",
+        "10",
+        "--snapshot-cooldown-secs",
+        "0",
+    ]));
     bridge.wait_for_line("snapshot requests served", Duration::from_secs(60));
 
     let r = request(&url, "snapshot.request.docs");
@@ -581,32 +593,67 @@ fn a_failed_snapshot_publishes_its_error_to_the_meta_subject_and_streaming_goes_
 }
 
 #[test]
-fn a_snapshot_while_postgresql_is_down_reports_it_in_the_configured_format() {
+fn failures_use_the_configured_format_and_a_bridge_without_postgresql_stops_serving() {
     let mut env = TestEnv::start();
     setup_app_db(&env.pg, "CREATE TABLE users (id int PRIMARY KEY)", "");
     let url = env.nats.url();
     let dir = TempDir::new("bridge");
-    let bridge =
-        BridgeProcess::spawn(bridge_command(&env.pg, &url, dir.path()).args(["--format", "json"]));
+    let bridge = BridgeProcess::spawn(bridge_command(&env.pg, &url, dir.path()).args([
+        "--format",
+        "json",
+        "--snapshot-cooldown-secs",
+        "0",
+    ]));
     bridge.wait_for_line("snapshot requests served", Duration::from_secs(60));
-    env.pg.stop(common::StopMode::Fast);
 
+    // The COPY fails: the failure document is JSON, like every message of this bridge.
+    env.pg
+        .sql("app", "REVOKE SELECT ON users FROM bridge_reader");
     let r = request(&url, "snapshot.request.users");
     assert_eq!(r["status"], "accepted", "{r}");
     let failure = wait_for_metas(&url, "users", 1);
     let doc: serde_json::Value = serde_json::from_slice(&failure.payload).expect("JSON");
     assert_eq!(doc["snapshot_id"], r["snapshot_id"]);
     let error = doc["error"].as_str().unwrap();
-    assert!(error.contains("PostgreSQL is unreachable"), "{error}");
+    assert!(error.contains("permission denied"), "{error}");
     assert!(error.contains("request the snapshot again"), "{error}");
     assert!(
         doc.get("lsn").is_none() && doc.get("cdc_stream_seq").is_none(),
         "{doc}"
     );
+    env.pg.sql("app", "GRANT SELECT ON users TO bridge_reader");
 
-    // Back again: the bridge reconnects and the next snapshot succeeds.
+    // PostgreSQL down: the bridge no longer streams from the slot, so it does not answer.
+    env.pg.stop(common::StopMode::Fast);
+    bridge.wait_for_line(
+        "snapshot requests no longer served",
+        Duration::from_secs(30),
+    );
+    let err = common::with_nats(&url, |client| async move {
+        client
+            .request("snapshot.request.users".to_string(), "".into())
+            .await
+            .map(|_| ())
+            .unwrap_err()
+            .to_string()
+    });
+    assert!(err.contains("no responders"), "{err}");
+
+    // Back again: the bridge streams and serves again, and the snapshot succeeds.
     env.pg.start_again();
-    let r = request(&url, "snapshot.request.users");
+    let r = wait_for("the request served again", Duration::from_secs(60), || {
+        common::with_nats(&url, |client| async move {
+            let reply = client
+                .request("snapshot.request.users".to_string(), "".into())
+                .await
+                .ok()?;
+            Some(serde_json::from_slice::<serde_json::Value>(&reply.payload).unwrap())
+        })
+        .or_else(|| {
+            std::thread::sleep(Duration::from_millis(300));
+            None
+        })
+    });
     assert_eq!(r["status"], "accepted", "{r}");
     let meta = wait_for_metas(&url, "users", 2);
     let meta: serde_json::Value = serde_json::from_slice(&meta.payload).expect("JSON");

@@ -297,9 +297,10 @@ class Bridge:
                 answer = json.loads(reply.data)
                 if answer.get("status") == "accepted":
                     break
-                if "already in progress" not in answer.get("error", ""):
+                # in progress, just taken (cooldown) or busy: ask again later
+                if answer.get("reason") not in ("in_progress", "cooldown", "busy"):
                     raise SystemExit(f"snapshot request refused: {answer.get('error')}")
-                await asyncio.sleep(1)  # another consumer's snapshot runs: ask again later
+                await asyncio.sleep(1)
             snapshot_id = answer["snapshot_id"]
             log(f"snapshot {snapshot_id} requested")
             deadline = time.monotonic() + SNAPSHOT_TIMEOUT

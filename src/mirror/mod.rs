@@ -602,13 +602,19 @@ impl Mirror {
                         || String::from_utf8_lossy(&msg.payload).into_owned(),
                         str::to_owned,
                     );
-                    if !reason.contains("already in progress") {
+                    // Passing refusals: a snapshot of this table runs or just started (another
+                    // consumer's), or the bridge runs as many as it allows.
+                    let passing = matches!(
+                        answer["reason"].as_str(),
+                        Some("in_progress" | "cooldown" | "busy")
+                    ) || reason.contains("already in progress");
+                    if !passing {
                         return Err(MirrorError::SnapshotRefused {
                             table: token.to_owned(),
                             reason,
                         });
                     }
-                    // Another consumer's snapshot of this table runs: ask again shortly.
+                    // Ask again shortly.
                 }
                 Ok(Err(e)) => {
                     if !warned {

@@ -226,6 +226,24 @@ pub fn check_database(
     })
 }
 
+/// The tables of `publication` now, e.g. to find tables added while the bridge runs.
+pub fn published_tables(
+    conn: &mut PgConnection,
+    publication: &str,
+) -> Result<Vec<PublishedTable>, PgError> {
+    let r = conn.query_params(
+        "SELECT schemaname, tablename FROM pg_publication_tables WHERE pubname = $1 ORDER BY 1, 2",
+        &[publication],
+    )?;
+    Ok(r.rows
+        .iter()
+        .map(|row| PublishedTable {
+            schema: row[0].clone().unwrap_or_default(),
+            name: row[1].clone().unwrap_or_default(),
+        })
+        .collect())
+}
+
 /// The state of the bridge's slot.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct SlotState {

@@ -273,6 +273,17 @@ fn run_pipeline(
         start
     );
 
+    // Snapshots connect to NATS on their own (retrying while it is away) and serve requests
+    // only while the wal side streams from the slot.
+    let (schema_tx, schema_rx) = tokio::sync::mpsc::unbounded_channel();
+    let snapshots = spawn_snapshot_service(
+        config,
+        shutdown,
+        Arc::clone(telemetry),
+        info.tables.clone(),
+        schema_rx,
+    );
+
     let (producer, consumer) = rtrb::RingBuffer::<RingItem>::new(config.replication.ring_capacity);
     // Published events go back to the wal thread to be reused (bounded: at most this many
     // wait there, the rest are dropped).
@@ -300,10 +311,12 @@ fn run_pipeline(
         Ok(Ok(())) => {}
         Ok(Err(e)) => {
             let _ = publisher.join();
+            stop_snapshots(shutdown, snapshots);
             return Err(e.into());
         }
         Err(_) => {
             // The publisher ended before it was ready: shutdown during connect, or a panic.
+            stop_snapshots(shutdown, snapshots);
             return match publisher.join() {
                 Ok(Ok(())) => Ok(RunSummary::default()),
                 Ok(Err(e)) => Err(e),
@@ -311,10 +324,9 @@ fn run_pipeline(
             };
         }
     }
+    // Phase "streaming": set-up done. `streaming started` is logged by the wal side once
+    // START_REPLICATION succeeded on the slot.
     telemetry.set_streaming();
-    log::info!("streaming started in {} ms", started.elapsed().as_millis());
-    let (schema_tx, schema_rx) = tokio::sync::mpsc::unbounded_channel();
-    let snapshots = spawn_snapshot_service(config, shutdown, info.tables.clone(), schema_rx);
 
     let mut ctx = WalContext {
         producer,
@@ -375,11 +387,7 @@ fn run_pipeline(
     let publisher_result = publisher
         .join()
         .map_err(|_| RunError::Internal("the publisher thread panicked".into()))?;
-    if let Some(s) = snapshots {
-        // It stops on the shutdown signal within its poll interval.
-        shutdown.trigger();
-        let _ = s.join();
-    }
+    stop_snapshots(shutdown, snapshots);
     let summary = RunSummary {
         wal: WalStats {
             uptime: started.elapsed(),
@@ -482,11 +490,49 @@ fn spawn_publisher(
         .map_err(|e| RunError::Internal(format!("cannot start the publisher thread: {e}")))
 }
 
-/// Starts the snapshot thread: its own NATS connection and runtime, serving
-/// `snapshot.request.{table}` until shutdown. A failure to start only disables snapshots.
+/// Ends the snapshot thread: the run is over (it stops on the shutdown signal within its poll
+/// interval, after waiting a bounded time for running snapshots).
+fn stop_snapshots(shutdown: &Shutdown, snapshots: Option<JoinHandle<()>>) {
+    if let Some(s) = snapshots {
+        shutdown.trigger();
+        let _ = s.join();
+    }
+}
+
+/// Sleeps up to `d`, waking early on shutdown (async).
+async fn sleep_unless_async(shutdown: &Shutdown, d: Duration) {
+    let deadline = Instant::now() + d;
+    while !shutdown.is_triggered() && Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(50).min(deadline - Instant::now())).await;
+    }
+}
+
+/// Runs `f` until it completes; `None` when shutdown came first (polled every 50 ms).
+async fn unless_shutdown<T>(
+    shutdown: &Shutdown,
+    f: impl std::future::Future<Output = T>,
+) -> Option<T> {
+    tokio::pin!(f);
+    loop {
+        tokio::select! {
+            v = &mut f => return Some(v),
+            _ = tokio::time::sleep(Duration::from_millis(50)) => {
+                if shutdown.is_triggered() {
+                    return None;
+                }
+            }
+        }
+    }
+}
+
+/// Starts the snapshot thread: its own NATS connection (retried with the reconnect backoff
+/// while NATS is away, like the publisher's) and runtime, serving `snapshot.request.{table}`
+/// while this process streams from the slot, until shutdown. The schemas bucket is kept
+/// current on a thread of its own, so reading the catalog never holds up a request.
 fn spawn_snapshot_service(
     config: &Config,
     shutdown: &Shutdown,
+    telemetry: Arc<Telemetry>,
     tables: Vec<setup::PublishedTable>,
     schema_changes: tokio::sync::mpsc::UnboundedReceiver<(Arc<str>, Arc<str>)>,
 ) -> Option<JoinHandle<()>> {
@@ -507,41 +553,127 @@ fn spawn_snapshot_service(
             };
             let handle = rt.handle().clone();
             rt.block_on(async {
-                let client = match nats::connect(&config.nats, "pgbridge-snapshots").await {
-                    Ok((c, _)) => c,
-                    Err(e) => {
-                        log::error!("snapshots unavailable: {e}");
-                        return;
+                let backoff = config.replication.reconnect_backoff();
+                let client = loop {
+                    let attempt = nats::connect(&config.nats, "pgbridge-snapshots");
+                    match unless_shutdown(&shutdown, attempt).await {
+                        None => return,
+                        Some(Ok((c, _))) => break c,
+                        // The publisher reports it too and stops the bridge.
+                        Some(Err(e)) if e.is_configuration() => {
+                            log::error!("snapshots unavailable: {e}");
+                            return;
+                        }
+                        Some(Err(e)) => {
+                            log::warn!("snapshot service: {e}; retrying in {}s", backoff.as_secs());
+                            sleep_unless_async(&shutdown, backoff).await;
+                        }
                     }
                 };
                 let js = async_nats::jetstream::context::ContextBuilder::new()
                     .timeout(crate::sink::publisher::ACK_TIMEOUT)
                     .build(client.clone());
-                let schemas = match crate::sink::schemas::open_bucket(&js).await {
-                    Ok(store) => Some(crate::sink::schemas::SchemaWriter::new(
-                        store,
-                        config.replication.format,
-                        config.postgres.libpq_params(),
-                    )),
-                    Err(e) => {
-                        log::error!("schemas unavailable: {e}");
-                        None
-                    }
-                };
+                let schemas = spawn_schema_writer(
+                    &config,
+                    &shutdown,
+                    js.clone(),
+                    tables.clone(),
+                    schema_changes,
+                );
                 let service = crate::sink::snapshot::SnapshotService::new(
                     &config,
                     js,
                     handle,
                     tables,
+                    Arc::clone(&telemetry),
                     shutdown.clone(),
                 );
-                service.serve(client, schemas, schema_changes).await;
+                let _ = telemetry.snapshots.set(Arc::clone(&service));
+                service.serve(client).await;
+                // The schema thread uses this runtime's connection: wait for it (bounded; it
+                // ends on shutdown or when the wal side closes its channel).
+                if let Some(h) = schemas {
+                    let deadline = Instant::now() + Duration::from_secs(5);
+                    while !h.is_finished() && Instant::now() < deadline {
+                        tokio::time::sleep(Duration::from_millis(20)).await;
+                    }
+                }
             });
         });
     match spawned {
         Ok(h) => Some(h),
         Err(e) => {
             log::error!("snapshots unavailable: cannot start the thread: {e}");
+            None
+        }
+    }
+}
+
+/// Starts the thread that writes the streamed tables' schemas to the KV bucket at start and
+/// again for every table whose Relation message arrives on `changes`. It reads the catalog
+/// (blocking libpq) on its own thread and runtime; its NATS requests go through `js`.
+fn spawn_schema_writer(
+    config: &Config,
+    shutdown: &Shutdown,
+    js: async_nats::jetstream::Context,
+    tables: Vec<setup::PublishedTable>,
+    mut changes: tokio::sync::mpsc::UnboundedReceiver<(Arc<str>, Arc<str>)>,
+) -> Option<JoinHandle<()>> {
+    use crate::sink::schemas::{open_bucket, SchemaWriter, SCHEMAS_BUCKET};
+    let format = config.replication.format;
+    let params = config.postgres.libpq_params();
+    let shutdown = shutdown.clone();
+    let spawned = std::thread::Builder::new()
+        .name("schemas".into())
+        .spawn(move || {
+            let rt = match tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+            {
+                Ok(rt) => rt,
+                Err(e) => {
+                    log::error!("schemas unavailable: tokio runtime: {e}");
+                    return;
+                }
+            };
+            rt.block_on(async {
+                let mut writer = match open_bucket(&js).await {
+                    Ok(store) => SchemaWriter::new(store, format, params),
+                    Err(e) => {
+                        log::error!("schemas unavailable: {e}");
+                        return;
+                    }
+                };
+                for t in &tables {
+                    if shutdown.is_triggered() {
+                        return;
+                    }
+                    match writer.refresh(&t.schema, &t.name).await {
+                        Ok(true) => log::info!(
+                            "schema of {} written to KV bucket {SCHEMAS_BUCKET}",
+                            t.qualified()
+                        ),
+                        Ok(false) => {}
+                        Err(e) => log::warn!("{e}"),
+                    }
+                }
+                while let Some(Some((schema, table))) =
+                    unless_shutdown(&shutdown, changes.recv()).await
+                {
+                    match writer.refresh(&schema, &table).await {
+                        Ok(true) => log::info!(
+                            "schema of {schema}.{table} changed: new revision in KV bucket {SCHEMAS_BUCKET}"
+                        ),
+                        Ok(false) => {}
+                        Err(e) => log::warn!("{e}"),
+                    }
+                }
+            });
+        });
+    match spawned {
+        Ok(h) => Some(h),
+        Err(e) => {
+            log::error!("schemas unavailable: cannot start the thread: {e}");
             None
         }
     }

@@ -276,6 +276,13 @@ impl<'c> WalStream<'c> {
         self.spool = Some(Spool::new(&self.spool_dir)?);
         ctx.telemetry.wal.set_connected(true);
         ctx.telemetry.set_pg_problem(None);
+        // Logged once START_REPLICATION succeeded: a standby waiting for the slot never says it.
+        if ctx.telemetry.mark_stream_established() {
+            log::info!(
+                "streaming started in {} ms",
+                ctx.telemetry.uptime().as_millis()
+            );
+        }
         self.last_received = start;
         self.last_heard = Instant::now();
         self.pinged = false;

@@ -1,7 +1,8 @@
-//! The snapshot service: answers `snapshot.request.{table}` (core NATS request/reply), takes
-//! a consistent snapshot of the table (see [`crate::pg::snapshot`]) and publishes it to the
-//! INIT stream as chunks `init.snap.{table}.{snapshot_id}.{chunk}`, followed by
-//! `init.meta.{table}` with the consistent point and the CDC stream sequence to continue from.
+//! The snapshot service: answers `snapshot.request.{table}` (core NATS request/reply) and
+//! `POST /snapshots/{table}`, takes a consistent snapshot of the table (see
+//! [`crate::pg::snapshot`]) and publishes it to the INIT stream as chunks
+//! `init.snap.{table}.{snapshot_id}.{chunk}`, followed by `init.meta.{table}` with the
+//! consistent point and the CDC stream sequence to continue from.
 //!
 //! A snapshot that fails after it was accepted publishes a failure document on the same
 //! `init.meta.{table}` subject instead (`{snapshot_id, table, schema, timestamp, error}`), so a
@@ -10,11 +11,20 @@
 //! one after the other, through the same path as requests.
 //!
 //! Replies are JSON whatever the message format, so they can be read with `nats req`:
-//! `{"status":"accepted","snapshot_id":...,"table":...}` or `{"status":"error","error":...}`.
-//! Snapshots run on their own threads: change streaming never waits for them, and a request
-//! never takes the bridge down.
+//! `{"status":"accepted","snapshot_id":...,"table":...}` or
+//! `{"status":"error","reason":...,"error":...}`. The bridge publishes with its own
+//! credentials, so a reply goes only to a subject under `snapshot.reply_prefix` (the clients'
+//! inbox prefix): a request asking for any other reply subject (a stream subject, a KV key,
+//! the JetStream API) is neither answered nor served. A request without a reply subject
+//! (`nats pub`) is served without a reply, as NATS services do.
+//!
+//! Only the bridge that streams from the replication slot serves requests; a standby does
+//! not subscribe until it holds the slot, and a bridge that loses it unsubscribes. At most
+//! `snapshot.max_concurrent` snapshots run at once, and a table is not snapshotted again
+//! within `snapshot.cooldown_secs` of its last start. Snapshots run on their own threads:
+//! change streaming never waits for them, and a request never takes the bridge down.
 
-use std::collections::{HashSet, VecDeque};
+use std::collections::{HashMap, HashSet, VecDeque};
 use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
@@ -27,19 +37,31 @@ use bytes::Bytes;
 use futures_util::StreamExt;
 
 use crate::config::{Config, Format};
-use crate::pg::setup::PublishedTable;
+use crate::pg::conn::{ConnectionKind, PgConnection};
+use crate::pg::setup::{published_tables, PublishedTable};
 use crate::pg::snapshot::{take_snapshot, SnapshotColumns, SnapshotError};
 use crate::pg::value::Value;
 use crate::pg::Lsn;
 use crate::shutdown::Shutdown;
+use crate::telemetry::Telemetry;
 
 use super::encode::{encode_chunk, encode_document, ChunkHeader, ChunkRows};
 use super::nats::{max_payload, stream_last_sequence, NatsError, INIT_SUBJECT_PREFIX};
-use super::schemas::{SchemaWriter, SCHEMAS_BUCKET};
 use super::subject::{parse_table_token, push_table_token};
 
 /// Subject prefix of snapshot requests.
 pub const REQUEST_PREFIX: &str = "snapshot.request";
+/// Least time between two reads of the publication's tables for requests naming a table the
+/// bridge does not know (tables added to the publication while it runs).
+const PUBLICATION_REFRESH_INTERVAL: Duration = Duration::from_secs(5);
+/// Least time between two warnings about requests with a reply subject outside the prefix;
+/// the ones in between are counted and reported with the next warning.
+const IGNORED_WARN_INTERVAL: Duration = Duration::from_secs(10);
+/// How often the request loop checks for shutdown and for the slot.
+const SERVE_POLL: Duration = Duration::from_millis(200);
+/// Longest subject shown in a log line (subjects come from clients).
+const SHOWN_SUBJECT_CHARS: usize = 120;
+
 /// How long publishing one chunk may take before the snapshot fails.
 const CHUNK_ACK_TIMEOUT: Duration = Duration::from_secs(30);
 /// Chunks whose PubAck may be outstanding at once. Waiting for each ack before reading on
@@ -148,7 +170,185 @@ enum LastMeta {
     Failed,
 }
 
-/// Everything a snapshot needs, shared by the request handler and snapshot threads.
+/// Why a request was refused. The text is the reply's `error`; it names the requested table
+/// only, never the tables the bridge streams.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum Refusal {
+    /// The subject or path does not name a table.
+    #[error(
+        "malformed table {token:?}: {reason} (expected {REQUEST_PREFIX}.{{table}} or \
+         {REQUEST_PREFIX}.{{schema}}.{{table}}, with the table token of change subjects)"
+    )]
+    Malformed {
+        /// The table part as received.
+        token: String,
+        /// What is wrong with it.
+        reason: String,
+    },
+    /// The table is not one this bridge streams.
+    #[error(
+        "unknown table {0}: this bridge does not stream it (not in the publication, or not \
+         selected with --table); check the name and the publication"
+    )]
+    UnknownTable(String),
+    /// A snapshot of the table is running.
+    #[error("a snapshot of {0} is already in progress; wait for its init.meta message")]
+    InProgress(String),
+    /// The table was snapshotted moments ago.
+    #[error(
+        "a snapshot of {table} started less than {cooldown_secs} s ago (snapshot.cooldown_secs); \
+         try again in {retry_after_secs} s"
+    )]
+    Cooldown {
+        /// `schema.table`.
+        table: String,
+        /// The configured cooldown.
+        cooldown_secs: u64,
+        /// Seconds until a request is accepted.
+        retry_after_secs: u64,
+    },
+    /// As many snapshots as allowed are running.
+    #[error(
+        "busy: {0} snapshot(s) are running, the most this bridge runs at once \
+         (snapshot.max_concurrent); try again in a moment"
+    )]
+    Busy(usize),
+    /// This process does not stream from the slot.
+    #[error(
+        "this bridge does not stream from the replication slot (standby, or reconnecting to \
+         PostgreSQL); the bridge that holds the slot serves snapshots"
+    )]
+    NotActive,
+    /// The bridge is stopping.
+    #[error("the bridge is shutting down; request the snapshot again once a bridge runs")]
+    ShuttingDown,
+    /// The snapshot thread could not start.
+    #[error("cannot start the snapshot: {0}")]
+    Internal(String),
+}
+
+impl Refusal {
+    /// A short machine-readable reason, the reply's `reason`.
+    pub fn code(&self) -> &'static str {
+        match self {
+            Refusal::Malformed { .. } => "malformed",
+            Refusal::UnknownTable(_) => "unknown_table",
+            Refusal::InProgress(_) => "in_progress",
+            Refusal::Cooldown { .. } => "cooldown",
+            Refusal::Busy(_) => "busy",
+            Refusal::NotActive => "standby",
+            Refusal::ShuttingDown => "shutting_down",
+            Refusal::Internal(_) => "internal",
+        }
+    }
+
+    /// The HTTP status of `POST /snapshots/{table}` for this refusal.
+    pub fn http_status(&self) -> u16 {
+        match self {
+            Refusal::Malformed { .. } => 400,
+            Refusal::UnknownTable(_) => 404,
+            Refusal::InProgress(_) => 409,
+            Refusal::Cooldown { .. } | Refusal::Busy(_) => 429,
+            Refusal::NotActive | Refusal::ShuttingDown => 503,
+            Refusal::Internal(_) => 500,
+        }
+    }
+
+    /// Seconds after which the same request may be accepted, when that is known.
+    pub fn retry_after_secs(&self) -> Option<u64> {
+        match self {
+            Refusal::Cooldown {
+                retry_after_secs, ..
+            } => Some(*retry_after_secs),
+            Refusal::Busy(_) => Some(1),
+            _ => None,
+        }
+    }
+
+    /// The reply document.
+    pub fn to_json(&self) -> serde_json::Value {
+        let mut doc = serde_json::json!({
+            "status": "error",
+            "reason": self.code(),
+            "error": self.to_string(),
+        });
+        if let Some(s) = self.retry_after_secs() {
+            doc["retry_after_secs"] = s.into();
+        }
+        doc
+    }
+}
+
+/// A started snapshot.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Accepted {
+    /// The id on its chunks and meta.
+    pub snapshot_id: String,
+    /// Schema.
+    pub schema: String,
+    /// Table.
+    pub table: String,
+}
+
+impl Accepted {
+    /// The reply document.
+    pub fn to_json(&self) -> serde_json::Value {
+        serde_json::json!({"status": "accepted", "snapshot_id": self.snapshot_id,
+            "table": self.table, "schema": self.schema})
+    }
+}
+
+/// Which snapshots run, and when each table's last one started.
+#[derive(Debug, Default)]
+struct Admission {
+    running: HashSet<(String, String)>,
+    started: HashMap<(String, String), Instant>,
+}
+
+impl Admission {
+    /// Marks `key` running at `now` when the rules allow: not running already (today's
+    /// answer to a duplicate), not started within `cooldown`, fewer than `max` running.
+    fn admit(
+        &mut self,
+        key: &(String, String),
+        cooldown: Duration,
+        max: usize,
+        now: Instant,
+    ) -> Result<(), Refusal> {
+        let qualified = || format!("{}.{}", key.0, key.1);
+        if self.running.contains(key) {
+            return Err(Refusal::InProgress(qualified()));
+        }
+        self.started
+            .retain(|_, t| now.saturating_duration_since(*t) < cooldown);
+        if let Some(t) = self.started.get(key) {
+            let left = cooldown.saturating_sub(now.saturating_duration_since(*t));
+            return Err(Refusal::Cooldown {
+                table: qualified(),
+                cooldown_secs: cooldown.as_secs(),
+                // Rounded up: a retry after this many seconds is accepted.
+                retry_after_secs: left.as_secs() + u64::from(left.subsec_nanos() > 0),
+            });
+        }
+        if self.running.len() >= max {
+            return Err(Refusal::Busy(self.running.len()));
+        }
+        self.running.insert(key.clone());
+        if !cooldown.is_zero() {
+            self.started.insert(key.clone(), now);
+        }
+        Ok(())
+    }
+}
+
+/// The tables requests may name, and when the publication was last read for new ones.
+#[derive(Debug)]
+struct KnownTables {
+    tables: Vec<PublishedTable>,
+    refreshed: Option<Instant>,
+}
+
+/// Everything a snapshot needs, shared by the request handlers and snapshot threads.
 pub struct SnapshotService {
     js: Context,
     rt: tokio::runtime::Handle,
@@ -159,16 +359,35 @@ pub struct SnapshotService {
     format: Format,
     chunk_rows: usize,
     on_start: bool,
-    tables: Vec<PublishedTable>,
-    /// Tables with a snapshot running; requests for them are refused meanwhile.
-    busy: Mutex<HashSet<(String, String)>>,
+    reply_prefix: String,
+    max_concurrent: usize,
+    cooldown: Duration,
+    /// The tables streamed at start; on-start snapshots cover these.
+    initial_tables: Vec<PublishedTable>,
+    /// True when every table of the publication is streamed (no `--table`): tables added to
+    /// the publication later are streamed too, so requests may name them.
+    follows_publication: bool,
+    known: Mutex<KnownTables>,
+    admission: Mutex<Admission>,
     /// Snapshot threads, so shutdown can wait for them: they publish through this thread's
     /// runtime, which must keep running until they are done.
     workers: Mutex<Vec<JoinHandle<()>>>,
+    /// Requests with a reply subject outside the prefix since the last warning, and when it was.
+    ignored: Mutex<(u64, Option<Instant>)>,
+    telemetry: Arc<Telemetry>,
     shutdown: Shutdown,
 }
 
-/// A table marked busy; dropping it frees the table for the next snapshot.
+impl std::fmt::Debug for SnapshotService {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("SnapshotService")
+            .field("publication", &self.publication)
+            .field("init_stream", &self.init_stream)
+            .finish_non_exhaustive()
+    }
+}
+
+/// A running snapshot of one table; dropping it frees the table and a place under the cap.
 struct Claim {
     service: Arc<SnapshotService>,
     key: (String, String),
@@ -177,20 +396,43 @@ struct Claim {
 impl Drop for Claim {
     fn drop(&mut self) {
         self.service
-            .busy
+            .admission
             .lock()
             .unwrap_or_else(|p| p.into_inner())
+            .running
             .remove(&self.key);
     }
 }
 
+/// `s` shortened for a log line, quoted and escaped (it comes from a client).
+fn shown(s: &str) -> String {
+    if s.chars().count() > SHOWN_SUBJECT_CHARS {
+        let cut: String = s.chars().take(SHOWN_SUBJECT_CHARS).collect();
+        format!("{cut:?}...")
+    } else {
+        format!("{s:?}")
+    }
+}
+
+/// True when `reply` may receive a reply: under `prefix`, and a plain subject (no
+/// wildcards, whitespace or empty tokens) the server would deliver to one inbox.
+fn reply_allowed(reply: &str, prefix: &str) -> bool {
+    reply.len() > prefix.len()
+        && reply.starts_with(prefix)
+        && reply
+            .bytes()
+            .all(|b| b.is_ascii_graphic() && b != b'*' && b != b'>')
+        && !reply.split('.').any(str::is_empty)
+}
+
 impl SnapshotService {
-    /// A service for `tables` (the tables the bridge streams).
+    /// A service for `tables` (the tables the bridge streams at start).
     pub fn new(
         config: &Config,
         js: Context,
         rt: tokio::runtime::Handle,
         tables: Vec<PublishedTable>,
+        telemetry: Arc<Telemetry>,
         shutdown: Shutdown,
     ) -> Arc<Self> {
         Arc::new(SnapshotService {
@@ -203,78 +445,258 @@ impl SnapshotService {
             format: config.replication.format,
             chunk_rows: config.snapshot.chunk_rows,
             on_start: config.snapshot.on_start,
-            tables,
-            busy: Mutex::new(HashSet::new()),
+            reply_prefix: config.snapshot.reply_prefix.clone(),
+            max_concurrent: config.snapshot.max_concurrent,
+            cooldown: config.snapshot.cooldown(),
+            follows_publication: config.replication.tables.is_empty(),
+            known: Mutex::new(KnownTables {
+                tables: tables.clone(),
+                refreshed: None,
+            }),
+            initial_tables: tables,
+            admission: Mutex::new(Admission::default()),
             workers: Mutex::new(Vec::new()),
+            ignored: Mutex::new((0, None)),
+            telemetry,
             shutdown,
         })
     }
 
-    /// Serves requests, and keeps the schemas bucket current from `schema_changes` (tables
-    /// whose Relation message arrived), until shutdown; then waits (bounded) for running
-    /// snapshots to stop. Runs on the runtime of `self.rt`.
-    pub async fn serve(
-        self: Arc<Self>,
-        client: async_nats::Client,
-        mut schemas: Option<SchemaWriter>,
-        mut schema_changes: tokio::sync::mpsc::UnboundedReceiver<(Arc<str>, Arc<str>)>,
-    ) {
-        if let Some(w) = schemas.as_mut() {
-            for t in &self.tables {
-                match w.refresh(&t.schema, &t.name).await {
-                    Ok(true) => log::info!(
-                        "schema of {} written to KV bucket {SCHEMAS_BUCKET}",
-                        t.qualified()
-                    ),
-                    Ok(false) => {}
-                    Err(e) => log::warn!("{e}"),
-                }
-            }
-        }
-        let mut sub = match client.subscribe(format!("{REQUEST_PREFIX}.>")).await {
-            Ok(s) => s,
-            Err(e) => {
-                log::error!(
-                    "cannot subscribe to {REQUEST_PREFIX}.>: {e}; snapshots are unavailable"
-                );
-                return;
-            }
-        };
-        log::info!("snapshot requests served on {REQUEST_PREFIX}.{{table}}");
-        if self.on_start {
-            let me = Arc::clone(&self);
-            if let Err(e) = self.spawn_worker("snapshot-on-start", move || me.snapshot_on_start()) {
-                log::error!("snapshot on start: cannot start the thread: {e}");
-            }
-        }
+    /// Serves requests until shutdown, while this process streams from the slot: it
+    /// subscribes once the slot is held and unsubscribes when it is lost. Then waits (bounded)
+    /// for running snapshots to stop. Runs on the runtime of `self.rt`.
+    pub async fn serve(self: Arc<Self>, client: async_nats::Client) {
+        let mut on_start_pending = self.on_start;
+        let mut subscribe_failed = false;
         while !self.shutdown.is_triggered() {
-            let msg = tokio::select! {
-                m = sub.next() => match m {
-                    Some(m) => m,
-                    None => break,
-                },
-                Some((schema, table)) = schema_changes.recv() => {
-                    if let Some(w) = schemas.as_mut() {
-                        match w.refresh(&schema, &table).await {
-                            Ok(true) => log::info!("schema of {schema}.{table} changed: new revision in KV bucket {SCHEMAS_BUCKET}"),
-                            Ok(false) => {}
-                            Err(e) => log::warn!("{e}"),
-                        }
+            if !self.telemetry.holds_slot() {
+                tokio::time::sleep(Duration::from_millis(50)).await;
+                continue;
+            }
+            let mut sub = match client.subscribe(format!("{REQUEST_PREFIX}.>")).await {
+                Ok(s) => s,
+                Err(e) => {
+                    if !subscribe_failed {
+                        log::warn!("cannot subscribe to {REQUEST_PREFIX}.>: {e}; retrying");
+                        subscribe_failed = true;
                     }
+                    tokio::time::sleep(Duration::from_secs(1)).await;
                     continue;
                 }
-                _ = tokio::time::sleep(Duration::from_millis(200)) => continue,
             };
-            let reply = self.handle_request(msg.subject.as_str());
-            if let Some(to) = msg.reply {
-                let body = serde_json::to_vec(&reply).unwrap_or_default();
+            subscribe_failed = false;
+            log::info!(
+                "snapshot requests served on {REQUEST_PREFIX}.{{table}} (replies to {}*)",
+                self.reply_prefix
+            );
+            if std::mem::take(&mut on_start_pending) {
+                let me = Arc::clone(&self);
+                if let Err(e) =
+                    self.spawn_worker("snapshot-on-start", move || me.snapshot_on_start())
+                {
+                    log::error!("snapshot on start: cannot start the thread: {e}");
+                }
+            }
+            while !self.shutdown.is_triggered() {
+                tokio::select! {
+                    m = sub.next() => match m {
+                        Some(m) => Arc::clone(&self).dispatch(&client, m).await,
+                        None => break,
+                    },
+                    _ = tokio::time::sleep(SERVE_POLL) => {}
+                }
+                if !self.telemetry.holds_slot() {
+                    log::info!(
+                        "snapshot requests no longer served: this bridge does not stream from \
+                         the replication slot; served again once it does"
+                    );
+                    break;
+                }
+            }
+            let _ = sub.unsubscribe().await;
+        }
+        self.wait_for_workers().await;
+    }
+
+    /// Checks a request's reply subject, serves it and sends the reply.
+    async fn dispatch(self: Arc<Self>, client: &async_nats::Client, msg: async_nats::Message) {
+        let subject = msg.subject.to_string();
+        let reply_to = match msg.reply {
+            Some(r) if reply_allowed(r.as_str(), &self.reply_prefix) => Some(r),
+            Some(r) => {
+                self.ignored_request(&subject, r.as_str());
+                return;
+            }
+            None => None,
+        };
+        // Reading the publication may wait for PostgreSQL: not on the runtime's thread.
+        let me = Arc::clone(&self);
+        let subject_for_request = subject.clone();
+        let outcome =
+            tokio::task::spawn_blocking(move || me.request_subject(&subject_for_request)).await;
+        let outcome = outcome.unwrap_or_else(|e| Err(Refusal::Internal(e.to_string())));
+        let body = match &outcome {
+            Ok(a) => a.to_json(),
+            Err(r) => r.to_json(),
+        };
+        match reply_to {
+            Some(to) => {
+                let body = serde_json::to_vec(&body).unwrap_or_default();
                 if let Err(e) = client.publish(to, Bytes::from(body)).await {
                     log::warn!("snapshot reply not sent: {e}");
                 }
             }
+            None => match outcome {
+                Ok(a) => log::info!(
+                    "snapshot {} of {}.{} requested on {} without a reply subject; started",
+                    a.snapshot_id,
+                    a.schema,
+                    a.table,
+                    shown(&subject)
+                ),
+                Err(r) => log::info!(
+                    "snapshot request on {} without a reply subject refused: {r}",
+                    shown(&subject)
+                ),
+            },
         }
-        drop(sub);
-        self.wait_for_workers().await;
+    }
+
+    /// Counts a request whose reply subject is not an inbox, and warns (rate-limited).
+    fn ignored_request(&self, subject: &str, reply: &str) {
+        self.telemetry
+            .snapshot_requests_ignored
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let mut ignored = self.ignored.lock().unwrap_or_else(|p| p.into_inner());
+        let (suppressed, last) = &mut *ignored;
+        if last.is_some_and(|t| t.elapsed() < IGNORED_WARN_INTERVAL) {
+            *suppressed += 1;
+            return;
+        }
+        let more = if *suppressed > 0 {
+            format!(" ({suppressed} more such requests since the last warning)")
+        } else {
+            String::new()
+        };
+        log::warn!(
+            "snapshot request on {} ignored: its reply subject {} does not start with {:?} \
+             (snapshot.reply_prefix), so it is neither answered nor served{more}; send it as a \
+             request (nats req, client.request), whose reply goes to an inbox, or set \
+             --snapshot-reply-prefix to the clients' inbox prefix",
+            shown(subject),
+            shown(reply),
+            self.reply_prefix
+        );
+        *suppressed = 0;
+        *last = Some(Instant::now());
+    }
+
+    /// A request on `snapshot.request.{table}`.
+    pub fn request_subject(self: &Arc<Self>, subject: &str) -> Result<Accepted, Refusal> {
+        let token = subject
+            .strip_prefix(REQUEST_PREFIX)
+            .and_then(|t| t.strip_prefix('.'))
+            .unwrap_or(subject);
+        self.request(token)
+    }
+
+    /// Starts a snapshot of the table named by `token` (the table token of change subjects:
+    /// `users`, `sales.invoices`), when the rules allow: this bridge holds the slot, the table
+    /// is streamed, no snapshot of it runs, its cooldown is over, and the cap leaves room.
+    pub fn request(self: &Arc<Self>, token: &str) -> Result<Accepted, Refusal> {
+        let (schema, table) = parse_table_token(token).map_err(|e| Refusal::Malformed {
+            token: token.to_string(),
+            reason: e.to_string(),
+        })?;
+        if self.shutdown.is_triggered() {
+            return Err(Refusal::ShuttingDown);
+        }
+        if !self.telemetry.holds_slot() {
+            return Err(Refusal::NotActive);
+        }
+        if !self.is_known(&schema, &table) {
+            return Err(Refusal::UnknownTable(format!("{schema}.{table}")));
+        }
+        let claim = self.admit(&schema, &table)?;
+        let snapshot_id = new_snapshot_id();
+        let id = snapshot_id.clone();
+        // The claim moves into the thread and frees the table when the snapshot ends; if
+        // the thread cannot start, it is dropped with the closure and frees it at once.
+        self.spawn_worker("snapshot", move || {
+            claim.service.execute(&claim.key.0, &claim.key.1, &id);
+            drop(claim);
+        })
+        .map_err(|e| Refusal::Internal(e.to_string()))?;
+        Ok(Accepted {
+            snapshot_id,
+            schema,
+            table,
+        })
+    }
+
+    /// True when the table is streamed. A table not seen yet may have been added to the
+    /// publication since start: the publication is read again (at most every
+    /// [`PUBLICATION_REFRESH_INTERVAL`]) before the answer is no.
+    fn is_known(&self, schema: &str, table: &str) -> bool {
+        let matches = |t: &PublishedTable| t.schema == schema && t.name == table;
+        let mut known = self.known.lock().unwrap_or_else(|p| p.into_inner());
+        if known.tables.iter().any(matches) {
+            return true;
+        }
+        if !self.follows_publication
+            || known
+                .refreshed
+                .is_some_and(|t| t.elapsed() < PUBLICATION_REFRESH_INTERVAL)
+        {
+            return false;
+        }
+        // Held while reading: concurrent requests wait for this read instead of starting
+        // their own.
+        known.refreshed = Some(Instant::now());
+        match self.read_publication() {
+            Ok(tables) => {
+                for t in &tables {
+                    if !known.tables.contains(t) {
+                        log::info!(
+                            "{} was added to publication '{}': snapshots of it can be requested",
+                            t.qualified(),
+                            self.publication
+                        );
+                    }
+                }
+                known.tables = tables;
+            }
+            Err(e) => log::warn!(
+                "cannot read the tables of publication '{}' for a snapshot request of \
+                 {schema}.{table}: {e}",
+                self.publication
+            ),
+        }
+        known.tables.iter().any(matches)
+    }
+
+    /// The publication's tables, over a normal connection.
+    fn read_publication(&self) -> Result<Vec<PublishedTable>, crate::pg::conn::PgError> {
+        let refs: Vec<(&str, &str)> = self
+            .pg_params
+            .iter()
+            .map(|(k, v)| (*k, v.as_str()))
+            .collect();
+        let mut conn = PgConnection::connect(&refs, ConnectionKind::Normal)?;
+        published_tables(&mut conn, &self.publication)
+    }
+
+    /// Admits a snapshot of the table under the rules; the claim holds its place.
+    fn admit(self: &Arc<Self>, schema: &str, table: &str) -> Result<Claim, Refusal> {
+        let key = (schema.to_string(), table.to_string());
+        self.admission
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .admit(&key, self.cooldown, self.max_concurrent, Instant::now())?;
+        Ok(Claim {
+            service: Arc::clone(self),
+            key,
+        })
     }
 
     /// Waits until every snapshot thread has ended, at most [`STOP_WAIT`]. The runtime keeps
@@ -309,73 +731,11 @@ impl SnapshotService {
         Ok(())
     }
 
-    /// Marks the table busy; `None` when a snapshot of it is already running.
-    fn claim(self: &Arc<Self>, schema: &str, table: &str) -> Option<Claim> {
-        let key = (schema.to_string(), table.to_string());
-        let mut busy = self.busy.lock().unwrap_or_else(|p| p.into_inner());
-        busy.insert(key.clone()).then(|| Claim {
-            service: Arc::clone(self),
-            key,
-        })
-    }
-
-    /// Validates a request and starts the snapshot; the reply document.
-    fn handle_request(self: &Arc<Self>, subject: &str) -> serde_json::Value {
-        let error = |e: String| serde_json::json!({"status": "error", "error": e});
-        let Some(token) = subject
-            .strip_prefix(REQUEST_PREFIX)
-            .and_then(|t| t.strip_prefix('.'))
-        else {
-            return error(format!(
-                "malformed subject {subject:?}: expected {REQUEST_PREFIX}.{{table}}"
-            ));
-        };
-        let (schema, table) = match parse_table_token(token) {
-            Ok(st) => st,
-            Err(e) => {
-                return error(format!(
-                    "malformed subject {subject:?}: {e} (expected {REQUEST_PREFIX}.{{table}} or {REQUEST_PREFIX}.{{schema}}.{{table}})"
-                ))
-            }
-        };
-        if !self
-            .tables
-            .iter()
-            .any(|t| t.schema == schema && t.name == table)
-        {
-            let known: Vec<String> = self.tables.iter().map(PublishedTable::qualified).collect();
-            return error(format!(
-                "unknown table {schema}.{table}: this bridge streams {}",
-                if known.is_empty() {
-                    "no tables".to_string()
-                } else {
-                    known.join(", ")
-                }
-            ));
-        }
-        let Some(claim) = self.claim(&schema, &table) else {
-            return error(format!(
-                "a snapshot of {schema}.{table} is already in progress"
-            ));
-        };
-        let snapshot_id = new_snapshot_id();
-        let id = snapshot_id.clone();
-        // The claim moves into the thread and frees the table when the snapshot ends; if
-        // the thread cannot start, it is dropped with the closure and frees it at once.
-        if let Err(e) = self.spawn_worker("snapshot", move || {
-            claim.service.execute(&claim.key.0, &claim.key.1, &id);
-            drop(claim);
-        }) {
-            return error(format!("cannot start the snapshot: {e}"));
-        }
-        serde_json::json!({"status": "accepted", "snapshot_id": snapshot_id, "table": table, "schema": schema})
-    }
-
     /// `snapshot.on_start`: snapshots, one after the other, every streamed table whose INIT
     /// stream holds no `init.meta.{table}`, or whose last one reports a failure. One at a
     /// time, because each snapshot holds a replication slot and a walsender.
     fn snapshot_on_start(self: &Arc<Self>) {
-        for t in &self.tables {
+        for t in &self.initial_tables {
             if self.shutdown.is_triggered() {
                 return;
             }
@@ -407,9 +767,24 @@ impl SnapshotService {
                     continue;
                 }
             }
-            let Some(claim) = self.claim(&t.schema, &t.name) else {
+            // Under the same cap as requests: wait for a free place.
+            let claim = loop {
+                if self.shutdown.is_triggered() {
+                    return;
+                }
+                match self.admit(&t.schema, &t.name) {
+                    Ok(claim) => break Some(claim),
+                    Err(Refusal::Busy(_)) => std::thread::sleep(Duration::from_millis(200)),
+                    Err(Refusal::Cooldown { .. }) => {
+                        // Started by a request moments ago: that snapshot is the one.
+                        break None;
+                    }
+                    Err(_) => break None,
+                }
+            };
+            let Some(claim) = claim else {
                 log::info!(
-                    "snapshot on start: a requested snapshot of {qualified} is already running; none taken"
+                    "snapshot on start: a requested snapshot of {qualified} is running or just started; none taken"
                 );
                 continue;
             };
@@ -834,6 +1209,97 @@ mod tests {
         assert!(SnapshotFailure::ShuttingDown
             .to_string()
             .contains("request it again"));
+    }
+
+    #[test]
+    fn replies_go_only_to_subjects_under_the_prefix() {
+        let p = "_INBOX.";
+        assert!(reply_allowed("_INBOX.abc.1", p));
+        assert!(reply_allowed("_INBOX.x", p));
+        for bad in [
+            "_INBOX.",
+            "_INBOX",
+            "cdc.users.insert",
+            "$KV.schemas.x",
+            "$JS.API.STREAM.PURGE.CDC",
+            "_INBOX.*",
+            "_INBOX.a.>",
+            "_INBOX..a",
+            "_INBOX.a b",
+            "x_INBOX.a",
+        ] {
+            assert!(!reply_allowed(bad, p), "{bad} allowed");
+        }
+        assert!(reply_allowed("replies.bridge.1", "replies.bridge."));
+        assert!(!reply_allowed("_INBOX.1", "replies.bridge."));
+    }
+
+    #[test]
+    fn admission_keeps_the_cap_the_cooldown_and_one_snapshot_per_table() {
+        let key = |t: &str| ("public".to_string(), t.to_string());
+        let t0 = Instant::now();
+        let cooldown = Duration::from_secs(10);
+        let mut a = Admission::default();
+        assert_eq!(a.admit(&key("a"), cooldown, 2, t0), Ok(()));
+        assert_eq!(
+            a.admit(&key("a"), cooldown, 2, t0),
+            Err(Refusal::InProgress("public.a".into()))
+        );
+        assert_eq!(a.admit(&key("b"), cooldown, 2, t0), Ok(()));
+        let busy = a.admit(&key("c"), cooldown, 2, t0).unwrap_err();
+        assert_eq!(busy, Refusal::Busy(2));
+        assert_eq!(busy.http_status(), 429);
+        // a finishes: c fits, a is in its cooldown.
+        a.running.remove(&key("a"));
+        assert_eq!(a.admit(&key("c"), cooldown, 3, t0), Ok(()));
+        let cool = a
+            .admit(&key("a"), cooldown, 3, t0 + Duration::from_millis(2500))
+            .unwrap_err();
+        assert_eq!(cool.code(), "cooldown");
+        assert_eq!(cool.retry_after_secs(), Some(8));
+        assert!(cool.to_string().contains("try again in 8 s"), "{cool}");
+        assert_eq!(
+            a.admit(&key("a"), cooldown, 3, t0 + Duration::from_secs(10)),
+            Ok(())
+        );
+        // No cooldown: a new snapshot as soon as the last one ended.
+        let mut a = Admission::default();
+        assert_eq!(a.admit(&key("a"), Duration::ZERO, 1, t0), Ok(()));
+        a.running.remove(&key("a"));
+        assert_eq!(a.admit(&key("a"), Duration::ZERO, 1, t0), Ok(()));
+    }
+
+    #[test]
+    fn refusals_say_why_and_name_only_the_requested_table() {
+        let refusals = [
+            Refusal::Malformed {
+                token: "a.b.c".into(),
+                reason: "too many tokens".into(),
+            },
+            Refusal::UnknownTable("public.nosuch".into()),
+            Refusal::InProgress("public.users".into()),
+            Refusal::Cooldown {
+                table: "public.users".into(),
+                cooldown_secs: 10,
+                retry_after_secs: 3,
+            },
+            Refusal::Busy(2),
+            Refusal::NotActive,
+        ];
+        for r in refusals {
+            let doc = r.to_json();
+            assert_eq!(doc["status"], "error");
+            assert_eq!(doc["reason"], r.code());
+            let text = doc["error"].as_str().unwrap();
+            assert!(
+                !text.contains("orders") && !text.contains("streams public"),
+                "{text}"
+            );
+            assert!(r.http_status() >= 400);
+        }
+        let unknown = Refusal::UnknownTable("public.nosuch".into()).to_string();
+        assert!(unknown.contains("unknown table public.nosuch"), "{unknown}");
+        assert_eq!(Refusal::Busy(2).to_json()["retry_after_secs"], 1);
     }
 
     #[test]

@@ -204,6 +204,12 @@ const DEFS: &[Def] = &[
         value: |s| s.snapshot_progress,
     },
     Def {
+        name: "bridge_snapshot_requests_ignored_total",
+        help: "Snapshot requests neither answered nor served because their reply subject is not an inbox (outside snapshot.reply_prefix).",
+        kind: Kind::Counter,
+        value: |s| s.snapshot_requests_ignored as f64,
+    },
+    Def {
         name: "bridge_healthy",
         help: "1 when /health answers 200 (streaming, PostgreSQL and NATS reachable).",
         kind: Kind::Gauge,

@@ -107,6 +107,13 @@ pub struct Telemetry {
     snapshot_progress: AtomicU64,
     /// The last PostgreSQL connection problem, for `/health`; cleared when streaming resumes.
     pg_problem: Mutex<Option<String>>,
+    /// Set the first time the replication stream starts on the slot (`streaming started`).
+    stream_established: AtomicBool,
+    /// Snapshot requests neither answered nor served because their reply subject is outside
+    /// the inbox prefix.
+    pub snapshot_requests_ignored: AtomicU64,
+    /// The snapshot service, once it is connected to NATS; `POST /snapshots/{table}` uses it.
+    pub snapshots: std::sync::OnceLock<Arc<crate::sink::snapshot::SnapshotService>>,
 }
 
 impl Telemetry {
@@ -129,7 +136,22 @@ impl Telemetry {
             shutdown,
             snapshot_progress: AtomicU64::new(0f64.to_bits()),
             pg_problem: Mutex::new(None),
+            stream_established: AtomicBool::new(false),
+            snapshot_requests_ignored: AtomicU64::new(0),
+            snapshots: std::sync::OnceLock::new(),
         }
+    }
+
+    /// True while this process streams from the replication slot (START_REPLICATION
+    /// succeeded and the stream is up): a standby waiting for the slot, or a bridge between
+    /// reconnects, is not. Only then does it serve snapshot requests.
+    pub fn holds_slot(&self) -> bool {
+        self.wal.connected.load(Relaxed)
+    }
+
+    /// Records that the replication stream started on the slot; true only the first time.
+    pub fn mark_stream_established(&self) -> bool {
+        !self.stream_established.swap(true, Relaxed)
     }
 
     /// Time since start.
@@ -206,6 +228,7 @@ impl Telemetry {
             lag_bytes: s.lag_bytes.load(Relaxed),
             retained_bytes: s.retained_bytes.load(Relaxed),
             snapshot_progress: f64::from_bits(self.snapshot_progress.load(Relaxed)),
+            snapshot_requests_ignored: self.snapshot_requests_ignored.load(Relaxed),
         }
     }
 }
@@ -272,4 +295,6 @@ pub struct Snapshot {
     pub retained_bytes: u64,
     /// Progress of the running snapshot, 0 to 1.
     pub snapshot_progress: f64,
+    /// Snapshot requests ignored for their reply subject.
+    pub snapshot_requests_ignored: u64,
 }

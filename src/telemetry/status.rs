@@ -146,6 +146,7 @@ mod tests {
             lag_bytes: 3 * 1024 * 1024 + 512 * 1024,
             retained_bytes: 0,
             snapshot_progress: 0.0,
+            snapshot_requests_ignored: 0,
         }
     }
 

@@ -454,6 +454,20 @@ impl NatsServer {
         Self::launch(true, args)
     }
 
+    /// Starts nats-server with JetStream on `port`, e.g. one a bridge already tries to reach.
+    pub fn start_on_port(port: u16) -> Self {
+        let mut s = NatsServer {
+            dir: TempDir::new("nats"),
+            bin: nats_server_bin(),
+            port,
+            jetstream: true,
+            extra_args: Vec::new(),
+            child: None,
+        };
+        s.start_again();
+        s
+    }
+
     fn launch(jetstream: bool, args: &[&str]) -> Self {
         let mut s = NatsServer {
             dir: TempDir::new("nats"),

@@ -81,9 +81,11 @@ defmodule PgbridgeMirror do
           %{"status" => "accepted", "snapshot_id" => id} ->
             id
 
-          %{"error" => error} ->
-            unless error =~ "already in progress", do: raise("snapshot refused: #{error}")
-            # another consumer's snapshot of this table runs: ask again later
+          %{"error" => error} = answer ->
+            # in progress, just taken (cooldown) or busy: ask again later
+            unless answer["reason"] in ["in_progress", "cooldown", "busy"],
+              do: raise("snapshot refused: #{error}")
+
             Process.sleep(1_000)
             request_snapshot(conn, table)
         end

@@ -1,4 +1,5 @@
-//! The HTTP endpoints: `/metrics`, `/status`, `/health`, `POST /shutdown` and `/streams/*`.
+//! The HTTP endpoints: `/metrics`, `/status`, `/health`, `POST /shutdown`, `/streams/*` and
+//! `POST /snapshots/{table}`.
 //!
 //! A small HTTP/1.1 server on the standard library, bounded in every dimension so that no
 //! request can hurt the bridge: one acceptor thread that holds up to [`MAX_PENDING`]
@@ -119,7 +120,7 @@ impl HttpServer {
             })
             .map_err(HttpError::Thread)?;
         log::info!(
-            "HTTP endpoints on http://{local} (/metrics /status /health /shutdown /streams/*)"
+            "HTTP endpoints on http://{local} (/metrics /status /health /shutdown /streams/* /snapshots/*)"
         );
         Ok(HttpServer {
             addr: local,

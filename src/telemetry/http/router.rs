@@ -29,12 +29,14 @@ pub enum Route {
     Shutdown,
     /// `/streams/*` (admin).
     Streams(StreamOp),
+    /// `POST /snapshots/{table}` (admin).
+    Snapshot,
 }
 
 impl Route {
     /// True for the endpoints that need the admin token.
     pub fn is_admin(self) -> bool {
-        matches!(self, Route::Shutdown | Route::Streams(_))
+        matches!(self, Route::Shutdown | Route::Streams(_) | Route::Snapshot)
     }
 }
 
@@ -50,8 +52,23 @@ const ROUTES: &[(&str, &str, Route)] = &[
     ("/streams/delete", "POST", Route::Streams(StreamOp::Delete)),
 ];
 
+/// Path prefix of `POST /snapshots/{table}`.
+const SNAPSHOTS_PREFIX: &str = "/snapshots/";
+
 /// The endpoint for `method` and `path`, or the 404 / 405 answer.
 pub fn route(method: &str, path: &str) -> Result<Route, Response> {
+    if let Some(token) = path.strip_prefix(SNAPSHOTS_PREFIX) {
+        if token.is_empty() || token.contains('/') {
+            return Err(Response::error(
+                404,
+                "no such endpoint: use /snapshots/{table}",
+            ));
+        }
+        if method != "POST" {
+            return Err(Response::error(405, "use POST").with_header("Allow", "POST"));
+        }
+        return Ok(Route::Snapshot);
+    }
     let Some((_, allowed, route)) = ROUTES.iter().find(|(p, _, _)| *p == path) else {
         return Err(Response::error(404, "no such endpoint"));
     };
@@ -125,6 +142,42 @@ pub fn handle(req: &Request, ctx: &HttpContext, peer: Option<SocketAddr>) -> Res
             }
             streams::run(op, &name, &ctx.nats, &ctx.streams)
         }
+        Route::Snapshot => {
+            let token = req.path.strip_prefix(SNAPSHOTS_PREFIX).unwrap_or_default();
+            request_snapshot(ctx, token, peer)
+        }
+    }
+}
+
+/// `POST /snapshots/{table}`: the same rules and answer document as a NATS request; 202 when
+/// accepted, 4xx/5xx with the reason otherwise.
+fn request_snapshot(ctx: &HttpContext, token: &str, peer: Option<SocketAddr>) -> Response {
+    let Some(service) = ctx.telemetry.snapshots.get() else {
+        return Response::json(
+            503,
+            &json!({"status": "error", "reason": "unavailable",
+                "error": "snapshots are not available yet: the bridge is not connected to NATS; try again later"}),
+        )
+        .with_header("Retry-After", "5");
+    };
+    match service.request(token) {
+        Ok(a) => {
+            log::info!(
+                "snapshot {} of {}.{} requested over HTTP by {}",
+                a.snapshot_id,
+                a.schema,
+                a.table,
+                peer.map(|p| p.to_string()).unwrap_or_else(|| "?".into())
+            );
+            Response::json(202, &a.to_json())
+        }
+        Err(r) => {
+            let resp = Response::json(r.http_status(), &r.to_json());
+            match r.retry_after_secs() {
+                Some(s) => resp.with_header("Retry-After", s.to_string()),
+                None => resp,
+            }
+        }
     }
 }
 
@@ -194,6 +247,14 @@ mod tests {
         assert_eq!(r.headers, vec![("Allow", "GET".to_owned())]);
         assert_eq!(route("GET", "/shutdown").unwrap_err().status, 405);
         assert_eq!(route("get", "/status").unwrap_err().status, 405);
+        assert_eq!(route("POST", "/snapshots/users"), Ok(Route::Snapshot));
+        assert_eq!(
+            route("POST", "/snapshots/sales.orders"),
+            Ok(Route::Snapshot)
+        );
+        assert_eq!(route("GET", "/snapshots/users").unwrap_err().status, 405);
+        assert_eq!(route("POST", "/snapshots/").unwrap_err().status, 404);
+        assert_eq!(route("POST", "/snapshots/a/b").unwrap_err().status, 404);
     }
 
     #[test]
@@ -222,6 +283,10 @@ mod tests {
             handle(&req("GET", "/streams/info?stream=CDC", None), &c, None).status,
             403
         );
+        assert_eq!(
+            handle(&req("POST", "/snapshots/users", None), &c, None).status,
+            403
+        );
         assert!(!c.shutdown.is_triggered());
 
         let c = ctx(Some("tok"));
@@ -241,6 +306,25 @@ mod tests {
             )
             .status,
             401
+        );
+        assert_eq!(
+            handle(
+                &req("POST", "/snapshots/users", Some("Bearer nope")),
+                &c,
+                None
+            )
+            .status,
+            401
+        );
+        // With the token but before the snapshot service exists: 503, try again.
+        assert_eq!(
+            handle(
+                &req("POST", "/snapshots/users", Some("Bearer tok")),
+                &c,
+                None
+            )
+            .status,
+            503
         );
         // Checked before the stream name: no information without the token.
         assert_eq!(
