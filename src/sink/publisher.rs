@@ -38,7 +38,7 @@ use crate::pipeline::event::{self, ChangeEvent, Operation, TableRef};
 use crate::pipeline::wal::RingItem;
 use crate::shutdown::Shutdown;
 
-use super::encode::encode_change;
+use super::encode::{encode_change, LAST_IN_TX_HEADER};
 use super::puback::{self, PubAckError};
 use super::subject::change_subject;
 
@@ -164,6 +164,8 @@ struct InFlight {
     /// With `seq`, the message id (built again only when needed: resends, errors).
     commit_lsn: Lsn,
     seq: u32,
+    /// Sent with the [`LAST_IN_TX_HEADER`] header.
+    last_in_tx: bool,
     payload: Bytes,
     state: AckState,
     /// Set on the last message of a transaction: durable once this is acknowledged.
@@ -464,6 +466,7 @@ impl Publisher {
             reply: self.replies.subject(token),
             commit_lsn: ev.commit_lsn,
             seq: ev.seq,
+            last_in_tx: ev.last_in_tx,
             payload: self.payloads.copy(&self.buf),
             state: AckState::Pending,
             commit_end: None,
@@ -697,6 +700,9 @@ impl Publisher {
 async fn send(client: &Client, entry: &InFlight) -> Result<(), async_nats::PublishError> {
     let mut headers = HeaderMap::new();
     headers.insert(NATS_MESSAGE_ID, entry.message_id());
+    if entry.last_in_tx {
+        headers.insert(LAST_IN_TX_HEADER, "true");
+    }
     client
         .publish_with_reply_and_headers(
             entry.subject.clone(),
