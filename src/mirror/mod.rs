@@ -84,6 +84,8 @@ const PROBE_MESSAGES: u64 = 1_000;
 /// A table's schema is read again at most this often because of a change that suggests a
 /// dropped or retyped column.
 const SCHEMA_RECHECK: Duration = Duration::from_secs(1);
+/// How often tombstones older than [`TOMBSTONE_TTL`] are dropped (with a commit).
+const TOMBSTONE_PRUNE_EVERY: Duration = Duration::from_secs(60);
 /// How long the server waits for an acknowledgement before delivering again.
 const ACK_WAIT: Duration = Duration::from_secs(120);
 /// Pause before following again after the consumer's message stream failed.
@@ -286,6 +288,7 @@ pub fn run(
         let store = Store::open(&options.db)?;
         let mut mirror = Mirror {
             schema_checked: HashMap::new(),
+            tombstones_pruned: Instant::now(),
             js: jetstream::new(client.clone()),
             client,
             store,
@@ -338,6 +341,8 @@ struct Mirror {
     /// When each table's schema was last read because a change suggested a dropped or
     /// retyped column.
     schema_checked: HashMap<String, Instant>,
+    /// When old tombstones were last dropped.
+    tombstones_pruned: Instant,
     js: Context,
     client: async_nats::Client,
     store: Store,
@@ -783,7 +788,6 @@ impl Mirror {
         let mut probe_from = 0u64;
         let mut in_batch = 0u64;
         let mut in_txn = 0u64;
-        let mut pruned = Instant::now();
         loop {
             let wait = if self.store.in_transaction() {
                 IDLE_COMMIT
@@ -812,12 +816,6 @@ impl Mirror {
                             return Ok(FollowEnd::Done);
                         }
                         continue;
-                    }
-                    if pruned.elapsed() >= Duration::from_secs(60) {
-                        self.store.begin()?;
-                        let n = self.store.prune_tombstones()?;
-                        log::debug!("{n} tombstones older than {TOMBSTONE_TTL:?} dropped");
-                        pruned = Instant::now();
                     }
                     self.commit(&mut positions, &mut last, &mut in_batch)
                         .await?;
@@ -1028,6 +1026,12 @@ impl Mirror {
                     self.store.set_last_seq(token, seq)?;
                 }
             }
+        }
+        if self.tombstones_pruned.elapsed() >= TOMBSTONE_PRUNE_EVERY {
+            self.store.begin()?;
+            let n = self.store.prune_tombstones()?;
+            log::debug!("{n} tombstones older than {TOMBSTONE_TTL:?} dropped");
+            self.tombstones_pruned = Instant::now();
         }
         self.store.commit()?;
         *in_batch = 0;
