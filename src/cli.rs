@@ -122,11 +122,10 @@ pub struct MirrorArgs {
     #[arg(long, env = "MIRROR_DB", value_name = "FILE")]
     pub db: PathBuf,
 
-    /// Durable JetStream consumer on the CDC stream; give each mirror file its own.
-    #[arg(long, env = "MIRROR_DURABLE", value_name = "NAME",
-          default_value = crate::mirror::DEFAULT_DURABLE,
-          value_parser = parse_durable)]
-    pub durable: String,
+    /// Durable JetStream consumer on the CDC stream [default: pgbridge-mirror- and a hash of
+    /// the host name and the SQLite file's absolute path, so each mirror file has its own].
+    #[arg(long, env = "MIRROR_DURABLE", value_name = "NAME", value_parser = parse_durable)]
+    pub durable: Option<String>,
 
     /// Exit (code 0) after this many seconds without a new change, e.g. for a scheduled
     /// refresh; without it the mirror runs until SIGINT or SIGTERM.

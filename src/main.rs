@@ -56,9 +56,11 @@ fn main() -> ExitCode {
                 return ExitCode::from(EXIT_FAILURE);
             }
             let options = MirrorOptions {
+                durable: args
+                    .durable
+                    .unwrap_or_else(|| pgbridge::mirror::default_durable(&args.db)),
                 db: args.db,
                 tables: config.replication.tables.clone(),
-                durable: args.durable,
                 until_idle: args.until_idle.map(Duration::from_secs),
                 snapshot_stall: Duration::from_secs(args.snapshot_stall_secs),
             };

@@ -78,6 +78,33 @@ fn decode(m: &StoredMessage) -> Change {
     }
 }
 
+/// The last published change of each transaction, and only it, has `last_in_tx` and the
+/// header; `changes` are (commit_lsn, last_in_tx field, header) in stream order, all the
+/// published changes of whole transactions.
+fn check_last_in_tx(changes: &[(String, bool, Option<String>)]) {
+    for (i, (commit_lsn, field, header)) in changes.iter().enumerate() {
+        let last = changes.get(i + 1).is_none_or(|next| &next.0 != commit_lsn);
+        assert_eq!(*field, last, "last_in_tx of change {i} ({commit_lsn})");
+        assert_eq!(
+            header.as_deref(),
+            last.then_some("true"),
+            "Pgbridge-Last-In-Tx header of change {i} ({commit_lsn})"
+        );
+    }
+}
+
+fn last_in_tx_of(m: &StoredMessage) -> (String, bool, Option<String>) {
+    let c = decode(m);
+    let last = c.fields["last_in_tx"]
+        .as_bool()
+        .expect("last_in_tx is a bool");
+    (
+        c.str("commit_lsn").to_owned(),
+        last,
+        m.last_in_tx_header.clone(),
+    )
+}
+
 fn wait_messages(nats_url: &str, n: u64) -> Vec<StoredMessage> {
     wait_for(
         &format!("{n} messages in CDC"),
@@ -130,6 +157,7 @@ fn changes_arrive_in_commit_order_with_the_contract_fields() {
         "xid",
         "commit_time",
         "seq",
+        "last_in_tx",
         "columns",
         "old_columns",
         "unchanged_toast",
@@ -180,6 +208,14 @@ fn changes_arrive_in_commit_order_with_the_contract_fields() {
     assert_eq!(ch[0].str("commit_lsn"), ch[2].str("commit_lsn"));
     assert_eq!(ch[0].u64("xid"), ch[2].u64("xid"));
     assert_eq!([ch[8].u64("seq"), ch[9].u64("seq")], [0, 1]);
+    // A multi-change transaction is marked on its last change only; a single-change one on it.
+    check_last_in_tx(&msgs.iter().map(last_in_tx_of).collect::<Vec<_>>());
+    assert_eq!(
+        ch.iter()
+            .map(|c| c.fields["last_in_tx"].as_bool().unwrap())
+            .collect::<Vec<_>>(),
+        [false, false, true, true, true, true, true, true, false, true]
+    );
 
     // Values and shapes per operation.
     let c = &ch[0];
@@ -280,8 +316,36 @@ fn json_format_unchanged_toast_and_table_filter() {
          UPDATE docs SET title = 't2' WHERE id = 1;
          INSERT INTO kinds (id, f8, by) VALUES (2, 'NaN', '\\x0001');",
     );
-    let msgs = wait_messages(&env.nats.url(), 3);
-    assert_eq!(msgs.len(), 3, "users is not streamed");
+    // The transaction's last change is of a table not streamed: the marker goes to the last
+    // published one.
+    env.pg.sql(
+        "app",
+        "BEGIN;
+         INSERT INTO docs VALUES (2, 'u', 'v');
+         INSERT INTO kinds (id) VALUES (3);
+         INSERT INTO users VALUES (2, 'filtered@x', NULL);
+         COMMIT;",
+    );
+    let msgs = wait_messages(&env.nats.url(), 5);
+    assert_eq!(msgs.len(), 5, "users is not streamed");
+    let marks: Vec<(String, bool, Option<String>)> = msgs
+        .iter()
+        .map(|m| {
+            let v: serde_json::Value = serde_json::from_slice(&m.payload).unwrap();
+            // Right after `seq`, as in MessagePack.
+            let text = String::from_utf8(m.payload.clone()).unwrap();
+            let after_seq = format!(",\"seq\":{},\"last_in_tx\":", v["seq"]);
+            assert!(text.contains(&after_seq), "{text}");
+            (
+                v["commit_lsn"].as_str().unwrap().to_owned(),
+                v["last_in_tx"].as_bool().expect("last_in_tx is a bool"),
+                m.last_in_tx_header.clone(),
+            )
+        })
+        .collect();
+    check_last_in_tx(&marks);
+    assert_eq!(marks[3].0, marks[4].0);
+    assert!(!marks[3].1 && marks[4].1);
     let v: Vec<serde_json::Value> = msgs
         .iter()
         .map(|m| serde_json::from_slice(&m.payload).expect("valid JSON"))
@@ -367,5 +431,10 @@ fn large_and_streamed_transactions_with_savepoint_rollback() {
     );
     let ids_unique: std::collections::HashSet<_> = msgs.iter().map(|m| m.msg_id.clone()).collect();
     assert_eq!(ids_unique.len(), msgs.len());
+    // The streamed transactions too: one mark each, on the last change.
+    let marks: Vec<_> = msgs.iter().map(last_in_tx_of).collect();
+    check_last_in_tx(&marks);
+    let marked: Vec<usize> = (0..marks.len()).filter(|&i| marks[i].1).collect();
+    assert_eq!(marked, [49999, 51000, 51001]);
     drop(bridge);
 }

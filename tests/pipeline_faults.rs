@@ -420,6 +420,7 @@ fn stored_from(nats_url: &str, from: Lsn) -> u64 {
                 seq: m.sequence,
                 subject: m.subject.to_string(),
                 msg_id: m.headers.get("Nats-Msg-Id").map(|v| v.as_str().to_string()),
+                last_in_tx_header: None,
                 payload: m.payload.to_vec(),
                 stored_at: SystemTime::now(),
             });

@@ -45,6 +45,7 @@ fn change_sized(table: &Arc<TableRef>, txn: u64, seq: u32, pad: usize) -> Box<Ch
         xid: 1000 + txn as u32,
         commit_time: 0,
         seq,
+        last_in_tx: seq + 1 == PER_TXN,
         columns: vec![ColumnValue {
             name: Arc::from("id"),
             value: Value::Int((txn * u64::from(PER_TXN) + u64::from(seq)) as i64),

@@ -462,7 +462,9 @@ class Consumer:
                     self.counts["skipped"] += 1
                 self.mirror.set_last_seq(seq)
                 pending += 1
-                if pending >= COMMIT_EVERY:
+                # A full batch is committed at the end of a source transaction (the change
+                # marked last_in_tx; a bridge without the field marks none, so any change).
+                if pending >= COMMIT_EVERY and event.get("last_in_tx", True):
                     self.mirror.db.commit()
                     pending = 0
         finally:

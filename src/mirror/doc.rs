@@ -172,6 +172,25 @@ pub fn row_pairs(row: &Value) -> Result<Vec<(&str, &Value)>, DocError> {
     }
 }
 
+/// Whether `value` is what a column of kind `kind` receives; a value that is not says the
+/// source column's type changed (e.g. an integer column that now gets strings).
+pub fn fits(kind: ColumnKind, value: &Value) -> bool {
+    match (kind, value) {
+        (_, Value::Nil) => true,
+        (ColumnKind::Integer, v) => v.is_i64() || v.is_u64(),
+        // JSON carries non-finite floats as strings; a whole float may come as an integer.
+        (ColumnKind::Real, Value::String(s)) => {
+            matches!(s.as_str(), Some("NaN" | "Infinity" | "-Infinity"))
+        }
+        (ColumnKind::Real, v) => v.is_f64() || v.is_f32() || v.is_i64() || v.is_u64(),
+        (ColumnKind::Boolean, v) => v.is_bool(),
+        // JSON carries bytea as base64 text.
+        (ColumnKind::Blob, v) => v.is_bin() || v.is_str(),
+        (ColumnKind::JsonArray, v) => v.is_array(),
+        (ColumnKind::Text, v) => v.is_str(),
+    }
+}
+
 /// A message value as stored in a column of kind `kind`.
 pub fn to_sql(kind: ColumnKind, value: &Value) -> Sql {
     match value {
@@ -312,6 +331,40 @@ fn base64_decode(text: &str) -> Option<Vec<u8>> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn values_that_do_not_fit_tell_a_changed_type() {
+        use ColumnKind::*;
+        let fit = [
+            (Integer, Value::from(5)),
+            (Integer, Value::Nil),
+            (Real, Value::F64(1.5)),
+            (Real, Value::from(2)),
+            (Real, Value::from("NaN")),
+            (Real, Value::from("-Infinity")),
+            (Boolean, Value::Boolean(true)),
+            (Blob, Value::Binary(vec![1])),
+            (Blob, Value::from("AAE=")),
+            (JsonArray, Value::Array(vec![])),
+            (Text, Value::from("2025-12-10")),
+        ];
+        for (kind, v) in &fit {
+            assert!(fits(*kind, v), "{kind:?} {v}");
+        }
+        let misfit = [
+            (Integer, Value::from("5")),
+            (Integer, Value::F64(1.5)),
+            (Real, Value::from("1.5")),
+            (Boolean, Value::from(1)),
+            (JsonArray, Value::from("{}")),
+            (Text, Value::from(5)),
+            (Text, Value::F64(1.5)),
+            (Text, Value::Boolean(false)),
+        ];
+        for (kind, v) in &misfit {
+            assert!(!fits(*kind, v), "{kind:?} {v}");
+        }
+    }
 
     #[test]
     fn kinds_follow_the_postgres_type() {

@@ -13,10 +13,20 @@
 //!
 //! Changes are applied in SQLite transactions that end only between source transactions
 //! (several small source transactions may share one); the stored sequence moves in the same
-//! transaction, so a restart, even after `kill -9`, neither loses nor repeats a change. A
-//! transaction is also committed when no change arrived for [`IDLE_COMMIT`]; only a bridge
-//! that stalls in the middle of publishing one transaction can make that split it, and the
-//! rest then follows in the next commit.
+//! transaction, so a restart, even after `kill -9`, neither loses nor repeats a change. The
+//! end of a source transaction is its change marked `last_in_tx`, or a change of a later
+//! transaction; when the marked change is of a table not mirrored, the stream's next messages
+//! are looked at ([`Mirror::transaction_ended`]). Changes from a bridge that does not mark
+//! them are committed after [`IDLE_COMMIT`] without a change, as before.
+//!
+//! Each row keeps the version (`commit_lsn`, `seq`) of its last change, and deleted rows a
+//! tombstone (see [`store`]): a change that comes again, or out of order, and is not newer
+//! than the row is skipped.
+//!
+//! Schema changes are followed from the changes themselves: a column a change has and the
+//! table lacks is added, a column neither the change nor the newest schema revision has is
+//! dropped, and a column whose values no longer fit its SQLite type is retyped to the type of
+//! the newest revision.
 
 mod doc;
 mod store;
@@ -40,11 +50,11 @@ use crate::sink::snapshot::REQUEST_PREFIX;
 use crate::sink::subject::{parse_table_token, table_token, DEFAULT_SCHEMA};
 
 pub use doc::ColumnKind;
-use store::Store;
-pub use store::{Position, StoreError, STATE_TABLE};
+pub use store::{Position, StoreError, STATE_TABLE, TOMBSTONE_TTL, VERSIONS_TABLE};
+use store::{Store, Version};
 
-/// Name of the durable consumer on the CDC stream unless `--durable` says otherwise.
-pub const DEFAULT_DURABLE: &str = "pgbridge-mirror";
+/// Prefix of the default durable consumer name, see [`default_durable`].
+pub const DEFAULT_DURABLE_PREFIX: &str = "pgbridge-mirror-";
 /// NATS connection name.
 const CONNECTION_NAME: &str = "pgbridge-mirror";
 /// How long to wait for a table's schema to appear in the KV bucket (the bridge writes it at
@@ -64,10 +74,47 @@ const COMMIT_EVERY: u64 = 2000;
 /// Unacknowledged messages the consumer may have outstanding: above [`COMMIT_EVERY`] plus one
 /// large source transaction's worth, so delivery never waits for a commit that waits for it.
 const MAX_ACK_PENDING: i64 = 100_000;
+/// Inside one source transaction, messages are acknowledged every this many before the
+/// commit, so a transaction larger than [`MAX_ACK_PENDING`] does not stop delivery. That is
+/// safe: the consumer is made anew from the positions in the SQLite file at every start.
+const ACK_INSIDE_TRANSACTION_EVERY: u64 = 10_000;
+/// At most this many messages of the stream are looked at, per idle pause, to find where a
+/// transaction whose last change is of another table ends.
+const PROBE_MESSAGES: u64 = 1_000;
+/// A table's schema is read again at most this often because of a change that suggests a
+/// dropped or retyped column.
+const SCHEMA_RECHECK: Duration = Duration::from_secs(1);
+/// How often tombstones older than [`TOMBSTONE_TTL`] are dropped (with a commit).
+const TOMBSTONE_PRUNE_EVERY: Duration = Duration::from_secs(60);
 /// How long the server waits for an acknowledgement before delivering again.
 const ACK_WAIT: Duration = Duration::from_secs(120);
 /// Pause before following again after the consumer's message stream failed.
 const RESTART_DELAY: Duration = Duration::from_secs(1);
+
+/// The durable consumer name of the mirror into `db` unless `--durable` says otherwise:
+/// [`DEFAULT_DURABLE_PREFIX`] and a hash of the host name and the file's absolute path
+/// (symbolic links resolved), so two mirrors never share (and delete) each other's consumer.
+pub fn default_durable(db: &std::path::Path) -> String {
+    let absolute = std::path::absolute(db).unwrap_or_else(|_| db.to_path_buf());
+    // The file may not exist yet: resolve its directory.
+    let canonical = match (absolute.parent(), absolute.file_name()) {
+        (Some(dir), Some(name)) => std::fs::canonicalize(dir)
+            .map(|d| d.join(name))
+            .unwrap_or_else(|_| absolute.clone()),
+        _ => absolute.clone(),
+    };
+    let host = std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .or_else(|_| std::fs::read_to_string("/etc/hostname"))
+        .unwrap_or_default();
+    // FNV-1a: stable across builds and Rust versions, unlike the std hasher.
+    let mut hash: u64 = 0xcbf2_9ce4_8422_2325;
+    let path = canonical.to_string_lossy();
+    for byte in host.trim().bytes().chain([0]).chain(path.bytes()) {
+        hash ^= u64::from(byte);
+        hash = hash.wrapping_mul(0x0100_0000_01b3);
+    }
+    format!("{DEFAULT_DURABLE_PREFIX}{hash:016x}")
+}
 
 /// What `bridge mirror` does, besides the NATS connection and stream names of the
 /// configuration.
@@ -77,7 +124,7 @@ pub struct MirrorOptions {
     pub db: PathBuf,
     /// Tables as `table` or `schema.table`; empty mirrors every table in the `schemas` bucket.
     pub tables: Vec<String>,
-    /// Durable consumer name on the CDC stream; one per mirror file.
+    /// Durable consumer name on the CDC stream; one per mirror file ([`default_durable`]).
     pub durable: String,
     /// Stop after this long without a new change (`None`: run until shutdown).
     pub until_idle: Option<Duration>,
@@ -205,6 +252,17 @@ impl MirrorTable {
     }
 }
 
+/// What became of one change.
+enum Applied {
+    /// Applied.
+    Yes,
+    /// Not newer than the row (or the table's last TRUNCATE): left out.
+    Stale,
+    /// Nothing changed: the table needs a new snapshot first (a column with a default was
+    /// added).
+    NeedsSnapshot,
+}
+
 /// How following the stream ended.
 enum FollowEnd {
     /// Shutdown requested, or idle for `until_idle`.
@@ -229,6 +287,8 @@ pub fn run(
         let (client, _) = connect(&config.nats, CONNECTION_NAME).await?;
         let store = Store::open(&options.db)?;
         let mut mirror = Mirror {
+            schema_checked: HashMap::new(),
+            tombstones_pruned: Instant::now(),
             js: jetstream::new(client.clone()),
             client,
             store,
@@ -278,6 +338,11 @@ async fn ordered(
 }
 
 struct Mirror {
+    /// When each table's schema was last read because a change suggested a dropped or
+    /// retyped column.
+    schema_checked: HashMap<String, Instant>,
+    /// When old tombstones were last dropped.
+    tombstones_pruned: Instant,
     js: Context,
     client: async_nats::Client,
     store: Store,
@@ -304,7 +369,7 @@ impl Mirror {
         let mut pending: Vec<String> = Vec::new();
         for t in self.tables.clone() {
             let schema = self.schema(&t).await?;
-            let defaults_added = self.store.apply_schema(&t.token, &t.local, &schema)?;
+            let defaults_added = self.store.apply_schema(&t.token, &t.local, &schema, None)?;
             if self.store.position(&t.token)?.is_none() {
                 pending.push(t.token.clone());
             } else if defaults_added {
@@ -451,7 +516,7 @@ impl Mirror {
         let mut defaults_added = false;
         loop {
             let schema = self.schema(&t).await?;
-            defaults_added |= self.store.apply_schema(&t.token, &t.local, &schema)?;
+            defaults_added |= self.store.apply_schema(&t.token, &t.local, &schema, None)?;
             if self.store.has_columns(token, names.iter().copied()) {
                 return Ok(defaults_added);
             }
@@ -719,8 +784,16 @@ impl Mirror {
 
         let mut idle_since = Instant::now();
         let mut last: Option<Message> = None;
+        // The source transaction of the last message, whether its end is still to come, and
+        // whether any of its changes was applied (changes that come again are all skipped:
+        // committing among them splits nothing).
         let mut txn: Option<Lsn> = None;
+        let mut open = false;
+        let mut txn_applied = false;
+        let mut last_stream_seq = start.saturating_sub(1);
+        let mut probe_from = 0u64;
         let mut in_batch = 0u64;
+        let mut in_txn = 0u64;
         loop {
             let wait = if self.store.in_transaction() {
                 IDLE_COMMIT
@@ -730,6 +803,26 @@ impl Mirror {
             let next = tokio::time::timeout(wait, messages.next()).await;
             let msg = match next {
                 Err(_) => {
+                    open &= txn_applied;
+                    if open {
+                        if let Some(t) = txn {
+                            if self
+                                .transaction_ended(&cdc, t, last_stream_seq, &mut probe_from)
+                                .await
+                            {
+                                open = false;
+                            }
+                        }
+                    }
+                    if open {
+                        if self.shutdown.is_triggered() {
+                            // The rest of the transaction is in the stream: the next run
+                            // applies it with the part seen here.
+                            self.store.rollback()?;
+                            return Ok(FollowEnd::Done);
+                        }
+                        continue;
+                    }
                     self.commit(&mut positions, &mut last, &mut in_batch)
                         .await?;
                     if self.shutdown.is_triggered() {
@@ -744,14 +837,24 @@ impl Mirror {
                     continue;
                 }
                 Ok(None) => {
-                    self.commit(&mut positions, &mut last, &mut in_batch)
-                        .await?;
+                    self.end_early(
+                        open && txn_applied,
+                        &mut positions,
+                        &mut last,
+                        &mut in_batch,
+                    )
+                    .await?;
                     log::warn!("the consumer's message stream ended; following again");
                     return Ok(FollowEnd::Restart);
                 }
                 Ok(Some(Err(e))) => {
-                    self.commit(&mut positions, &mut last, &mut in_batch)
-                        .await?;
+                    self.end_early(
+                        open && txn_applied,
+                        &mut positions,
+                        &mut last,
+                        &mut in_batch,
+                    )
+                    .await?;
                     log::warn!("consumer {durable}: {e}; following again");
                     return Ok(FollowEnd::Restart);
                 }
@@ -762,13 +865,19 @@ impl Mirror {
                 .info()
                 .map(|i| i.stream_sequence)
                 .map_err(|e| self.bad(&msg, e))?;
+            last_stream_seq = seq;
+            probe_from = 0;
             let event = self.decode(&msg)?;
             let schema = doc::str_field(&event, "schema").map_err(|e| self.bad(&msg, e))?;
             let table = doc::str_field(&event, "table").map_err(|e| self.bad(&msg, e))?;
             let token = table_token(schema, table);
             let commit_lsn = doc::lsn_field(&event, "commit_lsn").map_err(|e| self.bad(&msg, e))?;
-            // Between source transactions: commit a full batch, or stop when asked to.
+            let last_in_tx = doc::field(&event, "last_in_tx").and_then(Value::as_bool);
+            // A change of another transaction: the one before has ended (its last change may
+            // be of a table not mirrored). Commit a full batch, or stop when asked to.
             if txn != Some(commit_lsn) {
+                in_txn = 0;
+                txn_applied = false;
                 if self.shutdown.is_triggered() {
                     self.commit(&mut positions, &mut last, &mut in_batch)
                         .await?;
@@ -779,6 +888,15 @@ impl Mirror {
                         .await?;
                 }
                 txn = Some(commit_lsn);
+            }
+            // Without the marker (an older bridge) the end shows only as a later transaction
+            // or a pause.
+            open = last_in_tx == Some(false);
+            in_txn += 1;
+            if in_txn.is_multiple_of(ACK_INSIDE_TRANSACTION_EVERY) {
+                if let Err(e) = msg.ack().await {
+                    log::debug!("acknowledgement not sent: {e}");
+                }
             }
             let Some(position) = positions.get_mut(&token) else {
                 last = Some(msg);
@@ -795,22 +913,98 @@ impl Mirror {
                     MirrorError::BadMessage { reason, .. } => self.bad(&msg, reason),
                     e => e,
                 })?;
-                if !applied {
-                    // This change stays unapplied and unacknowledged: the snapshot replaces
-                    // the table and its position.
-                    self.commit(&mut positions, &mut last, &mut in_batch)
-                        .await?;
-                    log::info!("{token}: a column with a default was added; taking a new snapshot");
-                    return Ok(FollowEnd::Snapshot(vec![token]));
+                match applied {
+                    Applied::Yes => {
+                        self.summary.applied += 1;
+                        txn_applied = true;
+                    }
+                    Applied::Stale => self.summary.skipped += 1,
+                    Applied::NeedsSnapshot => {
+                        // This change stays unapplied and unacknowledged: the snapshot replaces
+                        // the table and its position.
+                        self.end_early(true, &mut positions, &mut last, &mut in_batch)
+                            .await?;
+                        log::info!(
+                            "{token}: a column with a default was added; taking a new snapshot"
+                        );
+                        return Ok(FollowEnd::Snapshot(vec![token]));
+                    }
                 }
-                self.summary.applied += 1;
             } else {
                 self.summary.skipped += 1;
             }
+            let position = positions.get_mut(&token).expect("looked up above");
             position.last_seq = seq;
             self.store.set_last_seq(&token, seq)?;
             in_batch += 1;
             last = Some(msg);
+            if last_in_tx == Some(true) && self.shutdown.is_triggered() {
+                self.commit(&mut positions, &mut last, &mut in_batch)
+                    .await?;
+                return Ok(FollowEnd::Done);
+            }
+        }
+    }
+
+    /// Whether the transaction at `commit_lsn`, whose last change seen so far (at stream
+    /// sequence `after`) is not marked last, has ended: the stream's following messages, of any
+    /// table, show either its marked last change or a change of a later transaction. Reads
+    /// at most [`PROBE_MESSAGES`] from `probe_from` on (0: from `after + 1`), and remembers
+    /// where it stopped.
+    async fn transaction_ended(
+        &self,
+        cdc: &jetstream::stream::Stream,
+        commit_lsn: Lsn,
+        after: u64,
+        probe_from: &mut u64,
+    ) -> bool {
+        let Ok(info) = cdc.get_info().await else {
+            return false;
+        };
+        let end = info.state.last_sequence;
+        let mut seq = (*probe_from).max(after + 1);
+        let stop = end.min(seq + PROBE_MESSAGES - 1);
+        while seq <= stop {
+            // A message gone from the stream (limits) says nothing.
+            if let Ok(m) = cdc.get_raw_message(seq).await {
+                let id_lsn = m
+                    .headers
+                    .get(async_nats::header::NATS_MESSAGE_ID)
+                    .and_then(|v| v.as_str().rsplit_once('-').map(|(l, _)| l.to_owned()))
+                    .and_then(|l| l.parse::<Lsn>().ok());
+                let marked = m
+                    .headers
+                    .get(crate::sink::encode::LAST_IN_TX_HEADER)
+                    .is_some_and(|v| v.as_str() == "true");
+                match id_lsn {
+                    Some(l) if l != commit_lsn => return true,
+                    Some(_) if marked => return true,
+                    _ => {}
+                }
+            }
+            seq += 1;
+        }
+        *probe_from = seq;
+        false
+    }
+
+    /// Ends following before the stream did: commits what was applied when it stopped between
+    /// source transactions (`open` false), rolls it back otherwise (the next run applies the
+    /// whole transaction again, from the positions in the file).
+    async fn end_early(
+        &mut self,
+        open: bool,
+        positions: &mut HashMap<String, Position>,
+        last: &mut Option<Message>,
+        in_batch: &mut u64,
+    ) -> Result<(), MirrorError> {
+        if open {
+            self.store.rollback()?;
+            *last = None;
+            *in_batch = 0;
+            Ok(())
+        } else {
+            self.commit(positions, last, in_batch).await
         }
     }
 
@@ -839,6 +1033,12 @@ impl Mirror {
                 }
             }
         }
+        if self.tombstones_pruned.elapsed() >= TOMBSTONE_PRUNE_EVERY {
+            self.store.begin()?;
+            let n = self.store.prune_tombstones()?;
+            log::debug!("{n} tombstones older than {TOMBSTONE_TTL:?} dropped");
+            self.tombstones_pruned = Instant::now();
+        }
         self.store.commit()?;
         *in_batch = 0;
         if let Some(msg) = last.take() {
@@ -851,44 +1051,137 @@ impl Mirror {
         Ok(())
     }
 
-    /// Applies one change event to the table. Returns false, having changed nothing, when the
-    /// table needs a new snapshot first (a column with a default was added).
-    async fn apply(&mut self, token: &str, event: &Value) -> Result<bool, MirrorError> {
+    /// Applies one change event to the table, unless it is not newer than the row it changes.
+    async fn apply(&mut self, token: &str, event: &Value) -> Result<Applied, MirrorError> {
         let bad = |e: doc::DocError| MirrorError::BadMessage {
             stream: String::new(),
             seq: 0,
             reason: e.0,
         };
         let op = doc::str_field(event, "operation").map_err(bad)?;
+        let version: Version = (
+            doc::lsn_field(event, "commit_lsn").map_err(bad)?.0,
+            u32::try_from(doc::u64_field(event, "seq").map_err(bad)?).unwrap_or(u32::MAX),
+        );
         if op == "TRUNCATE" {
-            self.store.clear(token)?;
-            return Ok(true);
+            if !self.store.is_newer(token, &[], version)? {
+                return Ok(Applied::Stale);
+            }
+            self.store.truncate(token, version)?;
+            return Ok(Applied::Yes);
         }
         let columns = doc::column_pairs(event, "columns").map_err(bad)?;
-        let names: Vec<&str> = columns.iter().map(|c| c.0).collect();
-        if self.ensure_columns(token, &names).await? {
-            return Ok(false);
-        }
+        let key = self.store.key_of(token, &columns)?;
+        let key_text = store::key_text(&key);
         match op {
-            "INSERT" => self.store.upsert(token, &columns)?,
-            "UPDATE" => {
+            "INSERT" | "UPDATE" => {
                 let old = doc::column_pairs(event, "old_columns").map_err(bad)?;
-                if !old.is_empty() {
-                    let old_key = self.store.key_of(token, &old)?;
-                    let new_key = self.store.key_of(token, &columns)?;
-                    if old_key != new_key {
-                        self.store.move_key(token, &old_key, &new_key)?;
-                    }
+                let old_key = if old.is_empty() {
+                    None
+                } else {
+                    Some(self.store.key_of(token, &old)?).filter(|k| *k != key)
+                };
+                let old_text = old_key.as_deref().map(store::key_text);
+                let mut keys = vec![key_text.as_str()];
+                keys.extend(old_text.as_deref());
+                if !self.store.is_newer(token, &keys, version)? {
+                    return Ok(Applied::Stale);
+                }
+                if self.follow_schema(token, event, &columns).await? {
+                    return Ok(Applied::NeedsSnapshot);
+                }
+                if let (Some(old_key), Some(old_text)) = (&old_key, &old_text) {
+                    self.store.move_key(token, old_key, &key)?;
+                    self.store.set_version(token, old_text, version, true)?;
                 }
                 // Columns in `unchanged_toast` are not in `columns`: the row keeps them.
                 self.store.upsert(token, &columns)?;
+                self.store.set_version(token, &key_text, version, false)?;
             }
             "DELETE" => {
-                let key = self.store.key_of(token, &columns)?;
+                if !self.store.is_newer(token, &[key_text.as_str()], version)? {
+                    return Ok(Applied::Stale);
+                }
                 self.store.delete(token, &key)?;
+                self.store.set_version(token, &key_text, version, true)?;
             }
             other => return Err(bad(doc::DocError(format!("unknown operation {other:?}")))),
         }
-        Ok(true)
+        Ok(Applied::Yes)
+    }
+
+    /// Brings the table's columns in line with what an INSERT or UPDATE shows: adds the
+    /// columns it lacks, and when a column is missing from the change (not an unchanged TOAST
+    /// value) or a value does not fit its column's type, reads the newest schema (at most every
+    /// [`SCHEMA_RECHECK`]) to drop or retype. Returns true when the table needs a new snapshot
+    /// (a column with a default was added).
+    async fn follow_schema(
+        &mut self,
+        token: &str,
+        event: &Value,
+        columns: &[(&str, &Value)],
+    ) -> Result<bool, MirrorError> {
+        let names: Vec<&str> = columns.iter().map(|c| c.0).collect();
+        if self.ensure_columns(token, &names).await? {
+            return Ok(true);
+        }
+        let Some(kinds) = self.store.column_kinds(token) else {
+            return Ok(false);
+        };
+        let toast: Vec<&str> = match doc::field(event, "unchanged_toast") {
+            Some(Value::Array(a)) => a.iter().filter_map(Value::as_str).collect(),
+            _ => Vec::new(),
+        };
+        let missing = kinds
+            .keys()
+            .any(|k| !names.contains(&k.as_str()) && !toast.contains(&k.as_str()));
+        let misfits: Vec<&str> = columns
+            .iter()
+            .filter(|(n, v)| kinds.get(*n).is_some_and(|k| !doc::fits(*k, v)))
+            .map(|c| c.0)
+            .collect();
+        if !missing && misfits.is_empty() {
+            return Ok(false);
+        }
+        if self
+            .schema_checked
+            .get(token)
+            .is_some_and(|t| t.elapsed() < SCHEMA_RECHECK)
+        {
+            return Ok(false);
+        }
+        self.schema_checked.insert(token.to_owned(), Instant::now());
+        let Some(t) = self.table(token).cloned() else {
+            return Ok(false);
+        };
+        let schema = self.schema(&t).await?;
+        let mut present = names.clone();
+        present.extend(&toast);
+        Ok(self
+            .store
+            .apply_schema(&t.token, &t.local, &schema, Some((&present, &misfits)))?)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn default_durable_names_differ_by_file_and_are_stable() {
+        let dir = std::env::temp_dir();
+        let a = default_durable(&dir.join("a.sqlite"));
+        let b = default_durable(&dir.join("b.sqlite"));
+        assert_ne!(a, b);
+        assert_eq!(a, default_durable(&dir.join("a.sqlite")));
+        // The same file named through `..` is the same mirror.
+        let name = dir.file_name().unwrap();
+        let roundabout = dir.join("..").join(name).join("a.sqlite");
+        assert_eq!(a, default_durable(&roundabout));
+        assert!(a.starts_with(DEFAULT_DURABLE_PREFIX));
+        assert!(a.len() <= 64);
+        assert!(a
+            .bytes()
+            .all(|c| c.is_ascii_alphanumeric() || c == b'-' || c == b'_'));
     }
 }

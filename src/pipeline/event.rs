@@ -79,6 +79,9 @@ pub struct ChangeEvent {
     /// Ordinal of the change inside its transaction, counting every change of the
     /// transaction (also of tables not streamed), so ids stay stable across configurations.
     pub seq: u32,
+    /// True on the last change of its transaction that this bridge publishes (tables left out
+    /// by `--table` publish nothing, so it marks the last published one).
+    pub last_in_tx: bool,
     /// New row; for DELETE the old key or row; empty for TRUNCATE.
     pub columns: Vec<ColumnValue>,
     /// Old key or row for UPDATE when the server sent one (replica identity), else `None`.
@@ -135,6 +138,7 @@ mod tests {
             xid: 1,
             commit_time: 0,
             seq,
+            last_in_tx: false,
             columns: Vec::new(),
             old_columns: None,
             unchanged_toast: Vec::new(),

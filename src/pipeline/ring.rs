@@ -118,6 +118,7 @@ mod tests {
             xid: 1,
             commit_time: 0,
             seq: 0,
+            last_in_tx: false,
             columns,
             old_columns: None,
             unchanged_toast: Vec::new(),

@@ -7,6 +7,11 @@
 //! message before it has a PubAck. Streamed (in-progress) transactions are spooled to disk and
 //! only put on the ring at Stream Commit. When the ring is full this thread waits (PostgreSQL
 //! keeps the WAL) but keeps sending status updates so the walsender does not time out.
+//!
+//! The last published change of each transaction carries `last_in_tx`. That is known only at
+//! the commit record, so one decoded change is held back ([`HeldChange`]) and put on the ring
+//! when the next change or the commit arrives; the commit record follows the last change at
+//! once (pgoutput sends a transaction after it committed), so this adds no latency.
 
 use std::collections::{HashMap, HashSet};
 use std::sync::atomic::Ordering::Relaxed;
@@ -181,6 +186,26 @@ struct RelationInfo {
     streamed: bool,
 }
 
+/// The change held back until it is known whether it is the last of its transaction.
+#[derive(Debug, Default)]
+struct HeldChange(Option<Box<ChangeEvent>>);
+
+impl HeldChange {
+    /// Holds `ev` and gives back the change held before: a later one exists, so that one is
+    /// not the last of its transaction.
+    fn hold(&mut self, ev: Box<ChangeEvent>) -> Option<Box<ChangeEvent>> {
+        self.0.replace(ev)
+    }
+
+    /// At the commit record: the held change, marked as the transaction's last.
+    fn release_last(&mut self) -> Option<Box<ChangeEvent>> {
+        self.0.take().map(|mut ev| {
+            ev.last_in_tx = true;
+            ev
+        })
+    }
+}
+
 #[derive(Debug, Clone, Copy)]
 struct Txn {
     xid: u32,
@@ -200,6 +225,9 @@ pub struct WalStream<'c> {
     table_filter: Option<HashSet<String>>,
     server_version: i32,
     txn: Option<Txn>,
+    /// The latest change of the open transaction, not on the ring yet. It belongs to this
+    /// connection: a reconnect starts over from the durable position and sends it again.
+    held: HeldChange,
     current_stream: Option<u32>,
     last_received: Lsn,
     idle_candidate: Lsn,
@@ -244,6 +272,7 @@ impl<'c> WalStream<'c> {
             table_filter: tables,
             server_version,
             txn: None,
+            held: HeldChange::default(),
             current_stream: None,
             last_received: Lsn::INVALID,
             idle_candidate: Lsn::INVALID,
@@ -356,6 +385,7 @@ impl<'c> WalStream<'c> {
     fn finish(&mut self, ctx: &mut WalContext) -> Result<(), StreamError> {
         // A half-received transaction is dropped: PostgreSQL sends it again next time.
         self.txn = None;
+        self.held = HeldChange::default();
         self.current_stream = None;
         push_wait(ctx, RingItem::End, &self.shutdown, true, &mut |_| Ok(()))?;
         ctx.notify.notify_one();
@@ -518,6 +548,9 @@ impl<'c> WalStream<'c> {
     }
 
     fn commit(&mut self, end_lsn: Lsn, ctx: &mut WalContext) -> Result<(), StreamError> {
+        if let Some(last) = self.held.release_last() {
+            self.push_now(last, ctx)?;
+        }
         // A full ring can hold the commit back as long as a change: keep the walsender alive.
         let shutdown = self.shutdown.clone();
         let mut keepalive = |ctx: &mut WalContext| self.keep_alive_while_waiting(ctx);
@@ -733,11 +766,19 @@ impl<'c> WalStream<'c> {
         Ok(())
     }
 
+    /// Holds `ev` back and puts the change held before it on the ring.
     fn push_change(
         &mut self,
         ev: Box<ChangeEvent>,
         ctx: &mut WalContext,
     ) -> Result<(), StreamError> {
+        match self.held.hold(ev) {
+            Some(earlier) => self.push_now(earlier, ctx),
+            None => Ok(()),
+        }
+    }
+
+    fn push_now(&mut self, ev: Box<ChangeEvent>, ctx: &mut WalContext) -> Result<(), StreamError> {
         let seq = ev.seq;
         let shutdown = self.shutdown.clone();
         let mut keepalive = |ctx: &mut WalContext| self.keep_alive_while_waiting(ctx);
@@ -777,6 +818,7 @@ fn new_event(
             ev.xid = txn.xid;
             ev.commit_time = txn.commit_time;
             ev.seq = seq;
+            ev.last_in_tx = false;
             ev.unchanged_toast.clear();
             ev
         }
@@ -788,6 +830,7 @@ fn new_event(
             xid: txn.xid,
             commit_time: txn.commit_time,
             seq,
+            last_in_tx: false,
             columns: Vec::with_capacity(rel.columns.len()),
             old_columns: None,
             unchanged_toast: Vec::new(),
@@ -850,5 +893,86 @@ fn push_wait(
         while_waiting(ctx)?;
         std::thread::sleep(pause);
         pause = (pause * 2).min(Duration::from_millis(5));
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn change(seq: u32) -> Box<ChangeEvent> {
+        Box::new(ChangeEvent {
+            table: Arc::new(TableRef {
+                schema: Arc::from("public"),
+                table: Arc::from("t"),
+                relation_id: 1,
+            }),
+            operation: Operation::Insert,
+            lsn: Lsn(100),
+            commit_lsn: Lsn(200),
+            xid: 7,
+            commit_time: 0,
+            seq,
+            last_in_tx: false,
+            columns: Vec::new(),
+            old_columns: None,
+            unchanged_toast: Vec::new(),
+        })
+    }
+
+    /// Runs transactions of the given sizes through a [`HeldChange`] as the wal thread does:
+    /// (seq, last_in_tx) of what reaches the ring, with `None` for each commit item.
+    fn ring(sizes: &[u32]) -> Vec<Option<(u32, bool)>> {
+        let mut held = HeldChange::default();
+        let mut out = Vec::new();
+        for &n in sizes {
+            for seq in 0..n {
+                if let Some(ev) = held.hold(change(seq)) {
+                    out.push(Some((ev.seq, ev.last_in_tx)));
+                }
+            }
+            if let Some(ev) = held.release_last() {
+                out.push(Some((ev.seq, ev.last_in_tx)));
+            }
+            out.push(None);
+        }
+        out
+    }
+
+    #[test]
+    fn only_the_last_change_of_a_transaction_is_marked() {
+        assert_eq!(
+            ring(&[3, 1, 0, 2]),
+            vec![
+                Some((0, false)),
+                Some((1, false)),
+                Some((2, true)),
+                None,
+                Some((0, true)),
+                None,
+                // A transaction with no published change (filtered tables) marks nothing.
+                None,
+                Some((0, false)),
+                Some((1, true)),
+                None,
+            ]
+        );
+    }
+
+    #[test]
+    fn every_change_reaches_the_ring_once_and_before_its_commit() {
+        let sizes = [5, 1, 1, 0, 300, 2];
+        let out = ring(&sizes);
+        let mut at = 0;
+        for &n in &sizes {
+            let txn = &out[at..at + n as usize + 1];
+            let seqs: Vec<u32> = txn[..n as usize].iter().map(|c| c.unwrap().0).collect();
+            assert_eq!(seqs, (0..n).collect::<Vec<_>>());
+            let marked = txn[..n as usize].iter().filter(|c| c.unwrap().1).count();
+            assert_eq!(marked, usize::from(n > 0));
+            assert_eq!(txn[n as usize], None);
+            at += n as usize + 1;
+        }
+        assert_eq!(at, out.len());
     }
 }

@@ -13,6 +13,7 @@
 //! | `xid`             | uint                        | number                                 |
 //! | `commit_time`     | str, e.g. `2025-12-10T10:30:00.123456Z` | string                     |
 //! | `seq`             | uint                        | number                                 |
+//! | `last_in_tx`      | bool                        | `true` / `false`                       |
 //! | `columns`         | array of `{"name": str, "value": value}` | array of objects          |
 //! | `old_columns`     | like `columns`, or nil      | like `columns`, or `null`              |
 //! | `unchanged_toast` | array of str (maybe empty)  | array of strings                       |
@@ -21,6 +22,9 @@
 //! * `old_columns` is present for UPDATE and DELETE only: the old key or row when the server
 //!   sent one (depending on the table's replica identity), nil/`null` when it did not. INSERT
 //!   and TRUNCATE events have no `old_columns` key.
+//! * `last_in_tx` is true on the last change of its transaction that the bridge publishes
+//!   (changes of tables left out by `--table` are not published); that message also carries
+//!   the header [`LAST_IN_TX_HEADER`]` = true`.
 //! * `unchanged_toast` is always present: the columns left out of `columns` because their
 //!   value is an unchanged TOASTed value the server did not send.
 //! * `commit_time` is RFC 3339 in UTC with exactly six fractional digits. Years outside
@@ -52,6 +56,9 @@ use crate::config::Format;
 use crate::pg::value::Value;
 use crate::pg::Lsn;
 use crate::pipeline::event::{ChangeEvent, ColumnValue, Operation};
+
+/// Header set to `true` on the message of the last published change of each transaction.
+pub const LAST_IN_TX_HEADER: &str = "Pgbridge-Last-In-Tx";
 
 /// The MIME type of a message in `format`, for a `Content-Type` header.
 pub fn content_type(format: Format) -> &'static str {
@@ -423,7 +430,7 @@ fn mp_uint(out: &mut Vec<u8>, v: u64) {
 }
 
 /// The map keys as MessagePack fixstr (`0xa0 | length`, then the bytes), written with one
-/// copy each: every message carries 12 of them plus 2 per column.
+/// copy each: every message carries 13 of them plus 2 per column.
 const K_TABLE: &[u8] = b"\xa5table";
 const K_SCHEMA: &[u8] = b"\xa6schema";
 const K_OPERATION: &[u8] = b"\xa9operation";
@@ -433,6 +440,7 @@ const K_COMMIT_LSN: &[u8] = b"\xaacommit_lsn";
 const K_XID: &[u8] = b"\xa3xid";
 const K_COMMIT_TIME: &[u8] = b"\xabcommit_time";
 const K_SEQ: &[u8] = b"\xa3seq";
+const K_LAST_IN_TX: &[u8] = b"\xaalast_in_tx";
 const K_COLUMNS: &[u8] = b"\xa7columns";
 const K_OLD_COLUMNS: &[u8] = b"\xabold_columns";
 const K_UNCHANGED_TOAST: &[u8] = b"\xafunchanged_toast";
@@ -441,7 +449,7 @@ const K_VALUE: &[u8] = b"\xa5value";
 
 fn msgpack_change(event: &ChangeEvent, out: &mut Vec<u8>) {
     let with_old = has_old_columns(event);
-    written(rmp::encode::write_map_len(out, 11 + u32::from(with_old)));
+    written(rmp::encode::write_map_len(out, 12 + u32::from(with_old)));
 
     out.extend_from_slice(K_TABLE);
     mp_str(out, &event.table.table);
@@ -463,6 +471,8 @@ fn msgpack_change(event: &ChangeEvent, out: &mut Vec<u8>) {
     mp_str(out, format_timestamp(event.commit_time, &mut time));
     out.extend_from_slice(K_SEQ);
     mp_uint(out, u64::from(event.seq));
+    out.extend_from_slice(K_LAST_IN_TX);
+    written(rmp::encode::write_bool(out, event.last_in_tx));
     out.extend_from_slice(K_COLUMNS);
     msgpack_columns(&event.columns, out);
     if with_old {
@@ -537,6 +547,11 @@ fn json_change(event: &ChangeEvent, out: &mut Vec<u8>) {
     json_str(out, format_timestamp(event.commit_time, &mut time));
     out.extend_from_slice(b",\"seq\":");
     json_u64(out, u64::from(event.seq));
+    out.extend_from_slice(if event.last_in_tx {
+        b",\"last_in_tx\":true"
+    } else {
+        b",\"last_in_tx\":false"
+    });
     out.extend_from_slice(b",\"columns\":");
     json_columns(&event.columns, out);
     if has_old_columns(event) {
@@ -714,6 +729,7 @@ mod tests {
             ("xid", K_XID),
             ("commit_time", K_COMMIT_TIME),
             ("seq", K_SEQ),
+            ("last_in_tx", K_LAST_IN_TX),
             ("columns", K_COLUMNS),
             ("old_columns", K_OLD_COLUMNS),
             ("unchanged_toast", K_UNCHANGED_TOAST),
@@ -1017,6 +1033,7 @@ mod tests {
                 s(format_timestamp(event.commit_time, &mut time)),
             ),
             ("seq", M::Int(event.seq.into())),
+            ("last_in_tx", M::Bool(event.last_in_tx)),
             ("columns", columns(&event.columns)),
         ];
         if matches!(event.operation, Operation::Update | Operation::Delete)
@@ -1101,6 +1118,7 @@ mod tests {
             xid: 742,
             commit_time: SAMPLE_TIME,
             seq: 0,
+            last_in_tx: false,
             columns: vec![
                 col("id", Value::Int(1)),
                 col("big", Value::Int(i64::MAX)),
@@ -1154,6 +1172,7 @@ mod tests {
             xid: u32::MAX,
             commit_time: -1,
             seq: u32::MAX,
+            last_in_tx: true,
             columns: vec![col("id", Value::Int(7)), col("total", Value::Float(9.99))],
             old_columns: Some(vec![col("id", Value::Int(6))]),
             unchanged_toast: vec![Arc::from("body"), Arc::from("attachments")],
@@ -1177,6 +1196,7 @@ mod tests {
             xid: 0,
             commit_time: 0,
             seq: 3,
+            last_in_tx: false,
             columns: vec![col("id", Value::Int(1))],
             old_columns: None,
             unchanged_toast: vec![],
@@ -1192,6 +1212,7 @@ mod tests {
             xid: 1,
             commit_time: SAMPLE_TIME,
             seq: 0,
+            last_in_tx: true,
             columns: vec![],
             old_columns: None,
             unchanged_toast: vec![],
@@ -1208,7 +1229,7 @@ mod tests {
         ]
     }
 
-    const ALL_KEYS: [&str; 12] = [
+    const ALL_KEYS: [&str; 13] = [
         "table",
         "schema",
         "operation",
@@ -1218,6 +1239,7 @@ mod tests {
         "xid",
         "commit_time",
         "seq",
+        "last_in_tx",
         "columns",
         "old_columns",
         "unchanged_toast",
@@ -1413,7 +1435,7 @@ mod tests {
             concat!(
                 r#"{"table":"users","schema":"public","operation":"UPDATE","relation_id":16384,"#,
                 r#""lsn":"0/25CB3C8","commit_lsn":"0/25CB5E8","xid":742,"#,
-                r#""commit_time":"2025-12-10T10:30:00.123456Z","seq":0,"columns":["#,
+                r#""commit_time":"2025-12-10T10:30:00.123456Z","seq":0,"last_in_tx":false,"columns":["#,
                 r#"{"name":"id","value":-42},{"name":"f","value":1.0},"#,
                 r#"{"name":"e","value":1e-7},{"name":"n","value":"-Infinity"},"#,
                 r#"{"name":"b","value":"Zm9vYmFy"},"#,
@@ -1744,6 +1766,7 @@ mod tests {
                     xid,
                     commit_time,
                     seq,
+                    last_in_tx: seq % 2 == 1,
                     columns,
                     old_columns,
                     unchanged_toast,

@@ -47,7 +47,7 @@ use crate::pipeline::ring::{event_bytes, RingBudget};
 use crate::pipeline::wal::RingItem;
 use crate::shutdown::Shutdown;
 
-use super::encode::encode_change;
+use super::encode::{encode_change, LAST_IN_TX_HEADER};
 use super::nats::NatsStats;
 use super::puback::{self, PubAckError};
 use super::subject::change_subject;
@@ -192,6 +192,8 @@ struct InFlight {
     /// With `seq`, the message id (built again only when needed: resends, errors).
     commit_lsn: Lsn,
     seq: u32,
+    /// Sent with the [`LAST_IN_TX_HEADER`] header.
+    last_in_tx: bool,
     payload: Bytes,
     state: AckState,
     /// Set on the last message of a transaction: durable once this is acknowledged.
@@ -622,6 +624,7 @@ impl Publisher {
             reply: self.replies.subject(token),
             commit_lsn: ev.commit_lsn,
             seq: ev.seq,
+            last_in_tx: ev.last_in_tx,
             payload: self.payloads.copy(&self.buf),
             state: AckState::Pending,
             commit_end: None,
@@ -927,6 +930,9 @@ async fn send(
     headers.insert(NATS_MESSAGE_ID, id);
     if let Some(expect) = expect {
         headers.insert(NATS_EXPECTED_LAST_MESSAGE_ID, expect);
+    }
+    if entry.last_in_tx {
+        headers.insert(LAST_IN_TX_HEADER, "true");
     }
     client
         .publish_with_reply_and_headers(

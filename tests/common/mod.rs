@@ -797,6 +797,8 @@ pub struct StoredMessage {
     pub subject: String,
     /// The `Nats-Msg-Id` header.
     pub msg_id: Option<String>,
+    /// The `Pgbridge-Last-In-Tx` header.
+    pub last_in_tx_header: Option<String>,
     /// Payload.
     pub payload: Vec<u8>,
     /// When JetStream stored it (the server's clock: the same host in tests).
@@ -862,6 +864,11 @@ pub fn read_stream(nats_url: &str, stream: &str) -> Vec<StoredMessage> {
                     .headers
                     .as_ref()
                     .and_then(|h| h.get("Nats-Msg-Id"))
+                    .map(|v| v.as_str().to_string()),
+                last_in_tx_header: next
+                    .headers
+                    .as_ref()
+                    .and_then(|h| h.get("Pgbridge-Last-In-Tx"))
                     .map(|v| v.as_str().to_string()),
                 payload: next.payload.to_vec(),
             });
