@@ -82,6 +82,11 @@ pub const DEFAULT_STANDBY_STATUS_INTERVAL_SECS: u64 = 10;
 pub const DEFAULT_STATE_FILE_PREFIX: &str = "pgbridge-";
 /// Suffix of the default state file name (see [`DEFAULT_STATE_FILE_PREFIX`]).
 pub const DEFAULT_STATE_FILE_SUFFIX: &str = ".lsn";
+/// Whether a start may skip changes when the state file's position does not belong to the
+/// server (another cluster, timeline, database or slot); off, so nothing is skipped silently.
+pub const DEFAULT_ACCEPT_POSITION_GAP: bool = false;
+/// Longest message-id namespace, in characters.
+pub const MAX_ID_NAMESPACE_LEN: usize = 64;
 
 /// Address the HTTP endpoints listen on. Loopback, so that nothing is exposed by accident;
 /// containers and remote Prometheus scrapers need `--http-bind 0.0.0.0`.
@@ -222,6 +227,16 @@ pub const FIELD_SOURCES: &[(&str, &str, &str)] = &[
         "replication.state_file",
         "--state-file",
         "BRIDGE_STATE_FILE",
+    ),
+    (
+        "replication.accept_position_gap",
+        "--accept-position-gap",
+        "BRIDGE_ACCEPT_POSITION_GAP",
+    ),
+    (
+        "replication.id_namespace",
+        "--id-namespace",
+        "BRIDGE_ID_NAMESPACE",
     ),
     ("http.bind", "--http-bind", "BRIDGE_HTTP_BIND"),
     ("http.port", "--port", "BRIDGE_PORT"),
@@ -733,6 +748,13 @@ pub struct ReplicationConfig {
     /// default.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub state_file: Option<PathBuf>,
+    /// Start even when the state file's position does not belong to the server, from the
+    /// slot, logging the skipped range.
+    pub accept_position_gap: bool,
+    /// Namespace of the message ids; `None` derives it from the system identifier, database
+    /// and publication.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub id_namespace: Option<String>,
 }
 
 impl Default for ReplicationConfig {
@@ -747,6 +769,8 @@ impl Default for ReplicationConfig {
             reconnect_backoff_secs: DEFAULT_RECONNECT_BACKOFF_SECS,
             standby_status_interval_secs: DEFAULT_STANDBY_STATUS_INTERVAL_SECS,
             state_file: None,
+            accept_position_gap: DEFAULT_ACCEPT_POSITION_GAP,
+            id_namespace: None,
         }
     }
 }
@@ -825,6 +849,9 @@ impl ReplicationConfig {
             .is_some_and(|p| p.as_os_str().is_empty())
         {
             return Err(invalid("replication.state_file", "is empty"));
+        }
+        if let Some(ns) = &self.id_namespace {
+            check_id_namespace(ns).map_err(|r| invalid("replication.id_namespace", r))?;
         }
         Ok(())
     }
@@ -1295,6 +1322,8 @@ impl RawConfig {
             &a.standby_status_interval_secs,
         );
         given_opt(&mut r.state_file, &a.state_file);
+        given(&mut r.accept_position_gap, &a.accept_position_gap);
+        given_opt(&mut r.id_namespace, &a.id_namespace);
 
         let a = &args.http;
         given(&mut self.http.bind, &a.http_bind);
@@ -1559,6 +1588,22 @@ fn check_slot_name(slot: &str) -> Result<(), String> {
         return Err(format!(
             "'{slot}' must be 1-{MAX_PG_IDENTIFIER_BYTES} characters of a-z, 0-9 and _ \
              (PostgreSQL's rule for replication slot names)"
+        ));
+    }
+    Ok(())
+}
+
+/// A message-id namespace: 1-64 characters of `[A-Za-z0-9_-]`, so an id stays one NATS header
+/// value and is easy to match.
+fn check_id_namespace(ns: &str) -> Result<(), String> {
+    if ns.is_empty()
+        || ns.len() > MAX_ID_NAMESPACE_LEN
+        || !ns
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'-')
+    {
+        return Err(format!(
+            "{ns:?} must be 1-{MAX_ID_NAMESPACE_LEN} characters of A-Z, a-z, 0-9, _ and -"
         ));
     }
     Ok(())

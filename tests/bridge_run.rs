@@ -123,8 +123,7 @@ fn a_row_larger_than_max_payload_stops_without_losing_it() {
     });
     let small_commit: Lsn = {
         let m = &read_stream(&nats.url(), "CDC")[0];
-        let id = m.msg_id.as_deref().unwrap();
-        id.split('-').next().unwrap().parse().unwrap()
+        common::split_msg_id(m.msg_id.as_deref().unwrap()).2
     };
     let before_big = wait_for(
         "the slot to confirm the small row",

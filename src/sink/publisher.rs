@@ -128,6 +128,8 @@ pub struct PublisherSettings {
     pub max_in_flight: usize,
     /// Subject prefix of change events (`cdc`).
     pub subject_prefix: String,
+    /// Namespace of the message ids (`{namespace}:{timeline}:{commit_lsn}-{seq}`).
+    pub id_namespace: String,
 }
 
 /// Where a message of the window stands.
@@ -161,8 +163,10 @@ struct InFlight {
     token: u64,
     subject: Subject,
     reply: Subject,
-    /// With `seq`, the message id (built again only when needed: resends, errors).
+    /// With `timeline` and `seq`, the message id (built again only when needed: resends,
+    /// errors).
     commit_lsn: Lsn,
+    timeline: u32,
     seq: u32,
     payload: Bytes,
     state: AckState,
@@ -173,8 +177,8 @@ struct InFlight {
 }
 
 impl InFlight {
-    fn message_id(&self) -> String {
-        event::message_id(self.commit_lsn, self.seq)
+    fn message_id(&self, prefix: &str) -> String {
+        event::message_id(prefix, self.timeline, self.commit_lsn, self.seq)
     }
 }
 
@@ -269,6 +273,8 @@ pub struct Publisher {
     notify: Arc<tokio::sync::Notify>,
     durable: DurableLsn,
     settings: PublisherSettings,
+    /// `{namespace}:`, the start of every message id.
+    id_prefix: String,
     stats: Arc<PublisherStats>,
     shutdown: Shutdown,
     /// Encoding buffer, reused for every change.
@@ -341,6 +347,7 @@ impl Publisher {
             consumer,
             notify,
             durable,
+            id_prefix: event::id_prefix(&settings.id_namespace),
             settings,
             stats,
             shutdown,
@@ -463,13 +470,14 @@ impl Publisher {
             subject,
             reply: self.replies.subject(token),
             commit_lsn: ev.commit_lsn,
+            timeline: ev.timeline,
             seq: ev.seq,
             payload: self.payloads.copy(&self.buf),
             state: AckState::Pending,
             commit_end: None,
             commit_time: ev.commit_time,
         };
-        if let Err(e) = send(&self.client, &entry).await {
+        if let Err(e) = send(&self.client, &self.id_prefix, &entry).await {
             if let Some(fatal) = self.fatal(&entry, &e) {
                 return Err(fatal);
             }
@@ -489,7 +497,7 @@ impl Publisher {
             table: entry.subject.to_string(),
             size: entry.payload.len(),
             max: super::nats::max_payload(&self.client),
-            message_id: entry.message_id(),
+            message_id: entry.message_id(&self.id_prefix),
         })
     }
 
@@ -592,7 +600,7 @@ impl Publisher {
                     log::warn!(
                         "publish of {} ({}) not acknowledged: {e}; retrying (PostgreSQL keeps the WAL meanwhile)",
                         front.subject,
-                        front.message_id()
+                        front.message_id(&self.id_prefix)
                     );
                 }
             }
@@ -647,7 +655,7 @@ impl Publisher {
             if matches!(entry.state, AckState::Acked { .. }) {
                 continue;
             }
-            match send(&self.client, entry).await {
+            match send(&self.client, &self.id_prefix, entry).await {
                 Ok(()) => entry.state = AckState::Pending,
                 Err(e) => {
                     self.stats.publish_errors.fetch_add(1, Ordering::Relaxed);
@@ -694,9 +702,13 @@ impl Publisher {
 /// Publishes one message of the window with its message id and reply subject. The header map
 /// is built for each send: the client takes it by value, and cloning one costs as much as
 /// building it.
-async fn send(client: &Client, entry: &InFlight) -> Result<(), async_nats::PublishError> {
+async fn send(
+    client: &Client,
+    id_prefix: &str,
+    entry: &InFlight,
+) -> Result<(), async_nats::PublishError> {
     let mut headers = HeaderMap::new();
-    headers.insert(NATS_MESSAGE_ID, entry.message_id());
+    headers.insert(NATS_MESSAGE_ID, entry.message_id(id_prefix));
     client
         .publish_with_reply_and_headers(
             entry.subject.clone(),

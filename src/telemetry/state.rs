@@ -107,6 +107,8 @@ pub struct Telemetry {
     snapshot_progress: AtomicU64,
     /// The last PostgreSQL connection problem, for `/health`; cleared when streaming resumes.
     pg_problem: Mutex<Option<String>>,
+    /// The message-id namespace, once PostgreSQL set-up has decided it.
+    id_namespace: Mutex<Option<String>>,
 }
 
 impl Telemetry {
@@ -129,6 +131,7 @@ impl Telemetry {
             shutdown,
             snapshot_progress: AtomicU64::new(0f64.to_bits()),
             pg_problem: Mutex::new(None),
+            id_namespace: Mutex::new(None),
         }
     }
 
@@ -161,6 +164,13 @@ impl Telemetry {
         }
     }
 
+    /// Records the message-id namespace, for `/status`.
+    pub fn set_id_namespace(&self, namespace: &str) {
+        if let Ok(mut n) = self.id_namespace.lock() {
+            *n = Some(namespace.to_string());
+        }
+    }
+
     /// Sets the progress of the running snapshot, 0.0 to 1.0 (0 when none runs).
     pub fn set_snapshot_progress(&self, fraction: f64) {
         let f = if fraction.is_finite() {
@@ -188,6 +198,7 @@ impl Telemetry {
             pg_connected: w.connected.load(Relaxed),
             pg_reconnects: w.reconnects.load(Relaxed),
             pg_problem: self.pg_problem.lock().ok().and_then(|p| p.clone()),
+            id_namespace: self.id_namespace.lock().ok().and_then(|n| n.clone()),
             last_processing_us: w.last_processing_us.load(Relaxed),
             ring_used: w.ring_used.load(Relaxed).min(self.ring_capacity),
             ring_capacity: self.ring_capacity,
@@ -236,6 +247,8 @@ pub struct Snapshot {
     pub pg_reconnects: u64,
     /// The last PostgreSQL connection problem while not connected.
     pub pg_problem: Option<String>,
+    /// The message-id namespace (`None` until set-up decided it).
+    pub id_namespace: Option<String>,
     /// Processing time of a recent WAL message, µs.
     pub last_processing_us: u64,
     /// Items in the ring.

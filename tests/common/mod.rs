@@ -789,6 +789,27 @@ pub struct StoredMessage {
     pub stored_at: std::time::SystemTime,
 }
 
+/// The parts of a change's message id `{namespace}:{timeline}:{commit_lsn}-{seq}`; panics on
+/// anything else.
+#[allow(dead_code)]
+pub fn split_msg_id(id: &str) -> (String, u32, pgbridge::pg::Lsn, u32) {
+    let bad =
+        || panic!("message id {id:?} is not {{namespace}}:{{timeline}}:{{commit_lsn}}-{{seq}}");
+    let mut parts = id.splitn(3, ':');
+    let (Some(ns), Some(tl), Some(rest)) = (parts.next(), parts.next(), parts.next()) else {
+        bad()
+    };
+    let Some((lsn, seq)) = rest.rsplit_once('-') else {
+        bad()
+    };
+    (
+        ns.to_string(),
+        tl.parse().unwrap_or_else(|_| bad()),
+        lsn.parse().unwrap_or_else(|_| bad()),
+        seq.parse().unwrap_or_else(|_| bad()),
+    )
+}
+
 /// Runs `f` with a NATS client connected to `nats_url`, on a throw-away current-thread runtime.
 pub fn with_nats<T, F, Fut>(nats_url: &str, f: F) -> T
 where
