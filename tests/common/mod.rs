@@ -211,27 +211,7 @@ impl PgServer {
         fs::write(&pwfile, format!("{password}\n")).unwrap();
         fs::set_permissions(&pwfile, fs::Permissions::from_mode(0o644)).unwrap();
 
-        let data = dir.path().join("data");
-        let out = command_as(&bin.join("initdb"), ids)
-            .arg("-D")
-            .arg(&data)
-            .args([
-                "-U",
-                PG_SUPERUSER,
-                "-E",
-                "UTF8",
-                "--locale=C.UTF-8",
-                "--no-sync",
-            ])
-            .args(["--auth-local=trust", "--auth-host=scram-sha-256"])
-            .arg(format!("--pwfile={}", pwfile.display()))
-            .output()
-            .expect("run initdb");
-        assert!(
-            out.status.success(),
-            "initdb failed: {}",
-            String::from_utf8_lossy(&out.stderr)
-        );
+        initdb(&bin, ids, dir.path());
         let mut settings: Vec<(String, String)> = [
             ("wal_level", "logical"),
             ("max_wal_senders", "20"),
@@ -331,6 +311,16 @@ impl PgServer {
         false
     }
 
+    /// Replaces the cluster by a new one (a new system identifier, no databases, roles or
+    /// slots but the defaults) on the same port, as a re-created database server would be.
+    #[allow(dead_code)]
+    pub fn recreate(&mut self) {
+        self.stop(StopMode::Fast);
+        fs::remove_dir_all(self.dir.path().join("data")).expect("remove the data directory");
+        initdb(&self.bin, self.ids, self.dir.path());
+        self.start_again();
+    }
+
     /// Stops the postmaster, keeping the data directory for [`PgServer::start_again`].
     pub fn stop(&mut self, mode: StopMode) {
         if let Some(mut c) = self.child.take() {
@@ -416,6 +406,33 @@ impl PgServer {
         self.sql("postgres", &format!("CREATE DATABASE \"{name}\""));
         name.to_string()
     }
+}
+
+/// Runs `initdb` into `{dir}/data` as the unprivileged user, with the superuser password of
+/// `{dir}/pwfile`.
+fn initdb(bin: &Path, ids: Option<(u32, u32)>, dir: &Path) {
+    let pwfile = dir.join("pwfile");
+    let data = dir.join("data");
+    let out = command_as(&bin.join("initdb"), ids)
+        .arg("-D")
+        .arg(&data)
+        .args([
+            "-U",
+            PG_SUPERUSER,
+            "-E",
+            "UTF8",
+            "--locale=C.UTF-8",
+            "--no-sync",
+        ])
+        .args(["--auth-local=trust", "--auth-host=scram-sha-256"])
+        .arg(format!("--pwfile={}", pwfile.display()))
+        .output()
+        .expect("run initdb");
+    assert!(
+        out.status.success(),
+        "initdb failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
 }
 
 impl Drop for PgServer {
