@@ -221,3 +221,74 @@ fn foreign_or_impossible_positions_are_refused() {
     // Twice: a refused start leaves nothing behind that would let the next one pass.
     refused(&mut bridge_command(&env.pg, &url, dir.path()));
 }
+
+#[test]
+fn a_new_timeline_through_the_position_is_followed_and_shows_in_the_ids() {
+    let mut env = TestEnv::start();
+    let url = env.nats.url();
+    setup_app_db(&env.pg, SCHEMA, "");
+    let dir = TempDir::new("bridge");
+    let state = dir.path().join("bridge.lsn");
+    run_once(&env.pg, &url, dir.path(), 1, 1);
+    assert_eq!(state_value(&state, "timeline"), "1");
+    let first = read_stream(&url, "CDC")[0].msg_id.clone().unwrap();
+    assert_eq!(split_msg_id(&first).1, 1, "{first}");
+
+    // The server ends recovery on timeline 2 after the stored position: like a promotion.
+    env.pg.new_timeline();
+    let timeline = env.pg.sql(
+        "postgres",
+        "SELECT timeline_id::text FROM pg_control_checkpoint()",
+    );
+    assert_eq!(timeline.rows[0][0].as_deref(), Some("2"));
+
+    let mut bridge = BridgeProcess::spawn(&mut bridge_command(&env.pg, &url, dir.path()));
+    bridge.wait_for_line("streaming started", WAIT);
+    assert!(
+        bridge.log().contains("from timeline 1 to 2 (switch point"),
+        "{}",
+        bridge.log()
+    );
+    env.pg.sql("app", "INSERT INTO users VALUES (2, 'after')");
+    wait_for("the new row", WAIT, || {
+        (stream_len(&url, "CDC") >= 2).then_some(())
+    });
+    wait_caught_up(&env.pg, "cdc_slot", WAIT);
+    assert_eq!(bridge.terminate(WAIT), Some(0), "{}", bridge.log());
+    let msgs = read_stream(&url, "CDC");
+    assert_eq!(msgs.len(), 2, "{}", bridge.log());
+    let (ns1, _, _, _) = split_msg_id(&first);
+    let (ns2, tl2, _, _) = split_msg_id(msgs[1].msg_id.as_deref().unwrap());
+    assert_eq!(
+        tl2, 2,
+        "a change after the switch point has the new timeline"
+    );
+    assert_eq!(
+        ns1, ns2,
+        "same cluster, database and publication: same namespace"
+    );
+    assert_eq!(state_value(&state, "timeline"), "2");
+
+    // A position of timeline 1 past the switch point is not on timeline 2's history.
+    let history = env
+        .pg
+        .sql("postgres", "SELECT pg_read_file('pg_wal/00000002.history')");
+    let history = history.rows[0][0].clone().unwrap();
+    let switch: pgbridge::pg::Lsn = history.split('\t').nth(1).unwrap().parse().unwrap();
+    let past = pgbridge::pg::Lsn(switch.0 + 8);
+    let good = std::fs::read_to_string(&state).unwrap();
+    let lsn = state_value(&state, "lsn");
+    std::fs::write(
+        &state,
+        good.replace("timeline=2", "timeline=1")
+            .replace(&format!("lsn={lsn}"), &format!("lsn={past}")),
+    )
+    .unwrap();
+    let slot = confirmed_flush(&env.pg, "cdc_slot");
+    let line = refused(&mut bridge_command(&env.pg, &url, dir.path()));
+    assert!(
+        line.contains(&format!("timeline 1 ended at {switch}")),
+        "{line}"
+    );
+    assert_eq!(confirmed_flush(&env.pg, "cdc_slot"), slot);
+}

@@ -321,6 +321,27 @@ impl PgServer {
         self.start_again();
     }
 
+    /// Moves the cluster to a new timeline, as a promotion or a point-in-time restore does:
+    /// stops it, starts it in archive recovery with nothing to restore, and waits until it
+    /// has ended recovery on the next timeline. Slots and data stay.
+    #[allow(dead_code)]
+    pub fn new_timeline(&mut self) {
+        self.stop(StopMode::Fast);
+        let signal = self.dir.path().join("data/recovery.signal");
+        fs::write(&signal, "").unwrap();
+        chown_tree(&signal, self.ids);
+        self.settings
+            .push(("restore_command".to_string(), "false".to_string()));
+        self.start_again();
+        self.settings.retain(|(k, _)| k != "restore_command");
+        wait_for("recovery to end", START_TIMEOUT, || {
+            let r = self.connect("postgres").query("SELECT pg_is_in_recovery()");
+            r.ok()
+                .filter(|r| r.rows[0][0].as_deref() == Some("f"))
+                .map(|_| ())
+        });
+    }
+
     /// Stops the postmaster, keeping the data directory for [`PgServer::start_again`].
     pub fn stop(&mut self, mode: StopMode) {
         if let Some(mut c) = self.child.take() {
