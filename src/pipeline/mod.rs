@@ -52,13 +52,25 @@ pub enum RunError {
     StateFile(#[from] StateFileError),
     /// The state file's position does not belong to this server, database or slot.
     #[error(transparent)]
-    Position(#[from] PositionError),
+    Position(Box<PositionError>),
     /// The HTTP server or another telemetry thread could not start.
     #[error(transparent)]
     Telemetry(#[from] TelemetryError),
     /// A thread could not be started or ended abnormally.
     #[error("internal error: {0}")]
     Internal(String),
+}
+
+impl From<PositionError> for RunError {
+    fn from(e: PositionError) -> Self {
+        RunError::Position(Box::new(e))
+    }
+}
+
+impl From<Box<PositionError>> for RunError {
+    fn from(e: Box<PositionError>) -> Self {
+        RunError::Position(e)
+    }
 }
 
 impl RunError {

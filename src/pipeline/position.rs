@@ -354,7 +354,7 @@ pub fn check(
     path: &std::path::Path,
     recorded: Option<&Recorded>,
     found: &Found,
-) -> Result<Verdict, PositionError> {
+) -> Result<Verdict, Box<PositionError>> {
     let mut notes = Vec::new();
     let Some(rec) = recorded else {
         return Ok(Verdict {
@@ -368,23 +368,23 @@ pub fn check(
         Some(id) => {
             let f = &found.identity;
             if id.system_id != f.system_id || id.database != f.database || id.slot != f.slot {
-                return Err(PositionError::OtherIdentity {
+                return Err(Box::new(PositionError::OtherIdentity {
                     path,
                     lsn,
                     recorded: id.clone(),
                     found: f.clone(),
-                });
+                }));
             }
             if id.timeline != f.timeline {
                 if !found.history.contains(id.timeline, lsn) {
-                    return Err(PositionError::TimelineDiverged {
+                    return Err(Box::new(PositionError::TimelineDiverged {
                         path,
                         lsn,
                         recorded_timeline: id.timeline,
                         recorded: id.clone(),
                         switch_point: found.history.switch_point(id.timeline),
                         found: f.clone(),
-                    });
+                    }));
                 }
                 let switch = found
                     .history
@@ -405,22 +405,22 @@ pub fn check(
         )),
     }
     if lsn > found.current_wal {
-        return Err(PositionError::AheadOfServer {
+        return Err(Box::new(PositionError::AheadOfServer {
             path,
             lsn,
             recorded: rec.identity.clone(),
             current_wal: found.current_wal,
             found: found.identity.clone(),
-        });
+        }));
     }
     let Some(slot) = found.slot else {
-        return Err(PositionError::SlotMissing {
+        return Err(Box::new(PositionError::SlotMissing {
             path,
             lsn,
             recorded: rec.identity.clone(),
             slot: found.identity.slot.clone(),
             found: found.identity.clone(),
-        });
+        }));
     };
     if slot > lsn {
         notes.push((
@@ -613,7 +613,7 @@ mod tests {
     fn another_cluster_database_or_slot_is_refused() {
         let f = found("2", TimelineHistory::single(1), Some(0x100), 0x1000);
         let e = check(path(), Some(&rec(0x180, Some(id("1", 1)))), &f).unwrap_err();
-        assert!(matches!(e, PositionError::OtherIdentity { .. }));
+        assert!(matches!(*e, PositionError::OtherIdentity { .. }));
         let line = e.to_string();
         assert!(!line.contains('\n'));
         for part in [
@@ -629,13 +629,13 @@ mod tests {
         let mut other_db = id("2", 1);
         other_db.database = "other".into();
         assert!(matches!(
-            check(path(), Some(&rec(0x10, Some(other_db))), &f),
+            check(path(), Some(&rec(0x10, Some(other_db))), &f).map_err(|e| *e),
             Err(PositionError::OtherIdentity { .. })
         ));
         let mut other_slot = id("2", 1);
         other_slot.slot = "other".into();
         assert!(matches!(
-            check(path(), Some(&rec(0x10, Some(other_slot))), &f),
+            check(path(), Some(&rec(0x10, Some(other_slot))), &f).map_err(|e| *e),
             Err(PositionError::OtherIdentity { .. })
         ));
         assert!(e
@@ -647,13 +647,13 @@ mod tests {
     fn a_position_ahead_of_the_wal_or_without_its_slot_is_refused() {
         let f = found("1", TimelineHistory::single(1), Some(0x100), 0x1000);
         let e = check(path(), Some(&rec(0x2000, Some(id("1", 1)))), &f).unwrap_err();
-        assert!(matches!(e, PositionError::AheadOfServer { .. }), "{e}");
+        assert!(matches!(*e, PositionError::AheadOfServer { .. }), "{e}");
         assert!(e.to_string().contains("current WAL position 0/1000"), "{e}");
         let e = check(path(), Some(&rec(0x2000, None)), &f).unwrap_err();
         assert!(e.to_string().contains("identity not recorded"), "{e}");
         let gone = found("1", TimelineHistory::single(1), None, 0x1000);
         let e = check(path(), Some(&rec(0x180, Some(id("1", 1)))), &gone).unwrap_err();
-        assert!(matches!(e, PositionError::SlotMissing { .. }), "{e}");
+        assert!(matches!(*e, PositionError::SlotMissing { .. }), "{e}");
         assert!(e.to_string().contains("'cdc_slot' does not exist"), "{e}");
         // Without a file a missing slot is simply created.
         assert_eq!(check(path(), None, &gone).unwrap().resume, Resume::Slot);
@@ -675,7 +675,7 @@ mod tests {
         );
         // Stored on timeline 1 after the switch: that WAL is not on timeline 2.
         let e = check(path(), Some(&rec(0x580_0000, Some(id("1", 1)))), &f).unwrap_err();
-        assert!(matches!(e, PositionError::TimelineDiverged { .. }), "{e}");
+        assert!(matches!(*e, PositionError::TimelineDiverged { .. }), "{e}");
         assert!(
             e.to_string().contains("timeline 1 ended at 0/5000000"),
             "{e}"
