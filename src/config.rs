@@ -1955,6 +1955,7 @@ mod tests {
             "precedence.toml",
             "[postgres]\nhost = \"file-host\"\nuser = \"file-user\"\ndbname = \"file-db\"\n\
              [replication]\nslot = \"file_slot\"\npublication = \"file_pub\"\n\
+             id_namespace = \"file-ns\"\n\
              [http]\nport = 9101\n",
         );
         let file = tmp.path.clone();
@@ -1969,6 +1970,8 @@ mod tests {
         assert_eq!(c.postgres.host, "file-host");
         assert_eq!(c.postgres.port, DEFAULT_PG_PORT);
         assert_eq!(c.replication.slot, "file_slot");
+        assert_eq!(c.replication.id_namespace.as_deref(), Some("file-ns"));
+        assert!(!c.replication.accept_position_gap);
         assert_eq!(c.http.port, 9101);
 
         // Environment over file.
@@ -1982,6 +1985,8 @@ mod tests {
             ("NATS_HOST", "nats-env:4222"),
             ("BRIDGE_SNAPSHOT_ON_START", "yes"),
             ("BRIDGE_STREAMS", "C1,I1"),
+            ("BRIDGE_ID_NAMESPACE", "env_ns"),
+            ("BRIDGE_ACCEPT_POSITION_GAP", "true"),
         ];
         let c = with_env(&env, || load(&["bridge"]));
         assert_eq!(c.postgres.host, "env-host");
@@ -1993,6 +1998,8 @@ mod tests {
         assert_eq!(c.http.port, 9102);
         assert_eq!(c.nats.urls, ["nats-env:4222"]);
         assert!(c.snapshot.on_start);
+        assert_eq!(c.replication.id_namespace.as_deref(), Some("env_ns"));
+        assert!(c.replication.accept_position_gap);
         assert_eq!(
             (c.streams.cdc.as_str(), c.streams.init.as_str()),
             ("C1", "I1")
@@ -2014,8 +2021,13 @@ mod tests {
                 "--snapshot-on-start=false",
                 "--stream",
                 "C2",
+                "--id-namespace",
+                "flag-ns",
+                "--accept-position-gap=false",
             ])
         });
+        assert_eq!(c.replication.id_namespace.as_deref(), Some("flag-ns"));
+        assert!(!c.replication.accept_position_gap);
         assert_eq!(c.postgres.host, "flag-host");
         assert_eq!(c.postgres.port, 6000); // env, no flag given
         assert_eq!(c.replication.slot, "flag_slot");
@@ -2248,6 +2260,21 @@ mod tests {
                 "replication.state_file",
                 "empty",
             ),
+            (
+                check(&|c| c.replication.id_namespace = Some(String::new())),
+                "replication.id_namespace",
+                "1-64 characters",
+            ),
+            (
+                check(&|c| c.replication.id_namespace = Some("a:b".into())),
+                "replication.id_namespace",
+                "A-Z, a-z, 0-9, _ and -",
+            ),
+            (
+                check(&|c| c.replication.id_namespace = Some("x".repeat(65))),
+                "replication.id_namespace",
+                "1-64 characters",
+            ),
             (check(&|c| c.postgres.port = 0), "postgres.port", "not 0"),
             (
                 check(&|c| c.postgres.host.clear()),
@@ -2371,6 +2398,7 @@ mod tests {
             c.replication.slot = "a".repeat(63);
             c.replication.tables = vec!["public.users".into(), "_t$1".into(), "ünïcode".into()];
             c.replication.ring_capacity = MIN_RING_CAPACITY;
+            c.replication.id_namespace = Some(format!("Az09_-{}", "x".repeat(58)));
             c.streams.cdc_max_age_secs = 0;
             c.nats.urls = vec!["localhost".into(), "tls://[::1]:4222".into()];
             c.nats.user = Some("u".into());
