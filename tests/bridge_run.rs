@@ -244,13 +244,7 @@ fn standby_waits_and_sigterm_drains_and_exits_0() {
         after > commit_lsn,
         "slot confirmed {after}, commit at {commit_lsn}"
     );
-    let state = std::fs::read_to_string(dir.path().join("bridge.lsn")).unwrap();
-    let stored: Lsn = state
-        .lines()
-        .find_map(|l| l.strip_prefix("lsn="))
-        .unwrap_or_else(|| panic!("no lsn= in {state}"))
-        .parse()
-        .unwrap();
+    let stored = common::state_file_lsn(&dir.path().join("bridge.lsn")).expect("a state file");
     assert_eq!(stored, after, "state file = confirmed position");
 }
 

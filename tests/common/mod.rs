@@ -848,6 +848,16 @@ pub fn split_msg_id(id: &str) -> (String, u32, pgbridge::pg::Lsn, u32) {
     )
 }
 
+/// The position in the bridge's state file at `path` (either format), `None` when there is no
+/// file.
+#[allow(dead_code)]
+pub fn state_file_lsn(path: &Path) -> Option<pgbridge::pg::Lsn> {
+    let text = fs::read_to_string(path).ok()?;
+    let recorded = pgbridge::pipeline::position::parse_state(&text)
+        .unwrap_or_else(|e| panic!("state file {}: {e}: {text}", path.display()));
+    Some(recorded.lsn)
+}
+
 /// Runs `f` with a NATS client connected to `nats_url`, on a throw-away current-thread runtime.
 pub fn with_nats<T, F, Fut>(nats_url: &str, f: F) -> T
 where
