@@ -292,3 +292,37 @@ fn a_new_timeline_through_the_position_is_followed_and_shows_in_the_ids() {
     );
     assert_eq!(confirmed_flush(&env.pg, "cdc_slot"), slot);
 }
+
+#[test]
+fn a_new_timeline_while_streaming_is_followed_after_the_reconnect() {
+    let mut env = TestEnv::start();
+    let url = env.nats.url();
+    setup_app_db(&env.pg, SCHEMA, "");
+    let dir = TempDir::new("bridge");
+    let state = dir.path().join("bridge.lsn");
+    let mut bridge = BridgeProcess::spawn(&mut bridge_command(&env.pg, &url, dir.path()));
+    bridge.wait_for_line("streaming started", WAIT);
+    env.pg.sql("app", "INSERT INTO users VALUES (1, 'before')");
+    wait_for("the first row", WAIT, || {
+        (stream_len(&url, "CDC") >= 1).then_some(())
+    });
+    wait_caught_up(&env.pg, "cdc_slot", WAIT);
+
+    // The server goes away and comes back on timeline 2; the bridge reconnects by itself.
+    env.pg.new_timeline();
+    bridge.wait_for_line("streaming goes on on timeline 2", WAIT);
+    env.pg.sql("app", "INSERT INTO users VALUES (2, 'after')");
+    wait_for("the second row", WAIT, || {
+        (stream_len(&url, "CDC") >= 2).then_some(())
+    });
+    wait_caught_up(&env.pg, "cdc_slot", WAIT);
+    assert_eq!(bridge.terminate(WAIT), Some(0), "{}", bridge.log());
+    let msgs = read_stream(&url, "CDC");
+    assert_eq!(msgs.len(), 2, "{}", bridge.log());
+    let timelines: Vec<u32> = msgs
+        .iter()
+        .map(|m| split_msg_id(m.msg_id.as_deref().unwrap()).1)
+        .collect();
+    assert_eq!(timelines, [1, 2]);
+    assert_eq!(state_value(&state, "timeline"), "2", "{}", bridge.log());
+}
