@@ -4,8 +4,10 @@
 #
 #   scripts/dev.sh [bridge flags...]   start the servers (if needed) and run the bridge
 #   scripts/dev.sh psql                a psql shell on the demo database as the superuser
-#   scripts/dev.sh stop                stop the servers (data stays in .dev/)
-#   scripts/dev.sh clean               stop the servers and delete .dev/pg and .dev/nats
+#   scripts/dev.sh stop                stop the bridge and the servers (data stays in .dev/)
+#   scripts/dev.sh clean               stop everything and delete .dev/pg, .dev/nats and the
+#                                      bridge's state (a new cluster must not resume from the
+#                                      old one's position)
 #
 # Ports: DEV_PG_PORT (default 54320), DEV_NATS_PORT (default 42220), loopback only.
 set -euo pipefail
@@ -17,6 +19,9 @@ nats_port="${DEV_NATS_PORT:-42220}"
 dev="$root/.dev"
 pgdir="$dev/pg"
 natsdir="$dev/nats"
+bridge_pid="$dev/bridge.pid"
+bridge_state="$dev/bridge.lsn"
+bridge_tmp="$dev/tmp"
 db=app
 su_password=dev_superuser
 reader_password=dev_reader
@@ -28,7 +33,30 @@ as_pg() {
     if [ "$(id -u)" -eq 0 ]; then runuser -u postgres -- "$@"; else "$@"; fi
 }
 
+# True when the pid file names a running bridge of this checkout (the file may be stale and
+# its number reused by another process).
+bridge_running() {
+    [ -f "$bridge_pid" ] || return 1
+    local pid
+    pid="$(cat "$bridge_pid")"
+    kill -0 "$pid" 2>/dev/null &&
+        tr '\0' ' ' <"/proc/$pid/cmdline" 2>/dev/null | grep -q "$root/target/release/bridge"
+}
+
+stop_bridge() {
+    [ -f "$bridge_pid" ] || return 0
+    local pid
+    pid="$(cat "$bridge_pid")"
+    if bridge_running; then
+        kill -TERM "$pid"
+        for _ in $(seq 1 300); do kill -0 "$pid" 2>/dev/null || break; sleep 0.1; done
+        if kill -0 "$pid" 2>/dev/null; then kill -KILL "$pid"; say "bridge killed"; else say "bridge stopped"; fi
+    fi
+    rm -f "$bridge_pid"
+}
+
 stop_all() {
+    stop_bridge
     if [ -f "$pgdir/data/postmaster.pid" ]; then
         as_pg "$PG_BIN/pg_ctl" -D "$pgdir/data" -m fast -w stop >/dev/null && say "PostgreSQL stopped"
     fi
@@ -44,7 +72,11 @@ stop_all() {
 
 case "${1:-}" in
 stop) stop_all; exit 0 ;;
-clean) stop_all; rm -rf "$pgdir" "$natsdir"; say "removed .dev/pg and .dev/nats"; exit 0 ;;
+clean)
+    stop_all
+    rm -rf "$pgdir" "$natsdir" "$bridge_tmp" "$bridge_pid" "$bridge_state" "$bridge_state.tmp"
+    say "removed .dev/pg, .dev/nats and the bridge's state"
+    exit 0 ;;
 esac
 
 # --- PostgreSQL ------------------------------------------------------------------------------
@@ -86,10 +118,18 @@ if ! { [ -f "$natsdir/nats.pid" ] && kill -0 "$(cat "$natsdir/nats.pid")" 2>/dev
 fi
 
 # --- the bridge ------------------------------------------------------------------------------
+if bridge_running; then
+    say "a bridge is already running (pid $(cat "$bridge_pid")); scripts/dev.sh stop stops it"
+    exit 1
+fi
 cargo build --release --locked --quiet
 say "try: scripts/dev.sh psql, then INSERT INTO users (email) VALUES ('a@example.com');"
 say "stop the bridge with Ctrl-C; the servers keep running until scripts/dev.sh stop"
 export PG_HOST=127.0.0.1 PG_PORT="$pg_port" PG_USER=bridge_reader PG_PASSWORD="$reader_password" PG_DB="$db"
 export NATS_URL="nats://127.0.0.1:$nats_port"
 unset PGHOST PGPORT PGUSER PGPASSWORD
-exec "$root/target/release/bridge" --state-file "$dev/bridge.lsn" "$@"
+# The bridge's spool of large transactions goes under .dev/ too, so clean removes it.
+mkdir -p "$bridge_tmp"
+# exec keeps this process id: the pid file names the bridge, for stop and clean.
+echo $$ >"$bridge_pid"
+TMPDIR="$bridge_tmp" exec "$root/target/release/bridge" --state-file "$bridge_state" "$@"

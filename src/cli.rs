@@ -398,6 +398,29 @@ pub struct ReplicationArgs {
                                wal_sender_timeout plus 30 s (120 s if it has none)",
                               cfg::DEFAULT_WAL_RECEIVE_TIMEOUT_SECS))]
     pub wal_receive_timeout_secs: Option<u64>,
+
+    /// `replication.accept_position_gap`.
+    #[arg(long, env = "BRIDGE_ACCEPT_POSITION_GAP", value_name = "BOOL", global = true,
+          num_args = 0..=1, require_equals = true, default_missing_value = "true",
+          value_parser = BoolishValueParser::new(),
+          help = with_default("Start even when the state file's position belongs to another \
+                               cluster, timeline, database or slot, or lies beyond the server's \
+                               WAL: stream from the slot, log the skipped range and rewrite the \
+                               state file. Without it such a start stops with exit code 2",
+                              cfg::DEFAULT_ACCEPT_POSITION_GAP))]
+    pub accept_position_gap: Option<bool>,
+
+    /// `replication.id_namespace`.
+    #[arg(
+        long,
+        env = "BRIDGE_ID_NAMESPACE",
+        value_name = "NAME",
+        global = true,
+        help = "First part of every message id (Nats-Msg-Id {namespace}:{timeline}:{commit_lsn}-{seq}), \
+                  1-64 characters of A-Z a-z 0-9 _ - [default: 8 hex digits of a hash of the \
+                  system identifier, database and publication]"
+    )]
+    pub id_namespace: Option<String>,
 }
 
 /// HTTP flags (`[http]`).

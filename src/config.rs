@@ -101,6 +101,11 @@ pub const DEFAULT_WAL_RECEIVE_TIMEOUT_SECS: u64 = 0;
 pub const WAL_RECEIVE_TIMEOUT_MARGIN_SECS: u64 = 30;
 /// The automatic receive timeout when the server's `wal_sender_timeout` is 0 (disabled).
 pub const WAL_RECEIVE_TIMEOUT_NO_SENDER_TIMEOUT_SECS: u64 = 120;
+/// Whether a start may skip changes when the state file's position does not belong to the
+/// server (another cluster, timeline, database or slot); off, so nothing is skipped silently.
+pub const DEFAULT_ACCEPT_POSITION_GAP: bool = false;
+/// Longest message-id namespace, in characters.
+pub const MAX_ID_NAMESPACE_LEN: usize = 64;
 
 /// Address the HTTP endpoints listen on. Loopback, so that nothing is exposed by accident;
 /// containers and remote Prometheus scrapers need `--http-bind 0.0.0.0`.
@@ -266,6 +271,16 @@ pub const FIELD_SOURCES: &[(&str, &str, &str)] = &[
         "replication.wal_receive_timeout_secs",
         "--wal-receive-timeout-secs",
         "BRIDGE_WAL_RECEIVE_TIMEOUT_SECS",
+    ),
+    (
+        "replication.accept_position_gap",
+        "--accept-position-gap",
+        "BRIDGE_ACCEPT_POSITION_GAP",
+    ),
+    (
+        "replication.id_namespace",
+        "--id-namespace",
+        "BRIDGE_ID_NAMESPACE",
     ),
     ("http.bind", "--http-bind", "BRIDGE_HTTP_BIND"),
     ("http.port", "--port", "BRIDGE_PORT"),
@@ -803,6 +818,13 @@ pub struct ReplicationConfig {
     /// Silence on the replication connection after which it is reconnected, in seconds
     /// (0: automatic, see [`DEFAULT_WAL_RECEIVE_TIMEOUT_SECS`]).
     pub wal_receive_timeout_secs: u64,
+    /// Start even when the state file's position does not belong to the server, from the
+    /// slot, logging the skipped range.
+    pub accept_position_gap: bool,
+    /// Namespace of the message ids; `None` derives it from the system identifier, database
+    /// and publication.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub id_namespace: Option<String>,
 }
 
 impl Default for ReplicationConfig {
@@ -821,6 +843,8 @@ impl Default for ReplicationConfig {
             state_file: None,
             spool_dir: None,
             wal_receive_timeout_secs: DEFAULT_WAL_RECEIVE_TIMEOUT_SECS,
+            accept_position_gap: DEFAULT_ACCEPT_POSITION_GAP,
+            id_namespace: None,
         }
     }
 }
@@ -952,6 +976,9 @@ impl ReplicationConfig {
                     self.wal_receive_timeout_secs, self.standby_status_interval_secs
                 ),
             ));
+        }
+        if let Some(ns) = &self.id_namespace {
+            check_id_namespace(ns).map_err(|r| invalid("replication.id_namespace", r))?;
         }
         Ok(())
     }
@@ -1545,6 +1572,8 @@ impl RawConfig {
         given_opt(&mut r.state_file, &a.state_file);
         given_opt(&mut r.spool_dir, &a.spool_dir);
         given(&mut r.wal_receive_timeout_secs, &a.wal_receive_timeout_secs);
+        given(&mut r.accept_position_gap, &a.accept_position_gap);
+        given_opt(&mut r.id_namespace, &a.id_namespace);
 
         let a = &args.http;
         given(&mut self.http.bind, &a.http_bind);
@@ -1815,6 +1844,22 @@ fn check_slot_name(slot: &str) -> Result<(), String> {
         return Err(format!(
             "'{slot}' must be 1-{MAX_PG_IDENTIFIER_BYTES} characters of a-z, 0-9 and _ \
              (PostgreSQL's rule for replication slot names)"
+        ));
+    }
+    Ok(())
+}
+
+/// A message-id namespace: 1-64 characters of `[A-Za-z0-9_-]`, so an id stays one NATS header
+/// value and is easy to match.
+fn check_id_namespace(ns: &str) -> Result<(), String> {
+    if ns.is_empty()
+        || ns.len() > MAX_ID_NAMESPACE_LEN
+        || !ns
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'-')
+    {
+        return Err(format!(
+            "{ns:?} must be 1-{MAX_ID_NAMESPACE_LEN} characters of A-Z, a-z, 0-9, _ and -"
         ));
     }
     Ok(())
@@ -2166,6 +2211,7 @@ mod tests {
             "precedence.toml",
             "[postgres]\nhost = \"file-host\"\nuser = \"file-user\"\ndbname = \"file-db\"\n\
              [replication]\nslot = \"file_slot\"\npublication = \"file_pub\"\n\
+             id_namespace = \"file-ns\"\n\
              [http]\nport = 9101\n",
         );
         let file = tmp.path.clone();
@@ -2180,6 +2226,8 @@ mod tests {
         assert_eq!(c.postgres.host, "file-host");
         assert_eq!(c.postgres.port, DEFAULT_PG_PORT);
         assert_eq!(c.replication.slot, "file_slot");
+        assert_eq!(c.replication.id_namespace.as_deref(), Some("file-ns"));
+        assert!(!c.replication.accept_position_gap);
         assert_eq!(c.http.port, 9101);
 
         // Environment over file.
@@ -2193,6 +2241,8 @@ mod tests {
             ("NATS_HOST", "nats-env:4222"),
             ("BRIDGE_SNAPSHOT_ON_START", "yes"),
             ("BRIDGE_STREAMS", "C1,I1"),
+            ("BRIDGE_ID_NAMESPACE", "env_ns"),
+            ("BRIDGE_ACCEPT_POSITION_GAP", "true"),
         ];
         let c = with_env(&env, || load(&["bridge"]));
         assert_eq!(c.postgres.host, "env-host");
@@ -2204,6 +2254,8 @@ mod tests {
         assert_eq!(c.http.port, 9102);
         assert_eq!(c.nats.urls, ["nats-env:4222"]);
         assert!(c.snapshot.on_start);
+        assert_eq!(c.replication.id_namespace.as_deref(), Some("env_ns"));
+        assert!(c.replication.accept_position_gap);
         assert_eq!(
             (c.streams.cdc.as_str(), c.streams.init.as_str()),
             ("C1", "I1")
@@ -2225,8 +2277,13 @@ mod tests {
                 "--snapshot-on-start=false",
                 "--stream",
                 "C2",
+                "--id-namespace",
+                "flag-ns",
+                "--accept-position-gap=false",
             ])
         });
+        assert_eq!(c.replication.id_namespace.as_deref(), Some("flag-ns"));
+        assert!(!c.replication.accept_position_gap);
         assert_eq!(c.postgres.host, "flag-host");
         assert_eq!(c.postgres.port, 6000); // env, no flag given
         assert_eq!(c.replication.slot, "flag_slot");
@@ -2459,6 +2516,21 @@ mod tests {
                 "replication.state_file",
                 "empty",
             ),
+            (
+                check(&|c| c.replication.id_namespace = Some(String::new())),
+                "replication.id_namespace",
+                "1-64 characters",
+            ),
+            (
+                check(&|c| c.replication.id_namespace = Some("a:b".into())),
+                "replication.id_namespace",
+                "A-Z, a-z, 0-9, _ and -",
+            ),
+            (
+                check(&|c| c.replication.id_namespace = Some("x".repeat(65))),
+                "replication.id_namespace",
+                "1-64 characters",
+            ),
             (check(&|c| c.postgres.port = 0), "postgres.port", "not 0"),
             (
                 check(&|c| c.postgres.host.clear()),
@@ -2582,6 +2654,7 @@ mod tests {
             c.replication.slot = "a".repeat(63);
             c.replication.tables = vec!["public.users".into(), "_t$1".into(), "ünïcode".into()];
             c.replication.ring_capacity = MIN_RING_CAPACITY;
+            c.replication.id_namespace = Some(format!("Az09_-{}", "x".repeat(58)));
             c.streams.cdc_max_age_secs = 0;
             c.nats.urls = vec!["localhost".into(), "tls://[::1]:4222".into()];
             c.nats.user = Some("u".into());

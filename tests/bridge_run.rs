@@ -123,8 +123,7 @@ fn a_row_larger_than_max_payload_stops_without_losing_it() {
     });
     let small_commit: Lsn = {
         let m = &read_stream(&nats.url(), "CDC")[0];
-        let id = m.msg_id.as_deref().unwrap();
-        id.split('-').next().unwrap().parse().unwrap()
+        common::split_msg_id(m.msg_id.as_deref().unwrap()).2
     };
     let before_big = wait_for(
         "the slot to confirm the small row",
@@ -245,16 +244,12 @@ fn standby_waits_and_sigterm_drains_and_exits_0() {
         after > commit_lsn,
         "slot confirmed {after}, commit at {commit_lsn}"
     );
-    let state = std::fs::read_to_string(dir.path().join("bridge.lsn")).unwrap();
-    assert_eq!(
-        state.trim().parse::<Lsn>().unwrap(),
-        after,
-        "state file = confirmed position"
-    );
+    let stored = common::state_file_lsn(&dir.path().join("bridge.lsn")).expect("a state file");
+    assert_eq!(stored, after, "state file = confirmed position");
 }
 
 #[test]
-fn a_slot_ahead_of_the_state_file_is_reported_loudly() {
+fn a_slot_ahead_of_the_state_file_is_reported_and_followed() {
     let env = TestEnv::start();
     setup_app_db(&env.pg, SCHEMA, "");
     let dir = TempDir::new("bridge");
@@ -273,13 +268,21 @@ fn a_slot_ahead_of_the_state_file_is_reported_loudly() {
     let slot = confirmed_flush(&env.pg, "cdc_slot").unwrap();
     assert!(slot > Lsn(1));
 
-    // The state file says less was stored than the slot confirmed (e.g. it was replaced).
+    // The state file says less was stored than the slot confirmed (a standby taking the slot
+    // over with its own older file; here the old one-line format).
     std::fs::write(dir.path().join("bridge.lsn"), "0/1\n").unwrap();
     let mut second =
         BridgeProcess::spawn(&mut bridge_command(&env.pg, &env.nats.url(), dir.path()));
-    let line = second.wait_for_line("may be missing from the stream", Duration::from_secs(60));
+    let line = second.wait_for_line("ahead of this bridge's state file", Duration::from_secs(60));
     assert!(line.contains("WARN"), "{line}");
     assert!(line.contains(&slot.to_string()), "{line}");
+    assert!(line.contains("resuming from the slot"), "{line}");
+    second.wait_for_line("streaming started", Duration::from_secs(60));
+    assert!(
+        second.log().contains(&format!("from {slot}")),
+        "{}",
+        second.log()
+    );
     assert_eq!(
         second.terminate(Duration::from_secs(60)),
         Some(0),

@@ -1312,12 +1312,12 @@ fn mirror_equals_source_after_50k_changes() {
     eprintln!("mirror oracle: scenario took {:?}", started.elapsed());
 }
 
-/// The CDC stream holds the changes in commit order: message ids `{commit_lsn}-{seq}` never
-/// go back.
+/// The CDC stream holds the changes in commit order: the `{commit_lsn}-{seq}` of the message
+/// ids `{namespace}:{timeline}:{commit_lsn}-{seq}` never goes back.
 fn assert_stream_in_commit_order(url: &str) {
     let parse = |id: &str| -> (pgbridge::pg::Lsn, u64) {
-        let (lsn, seq) = id.rsplit_once('-').expect("message id {commit_lsn}-{seq}");
-        (lsn.parse().expect("an LSN"), seq.parse().expect("a number"))
+        let (_, _, lsn, seq) = common::split_msg_id(id);
+        (lsn, u64::from(seq))
     };
     let mut last: Option<((pgbridge::pg::Lsn, u64), u64)> = None;
     for m in common::read_stream(url, "CDC") {

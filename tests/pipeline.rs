@@ -170,10 +170,15 @@ fn changes_arrive_in_commit_order_with_the_contract_fields() {
             .filter(|k| *k != "old_columns" || matches!(c.str("operation"), "UPDATE" | "DELETE"))
             .collect();
         assert_eq!(keys, want, "{}", c.subject);
-        assert_eq!(
-            c.msg_id,
-            format!("{}-{}", c.str("commit_lsn"), c.u64("seq"))
+        let (ns, timeline, commit_lsn, seq) = common::split_msg_id(&c.msg_id);
+        assert!(
+            ns.len() == 8 && ns.bytes().all(|b| matches!(b, b'0'..=b'9' | b'a'..=b'f')),
+            "{}",
+            c.msg_id
         );
+        assert_eq!(timeline, 1, "{}", c.msg_id);
+        assert_eq!(commit_lsn.to_string(), c.str("commit_lsn"));
+        assert_eq!(u64::from(seq), c.u64("seq"));
         let t = c.str("commit_time");
         assert!(
             t.len() == 27 && t.ends_with('Z') && t.as_bytes()[10] == b'T',

@@ -313,11 +313,13 @@ fn assert_exactly_once(events: &[Event], committed: &HashMap<ChangeKey, String>)
     let mut ids = HashSet::new();
     let mut seen: HashMap<&ChangeKey, Vec<u64>> = HashMap::new();
     for e in events {
+        let (_, timeline, commit_lsn, seq) = common::split_msg_id(&e.msg_id);
         assert_eq!(
-            e.msg_id,
-            format!("{}-{}", e.commit_lsn, e.seq),
-            "message {}",
-            e.stream_seq
+            (timeline, commit_lsn, u64::from(seq)),
+            (1, e.commit_lsn, e.seq),
+            "message {} {}",
+            e.stream_seq,
+            e.msg_id
         );
         assert!(
             ids.insert(e.msg_id.as_str()),
@@ -396,9 +398,7 @@ fn wait_caught_up(pg: &PgServer, bridge: &BridgeProcess) -> Lsn {
 /// The durable position the next start resumes from: the later of the state file and the
 /// slot (the bridge is not running).
 fn resume_position(pg: &PgServer, state_dir: &Path) -> Lsn {
-    let file = std::fs::read_to_string(state_dir.join("bridge.lsn"))
-        .ok()
-        .map(|s| s.trim().parse::<Lsn>().expect("state file holds an LSN"));
+    let file = common::state_file_lsn(&state_dir.join("bridge.lsn"));
     let slot = confirmed_flush(pg).expect("the slot exists");
     file.unwrap_or(Lsn::INVALID).max(slot)
 }
@@ -711,11 +711,7 @@ fn sigterm_under_load_then_restart_republishes_only_the_unfinished_transaction()
 
     let (published_first, duplicates_first) = stop_gracefully(&mut bridge);
     // The final flush went out: the slot is where the state file is.
-    let state: Lsn = std::fs::read_to_string(dir.path().join("bridge.lsn"))
-        .unwrap()
-        .trim()
-        .parse()
-        .unwrap();
+    let state: Lsn = common::state_file_lsn(&dir.path().join("bridge.lsn")).expect("a state file");
     assert_eq!(confirmed_flush(&env.pg), Some(state));
     // Stored but not durable: at most the changes of the transaction that was being read.
     let unfinished = stored_from(&url, state);

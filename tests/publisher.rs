@@ -42,6 +42,7 @@ fn change_sized(table: &Arc<TableRef>, txn: u64, seq: u32, pad: usize) -> Box<Ch
         operation: Operation::Insert,
         lsn: Lsn(commit_lsn(txn).0 - 0x10),
         commit_lsn: commit_lsn(txn),
+        timeline: TIMELINE,
         xid: 1000 + txn as u32,
         commit_time: 0,
         seq,
@@ -62,10 +63,16 @@ fn change_sized(table: &Arc<TableRef>, txn: u64, seq: u32, pad: usize) -> Box<Ch
     ev
 }
 
-/// Every message id, in commit order.
+/// The namespace and timeline of the message ids.
+const NAMESPACE: &str = "pub-test_1";
+const TIMELINE: u32 = 2;
+
+/// Every message id (`{namespace}:{timeline}:{commit_lsn}-{seq}`), in commit order.
 fn expected_ids() -> Vec<String> {
     (0..TXNS)
-        .flat_map(|t| (0..PER_TXN).map(move |s| format!("{}-{s}", commit_lsn(t))))
+        .flat_map(|t| {
+            (0..PER_TXN).map(move |s| format!("{NAMESPACE}:{TIMELINE}:{}-{s}", commit_lsn(t)))
+        })
         .collect()
 }
 
@@ -139,6 +146,7 @@ fn start_publisher_with(
         max_in_flight,
         max_in_flight_bytes: 8 << 20,
         subject_prefix: "cdc".into(),
+        id_namespace: NAMESPACE.into(),
     };
     let url = url.to_owned();
     let (d, s) = (durable.clone(), Arc::clone(&stats));

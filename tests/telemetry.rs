@@ -299,6 +299,7 @@ fn metrics_status_and_health_while_streaming() {
             "cdc_events_published",
             "current_lsn",
             "durable_lsn",
+            "id_namespace",
             "is_connected",
             "last_processing_time_us",
             "nats_reconnect_count",
@@ -319,6 +320,11 @@ fn metrics_status_and_health_while_streaming() {
     assert_eq!(s["version"], env!("CARGO_PKG_VERSION"));
     s["current_lsn"].as_str().unwrap().parse::<Lsn>().unwrap();
     s["durable_lsn"].as_str().unwrap().parse::<Lsn>().unwrap();
+    let ns = s["id_namespace"].as_str().unwrap();
+    assert!(
+        ns.len() == 8 && ns.bytes().all(|b| b.is_ascii_hexdigit()),
+        "{ns}"
+    );
     assert!(s["uptime_seconds"].as_f64().unwrap() > 0.0);
 
     let health = get(port, "/health");

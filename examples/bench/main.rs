@@ -200,6 +200,9 @@ fn main() {
     let started = Instant::now();
     let loadavg_at_start = loadavg();
     fs::create_dir_all(&o.dir).expect("bench dir");
+    // Every run has a new cluster: a state file left in a reused --dir belongs to an old one,
+    // and the bridge would refuse to start from it.
+    let _ = fs::remove_file(o.dir.join("bridge.lsn"));
     // PostgreSQL runs as another user and must reach its directory below this one.
     let _ = fs::set_permissions(&o.dir, std::os::unix::fs::PermissionsExt::from_mode(0o755));
     for bin in [&o.bridge, &o.js_publish] {

@@ -153,6 +153,19 @@ impl ReplicationConnection {
         })
     }
 
+    /// `TIMELINE_HISTORY tli`: the text of the timeline's history file (lines
+    /// `parentTLI<TAB>switchpoint<TAB>reason`). Timeline 1 has none.
+    pub fn timeline_history(&mut self, tli: u32) -> Result<String, PgError> {
+        let sql = format!("TIMELINE_HISTORY {tli}");
+        let r = self.conn.query(&sql)?;
+        r.get(0, "content")
+            .map(str::to_string)
+            .ok_or_else(|| PgError::UnexpectedResult {
+                command: sql,
+                status: "missing content".into(),
+            })
+    }
+
     /// `CREATE_REPLICATION_SLOT name [TEMPORARY] LOGICAL pgoutput ...`, in the syntax the server
     /// understands (generic options on 15+, legacy keywords before).
     pub fn create_slot(

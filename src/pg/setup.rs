@@ -262,6 +262,44 @@ pub fn ensure_slot(
     repl: &mut ReplicationConnection,
     slot: &str,
 ) -> Result<SlotState, SetupError> {
+    match find_slot(conn, slot)? {
+        Some(state) => Ok(state),
+        None => create_slot(repl, slot),
+    }
+}
+
+/// Creates the logical slot (pgoutput, no snapshot).
+pub fn create_slot(repl: &mut ReplicationConnection, slot: &str) -> Result<SlotState, SetupError> {
+    let created = repl.create_slot(slot, false, SnapshotAction::Nothing)?;
+    log::info!(
+        "created replication slot '{slot}' at {}",
+        created.consistent_point
+    );
+    Ok(SlotState {
+        confirmed_flush: created.consistent_point,
+        created: true,
+        active_pid: None,
+    })
+}
+
+/// The server's current WAL write position (`pg_current_wal_lsn()`, or the replayed position
+/// on a standby).
+pub fn current_wal_lsn(conn: &mut PgConnection) -> Result<Lsn, SetupError> {
+    let r = conn.query(
+        "SELECT (CASE WHEN pg_is_in_recovery() THEN pg_last_wal_replay_lsn() \
+                      ELSE pg_current_wal_lsn() END)::text AS lsn",
+    )?;
+    r.get(0, "lsn").and_then(|s| s.parse().ok()).ok_or_else(|| {
+        SetupError::Pg(PgError::UnexpectedResult {
+            command: "pg_current_wal_lsn()".into(),
+            status: "no WAL position".into(),
+        })
+    })
+}
+
+/// The logical slot of this database with the pgoutput plugin, `None` when it does not exist;
+/// an error when it exists but cannot be used.
+pub fn find_slot(conn: &mut PgConnection, slot: &str) -> Result<Option<SlotState>, SetupError> {
     let r = conn.query_params(
         "SELECT plugin, slot_type, database, confirmed_flush_lsn::text, active_pid::text, wal_status, \
                 current_database() AS db \
@@ -269,16 +307,7 @@ pub fn ensure_slot(
         &[slot],
     )?;
     if r.rows.is_empty() {
-        let created = repl.create_slot(slot, false, SnapshotAction::Nothing)?;
-        log::info!(
-            "created replication slot '{slot}' at {}",
-            created.consistent_point
-        );
-        return Ok(SlotState {
-            confirmed_flush: created.consistent_point,
-            created: true,
-            active_pid: None,
-        });
+        return Ok(None);
     }
     let unusable = |reason: String| SetupError::SlotUnusable {
         slot: slot.to_string(),
@@ -312,11 +341,11 @@ pub fn ensure_slot(
         .get(0, "confirmed_flush_lsn")
         .and_then(|s| s.parse().ok())
         .unwrap_or(Lsn::INVALID);
-    Ok(SlotState {
+    Ok(Some(SlotState {
         confirmed_flush,
         created: false,
         active_pid: r.get(0, "active_pid").and_then(|p| p.parse().ok()),
-    })
+    }))
 }
 
 #[cfg(test)]

@@ -37,8 +37,10 @@ pub const CLIENT_ENCODING: &str = "UTF8";
 /// (plus `timezone=UTC`): ISO dates, `postgres` intervals, shortest exact floats, and
 /// timestamptz printed in UTC. Snapshot (COPY) connections must use the same settings so a
 /// consumer never sees two forms of one value.
-pub const SESSION_OPTIONS: &str =
-    "-c datestyle=ISO -c intervalstyle=postgres -c extra_float_digits=3 -c timezone=UTC";
+///
+/// `standard_conforming_strings=on` keeps backslashes in string literals literal whatever the
+/// server or role says, so the literals the bridge quotes mean what they say.
+pub const SESSION_OPTIONS: &str = "-c datestyle=ISO -c intervalstyle=postgres -c extra_float_digits=3 -c timezone=UTC -c standard_conforming_strings=on";
 
 /// First OID that is not assigned by `initdb` (`FirstGenbkiObjectId`); pgoutput sends a Type
 /// message for every column whose type OID is at least this.
@@ -1001,6 +1003,7 @@ mod tests {
             "intervalstyle=postgres",
             "extra_float_digits=3",
             "timezone=UTC",
+            "standard_conforming_strings=on",
         ] {
             assert!(SESSION_OPTIONS.contains(&format!("-c {opt}")), "{opt}");
         }

@@ -3,9 +3,11 @@
 //! The publisher advances it when the PubAcks of a whole transaction (and of every transaction
 //! before it) are in; the wal thread reports it to PostgreSQL as the flush position and
 //! persists it in a small state file, so a restart can resume from the later of the file and
-//! the slot's `confirmed_flush_lsn`.
+//! the slot's `confirmed_flush_lsn` (when the file belongs to the same cluster, database and
+//! slot, see [`super::position`]).
 
 use std::io::Write;
+use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
@@ -15,6 +17,8 @@ use std::time::{Duration, Instant};
 use crossbeam_utils::CachePadded;
 
 use crate::pg::Lsn;
+
+use super::position::{self, PositionIdentity, Recorded};
 
 /// Shared, monotonic durable position (an atomic on its own cache line: written by the
 /// publisher, read by the wal thread).
@@ -50,19 +54,21 @@ pub enum StateFileError {
         source: std::io::Error,
     },
     /// The file does not hold a WAL position.
-    #[error("state file {path} does not hold a WAL position ({content:?}); remove it to resume from the slot")]
+    #[error("state file {path} does not hold a WAL position ({reason}); remove it to resume from the slot")]
     Corrupt {
         /// The file.
         path: PathBuf,
-        /// What it holds (first 40 characters).
-        content: String,
+        /// What is wrong with it.
+        reason: String,
     },
 }
 
-/// The file that remembers the last durable position between runs: one line `X/X`.
+/// The file that remembers the last durable position between runs, with the identity it
+/// belongs to (`key=value` lines, see [`position::render_state`]).
 #[derive(Debug, Clone)]
 pub struct StateFile {
     path: PathBuf,
+    identity: Option<PositionIdentity>,
     last_written: Lsn,
 }
 
@@ -71,6 +77,7 @@ impl StateFile {
     pub fn new(path: impl Into<PathBuf>) -> Self {
         StateFile {
             path: path.into(),
+            identity: None,
             last_written: Lsn::INVALID,
         }
     }
@@ -80,8 +87,13 @@ impl StateFile {
         &self.path
     }
 
-    /// The stored position; `None` when the file does not exist (first start).
-    pub fn load(&mut self) -> Result<Option<Lsn>, StateFileError> {
+    /// Sets what the positions written from now on belong to.
+    pub fn set_identity(&mut self, identity: PositionIdentity) {
+        self.identity = Some(identity);
+    }
+
+    /// The stored position and identity; `None` when the file does not exist (first start).
+    pub fn load(&mut self) -> Result<Option<Recorded>, StateFileError> {
         let text = match std::fs::read_to_string(&self.path) {
             Ok(t) => t,
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
@@ -92,32 +104,60 @@ impl StateFile {
                 })
             }
         };
-        let lsn: Lsn = text.trim().parse().map_err(|_| StateFileError::Corrupt {
+        let recorded = position::parse_state(&text).map_err(|reason| StateFileError::Corrupt {
             path: self.path.clone(),
-            content: text.chars().take(40).collect(),
+            reason,
         })?;
-        self.last_written = lsn;
-        Ok(Some(lsn))
+        self.last_written = recorded.lsn;
+        Ok(Some(recorded))
     }
 
-    /// Stores `lsn` if it is newer than what was stored: written to a temporary file, synced
-    /// and renamed over the old one, so a crash leaves either the old or the new position.
+    /// Stores `lsn` if it is newer than what was stored (see [`StateFile::write`]).
     pub fn store(&mut self, lsn: Lsn) -> Result<(), StateFileError> {
         if lsn <= self.last_written {
             return Ok(());
         }
+        self.write(lsn)
+    }
+
+    /// Writes `lsn` and the identity whatever the file held (an accepted gap may move the
+    /// position back). Written to a temporary file created exclusively with mode 0600, synced,
+    /// renamed over the old one, and the directory synced, so a crash leaves either the old or
+    /// the new file, and the rename itself survives a power loss.
+    pub fn write(&mut self, lsn: Lsn) -> Result<(), StateFileError> {
         let io = |source| StateFileError::Io {
             path: self.path.clone(),
             source,
         };
+        let text = match &self.identity {
+            Some(id) => position::render_state(lsn, id),
+            None => format!("{lsn}\n"),
+        };
         let mut tmp = self.path.clone().into_os_string();
         tmp.push(".tmp");
         let tmp = PathBuf::from(tmp);
-        let mut f = std::fs::File::create(&tmp).map_err(io)?;
-        writeln!(f, "{lsn}").map_err(io)?;
+        // A crash between create and rename leaves the temporary file behind.
+        match std::fs::remove_file(&tmp) {
+            Err(e) if e.kind() != std::io::ErrorKind::NotFound => return Err(io(e)),
+            _ => {}
+        }
+        let mut f = std::fs::OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .mode(0o600)
+            .open(&tmp)
+            .map_err(io)?;
+        f.write_all(text.as_bytes()).map_err(io)?;
         f.sync_data().map_err(io)?;
         drop(f);
         std::fs::rename(&tmp, &self.path).map_err(io)?;
+        let dir = match self.path.parent() {
+            Some(d) if !d.as_os_str().is_empty() => d,
+            _ => Path::new("."),
+        };
+        std::fs::File::open(dir)
+            .and_then(|d| d.sync_all())
+            .map_err(io)?;
         self.last_written = lsn;
         Ok(())
     }
@@ -139,6 +179,8 @@ struct WriterShared {
     stored: AtomicU64,
     stop: AtomicBool,
     error: Mutex<Option<StateFileError>>,
+    /// A new identity for the file (after a promotion), taken by the writer thread.
+    identity: Mutex<Option<PositionIdentity>>,
 }
 
 impl StateWriter {
@@ -149,6 +191,7 @@ impl StateWriter {
             stored: AtomicU64::new(file.last_written.0),
             stop: AtomicBool::new(false),
             error: Mutex::new(None),
+            identity: Mutex::new(None),
         });
         let worker = Arc::clone(&shared);
         let thread = std::thread::Builder::new()
@@ -156,9 +199,19 @@ impl StateWriter {
             .spawn(move || loop {
                 let stop = worker.stop.load(Ordering::Acquire);
                 let wanted = Lsn(worker.wanted.load(Ordering::Acquire));
-                if wanted > file.last_written {
-                    match file.store(wanted) {
-                        Ok(()) => worker.stored.store(wanted.0, Ordering::Release),
+                let new_identity = worker
+                    .identity
+                    .lock()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .take();
+                let renamed = new_identity.is_some();
+                if let Some(id) = new_identity {
+                    file.set_identity(id);
+                }
+                if wanted > file.last_written || renamed {
+                    let lsn = wanted.max(file.last_written);
+                    match file.write(lsn) {
+                        Ok(()) => worker.stored.store(lsn.0, Ordering::Release),
                         Err(e) => {
                             *worker.error.lock().unwrap_or_else(|p| p.into_inner()) = Some(e);
                             return;
@@ -182,6 +235,19 @@ impl StateWriter {
             if let Some(t) = &self.thread {
                 t.thread().unpark();
             }
+        }
+    }
+
+    /// Records positions under `identity` from now on (the server moved to a new timeline);
+    /// the file is rewritten at once.
+    pub fn set_identity(&self, identity: PositionIdentity) {
+        *self
+            .shared
+            .identity
+            .lock()
+            .unwrap_or_else(|p| p.into_inner()) = Some(identity);
+        if let Some(t) = &self.thread {
+            t.thread().unpark();
         }
     }
 
@@ -242,24 +308,92 @@ mod tests {
         assert_eq!(d.clone().get(), Lsn(200));
     }
 
+    fn identity() -> PositionIdentity {
+        PositionIdentity {
+            system_id: "7312345678901234567".into(),
+            timeline: 1,
+            database: "app".into(),
+            slot: "cdc_slot".into(),
+        }
+    }
+
     #[test]
     fn state_file_round_trip_and_errors() {
+        use std::os::unix::fs::PermissionsExt;
         let dir = std::env::temp_dir().join(format!("pgbridge-state-{}", std::process::id()));
         std::fs::create_dir_all(&dir).unwrap();
         let path = dir.join("s.lsn");
         let _ = std::fs::remove_file(&path);
         let mut f = StateFile::new(&path);
         assert_eq!(f.load().unwrap(), None);
+        f.set_identity(identity());
         f.store(Lsn(0x1_0000_0010)).unwrap();
         f.store(Lsn(5)).unwrap(); // older: ignored
-        assert_eq!(std::fs::read_to_string(&path).unwrap(), "1/10\n");
+        let text = std::fs::read_to_string(&path).unwrap();
+        assert_eq!(
+            text,
+            position::render_state(Lsn(0x1_0000_0010), &identity())
+        );
+        let mode = std::fs::metadata(&path).unwrap().permissions().mode();
+        assert_eq!(mode & 0o777, 0o600, "{mode:o}");
         let mut g = StateFile::new(&path);
-        assert_eq!(g.load().unwrap(), Some(Lsn(0x1_0000_0010)));
+        assert_eq!(
+            g.load().unwrap(),
+            Some(Recorded {
+                lsn: Lsn(0x1_0000_0010),
+                identity: Some(identity())
+            })
+        );
+        // `write` moves back too (an accepted gap); `store` does not.
+        g.set_identity(identity());
+        g.write(Lsn(0x20)).unwrap();
+        assert_eq!(
+            StateFile::new(&path).load().unwrap().unwrap().lsn,
+            Lsn(0x20)
+        );
         std::fs::write(&path, "garbage").unwrap();
         let err = StateFile::new(&path).load().unwrap_err();
         assert!(
             err.to_string().contains("does not hold a WAL position"),
             "{err}"
+        );
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn old_format_is_read_and_upgraded_on_the_next_write() {
+        let dir = std::env::temp_dir().join(format!("pgbridge-old-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("s.lsn");
+        std::fs::write(&path, "0/16B3748\n").unwrap();
+        let mut f = StateFile::new(&path);
+        let old = f.load().unwrap().unwrap();
+        assert_eq!((old.lsn, old.identity), (Lsn(0x16B3748), None));
+        f.set_identity(identity());
+        f.store(Lsn(0x16B3800)).unwrap();
+        let new = StateFile::new(&path).load().unwrap().unwrap();
+        assert_eq!((new.lsn, new.identity), (Lsn(0x16B3800), Some(identity())));
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn a_stale_temporary_file_is_replaced_not_followed() {
+        let dir = std::env::temp_dir().join(format!("pgbridge-tmp-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("s.lsn");
+        let tmp = dir.join("s.lsn.tmp");
+        let elsewhere = dir.join("elsewhere");
+        std::fs::write(&elsewhere, "keep").unwrap();
+        // A stale leftover, here a symlink: it is removed, not written through.
+        std::os::unix::fs::symlink(&elsewhere, &tmp).unwrap();
+        let mut f = StateFile::new(&path);
+        f.set_identity(identity());
+        f.store(Lsn(0x30)).unwrap();
+        assert_eq!(std::fs::read_to_string(&elsewhere).unwrap(), "keep");
+        assert!(!tmp.exists());
+        assert_eq!(
+            StateFile::new(&path).load().unwrap().unwrap().lsn,
+            Lsn(0x30)
         );
         std::fs::remove_dir_all(&dir).unwrap();
     }

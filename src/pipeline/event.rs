@@ -70,8 +70,11 @@ pub struct ChangeEvent {
     pub operation: Operation,
     /// This change's WAL record position (several changes can share one).
     pub lsn: Lsn,
-    /// Start of the transaction's commit record: with `seq`, unique per change.
+    /// Start of the transaction's commit record: with `timeline` and `seq`, unique per change.
     pub commit_lsn: Lsn,
+    /// The timeline `commit_lsn` was written on (not the connection's current one: after a
+    /// promotion, WAL from before the switch point keeps its old timeline, and so its ids).
+    pub timeline: u32,
     /// Top-level transaction id.
     pub xid: u32,
     /// Commit time, µs since 2000-01-01 UTC (PostgreSQL's epoch).
@@ -92,17 +95,32 @@ pub struct ChangeEvent {
 }
 
 impl ChangeEvent {
-    /// The deterministic JetStream message id: `{commit_lsn}-{seq}`.
-    pub fn message_id(&self) -> String {
-        message_id(self.commit_lsn, self.seq)
+    /// The deterministic JetStream message id (see [`message_id`]); `prefix` is
+    /// [`id_prefix`] of the namespace.
+    pub fn message_id(&self, prefix: &str) -> String {
+        message_id(prefix, self.timeline, self.commit_lsn, self.seq)
     }
 }
 
-/// The JetStream message id of the change `seq` of the transaction committed at `commit_lsn`:
-/// `{commit_lsn}-{seq}` (see [`ChangeEvent::message_id`]).
-pub fn message_id(commit_lsn: Lsn, seq: u32) -> String {
+/// The first part of every message id: `{namespace}:`, built once per run.
+pub fn id_prefix(namespace: &str) -> String {
+    format!("{namespace}:")
+}
+
+/// The JetStream message id of the change `seq` of the transaction committed at `commit_lsn`
+/// on `timeline`: `{namespace}:{timeline}:{commit_lsn}-{seq}`, e.g.
+/// `3f9a1c2e:1:0/25CB5E8-0`. `prefix` is [`id_prefix`] of the namespace. Unique across
+/// timelines (a promotion reuses LSNs) and across clusters, databases and publications (the
+/// namespace).
+pub fn message_id(prefix: &str, timeline: u32, commit_lsn: Lsn, seq: u32) -> String {
     // Written by hand: this runs for every message, and `format!` costs several times more.
-    let mut id = String::with_capacity(28);
+    let mut id = String::with_capacity(prefix.len() + 40);
+    id.push_str(prefix);
+    id.push_str(crate::sink::encode::decimal(
+        u64::from(timeline),
+        &mut [0u8; 20],
+    ));
+    id.push(':');
     push_hex(&mut id, (commit_lsn.0 >> 32) as u32);
     id.push('/');
     push_hex(&mut id, commit_lsn.0 as u32);
@@ -125,8 +143,8 @@ mod tests {
     use super::*;
 
     #[test]
-    fn message_id_is_commit_lsn_and_seq() {
-        let ev = |lsn: u64, seq: u32| ChangeEvent {
+    fn message_id_is_namespace_timeline_commit_lsn_and_seq() {
+        let ev = |lsn: u64, timeline: u32, seq: u32| ChangeEvent {
             table: Arc::new(TableRef {
                 schema: Arc::from("public"),
                 table: Arc::from("t"),
@@ -135,6 +153,7 @@ mod tests {
             operation: Operation::Insert,
             lsn: Lsn(lsn),
             commit_lsn: Lsn(lsn),
+            timeline,
             xid: 1,
             commit_time: 0,
             seq,
@@ -143,17 +162,31 @@ mod tests {
             old_columns: None,
             unchanged_toast: Vec::new(),
         };
-        for (lsn, seq) in [
-            (0, 0),
-            (0x25CB5E8, 7),
-            (0x1_0000_0010, 4_294_967_295),
-            (u64::MAX, 10),
+        let prefix = id_prefix("3f9a1c2e");
+        assert_eq!(
+            ev(0x25CB5E8, 1, 0).message_id(&prefix),
+            "3f9a1c2e:1:0/25CB5E8-0"
+        );
+        for (lsn, timeline, seq) in [
+            (0, 1, 0),
+            (0x25CB5E8, 2, 7),
+            (0x1_0000_0010, 4_294_967_295, 4_294_967_295),
+            (u64::MAX, 10, 10),
         ] {
             assert_eq!(
-                ev(lsn, seq).message_id(),
-                format!("{}-{}", Lsn(lsn), seq),
+                ev(lsn, timeline, seq).message_id(&prefix),
+                format!("3f9a1c2e:{timeline}:{}-{seq}", Lsn(lsn)),
                 "{lsn:#x} {seq}"
             );
         }
+        // The same change on another timeline or in another namespace has another id.
+        assert_ne!(
+            ev(0x100, 1, 0).message_id(&prefix),
+            ev(0x100, 2, 0).message_id(&prefix)
+        );
+        assert_ne!(
+            ev(0x100, 1, 0).message_id(&prefix),
+            ev(0x100, 1, 0).message_id(&id_prefix("other"))
+        );
     }
 }

@@ -3,6 +3,7 @@
 
 pub mod durable;
 pub mod event;
+pub mod position;
 pub mod ring;
 pub mod spool;
 pub mod wal;
@@ -16,7 +17,7 @@ use std::time::{Duration, Instant};
 use crate::config::Config;
 use crate::pg::conn::{sqlstate, ConnectionKind, PgConnection, PgError};
 use crate::pg::replication::ReplicationConnection;
-use crate::pg::setup::{self, DatabaseInfo, SetupError, SlotState};
+use crate::pg::setup::{self, DatabaseInfo, SetupError};
 use crate::pg::Lsn;
 use crate::shutdown::Shutdown;
 use crate::sink::nats::{self, NatsError, NatsStats};
@@ -24,6 +25,7 @@ use crate::sink::publisher::{PublishError, Publisher, PublisherSettings, Publish
 use crate::telemetry::{self, Telemetry, TelemetryError};
 
 use durable::{DurableLsn, StateFile, StateFileError, StateWriter};
+use position::{Found, PositionError, PositionIdentity, Recorded, Resume, TimelineHistory};
 use wal::{RingItem, WalContext, WalStream};
 
 pub use wal::{StreamError, WalStats};
@@ -49,12 +51,27 @@ pub enum RunError {
     /// The state file could not be read.
     #[error(transparent)]
     StateFile(#[from] StateFileError),
+    /// The state file's position does not belong to this server, database or slot.
+    #[error(transparent)]
+    Position(Box<PositionError>),
     /// The HTTP server or another telemetry thread could not start.
     #[error(transparent)]
     Telemetry(#[from] TelemetryError),
     /// A thread could not be started or ended abnormally.
     #[error("internal error: {0}")]
     Internal(String),
+}
+
+impl From<PositionError> for RunError {
+    fn from(e: PositionError) -> Self {
+        RunError::Position(Box::new(e))
+    }
+}
+
+impl From<Box<PositionError>> for RunError {
+    fn from(e: Box<PositionError>) -> Self {
+        RunError::Position(e)
+    }
 }
 
 impl RunError {
@@ -70,6 +87,7 @@ impl RunError {
             RunError::Stream(StreamError::Spool(e)) if e.is_configuration() => 2,
             RunError::Nats(e) if e.is_configuration() => 2,
             RunError::Telemetry(e) if e.is_configuration() => 2,
+            RunError::Position(_) => 2,
             _ => 1,
         }
     }
@@ -131,9 +149,28 @@ fn pg_params(config: &Config) -> Vec<(&'static str, String)> {
     config.postgres.libpq_params()
 }
 
-/// Checks the database and makes sure the slot exists. Returns the replication connection
-/// too, so streaming can start on it without logging in again.
-fn pg_setup(config: &Config) -> Result<(DatabaseInfo, SlotState, ReplicationConnection), RunError> {
+/// What PostgreSQL set-up found and decided: where streaming starts and what it belongs to.
+struct Setup {
+    info: DatabaseInfo,
+    repl: ReplicationConnection,
+    /// Where streaming starts.
+    start: Lsn,
+    /// What the positions of this run belong to.
+    identity: PositionIdentity,
+    /// The current timeline's history, for the timeline of each commit.
+    history: TimelineHistory,
+    /// The state file must be written now (an accepted gap moved the position).
+    rewrite_state: bool,
+}
+
+/// Checks the database, checks the state file's position against the server (before the slot
+/// is created or anything is confirmed), and makes sure the slot exists. Returns the
+/// replication connection too, so streaming can start on it without logging in again.
+fn pg_setup(
+    config: &Config,
+    state_path: &std::path::Path,
+    recorded: Option<&Recorded>,
+) -> Result<Setup, RunError> {
     let params = pg_params(config);
     let refs: Vec<(&str, &str)> = params.iter().map(|(k, v)| (*k, v.as_str())).collect();
     let mut conn = PgConnection::connect(&refs, ConnectionKind::Normal).map_err(SetupError::Pg)?;
@@ -149,8 +186,126 @@ fn pg_setup(config: &Config) -> Result<(DatabaseInfo, SlotState, ReplicationConn
         log::warn!("{w}");
     }
     let mut repl = ReplicationConnection::connect(&refs).map_err(SetupError::Pg)?;
-    let slot = setup::ensure_slot(&mut conn, &mut repl, &config.replication.slot)?;
-    Ok((info, slot, repl))
+    let slot_name = &config.replication.slot;
+    let system = repl.identify_system().map_err(SetupError::Pg)?;
+    let history = timeline_history(&mut repl, system.timeline)?;
+    let identity = PositionIdentity {
+        system_id: system.system_id,
+        timeline: system.timeline,
+        database: system.dbname.unwrap_or_default(),
+        slot: slot_name.clone(),
+    };
+    let slot = setup::find_slot(&mut conn, slot_name)?;
+    let found = Found {
+        identity: identity.clone(),
+        slot: slot.as_ref().map(|s| s.confirmed_flush),
+        current_wal: setup::current_wal_lsn(&mut conn)?,
+        history: history.clone(),
+    };
+    let (resume, gap) = match position::check(state_path, recorded, &found) {
+        Ok(verdict) => {
+            for (level, note) in &verdict.notes {
+                log::log!(*level, "{note}");
+            }
+            (verdict.resume, None)
+        }
+        Err(e) if config.replication.accept_position_gap => (Resume::Slot, Some(e)),
+        Err(e) => return Err(e.into()),
+    };
+    // Only now, with the position accepted, may a missing slot be created.
+    let slot = match slot {
+        Some(s) => s,
+        None => setup::create_slot(&mut repl, slot_name)?,
+    };
+    let start = match resume {
+        Resume::File(lsn) => lsn.max(slot.confirmed_flush),
+        Resume::Slot => slot.confirmed_flush,
+    };
+    if let Some(gap) = &gap {
+        log::warn!(
+            "position gap accepted (--accept-position-gap): changes {} are not streamed; the state file is rewritten for this server and streaming starts from the slot. The refusal was: {gap}",
+            gap.skipped_range(slot.confirmed_flush)
+        );
+    }
+    Ok(Setup {
+        info,
+        repl,
+        start,
+        identity,
+        history,
+        rewrite_state: gap.is_some(),
+    })
+}
+
+/// After a reconnect: the server must still be the same cluster and database, and the durable
+/// position on its timeline's history. A promotion (a new timeline that passed through the
+/// durable position) is followed: logged, and recorded in the state file from now on.
+fn verify_reconnect(
+    repl: &mut ReplicationConnection,
+    identity: &mut PositionIdentity,
+    state_path: &std::path::Path,
+    durable: Lsn,
+    state: &StateWriter,
+) -> Result<TimelineHistory, RunError> {
+    let system = repl.identify_system().map_err(SetupError::Pg)?;
+    let found = PositionIdentity {
+        system_id: system.system_id,
+        timeline: system.timeline,
+        database: system.dbname.unwrap_or_default(),
+        slot: identity.slot.clone(),
+    };
+    if found.system_id != identity.system_id || found.database != identity.database {
+        return Err(PositionError::OtherIdentity {
+            path: state_path.to_path_buf(),
+            lsn: durable,
+            recorded: identity.clone(),
+            found,
+        }
+        .into());
+    }
+    let history = timeline_history(repl, found.timeline)?;
+    if found.timeline != identity.timeline {
+        if !history.contains(identity.timeline, durable) {
+            return Err(PositionError::TimelineDiverged {
+                path: state_path.to_path_buf(),
+                lsn: durable,
+                recorded_timeline: identity.timeline,
+                recorded: identity.clone(),
+                switch_point: history.switch_point(identity.timeline),
+                found,
+            }
+            .into());
+        }
+        log::info!(
+            "the server moved from timeline {} to {} (switch point {}, after the durable position {durable}): a promotion; streaming goes on on timeline {}",
+            identity.timeline,
+            found.timeline,
+            history
+                .switch_point(identity.timeline)
+                .map_or_else(|| "?".to_string(), |l| l.to_string()),
+            found.timeline
+        );
+        *identity = found;
+        state.set_identity(identity.clone());
+    }
+    Ok(history)
+}
+
+/// The history of the current timeline (`TIMELINE_HISTORY`; timeline 1 has none).
+fn timeline_history(
+    repl: &mut ReplicationConnection,
+    timeline: u32,
+) -> Result<TimelineHistory, RunError> {
+    if timeline <= 1 {
+        return Ok(TimelineHistory::single(timeline));
+    }
+    let text = repl.timeline_history(timeline).map_err(SetupError::Pg)?;
+    TimelineHistory::parse(timeline, &text).map_err(|reason| {
+        RunError::Setup(SetupError::Pg(crate::pg::conn::PgError::UnexpectedResult {
+            command: format!("TIMELINE_HISTORY {timeline}"),
+            status: reason,
+        }))
+    })
 }
 
 /// Runs `f` until it succeeds, retrying transient PostgreSQL failures and waiting while the
@@ -221,40 +376,66 @@ fn run_pipeline(
     telemetry: &Arc<Telemetry>,
 ) -> Result<RunSummary, RunError> {
     let started = Instant::now();
-    let Some((info, slot, setup_repl)) =
-        with_retries(config, shutdown, telemetry, || pg_setup(config))?
-    else {
-        return Ok(RunSummary::default());
-    };
-
     // The spool holds row data: its directory must be private before anything streams.
     let spool_dir = config.replication.spool_dir_path();
     spool::ensure_private_dir(&spool_dir).map_err(StreamError::from)?;
+    // The state file is read first: a position that does not belong to the server must
+    // refuse the start before a slot is created or anything is confirmed.
+    let mut state = StateFile::new(config.replication.state_file_path());
+    let recorded = state.load()?;
+    let state_path = state.path().to_path_buf();
+    let Some(Setup {
+        info,
+        repl: setup_repl,
+        start,
+        identity,
+        history,
+        rewrite_state,
+    }) = with_retries(config, shutdown, telemetry, || {
+        pg_setup(config, &state_path, recorded.as_ref())
+    })?
+    else {
+        return Ok(RunSummary::default());
+    };
     let receive_timeout = config
         .replication
         .wal_receive_timeout(Duration::from_millis(info.wal_sender_timeout_ms));
-
-    // Resume from the later of what we persisted and what the slot confirmed.
-    let mut state = StateFile::new(config.replication.state_file_path());
-    let persisted = state.load()?;
-    if let Some(p) = persisted {
-        if slot.confirmed_flush > p && !slot.created {
-            log::warn!(
-                "replication slot '{}' is at {} but the last position stored in JetStream by this bridge was {} ({}): \
-                 changes between the two were confirmed to PostgreSQL without being stored and may be missing from the stream \
-                 (was the slot advanced by hand, or the state file replaced?)",
-                config.replication.slot,
-                slot.confirmed_flush,
-                p,
-                state.path().display()
-            );
-        }
+    let upgrade = recorded.as_ref().is_some_and(|r| r.identity.is_none());
+    state.set_identity(identity.clone());
+    if rewrite_state {
+        state.write(start)?;
+    } else if upgrade {
+        log::info!(
+            "state file {} is upgraded to the format with identity ({identity})",
+            state_path.display()
+        );
+        state.write(start)?;
     }
-    let start = persisted.unwrap_or(Lsn::INVALID).max(slot.confirmed_flush);
     let state = StateWriter::spawn(state)
         .map_err(|e| RunError::Internal(format!("cannot start the state file thread: {e}")))?;
     let durable: DurableLsn = telemetry.durable.clone();
     durable.advance(start);
+    let namespace = match &config.replication.id_namespace {
+        Some(ns) => {
+            log::info!("message ids in namespace '{ns}' (configured)");
+            ns.clone()
+        }
+        None => {
+            let ns = position::default_namespace(
+                &identity.system_id,
+                &identity.database,
+                &config.replication.publication,
+            );
+            log::info!(
+                "message ids in namespace '{ns}' (derived from system {} database '{}' publication '{}')",
+                identity.system_id,
+                identity.database,
+                config.replication.publication
+            );
+            ns
+        }
+    };
+    telemetry.set_id_namespace(&namespace);
 
     let tables: Option<HashSet<String>> = (!config.replication.tables.is_empty())
         .then(|| info.tables.iter().map(|t| t.qualified()).collect());
@@ -297,6 +478,7 @@ fn run_pipeline(
     let (ready_tx, ready_rx) = std::sync::mpsc::channel();
     let publisher = spawn_publisher(
         config,
+        &namespace,
         shutdown,
         consumer,
         (recycle_tx, Arc::clone(&budget)),
@@ -345,6 +527,7 @@ fn run_pipeline(
     // The first attempt streams on the set-up connection (a login costs tens of ms of CPU
     // with SCRAM); if it was lost meanwhile, the attempt fails and the next one reconnects.
     let mut setup_repl = Some(setup_repl);
+    let (mut identity, mut history) = (identity, history);
     let wal_result = with_retries(config, shutdown, telemetry, || {
         let repl = match setup_repl.take() {
             Some(repl) => repl,
@@ -352,7 +535,16 @@ fn run_pipeline(
                 let params = pg_params(config);
                 let refs: Vec<(&str, &str)> =
                     params.iter().map(|(k, v)| (*k, v.as_str())).collect();
-                ReplicationConnection::connect(&refs).map_err(SetupError::Pg)?
+                let mut repl = ReplicationConnection::connect(&refs).map_err(SetupError::Pg)?;
+                // The server behind the address may have changed meanwhile (a failover).
+                history = verify_reconnect(
+                    &mut repl,
+                    &mut identity,
+                    &state_path,
+                    ctx.durable.get(),
+                    &ctx.state,
+                )?;
+                repl
             }
         };
         let mut stream = WalStream::new(
@@ -362,6 +554,7 @@ fn run_pipeline(
             config,
             shutdown.clone(),
             spool_dir.clone(),
+            history.clone(),
         )
         .with_receive_timeout(receive_timeout);
         let resume = ctx.reported_flush.max(start);
@@ -410,6 +603,7 @@ fn run_pipeline(
 #[allow(clippy::too_many_arguments)]
 fn spawn_publisher(
     config: &Config,
+    id_namespace: &str,
     shutdown: &Shutdown,
     consumer: rtrb::Consumer<RingItem>,
     (recycle, budget): (
@@ -430,6 +624,7 @@ fn spawn_publisher(
         max_in_flight: config.replication.max_in_flight,
         max_in_flight_bytes: config.replication.max_in_flight_bytes,
         subject_prefix: nats::CDC_SUBJECT_PREFIX.to_string(),
+        id_namespace: id_namespace.to_string(),
     };
     let shutdown = shutdown.clone();
     std::thread::Builder::new()

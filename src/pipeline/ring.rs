@@ -115,6 +115,7 @@ mod tests {
             operation: Operation::Insert,
             lsn: Lsn(1),
             commit_lsn: Lsn(1),
+            timeline: 1,
             xid: 1,
             commit_time: 0,
             seq: 0,

@@ -30,6 +30,7 @@ use crate::telemetry::Telemetry;
 
 use super::durable::{DurableLsn, StateFileError, StateWriter};
 use super::event::{ChangeEvent, ColumnValue, Operation, TableRef};
+use super::position::TimelineHistory;
 use super::spool::{Spool, SpoolError};
 
 /// How long one wait for the server may last before other work is checked.
@@ -210,6 +211,8 @@ impl HeldChange {
 struct Txn {
     xid: u32,
     commit_lsn: Lsn,
+    /// The timeline `commit_lsn` belongs to.
+    timeline: u32,
     commit_time: i64,
     seq: u32,
 }
@@ -247,11 +250,14 @@ pub struct WalStream<'c> {
     last_heard: Instant,
     /// Whether an answer was asked for since then.
     pinged: bool,
+    /// The server's timeline history: gives each commit its timeline.
+    timelines: TimelineHistory,
 }
 
 impl<'c> WalStream<'c> {
     /// Wraps a replication connection whose slot exists. `tables` restricts the published
-    /// tables (qualified names) when given; streamed transactions are spooled in `spool_dir`.
+    /// tables (qualified names) when given; streamed transactions are spooled in `spool_dir`;
+    /// `timelines` is the server's timeline history.
     pub fn new(
         repl: ReplicationConnection,
         tables: Option<HashSet<String>>,
@@ -259,8 +265,10 @@ impl<'c> WalStream<'c> {
         config: &'c Config,
         shutdown: Shutdown,
         spool_dir: std::path::PathBuf,
+        timelines: TimelineHistory,
     ) -> Self {
         WalStream {
+            timelines,
             spool_dir,
             spool: None,
             repl,
@@ -500,6 +508,7 @@ impl<'c> WalStream<'c> {
                 self.txn = Some(Txn {
                     xid: b.xid,
                     commit_lsn: b.final_lsn,
+                    timeline: self.timelines.timeline_of(b.final_lsn),
                     commit_time: b.commit_time,
                     seq: 0,
                 })
@@ -513,6 +522,7 @@ impl<'c> WalStream<'c> {
                 let mut txn = Txn {
                     xid: c.xid,
                     commit_lsn: c.commit_lsn,
+                    timeline: self.timelines.timeline_of(c.commit_lsn),
                     commit_time: c.commit_time,
                     seq: 0,
                 };
@@ -535,6 +545,7 @@ impl<'c> WalStream<'c> {
                 let mut txn = self.txn.unwrap_or(Txn {
                     xid: 0,
                     commit_lsn: wal_start,
+                    timeline: self.timelines.timeline_of(wal_start),
                     commit_time: 0,
                     seq: 0,
                 });
@@ -750,10 +761,17 @@ impl<'c> WalStream<'c> {
                 Cell::Text(b) => {
                     if let Err(e) = decode_text_into(col.kind, b, value) {
                         if !self.warned_values.replace(true) {
+                            // Names and kinds only: a row's value may be personal data and
+                            // must not end up in logs.
                             log::warn!(
-                                "{}.{}: {e}; publishing the text as it is",
+                                "{}.{}: a value is not a valid {} ({} expected{}); publishing the text as it is",
                                 rel.qualified,
-                                col.name
+                                col.name,
+                                e.what(),
+                                e.expected(),
+                                e.element()
+                                    .map(|i| format!(", array element {i}"))
+                                    .unwrap_or_default()
                             );
                         }
                         *value = Value::Text(String::from_utf8_lossy(b).into_owned());
@@ -815,6 +833,7 @@ fn new_event(
             ev.operation = operation;
             ev.lsn = lsn;
             ev.commit_lsn = txn.commit_lsn;
+            ev.timeline = txn.timeline;
             ev.xid = txn.xid;
             ev.commit_time = txn.commit_time;
             ev.seq = seq;
@@ -827,6 +846,7 @@ fn new_event(
             operation,
             lsn,
             commit_lsn: txn.commit_lsn,
+            timeline: txn.timeline,
             xid: txn.xid,
             commit_time: txn.commit_time,
             seq,
@@ -910,6 +930,7 @@ mod tests {
             operation: Operation::Insert,
             lsn: Lsn(100),
             commit_lsn: Lsn(200),
+            timeline: 1,
             xid: 7,
             commit_time: 0,
             seq,

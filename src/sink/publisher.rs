@@ -153,6 +153,8 @@ pub struct PublisherSettings {
     pub max_in_flight_bytes: u64,
     /// Subject prefix of change events (`cdc`).
     pub subject_prefix: String,
+    /// Namespace of the message ids (`{namespace}:{timeline}:{commit_lsn}-{seq}`).
+    pub id_namespace: String,
 }
 
 /// Where a message of the window stands.
@@ -189,8 +191,10 @@ struct InFlight {
     token: u64,
     subject: Subject,
     reply: Subject,
-    /// With `seq`, the message id (built again only when needed: resends, errors).
+    /// With `timeline` and `seq`, the message id (built again only when needed: resends,
+    /// errors).
     commit_lsn: Lsn,
+    timeline: u32,
     seq: u32,
     /// Sent with the [`LAST_IN_TX_HEADER`] header.
     last_in_tx: bool,
@@ -203,8 +207,8 @@ struct InFlight {
 }
 
 impl InFlight {
-    fn message_id(&self) -> String {
-        event::message_id(self.commit_lsn, self.seq)
+    fn message_id(&self, prefix: &str) -> String {
+        event::message_id(prefix, self.timeline, self.commit_lsn, self.seq)
     }
 }
 
@@ -299,6 +303,8 @@ pub struct Publisher {
     notify: Arc<tokio::sync::Notify>,
     durable: DurableLsn,
     settings: PublisherSettings,
+    /// `{namespace}:`, the start of every message id.
+    id_prefix: String,
     stats: Arc<PublisherStats>,
     shutdown: Shutdown,
     /// Encoding buffer, reused for every change.
@@ -384,6 +390,7 @@ impl Publisher {
             consumer,
             notify,
             durable,
+            id_prefix: event::id_prefix(&settings.id_namespace),
             settings,
             stats,
             shutdown,
@@ -623,6 +630,7 @@ impl Publisher {
             subject,
             reply: self.replies.subject(token),
             commit_lsn: ev.commit_lsn,
+            timeline: ev.timeline,
             seq: ev.seq,
             last_in_tx: ev.last_in_tx,
             payload: self.payloads.copy(&self.buf),
@@ -630,7 +638,7 @@ impl Publisher {
             commit_end: None,
             commit_time: ev.commit_time,
         };
-        let id = entry.message_id();
+        let id = entry.message_id(&self.id_prefix);
         // The first message of an empty window follows what is already stored; every other
         // one must follow the message before it.
         let expect = if self.window.is_empty() {
@@ -661,12 +669,12 @@ impl Publisher {
                 table: entry.subject.to_string(),
                 size: entry.payload.len(),
                 max: super::nats::max_payload(&self.client),
-                message_id: entry.message_id(),
+                message_id: entry.message_id(&self.id_prefix),
             }),
             // Retrying cannot make a subject valid.
             PublishErrorKind::InvalidSubject => Some(PublishError::InvalidSubject {
                 subject: entry.subject.to_string(),
-                message_id: entry.message_id(),
+                message_id: entry.message_id(&self.id_prefix),
             }),
             PublishErrorKind::Send => None,
         }
@@ -800,7 +808,7 @@ impl Publisher {
                     log::warn!(
                         "publish of {} ({}) not acknowledged: {e}; retrying (PostgreSQL keeps the WAL meanwhile)",
                         front.subject,
-                        front.message_id()
+                        front.message_id(&self.id_prefix)
                     );
                 }
             }
@@ -860,7 +868,7 @@ impl Publisher {
         let mut prev: Option<String> = None;
         let mut first = true;
         for entry in window.iter_mut() {
-            let id = entry.message_id();
+            let id = entry.message_id(&self.id_prefix);
             if matches!(entry.state, AckState::Acked { .. }) {
                 if !first {
                     prev = Some(id);
@@ -883,7 +891,7 @@ impl Publisher {
             }
         }
         // The next new message follows the last one of the window.
-        self.last_id = window.back().map(InFlight::message_id);
+        self.last_id = window.back().map(|e| e.message_id(&self.id_prefix));
         self.window = window;
         self.front_since = Instant::now();
         result

@@ -114,6 +114,8 @@ pub struct Telemetry {
     pub snapshot_requests_ignored: AtomicU64,
     /// The snapshot service, once it is connected to NATS; `POST /snapshots/{table}` uses it.
     pub snapshots: std::sync::OnceLock<Arc<crate::sink::snapshot::SnapshotService>>,
+    /// The message-id namespace, once PostgreSQL set-up has decided it.
+    id_namespace: Mutex<Option<String>>,
 }
 
 impl Telemetry {
@@ -139,6 +141,7 @@ impl Telemetry {
             stream_established: AtomicBool::new(false),
             snapshot_requests_ignored: AtomicU64::new(0),
             snapshots: std::sync::OnceLock::new(),
+            id_namespace: Mutex::new(None),
         }
     }
 
@@ -183,6 +186,13 @@ impl Telemetry {
         }
     }
 
+    /// Records the message-id namespace, for `/status`.
+    pub fn set_id_namespace(&self, namespace: &str) {
+        if let Ok(mut n) = self.id_namespace.lock() {
+            *n = Some(namespace.to_string());
+        }
+    }
+
     /// Sets the progress of the running snapshot, 0.0 to 1.0 (0 when none runs).
     pub fn set_snapshot_progress(&self, fraction: f64) {
         let f = if fraction.is_finite() {
@@ -210,6 +220,7 @@ impl Telemetry {
             pg_connected: w.connected.load(Relaxed),
             pg_reconnects: w.reconnects.load(Relaxed),
             pg_problem: self.pg_problem.lock().ok().and_then(|p| p.clone()),
+            id_namespace: self.id_namespace.lock().ok().and_then(|n| n.clone()),
             last_processing_us: w.last_processing_us.load(Relaxed),
             ring_used: w.ring_used.load(Relaxed).min(self.ring_capacity),
             ring_capacity: self.ring_capacity,
@@ -259,6 +270,8 @@ pub struct Snapshot {
     pub pg_reconnects: u64,
     /// The last PostgreSQL connection problem while not connected.
     pub pg_problem: Option<String>,
+    /// The message-id namespace (`None` until set-up decided it).
+    pub id_namespace: Option<String>,
     /// Processing time of a recent WAL message, µs.
     pub last_processing_us: u64,
     /// Items in the ring.

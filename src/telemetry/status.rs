@@ -105,6 +105,7 @@ pub fn status_json(s: &Snapshot) -> Value {
         "wal_lag_bytes": s.lag_bytes,
         "wal_lag_mb": round(s.lag_bytes as f64 / (1024.0 * 1024.0), 2),
         "durable_lsn": s.durable_lsn.to_string(),
+        "id_namespace": s.id_namespace,
         "version": env!("CARGO_PKG_VERSION"),
     })
 }
@@ -128,6 +129,7 @@ mod tests {
             pg_connected: true,
             pg_reconnects: 1,
             pg_problem: None,
+            id_namespace: Some("3f9a1c2e".into()),
             last_processing_us: 12,
             ring_used: 0,
             ring_capacity: 8,
@@ -169,6 +171,7 @@ mod tests {
             "wal_lag_bytes",
             "wal_lag_mb",
             "durable_lsn",
+            "id_namespace",
             "version",
         ];
         want.sort_unstable();
@@ -177,6 +180,7 @@ mod tests {
         assert_eq!(v["uptime_seconds"], 12.345);
         assert_eq!(v["current_lsn"], "1/A0");
         assert_eq!(v["durable_lsn"], "1/90");
+        assert_eq!(v["id_namespace"], "3f9a1c2e");
         assert_eq!(v["is_connected"], true);
         assert_eq!(v["wal_lag_mb"], 3.5);
         assert_eq!(v["nats_reconnect_count"], 2);

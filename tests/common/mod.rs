@@ -211,27 +211,7 @@ impl PgServer {
         fs::write(&pwfile, format!("{password}\n")).unwrap();
         fs::set_permissions(&pwfile, fs::Permissions::from_mode(0o644)).unwrap();
 
-        let data = dir.path().join("data");
-        let out = command_as(&bin.join("initdb"), ids)
-            .arg("-D")
-            .arg(&data)
-            .args([
-                "-U",
-                PG_SUPERUSER,
-                "-E",
-                "UTF8",
-                "--locale=C.UTF-8",
-                "--no-sync",
-            ])
-            .args(["--auth-local=trust", "--auth-host=scram-sha-256"])
-            .arg(format!("--pwfile={}", pwfile.display()))
-            .output()
-            .expect("run initdb");
-        assert!(
-            out.status.success(),
-            "initdb failed: {}",
-            String::from_utf8_lossy(&out.stderr)
-        );
+        initdb(&bin, ids, dir.path());
         let mut settings: Vec<(String, String)> = [
             ("wal_level", "logical"),
             ("max_wal_senders", "20"),
@@ -331,6 +311,37 @@ impl PgServer {
         false
     }
 
+    /// Replaces the cluster by a new one (a new system identifier, no databases, roles or
+    /// slots but the defaults) on the same port, as a re-created database server would be.
+    #[allow(dead_code)]
+    pub fn recreate(&mut self) {
+        self.stop(StopMode::Fast);
+        fs::remove_dir_all(self.dir.path().join("data")).expect("remove the data directory");
+        initdb(&self.bin, self.ids, self.dir.path());
+        self.start_again();
+    }
+
+    /// Moves the cluster to a new timeline, as a promotion or a point-in-time restore does:
+    /// stops it, starts it in archive recovery with nothing to restore, and waits until it
+    /// has ended recovery on the next timeline. Slots and data stay.
+    #[allow(dead_code)]
+    pub fn new_timeline(&mut self) {
+        self.stop(StopMode::Fast);
+        let signal = self.dir.path().join("data/recovery.signal");
+        fs::write(&signal, "").unwrap();
+        chown_tree(&signal, self.ids);
+        self.settings
+            .push(("restore_command".to_string(), "false".to_string()));
+        self.start_again();
+        self.settings.retain(|(k, _)| k != "restore_command");
+        wait_for("recovery to end", START_TIMEOUT, || {
+            let r = self.connect("postgres").query("SELECT pg_is_in_recovery()");
+            r.ok()
+                .filter(|r| r.rows[0][0].as_deref() == Some("f"))
+                .map(|_| ())
+        });
+    }
+
     /// Stops the postmaster, keeping the data directory for [`PgServer::start_again`].
     pub fn stop(&mut self, mode: StopMode) {
         if let Some(mut c) = self.child.take() {
@@ -416,6 +427,33 @@ impl PgServer {
         self.sql("postgres", &format!("CREATE DATABASE \"{name}\""));
         name.to_string()
     }
+}
+
+/// Runs `initdb` into `{dir}/data` as the unprivileged user, with the superuser password of
+/// `{dir}/pwfile`.
+fn initdb(bin: &Path, ids: Option<(u32, u32)>, dir: &Path) {
+    let pwfile = dir.join("pwfile");
+    let data = dir.join("data");
+    let out = command_as(&bin.join("initdb"), ids)
+        .arg("-D")
+        .arg(&data)
+        .args([
+            "-U",
+            PG_SUPERUSER,
+            "-E",
+            "UTF8",
+            "--locale=C.UTF-8",
+            "--no-sync",
+        ])
+        .args(["--auth-local=trust", "--auth-host=scram-sha-256"])
+        .arg(format!("--pwfile={}", pwfile.display()))
+        .output()
+        .expect("run initdb");
+    assert!(
+        out.status.success(),
+        "initdb failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
 }
 
 impl Drop for PgServer {
@@ -803,6 +841,37 @@ pub struct StoredMessage {
     pub payload: Vec<u8>,
     /// When JetStream stored it (the server's clock: the same host in tests).
     pub stored_at: std::time::SystemTime,
+}
+
+/// The parts of a change's message id `{namespace}:{timeline}:{commit_lsn}-{seq}`; panics on
+/// anything else.
+#[allow(dead_code)]
+pub fn split_msg_id(id: &str) -> (String, u32, pgbridge::pg::Lsn, u32) {
+    let bad =
+        || panic!("message id {id:?} is not {{namespace}}:{{timeline}}:{{commit_lsn}}-{{seq}}");
+    let mut parts = id.splitn(3, ':');
+    let (Some(ns), Some(tl), Some(rest)) = (parts.next(), parts.next(), parts.next()) else {
+        bad()
+    };
+    let Some((lsn, seq)) = rest.rsplit_once('-') else {
+        bad()
+    };
+    (
+        ns.to_string(),
+        tl.parse().unwrap_or_else(|_| bad()),
+        lsn.parse().unwrap_or_else(|_| bad()),
+        seq.parse().unwrap_or_else(|_| bad()),
+    )
+}
+
+/// The position in the bridge's state file at `path` (either format), `None` when there is no
+/// file.
+#[allow(dead_code)]
+pub fn state_file_lsn(path: &Path) -> Option<pgbridge::pg::Lsn> {
+    let text = fs::read_to_string(path).ok()?;
+    let recorded = pgbridge::pipeline::position::parse_state(&text)
+        .unwrap_or_else(|e| panic!("state file {}: {e}: {text}", path.display()));
+    Some(recorded.lsn)
 }
 
 /// Runs `f` with a NATS client connected to `nats_url`, on a throw-away current-thread runtime.
