@@ -240,6 +240,12 @@ fn nkey_seed_authenticates() {
     cmd.env("NATS_NKEY_SEED", &seed);
     let mut bridge = BridgeProcess::spawn(&mut cmd);
     bridge.wait_for_line("streaming started", WAIT);
+    // A single server: the start warns that a host crash can cost acknowledged changes.
+    let line = bridge.wait_for_line("has a single replica", WAIT);
+    assert!(
+        line.contains("WARN") && line.contains("sync_interval: always"),
+        "{line}"
+    );
     pg.sql("app", "INSERT INTO users VALUES (1, 'nkey')");
     let reader = NatsConfig {
         urls: vec![nats.url()],

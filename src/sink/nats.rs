@@ -72,7 +72,9 @@ pub enum NatsError {
     #[error(
         "NATS at {} refused the bridge's credentials ({source}): check the user and password \
          (--nats-user / NATS_BRIDGE_USER, --nats-password / NATS_BRIDGE_PASSWORD), the token \
-         (--nats-token / NATS_BRIDGE_TOKEN) or the creds file (--nats-creds / NATS_BRIDGE_CREDS)",
+         (--nats-token / NATS_BRIDGE_TOKEN), the creds file (--nats-creds / NATS_BRIDGE_CREDS), \
+         the nkey (--nats-nkey-seed / NATS_NKEY_SEED, --nats-nkey-file / NATS_NKEY_FILE) or the \
+         credentials in the URLs",
         .urls.join(", ")
     )]
     Authentication {
