@@ -41,18 +41,20 @@ CONFIGURATION FILE
 
 POSTGRESQL URL
   --pg-url / PG_URL / postgres.url take postgres://user:password@host:port/dbname?sslmode=require
-  (or postgresql://; query parameters sslmode, connect_timeout, host, port, user, password,
-  dbname). Percent-encode reserved characters in the user and password (@ as %40, : as %3A).
+  (or postgresql://; query parameters sslmode, sslrootcert, sslcert, sslkey, connect_timeout,
+  host, port, user, password, dbname). The user info ends at the LAST '@', so a password may
+  hold '/', '?', '#' or '@' as is or percent-encoded (%2F); an '@' after the host is written %40.
   A part given on its own (--pg-host, PG_HOST, postgres.host, ...) always wins over the same
   part of the URL, wherever each comes from; parts given nowhere take the defaults.
 
 NATS SERVERS
   --nats-url / NATS_URL and --nats-host / NATS_HOST (the original name) set the same list:
   nats://host:port, tls://host:port, host:port or host, comma separated. When both are given,
-  --nats-url / NATS_URL wins.
+  --nats-url / NATS_URL wins. user:password@ or token@ in a URL authenticate (the user info
+  ends at the last '@'). A tls:// URL, a CA or a client certificate make TLS required.
 
 SECRETS
-  Prefer the environment (PG_PASSWORD, NATS_BRIDGE_PASSWORD, NATS_BRIDGE_TOKEN,
+  Prefer the environment (PG_PASSWORD, NATS_BRIDGE_PASSWORD, NATS_BRIDGE_TOKEN, NATS_NKEY_SEED,
   BRIDGE_ADMIN_TOKEN) or the file over password flags: command lines are visible to every
   user through ps. Secrets are never logged or printed; they show as ***.
 
@@ -234,8 +236,43 @@ pub struct PgArgs {
 
     /// `postgres.sslmode`.
     #[arg(long, env = "PG_SSLMODE", value_name = "MODE", global = true,
-          help = with_default("libpq sslmode", cfg::DEFAULT_PG_SSLMODE))]
+          help = with_default("libpq sslmode; when given nowhere, none is passed and libpq \
+                               reads PGSSLMODE", cfg::DEFAULT_PG_SSLMODE_TEXT))]
     pub pg_sslmode: Option<SslMode>,
+
+    /// `postgres.sslrootcert`.
+    #[arg(
+        long,
+        env = "PG_SSLROOTCERT",
+        value_name = "FILE",
+        global = true,
+        help = "CA certificates that sign the server's certificate (libpq sslrootcert; \
+                  'system' for the system's store) [default: libpq's, PGSSLROOTCERT or \
+                  ~/.postgresql/root.crt]"
+    )]
+    pub pg_sslrootcert: Option<PathBuf>,
+
+    /// `postgres.sslcert`.
+    #[arg(
+        long,
+        env = "PG_SSLCERT",
+        value_name = "FILE",
+        global = true,
+        help = "Client certificate (libpq sslcert); needs --pg-sslkey [default: libpq's, \
+                  PGSSLCERT or ~/.postgresql/postgresql.crt]"
+    )]
+    pub pg_sslcert: Option<PathBuf>,
+
+    /// `postgres.sslkey`.
+    #[arg(
+        long,
+        env = "PG_SSLKEY",
+        value_name = "FILE",
+        global = true,
+        help = "Private key of the client certificate (libpq sslkey) [default: libpq's, \
+                  PGSSLKEY or ~/.postgresql/postgresql.key]"
+    )]
+    pub pg_sslkey: Option<PathBuf>,
 
     /// `postgres.connect_timeout_secs`.
     #[arg(long, env = "PG_CONNECT_TIMEOUT_SECS", value_name = "SECS", global = true,
@@ -307,6 +344,69 @@ pub struct NatsArgs {
         help = "NATS .creds file (JWT and NKey seed), instead of user/password or token"
     )]
     pub nats_creds: Option<PathBuf>,
+
+    /// `nats.nkey_seed`.
+    #[arg(
+        long,
+        env = "NATS_NKEY_SEED",
+        value_name = "SEED",
+        global = true,
+        hide_env_values = true,
+        help = "NKey user seed (SU...), instead of other credentials; prefer NATS_NKEY_SEED or \
+                --nats-nkey-file, a flag is visible in ps"
+    )]
+    pub nats_nkey_seed: Option<Secret>,
+
+    /// `nats.nkey_file`.
+    #[arg(
+        long,
+        env = "NATS_NKEY_FILE",
+        value_name = "FILE",
+        global = true,
+        help = "File holding the NKey user seed (a line starting with SU), instead of other \
+                credentials"
+    )]
+    pub nats_nkey_file: Option<PathBuf>,
+
+    /// `nats.tls_required`.
+    #[arg(long, env = "NATS_TLS_REQUIRED", value_name = "BOOL", global = true,
+          num_args = 0..=1, require_equals = true, default_missing_value = "true",
+          value_parser = BoolishValueParser::new(),
+          help = "Refuse NATS connections without TLS; implied by tls:// URLs and by a CA or \
+                  client certificate [default: false]")]
+    pub nats_tls_required: Option<bool>,
+
+    /// `nats.tls_ca_file`.
+    #[arg(
+        long,
+        env = "NATS_TLS_CA_FILE",
+        value_name = "FILE",
+        global = true,
+        help = "PEM CA certificates that sign the NATS server's certificate [default: the \
+                system's roots]"
+    )]
+    pub nats_tls_ca_file: Option<PathBuf>,
+
+    /// `nats.tls_cert_file`.
+    #[arg(
+        long,
+        env = "NATS_TLS_CERT_FILE",
+        value_name = "FILE",
+        global = true,
+        help = "PEM client certificate for NATS servers that verify clients; needs \
+                --nats-tls-key-file"
+    )]
+    pub nats_tls_cert_file: Option<PathBuf>,
+
+    /// `nats.tls_key_file`.
+    #[arg(
+        long,
+        env = "NATS_TLS_KEY_FILE",
+        value_name = "FILE",
+        global = true,
+        help = "PEM private key of --nats-tls-cert-file"
+    )]
+    pub nats_tls_key_file: Option<PathBuf>,
 }
 
 /// Replication flags (`[replication]`).

@@ -11,9 +11,15 @@
 //!
 //! `postgres.url` (`--pg-url`, `PG_URL`) accepts
 //! `postgres[ql]://[user[:password]@][host][:port][/dbname][?param=value&...]`, with `sslmode`,
-//! `connect_timeout`, `host`, `port`, `user`, `password` and `dbname` as query parameters (a query
-//! parameter wins over the same part earlier in the URL, as in libpq). User, password, host and
-//! database name are percent-decoded. The URL only fills the parts that are not given on their
+//! `sslrootcert`, `sslcert`, `sslkey`, `connect_timeout`, `host`, `port`, `user`, `password` and
+//! `dbname` as query parameters (a query parameter wins over the same part earlier in the URL, as
+//! in libpq). User, password, host, database name and query values are percent-decoded.
+//!
+//! The user info ends at the *last* `@` of the URL (see [`split_userinfo`]): a password may hold
+//! `/`, `?`, `#`, `:` or `@` as they are or percent-encoded, but an `@` after the host (in the
+//! database name or a query value) must be written `%40`. NATS URLs follow the same rule.
+//!
+//! The URL only fills the parts that are not given on their
 //! own: a part set explicitly (`postgres.host`, `PG_HOST`, `--pg-host`, ...) at *any* level wins
 //! over the same part of the URL, wherever the URL comes from. Parts given nowhere take the
 //! defaults.
@@ -47,8 +53,9 @@ pub const DEFAULT_PG_PORT: u16 = 5432;
 pub const DEFAULT_PG_USER: &str = "postgres";
 /// PostgreSQL database.
 pub const DEFAULT_PG_DBNAME: &str = "postgres";
-/// libpq `sslmode`; `prefer` is libpq's own default.
-pub const DEFAULT_PG_SSLMODE: SslMode = SslMode::Prefer;
+/// What `sslmode` means when none is configured: nothing is passed, so libpq applies its own
+/// default, `PGSSLMODE` from the environment or else `prefer`.
+pub const DEFAULT_PG_SSLMODE_TEXT: &str = "libpq's own: PGSSLMODE, else prefer";
 /// libpq `connect_timeout`, in seconds.
 pub const DEFAULT_PG_CONNECT_TIMEOUT_SECS: u64 = 10;
 /// `application_name` sent to PostgreSQL, visible in `pg_stat_activity` and `pg_stat_replication`.
@@ -213,6 +220,9 @@ pub const FIELD_SOURCES: &[(&str, &str, &str)] = &[
     ("postgres.password", "--pg-password", "PG_PASSWORD"),
     ("postgres.dbname", "--pg-db", "PG_DB"),
     ("postgres.sslmode", "--pg-sslmode", "PG_SSLMODE"),
+    ("postgres.sslrootcert", "--pg-sslrootcert", "PG_SSLROOTCERT"),
+    ("postgres.sslcert", "--pg-sslcert", "PG_SSLCERT"),
+    ("postgres.sslkey", "--pg-sslkey", "PG_SSLKEY"),
     (
         "postgres.connect_timeout_secs",
         "--pg-connect-timeout-secs",
@@ -223,6 +233,24 @@ pub const FIELD_SOURCES: &[(&str, &str, &str)] = &[
     ("nats.password", "--nats-password", "NATS_BRIDGE_PASSWORD"),
     ("nats.token", "--nats-token", "NATS_BRIDGE_TOKEN"),
     ("nats.creds_file", "--nats-creds", "NATS_BRIDGE_CREDS"),
+    ("nats.nkey_seed", "--nats-nkey-seed", "NATS_NKEY_SEED"),
+    ("nats.nkey_file", "--nats-nkey-file", "NATS_NKEY_FILE"),
+    (
+        "nats.tls_required",
+        "--nats-tls-required",
+        "NATS_TLS_REQUIRED",
+    ),
+    ("nats.tls_ca_file", "--nats-tls-ca-file", "NATS_TLS_CA_FILE"),
+    (
+        "nats.tls_cert_file",
+        "--nats-tls-cert-file",
+        "NATS_TLS_CERT_FILE",
+    ),
+    (
+        "nats.tls_key_file",
+        "--nats-tls-key-file",
+        "NATS_TLS_KEY_FILE",
+    ),
     ("replication.slot", "--slot", "BRIDGE_SLOT"),
     (
         "replication.publication",
@@ -599,8 +627,19 @@ pub struct PgConfig {
     pub password: Option<Secret>,
     /// Database holding the publication.
     pub dbname: String,
-    /// libpq `sslmode`.
-    pub sslmode: SslMode,
+    /// libpq `sslmode`; `None` passes nothing, so that libpq's own default (`PGSSLMODE`, else
+    /// `prefer`) applies.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub sslmode: Option<SslMode>,
+    /// libpq `sslrootcert`: CA certificates that sign the server's certificate (or `system`).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub sslrootcert: Option<PathBuf>,
+    /// libpq `sslcert`: the client certificate.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub sslcert: Option<PathBuf>,
+    /// libpq `sslkey`: the client certificate's private key.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub sslkey: Option<PathBuf>,
     /// libpq `connect_timeout`, in seconds.
     pub connect_timeout_secs: u64,
 }
@@ -613,15 +652,20 @@ impl Default for PgConfig {
             user: DEFAULT_PG_USER.to_owned(),
             password: None,
             dbname: DEFAULT_PG_DBNAME.to_owned(),
-            sslmode: DEFAULT_PG_SSLMODE,
+            sslmode: None,
+            sslrootcert: None,
+            sslcert: None,
+            sslkey: None,
             connect_timeout_secs: DEFAULT_PG_CONNECT_TIMEOUT_SECS,
         }
     }
 }
 
 impl PgConfig {
-    /// Keyword/value pairs for `PQconnectdbParams`: host, port, user, password (when set),
-    /// dbname, sslmode, connect_timeout and application_name. The caller adds `replication`,
+    /// Keyword/value pairs for `PQconnectdbParams`: host, port, user, password, dbname,
+    /// connect_timeout and application_name, and sslmode, sslrootcert, sslcert and sslkey when
+    /// configured: a keyword left out lets libpq read its `PG*` environment variable (`PGSSLMODE`,
+    /// `PGSSLROOTCERT`, ...) and then its own default. The caller adds `replication`,
     /// `options` and the like, and must pass `expand_dbname = 0` so that a database name is never
     /// read as a connection string. The password is in clear text here: do not log the result.
     pub fn libpq_params(&self) -> Vec<(&'static str, String)> {
@@ -633,9 +677,20 @@ impl PgConfig {
         if let Some(password) = &self.password {
             params.push(("password", password.expose().to_owned()));
         }
+        params.push(("dbname", self.dbname.clone()));
+        if let Some(mode) = self.sslmode {
+            params.push(("sslmode", mode.as_str().to_owned()));
+        }
+        for (key, path) in [
+            ("sslrootcert", &self.sslrootcert),
+            ("sslcert", &self.sslcert),
+            ("sslkey", &self.sslkey),
+        ] {
+            if let Some(path) = path {
+                params.push((key, path.to_string_lossy().into_owned()));
+            }
+        }
         params.extend([
-            ("dbname", self.dbname.clone()),
-            ("sslmode", self.sslmode.as_str().to_owned()),
             ("connect_timeout", self.connect_timeout_secs.to_string()),
             ("application_name", PG_APPLICATION_NAME.to_owned()),
         ]);
@@ -662,7 +717,43 @@ impl PgConfig {
                 "must be at least 1 (0 would wait forever)",
             ));
         }
+        // libpq's own value for the system's CA store, not a file.
+        let rootcert = self
+            .sslrootcert
+            .as_ref()
+            .filter(|p| p.as_os_str() != "system");
+        check_file("postgres.sslrootcert", rootcert)?;
+        check_file("postgres.sslcert", self.sslcert.as_ref())?;
+        check_file("postgres.sslkey", self.sslkey.as_ref())?;
+        match (&self.sslcert, &self.sslkey) {
+            (Some(_), None) => {
+                return Err(invalid(
+                    "postgres.sslkey",
+                    "postgres.sslcert is set but not its key; give both",
+                ))
+            }
+            (None, Some(_)) => {
+                return Err(invalid(
+                    "postgres.sslcert",
+                    "postgres.sslkey is set but not the certificate; give both",
+                ))
+            }
+            _ => {}
+        }
         Ok(())
+    }
+}
+
+/// A configured file must exist, so that a typo shows at start (and in `check-config`) rather
+/// than as a TLS failure later.
+fn check_file(field: &'static str, path: Option<&PathBuf>) -> Result<(), ConfigError> {
+    match path {
+        Some(p) if p.as_os_str().is_empty() => Err(invalid(field, "is empty")),
+        Some(p) if !p.is_file() => Err(invalid(
+            field,
+            format!("{} does not exist or is not a file", p.display()),
+        )),
+        _ => Ok(()),
     }
 }
 
@@ -671,7 +762,8 @@ impl PgConfig {
 #[serde(default, deny_unknown_fields)]
 pub struct NatsConfig {
     /// Servers, as `nats://host:port`, `tls://host:port`, `host:port` or `host`; the client
-    /// picks one and fails over to the others. Credentials in a URL are accepted and redacted.
+    /// picks one and fails over to the others. Credentials in a URL (`user:password@` or
+    /// `token@`) are taken out of it, used as the authentication, and redacted.
     #[serde(serialize_with = "serialize_redacted_urls")]
     pub urls: Vec<String>,
     /// User name (`NATS_BRIDGE_USER`); needs `password` too.
@@ -686,6 +778,25 @@ pub struct NatsConfig {
     /// A `.creds` file (JWT and NKey seed), instead of user/password or token.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub creds_file: Option<PathBuf>,
+    /// A bare NKey user seed (`SU...`), for servers that list the user's public key.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub nkey_seed: Option<Secret>,
+    /// A file holding the NKey user seed, instead of `nkey_seed`.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub nkey_file: Option<PathBuf>,
+    /// Refuse to talk to a server without TLS. Also on when a URL is `tls://` or a CA or client
+    /// certificate is configured.
+    pub tls_required: bool,
+    /// PEM file of the CA certificates that sign the server's certificate (instead of the
+    /// system's roots).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub tls_ca_file: Option<PathBuf>,
+    /// PEM client certificate, for servers that verify clients (`verify: true`).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub tls_cert_file: Option<PathBuf>,
+    /// PEM private key of `tls_cert_file`.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub tls_key_file: Option<PathBuf>,
 }
 
 impl Default for NatsConfig {
@@ -696,19 +807,30 @@ impl Default for NatsConfig {
             password: None,
             token: None,
             creds_file: None,
+            nkey_seed: None,
+            nkey_file: None,
+            tls_required: false,
+            tls_ca_file: None,
+            tls_cert_file: None,
+            tls_key_file: None,
         }
     }
 }
 
 impl fmt::Debug for NatsConfig {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        let urls: Vec<String> = self.urls.iter().map(|u| redact_url_userinfo(u)).collect();
         f.debug_struct("NatsConfig")
-            .field("urls", &urls)
+            .field("urls", &self.redacted_urls())
             .field("user", &self.user)
             .field("password", &self.password)
             .field("token", &self.token)
             .field("creds_file", &self.creds_file)
+            .field("nkey_seed", &self.nkey_seed)
+            .field("nkey_file", &self.nkey_file)
+            .field("tls_required", &self.tls_required)
+            .field("tls_ca_file", &self.tls_ca_file)
+            .field("tls_cert_file", &self.tls_cert_file)
+            .field("tls_key_file", &self.tls_key_file)
             .finish()
     }
 }
@@ -720,10 +842,199 @@ fn serialize_redacted_urls<S: Serializer>(
     serializer.collect_seq(urls.iter().map(|u| redact_url_userinfo(u)))
 }
 
+/// How the bridge authenticates to NATS: exactly one of these (see [`NatsConfig::auth`]).
+#[derive(Clone, Debug, PartialEq)]
+pub enum NatsAuth {
+    /// No credentials.
+    None,
+    /// `nats.user` and `nats.password`, or `user:password@` in the URLs.
+    UserPassword {
+        /// User name.
+        user: String,
+        /// Password.
+        password: Secret,
+    },
+    /// `nats.token`, or `token@` in the URLs.
+    Token(Secret),
+    /// `nats.creds_file`.
+    CredsFile(PathBuf),
+    /// `nats.nkey_seed`.
+    NkeySeed(Secret),
+    /// `nats.nkey_file`.
+    NkeyFile(PathBuf),
+}
+
+impl NatsAuth {
+    /// A name for logs: `none`, `user`, `token`, `creds`, `nkey`.
+    pub fn kind(&self) -> &'static str {
+        match self {
+            NatsAuth::None => "none",
+            NatsAuth::UserPassword { .. } => "user",
+            NatsAuth::Token(_) => "token",
+            NatsAuth::CredsFile(_) => "creds",
+            NatsAuth::NkeySeed(_) | NatsAuth::NkeyFile(_) => "nkey",
+        }
+    }
+}
+
+/// One entry of `nats.urls`, split into the address the client connects to and the credentials
+/// the URL carried.
+#[derive(Clone, Debug, PartialEq)]
+pub struct NatsUrl {
+    /// Lower-case scheme: `nats` (also when none was written), `tls`, `ws` or `wss`.
+    pub scheme: String,
+    /// Host name or IP address, without IPv6 brackets.
+    pub host: String,
+    /// `scheme://host[:port][/path]`, without user info: what the client is given.
+    pub server: String,
+    /// Credentials written in the URL.
+    pub credentials: Option<UrlCredentials>,
+}
+
+/// Credentials written in a NATS URL.
+#[derive(Clone, Debug, PartialEq)]
+pub enum UrlCredentials {
+    /// `user:password@`.
+    UserPassword(String, Secret),
+    /// `token@` (no `:`), NATS' convention for a token.
+    Token(Secret),
+}
+
+impl NatsUrl {
+    /// True for a loopback host (`localhost`, `127.0.0.0/8`, `::1`).
+    pub fn is_loopback(&self) -> bool {
+        self.host.eq_ignore_ascii_case("localhost")
+            || self.host.parse::<IpAddr>().is_ok_and(|ip| ip.is_loopback())
+    }
+}
+
 impl NatsConfig {
     /// The server list with credentials replaced by `***`, for logs.
     pub fn redacted_urls(&self) -> Vec<String> {
         self.urls.iter().map(|u| redact_url_userinfo(u)).collect()
+    }
+
+    /// Parses every server URL. Errors name the entry by position, never by its text, which
+    /// may hold a password.
+    pub fn servers(&self) -> Result<Vec<NatsUrl>, ConfigError> {
+        let total = self.urls.len();
+        self.urls
+            .iter()
+            .enumerate()
+            .map(|(i, url)| {
+                parse_nats_url(url).map_err(|reason| ConfigError::Url {
+                    field: "nats.urls",
+                    reason: format!("server {} of {total}: {reason}", i + 1),
+                })
+            })
+            .collect()
+    }
+
+    /// True when every connection must use TLS: `tls_required`, a `tls://` URL (so that a
+    /// fail-over never falls back to plain text), or a CA or client certificate.
+    pub fn requires_tls(&self) -> bool {
+        self.tls_required
+            || self.tls_ca_file.is_some()
+            || self.tls_cert_file.is_some()
+            || self
+                .urls
+                .iter()
+                .any(|u| u.trim_start().to_ascii_lowercase().starts_with("tls://"))
+    }
+
+    /// The one authentication method configured, from the settings or the URLs; an error
+    /// when there are several.
+    pub fn auth(&self) -> Result<NatsAuth, ConfigError> {
+        let mut from_urls: Option<UrlCredentials> = None;
+        for server in self.servers()? {
+            if let Some(c) = server.credentials {
+                if from_urls.as_ref().is_some_and(|seen| *seen != c) {
+                    return Err(invalid(
+                        "nats.urls",
+                        "the server URLs carry different credentials; the client sends one set \
+                         to every server",
+                    ));
+                }
+                from_urls = Some(c);
+            }
+        }
+        let mut methods = Vec::new();
+        if let Some(c) = from_urls {
+            methods.push(match c {
+                UrlCredentials::UserPassword(user, password) => {
+                    NatsAuth::UserPassword { user, password }
+                }
+                UrlCredentials::Token(token) => NatsAuth::Token(token),
+            });
+        }
+        if let (Some(user), Some(password)) = (&self.user, &self.password) {
+            methods.push(NatsAuth::UserPassword {
+                user: user.clone(),
+                password: password.clone(),
+            });
+        }
+        if let Some(token) = &self.token {
+            methods.push(NatsAuth::Token(token.clone()));
+        }
+        if let Some(path) = &self.creds_file {
+            methods.push(NatsAuth::CredsFile(path.clone()));
+        }
+        if let Some(seed) = &self.nkey_seed {
+            methods.push(NatsAuth::NkeySeed(seed.clone()));
+        }
+        if let Some(path) = &self.nkey_file {
+            methods.push(NatsAuth::NkeyFile(path.clone()));
+        }
+        if methods.len() > 1 {
+            let field = if self.token.is_some() {
+                "nats.token"
+            } else if self.nkey_seed.is_some() {
+                "nats.nkey_seed"
+            } else if self.nkey_file.is_some() {
+                "nats.nkey_file"
+            } else if self.creds_file.is_some() {
+                "nats.creds_file"
+            } else {
+                "nats.user"
+            };
+            let kinds: Vec<&str> = methods.iter().map(NatsAuth::kind).collect();
+            return Err(invalid(
+                field,
+                format!(
+                    "give only one NATS authentication: user and password, a token, a creds \
+                     file or an nkey (found {}, counting credentials in nats.urls)",
+                    kinds.join(" and ")
+                ),
+            ));
+        }
+        Ok(methods.pop().unwrap_or(NatsAuth::None))
+    }
+
+    /// A warning when credentials would cross the network in plain text: some authentication
+    /// is configured, TLS is not required, and a server is neither loopback nor `wss://`. The
+    /// server may still demand TLS itself, which the client then follows.
+    pub fn plaintext_credentials_warning(&self) -> Option<String> {
+        let auth = self.auth().ok()?;
+        if auth == NatsAuth::None || self.requires_tls() {
+            return None;
+        }
+        let exposed: Vec<String> = self
+            .servers()
+            .ok()?
+            .into_iter()
+            .filter(|s| s.scheme != "wss" && !s.is_loopback())
+            .map(|s| s.server)
+            .collect();
+        if exposed.is_empty() {
+            return None;
+        }
+        Some(format!(
+            "NATS credentials ({}) would travel unencrypted to {} unless the server requires \
+             TLS: use tls:// URLs or set nats.tls_required (--nats-tls-required / \
+             NATS_TLS_REQUIRED)",
+            auth.kind(),
+            exposed.join(", ")
+        ))
     }
 
     /// Checks every field; see [`Config::validate`].
@@ -731,12 +1042,7 @@ impl NatsConfig {
         if self.urls.is_empty() {
             return Err(invalid("nats.urls", "no NATS server given"));
         }
-        for url in &self.urls {
-            check_nats_url(url).map_err(|reason| ConfigError::Url {
-                field: "nats.urls",
-                reason: format!("'{}': {reason}", redact_url_userinfo(url)),
-            })?;
-        }
+        self.servers()?;
         match (&self.user, &self.password) {
             (Some(user), _) if user.is_empty() => return Err(invalid("nats.user", "is empty")),
             (Some(_), None) => {
@@ -756,21 +1062,10 @@ impl NatsConfig {
         if self.token.as_ref().is_some_and(Secret::is_empty) {
             return Err(invalid("nats.token", "is empty"));
         }
-        let methods = [
-            self.user.is_some(),
-            self.token.is_some(),
-            self.creds_file.is_some(),
-        ];
-        if methods.into_iter().filter(|m| *m).count() > 1 {
-            return Err(invalid(
-                if self.token.is_some() {
-                    "nats.token"
-                } else {
-                    "nats.creds_file"
-                },
-                "give only one NATS authentication: user and password, a token, or a creds file",
-            ));
+        if let Some(seed) = &self.nkey_seed {
+            check_nkey_seed(seed.expose()).map_err(|r| invalid("nats.nkey_seed", r))?;
         }
+        self.auth()?;
         if self
             .creds_file
             .as_ref()
@@ -778,8 +1073,32 @@ impl NatsConfig {
         {
             return Err(invalid("nats.creds_file", "is empty"));
         }
-        Ok(())
+        check_file("nats.nkey_file", self.nkey_file.as_ref())?;
+        check_file("nats.tls_ca_file", self.tls_ca_file.as_ref())?;
+        check_file("nats.tls_cert_file", self.tls_cert_file.as_ref())?;
+        check_file("nats.tls_key_file", self.tls_key_file.as_ref())?;
+        match (&self.tls_cert_file, &self.tls_key_file) {
+            (Some(_), None) => Err(invalid(
+                "nats.tls_key_file",
+                "nats.tls_cert_file is set but not its key; give both",
+            )),
+            (None, Some(_)) => Err(invalid(
+                "nats.tls_cert_file",
+                "nats.tls_key_file is set but not the certificate; give both",
+            )),
+            _ => Ok(()),
+        }
     }
+}
+
+/// A usable NKey user seed. The reason never shows the seed.
+pub fn check_nkey_seed(seed: &str) -> Result<(), String> {
+    if !seed.starts_with("SU") {
+        return Err("is not an NKey user seed (those start with SU)".into());
+    }
+    nkeys::KeyPair::from_seed(seed)
+        .map(|_| ())
+        .map_err(|_| "is not a valid NKey seed (bad length or checksum)".into())
 }
 
 /// What to replicate and how the pipeline is tuned.
@@ -1393,15 +1712,8 @@ impl fmt::Display for Config {
             }
         }
         let pg = &self.postgres;
-        let nats_auth = if self.nats.user.is_some() {
-            "user"
-        } else if self.nats.token.is_some() {
-            "token"
-        } else if self.nats.creds_file.is_some() {
-            "creds"
-        } else {
-            "none"
-        };
+        let nats_auth = self.nats.auth().map_or("invalid", |a| a.kind());
+        let sslmode = pg.sslmode.map_or("libpq-default", SslMode::as_str);
         let tables = if self.replication.tables.is_empty() {
             "all".to_owned()
         } else {
@@ -1413,13 +1725,13 @@ impl fmt::Display for Config {
              slot={} publication={} tables={} format={} streams={},{} http={} admin_token={} \
              state_file={} ring_capacity={} max_in_flight={} snapshot_chunk_rows={} \
              snapshot_on_start={} snapshot_reply_prefix={} snapshot_max_concurrent={} \
-             snapshot_cooldown_secs={}",
+             snapshot_cooldown_secs={} nats_tls={}",
             pg.user,
             pg.host,
             pg.port,
             pg.dbname,
             set(&pg.password),
-            pg.sslmode,
+            sslmode,
             self.nats.redacted_urls().join(","),
             nats_auth,
             self.replication.slot,
@@ -1438,6 +1750,11 @@ impl fmt::Display for Config {
             self.snapshot.reply_prefix,
             self.snapshot.max_concurrent,
             self.snapshot.cooldown_secs,
+            if self.nats.requires_tls() {
+                "required"
+            } else {
+                "if-offered"
+            },
         )
     }
 }
@@ -1472,6 +1789,9 @@ struct RawPgConfig {
     password: Option<Secret>,
     dbname: Option<String>,
     sslmode: Option<SslMode>,
+    sslrootcert: Option<PathBuf>,
+    sslcert: Option<PathBuf>,
+    sslkey: Option<PathBuf>,
     connect_timeout_secs: Option<u64>,
 }
 
@@ -1539,6 +1859,9 @@ impl RawConfig {
         given_opt(&mut pg.password, &a.pg_password);
         given_opt(&mut pg.dbname, &a.pg_db);
         given_opt(&mut pg.sslmode, &a.pg_sslmode);
+        given_opt(&mut pg.sslrootcert, &a.pg_sslrootcert);
+        given_opt(&mut pg.sslcert, &a.pg_sslcert);
+        given_opt(&mut pg.sslkey, &a.pg_sslkey);
         given_opt(&mut pg.connect_timeout_secs, &a.pg_connect_timeout_secs);
 
         let a = &args.nats;
@@ -1551,6 +1874,12 @@ impl RawConfig {
         given_opt(&mut nats.password, &a.nats_password);
         given_opt(&mut nats.token, &a.nats_token);
         given_opt(&mut nats.creds_file, &a.nats_creds);
+        given_opt(&mut nats.nkey_seed, &a.nats_nkey_seed);
+        given_opt(&mut nats.nkey_file, &a.nats_nkey_file);
+        given(&mut nats.tls_required, &a.nats_tls_required);
+        given_opt(&mut nats.tls_ca_file, &a.nats_tls_ca_file);
+        given_opt(&mut nats.tls_cert_file, &a.nats_tls_cert_file);
+        given_opt(&mut nats.tls_key_file, &a.nats_tls_key_file);
 
         let a = &args.replication;
         let r = &mut self.replication;
@@ -1660,7 +1989,10 @@ impl RawPgConfig {
                 .dbname
                 .or(url.dbname)
                 .unwrap_or_else(|| DEFAULT_PG_DBNAME.to_owned()),
-            sslmode: self.sslmode.or(url.sslmode).unwrap_or(DEFAULT_PG_SSLMODE),
+            sslmode: self.sslmode.or(url.sslmode),
+            sslrootcert: self.sslrootcert.or(url.sslrootcert),
+            sslcert: self.sslcert.or(url.sslcert),
+            sslkey: self.sslkey.or(url.sslkey),
             connect_timeout_secs: self
                 .connect_timeout_secs
                 .or(url.connect_timeout_secs)
@@ -1682,7 +2014,21 @@ struct PgUrlParts {
     password: Option<Secret>,
     dbname: Option<String>,
     sslmode: Option<SslMode>,
+    sslrootcert: Option<PathBuf>,
+    sslcert: Option<PathBuf>,
+    sslkey: Option<PathBuf>,
     connect_timeout_secs: Option<u64>,
+}
+
+/// Splits what follows `scheme://` at the user info, which ends at the LAST `@`: user names
+/// and passwords are where unescaped reserved characters turn up (`/`, `?`, `#`, `@`), while
+/// host, port, path and query have no reason to hold an `@` (write it `%40` there). Returns
+/// the user info, if any, and the rest.
+fn split_userinfo(rest: &str) -> (Option<&str>, &str) {
+    match rest.rfind('@') {
+        Some(at) => (Some(&rest[..at]), &rest[at + 1..]),
+        None => (None, rest),
+    }
 }
 
 /// Parses `postgres[ql]://[user[:password]@][host][:port][/dbname][?k=v&...]`.
@@ -1693,18 +2039,7 @@ fn parse_pg_url(url: &str) -> Result<PgUrlParts, String> {
         .iter()
         .find_map(|scheme| url.strip_prefix(scheme))
         .ok_or("must start with postgres:// or postgresql://")?;
-    // An unescaped '/', '?' or '#' in the user info would make the password look like a path
-    // or a query below, and end up in an error message.
-    if rest
-        .rfind('@')
-        .is_some_and(|at| rest[..at].contains(['/', '?', '#']))
-    {
-        return Err(
-            "'/', '?' or '#' before the '@': percent-encode them in the user name and \
-                    password (%2F, %3F, %23)"
-                .into(),
-        );
-    }
+    let (userinfo, rest) = split_userinfo(rest);
     let (before_query, query) = match rest.split_once('?') {
         Some((before, query)) => (before, Some(query)),
         None => (rest, None),
@@ -1715,21 +2050,18 @@ fn parse_pg_url(url: &str) -> Result<PgUrlParts, String> {
     };
     let mut parts = PgUrlParts::default();
 
-    // The last '@' ends the user info: an unescaped '@' in a password is a common slip.
-    let host_port = match authority.rsplit_once('@') {
-        Some((userinfo, host_port)) => {
-            let (user, password) = match userinfo.split_once(':') {
-                Some((user, password)) => (user, Some(password)),
-                None => (userinfo, None),
-            };
-            parts.user = non_empty(percent_decode(user, "user name")?);
-            if let Some(password) = password {
-                parts.password = non_empty(percent_decode(password, "password")?).map(Secret);
-            }
-            host_port
+    if let Some(userinfo) = userinfo {
+        // The first ':' ends the user name; a password may hold more.
+        let (user, password) = match userinfo.split_once(':') {
+            Some((user, password)) => (user, Some(password)),
+            None => (userinfo, None),
+        };
+        parts.user = non_empty(percent_decode(user, "user name")?);
+        if let Some(password) = password {
+            parts.password = non_empty(percent_decode(password, "password")?).map(Secret);
         }
-        None => authority,
-    };
+    }
+    let host_port = authority;
     if host_port.contains(',') {
         return Err("several hosts are not supported; give one host".into());
     }
@@ -1765,7 +2097,8 @@ fn parse_pg_url(url: &str) -> Result<PgUrlParts, String> {
         }
         let (key, value) = pair
             .split_once('=')
-            .ok_or_else(|| format!("query parameter '{pair}' has no '=value'"))?;
+            // Not echoed: a mistyped pair may hold a secret.
+            .ok_or("a query parameter has no '=value'")?;
         let key = percent_decode(key, "query parameter name")?;
         match key.as_str() {
             "password" => {
@@ -1776,6 +2109,9 @@ fn parse_pg_url(url: &str) -> Result<PgUrlParts, String> {
             "port" => parts.port = Some(parse_port(&percent_decode(value, "port")?)?),
             "dbname" => parts.dbname = non_empty(percent_decode(value, "database name")?),
             "sslmode" => parts.sslmode = Some(percent_decode(value, "sslmode")?.parse()?),
+            "sslrootcert" => parts.sslrootcert = non_empty_path(value, "sslrootcert")?,
+            "sslcert" => parts.sslcert = non_empty_path(value, "sslcert")?,
+            "sslkey" => parts.sslkey = non_empty_path(value, "sslkey")?,
             "connect_timeout" => {
                 let value = percent_decode(value, "connect_timeout")?;
                 parts.connect_timeout_secs = Some(value.parse().map_err(|_| {
@@ -1784,8 +2120,8 @@ fn parse_pg_url(url: &str) -> Result<PgUrlParts, String> {
             }
             other => {
                 return Err(format!(
-                    "query parameter '{other}' is not supported (use sslmode, connect_timeout, \
-                     host, port, user, password or dbname)"
+                    "query parameter '{other}' is not supported (use sslmode, sslrootcert, \
+                     sslcert, sslkey, connect_timeout, host, port, user, password or dbname)"
                 ))
             }
         }
@@ -1795,6 +2131,10 @@ fn parse_pg_url(url: &str) -> Result<PgUrlParts, String> {
 
 fn non_empty(s: String) -> Option<String> {
     (!s.is_empty()).then_some(s)
+}
+
+fn non_empty_path(value: &str, what: &str) -> Result<Option<PathBuf>, String> {
+    Ok(non_empty(percent_decode(value, what)?).map(PathBuf::from))
 }
 
 fn parse_port(port: &str) -> Result<u16, String> {
@@ -1928,57 +2268,98 @@ fn check_stream_name(name: &str) -> Result<(), String> {
     Ok(())
 }
 
-/// A NATS server: `[scheme://][user[:password]@]host[:port]` with scheme nats, tls, ws or wss.
-fn check_nats_url(url: &str) -> Result<(), String> {
-    let rest = match url.split_once("://") {
+/// Parses a NATS server, `[scheme://][user[:password]@ | token@]host[:port][/path]` with scheme
+/// nats (the default), tls, ws or wss. The user info ends at the last `@` ([`split_userinfo`])
+/// and is percent-decoded. The reason never shows the URL's text.
+fn parse_nats_url(url: &str) -> Result<NatsUrl, String> {
+    let url = url.trim();
+    let (scheme, rest) = match url.split_once("://") {
         Some((scheme, rest)) => {
-            if !matches!(scheme, "nats" | "tls" | "ws" | "wss") {
-                return Err(format!(
-                    "scheme '{scheme}' is not one of nats, tls, ws, wss"
-                ));
+            let lower = scheme.to_ascii_lowercase();
+            if !matches!(lower.as_str(), "nats" | "tls" | "ws" | "wss") {
+                // Echoed only when it looks like a scheme, not a mangled user info.
+                return Err(
+                    if !scheme.is_empty()
+                        && scheme.len() <= 10
+                        && scheme.bytes().all(|b| b.is_ascii_alphanumeric())
+                    {
+                        format!("scheme '{scheme}' is not one of nats, tls, ws, wss")
+                    } else {
+                        "the scheme is not one of nats, tls, ws, wss".to_owned()
+                    },
+                );
             }
-            rest
+            (lower, rest)
         }
-        None => url,
+        None => ("nats".to_owned(), url),
     };
-    let authority = rest.split('/').next().unwrap_or_default();
-    let host_port = authority.rsplit_once('@').map_or(authority, |(_, hp)| hp);
-    let (host, port) = if let Some(bracketed) = host_port.strip_prefix('[') {
+    let (userinfo, rest) = split_userinfo(rest);
+    let (authority, path) = match rest.find('/') {
+        Some(i) => (&rest[..i], &rest[i..]),
+        None => (rest, ""),
+    };
+    let (host, port) = if let Some(bracketed) = authority.strip_prefix('[') {
         let (host, after) = bracketed
             .split_once(']')
             .ok_or("IPv6 address without closing ']'")?;
-        (host, after.strip_prefix(':'))
+        let port = match after {
+            "" => None,
+            p => Some(
+                p.strip_prefix(':')
+                    .ok_or("unexpected text after the IPv6 address")?,
+            ),
+        };
+        (host, port)
     } else {
-        match host_port.rsplit_once(':') {
+        match authority.rsplit_once(':') {
             Some((host, port)) => (host, Some(port)),
-            None => (host_port, None),
+            None => (authority, None),
         }
     };
     if host.is_empty() {
         return Err("no host".into());
     }
+    if !authority.starts_with('[') && host.contains([':', '?', '#', ' ']) {
+        return Err("the host is not a host name or IP address (IPv6 goes in [...])".into());
+    }
     if let Some(port) = port {
         parse_port(port)?;
     }
-    Ok(())
+    let credentials = match userinfo.filter(|u| !u.is_empty()) {
+        None => None,
+        Some(userinfo) => Some(match userinfo.split_once(':') {
+            Some((user, password)) => {
+                let user = percent_decode(user, "user name")?;
+                if user.is_empty() {
+                    return Err("the user info has a password but no user name".into());
+                }
+                UrlCredentials::UserPassword(user, Secret(percent_decode(password, "password")?))
+            }
+            None => UrlCredentials::Token(Secret(percent_decode(userinfo, "token")?)),
+        }),
+    };
+    Ok(NatsUrl {
+        server: format!("{scheme}://{authority}{path}"),
+        scheme,
+        host: host.to_owned(),
+        credentials,
+    })
 }
 
-/// Replaces the user info of a URL (`scheme://user:pass@host`) with `***`.
+/// Replaces the user info of a URL (`scheme://user:pass@host`, `user:pass@host`) with `***`,
+/// by the same last-`@` rule the parsers use, so that whatever they took as user info is
+/// hidden.
 fn redact_url_userinfo(url: &str) -> String {
     let (scheme, rest) = match url.split_once("://") {
         Some((scheme, rest)) => (Some(scheme), rest),
         None => (None, url),
     };
-    let authority_end = rest.find('/').unwrap_or(rest.len());
-    match rest[..authority_end].rfind('@') {
-        Some(at) => {
-            let tail = &rest[at..];
-            match scheme {
-                Some(scheme) => format!("{scheme}://{REDACTED}{tail}"),
-                None => format!("{REDACTED}{tail}"),
-            }
-        }
-        None => url.to_owned(),
+    match split_userinfo(rest) {
+        (Some(_), tail) => match scheme {
+            Some(scheme) => format!("{scheme}://{REDACTED}@{tail}"),
+            None => format!("{REDACTED}@{tail}"),
+        },
+        (None, _) => url.to_owned(),
     }
 }
 
@@ -2033,7 +2414,7 @@ mod tests {
         let c = Config::default();
         assert_eq!(c.postgres.host, DEFAULT_PG_HOST);
         assert_eq!(c.postgres.port, 5432);
-        assert_eq!(c.postgres.sslmode, SslMode::Prefer);
+        assert_eq!(c.postgres.sslmode, None);
         assert_eq!(c.nats.urls, vec![DEFAULT_NATS_URL.to_owned()]);
         assert_eq!(c.replication.slot, "cdc_slot");
         assert_eq!(c.replication.publication, "cdc_pub");
@@ -2128,7 +2509,7 @@ mod tests {
         assert_eq!(c.postgres.host, "db.example");
         assert_eq!(c.postgres.port, 6432);
         assert_eq!(c.postgres.password, Some(Secret::new("pw")));
-        assert_eq!(c.postgres.sslmode, SslMode::VerifyFull);
+        assert_eq!(c.postgres.sslmode, Some(SslMode::VerifyFull));
         assert_eq!(c.nats.urls, ["nats://n1:4222", "n2:4223"]);
         assert_eq!(c.replication.tables, ["users", "sales.orders"]);
         assert_eq!(c.replication.format, Format::Json);
@@ -2325,7 +2706,7 @@ mod tests {
         assert_eq!(c.postgres.host, "db.example");
         assert_eq!(c.postgres.port, 6543);
         assert_eq!(c.postgres.dbname, "my db");
-        assert_eq!(c.postgres.sslmode, SslMode::Require);
+        assert_eq!(c.postgres.sslmode, Some(SslMode::Require));
         assert_eq!(c.postgres.connect_timeout_secs, 4);
 
         // An explicit part wins over the URL's, whichever level each comes from.
@@ -2378,8 +2759,8 @@ mod tests {
                 "target_session_attrs",
             ),
             ("postgres://u:s3cret@[::1/db", "IPv6"),
-            ("postgres://u:s3c/ret@h/db", "percent-encode"),
-            ("postgres://u:s3c?ret@h/db", "percent-encode"),
+            ("postgres://u:s3cret@h/db?password", "no '=value'"),
+            ("postgres://u:s3cret@h/db?sslcert=%zz", "percent-escape"),
             ("postgres://u:s3cret/db", "port"),
             (
                 "postgres://u:s3cret@h/db?connect_timeout=soon",
@@ -2417,7 +2798,9 @@ mod tests {
         assert_eq!(get(&params, "host").as_deref(), Some("localhost"));
         assert_eq!(get(&params, "port").as_deref(), Some("5432"));
         assert_eq!(get(&params, "password").as_deref(), Some("pw"));
-        assert_eq!(get(&params, "sslmode").as_deref(), Some("prefer"));
+        // Nothing configured: no sslmode, so that libpq's PGSSLMODE applies.
+        assert_eq!(get(&params, "sslmode"), None);
+        assert_eq!(get(&params, "sslrootcert"), None);
         assert_eq!(get(&params, "connect_timeout").as_deref(), Some("10"));
         assert_eq!(
             get(&params, "application_name").as_deref(),
@@ -2425,6 +2808,345 @@ mod tests {
         );
         pg.password = None;
         assert_eq!(get(&pg.libpq_params(), "password"), None);
+        pg.sslmode = Some(SslMode::VerifyFull);
+        pg.sslrootcert = Some("/etc/ca.pem".into());
+        pg.sslcert = Some("/etc/c.pem".into());
+        pg.sslkey = Some("/etc/k.pem".into());
+        let params = pg.libpq_params();
+        assert_eq!(get(&params, "sslmode").as_deref(), Some("verify-full"));
+        assert_eq!(get(&params, "sslrootcert").as_deref(), Some("/etc/ca.pem"));
+        assert_eq!(get(&params, "sslcert").as_deref(), Some("/etc/c.pem"));
+        assert_eq!(get(&params, "sslkey").as_deref(), Some("/etc/k.pem"));
+    }
+
+    #[test]
+    fn userinfo_ends_at_the_last_at() {
+        // PostgreSQL: reserved characters in the password, as they are or percent-encoded.
+        for (url, user, password, host, port, db) in [
+            (
+                "postgres://u:p@ss/w:rd@host/db",
+                "u",
+                "p@ss/w:rd",
+                "host",
+                None,
+                "db",
+            ),
+            (
+                "postgres://u:pa/ss@h:5433/db",
+                "u",
+                "pa/ss",
+                "h",
+                Some(5433),
+                "db",
+            ),
+            ("postgres://u:p%2Fss@h/db", "u", "p/ss", "h", None, "db"),
+            ("postgres://u:a?b#c@h/db", "u", "a?b#c", "h", None, "db"),
+            ("postgres://u:%40%3A@h/db", "u", "@:", "h", None, "db"),
+            (
+                "postgresql://u:p:q@[::1]:6000/db",
+                "u",
+                "p:q",
+                "::1",
+                Some(6000),
+                "db",
+            ),
+            (
+                "postgres://u%3Ax:pw@[2001:db8::7]/d%40b",
+                "u:x",
+                "pw",
+                "2001:db8::7",
+                None,
+                "d@b",
+            ),
+        ] {
+            let p = parse_pg_url(url).unwrap_or_else(|e| panic!("{url}: {e}"));
+            assert_eq!(p.user.as_deref(), Some(user), "{url}");
+            assert_eq!(
+                p.password.as_ref().map(Secret::expose),
+                Some(password),
+                "{url}"
+            );
+            assert_eq!(p.host.as_deref(), Some(host), "{url}");
+            assert_eq!(p.port, port, "{url}");
+            assert_eq!(p.dbname.as_deref(), Some(db), "{url}");
+        }
+        let p = parse_pg_url(
+            "postgres://u:p/w@h/db?sslmode=verify-full&sslrootcert=/etc/ca%20x.pem\
+             &sslcert=c.pem&sslkey=k.pem",
+        )
+        .unwrap();
+        assert_eq!(p.sslmode, Some(SslMode::VerifyFull));
+        assert_eq!(p.sslrootcert, Some(PathBuf::from("/etc/ca x.pem")));
+        assert_eq!(p.sslcert, Some(PathBuf::from("c.pem")));
+        assert_eq!(p.sslkey, Some(PathBuf::from("k.pem")));
+
+        // NATS: the same rule; the client gets the URL without user info.
+        for (url, server, creds) in [
+            (
+                "nats://user:pa/ss@host:4222",
+                "nats://host:4222",
+                Some(UrlCredentials::UserPassword(
+                    "user".into(),
+                    Secret::new("pa/ss"),
+                )),
+            ),
+            (
+                "nats://user:p%2Fss@host",
+                "nats://host",
+                Some(UrlCredentials::UserPassword(
+                    "user".into(),
+                    Secret::new("p/ss"),
+                )),
+            ),
+            (
+                "tls://u:a@b?c#d@[::1]:4443",
+                "tls://[::1]:4443",
+                Some(UrlCredentials::UserPassword(
+                    "u".into(),
+                    Secret::new("a@b?c#d"),
+                )),
+            ),
+            (
+                "s3cr%2Ft@host:4222",
+                "nats://host:4222",
+                Some(UrlCredentials::Token(Secret::new("s3cr/t"))),
+            ),
+            ("NATS://host", "nats://host", None),
+            ("wss://host:443/ws", "wss://host:443/ws", None),
+            ("[fe80::1]", "nats://[fe80::1]", None),
+        ] {
+            let u = parse_nats_url(url).unwrap_or_else(|e| panic!("{url}: {e}"));
+            assert_eq!(u.server, server, "{url}");
+            assert_eq!(u.credentials, creds, "{url}");
+        }
+        assert!(parse_nats_url("localhost").unwrap().is_loopback());
+        assert!(parse_nats_url("nats://127.0.0.2:4222")
+            .unwrap()
+            .is_loopback());
+        assert!(parse_nats_url("tls://[::1]").unwrap().is_loopback());
+        assert!(!parse_nats_url("nats://10.0.0.1").unwrap().is_loopback());
+    }
+
+    #[test]
+    fn redaction_hides_all_user_info() {
+        for (url, shown) in [
+            ("nats://user:pa/ss@host:4222", "nats://***@host:4222"),
+            ("nats://u:p@ss/w@host", "nats://***@host"),
+            ("tok@host", "***@host"),
+            ("nats://host:4222", "nats://host:4222"),
+            ("postgres://u:p/w@h/db?x=1", "postgres://***@h/db?x=1"),
+        ] {
+            assert_eq!(redact_url_userinfo(url), shown, "{url}");
+        }
+    }
+
+    #[test]
+    fn bad_nats_urls_never_echo_secrets() {
+        for (url, expect) in [
+            ("http://u:s3cret@h:4222", "scheme 'http'"),
+            ("nats://u:s3cret", "port"),
+            ("u:s3cret", "port"),
+            ("nats://u:s3cret@", "no host"),
+            ("nats://u:s3cret@h:0", "port"),
+            ("nats://u:s3cret@h:99999", "port"),
+            ("nats://u:s3cret%zz@h", "percent-escape"),
+            ("nats://:s3cret@h", "no user name"),
+            ("nats://u:s3cret@[::1", "IPv6"),
+            ("u:s3cret://h", "scheme is not"),
+            ("nats://u:s3cret@h:1:2", "host"),
+        ] {
+            let c = Config {
+                nats: NatsConfig {
+                    urls: vec!["nats://ok:4222".into(), url.into()],
+                    ..NatsConfig::default()
+                },
+                ..Config::default()
+            };
+            let err = c.validate().unwrap_err();
+            let msg = err.to_string();
+            assert!(
+                matches!(
+                    err,
+                    ConfigError::Url {
+                        field: "nats.urls",
+                        ..
+                    }
+                ),
+                "{msg}"
+            );
+            assert!(msg.contains(expect), "{url}: {msg}");
+            assert!(msg.contains("server 2 of 2"), "{url}: {msg}");
+            assert!(!msg.contains("s3cret"), "{url}: {msg}");
+        }
+    }
+
+    #[test]
+    fn nats_auth_is_one_method() {
+        let with = |f: &dyn Fn(&mut NatsConfig)| {
+            let mut n = NatsConfig::default();
+            f(&mut n);
+            n
+        };
+        let seed = nkeys::KeyPair::new_user().seed().unwrap();
+        let n = with(&|n| n.urls = vec!["nats://u:p/w@h".into(), "nats://u:p%2Fw@h2".into()]);
+        assert_eq!(
+            n.auth().unwrap(),
+            NatsAuth::UserPassword {
+                user: "u".into(),
+                password: Secret::new("p/w")
+            }
+        );
+        n.validate().unwrap();
+        let n = with(&|n| n.nkey_seed = Some(Secret::new(seed.clone())));
+        assert_eq!(
+            n.auth().unwrap(),
+            NatsAuth::NkeySeed(Secret::new(seed.clone()))
+        );
+        n.validate().unwrap();
+        assert_eq!(NatsConfig::default().auth().unwrap(), NatsAuth::None);
+
+        for (n, field, needle) in [
+            (
+                with(&|n| n.urls = vec!["nats://a:1@h".into(), "nats://b:2@h2".into()]),
+                "nats.urls",
+                "different credentials",
+            ),
+            (
+                with(&|n| {
+                    n.urls = vec!["nats://a:1@h".into()];
+                    n.token = Some(Secret::new("t"));
+                }),
+                "nats.token",
+                "only one",
+            ),
+            (
+                with(&|n| {
+                    n.nkey_seed = Some(Secret::new(seed.clone()));
+                    n.user = Some("u".into());
+                    n.password = Some(Secret::new("p"));
+                }),
+                "nats.nkey_seed",
+                "only one",
+            ),
+            (
+                with(&|n| n.nkey_seed = Some(Secret::new("SUbogusseed"))),
+                "nats.nkey_seed",
+                "not a valid",
+            ),
+            (
+                with(&|n| n.nkey_seed = Some(Secret::new("not-a-seed"))),
+                "nats.nkey_seed",
+                "start with SU",
+            ),
+            (
+                with(&|n| n.nkey_file = Some("/nonexistent/u.nk".into())),
+                "nats.nkey_file",
+                "does not exist",
+            ),
+            (
+                with(&|n| n.tls_ca_file = Some("/nonexistent/ca.pem".into())),
+                "nats.tls_ca_file",
+                "does not exist",
+            ),
+            (
+                with(&|n| n.tls_cert_file = Some("/nonexistent/c.pem".into())),
+                "nats.tls_cert_file",
+                "does not exist",
+            ),
+        ] {
+            let err = n.validate().unwrap_err();
+            let msg = err.to_string();
+            assert!(
+                matches!(&err, ConfigError::Invalid { field: f, .. } if *f == field),
+                "{field}: {msg}"
+            );
+            assert!(msg.contains(needle), "{field}: {msg}");
+            assert!(!msg.contains(&seed), "{msg}");
+        }
+        // A certificate needs its key.
+        let tmp = temp_file("cert.pem", "x");
+        let n = with(&|n| n.tls_cert_file = Some(tmp.path.clone()));
+        assert!(n
+            .validate()
+            .unwrap_err()
+            .to_string()
+            .contains("nats.tls_key_file"));
+        let mut pg = PgConfig {
+            sslkey: Some(tmp.path.clone()),
+            ..PgConfig::default()
+        };
+        assert!(pg
+            .validate()
+            .unwrap_err()
+            .to_string()
+            .starts_with("invalid postgres.sslcert"));
+        pg.sslcert = Some(tmp.path.clone());
+        pg.sslrootcert = Some("system".into());
+        pg.validate().unwrap();
+        pg.sslrootcert = Some("/nonexistent/root.crt".into());
+        assert!(pg
+            .validate()
+            .unwrap_err()
+            .to_string()
+            .contains("does not exist"));
+    }
+
+    #[test]
+    fn tls_required_and_plaintext_warning() {
+        let n = |urls: &[&str], f: &dyn Fn(&mut NatsConfig)| {
+            let mut n = NatsConfig {
+                urls: urls.iter().map(|u| u.to_string()).collect(),
+                ..NatsConfig::default()
+            };
+            f(&mut n);
+            n
+        };
+        assert!(!n(&["nats://h"], &|_| {}).requires_tls());
+        assert!(n(&["nats://h", "TLS://h2"], &|_| {}).requires_tls());
+        assert!(n(&["h"], &|n| n.tls_required = true).requires_tls());
+        assert!(n(&["h"], &|n| n.tls_ca_file = Some("ca".into())).requires_tls());
+
+        let creds = |n: &mut NatsConfig| {
+            n.user = Some("u".into());
+            n.password = Some(Secret::new("pw-secret"));
+        };
+        let w = n(&["nats://localhost", "nats://db.example:4222"], &creds)
+            .plaintext_credentials_warning()
+            .expect("warns");
+        assert!(
+            w.contains("nats://db.example:4222") && w.contains("(user)"),
+            "{w}"
+        );
+        assert!(!w.contains("localhost") && !w.contains("pw-secret"), "{w}");
+        let w = n(&["nats://tok-secret@10.1.2.3"], &|_| {})
+            .plaintext_credentials_warning()
+            .expect("warns");
+        assert!(w.contains("(token)") && !w.contains("tok-secret"), "{w}");
+        // No credentials, loopback only, TLS required or wss: no warning.
+        assert_eq!(
+            n(&["nats://db.example"], &|_| {}).plaintext_credentials_warning(),
+            None
+        );
+        assert_eq!(
+            n(&["nats://127.0.0.1", "[::1]:4222"], &creds).plaintext_credentials_warning(),
+            None
+        );
+        assert_eq!(
+            n(&["tls://db.example"], &creds).plaintext_credentials_warning(),
+            None
+        );
+        assert_eq!(
+            n(&["wss://db.example"], &creds).plaintext_credentials_warning(),
+            None
+        );
+        assert_eq!(
+            n(&["nats://db.example"], &|n| {
+                creds(n);
+                n.tls_required = true;
+            })
+            .plaintext_credentials_warning(),
+            None
+        );
     }
 
     #[test]

@@ -55,6 +55,7 @@ fn main() -> ExitCode {
                 eprintln!("bridge: cannot install signal handlers: {err}");
                 return ExitCode::from(EXIT_FAILURE);
             }
+            warn_plaintext_credentials(&config);
             let options = MirrorOptions {
                 durable: args
                     .durable
@@ -89,6 +90,7 @@ fn main() -> ExitCode {
                 env!("CARGO_PKG_VERSION"),
                 config.summary()
             );
+            warn_plaintext_credentials(&config);
             let code = pgbridge_run(config, shutdown);
             ExitCode::from(u8::try_from(code).unwrap_or(EXIT_FAILURE))
         }
@@ -96,6 +98,13 @@ fn main() -> ExitCode {
 }
 
 /// Help and version go to stdout with exit 0; anything else is one line on stderr and exit 2.
+/// Credentials over plain text to a remote NATS server are worth a warning at every start.
+fn warn_plaintext_credentials(config: &Config) {
+    if let Some(warning) = config.nats.plaintext_credentials_warning() {
+        log::warn!("{warning}");
+    }
+}
+
 fn usage_exit(err: &clap::Error) -> ExitCode {
     match err.kind() {
         ErrorKind::DisplayHelp

@@ -352,3 +352,98 @@ fn mirror_usage_and_unreachable_nats_are_one_line_errors() {
     assert!(line.contains("--nats-url"), "{line}");
     assert!(!db.exists());
 }
+
+/// Bad URLs that carry a password, through every error path a URL can take: `check-config`,
+/// a start and `bridge mirror` all refuse them in one line that never shows the secret.
+#[test]
+fn secret_bearing_bad_urls_never_print_the_secret() {
+    let pg_urls = [
+        "postgres://u:pg-s3cret@h:notaport/db",
+        "postgres://u:pg-s3cret@h:0/db",
+        "postgres://u:pg-s3cret",
+        "mysql://u:pg-s3cret@h/db",
+        "postgres://u:pg-s3cret%zz@h/db",
+        "postgres://u:pg-s3cret@h/db?password",
+        "postgres://u:pg-s3cret@h/db?sslmode=sometimes",
+        "postgres://u:pg-s3cret@h1,h2/db",
+        "postgres://u:pg-s3cret@[::1/db",
+        "postgres://u:pg/s3cret@h/db?sslrootcert=/nonexistent/ca.pem",
+    ];
+    let nats_urls = [
+        "nats://u:n-s3cret",
+        "u:n-s3cret",
+        "nats://u:n/s3cret@h:0",
+        "nats://u:n-s3cret@h:99999",
+        "http://u:n-s3cret@h",
+        "u:n-s3cret://h",
+        "nats://u:n-s3cret%zz@h",
+        "nats://:n-s3cret@h",
+        "nats://u:n-s3cret@",
+        "nats://u:n-s3cret@[::1",
+        "nats://a:n-s3cret@h1,nats://b:other-s3cret@h2",
+    ];
+    let mut cases: Vec<Vec<(&str, &str)>> = Vec::new();
+    for url in pg_urls {
+        cases.push(vec![("PG_URL", url)]);
+    }
+    for url in nats_urls {
+        cases.push(vec![("NATS_URL", url)]);
+    }
+    // Two authentication methods, one of them in the URL.
+    cases.push(vec![
+        ("NATS_URL", "nats://u:n-s3cret@h"),
+        ("NATS_BRIDGE_TOKEN", "tok-s3cret"),
+    ]);
+    for env in cases {
+        let mut env = env.clone();
+        env.push(("RUST_LOG", "trace"));
+        for args in [&["check-config"][..], &[][..]] {
+            let out = bridge(args, &env);
+            let line = assert_one_line_error(&out, "bridge: configuration error: invalid");
+            assert!(!line.contains("s3cret"), "{env:?} {args:?}: {line}");
+            assert!(
+                line.contains("invalid postgres.") || line.contains("invalid nats."),
+                "{line}"
+            );
+        }
+        let out = bridge(&["mirror", "--db", "/nonexistent/m.sqlite"], &env);
+        let line = assert_one_line_error(&out, "bridge: configuration error: invalid");
+        assert!(!line.contains("s3cret"), "{env:?} mirror: {line}");
+    }
+}
+
+/// Reserved characters in passwords, unescaped: accepted, used, and never printed.
+#[test]
+fn passwords_with_reserved_characters_are_accepted_and_hidden() {
+    let env = [
+        (
+            "PG_URL",
+            "postgres://reader:p@ss/w0rd?s3cret@db.internal:6543/app",
+        ),
+        ("NATS_URL", "nats://bridge:na/ts#s3cret@nats.internal:4222"),
+        ("RUST_LOG", "trace"),
+    ];
+    let out = bridge(&["check-config"], &env);
+    assert_eq!(out.status.code(), Some(0), "stderr: {}", stderr(&out));
+    let all = format!("{}{}", stdout(&out), stderr(&out));
+    assert!(!all.contains("s3cret"), "a secret leaked: {all}");
+    let c: toml::Table = stdout(&out).parse().unwrap();
+    assert_eq!(get(&c, "postgres", "host").as_str(), Some("db.internal"));
+    assert_eq!(get(&c, "postgres", "user").as_str(), Some("reader"));
+    assert_eq!(get(&c, "postgres", "password").as_str(), Some("***"));
+    assert_eq!(
+        c["nats"]["urls"].as_array().unwrap()[0].as_str(),
+        Some("nats://***@nats.internal:4222")
+    );
+
+    // A start logs its configuration, the plain-text warning and its retries: no secret.
+    let (code, all) = run_until_retry(&env);
+    assert_eq!(code, Some(0), "{all}");
+    assert!(!all.contains("s3cret"), "a secret leaked: {all}");
+    assert!(
+        all.contains(
+            "NATS credentials (user) would travel unencrypted to nats://nats.internal:4222"
+        ),
+        "{all}"
+    );
+}

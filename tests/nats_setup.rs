@@ -67,6 +67,13 @@ async fn streams_are_created_with_the_design_settings_and_reused() {
         .expect("ensure_streams");
     assert_eq!(info.created, vec!["CDC".to_owned(), "INIT".to_owned()]);
     assert_eq!(info.warnings, vec![]);
+    // A single server: the CDC stream has one replica, which a host crash can cost data.
+    assert_eq!(
+        info.durability,
+        vec![StreamWarning::SingleReplica {
+            stream: "CDC".into()
+        }]
+    );
     assert_eq!(info.cdc_last_sequence, 0);
 
     let mut cdc = js.get_stream("CDC").await.expect("CDC exists");
@@ -256,6 +263,37 @@ async fn user_and_password_are_used_and_a_wrong_one_is_an_authentication_error()
         assert!(!text.contains("wrong-password"), "{text}");
         assert!(!format!("{err:?}").contains(PASSWORD));
     }
+}
+
+/// Credentials written in the URL authenticate (the client itself would ignore them), also
+/// with reserved characters in the password, unescaped or percent-encoded.
+#[tokio::test(flavor = "current_thread")]
+async fn credentials_in_the_url_authenticate_with_reserved_characters() {
+    const PASSWORD: &str = "pa/ss@w?rd#1";
+    let nats = NatsServer::start_with_args(&["--user", "bridge", "--pass", PASSWORD]);
+    let port = nats.port();
+    for url in [
+        format!("nats://bridge:{PASSWORD}@127.0.0.1:{port}"),
+        format!("nats://bridge:pa%2Fss%40w%3Frd%231@127.0.0.1:{port}"),
+        format!("bridge:{PASSWORD}@127.0.0.1:{port}"),
+    ] {
+        let config = nats_config(url);
+        config.validate().expect("valid");
+        let (client, _) = bounded("connect", sink::connect(&config, CONNECTION_NAME))
+            .await
+            .expect("the URL's credentials connect");
+        sink::check_jetstream(&jetstream::new(client))
+            .await
+            .expect("JetStream answers");
+    }
+    let config = nats_config(format!("nats://bridge:pa/ss-wrong@127.0.0.1:{port}"));
+    let err = bounded("connect", sink::connect(&config, CONNECTION_NAME))
+        .await
+        .expect_err("a wrong password is refused");
+    assert!(matches!(err, NatsError::Authentication { .. }), "{err:?}");
+    let text = format!("{err} {err:?}");
+    assert!(!text.contains("pa/ss-wrong"), "{text}");
+    assert!(text.contains("nats://***@127.0.0.1"), "{text}");
 }
 
 #[tokio::test(flavor = "current_thread")]

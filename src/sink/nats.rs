@@ -22,7 +22,7 @@ use async_nats::jetstream::stream::{self, DiscardPolicy, RetentionPolicy, Storag
 use async_nats::jetstream::{self, ErrorCode};
 use async_nats::{Client, ConnectError, ConnectErrorKind, ConnectOptions, Event};
 
-use crate::config::{NatsConfig, StreamsConfig};
+use crate::config::{check_nkey_seed, NatsAuth, NatsConfig, StreamsConfig};
 
 /// First token of every change subject (`cdc.{table}.{op}`).
 pub const CDC_SUBJECT_PREFIX: &str = "cdc";
@@ -72,7 +72,9 @@ pub enum NatsError {
     #[error(
         "NATS at {} refused the bridge's credentials ({source}): check the user and password \
          (--nats-user / NATS_BRIDGE_USER, --nats-password / NATS_BRIDGE_PASSWORD), the token \
-         (--nats-token / NATS_BRIDGE_TOKEN) or the creds file (--nats-creds / NATS_BRIDGE_CREDS)",
+         (--nats-token / NATS_BRIDGE_TOKEN), the creds file (--nats-creds / NATS_BRIDGE_CREDS), \
+         the nkey (--nats-nkey-seed / NATS_NKEY_SEED, --nats-nkey-file / NATS_NKEY_FILE) or the \
+         credentials in the URLs",
         .urls.join(", ")
     )]
     Authentication {
@@ -81,14 +83,30 @@ pub enum NatsError {
         /// What the client reported; the server's answer never echoes the secret.
         source: ConnectError,
     },
-    /// The `.creds` file could not be read or parsed.
+    /// The TLS handshake failed, or the server and the client disagree about TLS.
     #[error(
-        "cannot use NATS credentials file {}: {source}; check --nats-creds / NATS_BRIDGE_CREDS",
+        "TLS with NATS at {} failed: {source}; check that the server's certificate is signed by \
+         the CA in --nats-tls-ca-file / NATS_TLS_CA_FILE (or the system's roots) and names the \
+         host of the URL, that the client certificate (--nats-tls-cert-file, \
+         --nats-tls-key-file) is one the server accepts, and that the server has TLS enabled",
+        .urls.join(", ")
+    )]
+    Tls {
+        /// The configured servers, credentials replaced by `***`.
+        urls: Vec<String>,
+        /// The client's error.
+        source: ConnectError,
+    },
+    /// The `.creds` or NKey seed file could not be read or parsed.
+    #[error(
+        "cannot use NATS credentials file {}: {source}; check {setting}",
         path.display()
     )]
     Credentials {
         /// The configured file.
         path: PathBuf,
+        /// The setting naming it.
+        setting: &'static str,
         /// Why it could not be used.
         source: std::io::Error,
     },
@@ -143,7 +161,10 @@ impl NatsError {
             | NatsError::InvalidUrl { .. }
             | NatsError::JetStreamDisabled { .. }
             | NatsError::StreamRefused { .. } => true,
-            NatsError::Unreachable { .. } | NatsError::Request { .. } => false,
+            // A handshake can fail while the server's certificate is being replaced: retried.
+            NatsError::Unreachable { .. } | NatsError::Tls { .. } | NatsError::Request { .. } => {
+                false
+            }
         }
     }
 }
@@ -273,7 +294,8 @@ pub async fn connect(
 }
 
 /// Connects to the configured NATS servers as `name` (normally [`CONNECTION_NAME`]) with the
-/// configured credentials.
+/// configured credentials and TLS settings. Every NATS connection of the bridge (publisher,
+/// snapshot service, admin requests, `bridge mirror`) is made here, so that they all apply.
 ///
 /// The first connection is tried once over the server list, bounded by
 /// [`INITIAL_CONNECT_TIMEOUT`]; failing that the error says why ([`NatsError::Unreachable`],
@@ -285,22 +307,51 @@ pub async fn connect_with_stats(
     stats: Arc<NatsStats>,
 ) -> Result<Client, NatsError> {
     let urls = config.redacted_urls();
+    // Normally checked by the configuration already; the client gets the URLs without their
+    // user info, which it would ignore anyway, and the credentials explicitly.
+    let servers: Vec<String> = match config.servers() {
+        Ok(servers) => servers.into_iter().map(|s| s.server).collect(),
+        Err(_) => return Err(NatsError::InvalidUrl { urls }),
+    };
+    let auth = config
+        .auth()
+        .map_err(|_| NatsError::InvalidUrl { urls: urls.clone() })?;
     let mut options = ConnectOptions::new();
-    if let (Some(user), Some(password)) = (&config.user, &config.password) {
-        options = options.user_and_password(user.clone(), password.expose().to_owned());
+    match auth {
+        NatsAuth::None => {}
+        NatsAuth::UserPassword { user, password } => {
+            options = options.user_and_password(user, password.expose().to_owned());
+        }
+        NatsAuth::Token(token) => options = options.token(token.expose().to_owned()),
+        NatsAuth::CredsFile(path) => {
+            options =
+                options
+                    .credentials_file(&path)
+                    .await
+                    .map_err(|source| NatsError::Credentials {
+                        path: path.clone(),
+                        setting: "--nats-creds / NATS_BRIDGE_CREDS",
+                        source,
+                    })?;
+        }
+        NatsAuth::NkeySeed(seed) => options = options.nkey(seed.expose().to_owned()),
+        NatsAuth::NkeyFile(path) => {
+            let seed = read_nkey_file(&path).map_err(|source| NatsError::Credentials {
+                path: path.clone(),
+                setting: "--nats-nkey-file / NATS_NKEY_FILE",
+                source,
+            })?;
+            options = options.nkey(seed);
+        }
     }
-    if let Some(token) = &config.token {
-        options = options.token(token.expose().to_owned());
+    if config.requires_tls() {
+        options = options.require_tls(true);
     }
-    if let Some(path) = &config.creds_file {
-        options =
-            options
-                .credentials_file(path)
-                .await
-                .map_err(|source| NatsError::Credentials {
-                    path: path.clone(),
-                    source,
-                })?;
+    if let Some(ca) = &config.tls_ca_file {
+        options = options.add_root_certificates(ca.clone());
+    }
+    if let (Some(cert), Some(key)) = (&config.tls_cert_file, &config.tls_key_file) {
+        options = options.add_client_certificate(cert.clone(), key.clone());
     }
     let seen_connect = AtomicBool::new(false);
     let events = Arc::clone(&stats);
@@ -315,7 +366,7 @@ pub async fn connect_with_stats(
             async {}
         });
 
-    let attempt = options.connect(config.urls.as_slice());
+    let attempt = options.connect(servers.as_slice());
     let client = match tokio::time::timeout(INITIAL_CONNECT_TIMEOUT, attempt).await {
         Ok(Ok(client)) => client,
         Ok(Err(source)) => {
@@ -324,6 +375,7 @@ pub async fn connect_with_stats(
                     NatsError::Authentication { urls, source }
                 }
                 ConnectErrorKind::ServerParse => NatsError::InvalidUrl { urls },
+                _ if is_tls_failure(&source) => NatsError::Tls { urls, source },
                 _ => NatsError::Unreachable { urls, source },
             })
         }
@@ -345,6 +397,50 @@ pub async fn connect_with_stats(
         if info.jetstream { "on" } else { "off" }
     );
     Ok(client)
+}
+
+/// True when the connection failed in TLS: the client reports a refused certificate or a
+/// handshake alert as an I/O error wrapping the rustls error.
+fn is_tls_failure(error: &ConnectError) -> bool {
+    use async_nats::rustls;
+    if error.kind() == ConnectErrorKind::Tls {
+        return true;
+    }
+    let mut source = std::error::Error::source(error);
+    while let Some(e) = source {
+        if e.is::<rustls::Error>()
+            || e.downcast_ref::<std::io::Error>()
+                .and_then(|io| io.get_ref())
+                .is_some_and(|inner| inner.is::<rustls::Error>())
+        {
+            return true;
+        }
+        source = e.source();
+    }
+    false
+}
+
+/// The NKey user seed in `path`: its first line starting with `SU` (the file `nk -gen user`
+/// writes holds only that line). The error never shows the file's content.
+fn read_nkey_file(path: &std::path::Path) -> std::io::Result<String> {
+    let text = std::fs::read_to_string(path)?;
+    let seed = text
+        .lines()
+        .map(str::trim)
+        .find(|l| l.starts_with("SU"))
+        .ok_or_else(|| {
+            std::io::Error::new(
+                std::io::ErrorKind::InvalidData,
+                "no NKey user seed in it (a line starting with SU)",
+            )
+        })?;
+    check_nkey_seed(seed).map_err(|reason| {
+        std::io::Error::new(
+            std::io::ErrorKind::InvalidData,
+            format!("the seed {reason}"),
+        )
+    })?;
+    Ok(seed.to_owned())
 }
 
 /// Largest message the connected server accepts, headers included (`max_payload` of its
@@ -373,6 +469,9 @@ pub struct StreamsInfo {
     pub created: Vec<String>,
     /// Settings of the streams that break a guarantee; each was also logged as a warning.
     pub warnings: Vec<StreamWarning>,
+    /// Durability limits that hold for the default set-up too (a single-replica CDC stream,
+    /// see [`durability_warnings`]); logged as warnings, kept apart from `warnings`.
+    pub durability: Vec<StreamWarning>,
 }
 
 /// A stream setting that breaks one of the bridge's guarantees. The stream is used as it is;
@@ -435,6 +534,12 @@ pub enum StreamWarning {
         /// Stream name.
         stream: String,
     },
+    /// One replica on file storage: a PubAck does not mean the message is on disk unless the
+    /// server syncs every write, which a client cannot see.
+    SingleReplica {
+        /// Stream name.
+        stream: String,
+    },
 }
 
 impl StreamWarning {
@@ -448,7 +553,8 @@ impl StreamWarning {
             | StreamWarning::DiscardNewWithLimits { stream }
             | StreamWarning::PerSubjectLimit { stream, .. }
             | StreamWarning::NotLimitsRetention { stream, .. }
-            | StreamWarning::NoAck { stream } => stream,
+            | StreamWarning::NoAck { stream }
+            | StreamWarning::SingleReplica { stream } => stream,
         }
     }
 }
@@ -524,6 +630,15 @@ impl fmt::Display for StreamWarning {
                 f,
                 "stream '{stream}' uses {retention} retention: messages are removed once \
                  consumed, so later consumers cannot bootstrap; recreate it with limits retention"
+            ),
+            StreamWarning::SingleReplica { stream } => write!(
+                f,
+                "stream '{stream}' has a single replica: unless nats-server syncs every write \
+                 (jetstream {{ sync_interval: always }}), acknowledged changes stay in the OS \
+                 cache for up to 2 minutes, and a crash of the NATS host (not just of the \
+                 process) can lose changes PostgreSQL has already released; set sync_interval: \
+                 always or use a 3-replica stream on a cluster (nats stream edit {stream} \
+                 --replicas 3)"
             ),
             StreamWarning::NoAck { stream } => write!(
                 f,
@@ -639,7 +754,8 @@ pub async fn ensure_streams(
             duplicate_window: None,
         },
     ));
-    for w in &warnings {
+    let durability = durability_warnings(&cdc.config);
+    for w in warnings.iter().chain(&durability) {
         log::warn!("{w}");
     }
     Ok(StreamsInfo {
@@ -648,7 +764,21 @@ pub async fn ensure_streams(
         init,
         created,
         warnings,
+        durability,
     })
+}
+
+/// [`StreamWarning::SingleReplica`] for a CDC stream with one replica on file storage (memory
+/// storage has its own warning). The server's `sync_interval` is not visible to a client (only
+/// to its monitoring port or the system account), so the warning says "unless".
+pub fn durability_warnings(cdc: &stream::Config) -> Vec<StreamWarning> {
+    if cdc.storage == StorageType::File && cdc.num_replicas <= 1 {
+        vec![StreamWarning::SingleReplica {
+            stream: cdc.name.clone(),
+        }]
+    } else {
+        Vec::new()
+    }
 }
 
 /// The last sequence of stream `name` (0 when empty), e.g. a snapshot's `cdc_stream_seq`.
@@ -998,6 +1128,32 @@ mod tests {
                 stream: "CDC".into()
             }]
         );
+    }
+
+    #[test]
+    fn single_replica_file_stream_gets_the_durability_warning() {
+        let mut config = cdc_stream_config(&StreamsConfig::default());
+        // The server's default for a stream created without a replica count is 1.
+        assert!(config.num_replicas <= 1);
+        let w = durability_warnings(&config);
+        assert_eq!(
+            w,
+            vec![StreamWarning::SingleReplica {
+                stream: "CDC".into()
+            }]
+        );
+        let text = w[0].to_string();
+        assert!(
+            text.contains("unless nats-server syncs every write")
+                && text.contains("sync_interval: always")
+                && text.contains("--replicas 3"),
+            "{text}"
+        );
+        config.num_replicas = 3;
+        assert_eq!(durability_warnings(&config), vec![]);
+        config.num_replicas = 1;
+        config.storage = StorageType::Memory;
+        assert_eq!(durability_warnings(&config), vec![]);
     }
 
     #[test]
