@@ -43,6 +43,7 @@ use rmpv::Value;
 
 use crate::config::Config;
 use crate::pg::Lsn;
+use crate::pipeline::event::parse_message_id;
 use crate::shutdown::Shutdown;
 use crate::sink::nats::{connect, NatsError, CDC_SUBJECT_PREFIX, INIT_SUBJECT_PREFIX};
 use crate::sink::schemas::{schema_key, SCHEMAS_BUCKET};
@@ -970,8 +971,7 @@ impl Mirror {
                 let id_lsn = m
                     .headers
                     .get(async_nats::header::NATS_MESSAGE_ID)
-                    .and_then(|v| v.as_str().rsplit_once('-').map(|(l, _)| l.to_owned()))
-                    .and_then(|l| l.parse::<Lsn>().ok());
+                    .and_then(|v| parse_message_id(v.as_str()).map(|id| id.commit_lsn));
                 let marked = m
                     .headers
                     .get(crate::sink::encode::LAST_IN_TX_HEADER)

@@ -129,6 +129,36 @@ pub fn message_id(prefix: &str, timeline: u32, commit_lsn: Lsn, seq: u32) -> Str
     id
 }
 
+/// The parts of a message id written by [`message_id`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct MessageIdParts<'a> {
+    /// The namespace.
+    pub namespace: &'a str,
+    /// The timeline of the commit.
+    pub timeline: u32,
+    /// The transaction's commit position.
+    pub commit_lsn: Lsn,
+    /// The change's ordinal in its transaction.
+    pub seq: u32,
+}
+
+/// Reads a message id `{namespace}:{timeline}:{commit_lsn}-{seq}`; `None` for anything else
+/// (for example another writer's id).
+pub fn parse_message_id(id: &str) -> Option<MessageIdParts<'_>> {
+    let (rest, seq) = id.rsplit_once('-')?;
+    let (rest, lsn) = rest.rsplit_once(':')?;
+    let (namespace, timeline) = rest.rsplit_once(':')?;
+    if namespace.is_empty() {
+        return None;
+    }
+    Some(MessageIdParts {
+        namespace,
+        timeline: timeline.parse().ok()?,
+        commit_lsn: lsn.parse().ok()?,
+        seq: seq.parse().ok()?,
+    })
+}
+
 /// Appends `v` in uppercase hex without leading zeros, as [`Lsn`]'s `Display` writes each half.
 fn push_hex(out: &mut String, v: u32) {
     const HEX: &[u8; 16] = b"0123456789ABCDEF";
@@ -188,5 +218,30 @@ mod tests {
             ev(0x100, 1, 0).message_id(&prefix),
             ev(0x100, 1, 0).message_id(&id_prefix("other"))
         );
+    }
+
+    #[test]
+    fn message_ids_read_back() {
+        let id = message_id(&id_prefix("3f9a1c2e"), 2, Lsn(0x1_0025_CB5E8), 17);
+        assert_eq!(
+            parse_message_id(&id),
+            Some(MessageIdParts {
+                namespace: "3f9a1c2e",
+                timeline: 2,
+                commit_lsn: Lsn(0x1_0025_CB5E8),
+                seq: 17,
+            })
+        );
+        for other in [
+            "",
+            "0/25CB5E8-0",
+            ":1:0/1-0",
+            "ns:x:0/1-0",
+            "ns:1:zz-0",
+            "ns:1:0/1-",
+            "a-b",
+        ] {
+            assert_eq!(parse_message_id(other), None, "{other}");
+        }
     }
 }

@@ -847,20 +847,14 @@ pub struct StoredMessage {
 /// anything else.
 #[allow(dead_code)]
 pub fn split_msg_id(id: &str) -> (String, u32, pgbridge::pg::Lsn, u32) {
-    let bad =
-        || panic!("message id {id:?} is not {{namespace}}:{{timeline}}:{{commit_lsn}}-{{seq}}");
-    let mut parts = id.splitn(3, ':');
-    let (Some(ns), Some(tl), Some(rest)) = (parts.next(), parts.next(), parts.next()) else {
-        bad()
-    };
-    let Some((lsn, seq)) = rest.rsplit_once('-') else {
-        bad()
-    };
+    let parts = pgbridge::pipeline::event::parse_message_id(id).unwrap_or_else(|| {
+        panic!("message id {id:?} is not {{namespace}}:{{timeline}}:{{commit_lsn}}-{{seq}}")
+    });
     (
-        ns.to_string(),
-        tl.parse().unwrap_or_else(|_| bad()),
-        lsn.parse().unwrap_or_else(|_| bad()),
-        seq.parse().unwrap_or_else(|_| bad()),
+        parts.namespace.to_string(),
+        parts.timeline,
+        parts.commit_lsn,
+        parts.seq,
     )
 }
 
