@@ -222,13 +222,13 @@ mod tests {
 
     #[test]
     fn message_ids_read_back() {
-        let id = message_id(&id_prefix("3f9a1c2e"), 2, Lsn(0x1_0025_CB5E8), 17);
+        let id = message_id(&id_prefix("3f9a1c2e"), 2, Lsn(0x10_025C_B5E8), 17);
         assert_eq!(
             parse_message_id(&id),
             Some(MessageIdParts {
                 namespace: "3f9a1c2e",
                 timeline: 2,
-                commit_lsn: Lsn(0x1_0025_CB5E8),
+                commit_lsn: Lsn(0x10_025C_B5E8),
                 seq: 17,
             })
         );
