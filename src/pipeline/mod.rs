@@ -517,17 +517,18 @@ fn spawn_snapshot_service(
                 let js = async_nats::jetstream::context::ContextBuilder::new()
                     .timeout(crate::sink::publisher::ACK_TIMEOUT)
                     .build(client.clone());
-                let schemas = match crate::sink::schemas::open_bucket(&js).await {
-                    Ok(store) => Some(crate::sink::schemas::SchemaWriter::new(
-                        store,
-                        config.replication.format,
-                        config.postgres.libpq_params(),
-                    )),
-                    Err(e) => {
-                        log::error!("schemas unavailable: {e}");
-                        None
-                    }
-                };
+                let schemas =
+                    match crate::sink::schemas::open_bucket(&js, config.streams.replicas).await {
+                        Ok(store) => Some(crate::sink::schemas::SchemaWriter::new(
+                            store,
+                            config.replication.format,
+                            config.postgres.libpq_params(),
+                        )),
+                        Err(e) => {
+                            log::error!("schemas unavailable: {e}");
+                            None
+                        }
+                    };
                 let service = crate::sink::snapshot::SnapshotService::new(
                     &config,
                     js,
