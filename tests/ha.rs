@@ -143,6 +143,31 @@ fn the_standby_takes_over_when_the_active_bridge_is_killed() {
         });
     }
 
+    // The standby restarted with its own state file (behind the slot, which the active one
+    // moved on): it waits again and does not disturb the active one.
+    let standby = 1 - active(&places);
+    let n = stream_len(&nats, "CDC");
+    assert_eq!(places[standby].bridge.terminate(WAIT), Some(0));
+    let port = free_port();
+    places[standby].bridge = spawn_bridge(pg, &nats, places[standby].state.path(), port);
+    places[standby].port = port;
+    places[standby].bridge.wait_for_line(STANDBY, WAIT);
+    wait_for("progress after the standby's restart", WAIT, || {
+        (stream_len(&nats, "CDC") > n + 300).then_some(())
+    });
+    assert_eq!(
+        active(&places),
+        1 - standby,
+        "the active bridge kept the slot"
+    );
+    eprintln!(
+        "restarted standby warned that the slot is ahead of its state file: {}",
+        places[standby]
+            .bridge
+            .log()
+            .contains("without being stored")
+    );
+
     let rows = load.stop();
     wait_caught_up(pg, "cdc_slot", WAIT);
     wait_for(&format!("{rows} messages in CDC"), WAIT, || {

@@ -242,7 +242,7 @@ fn run_pipeline(
             log::warn!(
                 "replication slot '{}' is at {} but the last position stored in JetStream by this bridge was {} ({}): \
                  changes between the two were confirmed to PostgreSQL without being stored and may be missing from the stream \
-                 (was the slot advanced by hand, or the state file replaced?)",
+                 (was the slot advanced by hand, or the state file replaced? with a second bridge on this slot this is expected: it moved the slot)",
                 config.replication.slot,
                 slot.confirmed_flush,
                 p,
