@@ -119,6 +119,15 @@ fn r3_stream_rides_out_a_leader_loss_and_a_quorum_loss() {
     let restarted_at = Instant::now();
     cluster.start_again(first);
     cluster.start_again(second);
+    let back = wait_or_log(
+        &bridge,
+        "a leader of the CDC stream after the restart",
+        || cluster.stream_leader("CDC"),
+    );
+    eprintln!(
+        "the CDC stream has a leader ({back}) {:?} after the restart",
+        restarted_at.elapsed()
+    );
     let after = wait_progress(&cluster, moving, "progress after the nodes came back");
     eprintln!(
         "both nodes back; the stream moves again ({after} messages) {:?} after the restart",
