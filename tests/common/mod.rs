@@ -1093,10 +1093,11 @@ impl InsertLoad {
                 && txns < max_txns
             {
                 let last = next_id + txns % 3;
-                conn.execute(&format!(
-                    "INSERT INTO {table} (id) SELECT generate_series({next_id}, {last})"
-                ))
-                .unwrap_or_else(|e| panic!("load transaction {txns} failed: {e}"));
+                let inserts: String = (next_id..=last)
+                    .map(|id| format!(" INSERT INTO {table} (id) VALUES ({id});"))
+                    .collect();
+                conn.execute(&format!("BEGIN;{inserts} COMMIT;"))
+                    .unwrap_or_else(|e| panic!("load transaction {txns} failed: {e}"));
                 next_id = last + 1;
                 txns += 1;
                 counter.store(next_id - 1, Ordering::Relaxed);
