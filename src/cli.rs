@@ -649,6 +649,11 @@ pub struct StreamArgs {
           help = with_default("INIT stream retention in seconds, 0 for unlimited",
                               cfg::DEFAULT_INIT_MAX_AGE_SECS))]
     pub init_max_age_secs: Option<u64>,
+
+    /// `streams.replicas`.
+    #[arg(long, env = "BRIDGE_STREAM_REPLICAS", value_name = "N", global = true,
+          help = with_default("Replicas of the CDC and INIT streams and the schemas bucket when                                the bridge creates them (1..=5; 3 on a JetStream cluster);                                existing ones keep theirs", cfg::DEFAULT_STREAM_REPLICAS))]
+    pub stream_replicas: Option<usize>,
 }
 
 /// The value of `--stream CDC[,INIT]`.

@@ -158,6 +158,10 @@ pub const DEFAULT_CDC_MAX_AGE_SECS: u64 = 7 * 24 * 3600;
 pub const DEFAULT_CDC_DUPLICATE_WINDOW_SECS: u64 = 120;
 /// Retention of the INIT stream, in seconds (7 days).
 pub const DEFAULT_INIT_MAX_AGE_SECS: u64 = 7 * 24 * 3600;
+/// Replicas of the streams and the schemas bucket the bridge creates (1: a single server).
+pub const DEFAULT_STREAM_REPLICAS: usize = 1;
+/// JetStream's own limit on stream replicas.
+pub const MAX_STREAM_REPLICAS: usize = 5;
 
 /// PostgreSQL's identifier length limit (NAMEDATALEN - 1), in bytes.
 pub const MAX_PG_IDENTIFIER_BYTES: usize = 63;
@@ -374,6 +378,11 @@ pub const FIELD_SOURCES: &[(&str, &str, &str)] = &[
         "streams.init_max_age_secs",
         "--init-max-age-secs",
         "BRIDGE_INIT_MAX_AGE_SECS",
+    ),
+    (
+        "streams.replicas",
+        "--stream-replicas",
+        "BRIDGE_STREAM_REPLICAS",
     ),
 ];
 
@@ -1585,6 +1594,9 @@ pub struct StreamsConfig {
     pub cdc_duplicate_window_secs: u64,
     /// INIT retention, in seconds; 0 keeps messages forever.
     pub init_max_age_secs: u64,
+    /// Replicas of the CDC and INIT streams and the schemas bucket when the bridge creates
+    /// them (existing ones keep theirs).
+    pub replicas: usize,
 }
 
 impl Default for StreamsConfig {
@@ -1595,6 +1607,7 @@ impl Default for StreamsConfig {
             cdc_max_age_secs: DEFAULT_CDC_MAX_AGE_SECS,
             cdc_duplicate_window_secs: DEFAULT_CDC_DUPLICATE_WINDOW_SECS,
             init_max_age_secs: DEFAULT_INIT_MAX_AGE_SECS,
+            replicas: DEFAULT_STREAM_REPLICAS,
         }
     }
 }
@@ -1641,6 +1654,15 @@ impl StreamsConfig {
                 format!(
                     "{} is longer than streams.cdc_max_age_secs ({})",
                     self.cdc_duplicate_window_secs, self.cdc_max_age_secs
+                ),
+            ));
+        }
+        if !(1..=MAX_STREAM_REPLICAS).contains(&self.replicas) {
+            return Err(invalid(
+                "streams.replicas",
+                format!(
+                    "{} is not between 1 and {MAX_STREAM_REPLICAS}",
+                    self.replicas
                 ),
             ));
         }
@@ -1941,6 +1963,7 @@ impl RawConfig {
             &a.cdc_duplicate_window_secs,
         );
         given(&mut s.init_max_age_secs, &a.init_max_age_secs);
+        given(&mut s.replicas, &a.stream_replicas);
     }
 
     /// Expands the PostgreSQL URL and fills the remaining defaults.
@@ -2502,6 +2525,7 @@ mod tests {
             cdc_max_age_secs = 3600
             cdc_duplicate_window_secs = 60
             init_max_age_secs = 0
+            replicas = 3
             "#,
         )
         .unwrap();
@@ -2521,6 +2545,7 @@ mod tests {
         assert_eq!(c.monitor.metrics_log_interval(), None);
         assert!(c.snapshot.on_start);
         assert_eq!(c.streams.init, "BOOT");
+        assert_eq!(c.streams.replicas, 3);
     }
 
     #[test]
@@ -3324,6 +3349,16 @@ mod tests {
                 check(&|c| c.streams.cdc_max_age_secs = 60),
                 "streams.cdc_duplicate_window_secs",
                 "longer than",
+            ),
+            (
+                check(&|c| c.streams.replicas = 0),
+                "streams.replicas",
+                "not between 1 and 5",
+            ),
+            (
+                check(&|c| c.streams.replicas = 6),
+                "streams.replicas",
+                "not between 1 and 5",
             ),
             (
                 check(&|c| c.nats.urls.clear()),

@@ -817,6 +817,7 @@ fn spawn_schema_writer(
     use crate::sink::schemas::{open_bucket, SchemaWriter, SCHEMAS_BUCKET};
     let format = config.replication.format;
     let params = config.postgres.libpq_params();
+    let replicas = config.streams.replicas;
     let shutdown = shutdown.clone();
     let spawned = std::thread::Builder::new()
         .name("schemas".into())
@@ -832,7 +833,7 @@ fn spawn_schema_writer(
                 }
             };
             rt.block_on(async {
-                let mut writer = match open_bucket(&js).await {
+                let mut writer = match open_bucket(&js, replicas).await {
                     Ok(store) => SchemaWriter::new(store, format, params),
                     Err(e) => {
                         log::error!("schemas unavailable: {e}");

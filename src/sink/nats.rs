@@ -685,6 +685,7 @@ pub fn cdc_stream_config(streams: &StreamsConfig) -> stream::Config {
         discard: DiscardPolicy::Old,
         max_age: streams.cdc_max_age(),
         duplicate_window: streams.cdc_duplicate_window(),
+        num_replicas: streams.replicas,
         ..Default::default()
     }
 }
@@ -700,6 +701,7 @@ pub fn init_stream_config(streams: &StreamsConfig) -> stream::Config {
         retention: RetentionPolicy::Limits,
         discard: DiscardPolicy::Old,
         max_age: streams.init_max_age(),
+        num_replicas: streams.replicas,
         ..Default::default()
     }
 }
@@ -1024,11 +1026,18 @@ mod tests {
         assert_eq!(cdc.discard, DiscardPolicy::Old);
         assert_eq!(cdc.retention, RetentionPolicy::Limits);
         assert_eq!(cdc.duplicate_window, Duration::from_secs(120));
+        assert_eq!(cdc.num_replicas, 1);
         assert_eq!(check_stream(&cdc, &cdc_requirements()), vec![]);
         let init = init_stream_config(&streams);
         assert_eq!(init.name, "INIT");
         assert_eq!(init.subjects, vec!["init.>".to_owned()]);
         assert_eq!(init.max_age, Duration::from_secs(7 * 86_400));
+        let r3 = StreamsConfig {
+            replicas: 3,
+            ..StreamsConfig::default()
+        };
+        assert_eq!(cdc_stream_config(&r3).num_replicas, 3);
+        assert_eq!(init_stream_config(&r3).num_replicas, 3);
         let req = Requirements {
             subject: "init.>".to_owned(),
             max_age: Duration::from_secs(7 * 86_400),

@@ -50,8 +50,9 @@ pub fn schema_key(schema: &str, table: &str) -> String {
     token.replace('%', "=")
 }
 
-/// Opens the bucket, creating it when missing.
-pub async fn open_bucket(js: &Context) -> Result<Store, SchemaError> {
+/// Opens the bucket, creating it with `replicas` replicas when missing (an existing bucket
+/// keeps its own).
+pub async fn open_bucket(js: &Context, replicas: usize) -> Result<Store, SchemaError> {
     if let Ok(store) = js.get_key_value(SCHEMAS_BUCKET).await {
         return Ok(store);
     }
@@ -60,6 +61,7 @@ pub async fn open_bucket(js: &Context) -> Result<Store, SchemaError> {
         description: "pgbridge table schemas".to_string(),
         history: HISTORY,
         storage: async_nats::jetstream::stream::StorageType::File,
+        num_replicas: replicas,
         ..Default::default()
     })
     .await

@@ -1077,3 +1077,316 @@ impl TestCerts {
         self.path(name).to_str().unwrap().to_owned()
     }
 }
+
+/// A JetStream cluster of local nats-server processes (`n1`, `n2`, ...), each with its own
+/// store and a route to every other, on random loopback ports. Killed and removed on drop.
+pub struct NatsCluster {
+    dir: TempDir,
+    bin: PathBuf,
+    /// (client port, cluster port) of each node.
+    ports: Vec<(u16, u16)>,
+    children: Vec<Option<Child>>,
+}
+
+impl NatsCluster {
+    /// Starts `n` nodes and waits until each greets and answers JetStream requests (the
+    /// cluster has a meta leader).
+    pub fn start(n: usize) -> Self {
+        let ports = (0..n).map(|_| (free_port(), free_port())).collect();
+        let mut cluster = NatsCluster {
+            dir: TempDir::new("nats-cluster"),
+            bin: nats_server_bin(),
+            ports,
+            children: (0..n).map(|_| None).collect(),
+        };
+        for i in 0..n {
+            cluster.spawn(i);
+        }
+        for i in 0..n {
+            cluster.wait_ready(i);
+        }
+        cluster
+    }
+
+    /// Server name of node `i`.
+    pub fn name(&self, i: usize) -> String {
+        format!("n{}", i + 1)
+    }
+
+    /// Index of the node named `name`.
+    pub fn index_of(&self, name: &str) -> usize {
+        (0..self.ports.len())
+            .find(|&i| self.name(i) == name)
+            .unwrap_or_else(|| panic!("no node named {name}"))
+    }
+
+    /// `nats://127.0.0.1:PORT` of node `i`.
+    pub fn url(&self, i: usize) -> String {
+        format!("nats://127.0.0.1:{}", self.ports[i].0)
+    }
+
+    /// Every node's URL, comma-joined (as `NATS_URL` takes them).
+    pub fn urls(&self) -> String {
+        (0..self.ports.len())
+            .map(|i| self.url(i))
+            .collect::<Vec<_>>()
+            .join(",")
+    }
+
+    fn spawn(&mut self, i: usize) {
+        assert!(self.children[i].is_none(), "node {i} is already running");
+        let node = self.dir.path().join(self.name(i));
+        fs::create_dir_all(&node).unwrap();
+        let log = fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(node.join("nats.log"))
+            .unwrap();
+        let routes: Vec<String> = (0..self.ports.len())
+            .filter(|&j| j != i)
+            .map(|j| format!("nats://127.0.0.1:{}", self.ports[j].1))
+            .collect();
+        let child = Command::new(&self.bin)
+            .args(["-a", "127.0.0.1", "-p"])
+            .arg(self.ports[i].0.to_string())
+            .arg("-js")
+            .arg("-sd")
+            .arg(node.join("store"))
+            .args(["--name", &self.name(i), "--cluster_name", "pgbridge-test"])
+            .arg("--cluster")
+            .arg(format!("nats://127.0.0.1:{}", self.ports[i].1))
+            .arg("--routes")
+            .arg(routes.join(","))
+            .stdin(Stdio::null())
+            .stdout(log.try_clone().unwrap())
+            .stderr(log)
+            .spawn()
+            .unwrap_or_else(|e| panic!("spawn {}: {e}", self.bin.display()));
+        self.children[i] = Some(child);
+    }
+
+    /// Waits until node `i` greets with `INFO` and answers a JetStream account request.
+    fn wait_ready(&mut self, i: usize) {
+        let deadline = Instant::now() + START_TIMEOUT;
+        let url = self.url(i);
+        while Instant::now() < deadline {
+            if let Some(c) = self.children[i].as_mut() {
+                if c.try_wait().ok().flatten().is_some() {
+                    panic!("nats-server {} exited; log:\n{}", self.name(i), self.log(i));
+                }
+            }
+            if jetstream_answers(&url) {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(200));
+        }
+        panic!(
+            "nats-server {} not ready with JetStream; log:\n{}",
+            self.name(i),
+            self.log(i)
+        );
+    }
+
+    /// Kills node `i` with SIGKILL, keeping its store.
+    pub fn kill(&mut self, i: usize) {
+        if let Some(mut c) = self.children[i].take() {
+            stop_child(&mut c, libc::SIGKILL, STOP_TIMEOUT);
+        }
+    }
+
+    /// Starts node `i` again on the same ports and store; waits until it answers JetStream.
+    pub fn start_again(&mut self, i: usize) {
+        self.spawn(i);
+        self.wait_ready(i);
+    }
+
+    /// Information on `stream`, asked through each running node in turn; `None` while none
+    /// answers.
+    pub fn stream_info(&self, stream: &str) -> Option<async_nats::jetstream::stream::Info> {
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
+        let running = (0..self.ports.len()).filter(|&i| self.children[i].is_some());
+        running.map(|i| self.url(i)).find_map(|url| {
+            rt.block_on(async {
+                let work = async {
+                    let client = async_nats::connect(url.as_str()).await.ok()?;
+                    let js = async_nats::jetstream::new(client);
+                    let mut s = js.get_stream(stream).await.ok()?;
+                    s.info().await.ok().cloned()
+                };
+                tokio::time::timeout(Duration::from_secs(5), work)
+                    .await
+                    .ok()
+                    .flatten()
+            })
+        })
+    }
+
+    /// Name of the current leader of `stream` (`None` while it has none).
+    pub fn stream_leader(&self, stream: &str) -> Option<String> {
+        self.stream_info(stream)?.cluster?.leader
+    }
+
+    /// Messages in `stream` (`None` while nobody answers).
+    pub fn stream_messages(&self, stream: &str) -> Option<u64> {
+        self.stream_info(stream).map(|i| i.state.messages)
+    }
+
+    /// Node `i`'s log so far.
+    pub fn log(&self, i: usize) -> String {
+        let path = self.dir.path().join(self.name(i)).join("nats.log");
+        fs::read_to_string(path).unwrap_or_default()
+    }
+}
+
+impl Drop for NatsCluster {
+    fn drop(&mut self) {
+        for c in self.children.iter_mut() {
+            if let Some(mut c) = c.take() {
+                stop_child(&mut c, libc::SIGKILL, Duration::from_secs(10));
+            }
+        }
+    }
+}
+
+/// Whether the server at `url` answers a JetStream account request (within a few seconds).
+fn jetstream_answers(url: &str) -> bool {
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    rt.block_on(async {
+        let work = async {
+            let client = async_nats::connect(url).await.ok()?;
+            async_nats::jetstream::new(client)
+                .query_account()
+                .await
+                .ok()
+        };
+        tokio::time::timeout(Duration::from_secs(5), work)
+            .await
+            .ok()
+            .flatten()
+            .is_some()
+    })
+}
+
+/// A single writer inserting rows with increasing ids into `table (id bigint, ...)` of
+/// database `app`, a few rows per transaction, until stopped or its own bounds (time, count).
+/// One writer and increasing ids make commit order the order of the ids.
+pub struct InsertLoad {
+    stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    committed: std::sync::Arc<std::sync::atomic::AtomicU64>,
+    handle: Option<std::thread::JoinHandle<u64>>,
+}
+
+impl InsertLoad {
+    /// Starts the writer: transactions of 1–3 inserts, a few milliseconds apart.
+    pub fn start(pg: &PgServer, table: &str, max_time: Duration, max_txns: u64) -> Self {
+        use std::sync::atomic::{AtomicBool, AtomicU64};
+        let params = pg.params("app");
+        let table = table.to_owned();
+        let stop = std::sync::Arc::new(AtomicBool::new(false));
+        let committed = std::sync::Arc::new(AtomicU64::new(0));
+        let (stop_flag, counter) = (stop.clone(), committed.clone());
+        let handle = std::thread::spawn(move || {
+            let refs: Vec<(&str, &str)> = params.iter().map(|(k, v)| (*k, v.as_str())).collect();
+            let mut conn = PgConnection::connect(&refs, ConnectionKind::Normal).expect("load");
+            let started = Instant::now();
+            let (mut next_id, mut txns) = (1u64, 0u64);
+            while !stop_flag.load(Ordering::Relaxed)
+                && started.elapsed() < max_time
+                && txns < max_txns
+            {
+                let last = next_id + txns % 3;
+                let inserts: String = (next_id..=last)
+                    .map(|id| format!(" INSERT INTO {table} (id) VALUES ({id});"))
+                    .collect();
+                conn.execute(&format!("BEGIN;{inserts} COMMIT;"))
+                    .unwrap_or_else(|e| panic!("load transaction {txns} failed: {e}"));
+                next_id = last + 1;
+                txns += 1;
+                counter.store(next_id - 1, Ordering::Relaxed);
+                std::thread::sleep(Duration::from_millis(5));
+            }
+            next_id - 1
+        });
+        InsertLoad {
+            stop,
+            committed,
+            handle: Some(handle),
+        }
+    }
+
+    /// Rows committed so far (the highest id).
+    pub fn rows(&self) -> u64 {
+        self.committed.load(Ordering::Relaxed)
+    }
+
+    /// Stops the writer; the number of rows it committed (ids 1..=n).
+    pub fn stop(mut self) -> u64 {
+        self.stop.store(true, Ordering::Relaxed);
+        let handle = self.handle.take().expect("load thread");
+        handle.join().expect("load thread panicked")
+    }
+}
+
+impl Drop for InsertLoad {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::Relaxed);
+        if let Some(h) = self.handle.take() {
+            let _ = h.join();
+        }
+    }
+}
+
+/// The row ids of a stream of JSON change events (`--format json`), with their message ids,
+/// in stream order.
+pub fn json_row_ids(messages: &[StoredMessage]) -> Vec<(i64, String)> {
+    messages
+        .iter()
+        .map(|m| {
+            let v: serde_json::Value = serde_json::from_slice(&m.payload).expect("JSON event");
+            let id = v["columns"]
+                .as_array()
+                .and_then(|cols| cols.iter().find(|c| c["name"] == "id"))
+                .and_then(|c| c["value"].as_i64())
+                .unwrap_or_else(|| panic!("no integer id column in {v}"));
+            (id, m.msg_id.clone().expect("Nats-Msg-Id"))
+        })
+        .collect()
+}
+
+/// Asserts that `rows` (row id, message id, in stream order) hold ids 1..=n each exactly once,
+/// by row id and by message id, in increasing order.
+pub fn assert_once_in_order(rows: &[(i64, String)], n: u64) {
+    let ids: std::collections::HashSet<&String> = rows.iter().map(|(_, m)| m).collect();
+    assert_eq!(ids.len(), rows.len(), "a message id is stored twice");
+    for w in rows.windows(2) {
+        assert!(
+            w[0].0 < w[1].0,
+            "stream order is not commit order: row {} ({}) before row {} ({})",
+            w[0].0,
+            w[0].1,
+            w[1].0,
+            w[1].1
+        );
+    }
+    let got: Vec<i64> = rows.iter().map(|(id, _)| *id).collect();
+    let want: Vec<i64> = (1..=n as i64).collect();
+    if got != want {
+        let have: std::collections::HashSet<i64> = got.iter().copied().collect();
+        let missing: Vec<i64> = want
+            .iter()
+            .filter(|i| !have.contains(i))
+            .take(20)
+            .copied()
+            .collect();
+        panic!(
+            "stream holds {} rows, {n} committed; first missing: {missing:?}",
+            got.len()
+        );
+    }
+}
