@@ -36,9 +36,11 @@ COPY . .
 # getrandom's fallback would then need /dev/urandom; this calls the system call directly.
 ENV OPENSSL_STATIC=1 \
     RUSTFLAGS="-C target-feature=+crt-static --cfg getrandom_backend=\"linux_getrandom\""
+# Stripped (as scripts/image.sh does): the release profile's line tables are three quarters
+# of the binary and only serve profiling.
 RUN target="$(rustc -vV | sed -n 's/^host: //p')" \
     && cargo build --release --locked --target "$target" --bin bridge \
-    && cp "target/$target/release/bridge" /bridge \
+    && strip -o /bridge "target/$target/release/bridge" \
     && ldd /bridge 2>&1 | grep -q "statically linked" \
     && /bridge --version
 # The final image's files (directories, user, CA certificates): the same script as
