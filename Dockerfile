@@ -2,7 +2,10 @@
 # the unprivileged user, and two writable directories. Nothing else: no shell, no libraries.
 #
 #   docker build -t pgbridge .
-#   docker compose -f docker-compose.prod.yml up -d     (PostgreSQL, NATS and the bridge)
+#   docker compose -f deploy/docker-compose.prod.yml up -d     (PostgreSQL, NATS and the bridge)
+#
+# Without Docker, scripts/image.sh builds the same image with buildah (no daemon, no base
+# image: the same static build and deploy/rootfs.sh) and checks it.
 #
 # Static, not "binary plus shared libraries". A normal build needs libssl.so.3,
 # libcrypto.so.3, libgcc_s.so.1, libc.so.6 and ld-linux-x86-64.so.2 (ldd target/release/bridge).
@@ -16,9 +19,10 @@
 # so no NSS module is needed), streams, and answers `bridge health`. The build fails if the
 # result is not static.
 #
-# This file is not built on the development machine (no Docker engine there). Its commands are
-# the scripts' own: the packages scripts/install-deps.sh installs, and the release build of
-# scripts/dev.sh (cargo build --release --locked).
+# The development machine has no Docker engine, so this file itself is not built there. Its
+# commands are the scripts' own: the packages scripts/install-deps.sh installs, and the static
+# release build and final layout (deploy/rootfs.sh) of scripts/image.sh, which builds the same
+# image with buildah in CI and checks it (size, --version and health as 65532, streaming).
 
 FROM rust:1-bookworm AS build
 RUN apt-get update -qq \
@@ -32,18 +36,16 @@ COPY . .
 # getrandom's fallback would then need /dev/urandom; this calls the system call directly.
 ENV OPENSSL_STATIC=1 \
     RUSTFLAGS="-C target-feature=+crt-static --cfg getrandom_backend=\"linux_getrandom\""
+# Stripped (as scripts/image.sh does): the release profile's line tables are three quarters
+# of the binary and only serve profiling.
 RUN target="$(rustc -vV | sed -n 's/^host: //p')" \
     && cargo build --release --locked --target "$target" --bin bridge \
-    && cp "target/$target/release/bridge" /bridge \
+    && strip -o /bridge "target/$target/release/bridge" \
     && ldd /bridge 2>&1 | grep -q "statically linked" \
     && /bridge --version
-# The final image's files: writable state and temp directories, the user, CA certificates.
-RUN mkdir -p /rootfs/data /rootfs/tmp /rootfs/etc/ssl/certs \
-    && chmod 1777 /rootfs/tmp \
-    && chown 65532:65532 /rootfs/data \
-    && echo "nonroot:x:65532:65532:pgbridge:/data:/sbin/nologin" > /rootfs/etc/passwd \
-    && echo "nonroot:x:65532:" > /rootfs/etc/group \
-    && cp /etc/ssl/certs/ca-certificates.crt /rootfs/etc/ssl/certs/
+# The final image's files (directories, user, CA certificates): the same script as
+# scripts/image.sh runs, so the two images cannot drift.
+RUN sh deploy/rootfs.sh /rootfs
 
 FROM scratch
 COPY --from=build /rootfs/ /

@@ -1,6 +1,8 @@
 #!/usr/bin/env bash
 # The test command: installs what the tests need, then checks formatting, lints and runs
-# every test (unit tests and integration tests against real PostgreSQL and nats-server).
+# every test (unit tests and integration tests against real PostgreSQL and nats-server), the
+# alert rules' unit tests, and builds and checks the container image (scripts/image.sh; one
+# release build; SKIP_IMAGE=1 skips it for a quicker local run).
 set -euo pipefail
 root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cd "$root"
@@ -15,3 +17,12 @@ echo "== cargo clippy"
 cargo clippy --locked --all-targets -- -D warnings
 echo "== cargo test"
 cargo test --locked "$@"
+echo "== promtool test rules"
+promtool check rules deploy/prometheus/alerts.yml
+promtool test rules deploy/prometheus/alerts_test.yml
+if [ "${SKIP_IMAGE:-}" = 1 ]; then
+    echo "== scripts/image.sh skipped (SKIP_IMAGE=1)"
+else
+    echo "== scripts/image.sh"
+    ./scripts/image.sh
+fi
