@@ -485,6 +485,11 @@ impl SnapshotService {
                 }
             };
             subscribe_failed = false;
+            // Once the server has the subscription (a flush round-trips a PING after it), a
+            // request finds a responder: only then say that requests are served.
+            if let Err(e) = client.flush().await {
+                log::debug!("flush after subscribing to snapshot requests: {e}");
+            }
             log::info!(
                 "snapshot requests served on {REQUEST_PREFIX}.{{table}} (replies to {}*)",
                 self.reply_prefix
