@@ -67,7 +67,7 @@ if [ ${#missing[@]} -gt 0 ]; then apt_install "${missing[@]}"; fi
 
 # --- Rust ------------------------------------------------------------------------------------
 if ! command -v cargo >/dev/null 2>&1; then
-    say "cargo not found: install Rust 1.82 or newer (https://rustup.rs) and run this again"
+    say "cargo not found: install Rust 1.89 or newer (https://rustup.rs) and run this again"
     exit 1
 fi
 for comp in rustfmt clippy; do
