@@ -185,6 +185,11 @@ fn pg_setup(
     ) {
         log::warn!("{w}");
     }
+    for w in setup::privilege_warnings(&mut conn, &info.tables, &info.published)
+        .map_err(SetupError::Pg)?
+    {
+        log::warn!("{w}");
+    }
     let mut repl = ReplicationConnection::connect(&refs).map_err(SetupError::Pg)?;
     let slot_name = &config.replication.slot;
     let system = repl.identify_system().map_err(SetupError::Pg)?;
