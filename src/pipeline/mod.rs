@@ -624,8 +624,9 @@ fn spawn_publisher(
     let nats_config = config.nats.clone();
     let streams = config.streams.clone();
     let backoff = config.replication.reconnect_backoff();
+    let format = config.replication.format;
     let settings = PublisherSettings {
-        format: config.replication.format,
+        format,
         max_in_flight: config.replication.max_in_flight,
         max_in_flight_bytes: config.replication.max_in_flight_bytes,
         subject_prefix: nats::CDC_SUBJECT_PREFIX.to_string(),
@@ -670,7 +671,11 @@ fn spawn_publisher(
                     let js = async_nats::jetstream::context::ContextBuilder::new()
                         .timeout(crate::sink::publisher::ACK_TIMEOUT)
                         .build(client.clone());
-                    if let Err(e) = nats::ensure_streams(&js, &streams).await {
+                    let checked = match nats::ensure_streams(&js, &streams).await {
+                        Ok(info) => nats::check_stream_format(&js, &info.cdc, format).await,
+                        Err(e) => Err(e),
+                    };
+                    if let Err(e) = checked {
                         let _ = ready.send(Err(e));
                         return Ok(());
                     }
