@@ -137,6 +137,21 @@ pub struct RunSummary {
     pub durable: Lsn,
 }
 
+/// The totals of a run stopped before it streamed (shutdown during set-up or the NATS
+/// connect): the real uptime and reconnect attempts, so the summary agrees with `METRICS`.
+fn early_summary(started: Instant, telemetry: &Telemetry) -> RunSummary {
+    RunSummary {
+        wal: WalStats {
+            uptime: started.elapsed(),
+            reconnects: telemetry.wal.reconnects.load(Ordering::Relaxed),
+            ..WalStats::default()
+        },
+        published: telemetry.publisher.published.load(Ordering::Relaxed),
+        duplicates: telemetry.publisher.duplicates.load(Ordering::Relaxed),
+        durable: telemetry.durable.get(),
+    }
+}
+
 /// Sleeps up to `d`, waking early on shutdown.
 fn sleep_unless(shutdown: &Shutdown, d: Duration) {
     let deadline = Instant::now() + d;
@@ -400,7 +415,7 @@ fn run_pipeline(
         pg_setup(config, &state_path, recorded.as_ref())
     })?
     else {
-        return Ok(RunSummary::default());
+        return Ok(early_summary(started, telemetry));
     };
     let receive_timeout = config
         .replication
@@ -505,7 +520,7 @@ fn run_pipeline(
             // The publisher ended before it was ready: shutdown during connect, or a panic.
             stop_snapshots(shutdown, snapshots);
             return match publisher.join() {
-                Ok(Ok(())) => Ok(RunSummary::default()),
+                Ok(Ok(())) => Ok(early_summary(started, telemetry)),
                 Ok(Err(e)) => Err(e),
                 Err(_) => Err(RunError::Internal("the publisher thread panicked".into())),
             };
