@@ -223,10 +223,7 @@ fn mirror_scenario(format: &str) {
 
 /// Compares `mirror.py --dump` with the table, row by row.
 fn assert_mirrors_the_table(env: &TestEnv, url: &str, db: &Path) {
-    let dump = finish(
-        spawn_mirror(url, db, &["--dump"]),
-        "mirror.py --dump",
-    );
+    let dump = finish(spawn_mirror(url, db, &["--dump"]), "mirror.py --dump");
     let mirrored: Vec<Value> = dump
         .lines()
         .map(|l| serde_json::from_str(l).expect("a JSON line"))
