@@ -6,8 +6,8 @@
 #   scripts/dev.sh psql [psql args]    a psql shell on the demo database as the superuser
 #   scripts/dev.sh stop                stop the bridge and the servers (data stays in .dev/)
 #   scripts/dev.sh clean               stop everything and delete .dev/pg, .dev/nats and the
-#                                      bridge's state (a new cluster must not resume from the
-#                                      old one's position)
+#                                      bridge's state file, spool and pid file (a new cluster
+#                                      must not resume from the old one's position)
 #
 # Ports: DEV_PG_PORT (default 54320), DEV_NATS_PORT (default 42220), loopback only.
 # The binary is built into ${CARGO_TARGET_DIR:-target}/release/bridge.
