@@ -3,13 +3,14 @@
 # under .dev/ and installed first if missing. Safe to run again: what is running stays running.
 #
 #   scripts/dev.sh [bridge flags...]   start the servers (if needed) and run the bridge
-#   scripts/dev.sh psql                a psql shell on the demo database as the superuser
+#   scripts/dev.sh psql [psql args]    a psql shell on the demo database as the superuser
 #   scripts/dev.sh stop                stop the bridge and the servers (data stays in .dev/)
 #   scripts/dev.sh clean               stop everything and delete .dev/pg, .dev/nats and the
-#                                      bridge's state (a new cluster must not resume from the
-#                                      old one's position)
+#                                      bridge's state file, spool and pid file (a new cluster
+#                                      must not resume from the old one's position)
 #
 # Ports: DEV_PG_PORT (default 54320), DEV_NATS_PORT (default 42220), loopback only.
+# The binary is built into ${CARGO_TARGET_DIR:-target}/release/bridge.
 set -euo pipefail
 root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cd "$root"
@@ -22,6 +23,11 @@ natsdir="$dev/nats"
 bridge_pid="$dev/bridge.pid"
 bridge_state="$dev/bridge.lsn"
 bridge_tmp="$dev/tmp"
+# cargo's target directory; a relative CARGO_TARGET_DIR is relative to the repository root,
+# where cargo runs.
+target_dir="${CARGO_TARGET_DIR:-target}"
+case "$target_dir" in /*) ;; *) target_dir="$root/$target_dir" ;; esac
+bridge_bin="$target_dir/release/bridge"
 db=app
 su_password=dev_superuser
 reader_password=dev_reader
@@ -34,13 +40,14 @@ as_pg() {
 }
 
 # True when the pid file names a running bridge of this checkout (the file may be stale and
-# its number reused by another process).
+# its number reused by another process). Told by its state file, which is this checkout's
+# whatever CARGO_TARGET_DIR was when it started.
 bridge_running() {
     [ -f "$bridge_pid" ] || return 1
     local pid
     pid="$(cat "$bridge_pid")"
     kill -0 "$pid" 2>/dev/null &&
-        tr '\0' ' ' <"/proc/$pid/cmdline" 2>/dev/null | grep -q "$root/target/release/bridge"
+        tr '\0' ' ' <"/proc/$pid/cmdline" 2>/dev/null | grep -qF -- "--state-file $bridge_state"
 }
 
 stop_bridge() {
@@ -74,8 +81,10 @@ case "${1:-}" in
 stop) stop_all; exit 0 ;;
 clean)
     stop_all
-    rm -rf "$pgdir" "$natsdir" "$bridge_tmp" "$bridge_pid" "$bridge_state" "$bridge_state.tmp"
-    say "removed .dev/pg, .dev/nats and the bridge's state"
+    # The spool directory is pgbridge-spool-{slot} beside the state file.
+    rm -rf "$pgdir" "$natsdir" "$bridge_tmp" "$bridge_pid" "$bridge_state" "$bridge_state.tmp" \
+        "$dev"/pgbridge-spool-*
+    say "removed .dev/pg, .dev/nats and the bridge's state and spool"
     exit 0 ;;
 esac
 
@@ -98,7 +107,7 @@ if ! as_pg "$PG_BIN/pg_ctl" -D "$pgdir/data" status >/dev/null 2>&1; then
 fi
 
 export PGHOST=127.0.0.1 PGPORT="$pg_port" PGUSER=postgres PGPASSWORD="$su_password"
-if [ "${1:-}" = psql ]; then exec psql -d "$db"; fi
+if [ "${1:-}" = psql ]; then shift; exec psql -d "$db" "$@"; fi
 
 psql -X -q -d postgres -tc "SELECT 1 FROM pg_database WHERE datname = '$db'" | grep -q 1 ||
     psql -X -q -d postgres -c "CREATE DATABASE $db"
@@ -122,7 +131,13 @@ if bridge_running; then
     say "a bridge is already running (pid $(cat "$bridge_pid")); scripts/dev.sh stop stops it"
     exit 1
 fi
-cargo build --release --locked --quiet
+if [ ! -x "$bridge_bin" ]; then
+    say "building the bridge into $bridge_bin (the first build takes a few minutes)..."
+fi
+# cargo's own progress shows; it is quick when nothing changed.
+CARGO_TARGET_DIR="$target_dir" cargo build --release --locked
+say "environment of this bridge, to run it or bridge mirror by hand:"
+say "  export PG_HOST=127.0.0.1 PG_PORT=$pg_port PG_USER=bridge_reader PG_PASSWORD=$reader_password PG_DB=$db NATS_URL=nats://127.0.0.1:$nats_port"
 say "try: scripts/dev.sh psql, then INSERT INTO users (email) VALUES ('a@example.com');"
 say "stop the bridge with Ctrl-C; the servers keep running until scripts/dev.sh stop"
 export PG_HOST=127.0.0.1 PG_PORT="$pg_port" PG_USER=bridge_reader PG_PASSWORD="$reader_password" PG_DB="$db"
@@ -132,4 +147,4 @@ unset PGHOST PGPORT PGUSER PGPASSWORD
 mkdir -p "$bridge_tmp"
 # exec keeps this process id: the pid file names the bridge, for stop and clean.
 echo $$ >"$bridge_pid"
-TMPDIR="$bridge_tmp" exec "$root/target/release/bridge" --state-file "$bridge_state" "$@"
+TMPDIR="$bridge_tmp" exec "$bridge_bin" --state-file "$bridge_state" "$@"

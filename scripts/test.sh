@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The test command: installs what the tests need, then checks formatting, lints and runs
-# every test (unit tests and integration tests against real PostgreSQL and nats-server), the
-# alert rules' unit tests, and builds and checks the container image (scripts/image.sh; one
+# every test (unit tests and integration tests against real PostgreSQL and nats-server), that
+# the Elixir example parses, the alert rules' unit tests, and builds and checks the container image (scripts/image.sh; one
 # release build; SKIP_IMAGE=1 skips it for a quicker local run).
 set -euo pipefail
 root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
@@ -17,6 +17,8 @@ echo "== cargo clippy"
 cargo clippy --locked --all-targets -- -D warnings
 echo "== cargo test"
 cargo test --locked "$@"
+echo "== scripts/check-elixir.sh"
+./scripts/check-elixir.sh
 echo "== promtool test rules"
 promtool check rules deploy/prometheus/alerts.yml
 promtool test rules deploy/prometheus/alerts_test.yml

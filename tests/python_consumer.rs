@@ -35,12 +35,11 @@ fn mirror_script() -> PathBuf {
 }
 
 /// Starts `mirror.py` with the given extra arguments; stdout is piped, stderr inherited.
-fn spawn_mirror(nats_url: &str, format: &str, db: &Path, extra: &[&str]) -> KillOnDrop {
+/// No `--format`: the mirror tells the bridge's format from each message.
+fn spawn_mirror(nats_url: &str, db: &Path, extra: &[&str]) -> KillOnDrop {
     let child = Command::new(python())
         .arg(mirror_script())
-        .args([
-            "--nats", nats_url, "--table", "accounts", "--format", format, "--db",
-        ])
+        .args(["--nats", nats_url, "--table", "accounts", "--db"])
         .arg(db)
         .args(extra)
         .stdin(Stdio::null())
@@ -104,6 +103,7 @@ fn python_mirror_rebuilds_the_table_under_concurrent_writes_and_resumes() {
     mirror_scenario("msgpack");
 }
 
+/// The bridge writes JSON and the mirror is given no `--format`: it detects JSON per message.
 #[test]
 fn python_mirror_reads_the_json_format_too() {
     mirror_scenario("json");
@@ -181,7 +181,7 @@ fn mirror_scenario(format: &str) {
     std::thread::sleep(Duration::from_millis(500));
 
     // First run: bootstraps during the writes and follows them until it is killed.
-    let first = spawn_mirror(&url, format, &db, &["--until-idle", "30"]);
+    let first = spawn_mirror(&url, &db, &["--until-idle", "30"]);
     std::thread::sleep(Duration::from_secs(4));
     drop(first);
     std::thread::sleep(Duration::from_secs(2));
@@ -193,14 +193,14 @@ fn mirror_scenario(format: &str) {
 
     // Second run: continues from the position the killed run committed, until idle.
     finish(
-        spawn_mirror(&url, format, &db, &["--until-idle", "3"]),
+        spawn_mirror(&url, &db, &["--until-idle", "3"]),
         "the second mirror run",
     );
     assert!(
         source_rows(&env).iter().any(|r| r["id"] == json!(900000)),
         "the primary-key change is in the table"
     );
-    assert_mirrors_the_table(&env, &url, format, &db);
+    assert_mirrors_the_table(&env, &url, &db);
 
     // Changes the stream no longer holds: the mirror takes a new snapshot.
     env.pg.sql(
@@ -214,19 +214,16 @@ fn mirror_scenario(format: &str) {
         js.get_stream("CDC").await.unwrap().purge().await.unwrap();
     });
     finish(
-        spawn_mirror(&url, format, &db, &["--until-idle", "2"]),
+        spawn_mirror(&url, &db, &["--until-idle", "2"]),
         "the mirror run after the purge",
     );
-    assert_mirrors_the_table(&env, &url, format, &db);
+    assert_mirrors_the_table(&env, &url, &db);
     drop(bridge);
 }
 
 /// Compares `mirror.py --dump` with the table, row by row.
-fn assert_mirrors_the_table(env: &TestEnv, url: &str, format: &str, db: &Path) {
-    let dump = finish(
-        spawn_mirror(url, format, db, &["--dump"]),
-        "mirror.py --dump",
-    );
+fn assert_mirrors_the_table(env: &TestEnv, url: &str, db: &Path) {
+    let dump = finish(spawn_mirror(url, db, &["--dump"]), "mirror.py --dump");
     let mirrored: Vec<Value> = dump
         .lines()
         .map(|l| serde_json::from_str(l).expect("a JSON line"))
@@ -292,4 +289,33 @@ fn python_mirror_stops_with_the_error_of_a_failed_snapshot() {
     );
     assert!(last.contains("max_payload of 4096 bytes"), "{stderr}");
     drop(bridge);
+}
+
+/// A fatal error (here: no NATS server) ends in one line and exit code 1, not a traceback.
+#[test]
+fn python_mirror_reports_an_unreachable_nats_server_in_one_line() {
+    let _ = python();
+    let dir = TempDir::new("pymirror");
+    // A loopback port nothing listens on: bound, then released.
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let url = format!("nats://127.0.0.1:{port}");
+    let out = Command::new(python())
+        .arg(mirror_script())
+        .args(["--nats", &url, "--table", "accounts", "--db"])
+        .arg(dir.path().join("mirror.sqlite"))
+        .stdin(Stdio::null())
+        .output()
+        .expect("run mirror.py");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{stderr}");
+    assert!(!stderr.contains("Traceback"), "{stderr}");
+    assert_eq!(stderr.trim_end().lines().count(), 1, "{stderr}");
+    assert!(
+        stderr.starts_with(&format!("mirror: cannot connect to NATS at {url} ")),
+        "{stderr}"
+    );
 }

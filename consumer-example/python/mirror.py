@@ -16,7 +16,7 @@ longer holds the next sequence, a new snapshot is taken.
 
 Usage::
 
-    python mirror.py --nats nats://127.0.0.1:4222 --table users --db mirror.sqlite
+    python mirror.py --nats nats://127.0.0.1:42220 --table users --db mirror.sqlite  # dev.sh
     python mirror.py --table users --db mirror.sqlite --until-idle 3   # stop when idle
     python mirror.py --table users --db mirror.sqlite --dump           # print the rows
 """
@@ -31,7 +31,6 @@ import math
 import sqlite3
 import sys
 import time
-from dataclasses import dataclass
 from typing import Any, Callable
 
 import msgpack
@@ -51,6 +50,8 @@ SNAPSHOT_TIMEOUT = 600.0
 """Seconds to wait for a requested snapshot's meta message and chunks."""
 SCHEMA_TIMEOUT = 60.0
 """Seconds to wait for the table's schema to appear in the KV bucket."""
+CONNECT_ATTEMPTS = 10
+"""Connection attempts to NATS, one a second, before the mirror gives up."""
 COMMIT_EVERY = 500
 """Changes applied per SQLite transaction at most (a quiet stream commits at once)."""
 
@@ -89,28 +90,41 @@ def quote(name: str) -> str:
     return '"' + name.replace('"', '""') + '"'
 
 
-@dataclass
-class Codec:
-    """Decodes the bridge's messages: MessagePack (the default) or JSON."""
+class MessageError(Exception):
+    """A message that is neither MessagePack nor JSON, or not a document."""
 
-    fmt: str
+
+class Codec:
+    """Decodes the bridge's messages. MessagePack (the default) and JSON are told apart per
+    message, so a bridge switched between formats, or a stream holding both, needs no
+    option: a JSON document starts with ``{``, a MessagePack map never does."""
 
     def decode(self, payload: bytes) -> Any:
         """One message payload as Python values."""
-        if self.fmt == "json":
-            return json.loads(payload)
-        return msgpack.unpackb(payload, raw=False)
+        try:
+            if payload[:1] == b"{":
+                value = json.loads(payload)
+            else:
+                value = msgpack.unpackb(payload, raw=False)
+        except (ValueError, msgpack.UnpackException) as e:
+            raise MessageError(
+                f"a message of {len(payload)} bytes is neither MessagePack nor JSON ({describe(e)})"
+            ) from None
+        if not isinstance(value, dict):
+            raise MessageError(f"a message holds a {type(value).__name__}, not a document")
+        return value
 
-    def to_sqlite(self, kind: str, value: Any) -> Any:
+    @staticmethod
+    def to_sqlite(kind: str, value: Any) -> Any:
         """A decoded column value as it is stored in a column of SQLite type ``kind``."""
         if value is None:
             return None
-        if self.fmt == "json":
-            # JSON carries bytea as base64 and non-finite floats as strings.
-            if kind == BLOB and isinstance(value, str):
-                return base64.b64decode(value)
-            if kind == REAL and value in ("Infinity", "-Infinity"):
-                return float(value)
+        # JSON carries bytea as base64 and non-finite floats as strings; MessagePack has
+        # bytes and floats, so these strings only come from JSON.
+        if kind == BLOB and isinstance(value, str):
+            return base64.b64decode(value)
+        if kind == REAL and value in ("Infinity", "-Infinity"):
+            return float(value)
         if isinstance(value, bool):
             return int(value)
         if isinstance(value, float) and math.isnan(value):
@@ -496,8 +510,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="table token as in subjects: users, or sales.invoices outside public",
     )
     p.add_argument("--db", required=True, help="SQLite file (created when missing)")
-    p.add_argument("--format", choices=["msgpack", "json"], default="msgpack",
-                   help="the bridge's --format")
+    p.add_argument("--format", choices=["msgpack", "json"],
+                   help="ignored: the format is told from each message (kept for old scripts)")
     p.add_argument("--until-idle", type=float, metavar="SECONDS",
                    help="exit after this many seconds without a new change")
     p.add_argument("--dump", action="store_true",
@@ -513,8 +527,21 @@ async def main(argv: list[str] | None = None) -> None:
         mirror.load_table()
         mirror.dump(print)
         return
-    codec = Codec(args.format)
-    nc = await nats.connect(args.nats)
+    codec = Codec()
+    try:
+        # About 10 s of attempts, at start and after a lost connection, then one line.
+        nc = await nats.connect(
+            args.nats,
+            connect_timeout=5,
+            max_reconnect_attempts=CONNECT_ATTEMPTS,
+            reconnect_time_wait=1,
+            error_cb=_quiet,
+        )
+    except Exception as e:  # nats-py raises several types here, none of them useful alone
+        raise Fatal(
+            1, f"cannot connect to NATS at {args.nats} ({describe(e)}): is nats-server running, "
+            "and is --nats right?"
+        ) from None
     try:
         await Consumer(mirror, Bridge(nc, args.table, codec), codec, args.until_idle).run()
     finally:
@@ -522,8 +549,55 @@ async def main(argv: list[str] | None = None) -> None:
         mirror.db.close()
 
 
-if __name__ == "__main__":
+class Fatal(Exception):
+    """Stops the mirror with one line on stderr and this exit code."""
+
+    def __init__(self, code: int, text: str):
+        super().__init__(text)
+        self.code = code
+
+
+async def _quiet(_error: Exception) -> None:
+    """nats-py's error callback: connection errors end in one line from ``run``, not in
+    logged tracebacks."""
+
+
+def describe(e: BaseException) -> str:
+    """An exception as a short phrase: its message, or its type when it has none."""
+    return str(e) or type(e).__name__
+
+
+def run(argv: list[str] | None = None) -> int:
+    """Runs the mirror; the process exit code. Every fatal error ends in one line on stderr:
+    1 for runtime failures, 2 for a missing stream or bucket (the bridge never ran), 0 after
+    an interrupt."""
     try:
-        asyncio.run(main())
+        asyncio.run(main(argv))
     except KeyboardInterrupt:
-        pass
+        return 0
+    except Fatal as e:
+        print(f"mirror: {e}", file=sys.stderr)
+        return e.code
+    except SystemExit:
+        raise  # argparse and the mirror's own one-line stops
+    except NotFoundError as e:
+        print(
+            f"mirror: stream or bucket not found ({describe(e)}): has the bridge run against "
+            "this NATS server?",
+            file=sys.stderr,
+        )
+        return 2
+    except MessageError as e:
+        print(f"mirror: {e}: is this stream written by pgbridge?", file=sys.stderr)
+        return 1
+    except sqlite3.Error as e:
+        print(f"mirror: SQLite error: {describe(e)}", file=sys.stderr)
+        return 1
+    except Exception as e:  # one line instead of a traceback, whatever went wrong
+        print(f"mirror: {type(e).__name__}: {describe(e)}", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(run())

@@ -46,6 +46,23 @@ pub enum SetupError {
         /// The tables the publication does contain.
         available: String,
     },
+    /// A `--table` of a `FOR ALL TABLES` publication that is not a published table: every
+    /// table is in such a publication, so the name is wrong (or names no table).
+    #[error(
+        "table '{table}' {problem} in database '{database}' (publication '{publication}' is FOR ALL TABLES and has: {available}): fix --table"
+    )]
+    NoSuchTable {
+        /// The table as configured.
+        table: String,
+        /// "does not exist", "is a view, not a table", ...
+        problem: &'static str,
+        /// Database searched.
+        database: String,
+        /// Publication name.
+        publication: String,
+        /// The tables the publication does contain.
+        available: String,
+    },
     /// The slot exists but cannot be used by this bridge.
     #[error("replication slot '{slot}' cannot be used: {reason}")]
     SlotUnusable {
@@ -156,7 +173,7 @@ pub fn check_database(
     }
 
     let exists = conn.query_params(
-        "SELECT 1 FROM pg_publication WHERE pubname = $1",
+        "SELECT puballtables FROM pg_publication WHERE pubname = $1",
         &[publication],
     )?;
     if exists.rows.is_empty() {
@@ -178,6 +195,7 @@ pub fn check_database(
             sql,
         });
     }
+    let all_tables = exists.get(0, "puballtables") == Some("t");
     let r = conn.query_params(
         "SELECT schemaname, tablename FROM pg_publication_tables WHERE pubname = $1 ORDER BY 1, 2",
         &[publication],
@@ -204,6 +222,16 @@ pub fn check_database(
                         .collect::<Vec<_>>()
                         .join(", ")
                 };
+                if all_tables {
+                    // ALTER PUBLICATION ... ADD TABLE is refused for such a publication.
+                    return Err(SetupError::NoSuchTable {
+                        table: t.clone(),
+                        problem: unpublished_relation(conn, t)?,
+                        database,
+                        publication: publication.to_string(),
+                        available,
+                    });
+                }
                 return Err(SetupError::TableNotPublished {
                     table: t.clone(),
                     publication: publication.to_string(),
@@ -223,6 +251,131 @@ pub fn check_database(
         published,
         tables,
         wal_sender_timeout_ms,
+    })
+}
+
+/// Why `configured` (`table` or `schema.table`) is not in a `FOR ALL TABLES` publication:
+/// it does not exist, is not a table, or is a kind of table PostgreSQL never publishes.
+fn unpublished_relation(
+    conn: &mut PgConnection,
+    configured: &str,
+) -> Result<&'static str, PgError> {
+    let (schema, name) = configured.split_once('.').unwrap_or(("public", configured));
+    let r = conn.query_params(
+        "SELECT c.relkind::text AS kind, c.relpersistence::text AS persistence \
+         FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace \
+         WHERE n.nspname = $1 AND c.relname = $2",
+        &[schema, name],
+    )?;
+    Ok(match (r.get(0, "kind"), r.get(0, "persistence")) {
+        (None, _) => "does not exist",
+        (Some("r" | "p"), Some("u")) => "is unlogged, and unlogged tables are never published",
+        (Some("r" | "p"), Some("t")) => "is temporary, and temporary tables are never published",
+        (Some("r" | "p"), _) => "is not published (system and information_schema tables never are)",
+        (Some("v"), _) => "is a view, not a table",
+        (Some("m"), _) => "is a materialized view, not a table",
+        (Some("i" | "I"), _) => "is an index, not a table",
+        (Some("S"), _) => "is a sequence, not a table",
+        (Some("f"), _) => "is a foreign table, which is never published",
+        (Some(_), _) => "is not a table",
+    })
+}
+
+/// What a role lacks to read a table (snapshots `COPY` it).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct MissingPrivilege {
+    /// No `USAGE` on the table's schema.
+    pub schema_usage: bool,
+    /// No `SELECT` on the table.
+    pub select: bool,
+}
+
+/// The statements that give `role` what it lacks on `table`, and the `init.sh` alternative
+/// (`schemas`: every schema that holds a published table).
+pub fn grant_hint(
+    role: &str,
+    table: &PublishedTable,
+    missing: MissingPrivilege,
+    schemas: &[String],
+) -> String {
+    let role_ident = quote_ident(role);
+    let schema_ident = quote_ident(&table.schema);
+    let mut sql = Vec::new();
+    if missing.schema_usage {
+        sql.push(format!(
+            "GRANT USAGE ON SCHEMA {schema_ident} TO {role_ident};"
+        ));
+    }
+    if missing.select {
+        sql.push(format!(
+            "GRANT SELECT ON {schema_ident}.{} TO {role_ident};",
+            quote_ident(&table.name)
+        ));
+    }
+    let mut schemas: Vec<&str> = schemas.iter().map(String::as_str).collect();
+    if !schemas.contains(&table.schema.as_str()) {
+        schemas.push(&table.schema);
+    }
+    format!(
+        "as a superuser run {} (or re-run init.sh with BRIDGE_SCHEMAS={})",
+        sql.join(" "),
+        schemas.join(",")
+    )
+}
+
+/// One warning for each of `tables` the connected role cannot read: no `USAGE` on its schema
+/// or no `SELECT` on it. Streaming needs neither, but its snapshots fail with "permission
+/// denied", so the start says it, with the statements that fix it.
+pub fn privilege_warnings(
+    conn: &mut PgConnection,
+    tables: &[PublishedTable],
+    published: &[PublishedTable],
+) -> Result<Vec<String>, PgError> {
+    let role = conn
+        .query("SELECT current_user AS usr")?
+        .get(0, "usr")
+        .unwrap_or_default()
+        .to_string();
+    let mut schemas: Vec<String> = published.iter().map(|t| t.schema.clone()).collect();
+    schemas.sort();
+    schemas.dedup();
+    let mut warnings = Vec::new();
+    for t in tables {
+        let missing = table_privileges(conn, t)?;
+        if !missing.schema_usage && !missing.select {
+            continue;
+        }
+        let lacks = match (missing.schema_usage, missing.select) {
+            (true, true) => format!("USAGE on schema {} and SELECT on the table", t.schema),
+            (true, false) => format!("USAGE on schema {}", t.schema),
+            _ => "SELECT on the table".to_string(),
+        };
+        warnings.push(format!(
+            "role '{role}' cannot read published table {} (it lacks {lacks}): its changes stream, but its snapshots fail with permission denied; {}",
+            t.qualified(),
+            grant_hint(&role, t, missing, &schemas)
+        ));
+    }
+    Ok(warnings)
+}
+
+/// What the connected role lacks to read `table`.
+pub fn table_privileges(
+    conn: &mut PgConnection,
+    table: &PublishedTable,
+) -> Result<MissingPrivilege, PgError> {
+    // By OID: looking the table up by name would itself fail without USAGE on the schema.
+    let r = conn.query_params(
+        "SELECT has_schema_privilege(n.oid, 'USAGE') AS usage, \
+                has_table_privilege(c.oid, 'SELECT') AS sel \
+         FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace \
+         WHERE n.nspname = $1 AND c.relname = $2",
+        &[&table.schema, &table.name],
+    )?;
+    // A table dropped meanwhile lacks nothing.
+    Ok(MissingPrivilege {
+        schema_usage: r.get(0, "usage") == Some("f"),
+        select: r.get(0, "sel") == Some("f"),
     })
 }
 
@@ -385,6 +538,31 @@ mod tests {
     }
 
     #[test]
+    fn grant_hints_name_what_is_missing_and_every_published_schema() {
+        let t = PublishedTable {
+            schema: "sales".into(),
+            name: "invoices".into(),
+        };
+        let both = MissingPrivilege {
+            schema_usage: true,
+            select: true,
+        };
+        let h = grant_hint("bridge_reader", &t, both, &["public".into()]);
+        assert!(h.contains(
+            r#"GRANT USAGE ON SCHEMA "sales" TO "bridge_reader"; GRANT SELECT ON "sales"."invoices" TO "bridge_reader";"#
+        ));
+        assert!(h.contains("BRIDGE_SCHEMAS=public,sales"));
+        let select_only = MissingPrivilege {
+            schema_usage: false,
+            select: true,
+        };
+        let h = grant_hint("r", &t, select_only, &["public".into(), "sales".into()]);
+        assert!(!h.contains("USAGE"));
+        assert!(h.contains(r#"GRANT SELECT ON "sales"."invoices" TO "r";"#));
+        assert!(h.ends_with("(or re-run init.sh with BRIDGE_SCHEMAS=public,sales)"));
+    }
+
+    #[test]
     fn errors_say_what_to_run() {
         let e = SetupError::PublicationMissing {
             publication: "cdc_pub".into(),
@@ -394,6 +572,15 @@ mod tests {
         assert!(e
             .to_string()
             .contains("CREATE PUBLICATION \"cdc_pub\" FOR ALL TABLES;"));
+        assert!(e.is_configuration());
+        let e = SetupError::NoSuchTable {
+            table: "nosuch".into(),
+            problem: "does not exist",
+            database: "app".into(),
+            publication: "cdc_pub".into(),
+            available: "public.users".into(),
+        };
+        assert!(!e.to_string().contains("ALTER PUBLICATION"));
         assert!(e.is_configuration());
         let e = SetupError::Pg(PgError::ConnectionLost("gone".into()));
         assert!(!e.is_configuration());

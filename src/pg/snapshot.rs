@@ -12,10 +12,13 @@ use std::ops::ControlFlow;
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::Arc;
 
-use super::conn::{quote_ident, quote_literal, PgError};
+use super::conn::{quote_ident, quote_literal, sqlstate, ConnectionKind, PgConnection, PgError};
 use super::copy::{CopyRowError, CopyRowParser};
 use super::lsn::Lsn;
 use super::replication::{ReplicationConnection, SnapshotAction};
+use super::setup::{
+    grant_hint, published_tables, table_privileges, MissingPrivilege, PublishedTable,
+};
 use super::value::{decode_text_into, Value, ValueKind};
 
 static SLOT_COUNTER: AtomicU32 = AtomicU32::new(0);
@@ -35,6 +38,16 @@ pub enum SnapshotError {
     /// The caller stopped the snapshot.
     #[error("snapshot of {0} stopped: {1}")]
     Stopped(String, String),
+    /// The bridge's role may not read the table (no USAGE on its schema or no SELECT).
+    #[error("{error}; the bridge's role cannot read {table}: {hint}")]
+    NoPrivilege {
+        /// `schema.table`.
+        table: String,
+        /// PostgreSQL's refusal.
+        error: Box<PgError>,
+        /// The GRANT statements that fix it.
+        hint: String,
+    },
 }
 
 /// The columns a snapshot reads, in table order.
@@ -66,6 +79,66 @@ pub struct SnapshotOutcome {
 /// applied to the COPY, read in the same transaction so they are the ones in force at the
 /// consistent point.
 pub fn take_snapshot(
+    params: &[(&str, &str)],
+    publication: &str,
+    schema: &str,
+    table: &str,
+    on_start: impl FnMut(Lsn, &SnapshotColumns) -> Result<(), String>,
+    on_row: impl FnMut(&[Value]) -> Result<(), String>,
+) -> Result<SnapshotOutcome, SnapshotError> {
+    match read_snapshot(params, publication, schema, table, on_start, on_row) {
+        Err(SnapshotError::Pg(error))
+            if error.sqlstate() == Some(sqlstate::INSUFFICIENT_PRIVILEGE) =>
+        {
+            let t = PublishedTable {
+                schema: schema.to_string(),
+                name: table.to_string(),
+            };
+            Err(SnapshotError::NoPrivilege {
+                table: t.qualified(),
+                error: Box::new(error),
+                hint: privilege_hint(params, publication, &t),
+            })
+        }
+        other => other,
+    }
+}
+
+/// The hint the start's privilege warning gives, found on a connection of its own (the
+/// snapshot's transaction is aborted); statements for both privileges when that fails.
+fn privilege_hint(params: &[(&str, &str)], publication: &str, t: &PublishedTable) -> String {
+    let role = params
+        .iter()
+        .find(|(k, _)| *k == "user")
+        .map_or("bridge_reader", |(_, v)| *v);
+    let found = PgConnection::connect(params, ConnectionKind::Normal).and_then(|mut conn| {
+        let missing = table_privileges(&mut conn, t)?;
+        let schemas = published_tables(&mut conn, publication)?
+            .into_iter()
+            .map(|p| p.schema)
+            .collect::<Vec<_>>();
+        Ok((missing, schemas))
+    });
+    let (mut missing, mut schemas) = found.unwrap_or((
+        MissingPrivilege {
+            schema_usage: true,
+            select: true,
+        },
+        Vec::new(),
+    ));
+    if !missing.schema_usage && !missing.select {
+        // Granted meanwhile, or refused for another object: name both.
+        missing = MissingPrivilege {
+            schema_usage: true,
+            select: true,
+        };
+    }
+    schemas.sort();
+    schemas.dedup();
+    grant_hint(role, t, missing, &schemas)
+}
+
+fn read_snapshot(
     params: &[(&str, &str)],
     publication: &str,
     schema: &str,

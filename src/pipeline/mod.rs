@@ -137,6 +137,21 @@ pub struct RunSummary {
     pub durable: Lsn,
 }
 
+/// The totals of a run stopped before it streamed (shutdown during set-up or the NATS
+/// connect): the real uptime and reconnect attempts, so the summary agrees with `METRICS`.
+fn early_summary(started: Instant, telemetry: &Telemetry) -> RunSummary {
+    RunSummary {
+        wal: WalStats {
+            uptime: started.elapsed(),
+            reconnects: telemetry.wal.reconnects.load(Ordering::Relaxed),
+            ..WalStats::default()
+        },
+        published: telemetry.publisher.published.load(Ordering::Relaxed),
+        duplicates: telemetry.publisher.duplicates.load(Ordering::Relaxed),
+        durable: telemetry.durable.get(),
+    }
+}
+
 /// Sleeps up to `d`, waking early on shutdown.
 fn sleep_unless(shutdown: &Shutdown, d: Duration) {
     let deadline = Instant::now() + d;
@@ -183,6 +198,11 @@ fn pg_setup(
         config.replication.standby_status_interval(),
         info.wal_sender_timeout_ms,
     ) {
+        log::warn!("{w}");
+    }
+    for w in setup::privilege_warnings(&mut conn, &info.tables, &info.published)
+        .map_err(SetupError::Pg)?
+    {
         log::warn!("{w}");
     }
     let mut repl = ReplicationConnection::connect(&refs).map_err(SetupError::Pg)?;
@@ -395,7 +415,7 @@ fn run_pipeline(
         pg_setup(config, &state_path, recorded.as_ref())
     })?
     else {
-        return Ok(RunSummary::default());
+        return Ok(early_summary(started, telemetry));
     };
     let receive_timeout = config
         .replication
@@ -500,7 +520,7 @@ fn run_pipeline(
             // The publisher ended before it was ready: shutdown during connect, or a panic.
             stop_snapshots(shutdown, snapshots);
             return match publisher.join() {
-                Ok(Ok(())) => Ok(RunSummary::default()),
+                Ok(Ok(())) => Ok(early_summary(started, telemetry)),
                 Ok(Err(e)) => Err(e),
                 Err(_) => Err(RunError::Internal("the publisher thread panicked".into())),
             };
@@ -619,8 +639,9 @@ fn spawn_publisher(
     let nats_config = config.nats.clone();
     let streams = config.streams.clone();
     let backoff = config.replication.reconnect_backoff();
+    let format = config.replication.format;
     let settings = PublisherSettings {
-        format: config.replication.format,
+        format,
         max_in_flight: config.replication.max_in_flight,
         max_in_flight_bytes: config.replication.max_in_flight_bytes,
         subject_prefix: nats::CDC_SUBJECT_PREFIX.to_string(),
@@ -665,7 +686,11 @@ fn spawn_publisher(
                     let js = async_nats::jetstream::context::ContextBuilder::new()
                         .timeout(crate::sink::publisher::ACK_TIMEOUT)
                         .build(client.clone());
-                    if let Err(e) = nats::ensure_streams(&js, &streams).await {
+                    let checked = match nats::ensure_streams(&js, &streams).await {
+                        Ok(info) => nats::check_stream_format(&js, &info.cdc, format).await,
+                        Err(e) => Err(e),
+                    };
+                    if let Err(e) = checked {
                         let _ = ready.send(Err(e));
                         return Ok(());
                     }

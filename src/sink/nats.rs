@@ -22,7 +22,7 @@ use async_nats::jetstream::stream::{self, DiscardPolicy, RetentionPolicy, Storag
 use async_nats::jetstream::{self, ErrorCode};
 use async_nats::{Client, ConnectError, ConnectErrorKind, ConnectOptions, Event};
 
-use crate::config::{check_nkey_seed, NatsAuth, NatsConfig, StreamsConfig};
+use crate::config::{check_nkey_seed, Format, NatsAuth, NatsConfig, StreamsConfig};
 
 /// First token of every change subject (`cdc.{table}.{op}`).
 pub const CDC_SUBJECT_PREFIX: &str = "cdc";
@@ -44,6 +44,8 @@ pub const PING_INTERVAL: Duration = Duration::from_secs(10);
 /// a crash arrive about this long after the first copy at most.
 pub const MIN_SAFE_DUPLICATE_WINDOW: Duration = Duration::from_secs(120);
 /// Descriptions set on the streams the bridge creates, shown by `nats stream info`.
+/// The CDC stream's metadata key recording the message format its messages are in.
+pub const FORMAT_METADATA_KEY: &str = "pgbridge.format";
 const INIT_DESCRIPTION: &str = "pgbridge snapshots (init.snap.*, init.meta.*)";
 const CDC_DESCRIPTION: &str = "pgbridge change events (cdc.{table}.{op})";
 
@@ -140,6 +142,23 @@ pub enum NatsError {
         /// The server's error.
         reason: String,
     },
+    /// The CDC stream holds messages in another format than the configured one: one stream
+    /// (and the `schemas` bucket) must not mix MessagePack and JSON.
+    #[error(
+        "stream '{stream}' holds {found} messages ({source_of_format}) but --format is {configured}: \
+         start with --format {found}, or use a new stream (--stream) for {configured}, or purge \
+         '{stream}' once its consumers no longer need it"
+    )]
+    FormatMismatch {
+        /// The stream's name.
+        stream: String,
+        /// The format of the stream's messages.
+        found: &'static str,
+        /// The configured format.
+        configured: &'static str,
+        /// How `found` was learnt: the stream's metadata or its last message.
+        source_of_format: String,
+    },
     /// A JetStream API request failed in a way that may pass (timeout, connection lost).
     #[error("JetStream request failed while {what}: {source}; the NATS server may be busy or unreachable")]
     Request {
@@ -160,7 +179,8 @@ impl NatsError {
             | NatsError::Credentials { .. }
             | NatsError::InvalidUrl { .. }
             | NatsError::JetStreamDisabled { .. }
-            | NatsError::StreamRefused { .. } => true,
+            | NatsError::StreamRefused { .. }
+            | NatsError::FormatMismatch { .. } => true,
             // A handshake can fail while the server's certificate is being replaced: retried.
             NatsError::Unreachable { .. } | NatsError::Tls { .. } | NatsError::Request { .. } => {
                 false
@@ -770,6 +790,89 @@ pub async fn ensure_streams(
     })
 }
 
+/// The format a payload is in: JSON documents start with `{`, a MessagePack map never does.
+pub fn payload_format(payload: &[u8]) -> Format {
+    if payload.first() == Some(&b'{') {
+        Format::Json
+    } else {
+        Format::Msgpack
+    }
+}
+
+/// The format recorded in a stream's metadata, if any.
+fn metadata_format(config: &stream::Config) -> Option<Format> {
+    match config.metadata.get(FORMAT_METADATA_KEY).map(String::as_str) {
+        Some("json") => Some(Format::Json),
+        Some("msgpack") => Some(Format::Msgpack),
+        _ => None,
+    }
+}
+
+/// Refuses a CDC stream whose messages are in another format than `format`, so one stream
+/// never mixes MessagePack and JSON. The stream's format is its metadata entry
+/// [`FORMAT_METADATA_KEY`], or for a stream without it (created by an older bridge, or by
+/// hand) the first byte of its last message. An empty stream takes any format: its metadata
+/// is set to `format` (the bridge creates the stream empty, so this records the format of a
+/// stream it creates).
+pub async fn check_stream_format(
+    js: &jetstream::Context,
+    cdc: &stream::Info,
+    format: Format,
+) -> Result<(), NatsError> {
+    let name = cdc.config.name.clone();
+    let recorded = metadata_format(&cdc.config);
+    if cdc.state.messages == 0 {
+        if recorded == Some(format) {
+            return Ok(());
+        }
+        let mut config = cdc.config.clone();
+        config
+            .metadata
+            .insert(FORMAT_METADATA_KEY.to_owned(), format.as_str().to_owned());
+        // Not fatal: without the entry the next start reads the last message instead.
+        match js.update_stream(config).await {
+            Ok(_) => log::info!(
+                "stream '{name}' is empty: its format is now {} (metadata {FORMAT_METADATA_KEY})",
+                format.as_str()
+            ),
+            Err(e) => log::warn!(
+                "cannot record the format in stream '{name}''s metadata ({e}); the next start reads it from the last message"
+            ),
+        }
+        return Ok(());
+    }
+    let (found, source_of_format) = match recorded {
+        Some(f) => (f, format!("its metadata {FORMAT_METADATA_KEY}")),
+        None => {
+            let what = format!("reading the last message of stream '{name}'");
+            let stream = js
+                .get_stream_no_info(&name)
+                .await
+                .map_err(|e| request_failed(what.clone(), e))?;
+            match stream.get_raw_message(cdc.state.last_sequence).await {
+                Ok(msg) => (
+                    payload_format(&msg.payload),
+                    format!("its last message, sequence {}", cdc.state.last_sequence),
+                ),
+                // Deleted or expired meanwhile: nothing to compare with.
+                Err(e) => {
+                    log::warn!("cannot read the format of stream '{name}' ({what}: {e})");
+                    return Ok(());
+                }
+            }
+        }
+    };
+    if found == format {
+        return Ok(());
+    }
+    Err(NatsError::FormatMismatch {
+        stream: name,
+        found: found.as_str(),
+        configured: format.as_str(),
+        source_of_format,
+    })
+}
+
 /// [`StreamWarning::SingleReplica`] for a CDC stream with one replica on file storage (memory
 /// storage has its own warning). The server's `sync_interval` is not visible to a client (only
 /// to its monitoring port or the system account), so the warning says "unless".
@@ -1163,6 +1266,29 @@ mod tests {
         config.num_replicas = 1;
         config.storage = StorageType::Memory;
         assert_eq!(durability_warnings(&config), vec![]);
+    }
+
+    #[test]
+    fn payload_formats_are_told_by_the_first_byte() {
+        use crate::config::Format;
+        assert_eq!(payload_format(br#"{"table":"users"}"#), Format::Json);
+        // A MessagePack map: fixmap, map16 or map32.
+        assert_eq!(payload_format(&[0x8b, 0xa5]), Format::Msgpack);
+        assert_eq!(payload_format(&[0xde, 0, 16]), Format::Msgpack);
+        let mut config = stream::Config::default();
+        assert_eq!(metadata_format(&config), None);
+        config
+            .metadata
+            .insert(FORMAT_METADATA_KEY.into(), "json".into());
+        assert_eq!(metadata_format(&config), Some(Format::Json));
+        let e = NatsError::FormatMismatch {
+            stream: "CDC".into(),
+            found: "json",
+            configured: "msgpack",
+            source_of_format: "its metadata pgbridge.format".into(),
+        };
+        assert!(e.is_configuration());
+        assert!(e.to_string().contains("start with --format json"));
     }
 
     #[test]
