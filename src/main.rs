@@ -2,6 +2,7 @@
 //!
 //! Exit codes: 0 clean, 1 runtime failure, 2 bad usage or configuration.
 
+use std::io::IsTerminal;
 use std::process::ExitCode;
 use std::time::Duration;
 
@@ -14,6 +15,7 @@ use pgbridge::cli::{usage_error_line, Cli, Command, EXIT_FAILURE, EXIT_USAGE};
 use pgbridge::config::Config;
 use pgbridge::mirror::MirrorOptions;
 use pgbridge::shutdown::Shutdown;
+use pgbridge::watch::tail::{Start, TailOptions};
 
 fn main() -> ExitCode {
     let cli = match Cli::try_parse() {
@@ -75,6 +77,50 @@ fn main() -> ExitCode {
                 }
                 Err(err) => {
                     eprintln!("bridge mirror: error: {err}");
+                    ExitCode::from(err.exit_code())
+                }
+            }
+        }
+        Command::Tail(args) => {
+            let shutdown = Shutdown::new();
+            if let Err(err) = install_signal_handlers(&shutdown) {
+                eprintln!("bridge: cannot install signal handlers: {err}");
+                return ExitCode::from(EXIT_FAILURE);
+            }
+            let options = TailOptions {
+                tables: config.replication.tables.clone(),
+                ops: args.op.iter().map(|o| o.as_lower().to_owned()).collect(),
+                start: match (args.from_start, args.last) {
+                    (true, _) => Start::All,
+                    (false, Some(n)) => Start::Last(n),
+                    (false, None) => Start::New,
+                },
+                count: args.count,
+                until_idle: args.until_idle.map(Duration::from_secs),
+                colour: !args.no_color && std::io::stdout().is_terminal(),
+            };
+            match pgbridge::watch::tail::run(&config, &options, &shutdown) {
+                Ok(_) => ExitCode::SUCCESS,
+                Err(err) => {
+                    eprintln!("bridge tail: error: {err}");
+                    ExitCode::from(err.exit_code())
+                }
+            }
+        }
+        Command::Snapshot(args) => {
+            let shutdown = Shutdown::new();
+            if let Err(err) = install_signal_handlers(&shutdown) {
+                eprintln!("bridge: cannot install signal handlers: {err}");
+                return ExitCode::from(EXIT_FAILURE);
+            }
+            let wait = Duration::from_secs(args.wait_secs);
+            match pgbridge::watch::snapshot::run(&config, &args.table, wait, &shutdown) {
+                Ok(summary) => {
+                    println!("{}", summary.line(&args.table));
+                    ExitCode::SUCCESS
+                }
+                Err(err) => {
+                    eprintln!("bridge snapshot: error: {err}");
                     ExitCode::from(err.exit_code())
                 }
             }
