@@ -22,7 +22,11 @@ fn main() -> ExitCode {
         Ok(cli) => cli,
         Err(err) => return usage_exit(&err),
     };
-    init_logging();
+    // The watch commands print for people and scripts: only warnings and errors besides.
+    init_logging(match cli.action() {
+        Command::Tail(_) | Command::Snapshot(_) => "warn",
+        _ => "info",
+    });
 
     let config = match Config::load(&cli.config) {
         Ok(config) => config,
@@ -167,9 +171,9 @@ fn usage_exit(err: &clap::Error) -> ExitCode {
     }
 }
 
-/// `info` unless `RUST_LOG` says otherwise.
-fn init_logging() {
-    env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("info")).init();
+/// `default` unless `RUST_LOG` says otherwise.
+fn init_logging(default: &str) {
+    env_logger::Builder::from_env(env_logger::Env::default().default_filter_or(default)).init();
 }
 
 /// The first SIGINT or SIGTERM asks for a graceful shutdown; a second one, while the first is

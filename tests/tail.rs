@@ -429,6 +429,41 @@ fn tail_follows_new_changes_and_stops_on_sigterm() {
         stream_len(&url, "CDC"),
         "{text}"
     );
+
+    // On a terminal (script(1) gives it one) the metadata is dim and the operation coloured,
+    // unless --no-color.
+    let on_terminal = |extra: &str| -> String {
+        let mut cmd = Command::new("script");
+        cmd.env_clear().env("NATS_URL", &url).args([
+            "-qec",
+            &format!(
+                "'{}' tail --from-start --count 1 {extra}",
+                env!("CARGO_BIN_EXE_bridge")
+            ),
+            "/dev/null",
+        ]);
+        let out = run(cmd, Duration::from_secs(30));
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    };
+    let coloured = on_terminal("");
+    assert!(
+        coloured.contains("{\x1b[2m\"stream_seq\":1,"),
+        "{coloured:?}"
+    );
+    assert!(
+        coloured.contains("\x1b[32m\"INSERT\"\x1b[0m"),
+        "{coloured:?}"
+    );
+    let plain = on_terminal("--no-color");
+    assert!(
+        plain.starts_with("{\"stream_seq\":1,") && !plain.contains('\x1b'),
+        "{plain:?}"
+    );
     assert_eq!(bridge.terminate(Duration::from_secs(30)), Some(0));
 }
 
@@ -463,6 +498,8 @@ fn snapshot_command_follows_a_snapshot_to_its_end() {
         &port.to_string(),
         "--snapshot-chunk-rows",
         "1000",
+        "--snapshot-cooldown-secs",
+        "0",
     ]));
     bridge.wait_for_line("snapshot requests served", Duration::from_secs(60));
     assert_eq!(metric(port, "bridge_snapshot_progress_ratio"), Some(0.0));
@@ -500,6 +537,20 @@ fn snapshot_command_follows_a_snapshot_to_its_end() {
         (metric(port, "bridge_snapshot_progress_ratio") == Some(1.0)).then_some(())
     });
 
+    // On a terminal: a bar redrawn in place, then the same final line.
+    let mut cmd = Command::new("script");
+    cmd.env_clear().env("NATS_URL", &url).args([
+        "-qec",
+        &format!("'{}' snapshot big", env!("CARGO_BIN_EXE_bridge")),
+        "/dev/null",
+    ]);
+    let out = run(cmd, Duration::from_secs(120));
+    let screen = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{screen}");
+    assert!(screen.contains("\r[##"), "{screen:?}");
+    assert!(screen.contains("/~25000 rows, "), "{screen:?}");
+    assert!(screen.contains("done: rows=25000 chunks=25 "), "{screen:?}");
+
     // A refusal: exit 1 with the bridge's reason.
     let out = run(cli(&url, &["snapshot", "nosuch"]), Duration::from_secs(30));
     let stderr = String::from_utf8_lossy(&out.stderr);
@@ -519,6 +570,71 @@ fn snapshot_command_follows_a_snapshot_to_its_end() {
         Some(2),
         "{}",
         String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(bridge.terminate(Duration::from_secs(30)), Some(0));
+}
+
+#[test]
+fn snapshot_command_reports_a_failed_snapshot() {
+    let pg = common::PgServer::start();
+    common::setup_app_db(
+        &pg,
+        "CREATE TABLE docs (id int PRIMARY KEY, body text); \
+         INSERT INTO docs SELECT g, 'small ' || g FROM generate_series(1, 40) g; \
+         INSERT INTO docs VALUES (41, repeat('x', 6000)); \
+         CREATE TABLE fine (id int PRIMARY KEY); INSERT INTO fine VALUES (1), (2)",
+        "",
+    );
+    // A row larger than the server's max_payload fails the snapshot after it was accepted.
+    let conf_dir = TempDir::new("natsconf");
+    let conf = conf_dir.path().join("small.conf");
+    std::fs::write(&conf, "max_payload: 4096\n").unwrap();
+    let nats = common::NatsServer::start_with_args(&["-c", conf.to_str().unwrap()]);
+    let url = nats.url();
+    let dir = TempDir::new("snap");
+    let port = free_port();
+    let mut bridge = BridgeProcess::spawn(bridge_command(&pg, &url, dir.path()).args([
+        "--port",
+        &port.to_string(),
+        "--snapshot-chunk-rows",
+        "10",
+    ]));
+    bridge.wait_for_line("snapshot requests served", Duration::from_secs(60));
+
+    // A snapshot that completes sets the gauge to 1; the failed one sets it back to 0.
+    let out = run(cli(&url, &["snapshot", "fine"]), Duration::from_secs(60));
+    assert_eq!(
+        out.status.code(),
+        Some(0),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(String::from_utf8_lossy(&out.stdout).contains("done: rows=2 chunks=1 "));
+    wait_for("the progress gauge at 1", Duration::from_secs(10), || {
+        (metric(port, "bridge_snapshot_progress_ratio") == Some(1.0)).then_some(())
+    });
+
+    let out = run(cli(&url, &["snapshot", "docs"]), Duration::from_secs(60));
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{stdout}\n{stderr}");
+    assert!(
+        stderr.starts_with("bridge snapshot: error: snapshot "),
+        "{stderr}"
+    );
+    assert!(
+        stderr.contains(" of docs failed: row 41 of public.docs")
+            && stderr.contains("max_payload of 4096 bytes"),
+        "{stderr}"
+    );
+    assert_eq!(stderr.trim().lines().count(), 1, "{stderr}");
+    // Chunks before the failing row were shown; no final line.
+    assert!(!stdout.contains(" done: "), "{stdout}");
+    bridge.wait_for_line("of public.docs failed", Duration::from_secs(10));
+    wait_for(
+        "the progress gauge back at 0",
+        Duration::from_secs(10),
+        || (metric(port, "bridge_snapshot_progress_ratio") == Some(0.0)).then_some(()),
     );
     assert_eq!(bridge.terminate(Duration::from_secs(30)), Some(0));
 }
