@@ -338,6 +338,11 @@ fn tail_prints_changes_of_both_formats_with_filters_and_positions() {
             .collect::<Vec<_>>(),
         vec![want[5].clone(), want[6].clone()]
     );
+    assert!(tail(
+        &url,
+        &["--last", "2", "--until-idle", "1", "--table", "nosuch"]
+    )
+    .is_empty());
     // Nothing new arrives: the default (new changes only) shows nothing.
     assert!(tail(&url, &["--until-idle", "1"]).is_empty());
 

@@ -121,14 +121,7 @@ pub fn run(
     wait: Duration,
     shutdown: &Shutdown,
 ) -> Result<SnapshotSummary, WatchError> {
-    let token = tail::filter_subjects(&[table.to_owned()], &[])?
-        .first()
-        .and_then(|f| {
-            f.strip_prefix("cdc.")?
-                .strip_suffix(".*")
-                .map(str::to_owned)
-        })
-        .ok_or_else(|| WatchError::Usage(format!("bad table {table:?}")))?;
+    let token = tail::table_spec_token(table)?;
     runtime()?.block_on(async {
         let (client, _) = connect(&config.nats, CONNECTION_NAME).await?;
         let js = jetstream::new(client.clone());

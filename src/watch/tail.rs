@@ -89,7 +89,7 @@ pub fn filter_subjects(tables: &[String], ops: &[String]) -> Result<Vec<String>,
 
 /// `users` or `schema.table` as the table's subject token (the names encoded as the bridge
 /// encodes them, so `public.users` is `users`).
-fn table_spec_token(spec: &str) -> Result<String, WatchError> {
+pub(crate) fn table_spec_token(spec: &str) -> Result<String, WatchError> {
     let (schema, name) = spec.split_once('.').unwrap_or((DEFAULT_SCHEMA, spec));
     if schema.is_empty() || name.is_empty() {
         return Err(WatchError::Usage(format!(
@@ -161,6 +161,18 @@ async fn ordered(
     deliver_policy: DeliverPolicy,
     headers_only: bool,
 ) -> Result<pull::Ordered, WatchError> {
+    Ok(consumer(stream, filters, deliver_policy, headers_only)
+        .await?
+        .1)
+}
+
+/// An ordered consumer on `filters`, and how many messages it has to deliver now.
+async fn consumer(
+    stream: &Stream,
+    filters: &[String],
+    deliver_policy: DeliverPolicy,
+    headers_only: bool,
+) -> Result<(u64, pull::Ordered), WatchError> {
     let err = |e: &dyn std::fmt::Display| {
         WatchError::Runtime(format!("consumer on {}: {e}", filters.join(", ")))
     };
@@ -174,13 +186,10 @@ async fn ordered(
         [one] => config.filter_subject = one.clone(),
         _ => config.filter_subjects = filters.to_vec(),
     }
-    stream
-        .create_consumer(config)
-        .await
-        .map_err(|e| err(&e))?
-        .messages()
-        .await
-        .map_err(|e| err(&e))
+    let consumer = stream.create_consumer(config).await.map_err(|e| err(&e))?;
+    let pending = consumer.cached_info().num_pending;
+    let messages = consumer.messages().await.map_err(|e| err(&e))?;
+    Ok((pending, messages))
 }
 
 /// Where the last `n` changes passing `filters` start. Without filters that is read from the
@@ -210,11 +219,15 @@ async fn last_n_start(
         });
     }
     let mut sequences: VecDeque<u64> = VecDeque::new();
-    let mut scan = ordered(stream, filters, DeliverPolicy::All, true).await?;
+    let (pending, mut scan) = consumer(stream, filters, DeliverPolicy::All, true).await?;
+    if pending == 0 {
+        return Ok(DeliverPolicy::ByStartSequence {
+            start_sequence: state.last_sequence + 1,
+        });
+    }
     loop {
-        // Nothing matches when the first message does not come promptly: no message up to
-        // the stream's last sequence is pending, so the server answers at once otherwise.
-        let next = tokio::time::timeout(Duration::from_secs(2), scan.next()).await;
+        // Bounded, in case the matching messages were removed meanwhile.
+        let next = tokio::time::timeout(Duration::from_secs(5), scan.next()).await;
         let Ok(Some(msg)) = next else { break };
         let msg = msg.map_err(|e| WatchError::Runtime(format!("reading the stream: {e}")))?;
         let Ok(info) = msg.info() else { break };
