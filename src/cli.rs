@@ -115,6 +115,87 @@ pub enum Command {
     /// stream, then follow the CDC stream. Uses the NATS and stream settings; --table chooses
     /// the tables (default: every table with a schema in the bucket).
     Mirror(MirrorArgs),
+    /// Print the CDC stream's changes as JSON lines on stdout (stream_seq, subject, then the
+    /// change's fields), decoded from either format. --table (global, table or schema.table)
+    /// and --op filter. Starts with new changes unless --from-start or --last. Exit 0 on
+    /// SIGINT/SIGTERM, --count or --until-idle; 2 for an unknown stream or a bad filter.
+    Tail(TailArgs),
+    /// Request a snapshot of TABLE (table or schema.table) from the running bridge and show its
+    /// progress until it is complete; the last line has rows, chunks, seconds, rows/s,
+    /// snapshot id, lsn and cdc_stream_seq. Exit 0 when complete, 1 when refused or failed.
+    Snapshot(SnapshotCommandArgs),
+}
+
+/// An operation `bridge tail --op` shows.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub enum TailOp {
+    /// INSERT.
+    Insert,
+    /// UPDATE.
+    Update,
+    /// DELETE.
+    Delete,
+    /// TRUNCATE.
+    Truncate,
+}
+
+impl TailOp {
+    /// The subject token.
+    pub fn as_lower(self) -> &'static str {
+        match self {
+            TailOp::Insert => "insert",
+            TailOp::Update => "update",
+            TailOp::Delete => "delete",
+            TailOp::Truncate => "truncate",
+        }
+    }
+}
+
+/// `bridge tail` options (the tables come from the global --table).
+#[derive(Clone, Debug, Default, PartialEq, Eq, Args)]
+pub struct TailArgs {
+    /// Show only these operations (repeat or comma separate) [default: every one].
+    #[arg(
+        long,
+        value_name = "OP",
+        value_enum,
+        value_delimiter = ',',
+        ignore_case = true
+    )]
+    pub op: Vec<TailOp>,
+
+    /// Start with every change the stream holds.
+    #[arg(long, conflicts_with = "last")]
+    pub from_start: bool,
+
+    /// Start with the last N changes that pass the filters, then follow.
+    #[arg(long, value_name = "N")]
+    pub last: Option<u64>,
+
+    /// Exit (code 0) after N changes.
+    #[arg(long, value_name = "N")]
+    pub count: Option<u64>,
+
+    /// Exit (code 0) after this many seconds without a change.
+    #[arg(long, value_name = "SECONDS")]
+    pub until_idle: Option<u64>,
+
+    /// No colours, even on a terminal (never used when stdout is not a terminal).
+    #[arg(long)]
+    pub no_color: bool,
+}
+
+/// `bridge snapshot` options.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Args)]
+pub struct SnapshotCommandArgs {
+    /// The table: table (schema public) or schema.table.
+    #[arg(value_name = "TABLE")]
+    pub table: String,
+
+    /// Give up (exit 1) when the snapshot sends nothing for this many seconds.
+    #[arg(long, value_name = "SECONDS", default_value_t = crate::watch::snapshot::DEFAULT_WAIT.as_secs(),
+          value_parser = clap::value_parser!(u64).range(1..))]
+    pub wait_secs: u64,
 }
 
 /// `bridge mirror` options.

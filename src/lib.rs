@@ -11,5 +11,6 @@ pub mod pipeline;
 pub mod shutdown;
 pub mod sink;
 pub mod telemetry;
+pub mod watch;
 
 pub use pipeline::{run, RunError};

@@ -2,6 +2,7 @@
 //!
 //! Exit codes: 0 clean, 1 runtime failure, 2 bad usage or configuration.
 
+use std::io::IsTerminal;
 use std::process::ExitCode;
 use std::time::Duration;
 
@@ -14,13 +15,18 @@ use pgbridge::cli::{usage_error_line, Cli, Command, EXIT_FAILURE, EXIT_USAGE};
 use pgbridge::config::Config;
 use pgbridge::mirror::MirrorOptions;
 use pgbridge::shutdown::Shutdown;
+use pgbridge::watch::tail::{Start, TailOptions};
 
 fn main() -> ExitCode {
     let cli = match Cli::try_parse() {
         Ok(cli) => cli,
         Err(err) => return usage_exit(&err),
     };
-    init_logging();
+    // The watch commands print for people and scripts: only warnings and errors besides.
+    init_logging(match cli.action() {
+        Command::Tail(_) | Command::Snapshot(_) => "warn",
+        _ => "info",
+    });
 
     let config = match Config::load(&cli.config) {
         Ok(config) => config,
@@ -79,6 +85,50 @@ fn main() -> ExitCode {
                 }
             }
         }
+        Command::Tail(args) => {
+            let shutdown = Shutdown::new();
+            if let Err(err) = install_signal_handlers(&shutdown) {
+                eprintln!("bridge: cannot install signal handlers: {err}");
+                return ExitCode::from(EXIT_FAILURE);
+            }
+            let options = TailOptions {
+                tables: config.replication.tables.clone(),
+                ops: args.op.iter().map(|o| o.as_lower().to_owned()).collect(),
+                start: match (args.from_start, args.last) {
+                    (true, _) => Start::All,
+                    (false, Some(n)) => Start::Last(n),
+                    (false, None) => Start::New,
+                },
+                count: args.count,
+                until_idle: args.until_idle.map(Duration::from_secs),
+                colour: !args.no_color && std::io::stdout().is_terminal(),
+            };
+            match pgbridge::watch::tail::run(&config, &options, &shutdown) {
+                Ok(_) => ExitCode::SUCCESS,
+                Err(err) => {
+                    eprintln!("bridge tail: error: {err}");
+                    ExitCode::from(err.exit_code())
+                }
+            }
+        }
+        Command::Snapshot(args) => {
+            let shutdown = Shutdown::new();
+            if let Err(err) = install_signal_handlers(&shutdown) {
+                eprintln!("bridge: cannot install signal handlers: {err}");
+                return ExitCode::from(EXIT_FAILURE);
+            }
+            let wait = Duration::from_secs(args.wait_secs);
+            match pgbridge::watch::snapshot::run(&config, &args.table, wait, &shutdown) {
+                Ok(summary) => {
+                    println!("{}", summary.line(&args.table));
+                    ExitCode::SUCCESS
+                }
+                Err(err) => {
+                    eprintln!("bridge snapshot: error: {err}");
+                    ExitCode::from(err.exit_code())
+                }
+            }
+        }
         Command::Run => {
             let shutdown = Shutdown::new();
             if let Err(err) = install_signal_handlers(&shutdown) {
@@ -121,9 +171,9 @@ fn usage_exit(err: &clap::Error) -> ExitCode {
     }
 }
 
-/// `info` unless `RUST_LOG` says otherwise.
-fn init_logging() {
-    env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("info")).init();
+/// `default` unless `RUST_LOG` says otherwise.
+fn init_logging(default: &str) {
+    env_logger::Builder::from_env(env_logger::Env::default().default_filter_or(default)).init();
 }
 
 /// The first SIGINT or SIGTERM asks for a graceful shutdown; a second one, while the first is

@@ -71,12 +71,13 @@ impl ColumnKind {
 pub struct DocError(pub String);
 
 /// Decodes a payload: JSON when it starts with `{` (a MessagePack document never does: `{` is
-/// a MessagePack integer), MessagePack otherwise.
+/// a MessagePack integer), MessagePack otherwise. Map entries keep the order they were
+/// written in, in both formats, so a document can be shown with its fields in contract order.
 pub fn decode(payload: &[u8]) -> Result<Value, DocError> {
     if payload.first() == Some(&b'{') {
-        let json: serde_json::Value = serde_json::from_slice(payload)
-            .map_err(|e| DocError(format!("invalid JSON message: {e}")))?;
-        Ok(from_json(json))
+        serde_json::from_slice::<Ordered>(payload)
+            .map(|o| o.0)
+            .map_err(|e| DocError(format!("invalid JSON message: {e}")))
     } else {
         rmpv::decode::read_value(&mut &payload[..])
             .map_err(|e| DocError(format!("invalid MessagePack message: {e}")))
@@ -85,26 +86,60 @@ pub fn decode(payload: &[u8]) -> Result<Value, DocError> {
 
 /// A JSON document as the MessagePack value the bridge would have written (bytea stays a
 /// base64 string and non-finite floats stay strings: [`to_sql`] reads them by column kind).
-fn from_json(v: serde_json::Value) -> Value {
-    match v {
-        serde_json::Value::Null => Value::Nil,
-        serde_json::Value::Bool(b) => Value::Boolean(b),
-        serde_json::Value::Number(n) => {
-            if let Some(i) = n.as_i64() {
-                Value::from(i)
-            } else if let Some(u) = n.as_u64() {
-                Value::from(u)
-            } else {
-                Value::F64(n.as_f64().unwrap_or(f64::NAN))
-            }
+/// Read directly rather than through `serde_json::Value`, whose maps sort their keys.
+struct Ordered(Value);
+
+impl<'de> serde::Deserialize<'de> for Ordered {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        d.deserialize_any(OrderedVisitor)
+    }
+}
+
+struct OrderedVisitor;
+
+impl<'de> serde::de::Visitor<'de> for OrderedVisitor {
+    type Value = Ordered;
+
+    fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("a JSON value")
+    }
+    fn visit_unit<E>(self) -> Result<Ordered, E> {
+        Ok(Ordered(Value::Nil))
+    }
+    fn visit_none<E>(self) -> Result<Ordered, E> {
+        Ok(Ordered(Value::Nil))
+    }
+    fn visit_bool<E>(self, b: bool) -> Result<Ordered, E> {
+        Ok(Ordered(Value::Boolean(b)))
+    }
+    fn visit_i64<E>(self, i: i64) -> Result<Ordered, E> {
+        Ok(Ordered(Value::from(i)))
+    }
+    fn visit_u64<E>(self, u: u64) -> Result<Ordered, E> {
+        Ok(Ordered(Value::from(u)))
+    }
+    fn visit_f64<E>(self, f: f64) -> Result<Ordered, E> {
+        Ok(Ordered(Value::F64(f)))
+    }
+    fn visit_str<E>(self, s: &str) -> Result<Ordered, E> {
+        Ok(Ordered(Value::from(s)))
+    }
+    fn visit_string<E>(self, s: String) -> Result<Ordered, E> {
+        Ok(Ordered(Value::from(s)))
+    }
+    fn visit_seq<A: serde::de::SeqAccess<'de>>(self, mut seq: A) -> Result<Ordered, A::Error> {
+        let mut items = Vec::new();
+        while let Some(Ordered(v)) = seq.next_element()? {
+            items.push(v);
         }
-        serde_json::Value::String(s) => Value::from(s),
-        serde_json::Value::Array(a) => Value::Array(a.into_iter().map(from_json).collect()),
-        serde_json::Value::Object(o) => Value::Map(
-            o.into_iter()
-                .map(|(k, v)| (Value::from(k), from_json(v)))
-                .collect(),
-        ),
+        Ok(Ordered(Value::Array(items)))
+    }
+    fn visit_map<A: serde::de::MapAccess<'de>>(self, mut map: A) -> Result<Ordered, A::Error> {
+        let mut entries = Vec::new();
+        while let Some((k, Ordered(v))) = map.next_entry::<String, Ordered>()? {
+            entries.push((Value::from(k), v));
+        }
+        Ok(Ordered(Value::Map(entries)))
     }
 }
 

@@ -28,7 +28,7 @@
 //! dropped, and a column whose values no longer fit its SQLite type is retyped to the type of
 //! the newest revision.
 
-mod doc;
+pub(crate) mod doc;
 mod store;
 
 use std::collections::HashMap;
@@ -307,7 +307,10 @@ pub fn run(
 
 /// Opens a stream: [`MirrorError::StreamMissing`] when the server says it does not exist,
 /// [`MirrorError::JetStream`] (worth retrying) for anything else.
-async fn open_stream(js: &Context, name: &str) -> Result<jetstream::stream::Stream, MirrorError> {
+pub(crate) async fn open_stream(
+    js: &Context,
+    name: &str,
+) -> Result<jetstream::stream::Stream, MirrorError> {
     use async_nats::jetstream::context::GetStreamErrorKind;
     use async_nats::jetstream::ErrorCode;
     js.get_stream(name).await.map_err(|e| match e.kind() {

@@ -637,7 +637,7 @@ pub fn decimal(mut v: u64, buf: &mut [u8; 20]) -> &str {
     std::str::from_utf8(&buf[at..]).unwrap_or_default()
 }
 
-fn json_f64(out: &mut Vec<u8>, x: f64) {
+pub(crate) fn json_f64(out: &mut Vec<u8>, x: f64) {
     if x.is_nan() {
         out.extend_from_slice(b"\"NaN\"");
     } else if x.is_infinite() {
@@ -656,7 +656,7 @@ fn json_f64(out: &mut Vec<u8>, x: f64) {
 }
 
 /// Appends `s` as a JSON string.
-fn json_str(out: &mut Vec<u8>, s: &str) {
+pub(crate) fn json_str(out: &mut Vec<u8>, s: &str) {
     out.push(b'"');
     let bytes = s.as_bytes();
     // Copy runs that need no escaping in one go; multi-byte UTF-8 never needs escaping.
@@ -686,7 +686,7 @@ fn json_str(out: &mut Vec<u8>, s: &str) {
 const BASE64: &[u8; 64] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/";
 
 /// Appends `data` in standard base64 (RFC 4648 §4) with padding.
-fn push_base64(out: &mut Vec<u8>, data: &[u8]) {
+pub(crate) fn push_base64(out: &mut Vec<u8>, data: &[u8]) {
     let sym = |n: u32, shift: u32| BASE64[((n >> shift) & 63) as usize];
     out.reserve(data.len().div_ceil(3) * 4);
     let mut chunks = data.chunks_exact(3);

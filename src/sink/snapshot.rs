@@ -288,13 +288,20 @@ pub struct Accepted {
     pub schema: String,
     /// Table.
     pub table: String,
+    /// PostgreSQL's estimate of the table's rows (`pg_class.reltuples`), when it has one (not
+    /// before the table was first vacuumed or analysed).
+    pub estimated_rows: Option<u64>,
 }
 
 impl Accepted {
     /// The reply document.
     pub fn to_json(&self) -> serde_json::Value {
-        serde_json::json!({"status": "accepted", "snapshot_id": self.snapshot_id,
-            "table": self.table, "schema": self.schema})
+        let mut doc = serde_json::json!({"status": "accepted", "snapshot_id": self.snapshot_id,
+            "table": self.table, "schema": self.schema});
+        if let Some(n) = self.estimated_rows {
+            doc["estimated_rows"] = n.into();
+        }
+        doc
     }
 }
 
@@ -374,9 +381,34 @@ pub struct SnapshotService {
     workers: Mutex<Vec<JoinHandle<()>>>,
     /// Requests with a reply subject outside the prefix since the last warning, and when it was.
     ignored: Mutex<(u64, Option<Instant>)>,
+    /// Rows copied and estimated rows of each running snapshot, by id, for the progress gauge.
+    progress: Mutex<HashMap<String, (u64, Option<u64>)>>,
     telemetry: Arc<Telemetry>,
     shutdown: Shutdown,
 }
+
+/// The progress gauge's value for the running snapshots: rows copied over rows estimated,
+/// summed over those with an estimate, and kept below 1 until they end (the estimate may be
+/// low). `None` when none runs.
+fn progress_ratio(running: &HashMap<String, (u64, Option<u64>)>) -> Option<f64> {
+    if running.is_empty() {
+        return None;
+    }
+    let (copied, estimated) = running
+        .values()
+        .filter_map(|(c, e)| e.map(|e| (*c, e)))
+        .fold((0u64, 0u64), |(c, e), (c2, e2)| (c + c2, e + e2));
+    Some(if estimated == 0 {
+        0.0
+    } else {
+        (copied as f64 / estimated as f64).min(PROGRESS_BELOW_DONE)
+    })
+}
+
+/// The most the progress gauge shows before a snapshot is complete.
+const PROGRESS_BELOW_DONE: f64 = 0.99;
+/// Rows between two updates of the progress gauge.
+const PROGRESS_EVERY_ROWS: u64 = 1000;
 
 impl std::fmt::Debug for SnapshotService {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -457,6 +489,7 @@ impl SnapshotService {
             admission: Mutex::new(Admission::default()),
             workers: Mutex::new(Vec::new()),
             ignored: Mutex::new((0, None)),
+            progress: Mutex::new(HashMap::new()),
             telemetry,
             shutdown,
         })
@@ -625,10 +658,13 @@ impl SnapshotService {
         let claim = self.admit(&schema, &table)?;
         let snapshot_id = new_snapshot_id();
         let id = snapshot_id.clone();
+        let estimated_rows = self.estimate_rows(&schema, &table);
         // The claim moves into the thread and frees the table when the snapshot ends; if
         // the thread cannot start, it is dropped with the closure and frees it at once.
         self.spawn_worker("snapshot", move || {
-            claim.service.execute(&claim.key.0, &claim.key.1, &id);
+            claim
+                .service
+                .execute(&claim.key.0, &claim.key.1, &id, estimated_rows);
             drop(claim);
         })
         .map_err(|e| Refusal::Internal(e.to_string()))?;
@@ -636,6 +672,7 @@ impl SnapshotService {
             snapshot_id,
             schema,
             table,
+            estimated_rows,
         })
     }
 
@@ -678,6 +715,55 @@ impl SnapshotService {
             ),
         }
         known.tables.iter().any(matches)
+    }
+
+    /// PostgreSQL's row estimate of the table (`pg_class.reltuples`), for the progress of its
+    /// snapshot; `None` when it has none (never vacuumed or analysed) or cannot be read.
+    fn estimate_rows(&self, schema: &str, table: &str) -> Option<u64> {
+        let refs: Vec<(&str, &str)> = self
+            .pg_params
+            .iter()
+            .map(|(k, v)| (*k, v.as_str()))
+            .collect();
+        let sql = format!(
+            "SELECT reltuples::float8 FROM pg_class WHERE oid = {}::regclass",
+            crate::pg::conn::quote_literal(&format!(
+                "{}.{}",
+                crate::pg::conn::quote_ident(schema),
+                crate::pg::conn::quote_ident(table)
+            ))
+        );
+        let read = PgConnection::connect(&refs, ConnectionKind::Normal)
+            .and_then(|mut conn| conn.query(&sql));
+        match read {
+            Ok(result) => result
+                .get(0, "reltuples")
+                .and_then(|t| t.parse::<f64>().ok())
+                .filter(|n| *n >= 0.0)
+                .map(|n| n.round() as u64),
+            Err(e) => {
+                log::debug!("cannot read the row estimate of {schema}.{table}: {e}");
+                None
+            }
+        }
+    }
+
+    /// Records the rows a running snapshot has copied and updates the progress gauge.
+    fn progress_update(&self, id: &str, copied: u64, estimated: Option<u64>) {
+        let mut running = self.progress.lock().unwrap_or_else(|p| p.into_inner());
+        running.insert(id.to_owned(), (copied, estimated));
+        if let Some(ratio) = progress_ratio(&running) {
+            self.telemetry.set_snapshot_progress(ratio);
+        }
+    }
+
+    /// Removes an ended snapshot from the gauge: 1 when the last running one completed, 0
+    /// when it failed, the others' progress while some still run.
+    fn progress_end(&self, id: &str, completed: bool) {
+        let mut running = self.progress.lock().unwrap_or_else(|p| p.into_inner());
+        running.remove(id);
+        let ratio = progress_ratio(&running).unwrap_or(if completed { 1.0 } else { 0.0 });
+        self.telemetry.set_snapshot_progress(ratio);
     }
 
     /// The publication's tables, over a normal connection.
@@ -793,7 +879,8 @@ impl SnapshotService {
                 );
                 continue;
             };
-            self.execute(&t.schema, &t.name, &new_snapshot_id());
+            let estimated = self.estimate_rows(&t.schema, &t.name);
+            self.execute(&t.schema, &t.name, &new_snapshot_id(), estimated);
             drop(claim);
         }
     }
@@ -818,8 +905,11 @@ impl SnapshotService {
 
     /// Takes and publishes one snapshot; a failure is logged and published as a failure
     /// document on `init.meta.{table}`.
-    fn execute(&self, schema: &str, table: &str, id: &str) {
-        match self.run_snapshot(schema, table, id) {
+    fn execute(&self, schema: &str, table: &str, id: &str, estimated_rows: Option<u64>) {
+        self.progress_update(id, 0, estimated_rows);
+        let result = self.run_snapshot(schema, table, id, estimated_rows);
+        self.progress_end(id, result.is_ok());
+        match result {
             Ok(p) => log::info!(
                 "snapshot {id} of {schema}.{table}: {} rows in {} chunks, consistent point {}{}",
                 p.rows,
@@ -928,6 +1018,7 @@ impl SnapshotService {
         schema: &str,
         table: &str,
         id: &str,
+        estimated_rows: Option<u64>,
     ) -> Result<Published, SnapshotFailure> {
         // Read before the slot exists: consumers continue the CDC stream after this sequence.
         let cdc_stream_seq = self
@@ -1016,6 +1107,9 @@ impl SnapshotService {
                     }
                     let (lsn, names) = &*started.borrow();
                     row_number += 1;
+                    if row_number.is_multiple_of(PROGRESS_EVERY_ROWS) {
+                        self.progress_update(id, row_number, estimated_rows);
+                    }
                     let size = rows.push_row(names, values);
                     if size > row_budget {
                         return Err(SnapshotFailure::RowTooLarge {
@@ -1146,6 +1240,36 @@ fn new_snapshot_id() -> String {
 mod tests {
     use super::*;
     use crate::pg::conn::{DbError, PgError};
+
+    #[test]
+    fn progress_is_copied_over_estimated_and_below_one_until_done() {
+        let mut running = HashMap::new();
+        assert_eq!(progress_ratio(&running), None);
+        running.insert("a".to_string(), (0, None));
+        assert_eq!(progress_ratio(&running), Some(0.0));
+        running.insert("a".to_string(), (250, Some(1000)));
+        assert_eq!(progress_ratio(&running), Some(0.25));
+        // Two at once: summed; a snapshot without an estimate does not count.
+        running.insert("b".to_string(), (750, Some(1000)));
+        running.insert("c".to_string(), (5, None));
+        assert_eq!(progress_ratio(&running), Some(0.5));
+        // An estimate that is too low never shows done before the end.
+        running.insert("a".to_string(), (5000, Some(1000)));
+        assert_eq!(progress_ratio(&running), Some(PROGRESS_BELOW_DONE));
+    }
+
+    #[test]
+    fn accepted_reply_has_the_estimate_when_known() {
+        let mut a = Accepted {
+            snapshot_id: "s1".into(),
+            schema: "public".into(),
+            table: "t".into(),
+            estimated_rows: Some(42),
+        };
+        assert_eq!(a.to_json()["estimated_rows"], 42);
+        a.estimated_rows = None;
+        assert!(a.to_json().get("estimated_rows").is_none());
+    }
 
     #[test]
     fn failure_documents_carry_the_error_and_no_position() {

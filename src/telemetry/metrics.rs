@@ -199,7 +199,7 @@ const DEFS: &[Def] = &[
     },
     Def {
         name: "bridge_snapshot_progress_ratio",
-        help: "Progress of the running table snapshot, 0 to 1 (0 when none runs).",
+        help: "Progress of the running table snapshots: rows copied over the rows PostgreSQL estimated (pg_class.reltuples) when each started, below 1 until they complete; 1 once the last one completed, 0 before any, after a failed one, or without an estimate.",
         kind: Kind::Gauge,
         value: |s| s.snapshot_progress,
     },

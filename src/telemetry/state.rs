@@ -193,7 +193,7 @@ impl Telemetry {
         }
     }
 
-    /// Sets the progress of the running snapshot, 0.0 to 1.0 (0 when none runs).
+    /// Sets the snapshot progress gauge, 0.0 to 1.0 (see `bridge_snapshot_progress_ratio`).
     pub fn set_snapshot_progress(&self, fraction: f64) {
         let f = if fraction.is_finite() {
             fraction.clamp(0.0, 1.0)

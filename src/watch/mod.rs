@@ -1,0 +1,78 @@
+//! Commands that show what the bridge publishes, for people and scripts: `bridge tail` prints
+//! the CDC stream's changes as JSON lines, `bridge snapshot` requests a table snapshot and
+//! follows its progress. Both only read (ordered consumers and core NATS requests), so they
+//! leave nothing behind on the server.
+
+mod render;
+pub mod snapshot;
+pub mod tail;
+
+use crate::sink::nats::NatsError;
+
+/// Why a watch command stopped.
+#[derive(Debug, thiserror::Error)]
+pub enum WatchError {
+    /// NATS unreachable, credentials refused, JetStream disabled.
+    #[error(transparent)]
+    Nats(#[from] NatsError),
+    /// A command-line value that cannot work (bad filter, unknown stream).
+    #[error("{0}")]
+    Usage(String),
+    /// The bridge refused the snapshot request.
+    #[error("snapshot of {table} refused: {reason}")]
+    Refused {
+        /// The table token.
+        table: String,
+        /// The bridge's reason.
+        reason: String,
+    },
+    /// The bridge reported the snapshot failed.
+    #[error("snapshot {snapshot_id} of {table} failed: {reason}")]
+    Failed {
+        /// The table token.
+        table: String,
+        /// The snapshot.
+        snapshot_id: String,
+        /// The bridge's error.
+        reason: String,
+    },
+    /// A JetStream or NATS request failed, or a message is not what the bridge publishes.
+    #[error("{0}")]
+    Runtime(String),
+    /// Writing the output failed (other than a closed pipe).
+    #[error("cannot write the output: {0}")]
+    Output(#[from] std::io::Error),
+}
+
+impl WatchError {
+    /// 2 for what the user must fix on the command line or in the configuration, 1 otherwise.
+    pub fn exit_code(&self) -> u8 {
+        match self {
+            WatchError::Nats(e) if e.is_configuration() => 2,
+            WatchError::Usage(_) => 2,
+            _ => 1,
+        }
+    }
+}
+
+/// A single-threaded runtime for one command.
+fn runtime() -> Result<tokio::runtime::Runtime, WatchError> {
+    tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .map_err(|e| WatchError::Runtime(format!("cannot start the runtime: {e}")))
+}
+
+/// Opens a stream; a missing one is a usage error (wrong `--stream`, or no bridge ran yet).
+async fn open_stream(
+    js: &async_nats::jetstream::Context,
+    name: &str,
+) -> Result<async_nats::jetstream::stream::Stream, WatchError> {
+    use crate::mirror::MirrorError;
+    crate::mirror::open_stream(js, name)
+        .await
+        .map_err(|e| match e {
+            MirrorError::StreamMissing(_) => WatchError::Usage(e.to_string()),
+            other => WatchError::Runtime(other.to_string()),
+        })
+}
