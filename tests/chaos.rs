@@ -10,7 +10,10 @@
 //! (fast and immediate, i.e. a crash), and kill -9 of `bridge mirror` (restarted at once).
 //! The writer survives PostgreSQL going away: it reconnects and carries on, and a transaction
 //! whose outcome it could not see (the server went away during it, possibly during COMMIT)
-//! is resolved by asking PostgreSQL (`txid_status` of its transaction id), never guessed.
+//! is resolved by asking PostgreSQL (`txid_status` of its transaction id), never guessed; an
+//! id PostgreSQL calls "in the future" after a crash never reached the WAL, so that
+//! transaction did not commit (and the id is handed out again). Half of the writer's pacing
+//! pauses fall inside an open transaction, so faults meet such transactions.
 //!
 //! Then, with the workload stopped and everything caught up:
 //! (a) exactly once: the oracle is a second logical replication slot (`oracle`, pgoutput),
@@ -123,15 +126,25 @@ fn connect(params: &[(&'static str, String)], report: &mut ChaosReport) -> PgCon
     }
 }
 
-/// What PostgreSQL says became of transaction `xid` (`txid_status`): true when committed.
-fn resolve(params: &[(&'static str, String)], xid: u64, report: &mut ChaosReport) -> bool {
+/// What PostgreSQL says became of a transaction cut off by a fault.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Outcome {
+    Committed,
+    Aborted,
+    /// Its id never reached the WAL before a crash, as a commit record would have: it did not
+    /// commit, and PostgreSQL hands the same id out again.
+    Forgotten,
+}
+
+/// What PostgreSQL says became of transaction `xid` (`txid_status`).
+fn resolve(params: &[(&'static str, String)], xid: u64, report: &mut ChaosReport) -> Outcome {
     let started = Instant::now();
     loop {
         let mut conn = connect(params, report);
         match conn.query(&format!("SELECT txid_status({xid})")) {
             Ok(r) => match r.rows[0][0].as_deref() {
-                Some("committed") => return true,
-                Some("aborted") => return false,
+                Some("committed") => return Outcome::Committed,
+                Some("aborted") => return Outcome::Aborted,
                 other => {
                     // Still "in progress" while its backend ends.
                     assert!(
@@ -142,6 +155,10 @@ fn resolve(params: &[(&'static str, String)], xid: u64, report: &mut ChaosReport
                 }
             },
             Err(e) if gone(&e) => std::thread::sleep(Duration::from_millis(200)),
+            // After a crash: "transaction ID … is in the future".
+            Err(e) if e.sqlstate() == Some("22023") && e.to_string().contains("in the future") => {
+                return Outcome::Forgotten
+            }
             Err(e) => panic!("txid_status({xid}): {e}"),
         }
     }
@@ -153,6 +170,7 @@ fn try_transaction(
     conn: &mut PgConnection,
     statements: &[String],
     xid: &mut Option<u64>,
+    pause: Duration,
 ) -> Result<Option<u64>, PgError> {
     conn.execute("BEGIN")?;
     let r = conn.query("SELECT txid_current()")?;
@@ -180,6 +198,9 @@ fn try_transaction(
             _ => n += conn.query(sql)?.rows.len() as u64,
         }
     }
+    // The writer's pacing pause, here while the transaction is open, so a fault often
+    // meets a transaction that has a transaction id and changes but no COMMIT yet.
+    std::thread::sleep(pause);
     conn.execute("COMMIT")?;
     Ok(Some(n))
 }
@@ -234,15 +255,29 @@ impl ChaosWriter {
                         Some(c) => c,
                         None => conn.insert(connect(&params, &mut report)),
                     };
+                    // Pace: at most `rate` changes per second; half the pauses are taken
+                    // inside the transaction.
+                    let due = Duration::from_millis(changes.load(Ordering::Relaxed) * 1000 / rate);
+                    let pause = due
+                        .saturating_sub(started.elapsed())
+                        .min(Duration::from_secs(1));
+                    let inside = bulk_rng.chance(50);
+                    if !inside {
+                        std::thread::sleep(pause);
+                    }
+                    let pause = if inside { pause } else { Duration::ZERO };
                     let mut xid = None;
-                    match try_transaction(c, &statements, &mut xid) {
+                    match try_transaction(c, &statements, &mut xid, pause) {
                         Ok(Some(n)) => {
                             report.transactions += 1;
                             report.changes += n;
                             if statements.iter().any(|s| s.starts_with("TRUNCATE")) {
                                 report.truncated = true;
                             }
-                            report.committed.insert(xid.unwrap() as u32, Some(n));
+                            let xid = xid.unwrap() as u32;
+                            report.committed.insert(xid, Some(n));
+                            // An id forgotten in a crash comes again.
+                            report.aborted.remove(&xid);
                             changes.fetch_add(n, Ordering::Relaxed);
                         }
                         Ok(None) => {
@@ -254,25 +289,23 @@ impl ChaosWriter {
                             report.failed += 1;
                             // Not assigned: the transaction never got as far as a change.
                             if let Some(xid) = xid {
-                                if resolve(&params, xid, &mut report) {
-                                    report.resolved_committed += 1;
-                                    report.transactions += 1;
-                                    report.committed.insert(xid as u32, None);
-                                } else {
-                                    report.resolved_aborted += 1;
-                                    report.aborted.insert(xid as u32);
+                                match resolve(&params, xid, &mut report) {
+                                    Outcome::Committed => {
+                                        report.resolved_committed += 1;
+                                        report.transactions += 1;
+                                        report.committed.insert(xid as u32, None);
+                                    }
+                                    Outcome::Aborted => {
+                                        report.resolved_aborted += 1;
+                                        report.aborted.insert(xid as u32);
+                                    }
+                                    Outcome::Forgotten => report.resolved_aborted += 1,
                                 }
                             }
                         }
                         Err(e) => {
                             panic!("writer statement failed: {e}\n{statements:?}\n(seed {seed})")
                         }
-                    }
-                    let done = changes.load(Ordering::Relaxed);
-                    let due = Duration::from_millis(done * 1000 / rate);
-                    let elapsed = started.elapsed();
-                    if due > elapsed {
-                        std::thread::sleep((due - elapsed).min(Duration::from_secs(1)));
                     }
                 }
                 report
