@@ -655,10 +655,13 @@ fn chaos_changes_are_stored_exactly_once_in_commit_order_and_mirrored() {
     // receives (its catch-up check compares stream sequences).
     let last = env.pg.sql(
         "app",
-        "UPDATE events SET kind = kind WHERE id = 1; SELECT txid_current()",
+        &format!(
+            "INSERT INTO events (id, label) VALUES ({}, 'last'); SELECT txid_current()",
+            BULK_EVENT - 1
+        ),
     );
     let last_xid: u64 = last.rows[0][0].as_deref().unwrap().parse().unwrap();
-    report.committed.insert(last_xid as u32, None);
+    report.committed.insert(last_xid as u32, Some(1));
 
     // Catch up: the bridge confirms everything, the mirror has applied everything.
     wait_mirror_caught_up(&env.pg, &url, &durable(&db));
