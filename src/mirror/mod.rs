@@ -974,7 +974,7 @@ impl Mirror {
                 let id_lsn = m
                     .headers
                     .get(async_nats::header::NATS_MESSAGE_ID)
-                    .and_then(|v| parse_message_id(v.as_str()).map(|id| id.commit_lsn));
+                    .and_then(|v| id_commit_lsn(v.as_str()));
                 let marked = m
                     .headers
                     .get(crate::sink::encode::LAST_IN_TX_HEADER)
@@ -1166,6 +1166,18 @@ impl Mirror {
     }
 }
 
+/// The commit LSN in a change's message id `{namespace}:{timeline}:{commit_lsn}-{seq}`, or in
+/// the bare `{commit_lsn}-{seq}` of a stream written by an older bridge; `None` for any other
+/// id.
+fn id_commit_lsn(id: &str) -> Option<Lsn> {
+    if let Some(parts) = parse_message_id(id) {
+        return Some(parts.commit_lsn);
+    }
+    let (lsn, seq) = id.rsplit_once('-')?;
+    seq.parse::<u32>().ok()?;
+    lsn.parse().ok()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -1186,5 +1198,15 @@ mod tests {
         assert!(a
             .bytes()
             .all(|c| c.is_ascii_alphanumeric() || c == b'-' || c == b'_'));
+    }
+
+    #[test]
+    fn commit_lsn_of_a_message_id() {
+        let lsn: Lsn = "0/25CB5E8".parse().unwrap();
+        assert_eq!(id_commit_lsn("3f9a1c2e:1:0/25CB5E8-0"), Some(lsn));
+        assert_eq!(id_commit_lsn("ns-with-dashes:12:0/25CB5E8-417"), Some(lsn));
+        assert_eq!(id_commit_lsn("0/25CB5E8-3"), Some(lsn));
+        assert_eq!(id_commit_lsn("replay-7"), None);
+        assert_eq!(id_commit_lsn("3f9a1c2e:1:0/25CB5E8"), None);
     }
 }

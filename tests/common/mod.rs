@@ -21,6 +21,8 @@ use std::time::{Duration, Instant};
 
 use pgbridge::pg::conn::{ConnectionKind, PgConnection, QueryResult};
 
+pub mod oracle;
+
 /// How long a server may take to accept connections before the test fails.
 const START_TIMEOUT: Duration = Duration::from_secs(60);
 /// How long a server may take to exit after being asked to.
