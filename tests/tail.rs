@@ -10,7 +10,8 @@ use std::process::{Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
 use common::{
-    bridge_command, free_port, stream_len, wait_for, BridgeProcess, KillOnDrop, TempDir, TestEnv,
+    bridge_command, free_port, read_stream, stream_len, wait_for, with_nats, BridgeProcess,
+    KillOnDrop, NatsServer, TempDir, TestEnv,
 };
 use serde_json::{json, Value};
 
@@ -198,9 +199,13 @@ const SCHEMA_SQL: &str = "CREATE SCHEMA sales; \
     CREATE TABLE users (id int PRIMARY KEY, name text, data bytea, score float8); \
     CREATE TABLE sales.orders (id int PRIMARY KEY, amount numeric(10,2), note text)";
 
-/// Streams the changes of [`expected`] through a bridge in MessagePack, then one in JSON.
+/// Streams the changes of [`expected`] through a bridge in MessagePack, then one in JSON. A
+/// bridge refuses to write a second format into a stream that holds the first, but a stream
+/// written by older bridges can hold both, and `tail` must read either: the JSON half is
+/// written by a bridge into a second nats-server's stream and copied over, headers and all.
 fn write_changes(env: &TestEnv, dir: &TempDir) {
     let url = env.nats.url();
+    let other = NatsServer::start();
     let statements: [&[&str]; 2] = [
         &[
             "INSERT INTO users VALUES (1, 'ann', '\\x00ff', 1.5)",
@@ -216,18 +221,21 @@ fn write_changes(env: &TestEnv, dir: &TempDir) {
             "UPDATE users SET name = 'anne', data = '\\x010203', score = -2 WHERE id = 1",
         ],
     ];
-    let mut total = 0;
-    for (format, statements) in ["msgpack", "json"].iter().zip(statements) {
+    for ((format, statements), target) in ["msgpack", "json"]
+        .iter()
+        .zip(statements)
+        .zip([url.clone(), other.url()])
+    {
         let mut bridge = BridgeProcess::spawn(
-            bridge_command(&env.pg, &url, dir.path()).args(["--format", format]),
+            bridge_command(&env.pg, &target, dir.path()).args(["--format", format]),
         );
         bridge.wait_for_line("snapshot requests served", Duration::from_secs(60));
         for sql in statements {
             env.pg.sql("app", sql);
         }
-        total += statements.len() as u64;
+        let n = statements.len() as u64;
         wait_for("the changes in CDC", Duration::from_secs(30), || {
-            (stream_len(&url, "CDC") == total).then_some(())
+            (stream_len(&target, "CDC") == n).then_some(())
         });
         assert_eq!(
             bridge.terminate(Duration::from_secs(30)),
@@ -236,6 +244,25 @@ fn write_changes(env: &TestEnv, dir: &TempDir) {
             bridge.log()
         );
     }
+    let copies = read_stream(&other.url(), "CDC");
+    with_nats(&url, |client| async move {
+        let js = async_nats::jetstream::new(client);
+        for m in copies {
+            let mut headers = async_nats::HeaderMap::new();
+            if let Some(id) = m.msg_id {
+                headers.insert("Nats-Msg-Id", id.as_str());
+            }
+            if let Some(last) = m.last_in_tx_header {
+                headers.insert("Pgbridge-Last-In-Tx", last.as_str());
+            }
+            js.publish_with_headers(m.subject, headers, m.payload.into())
+                .await
+                .expect("publish a copy")
+                .await
+                .expect("PubAck of a copy");
+        }
+    });
+    assert_eq!(stream_len(&url, "CDC"), 9);
 }
 
 #[test]

@@ -430,11 +430,10 @@ impl Publisher {
         self
     }
 
+    /// The client's own view: the event flag in [`NatsStats`] is set by a callback task
+    /// that may run a little later, and a publisher waiting for it must not stall.
     fn is_connected(&self) -> bool {
-        match &self.connection {
-            Some(stats) => stats.is_connected(),
-            None => self.client.connection_state() == State::Connected,
-        }
+        self.client.connection_state() == State::Connected
     }
 
     /// After a reconnect, marks every message still waiting for its answer as failed: it was
