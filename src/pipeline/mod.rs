@@ -784,6 +784,9 @@ fn spawn_snapshot_service(
                             log::error!("snapshots unavailable: {e}");
                             return;
                         }
+                        // A failure as quick as a refused TLS handshake beats the shutdown
+                        // check above: look again, or this loop would spin after shutdown.
+                        Some(Err(_)) if shutdown.is_triggered() => return,
                         Some(Err(e)) => {
                             log::warn!("snapshot service: {e}; retrying in {}s", backoff.as_secs());
                             sleep_unless_async(&shutdown, backoff).await;
