@@ -8,6 +8,7 @@ pub mod config;
 pub mod mirror;
 pub mod pg;
 pub mod pipeline;
+pub mod runtime;
 pub mod shutdown;
 pub mod sink;
 pub mod telemetry;

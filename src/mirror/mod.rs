@@ -280,9 +280,7 @@ pub fn run(
     options: &MirrorOptions,
     shutdown: &Shutdown,
 ) -> Result<MirrorSummary, MirrorError> {
-    let rt = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
+    let rt = crate::runtime::current_thread()
         .map_err(|e| MirrorError::JetStream(format!("cannot start the runtime: {e}")))?;
     rt.block_on(async {
         let (client, _) = connect(&config.nats, CONNECTION_NAME).await?;

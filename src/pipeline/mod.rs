@@ -652,9 +652,7 @@ fn spawn_publisher(
         .name("publisher".into())
         .spawn(move || {
             let result = (|| {
-                let rt = tokio::runtime::Builder::new_current_thread()
-                    .enable_all()
-                    .build()
+                let rt = crate::runtime::current_thread()
                     .map_err(|e| RunError::Internal(format!("tokio runtime: {e}")))?;
                 rt.block_on(async {
                     // Connect, retrying while NATS is unreachable (it may start after us).
@@ -761,10 +759,7 @@ fn spawn_snapshot_service(
     let spawned = std::thread::Builder::new()
         .name("snapshots".into())
         .spawn(move || {
-            let rt = match tokio::runtime::Builder::new_current_thread()
-                .enable_all()
-                .build()
-            {
+            let rt = match crate::runtime::current_thread() {
                 Ok(rt) => rt,
                 Err(e) => {
                     log::error!("snapshots unavailable: tokio runtime: {e}");
@@ -850,10 +845,7 @@ fn spawn_schema_writer(
     let spawned = std::thread::Builder::new()
         .name("schemas".into())
         .spawn(move || {
-            let rt = match tokio::runtime::Builder::new_current_thread()
-                .enable_all()
-                .build()
-            {
+            let rt = match crate::runtime::current_thread() {
                 Ok(rt) => rt,
                 Err(e) => {
                     log::error!("schemas unavailable: tokio runtime: {e}");

@@ -57,9 +57,7 @@ impl WatchError {
 
 /// A single-threaded runtime for one command.
 fn runtime() -> Result<tokio::runtime::Runtime, WatchError> {
-    tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
+    crate::runtime::current_thread()
         .map_err(|e| WatchError::Runtime(format!("cannot start the runtime: {e}")))
 }
 

@@ -114,10 +114,7 @@ pub fn run(
     nats_config: &NatsConfig,
     streams: &StreamsConfig,
 ) -> Response {
-    let rt = match tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-    {
+    let rt = match crate::runtime::current_thread() {
         Ok(rt) => rt,
         Err(e) => return Response::error(500, format!("cannot start a runtime: {e}")),
     };
