@@ -160,3 +160,43 @@ fn r3_stream_rides_out_a_leader_loss_and_a_quorum_loss() {
         eprintln!("{line}");
     }
 }
+
+/// A bridge started while the cluster has no JetStream quorum (two of three nodes down) gets
+/// no answer to its stream requests: it must wait and retry, not exit, and stream once the
+/// nodes are back.
+#[test]
+fn a_start_without_quorum_waits_for_the_cluster() {
+    let cluster = std::thread::spawn(|| NatsCluster::start(3));
+    let pg = PgServer::start();
+    let mut cluster = cluster.join().expect("cluster start failed");
+    setup_app_db(&pg, "CREATE TABLE load (id bigint PRIMARY KEY)", "");
+    cluster.kill(1);
+    cluster.kill(2);
+    let state = TempDir::new("cluster-noquorum-state");
+    let mut bridge =
+        BridgeProcess::spawn(bridge_command(&pg, &cluster.urls(), state.path()).args([
+            "--stream-replicas",
+            "3",
+            "--format",
+            "json",
+        ]));
+    let line = bridge.wait_for_line("JetStream request failed", WAIT);
+    assert!(line.contains("retrying in"), "{line}");
+    assert_running(&mut bridge);
+
+    cluster.start_again(1);
+    cluster.start_again(2);
+    bridge.wait_for_line("streaming started", WAIT);
+    let rows = 200;
+    pg.sql(
+        "app",
+        &format!("INSERT INTO load SELECT g FROM generate_series(1, {rows}) g"),
+    );
+    wait_caught_up(&pg, "cdc_slot", WAIT);
+    wait_or_log(&bridge, &format!("{rows} messages in CDC"), || {
+        cdc_len(&cluster).filter(|&n| n >= rows)
+    });
+    let stored = read_stream(&cluster.url(0), "CDC");
+    assert_once_in_order(&json_row_ids(&stored), rows);
+    assert_eq!(bridge.terminate(WAIT), Some(0), "{}", bridge.log());
+}

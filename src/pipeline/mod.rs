@@ -684,13 +684,25 @@ fn spawn_publisher(
                     let js = async_nats::jetstream::context::ContextBuilder::new()
                         .timeout(crate::sink::publisher::ACK_TIMEOUT)
                         .build(client.clone());
-                    let checked = match nats::ensure_streams(&js, &streams).await {
-                        Ok(info) => nats::check_stream_format(&js, &info.cdc, format).await,
-                        Err(e) => Err(e),
-                    };
-                    if let Err(e) = checked {
-                        let _ = ready.send(Err(e));
-                        return Ok(());
+                    // A server that restarts or elects a leader meanwhile times these requests
+                    // out: retried like the connect, only a configuration error ends the start.
+                    loop {
+                        let checked = match nats::ensure_streams(&js, &streams).await {
+                            Ok(info) => nats::check_stream_format(&js, &info.cdc, format).await,
+                            Err(e) => Err(e),
+                        };
+                        match checked {
+                            Ok(()) => break,
+                            Err(e) if !e.is_configuration() && !shutdown.is_triggered() => {
+                                log::warn!("{e}; retrying in {}s", backoff.as_secs());
+                                sleep_unless_async(&shutdown, backoff).await;
+                            }
+                            Err(e) if e.is_configuration() => {
+                                let _ = ready.send(Err(e));
+                                return Ok(());
+                            }
+                            Err(_) => return Ok(()),
+                        }
                     }
                     let _ = ready.send(Ok(()));
                     Publisher::new(client, consumer, notify, durable, settings, stats, shutdown)
