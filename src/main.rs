@@ -179,15 +179,18 @@ fn init_logging(default: &str) {
 /// The first SIGINT or SIGTERM asks for a graceful shutdown; a second one, while the first is
 /// still being handled, exits at once with code 1, for when draining hangs.
 fn install_signal_handlers(shutdown: &Shutdown) -> std::io::Result<()> {
-    for signal in [SIGINT, SIGTERM] {
-        // Registered first so that it sees the flag as it was before this signal set it.
-        signal_hook::flag::register_conditional_shutdown(
-            signal,
-            i32::from(EXIT_FAILURE),
-            shutdown.flag(),
-        )?;
-        signal_hook::flag::register(signal, shutdown.flag())?;
-    }
+    let mut signals = signal_hook::iterator::Signals::new([SIGINT, SIGTERM])?;
+    let shutdown = shutdown.clone();
+    std::thread::Builder::new()
+        .name("signals".into())
+        .spawn(move || {
+            for _ in signals.forever() {
+                if shutdown.is_triggered() {
+                    std::process::exit(i32::from(EXIT_FAILURE));
+                }
+                shutdown.trigger();
+            }
+        })?;
     Ok(())
 }
 

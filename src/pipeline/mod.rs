@@ -667,10 +667,7 @@ fn spawn_publisher(
                             Ok(c) => break c,
                             Err(e) if !e.is_configuration() && !shutdown.is_triggered() => {
                                 log::warn!("{e}; retrying in {}s", backoff.as_secs());
-                                let deadline = Instant::now() + backoff;
-                                while Instant::now() < deadline && !shutdown.is_triggered() {
-                                    tokio::time::sleep(Duration::from_millis(50)).await;
-                                }
+                                shutdown.sleep(backoff).await;
                             }
                             Err(e) if e.is_configuration() => {
                                 let _ = ready.send(Err(e));
@@ -731,27 +728,17 @@ fn stop_snapshots(shutdown: &Shutdown, snapshots: Option<JoinHandle<()>>) {
 
 /// Sleeps up to `d`, waking early on shutdown (async).
 async fn sleep_unless_async(shutdown: &Shutdown, d: Duration) {
-    let deadline = Instant::now() + d;
-    while !shutdown.is_triggered() && Instant::now() < deadline {
-        tokio::time::sleep(Duration::from_millis(50).min(deadline - Instant::now())).await;
-    }
+    shutdown.sleep(d).await;
 }
 
-/// Runs `f` until it completes; `None` when shutdown came first (polled every 50 ms).
+/// Runs `f` until it completes; `None` when shutdown came first.
 async fn unless_shutdown<T>(
     shutdown: &Shutdown,
     f: impl std::future::Future<Output = T>,
 ) -> Option<T> {
-    tokio::pin!(f);
-    loop {
-        tokio::select! {
-            v = &mut f => return Some(v),
-            _ = tokio::time::sleep(Duration::from_millis(50)) => {
-                if shutdown.is_triggered() {
-                    return None;
-                }
-            }
-        }
+    tokio::select! {
+        v = f => Some(v),
+        _ = shutdown.triggered() => None,
     }
 }
 
