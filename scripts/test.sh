@@ -22,6 +22,7 @@ echo "== scripts/check-elixir.sh"
 echo "== promtool test rules"
 promtool check rules deploy/prometheus/alerts.yml
 promtool test rules deploy/prometheus/alerts_test.yml
+[ "${SKIP_WALKTHROUGH:-}" = 1 ] && echo "== scripts/walkthrough.sh skipped (SKIP_WALKTHROUGH=1)" || { echo "== scripts/walkthrough.sh"; ./scripts/walkthrough.sh; }
 if [ "${SKIP_IMAGE:-}" = 1 ]; then
     echo "== scripts/image.sh skipped (SKIP_IMAGE=1)"
 else
