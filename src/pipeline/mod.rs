@@ -9,7 +9,7 @@ pub mod spool;
 pub mod wal;
 
 use std::collections::HashSet;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
@@ -26,12 +26,9 @@ use crate::telemetry::{self, Telemetry, TelemetryError};
 
 use durable::{DurableLsn, StateFile, StateFileError, StateWriter};
 use position::{Found, PositionError, PositionIdentity, Recorded, Resume, TimelineHistory};
-use wal::{RingItem, WalContext, WalStream};
+use wal::{WalContext, WalStream};
 
 pub use wal::{StreamError, WalStats};
-
-/// Most published events kept for the wal thread to reuse.
-const RECYCLE_CAPACITY: usize = 1024;
 
 /// Why [`run`] stopped with an error.
 #[derive(Debug, thiserror::Error)]
@@ -485,27 +482,19 @@ fn run_pipeline(
         schema_rx,
     );
 
-    let (producer, consumer) = rtrb::RingBuffer::<RingItem>::new(config.replication.ring_capacity);
-    // Published events go back to the wal thread to be reused (bounded: at most this many
-    // wait there, the rest are dropped).
-    let (recycle_tx, recycle_rx) = rtrb::RingBuffer::<Box<event::ChangeEvent>>::new(
-        config.replication.ring_capacity.min(RECYCLE_CAPACITY),
+    let (writer, reader) = ring::channel(
+        config.replication.ring_capacity,
+        config.replication.ring_max_bytes,
     );
-    let budget = Arc::new(ring::RingBudget::new(config.replication.ring_max_bytes));
-    let notify = Arc::new(tokio::sync::Notify::new());
-    let publisher_done = Arc::new(AtomicBool::new(false));
     let stats = Arc::clone(&telemetry.publisher);
     let (ready_tx, ready_rx) = std::sync::mpsc::channel();
     let publisher = spawn_publisher(
         config,
         &namespace,
         shutdown,
-        consumer,
-        (recycle_tx, Arc::clone(&budget)),
-        Arc::clone(&notify),
+        reader,
         durable.clone(),
         (Arc::clone(&stats), Arc::clone(&telemetry.nats)),
-        Arc::clone(&publisher_done),
         ready_tx,
     )?;
     // Wait for NATS and the streams before reading WAL: nothing could be made durable.
@@ -531,18 +520,14 @@ fn run_pipeline(
     telemetry.set_streaming();
 
     let mut ctx = WalContext {
-        producer,
-        notify: Arc::clone(&notify),
+        ring: writer,
         durable: durable.clone(),
         state,
         stats: WalStats::default(),
         last_pushed_end: start,
         reported_flush: start,
-        publisher_done: Arc::clone(&publisher_done),
         telemetry: Arc::clone(telemetry),
         schema_changes: Some(schema_tx),
-        recycled: Some(recycle_rx),
-        budget: Arc::clone(&budget),
     };
     // The first attempt streams on the set-up connection (a login costs tens of ms of CPU
     // with SCRAM); if it was lost meanwhile, the attempt fails and the next one reconnects.
@@ -595,8 +580,7 @@ fn run_pipeline(
         }
     }
     // Close the ring (the wal side is dropped) and collect the publisher's outcome.
-    drop(ctx.producer);
-    notify.notify_one();
+    ctx.ring.close();
     let publisher_result = publisher
         .join()
         .map_err(|_| RunError::Internal("the publisher thread panicked".into()))?;
@@ -625,15 +609,9 @@ fn spawn_publisher(
     config: &Config,
     id_namespace: &str,
     shutdown: &Shutdown,
-    consumer: rtrb::Consumer<RingItem>,
-    (recycle, budget): (
-        rtrb::Producer<Box<event::ChangeEvent>>,
-        Arc<ring::RingBudget>,
-    ),
-    notify: Arc<tokio::sync::Notify>,
+    reader: ring::RingReader,
     durable: DurableLsn,
     (stats, nats_stats): (Arc<PublisherStats>, Arc<NatsStats>),
-    done: Arc<AtomicBool>,
     ready: std::sync::mpsc::Sender<Result<(), NatsError>>,
 ) -> Result<JoinHandle<Result<(), RunError>>, RunError> {
     let nats_config = config.nats.clone();
@@ -702,16 +680,13 @@ fn spawn_publisher(
                         }
                     }
                     let _ = ready.send(Ok(()));
-                    Publisher::new(client, consumer, notify, durable, settings, stats, shutdown)
-                        .with_recycling(recycle)
-                        .with_ring_budget(budget)
+                    Publisher::new(client, reader, durable, settings, stats, shutdown)
                         .with_connection_events(nats_stats)
                         .run()
                         .await
                         .map_err(RunError::from)
                 })
             })();
-            done.store(true, Ordering::Release);
             result
         })
         .map_err(|e| RunError::Internal(format!("cannot start the publisher thread: {e}")))

@@ -43,8 +43,7 @@ use crate::pg::pgoutput::pg_to_unix_micros;
 use crate::pg::Lsn;
 use crate::pipeline::durable::DurableLsn;
 use crate::pipeline::event::{self, ChangeEvent, Operation, TableRef};
-use crate::pipeline::ring::{event_bytes, RingBudget};
-use crate::pipeline::wal::RingItem;
+use crate::pipeline::ring::{event_bytes, RingItem, RingReader};
 use crate::shutdown::Shutdown;
 
 use super::encode::{encode_change, LAST_IN_TX_HEADER};
@@ -299,8 +298,7 @@ impl Replies {
 /// (End item, or the wal side dropped) and everything is acknowledged.
 pub struct Publisher {
     client: Client,
-    consumer: rtrb::Consumer<RingItem>,
-    notify: Arc<tokio::sync::Notify>,
+    ring: RingReader,
     durable: DurableLsn,
     settings: PublisherSettings,
     /// `{namespace}:`, the start of every message id.
@@ -323,7 +321,6 @@ pub struct Publisher {
     failing_since: Option<Instant>,
     backoff: Duration,
     subjects: SubjectCache,
-    recycle: Option<rtrb::Producer<Box<ChangeEvent>>>,
     /// Connection events of the client (`None`: the connection state is asked directly).
     connection: Option<Arc<NatsStats>>,
     /// Reconnects seen so far: a new one means what was in flight has to be sent again.
@@ -335,8 +332,6 @@ pub struct Publisher {
     foreign_writer_seen: bool,
     /// Payload bytes in the window.
     window_bytes: u64,
-    /// The ring's byte budget, to which popped changes are given back.
-    budget: Option<Arc<RingBudget>>,
 }
 
 /// The subjects of each table, built once rather than for every message. Keyed by the
@@ -373,11 +368,10 @@ impl SubjectCache {
 }
 
 impl Publisher {
-    /// A publisher reading `consumer` and publishing through `client`.
+    /// A publisher reading `ring` and publishing through `client`.
     pub fn new(
         client: Client,
-        consumer: rtrb::Consumer<RingItem>,
-        notify: Arc<tokio::sync::Notify>,
+        ring: RingReader,
         durable: DurableLsn,
         settings: PublisherSettings,
         stats: Arc<PublisherStats>,
@@ -387,8 +381,7 @@ impl Publisher {
         let replies = Replies::new(&client.new_inbox());
         Publisher {
             client,
-            consumer,
-            notify,
+            ring,
             durable,
             id_prefix: event::id_prefix(&settings.id_namespace),
             settings,
@@ -404,21 +397,12 @@ impl Publisher {
             failing_since: None,
             backoff: RETRY_MIN,
             subjects: SubjectCache::default(),
-            recycle: None,
             connection: None,
             reconnects_seen: 0,
             last_id: None,
             foreign_writer_seen: false,
             window_bytes: 0,
-            budget: None,
         }
-    }
-
-    /// Gives the bytes of each change taken off the ring back to `budget` (the wal thread
-    /// counts them in when it pushes).
-    pub fn with_ring_budget(mut self, budget: Arc<RingBudget>) -> Self {
-        self.budget = Some(budget);
-        self
     }
 
     /// Follows the client's connection events through `stats` (the ones its connect function
@@ -466,13 +450,6 @@ impl Publisher {
         }
     }
 
-    /// Gives published events back to the wal thread through `ring`, to be filled again
-    /// (when the ring is full they are dropped).
-    pub fn with_recycling(mut self, ring: rtrb::Producer<Box<ChangeEvent>>) -> Self {
-        self.recycle = Some(ring);
-        self
-    }
-
     /// Runs until the ring is closed and drained.
     pub async fn run(mut self) -> Result<(), PublishError> {
         // Subscribed before the first publish: both go through the client's command queue in
@@ -482,7 +459,7 @@ impl Publisher {
             .subscribe(self.replies.filter())
             .await
             .map_err(PublishError::AckInbox)?;
-        let notify = Arc::clone(&self.notify);
+        let notify = self.ring.notify();
         let connection = self.connection.clone();
         // One timer for the front's deadline. Deadlines only move later, so the timer is
         // re-armed only when it fires early, not each time the front changes.
@@ -507,14 +484,14 @@ impl Publisher {
                 if !connected {
                     // Nothing is published while disconnected: wait for the connection, unless
                     // nothing more will come, or shutdown has waited long enough.
-                    if self.consumer.is_abandoned() && self.consumer.is_empty() {
+                    if self.ring.is_closed() {
                         return Ok(());
                     }
                     if self.shutdown.is_triggered() {
                         let since = *self.failing_since.get_or_insert_with(Instant::now);
                         if since.elapsed() > SHUTDOWN_RETRY_LIMIT {
                             return Err(PublishError::NotDrained {
-                                pending: self.consumer.slots(),
+                                pending: self.ring.len(),
                                 last_error: "the NATS connection is lost".into(),
                             });
                         }
@@ -524,7 +501,7 @@ impl Publisher {
                         wait_connection_change(connection.as_deref()),
                     )
                     .await;
-                } else if self.consumer.is_empty() {
+                } else if self.ring.is_empty() {
                     let _ = tokio::time::timeout(IDLE_WAIT, notify.notified()).await;
                 }
                 continue;
@@ -570,9 +547,7 @@ impl Publisher {
         }
         let mut popped_bytes = 0;
         let result = self.fill_window(ended, &mut popped_bytes).await;
-        if let Some(budget) = &self.budget {
-            budget.popped(popped_bytes);
-        }
+        self.ring.popped(popped_bytes);
         result
     }
 
@@ -586,28 +561,22 @@ impl Publisher {
             && !*ended
             && !self.recovering
         {
-            match self.consumer.pop() {
-                Ok(RingItem::Change(ev)) => {
-                    let bytes = if self.budget.is_some() || self.recycle.is_some() {
-                        event_bytes(&ev)
-                    } else {
-                        0
-                    };
+            match self.ring.pop() {
+                Some(RingItem::Change(ev)) => {
+                    let bytes = event_bytes(&ev);
                     *popped_bytes += bytes;
                     self.publish_change(&ev).await?;
                     if bytes <= RECYCLE_MAX_EVENT_BYTES {
-                        if let Some(ring) = self.recycle.as_mut() {
-                            let _ = ring.push(ev);
-                        }
+                        self.ring.recycle(ev);
                     }
                 }
-                Ok(RingItem::Commit { end_lsn }) => match self.window.back_mut() {
+                Some(RingItem::Commit { end_lsn }) => match self.window.back_mut() {
                     Some(last) => last.commit_end = Some(end_lsn),
                     None => self.durable.advance(end_lsn),
                 },
-                Ok(RingItem::End) => *ended = true,
-                Err(_) => {
-                    if self.consumer.is_abandoned() && self.consumer.is_empty() {
+                Some(RingItem::End) => *ended = true,
+                None => {
+                    if self.ring.is_closed() {
                         *ended = true;
                     }
                     break;
