@@ -17,7 +17,7 @@ use pgbridge::pipeline::durable::DurableLsn;
 use pgbridge::pipeline::event::{ChangeEvent, ColumnValue, Operation, TableRef};
 use pgbridge::pipeline::ring::{self, RingItem};
 use pgbridge::shutdown::Shutdown;
-use pgbridge::sink::publisher::{PublishError, Publisher, PublisherSettings, PublisherStats};
+use pgbridge::sink::nats::publisher::{PublishError, Publisher, PublisherSettings, PublisherStats};
 
 use common::{read_stream, with_nats, NatsServer};
 

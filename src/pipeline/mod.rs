@@ -20,8 +20,8 @@ use crate::pg::replication::ReplicationConnection;
 use crate::pg::setup::{self, DatabaseInfo, SetupError};
 use crate::pg::Lsn;
 use crate::shutdown::Shutdown;
+use crate::sink::nats::publisher::{PublishError, Publisher, PublisherSettings, PublisherStats};
 use crate::sink::nats::{self, NatsError, NatsStats};
-use crate::sink::publisher::{PublishError, Publisher, PublisherSettings, PublisherStats};
 use crate::telemetry::{self, Telemetry, TelemetryError};
 
 use durable::{DurableLsn, StateFile, StateFileError, StateWriter};
@@ -574,7 +574,7 @@ fn run_pipeline(
             // Said at once: with NATS down, the publisher can take a while to give up.
             log::error!(
                 "{e}; stopping (waiting up to {} s for JetStream to acknowledge what was sent)",
-                crate::sink::publisher::SHUTDOWN_RETRY_LIMIT.as_secs()
+                crate::sink::nats::publisher::SHUTDOWN_RETRY_LIMIT.as_secs()
             );
             shutdown.trigger();
         }
@@ -657,7 +657,7 @@ fn spawn_publisher(
                     // For the set-up requests only; changes go out on the publisher's own
                     // pipelined path over the same connection.
                     let js = async_nats::jetstream::context::ContextBuilder::new()
-                        .timeout(crate::sink::publisher::ACK_TIMEOUT)
+                        .timeout(crate::sink::nats::publisher::ACK_TIMEOUT)
                         .build(client.clone());
                     // A server that restarts or elects a leader meanwhile times these requests
                     // out: retried like the connect, only a configuration error ends the start.
@@ -763,7 +763,7 @@ fn spawn_snapshot_service(
                     }
                 };
                 let js = async_nats::jetstream::context::ContextBuilder::new()
-                    .timeout(crate::sink::publisher::ACK_TIMEOUT)
+                    .timeout(crate::sink::nats::publisher::ACK_TIMEOUT)
                     .build(client.clone());
                 let schemas = spawn_schema_writer(
                     &config,

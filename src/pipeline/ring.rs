@@ -208,11 +208,6 @@ impl RingBudget {
         }
     }
 
-    /// The limit.
-    pub fn limit(&self) -> u64 {
-        self.limit
-    }
-
     /// Bytes held by the changes on the ring now.
     pub fn used(&self) -> u64 {
         self.pushed

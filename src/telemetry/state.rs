@@ -13,8 +13,8 @@ use crossbeam_utils::CachePadded;
 use crate::pg::Lsn;
 use crate::pipeline::durable::DurableLsn;
 use crate::shutdown::Shutdown;
+use crate::sink::nats::publisher::PublisherStats;
 use crate::sink::nats::NatsStats;
-use crate::sink::publisher::PublisherStats;
 
 /// Counters of the wal thread and the run loop. Only the wal side writes them.
 #[derive(Debug, Default)]

@@ -24,6 +24,9 @@ use async_nats::{Client, ConnectError, ConnectErrorKind, ConnectOptions, Event};
 
 use crate::config::{check_nkey_seed, Format, NatsAuth, NatsConfig, StreamsConfig};
 
+pub mod puback;
+pub mod publisher;
+
 /// First token of every change subject (`cdc.{table}.{op}`).
 pub const CDC_SUBJECT_PREFIX: &str = "cdc";
 /// First token of every snapshot subject (`init.snap.…`, `init.meta.…`).

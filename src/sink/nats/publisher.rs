@@ -46,10 +46,11 @@ use crate::pipeline::event::{self, ChangeEvent, Operation, TableRef};
 use crate::pipeline::ring::{event_bytes, RingItem, RingReader};
 use crate::shutdown::Shutdown;
 
-use super::encode::{encode_change, LAST_IN_TX_HEADER};
-use super::nats::NatsStats;
+use crate::sink::encode::{encode_change, LAST_IN_TX_HEADER};
+use crate::sink::subject::change_subject;
+
 use super::puback::{self, PubAckError};
-use super::subject::change_subject;
+use super::NatsStats;
 
 /// How long the oldest message of the window waits for its PubAck before it is sent again.
 pub const ACK_TIMEOUT: Duration = Duration::from_secs(5);
@@ -270,7 +271,7 @@ impl Replies {
         self.scratch.clear();
         self.scratch.extend_from_slice(self.prefix.as_bytes());
         self.scratch
-            .extend_from_slice(super::encode::decimal(token, &mut [0u8; 20]).as_bytes());
+            .extend_from_slice(crate::sink::encode::decimal(token, &mut [0u8; 20]).as_bytes());
         let bytes = self.chunks.copy(&self.scratch);
         // The inbox is a string and the token ASCII digits, so this cannot fail; the fallback
         // only spares a panic path.
@@ -636,7 +637,7 @@ impl Publisher {
             PublishErrorKind::MaxPayloadExceeded => Some(PublishError::TooLarge {
                 table: entry.subject.to_string(),
                 size: entry.payload.len(),
-                max: super::nats::max_payload(&self.client),
+                max: super::max_payload(&self.client),
                 message_id: entry.message_id(&self.id_prefix),
             }),
             // Retrying cannot make a subject valid.
