@@ -27,7 +27,7 @@
 //! is disconnected nothing new is published; when it reconnects, what was in flight on the old
 //! connection is sent again at once rather than after the ack timeout.
 
-use std::collections::{HashMap, VecDeque};
+use std::collections::VecDeque;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
@@ -35,19 +35,21 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 use async_nats::connection::State;
 use async_nats::header::{NATS_EXPECTED_LAST_MESSAGE_ID, NATS_MESSAGE_ID};
 use async_nats::{Client, HeaderMap, Message, PublishErrorKind, Subject, Subscriber};
-use bytes::{BufMut, Bytes, BytesMut};
+use bytes::Bytes;
 use futures_util::{FutureExt, StreamExt};
 
 use crate::config::Format;
 use crate::pg::pgoutput::pg_to_unix_micros;
 use crate::pg::Lsn;
 use crate::pipeline::durable::DurableLsn;
-use crate::pipeline::event::{self, ChangeEvent, Operation, TableRef};
+use crate::pipeline::event::{self, ChangeEvent};
 use crate::pipeline::ring::{event_bytes, RingItem, RingReader};
 use crate::shutdown::Shutdown;
-
 use crate::sink::encode::{encode_change, LAST_IN_TX_HEADER};
-use crate::sink::subject::change_subject;
+
+mod buffers;
+
+use buffers::{Chunks, Replies, SubjectCache};
 
 use super::puback::{self, PubAckError};
 use super::NatsStats;
@@ -66,13 +68,9 @@ const DISCONNECTED_CHECK: Duration = Duration::from_secs(1);
 const IDLE_WAIT: Duration = Duration::from_millis(20);
 /// At shutdown, how long to keep retrying when JetStream does not acknowledge.
 pub const SHUTDOWN_RETRY_LIMIT: Duration = Duration::from_secs(30);
-/// Most tables whose subjects are kept (a schema change gives a table a new entry).
-const SUBJECT_CACHE_TABLES: usize = 4096;
 /// Size of the buffers encoded payloads are copied into and cut from: one allocation serves
 /// many messages, and it is freed when the last of them is acknowledged and written.
 const PAYLOAD_CHUNK: usize = 16 * 1024;
-/// Size of the buffers reply subjects are cut from.
-const REPLY_CHUNK: usize = 4 * 1024;
 /// A published change holding more heap than this is dropped instead of going back to the
 /// wal thread for reuse: reused, its buffers would keep a burst of wide rows' memory for good.
 const RECYCLE_MAX_EVENT_BYTES: u64 = 8 * 1024;
@@ -212,89 +210,6 @@ impl InFlight {
     }
 }
 
-/// Copies small byte strings into shared buffers of a fixed size and hands them out as
-/// [`Bytes`]: one allocation for many messages instead of one each. A buffer is freed when the
-/// last piece cut from it is dropped; large pieces get an allocation of their own, so one big
-/// row never keeps a big buffer alive.
-struct Chunks {
-    chunk: BytesMut,
-    size: usize,
-}
-
-impl Chunks {
-    fn new(size: usize) -> Self {
-        Chunks {
-            chunk: BytesMut::new(),
-            size,
-        }
-    }
-
-    fn copy(&mut self, data: &[u8]) -> Bytes {
-        if data.len() > self.size / 4 {
-            return Bytes::copy_from_slice(data);
-        }
-        // After each split the chunk holds only its unused rest; when that is too short a new
-        // chunk starts (the old one lives on in the pieces already cut from it).
-        if self.chunk.capacity() < data.len() {
-            self.chunk = BytesMut::with_capacity(self.size);
-        }
-        self.chunk.put_slice(data);
-        self.chunk.split().freeze()
-    }
-}
-
-/// The reply subjects `{inbox}.{token}` of one publisher, and the reverse: the token of a
-/// reply. The subjects are cut from shared buffers instead of being allocated one by one.
-struct Replies {
-    /// `{inbox}.`
-    prefix: String,
-    /// Where a subject is written before it is copied into `chunks`.
-    scratch: Vec<u8>,
-    chunks: Chunks,
-}
-
-impl Replies {
-    fn new(inbox: &str) -> Self {
-        Replies {
-            prefix: format!("{inbox}."),
-            scratch: Vec::with_capacity(inbox.len() + 21),
-            chunks: Chunks::new(REPLY_CHUNK),
-        }
-    }
-
-    /// The wildcard subject all replies arrive on.
-    fn filter(&self) -> String {
-        format!("{}*", self.prefix)
-    }
-
-    fn subject(&mut self, token: u64) -> Subject {
-        self.scratch.clear();
-        self.scratch.extend_from_slice(self.prefix.as_bytes());
-        self.scratch
-            .extend_from_slice(crate::sink::encode::decimal(token, &mut [0u8; 20]).as_bytes());
-        let bytes = self.chunks.copy(&self.scratch);
-        // The inbox is a string and the token ASCII digits, so this cannot fail; the fallback
-        // only spares a panic path.
-        Subject::try_from(bytes)
-            .unwrap_or_else(|_| Subject::from(format!("{}{token}", self.prefix)))
-    }
-
-    /// The token of a reply subject, `None` for anything else.
-    fn token(&self, subject: &str) -> Option<u64> {
-        let digits = subject.strip_prefix(self.prefix.as_str())?.as_bytes();
-        if digits.is_empty() {
-            return None;
-        }
-        digits.iter().try_fold(0u64, |n, &d| {
-            if d.is_ascii_digit() {
-                n.checked_mul(10)?.checked_add(u64::from(d - b'0'))
-            } else {
-                None
-            }
-        })
-    }
-}
-
 /// The publisher loop; runs on its own thread's tokio runtime until the ring is closed
 /// (End item, or the wal side dropped) and everything is acknowledged.
 pub struct Publisher {
@@ -333,39 +248,6 @@ pub struct Publisher {
     foreign_writer_seen: bool,
     /// Payload bytes in the window.
     window_bytes: u64,
-}
-
-/// The subjects of each table, built once rather than for every message. Keyed by the
-/// address of the table's [`TableRef`], which the wal thread creates anew for each Relation
-/// message (so a renamed table gets a new entry); the entry holds the `Arc`, so the address
-/// cannot be reused by another table while it is cached.
-#[derive(Default)]
-struct SubjectCache {
-    tables: HashMap<usize, (Arc<TableRef>, [Option<Subject>; 4])>,
-}
-
-impl SubjectCache {
-    fn get(&mut self, prefix: &str, table: &Arc<TableRef>, op: Operation) -> Subject {
-        if self.tables.len() >= SUBJECT_CACHE_TABLES {
-            self.tables.clear();
-        }
-        let key = Arc::as_ptr(table) as usize;
-        let (_, subjects) = self
-            .tables
-            .entry(key)
-            .or_insert_with(|| (Arc::clone(table), Default::default()));
-        let slot = match op {
-            Operation::Insert => 0,
-            Operation::Update => 1,
-            Operation::Delete => 2,
-            Operation::Truncate => 3,
-        };
-        subjects[slot]
-            .get_or_insert_with(|| {
-                Subject::from(change_subject(prefix, &table.schema, &table.table, op))
-            })
-            .clone()
-    }
 }
 
 impl Publisher {
@@ -932,49 +814,3 @@ async fn wait_connection_change(connection: Option<&NatsStats>) {
 
 /// Set when the publisher thread ends, for the wal thread to notice.
 pub type PublisherDone = Arc<AtomicBool>;
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn reply_subjects_carry_their_token() {
-        let mut replies = Replies::new("_INBOX.abc");
-        assert_eq!(replies.filter(), "_INBOX.abc.*");
-        for token in [0, 7, 10, 123_456_789, u64::MAX] {
-            let subject = replies.subject(token);
-            assert_eq!(subject.as_str(), format!("_INBOX.abc.{token}"));
-            assert_eq!(replies.token(&subject), Some(token));
-        }
-        // Enough subjects to span several buffers; earlier ones stay intact.
-        let subjects: Vec<Subject> = (0..2000).map(|t| replies.subject(t)).collect();
-        for (t, subject) in subjects.iter().enumerate() {
-            assert_eq!(replies.token(subject), Some(t as u64));
-        }
-        for other in [
-            "_INBOX.abc.",
-            "_INBOX.abc.1x",
-            "_INBOX.abc.1.2",
-            "_INBOX.abc.-1",
-            "_INBOX.abd.1",
-            "_INBOX.abc",
-            "_INBOX.abc.18446744073709551616",
-        ] {
-            assert_eq!(replies.token(other), None, "{other}");
-        }
-    }
-
-    #[test]
-    fn chunks_share_small_pieces_and_not_large_ones() {
-        let mut chunks = Chunks::new(64);
-        let pieces: Vec<Bytes> = (0u8..40).map(|i| chunks.copy(&[i; 10])).collect();
-        for (i, piece) in pieces.iter().enumerate() {
-            assert_eq!(&piece[..], &[i as u8; 10]);
-        }
-        // A piece too large to share is copied on its own; the chunk goes on after it.
-        let large = chunks.copy(&[7; 17]);
-        assert_eq!(&large[..], &[7; 17]);
-        assert_eq!(&chunks.copy(b"abc")[..], b"abc");
-        assert_eq!(&chunks.copy(b"")[..], b"");
-    }
-}
