@@ -20,11 +20,12 @@ use crate::pg::replication::ReplicationConnection;
 use crate::pg::setup::{self, DatabaseInfo, SetupError};
 use crate::pg::Lsn;
 use crate::shutdown::Shutdown;
-use crate::sink::nats::publisher::{PublishError, Publisher, PublisherSettings, PublisherStats};
-use crate::sink::nats::{self, NatsError, NatsStats};
+use crate::sink::nats::publisher::{PublishError, Publisher, PublisherSettings};
+use crate::sink::nats::{self, NatsError};
+use crate::telemetry::counters::{DurableLsn, NatsStats, PublisherStats};
 use crate::telemetry::{self, Telemetry, TelemetryError};
 
-use durable::{DurableLsn, StateFile, StateFileError, StateWriter};
+use durable::{StateFile, StateFileError, StateWriter};
 use position::{Found, PositionError, PositionIdentity, Recorded, Resume, TimelineHistory};
 use wal::{WalContext, WalStream};
 

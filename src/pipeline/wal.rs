@@ -26,9 +26,10 @@ use crate::pg::replication::{PgOutputOptions, ReplicationConnection};
 use crate::pg::value::{decode_text_into, TypeRegistry, Value, ValueKind};
 use crate::pg::Lsn;
 use crate::shutdown::Shutdown;
+use crate::telemetry::counters::DurableLsn;
 use crate::telemetry::Telemetry;
 
-use super::durable::{DurableLsn, StateFileError, StateWriter};
+use super::durable::{StateFileError, StateWriter};
 use super::event::{ChangeEvent, ColumnValue, Operation, TableRef};
 use super::position::TimelineHistory;
 use super::ring::{item_bytes, RingItem, RingWriter};

@@ -7,7 +7,7 @@
 //! or an error.
 
 use std::path::PathBuf;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -16,6 +16,7 @@ use async_nats::jetstream::{self, ErrorCode};
 use async_nats::{Client, ConnectError, ConnectErrorKind, ConnectOptions, Event};
 
 use crate::config::{check_nkey_seed, NatsAuth, NatsConfig};
+use crate::telemetry::counters::NatsStats;
 
 /// Longest wait for one server to accept the TCP connection and the handshake.
 pub const SERVER_CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
@@ -194,72 +195,38 @@ pub(super) fn api_request_failed(what: String, error: RequestError) -> NatsError
     }
 }
 
-/// Connection state and counters of one NATS connection, updated from the client's event
-/// callback and read by metrics and `/status`. Share it across attempts of the same logical
-/// connection (e.g. when the caller retries [`connect_with_stats`]), not between connections.
-#[derive(Debug, Default)]
-pub struct NatsStats {
-    /// True while the client holds a connection to a server.
-    pub connected: AtomicBool,
-    /// Times the connection came back after it was lost (`bridge_nats_reconnects_total`).
-    pub reconnects: AtomicU64,
-    /// Times the connection was lost.
-    pub disconnects: AtomicU64,
-    /// Woken at every connect and disconnect, for the publisher to wait on instead of polling.
-    pub changed: tokio::sync::Notify,
-}
-
-impl NatsStats {
-    /// True while connected.
-    pub fn is_connected(&self) -> bool {
-        self.connected.load(Ordering::Relaxed)
-    }
-
-    /// Reconnects so far.
-    pub fn reconnects(&self) -> u64 {
-        self.reconnects.load(Ordering::Relaxed)
-    }
-
-    /// Disconnects so far.
-    pub fn disconnects(&self) -> u64 {
-        self.disconnects.load(Ordering::Relaxed)
-    }
-
-    /// Records a client event. `seen_connect` is per connection: the first `Connected` is the
-    /// initial connection, every later one a reconnect.
-    fn on_event(&self, event: &Event, seen_connect: &AtomicBool) {
-        match event {
-            Event::Connected => {
-                self.connected.store(true, Ordering::Relaxed);
-                if seen_connect.swap(true, Ordering::Relaxed) {
-                    let n = self.reconnects.fetch_add(1, Ordering::Relaxed) + 1;
-                    log::info!(
-                        "NATS connection re-established (reconnect {n}); publishing resumes"
-                    );
-                }
-                self.changed.notify_one();
+/// Records a client event in `stats`. `seen_connect` is per connection: the first `Connected` is the
+/// initial connection, every later one a reconnect.
+fn on_event(stats: &NatsStats, event: &Event, seen_connect: &AtomicBool) {
+    match event {
+        Event::Connected => {
+            stats.connected.store(true, Ordering::Relaxed);
+            if seen_connect.swap(true, Ordering::Relaxed) {
+                let n = stats.reconnects.fetch_add(1, Ordering::Relaxed) + 1;
+                log::info!("NATS connection re-established (reconnect {n}); publishing resumes");
             }
-            Event::Disconnected => {
-                self.connected.store(false, Ordering::Relaxed);
-                self.disconnects.fetch_add(1, Ordering::Relaxed);
-                log::warn!(
-                    "NATS connection lost; reconnecting (publishing and acknowledgements to \
-                     PostgreSQL wait until it is back)"
-                );
-                self.changed.notify_one();
-            }
-            Event::LameDuckMode => log::warn!(
-                "NATS server entered lame duck mode (shutting down); the client moves to another \
-                 server of the list when it closes"
-            ),
-            Event::SlowConsumer(sid) => {
-                log::warn!("NATS slow consumer on subscription {sid}: messages were dropped")
-            }
-            Event::ServerError(e) => log::warn!("NATS server error: {e}"),
-            // Every failed reconnect attempt reports one; the Disconnected warning says enough.
-            Event::ClientError(e) => log::debug!("NATS client error: {e}"),
-            Event::Draining | Event::Closed => log::debug!("NATS connection {event}"),
+            stats.changed.notify_one();
         }
+        Event::Disconnected => {
+            stats.connected.store(false, Ordering::Relaxed);
+            stats.disconnects.fetch_add(1, Ordering::Relaxed);
+            log::warn!(
+                "NATS connection lost; reconnecting (publishing and acknowledgements to \
+                 PostgreSQL wait until it is back)"
+            );
+            stats.changed.notify_one();
+        }
+        Event::LameDuckMode => log::warn!(
+            "NATS server entered lame duck mode (shutting down); the client moves to another \
+             server of the list when it closes"
+        ),
+        Event::SlowConsumer(sid) => {
+            log::warn!("NATS slow consumer on subscription {sid}: messages were dropped")
+        }
+        Event::ServerError(e) => log::warn!("NATS server error: {e}"),
+        // Every failed reconnect attempt reports one; the Disconnected warning says enough.
+        Event::ClientError(e) => log::debug!("NATS client error: {e}"),
+        Event::Draining | Event::Closed => log::debug!("NATS connection {event}"),
     }
 }
 
@@ -352,7 +319,7 @@ pub async fn connect_with_stats(
         .connection_timeout(SERVER_CONNECT_TIMEOUT)
         .ping_interval(PING_INTERVAL)
         .event_callback(move |event| {
-            events.on_event(&event, &seen_connect);
+            on_event(&events, &event, &seen_connect);
             async {}
         });
 
@@ -460,13 +427,13 @@ mod tests {
     fn stats_count_reconnects_not_the_first_connect() {
         let stats = NatsStats::default();
         let seen = AtomicBool::new(false);
-        stats.on_event(&Event::Connected, &seen);
+        on_event(&stats, &Event::Connected, &seen);
         assert!(stats.is_connected());
         assert_eq!(stats.reconnects(), 0);
-        stats.on_event(&Event::Disconnected, &seen);
+        on_event(&stats, &Event::Disconnected, &seen);
         assert!(!stats.is_connected());
         assert_eq!(stats.disconnects(), 1);
-        stats.on_event(&Event::Connected, &seen);
+        on_event(&stats, &Event::Connected, &seen);
         assert!(stats.is_connected());
         assert_eq!(stats.reconnects(), 1);
     }

@@ -16,7 +16,7 @@ pub const INIT_SUBJECT_PREFIX: &str = "init";
 /// Connection name the bridge shows in the server's monitoring (`/connz`).
 pub const CONNECTION_NAME: &str = "pgbridge";
 
-pub use connect::{connect, connect_with_stats, max_payload, NatsError, NatsStats};
+pub use connect::{connect, connect_with_stats, max_payload, NatsError};
 pub use streams::{
     cdc_stream_config, check_jetstream, check_stream_format, ensure_streams, init_stream_config,
     stream_last_sequence, StreamWarning, StreamsInfo,

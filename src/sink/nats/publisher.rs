@@ -28,7 +28,7 @@
 //! connection is sent again at once rather than after the ack timeout.
 
 use std::collections::VecDeque;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
@@ -41,18 +41,17 @@ use futures_util::{FutureExt, StreamExt};
 use crate::config::Format;
 use crate::pg::pgoutput::pg_to_unix_micros;
 use crate::pg::Lsn;
-use crate::pipeline::durable::DurableLsn;
 use crate::pipeline::event::{self, ChangeEvent};
 use crate::pipeline::ring::{event_bytes, RingItem, RingReader};
 use crate::shutdown::Shutdown;
 use crate::sink::encode::{encode_change, LAST_IN_TX_HEADER};
+use crate::telemetry::counters::{DurableLsn, NatsStats, PublisherStats};
 
 mod buffers;
 
 use buffers::{Chunks, Replies, SubjectCache};
 
 use super::puback::{self, PubAckError};
-use super::NatsStats;
 
 /// How long the oldest message of the window waits for its PubAck before it is sent again.
 pub const ACK_TIMEOUT: Duration = Duration::from_secs(5);
@@ -119,25 +118,6 @@ pub enum PublishError {
         /// Messages still waiting for a PubAck.
         pending: usize,
     },
-}
-
-/// Publisher counters, shared with telemetry.
-#[derive(Debug, Default)]
-pub struct PublisherStats {
-    /// Messages acknowledged as newly stored.
-    pub published: AtomicU64,
-    /// Messages acknowledged as duplicates (already stored within the duplicate window).
-    pub duplicates: AtomicU64,
-    /// Payload bytes acknowledged.
-    pub bytes: AtomicU64,
-    /// Failed publish attempts (each retried).
-    pub publish_errors: AtomicU64,
-    /// Messages waiting for a PubAck now.
-    pub in_flight: AtomicU64,
-    /// True while JetStream does not acknowledge (the oldest publish is being retried).
-    pub stalled: AtomicBool,
-    /// Commit time → PubAck latency, observed per acknowledged message.
-    pub commit_to_ack: Option<prometheus::Histogram>,
 }
 
 /// Settings of the publisher.
