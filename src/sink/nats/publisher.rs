@@ -28,7 +28,7 @@
 //! connection is sent again at once rather than after the ack timeout.
 
 use std::collections::VecDeque;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
@@ -61,7 +61,8 @@ const RETRY_MIN: Duration = Duration::from_millis(100);
 const RETRY_MAX: Duration = Duration::from_secs(2);
 /// While NATS is disconnected, how often the publisher looks whether it is back.
 const RECONNECT_POLL: Duration = Duration::from_millis(50);
-/// While disconnected with nothing in flight, how often the publisher looks at shutdown.
+/// While disconnected with nothing in flight and shutdown requested, how often the publisher
+/// looks whether it waited long enough.
 const DISCONNECTED_CHECK: Duration = Duration::from_secs(1);
 /// How long the publisher sleeps when the ring is empty and nobody wakes it.
 const IDLE_WAIT: Duration = Duration::from_millis(20);
@@ -359,11 +360,16 @@ impl Publisher {
                             });
                         }
                     }
-                    let _ = tokio::time::timeout(
-                        DISCONNECTED_CHECK,
-                        wait_connection_change(connection.as_deref()),
-                    )
-                    .await;
+                    // Woken by the connection or the shutdown signal; once shutdown is on, the
+                    // limit above is looked at again every DISCONNECTED_CHECK.
+                    let shutting_down = self.shutdown.is_triggered();
+                    tokio::select! {
+                        _ = tokio::time::timeout(
+                            DISCONNECTED_CHECK,
+                            wait_connection_change(connection.as_deref()),
+                        ) => {}
+                        () = self.shutdown.triggered(), if !shutting_down => {}
+                    }
                 } else if self.ring.is_empty() {
                     let _ = tokio::time::timeout(IDLE_WAIT, notify.notified()).await;
                 }
@@ -791,6 +797,3 @@ async fn wait_connection_change(connection: Option<&NatsStats>) {
         None => tokio::time::sleep(RECONNECT_POLL).await,
     }
 }
-
-/// Set when the publisher thread ends, for the wal thread to notice.
-pub type PublisherDone = Arc<AtomicBool>;
