@@ -244,7 +244,7 @@ struct Requirements {
     duplicate_window: Option<Duration>,
 }
 
-/// The CDC stream's settings (DESIGN §3): `cdc.>`, file storage, limits retention, discard
+/// The CDC stream's settings: `cdc.>`, file storage, limits retention, discard
 /// old, the configured max age and duplicate window.
 pub fn cdc_stream_config(streams: &StreamsConfig) -> stream::Config {
     stream::Config {
@@ -261,7 +261,7 @@ pub fn cdc_stream_config(streams: &StreamsConfig) -> stream::Config {
     }
 }
 
-/// The INIT stream's settings (DESIGN §3): `init.>`, file storage, limits retention, discard
+/// The INIT stream's settings: `init.>`, file storage, limits retention, discard
 /// old, the configured max age (7 days by default).
 pub fn init_stream_config(streams: &StreamsConfig) -> stream::Config {
     stream::Config {
