@@ -81,7 +81,7 @@ pub struct RingWriter {
 impl RingWriter {
     /// Pushes `item`, which holds `bytes` (see [`item_bytes`]), unless the ring is full or,
     /// not being empty, over its byte budget: then the item comes back.
-    pub fn try_push(&mut self, item: RingItem, bytes: u64) -> Result<(), RingItem> {
+    pub(crate) fn try_push(&mut self, item: RingItem, bytes: u64) -> Result<(), RingItem> {
         let over_budget = bytes > 0
             && self.budget.would_exceed(bytes)
             && self.producer.slots() < self.producer.buffer().capacity();
@@ -104,32 +104,32 @@ impl RingWriter {
     }
 
     /// Wakes the sink.
-    pub fn notify(&self) {
+    pub(crate) fn notify(&self) {
         self.notify.notify_one();
     }
 
     /// Items the ring holds at most.
-    pub fn capacity(&self) -> usize {
+    pub(crate) fn capacity(&self) -> usize {
         self.producer.buffer().capacity()
     }
 
     /// Items on the ring now (reads the sink's position: not for every change).
-    pub fn used(&self) -> usize {
+    pub(crate) fn used(&self) -> usize {
         self.capacity() - self.producer.slots()
     }
 
     /// True once the sink dropped its end: nothing more can be delivered.
-    pub fn reader_gone(&self) -> bool {
+    pub(crate) fn reader_gone(&self) -> bool {
         self.producer.is_abandoned()
     }
 
     /// An event the sink gave back, to be filled again.
-    pub fn recycled(&mut self) -> Option<Box<ChangeEvent>> {
+    pub(crate) fn recycled(&mut self) -> Option<Box<ChangeEvent>> {
         self.recycled.pop().ok()
     }
 
     /// Closes the ring and wakes the sink, which ends once it has taken what is left.
-    pub fn close(self) {
+    pub(crate) fn close(self) {
         let notify = Arc::clone(&self.notify);
         drop(self);
         notify.notify_one();
@@ -146,44 +146,44 @@ pub struct RingReader {
 
 impl RingReader {
     /// The next item, if one is waiting.
-    pub fn pop(&mut self) -> Option<RingItem> {
+    pub(crate) fn pop(&mut self) -> Option<RingItem> {
         self.consumer.pop().ok()
     }
 
     /// True when no item is waiting.
-    pub fn is_empty(&self) -> bool {
+    pub(crate) fn is_empty(&self) -> bool {
         self.consumer.is_empty()
     }
 
     /// Items waiting.
-    pub fn len(&self) -> usize {
+    pub(crate) fn len(&self) -> usize {
         self.consumer.slots()
     }
 
     /// True once the wal side dropped its end and every item was taken.
-    pub fn is_closed(&self) -> bool {
+    pub(crate) fn is_closed(&self) -> bool {
         self.consumer.is_abandoned() && self.consumer.is_empty()
     }
 
     /// What the wal side wakes the sink with.
-    pub fn notify(&self) -> Arc<Notify> {
+    pub(crate) fn notify(&self) -> Arc<Notify> {
         Arc::clone(&self.notify)
     }
 
     /// Gives `bytes` of popped changes back to the budget (once per batch).
-    pub fn popped(&self, bytes: u64) {
+    pub(crate) fn popped(&self, bytes: u64) {
         self.budget.popped(bytes);
     }
 
     /// Hands a delivered event back to the wal thread for reuse (dropped when the way back
     /// is full).
-    pub fn recycle(&mut self, ev: Box<ChangeEvent>) {
+    pub(crate) fn recycle(&mut self, ev: Box<ChangeEvent>) {
         let _ = self.recycle.push(ev);
     }
 }
 
 /// The bytes `item` counts against the budget.
-pub fn item_bytes(item: &RingItem) -> u64 {
+pub(crate) fn item_bytes(item: &RingItem) -> u64 {
     match item {
         RingItem::Change(ev) => event_bytes(ev),
         _ => 0,
@@ -200,7 +200,7 @@ pub(crate) struct RingBudget {
 
 impl RingBudget {
     /// A budget of `limit` bytes.
-    pub fn new(limit: u64) -> Self {
+    pub(crate) fn new(limit: u64) -> Self {
         RingBudget {
             pushed: CachePadded::new(AtomicU64::new(0)),
             popped: CachePadded::new(AtomicU64::new(0)),
@@ -209,26 +209,26 @@ impl RingBudget {
     }
 
     /// Bytes held by the changes on the ring now.
-    pub fn used(&self) -> u64 {
+    pub(crate) fn used(&self) -> u64 {
         self.pushed
             .load(Ordering::Relaxed)
             .saturating_sub(self.popped.load(Ordering::Acquire))
     }
 
     /// True when `bytes` more would go over the limit.
-    pub fn would_exceed(&self, bytes: u64) -> bool {
+    pub(crate) fn would_exceed(&self, bytes: u64) -> bool {
         self.used().saturating_add(bytes) > self.limit
     }
 
     /// Wal side: `bytes` were pushed.
-    pub fn pushed(&self, bytes: u64) {
+    pub(crate) fn pushed(&self, bytes: u64) {
         // Only the wal thread writes this counter.
         let total = self.pushed.load(Ordering::Relaxed) + bytes;
         self.pushed.store(total, Ordering::Relaxed);
     }
 
     /// Publisher side: `bytes` more were popped since the last call.
-    pub fn popped(&self, bytes: u64) {
+    pub(crate) fn popped(&self, bytes: u64) {
         if bytes == 0 {
             return;
         }
@@ -240,7 +240,7 @@ impl RingBudget {
 
 /// The heap memory a change holds (its buffers' capacities, which is what recycling keeps),
 /// not counting the names and table shared with the relation cache.
-pub fn event_bytes(ev: &ChangeEvent) -> u64 {
+pub(crate) fn event_bytes(ev: &ChangeEvent) -> u64 {
     let columns = |cols: &Vec<ColumnValue>| -> usize {
         cols.capacity() * std::mem::size_of::<ColumnValue>()
             + cols.iter().map(|c| value_bytes(&c.value)).sum::<usize>()

@@ -5,7 +5,7 @@
 //! Everything here is async and meant for the small tokio runtime of the calling thread.
 
 mod connect;
-pub mod puback;
+pub(crate) mod puback;
 pub mod publisher;
 mod streams;
 

@@ -54,7 +54,7 @@ use buffers::{Chunks, Replies, SubjectCache};
 use super::puback::{self, PubAckError};
 
 /// How long the oldest message of the window waits for its PubAck before it is sent again.
-pub const ACK_TIMEOUT: Duration = Duration::from_secs(5);
+pub(crate) const ACK_TIMEOUT: Duration = Duration::from_secs(5);
 /// First wait before republishing after a failure; doubles up to [`RETRY_MAX`].
 const RETRY_MIN: Duration = Duration::from_millis(100);
 /// Longest wait between republish attempts.
@@ -67,7 +67,7 @@ const DISCONNECTED_CHECK: Duration = Duration::from_secs(1);
 /// How long the publisher sleeps when the ring is empty and nobody wakes it.
 const IDLE_WAIT: Duration = Duration::from_millis(20);
 /// At shutdown, how long to keep retrying when JetStream does not acknowledge.
-pub const SHUTDOWN_RETRY_LIMIT: Duration = Duration::from_secs(30);
+pub(crate) const SHUTDOWN_RETRY_LIMIT: Duration = Duration::from_secs(30);
 /// Size of the buffers encoded payloads are copied into and cut from: one allocation serves
 /// many messages, and it is freed when the last of them is acknowledged and written.
 const PAYLOAD_CHUNK: usize = 16 * 1024;
@@ -272,7 +272,7 @@ impl Publisher {
     /// Follows the client's connection events through `stats` (the ones its connect function
     /// keeps): nothing is published while disconnected, and what was in flight is sent again
     /// at once after a reconnect.
-    pub fn with_connection_events(mut self, stats: Arc<NatsStats>) -> Self {
+    pub(crate) fn with_connection_events(mut self, stats: Arc<NatsStats>) -> Self {
         self.reconnects_seen = stats.reconnects();
         self.connection = Some(stats);
         self
