@@ -1,5 +1,5 @@
 //! Persisting the durable position (the WAL position up to which every change is stored in
-//! JetStream, a [`DurableLsn`]).
+//! JetStream, a [`DurableLsn`](crate::telemetry::counters::DurableLsn)).
 //!
 //! The publisher advances it when the PubAcks of a whole transaction (and of every transaction
 //! before it) are in; the wal thread reports it to PostgreSQL as the flush position and
@@ -16,8 +16,6 @@ use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use crate::pg::Lsn;
-#[cfg(doc)]
-use crate::telemetry::counters::DurableLsn;
 
 use super::position::{self, PositionIdentity, Recorded};
 

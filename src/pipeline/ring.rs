@@ -3,7 +3,7 @@
 //!
 //! [`channel`] makes both ends: the wal side holds the [`RingWriter`], the sink the
 //! [`RingReader`]. Dropping the reader (the sink's thread ended) is what the wal side sees as
-//! [`RingWriter::reader_gone`].
+//! `RingWriter::reader_gone`.
 //!
 //! The ring is bounded by a count of items, which bounds memory only as long as rows are
 //! small: 8 192 changes of 100 KB rows would be 800 MB. So the bytes that the queued changes
@@ -97,7 +97,7 @@ impl RingWriter {
         }
     }
 
-    /// [`RingWriter::try_push`] with the item's bytes counted here.
+    /// `RingWriter::try_push` with the item's bytes counted here.
     pub fn push(&mut self, item: RingItem) -> Result<(), RingItem> {
         let bytes = item_bytes(&item);
         self.try_push(item, bytes)

@@ -1,4 +1,4 @@
-//! Where the pipeline delivers changes: the [`Sink`] trait, the seam between the broker-neutral
+//! Where the pipeline delivers changes: the `Sink` trait, the seam between the broker-neutral
 //! pipeline and a broker, and its NATS JetStream implementation ([`nats`]). Encoding, subjects,
 //! the snapshot service and the schemas bucket live here too for now.
 

@@ -250,8 +250,9 @@ pub async fn connect(
     Ok((client, stats))
 }
 
-/// Connects to the configured NATS servers as `name` (normally [`CONNECTION_NAME`]) with the
-/// configured credentials and TLS settings. Every NATS connection of the bridge (publisher,
+/// Connects to the configured NATS servers as `name` (normally
+/// [`CONNECTION_NAME`](super::CONNECTION_NAME)) with the configured credentials and TLS
+/// settings. Every NATS connection of the bridge (publisher,
 /// snapshot service, admin requests, `bridge mirror`) is made here, so that they all apply.
 ///
 /// The first connection is tried once over the server list, bounded by

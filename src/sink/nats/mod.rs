@@ -1,6 +1,6 @@
-//! The NATS JetStream sink: the connection ([`connect`]), the streams ([`streams`]), the
-//! publisher with its window of PubAcks ([`publisher`], [`puback`]), and [`NatsSink`], which the
-//! pipeline drives.
+//! The NATS JetStream sink: the connection and [`NatsError`] (`connect.rs`), the streams and
+//! their checks (`streams.rs`), the publisher with its window of PubAcks ([`publisher`],
+//! `puback`), and `NatsSink`, which the pipeline drives.
 //!
 //! Everything here is async and meant for the small tokio runtime of the calling thread.
 
