@@ -155,7 +155,7 @@ fn r3_stream_rides_out_a_leader_loss_and_a_quorum_loss() {
     );
     for line in log
         .lines()
-        .filter(|l| l.contains("pgbridge::sink::publisher"))
+        .filter(|l| l.contains("pgbridge::sink::nats::publisher"))
     {
         eprintln!("{line}");
     }

@@ -13,11 +13,11 @@ use async_nats::jetstream::stream::{Config, DiscardPolicy, StorageType};
 use pgbridge::config::Format;
 use pgbridge::pg::value::Value;
 use pgbridge::pg::Lsn;
-use pgbridge::pipeline::durable::DurableLsn;
 use pgbridge::pipeline::event::{ChangeEvent, ColumnValue, Operation, TableRef};
-use pgbridge::pipeline::wal::RingItem;
+use pgbridge::pipeline::ring::{self, RingItem};
 use pgbridge::shutdown::Shutdown;
-use pgbridge::sink::publisher::{PublishError, Publisher, PublisherSettings, PublisherStats};
+use pgbridge::sink::nats::publisher::{PublishError, Publisher, PublisherSettings};
+use pgbridge::telemetry::counters::{DurableLsn, PublisherStats};
 
 use common::{read_stream, with_nats, NatsServer};
 
@@ -120,7 +120,7 @@ fn start_publisher_with(
         relation_id: 16384,
     });
     let (mut producer, consumer) =
-        rtrb::RingBuffer::<RingItem>::new((TXNS * (u64::from(PER_TXN) + 1) + 1) as usize);
+        ring::channel((TXNS * (u64::from(PER_TXN) + 1) + 1) as usize, u64::MAX);
     for txn in 0..TXNS {
         for seq in 0..PER_TXN {
             assert!(producer
@@ -157,8 +157,7 @@ fn start_publisher_with(
             .unwrap();
         rt.block_on(async move {
             let client = async_nats::connect(url).await.expect("connect to NATS");
-            let notify = Arc::new(tokio::sync::Notify::new());
-            Publisher::new(client, consumer, notify, d, settings, s, Shutdown::new())
+            Publisher::new(client, consumer, d, settings, s, Shutdown::new())
                 .run()
                 .await
         })

@@ -1,4 +1,5 @@
-//! Durable-LSN tracking: the WAL position up to which every change is stored in JetStream.
+//! Persisting the durable position (the WAL position up to which every change is stored in
+//! JetStream, a [`DurableLsn`](crate::telemetry::counters::DurableLsn)).
 //!
 //! The publisher advances it when the PubAcks of a whole transaction (and of every transaction
 //! before it) are in; the wal thread reports it to PostgreSQL as the flush position and
@@ -14,33 +15,9 @@ use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
-use crossbeam_utils::CachePadded;
-
 use crate::pg::Lsn;
 
 use super::position::{self, PositionIdentity, Recorded};
-
-/// Shared, monotonic durable position (an atomic on its own cache line: written by the
-/// publisher, read by the wal thread).
-#[derive(Clone, Debug, Default)]
-pub struct DurableLsn(Arc<CachePadded<AtomicU64>>);
-
-impl DurableLsn {
-    /// Starts at `lsn` (the position streaming resumes from: everything before it is durable).
-    pub fn new(lsn: Lsn) -> Self {
-        DurableLsn(Arc::new(CachePadded::new(AtomicU64::new(lsn.0))))
-    }
-
-    /// The current durable position.
-    pub fn get(&self) -> Lsn {
-        Lsn(self.0.load(Ordering::Acquire))
-    }
-
-    /// Moves the position forward; never backwards.
-    pub fn advance(&self, lsn: Lsn) {
-        self.0.fetch_max(lsn.0, Ordering::AcqRel);
-    }
-}
 
 /// Errors reading or writing the state file.
 #[derive(Debug, thiserror::Error)]
@@ -298,15 +275,6 @@ impl Drop for StateWriter {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn durable_lsn_never_moves_back() {
-        let d = DurableLsn::new(Lsn(100));
-        d.advance(Lsn(50));
-        assert_eq!(d.get(), Lsn(100));
-        d.advance(Lsn(200));
-        assert_eq!(d.clone().get(), Lsn(200));
-    }
 
     fn identity() -> PositionIdentity {
         PositionIdentity {

@@ -9,7 +9,7 @@ pub mod spool;
 pub mod wal;
 
 use std::collections::HashSet;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
@@ -20,18 +20,18 @@ use crate::pg::replication::ReplicationConnection;
 use crate::pg::setup::{self, DatabaseInfo, SetupError};
 use crate::pg::Lsn;
 use crate::shutdown::Shutdown;
-use crate::sink::nats::{self, NatsError, NatsStats};
-use crate::sink::publisher::{PublishError, Publisher, PublisherSettings, PublisherStats};
+use crate::sink::nats::publisher::PublishError;
+use crate::sink::nats::NatsSink;
+use crate::sink::nats::{self, NatsError};
+use crate::sink::Sink;
+use crate::telemetry::counters::{DurableLsn, NatsStats, PublisherStats};
 use crate::telemetry::{self, Telemetry, TelemetryError};
 
-use durable::{DurableLsn, StateFile, StateFileError, StateWriter};
+use durable::{StateFile, StateFileError, StateWriter};
 use position::{Found, PositionError, PositionIdentity, Recorded, Resume, TimelineHistory};
-use wal::{RingItem, WalContext, WalStream};
+use wal::{WalContext, WalStream};
 
 pub use wal::{StreamError, WalStats};
-
-/// Most published events kept for the wal thread to reuse.
-const RECYCLE_CAPACITY: usize = 1024;
 
 /// Why [`run`] stopped with an error.
 #[derive(Debug, thiserror::Error)]
@@ -149,14 +149,6 @@ fn early_summary(started: Instant, telemetry: &Telemetry) -> RunSummary {
         published: telemetry.publisher.published.load(Ordering::Relaxed),
         duplicates: telemetry.publisher.duplicates.load(Ordering::Relaxed),
         durable: telemetry.durable.get(),
-    }
-}
-
-/// Sleeps up to `d`, waking early on shutdown.
-fn sleep_unless(shutdown: &Shutdown, d: Duration) {
-    let deadline = Instant::now() + d;
-    while !shutdown.is_triggered() && Instant::now() < deadline {
-        std::thread::sleep(Duration::from_millis(50).min(deadline - Instant::now()));
     }
 }
 
@@ -365,7 +357,7 @@ fn with_retries<T>(
             }
             Err(e) => return Err(e),
         }
-        sleep_unless(shutdown, backoff);
+        shutdown.wait_timeout(backoff);
     }
 }
 
@@ -485,36 +477,26 @@ fn run_pipeline(
         schema_rx,
     );
 
-    let (producer, consumer) = rtrb::RingBuffer::<RingItem>::new(config.replication.ring_capacity);
-    // Published events go back to the wal thread to be reused (bounded: at most this many
-    // wait there, the rest are dropped).
-    let (recycle_tx, recycle_rx) = rtrb::RingBuffer::<Box<event::ChangeEvent>>::new(
-        config.replication.ring_capacity.min(RECYCLE_CAPACITY),
+    let (writer, reader) = ring::channel(
+        config.replication.ring_capacity,
+        config.replication.ring_max_bytes,
     );
-    let budget = Arc::new(ring::RingBudget::new(config.replication.ring_max_bytes));
-    let notify = Arc::new(tokio::sync::Notify::new());
-    let publisher_done = Arc::new(AtomicBool::new(false));
     let stats = Arc::clone(&telemetry.publisher);
-    let (ready_tx, ready_rx) = std::sync::mpsc::channel();
-    let publisher = spawn_publisher(
+    let sink = NatsSink::new(
         config,
         &namespace,
-        shutdown,
-        consumer,
-        (recycle_tx, Arc::clone(&budget)),
-        Arc::clone(&notify),
-        durable.clone(),
-        (Arc::clone(&stats), Arc::clone(&telemetry.nats)),
-        Arc::clone(&publisher_done),
-        ready_tx,
-    )?;
+        Arc::clone(&stats),
+        Arc::clone(&telemetry.nats),
+    );
+    let (ready_tx, ready_rx) = std::sync::mpsc::channel();
+    let publisher = spawn_sink(sink, shutdown, reader, durable.clone(), ready_tx)?;
     // Wait for NATS and the streams before reading WAL: nothing could be made durable.
     match ready_rx.recv() {
         Ok(Ok(())) => {}
         Ok(Err(e)) => {
             let _ = publisher.join();
             stop_snapshots(shutdown, snapshots);
-            return Err(e.into());
+            return Err(e);
         }
         Err(_) => {
             // The publisher ended before it was ready: shutdown during connect, or a panic.
@@ -531,18 +513,14 @@ fn run_pipeline(
     telemetry.set_streaming();
 
     let mut ctx = WalContext {
-        producer,
-        notify: Arc::clone(&notify),
+        ring: writer,
         durable: durable.clone(),
         state,
         stats: WalStats::default(),
         last_pushed_end: start,
         reported_flush: start,
-        publisher_done: Arc::clone(&publisher_done),
         telemetry: Arc::clone(telemetry),
         schema_changes: Some(schema_tx),
-        recycled: Some(recycle_rx),
-        budget: Arc::clone(&budget),
     };
     // The first attempt streams on the set-up connection (a login costs tens of ms of CPU
     // with SCRAM); if it was lost meanwhile, the attempt fails and the next one reconnects.
@@ -589,14 +567,13 @@ fn run_pipeline(
             // Said at once: with NATS down, the publisher can take a while to give up.
             log::error!(
                 "{e}; stopping (waiting up to {} s for JetStream to acknowledge what was sent)",
-                crate::sink::publisher::SHUTDOWN_RETRY_LIMIT.as_secs()
+                crate::sink::nats::publisher::SHUTDOWN_RETRY_LIMIT.as_secs()
             );
             shutdown.trigger();
         }
     }
     // Close the ring (the wal side is dropped) and collect the publisher's outcome.
-    drop(ctx.producer);
-    notify.notify_one();
+    ctx.ring.close();
     let publisher_result = publisher
         .join()
         .map_err(|_| RunError::Internal("the publisher thread panicked".into()))?;
@@ -620,99 +597,38 @@ fn run_pipeline(
     }
 }
 
-#[allow(clippy::too_many_arguments)]
-fn spawn_publisher(
-    config: &Config,
-    id_namespace: &str,
+/// Starts the sink's thread: [`Sink::prepare`], reported on `ready` (an error, or nothing at
+/// all when shutdown came first), then [`Sink::run`] over `reader` until the ring is closed.
+fn spawn_sink<S: Sink>(
+    mut sink: S,
     shutdown: &Shutdown,
-    consumer: rtrb::Consumer<RingItem>,
-    (recycle, budget): (
-        rtrb::Producer<Box<event::ChangeEvent>>,
-        Arc<ring::RingBudget>,
-    ),
-    notify: Arc<tokio::sync::Notify>,
+    reader: ring::RingReader,
     durable: DurableLsn,
-    (stats, nats_stats): (Arc<PublisherStats>, Arc<NatsStats>),
-    done: Arc<AtomicBool>,
-    ready: std::sync::mpsc::Sender<Result<(), NatsError>>,
-) -> Result<JoinHandle<Result<(), RunError>>, RunError> {
-    let nats_config = config.nats.clone();
-    let streams = config.streams.clone();
-    let backoff = config.replication.reconnect_backoff();
-    let format = config.replication.format;
-    let settings = PublisherSettings {
-        format,
-        max_in_flight: config.replication.max_in_flight,
-        max_in_flight_bytes: config.replication.max_in_flight_bytes,
-        subject_prefix: nats::CDC_SUBJECT_PREFIX.to_string(),
-        id_namespace: id_namespace.to_string(),
-    };
+    ready: std::sync::mpsc::Sender<Result<(), RunError>>,
+) -> Result<JoinHandle<Result<(), RunError>>, RunError>
+where
+    RunError: From<S::PrepareError> + From<S::Error>,
+{
     let shutdown = shutdown.clone();
     std::thread::Builder::new()
         .name("publisher".into())
         .spawn(move || {
-            let result = (|| {
-                let rt = crate::runtime::current_thread()
-                    .map_err(|e| RunError::Internal(format!("tokio runtime: {e}")))?;
-                rt.block_on(async {
-                    // Connect, retrying while NATS is unreachable (it may start after us).
-                    let client = loop {
-                        match nats::connect_with_stats(
-                            &nats_config,
-                            nats::CONNECTION_NAME,
-                            Arc::clone(&nats_stats),
-                        )
-                        .await
-                        {
-                            Ok(c) => break c,
-                            Err(e) if !e.is_configuration() && !shutdown.is_triggered() => {
-                                log::warn!("{e}; retrying in {}s", backoff.as_secs());
-                                shutdown.sleep(backoff).await;
-                            }
-                            Err(e) if e.is_configuration() => {
-                                let _ = ready.send(Err(e));
-                                return Ok(());
-                            }
-                            Err(_) => return Ok(()),
-                        }
-                    };
-                    // For the set-up requests only; changes go out on the publisher's own
-                    // pipelined path over the same connection.
-                    let js = async_nats::jetstream::context::ContextBuilder::new()
-                        .timeout(crate::sink::publisher::ACK_TIMEOUT)
-                        .build(client.clone());
-                    // A server that restarts or elects a leader meanwhile times these requests
-                    // out: retried like the connect, only a configuration error ends the start.
-                    loop {
-                        let checked = match nats::ensure_streams(&js, &streams).await {
-                            Ok(info) => nats::check_stream_format(&js, &info.cdc, format).await,
-                            Err(e) => Err(e),
-                        };
-                        match checked {
-                            Ok(()) => break,
-                            Err(e) if !e.is_configuration() && !shutdown.is_triggered() => {
-                                log::warn!("{e}; retrying in {}s", backoff.as_secs());
-                                sleep_unless_async(&shutdown, backoff).await;
-                            }
-                            Err(e) if e.is_configuration() => {
-                                let _ = ready.send(Err(e));
-                                return Ok(());
-                            }
-                            Err(_) => return Ok(()),
-                        }
+            let rt = crate::runtime::current_thread()
+                .map_err(|e| RunError::Internal(format!("tokio runtime: {e}")))?;
+            rt.block_on(async move {
+                match sink.prepare(&shutdown).await {
+                    Ok(true) => {}
+                    Ok(false) => return Ok(()),
+                    Err(e) => {
+                        let _ = ready.send(Err(e.into()));
+                        return Ok(());
                     }
-                    let _ = ready.send(Ok(()));
-                    Publisher::new(client, consumer, notify, durable, settings, stats, shutdown)
-                        .with_recycling(recycle)
-                        .with_ring_budget(budget)
-                        .with_connection_events(nats_stats)
-                        .run()
-                        .await
-                        .map_err(RunError::from)
-                })
-            })();
-            done.store(true, Ordering::Release);
-            result
+                }
+                let _ = ready.send(Ok(()));
+                sink.run(reader, durable, shutdown)
+                    .await
+                    .map_err(RunError::from)
+            })
         })
         .map_err(|e| RunError::Internal(format!("cannot start the publisher thread: {e}")))
 }
@@ -724,11 +640,6 @@ fn stop_snapshots(shutdown: &Shutdown, snapshots: Option<JoinHandle<()>>) {
         shutdown.trigger();
         let _ = s.join();
     }
-}
-
-/// Sleeps up to `d`, waking early on shutdown (async).
-async fn sleep_unless_async(shutdown: &Shutdown, d: Duration) {
-    shutdown.sleep(d).await;
 }
 
 /// Runs `f` until it completes; `None` when shutdown came first.
@@ -783,12 +694,12 @@ fn spawn_snapshot_service(
                         Some(Err(_)) if shutdown.is_triggered() => return,
                         Some(Err(e)) => {
                             log::warn!("snapshot service: {e}; retrying in {}s", backoff.as_secs());
-                            sleep_unless_async(&shutdown, backoff).await;
+                            shutdown.sleep(backoff).await;
                         }
                     }
                 };
                 let js = async_nats::jetstream::context::ContextBuilder::new()
-                    .timeout(crate::sink::publisher::ACK_TIMEOUT)
+                    .timeout(crate::sink::nats::publisher::ACK_TIMEOUT)
                     .build(client.clone());
                 let schemas = spawn_schema_writer(
                     &config,

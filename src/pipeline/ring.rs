@@ -1,4 +1,9 @@
-//! The byte budget of the ring between the wal thread and the publisher.
+//! The ring between the wal thread and the sink: a bounded single-producer single-consumer
+//! queue of [`RingItem`]s, a byte budget, the way back for published events, and the wake-up.
+//!
+//! [`channel`] makes both ends: the wal side holds the [`RingWriter`], the sink the
+//! [`RingReader`]. Dropping the reader (the sink's thread ended) is what the wal side sees as
+//! `RingWriter::reader_gone`.
 //!
 //! The ring is bounded by a count of items, which bounds memory only as long as rows are
 //! small: 8 192 changes of 100 KB rows would be 800 MB. So the bytes that the queued changes
@@ -6,20 +11,188 @@
 //! they are over the budget, so PostgreSQL keeps the WAL instead of the bridge's memory.
 //!
 //! Each side counts only what it moved itself, on its own cache line: the wal thread the bytes
-//! it pushed, the publisher the bytes it popped (stored once per batch, not per change), so the
+//! it pushed, the sink the bytes it popped (stored once per batch, not per change), so the
 //! hot path pays no shared read-modify-write.
 
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
 
 use crossbeam_utils::CachePadded;
+use tokio::sync::Notify;
 
 use crate::pg::value::Value;
+use crate::pg::Lsn;
 
 use super::event::{ChangeEvent, ColumnValue};
 
+/// Most published events kept for the wal thread to reuse.
+const RECYCLE_CAPACITY: usize = 1024;
+
+/// What travels through the ring from the wal thread to the sink.
+#[derive(Debug)]
+pub enum RingItem {
+    /// One change to publish.
+    Change(Box<ChangeEvent>),
+    /// The end of a transaction: durable once everything before it is delivered.
+    Commit {
+        /// The commit record's end: the position to report as flushed.
+        end_lsn: Lsn,
+    },
+    /// No more items: the wal thread is stopping.
+    End,
+}
+
+/// The two ends of a ring of `capacity` items holding at most `max_bytes` of changes (one
+/// change larger than that still goes, alone).
+pub fn channel(capacity: usize, max_bytes: u64) -> (RingWriter, RingReader) {
+    let (producer, consumer) = rtrb::RingBuffer::<RingItem>::new(capacity);
+    // Published events go back to the wal thread to be reused (bounded: at most this many
+    // wait there, the rest are dropped).
+    let (recycle, recycled) =
+        rtrb::RingBuffer::<Box<ChangeEvent>>::new(capacity.min(RECYCLE_CAPACITY));
+    let budget = Arc::new(RingBudget::new(max_bytes));
+    let notify = Arc::new(Notify::new());
+    (
+        RingWriter {
+            producer,
+            recycled,
+            budget: Arc::clone(&budget),
+            notify: Arc::clone(&notify),
+        },
+        RingReader {
+            consumer,
+            recycle,
+            budget,
+            notify,
+        },
+    )
+}
+
+/// The wal side of the ring.
+pub struct RingWriter {
+    producer: rtrb::Producer<RingItem>,
+    /// Events the sink is done with, to be filled again: their vectors and strings keep their
+    /// allocations, so a change in the steady state allocates nothing.
+    recycled: rtrb::Consumer<Box<ChangeEvent>>,
+    budget: Arc<RingBudget>,
+    notify: Arc<Notify>,
+}
+
+impl RingWriter {
+    /// Pushes `item`, which holds `bytes` (see [`item_bytes`]), unless the ring is full or,
+    /// not being empty, over its byte budget: then the item comes back.
+    pub(crate) fn try_push(&mut self, item: RingItem, bytes: u64) -> Result<(), RingItem> {
+        let over_budget = bytes > 0
+            && self.budget.would_exceed(bytes)
+            && self.producer.slots() < self.producer.buffer().capacity();
+        if over_budget {
+            return Err(item);
+        }
+        match self.producer.push(item) {
+            Ok(()) => {
+                self.budget.pushed(bytes);
+                Ok(())
+            }
+            Err(rtrb::PushError::Full(back)) => Err(back),
+        }
+    }
+
+    /// `RingWriter::try_push` with the item's bytes counted here.
+    pub fn push(&mut self, item: RingItem) -> Result<(), RingItem> {
+        let bytes = item_bytes(&item);
+        self.try_push(item, bytes)
+    }
+
+    /// Wakes the sink.
+    pub(crate) fn notify(&self) {
+        self.notify.notify_one();
+    }
+
+    /// Items the ring holds at most.
+    pub(crate) fn capacity(&self) -> usize {
+        self.producer.buffer().capacity()
+    }
+
+    /// Items on the ring now (reads the sink's position: not for every change).
+    pub(crate) fn used(&self) -> usize {
+        self.capacity() - self.producer.slots()
+    }
+
+    /// True once the sink dropped its end: nothing more can be delivered.
+    pub(crate) fn reader_gone(&self) -> bool {
+        self.producer.is_abandoned()
+    }
+
+    /// An event the sink gave back, to be filled again.
+    pub(crate) fn recycled(&mut self) -> Option<Box<ChangeEvent>> {
+        self.recycled.pop().ok()
+    }
+
+    /// Closes the ring and wakes the sink, which ends once it has taken what is left.
+    pub(crate) fn close(self) {
+        let notify = Arc::clone(&self.notify);
+        drop(self);
+        notify.notify_one();
+    }
+}
+
+/// The sink side of the ring.
+pub struct RingReader {
+    consumer: rtrb::Consumer<RingItem>,
+    recycle: rtrb::Producer<Box<ChangeEvent>>,
+    budget: Arc<RingBudget>,
+    notify: Arc<Notify>,
+}
+
+impl RingReader {
+    /// The next item, if one is waiting.
+    pub(crate) fn pop(&mut self) -> Option<RingItem> {
+        self.consumer.pop().ok()
+    }
+
+    /// True when no item is waiting.
+    pub(crate) fn is_empty(&self) -> bool {
+        self.consumer.is_empty()
+    }
+
+    /// Items waiting.
+    pub(crate) fn len(&self) -> usize {
+        self.consumer.slots()
+    }
+
+    /// True once the wal side dropped its end and every item was taken.
+    pub(crate) fn is_closed(&self) -> bool {
+        self.consumer.is_abandoned() && self.consumer.is_empty()
+    }
+
+    /// What the wal side wakes the sink with.
+    pub(crate) fn notify(&self) -> Arc<Notify> {
+        Arc::clone(&self.notify)
+    }
+
+    /// Gives `bytes` of popped changes back to the budget (once per batch).
+    pub(crate) fn popped(&self, bytes: u64) {
+        self.budget.popped(bytes);
+    }
+
+    /// Hands a delivered event back to the wal thread for reuse (dropped when the way back
+    /// is full).
+    pub(crate) fn recycle(&mut self, ev: Box<ChangeEvent>) {
+        let _ = self.recycle.push(ev);
+    }
+}
+
+/// The bytes `item` counts against the budget.
+pub(crate) fn item_bytes(item: &RingItem) -> u64 {
+    match item {
+        RingItem::Change(ev) => event_bytes(ev),
+        _ => 0,
+    }
+}
+
 /// Bytes pushed and popped, and the limit on their difference.
 #[derive(Debug)]
-pub struct RingBudget {
+pub(crate) struct RingBudget {
     pushed: CachePadded<AtomicU64>,
     popped: CachePadded<AtomicU64>,
     limit: u64,
@@ -27,7 +200,7 @@ pub struct RingBudget {
 
 impl RingBudget {
     /// A budget of `limit` bytes.
-    pub fn new(limit: u64) -> Self {
+    pub(crate) fn new(limit: u64) -> Self {
         RingBudget {
             pushed: CachePadded::new(AtomicU64::new(0)),
             popped: CachePadded::new(AtomicU64::new(0)),
@@ -35,32 +208,27 @@ impl RingBudget {
         }
     }
 
-    /// The limit.
-    pub fn limit(&self) -> u64 {
-        self.limit
-    }
-
     /// Bytes held by the changes on the ring now.
-    pub fn used(&self) -> u64 {
+    pub(crate) fn used(&self) -> u64 {
         self.pushed
             .load(Ordering::Relaxed)
             .saturating_sub(self.popped.load(Ordering::Acquire))
     }
 
     /// True when `bytes` more would go over the limit.
-    pub fn would_exceed(&self, bytes: u64) -> bool {
+    pub(crate) fn would_exceed(&self, bytes: u64) -> bool {
         self.used().saturating_add(bytes) > self.limit
     }
 
     /// Wal side: `bytes` were pushed.
-    pub fn pushed(&self, bytes: u64) {
+    pub(crate) fn pushed(&self, bytes: u64) {
         // Only the wal thread writes this counter.
         let total = self.pushed.load(Ordering::Relaxed) + bytes;
         self.pushed.store(total, Ordering::Relaxed);
     }
 
     /// Publisher side: `bytes` more were popped since the last call.
-    pub fn popped(&self, bytes: u64) {
+    pub(crate) fn popped(&self, bytes: u64) {
         if bytes == 0 {
             return;
         }
@@ -72,7 +240,7 @@ impl RingBudget {
 
 /// The heap memory a change holds (its buffers' capacities, which is what recycling keeps),
 /// not counting the names and table shared with the relation cache.
-pub fn event_bytes(ev: &ChangeEvent) -> u64 {
+pub(crate) fn event_bytes(ev: &ChangeEvent) -> u64 {
     let columns = |cols: &Vec<ColumnValue>| -> usize {
         cols.capacity() * std::mem::size_of::<ColumnValue>()
             + cols.iter().map(|c| value_bytes(&c.value)).sum::<usize>()

@@ -26,11 +26,13 @@ use crate::pg::replication::{PgOutputOptions, ReplicationConnection};
 use crate::pg::value::{decode_text_into, TypeRegistry, Value, ValueKind};
 use crate::pg::Lsn;
 use crate::shutdown::Shutdown;
+use crate::telemetry::counters::DurableLsn;
 use crate::telemetry::Telemetry;
 
-use super::durable::{DurableLsn, StateFileError, StateWriter};
+use super::durable::{StateFileError, StateWriter};
 use super::event::{ChangeEvent, ColumnValue, Operation, TableRef};
 use super::position::TimelineHistory;
+use super::ring::{item_bytes, RingItem, RingWriter};
 use super::spool::{Spool, SpoolError};
 
 /// How long one wait for the server may last before other work is checked.
@@ -48,20 +50,6 @@ const NOTIFY_EVERY: u32 = 256;
 /// One XLogData message in this many is timed for `last_processing_time_us` (two clock reads per
 /// message would cost a few percent of the per-change budget).
 const TIME_EVERY: u64 = 16;
-
-/// What travels through the ring from the wal thread to the publisher.
-#[derive(Debug)]
-pub enum RingItem {
-    /// One change to publish.
-    Change(Box<ChangeEvent>),
-    /// The end of a transaction: durable once everything before it is acknowledged.
-    Commit {
-        /// The commit record's end: the position to report as flushed.
-        end_lsn: Lsn,
-    },
-    /// No more items: the wal thread is stopping.
-    End,
-}
 
 /// Errors of the wal thread.
 #[derive(Debug, thiserror::Error)]
@@ -127,10 +115,8 @@ pub struct WalStats {
 /// What outlives one replication connection: the ring's producer side, the durable
 /// position, the state file and the spool.
 pub struct WalContext {
-    /// Producer side of the ring to the publisher.
-    pub producer: rtrb::Producer<RingItem>,
-    /// Wakes the publisher when work is waiting.
-    pub notify: Arc<tokio::sync::Notify>,
+    /// The wal side of the ring to the publisher.
+    pub ring: RingWriter,
     /// Durable position, advanced by the publisher.
     pub durable: DurableLsn,
     /// Where the durable position is persisted (on its own thread).
@@ -141,17 +127,10 @@ pub struct WalContext {
     pub last_pushed_end: Lsn,
     /// Flush position last reported (never decreases).
     pub reported_flush: Lsn,
-    /// True once the publisher thread has ended (set by the run loop's watcher).
-    pub publisher_done: Arc<std::sync::atomic::AtomicBool>,
     /// Live state for telemetry.
     pub telemetry: Arc<Telemetry>,
     /// Told about every Relation message (schema, table), to keep the schemas bucket current.
     pub schema_changes: Option<tokio::sync::mpsc::UnboundedSender<(Arc<str>, Arc<str>)>>,
-    /// Events the publisher is done with, to be filled again: their vectors and strings keep
-    /// their allocations, so a change in the steady state allocates nothing here.
-    pub recycled: Option<rtrb::Consumer<Box<ChangeEvent>>>,
-    /// The ring's byte budget, shared with the publisher.
-    pub budget: Arc<super::ring::RingBudget>,
 }
 
 impl WalContext {
@@ -167,7 +146,7 @@ impl WalContext {
 
     /// Samples the ring's occupancy (reads the publisher's position: not on every message).
     fn sample_ring(&self) {
-        let used = self.producer.buffer().capacity() - self.producer.slots();
+        let used = self.ring.used();
         self.telemetry.wal.ring_used.store(used as u64, Relaxed);
     }
 }
@@ -325,10 +304,7 @@ impl<'c> WalStream<'c> {
         self.pinged = false;
         let status_interval = self.config.replication.standby_status_interval();
         while !self.shutdown.is_triggered() {
-            if ctx
-                .publisher_done
-                .load(std::sync::atomic::Ordering::Acquire)
-            {
+            if ctx.ring.reader_gone() {
                 return Err(StreamError::PublisherGone);
             }
             if let Some(buf) = self.repl.recv(POLL_INTERVAL)? {
@@ -396,12 +372,10 @@ impl<'c> WalStream<'c> {
         self.held = HeldChange::default();
         self.current_stream = None;
         push_wait(ctx, RingItem::End, &self.shutdown, true, &mut |_| Ok(()))?;
-        ctx.notify.notify_one();
+        ctx.ring.notify();
         let deadline = Instant::now() + SHUTDOWN_DRAIN_TIMEOUT;
         while ctx.durable.get() < ctx.last_pushed_end
-            && !ctx
-                .publisher_done
-                .load(std::sync::atomic::Ordering::Acquire)
+            && !ctx.ring.reader_gone()
             && Instant::now() < deadline
         {
             std::thread::sleep(Duration::from_millis(10));
@@ -574,7 +548,7 @@ impl<'c> WalStream<'c> {
         )?;
         ctx.last_pushed_end = ctx.last_pushed_end.max(end_lsn);
         ctx.stats.transactions += 1;
-        ctx.notify.notify_one();
+        ctx.ring.notify();
         Ok(())
     }
 
@@ -803,7 +777,7 @@ impl<'c> WalStream<'c> {
         push_wait(ctx, RingItem::Change(ev), &shutdown, false, &mut keepalive)?;
         ctx.stats.changes += 1;
         if seq % NOTIFY_EVERY == NOTIFY_EVERY - 1 {
-            ctx.notify.notify_one();
+            ctx.ring.notify();
         }
         Ok(())
     }
@@ -825,7 +799,7 @@ fn new_event(
     txn: &Txn,
     seq: u32,
 ) -> Box<ChangeEvent> {
-    match ctx.recycled.as_mut().and_then(|r| r.pop().ok()) {
+    match ctx.ring.recycled() {
         Some(mut ev) => {
             if !Arc::ptr_eq(&ev.table, &rel.table) {
                 ev.table = Arc::clone(&rel.table);
@@ -876,40 +850,26 @@ fn push_wait(
     let mut item = item;
     let mut pause = Duration::from_micros(50);
     let started = Instant::now();
-    let bytes = match &item {
-        RingItem::Change(ev) => super::ring::event_bytes(ev),
-        _ => 0,
-    };
+    let bytes = item_bytes(&item);
     loop {
         // Over the byte budget the ring counts as full, unless it is empty: one change larger
         // than the budget still goes, alone.
-        let over_budget = bytes > 0
-            && ctx.budget.would_exceed(bytes)
-            && ctx.producer.slots() < ctx.producer.buffer().capacity();
-        if !over_budget {
-            match ctx.producer.push(item) {
-                Ok(()) => {
-                    ctx.budget.pushed(bytes);
-                    return Ok(());
-                }
-                Err(rtrb::PushError::Full(back)) => item = back,
-            }
+        match ctx.ring.try_push(item, bytes) {
+            Ok(()) => return Ok(()),
+            Err(back) => item = back,
         }
         ctx.telemetry
             .wal
             .ring_used
-            .store(ctx.producer.buffer().capacity() as u64, Relaxed);
-        if ctx
-            .publisher_done
-            .load(std::sync::atomic::Ordering::Acquire)
-        {
+            .store(ctx.ring.capacity() as u64, Relaxed);
+        if ctx.ring.reader_gone() {
             return Err(StreamError::PublisherGone);
         }
         if shutdown.is_triggered() && (!at_shutdown || started.elapsed() > Duration::from_secs(30))
         {
             return Err(StreamError::ShuttingDown);
         }
-        ctx.notify.notify_one();
+        ctx.ring.notify();
         while_waiting(ctx)?;
         std::thread::sleep(pause);
         pause = (pause * 2).min(Duration::from_millis(5));

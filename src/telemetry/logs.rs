@@ -64,8 +64,7 @@ pub fn spawn_metrics_log(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::sink::nats::NatsStats;
-    use crate::sink::publisher::PublisherStats;
+    use crate::telemetry::counters::{NatsStats, PublisherStats};
     use std::sync::atomic::Ordering;
 
     #[test]

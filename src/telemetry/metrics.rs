@@ -347,8 +347,7 @@ impl Metrics {
 mod tests {
     use super::*;
     use crate::shutdown::Shutdown;
-    use crate::sink::nats::NatsStats;
-    use crate::sink::publisher::PublisherStats;
+    use crate::telemetry::counters::{NatsStats, PublisherStats};
     use std::sync::atomic::Ordering;
 
     fn metrics() -> (Arc<Telemetry>, Histogram, Metrics) {

@@ -1,5 +1,7 @@
 //! Operations: what a running bridge tells about itself, and how it is controlled.
 //!
+//! - [`counters`]: the durable position and the publisher's and NATS connection's counters,
+//!   written by the pipeline and the sink;
 //! - [`state`]: live counters and flags, written by the pipeline threads and the monitor;
 //! - [`metrics`]: the Prometheus registry (`GET /metrics`);
 //! - [`status`]: the `/status` and `/health` documents;
@@ -9,6 +11,7 @@
 //!
 //! [`start`] starts the HTTP, monitor and metrics-log threads of one run.
 
+pub mod counters;
 pub mod http;
 pub mod logs;
 pub mod metrics;

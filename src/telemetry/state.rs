@@ -11,10 +11,9 @@ use std::time::{Duration, Instant};
 use crossbeam_utils::CachePadded;
 
 use crate::pg::Lsn;
-use crate::pipeline::durable::DurableLsn;
 use crate::shutdown::Shutdown;
-use crate::sink::nats::NatsStats;
-use crate::sink::publisher::PublisherStats;
+
+use super::counters::{DurableLsn, NatsStats, PublisherStats};
 
 /// Counters of the wal thread and the run loop. Only the wal side writes them.
 #[derive(Debug, Default)]

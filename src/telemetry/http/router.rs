@@ -184,8 +184,7 @@ fn request_snapshot(ctx: &HttpContext, token: &str, peer: Option<SocketAddr>) ->
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::sink::nats::NatsStats;
-    use crate::sink::publisher::PublisherStats;
+    use crate::telemetry::counters::{NatsStats, PublisherStats};
     use crate::telemetry::metrics::{commit_to_puback_histogram, BridgeInfo};
 
     fn ctx(token: Option<&str>) -> HttpContext {

@@ -1,0 +1,143 @@
+//! The NATS JetStream sink: the connection and [`NatsError`] (`connect.rs`), the streams and
+//! their checks (`streams.rs`), the publisher with its window of PubAcks ([`publisher`],
+//! `puback`), and `NatsSink`, which the pipeline drives.
+//!
+//! Everything here is async and meant for the small tokio runtime of the calling thread.
+
+mod connect;
+pub(crate) mod puback;
+pub mod publisher;
+mod streams;
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use async_nats::Client;
+
+use crate::config::{Config, NatsConfig, StreamsConfig};
+use crate::pipeline::ring::RingReader;
+use crate::shutdown::Shutdown;
+use crate::telemetry::counters::{DurableLsn, NatsStats, PublisherStats};
+
+use publisher::{PublishError, Publisher, PublisherSettings, ACK_TIMEOUT};
+
+use super::Sink;
+
+/// First token of every change subject (`cdc.{table}.{op}`).
+pub const CDC_SUBJECT_PREFIX: &str = "cdc";
+/// First token of every snapshot subject (`init.snap.…`, `init.meta.…`).
+pub const INIT_SUBJECT_PREFIX: &str = "init";
+/// Connection name the bridge shows in the server's monitoring (`/connz`).
+pub const CONNECTION_NAME: &str = "pgbridge";
+
+pub use connect::{connect, connect_with_stats, max_payload, NatsError};
+pub use streams::{
+    cdc_stream_config, check_jetstream, check_stream_format, ensure_streams, init_stream_config,
+    stream_last_sequence, StreamWarning, StreamsInfo,
+};
+
+/// The NATS JetStream sink: connects (retrying while NATS is away), makes sure the streams
+/// exist in the configured format, then publishes changes through a [`Publisher`].
+pub(crate) struct NatsSink {
+    nats: NatsConfig,
+    streams: StreamsConfig,
+    /// Wait between connect and set-up attempts.
+    backoff: Duration,
+    settings: PublisherSettings,
+    stats: Arc<PublisherStats>,
+    connection: Arc<NatsStats>,
+    /// Set by [`Sink::prepare`].
+    client: Option<Client>,
+}
+
+impl NatsSink {
+    /// A sink for `config`'s NATS servers and streams, with message ids in `id_namespace`,
+    /// counting in `stats` and `connection`.
+    pub(crate) fn new(
+        config: &Config,
+        id_namespace: &str,
+        stats: Arc<PublisherStats>,
+        connection: Arc<NatsStats>,
+    ) -> Self {
+        NatsSink {
+            nats: config.nats.clone(),
+            streams: config.streams.clone(),
+            backoff: config.replication.reconnect_backoff(),
+            settings: PublisherSettings {
+                format: config.replication.format,
+                max_in_flight: config.replication.max_in_flight,
+                max_in_flight_bytes: config.replication.max_in_flight_bytes,
+                subject_prefix: CDC_SUBJECT_PREFIX.to_string(),
+                id_namespace: id_namespace.to_string(),
+            },
+            stats,
+            connection,
+            client: None,
+        }
+    }
+}
+
+impl Sink for NatsSink {
+    type PrepareError = NatsError;
+    type Error = PublishError;
+
+    async fn prepare(&mut self, shutdown: &Shutdown) -> Result<bool, NatsError> {
+        let backoff = self.backoff;
+        // Connect, retrying while NATS is unreachable (it may start after us).
+        let client = loop {
+            match connect_with_stats(&self.nats, CONNECTION_NAME, Arc::clone(&self.connection))
+                .await
+            {
+                Ok(c) => break c,
+                Err(e) if !e.is_configuration() && !shutdown.is_triggered() => {
+                    log::warn!("{e}; retrying in {}s", backoff.as_secs());
+                    shutdown.sleep(backoff).await;
+                }
+                Err(e) if e.is_configuration() => return Err(e),
+                Err(_) => return Ok(false),
+            }
+        };
+        // For the set-up requests only; changes go out on the publisher's own pipelined path
+        // over the same connection.
+        let js = async_nats::jetstream::context::ContextBuilder::new()
+            .timeout(ACK_TIMEOUT)
+            .build(client.clone());
+        // A server that restarts or elects a leader meanwhile times these requests out:
+        // retried like the connect, only a configuration error ends the start.
+        loop {
+            let checked = match ensure_streams(&js, &self.streams).await {
+                Ok(info) => check_stream_format(&js, &info.cdc, self.settings.format).await,
+                Err(e) => Err(e),
+            };
+            match checked {
+                Ok(()) => break,
+                Err(e) if !e.is_configuration() && !shutdown.is_triggered() => {
+                    log::warn!("{e}; retrying in {}s", backoff.as_secs());
+                    shutdown.sleep(backoff).await;
+                }
+                Err(e) if e.is_configuration() => return Err(e),
+                Err(_) => return Ok(false),
+            }
+        }
+        self.client = Some(client);
+        Ok(true)
+    }
+
+    async fn run(
+        self,
+        ring: RingReader,
+        durable: DurableLsn,
+        shutdown: Shutdown,
+    ) -> Result<(), PublishError> {
+        // Only reachable without a client when `prepare` was skipped: nothing was sent.
+        let Some(client) = self.client else {
+            return Err(PublishError::ClientClosed {
+                pending: ring.len(),
+            });
+        };
+        Publisher::new(client, ring, durable, self.settings, self.stats, shutdown)
+            .with_connection_events(self.connection)
+            .run()
+            .await
+    }
+}

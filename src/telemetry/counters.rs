@@ -1,0 +1,97 @@
+//! Counters the pipeline and the sink write and telemetry reads: the durable position, the
+//! publisher's counters and its NATS connection's. They live here, below both writers, so
+//! that telemetry needs nothing of the pipeline or the sink.
+
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::Arc;
+
+use crossbeam_utils::CachePadded;
+
+use crate::pg::Lsn;
+
+/// Shared, monotonic durable position (an atomic on its own cache line: written by the
+/// publisher, read by the wal thread).
+#[derive(Clone, Debug, Default)]
+pub struct DurableLsn(Arc<CachePadded<AtomicU64>>);
+
+impl DurableLsn {
+    /// Starts at `lsn` (the position streaming resumes from: everything before it is durable).
+    pub fn new(lsn: Lsn) -> Self {
+        DurableLsn(Arc::new(CachePadded::new(AtomicU64::new(lsn.0))))
+    }
+
+    /// The current durable position.
+    pub fn get(&self) -> Lsn {
+        Lsn(self.0.load(Ordering::Acquire))
+    }
+
+    /// Moves the position forward; never backwards.
+    pub fn advance(&self, lsn: Lsn) {
+        self.0.fetch_max(lsn.0, Ordering::AcqRel);
+    }
+}
+
+/// Publisher counters.
+#[derive(Debug, Default)]
+pub struct PublisherStats {
+    /// Messages acknowledged as newly stored.
+    pub published: AtomicU64,
+    /// Messages acknowledged as duplicates (already stored within the duplicate window).
+    pub duplicates: AtomicU64,
+    /// Payload bytes acknowledged.
+    pub bytes: AtomicU64,
+    /// Failed publish attempts (each retried).
+    pub publish_errors: AtomicU64,
+    /// Messages waiting for a PubAck now.
+    pub in_flight: AtomicU64,
+    /// True while JetStream does not acknowledge (the oldest publish is being retried).
+    pub stalled: AtomicBool,
+    /// Commit time → PubAck latency, observed per acknowledged message.
+    pub commit_to_ack: Option<prometheus::Histogram>,
+}
+
+/// Connection state and counters of one NATS connection, updated from the client's event
+/// callback and read by metrics and `/status`. Share it across attempts of the same logical
+/// connection (e.g. when the caller retries a connect), not between connections.
+#[derive(Debug, Default)]
+pub struct NatsStats {
+    /// True while the client holds a connection to a server.
+    pub connected: AtomicBool,
+    /// Times the connection came back after it was lost (`bridge_nats_reconnects_total`).
+    pub reconnects: AtomicU64,
+    /// Times the connection was lost.
+    pub disconnects: AtomicU64,
+    /// Woken at every connect and disconnect, for the publisher to wait on instead of polling.
+    pub changed: tokio::sync::Notify,
+}
+
+impl NatsStats {
+    /// True while connected.
+    pub fn is_connected(&self) -> bool {
+        self.connected.load(Ordering::Relaxed)
+    }
+
+    /// Reconnects so far.
+    pub fn reconnects(&self) -> u64 {
+        self.reconnects.load(Ordering::Relaxed)
+    }
+
+    /// Disconnects so far.
+    pub fn disconnects(&self) -> u64 {
+        self.disconnects.load(Ordering::Relaxed)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn durable_lsn_never_moves_back() {
+        let d = DurableLsn::new(Lsn(100));
+        d.advance(Lsn(50));
+        assert_eq!(d.get(), Lsn(100));
+        d.advance(Lsn(200));
+        assert_eq!(d.clone().get(), Lsn(200));
+    }
+}
