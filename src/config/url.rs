@@ -304,3 +304,6 @@ impl NatsUrl {
             || self.host.parse::<IpAddr>().is_ok_and(|ip| ip.is_loopback())
     }
 }
+
+#[cfg(test)]
+mod tests;
