@@ -2,24 +2,20 @@
 //!
 //! Exit codes: 0 clean, 1 runtime failure, 2 bad usage or configuration.
 
-use std::io::IsTerminal;
 use std::process::ExitCode;
 use std::time::Duration;
 
 use clap::error::ErrorKind;
-use clap::Parser;
 use log::info;
 use signal_hook::consts::{SIGINT, SIGTERM};
 
-use pgbridge::cli::{usage_error_line, Cli, Command, EXIT_FAILURE, EXIT_USAGE};
+use pgbridge::cli::{usage_error_line, Command, EXIT_FAILURE, EXIT_USAGE};
 use pgbridge::config::Config;
-use pgbridge::mirror::MirrorOptions;
 use pgbridge::shutdown::Shutdown;
-use pgbridge::watch::tail::{Start, TailOptions};
 
 fn main() -> ExitCode {
-    let cli = match Cli::try_parse() {
-        Ok(cli) => cli,
+    let (cli, layers) = match pgbridge::cli::parse() {
+        Ok(parsed) => parsed,
         Err(err) => return usage_exit(&err),
     };
     // The watch commands print for people and scripts: only warnings and errors besides.
@@ -28,7 +24,7 @@ fn main() -> ExitCode {
         _ => "info",
     });
 
-    let config = match Config::load(&cli.config) {
+    let config = match Config::load(layers) {
         Ok(config) => config,
         Err(err) => {
             eprintln!("bridge: configuration error: {err}");
@@ -62,15 +58,7 @@ fn main() -> ExitCode {
                 return ExitCode::from(EXIT_FAILURE);
             }
             warn_plaintext_credentials(&config);
-            let options = MirrorOptions {
-                durable: args
-                    .durable
-                    .unwrap_or_else(|| pgbridge::mirror::default_durable(&args.db)),
-                db: args.db,
-                tables: config.replication.tables.clone(),
-                until_idle: args.until_idle.map(Duration::from_secs),
-                snapshot_stall: Duration::from_secs(args.snapshot_stall_secs),
-            };
+            let options = args.options(&config);
             match pgbridge::mirror::run(&config, &options, &shutdown) {
                 Ok(s) => {
                     info!(
@@ -91,18 +79,7 @@ fn main() -> ExitCode {
                 eprintln!("bridge: cannot install signal handlers: {err}");
                 return ExitCode::from(EXIT_FAILURE);
             }
-            let options = TailOptions {
-                tables: config.replication.tables.clone(),
-                ops: args.op.iter().map(|o| o.as_lower().to_owned()).collect(),
-                start: match (args.from_start, args.last) {
-                    (true, _) => Start::All,
-                    (false, Some(n)) => Start::Last(n),
-                    (false, None) => Start::New,
-                },
-                count: args.count,
-                until_idle: args.until_idle.map(Duration::from_secs),
-                colour: !args.no_color && std::io::stdout().is_terminal(),
-            };
+            let options = args.options(&config);
             match pgbridge::watch::tail::run(&config, &options, &shutdown) {
                 Ok(_) => ExitCode::SUCCESS,
                 Err(err) => {
@@ -147,7 +124,6 @@ fn main() -> ExitCode {
     }
 }
 
-/// Help and version go to stdout with exit 0; anything else is one line on stderr and exit 2.
 /// Credentials over plain text to a remote NATS server are worth a warning at every start.
 fn warn_plaintext_credentials(config: &Config) {
     if let Some(warning) = config.nats.plaintext_credentials_warning() {
@@ -155,6 +131,7 @@ fn warn_plaintext_credentials(config: &Config) {
     }
 }
 
+/// Help and version go to stdout with exit 0; anything else is one line on stderr and exit 2.
 fn usage_exit(err: &clap::Error) -> ExitCode {
     match err.kind() {
         ErrorKind::DisplayHelp

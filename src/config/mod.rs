@@ -1,0 +1,168 @@
+//! The bridge configuration: built-in defaults, the TOML file, the environment and the command line.
+//!
+//! # Precedence
+//!
+//! Highest first: command-line flags, environment variables, the TOML file (`--config` /
+//! `BRIDGE_CONFIG`), the built-in defaults (the `DEFAULT_*` constants beside each section).
+//! The file, the environment and the flags each give an [`Overlay`], a partial configuration;
+//! [`Config::load`] lays them over the defaults in that order, field by field, only where a
+//! value was given. The command line (`crate::cli`) builds the environment's and the flags'
+//! overlays; this module knows nothing of it.
+//!
+//! # PostgreSQL URL
+//!
+//! `postgres.url` (`--pg-url`, `PG_URL`) accepts
+//! `postgres[ql]://[user[:password]@][host][:port][/dbname][?param=value&...]`, with `sslmode`,
+//! `sslrootcert`, `sslcert`, `sslkey`, `connect_timeout`, `host`, `port`, `user`, `password` and
+//! `dbname` as query parameters (a query parameter wins over the same part earlier in the URL, as
+//! in libpq). User, password, host, database name and query values are percent-decoded.
+//!
+//! The user info ends at the *last* `@` of the URL: a password may hold `/`, `?`, `#`, `:` or
+//! `@` as they are or percent-encoded, but an `@` after the host (in the database name or a
+//! query value) must be written `%40`. NATS URLs follow the same rule.
+//!
+//! The URL only fills the parts that are not given on their
+//! own: a part set explicitly (`postgres.host`, `PG_HOST`, `--pg-host`, ...) at *any* level wins
+//! over the same part of the URL, wherever the URL comes from. Parts given nowhere take the
+//! defaults.
+//!
+//! # Secrets
+//!
+//! Passwords, tokens and the PostgreSQL URL are held in [`Secret`], whose `Debug`, `Display` and
+//! `Serialize` print `***`. Credentials embedded in NATS URLs are hidden the same way. Nothing in
+//! this module ever formats a secret into an error message.
+
+use std::fmt;
+
+use serde::Serialize;
+
+mod error;
+mod load;
+mod names;
+pub(crate) mod nats;
+mod overlay;
+pub(crate) mod pg;
+pub(crate) mod replication;
+mod secret;
+pub(crate) mod sections;
+mod url;
+mod validate;
+
+#[cfg(test)]
+mod tests;
+
+pub use error::ConfigError;
+pub use load::Layers;
+pub(crate) use nats::check_nkey_seed;
+pub(crate) use nats::NatsAuth;
+pub use nats::NatsConfig;
+pub use overlay::{
+    HttpOverlay, MonitorOverlay, NatsOverlay, Overlay, PgOverlay, ReplicationOverlay,
+    SnapshotOverlay, StreamsOverlay,
+};
+pub use pg::{PgConfig, SslMode};
+pub use replication::{Format, ReplicationConfig};
+pub use secret::Secret;
+pub(crate) use secret::REDACTED;
+pub use sections::{HttpConfig, MonitorConfig, SnapshotConfig, StreamsConfig};
+
+#[cfg(test)]
+pub(crate) use overlay::field_sources;
+
+/// The whole, effective bridge configuration. Build it with [`Config::load`]; `Default` gives the
+/// built-in defaults.
+#[derive(Clone, Debug, Default, PartialEq, Serialize)]
+pub struct Config {
+    /// The PostgreSQL connection (`[postgres]`).
+    pub postgres: PgConfig,
+    /// The NATS connection (`[nats]`).
+    pub nats: NatsConfig,
+    /// Slot, publication, tables and the pipeline's tuning (`[replication]`).
+    pub replication: ReplicationConfig,
+    /// The HTTP endpoints (`[http]`).
+    pub http: HttpConfig,
+    /// The slot-lag monitor and periodic metrics log (`[monitor]`).
+    pub monitor: MonitorConfig,
+    /// Snapshots into the INIT stream (`[snapshot]`).
+    pub snapshot: SnapshotConfig,
+    /// JetStream stream names and retention (`[streams]`).
+    pub streams: StreamsConfig,
+}
+
+impl Config {
+    /// One line for the startup log: what the bridge connects to and streams, with secrets
+    /// shown only as set (`***`) or not (`none`).
+    pub fn summary(&self) -> String {
+        self.to_string()
+    }
+
+    /// The effective configuration as a TOML document (usable as a configuration file once the
+    /// secrets are filled in), with every secret shown as `***`.
+    pub fn to_redacted_toml(&self) -> String {
+        let mut shown = self.clone();
+        shown.replication.state_file = Some(self.replication.state_file_path());
+        shown.replication.spool_dir = Some(self.replication.spool_dir_path());
+        match toml::to_string(&shown) {
+            Ok(text) => text,
+            // Not reachable with these types; say so rather than print half a document.
+            Err(err) => format!("# cannot render the configuration: {err}\n"),
+        }
+    }
+}
+
+impl fmt::Display for Config {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        fn set(s: &Option<Secret>) -> &'static str {
+            if s.is_some() {
+                REDACTED
+            } else {
+                "none"
+            }
+        }
+        let pg = &self.postgres;
+        let nats_auth = self.nats.auth().map_or("invalid", |a| a.kind());
+        let sslmode = pg.sslmode.map_or("libpq-default", SslMode::as_str);
+        let tables = if self.replication.tables.is_empty() {
+            "all".to_owned()
+        } else {
+            self.replication.tables.join(",")
+        };
+        write!(
+            f,
+            "postgres={}@{}:{}/{} pg_password={} sslmode={} nats={} nats_auth={} \
+             slot={} publication={} tables={} format={} streams={},{} http={} admin_token={} \
+             state_file={} ring_capacity={} max_in_flight={} snapshot_chunk_rows={} \
+             snapshot_on_start={} snapshot_reply_prefix={} snapshot_max_concurrent={} \
+             snapshot_cooldown_secs={} nats_tls={}",
+            pg.user,
+            pg.host,
+            pg.port,
+            pg.dbname,
+            set(&pg.password),
+            sslmode,
+            self.nats.redacted_urls().join(","),
+            nats_auth,
+            self.replication.slot,
+            self.replication.publication,
+            tables,
+            self.replication.format,
+            self.streams.cdc,
+            self.streams.init,
+            self.http.socket_addr(),
+            set(&self.http.admin_token),
+            self.replication.state_file_path().display(),
+            self.replication.ring_capacity,
+            self.replication.max_in_flight,
+            self.snapshot.chunk_rows,
+            self.snapshot.on_start,
+            self.snapshot.reply_prefix,
+            self.snapshot.max_concurrent,
+            self.snapshot.cooldown_secs,
+            if self.nats.requires_tls() {
+                "required"
+            } else {
+                "if-offered"
+            },
+        )
+    }
+}
