@@ -14,10 +14,10 @@ use pgbridge::config::Format;
 use pgbridge::pg::value::Value;
 use pgbridge::pg::Lsn;
 use pgbridge::pipeline::durable::DurableLsn;
-use pgbridge::pipeline::event::{ChangeEvent, ColumnValue, Operation, TableRef};
 use pgbridge::pipeline::wal::RingItem;
 use pgbridge::shutdown::Shutdown;
 use pgbridge::sink::publisher::{PublishError, Publisher, PublisherSettings, PublisherStats};
+use pgbridge::wire::event::{ChangeEvent, ColumnValue, Operation, TableRef};
 
 use common::{read_stream, with_nats, NatsServer};
 

@@ -43,12 +43,12 @@ use rmpv::Value;
 
 use crate::config::Config;
 use crate::pg::Lsn;
-use crate::pipeline::event::parse_message_id;
 use crate::shutdown::Shutdown;
 use crate::sink::nats::{connect, NatsError, CDC_SUBJECT_PREFIX, INIT_SUBJECT_PREFIX};
 use crate::sink::schemas::{schema_key, SCHEMAS_BUCKET};
 use crate::sink::snapshot::REQUEST_PREFIX;
-use crate::sink::subject::{parse_table_token, table_token, DEFAULT_SCHEMA};
+use crate::wire::event::parse_message_id;
+use crate::wire::subject::{parse_table_token, table_token, DEFAULT_SCHEMA};
 
 pub use doc::ColumnKind;
 pub use store::{Position, StoreError, STATE_TABLE, TOMBSTONE_TTL, VERSIONS_TABLE};
@@ -975,7 +975,7 @@ impl Mirror {
                     .and_then(|v| id_commit_lsn(v.as_str()));
                 let marked = m
                     .headers
-                    .get(crate::sink::encode::LAST_IN_TX_HEADER)
+                    .get(crate::wire::encode::LAST_IN_TX_HEADER)
                     .is_some_and(|v| v.as_str() == "true");
                 match id_lsn {
                     Some(l) if l != commit_lsn => return true,

@@ -2,7 +2,6 @@
 //! PostgreSQL set-up, the publisher thread, and the wal loop with its reconnects.
 
 pub mod durable;
-pub mod event;
 pub mod position;
 pub mod ring;
 pub mod spool;
@@ -488,7 +487,7 @@ fn run_pipeline(
     let (producer, consumer) = rtrb::RingBuffer::<RingItem>::new(config.replication.ring_capacity);
     // Published events go back to the wal thread to be reused (bounded: at most this many
     // wait there, the rest are dropped).
-    let (recycle_tx, recycle_rx) = rtrb::RingBuffer::<Box<event::ChangeEvent>>::new(
+    let (recycle_tx, recycle_rx) = rtrb::RingBuffer::<Box<crate::wire::event::ChangeEvent>>::new(
         config.replication.ring_capacity.min(RECYCLE_CAPACITY),
     );
     let budget = Arc::new(ring::RingBudget::new(config.replication.ring_max_bytes));
@@ -627,7 +626,7 @@ fn spawn_publisher(
     shutdown: &Shutdown,
     consumer: rtrb::Consumer<RingItem>,
     (recycle, budget): (
-        rtrb::Producer<Box<event::ChangeEvent>>,
+        rtrb::Producer<Box<crate::wire::event::ChangeEvent>>,
         Arc<ring::RingBudget>,
     ),
     notify: Arc<tokio::sync::Notify>,

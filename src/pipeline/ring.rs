@@ -15,7 +15,7 @@ use crossbeam_utils::CachePadded;
 
 use crate::pg::value::Value;
 
-use super::event::{ChangeEvent, ColumnValue};
+use crate::wire::event::{ChangeEvent, ColumnValue};
 
 /// Bytes pushed and popped, and the limit on their difference.
 #[derive(Debug)]
@@ -103,7 +103,7 @@ mod tests {
 
     use super::*;
     use crate::pg::Lsn;
-    use crate::pipeline::event::{Operation, TableRef};
+    use crate::wire::event::{Operation, TableRef};
 
     fn event(columns: Vec<ColumnValue>) -> ChangeEvent {
         ChangeEvent {

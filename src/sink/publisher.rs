@@ -42,15 +42,15 @@ use crate::config::Format;
 use crate::pg::pgoutput::pg_to_unix_micros;
 use crate::pg::Lsn;
 use crate::pipeline::durable::DurableLsn;
-use crate::pipeline::event::{self, ChangeEvent, Operation, TableRef};
 use crate::pipeline::ring::{event_bytes, RingBudget};
 use crate::pipeline::wal::RingItem;
 use crate::shutdown::Shutdown;
+use crate::wire::event::{self, ChangeEvent, Operation, TableRef};
 
-use super::encode::{encode_change, LAST_IN_TX_HEADER};
 use super::nats::NatsStats;
 use super::puback::{self, PubAckError};
-use super::subject::change_subject;
+use crate::wire::encode::{encode_change, LAST_IN_TX_HEADER};
+use crate::wire::subject::change_subject;
 
 /// How long the oldest message of the window waits for its PubAck before it is sent again.
 pub const ACK_TIMEOUT: Duration = Duration::from_secs(5);
@@ -271,7 +271,7 @@ impl Replies {
         self.scratch.clear();
         self.scratch.extend_from_slice(self.prefix.as_bytes());
         self.scratch
-            .extend_from_slice(super::encode::decimal(token, &mut [0u8; 20]).as_bytes());
+            .extend_from_slice(crate::wire::encode::decimal(token, &mut [0u8; 20]).as_bytes());
         let bytes = self.chunks.copy(&self.scratch);
         // The inbox is a string and the token ASCII digits, so this cannot fail; the fallback
         // only spares a panic path.

@@ -45,9 +45,9 @@ use crate::pg::Lsn;
 use crate::shutdown::Shutdown;
 use crate::telemetry::Telemetry;
 
-use super::encode::{encode_chunk, encode_document, ChunkHeader, ChunkRows};
 use super::nats::{max_payload, stream_last_sequence, NatsError, INIT_SUBJECT_PREFIX};
-use super::subject::{parse_table_token, push_table_token};
+use crate::wire::encode::{encode_chunk, encode_document, ChunkHeader, ChunkRows};
+use crate::wire::subject::{parse_table_token, push_table_token};
 
 /// Subject prefix of snapshot requests.
 pub const REQUEST_PREFIX: &str = "snapshot.request";
@@ -935,7 +935,7 @@ impl SnapshotService {
             id,
             schema,
             table,
-            &super::encode::now_timestamp(),
+            &crate::wire::encode::now_timestamp(),
             &failure.to_string(),
         );
         let mut out = Vec::new();
@@ -1154,7 +1154,7 @@ impl SnapshotService {
         let meta = serde_json::json!({
             "snapshot_id": id,
             "lsn": outcome.lsn.to_string(),
-            "timestamp": super::encode::now_timestamp(),
+            "timestamp": crate::wire::encode::now_timestamp(),
             "batch_count": chunk,
             "row_count": outcome.rows,
             "table": table,

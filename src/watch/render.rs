@@ -4,7 +4,7 @@
 
 use rmpv::Value;
 
-use crate::sink::encode::{json_f64, json_str, push_base64};
+use crate::wire::encode::{json_f64, json_str, push_base64};
 
 const DIM: &str = "\x1b[2m";
 const RESET: &str = "\x1b[0m";

@@ -14,7 +14,7 @@ use super::{open_stream, render, runtime, WatchError};
 use crate::config::Config;
 use crate::shutdown::Shutdown;
 use crate::sink::nats::{connect, CDC_SUBJECT_PREFIX};
-use crate::sink::subject::{table_token, DEFAULT_SCHEMA};
+use crate::wire::subject::{table_token, DEFAULT_SCHEMA};
 
 /// NATS connection name.
 const CONNECTION_NAME: &str = "pgbridge-tail";

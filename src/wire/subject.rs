@@ -34,7 +34,7 @@
 //! The same table token (`users`, `sales.invoices`) is used in the other per-table subjects,
 //! e.g. `init.snap.{table}.{snapshot_id}.{chunk}`.
 
-use crate::pipeline::event::Operation;
+use crate::wire::event::Operation;
 
 /// The schema whose tables get a subject without a schema token.
 pub const DEFAULT_SCHEMA: &str = "public";

@@ -116,7 +116,7 @@ pub fn message_id(prefix: &str, timeline: u32, commit_lsn: Lsn, seq: u32) -> Str
     // Written by hand: this runs for every message, and `format!` costs several times more.
     let mut id = String::with_capacity(prefix.len() + 40);
     id.push_str(prefix);
-    id.push_str(crate::sink::encode::decimal(
+    id.push_str(crate::wire::encode::decimal(
         u64::from(timeline),
         &mut [0u8; 20],
     ));
@@ -125,7 +125,7 @@ pub fn message_id(prefix: &str, timeline: u32, commit_lsn: Lsn, seq: u32) -> Str
     id.push('/');
     push_hex(&mut id, commit_lsn.0 as u32);
     id.push('-');
-    id.push_str(crate::sink::encode::decimal(u64::from(seq), &mut [0u8; 20]));
+    id.push_str(crate::wire::encode::decimal(u64::from(seq), &mut [0u8; 20]));
     id
 }
 

@@ -55,7 +55,7 @@ use std::io::Write as _;
 use crate::config::Format;
 use crate::pg::value::Value;
 use crate::pg::Lsn;
-use crate::pipeline::event::{ChangeEvent, ColumnValue, Operation};
+use crate::wire::event::{ChangeEvent, ColumnValue, Operation};
 
 /// Header set to `true` on the message of the last published change of each transaction.
 pub const LAST_IN_TX_HEADER: &str = "Pgbridge-Last-In-Tx";
@@ -741,7 +741,7 @@ mod tests {
             assert_eq!(v, bytes, "{key}");
         }
     }
-    use crate::pipeline::event::TableRef;
+    use crate::wire::event::TableRef;
 
     #[test]
     fn snapshot_chunks_in_both_formats() {

@@ -1,0 +1,4 @@
+//! The message contract.
+pub mod encode;
+pub mod event;
+pub mod subject;
