@@ -44,11 +44,17 @@ use rmpv::Value;
 use crate::config::Config;
 use crate::pg::Lsn;
 use crate::shutdown::Shutdown;
-use crate::sink::nats::{connect, NatsError, CDC_SUBJECT_PREFIX, INIT_SUBJECT_PREFIX};
-use crate::sink::schemas::{schema_key, SCHEMAS_BUCKET};
-use crate::sink::snapshot::REQUEST_PREFIX;
-use crate::wire::event::parse_message_id;
-use crate::wire::subject::{parse_table_token, table_token, DEFAULT_SCHEMA};
+// Connecting is the sink's (one place for TLS, credentials and reconnect settings).
+use crate::sink::nats::{connect, NatsError};
+use crate::wire::decode::{self, DocError};
+use crate::wire::event::Operation;
+use crate::wire::fields;
+use crate::wire::id::id_commit_lsn;
+use crate::wire::names::{schema_key, schema_key_token, LAST_IN_TX_HEADER, SCHEMAS_BUCKET};
+use crate::wire::subject::{
+    parse_table_token, snapshot_chunks_filter, snapshot_meta_subject, snapshot_request_subject,
+    table_changes_filter, table_token, DEFAULT_SCHEMA,
+};
 
 pub use doc::ColumnKind;
 pub use store::{Position, StoreError, STATE_TABLE, TOMBSTONE_TTL, VERSIONS_TABLE};
@@ -89,6 +95,8 @@ const SCHEMA_RECHECK: Duration = Duration::from_secs(1);
 const TOMBSTONE_PRUNE_EVERY: Duration = Duration::from_secs(60);
 /// How long the server waits for an acknowledgement before delivering again.
 const ACK_WAIT: Duration = Duration::from_secs(120);
+/// Pause between two reads of the schemas bucket while a schema is awaited.
+const KV_RETRY: Duration = Duration::from_millis(500);
 /// Pause before following again after the consumer's message stream failed.
 const RESTART_DELAY: Duration = Duration::from_secs(1);
 
@@ -426,11 +434,7 @@ impl Mirror {
 
     /// Waits [`RESTART_DELAY`]; false when shutdown was asked for.
     async fn pause(&self) -> bool {
-        if self.shutdown.is_triggered() {
-            return false;
-        }
-        tokio::time::sleep(RESTART_DELAY).await;
-        !self.shutdown.is_triggered()
+        !self.shutdown.sleep(RESTART_DELAY).await
     }
 
     /// The tables named by `--table`, or those with a schema in the bucket.
@@ -452,7 +456,7 @@ impl Mirror {
             if let Ok(kv) = self.js.get_key_value(SCHEMAS_BUCKET).await {
                 if let Ok(mut keys) = kv.keys().await {
                     while let Some(Ok(key)) = keys.next().await {
-                        if let Ok((s, n)) = parse_table_token(&key.replace('=', "%")) {
+                        if let Ok((s, n)) = parse_table_token(&schema_key_token(&key)) {
                             tables.push(MirrorTable::new(s, n));
                         }
                     }
@@ -462,14 +466,13 @@ impl Mirror {
                 tables.sort_by(|a, b| a.token.cmp(&b.token));
                 return Ok(tables);
             }
-            if Instant::now() > deadline || self.shutdown.is_triggered() {
+            if Instant::now() > deadline || self.shutdown.sleep(KV_RETRY).await {
                 return Err(MirrorError::NoTables(format!(
                     "nothing to mirror: KV bucket '{SCHEMAS_BUCKET}' holds no table schema; start \
                      the bridge (it writes the schemas of the tables it streams) or name tables \
                      with --table"
                 )));
             }
-            tokio::time::sleep(Duration::from_millis(500)).await;
         }
     }
 
@@ -480,17 +483,16 @@ impl Mirror {
         loop {
             if let Ok(kv) = self.js.get_key_value(SCHEMAS_BUCKET).await {
                 if let Ok(Some(bytes)) = kv.get(key.as_str()).await {
-                    return doc::decode(&bytes).map_err(|e| MirrorError::BadMessage {
+                    return decode::decode(&bytes).map_err(|e| MirrorError::BadMessage {
                         stream: format!("KV_{SCHEMAS_BUCKET}"),
                         seq: 0,
                         reason: format!("schema of {}: {e}", t.local),
                     });
                 }
             }
-            if Instant::now() > deadline || self.shutdown.is_triggered() {
+            if Instant::now() > deadline || self.shutdown.sleep(KV_RETRY).await {
                 return Err(MirrorError::NoSchema(format!("{}.{}", t.schema, t.name)));
             }
-            tokio::time::sleep(Duration::from_millis(500)).await;
         }
     }
 
@@ -541,13 +543,13 @@ impl Mirror {
         let init = open_stream(&self.js, &self.init).await?;
         loop {
             // Subscribed before the request, so the meta cannot be missed.
-            let meta_subject = format!("{INIT_SUBJECT_PREFIX}.meta.{token}");
+            let meta_subject = snapshot_meta_subject(token);
             let mut metas = ordered(&init, meta_subject, DeliverPolicy::New).await?;
             let Some(id) = self.request_snapshot(token).await? else {
                 return Ok(false);
             };
             log::info!("snapshot {id} of {token} requested");
-            let chunk_subjects = format!("{INIT_SUBJECT_PREFIX}.snap.{token}.{id}.*");
+            let chunk_subjects = snapshot_chunks_filter(token, &id);
             let mut chunks = ordered(&init, chunk_subjects, DeliverPolicy::All).await?;
             self.store.begin()?;
             self.store.clear(token)?;
@@ -581,17 +583,17 @@ impl Mirror {
                         let msg = m.ok_or_else(|| js_err(&"chunk consumer ended"))?
                             .map_err(|e| js_err(&e))?;
                         let chunk = self.decode(&msg)?;
-                        let n = doc::u64_field(&chunk, "chunk").map_err(|e| self.bad(&msg, e))?;
+                        let n = decode::u64_field(&chunk, fields::CHUNK).map_err(|e| self.bad(&msg, e))?;
                         if n != loaded {
                             self.store.rollback()?;
                             return Err(self.bad(&msg, format!("chunk {n} came where {loaded} was due")));
                         }
-                        let data = match doc::field(&chunk, "data") {
+                        let data = match decode::field(&chunk, fields::DATA) {
                             Some(Value::Array(d)) => d,
                             _ => return Err(self.bad(&msg, "chunk without a data list")),
                         };
                         for row in data {
-                            let pairs = doc::row_pairs(row).map_err(|e| self.bad(&msg, e))?;
+                            let pairs = decode::row_pairs(row).map_err(|e| self.bad(&msg, e))?;
                             let names: Vec<&str> = pairs.iter().map(|p| p.0).collect();
                             self.ensure_columns(token, &names).await?;
                             self.store.upsert(token, &pairs)?;
@@ -604,10 +606,10 @@ impl Mirror {
                         let msg = m.ok_or_else(|| js_err(&"meta consumer ended"))?
                             .map_err(|e| js_err(&e))?;
                         let doc = self.decode(&msg)?;
-                        if doc::str_field(&doc, "snapshot_id").ok() != Some(id.as_str()) {
+                        if decode::str_field(&doc, fields::SNAPSHOT_ID).ok() != Some(id.as_str()) {
                             continue; // another consumer's snapshot of the same table
                         }
-                        if let Some(err) = doc::field(&doc, "error") {
+                        if let Some(err) = decode::field(&doc, fields::ERROR) {
                             self.store.rollback()?;
                             return Err(MirrorError::SnapshotFailed {
                                 table: token.to_owned(),
@@ -617,14 +619,16 @@ impl Mirror {
                         }
                         let position = Position {
                             snapshot_id: id.clone(),
-                            lsn: doc::lsn_field(&doc, "lsn").map_err(|e| self.bad(&msg, e))?,
-                            last_seq: doc::u64_field(&doc, "cdc_stream_seq").map_err(|e| self.bad(&msg, e))?,
+                            lsn: decode::lsn_field(&doc, fields::LSN).map_err(|e| self.bad(&msg, e))?,
+                            last_seq: decode::u64_field(&doc, fields::CDC_STREAM_SEQ).map_err(|e| self.bad(&msg, e))?,
                         };
-                        let batches = doc::u64_field(&doc, "batch_count").map_err(|e| self.bad(&msg, e))?;
+                        let batches = decode::u64_field(&doc, fields::BATCH_COUNT).map_err(|e| self.bad(&msg, e))?;
                         meta = Some((position, batches));
                         progress = Instant::now();
                     }
+                    // Wakes for the stall check, or at once on shutdown.
                     _ = tokio::time::sleep(Duration::from_millis(200)) => {}
+                    _ = self.shutdown.triggered() => {}
                 }
             };
             if let Some(p) = outcome {
@@ -644,7 +648,7 @@ impl Mirror {
     /// Sends the snapshot request until the bridge accepts it: the snapshot id, or `None` on
     /// shutdown.
     async fn request_snapshot(&self, token: &str) -> Result<Option<String>, MirrorError> {
-        let subject = format!("{REQUEST_PREFIX}.{token}");
+        let subject = snapshot_request_subject(token);
         let deadline = Instant::now() + BRIDGE_WAIT;
         let mut warned = false;
         loop {
@@ -660,20 +664,24 @@ impl Mirror {
                 Ok(Ok(msg)) => {
                     let answer: serde_json::Value =
                         serde_json::from_slice(&msg.payload).unwrap_or_default();
-                    if answer["status"] == "accepted" {
-                        if let Some(id) = answer["snapshot_id"].as_str() {
+                    if answer[fields::STATUS] == fields::STATUS_ACCEPTED {
+                        if let Some(id) = answer[fields::SNAPSHOT_ID].as_str() {
                             return Ok(Some(id.to_owned()));
                         }
                     }
-                    let reason = answer["error"].as_str().map_or_else(
+                    let reason = answer[fields::ERROR].as_str().map_or_else(
                         || String::from_utf8_lossy(&msg.payload).into_owned(),
                         str::to_owned,
                     );
                     // Passing refusals: a snapshot of this table runs or just started (another
                     // consumer's), or the bridge runs as many as it allows.
                     let passing = matches!(
-                        answer["reason"].as_str(),
-                        Some("in_progress" | "cooldown" | "busy")
+                        answer[fields::REASON].as_str(),
+                        Some(
+                            fields::REASON_IN_PROGRESS
+                                | fields::REASON_COOLDOWN
+                                | fields::REASON_BUSY
+                        )
                     ) || reason.contains("already in progress");
                     if !passing {
                         return Err(MirrorError::SnapshotRefused {
@@ -699,12 +707,14 @@ impl Mirror {
             if Instant::now() > deadline {
                 return Err(MirrorError::NoBridge { subject });
             }
-            tokio::time::sleep(Duration::from_secs(1)).await;
+            if self.shutdown.sleep(Duration::from_secs(1)).await {
+                return Ok(None);
+            }
         }
     }
 
     fn decode(&self, msg: &Message) -> Result<Value, MirrorError> {
-        doc::decode(&msg.payload).map_err(|e| self.bad(msg, e))
+        decode::decode(&msg.payload).map_err(|e| self.bad(msg, e))
     }
 
     fn bad(&self, msg: &Message, reason: impl std::fmt::Display) -> MirrorError {
@@ -763,7 +773,7 @@ impl Mirror {
                 filter_subjects: self
                     .tables
                     .iter()
-                    .map(|t| format!("{CDC_SUBJECT_PREFIX}.{}.*", t.token))
+                    .map(|t| table_changes_filter(&t.token))
                     .collect(),
                 deliver_policy: DeliverPolicy::ByStartSequence {
                     start_sequence: start,
@@ -870,11 +880,13 @@ impl Mirror {
             last_stream_seq = seq;
             probe_from = 0;
             let event = self.decode(&msg)?;
-            let schema = doc::str_field(&event, "schema").map_err(|e| self.bad(&msg, e))?;
-            let table = doc::str_field(&event, "table").map_err(|e| self.bad(&msg, e))?;
+            let schema =
+                decode::str_field(&event, fields::SCHEMA).map_err(|e| self.bad(&msg, e))?;
+            let table = decode::str_field(&event, fields::TABLE).map_err(|e| self.bad(&msg, e))?;
             let token = table_token(schema, table);
-            let commit_lsn = doc::lsn_field(&event, "commit_lsn").map_err(|e| self.bad(&msg, e))?;
-            let last_in_tx = doc::field(&event, "last_in_tx").and_then(Value::as_bool);
+            let commit_lsn =
+                decode::lsn_field(&event, fields::COMMIT_LSN).map_err(|e| self.bad(&msg, e))?;
+            let last_in_tx = decode::field(&event, fields::LAST_IN_TX).and_then(Value::as_bool);
             // A change of another transaction: the one before has ended (its last change may
             // be of a table not mirrored). Commit a full batch, or stop when asked to.
             if txn != Some(commit_lsn) {
@@ -975,7 +987,7 @@ impl Mirror {
                     .and_then(|v| id_commit_lsn(v.as_str()));
                 let marked = m
                     .headers
-                    .get(crate::wire::encode::LAST_IN_TX_HEADER)
+                    .get(LAST_IN_TX_HEADER)
                     .is_some_and(|v| v.as_str() == "true");
                 match id_lsn {
                     Some(l) if l != commit_lsn => return true,
@@ -1054,29 +1066,30 @@ impl Mirror {
 
     /// Applies one change event to the table, unless it is not newer than the row it changes.
     async fn apply(&mut self, token: &str, event: &Value) -> Result<Applied, MirrorError> {
-        let bad = |e: doc::DocError| MirrorError::BadMessage {
+        let bad = |e: DocError| MirrorError::BadMessage {
             stream: String::new(),
             seq: 0,
             reason: e.0,
         };
-        let op = doc::str_field(event, "operation").map_err(bad)?;
+        let op = decode::str_field(event, fields::OPERATION).map_err(bad)?;
         let version: Version = (
-            doc::lsn_field(event, "commit_lsn").map_err(bad)?.0,
-            u32::try_from(doc::u64_field(event, "seq").map_err(bad)?).unwrap_or(u32::MAX),
+            decode::lsn_field(event, fields::COMMIT_LSN).map_err(bad)?.0,
+            u32::try_from(decode::u64_field(event, fields::SEQ).map_err(bad)?).unwrap_or(u32::MAX),
         );
-        if op == "TRUNCATE" {
+        let operation = Operation::from_upper(op);
+        if operation == Some(Operation::Truncate) {
             if !self.store.is_newer(token, &[], version)? {
                 return Ok(Applied::Stale);
             }
             self.store.truncate(token, version)?;
             return Ok(Applied::Yes);
         }
-        let columns = doc::column_pairs(event, "columns").map_err(bad)?;
+        let columns = decode::column_pairs(event, fields::COLUMNS).map_err(bad)?;
         let key = self.store.key_of(token, &columns)?;
         let key_text = store::key_text(&key);
-        match op {
-            "INSERT" | "UPDATE" => {
-                let old = doc::column_pairs(event, "old_columns").map_err(bad)?;
+        match operation {
+            Some(Operation::Insert | Operation::Update) => {
+                let old = decode::column_pairs(event, fields::OLD_COLUMNS).map_err(bad)?;
                 let old_key = if old.is_empty() {
                     None
                 } else {
@@ -1099,14 +1112,14 @@ impl Mirror {
                 self.store.upsert(token, &columns)?;
                 self.store.set_version(token, &key_text, version, false)?;
             }
-            "DELETE" => {
+            Some(Operation::Delete) => {
                 if !self.store.is_newer(token, &[key_text.as_str()], version)? {
                     return Ok(Applied::Stale);
                 }
                 self.store.delete(token, &key)?;
                 self.store.set_version(token, &key_text, version, true)?;
             }
-            other => return Err(bad(doc::DocError(format!("unknown operation {other:?}")))),
+            _ => return Err(bad(DocError(format!("unknown operation {op:?}")))),
         }
         Ok(Applied::Yes)
     }
@@ -1129,7 +1142,7 @@ impl Mirror {
         let Some(kinds) = self.store.column_kinds(token) else {
             return Ok(false);
         };
-        let toast: Vec<&str> = match doc::field(event, "unchanged_toast") {
+        let toast: Vec<&str> = match decode::field(event, fields::UNCHANGED_TOAST) {
             Some(Value::Array(a)) => a.iter().filter_map(Value::as_str).collect(),
             _ => Vec::new(),
         };
@@ -1164,18 +1177,6 @@ impl Mirror {
     }
 }
 
-/// The commit LSN in a change's message id `{namespace}:{timeline}:{commit_lsn}-{seq}`, or in
-/// the bare `{commit_lsn}-{seq}` of a stream written by an older bridge; `None` for any other
-/// id.
-fn id_commit_lsn(id: &str) -> Option<Lsn> {
-    if let Some(parts) = parse_message_id(id) {
-        return Some(parts.commit_lsn);
-    }
-    let (lsn, seq) = id.rsplit_once('-')?;
-    seq.parse::<u32>().ok()?;
-    lsn.parse().ok()
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -1196,15 +1197,5 @@ mod tests {
         assert!(a
             .bytes()
             .all(|c| c.is_ascii_alphanumeric() || c == b'-' || c == b'_'));
-    }
-
-    #[test]
-    fn commit_lsn_of_a_message_id() {
-        let lsn: Lsn = "0/25CB5E8".parse().unwrap();
-        assert_eq!(id_commit_lsn("3f9a1c2e:1:0/25CB5E8-0"), Some(lsn));
-        assert_eq!(id_commit_lsn("ns-with-dashes:12:0/25CB5E8-417"), Some(lsn));
-        assert_eq!(id_commit_lsn("0/25CB5E8-3"), Some(lsn));
-        assert_eq!(id_commit_lsn("replay-7"), None);
-        assert_eq!(id_commit_lsn("3f9a1c2e:1:0/25CB5E8"), None);
     }
 }

@@ -643,7 +643,7 @@ fn spawn_publisher(
         format,
         max_in_flight: config.replication.max_in_flight,
         max_in_flight_bytes: config.replication.max_in_flight_bytes,
-        subject_prefix: nats::CDC_SUBJECT_PREFIX.to_string(),
+        subject_prefix: crate::wire::names::CDC_SUBJECT_PREFIX.to_string(),
         id_namespace: id_namespace.to_string(),
     };
     let shutdown = shutdown.clone();
@@ -835,7 +835,8 @@ fn spawn_schema_writer(
     tables: Vec<setup::PublishedTable>,
     mut changes: tokio::sync::mpsc::UnboundedReceiver<(Arc<str>, Arc<str>)>,
 ) -> Option<JoinHandle<()>> {
-    use crate::sink::schemas::{open_bucket, SchemaWriter, SCHEMAS_BUCKET};
+    use crate::sink::schemas::{open_bucket, SchemaWriter};
+    use crate::wire::names::SCHEMAS_BUCKET;
     let format = config.replication.format;
     let params = config.postgres.libpq_params();
     let replicas = config.streams.replicas;

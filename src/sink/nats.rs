@@ -23,11 +23,8 @@ use async_nats::jetstream::{self, ErrorCode};
 use async_nats::{Client, ConnectError, ConnectErrorKind, ConnectOptions, Event};
 
 use crate::config::{check_nkey_seed, Format, NatsAuth, NatsConfig, StreamsConfig};
+use crate::wire::names::{CDC_SUBJECT_PREFIX, FORMAT_METADATA_KEY, INIT_SUBJECT_PREFIX};
 
-/// First token of every change subject (`cdc.{table}.{op}`).
-pub const CDC_SUBJECT_PREFIX: &str = "cdc";
-/// First token of every snapshot subject (`init.snap.…`, `init.meta.…`).
-pub const INIT_SUBJECT_PREFIX: &str = "init";
 /// Connection name the bridge shows in the server's monitoring (`/connz`).
 pub const CONNECTION_NAME: &str = "pgbridge";
 
@@ -44,8 +41,6 @@ pub const PING_INTERVAL: Duration = Duration::from_secs(10);
 /// a crash arrive about this long after the first copy at most.
 pub const MIN_SAFE_DUPLICATE_WINDOW: Duration = Duration::from_secs(120);
 /// Descriptions set on the streams the bridge creates, shown by `nats stream info`.
-/// The CDC stream's metadata key recording the message format its messages are in.
-pub const FORMAT_METADATA_KEY: &str = "pgbridge.format";
 const INIT_DESCRIPTION: &str = "pgbridge snapshots (init.snap.*, init.meta.*)";
 const CDC_DESCRIPTION: &str = "pgbridge change events (cdc.{table}.{op})";
 

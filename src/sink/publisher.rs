@@ -45,11 +45,13 @@ use crate::pipeline::durable::DurableLsn;
 use crate::pipeline::ring::{event_bytes, RingBudget};
 use crate::pipeline::wal::RingItem;
 use crate::shutdown::Shutdown;
-use crate::wire::event::{self, ChangeEvent, Operation, TableRef};
+use crate::wire::event::{ChangeEvent, Operation, TableRef};
+use crate::wire::id;
 
 use super::nats::NatsStats;
 use super::puback::{self, PubAckError};
-use crate::wire::encode::{encode_change, LAST_IN_TX_HEADER};
+use crate::wire::encode::encode_change;
+use crate::wire::names::LAST_IN_TX_HEADER;
 use crate::wire::subject::change_subject;
 
 /// How long the oldest message of the window waits for its PubAck before it is sent again.
@@ -208,7 +210,7 @@ struct InFlight {
 
 impl InFlight {
     fn message_id(&self, prefix: &str) -> String {
-        event::message_id(prefix, self.timeline, self.commit_lsn, self.seq)
+        id::message_id(prefix, self.timeline, self.commit_lsn, self.seq)
     }
 }
 
@@ -271,7 +273,7 @@ impl Replies {
         self.scratch.clear();
         self.scratch.extend_from_slice(self.prefix.as_bytes());
         self.scratch
-            .extend_from_slice(crate::wire::encode::decimal(token, &mut [0u8; 20]).as_bytes());
+            .extend_from_slice(crate::wire::text::decimal(token, &mut [0u8; 20]).as_bytes());
         let bytes = self.chunks.copy(&self.scratch);
         // The inbox is a string and the token ASCII digits, so this cannot fail; the fallback
         // only spares a panic path.
@@ -390,7 +392,7 @@ impl Publisher {
             consumer,
             notify,
             durable,
-            id_prefix: event::id_prefix(&settings.id_namespace),
+            id_prefix: id::id_prefix(&settings.id_namespace),
             settings,
             stats,
             shutdown,

@@ -34,7 +34,8 @@
 //! The same table token (`users`, `sales.invoices`) is used in the other per-table subjects,
 //! e.g. `init.snap.{table}.{snapshot_id}.{chunk}`.
 
-use crate::wire::event::Operation;
+use super::event::Operation;
+use super::names::{CDC_SUBJECT_PREFIX, INIT_SUBJECT_PREFIX, SNAPSHOT_REQUEST_PREFIX};
 
 /// The schema whose tables get a subject without a schema token.
 pub const DEFAULT_SCHEMA: &str = "public";
@@ -98,6 +99,27 @@ pub fn change_subject(prefix: &str, schema: &str, table: &str, op: Operation) ->
     s.push('.');
     s.push_str(op.as_lower());
     s
+}
+
+/// The consumer filter for every change of one table: `cdc.{table_token}.*`.
+pub fn table_changes_filter(token: &str) -> String {
+    format!("{CDC_SUBJECT_PREFIX}.{token}.*")
+}
+
+/// The subject of a table's snapshot requests: `snapshot.request.{table_token}`.
+pub fn snapshot_request_subject(token: &str) -> String {
+    format!("{SNAPSHOT_REQUEST_PREFIX}.{token}")
+}
+
+/// The subject of a table's snapshot metas (and failure documents):
+/// `init.meta.{table_token}`.
+pub fn snapshot_meta_subject(token: &str) -> String {
+    format!("{INIT_SUBJECT_PREFIX}.meta.{token}")
+}
+
+/// The consumer filter for every chunk of one snapshot: `init.snap.{table_token}.{id}.*`.
+pub fn snapshot_chunks_filter(token: &str, snapshot_id: &str) -> String {
+    format!("{INIT_SUBJECT_PREFIX}.snap.{token}.{snapshot_id}.*")
 }
 
 /// A subject or token that the rule in the [module docs](self) does not produce.
@@ -257,6 +279,20 @@ mod tests {
         assert_eq!(
             parse_change_subject("prod.cdc", "prod.cdc.t.delete").unwrap(),
             ("public".into(), "t".into(), Operation::Delete)
+        );
+    }
+
+    #[test]
+    fn per_table_subjects() {
+        assert_eq!(
+            table_changes_filter("sales.invoices"),
+            "cdc.sales.invoices.*"
+        );
+        assert_eq!(snapshot_request_subject("users"), "snapshot.request.users");
+        assert_eq!(snapshot_meta_subject("users"), "init.meta.users");
+        assert_eq!(
+            snapshot_chunks_filter("users", "s1"),
+            "init.snap.users.s1.*"
         );
     }
 
