@@ -50,10 +50,10 @@ use crate::wire::decode::{self, DocError};
 use crate::wire::event::Operation;
 use crate::wire::fields;
 use crate::wire::id::id_commit_lsn;
-use crate::wire::names::{schema_key, schema_key_token, LAST_IN_TX_HEADER, SCHEMAS_BUCKET};
+use crate::wire::names::{LAST_IN_TX_HEADER, SCHEMAS_BUCKET};
 use crate::wire::subject::{
-    parse_table_token, snapshot_chunks_filter, snapshot_meta_subject, snapshot_request_subject,
-    table_changes_filter, table_token, DEFAULT_SCHEMA,
+    parse_table_token, schema_key, schema_key_token, snapshot_chunks_filter, snapshot_meta_subject,
+    snapshot_request_subject, table_changes_filter, table_token, DEFAULT_SCHEMA,
 };
 
 pub use doc::ColumnKind;

@@ -17,7 +17,8 @@ use crate::config::Format;
 use crate::pg::conn::{ConnectionKind, PgConnection, PgError};
 
 use crate::wire::encode::encode_document;
-use crate::wire::names::{schema_key, SCHEMAS_BUCKET};
+use crate::wire::names::SCHEMAS_BUCKET;
+use crate::wire::subject::schema_key;
 
 /// Revisions kept per key.
 const HISTORY: i64 = 16;

@@ -1,7 +1,6 @@
 //! Names outside the messages: subject prefixes, the snapshot request prefix, the schemas
-//! bucket and its keys, header names and stream metadata keys.
-
-use super::subject::push_table_token;
+//! bucket, header names and stream metadata keys. Subjects and bucket keys built from them
+//! are in [`super::subject`].
 
 /// Subject prefix of change events: `cdc.{table}.{op}` (see [`super::subject`]).
 pub const CDC_SUBJECT_PREFIX: &str = "cdc";
@@ -21,37 +20,3 @@ pub const LAST_IN_TX_HEADER: &str = "Pgbridge-Last-In-Tx";
 
 /// Stream metadata key naming the format of the stream's messages (`msgpack` or `json`).
 pub const FORMAT_METADATA_KEY: &str = "pgbridge.format";
-
-/// The [`SCHEMAS_BUCKET`] key of a table: its subject token (`users`, or `sales.invoices`
-/// outside `public`) with `%` written as `=`, because KV keys allow only `[-/_=.a-zA-Z0-9]`.
-pub fn schema_key(schema: &str, table: &str) -> String {
-    let mut token = String::new();
-    push_table_token(&mut token, schema, table);
-    token.replace('%', "=")
-}
-
-/// The table token of a [`schema_key`] (the inverse of the `%` → `=` replacement).
-pub fn schema_key_token(key: &str) -> String {
-    key.replace('=', "%")
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn keys_are_valid_kv_keys() {
-        assert_eq!(schema_key("public", "users"), "users");
-        assert_eq!(schema_key("sales", "in voices"), "sales.in=20voices");
-        let k = schema_key("public", "ü.x");
-        assert!(
-            k.bytes()
-                .all(|b| b.is_ascii_alphanumeric() || b"-/_=.".contains(&b)),
-            "{k}"
-        );
-        assert_eq!(
-            super::super::subject::parse_table_token(&schema_key_token(&k)).unwrap(),
-            ("public".to_owned(), "ü.x".to_owned())
-        );
-    }
-}

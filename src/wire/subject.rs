@@ -122,6 +122,19 @@ pub fn snapshot_chunks_filter(token: &str, snapshot_id: &str) -> String {
     format!("{INIT_SUBJECT_PREFIX}.snap.{token}.{snapshot_id}.*")
 }
 
+/// The [`SCHEMAS_BUCKET`](super::names::SCHEMAS_BUCKET) key of a table: its subject token (`users`, or `sales.invoices`
+/// outside `public`) with `%` written as `=`, because KV keys allow only `[-/_=.a-zA-Z0-9]`.
+pub fn schema_key(schema: &str, table: &str) -> String {
+    let mut token = String::new();
+    push_table_token(&mut token, schema, table);
+    token.replace('%', "=")
+}
+
+/// The table token of a [`schema_key`] (the inverse of the `%` → `=` replacement).
+pub fn schema_key_token(key: &str) -> String {
+    key.replace('=', "%")
+}
+
 /// A subject or token that the rule in the [module docs](self) does not produce.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 #[error("invalid subject {input:?}: {reason}")]
@@ -293,6 +306,22 @@ mod tests {
         assert_eq!(
             snapshot_chunks_filter("users", "s1"),
             "init.snap.users.s1.*"
+        );
+    }
+
+    #[test]
+    fn keys_are_valid_kv_keys() {
+        assert_eq!(schema_key("public", "users"), "users");
+        assert_eq!(schema_key("sales", "in voices"), "sales.in=20voices");
+        let k = schema_key("public", "ü.x");
+        assert!(
+            k.bytes()
+                .all(|b| b.is_ascii_alphanumeric() || b"-/_=.".contains(&b)),
+            "{k}"
+        );
+        assert_eq!(
+            parse_table_token(&schema_key_token(&k)).unwrap(),
+            ("public".to_owned(), "ü.x".to_owned())
         );
     }
 
