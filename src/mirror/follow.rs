@@ -20,7 +20,7 @@ use crate::wire::decode::{self, DocError};
 use crate::wire::event::Operation;
 use crate::wire::fields;
 use crate::wire::id::id_commit_lsn;
-use crate::wire::names::LAST_IN_TX_HEADER;
+use crate::wire::names::{LAST_IN_TX_HEADER, LAST_IN_TX_VALUE};
 use crate::wire::subject::{table_changes_filter, table_token};
 
 impl Mirror {
@@ -283,7 +283,7 @@ impl Mirror {
                 let marked = m
                     .headers
                     .get(LAST_IN_TX_HEADER)
-                    .is_some_and(|v| v.as_str() == "true");
+                    .is_some_and(|v| v.as_str() == LAST_IN_TX_VALUE);
                 match id_lsn {
                     Some(l) if l != commit_lsn => return true,
                     Some(_) if marked => return true,

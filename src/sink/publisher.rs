@@ -51,7 +51,7 @@ use crate::wire::id;
 use super::nats::NatsStats;
 use super::puback::{self, PubAckError};
 use crate::wire::encode::encode_change;
-use crate::wire::names::LAST_IN_TX_HEADER;
+use crate::wire::names::{LAST_IN_TX_HEADER, LAST_IN_TX_VALUE};
 use crate::wire::subject::change_subject;
 
 /// How long the oldest message of the window waits for its PubAck before it is sent again.
@@ -941,7 +941,7 @@ async fn send(
         headers.insert(NATS_EXPECTED_LAST_MESSAGE_ID, expect);
     }
     if entry.last_in_tx {
-        headers.insert(LAST_IN_TX_HEADER, "true");
+        headers.insert(LAST_IN_TX_HEADER, LAST_IN_TX_VALUE);
     }
     client
         .publish_with_reply_and_headers(

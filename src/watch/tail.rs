@@ -15,6 +15,7 @@ use crate::config::Config;
 use crate::shutdown::Shutdown;
 // Connecting is the sink's (one place for TLS, credentials and reconnect settings).
 use crate::sink::nats::connect;
+use crate::wire::event::Operation;
 use crate::wire::names::CDC_SUBJECT_PREFIX;
 use crate::wire::subject::{table_token, DEFAULT_SCHEMA};
 
@@ -63,7 +64,7 @@ pub fn filter_subjects(tables: &[String], ops: &[String]) -> Result<Vec<String>,
     let mut op_parts: Vec<&str> = Vec::new();
     for op in ops {
         let op = op.as_str();
-        if !matches!(op, "insert" | "update" | "delete" | "truncate") {
+        if Operation::from_lower(op).is_none() {
             return Err(WatchError::Usage(format!(
                 "unknown operation {op:?}: use insert, update, delete or truncate"
             )));

@@ -41,6 +41,17 @@ impl Operation {
         }
     }
 
+    /// The operation of a subject's last token ([`Operation::as_lower`]'s text).
+    pub fn from_lower(text: &str) -> Option<Operation> {
+        match text {
+            "insert" => Some(Operation::Insert),
+            "update" => Some(Operation::Update),
+            "delete" => Some(Operation::Delete),
+            "truncate" => Some(Operation::Truncate),
+            _ => None,
+        }
+    }
+
     /// `insert`, `update`, `delete`, `truncate`: the last token of the subject.
     pub fn as_lower(self) -> &'static str {
         match self {

@@ -15,8 +15,11 @@ pub const SNAPSHOT_REQUEST_PREFIX: &str = "snapshot.request";
 /// Name of the key-value bucket holding each table's schema document.
 pub const SCHEMAS_BUCKET: &str = "schemas";
 
-/// Header set to `true` on the message of the last published change of each transaction.
+/// Header set to [`LAST_IN_TX_VALUE`] on the message of the last published change of each
+/// transaction.
 pub const LAST_IN_TX_HEADER: &str = "Pgbridge-Last-In-Tx";
+/// The value of [`LAST_IN_TX_HEADER`].
+pub const LAST_IN_TX_VALUE: &str = "true";
 
 /// Stream metadata key naming the format of the stream's messages (`msgpack` or `json`).
 pub const FORMAT_METADATA_KEY: &str = "pgbridge.format";

@@ -243,13 +243,7 @@ pub fn parse_change_subject(
     let (token, op) = rest
         .rsplit_once('.')
         .ok_or_else(|| err("no operation token"))?;
-    let op = match op {
-        "insert" => Operation::Insert,
-        "update" => Operation::Update,
-        "delete" => Operation::Delete,
-        "truncate" => Operation::Truncate,
-        _ => return Err(err("unknown operation")),
-    };
+    let op = Operation::from_lower(op).ok_or_else(|| err("unknown operation"))?;
     let (schema, table) = parse_table_token(token).map_err(|e| err(e.reason))?;
     Ok((schema, table, op))
 }
