@@ -107,9 +107,15 @@ impl Mirror {
             } else {
                 Duration::from_millis(250)
             };
-            let next = tokio::time::timeout(wait, messages.next()).await;
+            // `None`: no message for `wait`, or shutdown asked for while none was ready; then
+            // the open transaction is committed (or left to the next run) at once.
+            let next = tokio::select! {
+                biased;
+                n = tokio::time::timeout(wait, messages.next()) => n.ok(),
+                _ = self.shutdown.triggered() => None,
+            };
             let msg = match next {
-                Err(_) => {
+                None => {
                     open &= txn_applied;
                     if open {
                         if let Some(t) = txn {
@@ -143,7 +149,7 @@ impl Mirror {
                     }
                     continue;
                 }
-                Ok(None) => {
+                Some(None) => {
                     self.end_early(
                         open && txn_applied,
                         &mut positions,
@@ -154,7 +160,7 @@ impl Mirror {
                     log::warn!("the consumer's message stream ended; following again");
                     return Ok(FollowEnd::Restart);
                 }
-                Ok(Some(Err(e))) => {
+                Some(Some(Err(e))) => {
                     self.end_early(
                         open && txn_applied,
                         &mut positions,
@@ -165,7 +171,7 @@ impl Mirror {
                     log::warn!("consumer {durable}: {e}; following again");
                     return Ok(FollowEnd::Restart);
                 }
-                Ok(Some(Ok(msg))) => msg,
+                Some(Some(Ok(msg))) => msg,
             };
             idle_since = Instant::now();
             let seq = msg

@@ -1,5 +1,5 @@
 //! `bridge mirror`: a consumer that keeps a local SQLite database equal to chosen PostgreSQL
-//! tables, from what the bridge publishes (DESIGN §5's bootstrap rule):
+//! tables, from what the bridge publishes (the bootstrap rule of the protocol):
 //!
 //! 1. read each table's schema from the KV bucket `schemas` and create the SQLite table (new
 //!    columns are added when a later schema revision has them);
