@@ -13,5 +13,6 @@ pub mod shutdown;
 pub mod sink;
 pub mod telemetry;
 pub mod watch;
+pub mod wire;
 
 pub use pipeline::{run, RunError};

@@ -11,10 +11,8 @@ use async_nats::jetstream::{
     stream::{self, DiscardPolicy, RetentionPolicy, StorageType},
 };
 use pgbridge::config::{NatsConfig, Secret, StreamsConfig};
-use pgbridge::sink::nats::{
-    self as sink, NatsError, StreamWarning, CDC_SUBJECT_PREFIX, CONNECTION_NAME,
-    INIT_SUBJECT_PREFIX,
-};
+use pgbridge::sink::nats::{self as sink, NatsError, StreamWarning, CONNECTION_NAME};
+use pgbridge::wire::names::{CDC_SUBJECT_PREFIX, INIT_SUBJECT_PREFIX};
 
 use common::NatsServer;
 

@@ -1,10 +1,10 @@
-//! The bridge's messages as the mirror reads them: MessagePack or JSON documents (told apart by
-//! their first byte, so the mirror needs no `--format`), and their values as SQLite values.
+//! Message values as SQLite values: how each column kind is stored, and whether a value still
+//! fits its column. Reading the messages themselves is [`crate::wire::decode`].
 
 use rmpv::Value;
 use rusqlite::types::Value as Sql;
 
-use crate::pg::Lsn;
+use crate::wire::text::{base64, base64_decode};
 
 /// How a column is stored in SQLite; the declared SQLite type names it (see
 /// [`ColumnKind::for_pg_type`]).
@@ -62,148 +62,6 @@ impl ColumnKind {
             "JSON_TEXT" => ColumnKind::JsonArray,
             _ => ColumnKind::Text,
         }
-    }
-}
-
-/// A message that is not what the bridge publishes.
-#[derive(Debug, thiserror::Error)]
-#[error("{0}")]
-pub struct DocError(pub String);
-
-/// Decodes a payload: JSON when it starts with `{` (a MessagePack document never does: `{` is
-/// a MessagePack integer), MessagePack otherwise. Map entries keep the order they were
-/// written in, in both formats, so a document can be shown with its fields in contract order.
-pub fn decode(payload: &[u8]) -> Result<Value, DocError> {
-    if payload.first() == Some(&b'{') {
-        serde_json::from_slice::<Ordered>(payload)
-            .map(|o| o.0)
-            .map_err(|e| DocError(format!("invalid JSON message: {e}")))
-    } else {
-        rmpv::decode::read_value(&mut &payload[..])
-            .map_err(|e| DocError(format!("invalid MessagePack message: {e}")))
-    }
-}
-
-/// A JSON document as the MessagePack value the bridge would have written (bytea stays a
-/// base64 string and non-finite floats stay strings: [`to_sql`] reads them by column kind).
-/// Read directly rather than through `serde_json::Value`, whose maps sort their keys.
-struct Ordered(Value);
-
-impl<'de> serde::Deserialize<'de> for Ordered {
-    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
-        d.deserialize_any(OrderedVisitor)
-    }
-}
-
-struct OrderedVisitor;
-
-impl<'de> serde::de::Visitor<'de> for OrderedVisitor {
-    type Value = Ordered;
-
-    fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str("a JSON value")
-    }
-    fn visit_unit<E>(self) -> Result<Ordered, E> {
-        Ok(Ordered(Value::Nil))
-    }
-    fn visit_none<E>(self) -> Result<Ordered, E> {
-        Ok(Ordered(Value::Nil))
-    }
-    fn visit_bool<E>(self, b: bool) -> Result<Ordered, E> {
-        Ok(Ordered(Value::Boolean(b)))
-    }
-    fn visit_i64<E>(self, i: i64) -> Result<Ordered, E> {
-        Ok(Ordered(Value::from(i)))
-    }
-    fn visit_u64<E>(self, u: u64) -> Result<Ordered, E> {
-        Ok(Ordered(Value::from(u)))
-    }
-    fn visit_f64<E>(self, f: f64) -> Result<Ordered, E> {
-        Ok(Ordered(Value::F64(f)))
-    }
-    fn visit_str<E>(self, s: &str) -> Result<Ordered, E> {
-        Ok(Ordered(Value::from(s)))
-    }
-    fn visit_string<E>(self, s: String) -> Result<Ordered, E> {
-        Ok(Ordered(Value::from(s)))
-    }
-    fn visit_seq<A: serde::de::SeqAccess<'de>>(self, mut seq: A) -> Result<Ordered, A::Error> {
-        let mut items = Vec::new();
-        while let Some(Ordered(v)) = seq.next_element()? {
-            items.push(v);
-        }
-        Ok(Ordered(Value::Array(items)))
-    }
-    fn visit_map<A: serde::de::MapAccess<'de>>(self, mut map: A) -> Result<Ordered, A::Error> {
-        let mut entries = Vec::new();
-        while let Some((k, Ordered(v))) = map.next_entry::<String, Ordered>()? {
-            entries.push((Value::from(k), v));
-        }
-        Ok(Ordered(Value::Map(entries)))
-    }
-}
-
-/// The field `key` of a map document.
-pub fn field<'a>(doc: &'a Value, key: &str) -> Option<&'a Value> {
-    match doc {
-        Value::Map(entries) => entries
-            .iter()
-            .find(|(k, _)| k.as_str() == Some(key))
-            .map(|(_, v)| v),
-        _ => None,
-    }
-}
-
-/// The string field `key`.
-pub fn str_field<'a>(doc: &'a Value, key: &str) -> Result<&'a str, DocError> {
-    field(doc, key)
-        .and_then(Value::as_str)
-        .ok_or_else(|| DocError(format!("message has no string field {key:?}")))
-}
-
-/// The unsigned integer field `key`.
-pub fn u64_field(doc: &Value, key: &str) -> Result<u64, DocError> {
-    field(doc, key)
-        .and_then(Value::as_u64)
-        .ok_or_else(|| DocError(format!("message has no integer field {key:?}")))
-}
-
-/// The LSN field `key` (`X/X` text).
-pub fn lsn_field(doc: &Value, key: &str) -> Result<Lsn, DocError> {
-    let text = str_field(doc, key)?;
-    text.parse()
-        .map_err(|_| DocError(format!("field {key:?} is not an LSN: {text:?}")))
-}
-
-/// A change event's `columns` / `old_columns` (`[{name, value}, ...]`) as pairs; empty when
-/// the field is absent or nil.
-pub fn column_pairs<'a>(doc: &'a Value, key: &str) -> Result<Vec<(&'a str, &'a Value)>, DocError> {
-    match field(doc, key) {
-        None | Some(Value::Nil) => Ok(Vec::new()),
-        Some(Value::Array(items)) => items
-            .iter()
-            .map(|item| {
-                let name = str_field(item, "name")?;
-                let value = field(item, "value").unwrap_or(&Value::Nil);
-                Ok((name, value))
-            })
-            .collect(),
-        Some(_) => Err(DocError(format!("field {key:?} is not a list of columns"))),
-    }
-}
-
-/// A snapshot row (`{column: value, ...}`) as pairs.
-pub fn row_pairs(row: &Value) -> Result<Vec<(&str, &Value)>, DocError> {
-    match row {
-        Value::Map(entries) => entries
-            .iter()
-            .map(|(k, v)| {
-                k.as_str()
-                    .map(|name| (name, v))
-                    .ok_or_else(|| DocError("snapshot row with a non-string column name".into()))
-            })
-            .collect(),
-        _ => Err(DocError("snapshot row is not a map".into())),
     }
 }
 
@@ -283,7 +141,7 @@ fn to_json(value: &Value) -> serde_json::Value {
         Value::F32(f) => float_json(f64::from(*f)),
         Value::F64(f) => float_json(*f),
         Value::String(s) => J::String(s.as_str().unwrap_or_default().to_owned()),
-        Value::Binary(b) => J::String(base64_encode(b)),
+        Value::Binary(b) => J::String(base64(b)),
         Value::Array(items) => J::Array(items.iter().map(to_json).collect()),
         Value::Map(entries) => J::Object(
             entries
@@ -305,67 +163,10 @@ fn float_json(f: f64) -> serde_json::Value {
     }
 }
 
-const BASE64: &[u8; 64] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/";
-
-/// Standard base64 with padding.
-fn base64_encode(data: &[u8]) -> String {
-    let mut out = String::with_capacity(data.len().div_ceil(3) * 4);
-    for chunk in data.chunks(3) {
-        let b = [
-            chunk[0],
-            chunk.get(1).copied().unwrap_or(0),
-            chunk.get(2).copied().unwrap_or(0),
-        ];
-        let n = (u32::from(b[0]) << 16) | (u32::from(b[1]) << 8) | u32::from(b[2]);
-        for i in 0..4 {
-            if i <= chunk.len() {
-                out.push(BASE64[(n >> (18 - 6 * i)) as usize & 63] as char);
-            } else {
-                out.push('=');
-            }
-        }
-    }
-    out
-}
-
-/// Standard base64 with padding; `None` when `text` is not base64.
-fn base64_decode(text: &str) -> Option<Vec<u8>> {
-    let bytes = text.as_bytes();
-    if !bytes.len().is_multiple_of(4) {
-        return None;
-    }
-    let mut out = Vec::with_capacity(bytes.len() / 4 * 3);
-    for (i, quad) in bytes.chunks(4).enumerate() {
-        let last = i + 1 == bytes.len() / 4;
-        let mut n = 0u32;
-        let mut pad = 0;
-        for (j, &c) in quad.iter().enumerate() {
-            let v = match c {
-                b'A'..=b'Z' => c - b'A',
-                b'a'..=b'z' => c - b'a' + 26,
-                b'0'..=b'9' => c - b'0' + 52,
-                b'+' => 62,
-                b'/' => 63,
-                b'=' if last && j >= 2 => {
-                    pad += 1;
-                    0
-                }
-                _ => return None,
-            };
-            if pad > 0 && c != b'=' {
-                return None;
-            }
-            n = (n << 6) | u32::from(v);
-        }
-        let decoded = [(n >> 16) as u8, (n >> 8) as u8, n as u8];
-        out.extend_from_slice(&decoded[..3 - pad]);
-    }
-    Some(out)
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::wire::decode::{decode, field};
 
     #[test]
     fn values_that_do_not_fit_tell_a_changed_type() {
@@ -469,32 +270,5 @@ mod tests {
             to_sql(ColumnKind::Real, field(&from_mp, "n").unwrap()),
             Sql::Text("NaN".into())
         );
-    }
-
-    #[test]
-    fn base64_round_trips() {
-        for len in 0..20u8 {
-            let data: Vec<u8> = (0..len).map(|i| i.wrapping_mul(37)).collect();
-            assert_eq!(base64_decode(&base64_encode(&data)), Some(data));
-        }
-        assert_eq!(base64_encode(b"foob"), "Zm9vYg==");
-        assert_eq!(base64_decode("Zm9vYg=="), Some(b"foob".to_vec()));
-        assert_eq!(base64_decode("Zm9=Yg=="), None);
-        assert_eq!(base64_decode("abc"), None);
-    }
-
-    #[test]
-    fn malformed_messages_are_errors() {
-        assert!(decode(b"{not json").is_err());
-        assert!(decode(&[0x81]).is_err());
-        let doc =
-            decode(br#"{"columns":[{"name":"id","value":1}],"commit_lsn":"0/16B3748"}"#).unwrap();
-        assert_eq!(column_pairs(&doc, "columns").unwrap().len(), 1);
-        assert!(column_pairs(&doc, "old_columns").unwrap().is_empty());
-        assert_eq!(
-            lsn_field(&doc, "commit_lsn").unwrap(),
-            "0/16B3748".parse().unwrap()
-        );
-        assert!(lsn_field(&doc, "columns").is_err());
     }
 }

@@ -1,5 +1,5 @@
 //! `bridge mirror`: a consumer that keeps a local SQLite database equal to chosen PostgreSQL
-//! tables, from what the bridge publishes (DESIGN §5's bootstrap rule):
+//! tables, from what the bridge publishes (the bootstrap rule of the protocol):
 //!
 //! 1. read each table's schema from the KV bucket `schemas` and create the SQLite table (new
 //!    columns are added when a later schema revision has them);
@@ -29,30 +29,32 @@
 //! the newest revision.
 
 pub(crate) mod doc;
+mod follow;
+mod snapshot;
 mod store;
 
 use std::collections::HashMap;
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
-use async_nats::jetstream::consumer::{pull, AckPolicy, DeliverPolicy};
+use async_nats::jetstream::consumer::{pull, DeliverPolicy};
 use async_nats::jetstream::{self, Context, Message};
-use bytes::Bytes;
 use futures_util::StreamExt;
 use rmpv::Value;
 
 use crate::config::Config;
-use crate::pg::Lsn;
-use crate::pipeline::event::parse_message_id;
 use crate::shutdown::Shutdown;
-use crate::sink::nats::{connect, NatsError, CDC_SUBJECT_PREFIX, INIT_SUBJECT_PREFIX};
-use crate::sink::schemas::{schema_key, SCHEMAS_BUCKET};
-use crate::sink::snapshot::REQUEST_PREFIX;
-use crate::sink::subject::{parse_table_token, table_token, DEFAULT_SCHEMA};
+// Connecting is the sink's (one place for TLS, credentials and reconnect settings).
+use crate::sink::nats::{connect, NatsError};
+use crate::wire::decode;
+use crate::wire::names::SCHEMAS_BUCKET;
+use crate::wire::subject::{
+    parse_table_token, schema_key, schema_key_token, table_token, DEFAULT_SCHEMA,
+};
 
 pub use doc::ColumnKind;
+use store::Store;
 pub use store::{Position, StoreError, STATE_TABLE, TOMBSTONE_TTL, VERSIONS_TABLE};
-use store::{Store, Version};
 
 /// Prefix of the default durable consumer name, see [`default_durable`].
 pub const DEFAULT_DURABLE_PREFIX: &str = "pgbridge-mirror-";
@@ -89,6 +91,8 @@ const SCHEMA_RECHECK: Duration = Duration::from_secs(1);
 const TOMBSTONE_PRUNE_EVERY: Duration = Duration::from_secs(60);
 /// How long the server waits for an acknowledgement before delivering again.
 const ACK_WAIT: Duration = Duration::from_secs(120);
+/// Pause between two reads of the schemas bucket while a schema is awaited.
+const KV_RETRY: Duration = Duration::from_millis(500);
 /// Pause before following again after the consumer's message stream failed.
 const RESTART_DELAY: Duration = Duration::from_secs(1);
 
@@ -426,11 +430,7 @@ impl Mirror {
 
     /// Waits [`RESTART_DELAY`]; false when shutdown was asked for.
     async fn pause(&self) -> bool {
-        if self.shutdown.is_triggered() {
-            return false;
-        }
-        tokio::time::sleep(RESTART_DELAY).await;
-        !self.shutdown.is_triggered()
+        !self.shutdown.sleep(RESTART_DELAY).await
     }
 
     /// The tables named by `--table`, or those with a schema in the bucket.
@@ -452,7 +452,7 @@ impl Mirror {
             if let Ok(kv) = self.js.get_key_value(SCHEMAS_BUCKET).await {
                 if let Ok(mut keys) = kv.keys().await {
                     while let Some(Ok(key)) = keys.next().await {
-                        if let Ok((s, n)) = parse_table_token(&key.replace('=', "%")) {
+                        if let Ok((s, n)) = parse_table_token(&schema_key_token(&key)) {
                             tables.push(MirrorTable::new(s, n));
                         }
                     }
@@ -462,14 +462,13 @@ impl Mirror {
                 tables.sort_by(|a, b| a.token.cmp(&b.token));
                 return Ok(tables);
             }
-            if Instant::now() > deadline || self.shutdown.is_triggered() {
+            if Instant::now() > deadline || self.shutdown.sleep(KV_RETRY).await {
                 return Err(MirrorError::NoTables(format!(
                     "nothing to mirror: KV bucket '{SCHEMAS_BUCKET}' holds no table schema; start \
                      the bridge (it writes the schemas of the tables it streams) or name tables \
                      with --table"
                 )));
             }
-            tokio::time::sleep(Duration::from_millis(500)).await;
         }
     }
 
@@ -480,17 +479,16 @@ impl Mirror {
         loop {
             if let Ok(kv) = self.js.get_key_value(SCHEMAS_BUCKET).await {
                 if let Ok(Some(bytes)) = kv.get(key.as_str()).await {
-                    return doc::decode(&bytes).map_err(|e| MirrorError::BadMessage {
+                    return decode::decode(&bytes).map_err(|e| MirrorError::BadMessage {
                         stream: format!("KV_{SCHEMAS_BUCKET}"),
                         seq: 0,
                         reason: format!("schema of {}: {e}", t.local),
                     });
                 }
             }
-            if Instant::now() > deadline || self.shutdown.is_triggered() {
+            if Instant::now() > deadline || self.shutdown.sleep(KV_RETRY).await {
                 return Err(MirrorError::NoSchema(format!("{}.{}", t.schema, t.name)));
             }
-            tokio::time::sleep(Duration::from_millis(500)).await;
         }
     }
 
@@ -534,177 +532,8 @@ impl Mirror {
         }
     }
 
-    /// Requests a snapshot of the table and loads it with its position, replacing the table's
-    /// rows. Returns false when stopped by shutdown (nothing changed then).
-    async fn snapshot(&mut self, token: &str) -> Result<bool, MirrorError> {
-        let js_err = |e: &dyn std::fmt::Display| MirrorError::JetStream(e.to_string());
-        let init = open_stream(&self.js, &self.init).await?;
-        loop {
-            // Subscribed before the request, so the meta cannot be missed.
-            let meta_subject = format!("{INIT_SUBJECT_PREFIX}.meta.{token}");
-            let mut metas = ordered(&init, meta_subject, DeliverPolicy::New).await?;
-            let Some(id) = self.request_snapshot(token).await? else {
-                return Ok(false);
-            };
-            log::info!("snapshot {id} of {token} requested");
-            let chunk_subjects = format!("{INIT_SUBJECT_PREFIX}.snap.{token}.{id}.*");
-            let mut chunks = ordered(&init, chunk_subjects, DeliverPolicy::All).await?;
-            self.store.begin()?;
-            self.store.clear(token)?;
-            let mut loaded = 0u64;
-            let mut rows = 0u64;
-            let mut meta: Option<(Position, u64)> = None;
-            let mut progress = Instant::now();
-            let outcome = loop {
-                if let Some((position, batches)) = &meta {
-                    if loaded == *batches {
-                        self.store.set_position(token, position)?;
-                        self.store.commit()?;
-                        break Some(position.clone());
-                    }
-                }
-                if self.shutdown.is_triggered() {
-                    self.store.rollback()?;
-                    return Ok(false);
-                }
-                if progress.elapsed() > self.options.snapshot_stall {
-                    log::warn!(
-                        "snapshot {id} of {token}: nothing arrived for {:?} (was the bridge \
-                         stopped?); requesting a new one",
-                        self.options.snapshot_stall
-                    );
-                    self.store.rollback()?;
-                    break None;
-                }
-                tokio::select! {
-                    m = chunks.next() => {
-                        let msg = m.ok_or_else(|| js_err(&"chunk consumer ended"))?
-                            .map_err(|e| js_err(&e))?;
-                        let chunk = self.decode(&msg)?;
-                        let n = doc::u64_field(&chunk, "chunk").map_err(|e| self.bad(&msg, e))?;
-                        if n != loaded {
-                            self.store.rollback()?;
-                            return Err(self.bad(&msg, format!("chunk {n} came where {loaded} was due")));
-                        }
-                        let data = match doc::field(&chunk, "data") {
-                            Some(Value::Array(d)) => d,
-                            _ => return Err(self.bad(&msg, "chunk without a data list")),
-                        };
-                        for row in data {
-                            let pairs = doc::row_pairs(row).map_err(|e| self.bad(&msg, e))?;
-                            let names: Vec<&str> = pairs.iter().map(|p| p.0).collect();
-                            self.ensure_columns(token, &names).await?;
-                            self.store.upsert(token, &pairs)?;
-                        }
-                        rows += data.len() as u64;
-                        loaded += 1;
-                        progress = Instant::now();
-                    }
-                    m = metas.next() => {
-                        let msg = m.ok_or_else(|| js_err(&"meta consumer ended"))?
-                            .map_err(|e| js_err(&e))?;
-                        let doc = self.decode(&msg)?;
-                        if doc::str_field(&doc, "snapshot_id").ok() != Some(id.as_str()) {
-                            continue; // another consumer's snapshot of the same table
-                        }
-                        if let Some(err) = doc::field(&doc, "error") {
-                            self.store.rollback()?;
-                            return Err(MirrorError::SnapshotFailed {
-                                table: token.to_owned(),
-                                snapshot_id: id,
-                                reason: err.as_str().map_or_else(|| err.to_string(), str::to_owned),
-                            });
-                        }
-                        let position = Position {
-                            snapshot_id: id.clone(),
-                            lsn: doc::lsn_field(&doc, "lsn").map_err(|e| self.bad(&msg, e))?,
-                            last_seq: doc::u64_field(&doc, "cdc_stream_seq").map_err(|e| self.bad(&msg, e))?,
-                        };
-                        let batches = doc::u64_field(&doc, "batch_count").map_err(|e| self.bad(&msg, e))?;
-                        meta = Some((position, batches));
-                        progress = Instant::now();
-                    }
-                    _ = tokio::time::sleep(Duration::from_millis(200)) => {}
-                }
-            };
-            if let Some(p) = outcome {
-                self.summary.snapshots += 1;
-                self.summary.snapshot_rows += rows;
-                log::info!(
-                    "snapshot {id} of {token}: {rows} rows loaded, consistent point {}, CDC from \
-                     sequence {}",
-                    p.lsn,
-                    p.last_seq + 1
-                );
-                return Ok(true);
-            }
-        }
-    }
-
-    /// Sends the snapshot request until the bridge accepts it: the snapshot id, or `None` on
-    /// shutdown.
-    async fn request_snapshot(&self, token: &str) -> Result<Option<String>, MirrorError> {
-        let subject = format!("{REQUEST_PREFIX}.{token}");
-        let deadline = Instant::now() + BRIDGE_WAIT;
-        let mut warned = false;
-        loop {
-            if self.shutdown.is_triggered() {
-                return Ok(None);
-            }
-            let reply = tokio::time::timeout(
-                REQUEST_TIMEOUT,
-                self.client.request(subject.clone(), Bytes::new()),
-            )
-            .await;
-            match reply {
-                Ok(Ok(msg)) => {
-                    let answer: serde_json::Value =
-                        serde_json::from_slice(&msg.payload).unwrap_or_default();
-                    if answer["status"] == "accepted" {
-                        if let Some(id) = answer["snapshot_id"].as_str() {
-                            return Ok(Some(id.to_owned()));
-                        }
-                    }
-                    let reason = answer["error"].as_str().map_or_else(
-                        || String::from_utf8_lossy(&msg.payload).into_owned(),
-                        str::to_owned,
-                    );
-                    // Passing refusals: a snapshot of this table runs or just started (another
-                    // consumer's), or the bridge runs as many as it allows.
-                    let passing = matches!(
-                        answer["reason"].as_str(),
-                        Some("in_progress" | "cooldown" | "busy")
-                    ) || reason.contains("already in progress");
-                    if !passing {
-                        return Err(MirrorError::SnapshotRefused {
-                            table: token.to_owned(),
-                            reason,
-                        });
-                    }
-                    // Ask again shortly.
-                }
-                Ok(Err(e)) => {
-                    if !warned {
-                        log::warn!("snapshot request on {subject}: {e}; retrying");
-                        warned = true;
-                    }
-                }
-                Err(_) => {
-                    if !warned {
-                        log::warn!("snapshot request on {subject}: no reply in {REQUEST_TIMEOUT:?}; retrying");
-                        warned = true;
-                    }
-                }
-            }
-            if Instant::now() > deadline {
-                return Err(MirrorError::NoBridge { subject });
-            }
-            tokio::time::sleep(Duration::from_secs(1)).await;
-        }
-    }
-
     fn decode(&self, msg: &Message) -> Result<Value, MirrorError> {
-        doc::decode(&msg.payload).map_err(|e| self.bad(msg, e))
+        decode::decode(&msg.payload).map_err(|e| self.bad(msg, e))
     }
 
     fn bad(&self, msg: &Message, reason: impl std::fmt::Display) -> MirrorError {
@@ -718,462 +547,6 @@ impl Mirror {
             reason: format!("{} ({})", reason, msg.subject),
         }
     }
-
-    /// Follows the CDC stream from the stored positions.
-    async fn follow(&mut self) -> Result<FollowEnd, MirrorError> {
-        let mut positions: HashMap<String, Position> = HashMap::new();
-        for t in &self.tables {
-            if let Some(p) = self.store.position(&t.token)? {
-                positions.insert(t.token.clone(), p);
-            }
-        }
-        let mut cdc = open_stream(&self.js, &self.cdc).await?;
-        let first = cdc
-            .info()
-            .await
-            .map_err(|e| MirrorError::JetStream(e.to_string()))?
-            .state
-            .first_sequence;
-        let stale: Vec<String> = positions
-            .iter()
-            .filter(|(_, p)| p.last_seq + 1 < first)
-            .map(|(t, p)| {
-                log::info!(
-                    "the CDC stream no longer holds sequence {} of {t} (it starts at {first}): \
-                     taking a new snapshot",
-                    p.last_seq + 1
-                );
-                t.clone()
-            })
-            .collect();
-        if !stale.is_empty() {
-            return Ok(FollowEnd::Snapshot(stale));
-        }
-        let start = positions.values().map(|p| p.last_seq).min().unwrap_or(0) + 1;
-        let durable = self.options.durable.clone();
-        // The SQLite file holds the position: the consumer is made anew from it each time.
-        let _ = cdc.delete_consumer(&durable).await;
-        let consumer = cdc
-            .create_consumer(pull::Config {
-                durable_name: Some(durable.clone()),
-                description: Some(format!(
-                    "pgbridge mirror into {}",
-                    self.options.db.display()
-                )),
-                filter_subjects: self
-                    .tables
-                    .iter()
-                    .map(|t| format!("{CDC_SUBJECT_PREFIX}.{}.*", t.token))
-                    .collect(),
-                deliver_policy: DeliverPolicy::ByStartSequence {
-                    start_sequence: start,
-                },
-                ack_policy: AckPolicy::All,
-                ack_wait: ACK_WAIT,
-                max_ack_pending: MAX_ACK_PENDING,
-                ..Default::default()
-            })
-            .await
-            .map_err(|e| MirrorError::JetStream(format!("creating consumer {durable}: {e}")))?;
-        let mut messages = consumer
-            .messages()
-            .await
-            .map_err(|e| MirrorError::JetStream(e.to_string()))?;
-        log::info!(
-            "following stream {} from sequence {start} (consumer {durable})",
-            self.cdc
-        );
-
-        let mut idle_since = Instant::now();
-        let mut last: Option<Message> = None;
-        // The source transaction of the last message, whether its end is still to come, and
-        // whether any of its changes was applied (changes that come again are all skipped:
-        // committing among them splits nothing).
-        let mut txn: Option<Lsn> = None;
-        let mut open = false;
-        let mut txn_applied = false;
-        let mut last_stream_seq = start.saturating_sub(1);
-        let mut probe_from = 0u64;
-        let mut in_batch = 0u64;
-        let mut in_txn = 0u64;
-        loop {
-            let wait = if self.store.in_transaction() {
-                IDLE_COMMIT
-            } else {
-                Duration::from_millis(250)
-            };
-            let next = tokio::time::timeout(wait, messages.next()).await;
-            let msg = match next {
-                Err(_) => {
-                    open &= txn_applied;
-                    if open {
-                        if let Some(t) = txn {
-                            if self
-                                .transaction_ended(&cdc, t, last_stream_seq, &mut probe_from)
-                                .await
-                            {
-                                open = false;
-                            }
-                        }
-                    }
-                    if open {
-                        if self.shutdown.is_triggered() {
-                            // The rest of the transaction is in the stream: the next run
-                            // applies it with the part seen here.
-                            self.store.rollback()?;
-                            return Ok(FollowEnd::Done);
-                        }
-                        continue;
-                    }
-                    self.commit(&mut positions, &mut last, &mut in_batch)
-                        .await?;
-                    if self.shutdown.is_triggered() {
-                        return Ok(FollowEnd::Done);
-                    }
-                    if let Some(idle) = self.options.until_idle {
-                        if idle_since.elapsed() >= idle {
-                            log::info!("no change for {idle:?}: stopping");
-                            return Ok(FollowEnd::Done);
-                        }
-                    }
-                    continue;
-                }
-                Ok(None) => {
-                    self.end_early(
-                        open && txn_applied,
-                        &mut positions,
-                        &mut last,
-                        &mut in_batch,
-                    )
-                    .await?;
-                    log::warn!("the consumer's message stream ended; following again");
-                    return Ok(FollowEnd::Restart);
-                }
-                Ok(Some(Err(e))) => {
-                    self.end_early(
-                        open && txn_applied,
-                        &mut positions,
-                        &mut last,
-                        &mut in_batch,
-                    )
-                    .await?;
-                    log::warn!("consumer {durable}: {e}; following again");
-                    return Ok(FollowEnd::Restart);
-                }
-                Ok(Some(Ok(msg))) => msg,
-            };
-            idle_since = Instant::now();
-            let seq = msg
-                .info()
-                .map(|i| i.stream_sequence)
-                .map_err(|e| self.bad(&msg, e))?;
-            last_stream_seq = seq;
-            probe_from = 0;
-            let event = self.decode(&msg)?;
-            let schema = doc::str_field(&event, "schema").map_err(|e| self.bad(&msg, e))?;
-            let table = doc::str_field(&event, "table").map_err(|e| self.bad(&msg, e))?;
-            let token = table_token(schema, table);
-            let commit_lsn = doc::lsn_field(&event, "commit_lsn").map_err(|e| self.bad(&msg, e))?;
-            let last_in_tx = doc::field(&event, "last_in_tx").and_then(Value::as_bool);
-            // A change of another transaction: the one before has ended (its last change may
-            // be of a table not mirrored). Commit a full batch, or stop when asked to.
-            if txn != Some(commit_lsn) {
-                in_txn = 0;
-                txn_applied = false;
-                if self.shutdown.is_triggered() {
-                    self.commit(&mut positions, &mut last, &mut in_batch)
-                        .await?;
-                    return Ok(FollowEnd::Done);
-                }
-                if in_batch >= COMMIT_EVERY {
-                    self.commit(&mut positions, &mut last, &mut in_batch)
-                        .await?;
-                }
-                txn = Some(commit_lsn);
-            }
-            // Without the marker (an older bridge) the end shows only as a later transaction
-            // or a pause.
-            open = last_in_tx == Some(false);
-            in_txn += 1;
-            if in_txn.is_multiple_of(ACK_INSIDE_TRANSACTION_EVERY) {
-                if let Err(e) = msg.ack().await {
-                    log::debug!("acknowledgement not sent: {e}");
-                }
-            }
-            let Some(position) = positions.get_mut(&token) else {
-                last = Some(msg);
-                continue;
-            };
-            if seq <= position.last_seq {
-                self.summary.skipped += 1;
-                last = Some(msg);
-                continue;
-            }
-            self.store.begin()?;
-            if commit_lsn >= position.lsn {
-                let applied = self.apply(&token, &event).await.map_err(|e| match e {
-                    MirrorError::BadMessage { reason, .. } => self.bad(&msg, reason),
-                    e => e,
-                })?;
-                match applied {
-                    Applied::Yes => {
-                        self.summary.applied += 1;
-                        txn_applied = true;
-                    }
-                    Applied::Stale => self.summary.skipped += 1,
-                    Applied::NeedsSnapshot => {
-                        // This change stays unapplied and unacknowledged: the snapshot replaces
-                        // the table and its position.
-                        self.end_early(true, &mut positions, &mut last, &mut in_batch)
-                            .await?;
-                        log::info!(
-                            "{token}: a column with a default was added; taking a new snapshot"
-                        );
-                        return Ok(FollowEnd::Snapshot(vec![token]));
-                    }
-                }
-            } else {
-                self.summary.skipped += 1;
-            }
-            let position = positions.get_mut(&token).expect("looked up above");
-            position.last_seq = seq;
-            self.store.set_last_seq(&token, seq)?;
-            in_batch += 1;
-            last = Some(msg);
-            if last_in_tx == Some(true) && self.shutdown.is_triggered() {
-                self.commit(&mut positions, &mut last, &mut in_batch)
-                    .await?;
-                return Ok(FollowEnd::Done);
-            }
-        }
-    }
-
-    /// Whether the transaction at `commit_lsn`, whose last change seen so far (at stream
-    /// sequence `after`) is not marked last, has ended: the stream's following messages, of any
-    /// table, show either its marked last change or a change of a later transaction. Reads
-    /// at most [`PROBE_MESSAGES`] from `probe_from` on (0: from `after + 1`), and remembers
-    /// where it stopped.
-    async fn transaction_ended(
-        &self,
-        cdc: &jetstream::stream::Stream,
-        commit_lsn: Lsn,
-        after: u64,
-        probe_from: &mut u64,
-    ) -> bool {
-        let Ok(info) = cdc.get_info().await else {
-            return false;
-        };
-        let end = info.state.last_sequence;
-        let mut seq = (*probe_from).max(after + 1);
-        let stop = end.min(seq + PROBE_MESSAGES - 1);
-        while seq <= stop {
-            // A message gone from the stream (limits) says nothing.
-            if let Ok(m) = cdc.get_raw_message(seq).await {
-                let id_lsn = m
-                    .headers
-                    .get(async_nats::header::NATS_MESSAGE_ID)
-                    .and_then(|v| id_commit_lsn(v.as_str()));
-                let marked = m
-                    .headers
-                    .get(crate::sink::encode::LAST_IN_TX_HEADER)
-                    .is_some_and(|v| v.as_str() == "true");
-                match id_lsn {
-                    Some(l) if l != commit_lsn => return true,
-                    Some(_) if marked => return true,
-                    _ => {}
-                }
-            }
-            seq += 1;
-        }
-        *probe_from = seq;
-        false
-    }
-
-    /// Ends following before the stream did: commits what was applied when it stopped between
-    /// source transactions (`open` false), rolls it back otherwise (the next run applies the
-    /// whole transaction again, from the positions in the file).
-    async fn end_early(
-        &mut self,
-        open: bool,
-        positions: &mut HashMap<String, Position>,
-        last: &mut Option<Message>,
-        in_batch: &mut u64,
-    ) -> Result<(), MirrorError> {
-        if open {
-            self.store.rollback()?;
-            *last = None;
-            *in_batch = 0;
-            Ok(())
-        } else {
-            self.commit(positions, last, in_batch).await
-        }
-    }
-
-    /// Commits the open transaction and acknowledges every message up to the last one.
-    ///
-    /// The consumer delivers every change of every mirrored table in stream order, so once the
-    /// message at sequence `s` is handled, no table has an unseen change before `s`: each
-    /// table's stored sequence moves up to `s` with the commit. A table that rarely changes
-    /// then does not fall behind the stream's limits and need a snapshot it does not need.
-    async fn commit(
-        &mut self,
-        positions: &mut HashMap<String, Position>,
-        last: &mut Option<Message>,
-        in_batch: &mut u64,
-    ) -> Result<(), MirrorError> {
-        if let Some(seq) = last
-            .as_ref()
-            .and_then(|m| m.info().ok())
-            .map(|i| i.stream_sequence)
-        {
-            for (token, p) in positions.iter_mut() {
-                if p.last_seq < seq {
-                    self.store.begin()?;
-                    p.last_seq = seq;
-                    self.store.set_last_seq(token, seq)?;
-                }
-            }
-        }
-        if self.tombstones_pruned.elapsed() >= TOMBSTONE_PRUNE_EVERY {
-            self.store.begin()?;
-            let n = self.store.prune_tombstones()?;
-            log::debug!("{n} tombstones older than {TOMBSTONE_TTL:?} dropped");
-            self.tombstones_pruned = Instant::now();
-        }
-        self.store.commit()?;
-        *in_batch = 0;
-        if let Some(msg) = last.take() {
-            // AckAll: one acknowledgement covers every earlier message. A lost one only
-            // means a redelivery, which the stored sequences skip.
-            if let Err(e) = msg.ack().await {
-                log::debug!("acknowledgement not sent: {e}");
-            }
-        }
-        Ok(())
-    }
-
-    /// Applies one change event to the table, unless it is not newer than the row it changes.
-    async fn apply(&mut self, token: &str, event: &Value) -> Result<Applied, MirrorError> {
-        let bad = |e: doc::DocError| MirrorError::BadMessage {
-            stream: String::new(),
-            seq: 0,
-            reason: e.0,
-        };
-        let op = doc::str_field(event, "operation").map_err(bad)?;
-        let version: Version = (
-            doc::lsn_field(event, "commit_lsn").map_err(bad)?.0,
-            u32::try_from(doc::u64_field(event, "seq").map_err(bad)?).unwrap_or(u32::MAX),
-        );
-        if op == "TRUNCATE" {
-            if !self.store.is_newer(token, &[], version)? {
-                return Ok(Applied::Stale);
-            }
-            self.store.truncate(token, version)?;
-            return Ok(Applied::Yes);
-        }
-        let columns = doc::column_pairs(event, "columns").map_err(bad)?;
-        let key = self.store.key_of(token, &columns)?;
-        let key_text = store::key_text(&key);
-        match op {
-            "INSERT" | "UPDATE" => {
-                let old = doc::column_pairs(event, "old_columns").map_err(bad)?;
-                let old_key = if old.is_empty() {
-                    None
-                } else {
-                    Some(self.store.key_of(token, &old)?).filter(|k| *k != key)
-                };
-                let old_text = old_key.as_deref().map(store::key_text);
-                let mut keys = vec![key_text.as_str()];
-                keys.extend(old_text.as_deref());
-                if !self.store.is_newer(token, &keys, version)? {
-                    return Ok(Applied::Stale);
-                }
-                if self.follow_schema(token, event, &columns).await? {
-                    return Ok(Applied::NeedsSnapshot);
-                }
-                if let (Some(old_key), Some(old_text)) = (&old_key, &old_text) {
-                    self.store.move_key(token, old_key, &key)?;
-                    self.store.set_version(token, old_text, version, true)?;
-                }
-                // Columns in `unchanged_toast` are not in `columns`: the row keeps them.
-                self.store.upsert(token, &columns)?;
-                self.store.set_version(token, &key_text, version, false)?;
-            }
-            "DELETE" => {
-                if !self.store.is_newer(token, &[key_text.as_str()], version)? {
-                    return Ok(Applied::Stale);
-                }
-                self.store.delete(token, &key)?;
-                self.store.set_version(token, &key_text, version, true)?;
-            }
-            other => return Err(bad(doc::DocError(format!("unknown operation {other:?}")))),
-        }
-        Ok(Applied::Yes)
-    }
-
-    /// Brings the table's columns in line with what an INSERT or UPDATE shows: adds the
-    /// columns it lacks, and when a column is missing from the change (not an unchanged TOAST
-    /// value) or a value does not fit its column's type, reads the newest schema (at most every
-    /// [`SCHEMA_RECHECK`]) to drop or retype. Returns true when the table needs a new snapshot
-    /// (a column with a default was added).
-    async fn follow_schema(
-        &mut self,
-        token: &str,
-        event: &Value,
-        columns: &[(&str, &Value)],
-    ) -> Result<bool, MirrorError> {
-        let names: Vec<&str> = columns.iter().map(|c| c.0).collect();
-        if self.ensure_columns(token, &names).await? {
-            return Ok(true);
-        }
-        let Some(kinds) = self.store.column_kinds(token) else {
-            return Ok(false);
-        };
-        let toast: Vec<&str> = match doc::field(event, "unchanged_toast") {
-            Some(Value::Array(a)) => a.iter().filter_map(Value::as_str).collect(),
-            _ => Vec::new(),
-        };
-        let missing = kinds
-            .keys()
-            .any(|k| !names.contains(&k.as_str()) && !toast.contains(&k.as_str()));
-        let misfits: Vec<&str> = columns
-            .iter()
-            .filter(|(n, v)| kinds.get(*n).is_some_and(|k| !doc::fits(*k, v)))
-            .map(|c| c.0)
-            .collect();
-        if !missing && misfits.is_empty() {
-            return Ok(false);
-        }
-        if self
-            .schema_checked
-            .get(token)
-            .is_some_and(|t| t.elapsed() < SCHEMA_RECHECK)
-        {
-            return Ok(false);
-        }
-        self.schema_checked.insert(token.to_owned(), Instant::now());
-        let Some(t) = self.table(token).cloned() else {
-            return Ok(false);
-        };
-        let schema = self.schema(&t).await?;
-        let mut present = names.clone();
-        present.extend(&toast);
-        Ok(self
-            .store
-            .apply_schema(&t.token, &t.local, &schema, Some((&present, &misfits)))?)
-    }
-}
-
-/// The commit LSN in a change's message id `{namespace}:{timeline}:{commit_lsn}-{seq}`, or in
-/// the bare `{commit_lsn}-{seq}` of a stream written by an older bridge; `None` for any other
-/// id.
-fn id_commit_lsn(id: &str) -> Option<Lsn> {
-    if let Some(parts) = parse_message_id(id) {
-        return Some(parts.commit_lsn);
-    }
-    let (lsn, seq) = id.rsplit_once('-')?;
-    seq.parse::<u32>().ok()?;
-    lsn.parse().ok()
 }
 
 #[cfg(test)]
@@ -1196,15 +569,5 @@ mod tests {
         assert!(a
             .bytes()
             .all(|c| c.is_ascii_alphanumeric() || c == b'-' || c == b'_'));
-    }
-
-    #[test]
-    fn commit_lsn_of_a_message_id() {
-        let lsn: Lsn = "0/25CB5E8".parse().unwrap();
-        assert_eq!(id_commit_lsn("3f9a1c2e:1:0/25CB5E8-0"), Some(lsn));
-        assert_eq!(id_commit_lsn("ns-with-dashes:12:0/25CB5E8-417"), Some(lsn));
-        assert_eq!(id_commit_lsn("0/25CB5E8-3"), Some(lsn));
-        assert_eq!(id_commit_lsn("replay-7"), None);
-        assert_eq!(id_commit_lsn("3f9a1c2e:1:0/25CB5E8"), None);
     }
 }

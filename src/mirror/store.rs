@@ -17,8 +17,10 @@ use rmpv::Value;
 use rusqlite::types::Value as Sql;
 use rusqlite::{params, Connection, OptionalExtension};
 
-use super::doc::{self, to_sql, ColumnKind};
+use super::doc::{to_sql, ColumnKind};
 use crate::pg::Lsn;
+use crate::wire::decode::{self, DocError};
+use crate::wire::fields;
 
 /// The table holding each mirrored table's position.
 pub const STATE_TABLE: &str = "_pgbridge_mirror";
@@ -54,7 +56,7 @@ pub enum StoreError {
     },
     /// A schema document or change without the fields the mirror needs.
     #[error("{0}")]
-    Message(#[from] doc::DocError),
+    Message(#[from] DocError),
 }
 
 /// Where a mirrored table stands.
@@ -154,7 +156,7 @@ impl Store {
             table: name.to_owned(),
             reason: reason.to_owned(),
         };
-        let key: Vec<String> = match doc::field(schema, "primary_key") {
+        let key: Vec<String> = match decode::field(schema, fields::PRIMARY_KEY) {
             Some(Value::Array(k)) => k
                 .iter()
                 .filter_map(|v| v.as_str().map(str::to_owned))
@@ -166,23 +168,23 @@ impl Store {
                 "it has no primary key (add one in PostgreSQL; the mirror finds rows by key)",
             ));
         }
-        let mut columns: Vec<(i64, String, ColumnKind, bool)> = match doc::field(schema, "columns")
-        {
-            Some(Value::Array(cols)) => cols
-                .iter()
-                .map(|c| {
-                    Ok((
-                        doc::field(c, "position")
-                            .and_then(Value::as_i64)
-                            .unwrap_or(0),
-                        doc::str_field(c, "name")?.to_owned(),
-                        ColumnKind::for_pg_type(doc::str_field(c, "data_type")?),
-                        doc::field(c, "column_default").is_some_and(|d| !d.is_nil()),
-                    ))
-                })
-                .collect::<Result<_, doc::DocError>>()?,
-            _ => return Err(unsupported("its schema document lists no columns")),
-        };
+        let mut columns: Vec<(i64, String, ColumnKind, bool)> =
+            match decode::field(schema, fields::COLUMNS) {
+                Some(Value::Array(cols)) => cols
+                    .iter()
+                    .map(|c| {
+                        Ok((
+                            decode::field(c, fields::POSITION)
+                                .and_then(Value::as_i64)
+                                .unwrap_or(0),
+                            decode::str_field(c, fields::NAME)?.to_owned(),
+                            ColumnKind::for_pg_type(decode::str_field(c, fields::DATA_TYPE)?),
+                            decode::field(c, fields::COLUMN_DEFAULT).is_some_and(|d| !d.is_nil()),
+                        ))
+                    })
+                    .collect::<Result<_, DocError>>()?,
+                _ => return Err(unsupported("its schema document lists no columns")),
+            };
         columns.sort_by_key(|c| c.0);
         let quoted = quote(name);
         let existing = self.read_columns(name)?;
@@ -352,7 +354,7 @@ impl Store {
         row.map(|(snapshot_id, lsn, last_seq)| {
             Ok(Position {
                 lsn: lsn.parse().map_err(|_| {
-                    doc::DocError(format!("{STATE_TABLE}: invalid LSN {lsn:?} for {token}"))
+                    DocError(format!("{STATE_TABLE}: invalid LSN {lsn:?} for {token}"))
                 })?,
                 snapshot_id,
                 last_seq: u64::try_from(last_seq).unwrap_or(0),

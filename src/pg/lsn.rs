@@ -18,6 +18,30 @@ impl Lsn {
     pub fn is_invalid(self) -> bool {
         self.0 == 0
     }
+
+    /// Length of the longest text, `FFFFFFFF/FFFFFFFF`.
+    pub const TEXT_MAX_LEN: usize = 17;
+
+    /// The `X/X` text written into `buf`, without allocating. The one writer of LSN text:
+    /// `Display`, message ids and the encoders all use it, since it runs several times per
+    /// published message and `format!` costs several times more.
+    pub fn text(self, buf: &mut [u8; Lsn::TEXT_MAX_LEN]) -> &str {
+        let mut n = push_hex32(buf, 0, (self.0 >> 32) as u32);
+        buf[n] = b'/';
+        n = push_hex32(buf, n + 1, self.0 as u32);
+        std::str::from_utf8(&buf[..n]).expect("hex digits are ASCII")
+    }
+}
+
+/// Writes `v` in uppercase hex without leading zeros at `buf[at..]`; returns the end.
+fn push_hex32(buf: &mut [u8], mut at: usize, v: u32) -> usize {
+    const HEX_UPPER: &[u8; 16] = b"0123456789ABCDEF";
+    let digits = (32 - v.leading_zeros()).div_ceil(4).max(1);
+    for i in (0..digits).rev() {
+        buf[at] = HEX_UPPER[((v >> (4 * i)) & 0xF) as usize];
+        at += 1;
+    }
+    at
 }
 
 impl From<u64> for Lsn {
@@ -34,7 +58,7 @@ impl From<Lsn> for u64 {
 
 impl fmt::Display for Lsn {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "{:X}/{:X}", self.0 >> 32, self.0 & 0xFFFF_FFFF)
+        f.write_str(self.text(&mut [0; Lsn::TEXT_MAX_LEN]))
     }
 }
 
@@ -71,6 +95,26 @@ mod tests {
         }
         assert_eq!("0/016B3748".parse::<Lsn>().unwrap(), Lsn(0x16B3748));
         assert_eq!("1/2".parse::<Lsn>().unwrap(), Lsn((1 << 32) | 2));
+    }
+
+    #[test]
+    fn text_is_upper_hex_halves_without_leading_zeros() {
+        for v in [
+            0,
+            1,
+            0xF,
+            0x10,
+            0x025C_B3C8,
+            0xFFFF_FFFF,
+            0x1_0000_0000,
+            0x0ABC_0000_0001,
+            u64::MAX,
+        ] {
+            let mut buf = [0; Lsn::TEXT_MAX_LEN];
+            let want = format!("{:X}/{:X}", v >> 32, v & 0xFFFF_FFFF);
+            assert_eq!(Lsn(v).text(&mut buf), want);
+            assert_eq!(Lsn(v).to_string(), want);
+        }
     }
 
     #[test]

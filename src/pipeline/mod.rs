@@ -2,7 +2,6 @@
 //! PostgreSQL set-up, the publisher thread, and the wal loop with its reconnects.
 
 pub mod durable;
-pub mod event;
 pub mod position;
 pub mod ring;
 pub mod spool;
@@ -747,7 +746,8 @@ fn spawn_schema_writer(
     tables: Vec<setup::PublishedTable>,
     mut changes: tokio::sync::mpsc::UnboundedReceiver<(Arc<str>, Arc<str>)>,
 ) -> Option<JoinHandle<()>> {
-    use crate::sink::schemas::{open_bucket, SchemaWriter, SCHEMAS_BUCKET};
+    use crate::sink::schemas::{open_bucket, SchemaWriter};
+    use crate::wire::names::SCHEMAS_BUCKET;
     let format = config.replication.format;
     let params = config.postgres.libpq_params();
     let replicas = config.streams.replicas;

@@ -23,7 +23,7 @@ use tokio::sync::Notify;
 use crate::pg::value::Value;
 use crate::pg::Lsn;
 
-use super::event::{ChangeEvent, ColumnValue};
+use crate::wire::event::{ChangeEvent, ColumnValue};
 
 /// Most published events kept for the wal thread to reuse.
 const RECYCLE_CAPACITY: usize = 1024;
@@ -271,7 +271,7 @@ mod tests {
 
     use super::*;
     use crate::pg::Lsn;
-    use crate::pipeline::event::{Operation, TableRef};
+    use crate::wire::event::{Operation, TableRef};
 
     fn event(columns: Vec<ColumnValue>) -> ChangeEvent {
         ChangeEvent {

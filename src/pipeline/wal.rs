@@ -30,10 +30,10 @@ use crate::telemetry::counters::DurableLsn;
 use crate::telemetry::Telemetry;
 
 use super::durable::{StateFileError, StateWriter};
-use super::event::{ChangeEvent, ColumnValue, Operation, TableRef};
 use super::position::TimelineHistory;
 use super::ring::{item_bytes, RingItem, RingWriter};
 use super::spool::{Spool, SpoolError};
+use crate::wire::event::{ChangeEvent, ColumnValue, Operation, TableRef};
 
 /// How long one wait for the server may last before other work is checked.
 const POLL_INTERVAL: Duration = Duration::from_millis(50);

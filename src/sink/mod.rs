@@ -2,11 +2,9 @@
 //! pipeline and a broker, and its NATS JetStream implementation ([`nats`]). Encoding, subjects,
 //! the snapshot service and the schemas bucket live here too for now.
 
-pub mod encode;
 pub mod nats;
 pub mod schemas;
 pub mod snapshot;
-pub mod subject;
 
 use crate::pipeline::ring::RingReader;
 use crate::shutdown::Shutdown;

@@ -16,11 +16,10 @@ use bytes::Bytes;
 use crate::config::Format;
 use crate::pg::conn::{ConnectionKind, PgConnection, PgError};
 
-use super::encode::encode_document;
-use super::subject::push_table_token;
+use crate::wire::encode::encode_document;
+use crate::wire::names::SCHEMAS_BUCKET;
+use crate::wire::subject::schema_key;
 
-/// Name of the key-value bucket.
-pub const SCHEMAS_BUCKET: &str = "schemas";
 /// Revisions kept per key.
 const HISTORY: i64 = 16;
 
@@ -41,13 +40,6 @@ pub enum SchemaError {
     /// The bucket could not be opened or written.
     #[error("key-value bucket {SCHEMAS_BUCKET}: {0}")]
     Kv(String),
-}
-
-/// The KV key of a table.
-pub fn schema_key(schema: &str, table: &str) -> String {
-    let mut token = String::new();
-    push_table_token(&mut token, schema, table);
-    token.replace('%', "=")
 }
 
 /// Opens the bucket, creating it with `replicas` replicas when missing (an existing bucket
@@ -171,7 +163,7 @@ impl SchemaWriter {
         if let Some(map) = doc.as_object_mut() {
             map.insert(
                 "timestamp".into(),
-                serde_json::Value::String(super::encode::now_timestamp()),
+                serde_json::Value::String(crate::wire::text::now_timestamp()),
             );
         }
         encode_document(self.format, &doc, &mut self.buf);
@@ -244,18 +236,6 @@ fn msgpack_to_json(v: &rmpv::Value) -> Option<serde_json::Value> {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn keys_are_valid_kv_keys() {
-        assert_eq!(schema_key("public", "users"), "users");
-        assert_eq!(schema_key("sales", "in voices"), "sales.in=20voices");
-        let k = schema_key("public", "ü.x");
-        assert!(
-            k.bytes()
-                .all(|b| b.is_ascii_alphanumeric() || b"-/_=.".contains(&b)),
-            "{k}"
-        );
-    }
 
     #[test]
     fn stored_documents_compare_without_timestamp() {

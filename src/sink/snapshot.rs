@@ -45,12 +45,11 @@ use crate::pg::Lsn;
 use crate::shutdown::Shutdown;
 use crate::telemetry::Telemetry;
 
-use super::encode::{encode_chunk, encode_document, ChunkHeader, ChunkRows};
-use super::nats::{max_payload, stream_last_sequence, NatsError, INIT_SUBJECT_PREFIX};
-use super::subject::{parse_table_token, push_table_token};
+use super::nats::{max_payload, stream_last_sequence, NatsError};
+use crate::wire::encode::{encode_chunk, encode_document, ChunkHeader, ChunkRows};
+use crate::wire::names::{INIT_SUBJECT_PREFIX, SNAPSHOT_REQUEST_PREFIX as REQUEST_PREFIX};
+use crate::wire::subject::{parse_table_token, push_table_token};
 
-/// Subject prefix of snapshot requests.
-pub const REQUEST_PREFIX: &str = "snapshot.request";
 /// Least time between two reads of the publication's tables for requests naming a table the
 /// bridge does not know (tables added to the publication while it runs).
 const PUBLICATION_REFRESH_INTERVAL: Duration = Duration::from_secs(5);
@@ -935,7 +934,7 @@ impl SnapshotService {
             id,
             schema,
             table,
-            &super::encode::now_timestamp(),
+            &crate::wire::text::now_timestamp(),
             &failure.to_string(),
         );
         let mut out = Vec::new();
@@ -1154,7 +1153,7 @@ impl SnapshotService {
         let meta = serde_json::json!({
             "snapshot_id": id,
             "lsn": outcome.lsn.to_string(),
-            "timestamp": super::encode::now_timestamp(),
+            "timestamp": crate::wire::text::now_timestamp(),
             "batch_count": chunk,
             "row_count": outcome.rows,
             "table": table,

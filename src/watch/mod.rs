@@ -7,6 +7,7 @@ mod render;
 pub mod snapshot;
 pub mod tail;
 
+// Connection errors are the sink's (one place for TLS, credentials and reconnects).
 use crate::sink::nats::NatsError;
 
 /// Why a watch command stopped.
@@ -66,11 +67,15 @@ async fn open_stream(
     js: &async_nats::jetstream::Context,
     name: &str,
 ) -> Result<async_nats::jetstream::stream::Stream, WatchError> {
-    use crate::mirror::MirrorError;
-    crate::mirror::open_stream(js, name)
-        .await
-        .map_err(|e| match e {
-            MirrorError::StreamMissing(_) => WatchError::Usage(e.to_string()),
-            other => WatchError::Runtime(other.to_string()),
-        })
+    use async_nats::jetstream::context::GetStreamErrorKind;
+    use async_nats::jetstream::ErrorCode;
+    js.get_stream(name).await.map_err(|e| match e.kind() {
+        GetStreamErrorKind::JetStream(j) if j.error_code() == ErrorCode::STREAM_NOT_FOUND => {
+            WatchError::Usage(format!(
+                "JetStream stream '{name}' does not exist: start the bridge first (it creates \
+                 its streams), or fix --stream"
+            ))
+        }
+        _ => WatchError::Runtime(format!("JetStream: reading stream '{name}': {e}")),
+    })
 }

@@ -1,10 +1,11 @@
 //! Documents as one line of JSON: fields in the order they were written, bytes as base64 and
-//! non-finite floats as strings (as the bridge's JSON format writes them), with optional
-//! terminal colours.
+//! non-finite floats as strings (as the bridge's JSON format writes them, through
+//! [`push_json_value`]), with optional terminal colours.
 
 use rmpv::Value;
 
-use crate::sink::encode::{json_f64, json_str, push_base64};
+use crate::wire::encode::{json_str, push_json_key, push_json_value};
+use crate::wire::fields;
 
 const DIM: &str = "\x1b[2m";
 const RESET: &str = "\x1b[0m";
@@ -18,67 +19,6 @@ fn operation_colour(op: &str) -> &'static str {
         "TRUNCATE" => "\x1b[35m",
         _ => "\x1b[36m",
     }
-}
-
-/// Appends `value` as JSON.
-pub fn push_json(out: &mut Vec<u8>, value: &Value) {
-    match value {
-        Value::Nil => out.extend_from_slice(b"null"),
-        Value::Boolean(b) => out.extend_from_slice(if *b { b"true" } else { b"false" }),
-        Value::Integer(i) => out.extend_from_slice(i.to_string().as_bytes()),
-        Value::F32(f) => json_f64(out, f64::from(*f)),
-        Value::F64(f) => json_f64(out, *f),
-        Value::String(s) => match s.as_str() {
-            Some(s) => json_str(out, s),
-            None => {
-                json_str(out, &String::from_utf8_lossy(s.as_bytes()));
-            }
-        },
-        Value::Binary(b) => {
-            out.push(b'"');
-            push_base64(out, b);
-            out.push(b'"');
-        }
-        Value::Array(items) => {
-            out.push(b'[');
-            for (i, item) in items.iter().enumerate() {
-                if i > 0 {
-                    out.push(b',');
-                }
-                push_json(out, item);
-            }
-            out.push(b']');
-        }
-        Value::Map(entries) => {
-            out.push(b'{');
-            for (i, (k, v)) in entries.iter().enumerate() {
-                if i > 0 {
-                    out.push(b',');
-                }
-                push_key(out, k);
-                push_json(out, v);
-            }
-            out.push(b'}');
-        }
-        Value::Ext(_, data) => {
-            out.push(b'"');
-            push_base64(out, data);
-            out.push(b'"');
-        }
-    }
-}
-
-/// A map key: strings as they are, anything else as its JSON text in a string.
-fn push_key(out: &mut Vec<u8>, key: &Value) {
-    match key.as_str() {
-        Some(k) => json_str(out, k),
-        None => {
-            let mut text = Vec::new();
-            push_json(&mut text, key);
-            json_str(out, &String::from_utf8_lossy(&text));
-        }
-    }
-    out.push(b':');
 }
 
 /// One change as a JSON line: `stream_seq` and `subject` first, then the document's fields in
@@ -100,21 +40,21 @@ pub fn change_line(out: &mut Vec<u8>, stream_seq: u64, subject: &str, doc: &Valu
         other => {
             // Not a map: shown whole under `payload`, so the line stays an object.
             out.extend_from_slice(b",\"payload\":");
-            push_json(out, other);
+            push_json_value(out, other);
             out.extend_from_slice(b"}\n");
             return;
         }
     };
     for (k, v) in entries {
         out.push(b',');
-        push_key(out, k);
+        push_json_key(out, k);
         match (colour, k.as_str(), v.as_str()) {
-            (true, Some("operation"), Some(op)) => {
+            (true, Some(fields::OPERATION), Some(op)) => {
                 out.extend_from_slice(operation_colour(op).as_bytes());
-                push_json(out, v);
+                push_json_value(out, v);
                 out.extend_from_slice(RESET.as_bytes());
             }
-            _ => push_json(out, v),
+            _ => push_json_value(out, v),
         }
     }
     out.extend_from_slice(b"}\n");
@@ -167,7 +107,7 @@ mod tests {
     #[test]
     fn json_payloads_keep_their_field_order() {
         let payload = br#"{"table":"t","schema":"public","operation":"DELETE","z":1,"a":2}"#;
-        let value = crate::mirror::doc::decode(payload).unwrap();
+        let value = crate::wire::decode::decode(payload).unwrap();
         let mut out = Vec::new();
         change_line(&mut out, 3, "cdc.t.delete", &value, false);
         assert_eq!(

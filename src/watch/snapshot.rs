@@ -12,10 +12,14 @@ use rmpv::Value;
 
 use super::{open_stream, runtime, tail, WatchError};
 use crate::config::Config;
-use crate::mirror::doc;
 use crate::shutdown::Shutdown;
-use crate::sink::nats::{connect, INIT_SUBJECT_PREFIX};
-use crate::sink::snapshot::REQUEST_PREFIX;
+// Connecting is the sink's (one place for TLS, credentials and reconnect settings).
+use crate::sink::nats::connect;
+use crate::wire::decode as doc;
+use crate::wire::fields;
+use crate::wire::subject::{
+    snapshot_chunks_filter, snapshot_meta_subject, snapshot_request_subject,
+};
 
 /// NATS connection name.
 const CONNECTION_NAME: &str = "pgbridge-snapshot";
@@ -128,7 +132,7 @@ pub fn run(
         let init = open_stream(&js, &config.streams.init).await?;
         let rt_err = |e: &dyn std::fmt::Display| WatchError::Runtime(e.to_string());
         // Subscribed before the request, so the meta cannot be missed.
-        let meta_subject = format!("{INIT_SUBJECT_PREFIX}.meta.{token}");
+        let meta_subject = snapshot_meta_subject(&token);
         let mut metas = init
             .create_consumer(jetstream::consumer::pull::OrderedConfig {
                 filter_subject: meta_subject.clone(),
@@ -141,7 +145,7 @@ pub fn run(
             .await
             .map_err(|e| rt_err(&e))?;
 
-        let subject = format!("{REQUEST_PREFIX}.{token}");
+        let subject = snapshot_request_subject(&token);
         let reply = tokio::time::timeout(REQUEST_TIMEOUT, client.request(subject.clone(), Bytes::new()))
             .await
             .map_err(|_| {
@@ -155,10 +159,10 @@ pub fn run(
                 ))
             })?;
         let answer: serde_json::Value = serde_json::from_slice(&reply.payload).unwrap_or_default();
-        let id = match (answer["status"].as_str(), answer["snapshot_id"].as_str()) {
-            (Some("accepted"), Some(id)) => id.to_owned(),
+        let id = match (answer[fields::STATUS].as_str(), answer[fields::SNAPSHOT_ID].as_str()) {
+            (Some(fields::STATUS_ACCEPTED), Some(id)) => id.to_owned(),
             _ => {
-                let reason = answer["error"].as_str().map_or_else(
+                let reason = answer[fields::ERROR].as_str().map_or_else(
                     || String::from_utf8_lossy(&reply.payload).into_owned(),
                     str::to_owned,
                 );
@@ -168,7 +172,7 @@ pub fn run(
                 });
             }
         };
-        let estimated = answer["estimated_rows"].as_u64();
+        let estimated = answer[fields::ESTIMATED_ROWS].as_u64();
         let mut progress = Progress {
             terminal: std::io::stdout().is_terminal(),
             table: token.clone(),
@@ -177,7 +181,7 @@ pub fn run(
             started: Instant::now(),
             last_line: None,
         };
-        let chunk_subject = format!("{INIT_SUBJECT_PREFIX}.snap.{token}.{id}.*");
+        let chunk_subject = snapshot_chunks_filter(&token, &id);
         let mut chunks = init
             .create_consumer(jetstream::consumer::pull::OrderedConfig {
                 filter_subject: chunk_subject.clone(),
@@ -233,11 +237,11 @@ pub fn run(
                     let msg = m.ok_or_else(|| rt_err(&"the chunk consumer ended"))?
                         .map_err(|e| rt_err(&e))?;
                     let chunk = decode(&msg)?;
-                    let n = doc::u64_field(&chunk, "chunk").map_err(|e| bad(&msg, e))?;
+                    let n = doc::u64_field(&chunk, fields::CHUNK).map_err(|e| bad(&msg, e))?;
                     if n != loaded {
                         return Err(bad(&msg, format!("chunk {n} came where {loaded} was due")));
                     }
-                    match doc::field(&chunk, "data") {
+                    match doc::field(&chunk, fields::DATA) {
                         Some(Value::Array(d)) => rows += d.len() as u64,
                         _ => return Err(bad(&msg, "chunk without a data list")),
                     }
@@ -249,10 +253,10 @@ pub fn run(
                     let msg = m.ok_or_else(|| rt_err(&"the meta consumer ended"))?
                         .map_err(|e| rt_err(&e))?;
                     let d = decode(&msg)?;
-                    if doc::str_field(&d, "snapshot_id").ok() != Some(id.as_str()) {
+                    if doc::str_field(&d, fields::SNAPSHOT_ID).ok() != Some(id.as_str()) {
                         continue; // another snapshot of the same table
                     }
-                    if let Some(err) = doc::field(&d, "error") {
+                    if let Some(err) = doc::field(&d, fields::ERROR) {
                         progress.finish()?;
                         return Err(WatchError::Failed {
                             table: token.clone(),
@@ -261,11 +265,13 @@ pub fn run(
                         });
                     }
                     let field = |k| doc::u64_field(&d, k).map_err(|e| bad(&msg, e));
-                    let lsn = doc::str_field(&d, "lsn").map_err(|e| bad(&msg, e))?.to_owned();
-                    meta = Some((field("batch_count")?, field("row_count")?, lsn, field("cdc_stream_seq")?));
+                    let lsn = doc::str_field(&d, fields::LSN).map_err(|e| bad(&msg, e))?.to_owned();
+                    meta = Some((field(fields::BATCH_COUNT)?, field(fields::ROW_COUNT)?, lsn, field(fields::CDC_STREAM_SEQ)?));
                     last_progress = Instant::now();
                 }
+                // Wakes for the idle check, or at once on shutdown.
                 _ = tokio::time::sleep(Duration::from_millis(200)) => {}
+                _ = shutdown.triggered() => {}
             }
         }
     })

@@ -13,13 +13,14 @@ use futures_util::StreamExt;
 use super::{open_stream, render, runtime, WatchError};
 use crate::config::Config;
 use crate::shutdown::Shutdown;
-use crate::sink::nats::{connect, CDC_SUBJECT_PREFIX};
-use crate::sink::subject::{table_token, DEFAULT_SCHEMA};
+// Connecting is the sink's (one place for TLS, credentials and reconnect settings).
+use crate::sink::nats::connect;
+use crate::wire::event::Operation;
+use crate::wire::names::CDC_SUBJECT_PREFIX;
+use crate::wire::subject::{table_token, DEFAULT_SCHEMA};
 
 /// NATS connection name.
 const CONNECTION_NAME: &str = "pgbridge-tail";
-/// How often the loop looks at the shutdown flag while no message arrives.
-const POLL: Duration = Duration::from_millis(100);
 
 /// Where `bridge tail` starts.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -63,7 +64,7 @@ pub fn filter_subjects(tables: &[String], ops: &[String]) -> Result<Vec<String>,
     let mut op_parts: Vec<&str> = Vec::new();
     for op in ops {
         let op = op.as_str();
-        if !matches!(op, "insert" | "update" | "delete" | "truncate") {
+        if Operation::from_lower(op).is_none() {
             return Err(WatchError::Usage(format!(
                 "unknown operation {op:?}: use insert, update, delete or truncate"
             )));
@@ -120,21 +121,18 @@ pub fn run(config: &Config, options: &TailOptions, shutdown: &Shutdown) -> Resul
             if shutdown.is_triggered() || options.count.is_some_and(|c| printed >= c) {
                 return Ok(printed);
             }
-            if let Some(idle) = options.until_idle {
-                if last_activity.elapsed() >= idle {
-                    return Ok(printed);
-                }
-            }
+            let idle_at = options.until_idle.map(|idle| last_activity + idle);
             let msg = tokio::select! {
                 m = messages.next() => m,
-                _ = tokio::time::sleep(POLL) => continue,
+                _ = shutdown.triggered() => return Ok(printed),
+                _ = until(idle_at) => return Ok(printed),
             };
             let msg = msg
                 .ok_or_else(|| WatchError::Runtime("the stream's consumer ended".into()))?
                 .map_err(|e| WatchError::Runtime(format!("reading {}: {e}", config.streams.cdc)))?;
             last_activity = Instant::now();
             let seq = msg.info().map(|i| i.stream_sequence).unwrap_or_default();
-            let doc = match crate::mirror::doc::decode(&msg.payload) {
+            let doc = match crate::wire::decode::decode(&msg.payload) {
                 Ok(doc) => doc,
                 Err(e) => {
                     log::warn!("message #{seq} on {} skipped: {e}", msg.subject);
@@ -152,6 +150,14 @@ pub fn run(config: &Config, options: &TailOptions, shutdown: &Shutdown) -> Resul
             }
         }
     })
+}
+
+/// Completes at `deadline`, or never without one.
+async fn until(deadline: Option<Instant>) {
+    match deadline {
+        Some(d) => tokio::time::sleep_until(d.into()).await,
+        None => std::future::pending().await,
+    }
 }
 
 /// An ordered consumer on `filters`.

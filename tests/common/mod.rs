@@ -849,7 +849,7 @@ pub struct StoredMessage {
 /// anything else.
 #[allow(dead_code)]
 pub fn split_msg_id(id: &str) -> (String, u32, pgbridge::pg::Lsn, u32) {
-    let parts = pgbridge::pipeline::event::parse_message_id(id).unwrap_or_else(|| {
+    let parts = pgbridge::wire::id::parse_message_id(id).unwrap_or_else(|| {
         panic!("message id {id:?} is not {{namespace}}:{{timeline}}:{{commit_lsn}}-{{seq}}")
     });
     (

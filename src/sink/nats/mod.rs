@@ -22,11 +22,8 @@ use crate::telemetry::counters::{DurableLsn, NatsStats, PublisherStats};
 use publisher::{PublishError, Publisher, PublisherSettings, ACK_TIMEOUT};
 
 use super::Sink;
+use crate::wire::names::CDC_SUBJECT_PREFIX;
 
-/// First token of every change subject (`cdc.{table}.{op}`).
-pub const CDC_SUBJECT_PREFIX: &str = "cdc";
-/// First token of every snapshot subject (`init.snap.…`, `init.meta.…`).
-pub const INIT_SUBJECT_PREFIX: &str = "init";
 /// Connection name the bridge shows in the server's monitoring (`/connz`).
 pub const CONNECTION_NAME: &str = "pgbridge";
 

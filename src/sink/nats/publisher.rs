@@ -41,11 +41,13 @@ use futures_util::{FutureExt, StreamExt};
 use crate::config::Format;
 use crate::pg::pgoutput::pg_to_unix_micros;
 use crate::pg::Lsn;
-use crate::pipeline::event::{self, ChangeEvent};
 use crate::pipeline::ring::{event_bytes, RingItem, RingReader};
 use crate::shutdown::Shutdown;
-use crate::sink::encode::{encode_change, LAST_IN_TX_HEADER};
 use crate::telemetry::counters::{DurableLsn, NatsStats, PublisherStats};
+use crate::wire::encode::encode_change;
+use crate::wire::event::ChangeEvent;
+use crate::wire::id;
+use crate::wire::names::{LAST_IN_TX_HEADER, LAST_IN_TX_VALUE};
 
 mod buffers;
 
@@ -187,7 +189,7 @@ struct InFlight {
 
 impl InFlight {
     fn message_id(&self, prefix: &str) -> String {
-        event::message_id(prefix, self.timeline, self.commit_lsn, self.seq)
+        id::message_id(prefix, self.timeline, self.commit_lsn, self.seq)
     }
 }
 
@@ -247,7 +249,7 @@ impl Publisher {
             client,
             ring,
             durable,
-            id_prefix: event::id_prefix(&settings.id_namespace),
+            id_prefix: id::id_prefix(&settings.id_namespace),
             settings,
             stats,
             shutdown,
@@ -777,7 +779,7 @@ async fn send(
         headers.insert(NATS_EXPECTED_LAST_MESSAGE_ID, expect);
     }
     if entry.last_in_tx {
-        headers.insert(LAST_IN_TX_HEADER, "true");
+        headers.insert(LAST_IN_TX_HEADER, LAST_IN_TX_VALUE);
     }
     client
         .publish_with_reply_and_headers(

@@ -16,14 +16,12 @@ use crate::config::{Format, StreamsConfig};
 use super::connect::{
     api_request_failed, is_jetstream_disabled, request_failed, NatsError, NO_RESPONDERS,
 };
-use super::{CDC_SUBJECT_PREFIX, INIT_SUBJECT_PREFIX};
+use crate::wire::names::{CDC_SUBJECT_PREFIX, FORMAT_METADATA_KEY, INIT_SUBJECT_PREFIX};
 
 /// Shortest CDC duplicate window that still covers a bridge restart: changes republished after
 /// a crash arrive about this long after the first copy at most.
 pub const MIN_SAFE_DUPLICATE_WINDOW: Duration = Duration::from_secs(120);
 /// Descriptions set on the streams the bridge creates, shown by `nats stream info`.
-/// The CDC stream's metadata key recording the message format its messages are in.
-pub const FORMAT_METADATA_KEY: &str = "pgbridge.format";
 const INIT_DESCRIPTION: &str = "pgbridge snapshots (init.snap.*, init.meta.*)";
 const CDC_DESCRIPTION: &str = "pgbridge change events (cdc.{table}.{op})";
 

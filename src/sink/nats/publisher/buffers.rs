@@ -7,8 +7,8 @@ use std::sync::Arc;
 use async_nats::Subject;
 use bytes::{BufMut, Bytes, BytesMut};
 
-use crate::pipeline::event::{Operation, TableRef};
-use crate::sink::subject::change_subject;
+use crate::wire::event::{Operation, TableRef};
+use crate::wire::subject::change_subject;
 
 /// Most tables whose subjects are kept (a schema change gives a table a new entry).
 const SUBJECT_CACHE_TABLES: usize = 4096;
@@ -74,7 +74,7 @@ impl Replies {
         self.scratch.clear();
         self.scratch.extend_from_slice(self.prefix.as_bytes());
         self.scratch
-            .extend_from_slice(crate::sink::encode::decimal(token, &mut [0u8; 20]).as_bytes());
+            .extend_from_slice(crate::wire::text::decimal(token, &mut [0u8; 20]).as_bytes());
         let bytes = self.chunks.copy(&self.scratch);
         // The inbox is a string and the token ASCII digits, so this cannot fail; the fallback
         // only spares a panic path.

@@ -34,7 +34,8 @@
 //! The same table token (`users`, `sales.invoices`) is used in the other per-table subjects,
 //! e.g. `init.snap.{table}.{snapshot_id}.{chunk}`.
 
-use crate::pipeline::event::Operation;
+use super::event::Operation;
+use super::names::{CDC_SUBJECT_PREFIX, INIT_SUBJECT_PREFIX, SNAPSHOT_REQUEST_PREFIX};
 
 /// The schema whose tables get a subject without a schema token.
 pub const DEFAULT_SCHEMA: &str = "public";
@@ -98,6 +99,40 @@ pub fn change_subject(prefix: &str, schema: &str, table: &str, op: Operation) ->
     s.push('.');
     s.push_str(op.as_lower());
     s
+}
+
+/// The consumer filter for every change of one table: `cdc.{table_token}.*`.
+pub fn table_changes_filter(token: &str) -> String {
+    format!("{CDC_SUBJECT_PREFIX}.{token}.*")
+}
+
+/// The subject of a table's snapshot requests: `snapshot.request.{table_token}`.
+pub fn snapshot_request_subject(token: &str) -> String {
+    format!("{SNAPSHOT_REQUEST_PREFIX}.{token}")
+}
+
+/// The subject of a table's snapshot metas (and failure documents):
+/// `init.meta.{table_token}`.
+pub fn snapshot_meta_subject(token: &str) -> String {
+    format!("{INIT_SUBJECT_PREFIX}.meta.{token}")
+}
+
+/// The consumer filter for every chunk of one snapshot: `init.snap.{table_token}.{id}.*`.
+pub fn snapshot_chunks_filter(token: &str, snapshot_id: &str) -> String {
+    format!("{INIT_SUBJECT_PREFIX}.snap.{token}.{snapshot_id}.*")
+}
+
+/// The [`SCHEMAS_BUCKET`](super::names::SCHEMAS_BUCKET) key of a table: its subject token (`users`, or `sales.invoices`
+/// outside `public`) with `%` written as `=`, because KV keys allow only `[-/_=.a-zA-Z0-9]`.
+pub fn schema_key(schema: &str, table: &str) -> String {
+    let mut token = String::new();
+    push_table_token(&mut token, schema, table);
+    token.replace('%', "=")
+}
+
+/// The table token of a [`schema_key`] (the inverse of the `%` → `=` replacement).
+pub fn schema_key_token(key: &str) -> String {
+    key.replace('=', "%")
 }
 
 /// A subject or token that the rule in the [module docs](self) does not produce.
@@ -208,13 +243,7 @@ pub fn parse_change_subject(
     let (token, op) = rest
         .rsplit_once('.')
         .ok_or_else(|| err("no operation token"))?;
-    let op = match op {
-        "insert" => Operation::Insert,
-        "update" => Operation::Update,
-        "delete" => Operation::Delete,
-        "truncate" => Operation::Truncate,
-        _ => return Err(err("unknown operation")),
-    };
+    let op = Operation::from_lower(op).ok_or_else(|| err("unknown operation"))?;
     let (schema, table) = parse_table_token(token).map_err(|e| err(e.reason))?;
     Ok((schema, table, op))
 }
@@ -257,6 +286,36 @@ mod tests {
         assert_eq!(
             parse_change_subject("prod.cdc", "prod.cdc.t.delete").unwrap(),
             ("public".into(), "t".into(), Operation::Delete)
+        );
+    }
+
+    #[test]
+    fn per_table_subjects() {
+        assert_eq!(
+            table_changes_filter("sales.invoices"),
+            "cdc.sales.invoices.*"
+        );
+        assert_eq!(snapshot_request_subject("users"), "snapshot.request.users");
+        assert_eq!(snapshot_meta_subject("users"), "init.meta.users");
+        assert_eq!(
+            snapshot_chunks_filter("users", "s1"),
+            "init.snap.users.s1.*"
+        );
+    }
+
+    #[test]
+    fn keys_are_valid_kv_keys() {
+        assert_eq!(schema_key("public", "users"), "users");
+        assert_eq!(schema_key("sales", "in voices"), "sales.in=20voices");
+        let k = schema_key("public", "ü.x");
+        assert!(
+            k.bytes()
+                .all(|b| b.is_ascii_alphanumeric() || b"-/_=.".contains(&b)),
+            "{k}"
+        );
+        assert_eq!(
+            parse_table_token(&schema_key_token(&k)).unwrap(),
+            ("public".to_owned(), "ü.x".to_owned())
         );
     }
 
