@@ -11,6 +11,7 @@ pub mod pipeline;
 pub mod runtime;
 pub mod shutdown;
 pub mod sink;
+pub mod snapshot;
 pub mod telemetry;
 pub mod watch;
 

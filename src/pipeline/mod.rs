@@ -797,7 +797,7 @@ fn spawn_snapshot_service(
                     tables.clone(),
                     schema_changes,
                 );
-                let service = crate::sink::snapshot::SnapshotService::new(
+                let service = crate::snapshot::SnapshotService::new(
                     &config,
                     js,
                     handle,
@@ -836,7 +836,7 @@ fn spawn_schema_writer(
     tables: Vec<setup::PublishedTable>,
     mut changes: tokio::sync::mpsc::UnboundedReceiver<(Arc<str>, Arc<str>)>,
 ) -> Option<JoinHandle<()>> {
-    use crate::sink::schemas::{open_bucket, SchemaWriter, SCHEMAS_BUCKET};
+    use crate::snapshot::schemas::{open_bucket, SchemaWriter, SCHEMAS_BUCKET};
     let format = config.replication.format;
     let params = config.postgres.libpq_params();
     let replicas = config.streams.replicas;

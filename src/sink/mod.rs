@@ -4,6 +4,4 @@ pub mod encode;
 pub mod nats;
 pub mod puback;
 pub mod publisher;
-pub mod schemas;
-pub mod snapshot;
 pub mod subject;

@@ -113,7 +113,7 @@ pub struct Telemetry {
     /// the inbox prefix.
     pub snapshot_requests_ignored: AtomicU64,
     /// The snapshot service, once it is connected to NATS; `POST /snapshots/{table}` uses it.
-    pub snapshots: std::sync::OnceLock<Arc<crate::sink::snapshot::SnapshotService>>,
+    pub snapshots: std::sync::OnceLock<Arc<crate::snapshot::SnapshotService>>,
     /// The message-id namespace, once PostgreSQL set-up has decided it.
     id_namespace: Mutex<Option<String>>,
 }

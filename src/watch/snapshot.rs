@@ -15,7 +15,7 @@ use crate::config::Config;
 use crate::mirror::doc;
 use crate::shutdown::Shutdown;
 use crate::sink::nats::{connect, INIT_SUBJECT_PREFIX};
-use crate::sink::snapshot::REQUEST_PREFIX;
+use crate::snapshot::REQUEST_PREFIX;
 
 /// NATS connection name.
 const CONNECTION_NAME: &str = "pgbridge-snapshot";

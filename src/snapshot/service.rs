@@ -1,6 +1,6 @@
 //! The snapshot service: answers `snapshot.request.{table}` (core NATS request/reply) and
 //! `POST /snapshots/{table}`, takes a consistent snapshot of the table (see
-//! [`crate::pg::snapshot`]) and publishes it to the INIT stream as chunks
+//! [`super::slot`]) and publishes it to the INIT stream as chunks
 //! `init.snap.{table}.{snapshot_id}.{chunk}`, followed by `init.meta.{table}` with the
 //! consistent point and the CDC stream sequence to continue from.
 //!
@@ -39,15 +39,15 @@ use futures_util::StreamExt;
 use crate::config::{Config, Format};
 use crate::pg::conn::{ConnectionKind, PgConnection};
 use crate::pg::setup::{published_tables, PublishedTable};
-use crate::pg::snapshot::{take_snapshot, SnapshotColumns, SnapshotError};
+use super::slot::{take_snapshot, SnapshotColumns, SnapshotError};
 use crate::pg::value::Value;
 use crate::pg::Lsn;
 use crate::shutdown::Shutdown;
 use crate::telemetry::Telemetry;
 
-use super::encode::{encode_chunk, encode_document, ChunkHeader, ChunkRows};
-use super::nats::{max_payload, stream_last_sequence, NatsError, INIT_SUBJECT_PREFIX};
-use super::subject::{parse_table_token, push_table_token};
+use crate::sink::encode::{encode_chunk, encode_document, ChunkHeader, ChunkRows};
+use crate::sink::nats::{max_payload, stream_last_sequence, NatsError, INIT_SUBJECT_PREFIX};
+use crate::sink::subject::{parse_table_token, push_table_token};
 
 /// Subject prefix of snapshot requests.
 pub const REQUEST_PREFIX: &str = "snapshot.request";
@@ -935,7 +935,7 @@ impl SnapshotService {
             id,
             schema,
             table,
-            &super::encode::now_timestamp(),
+            &crate::sink::encode::now_timestamp(),
             &failure.to_string(),
         );
         let mut out = Vec::new();
@@ -1154,7 +1154,7 @@ impl SnapshotService {
         let meta = serde_json::json!({
             "snapshot_id": id,
             "lsn": outcome.lsn.to_string(),
-            "timestamp": super::encode::now_timestamp(),
+            "timestamp": crate::sink::encode::now_timestamp(),
             "batch_count": chunk,
             "row_count": outcome.rows,
             "table": table,

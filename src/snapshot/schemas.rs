@@ -16,8 +16,8 @@ use bytes::Bytes;
 use crate::config::Format;
 use crate::pg::conn::{ConnectionKind, PgConnection, PgError};
 
-use super::encode::encode_document;
-use super::subject::push_table_token;
+use crate::sink::encode::encode_document;
+use crate::sink::subject::push_table_token;
 
 /// Name of the key-value bucket.
 pub const SCHEMAS_BUCKET: &str = "schemas";
@@ -171,7 +171,7 @@ impl SchemaWriter {
         if let Some(map) = doc.as_object_mut() {
             map.insert(
                 "timestamp".into(),
-                serde_json::Value::String(super::encode::now_timestamp()),
+                serde_json::Value::String(crate::sink::encode::now_timestamp()),
             );
         }
         encode_document(self.format, &doc, &mut self.buf);

@@ -12,14 +12,14 @@ use std::ops::ControlFlow;
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::Arc;
 
-use super::conn::{quote_ident, quote_literal, sqlstate, ConnectionKind, PgConnection, PgError};
-use super::copy::{CopyRowError, CopyRowParser};
-use super::lsn::Lsn;
-use super::replication::{ReplicationConnection, SnapshotAction};
-use super::setup::{
+use crate::pg::conn::{quote_ident, quote_literal, sqlstate, ConnectionKind, PgConnection, PgError};
+use crate::pg::copy::{CopyRowError, CopyRowParser};
+use crate::pg::lsn::Lsn;
+use crate::pg::replication::{ReplicationConnection, SnapshotAction};
+use crate::pg::setup::{
     grant_hint, published_tables, table_privileges, MissingPrivilege, PublishedTable,
 };
-use super::value::{decode_text_into, Value, ValueKind};
+use crate::pg::value::{decode_text_into, Value, ValueKind};
 
 static SLOT_COUNTER: AtomicU32 = AtomicU32::new(0);
 
