@@ -46,9 +46,9 @@ use crate::pg::Lsn;
 use crate::pipeline::event::parse_message_id;
 use crate::shutdown::Shutdown;
 use crate::sink::nats::{connect, NatsError, CDC_SUBJECT_PREFIX, INIT_SUBJECT_PREFIX};
+use crate::sink::subject::{parse_table_token, table_token, DEFAULT_SCHEMA};
 use crate::snapshot::schemas::{schema_key, SCHEMAS_BUCKET};
 use crate::snapshot::REQUEST_PREFIX;
-use crate::sink::subject::{parse_table_token, table_token, DEFAULT_SCHEMA};
 
 pub use doc::ColumnKind;
 pub use store::{Position, StoreError, STATE_TABLE, TOMBSTONE_TTL, VERSIONS_TABLE};

@@ -24,13 +24,11 @@
 //! within `snapshot.cooldown_secs` of its last start. Snapshots run on their own threads:
 //! change streaming never waits for them, and a request never takes the bridge down.
 
-use std::collections::{HashMap, HashSet, VecDeque};
+use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
-use async_nats::jetstream::context::{PublishAckFuture, PublishErrorKind};
-use async_nats::jetstream::message::PublishMessage;
 use async_nats::jetstream::stream::LastRawMessageErrorKind;
 use async_nats::jetstream::Context;
 use bytes::Bytes;
@@ -39,15 +37,13 @@ use futures_util::StreamExt;
 use crate::config::{Config, Format};
 use crate::pg::conn::{ConnectionKind, PgConnection};
 use crate::pg::setup::{published_tables, PublishedTable};
-use super::slot::{take_snapshot, SnapshotColumns, SnapshotError};
-use crate::pg::value::Value;
-use crate::pg::Lsn;
 use crate::shutdown::Shutdown;
+use crate::sink::nats::INIT_SUBJECT_PREFIX;
+use crate::sink::subject::push_table_token;
 use crate::telemetry::Telemetry;
 
-use crate::sink::encode::{encode_chunk, encode_document, ChunkHeader, ChunkRows};
-use crate::sink::nats::{max_payload, stream_last_sequence, NatsError, INIT_SUBJECT_PREFIX};
-use crate::sink::subject::{parse_table_token, push_table_token};
+use super::chunks::is_failure_document;
+use super::request::{reply_allowed, shown, Admission, Refusal};
 
 /// Subject prefix of snapshot requests.
 pub const REQUEST_PREFIX: &str = "snapshot.request";
@@ -57,107 +53,12 @@ const PUBLICATION_REFRESH_INTERVAL: Duration = Duration::from_secs(5);
 /// Least time between two warnings about requests with a reply subject outside the prefix;
 /// the ones in between are counted and reported with the next warning.
 const IGNORED_WARN_INTERVAL: Duration = Duration::from_secs(10);
-/// How often the request loop checks for shutdown and for the slot.
-const SERVE_POLL: Duration = Duration::from_millis(200);
-/// Longest subject shown in a log line (subjects come from clients).
-const SHOWN_SUBJECT_CHARS: usize = 120;
-
-/// How long publishing one chunk may take before the snapshot fails.
-const CHUNK_ACK_TIMEOUT: Duration = Duration::from_secs(30);
-/// Chunks whose PubAck may be outstanding at once. Waiting for each ack before reading on
-/// would make PostgreSQL, the bridge and nats-server take turns; with a few chunks in flight
-/// they work at the same time. A chunk is at most about half the server's max_payload, so
-/// this keeps at most two max_payloads of chunks in flight.
-const CHUNK_ACK_WINDOW: usize = 4;
-/// How long publishing a failure document may take. Short: when it does not get through,
-/// NATS is the problem and the log is all that is left.
-const FAILURE_ACK_TIMEOUT: Duration = Duration::from_secs(5);
+/// How often the on-start snapshots look for a free place under the cap.
+const ADMIT_RETRY: Duration = Duration::from_millis(200);
 /// How long shutdown waits for running snapshots to stop and publish their failure document.
 /// A snapshot checks for shutdown at every row, so this is only reached when PostgreSQL or
 /// NATS hangs.
 const STOP_WAIT: Duration = Duration::from_secs(10);
-/// Room left in a chunk for the message headers (`Nats-Msg-Id: snap-{id}-{chunk}`), which
-/// count against the server's max_payload too.
-const HEADER_ALLOWANCE: usize = 128;
-
-/// Why an accepted snapshot failed. The text is what consumers find in the failure document
-/// on `init.meta.{table}`, so each says what to do.
-#[derive(Debug, thiserror::Error)]
-pub enum SnapshotFailure {
-    /// The CDC stream's last sequence (the meta's `cdc_stream_seq`) could not be read.
-    #[error(
-        "cannot read the last sequence of stream '{stream}', which the snapshot needs as its \
-         cdc_stream_seq: {source}; request the snapshot again once NATS answers"
-    )]
-    CdcSequence {
-        /// The CDC stream's name.
-        stream: String,
-        /// What NATS said.
-        source: NatsError,
-    },
-    /// One row does not fit in a message under the server's `max_payload`.
-    #[error(
-        "row {row} of {table}{key} encodes to {size} bytes, so a snapshot chunk holding it \
-         exceeds the NATS server's max_payload of {max} bytes: raise max_payload in the \
-         nats-server configuration (changes to this row need it too), then request the \
-         snapshot again"
-    )]
-    RowTooLarge {
-        /// `schema.table`.
-        table: String,
-        /// The row's ordinal in the COPY, from 1.
-        row: u64,
-        /// ` (first column name = value)` when the value is short enough to show, else empty.
-        key: String,
-        /// The row's encoded size.
-        size: usize,
-        /// The server's max_payload.
-        max: usize,
-    },
-    /// JetStream did not store a chunk or the meta.
-    #[error("publishing {subject} to JetStream failed: {reason}; request the snapshot again")]
-    Publish {
-        /// The subject of the message that failed.
-        subject: String,
-        /// What went wrong.
-        reason: String,
-    },
-    /// The bridge is stopping.
-    #[error(
-        "the bridge shut down before the snapshot finished; request it again once the bridge \
-         runs"
-    )]
-    ShuttingDown,
-    /// PostgreSQL refused, failed or could not be reached.
-    #[error("{}", postgres_failure(.0))]
-    Postgres(#[from] SnapshotError),
-}
-
-/// The text of a PostgreSQL failure, with what to do for the common cases.
-fn postgres_failure(e: &SnapshotError) -> String {
-    match e {
-        SnapshotError::Pg(pg) if pg.is_connection_problem() => format!(
-            "{pg}; PostgreSQL is unreachable or went away: request the snapshot again once it \
-             accepts connections"
-        ),
-        // configuration_limit_exceeded: no free replication slot or walsender.
-        SnapshotError::Pg(pg) if pg.sqlstate() == Some("53400") => format!(
-            "{pg}; each running snapshot uses a temporary replication slot and a walsender: \
-             raise max_replication_slots and max_wal_senders, or request the snapshot again \
-             when other snapshots have finished"
-        ),
-        other => format!("{other}; request the snapshot again once this is fixed"),
-    }
-}
-
-/// What a finished snapshot published.
-#[derive(Debug, Clone, PartialEq, Eq)]
-struct Published {
-    lsn: Lsn,
-    rows: u64,
-    chunks: u64,
-    row_filter: Option<String>,
-}
 
 /// The last `init.meta.{table}` message the INIT stream holds.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -170,184 +71,6 @@ enum LastMeta {
     Failed,
 }
 
-/// Why a request was refused. The text is the reply's `error`; it names the requested table
-/// only, never the tables the bridge streams.
-#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-pub enum Refusal {
-    /// The subject or path does not name a table.
-    #[error(
-        "malformed table {token:?}: {reason} (expected {REQUEST_PREFIX}.{{table}} or \
-         {REQUEST_PREFIX}.{{schema}}.{{table}}, with the table token of change subjects)"
-    )]
-    Malformed {
-        /// The table part as received.
-        token: String,
-        /// What is wrong with it.
-        reason: String,
-    },
-    /// The table is not one this bridge streams.
-    #[error(
-        "unknown table {0}: this bridge does not stream it (not in the publication, or not \
-         selected with --table); check the name and the publication"
-    )]
-    UnknownTable(String),
-    /// A snapshot of the table is running.
-    #[error("a snapshot of {0} is already in progress; wait for its init.meta message")]
-    InProgress(String),
-    /// The table was snapshotted moments ago.
-    #[error(
-        "a snapshot of {table} started less than {cooldown_secs} s ago (snapshot.cooldown_secs); \
-         try again in {retry_after_secs} s"
-    )]
-    Cooldown {
-        /// `schema.table`.
-        table: String,
-        /// The configured cooldown.
-        cooldown_secs: u64,
-        /// Seconds until a request is accepted.
-        retry_after_secs: u64,
-    },
-    /// As many snapshots as allowed are running.
-    #[error(
-        "busy: {0} snapshot(s) are running, the most this bridge runs at once \
-         (snapshot.max_concurrent); try again in a moment"
-    )]
-    Busy(usize),
-    /// This process does not stream from the slot.
-    #[error(
-        "this bridge does not stream from the replication slot (standby, or reconnecting to \
-         PostgreSQL); the bridge that holds the slot serves snapshots"
-    )]
-    NotActive,
-    /// The bridge is stopping.
-    #[error("the bridge is shutting down; request the snapshot again once a bridge runs")]
-    ShuttingDown,
-    /// The snapshot thread could not start.
-    #[error("cannot start the snapshot: {0}")]
-    Internal(String),
-}
-
-impl Refusal {
-    /// A short machine-readable reason, the reply's `reason`.
-    pub fn code(&self) -> &'static str {
-        match self {
-            Refusal::Malformed { .. } => "malformed",
-            Refusal::UnknownTable(_) => "unknown_table",
-            Refusal::InProgress(_) => "in_progress",
-            Refusal::Cooldown { .. } => "cooldown",
-            Refusal::Busy(_) => "busy",
-            Refusal::NotActive => "standby",
-            Refusal::ShuttingDown => "shutting_down",
-            Refusal::Internal(_) => "internal",
-        }
-    }
-
-    /// The HTTP status of `POST /snapshots/{table}` for this refusal.
-    pub fn http_status(&self) -> u16 {
-        match self {
-            Refusal::Malformed { .. } => 400,
-            Refusal::UnknownTable(_) => 404,
-            Refusal::InProgress(_) => 409,
-            Refusal::Cooldown { .. } | Refusal::Busy(_) => 429,
-            Refusal::NotActive | Refusal::ShuttingDown => 503,
-            Refusal::Internal(_) => 500,
-        }
-    }
-
-    /// Seconds after which the same request may be accepted, when that is known.
-    pub fn retry_after_secs(&self) -> Option<u64> {
-        match self {
-            Refusal::Cooldown {
-                retry_after_secs, ..
-            } => Some(*retry_after_secs),
-            Refusal::Busy(_) => Some(1),
-            _ => None,
-        }
-    }
-
-    /// The reply document.
-    pub fn to_json(&self) -> serde_json::Value {
-        let mut doc = serde_json::json!({
-            "status": "error",
-            "reason": self.code(),
-            "error": self.to_string(),
-        });
-        if let Some(s) = self.retry_after_secs() {
-            doc["retry_after_secs"] = s.into();
-        }
-        doc
-    }
-}
-
-/// A started snapshot.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Accepted {
-    /// The id on its chunks and meta.
-    pub snapshot_id: String,
-    /// Schema.
-    pub schema: String,
-    /// Table.
-    pub table: String,
-    /// PostgreSQL's estimate of the table's rows (`pg_class.reltuples`), when it has one (not
-    /// before the table was first vacuumed or analysed).
-    pub estimated_rows: Option<u64>,
-}
-
-impl Accepted {
-    /// The reply document.
-    pub fn to_json(&self) -> serde_json::Value {
-        let mut doc = serde_json::json!({"status": "accepted", "snapshot_id": self.snapshot_id,
-            "table": self.table, "schema": self.schema});
-        if let Some(n) = self.estimated_rows {
-            doc["estimated_rows"] = n.into();
-        }
-        doc
-    }
-}
-
-/// Which snapshots run, and when each table's last one started.
-#[derive(Debug, Default)]
-struct Admission {
-    running: HashSet<(String, String)>,
-    started: HashMap<(String, String), Instant>,
-}
-
-impl Admission {
-    /// Marks `key` running at `now` when the rules allow: not running already (today's
-    /// answer to a duplicate), not started within `cooldown`, fewer than `max` running.
-    fn admit(
-        &mut self,
-        key: &(String, String),
-        cooldown: Duration,
-        max: usize,
-        now: Instant,
-    ) -> Result<(), Refusal> {
-        let qualified = || format!("{}.{}", key.0, key.1);
-        if self.running.contains(key) {
-            return Err(Refusal::InProgress(qualified()));
-        }
-        self.started
-            .retain(|_, t| now.saturating_duration_since(*t) < cooldown);
-        if let Some(t) = self.started.get(key) {
-            let left = cooldown.saturating_sub(now.saturating_duration_since(*t));
-            return Err(Refusal::Cooldown {
-                table: qualified(),
-                cooldown_secs: cooldown.as_secs(),
-                // Rounded up: a retry after this many seconds is accepted.
-                retry_after_secs: left.as_secs() + u64::from(left.subsec_nanos() > 0),
-            });
-        }
-        if self.running.len() >= max {
-            return Err(Refusal::Busy(self.running.len()));
-        }
-        self.running.insert(key.clone());
-        if !cooldown.is_zero() {
-            self.started.insert(key.clone(), now);
-        }
-        Ok(())
-    }
-}
-
 /// The tables requests may name, and when the publication was last read for new ones.
 #[derive(Debug)]
 struct KnownTables {
@@ -357,25 +80,25 @@ struct KnownTables {
 
 /// Everything a snapshot needs, shared by the request handlers and snapshot threads.
 pub struct SnapshotService {
-    js: Context,
-    rt: tokio::runtime::Handle,
-    pg_params: Vec<(&'static str, String)>,
-    publication: String,
-    cdc_stream: String,
+    pub(super) js: Context,
+    pub(super) rt: tokio::runtime::Handle,
+    pub(super) pg_params: Vec<(&'static str, String)>,
+    pub(super) publication: String,
+    pub(super) cdc_stream: String,
     init_stream: String,
-    format: Format,
-    chunk_rows: usize,
+    pub(super) format: Format,
+    pub(super) chunk_rows: usize,
     on_start: bool,
     reply_prefix: String,
-    max_concurrent: usize,
-    cooldown: Duration,
+    pub(super) max_concurrent: usize,
+    pub(super) cooldown: Duration,
     /// The tables streamed at start; on-start snapshots cover these.
     initial_tables: Vec<PublishedTable>,
     /// True when every table of the publication is streamed (no `--table`): tables added to
     /// the publication later are streamed too, so requests may name them.
     follows_publication: bool,
     known: Mutex<KnownTables>,
-    admission: Mutex<Admission>,
+    pub(super) admission: Mutex<Admission>,
     /// Snapshot threads, so shutdown can wait for them: they publish through this thread's
     /// runtime, which must keep running until they are done.
     workers: Mutex<Vec<JoinHandle<()>>>,
@@ -383,8 +106,8 @@ pub struct SnapshotService {
     ignored: Mutex<(u64, Option<Instant>)>,
     /// Rows copied and estimated rows of each running snapshot, by id, for the progress gauge.
     progress: Mutex<HashMap<String, (u64, Option<u64>)>>,
-    telemetry: Arc<Telemetry>,
-    shutdown: Shutdown,
+    pub(super) telemetry: Arc<Telemetry>,
+    pub(super) shutdown: Shutdown,
 }
 
 /// The progress gauge's value for the running snapshots: rows copied over rows estimated,
@@ -408,7 +131,7 @@ fn progress_ratio(running: &HashMap<String, (u64, Option<u64>)>) -> Option<f64> 
 /// The most the progress gauge shows before a snapshot is complete.
 const PROGRESS_BELOW_DONE: f64 = 0.99;
 /// Rows between two updates of the progress gauge.
-const PROGRESS_EVERY_ROWS: u64 = 1000;
+pub(super) const PROGRESS_EVERY_ROWS: u64 = 1000;
 
 impl std::fmt::Debug for SnapshotService {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -417,44 +140,6 @@ impl std::fmt::Debug for SnapshotService {
             .field("init_stream", &self.init_stream)
             .finish_non_exhaustive()
     }
-}
-
-/// A running snapshot of one table; dropping it frees the table and a place under the cap.
-struct Claim {
-    service: Arc<SnapshotService>,
-    key: (String, String),
-}
-
-impl Drop for Claim {
-    fn drop(&mut self) {
-        self.service
-            .admission
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .running
-            .remove(&self.key);
-    }
-}
-
-/// `s` shortened for a log line, quoted and escaped (it comes from a client).
-fn shown(s: &str) -> String {
-    if s.chars().count() > SHOWN_SUBJECT_CHARS {
-        let cut: String = s.chars().take(SHOWN_SUBJECT_CHARS).collect();
-        format!("{cut:?}...")
-    } else {
-        format!("{s:?}")
-    }
-}
-
-/// True when `reply` may receive a reply: under `prefix`, and a plain subject (no
-/// wildcards, whitespace or empty tokens) the server would deliver to one inbox.
-fn reply_allowed(reply: &str, prefix: &str) -> bool {
-    reply.len() > prefix.len()
-        && reply.starts_with(prefix)
-        && reply
-            .bytes()
-            .all(|b| b.is_ascii_graphic() && b != b'*' && b != b'>')
-        && !reply.split('.').any(str::is_empty)
 }
 
 impl SnapshotService {
@@ -501,10 +186,10 @@ impl SnapshotService {
     pub async fn serve(self: Arc<Self>, client: async_nats::Client) {
         let mut on_start_pending = self.on_start;
         let mut subscribe_failed = false;
-        while !self.shutdown.is_triggered() {
-            if !self.telemetry.holds_slot() {
-                tokio::time::sleep(Duration::from_millis(50)).await;
-                continue;
+        loop {
+            tokio::select! {
+                _ = self.shutdown.triggered() => break,
+                _ = self.telemetry.slot_held(true) => {}
             }
             let mut sub = match client.subscribe(format!("{REQUEST_PREFIX}.>")).await {
                 Ok(s) => s,
@@ -513,7 +198,9 @@ impl SnapshotService {
                         log::warn!("cannot subscribe to {REQUEST_PREFIX}.>: {e}; retrying");
                         subscribe_failed = true;
                     }
-                    tokio::time::sleep(Duration::from_secs(1)).await;
+                    if self.shutdown.sleep(Duration::from_secs(1)).await {
+                        break;
+                    }
                     continue;
                 }
             };
@@ -535,13 +222,16 @@ impl SnapshotService {
                     log::error!("snapshot on start: cannot start the thread: {e}");
                 }
             }
-            while !self.shutdown.is_triggered() {
+            loop {
+                // Shutdown first: a request queued behind it is not started.
                 tokio::select! {
+                    biased;
+                    _ = self.shutdown.triggered() => break,
                     m = sub.next() => match m {
                         Some(m) => Arc::clone(&self).dispatch(&client, m).await,
                         None => break,
                     },
-                    _ = tokio::time::sleep(SERVE_POLL) => {}
+                    _ = self.telemetry.slot_held(false) => {}
                 }
                 if !self.telemetry.holds_slot() {
                     log::info!(
@@ -629,57 +319,10 @@ impl SnapshotService {
         *last = Some(Instant::now());
     }
 
-    /// A request on `snapshot.request.{table}`.
-    pub fn request_subject(self: &Arc<Self>, subject: &str) -> Result<Accepted, Refusal> {
-        let token = subject
-            .strip_prefix(REQUEST_PREFIX)
-            .and_then(|t| t.strip_prefix('.'))
-            .unwrap_or(subject);
-        self.request(token)
-    }
-
-    /// Starts a snapshot of the table named by `token` (the table token of change subjects:
-    /// `users`, `sales.invoices`), when the rules allow: this bridge holds the slot, the table
-    /// is streamed, no snapshot of it runs, its cooldown is over, and the cap leaves room.
-    pub fn request(self: &Arc<Self>, token: &str) -> Result<Accepted, Refusal> {
-        let (schema, table) = parse_table_token(token).map_err(|e| Refusal::Malformed {
-            token: token.to_string(),
-            reason: e.to_string(),
-        })?;
-        if self.shutdown.is_triggered() {
-            return Err(Refusal::ShuttingDown);
-        }
-        if !self.telemetry.holds_slot() {
-            return Err(Refusal::NotActive);
-        }
-        if !self.is_known(&schema, &table) {
-            return Err(Refusal::UnknownTable(format!("{schema}.{table}")));
-        }
-        let claim = self.admit(&schema, &table)?;
-        let snapshot_id = new_snapshot_id();
-        let id = snapshot_id.clone();
-        let estimated_rows = self.estimate_rows(&schema, &table);
-        // The claim moves into the thread and frees the table when the snapshot ends; if
-        // the thread cannot start, it is dropped with the closure and frees it at once.
-        self.spawn_worker("snapshot", move || {
-            claim
-                .service
-                .execute(&claim.key.0, &claim.key.1, &id, estimated_rows);
-            drop(claim);
-        })
-        .map_err(|e| Refusal::Internal(e.to_string()))?;
-        Ok(Accepted {
-            snapshot_id,
-            schema,
-            table,
-            estimated_rows,
-        })
-    }
-
     /// True when the table is streamed. A table not seen yet may have been added to the
     /// publication since start: the publication is read again (at most every
     /// [`PUBLICATION_REFRESH_INTERVAL`]) before the answer is no.
-    fn is_known(&self, schema: &str, table: &str) -> bool {
+    pub(super) fn is_known(&self, schema: &str, table: &str) -> bool {
         let matches = |t: &PublishedTable| t.schema == schema && t.name == table;
         let mut known = self.known.lock().unwrap_or_else(|p| p.into_inner());
         if known.tables.iter().any(matches) {
@@ -719,7 +362,7 @@ impl SnapshotService {
 
     /// PostgreSQL's row estimate of the table (`pg_class.reltuples`), for the progress of its
     /// snapshot; `None` when it has none (never vacuumed or analysed) or cannot be read.
-    fn estimate_rows(&self, schema: &str, table: &str) -> Option<u64> {
+    pub(super) fn estimate_rows(&self, schema: &str, table: &str) -> Option<u64> {
         let refs: Vec<(&str, &str)> = self
             .pg_params
             .iter()
@@ -749,7 +392,7 @@ impl SnapshotService {
     }
 
     /// Records the rows a running snapshot has copied and updates the progress gauge.
-    fn progress_update(&self, id: &str, copied: u64, estimated: Option<u64>) {
+    pub(super) fn progress_update(&self, id: &str, copied: u64, estimated: Option<u64>) {
         let mut running = self.progress.lock().unwrap_or_else(|p| p.into_inner());
         running.insert(id.to_owned(), (copied, estimated));
         if let Some(ratio) = progress_ratio(&running) {
@@ -759,7 +402,7 @@ impl SnapshotService {
 
     /// Removes an ended snapshot from the gauge: 1 when the last running one completed, 0
     /// when it failed, the others' progress while some still run.
-    fn progress_end(&self, id: &str, completed: bool) {
+    pub(super) fn progress_end(&self, id: &str, completed: bool) {
         let mut running = self.progress.lock().unwrap_or_else(|p| p.into_inner());
         running.remove(id);
         let ratio = progress_ratio(&running).unwrap_or(if completed { 1.0 } else { 0.0 });
@@ -775,19 +418,6 @@ impl SnapshotService {
             .collect();
         let mut conn = PgConnection::connect(&refs, ConnectionKind::Normal)?;
         published_tables(&mut conn, &self.publication)
-    }
-
-    /// Admits a snapshot of the table under the rules; the claim holds its place.
-    fn admit(self: &Arc<Self>, schema: &str, table: &str) -> Result<Claim, Refusal> {
-        let key = (schema.to_string(), table.to_string());
-        self.admission
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .admit(&key, self.cooldown, self.max_concurrent, Instant::now())?;
-        Ok(Claim {
-            service: Arc::clone(self),
-            key,
-        })
     }
 
     /// Waits until every snapshot thread has ended, at most [`STOP_WAIT`]. The runtime keeps
@@ -814,7 +444,11 @@ impl SnapshotService {
     }
 
     /// Starts a snapshot thread and keeps its handle for [`SnapshotService::wait_for_workers`].
-    fn spawn_worker(&self, name: &str, f: impl FnOnce() + Send + 'static) -> std::io::Result<()> {
+    pub(super) fn spawn_worker(
+        &self,
+        name: &str,
+        f: impl FnOnce() + Send + 'static,
+    ) -> std::io::Result<()> {
         let handle = std::thread::Builder::new().name(name.into()).spawn(f)?;
         let mut workers = self.workers.lock().unwrap_or_else(|p| p.into_inner());
         workers.retain(|w| !w.is_finished());
@@ -865,7 +499,11 @@ impl SnapshotService {
                 }
                 match self.admit(&t.schema, &t.name) {
                     Ok(claim) => break Some(claim),
-                    Err(Refusal::Busy(_)) => std::thread::sleep(Duration::from_millis(200)),
+                    Err(Refusal::Busy(_)) => {
+                        if self.shutdown.wait_timeout(ADMIT_RETRY) {
+                            return;
+                        }
+                    }
                     Err(Refusal::Cooldown { .. }) => {
                         // Started by a request moments ago: that snapshot is the one.
                         break None;
@@ -902,328 +540,10 @@ impl SnapshotService {
             Err(e) => Err(e.to_string()),
         }
     }
-
-    /// Takes and publishes one snapshot; a failure is logged and published as a failure
-    /// document on `init.meta.{table}`.
-    fn execute(&self, schema: &str, table: &str, id: &str, estimated_rows: Option<u64>) {
-        self.progress_update(id, 0, estimated_rows);
-        let result = self.run_snapshot(schema, table, id, estimated_rows);
-        self.progress_end(id, result.is_ok());
-        match result {
-            Ok(p) => log::info!(
-                "snapshot {id} of {schema}.{table}: {} rows in {} chunks, consistent point {}{}",
-                p.rows,
-                p.chunks,
-                p.lsn,
-                p.row_filter
-                    .map(|f| format!(", publication row filter {f}"))
-                    .unwrap_or_default()
-            ),
-            Err(e) => {
-                log::error!("snapshot {id} of {schema}.{table} failed: {e}");
-                self.publish_failure(schema, table, id, &e);
-            }
-        }
-    }
-
-    /// Publishes the failure document; when even that fails (NATS is the problem), logs it.
-    fn publish_failure(&self, schema: &str, table: &str, id: &str, failure: &SnapshotFailure) {
-        let mut token = String::new();
-        push_table_token(&mut token, schema, table);
-        let subject = format!("{INIT_SUBJECT_PREFIX}.meta.{token}");
-        let doc = failure_document(
-            id,
-            schema,
-            table,
-            &crate::sink::encode::now_timestamp(),
-            &failure.to_string(),
-        );
-        let mut out = Vec::new();
-        encode_document(self.format, &doc, &mut out);
-        match self.publish(subject.clone(), format!("meta-{id}"), out, FAILURE_ACK_TIMEOUT) {
-            Ok(()) => log::info!("snapshot {id} of {schema}.{table}: failure published to {subject}"),
-            Err(e) => log::error!(
-                "snapshot {id} of {schema}.{table}: the failure could not be published to {subject} ({e}); consumers waiting for it will time out"
-            ),
-        }
-    }
-
-    /// Publishes one message and waits (at most `timeout`) for its PubAck.
-    fn publish(
-        &self,
-        subject: String,
-        id: String,
-        payload: Vec<u8>,
-        timeout: Duration,
-    ) -> Result<(), SnapshotFailure> {
-        let pending = self.send(subject, id, payload)?;
-        self.wait_ack(pending, timeout)
-    }
-
-    /// Publishes one message; its PubAck is awaited with [`Self::wait_ack`].
-    fn send(
-        &self,
-        subject: String,
-        id: String,
-        payload: Vec<u8>,
-    ) -> Result<(String, PublishAckFuture), SnapshotFailure> {
-        self.rt.block_on(async {
-            let msg = PublishMessage::build()
-                .payload(Bytes::from(payload))
-                .message_id(id);
-            match self.js.send_publish(subject.clone(), msg).await {
-                Ok(ack) => Ok((subject, ack)),
-                Err(e) => Err(SnapshotFailure::Publish {
-                    reason: self.publish_reason(e),
-                    subject,
-                }),
-            }
-        })
-    }
-
-    /// Waits (at most `timeout`) for the PubAck of a message published to `subject`.
-    fn wait_ack(
-        &self,
-        (subject, ack): (String, PublishAckFuture),
-        timeout: Duration,
-    ) -> Result<(), SnapshotFailure> {
-        self.rt.block_on(async {
-            let failed = |reason: String| SnapshotFailure::Publish {
-                subject: subject.clone(),
-                reason,
-            };
-            tokio::time::timeout(timeout, ack)
-                .await
-                .map_err(|_| failed(format!("no PubAck within {timeout:?}")))?
-                .map_err(|e| failed(self.publish_reason(e)))?;
-            Ok(())
-        })
-    }
-
-    /// What a failed publish means, with what to do when the message is too large.
-    fn publish_reason(&self, e: async_nats::jetstream::context::PublishError) -> String {
-        if e.kind() == PublishErrorKind::MaxPayloadExceeded {
-            format!(
-                "{e}: the message exceeds the NATS server's max_payload of {} bytes; raise it in the nats-server configuration",
-                max_payload(&self.js.client())
-            )
-        } else {
-            e.to_string()
-        }
-    }
-
-    /// Takes and publishes the snapshot.
-    fn run_snapshot(
-        &self,
-        schema: &str,
-        table: &str,
-        id: &str,
-        estimated_rows: Option<u64>,
-    ) -> Result<Published, SnapshotFailure> {
-        // Read before the slot exists: consumers continue the CDC stream after this sequence.
-        let cdc_stream_seq = self
-            .rt
-            .block_on(stream_last_sequence(&self.js, &self.cdc_stream))
-            .map_err(|source| SnapshotFailure::CdcSequence {
-                stream: self.cdc_stream.clone(),
-                source,
-            })?;
-        let mut token = String::new();
-        push_table_token(&mut token, schema, table);
-        let params: Vec<(&str, &str)> = self
-            .pg_params
-            .iter()
-            .map(|(k, v)| (*k, v.as_str()))
-            .collect();
-        let mut rows = ChunkRows::new(self.format);
-        // A row that would push a chunk past max_payload waits here to start the next one.
-        let mut carried = ChunkRows::new(self.format);
-        let mut out = Vec::new();
-        let max = max_payload(&self.js.client());
-        // Half the server's limit leaves room for the chunk's own fields and the next row.
-        let max_chunk_bytes = max / 2;
-        // What a chunk may hold in rows: the limit less its own fields (measured with the
-        // widest chunk number) and the message headers.
-        let frame = {
-            let header = ChunkHeader {
-                table,
-                schema,
-                snapshot_id: id,
-                chunk: u64::MAX,
-                lsn: Lsn(u64::MAX),
-            };
-            encode_chunk(self.format, &header, &ChunkRows::new(self.format), &mut out);
-            out.len()
-        };
-        let row_budget = max.saturating_sub(frame + HEADER_ALLOWANCE);
-        // Consistent point and column names, set before the first row.
-        let started: std::cell::RefCell<(Lsn, Vec<Arc<str>>)> = Default::default();
-        let mut chunk = 0u64;
-        let mut row_number = 0u64;
-        // Chunks published and not yet acknowledged, oldest first.
-        let mut in_flight = VecDeque::with_capacity(CHUNK_ACK_WINDOW);
-        let mut flush = |rows: &mut ChunkRows,
-                         chunk: &mut u64,
-                         out: &mut Vec<u8>,
-                         lsn: Lsn|
-         -> Result<(), SnapshotFailure> {
-            let header = ChunkHeader {
-                table,
-                schema,
-                snapshot_id: id,
-                chunk: *chunk,
-                lsn,
-            };
-            encode_chunk(self.format, &header, rows, out);
-            if in_flight.len() >= CHUNK_ACK_WINDOW {
-                if let Some(oldest) = in_flight.pop_front() {
-                    self.wait_ack(oldest, CHUNK_ACK_TIMEOUT)?;
-                }
-            }
-            in_flight.push_back(self.send(
-                format!("{INIT_SUBJECT_PREFIX}.snap.{token}.{id}.{chunk}"),
-                format!("snap-{id}-{chunk}"),
-                std::mem::take(out),
-            )?);
-            *chunk += 1;
-            rows.clear();
-            Ok(())
-        };
-        // The typed reason a row callback stopped the COPY (it can only pass text through).
-        let mut stopped: Option<SnapshotFailure> = None;
-        let outcome = take_snapshot(
-            &params,
-            &self.publication,
-            schema,
-            table,
-            |c: Lsn, cols: &SnapshotColumns| {
-                *started.borrow_mut() = (c, cols.names.clone());
-                Ok(())
-            },
-            |values| {
-                let mut step = || -> Result<(), SnapshotFailure> {
-                    if self.shutdown.is_triggered() {
-                        return Err(SnapshotFailure::ShuttingDown);
-                    }
-                    let (lsn, names) = &*started.borrow();
-                    row_number += 1;
-                    if row_number.is_multiple_of(PROGRESS_EVERY_ROWS) {
-                        self.progress_update(id, row_number, estimated_rows);
-                    }
-                    let size = rows.push_row(names, values);
-                    if size > row_budget {
-                        return Err(SnapshotFailure::RowTooLarge {
-                            table: format!("{schema}.{table}"),
-                            row: row_number,
-                            key: first_column(names, values),
-                            size,
-                            max,
-                        });
-                    }
-                    if rows.encoded_len() > row_budget {
-                        // The rows before fit; this one starts the next chunk.
-                        rows.move_last_row(&mut carried);
-                        flush(&mut rows, &mut chunk, &mut out, *lsn)?;
-                        std::mem::swap(&mut rows, &mut carried);
-                    }
-                    // A chunk also ends before it could outgrow the server's max_payload.
-                    if rows.len() >= self.chunk_rows || rows.encoded_len() >= max_chunk_bytes {
-                        flush(&mut rows, &mut chunk, &mut out, *lsn)?;
-                    }
-                    Ok(())
-                };
-                step().map_err(|e| {
-                    let text = e.to_string();
-                    stopped = Some(e);
-                    text
-                })
-            },
-        );
-        let outcome = match (outcome, stopped) {
-            (Ok(outcome), _) => outcome,
-            (Err(SnapshotError::Stopped(..)), Some(reason)) => return Err(reason),
-            (Err(e), _) => return Err(e.into()),
-        };
-        if !rows.is_empty() || chunk == 0 {
-            flush(&mut rows, &mut chunk, &mut out, outcome.lsn)?;
-        }
-        // The meta says the snapshot is complete: only once every chunk is stored.
-        for pending in in_flight.drain(..) {
-            self.wait_ack(pending, CHUNK_ACK_TIMEOUT)?;
-        }
-        let meta = serde_json::json!({
-            "snapshot_id": id,
-            "lsn": outcome.lsn.to_string(),
-            "timestamp": crate::sink::encode::now_timestamp(),
-            "batch_count": chunk,
-            "row_count": outcome.rows,
-            "table": table,
-            "schema": schema,
-            "cdc_stream_seq": cdc_stream_seq,
-        });
-        encode_document(self.format, &meta, &mut out);
-        self.publish(
-            format!("{INIT_SUBJECT_PREFIX}.meta.{token}"),
-            format!("meta-{id}"),
-            out,
-            CHUNK_ACK_TIMEOUT,
-        )?;
-        Ok(Published {
-            lsn: outcome.lsn,
-            rows: outcome.rows,
-            chunks: chunk,
-            row_filter: outcome.row_filter,
-        })
-    }
-}
-
-/// The document published on `init.meta.{table}` when an accepted snapshot fails: like a
-/// meta, but with `error` in place of the position fields, so no consumer can mistake it for
-/// a snapshot to load.
-fn failure_document(
-    id: &str,
-    schema: &str,
-    table: &str,
-    timestamp: &str,
-    error: &str,
-) -> serde_json::Value {
-    serde_json::json!({
-        "snapshot_id": id,
-        "table": table,
-        "schema": schema,
-        "timestamp": timestamp,
-        "error": error,
-    })
-}
-
-/// Whether an `init.meta.{table}` payload is a failure document: a map with an `error` key,
-/// in either format (the format may have changed since it was written).
-fn is_failure_document(payload: &[u8]) -> bool {
-    if let Ok(serde_json::Value::Object(m)) = serde_json::from_slice(payload) {
-        return m.contains_key("error");
-    }
-    match rmpv::decode::read_value(&mut &payload[..]) {
-        Ok(rmpv::Value::Map(m)) => m.iter().any(|(k, _)| k.as_str() == Some("error")),
-        _ => false,
-    }
-}
-
-/// ` (first column name = value)` to help find an oversized row, when the value is a number
-/// or a short text; empty otherwise.
-fn first_column(names: &[Arc<str>], values: &[Value]) -> String {
-    let value = match values.first() {
-        Some(Value::Int(i)) => i.to_string(),
-        Some(Value::Text(t)) if t.len() <= 64 && !t.contains(char::is_control) => format!("'{t}'"),
-        _ => return String::new(),
-    };
-    match names.first() {
-        Some(name) => format!(" (first column {name} = {value})"),
-        None => String::new(),
-    }
 }
 
 /// A new snapshot id: time-ordered, unique per process, one subject token.
-fn new_snapshot_id() -> String {
+pub(super) fn new_snapshot_id() -> String {
     static COUNTER: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
     let ms = SystemTime::now()
         .duration_since(UNIX_EPOCH)
@@ -1239,7 +559,6 @@ fn new_snapshot_id() -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::pg::conn::{DbError, PgError};
 
     #[test]
     fn progress_is_copied_over_estimated_and_below_one_until_done() {
@@ -1256,190 +575,5 @@ mod tests {
         // An estimate that is too low never shows done before the end.
         running.insert("a".to_string(), (5000, Some(1000)));
         assert_eq!(progress_ratio(&running), Some(PROGRESS_BELOW_DONE));
-    }
-
-    #[test]
-    fn accepted_reply_has_the_estimate_when_known() {
-        let mut a = Accepted {
-            snapshot_id: "s1".into(),
-            schema: "public".into(),
-            table: "t".into(),
-            estimated_rows: Some(42),
-        };
-        assert_eq!(a.to_json()["estimated_rows"], 42);
-        a.estimated_rows = None;
-        assert!(a.to_json().get("estimated_rows").is_none());
-    }
-
-    #[test]
-    fn failure_documents_carry_the_error_and_no_position() {
-        let doc = failure_document("id1", "public", "users", "2025-01-01T00:00:00Z", "boom");
-        let keys: Vec<&str> = doc
-            .as_object()
-            .unwrap()
-            .keys()
-            .map(String::as_str)
-            .collect();
-        assert_eq!(
-            keys.iter().copied().collect::<HashSet<_>>(),
-            HashSet::from(["snapshot_id", "table", "schema", "timestamp", "error"])
-        );
-        assert_eq!(doc["error"], "boom");
-        for format in [Format::Msgpack, Format::Json] {
-            let mut out = Vec::new();
-            encode_document(format, &doc, &mut out);
-            assert!(is_failure_document(&out), "{format:?}");
-            let meta = serde_json::json!({"snapshot_id": "id1", "lsn": "0/1", "batch_count": 1,
-                "row_count": 0, "table": "users", "schema": "public", "cdc_stream_seq": 0,
-                "timestamp": "2025-01-01T00:00:00Z"});
-            encode_document(format, &meta, &mut out);
-            assert!(!is_failure_document(&out), "{format:?}");
-        }
-        assert!(!is_failure_document(b""));
-        assert!(!is_failure_document(b"\xc1"));
-    }
-
-    #[test]
-    fn failures_say_what_to_do() {
-        let e = SnapshotFailure::RowTooLarge {
-            table: "public.docs".into(),
-            row: 51,
-            key: first_column(&[Arc::from("id")], &[Value::Int(51)]),
-            size: 10034,
-            max: 4096,
-        };
-        let text = e.to_string();
-        assert!(
-            text.contains("row 51 of public.docs (first column id = 51)"),
-            "{text}"
-        );
-        assert!(text.contains("10034 bytes"), "{text}");
-        assert!(text.contains("max_payload of 4096 bytes"), "{text}");
-        assert!(text.contains("raise max_payload"), "{text}");
-
-        let down = SnapshotFailure::from(SnapshotError::Pg(PgError::Connect(
-            "connection refused".into(),
-        )));
-        assert!(
-            down.to_string().contains("PostgreSQL is unreachable"),
-            "{down}"
-        );
-        let slots = SnapshotFailure::from(SnapshotError::Pg(PgError::Db(DbError {
-            sqlstate: "53400".into(),
-            severity: "ERROR".into(),
-            message: "all replication slots are in use".into(),
-            detail: None,
-            hint: None,
-        })));
-        assert!(
-            slots.to_string().contains("max_replication_slots"),
-            "{slots}"
-        );
-        assert!(SnapshotFailure::ShuttingDown
-            .to_string()
-            .contains("request it again"));
-    }
-
-    #[test]
-    fn replies_go_only_to_subjects_under_the_prefix() {
-        let p = "_INBOX.";
-        assert!(reply_allowed("_INBOX.abc.1", p));
-        assert!(reply_allowed("_INBOX.x", p));
-        for bad in [
-            "_INBOX.",
-            "_INBOX",
-            "cdc.users.insert",
-            "$KV.schemas.x",
-            "$JS.API.STREAM.PURGE.CDC",
-            "_INBOX.*",
-            "_INBOX.a.>",
-            "_INBOX..a",
-            "_INBOX.a b",
-            "x_INBOX.a",
-        ] {
-            assert!(!reply_allowed(bad, p), "{bad} allowed");
-        }
-        assert!(reply_allowed("replies.bridge.1", "replies.bridge."));
-        assert!(!reply_allowed("_INBOX.1", "replies.bridge."));
-    }
-
-    #[test]
-    fn admission_keeps_the_cap_the_cooldown_and_one_snapshot_per_table() {
-        let key = |t: &str| ("public".to_string(), t.to_string());
-        let t0 = Instant::now();
-        let cooldown = Duration::from_secs(10);
-        let mut a = Admission::default();
-        assert_eq!(a.admit(&key("a"), cooldown, 2, t0), Ok(()));
-        assert_eq!(
-            a.admit(&key("a"), cooldown, 2, t0),
-            Err(Refusal::InProgress("public.a".into()))
-        );
-        assert_eq!(a.admit(&key("b"), cooldown, 2, t0), Ok(()));
-        let busy = a.admit(&key("c"), cooldown, 2, t0).unwrap_err();
-        assert_eq!(busy, Refusal::Busy(2));
-        assert_eq!(busy.http_status(), 429);
-        // a finishes: c fits, a is in its cooldown.
-        a.running.remove(&key("a"));
-        assert_eq!(a.admit(&key("c"), cooldown, 3, t0), Ok(()));
-        let cool = a
-            .admit(&key("a"), cooldown, 3, t0 + Duration::from_millis(2500))
-            .unwrap_err();
-        assert_eq!(cool.code(), "cooldown");
-        assert_eq!(cool.retry_after_secs(), Some(8));
-        assert!(cool.to_string().contains("try again in 8 s"), "{cool}");
-        assert_eq!(
-            a.admit(&key("a"), cooldown, 3, t0 + Duration::from_secs(10)),
-            Ok(())
-        );
-        // No cooldown: a new snapshot as soon as the last one ended.
-        let mut a = Admission::default();
-        assert_eq!(a.admit(&key("a"), Duration::ZERO, 1, t0), Ok(()));
-        a.running.remove(&key("a"));
-        assert_eq!(a.admit(&key("a"), Duration::ZERO, 1, t0), Ok(()));
-    }
-
-    #[test]
-    fn refusals_say_why_and_name_only_the_requested_table() {
-        let refusals = [
-            Refusal::Malformed {
-                token: "a.b.c".into(),
-                reason: "too many tokens".into(),
-            },
-            Refusal::UnknownTable("public.nosuch".into()),
-            Refusal::InProgress("public.users".into()),
-            Refusal::Cooldown {
-                table: "public.users".into(),
-                cooldown_secs: 10,
-                retry_after_secs: 3,
-            },
-            Refusal::Busy(2),
-            Refusal::NotActive,
-        ];
-        for r in refusals {
-            let doc = r.to_json();
-            assert_eq!(doc["status"], "error");
-            assert_eq!(doc["reason"], r.code());
-            let text = doc["error"].as_str().unwrap();
-            assert!(
-                !text.contains("orders") && !text.contains("streams public"),
-                "{text}"
-            );
-            assert!(r.http_status() >= 400);
-        }
-        let unknown = Refusal::UnknownTable("public.nosuch".into()).to_string();
-        assert!(unknown.contains("unknown table public.nosuch"), "{unknown}");
-        assert_eq!(Refusal::Busy(2).to_json()["retry_after_secs"], 1);
-    }
-
-    #[test]
-    fn only_short_first_columns_are_shown() {
-        let names = [Arc::from("k")];
-        assert_eq!(
-            first_column(&names, &[Value::Text("abc".into())]),
-            " (first column k = 'abc')"
-        );
-        assert_eq!(first_column(&names, &[Value::Text("x".repeat(65))]), "");
-        assert_eq!(first_column(&names, &[Value::Bytes(vec![1])]), "");
-        assert_eq!(first_column(&[], &[]), "");
     }
 }

@@ -12,7 +12,9 @@ use std::ops::ControlFlow;
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::Arc;
 
-use crate::pg::conn::{quote_ident, quote_literal, sqlstate, ConnectionKind, PgConnection, PgError};
+use crate::pg::conn::{
+    quote_ident, quote_literal, sqlstate, ConnectionKind, PgConnection, PgError,
+};
 use crate::pg::copy::{CopyRowError, CopyRowParser};
 use crate::pg::lsn::Lsn;
 use crate::pg::replication::{ReplicationConnection, SnapshotAction};
