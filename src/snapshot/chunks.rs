@@ -8,15 +8,17 @@ use std::time::Duration;
 
 use async_nats::jetstream::context::{PublishAckFuture, PublishErrorKind};
 use async_nats::jetstream::message::PublishMessage;
+use async_nats::jetstream::Context;
 use bytes::Bytes;
 
+use crate::config::Format;
 use crate::pg::value::Value;
 use crate::pg::Lsn;
+use crate::shutdown::Shutdown;
 use crate::sink::encode::{encode_chunk, encode_document, ChunkHeader, ChunkRows};
 use crate::sink::nats::{max_payload, stream_last_sequence, NatsError, INIT_SUBJECT_PREFIX};
 use crate::sink::subject::push_table_token;
 
-use super::service::{SnapshotService, PROGRESS_EVERY_ROWS};
 use super::slot::{take_snapshot, SnapshotColumns, SnapshotError};
 
 /// How long publishing one chunk may take before the snapshot fails.
@@ -35,6 +37,8 @@ const FAILURE_ACK_TIMEOUT: Duration = Duration::from_secs(5);
 /// Room left in a chunk for the message headers (`Nats-Msg-Id: snap-{id}-{chunk}`), which
 /// count against the server's max_payload too.
 const HEADER_ALLOWANCE: usize = 128;
+/// Rows between two updates of the progress gauge.
+const PROGRESS_EVERY_ROWS: u64 = 1000;
 
 /// Why an accepted snapshot failed. The text is what consumers find in the failure document
 /// on `init.meta.{table}`, so each says what to do.
@@ -108,39 +112,35 @@ fn postgres_failure(e: &SnapshotError) -> String {
 
 /// What a finished snapshot published.
 #[derive(Debug, Clone, PartialEq, Eq)]
-struct Published {
-    lsn: Lsn,
-    rows: u64,
-    chunks: u64,
-    row_filter: Option<String>,
+pub(super) struct Published {
+    pub(super) lsn: Lsn,
+    pub(super) rows: u64,
+    pub(super) chunks: u64,
+    pub(super) row_filter: Option<String>,
 }
 
-impl SnapshotService {
-    /// Takes and publishes one snapshot; a failure is logged and published as a failure
-    /// document on `init.meta.{table}`.
-    pub(super) fn execute(&self, schema: &str, table: &str, id: &str, estimated_rows: Option<u64>) {
-        self.progress_update(id, 0, estimated_rows);
-        let result = self.run_snapshot(schema, table, id, estimated_rows);
-        self.progress_end(id, result.is_ok());
-        match result {
-            Ok(p) => log::info!(
-                "snapshot {id} of {schema}.{table}: {} rows in {} chunks, consistent point {}{}",
-                p.rows,
-                p.chunks,
-                p.lsn,
-                p.row_filter
-                    .map(|f| format!(", publication row filter {f}"))
-                    .unwrap_or_default()
-            ),
-            Err(e) => {
-                log::error!("snapshot {id} of {schema}.{table} failed: {e}");
-                self.publish_failure(schema, table, id, &e);
-            }
-        }
-    }
+/// What publishing a snapshot needs: the JetStream context and the runtime it is driven on,
+/// the PostgreSQL connection parameters and the settings.
+pub(super) struct Chunks {
+    pub(super) js: Context,
+    pub(super) rt: tokio::runtime::Handle,
+    pub(super) pg_params: Vec<(&'static str, String)>,
+    pub(super) publication: String,
+    pub(super) cdc_stream: String,
+    pub(super) format: Format,
+    pub(super) chunk_rows: usize,
+    pub(super) shutdown: Shutdown,
+}
 
+impl Chunks {
     /// Publishes the failure document; when even that fails (NATS is the problem), logs it.
-    fn publish_failure(&self, schema: &str, table: &str, id: &str, failure: &SnapshotFailure) {
+    pub(super) fn publish_failure(
+        &self,
+        schema: &str,
+        table: &str,
+        id: &str,
+        failure: &SnapshotFailure,
+    ) {
         let mut token = String::new();
         push_table_token(&mut token, schema, table);
         let subject = format!("{INIT_SUBJECT_PREFIX}.meta.{token}");
@@ -226,12 +226,13 @@ impl SnapshotService {
     }
 
     /// Takes and publishes the snapshot.
-    fn run_snapshot(
+    /// `progress` is told the rows copied so far, every [`PROGRESS_EVERY_ROWS`].
+    pub(super) fn run_snapshot(
         &self,
         schema: &str,
         table: &str,
         id: &str,
-        estimated_rows: Option<u64>,
+        progress: &dyn Fn(u64),
     ) -> Result<Published, SnapshotFailure> {
         // Read before the slot exists: consumers continue the CDC stream after this sequence.
         let cdc_stream_seq = self
@@ -321,7 +322,7 @@ impl SnapshotService {
                     let (lsn, names) = &*started.borrow();
                     row_number += 1;
                     if row_number.is_multiple_of(PROGRESS_EVERY_ROWS) {
-                        self.progress_update(id, row_number, estimated_rows);
+                        progress(row_number);
                     }
                     let size = rows.push_row(names, values);
                     if size > row_budget {
@@ -440,7 +441,6 @@ mod tests {
     use std::collections::HashSet;
 
     use super::*;
-    use crate::config::Format;
     use crate::pg::conn::{DbError, PgError};
 
     #[test]

@@ -17,5 +17,5 @@ pub mod service;
 pub mod slot;
 
 pub use chunks::SnapshotFailure;
-pub use request::{Accepted, Refusal};
-pub use service::{SnapshotService, REQUEST_PREFIX};
+pub use request::{Accepted, Refusal, REQUEST_PREFIX};
+pub use service::SnapshotService;

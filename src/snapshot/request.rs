@@ -2,12 +2,10 @@
 //! rules (one snapshot per table, cooldown, cap) and where a reply may go.
 
 use std::collections::{HashMap, HashSet};
-use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
-use crate::sink::subject::parse_table_token;
-
-use super::service::{new_snapshot_id, SnapshotService, REQUEST_PREFIX};
+/// Subject prefix of snapshot requests.
+pub const REQUEST_PREFIX: &str = "snapshot.request";
 
 /// Longest subject shown in a log line (subjects come from clients).
 const SHOWN_SUBJECT_CHARS: usize = 120;
@@ -188,22 +186,10 @@ impl Admission {
         }
         Ok(())
     }
-}
 
-/// A running snapshot of one table; dropping it frees the table and a place under the cap.
-pub(super) struct Claim {
-    service: Arc<SnapshotService>,
-    key: (String, String),
-}
-
-impl Drop for Claim {
-    fn drop(&mut self) {
-        self.service
-            .admission
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .running
-            .remove(&self.key);
+    /// Marks `key` no longer running (its cooldown goes on).
+    pub(super) fn release(&mut self, key: &(String, String)) {
+        self.running.remove(key);
     }
 }
 
@@ -228,66 +214,18 @@ pub(super) fn reply_allowed(reply: &str, prefix: &str) -> bool {
         && !reply.split('.').any(str::is_empty)
 }
 
-impl SnapshotService {
-    /// A request on `snapshot.request.{table}`.
-    pub fn request_subject(self: &Arc<Self>, subject: &str) -> Result<Accepted, Refusal> {
-        let token = subject
-            .strip_prefix(REQUEST_PREFIX)
-            .and_then(|t| t.strip_prefix('.'))
-            .unwrap_or(subject);
-        self.request(token)
-    }
-
-    /// Starts a snapshot of the table named by `token` (the table token of change subjects:
-    /// `users`, `sales.invoices`), when the rules allow: this bridge holds the slot, the table
-    /// is streamed, no snapshot of it runs, its cooldown is over, and the cap leaves room.
-    pub fn request(self: &Arc<Self>, token: &str) -> Result<Accepted, Refusal> {
-        let (schema, table) = parse_table_token(token).map_err(|e| Refusal::Malformed {
-            token: token.to_string(),
-            reason: e.to_string(),
-        })?;
-        if self.shutdown.is_triggered() {
-            return Err(Refusal::ShuttingDown);
-        }
-        if !self.telemetry.holds_slot() {
-            return Err(Refusal::NotActive);
-        }
-        if !self.is_known(&schema, &table) {
-            return Err(Refusal::UnknownTable(format!("{schema}.{table}")));
-        }
-        let claim = self.admit(&schema, &table)?;
-        let snapshot_id = new_snapshot_id();
-        let id = snapshot_id.clone();
-        let estimated_rows = self.estimate_rows(&schema, &table);
-        // The claim moves into the thread and frees the table when the snapshot ends; if
-        // the thread cannot start, it is dropped with the closure and frees it at once.
-        self.spawn_worker("snapshot", move || {
-            claim
-                .service
-                .execute(&claim.key.0, &claim.key.1, &id, estimated_rows);
-            drop(claim);
-        })
-        .map_err(|e| Refusal::Internal(e.to_string()))?;
-        Ok(Accepted {
-            snapshot_id,
-            schema,
-            table,
-            estimated_rows,
-        })
-    }
-
-    /// Admits a snapshot of the table under the rules; the claim holds its place.
-    pub(super) fn admit(self: &Arc<Self>, schema: &str, table: &str) -> Result<Claim, Refusal> {
-        let key = (schema.to_string(), table.to_string());
-        self.admission
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .admit(&key, self.cooldown, self.max_concurrent, Instant::now())?;
-        Ok(Claim {
-            service: Arc::clone(self),
-            key,
-        })
-    }
+/// A new snapshot id: time-ordered, unique per process, one subject token.
+pub(super) fn new_snapshot_id() -> String {
+    static COUNTER: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
+    let ms = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_millis())
+        .unwrap_or(0);
+    format!(
+        "{ms:x}{:04x}{:04x}",
+        std::process::id() & 0xffff,
+        COUNTER.fetch_add(1, std::sync::atomic::Ordering::Relaxed) & 0xffff
+    )
 }
 
 #[cfg(test)]

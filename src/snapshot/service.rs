@@ -27,26 +27,26 @@
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
-use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant};
 
 use async_nats::jetstream::stream::LastRawMessageErrorKind;
 use async_nats::jetstream::Context;
 use bytes::Bytes;
 use futures_util::StreamExt;
 
-use crate::config::{Config, Format};
+use crate::config::Config;
 use crate::pg::conn::{ConnectionKind, PgConnection};
 use crate::pg::setup::{published_tables, PublishedTable};
 use crate::shutdown::Shutdown;
 use crate::sink::nats::INIT_SUBJECT_PREFIX;
-use crate::sink::subject::push_table_token;
+use crate::sink::subject::{parse_table_token, push_table_token};
 use crate::telemetry::Telemetry;
 
-use super::chunks::is_failure_document;
-use super::request::{reply_allowed, shown, Admission, Refusal};
+use super::chunks::{is_failure_document, Chunks};
+use super::request::{
+    new_snapshot_id, reply_allowed, shown, Accepted, Admission, Refusal, REQUEST_PREFIX,
+};
 
-/// Subject prefix of snapshot requests.
-pub const REQUEST_PREFIX: &str = "snapshot.request";
 /// Least time between two reads of the publication's tables for requests naming a table the
 /// bridge does not know (tables added to the publication while it runs).
 const PUBLICATION_REFRESH_INTERVAL: Duration = Duration::from_secs(5);
@@ -80,25 +80,20 @@ struct KnownTables {
 
 /// Everything a snapshot needs, shared by the request handlers and snapshot threads.
 pub struct SnapshotService {
-    pub(super) js: Context,
-    pub(super) rt: tokio::runtime::Handle,
-    pub(super) pg_params: Vec<(&'static str, String)>,
-    pub(super) publication: String,
-    pub(super) cdc_stream: String,
+    /// What publishing a snapshot needs (NATS, PostgreSQL, the settings).
+    chunks: Chunks,
     init_stream: String,
-    pub(super) format: Format,
-    pub(super) chunk_rows: usize,
     on_start: bool,
     reply_prefix: String,
-    pub(super) max_concurrent: usize,
-    pub(super) cooldown: Duration,
+    max_concurrent: usize,
+    cooldown: Duration,
     /// The tables streamed at start; on-start snapshots cover these.
     initial_tables: Vec<PublishedTable>,
     /// True when every table of the publication is streamed (no `--table`): tables added to
     /// the publication later are streamed too, so requests may name them.
     follows_publication: bool,
     known: Mutex<KnownTables>,
-    pub(super) admission: Mutex<Admission>,
+    admission: Mutex<Admission>,
     /// Snapshot threads, so shutdown can wait for them: they publish through this thread's
     /// runtime, which must keep running until they are done.
     workers: Mutex<Vec<JoinHandle<()>>>,
@@ -106,8 +101,8 @@ pub struct SnapshotService {
     ignored: Mutex<(u64, Option<Instant>)>,
     /// Rows copied and estimated rows of each running snapshot, by id, for the progress gauge.
     progress: Mutex<HashMap<String, (u64, Option<u64>)>>,
-    pub(super) telemetry: Arc<Telemetry>,
-    pub(super) shutdown: Shutdown,
+    telemetry: Arc<Telemetry>,
+    shutdown: Shutdown,
 }
 
 /// The progress gauge's value for the running snapshots: rows copied over rows estimated,
@@ -130,15 +125,29 @@ fn progress_ratio(running: &HashMap<String, (u64, Option<u64>)>) -> Option<f64> 
 
 /// The most the progress gauge shows before a snapshot is complete.
 const PROGRESS_BELOW_DONE: f64 = 0.99;
-/// Rows between two updates of the progress gauge.
-pub(super) const PROGRESS_EVERY_ROWS: u64 = 1000;
 
 impl std::fmt::Debug for SnapshotService {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("SnapshotService")
-            .field("publication", &self.publication)
+            .field("publication", &self.chunks.publication)
             .field("init_stream", &self.init_stream)
             .finish_non_exhaustive()
+    }
+}
+
+/// A running snapshot of one table; dropping it frees the table and a place under the cap.
+struct Claim {
+    service: Arc<SnapshotService>,
+    key: (String, String),
+}
+
+impl Drop for Claim {
+    fn drop(&mut self) {
+        self.service
+            .admission
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .release(&self.key);
     }
 }
 
@@ -153,14 +162,17 @@ impl SnapshotService {
         shutdown: Shutdown,
     ) -> Arc<Self> {
         Arc::new(SnapshotService {
-            js,
-            rt,
-            pg_params: config.postgres.libpq_params(),
-            publication: config.replication.publication.clone(),
-            cdc_stream: config.streams.cdc.clone(),
+            chunks: Chunks {
+                js,
+                rt,
+                pg_params: config.postgres.libpq_params(),
+                publication: config.replication.publication.clone(),
+                cdc_stream: config.streams.cdc.clone(),
+                format: config.replication.format,
+                chunk_rows: config.snapshot.chunk_rows,
+                shutdown: shutdown.clone(),
+            },
             init_stream: config.streams.init.clone(),
-            format: config.replication.format,
-            chunk_rows: config.snapshot.chunk_rows,
             on_start: config.snapshot.on_start,
             reply_prefix: config.snapshot.reply_prefix.clone(),
             max_concurrent: config.snapshot.max_concurrent,
@@ -182,7 +194,7 @@ impl SnapshotService {
 
     /// Serves requests until shutdown, while this process streams from the slot: it
     /// subscribes once the slot is held and unsubscribes when it is lost. Then waits (bounded)
-    /// for running snapshots to stop. Runs on the runtime of `self.rt`.
+    /// for running snapshots to stop. Runs on the runtime of `self.chunks.rt`.
     pub async fn serve(self: Arc<Self>, client: async_nats::Client) {
         let mut on_start_pending = self.on_start;
         let mut subscribe_failed = false;
@@ -322,7 +334,7 @@ impl SnapshotService {
     /// True when the table is streamed. A table not seen yet may have been added to the
     /// publication since start: the publication is read again (at most every
     /// [`PUBLICATION_REFRESH_INTERVAL`]) before the answer is no.
-    pub(super) fn is_known(&self, schema: &str, table: &str) -> bool {
+    fn is_known(&self, schema: &str, table: &str) -> bool {
         let matches = |t: &PublishedTable| t.schema == schema && t.name == table;
         let mut known = self.known.lock().unwrap_or_else(|p| p.into_inner());
         if known.tables.iter().any(matches) {
@@ -345,7 +357,7 @@ impl SnapshotService {
                         log::info!(
                             "{} was added to publication '{}': snapshots of it can be requested",
                             t.qualified(),
-                            self.publication
+                            self.chunks.publication
                         );
                     }
                 }
@@ -354,7 +366,7 @@ impl SnapshotService {
             Err(e) => log::warn!(
                 "cannot read the tables of publication '{}' for a snapshot request of \
                  {schema}.{table}: {e}",
-                self.publication
+                self.chunks.publication
             ),
         }
         known.tables.iter().any(matches)
@@ -362,8 +374,9 @@ impl SnapshotService {
 
     /// PostgreSQL's row estimate of the table (`pg_class.reltuples`), for the progress of its
     /// snapshot; `None` when it has none (never vacuumed or analysed) or cannot be read.
-    pub(super) fn estimate_rows(&self, schema: &str, table: &str) -> Option<u64> {
+    fn estimate_rows(&self, schema: &str, table: &str) -> Option<u64> {
         let refs: Vec<(&str, &str)> = self
+            .chunks
             .pg_params
             .iter()
             .map(|(k, v)| (*k, v.as_str()))
@@ -392,7 +405,7 @@ impl SnapshotService {
     }
 
     /// Records the rows a running snapshot has copied and updates the progress gauge.
-    pub(super) fn progress_update(&self, id: &str, copied: u64, estimated: Option<u64>) {
+    fn progress_update(&self, id: &str, copied: u64, estimated: Option<u64>) {
         let mut running = self.progress.lock().unwrap_or_else(|p| p.into_inner());
         running.insert(id.to_owned(), (copied, estimated));
         if let Some(ratio) = progress_ratio(&running) {
@@ -402,7 +415,7 @@ impl SnapshotService {
 
     /// Removes an ended snapshot from the gauge: 1 when the last running one completed, 0
     /// when it failed, the others' progress while some still run.
-    pub(super) fn progress_end(&self, id: &str, completed: bool) {
+    fn progress_end(&self, id: &str, completed: bool) {
         let mut running = self.progress.lock().unwrap_or_else(|p| p.into_inner());
         running.remove(id);
         let ratio = progress_ratio(&running).unwrap_or(if completed { 1.0 } else { 0.0 });
@@ -412,12 +425,13 @@ impl SnapshotService {
     /// The publication's tables, over a normal connection.
     fn read_publication(&self) -> Result<Vec<PublishedTable>, crate::pg::conn::PgError> {
         let refs: Vec<(&str, &str)> = self
+            .chunks
             .pg_params
             .iter()
             .map(|(k, v)| (*k, v.as_str()))
             .collect();
         let mut conn = PgConnection::connect(&refs, ConnectionKind::Normal)?;
-        published_tables(&mut conn, &self.publication)
+        published_tables(&mut conn, &self.chunks.publication)
     }
 
     /// Waits until every snapshot thread has ended, at most [`STOP_WAIT`]. The runtime keeps
@@ -444,11 +458,7 @@ impl SnapshotService {
     }
 
     /// Starts a snapshot thread and keeps its handle for [`SnapshotService::wait_for_workers`].
-    pub(super) fn spawn_worker(
-        &self,
-        name: &str,
-        f: impl FnOnce() + Send + 'static,
-    ) -> std::io::Result<()> {
+    fn spawn_worker(&self, name: &str, f: impl FnOnce() + Send + 'static) -> std::io::Result<()> {
         let handle = std::thread::Builder::new().name(name.into()).spawn(f)?;
         let mut workers = self.workers.lock().unwrap_or_else(|p| p.into_inner());
         workers.retain(|w| !w.is_finished());
@@ -468,7 +478,7 @@ impl SnapshotService {
             let mut token = String::new();
             push_table_token(&mut token, &t.schema, &t.name);
             let subject = format!("{INIT_SUBJECT_PREFIX}.meta.{token}");
-            match self.rt.block_on(self.last_meta(&subject)) {
+            match self.chunks.rt.block_on(self.last_meta(&subject)) {
                 Ok(LastMeta::Finished) => {
                     log::info!(
                         "snapshot on start: stream '{}' already holds a snapshot of {qualified} ({subject}); none taken",
@@ -523,9 +533,35 @@ impl SnapshotService {
         }
     }
 
+    /// Takes and publishes one snapshot; a failure is logged and published as a failure
+    /// document on `init.meta.{table}`.
+    fn execute(&self, schema: &str, table: &str, id: &str, estimated_rows: Option<u64>) {
+        self.progress_update(id, 0, estimated_rows);
+        let result = self.chunks.run_snapshot(schema, table, id, &|rows| {
+            self.progress_update(id, rows, estimated_rows)
+        });
+        self.progress_end(id, result.is_ok());
+        match result {
+            Ok(p) => log::info!(
+                "snapshot {id} of {schema}.{table}: {} rows in {} chunks, consistent point {}{}",
+                p.rows,
+                p.chunks,
+                p.lsn,
+                p.row_filter
+                    .map(|f| format!(", publication row filter {f}"))
+                    .unwrap_or_default()
+            ),
+            Err(e) => {
+                log::error!("snapshot {id} of {schema}.{table} failed: {e}");
+                self.chunks.publish_failure(schema, table, id, &e);
+            }
+        }
+    }
+
     /// What the INIT stream's last message on `subject` (an `init.meta.{table}`) is.
     async fn last_meta(&self, subject: &str) -> Result<LastMeta, String> {
         let stream = self
+            .chunks
             .js
             .get_stream_no_info(&self.init_stream)
             .await
@@ -540,20 +576,66 @@ impl SnapshotService {
             Err(e) => Err(e.to_string()),
         }
     }
-}
 
-/// A new snapshot id: time-ordered, unique per process, one subject token.
-pub(super) fn new_snapshot_id() -> String {
-    static COUNTER: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
-    let ms = SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map(|d| d.as_millis())
-        .unwrap_or(0);
-    format!(
-        "{ms:x}{:04x}{:04x}",
-        std::process::id() & 0xffff,
-        COUNTER.fetch_add(1, std::sync::atomic::Ordering::Relaxed) & 0xffff
-    )
+    /// A request on `snapshot.request.{table}`.
+    pub fn request_subject(self: &Arc<Self>, subject: &str) -> Result<Accepted, Refusal> {
+        let token = subject
+            .strip_prefix(REQUEST_PREFIX)
+            .and_then(|t| t.strip_prefix('.'))
+            .unwrap_or(subject);
+        self.request(token)
+    }
+
+    /// Starts a snapshot of the table named by `token` (the table token of change subjects:
+    /// `users`, `sales.invoices`), when the rules allow: this bridge holds the slot, the table
+    /// is streamed, no snapshot of it runs, its cooldown is over, and the cap leaves room.
+    pub fn request(self: &Arc<Self>, token: &str) -> Result<Accepted, Refusal> {
+        let (schema, table) = parse_table_token(token).map_err(|e| Refusal::Malformed {
+            token: token.to_string(),
+            reason: e.to_string(),
+        })?;
+        if self.shutdown.is_triggered() {
+            return Err(Refusal::ShuttingDown);
+        }
+        if !self.telemetry.holds_slot() {
+            return Err(Refusal::NotActive);
+        }
+        if !self.is_known(&schema, &table) {
+            return Err(Refusal::UnknownTable(format!("{schema}.{table}")));
+        }
+        let claim = self.admit(&schema, &table)?;
+        let snapshot_id = new_snapshot_id();
+        let id = snapshot_id.clone();
+        let estimated_rows = self.estimate_rows(&schema, &table);
+        // The claim moves into the thread and frees the table when the snapshot ends; if
+        // the thread cannot start, it is dropped with the closure and frees it at once.
+        self.spawn_worker("snapshot", move || {
+            claim
+                .service
+                .execute(&claim.key.0, &claim.key.1, &id, estimated_rows);
+            drop(claim);
+        })
+        .map_err(|e| Refusal::Internal(e.to_string()))?;
+        Ok(Accepted {
+            snapshot_id,
+            schema,
+            table,
+            estimated_rows,
+        })
+    }
+
+    /// Admits a snapshot of the table under the rules; the claim holds its place.
+    fn admit(self: &Arc<Self>, schema: &str, table: &str) -> Result<Claim, Refusal> {
+        let key = (schema.to_string(), table.to_string());
+        self.admission
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .admit(&key, self.cooldown, self.max_concurrent, Instant::now())?;
+        Ok(Claim {
+            service: Arc::clone(self),
+            key,
+        })
+    }
 }
 
 #[cfg(test)]
