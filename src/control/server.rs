@@ -1,26 +1,6 @@
-//! The HTTP endpoints: `/metrics`, `/status`, `/health`, `POST /shutdown`, `/streams/*` and
-//! `POST /snapshots/{table}`.
-//!
-//! A small HTTP/1.1 server on the standard library, bounded in every dimension so that no
-//! request can hurt the bridge: one acceptor thread that holds up to [`MAX_PENDING`]
-//! connections until they send something (408 after two silent seconds), [`WORKERS`] worker
-//! threads fed through a queue of [`QUEUE`] connections (when it is full, new connections get a
-//! 503 at once), one request per connection, limits on head and body size (see [`request`]),
-//! a deadline for reading the request and a timeout for writing the answer. Nothing here
-//! panics on input; a bad request gets a 4xx answer and the pipeline threads never notice.
-//!
-//! A general-purpose HTTP crate was not used because the bridge needs these guarantees more
-//! than features: tiny_http 0.12, for one, allocates a request's whole announced
-//! `Content-Length` in one piece when an unread body is dropped, so a single request with a
-//! huge `Content-Length` aborts the process; it also reads header lines without a limit and
-//! starts a thread per connection.
-
-pub mod auth;
-pub mod probe;
-pub mod request;
-pub mod response;
-pub mod router;
-pub mod streams;
+//! The HTTP server: a small HTTP/1.1 server on the standard library, bounded in every
+//! dimension so that no request can hurt the bridge (see the module documentation of
+//! [`crate::control`]).
 
 use std::io::Read;
 use std::net::{Shutdown as NetShutdown, SocketAddr, TcpListener, TcpStream};
@@ -32,9 +12,9 @@ use std::time::{Duration, Instant};
 
 use crate::shutdown::Shutdown;
 
-pub use router::HttpContext;
-
-use response::Response;
+use super::request;
+use super::response::Response;
+use super::router::{self, HttpContext};
 
 /// Threads answering requests.
 pub const WORKERS: usize = 4;
