@@ -2,9 +2,10 @@
 //! dimension so that no request can hurt the bridge (see the module documentation of
 //! [`crate::control`]).
 
-use std::io::Read;
+use std::io::{Read, Write};
 use std::net::{Shutdown as NetShutdown, SocketAddr, TcpListener, TcpStream};
 use std::os::fd::AsRawFd;
+use std::os::unix::net::UnixStream;
 use std::sync::mpsc::{sync_channel, Receiver, TrySendError};
 use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
@@ -30,8 +31,6 @@ const WRITE_TIMEOUT: Duration = Duration::from_secs(5);
 /// client reads the answer instead of a connection reset.
 const LINGER: Duration = Duration::from_secs(2);
 const LINGER_BYTES: usize = 16 * 1024 * 1024;
-/// How often the acceptor checks for shutdown and silent connections.
-const ACCEPT_POLL_MS: i32 = 200;
 /// How long an accepted connection may stay silent before it gets a 408.
 const FIRST_BYTE_TIMEOUT: Duration = Duration::from_secs(2);
 /// Most accepted connections waiting for their first byte; more get a 503 at once.
@@ -68,6 +67,9 @@ impl HttpError {
 pub struct HttpServer {
     addr: SocketAddr,
     stop: Shutdown,
+    /// Written to on stop: the acceptor blocks in `poll` on it with the listener, so it
+    /// wakes at once instead of checking the signal at intervals.
+    wake: UnixStream,
     acceptor: Option<JoinHandle<()>>,
 }
 
@@ -91,10 +93,11 @@ impl HttpServer {
         }
         let stop = Shutdown::new();
         let acceptor_stop = stop.clone();
+        let (wake, woken) = UnixStream::pair().map_err(HttpError::Thread)?;
         let acceptor = std::thread::Builder::new()
             .name("http".into())
             .spawn(move || {
-                accept_loop(&listener, &tx, &acceptor_stop);
+                accept_loop(&listener, &woken, &tx, &acceptor_stop);
                 // Dropping the sender ends the workers once they finish their connection.
                 drop(tx);
             })
@@ -105,6 +108,7 @@ impl HttpServer {
         Ok(HttpServer {
             addr: local,
             stop,
+            wake,
             acceptor: Some(acceptor),
         })
     }
@@ -114,8 +118,7 @@ impl HttpServer {
         self.addr
     }
 
-    /// Stops accepting and frees the port (within [`ACCEPT_POLL_MS`]); requests being answered
-    /// finish on their own.
+    /// Stops accepting and frees the port; requests being answered finish on their own.
     pub fn stop(mut self) {
         self.shut();
     }
@@ -123,6 +126,7 @@ impl HttpServer {
     fn shut(&mut self) {
         self.stop.trigger();
         if let Some(h) = self.acceptor.take() {
+            let _ = (&self.wake).write(&[1]);
             let _ = h.join();
         }
     }
@@ -145,6 +149,7 @@ struct Pending {
 /// a 408 after [`FIRST_BYTE_TIMEOUT`]. At most [`MAX_PENDING`] wait; more get a 503.
 fn accept_loop(
     listener: &TcpListener,
+    woken: &UnixStream,
     tx: &std::sync::mpsc::SyncSender<TcpStream>,
     stop: &Shutdown,
 ) {
@@ -158,6 +163,11 @@ fn accept_loop(
             events: libc::POLLIN,
             revents: 0,
         });
+        fds.push(libc::pollfd {
+            fd: woken.as_raw_fd(),
+            events: libc::POLLIN,
+            revents: 0,
+        });
         fds.extend(pending.iter().map(|p| libc::pollfd {
             fd: p.stream.as_raw_fd(),
             events: libc::POLLIN,
@@ -165,13 +175,19 @@ fn accept_loop(
         }));
         // SAFETY: `fds` holds `fds.len()` valid pollfds for the duration of the call, and
         // every fd in it stays open meanwhile (owned by `listener` and `pending`).
-        unsafe { libc::poll(fds.as_mut_ptr(), fds.len() as libc::nfds_t, ACCEPT_POLL_MS) };
+        unsafe {
+            libc::poll(
+                fds.as_mut_ptr(),
+                fds.len() as libc::nfds_t,
+                poll_timeout(&pending),
+            )
+        };
 
         // Connections with input (or closed by the peer) go to the workers.
         let mut i = pending.len();
         while i > 0 {
             i -= 1;
-            let ready = fds.get(i + 1).is_some_and(|f| f.revents != 0);
+            let ready = fds.get(i + 2).is_some_and(|f| f.revents != 0);
             if ready {
                 let p = pending.swap_remove(i);
                 match tx.try_send(p.stream) {
@@ -206,10 +222,25 @@ fn accept_loop(
                         log::warn!("HTTP accept failed: {e}; still listening");
                         last_error_log = Some(Instant::now());
                     }
-                    std::thread::sleep(Duration::from_millis(100));
+                    if stop.wait_timeout(Duration::from_millis(100)) {
+                        return;
+                    }
                     break;
                 }
             }
+        }
+    }
+}
+
+/// How long `poll` may block: until the oldest silent connection is due for its 408, or
+/// (none waiting) until a connection or the stop arrives.
+fn poll_timeout(pending: &[Pending]) -> libc::c_int {
+    match pending.iter().map(|p| p.since).min() {
+        None => -1,
+        Some(oldest) => {
+            let left = FIRST_BYTE_TIMEOUT.saturating_sub(oldest.elapsed());
+            // Rounded up, so the connection is due when poll returns.
+            left.as_nanos().div_ceil(1_000_000).min(i32::MAX as u128) as libc::c_int
         }
     }
 }

@@ -9,7 +9,7 @@
 use std::sync::atomic::Ordering::Relaxed;
 use std::sync::Arc;
 use std::thread::JoinHandle;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use crate::config::{Config, MonitorConfig};
 use crate::pg::conn::{ConnectionKind, PgConnection, PgError};
@@ -237,11 +237,8 @@ pub fn spawn_monitor(
                 } else {
                     monitor.interval().min(Duration::from_secs(1))
                 };
-                let deadline = Instant::now() + wait;
-                while !stop.is_triggered() && Instant::now() < deadline {
-                    std::thread::sleep(
-                        Duration::from_millis(100).min(deadline.saturating_duration_since(Instant::now())),
-                    );
+                if stop.wait_timeout(wait) {
+                    break;
                 }
             }
         })
