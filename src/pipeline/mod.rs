@@ -6,6 +6,7 @@ pub mod event;
 pub mod position;
 pub mod ring;
 pub mod spool;
+pub(crate) mod translate;
 pub mod wal;
 
 use std::collections::HashSet;
