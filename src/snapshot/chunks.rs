@@ -244,11 +244,6 @@ impl Chunks {
             })?;
         let mut token = String::new();
         push_table_token(&mut token, schema, table);
-        let params: Vec<(&str, &str)> = self
-            .pg_params
-            .iter()
-            .map(|(k, v)| (*k, v.as_str()))
-            .collect();
         let mut rows = ChunkRows::new(self.format);
         // A row that would push a chunk past max_payload waits here to start the next one.
         let mut carried = ChunkRows::new(self.format);
@@ -306,7 +301,7 @@ impl Chunks {
         // The typed reason a row callback stopped the COPY (it can only pass text through).
         let mut stopped: Option<SnapshotFailure> = None;
         let outcome = take_snapshot(
-            &params,
+            &self.pg_params,
             &self.publication,
             schema,
             table,

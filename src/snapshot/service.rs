@@ -375,12 +375,6 @@ impl SnapshotService {
     /// PostgreSQL's row estimate of the table (`pg_class.reltuples`), for the progress of its
     /// snapshot; `None` when it has none (never vacuumed or analysed) or cannot be read.
     fn estimate_rows(&self, schema: &str, table: &str) -> Option<u64> {
-        let refs: Vec<(&str, &str)> = self
-            .chunks
-            .pg_params
-            .iter()
-            .map(|(k, v)| (*k, v.as_str()))
-            .collect();
         let sql = format!(
             "SELECT reltuples::float8 FROM pg_class WHERE oid = {}::regclass",
             crate::pg::conn::quote_literal(&format!(
@@ -389,7 +383,7 @@ impl SnapshotService {
                 crate::pg::conn::quote_ident(table)
             ))
         );
-        let read = PgConnection::connect(&refs, ConnectionKind::Normal)
+        let read = PgConnection::connect(&self.chunks.pg_params, ConnectionKind::Normal)
             .and_then(|mut conn| conn.query(&sql));
         match read {
             Ok(result) => result
@@ -424,13 +418,7 @@ impl SnapshotService {
 
     /// The publication's tables, over a normal connection.
     fn read_publication(&self) -> Result<Vec<PublishedTable>, crate::pg::conn::PgError> {
-        let refs: Vec<(&str, &str)> = self
-            .chunks
-            .pg_params
-            .iter()
-            .map(|(k, v)| (*k, v.as_str()))
-            .collect();
-        let mut conn = PgConnection::connect(&refs, ConnectionKind::Normal)?;
+        let mut conn = PgConnection::connect(&self.chunks.pg_params, ConnectionKind::Normal)?;
         published_tables(&mut conn, &self.chunks.publication)
     }
 

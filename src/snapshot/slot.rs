@@ -80,8 +80,8 @@ pub struct SnapshotOutcome {
 /// exactly those the publication streams: its column list and row filter (PostgreSQL 15+) are
 /// applied to the COPY, read in the same transaction so they are the ones in force at the
 /// consistent point.
-pub fn take_snapshot(
-    params: &[(&str, &str)],
+pub fn take_snapshot<K: AsRef<str>, V: AsRef<str>>(
+    params: &[(K, V)],
     publication: &str,
     schema: &str,
     table: &str,
@@ -108,11 +108,15 @@ pub fn take_snapshot(
 
 /// The hint the start's privilege warning gives, found on a connection of its own (the
 /// snapshot's transaction is aborted); statements for both privileges when that fails.
-fn privilege_hint(params: &[(&str, &str)], publication: &str, t: &PublishedTable) -> String {
+fn privilege_hint<K: AsRef<str>, V: AsRef<str>>(
+    params: &[(K, V)],
+    publication: &str,
+    t: &PublishedTable,
+) -> String {
     let role = params
         .iter()
-        .find(|(k, _)| *k == "user")
-        .map_or("bridge_reader", |(_, v)| *v);
+        .find(|(k, _)| k.as_ref() == "user")
+        .map_or("bridge_reader", |(_, v)| v.as_ref());
     let found = PgConnection::connect(params, ConnectionKind::Normal).and_then(|mut conn| {
         let missing = table_privileges(&mut conn, t)?;
         let schemas = published_tables(&mut conn, publication)?
@@ -140,8 +144,8 @@ fn privilege_hint(params: &[(&str, &str)], publication: &str, t: &PublishedTable
     grant_hint(role, t, missing, &schemas)
 }
 
-fn read_snapshot(
-    params: &[(&str, &str)],
+fn read_snapshot<K: AsRef<str>, V: AsRef<str>>(
+    params: &[(K, V)],
     publication: &str,
     schema: &str,
     table: &str,

@@ -190,14 +190,13 @@ pub fn spawn_monitor(
     std::thread::Builder::new()
         .name("monitor".into())
         .spawn(move || {
-            let refs: Vec<(&str, &str)> = params.iter().map(|(k, v)| (*k, v.as_str())).collect();
             let mut conn: Option<PgConnection> = None;
             let mut failing = false;
             let mut seen = false;
             while !stop.is_triggered() {
                 let result = match conn.as_mut() {
                     Some(c) => read_slot(c, &slot),
-                    None => PgConnection::connect(&refs, ConnectionKind::Normal).and_then(|mut c| {
+                    None => PgConnection::connect(&params, ConnectionKind::Normal).and_then(|mut c| {
                         let r = read_slot(&mut c, &slot);
                         conn = Some(c);
                         r
