@@ -5,12 +5,14 @@
 
 pub mod cli;
 pub mod config;
+pub mod control;
 pub mod mirror;
 pub mod pg;
 pub mod pipeline;
 pub mod runtime;
 pub mod shutdown;
 pub mod sink;
+pub mod snapshot;
 pub mod telemetry;
 pub mod watch;
 pub mod wire;

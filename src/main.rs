@@ -37,7 +37,7 @@ fn main() -> ExitCode {
             print!("{}", config.to_redacted_toml());
             ExitCode::SUCCESS
         }
-        Command::Health => match pgbridge::telemetry::http::probe::probe_health(&config.http) {
+        Command::Health => match pgbridge::control::probe::probe_health(&config.http) {
             Ok((200, body)) => {
                 println!("{body}");
                 ExitCode::SUCCESS

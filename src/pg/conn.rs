@@ -313,35 +313,60 @@ extern "C" fn notice_processor(_arg: *mut c_void, message: *const c_char) {
     }
 }
 
+/// Text values for libpq as C strings, kept alive while libpq reads the pointer arrays
+/// built from them (`PQconnectdbParams`, `PQexecParams`).
+struct CStrings(Vec<CString>);
+
+impl CStrings {
+    /// `what` names the values in the error when one holds a NUL byte.
+    fn new<S: AsRef<str>>(
+        items: impl IntoIterator<Item = S>,
+        what: &'static str,
+    ) -> Result<Self, PgError> {
+        items
+            .into_iter()
+            .map(|s| CString::new(s.as_ref()).map_err(|_| PgError::Nul(what)))
+            .collect::<Result<_, _>>()
+            .map(CStrings)
+    }
+
+    /// The pointers, valid while `self` lives.
+    fn pointers(&self) -> Vec<*const c_char> {
+        self.0.iter().map(|c| c.as_ptr()).collect()
+    }
+
+    /// The pointers followed by a NULL, as `PQconnectdbParams` takes them.
+    fn null_terminated(&self) -> Vec<*const c_char> {
+        let mut ptrs = self.pointers();
+        ptrs.push(std::ptr::null());
+        ptrs
+    }
+}
+
 impl PgConnection {
     /// Connects with the given libpq keywords (host, port, user, password, dbname, ...).
     ///
     /// The session settings that make text output deterministic (UTF8, ISO dates, UTC,
     /// `extra_float_digits=3`) are always added, and `replication=database` for
     /// [`ConnectionKind::Replication`]. Passwords are passed as parameters, never logged.
-    pub fn connect(params: &[(&str, &str)], kind: ConnectionKind) -> Result<Self, PgError> {
-        let mut keys: Vec<CString> = Vec::with_capacity(params.len() + 3);
-        let mut vals: Vec<CString> = Vec::with_capacity(params.len() + 3);
-        let mut push = |k: &str, v: &str| -> Result<(), PgError> {
-            keys.push(CString::new(k).map_err(|_| PgError::Nul("a connection keyword"))?);
-            vals.push(CString::new(v).map_err(|_| PgError::Nul("a connection parameter"))?);
-            Ok(())
-        };
-        for (k, v) in params {
-            if matches!(*k, "options" | "client_encoding" | "replication") {
-                continue; // ours decide these
-            }
-            push(k, v)?;
-        }
-        push("client_encoding", CLIENT_ENCODING)?;
-        push("options", SESSION_OPTIONS)?;
+    pub fn connect<K: AsRef<str>, V: AsRef<str>>(
+        params: &[(K, V)],
+        kind: ConnectionKind,
+    ) -> Result<Self, PgError> {
+        let mut pairs: Vec<(&str, &str)> = params
+            .iter()
+            .map(|(k, v)| (k.as_ref(), v.as_ref()))
+            // Ours decide these.
+            .filter(|(k, _)| !matches!(*k, "options" | "client_encoding" | "replication"))
+            .collect();
+        pairs.push(("client_encoding", CLIENT_ENCODING));
+        pairs.push(("options", SESSION_OPTIONS));
         if kind == ConnectionKind::Replication {
-            push("replication", "database")?;
+            pairs.push(("replication", "database"));
         }
-        let mut kp: Vec<*const c_char> = keys.iter().map(|k| k.as_ptr()).collect();
-        let mut vp: Vec<*const c_char> = vals.iter().map(|v| v.as_ptr()).collect();
-        kp.push(std::ptr::null());
-        vp.push(std::ptr::null());
+        let keys = CStrings::new(pairs.iter().map(|p| p.0), "a connection keyword")?;
+        let vals = CStrings::new(pairs.iter().map(|p| p.1), "a connection parameter")?;
+        let (kp, vp) = (keys.null_terminated(), vals.null_terminated());
 
         // SAFETY: both arrays are NULL-terminated and outlive the call; expand_dbname = 0 so a
         // dbname is never parsed as a connection string.
@@ -471,11 +496,8 @@ impl PgConnection {
             });
         }
         let c = CString::new(sql).map_err(|_| PgError::Nul("an SQL command"))?;
-        let owned: Vec<CString> = params
-            .iter()
-            .map(|p| CString::new(*p).map_err(|_| PgError::Nul("a query parameter")))
-            .collect::<Result<_, _>>()?;
-        let ptrs: Vec<*const c_char> = owned.iter().map(|p| p.as_ptr()).collect();
+        let values = CStrings::new(params, "a query parameter")?;
+        let ptrs = values.pointers();
         // SAFETY: valid connection; params array has `ptrs.len()` NUL-terminated text values;
         // NULL types/lengths/formats mean "infer, text".
         let r = unsafe {

@@ -8,7 +8,6 @@ pub mod lsn;
 pub mod pgoutput;
 pub mod replication;
 pub mod setup;
-pub mod snapshot;
 pub mod value;
 
 pub use lsn::Lsn;

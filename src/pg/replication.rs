@@ -107,7 +107,7 @@ pub struct ReplicationConnection {
 
 impl ReplicationConnection {
     /// Opens a logical walsender session with the given libpq keywords.
-    pub fn connect(params: &[(&str, &str)]) -> Result<Self, PgError> {
+    pub fn connect<K: AsRef<str>, V: AsRef<str>>(params: &[(K, V)]) -> Result<Self, PgError> {
         Ok(Self::from_connection(PgConnection::connect(
             params,
             ConnectionKind::Replication,

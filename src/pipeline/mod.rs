@@ -5,6 +5,7 @@ pub mod durable;
 pub mod position;
 pub mod ring;
 pub mod spool;
+pub(crate) mod translate;
 pub mod wal;
 
 use std::collections::HashSet;
@@ -14,6 +15,7 @@ use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use crate::config::Config;
+use crate::control;
 use crate::pg::conn::{sqlstate, ConnectionKind, PgConnection, PgError};
 use crate::pg::replication::ReplicationConnection;
 use crate::pg::setup::{self, DatabaseInfo, SetupError};
@@ -53,9 +55,12 @@ pub enum RunError {
     /// The state file's position does not belong to this server, database or slot.
     #[error(transparent)]
     Position(Box<PositionError>),
-    /// The HTTP server or another telemetry thread could not start.
+    /// A telemetry thread could not start.
     #[error(transparent)]
     Telemetry(#[from] TelemetryError),
+    /// The HTTP server could not start.
+    #[error(transparent)]
+    Control(#[from] control::HttpError),
     /// A thread could not be started or ended abnormally.
     #[error("internal error: {0}")]
     Internal(String),
@@ -85,7 +90,7 @@ impl RunError {
             RunError::Setup(e) if e.is_configuration() => 2,
             RunError::Stream(StreamError::Spool(e)) if e.is_configuration() => 2,
             RunError::Nats(e) if e.is_configuration() => 2,
-            RunError::Telemetry(e) if e.is_configuration() => 2,
+            RunError::Control(e) if e.is_configuration() => 2,
             RunError::Position(_) => 2,
             _ => 1,
         }
@@ -375,8 +380,16 @@ pub fn run(config: &Config, shutdown: &Shutdown) -> Result<RunSummary, RunError>
         Arc::new(NatsStats::default()),
         config.replication.ring_capacity,
     ));
-    let threads = telemetry::start(config, Arc::clone(&telemetry), latency, shutdown)?;
+    let threads = telemetry::start(config, Arc::clone(&telemetry), latency)?;
+    let http = match control::serve(config, &telemetry, threads.metrics(), shutdown) {
+        Ok(http) => http,
+        Err(e) => {
+            threads.stop();
+            return Err(e.into());
+        }
+    };
     let result = run_pipeline(config, shutdown, &telemetry);
+    http.stop();
     threads.stop();
     result
 }
@@ -707,7 +720,7 @@ fn spawn_snapshot_service(
                     tables.clone(),
                     schema_changes,
                 );
-                let service = crate::sink::snapshot::SnapshotService::new(
+                let service = crate::snapshot::SnapshotService::new(
                     &config,
                     js,
                     handle,
@@ -746,7 +759,7 @@ fn spawn_schema_writer(
     tables: Vec<setup::PublishedTable>,
     mut changes: tokio::sync::mpsc::UnboundedReceiver<(Arc<str>, Arc<str>)>,
 ) -> Option<JoinHandle<()>> {
-    use crate::sink::schemas::{open_bucket, SchemaWriter};
+    use crate::snapshot::schemas::{open_bucket, SchemaWriter};
     use crate::wire::names::SCHEMAS_BUCKET;
     let format = config.replication.format;
     let params = config.postgres.libpq_params();

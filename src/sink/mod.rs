@@ -1,10 +1,7 @@
 //! Where the pipeline delivers changes: the `Sink` trait, the seam between the broker-neutral
-//! pipeline and a broker, and its NATS JetStream implementation ([`nats`]). Encoding, subjects,
-//! the snapshot service and the schemas bucket live here too for now.
+//! pipeline and a broker, and its NATS JetStream implementation ([`nats`]).
 
 pub mod nats;
-pub mod schemas;
-pub mod snapshot;
 
 use crate::pipeline::ring::RingReader;
 use crate::shutdown::Shutdown;

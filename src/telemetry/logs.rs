@@ -44,7 +44,7 @@ pub fn spawn_metrics_log(
         .name("metrics-log".into())
         .spawn(move || {
             let mut next = Instant::now() + interval;
-            while !stop.is_triggered() {
+            while !stop.wait_timeout(next.saturating_duration_since(Instant::now())) {
                 let now = Instant::now();
                 if now >= next {
                     log::info!("{}", metrics_line(&telemetry.snapshot()));
@@ -54,9 +54,6 @@ pub fn spawn_metrics_log(
                         next = now + interval;
                     }
                 }
-                std::thread::sleep(
-                    Duration::from_millis(100).min(next.saturating_duration_since(Instant::now())),
-                );
             }
         })
 }

@@ -5,14 +5,13 @@
 //! - [`state`]: live counters and flags, written by the pipeline threads and the monitor;
 //! - [`metrics`]: the Prometheus registry (`GET /metrics`);
 //! - [`status`]: the `/status` and `/health` documents;
-//! - [`http`]: the HTTP server, its endpoints and the admin token;
 //! - [`monitor`]: the slot-lag monitor thread;
 //! - [`logs`]: the periodic `METRICS` log line.
 //!
-//! [`start`] starts the HTTP, monitor and metrics-log threads of one run.
+//! [`start`] starts the monitor and metrics-log threads of one run. The HTTP server that
+//! serves these documents is in [`crate::control`]; it reads from here, never the reverse.
 
 pub mod counters;
-pub mod http;
 pub mod logs;
 pub mod metrics;
 pub mod monitor;
@@ -37,9 +36,6 @@ const MONITOR_STOP_WAIT: Duration = Duration::from_secs(2);
 /// Why the telemetry could not start.
 #[derive(Debug, thiserror::Error)]
 pub enum TelemetryError {
-    /// The HTTP server could not start.
-    #[error(transparent)]
-    Http(#[from] http::HttpError),
     /// The metrics could not be registered.
     #[error(transparent)]
     Metrics(#[from] metrics::MetricsError),
@@ -48,30 +44,21 @@ pub enum TelemetryError {
     Thread(std::io::Error),
 }
 
-impl TelemetryError {
-    /// True when the operator must change the configuration (e.g. the port is taken).
-    pub fn is_configuration(&self) -> bool {
-        matches!(self, TelemetryError::Http(e) if e.is_configuration())
-    }
-}
-
 /// The telemetry threads of one run; [`TelemetryThreads::stop`] ends them.
 #[derive(Debug)]
 pub struct TelemetryThreads {
-    http: http::HttpServer,
+    metrics: Arc<metrics::Metrics>,
     monitor: JoinHandle<()>,
     metrics_log: Option<JoinHandle<()>>,
     stop: Shutdown,
 }
 
-/// Starts the HTTP server (on `config.http`), the slot monitor and the `METRICS` log line.
-/// `shutdown` is what `POST /shutdown` triggers; `latency` is the histogram the publisher
-/// observes.
+/// Registers the metrics and starts the slot monitor and the `METRICS` log line. `latency` is
+/// the histogram the publisher observes.
 pub fn start(
     config: &Config,
     telemetry: Arc<Telemetry>,
     latency: Histogram,
-    shutdown: &Shutdown,
 ) -> Result<TelemetryThreads, TelemetryError> {
     let metrics = metrics::Metrics::new(
         Arc::clone(&telemetry),
@@ -80,17 +67,6 @@ pub fn start(
             version: env!("CARGO_PKG_VERSION").to_owned(),
             slot: config.replication.slot.clone(),
             publication: config.replication.publication.clone(),
-        },
-    )?;
-    let http = http::HttpServer::start(
-        config.http.socket_addr(),
-        http::HttpContext {
-            telemetry: Arc::clone(&telemetry),
-            metrics: Arc::new(metrics),
-            shutdown: shutdown.clone(),
-            admin_token: config.http.admin_token.clone(),
-            nats: config.nats.clone(),
-            streams: config.streams.clone(),
         },
     )?;
     let stop = Shutdown::new();
@@ -104,7 +80,7 @@ pub fn start(
         None => None,
     };
     Ok(TelemetryThreads {
-        http,
+        metrics: Arc::new(metrics),
         monitor,
         metrics_log,
         stop,
@@ -112,15 +88,14 @@ pub fn start(
 }
 
 impl TelemetryThreads {
-    /// The HTTP server's address (useful with port 0).
-    pub fn http_addr(&self) -> std::net::SocketAddr {
-        self.http.local_addr()
+    /// The metrics registry, which `GET /metrics` renders.
+    pub fn metrics(&self) -> Arc<metrics::Metrics> {
+        Arc::clone(&self.metrics)
     }
 
-    /// Stops the threads and frees the HTTP port.
+    /// Stops the threads.
     pub fn stop(self) {
         self.stop.trigger();
-        self.http.stop();
         if let Some(h) = self.metrics_log {
             let _ = h.join();
         }

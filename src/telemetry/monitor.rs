@@ -9,7 +9,7 @@
 use std::sync::atomic::Ordering::Relaxed;
 use std::sync::Arc;
 use std::thread::JoinHandle;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use crate::config::{Config, MonitorConfig};
 use crate::pg::conn::{ConnectionKind, PgConnection, PgError};
@@ -190,14 +190,13 @@ pub fn spawn_monitor(
     std::thread::Builder::new()
         .name("monitor".into())
         .spawn(move || {
-            let refs: Vec<(&str, &str)> = params.iter().map(|(k, v)| (*k, v.as_str())).collect();
             let mut conn: Option<PgConnection> = None;
             let mut failing = false;
             let mut seen = false;
             while !stop.is_triggered() {
                 let result = match conn.as_mut() {
                     Some(c) => read_slot(c, &slot),
-                    None => PgConnection::connect(&refs, ConnectionKind::Normal).and_then(|mut c| {
+                    None => PgConnection::connect(&params, ConnectionKind::Normal).and_then(|mut c| {
                         let r = read_slot(&mut c, &slot);
                         conn = Some(c);
                         r
@@ -237,11 +236,8 @@ pub fn spawn_monitor(
                 } else {
                     monitor.interval().min(Duration::from_secs(1))
                 };
-                let deadline = Instant::now() + wait;
-                while !stop.is_triggered() && Instant::now() < deadline {
-                    std::thread::sleep(
-                        Duration::from_millis(100).min(deadline.saturating_duration_since(Instant::now())),
-                    );
+                if stop.wait_timeout(wait) {
+                    break;
                 }
             }
         })

@@ -30,6 +30,9 @@ pub struct WalTelemetry {
     pub flushed_lsn: AtomicU64,
     /// True while the replication connection streams.
     pub connected: AtomicBool,
+    /// Woken whenever `connected` is set, so the snapshot service awaits the slot instead of
+    /// polling it.
+    connected_changed: tokio::sync::Notify,
     /// Reconnects to PostgreSQL after a connection problem.
     pub reconnects: AtomicU64,
     /// Time the wal thread took for one recent message (decode, convert, put on the ring), µs.
@@ -42,6 +45,7 @@ impl WalTelemetry {
     /// Records that the replication stream is up (true) or down (false).
     pub fn set_connected(&self, up: bool) {
         self.connected.store(up, Relaxed);
+        self.connected_changed.notify_waiters();
     }
 }
 
@@ -112,7 +116,7 @@ pub struct Telemetry {
     /// the inbox prefix.
     pub snapshot_requests_ignored: AtomicU64,
     /// The snapshot service, once it is connected to NATS; `POST /snapshots/{table}` uses it.
-    pub snapshots: std::sync::OnceLock<Arc<crate::sink::snapshot::SnapshotService>>,
+    pub snapshots: std::sync::OnceLock<Arc<crate::snapshot::SnapshotService>>,
     /// The message-id namespace, once PostgreSQL set-up has decided it.
     id_namespace: Mutex<Option<String>>,
 }
@@ -149,6 +153,20 @@ impl Telemetry {
     /// reconnects, is not. Only then does it serve snapshot requests.
     pub fn holds_slot(&self) -> bool {
         self.wal.connected.load(Relaxed)
+    }
+
+    /// Completes once [`Telemetry::holds_slot`] is `held` (at once if it already is).
+    pub async fn slot_held(&self, held: bool) {
+        loop {
+            let changed = self.wal.connected_changed.notified();
+            tokio::pin!(changed);
+            // Registered before the check: a change in between still wakes this waiter.
+            changed.as_mut().enable();
+            if self.holds_slot() == held {
+                return;
+            }
+            changed.await;
+        }
     }
 
     /// Records that the replication stream started on the slot; true only the first time.

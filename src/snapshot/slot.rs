@@ -12,14 +12,16 @@ use std::ops::ControlFlow;
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::Arc;
 
-use super::conn::{quote_ident, quote_literal, sqlstate, ConnectionKind, PgConnection, PgError};
-use super::copy::{CopyRowError, CopyRowParser};
-use super::lsn::Lsn;
-use super::replication::{ReplicationConnection, SnapshotAction};
-use super::setup::{
+use crate::pg::conn::{
+    quote_ident, quote_literal, sqlstate, ConnectionKind, PgConnection, PgError,
+};
+use crate::pg::copy::{CopyRowError, CopyRowParser};
+use crate::pg::lsn::Lsn;
+use crate::pg::replication::{ReplicationConnection, SnapshotAction};
+use crate::pg::setup::{
     grant_hint, published_tables, table_privileges, MissingPrivilege, PublishedTable,
 };
-use super::value::{decode_text_into, Value, ValueKind};
+use crate::pg::value::{decode_text_into, Value, ValueKind};
 
 static SLOT_COUNTER: AtomicU32 = AtomicU32::new(0);
 
@@ -78,8 +80,8 @@ pub struct SnapshotOutcome {
 /// exactly those the publication streams: its column list and row filter (PostgreSQL 15+) are
 /// applied to the COPY, read in the same transaction so they are the ones in force at the
 /// consistent point.
-pub fn take_snapshot(
-    params: &[(&str, &str)],
+pub fn take_snapshot<K: AsRef<str>, V: AsRef<str>>(
+    params: &[(K, V)],
     publication: &str,
     schema: &str,
     table: &str,
@@ -106,11 +108,15 @@ pub fn take_snapshot(
 
 /// The hint the start's privilege warning gives, found on a connection of its own (the
 /// snapshot's transaction is aborted); statements for both privileges when that fails.
-fn privilege_hint(params: &[(&str, &str)], publication: &str, t: &PublishedTable) -> String {
+fn privilege_hint<K: AsRef<str>, V: AsRef<str>>(
+    params: &[(K, V)],
+    publication: &str,
+    t: &PublishedTable,
+) -> String {
     let role = params
         .iter()
-        .find(|(k, _)| *k == "user")
-        .map_or("bridge_reader", |(_, v)| *v);
+        .find(|(k, _)| k.as_ref() == "user")
+        .map_or("bridge_reader", |(_, v)| v.as_ref());
     let found = PgConnection::connect(params, ConnectionKind::Normal).and_then(|mut conn| {
         let missing = table_privileges(&mut conn, t)?;
         let schemas = published_tables(&mut conn, publication)?
@@ -138,8 +144,8 @@ fn privilege_hint(params: &[(&str, &str)], publication: &str, t: &PublishedTable
     grant_hint(role, t, missing, &schemas)
 }
 
-fn read_snapshot(
-    params: &[(&str, &str)],
+fn read_snapshot<K: AsRef<str>, V: AsRef<str>>(
+    params: &[(K, V)],
     publication: &str,
     schema: &str,
     table: &str,

@@ -176,10 +176,8 @@ impl SchemaWriter {
 
     fn read(&mut self, schema: &str, table: &str) -> Result<serde_json::Value, SchemaError> {
         if self.conn.is_none() {
-            let refs: Vec<(&str, &str)> =
-                self.params.iter().map(|(k, v)| (*k, v.as_str())).collect();
             self.conn = Some(
-                PgConnection::connect(&refs, ConnectionKind::Normal).map_err(|source| {
+                PgConnection::connect(&self.params, ConnectionKind::Normal).map_err(|source| {
                     SchemaError::Pg {
                         table: format!("{schema}.{table}"),
                         source: Box::new(source),

@@ -1,30 +1,11 @@
-//! The HTTP endpoints: `/metrics`, `/status`, `/health`, `POST /shutdown`, `/streams/*` and
-//! `POST /snapshots/{table}`.
-//!
-//! A small HTTP/1.1 server on the standard library, bounded in every dimension so that no
-//! request can hurt the bridge: one acceptor thread that holds up to [`MAX_PENDING`]
-//! connections until they send something (408 after two silent seconds), [`WORKERS`] worker
-//! threads fed through a queue of [`QUEUE`] connections (when it is full, new connections get a
-//! 503 at once), one request per connection, limits on head and body size (see [`request`]),
-//! a deadline for reading the request and a timeout for writing the answer. Nothing here
-//! panics on input; a bad request gets a 4xx answer and the pipeline threads never notice.
-//!
-//! A general-purpose HTTP crate was not used because the bridge needs these guarantees more
-//! than features: tiny_http 0.12, for one, allocates a request's whole announced
-//! `Content-Length` in one piece when an unread body is dropped, so a single request with a
-//! huge `Content-Length` aborts the process; it also reads header lines without a limit and
-//! starts a thread per connection.
+//! The HTTP server: a small HTTP/1.1 server on the standard library, bounded in every
+//! dimension so that no request can hurt the bridge (see the module documentation of
+//! [`crate::control`]).
 
-pub mod auth;
-pub mod probe;
-pub mod request;
-pub mod response;
-pub mod router;
-pub mod streams;
-
-use std::io::Read;
+use std::io::{Read, Write};
 use std::net::{Shutdown as NetShutdown, SocketAddr, TcpListener, TcpStream};
 use std::os::fd::AsRawFd;
+use std::os::unix::net::UnixStream;
 use std::sync::mpsc::{sync_channel, Receiver, TrySendError};
 use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
@@ -32,9 +13,9 @@ use std::time::{Duration, Instant};
 
 use crate::shutdown::Shutdown;
 
-pub use router::HttpContext;
-
-use response::Response;
+use super::request;
+use super::response::Response;
+use super::router::{self, HttpContext};
 
 /// Threads answering requests.
 pub const WORKERS: usize = 4;
@@ -50,8 +31,6 @@ const WRITE_TIMEOUT: Duration = Duration::from_secs(5);
 /// client reads the answer instead of a connection reset.
 const LINGER: Duration = Duration::from_secs(2);
 const LINGER_BYTES: usize = 16 * 1024 * 1024;
-/// How often the acceptor checks for shutdown and silent connections.
-const ACCEPT_POLL_MS: i32 = 200;
 /// How long an accepted connection may stay silent before it gets a 408.
 const FIRST_BYTE_TIMEOUT: Duration = Duration::from_secs(2);
 /// Most accepted connections waiting for their first byte; more get a 503 at once.
@@ -88,6 +67,9 @@ impl HttpError {
 pub struct HttpServer {
     addr: SocketAddr,
     stop: Shutdown,
+    /// Written to on stop: the acceptor blocks in `poll` on it with the listener, so it
+    /// wakes at once instead of checking the signal at intervals.
+    wake: UnixStream,
     acceptor: Option<JoinHandle<()>>,
 }
 
@@ -111,10 +93,11 @@ impl HttpServer {
         }
         let stop = Shutdown::new();
         let acceptor_stop = stop.clone();
+        let (wake, woken) = UnixStream::pair().map_err(HttpError::Thread)?;
         let acceptor = std::thread::Builder::new()
             .name("http".into())
             .spawn(move || {
-                accept_loop(&listener, &tx, &acceptor_stop);
+                accept_loop(&listener, &woken, &tx, &acceptor_stop);
                 // Dropping the sender ends the workers once they finish their connection.
                 drop(tx);
             })
@@ -125,6 +108,7 @@ impl HttpServer {
         Ok(HttpServer {
             addr: local,
             stop,
+            wake,
             acceptor: Some(acceptor),
         })
     }
@@ -134,8 +118,7 @@ impl HttpServer {
         self.addr
     }
 
-    /// Stops accepting and frees the port (within [`ACCEPT_POLL_MS`]); requests being answered
-    /// finish on their own.
+    /// Stops accepting and frees the port; requests being answered finish on their own.
     pub fn stop(mut self) {
         self.shut();
     }
@@ -143,6 +126,7 @@ impl HttpServer {
     fn shut(&mut self) {
         self.stop.trigger();
         if let Some(h) = self.acceptor.take() {
+            let _ = (&self.wake).write(&[1]);
             let _ = h.join();
         }
     }
@@ -165,6 +149,7 @@ struct Pending {
 /// a 408 after [`FIRST_BYTE_TIMEOUT`]. At most [`MAX_PENDING`] wait; more get a 503.
 fn accept_loop(
     listener: &TcpListener,
+    woken: &UnixStream,
     tx: &std::sync::mpsc::SyncSender<TcpStream>,
     stop: &Shutdown,
 ) {
@@ -178,6 +163,11 @@ fn accept_loop(
             events: libc::POLLIN,
             revents: 0,
         });
+        fds.push(libc::pollfd {
+            fd: woken.as_raw_fd(),
+            events: libc::POLLIN,
+            revents: 0,
+        });
         fds.extend(pending.iter().map(|p| libc::pollfd {
             fd: p.stream.as_raw_fd(),
             events: libc::POLLIN,
@@ -185,13 +175,19 @@ fn accept_loop(
         }));
         // SAFETY: `fds` holds `fds.len()` valid pollfds for the duration of the call, and
         // every fd in it stays open meanwhile (owned by `listener` and `pending`).
-        unsafe { libc::poll(fds.as_mut_ptr(), fds.len() as libc::nfds_t, ACCEPT_POLL_MS) };
+        unsafe {
+            libc::poll(
+                fds.as_mut_ptr(),
+                fds.len() as libc::nfds_t,
+                poll_timeout(&pending),
+            )
+        };
 
         // Connections with input (or closed by the peer) go to the workers.
         let mut i = pending.len();
         while i > 0 {
             i -= 1;
-            let ready = fds.get(i + 1).is_some_and(|f| f.revents != 0);
+            let ready = fds.get(i + 2).is_some_and(|f| f.revents != 0);
             if ready {
                 let p = pending.swap_remove(i);
                 match tx.try_send(p.stream) {
@@ -226,10 +222,25 @@ fn accept_loop(
                         log::warn!("HTTP accept failed: {e}; still listening");
                         last_error_log = Some(Instant::now());
                     }
-                    std::thread::sleep(Duration::from_millis(100));
+                    if stop.wait_timeout(Duration::from_millis(100)) {
+                        return;
+                    }
                     break;
                 }
             }
+        }
+    }
+}
+
+/// How long `poll` may block: until the oldest silent connection is due for its 408, or
+/// (none waiting) until a connection or the stop arrives.
+fn poll_timeout(pending: &[Pending]) -> libc::c_int {
+    match pending.iter().map(|p| p.since).min() {
+        None => -1,
+        Some(oldest) => {
+            let left = FIRST_BYTE_TIMEOUT.saturating_sub(oldest.elapsed());
+            // Rounded up, so the connection is due when poll returns.
+            left.as_nanos().div_ceil(1_000_000).min(i32::MAX as u128) as libc::c_int
         }
     }
 }

@@ -1,0 +1,21 @@
+//! Snapshots of published tables, and the table schemas consumers need to read them.
+//!
+//! - [`slot`]: a consistent snapshot of one table, lined up with the replication stream (a
+//!   temporary slot exporting its snapshot, then `COPY` in that snapshot);
+//! - [`service`]: the request service on `snapshot.request.{table}` and
+//!   `POST /snapshots/{table}` (requests are checked in `request`, the rows are published
+//!   to the INIT stream in `chunks`);
+//! - [`schemas`]: the `schemas` key-value bucket.
+//!
+//! This room sits beside the change pipeline: it reads PostgreSQL itself and publishes
+//! through its own NATS connection, so change streaming never waits for a snapshot.
+
+mod chunks;
+mod request;
+pub mod schemas;
+pub mod service;
+pub mod slot;
+
+pub use chunks::SnapshotFailure;
+pub use request::{Accepted, Refusal};
+pub use service::SnapshotService;
