@@ -1,4 +1,4 @@
-//! Table schemas in the JetStream key-value bucket `schemas` (DESIGN §3–§4), so consumers can
+//! Table schemas in the JetStream key-value bucket `schemas` (docs/protocol.md, "The schemas bucket"), so consumers can
 //! create their local tables and watch for changes.
 //!
 //! The key is the table's subject token (`users`, or `sales.invoices` outside `public`) with

@@ -1,5 +1,5 @@
 //! A consistent snapshot of one table, lined up exactly with the replication stream
-//! (DESIGN §5, reference §3.1): on a replication connection, `BEGIN READ ONLY ISOLATION LEVEL
+//! (docs/protocol.md, "Snapshots"): on a replication connection, `BEGIN READ ONLY ISOLATION LEVEL
 //! REPEATABLE READ`, `CREATE_REPLICATION_SLOT ... TEMPORARY ... (SNAPSHOT 'use')` gives the
 //! consistent point C and installs the slot's snapshot, `COPY (SELECT ...) TO STDOUT` reads the
 //! rows and columns the publication streams in that snapshot (reference §3.1: PostgreSQL does

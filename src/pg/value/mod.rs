@@ -1,5 +1,5 @@
 //! Column values: PostgreSQL *text output* decoded into the typed values of the message
-//! formats (DESIGN.md §4).
+//! formats (docs/protocol.md, "Values").
 //!
 //! pgoutput sends tuple cells in text form (`'t'`), and a snapshot reads rows with
 //! `COPY ... TO STDOUT` in text format; both carry what the type's output function printed.
