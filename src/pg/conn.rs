@@ -25,14 +25,6 @@ pub mod sqlstate {
     pub const UNDEFINED_OBJECT: &str = "42704";
     /// `insufficient_privilege`.
     pub const INSUFFICIENT_PRIVILEGE: &str = "42501";
-    /// `invalid_password`.
-    pub const INVALID_PASSWORD: &str = "28P01";
-    /// `syntax_error`.
-    pub const SYNTAX_ERROR: &str = "42601";
-    /// `feature_not_supported`: e.g. a pgoutput proto_version the server lacks.
-    pub const FEATURE_NOT_SUPPORTED: &str = "0A000";
-    /// `query_canceled`.
-    pub const QUERY_CANCELED: &str = "57014";
 }
 
 /// An error reported by the server, with its diagnostic fields.
@@ -399,19 +391,6 @@ impl PgConnection {
     pub fn server_version(&self) -> i32 {
         // SAFETY: valid connection.
         unsafe { pq::PQserverVersion(self.raw.as_ptr()) }
-    }
-
-    /// The value of a server parameter reported at start-up (`server_version`, `TimeZone`, ...).
-    pub fn parameter_status(&self, name: &str) -> Option<String> {
-        let name = CString::new(name).ok()?;
-        // SAFETY: valid connection, NUL-terminated name.
-        cstr_opt(unsafe { pq::PQparameterStatus(self.raw.as_ptr(), name.as_ptr()) })
-    }
-
-    /// The backend process id of this session.
-    pub fn backend_pid(&self) -> i32 {
-        // SAFETY: valid connection.
-        unsafe { pq::PQbackendPID(self.raw.as_ptr()) }
     }
 
     fn error_message(&self) -> String {

@@ -14,11 +14,6 @@ impl Lsn {
     /// `InvalidXLogRecPtr`: "no position".
     pub const INVALID: Lsn = Lsn(0);
 
-    /// True for `0/0`, which the protocol uses for "not set".
-    pub fn is_invalid(self) -> bool {
-        self.0 == 0
-    }
-
     /// Length of the longest text, `FFFFFFFF/FFFFFFFF`.
     pub const TEXT_MAX_LEN: usize = 17;
 

@@ -204,16 +204,6 @@ impl ReplicationConnection {
         })
     }
 
-    /// `DROP_REPLICATION_SLOT name [WAIT]`.
-    pub fn drop_slot(&mut self, name: &str, wait: bool) -> Result<(), PgError> {
-        let sql = format!(
-            "DROP_REPLICATION_SLOT {}{}",
-            quote_ident(name),
-            if wait { " WAIT" } else { "" }
-        );
-        self.conn.execute(&sql)
-    }
-
     /// `START_REPLICATION SLOT name LOGICAL start (options)`; the connection is in CopyBoth
     /// mode afterwards. The server starts at the later of `start` and the slot's
     /// `confirmed_flush_lsn`, and skips transactions whose commit record begins before it, so
