@@ -280,3 +280,6 @@ fn observe_latency(stats: &PublisherStats, commit_time: i64, now: &mut Option<i6
     let micros = now.saturating_sub(pg_to_unix_micros(commit_time)).max(0);
     h.observe(micros as f64 / 1e6);
 }
+
+#[cfg(test)]
+mod tests;
