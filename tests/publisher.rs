@@ -157,8 +157,8 @@ fn start_publisher_with(
             .unwrap();
         rt.block_on(async move {
             let client = async_nats::connect(url).await.expect("connect to NATS");
-            Publisher::new(client, consumer, d, settings, s, Shutdown::new())
-                .run()
+            Publisher::new(client, settings, s, Shutdown::new())
+                .deliver(consumer, d)
                 .await
         })
     });

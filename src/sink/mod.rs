@@ -1,11 +1,14 @@
 //! Where the pipeline delivers changes: the `Sink` trait, the seam between the broker-neutral
 //! pipeline and a broker, and its NATS JetStream implementation ([`nats`]).
 
+pub(crate) mod driver;
 pub mod nats;
 
 use crate::pipeline::ring::RingReader;
 use crate::shutdown::Shutdown;
 use crate::telemetry::counters::DurableLsn;
+
+use driver::Delivery;
 
 /// A destination of changes. The supervisor runs one on a thread of its own, inside a
 /// current-thread tokio runtime:
@@ -13,24 +16,30 @@ use crate::telemetry::counters::DurableLsn;
 /// 1. [`Sink::prepare`], once, before any WAL is read (nothing could be made durable before
 ///    the destination is ready): connect, make sure the destination exists (streams, topics)
 ///    and check its settings, retrying what a retry can fix until shutdown.
-/// 2. [`Sink::run`]: take the changes off the ring in order and deliver them; advance the
-///    durable position to a transaction's end only once every change up to it is delivered;
-///    give delivered events back through the ring for reuse and the popped bytes to its budget;
-///    keep the counters in telemetry. It returns once the ring is closed (its End item, or the
-///    wal side dropped) and everything taken is delivered, or when delivering fails for good.
+/// 2. [`Sink::run`]: the broker-neutral [`driver`] takes the changes off the ring in order and
+///    hands them to the sink's [`Delivery`] (encode, send, resend, report delivery progress);
+///    it advances the durable position to a transaction's end only once every change up to it
+///    is delivered, gives delivered events back through the ring for reuse and the popped bytes
+///    to its budget, and keeps the counters in telemetry. It returns once the ring is closed
+///    (its End item, or the wal side dropped) and everything taken is delivered, or when
+///    delivering fails for good.
 ///
-/// The supervisor holds the concrete type, so the per-change path is monomorphized: no dynamic
-/// call per change. The NATS sink delivers as one unit (its publish window, PubAck tracking
-/// and resends decide when a transaction is delivered).
+/// The supervisor holds the concrete type, and the driver is generic over the delivery, so the
+/// per-change path is monomorphized: no dynamic call per change.
 pub(crate) trait Sink: Send + 'static {
     /// Why the destination could not be made ready.
     type PrepareError: std::error::Error + Send + 'static;
     /// Why delivering stopped.
     type Error: std::error::Error + Send + 'static;
+    /// The broker's half of delivering (see [`Delivery`] for what it must guarantee).
+    type Delivery: Delivery<Error = Self::Error>;
 
     /// Makes the destination ready; `Ok(false)` when shutdown came first. An error is one a
     /// retry cannot fix (a configuration problem): the start fails with it.
     async fn prepare(&mut self, shutdown: &Shutdown) -> Result<bool, Self::PrepareError>;
+
+    /// The delivering half, once [`Sink::prepare`] returned `Ok(true)`.
+    fn delivery(self, shutdown: Shutdown) -> Result<Self::Delivery, Self::Error>;
 
     /// Delivers what comes through `ring` until it is closed and drained, advancing `durable`.
     /// Called only after [`Sink::prepare`] returned `Ok(true)`.
@@ -39,5 +48,10 @@ pub(crate) trait Sink: Send + 'static {
         ring: RingReader,
         durable: DurableLsn,
         shutdown: Shutdown,
-    ) -> Result<(), Self::Error>;
+    ) -> Result<(), Self::Error>
+    where
+        Self: Sized,
+    {
+        driver::run(self.delivery(shutdown)?, ring, durable).await
+    }
 }

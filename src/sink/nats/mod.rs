@@ -15,9 +15,8 @@ use std::time::Duration;
 use async_nats::Client;
 
 use crate::config::{Config, NatsConfig, StreamsConfig};
-use crate::pipeline::ring::RingReader;
 use crate::shutdown::Shutdown;
-use crate::telemetry::counters::{DurableLsn, NatsStats, PublisherStats};
+use crate::telemetry::counters::{NatsStats, PublisherStats};
 
 use publisher::{PublishError, Publisher, PublisherSettings, ACK_TIMEOUT};
 
@@ -34,7 +33,8 @@ pub use streams::{
 };
 
 /// The NATS JetStream sink: connects (retrying while NATS is away), makes sure the streams
-/// exist in the configured format, then publishes changes through a [`Publisher`].
+/// exist in the configured format, then publishes the changes the driver hands it through a
+/// [`Publisher`].
 pub(crate) struct NatsSink {
     nats: NatsConfig,
     streams: StreamsConfig,
@@ -77,6 +77,7 @@ impl NatsSink {
 impl Sink for NatsSink {
     type PrepareError = NatsError;
     type Error = PublishError;
+    type Delivery = Publisher;
 
     async fn prepare(&mut self, shutdown: &Shutdown) -> Result<bool, NatsError> {
         let backoff = self.backoff;
@@ -120,21 +121,12 @@ impl Sink for NatsSink {
         Ok(true)
     }
 
-    async fn run(
-        self,
-        ring: RingReader,
-        durable: DurableLsn,
-        shutdown: Shutdown,
-    ) -> Result<(), PublishError> {
+    fn delivery(self, shutdown: Shutdown) -> Result<Publisher, PublishError> {
         // Only reachable without a client when `prepare` was skipped: nothing was sent.
         let Some(client) = self.client else {
-            return Err(PublishError::ClientClosed {
-                pending: ring.len(),
-            });
+            return Err(PublishError::ClientClosed { pending: 0 });
         };
-        Publisher::new(client, ring, durable, self.settings, self.stats, shutdown)
-            .with_connection_events(self.connection)
-            .run()
-            .await
+        Ok(Publisher::new(client, self.settings, self.stats, shutdown)
+            .with_connection_events(self.connection))
     }
 }

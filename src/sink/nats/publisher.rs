@@ -1,5 +1,6 @@
-//! The publisher: takes changes off the ring, encodes them, publishes them to JetStream with
-//! their deterministic message ids, and keeps a bounded window of PubAcks in flight.
+//! The publisher, the NATS half of delivering changes (a [`Delivery`]): encodes the changes
+//! the driver ([`crate::sink::driver`]) hands it, publishes them to JetStream with their
+//! deterministic message ids, and keeps a bounded window of PubAcks in flight.
 //!
 //! Publishing is pipelined on the client's own connection rather than going through the
 //! client's JetStream request for each message (a new inbox, a oneshot channel and a JSON
@@ -8,9 +9,8 @@
 //! token counting messages. JetStream answers each publish on its reply subject, so the token
 //! of the answer finds the message in the window; [`super::puback`] reads the answer.
 //!
-//! Acks are applied in publish order. When every message of a transaction (and of every
-//! transaction before it) is acknowledged, the transaction's commit `end_lsn` becomes the
-//! durable position, which the wal thread reports to PostgreSQL.
+//! Acks are applied in publish order: the acknowledged front of the window is what the driver
+//! sees as delivered, and from that it advances the durable position past each transaction.
 //!
 //! Order is enforced by the server, not by timing: every message but the first unacknowledged
 //! one carries `Nats-Expected-Last-Msg-Id` with the id of the message before it, so JetStream
@@ -28,9 +28,10 @@
 //! connection is sent again at once rather than after the ack timeout.
 
 use std::collections::VecDeque;
+use std::pin::Pin;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
-use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant};
 
 use async_nats::connection::State;
 use async_nats::header::{NATS_EXPECTED_LAST_MESSAGE_ID, NATS_MESSAGE_ID};
@@ -38,11 +39,13 @@ use async_nats::{Client, HeaderMap, Message, PublishErrorKind, Subject, Subscrib
 use bytes::Bytes;
 use futures_util::{FutureExt, StreamExt};
 
+use tokio::time::Sleep;
+
 use crate::config::Format;
-use crate::pg::pgoutput::pg_to_unix_micros;
 use crate::pg::Lsn;
-use crate::pipeline::ring::{event_bytes, RingItem, RingReader};
+use crate::pipeline::ring::RingReader;
 use crate::shutdown::Shutdown;
+use crate::sink::driver::{self, Delivery, Feed, Progress, Ticket};
 use crate::telemetry::counters::{DurableLsn, NatsStats, PublisherStats};
 use crate::wire::encode::encode_change;
 use crate::wire::event::ChangeEvent;
@@ -66,16 +69,11 @@ const RECONNECT_POLL: Duration = Duration::from_millis(50);
 /// While disconnected with nothing in flight and shutdown requested, how often the publisher
 /// looks whether it waited long enough.
 const DISCONNECTED_CHECK: Duration = Duration::from_secs(1);
-/// How long the publisher sleeps when the ring is empty and nobody wakes it.
-const IDLE_WAIT: Duration = Duration::from_millis(20);
 /// At shutdown, how long to keep retrying when JetStream does not acknowledge.
 pub(crate) const SHUTDOWN_RETRY_LIMIT: Duration = Duration::from_secs(30);
 /// Size of the buffers encoded payloads are copied into and cut from: one allocation serves
 /// many messages, and it is freed when the last of them is acknowledged and written.
 const PAYLOAD_CHUNK: usize = 16 * 1024;
-/// A published change holding more heap than this is dropped instead of going back to the
-/// wal thread for reuse: reused, its buffers would keep a burst of wide rows' memory for good.
-const RECYCLE_MAX_EVENT_BYTES: u64 = 8 * 1024;
 
 /// Why the publisher stopped.
 #[derive(Debug, thiserror::Error)]
@@ -181,10 +179,6 @@ struct InFlight {
     last_in_tx: bool,
     payload: Bytes,
     state: AckState,
-    /// Set on the last message of a transaction: durable once this is acknowledged.
-    commit_end: Option<Lsn>,
-    /// The transaction's commit time, µs since 2000-01-01 (0: unknown).
-    commit_time: i64,
 }
 
 impl InFlight {
@@ -193,12 +187,10 @@ impl InFlight {
     }
 }
 
-/// The publisher loop; runs on its own thread's tokio runtime until the ring is closed
-/// (End item, or the wal side dropped) and everything is acknowledged.
+/// The NATS [`Delivery`]: publishes what the driver hands it and reports the acknowledged
+/// front of its window. Runs on its own thread's tokio runtime ([`Publisher::deliver`]).
 pub struct Publisher {
     client: Client,
-    ring: RingReader,
-    durable: DurableLsn,
     settings: PublisherSettings,
     /// `{namespace}:`, the start of every message id.
     id_prefix: String,
@@ -231,14 +223,17 @@ pub struct Publisher {
     foreign_writer_seen: bool,
     /// Payload bytes in the window.
     window_bytes: u64,
+    /// Where PubAcks arrive; subscribed by [`Delivery::open`].
+    acks: Option<Subscriber>,
+    /// One timer for the front's deadline, made at the first wait. Deadlines only move later,
+    /// so the timer is re-armed only when it fires early, not each time the front changes.
+    timer: Option<Pin<Box<Sleep>>>,
 }
 
 impl Publisher {
-    /// A publisher reading `ring` and publishing through `client`.
+    /// A publisher publishing through `client`.
     pub fn new(
         client: Client,
-        ring: RingReader,
-        durable: DurableLsn,
         settings: PublisherSettings,
         stats: Arc<PublisherStats>,
         shutdown: Shutdown,
@@ -247,8 +242,6 @@ impl Publisher {
         let replies = Replies::new(&client.new_inbox());
         Publisher {
             client,
-            ring,
-            durable,
             id_prefix: id::id_prefix(&settings.id_namespace),
             settings,
             stats,
@@ -268,7 +261,16 @@ impl Publisher {
             last_id: None,
             foreign_writer_seen: false,
             window_bytes: 0,
+            acks: None,
+            timer: None,
         }
+    }
+
+    /// Delivers what comes through `ring` until it is closed and drained (End item, or the
+    /// wal side dropped) and everything is acknowledged, advancing `durable`: the driver over
+    /// this publisher.
+    pub async fn deliver(self, ring: RingReader, durable: DurableLsn) -> Result<(), PublishError> {
+        driver::run(self, ring, durable).await
     }
 
     /// Follows the client's connection events through `stats` (the ones its connect function
@@ -284,6 +286,13 @@ impl Publisher {
     /// that may run a little later, and a publisher waiting for it must not stall.
     fn is_connected(&self) -> bool {
         self.client.connection_state() == State::Connected
+    }
+
+    /// Takes note of the reconnects so far, when nothing is in flight that they could concern.
+    fn sync_reconnects(&mut self) {
+        if let Some(stats) = &self.connection {
+            self.reconnects_seen = stats.reconnects();
+        }
     }
 
     /// After a reconnect, marks every message still waiting for its answer as failed: it was
@@ -316,148 +325,80 @@ impl Publisher {
         }
     }
 
-    /// Runs until the ring is closed and drained.
-    pub async fn run(mut self) -> Result<(), PublishError> {
-        // Subscribed before the first publish: both go through the client's command queue in
-        // order, so the server knows the inbox before any reply is due.
-        let mut acks = self
-            .client
-            .subscribe(self.replies.filter())
-            .await
-            .map_err(PublishError::AckInbox)?;
-        let notify = self.ring.notify();
-        let connection = self.connection.clone();
-        // One timer for the front's deadline. Deadlines only move later, so the timer is
-        // re-armed only when it fires early, not each time the front changes.
-        let timer = tokio::time::sleep(ACK_TIMEOUT);
-        tokio::pin!(timer);
-        let mut ended = false;
-        loop {
-            self.check_reconnect();
-            // Acknowledged messages leave first, so their room is filled at once.
-            self.complete_acked();
-            self.fill(&mut ended).await?;
-            self.stats
-                .in_flight
-                .store(self.window.len() as u64, Ordering::Relaxed);
-            let connected = self.is_connected();
-            let Some(front) = self.window.front_mut() else {
-                self.recovering = false;
-                self.last_id = None;
-                if ended {
-                    return Ok(());
-                }
-                if !connected {
-                    // Nothing is published while disconnected: wait for the connection, unless
-                    // nothing more will come, or shutdown has waited long enough.
-                    if self.ring.is_closed() {
-                        return Ok(());
-                    }
-                    if self.shutdown.is_triggered() {
-                        let since = *self.failing_since.get_or_insert_with(Instant::now);
-                        if since.elapsed() > SHUTDOWN_RETRY_LIMIT {
-                            return Err(PublishError::NotDrained {
-                                pending: self.ring.len(),
-                                last_error: "the NATS connection is lost".into(),
-                            });
-                        }
-                    }
-                    // Woken by the connection or the shutdown signal; once shutdown is on, the
-                    // limit above is looked at again every DISCONNECTED_CHECK.
-                    let shutting_down = self.shutdown.is_triggered();
-                    tokio::select! {
-                        _ = tokio::time::timeout(
-                            DISCONNECTED_CHECK,
-                            wait_connection_change(connection.as_deref()),
-                        ) => {}
-                        () = self.shutdown.triggered(), if !shutting_down => {}
-                    }
-                } else if self.ring.is_empty() {
-                    let _ = tokio::time::timeout(IDLE_WAIT, notify.notified()).await;
-                }
-                continue;
-            };
-            let deadline = self.front_since + ACK_TIMEOUT;
-            if matches!(front.state, AckState::Pending) && Instant::now() >= deadline {
-                front.state = AckState::Failed(Box::new(Failure::TimedOut));
-                self.stats.publish_errors.fetch_add(1, Ordering::Relaxed);
-                self.recovering = true;
-            }
-            if matches!(front.state, AckState::Failed(_)) {
-                self.retry(&mut acks).await?;
-                continue;
-            }
-            if timer.is_elapsed() {
-                timer.as_mut().reset(deadline.into());
-            }
-            let can_feed = connected
-                && !self.recovering
-                && !ended
-                && self.window.len() < self.settings.max_in_flight
-                && self.window_bytes < self.settings.max_in_flight_bytes;
-            tokio::select! {
-                biased;
-                reply = acks.next() => match reply {
-                    Some(reply) => self.take_replies(&reply, &mut acks),
-                    None => return Err(self.client_closed()),
-                },
-                () = &mut timer => {}
-                () = wait_connection_change(connection.as_deref()) => {}
-                () = notify.notified(), if can_feed => {}
-            }
-        }
-    }
-
-    /// Moves changes from the ring into the window, publishing each, until the window is full,
-    /// the ring is empty or a publish failed.
-    async fn fill(&mut self, ended: &mut bool) -> Result<(), PublishError> {
-        // Published while disconnected, changes would only queue in the client, to be sent
-        // after whatever the reconnect resends.
-        if self.recovering || !self.is_connected() {
-            return Ok(());
-        }
-        let mut popped_bytes = 0;
-        let result = self.fill_window(ended, &mut popped_bytes).await;
-        self.ring.popped(popped_bytes);
-        result
-    }
-
-    async fn fill_window(
+    /// One wait of the delivery loop with messages in the window: sends the front again when
+    /// it failed or timed out, otherwise waits for an answer, the front's deadline, a
+    /// connection change or (when there is room) more changes.
+    async fn wait_window(
         &mut self,
-        ended: &mut bool,
-        popped_bytes: &mut u64,
+        acks: &mut Subscriber,
+        feed: &Feed<'_>,
+        connected: bool,
     ) -> Result<(), PublishError> {
-        while self.window.len() < self.settings.max_in_flight
-            && (self.window_bytes < self.settings.max_in_flight_bytes || self.window.is_empty())
-            && !*ended
+        let Some(front) = self.window.front_mut() else {
+            return Ok(());
+        };
+        let deadline = self.front_since + ACK_TIMEOUT;
+        if matches!(front.state, AckState::Pending) && Instant::now() >= deadline {
+            front.state = AckState::Failed(Box::new(Failure::TimedOut));
+            self.stats.publish_errors.fetch_add(1, Ordering::Relaxed);
+            self.recovering = true;
+        }
+        if matches!(front.state, AckState::Failed(_)) {
+            return self.retry(acks).await;
+        }
+        let timer = self
+            .timer
+            .get_or_insert_with(|| Box::pin(tokio::time::sleep_until(deadline.into())));
+        if timer.is_elapsed() {
+            timer.as_mut().reset(deadline.into());
+        }
+        let can_feed = connected
             && !self.recovering
-        {
-            match self.ring.pop() {
-                Some(RingItem::Change(ev)) => {
-                    let bytes = event_bytes(&ev);
-                    *popped_bytes += bytes;
-                    self.publish_change(&ev).await?;
-                    if bytes <= RECYCLE_MAX_EVENT_BYTES {
-                        self.ring.recycle(ev);
-                    }
-                }
-                Some(RingItem::Commit { end_lsn }) => match self.window.back_mut() {
-                    Some(last) => last.commit_end = Some(end_lsn),
-                    None => self.durable.advance(end_lsn),
-                },
-                Some(RingItem::End) => *ended = true,
-                None => {
-                    if self.ring.is_closed() {
-                        *ended = true;
-                    }
-                    break;
-                }
-            }
+            && feed.open()
+            && self.window.len() < self.settings.max_in_flight
+            && self.window_bytes < self.settings.max_in_flight_bytes;
+        let connection = self.connection.clone();
+        tokio::select! {
+            biased;
+            reply = acks.next() => match reply {
+                Some(reply) => self.take_replies(&reply, acks),
+                None => return Err(self.client_closed()),
+            },
+            () = timer.as_mut() => {}
+            () = wait_connection_change(connection.as_deref()) => {}
+            () = feed.more(), if can_feed => {}
         }
         Ok(())
     }
 
-    async fn publish_change(&mut self, ev: &ChangeEvent) -> Result<(), PublishError> {
+    /// The wait of the delivery loop with nothing in flight and the client disconnected:
+    /// nothing is published meanwhile, so wait for the connection, unless shutdown has waited
+    /// long enough.
+    async fn wait_disconnected(&mut self, feed: &Feed<'_>) -> Result<(), PublishError> {
+        if self.shutdown.is_triggered() {
+            let since = *self.failing_since.get_or_insert_with(Instant::now);
+            if since.elapsed() > SHUTDOWN_RETRY_LIMIT {
+                return Err(PublishError::NotDrained {
+                    pending: feed.waiting(),
+                    last_error: "the NATS connection is lost".into(),
+                });
+            }
+        }
+        // Woken by the connection or the shutdown signal; once shutdown is on, the limit above
+        // is looked at again every DISCONNECTED_CHECK.
+        let shutting_down = self.shutdown.is_triggered();
+        let connection = self.connection.clone();
+        tokio::select! {
+            _ = tokio::time::timeout(
+                DISCONNECTED_CHECK,
+                wait_connection_change(connection.as_deref()),
+            ) => {}
+            () = self.shutdown.triggered(), if !shutting_down => {}
+        }
+        Ok(())
+    }
+
+    async fn publish_change(&mut self, ev: &ChangeEvent) -> Result<Ticket, PublishError> {
         encode_change(self.settings.format, ev, &mut self.buf);
         let subject = self
             .subjects
@@ -474,8 +415,6 @@ impl Publisher {
             last_in_tx: ev.last_in_tx,
             payload: self.payloads.copy(&self.buf),
             state: AckState::Pending,
-            commit_end: None,
-            commit_time: ev.commit_time,
         };
         let id = entry.message_id(&self.id_prefix);
         // The first message of an empty window follows what is already stored; every other
@@ -499,7 +438,7 @@ impl Publisher {
         }
         self.window_bytes += entry.payload.len() as u64;
         self.window.push_back(entry);
-        Ok(())
+        Ok(token)
     }
 
     fn fatal(&self, entry: &InFlight, e: &async_nats::PublishError) -> Option<PublishError> {
@@ -568,42 +507,39 @@ impl Publisher {
         }
     }
 
-    /// Removes the acknowledged messages at the front of the window and advances the durable
-    /// position past each completed transaction.
-    fn complete_acked(&mut self) {
-        let (mut published, mut duplicates, mut bytes, mut popped) = (0u64, 0u64, 0u64, 0u64);
-        let mut now_micros = None;
+    /// Removes the acknowledged messages at the front of the window: what the driver sees as
+    /// delivered.
+    fn complete_acked(&mut self) -> Progress {
+        let (mut duplicates, mut bytes, mut popped) = (0u64, 0u64, 0u64);
         while let Some(AckState::Acked { duplicate }) = self.window.front().map(|e| &e.state) {
-            if *duplicate {
-                duplicates += 1;
-            } else {
-                published += 1;
-            }
+            duplicates += u64::from(*duplicate);
             let Some(done) = self.window.pop_front() else {
                 break;
             };
             popped += 1;
             bytes += done.payload.len() as u64;
             self.window_bytes -= done.payload.len() as u64;
-            if let Some(end) = done.commit_end {
-                self.durable.advance(end);
-            }
-            self.observe_latency(done.commit_time, &mut now_micros);
         }
+        let progress = Progress {
+            below: self.window.front().map_or(self.next_token, |e| e.token),
+            duplicates,
+            bytes,
+        };
         if popped == 0 {
-            return;
+            return progress;
         }
-        self.stats.published.fetch_add(published, Ordering::Relaxed);
-        self.stats
-            .duplicates
-            .fetch_add(duplicates, Ordering::Relaxed);
-        self.stats.bytes.fetch_add(bytes, Ordering::Relaxed);
+        if self.window.is_empty() {
+            // Drained: new changes may enter again, the first one following what is stored.
+            self.recovering = false;
+            self.last_id = None;
+        }
         self.front_since = Instant::now();
         if self.failing_since.take().is_some() {
             self.backoff = RETRY_MIN;
             self.stats.stalled.store(false, Ordering::Relaxed);
             log::info!("JetStream acknowledges again; publishing resumes");
         }
+        progress
     }
 
     /// The front of the window failed: waits out the backoff (still taking answers in, since a
@@ -741,25 +677,71 @@ impl Publisher {
             pending: self.window.len(),
         }
     }
+}
 
-    /// Records commit → PubAck for one acknowledged message. Clock skew between the database
-    /// host and this one can make it negative: counted as zero. `now` is read once for all
-    /// messages acknowledged together.
-    fn observe_latency(&self, commit_time: i64, now: &mut Option<i64>) {
-        let Some(h) = &self.stats.commit_to_ack else {
-            return;
-        };
-        if commit_time == 0 {
-            return;
+impl Delivery for Publisher {
+    type Error = PublishError;
+
+    async fn open(&mut self) -> Result<(), PublishError> {
+        // Subscribed before the first publish: both go through the client's command queue in
+        // order, so the server knows the inbox before any reply is due.
+        let acks = self
+            .client
+            .subscribe(self.replies.filter())
+            .await
+            .map_err(PublishError::AckInbox)?;
+        self.acks = Some(acks);
+        Ok(())
+    }
+
+    /// Published while disconnected, changes would only queue in the client, to be sent after
+    /// whatever the reconnect resends.
+    fn ready(&self) -> bool {
+        !self.recovering && self.is_connected()
+    }
+
+    fn room(&self) -> bool {
+        self.window.len() < self.settings.max_in_flight
+            && (self.window_bytes < self.settings.max_in_flight_bytes || self.window.is_empty())
+            && !self.recovering
+    }
+
+    async fn send(&mut self, event: &ChangeEvent) -> Result<Ticket, PublishError> {
+        if self.window.is_empty() {
+            // Nothing was in flight on a connection lost before now.
+            self.sync_reconnects();
         }
-        let now = *now.get_or_insert_with(|| {
-            SystemTime::now()
-                .duration_since(UNIX_EPOCH)
-                .map(|d| d.as_micros() as i64)
-                .unwrap_or(0)
-        });
-        let micros = now.saturating_sub(pg_to_unix_micros(commit_time)).max(0);
-        h.observe(micros as f64 / 1e6);
+        self.publish_change(event).await
+    }
+
+    async fn delivered(&mut self, feed: Feed<'_>) -> Result<Progress, PublishError> {
+        // Taken out for the wait, so that answers can be applied to the window meanwhile.
+        let Some(mut acks) = self.acks.take() else {
+            return Err(self.client_closed());
+        };
+        let connected = self.is_connected();
+        let waited = if self.window.is_empty() {
+            if connected {
+                Ok(())
+            } else {
+                self.wait_disconnected(&feed).await
+            }
+        } else {
+            self.wait_window(&mut acks, &feed, connected).await
+        };
+        self.acks = Some(acks);
+        waited?;
+        self.check_reconnect();
+        // Acknowledged messages leave first, so the driver fills their room at once.
+        Ok(self.complete_acked())
+    }
+
+    async fn close(&mut self) -> Result<(), PublishError> {
+        Ok(())
+    }
+
+    fn stats(&self) -> &Arc<PublisherStats> {
+        &self.stats
     }
 }
 
