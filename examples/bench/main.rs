@@ -336,7 +336,7 @@ impl Bench {
         self.pg.sql(DB, SCHEMA);
         // The project's own set-up script: role bridge_reader and publication cdc_pub.
         let mut init = Command::new("bash");
-        init.arg(concat!(env!("CARGO_MANIFEST_DIR"), "/init.sh"))
+        init.arg(concat!(env!("CARGO_MANIFEST_DIR"), "/deploy/init.sh"))
             .env("PATH", path_with(&self.pg.bin))
             .env("PGHOST", "127.0.0.1")
             .env("PGPORT", self.pg.port.to_string())

@@ -720,7 +720,7 @@ pub fn wait_caught_up(pg: &PgServer, slot: &str, timeout: Duration) -> pgbridge:
 /// Password of the `bridge_reader` role that [`setup_app_db`] creates.
 pub const READER_PASSWORD: &str = "reader-secret";
 
-/// Creates database `app` with `schema_sql`, then runs the project's own `init.sh` in it
+/// Creates database `app` with `schema_sql`, then runs the project's own `deploy/init.sh` in it
 /// (role `bridge_reader`, publication `cdc_pub` for `tables`, or all tables when empty).
 pub fn setup_app_db(pg: &PgServer, schema_sql: &str, tables: &str) {
     pg.create_database("app");
@@ -728,7 +728,7 @@ pub fn setup_app_db(pg: &PgServer, schema_sql: &str, tables: &str) {
         pg.sql("app", schema_sql);
     }
     let out = Command::new("bash")
-        .arg(concat!(env!("CARGO_MANIFEST_DIR"), "/init.sh"))
+        .arg(concat!(env!("CARGO_MANIFEST_DIR"), "/deploy/init.sh"))
         .env("PGHOST", pg.host())
         .env("PGPORT", pg.port().to_string())
         .env("PGUSER", PG_SUPERUSER)
