@@ -19,8 +19,6 @@
 
 mod nats;
 mod probe;
-mod procs;
-mod servers;
 
 use std::fs;
 use std::path::{Path, PathBuf};
@@ -30,8 +28,14 @@ use std::time::{Duration, Instant};
 use futures_util::StreamExt;
 use serde_json::{json, Value as Json};
 
-use procs::{cpu_by_thread, cpu_of, free_port, run, status_kb, Proc, Rusage};
-use servers::{Nats, Postgres, DB, READER, READER_PASSWORD};
+use testkit::pg::init_script;
+use testkit::proc::{cpu_by_thread, cpu_of, run, status_kb, Proc, Rusage};
+use testkit::{free_port, NatsServer, PgServer};
+
+/// The benchmark's database, and the role the bridge connects as (made by `deploy/init.sh`).
+const DB: &str = "app";
+const READER: &str = "bridge_reader";
+const READER_PASSWORD: &str = "bench-reader";
 
 const SLOT: &str = "cdc_slot";
 const CEILING_SLOT: &str = "ceiling_slot";
@@ -162,8 +166,8 @@ fn usage(problem: &str) -> ! {
 struct Bench {
     o: Opts,
     started: Instant,
-    pg: Postgres,
-    nats: Nats,
+    pg: PgServer,
+    nats: NatsServer,
     rt: tokio::runtime::Runtime,
     client: async_nats::Client,
     js: async_nats::jetstream::Context,
@@ -210,8 +214,8 @@ fn main() {
     }
 
     let dir = o.dir.clone();
-    let nats = std::thread::spawn(move || Nats::start(&dir));
-    let pg = Postgres::start(
+    let nats = std::thread::spawn(move || NatsServer::start_in(&dir));
+    let pg = PgServer::start_in(
         &o.dir,
         &[
             ("wal_level", "logical"),
@@ -336,12 +340,12 @@ impl Bench {
         self.pg.sql(DB, SCHEMA);
         // The project's own set-up script: role bridge_reader and publication cdc_pub.
         let mut init = Command::new("bash");
-        init.arg(concat!(env!("CARGO_MANIFEST_DIR"), "/deploy/init.sh"))
-            .env("PATH", path_with(&self.pg.bin))
+        init.arg(init_script())
+            .env("PATH", path_with(self.pg.bin_dir()))
             .env("PGHOST", "127.0.0.1")
-            .env("PGPORT", self.pg.port.to_string())
-            .env("PGUSER", servers::SUPERUSER)
-            .env("PGPASSWORD", servers::PASSWORD)
+            .env("PGPORT", self.pg.port().to_string())
+            .env("PGUSER", testkit::PG_SUPERUSER)
+            .env("PGPASSWORD", self.pg.password())
             .env("PGDATABASE", DB)
             .env("BRIDGE_PG_PASSWORD", READER_PASSWORD)
             .env("BRIDGE_TABLES", "users")
@@ -361,7 +365,7 @@ impl Bench {
     fn pgbench(&self, extra: &[String]) -> (Duration, String) {
         let clients = self.o.clients.to_string();
         let threads = self.o.clients.min(2).to_string();
-        let mut cmd = self.pg.tool("pgbench");
+        let mut cmd = self.pg.tool("pgbench", DB);
         cmd.args(["-n", "-M", "prepared", "-c", &clients, "-j", &threads, "-f"])
             .arg(self.o.dir.join("workload.sql"))
             .args(extra)
@@ -391,9 +395,9 @@ impl Bench {
 
     /// `pg_recvlogical` from `slot` to /dev/null until `endpos`.
     fn recvlogical(&self, slot: &str, endpos: &str, options: &[&str], changes: u64) -> Json {
-        let mut cmd = self.pg.tool("pg_recvlogical");
+        let mut cmd = self.pg.tool("pg_recvlogical", DB);
         cmd.arg("-d")
-            .arg(self.pg.conninfo(DB, READER, READER_PASSWORD))
+            .arg(self.pg.conninfo_as(DB, READER, READER_PASSWORD))
             .args([
                 "-S",
                 slot,
@@ -462,7 +466,7 @@ impl Bench {
         cmd.env_clear()
             .env("PATH", std::env::var_os("PATH").unwrap_or_default())
             .env("PG_HOST", "127.0.0.1")
-            .env("PG_PORT", self.pg.port.to_string())
+            .env("PG_PORT", self.pg.port().to_string())
             .env("PG_USER", READER)
             .env("PG_PASSWORD", READER_PASSWORD)
             .env("PG_DB", DB)
@@ -562,7 +566,7 @@ impl Bench {
     /// Starts the bridge on the backlog and waits until the CDC stream holds `expected`
     /// messages and the slot has confirmed the last transaction.
     fn drain(&mut self, expected: u64, tag: &str) -> Json {
-        let nats_pid = self.nats.proc.pid();
+        let nats_pid = self.nats.pid().expect("nats-server runs");
         let nats_cpu0 = cpu_of(nats_pid).unwrap_or_default();
         let t0 = Instant::now();
         let (mut bridge, log) = self.spawn_bridge(tag, "users");
@@ -826,13 +830,13 @@ impl Bench {
             &format!("SELECT pg_create_logical_replication_slot('{PROBE_SLOT}', 'pgoutput')"),
         );
         let probe = probe::Probe::start(
-            self.pg.params(DB, READER, READER_PASSWORD),
+            self.pg.params_as(DB, READER, READER_PASSWORD),
             PROBE_SLOT,
             PUBLICATION,
         );
         let clients = self.o.clients.to_string();
         let threads = self.o.clients.min(2).to_string();
-        let mut cmd = self.pg.tool("pgbench");
+        let mut cmd = self.pg.tool("pgbench", DB);
         cmd.args(["-n", "-M", "prepared", "-c", &clients, "-j", &threads, "-f"])
             .arg(self.o.dir.join("workload.sql"))
             .args(["--rate", &tps.to_string(), "-T", &duration.to_string(), DB])
@@ -1001,7 +1005,7 @@ impl Bench {
             );
             pg_only.push(round(
                 probe::first_change_ms(
-                    &self.pg.params(DB, READER, READER_PASSWORD),
+                    &self.pg.params_as(DB, READER, READER_PASSWORD),
                     SLOT,
                     PUBLICATION,
                 ),
@@ -1067,7 +1071,7 @@ impl Bench {
         self.pg.sql(DB, "VACUUM ANALYZE snap_users");
         let mut best = Duration::MAX;
         for _ in 0..3 {
-            let mut cmd = self.pg.tool("psql");
+            let mut cmd = self.pg.tool("psql", DB);
             cmd.args([
                 "-X",
                 "-q",
@@ -1130,7 +1134,7 @@ impl Bench {
         let threads_before: std::collections::HashMap<String, Rusage> =
             cpu_by_thread(pid).into_iter().collect();
         let cpu0 = cpu_of(pid).unwrap_or_default();
-        let nats_pid = self.nats.proc.pid();
+        let nats_pid = self.nats.pid().expect("nats-server runs");
         let nats_cpu0 = cpu_of(nats_pid).unwrap_or_default();
 
         let t0 = Instant::now();

@@ -2,15 +2,13 @@
 //! documented exit code and lose nothing; a second instance waits as a standby; SIGTERM
 //! drains and exits 0.
 
-mod common;
-
 use std::time::Duration;
 
-use common::{
+use pgbridge::pg::Lsn;
+use testkit::{
     bridge_command, confirmed_flush, read_stream, setup_app_db, stream_len, wait_for,
     BridgeProcess, NatsServer, PgServer, TempDir, TestEnv,
 };
-use pgbridge::pg::Lsn;
 
 const SCHEMA: &str = "CREATE TABLE users (id int PRIMARY KEY, name text); \
                       CREATE TABLE orders (id int PRIMARY KEY, total numeric)";
@@ -123,7 +121,7 @@ fn a_row_larger_than_max_payload_stops_without_losing_it() {
     });
     let small_commit: Lsn = {
         let m = &read_stream(&nats.url(), "CDC")[0];
-        common::split_msg_id(m.msg_id.as_deref().unwrap()).2
+        testkit::split_msg_id(m.msg_id.as_deref().unwrap()).2
     };
     let before_big = wait_for(
         "the slot to confirm the small row",
@@ -244,7 +242,7 @@ fn standby_waits_and_sigterm_drains_and_exits_0() {
         after > commit_lsn,
         "slot confirmed {after}, commit at {commit_lsn}"
     );
-    let stored = common::state_file_lsn(&dir.path().join("bridge.lsn")).expect("a state file");
+    let stored = testkit::state_file_lsn(&dir.path().join("bridge.lsn")).expect("a state file");
     assert_eq!(stored, after, "state file = confirmed position");
 }
 

@@ -38,8 +38,6 @@
 //! 60), `CHAOS_RATE` (row changes per second at most, 1000). `scripts/chaos.sh` runs the full
 //! form. One summary line `chaos: seed=… …` is printed at the end.
 
-mod common;
-
 use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 use std::io::{Read, Write as _};
 use std::path::Path;
@@ -48,14 +46,14 @@ use std::sync::Arc;
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
-use common::oracle::*;
-use common::{
-    bridge_command, free_port, setup_app_db, wait_for, BridgeProcess, PgServer, StopMode, TempDir,
-    TestEnv,
-};
 use pgbridge::pg::conn::{ConnectionKind, PgConnection, PgError};
 use pgbridge::pg::pgoutput::LogicalMessage;
 use pgbridge::pg::Lsn;
+use testkit::oracle::*;
+use testkit::{
+    bridge_command, free_port, setup_app_db, wait_for, BridgeProcess, PgServer, StopMode, TempDir,
+    TestEnv,
+};
 
 /// The oracle's own slot.
 const ORACLE_SLOT: &str = "oracle";
@@ -468,6 +466,7 @@ impl Drop for SeedOnFailure {
 
 #[test]
 fn chaos_changes_are_stored_exactly_once_in_commit_order_and_mirrored() {
+    let _heavy = testkit::heavy();
     let started = Instant::now();
     let seed = knob(
         "CHAOS_SEED",
@@ -673,13 +672,13 @@ fn chaos_changes_are_stored_exactly_once_in_commit_order_and_mirrored() {
 
     // (a) and (b): the stream against the oracle slot.
     let (expected, oracle_xids) = oracle_changes(&env.pg);
-    let stored = common::read_stream(&url, "CDC");
+    let stored = testkit::read_stream(&url, "CDC");
     let mut seen: BTreeSet<(Lsn, u32)> = BTreeSet::new();
     let mut prev: Option<(Lsn, u32)> = None;
     let mut stream_dups = Vec::new();
     for m in &stored {
         let id = m.msg_id.as_deref().expect("a message id");
-        let (_, _, lsn, seq) = common::split_msg_id(id);
+        let (_, _, lsn, seq) = testkit::split_msg_id(id);
         let key = (lsn, seq);
         if let Some(p) = prev {
             assert!(

@@ -4,11 +4,9 @@
 //! The bridge must ride it all out without exiting, and the stream must hold every committed
 //! row once, in commit order.
 
-mod common;
-
 use std::time::{Duration, Instant};
 
-use common::{
+use testkit::{
     assert_once_in_order, bridge_command, json_row_ids, read_stream, setup_app_db, wait_caught_up,
     wait_for, BridgeProcess, InsertLoad, NatsCluster, PgServer, TempDir,
 };
@@ -57,6 +55,7 @@ fn wait_progress(cluster: &NatsCluster, than: u64, what: &str) -> u64 {
 
 #[test]
 fn r3_stream_rides_out_a_leader_loss_and_a_quorum_loss() {
+    let _heavy = testkit::heavy();
     let cluster = std::thread::spawn(|| NatsCluster::start(3));
     let pg = PgServer::start();
     let mut cluster = cluster.join().expect("cluster start failed");
@@ -166,6 +165,7 @@ fn r3_stream_rides_out_a_leader_loss_and_a_quorum_loss() {
 /// nodes are back.
 #[test]
 fn a_start_without_quorum_waits_for_the_cluster() {
+    let _heavy = testkit::heavy();
     let cluster = std::thread::spawn(|| NatsCluster::start(3));
     let pg = PgServer::start();
     let mut cluster = cluster.join().expect("cluster start failed");

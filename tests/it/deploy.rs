@@ -2,17 +2,15 @@
 //! Prometheus alert rules and the Grafana dashboard name is one the bridge exports on
 //! `/metrics`, so a renamed or misspelled metric fails here instead of silently never alerting.
 
-mod common;
-
 use std::collections::BTreeSet;
 use std::io::{Read, Write};
 use std::net::TcpStream;
 use std::time::Duration;
 
-use common::{bridge_command, free_port, setup_app_db, wait_for, BridgeProcess, TempDir, TestEnv};
+use testkit::{bridge_command, free_port, setup_app_db, wait_for, BridgeProcess, TempDir, TestEnv};
 
-const ALERTS: &str = include_str!("../deploy/prometheus/alerts.yml");
-const DASHBOARD: &str = include_str!("../deploy/grafana/pgbridge.json");
+const ALERTS: &str = include_str!("../../deploy/prometheus/alerts.yml");
+const DASHBOARD: &str = include_str!("../../deploy/grafana/pgbridge.json");
 
 /// Every `bridge_[a-z0-9_]+` identifier in `text`, not counting those inside a longer
 /// identifier (e.g. `pgbridge_x`).

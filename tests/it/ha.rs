@@ -4,14 +4,12 @@
 //! place, so there are always two); the standby must take the slot over, and the stream must
 //! hold every committed row once, in commit order.
 
-mod common;
-
 use std::io::{Read, Write};
 use std::net::TcpStream;
 use std::path::Path;
 use std::time::{Duration, Instant};
 
-use common::{
+use testkit::{
     assert_once_in_order, bridge_command, free_port, json_row_ids, read_stream, setup_app_db,
     stream_len, wait_caught_up, wait_for, BridgeProcess, InsertLoad, PgServer, TempDir, TestEnv,
 };
@@ -74,6 +72,7 @@ fn assert_running(place: &mut Place) {
 
 #[test]
 fn the_standby_takes_over_when_the_active_bridge_is_killed() {
+    let _heavy = testkit::heavy();
     let env = TestEnv::start();
     let (pg, nats) = (&env.pg, env.nats.url());
     setup_app_db(pg, "CREATE TABLE load (id bigint PRIMARY KEY)", "");

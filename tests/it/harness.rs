@@ -1,12 +1,10 @@
 //! The test harness itself: servers start on loopback, are configured for logical
 //! replication, and are gone (process and directory) after drop, also on panic.
 
-mod common;
-
 use std::path::PathBuf;
 use std::time::Duration;
 
-use common::{NatsServer, PgServer, StopMode, TestEnv};
+use testkit::{NatsServer, PgServer, StopMode, TestEnv};
 
 fn pid_alive(pid: u32) -> bool {
     // SAFETY: signal 0 only checks for existence.
@@ -35,7 +33,7 @@ fn servers_start_configured_and_clean_up() {
     let dirs: Vec<PathBuf> = vec![env.pg.dir().to_path_buf(), env.nats.dir().to_path_buf()];
     assert!(dirs.iter().all(|d| d.exists()));
     drop(env);
-    common::wait_for(
+    testkit::wait_for(
         "postgres processes to exit",
         Duration::from_secs(20),
         || (!pid_alive(checkpointer)).then_some(()),
@@ -104,7 +102,7 @@ fn panicking_test_still_cleans_up() {
         std::panic::panic_any(pid);
     });
     let pid = *result.unwrap_err().downcast::<u32>().unwrap();
-    common::wait_for(
+    testkit::wait_for(
         "postgres to exit after panic",
         Duration::from_secs(20),
         || (!pid_alive(pid)).then_some(()),

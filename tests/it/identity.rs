@@ -3,12 +3,10 @@
 //! with exit code 2 and one line, and confirms nothing; `--accept-position-gap` starts from
 //! the slot and streams what is written afterwards.
 
-mod common;
-
 use std::path::Path;
 use std::time::Duration;
 
-use common::{
+use testkit::{
     bridge_command, confirmed_flush, read_stream, setup_app_db, split_msg_id, stream_len,
     wait_caught_up, wait_for, BridgeProcess, PgServer, TempDir, TestEnv,
 };

@@ -3,11 +3,9 @@
 //! made anew, a quiet but live connection is kept, and a fatal error of the wal thread while
 //! NATS is down ends the bridge promptly with that error instead of hanging.
 
-mod common;
-
 use std::time::{Duration, Instant};
 
-use common::{
+use testkit::{
     bridge_command, read_stream, setup_app_db, wait_for, BridgeProcess, PgServer, TempDir, TestEnv,
 };
 

@@ -2,11 +2,11 @@
 //! waiting in the bridge stay within the ring's and the window's byte budgets (PostgreSQL keeps
 //! the rest of the WAL), and every change arrives once NATS is back.
 
-mod common;
-
 use std::time::Duration;
 
-use common::{bridge_command, setup_app_db, stream_len, wait_for, BridgeProcess, TempDir, TestEnv};
+use testkit::{
+    bridge_command, setup_app_db, stream_len, wait_for, BridgeProcess, TempDir, TestEnv,
+};
 
 const WAIT: Duration = Duration::from_secs(120);
 const ROWS: i64 = 600;
@@ -63,6 +63,7 @@ fn run(extra: &[&str]) -> u64 {
 
 #[test]
 fn wide_rows_while_nats_is_down_stay_within_the_byte_budget() {
+    let _heavy = testkit::heavy();
     let peak = run(&[]);
     eprintln!("peak RSS with 100 KB rows while NATS was down: {peak} kB");
     assert!(

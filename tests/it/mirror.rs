@@ -12,19 +12,14 @@
 //!
 //! The workload's seed is printed when a test fails; `MIRROR_TEST_SEED=<seed>` reruns it.
 
-mod common;
-
 use std::fmt::Write as _;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use common::oracle::*;
-use common::{setup_app_db, wait_for, BridgeProcess, TempDir, TestEnv};
-
-/// The two 50 000-change scenarios run one at a time: each alone keeps a 2-core machine busy.
-static HEAVY: Mutex<()> = Mutex::new(());
+use testkit::oracle::*;
+use testkit::{setup_app_db, wait_for, BridgeProcess, TempDir, TestEnv};
 
 /// Prints the seed when the test fails, whatever fails.
 struct SeedOnFailure(u64);
@@ -116,7 +111,7 @@ fn assert_oracle_sees_tampering(env: &TestEnv, db: &Path) {
 
 #[test]
 fn mirror_equals_source_after_50k_changes() {
-    let _heavy = HEAVY.lock().unwrap_or_else(|e| e.into_inner());
+    let _heavy = testkit::heavy();
     let seed = seed();
     let _report_seed = SeedOnFailure(seed);
     let started = Instant::now();
@@ -157,11 +152,11 @@ fn mirror_equals_source_after_50k_changes() {
 /// ids `{namespace}:{timeline}:{commit_lsn}-{seq}` never goes back.
 fn assert_stream_in_commit_order(url: &str) {
     let parse = |id: &str| -> (pgbridge::pg::Lsn, u64) {
-        let (_, _, lsn, seq) = common::split_msg_id(id);
+        let (_, _, lsn, seq) = testkit::split_msg_id(id);
         (lsn, u64::from(seq))
     };
     let mut last: Option<((pgbridge::pg::Lsn, u64), u64)> = None;
-    for m in common::read_stream(url, "CDC") {
+    for m in testkit::read_stream(url, "CDC") {
         let key = parse(m.msg_id.as_deref().expect("a message id"));
         if let Some((prev, prev_seq)) = last {
             assert!(
@@ -254,7 +249,7 @@ fn mirror_rides_out_a_nats_restart() {
 
 #[test]
 fn mirror_equals_source_after_kill_9_of_mirror_and_bridge() {
-    let _heavy = HEAVY.lock().unwrap_or_else(|e| e.into_inner());
+    let _heavy = testkit::heavy();
     let seed = seed();
     let _report_seed = SeedOnFailure(seed);
     let started = Instant::now();
@@ -727,7 +722,7 @@ fn mirror_shows_whole_source_transactions_only() {
         )
     };
     let publish = |seq: u32, payload: String, last: bool| {
-        common::with_nats(&url, |client| async move {
+        testkit::with_nats(&url, |client| async move {
             let js = async_nats::jetstream::new(client);
             let mut headers = async_nats::HeaderMap::new();
             headers.insert("Nats-Msg-Id", format!("FF/0-{seq}").as_str());
@@ -804,11 +799,11 @@ fn mirror_ignores_replayed_and_out_of_order_changes() {
     }
 
     // Every change once more in stream order, then once more backwards.
-    let stored = common::read_stream(&url, "CDC");
+    let stored = testkit::read_stream(&url, "CDC");
     assert!(stored.len() > 200, "{} changes", stored.len());
     let replay: Vec<_> = stored.iter().chain(stored.iter().rev()).collect();
     let count = replay.len();
-    common::with_nats(&url, |client| async move {
+    testkit::with_nats(&url, |client| async move {
         let js = async_nats::jetstream::new(client);
         for (i, m) in replay.into_iter().enumerate() {
             let mut headers = async_nats::HeaderMap::new();
@@ -824,7 +819,7 @@ fn mirror_ignores_replayed_and_out_of_order_changes() {
         }
     });
     assert_eq!(
-        common::stream_len(&url, "CDC"),
+        testkit::stream_len(&url, "CDC"),
         (stored.len() + count) as u64
     );
     wait_mirror_caught_up(&env.pg, &url, &durable(&db));

@@ -1,8 +1,6 @@
 //! NATS connection and JetStream set-up against a real nats-server: stream creation and
 //! re-use, warnings about existing streams, the errors a person can act on, reconnect counting.
 
-mod common;
-
 use std::future::Future;
 use std::time::{Duration, Instant};
 
@@ -16,7 +14,7 @@ use pgbridge::sink::nats::{
     INIT_SUBJECT_PREFIX,
 };
 
-use common::NatsServer;
+use testkit::NatsServer;
 
 fn nats_config(url: String) -> NatsConfig {
     NatsConfig {
@@ -203,7 +201,7 @@ async fn a_server_without_jetstream_gives_the_jetstream_disabled_error() {
 
 #[tokio::test(flavor = "current_thread")]
 async fn an_unreachable_server_fails_fast_with_redacted_urls() {
-    let port = common::free_port();
+    let port = testkit::free_port();
     let config = nats_config(format!("nats://bridge:hunter2-secret@127.0.0.1:{port}"));
     let started = Instant::now();
     let err = bounded("connect", sink::connect(&config, CONNECTION_NAME))

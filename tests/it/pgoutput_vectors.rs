@@ -3,15 +3,13 @@
 //! bytes with `pg_logical_slot_peek_binary_changes`, and checks that they decode to the same
 //! messages as the stored capture (OIDs, xids and LSNs differ between runs and are left out).
 //!
-//! `PGBRIDGE_UPDATE_VECTORS=1 cargo test --test pgoutput_vectors` rewrites the stored files.
-
-mod common;
+//! `PGBRIDGE_UPDATE_VECTORS=1 cargo test --test it pgoutput_vectors` rewrites the stored files.
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 
-use common::PgServer;
 use pgbridge::pg::pgoutput::{Cell, Decoder, LogicalMessage, OldTuple, TupleData};
+use testkit::PgServer;
 
 struct Scenario {
     name: String,

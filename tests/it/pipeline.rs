@@ -1,16 +1,14 @@
 //! PostgreSQL → bridge → JetStream with real servers: the message contract (DESIGN §3–§4),
 //! commit order, message ids, TOAST, large and streamed transactions, durable flush.
 
-mod common;
-
 use std::collections::BTreeMap;
 use std::time::Duration;
 
-use common::{
+use rmpv::Value as Mp;
+use testkit::{
     bridge_command, read_stream, setup_app_db, stream_len, wait_for, BridgeProcess, StoredMessage,
     TempDir, TestEnv,
 };
-use rmpv::Value as Mp;
 
 const SCHEMA: &str = "
 CREATE TABLE users (id int PRIMARY KEY, email text NOT NULL, name text);
@@ -170,7 +168,7 @@ fn changes_arrive_in_commit_order_with_the_contract_fields() {
             .filter(|k| *k != "old_columns" || matches!(c.str("operation"), "UPDATE" | "DELETE"))
             .collect();
         assert_eq!(keys, want, "{}", c.subject);
-        let (ns, timeline, commit_lsn, seq) = common::split_msg_id(&c.msg_id);
+        let (ns, timeline, commit_lsn, seq) = testkit::split_msg_id(&c.msg_id);
         assert!(
             ns.len() == 8 && ns.bytes().all(|b| matches!(b, b'0'..=b'9' | b'a'..=b'f')),
             "{}",

@@ -6,8 +6,6 @@
 //! Fault timing is random (xorshift seeded from the clock); the seed is printed, and
 //! `FAULT_SEED=<seed>` repeats a run's timing.
 
-mod common;
-
 use std::collections::{HashMap, HashSet};
 use std::path::Path;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -15,13 +13,13 @@ use std::sync::Arc;
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
-use common::{
-    bridge_command, read_stream, setup_app_db, stream_len, wait_for, with_nats, BridgeProcess,
-    NatsServer, PgServer, StopMode, StoredMessage, TempDir, TestEnv,
-};
 use pgbridge::pg::conn::{ConnectionKind, PgConnection};
 use pgbridge::pg::Lsn;
 use rmpv::Value as Mp;
+use testkit::{
+    bridge_command, read_stream, setup_app_db, stream_len, wait_for, with_nats, BridgeProcess,
+    NatsServer, PgServer, StopMode, StoredMessage, TempDir, TestEnv,
+};
 
 const SCHEMA: &str = "CREATE TABLE load (id bigint PRIMARY KEY, txn int, payload text)";
 
@@ -313,7 +311,7 @@ fn assert_exactly_once(events: &[Event], committed: &HashMap<ChangeKey, String>)
     let mut ids = HashSet::new();
     let mut seen: HashMap<&ChangeKey, Vec<u64>> = HashMap::new();
     for e in events {
-        let (_, timeline, commit_lsn, seq) = common::split_msg_id(&e.msg_id);
+        let (_, timeline, commit_lsn, seq) = testkit::split_msg_id(&e.msg_id);
         assert_eq!(
             (timeline, commit_lsn, u64::from(seq)),
             (1, e.commit_lsn, e.seq),
@@ -398,7 +396,7 @@ fn wait_caught_up(pg: &PgServer, bridge: &BridgeProcess) -> Lsn {
 /// The durable position the next start resumes from: the later of the state file and the
 /// slot (the bridge is not running).
 fn resume_position(pg: &PgServer, state_dir: &Path) -> Lsn {
-    let file = common::state_file_lsn(&state_dir.join("bridge.lsn"));
+    let file = testkit::state_file_lsn(&state_dir.join("bridge.lsn"));
     let slot = confirmed_flush(pg).expect("the slot exists");
     file.unwrap_or(Lsn::INVALID).max(slot)
 }
@@ -711,7 +709,7 @@ fn sigterm_under_load_then_restart_republishes_only_the_unfinished_transaction()
 
     let (published_first, duplicates_first) = stop_gracefully(&mut bridge);
     // The final flush went out: the slot is where the state file is.
-    let state: Lsn = common::state_file_lsn(&dir.path().join("bridge.lsn")).expect("a state file");
+    let state: Lsn = testkit::state_file_lsn(&dir.path().join("bridge.lsn")).expect("a state file");
     assert_eq!(confirmed_flush(&env.pg), Some(state));
     // Stored but not durable: at most the changes of the transaction that was being read.
     let unfinished = stored_from(&url, state);

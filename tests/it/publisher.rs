@@ -2,8 +2,6 @@
 //! messages, a missing stream (no responders) and refusals in the middle of the window are
 //! retried in order, and the durable position never passes a message JetStream has not stored.
 
-mod common;
-
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::thread::JoinHandle;
@@ -19,7 +17,7 @@ use pgbridge::pipeline::wal::RingItem;
 use pgbridge::shutdown::Shutdown;
 use pgbridge::sink::publisher::{PublishError, Publisher, PublisherSettings, PublisherStats};
 
-use common::{read_stream, with_nats, NatsServer};
+use testkit::{read_stream, with_nats, NatsServer};
 
 /// Transactions fed to the publisher, each of [`PER_TXN`] changes.
 const TXNS: u64 = 40;

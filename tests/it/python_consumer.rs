@@ -5,16 +5,14 @@
 //!
 //! Needs the project venv with the consumer's requirements: `scripts/install-deps.sh`.
 
-mod common;
-
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use common::{bridge_command, setup_app_db, BridgeProcess, KillOnDrop, TempDir, TestEnv};
 use serde_json::{json, Value};
+use testkit::{bridge_command, setup_app_db, BridgeProcess, KillOnDrop, TempDir, TestEnv};
 
 const SEED_ROWS: i64 = 2000;
 /// How long one run of the mirror may take before the test fails.
@@ -189,7 +187,7 @@ fn mirror_scenario(format: &str) {
     let written = writer.join().unwrap();
     assert!(written > 100, "the writer ran ({written} statements)");
 
-    common::wait_caught_up(&env.pg, "cdc_slot", Duration::from_secs(120));
+    testkit::wait_caught_up(&env.pg, "cdc_slot", Duration::from_secs(120));
 
     // Second run: continues from the position the killed run committed, until idle.
     finish(
@@ -208,8 +206,8 @@ fn mirror_scenario(format: &str) {
         "UPDATE accounts SET name = 'after purge' WHERE id % 7 = 0; \
          DELETE FROM accounts WHERE id % 11 = 0",
     );
-    common::wait_caught_up(&env.pg, "cdc_slot", Duration::from_secs(120));
-    common::with_nats(&url, |client| async move {
+    testkit::wait_caught_up(&env.pg, "cdc_slot", Duration::from_secs(120));
+    testkit::with_nats(&url, |client| async move {
         let js = async_nats::jetstream::new(client);
         js.get_stream("CDC").await.unwrap().purge().await.unwrap();
     });
@@ -238,7 +236,7 @@ fn assert_mirrors_the_table(env: &TestEnv, url: &str, db: &Path) {
 #[test]
 fn python_mirror_stops_with_the_error_of_a_failed_snapshot() {
     let _ = python();
-    let pg = common::PgServer::start();
+    let pg = testkit::PgServer::start();
     setup_app_db(
         &pg,
         "CREATE TABLE accounts (id int PRIMARY KEY, big text); \
@@ -248,7 +246,7 @@ fn python_mirror_stops_with_the_error_of_a_failed_snapshot() {
     let conf_dir = TempDir::new("natsconf");
     let conf = conf_dir.path().join("small.conf");
     std::fs::write(&conf, "max_payload: 4096\n").unwrap();
-    let nats = common::NatsServer::start_with_args(&["-c", conf.to_str().unwrap()]);
+    let nats = testkit::NatsServer::start_with_args(&["-c", conf.to_str().unwrap()]);
     let dir = TempDir::new("pymirror");
     let bridge = BridgeProcess::spawn(&mut bridge_command(&pg, &nats.url(), dir.path()));
     bridge.wait_for_line("snapshot requests served", Duration::from_secs(60));

@@ -2,17 +2,15 @@
 //! decoding a transaction from the walsender, answering keepalives so the walsender does not
 //! time out, moving the slot with status updates, and a consistent snapshot COPY.
 
-mod common;
-
 use std::ops::ControlFlow;
 use std::time::{Duration, Instant};
 
-use common::{confirmed_flush, wait_for, PgServer};
 use pgbridge::pg::conn::{sqlstate, ConnectionKind, PgConnection};
 use pgbridge::pg::framing::{parse_copy_data, ReplicationMessage};
 use pgbridge::pg::pgoutput::{Cell, Decoder, LogicalMessage};
 use pgbridge::pg::replication::{PgOutputOptions, ReplicationConnection, SnapshotAction};
 use pgbridge::pg::Lsn;
+use testkit::{confirmed_flush, wait_for, PgServer};
 
 fn replication(pg: &PgServer, db: &str) -> ReplicationConnection {
     let params = pg.params(db);

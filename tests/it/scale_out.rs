@@ -2,12 +2,10 @@
 //! the same publication, one shared CDC stream. Every change is stored once, by the bridge of
 //! its table, even when one transaction touches both sets.
 
-mod common;
-
 use std::collections::BTreeSet;
 use std::time::Duration;
 
-use common::{
+use testkit::{
     bridge_command, read_stream, setup_app_db, stream_len, wait_for, BridgeProcess, TempDir,
     TestEnv,
 };

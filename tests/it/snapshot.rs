@@ -3,21 +3,19 @@
 //! writes: chunks + CDC changes from `cdc_stream_seq + 1` with `commit_lsn >= lsn` rebuild
 //! the table exactly.
 
-mod common;
-
 use std::collections::BTreeMap;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
-use common::{
-    bridge_command, read_stream, setup_app_db, wait_for, BridgeProcess, TempDir, TestEnv,
-};
 use pgbridge::pg::Lsn;
 use rmpv::Value as Mp;
+use testkit::{
+    bridge_command, read_stream, setup_app_db, wait_for, BridgeProcess, TempDir, TestEnv,
+};
 
 fn request(nats_url: &str, subject: &str) -> serde_json::Value {
-    common::with_nats(nats_url, |client| async move {
+    testkit::with_nats(nats_url, |client| async move {
         let reply = tokio::time::timeout(
             Duration::from_secs(10),
             client.request(subject.to_string(), "".into()),
@@ -221,7 +219,7 @@ fn snapshot_plus_stream_rebuilds_the_table_exactly_under_concurrent_writes() {
     assert!(written > 100, "the writer ran ({written} statements)");
 
     // Wait until the bridge has confirmed everything written.
-    common::wait_caught_up(&env.pg, "cdc_slot", Duration::from_secs(120));
+    testkit::wait_caught_up(&env.pg, "cdc_slot", Duration::from_secs(120));
 
     // Bootstrap as a consumer does.
     let meta = decode(&meta.payload);
@@ -312,7 +310,7 @@ fn snapshot_plus_stream_rebuilds_the_table_exactly_under_concurrent_writes() {
 
 /// The current value and revision of a key in the `schemas` bucket.
 fn schema_entry(nats_url: &str, key: &str) -> Option<(u64, BTreeMap<String, Mp>)> {
-    common::with_nats(nats_url, |client| async move {
+    testkit::with_nats(nats_url, |client| async move {
         let js = async_nats::jetstream::new(client);
         let kv = js.get_key_value("schemas").await.ok()?;
         let e = kv.entry(key).await.ok()??;
@@ -323,7 +321,7 @@ fn schema_entry(nats_url: &str, key: &str) -> Option<(u64, BTreeMap<String, Mp>)
 /// How many revisions the `schemas` bucket holds for a key.
 fn schema_revisions(nats_url: &str, key: &str) -> usize {
     use futures_util::StreamExt;
-    common::with_nats(nats_url, |client| async move {
+    testkit::with_nats(nats_url, |client| async move {
         let js = async_nats::jetstream::new(client);
         let kv = js.get_key_value("schemas").await.unwrap();
         let mut h = kv.history(key).await.unwrap();
@@ -403,7 +401,7 @@ fn schemas_are_in_kv_and_follow_alter_table() {
         "INSERT INTO users (id, email, age) VALUES (3, 'c@x', 31)",
     );
     wait_for("the insert", Duration::from_secs(30), || {
-        (common::stream_len(&url, "CDC") == 3).then_some(())
+        (testkit::stream_len(&url, "CDC") == 3).then_some(())
     });
     assert_eq!(
         schema_revisions(&url, "users"),
@@ -451,7 +449,7 @@ fn chunks_stay_under_max_payload_whatever_the_row_count() {
 }
 
 /// The `init.meta.{token}` messages of the INIT stream, in stream order.
-fn metas(nats_url: &str, token: &str) -> Vec<common::StoredMessage> {
+fn metas(nats_url: &str, token: &str) -> Vec<testkit::StoredMessage> {
     let subject = format!("init.meta.{token}");
     read_stream(nats_url, "INIT")
         .into_iter()
@@ -460,7 +458,7 @@ fn metas(nats_url: &str, token: &str) -> Vec<common::StoredMessage> {
 }
 
 /// Waits until the INIT stream holds `n` metas of `token`; the last one.
-fn wait_for_metas(nats_url: &str, token: &str, n: usize) -> common::StoredMessage {
+fn wait_for_metas(nats_url: &str, token: &str, n: usize) -> testkit::StoredMessage {
     wait_for(
         &format!("{n} messages on init.meta.{token}"),
         Duration::from_secs(120),
@@ -477,7 +475,7 @@ fn keys(m: &BTreeMap<String, Mp>) -> Vec<&str> {
 
 #[test]
 fn a_failed_snapshot_publishes_its_error_to_the_meta_subject_and_streaming_goes_on() {
-    let pg = common::PgServer::start();
+    let pg = testkit::PgServer::start();
     setup_app_db(
         &pg,
         "CREATE TABLE docs (id int PRIMARY KEY, body text); \
@@ -491,7 +489,7 @@ fn a_failed_snapshot_publishes_its_error_to_the_meta_subject_and_streaming_goes_
     let conf_dir = TempDir::new("natsconf");
     let conf = conf_dir.path().join("small.conf");
     std::fs::write(&conf, "max_payload: 4096\n").unwrap();
-    let nats = common::NatsServer::start_with_args(&["-c", conf.to_str().unwrap()]);
+    let nats = testkit::NatsServer::start_with_args(&["-c", conf.to_str().unwrap()]);
     let url = nats.url();
     let dir = TempDir::new("bridge");
     let bridge = BridgeProcess::spawn(bridge_command(&pg, &url, dir.path()).args([
@@ -578,7 +576,7 @@ fn a_failed_snapshot_publishes_its_error_to_the_meta_subject_and_streaming_goes_
 
     // Once the row is gone, a restart with --snapshot-on-start replaces the failed snapshot.
     pg.sql("app", "DELETE FROM docs WHERE id = 41");
-    common::wait_caught_up(&pg, "cdc_slot", Duration::from_secs(60));
+    testkit::wait_caught_up(&pg, "cdc_slot", Duration::from_secs(60));
     drop(bridge);
     let bridge =
         BridgeProcess::spawn(bridge_command(&pg, &url, dir.path()).args(["--snapshot-on-start"]));
@@ -624,12 +622,12 @@ fn failures_use_the_configured_format_and_a_bridge_without_postgresql_stops_serv
     env.pg.sql("app", "GRANT SELECT ON users TO bridge_reader");
 
     // PostgreSQL down: the bridge no longer streams from the slot, so it does not answer.
-    env.pg.stop(common::StopMode::Fast);
+    env.pg.stop(testkit::StopMode::Fast);
     bridge.wait_for_line(
         "snapshot requests no longer served",
         Duration::from_secs(30),
     );
-    let err = common::with_nats(&url, |client| async move {
+    let err = testkit::with_nats(&url, |client| async move {
         client
             .request("snapshot.request.users".to_string(), "".into())
             .await
@@ -642,7 +640,7 @@ fn failures_use_the_configured_format_and_a_bridge_without_postgresql_stops_serv
     // Back again: the bridge streams and serves again, and the snapshot succeeds.
     env.pg.start_again();
     let r = wait_for("the request served again", Duration::from_secs(60), || {
-        common::with_nats(&url, |client| async move {
+        testkit::with_nats(&url, |client| async move {
             let reply = client
                 .request("snapshot.request.users".to_string(), "".into())
                 .await
@@ -727,7 +725,7 @@ fn snapshots_hold_exactly_the_rows_and_columns_the_publication_streams() {
         "app",
         "INSERT INTO evens VALUES (101, 'odd', 'x'), (102, 'even', 'x')",
     );
-    common::wait_caught_up(&env.pg, "cdc_slot", Duration::from_secs(60));
+    testkit::wait_caught_up(&env.pg, "cdc_slot", Duration::from_secs(60));
     let inserted: Vec<i64> = read_stream(&url, "CDC")
         .iter()
         .filter(|m| m.subject == "cdc.evens.insert")
@@ -773,7 +771,7 @@ fn snapshot_on_start_fills_in_only_tables_without_a_snapshot() {
     drop(bridge);
 
     // Both have one now: a restart takes none.
-    let before = common::stream_len(&url, "INIT");
+    let before = testkit::stream_len(&url, "INIT");
     let bridge = BridgeProcess::spawn(
         bridge_command(&env.pg, &url, dir.path()).args(["--snapshot-on-start"]),
     );
@@ -784,7 +782,7 @@ fn snapshot_on_start_fills_in_only_tables_without_a_snapshot() {
     assert!(bridge
         .log()
         .contains("already holds a snapshot of public.a"));
-    assert_eq!(common::stream_len(&url, "INIT"), before);
+    assert_eq!(testkit::stream_len(&url, "INIT"), before);
     drop(bridge);
 }
 
@@ -808,7 +806,7 @@ fn a_snapshot_stopped_by_shutdown_reports_it() {
     let r = request(&url, "snapshot.request.big");
     assert_eq!(r["status"], "accepted", "{r}");
     wait_for("the first chunk", Duration::from_secs(60), || {
-        (common::stream_len(&url, "INIT") > 0).then_some(())
+        (testkit::stream_len(&url, "INIT") > 0).then_some(())
     });
     assert_eq!(
         bridge.terminate(Duration::from_secs(60)),
@@ -828,6 +826,6 @@ fn a_snapshot_stopped_by_shutdown_reports_it() {
         error.contains("the bridge shut down before the snapshot finished"),
         "{error}"
     );
-    let chunks = common::stream_len(&url, "INIT") - 1;
+    let chunks = testkit::stream_len(&url, "INIT") - 1;
     assert!(chunks < 200000 / 50, "stopped part way: {chunks} chunks");
 }

@@ -3,23 +3,21 @@
 //! at run time, the cap and the cooldown, the NATS connection retried, and
 //! `POST /snapshots/{table}`.
 
-mod common;
-
 use std::collections::BTreeMap;
 use std::io::{Read, Write};
 use std::net::TcpStream;
 use std::time::{Duration, Instant};
 
-use common::{
+use futures_util::StreamExt;
+use rmpv::Value as Mp;
+use testkit::{
     bridge_command, free_port, read_stream, setup_app_db, stream_len, wait_for, BridgeProcess,
     NatsServer, TempDir, TestEnv,
 };
-use futures_util::StreamExt;
-use rmpv::Value as Mp;
 
 /// A core NATS request; the JSON reply, or the client's error (e.g. no responders).
 fn try_request(nats_url: &str, subject: &str) -> Result<serde_json::Value, String> {
-    common::with_nats(nats_url, |client| async move {
+    testkit::with_nats(nats_url, |client| async move {
         let reply = tokio::time::timeout(
             Duration::from_secs(10),
             client.request(subject.to_string(), "".into()),
@@ -37,7 +35,7 @@ fn request(nats_url: &str, subject: &str) -> serde_json::Value {
 
 /// Publishes a request with `reply` as its reply subject, as a client that chooses it does.
 fn publish_with_reply(nats_url: &str, subject: &str, reply: &str) {
-    common::with_nats(nats_url, |client| async move {
+    testkit::with_nats(nats_url, |client| async move {
         client
             .publish_with_reply(subject.to_string(), reply.to_string(), "".into())
             .await
@@ -48,7 +46,7 @@ fn publish_with_reply(nats_url: &str, subject: &str, reply: &str) {
 
 /// Sends a request to an inbox of our own and collects every reply for `window`.
 fn replies(nats_url: &str, subject: &str, window: Duration) -> Vec<serde_json::Value> {
-    common::with_nats(nats_url, |client| async move {
+    testkit::with_nats(nats_url, |client| async move {
         let inbox = client.new_inbox();
         let mut sub = client.subscribe(inbox.clone()).await.unwrap();
         client
@@ -76,7 +74,7 @@ fn decode(payload: &[u8]) -> BTreeMap<String, Mp> {
 }
 
 /// The `init.meta.{token}` messages of the INIT stream.
-fn metas(nats_url: &str, token: &str) -> Vec<common::StoredMessage> {
+fn metas(nats_url: &str, token: &str) -> Vec<testkit::StoredMessage> {
     let subject = format!("init.meta.{token}");
     read_stream(nats_url, "INIT")
         .into_iter()
@@ -205,7 +203,7 @@ fn requests_with_a_reply_subject_outside_the_inbox_prefix_are_neither_answered_n
     assert_eq!(cdc_after[0].seq, cdc_before[0].seq);
     assert_eq!(cdc_after[0].payload, cdc_before[0].payload);
     assert_eq!(stream_len(&url, "INIT"), 0, "{log}");
-    let kv_x = common::with_nats(&url, |client| async move {
+    let kv_x = testkit::with_nats(&url, |client| async move {
         let js = async_nats::jetstream::new(client);
         let kv = js.get_key_value("schemas").await.unwrap();
         kv.entry("x").await.unwrap()
@@ -222,7 +220,7 @@ fn requests_with_a_reply_subject_outside_the_inbox_prefix_are_neither_answered_n
     assert_eq!(meta["row_count"].as_u64(), Some(11));
     wait_finished(&bridge, id);
     // Without a reply subject, a request is served and answered by the meta alone.
-    common::with_nats(&url, |client| async move {
+    testkit::with_nats(&url, |client| async move {
         client
             .publish("snapshot.request.users", "".into())
             .await
@@ -420,7 +418,7 @@ fn the_cap_and_the_cooldown_refuse_with_the_reason_and_no_other_table_names() {
 
 #[test]
 fn the_snapshot_service_comes_up_when_nats_starts_after_the_bridge() {
-    let pg = common::PgServer::start();
+    let pg = testkit::PgServer::start();
     setup_app_db(
         &pg,
         "CREATE TABLE users (id int PRIMARY KEY); INSERT INTO users VALUES (1), (2), (3)",

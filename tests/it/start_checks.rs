@@ -2,12 +2,10 @@
 //! `FOR ALL TABLES` publication, tables the role cannot read, a CDC stream in another format,
 //! and the stop summary of a run that never reached PostgreSQL.
 
-mod common;
-
 use std::process::Command;
 use std::time::Duration;
 
-use common::{
+use testkit::{
     bridge_command, free_port, setup_app_db, stream_len, wait_for, with_nats, BridgeProcess,
     NatsServer, PgServer, TempDir, TestEnv,
 };

@@ -3,17 +3,15 @@
 //! table and operation filters, `--last`, new-only by default; a snapshot followed to its end
 //! with the progress gauge at 1, and a refused one.
 
-mod common;
-
 use std::io::Read;
 use std::process::{Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
-use common::{
+use serde_json::{json, Value};
+use testkit::{
     bridge_command, free_port, read_stream, stream_len, wait_for, with_nats, BridgeProcess,
     KillOnDrop, NatsServer, TempDir, TestEnv,
 };
-use serde_json::{json, Value};
 
 /// `bridge` with only the NATS URL set (tail and snapshot need nothing else).
 fn cli(nats_url: &str, args: &[&str]) -> Command {
@@ -268,7 +266,7 @@ fn write_changes(env: &TestEnv, dir: &TempDir) {
 #[test]
 fn tail_prints_changes_of_both_formats_with_filters_and_positions() {
     let env = TestEnv::start();
-    common::setup_app_db(&env.pg, SCHEMA_SQL, "");
+    testkit::setup_app_db(&env.pg, SCHEMA_SQL, "");
     let dir = TempDir::new("tail");
     write_changes(&env, &dir);
     let url = env.nats.url();
@@ -395,7 +393,7 @@ fn tail_prints_changes_of_both_formats_with_filters_and_positions() {
 #[test]
 fn tail_follows_new_changes_and_stops_on_sigterm() {
     let env = TestEnv::start();
-    common::setup_app_db(&env.pg, SCHEMA_SQL, "");
+    testkit::setup_app_db(&env.pg, SCHEMA_SQL, "");
     let url = env.nats.url();
     let dir = TempDir::new("tail");
     let mut bridge = BridgeProcess::spawn(&mut bridge_command(&env.pg, &url, dir.path()));
@@ -515,7 +513,7 @@ fn metric(port: u16, name: &str) -> Option<f64> {
 #[test]
 fn snapshot_command_follows_a_snapshot_to_its_end() {
     let env = TestEnv::start();
-    common::setup_app_db(
+    testkit::setup_app_db(
         &env.pg,
         "CREATE TABLE big (id int PRIMARY KEY, v text); \
          INSERT INTO big SELECT g, 'row ' || g FROM generate_series(1, 25000) g; \
@@ -608,8 +606,8 @@ fn snapshot_command_follows_a_snapshot_to_its_end() {
 
 #[test]
 fn snapshot_command_reports_a_failed_snapshot() {
-    let pg = common::PgServer::start();
-    common::setup_app_db(
+    let pg = testkit::PgServer::start();
+    testkit::setup_app_db(
         &pg,
         "CREATE TABLE docs (id int PRIMARY KEY, body text); \
          INSERT INTO docs SELECT g, 'small ' || g FROM generate_series(1, 40) g; \
@@ -621,7 +619,7 @@ fn snapshot_command_reports_a_failed_snapshot() {
     let conf_dir = TempDir::new("natsconf");
     let conf = conf_dir.path().join("small.conf");
     std::fs::write(&conf, "max_payload: 4096\n").unwrap();
-    let nats = common::NatsServer::start_with_args(&["-c", conf.to_str().unwrap()]);
+    let nats = testkit::NatsServer::start_with_args(&["-c", conf.to_str().unwrap()]);
     let url = nats.url();
     let dir = TempDir::new("snap");
     let port = free_port();

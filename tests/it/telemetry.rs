@@ -3,19 +3,17 @@
 //! PostgreSQL is down, `POST /shutdown` with and without the token, malformed and oversized
 //! requests, and the slot lag while NATS is away.
 
-mod common;
-
 use std::collections::HashMap;
 use std::io::{Read, Write};
 use std::net::TcpStream;
 use std::time::{Duration, Instant};
 
-use common::{
+use pgbridge::pg::Lsn;
+use serde_json::Value;
+use testkit::{
     bridge_command, free_port, read_stream, setup_app_db, stream_len, wait_for, BridgeProcess,
     PgServer, StopMode, TempDir, TestEnv,
 };
-use pgbridge::pg::Lsn;
-use serde_json::Value;
 
 const SCHEMA: &str = "CREATE TABLE users (id int PRIMARY KEY, name text)";
 

@@ -2,17 +2,15 @@
 //! required, nats-server with `tls { verify: true }`, and nats-server with an NKey user. The
 //! certificates come from a CA generated at test time with the `openssl` command line.
 
-mod common;
-
 use std::path::Path;
 use std::process::Command;
 use std::time::Duration;
 
-use common::{
-    bridge_command, setup_app_db, wait_for, BridgeProcess, NatsServer, PgServer, TempDir, TestCerts,
-};
 use pgbridge::config::{NatsConfig, Secret};
 use pgbridge::sink::nats as sink;
+use testkit::{
+    bridge_command, setup_app_db, wait_for, BridgeProcess, NatsServer, PgServer, TempDir, TestCerts,
+};
 
 const SCHEMA: &str = "CREATE TABLE users (id int PRIMARY KEY, name text)";
 const WAIT: Duration = Duration::from_secs(60);

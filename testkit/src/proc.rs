@@ -1,8 +1,10 @@
-//! Child processes of the benchmark and what /proc says about them.
+//! Child processes: running a program as the PostgreSQL account, stopping a child with a
+//! signal and a deadline, children killed on drop, and the benchmark's process-group children
+//! with what /proc says about them.
 //!
-//! Every child runs in a process group of its own, and its pid (the group's id) is written to
+//! A [`Proc`] runs in a process group of its own, and its pid (the group's id) is written to
 //! `{dir}/pids/{name}-{pid}.pid` as soon as it is spawned, so `scripts/bench` can stop
-//! whatever is left if this program dies without cleaning up. Signals go to the whole group,
+//! whatever is left if the benchmark dies without cleaning up. Signals go to the whole group,
 //! so a wrapper such as a profiler does not leave the bridge behind. Normally the [`Proc`]
 //! guards stop their process on drop.
 
@@ -12,9 +14,92 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command};
 use std::time::{Duration, Instant};
 
+/// uid/gid to run PostgreSQL as: ourselves, or the `postgres` account when we are root.
+pub(crate) fn pg_run_as() -> Option<(u32, u32)> {
+    // SAFETY: geteuid has no preconditions.
+    if unsafe { libc::geteuid() } != 0 {
+        return None;
+    }
+    let passwd = fs::read_to_string("/etc/passwd").expect("read /etc/passwd");
+    let line = passwd
+        .lines()
+        .find(|l| l.starts_with("postgres:"))
+        .expect("running as root needs the unprivileged 'postgres' account (install postgresql)");
+    let f: Vec<&str> = line.split(':').collect();
+    Some((f[2].parse().unwrap(), f[3].parse().unwrap()))
+}
+
+pub(crate) fn chown_tree(path: &Path, ids: Option<(u32, u32)>) {
+    if let Some((uid, gid)) = ids {
+        std::os::unix::fs::chown(path, Some(uid), Some(gid)).expect("chown test dir");
+    }
+}
+
+pub(crate) fn command_as(program: &Path, ids: Option<(u32, u32)>) -> Command {
+    let mut cmd = Command::new(program);
+    if let Some((uid, gid)) = ids {
+        cmd.uid(uid).gid(gid);
+        // The postgres account cannot read root's home or cwd.
+        cmd.current_dir("/").env("HOME", "/tmp");
+    }
+    cmd
+}
+
+/// Sends `sig` to a child and waits for it, escalating to SIGKILL after the timeout.
+pub(crate) fn stop_child(child: &mut Child, sig: i32, timeout: Duration) {
+    if child.try_wait().ok().flatten().is_some() {
+        return;
+    }
+    // SAFETY: plain kill(2) on our own child's pid.
+    unsafe { libc::kill(child.id() as i32, sig) };
+    let deadline = Instant::now() + timeout;
+    while Instant::now() < deadline {
+        if child.try_wait().ok().flatten().is_some() {
+            return;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let _ = child.kill();
+    let _ = child.wait();
+}
+
+/// A child process (e.g. the bridge under test) killed when the handle is dropped, so a
+/// failing test leaves nothing running.
+pub struct KillOnDrop(pub Child);
+
+impl KillOnDrop {
+    /// Sends a signal (e.g. `libc::SIGTERM`).
+    pub fn signal(&self, sig: i32) {
+        // SAFETY: kill(2) on our own child's pid.
+        unsafe { libc::kill(self.0.id() as i32, sig) };
+    }
+}
+
+impl std::ops::Deref for KillOnDrop {
+    type Target = Child;
+    fn deref(&self) -> &Child {
+        &self.0
+    }
+}
+
+impl std::ops::DerefMut for KillOnDrop {
+    fn deref_mut(&mut self) -> &mut Child {
+        &mut self.0
+    }
+}
+
+impl Drop for KillOnDrop {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
 /// A child process, stopped (signal, then SIGKILL after a grace period) on drop.
 pub struct Proc {
+    /// The process.
     pub child: Child,
+    /// Name for messages and its pid file.
     pub name: String,
     stop_signal: i32,
     pid_file: PathBuf,
@@ -40,6 +125,7 @@ impl Proc {
         }
     }
 
+    /// Process id (and process group id).
     pub fn pid(&self) -> u32 {
         self.child.id()
     }
@@ -98,11 +184,14 @@ impl Drop for Proc {
 /// CPU time of a process or thread, from wait4 or /proc.
 #[derive(Debug, Clone, Copy, Default)]
 pub struct Rusage {
+    /// User CPU time.
     pub user: Duration,
+    /// System CPU time.
     pub sys: Duration,
 }
 
 impl Rusage {
+    /// User and system time.
     pub fn total(&self) -> Duration {
         self.user + self.sys
     }
@@ -180,14 +269,6 @@ pub fn status_kb(pid: u32, field: &str) -> Option<u64> {
     text.lines()
         .find_map(|l| l.strip_prefix(field)?.strip_prefix(':'))
         .and_then(|v| v.split_whitespace().next()?.parse().ok())
-}
-
-/// A free TCP port on 127.0.0.1.
-pub fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .map(|a| a.port())
-        .expect("no free loopback port")
 }
 
 /// Runs a command to completion; panics with its output when it fails.
