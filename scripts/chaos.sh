@@ -4,7 +4,7 @@
 # once immediate) and the mirror is killed 4 times; then every committed change must be in
 # the CDC stream exactly once, in commit order, and the mirror must equal the source.
 # Prints one summary line `chaos: seed=… …`. CHAOS_SEED=<seed> repeats a run; the other
-# CHAOS_* variables (see tests/chaos.rs) override the fault counts and the duration.
+# CHAOS_* variables (see tests/it/chaos.rs) override the fault counts and the duration.
 # Runs the debug build (the same binary the test suite builds; no release build needed).
 set -euo pipefail
 root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
@@ -22,7 +22,7 @@ export CHAOS_SECS="${CHAOS_SECS:-180}"
 
 log="$(mktemp "${TMPDIR:-/tmp}/chaos.XXXXXX.log")"
 status=0
-cargo test --locked --test chaos -- --nocapture 2>&1 | tee "$log" || status=$?
+cargo test --locked --test it chaos:: -- --nocapture 2>&1 | tee "$log" || status=$?
 echo
 if grep -q '^chaos: seed=' "$log"; then
     grep '^chaos: seed=' "$log"

@@ -115,7 +115,7 @@ psql -X -q -d "$db" -v ON_ERROR_STOP=1 <<'SQL'
 CREATE TABLE IF NOT EXISTS users (id bigserial PRIMARY KEY, email text NOT NULL, name text, created_at timestamptz DEFAULT now());
 CREATE TABLE IF NOT EXISTS orders (id bigserial PRIMARY KEY, user_id bigint REFERENCES users, total numeric(12,2), items jsonb);
 SQL
-PGDATABASE="$db" BRIDGE_PG_PASSWORD="$reader_password" ./init.sh >/dev/null
+PGDATABASE="$db" BRIDGE_PG_PASSWORD="$reader_password" ./deploy/init.sh >/dev/null
 
 # --- nats-server -----------------------------------------------------------------------------
 mkdir -p "$natsdir"

@@ -164,7 +164,7 @@ nats_pid=$!
 export PGHOST=127.0.0.1 PGPORT="$pg_port" PGUSER=postgres PGPASSWORD=image_su
 psql -X -q -d postgres -c "CREATE DATABASE app"
 psql -X -q -d app -c "CREATE TABLE users (id bigint PRIMARY KEY, email text)"
-PGDATABASE=app BRIDGE_PG_PASSWORD=image_reader ./init.sh >/dev/null
+PGDATABASE=app BRIDGE_PG_PASSWORD=image_reader ./deploy/init.sh >/dev/null
 for _ in $(seq 1 100); do
     python3 -c "import urllib.request; urllib.request.urlopen('http://127.0.0.1:$nats_mon/healthz', timeout=1)" 2>/dev/null && break
     sleep 0.1

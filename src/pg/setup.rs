@@ -17,12 +17,12 @@ pub enum SetupError {
     WalLevel(String),
     /// The login role lacks the REPLICATION attribute.
     #[error(
-        "role '{0}' may not start replication: run ALTER ROLE \"{0}\" REPLICATION; (init.sh sets up a least-privilege role)"
+        "role '{0}' may not start replication: run ALTER ROLE \"{0}\" REPLICATION; (deploy/init.sh sets up a least-privilege role)"
     )]
     NoReplicationPrivilege(String),
     /// The publication does not exist.
     #[error(
-        "publication '{publication}' does not exist in database '{database}': create it as a superuser, e.g. {sql} (or run init.sh)"
+        "publication '{publication}' does not exist in database '{database}': create it as a superuser, e.g. {sql} (or run deploy/init.sh)"
     )]
     PublicationMissing {
         /// Publication name.
@@ -317,7 +317,7 @@ pub fn grant_hint(
         schemas.push(&table.schema);
     }
     format!(
-        "as a superuser run {} (or re-run init.sh with BRIDGE_SCHEMAS={})",
+        "as a superuser run {} (or re-run deploy/init.sh with BRIDGE_SCHEMAS={})",
         sql.join(" "),
         schemas.join(",")
     )
@@ -559,7 +559,7 @@ mod tests {
         let h = grant_hint("r", &t, select_only, &["public".into(), "sales".into()]);
         assert!(!h.contains("USAGE"));
         assert!(h.contains(r#"GRANT SELECT ON "sales"."invoices" TO "r";"#));
-        assert!(h.ends_with("(or re-run init.sh with BRIDGE_SCHEMAS=public,sales)"));
+        assert!(h.ends_with("(or re-run deploy/init.sh with BRIDGE_SCHEMAS=public,sales)"));
     }
 
     #[test]

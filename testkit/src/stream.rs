@@ -1,0 +1,139 @@
+//! Reading a JetStream stream back, and checks on what it holds.
+
+use std::time::{Duration, Instant};
+
+use crate::nats::with_nats;
+
+/// One message stored in a JetStream stream.
+#[derive(Debug, Clone)]
+pub struct StoredMessage {
+    /// Stream sequence.
+    pub seq: u64,
+    /// Subject.
+    pub subject: String,
+    /// The `Nats-Msg-Id` header.
+    pub msg_id: Option<String>,
+    /// The `Pgbridge-Last-In-Tx` header.
+    pub last_in_tx_header: Option<String>,
+    /// Payload.
+    pub payload: Vec<u8>,
+    /// When JetStream stored it (the server's clock: the same host in tests).
+    pub stored_at: std::time::SystemTime,
+}
+
+/// Reads every message of `stream` (empty when the stream does not exist yet), in stream
+/// order, through an ordered consumer.
+pub fn read_stream(nats_url: &str, stream: &str) -> Vec<StoredMessage> {
+    use futures_util::StreamExt;
+    with_nats(nats_url, |client| async move {
+        let js = async_nats::jetstream::new(client);
+        let Ok(mut s) = js.get_stream(stream).await else {
+            return Vec::new();
+        };
+        let info = s.info().await.expect("stream info").clone();
+        let mut out = Vec::new();
+        if info.state.messages == 0 {
+            return out;
+        }
+        let consumer = s
+            .create_consumer(async_nats::jetstream::consumer::pull::OrderedConfig::default())
+            .await
+            .expect("ordered consumer");
+        let mut messages = consumer.messages().await.expect("consume");
+        let deadline = Instant::now() + Duration::from_secs(120);
+        while out.len() < info.state.messages as usize {
+            let left = deadline.saturating_duration_since(Instant::now());
+            let next = tokio::time::timeout(left, messages.next())
+                .await
+                .expect("reading the stream timed out")
+                .expect("stream ended")
+                .expect("message");
+            let info_of = next.info().expect("message info");
+            let seq = info_of.stream_sequence;
+            let stored_at = std::time::UNIX_EPOCH
+                + Duration::from_nanos(
+                    u64::try_from(info_of.published.unix_timestamp_nanos()).unwrap_or(0),
+                );
+            out.push(StoredMessage {
+                seq,
+                stored_at,
+                subject: next.subject.to_string(),
+                msg_id: next
+                    .headers
+                    .as_ref()
+                    .and_then(|h| h.get("Nats-Msg-Id"))
+                    .map(|v| v.as_str().to_string()),
+                last_in_tx_header: next
+                    .headers
+                    .as_ref()
+                    .and_then(|h| h.get("Pgbridge-Last-In-Tx"))
+                    .map(|v| v.as_str().to_string()),
+                payload: next.payload.to_vec(),
+            });
+            if seq >= info.state.last_sequence {
+                break;
+            }
+        }
+        out
+    })
+}
+
+/// Number of messages in `stream` (0 when it does not exist).
+pub fn stream_len(nats_url: &str, stream: &str) -> u64 {
+    with_nats(nats_url, |client| async move {
+        let js = async_nats::jetstream::new(client);
+        match js.get_stream(stream).await {
+            Ok(mut s) => s.info().await.map(|i| i.state.messages).unwrap_or(0),
+            Err(_) => 0,
+        }
+    })
+}
+
+/// The row ids of a stream of JSON change events (`--format json`), with their message ids,
+/// in stream order.
+pub fn json_row_ids(messages: &[StoredMessage]) -> Vec<(i64, String)> {
+    messages
+        .iter()
+        .map(|m| {
+            let v: serde_json::Value = serde_json::from_slice(&m.payload).expect("JSON event");
+            let id = v["columns"]
+                .as_array()
+                .and_then(|cols| cols.iter().find(|c| c["name"] == "id"))
+                .and_then(|c| c["value"].as_i64())
+                .unwrap_or_else(|| panic!("no integer id column in {v}"));
+            (id, m.msg_id.clone().expect("Nats-Msg-Id"))
+        })
+        .collect()
+}
+
+/// Asserts that `rows` (row id, message id, in stream order) hold ids 1..=n each exactly once,
+/// by row id and by message id, in increasing order.
+pub fn assert_once_in_order(rows: &[(i64, String)], n: u64) {
+    let ids: std::collections::HashSet<&String> = rows.iter().map(|(_, m)| m).collect();
+    assert_eq!(ids.len(), rows.len(), "a message id is stored twice");
+    for w in rows.windows(2) {
+        assert!(
+            w[0].0 < w[1].0,
+            "stream order is not commit order: row {} ({}) before row {} ({})",
+            w[0].0,
+            w[0].1,
+            w[1].0,
+            w[1].1
+        );
+    }
+    let got: Vec<i64> = rows.iter().map(|(id, _)| *id).collect();
+    let want: Vec<i64> = (1..=n as i64).collect();
+    if got != want {
+        let have: std::collections::HashSet<i64> = got.iter().copied().collect();
+        let missing: Vec<i64> = want
+            .iter()
+            .filter(|i| !have.contains(i))
+            .take(20)
+            .copied()
+            .collect();
+        panic!(
+            "stream holds {} rows, {n} committed; first missing: {missing:?}",
+            got.len()
+        );
+    }
+}

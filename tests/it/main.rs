@@ -1,0 +1,30 @@
+//! The integration tests: one binary, a module per area. They run the real `bridge` binary
+//! against throw-away PostgreSQL and nats-server processes (the `testkit` crate). Tests that
+//! must not share a moment with each other (chaos, clusters, memory, fail-over, the big mirror
+//! scenarios) hold `testkit::heavy()`.
+
+mod bridge_run;
+mod chaos;
+mod cli;
+mod cluster;
+mod deploy;
+mod ha;
+mod harness;
+mod identity;
+mod liveness;
+mod memory;
+mod mirror;
+mod nats_setup;
+mod pgoutput_vectors;
+mod pipeline;
+mod pipeline_faults;
+mod publisher;
+mod python_consumer;
+mod replication;
+mod scale_out;
+mod snapshot;
+mod snapshot_requests;
+mod start_checks;
+mod tail;
+mod telemetry;
+mod tls;
