@@ -3,6 +3,7 @@
 use std::net::SocketAddr;
 use std::sync::Arc;
 
+use crate::wire::fields;
 use serde_json::json;
 
 use crate::config::{NatsConfig, Secret, StreamsConfig};
@@ -155,8 +156,8 @@ fn request_snapshot(ctx: &HttpContext, token: &str, peer: Option<SocketAddr>) ->
     let Some(service) = ctx.telemetry.snapshots.get() else {
         return Response::json(
             503,
-            &json!({"status": "error", "reason": "unavailable",
-                "error": "snapshots are not available yet: the bridge is not connected to NATS; try again later"}),
+            &json!({fields::STATUS: fields::STATUS_ERROR, fields::REASON: "unavailable",
+                fields::ERROR: "snapshots are not available yet: the bridge is not connected to NATS; try again later"}),
         )
         .with_header("Retry-After", "5");
     };

@@ -17,6 +17,7 @@ use crate::pg::Lsn;
 use crate::shutdown::Shutdown;
 use crate::sink::nats::{max_payload, stream_last_sequence, NatsError};
 use crate::wire::encode::{encode_chunk, encode_document, ChunkHeader, ChunkRows};
+use crate::wire::fields;
 use crate::wire::names::INIT_SUBJECT_PREFIX;
 use crate::wire::subject::push_table_token;
 
@@ -362,14 +363,14 @@ impl Chunks {
             self.wait_ack(pending, CHUNK_ACK_TIMEOUT)?;
         }
         let meta = serde_json::json!({
-            "snapshot_id": id,
-            "lsn": outcome.lsn.to_string(),
-            "timestamp": crate::wire::text::now_timestamp(),
-            "batch_count": chunk,
-            "row_count": outcome.rows,
-            "table": table,
-            "schema": schema,
-            "cdc_stream_seq": cdc_stream_seq,
+            fields::SNAPSHOT_ID: id,
+            fields::LSN: outcome.lsn.to_string(),
+            fields::TIMESTAMP: crate::wire::text::now_timestamp(),
+            fields::BATCH_COUNT: chunk,
+            fields::ROW_COUNT: outcome.rows,
+            fields::TABLE: table,
+            fields::SCHEMA: schema,
+            fields::CDC_STREAM_SEQ: cdc_stream_seq,
         });
         encode_document(self.format, &meta, &mut out);
         self.publish(
@@ -398,11 +399,11 @@ fn failure_document(
     error: &str,
 ) -> serde_json::Value {
     serde_json::json!({
-        "snapshot_id": id,
-        "table": table,
-        "schema": schema,
-        "timestamp": timestamp,
-        "error": error,
+        fields::SNAPSHOT_ID: id,
+        fields::TABLE: table,
+        fields::SCHEMA: schema,
+        fields::TIMESTAMP: timestamp,
+        fields::ERROR: error,
     })
 }
 

@@ -4,6 +4,7 @@
 use std::collections::{HashMap, HashSet};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
+use crate::wire::fields;
 use crate::wire::names::SNAPSHOT_REQUEST_PREFIX;
 
 /// Longest subject shown in a log line (subjects come from clients).
@@ -107,12 +108,12 @@ impl Refusal {
     /// The reply document.
     pub fn to_json(&self) -> serde_json::Value {
         let mut doc = serde_json::json!({
-            "status": "error",
-            "reason": self.code(),
-            "error": self.to_string(),
+            fields::STATUS: fields::STATUS_ERROR,
+            fields::REASON: self.code(),
+            fields::ERROR: self.to_string(),
         });
         if let Some(s) = self.retry_after_secs() {
-            doc["retry_after_secs"] = s.into();
+            doc[fields::RETRY_AFTER_SECS] = s.into();
         }
         doc
     }
@@ -135,10 +136,14 @@ pub struct Accepted {
 impl Accepted {
     /// The reply document.
     pub fn to_json(&self) -> serde_json::Value {
-        let mut doc = serde_json::json!({"status": "accepted", "snapshot_id": self.snapshot_id,
-            "table": self.table, "schema": self.schema});
+        let mut doc = serde_json::json!({
+            fields::STATUS: fields::STATUS_ACCEPTED,
+            fields::SNAPSHOT_ID: self.snapshot_id,
+            fields::TABLE: self.table,
+            fields::SCHEMA: self.schema,
+        });
         if let Some(n) = self.estimated_rows {
-            doc["estimated_rows"] = n.into();
+            doc[fields::ESTIMATED_ROWS] = n.into();
         }
         doc
     }

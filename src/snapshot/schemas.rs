@@ -17,6 +17,7 @@ use crate::config::Format;
 use crate::pg::conn::{ConnectionKind, PgConnection, PgError};
 
 use crate::wire::encode::encode_document;
+use crate::wire::fields;
 use crate::wire::names::SCHEMAS_BUCKET;
 use crate::wire::subject::schema_key;
 
@@ -104,21 +105,21 @@ pub fn read_schema(
                 pk.push((pos, name.clone()));
             }
             serde_json::json!({
-                "name": name,
-                "position": text(row, 2).and_then(|s| s.parse::<i64>().ok()).unwrap_or(0),
-                "data_type": text(row, 3),
-                "is_nullable": text(row, 4).as_deref() == Some("t"),
-                "column_default": text(row, 5),
+                fields::NAME: name,
+                fields::POSITION: text(row, 2).and_then(|s| s.parse::<i64>().ok()).unwrap_or(0),
+                fields::DATA_TYPE: text(row, 3),
+                fields::IS_NULLABLE: text(row, 4).as_deref() == Some("t"),
+                fields::COLUMN_DEFAULT: text(row, 5),
             })
         })
         .collect();
     pk.sort();
     Ok(serde_json::json!({
-        "table": table,
-        "schema": qualified,
-        "relation_id": relid,
-        "primary_key": pk.into_iter().map(|(_, n)| n).collect::<Vec<_>>(),
-        "columns": columns,
+        fields::TABLE: table,
+        fields::SCHEMA: qualified,
+        fields::RELATION_ID: relid,
+        fields::PRIMARY_KEY: pk.into_iter().map(|(_, n)| n).collect::<Vec<_>>(),
+        fields::COLUMNS: columns,
     }))
 }
 
@@ -162,7 +163,7 @@ impl SchemaWriter {
         }
         if let Some(map) = doc.as_object_mut() {
             map.insert(
-                "timestamp".into(),
+                fields::TIMESTAMP.into(),
                 serde_json::Value::String(crate::wire::text::now_timestamp()),
             );
         }
@@ -198,7 +199,7 @@ fn decoded_without_timestamp(format: Format, bytes: &[u8]) -> Option<serde_json:
         Format::Json => serde_json::from_slice(bytes).ok()?,
         Format::Msgpack => msgpack_to_json(&rmp_value(bytes)?)?,
     };
-    v.as_object_mut()?.remove("timestamp");
+    v.as_object_mut()?.remove(fields::TIMESTAMP);
     Some(v)
 }
 

@@ -97,16 +97,28 @@ impl BridgeProcess {
         self.lines.lock().unwrap().join("\n")
     }
 
-    /// Waits (bounded) for a log line containing `needle` and returns it.
+    /// Waits (bounded) for a log line containing `needle` and returns it; on timeout the
+    /// panic shows the bridge's log, so a failure says what the bridge was doing.
     pub fn wait_for_line(&self, needle: &str, timeout: Duration) -> String {
-        wait_for(&format!("log line {needle:?}"), timeout, || {
-            self.lines
+        let deadline = std::time::Instant::now() + timeout;
+        loop {
+            if let Some(line) = self
+                .lines
                 .lock()
                 .unwrap()
                 .iter()
                 .find(|l| l.contains(needle))
-                .cloned()
-        })
+            {
+                return line.clone();
+            }
+            if std::time::Instant::now() >= deadline {
+                panic!(
+                    "timed out after {timeout:?} waiting for log line {needle:?}; bridge log:\n{}",
+                    self.log()
+                );
+            }
+            std::thread::sleep(Duration::from_millis(25));
+        }
     }
 
     /// Sends SIGTERM and waits (bounded) for the exit code.

@@ -511,6 +511,7 @@ async fn ensure_stream(
             human(config.duplicate_window)
         }
     );
+    let replicas = config.num_replicas;
     match js.create_stream(config).await {
         Ok(stream) => {
             log::info!("created JetStream stream '{name}' ({summary})");
@@ -536,6 +537,19 @@ async fn ensure_stream(
                         std::io::Error::other("stream vanished right after it was created"),
                     )
                 })
+            }
+            // Too few servers for the replicas right now (a cluster starting, or nodes down):
+            // retried, as the servers may come back.
+            CreateStreamErrorKind::JetStream(error)
+                if error.error_code() == ErrorCode::CLUSTER_NO_PEERS =>
+            {
+                Err(request_failed(
+                    format!(
+                        "creating stream '{name}' with {} replicas (fewer servers of the cluster are available)",
+                        replicas
+                    ),
+                    error,
+                ))
             }
             CreateStreamErrorKind::JetStream(error) => Err(NatsError::StreamRefused {
                 stream: name,
