@@ -30,6 +30,7 @@ use crate::telemetry::{self, Telemetry, TelemetryError};
 
 use durable::{StateFile, StateFileError, StateWriter};
 use position::{Found, PositionError, PositionIdentity, Recorded, Resume, TimelineHistory};
+use translate::TranslateError;
 use wal::{WalContext, WalStream};
 
 pub use wal::{StreamError, WalStats};
@@ -88,7 +89,11 @@ impl RunError {
                 2
             }
             RunError::Setup(e) if e.is_configuration() => 2,
-            RunError::Stream(StreamError::Spool(e)) if e.is_configuration() => 2,
+            RunError::Stream(StreamError::Translate(TranslateError::Spool(e)))
+                if e.is_configuration() =>
+            {
+                2
+            }
             RunError::Nats(e) if e.is_configuration() => 2,
             RunError::Control(e) if e.is_configuration() => 2,
             RunError::Position(_) => 2,

@@ -16,7 +16,6 @@ use std::time::{Duration, Instant};
 use crate::config::Config;
 use crate::pg::conn::PgError;
 use crate::pg::framing::{parse_copy_data, FramingError, ReplicationMessage};
-use crate::pg::pgoutput::DecodeError;
 use crate::pg::replication::{PgOutputOptions, ReplicationConnection};
 use crate::pg::Lsn;
 use crate::shutdown::Shutdown;
@@ -55,25 +54,9 @@ pub enum StreamError {
     /// A CopyData message was not XLogData or a keepalive.
     #[error("malformed replication message: {0}")]
     Framing(#[from] FramingError),
-    /// A pgoutput message could not be decoded.
-    #[error("malformed pgoutput message: {0}")]
-    Decode(#[from] DecodeError),
-    /// A change referred to a relation that was never described.
-    #[error("pgoutput change for relation {0} without a preceding Relation message")]
-    UnknownRelation(u32),
-    /// A tuple did not have as many columns as its Relation message.
-    #[error("relation {relation}: tuple has {got} columns, the Relation message {expected}")]
-    ColumnCount {
-        /// Table.
-        relation: String,
-        /// Columns in the tuple.
-        got: usize,
-        /// Columns in the Relation message.
-        expected: usize,
-    },
-    /// The spool of streamed transactions failed.
+    /// A message could not be turned into change events (decoding, relations, the spool).
     #[error(transparent)]
-    Spool(#[from] SpoolError),
+    Translate(#[from] TranslateError),
     /// The durable position could not be persisted.
     #[error(transparent)]
     StateFile(#[from] StateFileError),
@@ -90,22 +73,9 @@ pub enum StreamError {
     Silent(Duration),
 }
 
-impl From<TranslateError> for StreamError {
-    fn from(e: TranslateError) -> Self {
-        match e {
-            TranslateError::Decode(e) => StreamError::Decode(e),
-            TranslateError::UnknownRelation(r) => StreamError::UnknownRelation(r),
-            TranslateError::ColumnCount {
-                relation,
-                got,
-                expected,
-            } => StreamError::ColumnCount {
-                relation,
-                got,
-                expected,
-            },
-            TranslateError::Spool(e) => StreamError::Spool(e),
-        }
+impl From<SpoolError> for StreamError {
+    fn from(e: SpoolError) -> Self {
+        StreamError::Translate(TranslateError::Spool(e))
     }
 }
 
