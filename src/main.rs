@@ -6,7 +6,7 @@ use std::process::ExitCode;
 use std::time::Duration;
 
 use clap::error::ErrorKind;
-use log::info;
+use log::{info, warn};
 use signal_hook::consts::{SIGINT, SIGTERM};
 
 use pgbridge::cli::{usage_error_line, Command, EXIT_FAILURE, EXIT_USAGE};
@@ -161,10 +161,13 @@ fn install_signal_handlers(shutdown: &Shutdown) -> std::io::Result<()> {
     std::thread::Builder::new()
         .name("signals".into())
         .spawn(move || {
-            for _ in signals.forever() {
+            for signal in signals.forever() {
+                let name = if signal == SIGINT { "SIGINT" } else { "SIGTERM" };
                 if shutdown.is_triggered() {
+                    warn!("{name} again: exiting at once (code 1)");
                     std::process::exit(i32::from(EXIT_FAILURE));
                 }
+                info!("{name} received: stopping once what is in flight is stored (send it again to exit at once)");
                 shutdown.trigger();
             }
         })?;

@@ -288,3 +288,58 @@ fn a_slot_ahead_of_the_state_file_is_reported_and_followed() {
         second.log()
     );
 }
+
+/// A second SIGTERM while the first is still draining (changes in flight, NATS gone) ends the
+/// bridge at once with exit code 1; nothing is confirmed past what NATS stored.
+#[test]
+fn a_second_sigterm_during_a_stuck_drain_exits_1_at_once() {
+    let mut env = TestEnv::start();
+    setup_app_db(&env.pg, SCHEMA, "users");
+    let dir = TempDir::new("bridge");
+    let mut bridge =
+        BridgeProcess::spawn(&mut bridge_command(&env.pg, &env.nats.url(), dir.path()));
+    bridge.wait_for_line("streaming started", Duration::from_secs(60));
+    env.pg.sql("app", "INSERT INTO users VALUES (1, 'a')");
+    wait_for("1 message", Duration::from_secs(30), || {
+        (stream_len(&env.nats.url(), "CDC") == 1).then_some(())
+    });
+
+    env.nats.stop();
+    // Everything before this position may be confirmed (the first change, keepalives); the
+    // change written after it must not be.
+    let before: Lsn = env.pg.sql("app", "SELECT pg_current_wal_lsn()::text").rows[0][0]
+        .as_deref()
+        .unwrap()
+        .parse()
+        .unwrap();
+    env.pg.sql("app", "INSERT INTO users VALUES (2, 'b')");
+    bridge.wait_for_line("NATS connection lost", Duration::from_secs(30));
+    // The second change is on its way but cannot be stored: the first SIGTERM drains (up to
+    // its limit), the second ends it.
+    std::thread::sleep(Duration::from_millis(500));
+    bridge.child.signal(libc::SIGTERM);
+    bridge.wait_for_line("SIGTERM received", Duration::from_secs(10));
+    assert!(
+        bridge.child.try_wait().unwrap().is_none(),
+        "the first SIGTERM must drain, not exit:\n{}",
+        bridge.log()
+    );
+    let second = std::time::Instant::now();
+    bridge.child.signal(libc::SIGTERM);
+    assert_eq!(
+        bridge.wait_exit(Duration::from_secs(10)),
+        Some(1),
+        "{}",
+        bridge.log()
+    );
+    assert!(
+        second.elapsed() < Duration::from_secs(5),
+        "{:?}",
+        second.elapsed()
+    );
+    let confirmed = confirmed_flush(&env.pg, "cdc_slot").unwrap();
+    assert!(
+        confirmed <= before,
+        "confirmed {confirmed} past the unstored change (written after {before})"
+    );
+}
