@@ -61,6 +61,14 @@ impl Shutdown {
         }
     }
 
+    /// Runs `f` until it completes; `None` when the signal came first.
+    pub async fn run_until<T>(&self, f: impl std::future::Future<Output = T>) -> Option<T> {
+        tokio::select! {
+            v = f => Some(v),
+            _ = self.triggered() => None,
+        }
+    }
+
     /// Blocks the calling thread up to `d`, returning early (true) once the signal is
     /// triggered.
     pub fn wait_timeout(&self, d: Duration) -> bool {

@@ -15,6 +15,7 @@ mod request;
 pub mod schemas;
 pub mod service;
 pub mod slot;
+pub(crate) mod threads;
 
 pub use chunks::SnapshotFailure;
 pub use request::{Accepted, Refusal};

@@ -1,0 +1,166 @@
+//! The snapshot side's threads: the request service (its own NATS connection and runtime,
+//! serving `snapshot.request.{table}` while this process streams from the slot) and the
+//! schema writer that keeps the `schemas` bucket current.
+
+use std::sync::Arc;
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+use crate::config::Config;
+use crate::pg::setup;
+use crate::shutdown::Shutdown;
+use crate::sink::nats;
+use crate::telemetry::state::Telemetry;
+
+/// Starts the snapshot thread: its own NATS connection (retried with the reconnect backoff
+/// while NATS is away, like the publisher's) and runtime, serving `snapshot.request.{table}`
+/// while this process streams from the slot, until shutdown. The schemas bucket is kept
+/// current on a thread of its own, so reading the catalog never holds up a request.
+pub(crate) fn spawn_service(
+    config: &Config,
+    shutdown: &Shutdown,
+    telemetry: Arc<Telemetry>,
+    tables: Vec<setup::PublishedTable>,
+    schema_changes: tokio::sync::mpsc::UnboundedReceiver<(Arc<str>, Arc<str>)>,
+) -> Option<JoinHandle<()>> {
+    let config = config.clone();
+    let shutdown = shutdown.clone();
+    let spawned = std::thread::Builder::new()
+        .name("snapshots".into())
+        .spawn(move || {
+            let rt = match crate::runtime::current_thread() {
+                Ok(rt) => rt,
+                Err(e) => {
+                    log::error!("snapshots unavailable: tokio runtime: {e}");
+                    return;
+                }
+            };
+            let handle = rt.handle().clone();
+            rt.block_on(async {
+                let backoff = config.replication.reconnect_backoff();
+                let client = loop {
+                    let attempt = nats::connect(&config.nats, "pgbridge-snapshots");
+                    match shutdown.run_until(attempt).await {
+                        None => return,
+                        Some(Ok((c, _))) => break c,
+                        // The publisher reports it too and stops the bridge.
+                        Some(Err(e)) if e.is_configuration() => {
+                            log::error!("snapshots unavailable: {e}");
+                            return;
+                        }
+                        // A failure as quick as a refused TLS handshake beats the shutdown
+                        // check above: look again, or this loop would spin after shutdown.
+                        Some(Err(_)) if shutdown.is_triggered() => return,
+                        Some(Err(e)) => {
+                            log::warn!("snapshot service: {e}; retrying in {}s", backoff.as_secs());
+                            shutdown.sleep(backoff).await;
+                        }
+                    }
+                };
+                let js = async_nats::jetstream::context::ContextBuilder::new()
+                    .timeout(crate::sink::nats::publisher::ACK_TIMEOUT)
+                    .build(client.clone());
+                let schemas = spawn_schema_writer(
+                    &config,
+                    &shutdown,
+                    js.clone(),
+                    tables.clone(),
+                    schema_changes,
+                );
+                let service = super::SnapshotService::new(
+                    &config,
+                    js,
+                    handle,
+                    tables,
+                    Arc::clone(&telemetry),
+                    shutdown.clone(),
+                );
+                let _ = telemetry.snapshots.set(Arc::clone(&service));
+                service.serve(client).await;
+                // The schema thread uses this runtime's connection: wait for it (bounded; it
+                // ends on shutdown or when the wal side closes its channel).
+                if let Some(h) = schemas {
+                    let deadline = Instant::now() + Duration::from_secs(5);
+                    while !h.is_finished() && Instant::now() < deadline {
+                        tokio::time::sleep(Duration::from_millis(20)).await;
+                    }
+                }
+            });
+        });
+    match spawned {
+        Ok(h) => Some(h),
+        Err(e) => {
+            log::error!("snapshots unavailable: cannot start the thread: {e}");
+            None
+        }
+    }
+}
+
+/// Starts the thread that writes the streamed tables' schemas to the KV bucket at start and
+/// again for every table whose Relation message arrives on `changes`. It reads the catalog
+/// (blocking libpq) on its own thread and runtime; its NATS requests go through `js`.
+fn spawn_schema_writer(
+    config: &Config,
+    shutdown: &Shutdown,
+    js: async_nats::jetstream::Context,
+    tables: Vec<setup::PublishedTable>,
+    mut changes: tokio::sync::mpsc::UnboundedReceiver<(Arc<str>, Arc<str>)>,
+) -> Option<JoinHandle<()>> {
+    use super::schemas::{open_bucket, SchemaWriter};
+    use crate::wire::names::SCHEMAS_BUCKET;
+    let format = config.replication.format;
+    let params = config.postgres.libpq_params();
+    let replicas = config.streams.replicas;
+    let shutdown = shutdown.clone();
+    let spawned = std::thread::Builder::new()
+        .name("schemas".into())
+        .spawn(move || {
+            let rt = match crate::runtime::current_thread() {
+                Ok(rt) => rt,
+                Err(e) => {
+                    log::error!("schemas unavailable: tokio runtime: {e}");
+                    return;
+                }
+            };
+            rt.block_on(async {
+                let mut writer = match open_bucket(&js, replicas).await {
+                    Ok(store) => SchemaWriter::new(store, format, params),
+                    Err(e) => {
+                        log::error!("schemas unavailable: {e}");
+                        return;
+                    }
+                };
+                for t in &tables {
+                    if shutdown.is_triggered() {
+                        return;
+                    }
+                    match writer.refresh(&t.schema, &t.name).await {
+                        Ok(true) => log::info!(
+                            "schema of {} written to KV bucket {SCHEMAS_BUCKET}",
+                            t.qualified()
+                        ),
+                        Ok(false) => {}
+                        Err(e) => log::warn!("{e}"),
+                    }
+                }
+                while let Some(Some((schema, table))) =
+                    shutdown.run_until(changes.recv()).await
+                {
+                    match writer.refresh(&schema, &table).await {
+                        Ok(true) => log::info!(
+                            "schema of {schema}.{table} changed: new revision in KV bucket {SCHEMAS_BUCKET}"
+                        ),
+                        Ok(false) => {}
+                        Err(e) => log::warn!("{e}"),
+                    }
+                }
+            });
+        });
+    match spawned {
+        Ok(h) => Some(h),
+        Err(e) => {
+            log::error!("schemas unavailable: cannot start the thread: {e}");
+            None
+        }
+    }
+}
