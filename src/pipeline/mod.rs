@@ -3,7 +3,7 @@
 
 pub mod durable;
 pub mod position;
-pub mod ring;
+
 pub mod spool;
 pub(crate) mod translate;
 pub mod wal;
@@ -24,6 +24,7 @@ use crate::shutdown::Shutdown;
 use crate::sink::nats::publisher::PublishError;
 use crate::sink::nats::NatsError;
 use crate::sink::nats::NatsSink;
+use crate::sink::ring;
 use crate::sink::Sink;
 use crate::telemetry::counters::{DurableLsn, NatsStats, PublisherStats};
 use crate::telemetry::{self, Telemetry, TelemetryError};

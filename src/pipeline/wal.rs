@@ -24,9 +24,9 @@ use crate::telemetry::Telemetry;
 
 use super::durable::{StateFileError, StateWriter};
 use super::position::TimelineHistory;
-use super::ring::{item_bytes, RingItem, RingWriter};
 use super::spool::{Spool, SpoolError};
 use super::translate::{Emit, TranslateError, Translator};
+use crate::sink::ring::{item_bytes, RingItem, RingWriter};
 use crate::wire::event::{ChangeEvent, TableRef};
 
 /// How long one wait for the server may last before other work is checked.

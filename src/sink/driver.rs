@@ -17,7 +17,7 @@ use tokio::sync::Notify;
 
 use crate::pg::pgoutput::pg_to_unix_micros;
 use crate::pg::Lsn;
-use crate::pipeline::ring::{event_bytes, RingItem, RingReader};
+use crate::sink::ring::{event_bytes, RingItem, RingReader};
 use crate::telemetry::counters::{DurableLsn, PublisherStats};
 use crate::wire::event::ChangeEvent;
 

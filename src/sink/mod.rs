@@ -3,9 +3,10 @@
 
 pub(crate) mod driver;
 pub mod nats;
+pub mod ring;
 
-use crate::pipeline::ring::RingReader;
 use crate::shutdown::Shutdown;
+use crate::sink::ring::RingReader;
 use crate::telemetry::counters::DurableLsn;
 
 use driver::Delivery;

@@ -11,9 +11,9 @@ use async_nats::jetstream::stream::{Config, DiscardPolicy, StorageType};
 use pgbridge::config::Format;
 use pgbridge::pg::value::Value;
 use pgbridge::pg::Lsn;
-use pgbridge::pipeline::ring::{self, RingItem};
 use pgbridge::shutdown::Shutdown;
 use pgbridge::sink::nats::publisher::{PublishError, Publisher, PublisherSettings};
+use pgbridge::sink::ring::{self, RingItem};
 use pgbridge::telemetry::counters::{DurableLsn, PublisherStats};
 use pgbridge::wire::event::{ChangeEvent, ColumnValue, Operation, TableRef};
 

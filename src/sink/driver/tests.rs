@@ -7,7 +7,7 @@ use std::sync::atomic::Ordering;
 use std::sync::Arc;
 
 use crate::pg::Lsn;
-use crate::pipeline::ring::{self, RingItem};
+use crate::sink::ring::{self, RingItem};
 use crate::telemetry::counters::{DurableLsn, PublisherStats};
 use crate::wire::event::{ChangeEvent, Operation, TableRef};
 

@@ -43,9 +43,9 @@ use tokio::time::Sleep;
 
 use crate::config::Format;
 use crate::pg::Lsn;
-use crate::pipeline::ring::RingReader;
 use crate::shutdown::Shutdown;
 use crate::sink::driver::{self, Delivery, Feed, Progress, Ticket};
+use crate::sink::ring::RingReader;
 use crate::telemetry::counters::{DurableLsn, NatsStats, PublisherStats};
 use crate::wire::encode::encode_change;
 use crate::wire::event::ChangeEvent;
