@@ -41,6 +41,7 @@ pub fn serve(
     config: &Config,
     telemetry: &Arc<Telemetry>,
     metrics: Arc<Metrics>,
+    snapshots: crate::snapshot::ServiceSlot,
     shutdown: &Shutdown,
 ) -> Result<HttpServer, HttpError> {
     HttpServer::start(
@@ -48,6 +49,7 @@ pub fn serve(
         HttpContext {
             telemetry: Arc::clone(telemetry),
             metrics,
+            snapshots,
             shutdown: shutdown.clone(),
             admin_token: config.http.admin_token.clone(),
             nats: config.nats.clone(),

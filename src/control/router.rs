@@ -86,6 +86,8 @@ pub struct HttpContext {
     pub telemetry: Arc<Telemetry>,
     /// The metrics registry.
     pub metrics: Arc<Metrics>,
+    /// The snapshot service, once it is connected to NATS.
+    pub snapshots: crate::snapshot::ServiceSlot,
     /// Triggered by `POST /shutdown`.
     pub shutdown: Shutdown,
     /// The admin token; `None` refuses every admin request.
@@ -153,7 +155,7 @@ pub fn handle(req: &Request, ctx: &HttpContext, peer: Option<SocketAddr>) -> Res
 /// `POST /snapshots/{table}`: the same rules and answer document as a NATS request; 202 when
 /// accepted, 4xx/5xx with the reason otherwise.
 fn request_snapshot(ctx: &HttpContext, token: &str, peer: Option<SocketAddr>) -> Response {
-    let Some(service) = ctx.telemetry.snapshots.get() else {
+    let Some(service) = ctx.snapshots.get() else {
         return Response::json(
             503,
             &json!({fields::STATUS: fields::STATUS_ERROR, fields::REASON: "unavailable",
@@ -209,6 +211,7 @@ mod tests {
         HttpContext {
             telemetry,
             metrics: Arc::new(metrics),
+            snapshots: Default::default(),
             shutdown,
             admin_token: token.map(Secret::new),
             nats: NatsConfig::default(),

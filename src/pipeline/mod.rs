@@ -387,14 +387,21 @@ pub fn run(config: &Config, shutdown: &Shutdown) -> Result<RunSummary, RunError>
         config.replication.ring_capacity,
     ));
     let threads = telemetry::start(config, Arc::clone(&telemetry), latency)?;
-    let http = match control::serve(config, &telemetry, threads.metrics(), shutdown) {
+    let snapshots = crate::snapshot::ServiceSlot::default();
+    let http = match control::serve(
+        config,
+        &telemetry,
+        threads.metrics(),
+        Arc::clone(&snapshots),
+        shutdown,
+    ) {
         Ok(http) => http,
         Err(e) => {
             threads.stop();
             return Err(e.into());
         }
     };
-    let result = run_pipeline(config, shutdown, &telemetry);
+    let result = run_pipeline(config, shutdown, &telemetry, snapshots);
     http.stop();
     threads.stop();
     result
@@ -404,6 +411,7 @@ fn run_pipeline(
     config: &Config,
     shutdown: &Shutdown,
     telemetry: &Arc<Telemetry>,
+    snapshot_slot: crate::snapshot::ServiceSlot,
 ) -> Result<RunSummary, RunError> {
     let started = Instant::now();
     // The spool holds row data: its directory must be private before anything streams.
@@ -493,6 +501,7 @@ fn run_pipeline(
         Arc::clone(telemetry),
         info.tables.clone(),
         schema_rx,
+        snapshot_slot,
     );
 
     let (writer, reader) = ring::channel(

@@ -20,3 +20,7 @@ pub(crate) mod threads;
 pub use chunks::SnapshotFailure;
 pub use request::{Accepted, Refusal};
 pub use service::SnapshotService;
+
+/// Where the running snapshot service is found once it is connected to NATS: the HTTP
+/// endpoint `POST /snapshots/{table}` reads it, the snapshot thread sets it.
+pub type ServiceSlot = std::sync::Arc<std::sync::OnceLock<std::sync::Arc<SnapshotService>>>;

@@ -22,6 +22,7 @@ pub(crate) fn spawn_service(
     telemetry: Arc<Telemetry>,
     tables: Vec<setup::PublishedTable>,
     schema_changes: tokio::sync::mpsc::UnboundedReceiver<(Arc<str>, Arc<str>)>,
+    slot: super::ServiceSlot,
 ) -> Option<JoinHandle<()>> {
     let config = config.clone();
     let shutdown = shutdown.clone();
@@ -75,7 +76,7 @@ pub(crate) fn spawn_service(
                     Arc::clone(&telemetry),
                     shutdown.clone(),
                 );
-                let _ = telemetry.snapshots.set(Arc::clone(&service));
+                let _ = slot.set(Arc::clone(&service));
                 service.serve(client).await;
                 // The schema thread uses this runtime's connection: wait for it (bounded; it
                 // ends on shutdown or when the wal side closes its channel).

@@ -115,8 +115,6 @@ pub struct Telemetry {
     /// Snapshot requests neither answered nor served because their reply subject is outside
     /// the inbox prefix.
     pub snapshot_requests_ignored: AtomicU64,
-    /// The snapshot service, once it is connected to NATS; `POST /snapshots/{table}` uses it.
-    pub snapshots: std::sync::OnceLock<Arc<crate::snapshot::SnapshotService>>,
     /// The message-id namespace, once PostgreSQL set-up has decided it.
     id_namespace: Mutex<Option<String>>,
 }
@@ -143,7 +141,6 @@ impl Telemetry {
             pg_problem: Mutex::new(None),
             stream_established: AtomicBool::new(false),
             snapshot_requests_ignored: AtomicU64::new(0),
-            snapshots: std::sync::OnceLock::new(),
             id_namespace: Mutex::new(None),
         }
     }
