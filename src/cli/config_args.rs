@@ -408,7 +408,7 @@ pub(crate) struct HttpArgs {
         value_name = "TOKEN",
         global = true,
         hide_env_values = true,
-        help = "Bearer token required by /shutdown and /streams/*; without one they are refused. \
+        help = "Bearer token required by /shutdown, /streams/* and POST /snapshots/{table}; without one they are refused. \
                 Prefer BRIDGE_ADMIN_TOKEN, a flag is visible in ps [default: none]"
     )]
     pub(crate) admin_token: Option<Secret>,
