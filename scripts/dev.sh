@@ -122,7 +122,21 @@ mkdir -p "$natsdir"
 if ! { [ -f "$natsdir/nats.pid" ] && kill -0 "$(cat "$natsdir/nats.pid")" 2>/dev/null; }; then
     setsid "$NATS_SERVER_BIN" -js -a 127.0.0.1 -p "$nats_port" -sd "$natsdir/store" \
         -P "$natsdir/nats.pid" -l "$natsdir/nats.log" </dev/null >/dev/null 2>&1 &
-    for _ in $(seq 1 100); do [ -f "$natsdir/nats.pid" ] && break; sleep 0.1; done
+    # Up only once it accepts connections; it exits at once when the port is taken.
+    up=""
+    for _ in $(seq 1 100); do
+        if (exec 3<>"/dev/tcp/127.0.0.1/$nats_port") 2>/dev/null && [ -f "$natsdir/nats.pid" ] &&
+            kill -0 "$(cat "$natsdir/nats.pid")" 2>/dev/null; then
+            up=1
+            break
+        fi
+        sleep 0.1
+    done
+    if [ -z "$up" ]; then
+        say "nats-server did not start on 127.0.0.1:$nats_port (another process may use the port: set DEV_NATS_PORT); its log ends:"
+        tail -n 3 "$natsdir/nats.log" >&2 2>/dev/null || true
+        exit 1
+    fi
     say "nats-server with JetStream on 127.0.0.1:$nats_port (log: $natsdir/nats.log)"
 fi
 

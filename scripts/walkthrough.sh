@@ -24,6 +24,21 @@ for f in .dev/pg .dev/nats .dev/bridge.pid .dev/bridge.lsn; do
     fi
 done
 
+# The documented ports, unless something listens there already (a server another run left
+# behind for a moment): then a free one, so the block still runs as written.
+listening() { (exec 3<>"/dev/tcp/127.0.0.1/$1") 2>/dev/null; }
+free_port() { python3 -c 'import socket; s = socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])'; }
+for spec in DEV_PG_PORT:54320 DEV_NATS_PORT:42220 BRIDGE_PORT:9090; do
+    var="${spec%%:*}"
+    port="${!var:-${spec#*:}}"
+    if listening "$port"; then
+        new="$(free_port)"
+        say "port $port ($var) is in use: using $new"
+        port="$new"
+    fi
+    export "$var=$port"
+done
+
 # The block without its fence lines.
 block="$(awk '/<!-- walkthrough:end -->/ { on = 0 }
               on && !/^```/ { print }
