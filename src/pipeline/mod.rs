@@ -660,8 +660,8 @@ where
         .map_err(|e| RunError::Internal(format!("cannot start the publisher thread: {e}")))
 }
 
-/// Ends the snapshot thread: the run is over (it stops on the shutdown signal within its poll
-/// interval, after waiting a bounded time for running snapshots).
+/// Ends the snapshot thread: the run is over (it wakes on the shutdown signal and stops after
+/// waiting a bounded time for running snapshots).
 fn stop_snapshots(shutdown: &Shutdown, snapshots: Option<JoinHandle<()>>) {
     if let Some(s) = snapshots {
         shutdown.trigger();

@@ -80,20 +80,14 @@ impl Sink for NatsSink {
     type Delivery = Publisher;
 
     async fn prepare(&mut self, shutdown: &Shutdown) -> Result<bool, NatsError> {
-        let backoff = self.backoff;
         // Connect, retrying while NATS is unreachable (it may start after us).
-        let client = loop {
-            match connect_with_stats(&self.nats, CONNECTION_NAME, Arc::clone(&self.connection))
-                .await
-            {
-                Ok(c) => break c,
-                Err(e) if !e.is_configuration() && !shutdown.is_triggered() => {
-                    log::warn!("{e}; retrying in {}s", backoff.as_secs());
-                    shutdown.sleep(backoff).await;
-                }
-                Err(e) if e.is_configuration() => return Err(e),
-                Err(_) => return Ok(false),
-            }
+        let connection = &self.connection;
+        let connected = retry_transient(shutdown, self.backoff, || {
+            connect_with_stats(&self.nats, CONNECTION_NAME, Arc::clone(connection))
+        })
+        .await?;
+        let Some(client) = connected else {
+            return Ok(false);
         };
         // For the set-up requests only; changes go out on the publisher's own pipelined path
         // over the same connection.
@@ -102,20 +96,14 @@ impl Sink for NatsSink {
             .build(client.clone());
         // A server that restarts or elects a leader meanwhile times these requests out:
         // retried like the connect, only a configuration error ends the start.
-        loop {
-            let checked = match ensure_streams(&js, &self.streams).await {
-                Ok(info) => check_stream_format(&js, &info.cdc, self.settings.format).await,
-                Err(e) => Err(e),
-            };
-            match checked {
-                Ok(()) => break,
-                Err(e) if !e.is_configuration() && !shutdown.is_triggered() => {
-                    log::warn!("{e}; retrying in {}s", backoff.as_secs());
-                    shutdown.sleep(backoff).await;
-                }
-                Err(e) if e.is_configuration() => return Err(e),
-                Err(_) => return Ok(false),
-            }
+        let (streams, format) = (&self.streams, self.settings.format);
+        let checked = retry_transient(shutdown, self.backoff, || async {
+            let info = ensure_streams(&js, streams).await?;
+            check_stream_format(&js, &info.cdc, format).await
+        })
+        .await?;
+        if checked.is_none() {
+            return Ok(false);
         }
         self.client = Some(client);
         Ok(true)
@@ -128,5 +116,30 @@ impl Sink for NatsSink {
         };
         Ok(Publisher::new(client, self.settings, self.stats, shutdown)
             .with_connection_events(self.connection))
+    }
+}
+
+/// Runs `attempt` until it succeeds, retrying what a retry may fix (NATS unreachable, a
+/// request timed out) after `backoff` with a warning; a configuration error is returned at
+/// once, and `Ok(None)` means shutdown came first.
+async fn retry_transient<T, F, Fut>(
+    shutdown: &Shutdown,
+    backoff: Duration,
+    mut attempt: F,
+) -> Result<Option<T>, NatsError>
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Result<T, NatsError>>,
+{
+    loop {
+        match attempt().await {
+            Ok(v) => return Ok(Some(v)),
+            Err(e) if e.is_configuration() => return Err(e),
+            Err(_) if shutdown.is_triggered() => return Ok(None),
+            Err(e) => {
+                log::warn!("{e}; retrying in {}s", backoff.as_secs());
+                shutdown.sleep(backoff).await;
+            }
+        }
     }
 }
