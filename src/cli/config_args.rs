@@ -10,7 +10,8 @@ use clap::{ArgMatches, Args};
 
 use crate::config::{
     nats, pg, replication, sections, Format, HttpOverlay, Layers, MonitorOverlay, NatsOverlay,
-    Overlay, PgOverlay, ReplicationOverlay, Secret, SnapshotOverlay, SslMode, StreamsOverlay,
+    Overlay, PgOverlay, PgPorts, ReplicationOverlay, Secret, SnapshotOverlay, SslMode,
+    StreamsOverlay, TargetSessionAttrs,
 };
 
 /// `text [default: value]`, so the help shows the defaults without clap applying them.
@@ -67,13 +68,15 @@ pub(crate) struct PgArgs {
 
     /// `postgres.host`.
     #[arg(long, env = "PG_HOST", value_name = "HOST", global = true,
-          help = with_default("Host name, IP address or Unix socket directory", pg::DEFAULT_PG_HOST))]
+          help = with_default("Host name, IP address or Unix socket directory; several, comma \
+                               separated (h1,h2), are tried in turn for the primary", pg::DEFAULT_PG_HOST))]
     pub(crate) pg_host: Option<String>,
 
     /// `postgres.port`.
-    #[arg(long, env = "PG_PORT", value_name = "PORT", global = true,
-          help = with_default("Port", pg::DEFAULT_PG_PORT))]
-    pub(crate) pg_port: Option<u16>,
+    #[arg(long, env = "PG_PORT", value_name = "PORT[,PORT...]", global = true,
+          help = with_default("Port: one for every host, or one per host of --pg-host \
+                               (5432,5433)", pg::DEFAULT_PG_PORT))]
+    pub(crate) pg_port: Option<PgPorts>,
 
     /// `postgres.user`.
     #[arg(long, env = "PG_USER", value_name = "USER", global = true,
@@ -141,6 +144,18 @@ pub(crate) struct PgArgs {
     #[arg(long, env = "PG_CONNECT_TIMEOUT_SECS", value_name = "SECS", global = true,
           help = with_default("Connection timeout in seconds", pg::DEFAULT_PG_CONNECT_TIMEOUT_SECS))]
     pub(crate) pg_connect_timeout_secs: Option<u64>,
+
+    /// `postgres.target_session_attrs`.
+    #[arg(
+        long,
+        env = "PG_TARGET_SESSION_ATTRS",
+        value_name = "ATTRS",
+        global = true,
+        help = "Which of several hosts to use (libpq target_session_attrs): read-write or \
+                  primary reach the primary, any the first that answers [default: read-write \
+                  with several hosts, else libpq's, PGTARGETSESSIONATTRS or any]"
+    )]
+    pub(crate) pg_target_session_attrs: Option<TargetSessionAttrs>,
 }
 
 /// NATS connection flags (`[nats]`).
@@ -372,6 +387,17 @@ pub(crate) struct ReplicationArgs {
                                state file. Without it such a start stops with exit code 2",
                               replication::DEFAULT_ACCEPT_POSITION_GAP))]
     pub(crate) accept_position_gap: Option<bool>,
+
+    /// `replication.failover_slot`.
+    #[arg(long, env = "BRIDGE_FAILOVER_SLOT", value_name = "BOOL", global = true,
+          num_args = 0..=1, require_equals = true, default_missing_value = "true",
+          value_parser = BoolishValueParser::new(),
+          help = with_default("On PostgreSQL 17 and later, create the slot as a failover slot \
+                               (and make an existing one so), which standbys with \
+                               sync_replication_slots = on keep in step, so streaming goes on \
+                               after a promotion",
+                              replication::DEFAULT_FAILOVER_SLOT))]
+    pub(crate) failover_slot: Option<bool>,
 
     /// `replication.id_namespace`.
     #[arg(
@@ -615,6 +641,7 @@ impl ConfigArgs {
                 sslcert: take!(p, pg, pg_sslcert),
                 sslkey: take!(p, pg, pg_sslkey),
                 connect_timeout_secs: take!(p, pg, pg_connect_timeout_secs),
+                target_session_attrs: take!(p, pg, pg_target_session_attrs),
             },
             nats: NatsOverlay {
                 urls: urls.map(|urls| cli_list(&urls)),
@@ -644,6 +671,7 @@ impl ConfigArgs {
                 spool_dir: take!(p, r, spool_dir),
                 wal_receive_timeout_secs: take!(p, r, wal_receive_timeout_secs),
                 accept_position_gap: take!(p, r, accept_position_gap),
+                failover_slot: take!(p, r, failover_slot),
                 id_namespace: take!(p, r, id_namespace),
             },
             http: HttpOverlay {

@@ -6,7 +6,7 @@ use self::test_env::with_env;
 use super::config_args::StreamNames;
 use super::*;
 use crate::config::pg::DEFAULT_PG_PORT;
-use crate::config::{field_sources, Config, Format, SslMode};
+use crate::config::{field_sources, Config, Format, PgPorts, SslMode, TargetSessionAttrs};
 
 #[test]
 fn cli_is_well_formed() {
@@ -130,7 +130,7 @@ fn precedence_flag_env_file_default() {
     // File over defaults.
     let c = with_env(&[("BRIDGE_CONFIG", &file)], || load(&["bridge"]));
     assert_eq!(c.postgres.host, "file-host");
-    assert_eq!(c.postgres.port, DEFAULT_PG_PORT);
+    assert_eq!(c.postgres.port.as_slice(), [DEFAULT_PG_PORT]);
     assert_eq!(c.replication.slot, "file_slot");
     assert_eq!(c.replication.id_namespace.as_deref(), Some("file-ns"));
     assert!(!c.replication.accept_position_gap);
@@ -152,7 +152,7 @@ fn precedence_flag_env_file_default() {
     ];
     let c = with_env(&env, || load(&["bridge"]));
     assert_eq!(c.postgres.host, "env-host");
-    assert_eq!(c.postgres.port, 6000);
+    assert_eq!(c.postgres.port.as_slice(), [6000]);
     assert_eq!(c.postgres.user, "file-user");
     assert_eq!(c.replication.slot, "env_slot");
     assert_eq!(c.replication.publication, "file_pub");
@@ -191,7 +191,7 @@ fn precedence_flag_env_file_default() {
     assert_eq!(c.replication.id_namespace.as_deref(), Some("flag-ns"));
     assert!(!c.replication.accept_position_gap);
     assert_eq!(c.postgres.host, "flag-host");
-    assert_eq!(c.postgres.port, 6000); // env, no flag given
+    assert_eq!(c.postgres.port.as_slice(), [6000]); // env, no flag given
     assert_eq!(c.replication.slot, "flag_slot");
     assert_eq!(c.http.port, 9103);
     assert_eq!(c.nats.urls, ["nats://flag:4222"]);
@@ -268,7 +268,7 @@ fn environment_and_flags_give_separate_overlays() {
     assert_eq!(layers.flags.http.port, Some(9000));
     assert_eq!(layers.env.http.port, None);
     // A flag hides its environment variable altogether.
-    assert_eq!(layers.flags.postgres.port, Some(7000));
+    assert_eq!(layers.flags.postgres.port, Some(PgPorts::single(7000)));
     assert_eq!(layers.env.postgres.port, None);
     assert_eq!(layers.file, None);
 
@@ -352,4 +352,49 @@ mod test_env {
         }
         result.unwrap_or_else(|panic| resume_unwind(panic))
     }
+}
+
+/// `PG_HOST=h1,h2` with `PG_PORT=5432,5433` (one per host), or one port for all; the
+/// target session flag; and the failover slot switch.
+#[test]
+fn several_hosts_from_the_environment_and_flags() {
+    let (_, layers) = with_env(&[("PG_HOST", "h1,h2"), ("PG_PORT", "5432,5433")], || {
+        parse_from(["bridge", "check-config"]).unwrap()
+    });
+    assert_eq!(layers.env.postgres.host.as_deref(), Some("h1,h2"));
+    assert_eq!(
+        layers.env.postgres.port,
+        Some(PgPorts::from(vec![5432, 5433]))
+    );
+    let c = Config::load(layers).unwrap();
+    assert_eq!(c.postgres.addresses(), "h1:5432,h2:5433");
+    // Several hosts and nothing said: the primary.
+    assert_eq!(
+        c.postgres.target_session_attrs,
+        Some(TargetSessionAttrs::ReadWrite)
+    );
+    assert!(c.replication.failover_slot);
+
+    let (_, layers) = with_env(&[("PG_HOST", "h1,h2"), ("PG_PORT", "6000")], || {
+        parse_from([
+            "bridge",
+            "--pg-target-session-attrs",
+            "primary",
+            "--failover-slot=false",
+            "check-config",
+        ])
+        .unwrap()
+    });
+    let c = Config::load(layers).unwrap();
+    assert_eq!(c.postgres.addresses(), "h1:6000,h2:6000");
+    assert_eq!(
+        c.postgres.target_session_attrs,
+        Some(TargetSessionAttrs::Primary)
+    );
+    assert!(!c.replication.failover_slot);
+
+    with_env(&[], || {
+        assert!(parse_from(["bridge", "--pg-port", "5432,x"]).is_err());
+        assert!(parse_from(["bridge", "--pg-target-session-attrs", "standby"]).is_err());
+    });
 }

@@ -10,7 +10,7 @@ use super::pg::{
     DEFAULT_PG_USER,
 };
 use super::url::{parse_pg_url, PgUrlParts};
-use super::{Config, PgConfig};
+use super::{Config, PgConfig, PgPorts, TargetSessionAttrs};
 
 /// What the sources say, in rising precedence over the defaults: the configuration file, the
 /// environment, the command line.
@@ -96,12 +96,21 @@ fn resolve_pg(given: PgOverlay) -> Result<PgConfig, ConfigError> {
         })?,
         None => PgUrlParts::default(),
     };
+    let host = given
+        .host
+        .or(url.host)
+        .unwrap_or_else(|| DEFAULT_PG_HOST.to_owned());
+    // With several hosts, only the primary will do: a standby cannot hold the slot.
+    let target_session_attrs = given
+        .target_session_attrs
+        .or(url.target_session_attrs)
+        .or_else(|| host.contains(',').then_some(TargetSessionAttrs::ReadWrite));
     Ok(PgConfig {
-        host: given
-            .host
-            .or(url.host)
-            .unwrap_or_else(|| DEFAULT_PG_HOST.to_owned()),
-        port: given.port.or(url.port).unwrap_or(DEFAULT_PG_PORT),
+        host,
+        port: given
+            .port
+            .or(url.port)
+            .unwrap_or(PgPorts::single(DEFAULT_PG_PORT)),
         user: given
             .user
             .or(url.user)
@@ -119,5 +128,6 @@ fn resolve_pg(given: PgOverlay) -> Result<PgConfig, ConfigError> {
             .connect_timeout_secs
             .or(url.connect_timeout_secs)
             .unwrap_or(DEFAULT_PG_CONNECT_TIMEOUT_SECS),
+        target_session_attrs,
     })
 }

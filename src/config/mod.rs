@@ -60,7 +60,7 @@ pub use overlay::{
     HttpOverlay, MonitorOverlay, NatsOverlay, Overlay, PgOverlay, ReplicationOverlay,
     SnapshotOverlay, StreamsOverlay,
 };
-pub use pg::{PgConfig, SslMode};
+pub use pg::{PgConfig, PgPorts, SslMode, TargetSessionAttrs};
 pub use replication::{Format, ReplicationConfig};
 pub use secret::Secret;
 pub(crate) use secret::REDACTED;
@@ -129,15 +129,16 @@ impl fmt::Display for Config {
         };
         write!(
             f,
-            "postgres={}@{}:{}/{} pg_password={} sslmode={} nats={} nats_auth={} \
+            "postgres={}@{}/{} target_session_attrs={} pg_password={} sslmode={} nats={} nats_auth={} \
              slot={} publication={} tables={} format={} streams={},{} http={} admin_token={} \
              state_file={} ring_capacity={} max_in_flight={} snapshot_chunk_rows={} \
              snapshot_on_start={} snapshot_reply_prefix={} snapshot_max_concurrent={} \
-             snapshot_cooldown_secs={} nats_tls={}",
+             snapshot_cooldown_secs={} nats_tls={} failover_slot={}",
             pg.user,
-            pg.host,
-            pg.port,
+            pg.addresses(),
             pg.dbname,
+            pg.target_session_attrs
+                .map_or("libpq-default", TargetSessionAttrs::as_str),
             set(&pg.password),
             sslmode,
             self.nats.redacted_urls().join(","),
@@ -163,6 +164,7 @@ impl fmt::Display for Config {
             } else {
                 "if-offered"
             },
+            self.replication.failover_slot,
         )
     }
 }

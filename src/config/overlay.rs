@@ -14,8 +14,8 @@ use serde::Deserialize;
 
 use super::url::redact_url_userinfo;
 use super::{
-    Format, HttpConfig, MonitorConfig, NatsConfig, ReplicationConfig, Secret, SnapshotConfig,
-    SslMode, StreamsConfig,
+    Format, HttpConfig, MonitorConfig, NatsConfig, PgPorts, ReplicationConfig, Secret,
+    SnapshotConfig, SslMode, StreamsConfig, TargetSessionAttrs,
 };
 
 /// Sets a configuration field from an overlay value: a plain field takes the value, an optional
@@ -104,7 +104,7 @@ overlay! {
     PgOverlay, "postgres" {
         url: Secret = "--pg-url", "PG_URL";
         host: String = "--pg-host", "PG_HOST";
-        port: u16 = "--pg-port", "PG_PORT";
+        port: PgPorts = "--pg-port", "PG_PORT";
         user: String = "--pg-user", "PG_USER";
         password: Secret = "--pg-password", "PG_PASSWORD";
         dbname: String = "--pg-db", "PG_DB";
@@ -113,6 +113,8 @@ overlay! {
         sslcert: PathBuf = "--pg-sslcert", "PG_SSLCERT";
         sslkey: PathBuf = "--pg-sslkey", "PG_SSLKEY";
         connect_timeout_secs: u64 = "--pg-connect-timeout-secs", "PG_CONNECT_TIMEOUT_SECS";
+        target_session_attrs: TargetSessionAttrs =
+            "--pg-target-session-attrs", "PG_TARGET_SESSION_ATTRS";
     }
 }
 
@@ -176,6 +178,7 @@ overlay! {
         wal_receive_timeout_secs: u64 =
             "--wal-receive-timeout-secs", "BRIDGE_WAL_RECEIVE_TIMEOUT_SECS";
         accept_position_gap: bool = "--accept-position-gap", "BRIDGE_ACCEPT_POSITION_GAP";
+        failover_slot: bool = "--failover-slot", "BRIDGE_FAILOVER_SLOT";
         id_namespace: String = "--id-namespace", "BRIDGE_ID_NAMESPACE";
     }
 }

@@ -24,6 +24,142 @@ pub(crate) const DEFAULT_PG_CONNECT_TIMEOUT_SECS: u64 = 10;
 /// `application_name` sent to PostgreSQL, visible in `pg_stat_activity` and `pg_stat_replication`.
 pub(crate) const PG_APPLICATION_NAME: &str = "pgbridge";
 
+/// One port for every host, or one per host in the host's order: `5432` or `5432,5433`.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct PgPorts(Vec<u16>);
+
+impl PgPorts {
+    /// The same port for every host.
+    pub fn single(port: u16) -> Self {
+        PgPorts(vec![port])
+    }
+
+    /// The ports as given.
+    pub fn as_slice(&self) -> &[u16] {
+        &self.0
+    }
+
+    /// The port of host number `i` (the only one when a single port serves every host).
+    pub(crate) fn of_host(&self, i: usize) -> u16 {
+        match self.0.as_slice() {
+            [one] => *one,
+            many => many.get(i).copied().unwrap_or(DEFAULT_PG_PORT),
+        }
+    }
+}
+
+impl From<Vec<u16>> for PgPorts {
+    fn from(ports: Vec<u16>) -> Self {
+        PgPorts(ports)
+    }
+}
+
+impl fmt::Display for PgPorts {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let text: Vec<String> = self.0.iter().map(u16::to_string).collect();
+        f.write_str(&text.join(","))
+    }
+}
+
+impl FromStr for PgPorts {
+    type Err = String;
+
+    /// `5432` or a comma list `5432,5433`.
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        s.split(',')
+            .map(|p| {
+                p.trim()
+                    .parse::<u16>()
+                    .map_err(|_| format!("port '{}' is not a number from 1 to 65535", p.trim()))
+            })
+            .collect::<Result<Vec<_>, _>>()
+            .map(PgPorts)
+    }
+}
+
+/// A single port serializes as a number (as before several hosts were possible), a list as
+/// the text `5432,5433`.
+impl Serialize for PgPorts {
+    fn serialize<S: serde::Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        match self.0.as_slice() {
+            [one] => serializer.serialize_u16(*one),
+            _ => serializer.serialize_str(&self.to_string()),
+        }
+    }
+}
+
+/// In the file: `port = 5432`, `port = "5432,5433"` or `port = [5432, 5433]`.
+impl<'de> Deserialize<'de> for PgPorts {
+    fn deserialize<D: serde::Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        #[derive(Deserialize)]
+        #[serde(untagged)]
+        enum Given {
+            One(u16),
+            Text(String),
+            List(Vec<u16>),
+        }
+        match Given::deserialize(deserializer).map_err(|_| {
+            serde::de::Error::custom(
+                "expected a port (5432), a comma list (\"5432,5433\") or an array ([5432, 5433])",
+            )
+        })? {
+            Given::One(p) => Ok(PgPorts::single(p)),
+            Given::Text(t) => t.parse().map_err(serde::de::Error::custom),
+            Given::List(l) => Ok(PgPorts(l)),
+        }
+    }
+}
+
+/// libpq `target_session_attrs`: which of several hosts a connection may end on. The bridge
+/// writes a replication slot and follows a promotion, so it accepts only the values that
+/// reach the primary (and `any`, for a single host).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
+#[serde(rename_all = "kebab-case")]
+pub enum TargetSessionAttrs {
+    /// The first host that answers.
+    Any,
+    /// A host that accepts writes (the primary).
+    ReadWrite,
+    /// A host that is not in recovery (the primary).
+    Primary,
+}
+
+impl TargetSessionAttrs {
+    /// The libpq keyword value.
+    pub(crate) fn as_str(self) -> &'static str {
+        match self {
+            TargetSessionAttrs::Any => "any",
+            TargetSessionAttrs::ReadWrite => "read-write",
+            TargetSessionAttrs::Primary => "primary",
+        }
+    }
+}
+
+impl fmt::Display for TargetSessionAttrs {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+impl FromStr for TargetSessionAttrs {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        match s {
+            "any" => Ok(TargetSessionAttrs::Any),
+            "read-write" => Ok(TargetSessionAttrs::ReadWrite),
+            "primary" => Ok(TargetSessionAttrs::Primary),
+            "read-only" | "standby" | "prefer-standby" => Err(format!(
+                "target_session_attrs '{s}' would connect to a standby; the bridge needs the \
+                 primary: use read-write or primary"
+            )),
+            _ => Err(format!(
+                "unknown target_session_attrs '{s}' (expected read-write, primary or any)"
+            )),
+        }
+    }
+}
+
 /// libpq `sslmode`.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
 #[serde(rename_all = "kebab-case")]
@@ -88,10 +224,11 @@ impl FromStr for SslMode {
 /// PostgreSQL connection, fully resolved: the URL, if any, is already expanded into these parts.
 #[derive(Clone, Debug, PartialEq, Serialize)]
 pub struct PgConfig {
-    /// Host name, IP address, or directory of the Unix socket (starts with `/`).
+    /// Host name, IP address, or directory of the Unix socket (starts with `/`); several,
+    /// comma separated, are tried in turn (see `target_session_attrs`).
     pub host: String,
-    /// Port.
-    pub port: u16,
+    /// Port: one for every host, or one per host.
+    pub port: PgPorts,
     /// Role to connect as; it needs REPLICATION and SELECT on the published tables.
     pub user: String,
     /// Password; `None` leaves it to libpq (`~/.pgpass`, trust, peer ...).
@@ -114,13 +251,17 @@ pub struct PgConfig {
     pub sslkey: Option<PathBuf>,
     /// libpq `connect_timeout`, in seconds.
     pub connect_timeout_secs: u64,
+    /// libpq `target_session_attrs`; `None` passes nothing (libpq's `PGTARGETSESSIONATTRS`,
+    /// else `any`). Several hosts without it get `read-write` when the URL is expanded.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub target_session_attrs: Option<TargetSessionAttrs>,
 }
 
 impl Default for PgConfig {
     fn default() -> Self {
         Self {
             host: DEFAULT_PG_HOST.to_owned(),
-            port: DEFAULT_PG_PORT,
+            port: PgPorts::single(DEFAULT_PG_PORT),
             user: DEFAULT_PG_USER.to_owned(),
             password: None,
             dbname: DEFAULT_PG_DBNAME.to_owned(),
@@ -129,15 +270,31 @@ impl Default for PgConfig {
             sslcert: None,
             sslkey: None,
             connect_timeout_secs: DEFAULT_PG_CONNECT_TIMEOUT_SECS,
+            target_session_attrs: None,
         }
     }
 }
 
 impl PgConfig {
+    /// The hosts, each with its port: `h1:5432,h2:5433` (for logs and `check-config`).
+    pub(crate) fn addresses(&self) -> String {
+        self.hosts()
+            .enumerate()
+            .map(|(i, h)| format!("{h}:{}", self.port.of_host(i)))
+            .collect::<Vec<_>>()
+            .join(",")
+    }
+
+    /// The hosts of the comma list.
+    pub(crate) fn hosts(&self) -> impl Iterator<Item = &str> {
+        self.host.split(',').map(str::trim)
+    }
+
     /// Keyword/value pairs for `PQconnectdbParams`: host, port, user, password, dbname,
-    /// connect_timeout and application_name, and sslmode, sslrootcert, sslcert and sslkey when
-    /// configured: a keyword left out lets libpq read its `PG*` environment variable (`PGSSLMODE`,
-    /// `PGSSLROOTCERT`, ...) and then its own default. The caller adds `replication`,
+    /// connect_timeout and application_name, and target_session_attrs, sslmode, sslrootcert,
+    /// sslcert and sslkey when configured: a keyword left out lets libpq read its `PG*`
+    /// environment variable (`PGSSLMODE`, `PGSSLROOTCERT`, ...) and then its own default. The
+    /// host and port may be comma lists; libpq tries the hosts in turn. The caller adds `replication`,
     /// `options` and the like, and must pass `expand_dbname = 0` so that a database name is never
     /// read as a connection string. The password is in clear text here: do not log the result.
     pub(crate) fn libpq_params(&self) -> Vec<(&'static str, String)> {
@@ -166,6 +323,9 @@ impl PgConfig {
             ("connect_timeout", self.connect_timeout_secs.to_string()),
             ("application_name", PG_APPLICATION_NAME.to_owned()),
         ]);
+        if let Some(attrs) = self.target_session_attrs {
+            params.push(("target_session_attrs", attrs.as_str().to_owned()));
+        }
         params
     }
 }

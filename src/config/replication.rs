@@ -53,6 +53,9 @@ pub(crate) const WAL_RECEIVE_TIMEOUT_NO_SENDER_TIMEOUT_SECS: u64 = 120;
 /// Whether a start may skip changes when the state file's position does not belong to the
 /// server (another cluster, timeline, database or slot); off, so nothing is skipped silently.
 pub(crate) const DEFAULT_ACCEPT_POSITION_GAP: bool = false;
+/// Whether the slot is created as a failover slot (PostgreSQL 17+), which standbys with
+/// `sync_replication_slots` keep in step so that streaming goes on after a promotion.
+pub(crate) const DEFAULT_FAILOVER_SLOT: bool = true;
 
 /// Encoding of the messages published to JetStream.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
@@ -119,6 +122,8 @@ pub struct ReplicationConfig {
     /// Start even when the state file's position does not belong to the server, from the
     /// slot, logging the skipped range.
     pub accept_position_gap: bool,
+    /// Create the slot as a failover slot, and make an existing one so (PostgreSQL 17+).
+    pub failover_slot: bool,
     /// Namespace of the message ids; `None` derives it from the system identifier, database
     /// and publication.
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -142,6 +147,7 @@ impl Default for ReplicationConfig {
             spool_dir: None,
             wal_receive_timeout_secs: DEFAULT_WAL_RECEIVE_TIMEOUT_SECS,
             accept_position_gap: DEFAULT_ACCEPT_POSITION_GAP,
+            failover_slot: DEFAULT_FAILOVER_SLOT,
             id_namespace: None,
         }
     }

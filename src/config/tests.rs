@@ -50,7 +50,7 @@ fn temp_file(name: &str, text: &str) -> TempConfig {
 fn defaults_are_the_constants() {
     let c = Config::default();
     assert_eq!(c.postgres.host, DEFAULT_PG_HOST);
-    assert_eq!(c.postgres.port, 5432);
+    assert_eq!(c.postgres.port.as_slice(), [5432]);
     assert_eq!(c.postgres.sslmode, None);
     assert_eq!(c.nats.urls, vec![DEFAULT_NATS_URL.to_owned()]);
     assert_eq!(c.replication.slot, "cdc_slot");
@@ -145,7 +145,7 @@ fn toml_sections_are_read() {
     .unwrap();
     c.validate().unwrap();
     assert_eq!(c.postgres.host, "db.example");
-    assert_eq!(c.postgres.port, 6432);
+    assert_eq!(c.postgres.port.as_slice(), [6432]);
     assert_eq!(c.postgres.password, Some(Secret::new("pw")));
     assert_eq!(c.postgres.sslmode, Some(SslMode::VerifyFull));
     assert_eq!(c.nats.urls, ["nats://n1:4222", "n2:4223"]);
@@ -234,7 +234,7 @@ fn pg_url_is_expanded_and_parts_win() {
     assert_eq!(c.postgres.user, "us@er");
     assert_eq!(c.postgres.password.as_ref().unwrap().expose(), "p:ss/w");
     assert_eq!(c.postgres.host, "db.example");
-    assert_eq!(c.postgres.port, 6543);
+    assert_eq!(c.postgres.port.as_slice(), [6543]);
     assert_eq!(c.postgres.dbname, "my db");
     assert_eq!(c.postgres.sslmode, Some(SslMode::Require));
     assert_eq!(c.postgres.connect_timeout_secs, 4);
@@ -251,7 +251,7 @@ fn pg_url_is_expanded_and_parts_win() {
     layers.flags.postgres.host = Some("flaghost".into());
     let c = Config::load(layers).unwrap();
     assert_eq!(c.postgres.host, "flaghost");
-    assert_eq!(c.postgres.port, 2222);
+    assert_eq!(c.postgres.port.as_slice(), [2222]);
     assert_eq!(c.postgres.user, "u");
     assert_eq!(c.postgres.dbname, "urldb");
 
@@ -260,13 +260,16 @@ fn pg_url_is_expanded_and_parts_win() {
     assert_eq!(p, PgUrlParts::default());
     let c = toml_config("[postgres]\nurl = \"postgres:///appdb\"\n").unwrap();
     assert_eq!(c.postgres.host, DEFAULT_PG_HOST);
-    assert_eq!(c.postgres.port, DEFAULT_PG_PORT);
+    assert_eq!(c.postgres.port.as_slice(), [DEFAULT_PG_PORT]);
     assert_eq!(c.postgres.user, DEFAULT_PG_USER);
     assert_eq!(c.postgres.password, None);
     assert_eq!(c.postgres.dbname, "appdb");
 
     let p = parse_pg_url("postgres://[::1]:5433/db").unwrap();
-    assert_eq!((p.host.as_deref(), p.port), (Some("::1"), Some(5433)));
+    assert_eq!(
+        (p.host.as_deref(), p.port),
+        (Some("::1"), Some(PgPorts::single(5433)))
+    );
     let p = parse_pg_url("postgres://%2Fvar%2Frun%2Fpostgresql/db?user=me").unwrap();
     assert_eq!(p.host.as_deref(), Some("/var/run/postgresql"));
     assert_eq!(p.user.as_deref(), Some("me"));
@@ -281,10 +284,16 @@ fn bad_pg_urls_are_refused_without_echoing_secrets() {
         ("postgres://u:s3cret@h:notaport/db", "port"),
         ("postgres://u:s3cret@h:0/db", "port"),
         ("postgres://u:s3cret%zz@h/db", "percent-escape"),
-        ("postgres://u:s3cret@h1,h2/db", "several hosts"),
+        ("postgres://u:s3cret@h1,,h2/db", "host list is empty"),
+        ("postgres://u:s3cret@h1:5432,h2:x/db", "port"),
+        ("postgres://u:s3cret@h/db?port=5432,0", "port"),
         ("postgres://u:s3cret@h/db?sslmode=sometimes", "sslmode"),
         (
-            "postgres://u:s3cret@h/db?target_session_attrs=any",
+            "postgres://u:s3cret@h/db?target_session_attrs=standby",
+            "needs the primary",
+        ),
+        (
+            "postgres://u:s3cret@h/db?target_session_attrs=sometimes",
             "target_session_attrs",
         ),
         ("postgres://u:s3cret@[::1/db", "IPv6"),
@@ -345,6 +354,67 @@ fn libpq_params() {
     assert_eq!(get(&params, "sslrootcert").as_deref(), Some("/etc/ca.pem"));
     assert_eq!(get(&params, "sslcert").as_deref(), Some("/etc/c.pem"));
     assert_eq!(get(&params, "sslkey").as_deref(), Some("/etc/k.pem"));
+}
+
+/// Several hosts reach libpq as comma lists with the target session attributes; the file
+/// takes a port, a comma list or an array; the port count must fit the hosts.
+#[test]
+fn several_hosts_reach_libpq_and_check_config() {
+    let get =
+        |p: &[(&str, String)], k: &str| p.iter().find(|(key, _)| *key == k).map(|(_, v)| v.clone());
+    let c = toml_config(
+        "[postgres]\nurl = \"postgres://u:url-secret@h1:5432,h2:5433/db?target_session_attrs=read-write\"\n",
+    )
+    .unwrap();
+    c.validate().unwrap();
+    let params = c.postgres.libpq_params();
+    assert_eq!(get(&params, "host").as_deref(), Some("h1,h2"));
+    assert_eq!(get(&params, "port").as_deref(), Some("5432,5433"));
+    assert_eq!(
+        get(&params, "target_session_attrs").as_deref(),
+        Some("read-write")
+    );
+    let line = c.to_string();
+    assert!(
+        line.contains("postgres=u@h1:5432,h2:5433/db target_session_attrs=read-write"),
+        "{line}"
+    );
+    let toml = c.to_redacted_toml();
+    assert!(toml.contains("port = \"5432,5433\""), "{toml}");
+    assert!(
+        toml.contains("target_session_attrs = \"read-write\""),
+        "{toml}"
+    );
+    for shown in [&line, &toml] {
+        assert!(!shown.contains("url-secret"), "{shown}");
+    }
+
+    // One host: nothing passed, libpq's own default applies; the port stays a number.
+    let c = toml_config("[postgres]\nhost = \"db\"\nport = 6000\n").unwrap();
+    assert_eq!(
+        get(&c.postgres.libpq_params(), "target_session_attrs"),
+        None
+    );
+    assert!(c.to_redacted_toml().contains("port = 6000"));
+
+    for file in [
+        "[postgres]\nhost = \"a,b\"\nport = \"1, 2\"\n",
+        "[postgres]\nhost = \"a,b\"\nport = [1, 2]\n",
+    ] {
+        let c = toml_config(file).unwrap();
+        c.validate().unwrap();
+        assert_eq!(c.postgres.addresses(), "a:1,b:2", "{file}");
+        assert_eq!(
+            c.postgres.target_session_attrs,
+            Some(TargetSessionAttrs::ReadWrite)
+        );
+    }
+    assert!(toml_config("[postgres]\nport = \"x\"\n").is_err());
+    let c = toml_config("[postgres]\nhost = \"a,b\"\nport = [1, 2, 3]\n").unwrap();
+    let err = c.validate().unwrap_err().to_string();
+    assert!(err.contains("3 ports for 2 hosts"), "{err}");
+    let c = toml_config("[postgres]\nhost = \"a,,b\"\n").unwrap();
+    assert_eq!(invalid_field(&c), "postgres.host");
 }
 
 #[test]
@@ -660,7 +730,11 @@ fn validation_names_the_field() {
             "replication.id_namespace",
             "1-64 characters",
         ),
-        (check(&|c| c.postgres.port = 0), "postgres.port", "not 0"),
+        (
+            check(&|c| c.postgres.port = PgPorts::single(0)),
+            "postgres.port",
+            "not 0",
+        ),
         (
             check(&|c| c.postgres.host.clear()),
             "postgres.host",

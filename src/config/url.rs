@@ -6,13 +6,14 @@
 use std::net::IpAddr;
 use std::path::PathBuf;
 
-use super::{Secret, SslMode, REDACTED};
+use super::pg::DEFAULT_PG_PORT;
+use super::{PgPorts, Secret, SslMode, TargetSessionAttrs, REDACTED};
 
 /// The parts a PostgreSQL URL gave; `None` where it gave nothing.
 #[derive(Debug, Default, PartialEq)]
 pub(super) struct PgUrlParts {
     pub(super) host: Option<String>,
-    pub(super) port: Option<u16>,
+    pub(super) port: Option<PgPorts>,
     pub(super) user: Option<String>,
     pub(super) password: Option<Secret>,
     pub(super) dbname: Option<String>,
@@ -21,6 +22,7 @@ pub(super) struct PgUrlParts {
     pub(super) sslcert: Option<PathBuf>,
     pub(super) sslkey: Option<PathBuf>,
     pub(super) connect_timeout_secs: Option<u64>,
+    pub(super) target_session_attrs: Option<TargetSessionAttrs>,
 }
 
 /// Splits what follows `scheme://` at the user info, which ends at the LAST `@`: user names
@@ -34,7 +36,7 @@ fn split_userinfo(rest: &str) -> (Option<&str>, &str) {
     }
 }
 
-/// Parses `postgres[ql]://[user[:password]@][host][:port][/dbname][?k=v&...]`.
+/// Parses `postgres[ql]://[user[:password]@][host][:port][,host[:port]...][/dbname][?k=v&...]`.
 ///
 /// Error messages describe the problem without echoing the URL, which may hold a password.
 pub(super) fn parse_pg_url(url: &str) -> Result<PgUrlParts, String> {
@@ -64,31 +66,25 @@ pub(super) fn parse_pg_url(url: &str) -> Result<PgUrlParts, String> {
             parts.password = non_empty(percent_decode(password, "password")?).map(Secret::from);
         }
     }
-    let host_port = authority;
-    if host_port.contains(',') {
-        return Err("several hosts are not supported; give one host".into());
-    }
-    let (host, port) = if let Some(bracketed) = host_port.strip_prefix('[') {
-        let (host, after) = bracketed
-            .split_once(']')
-            .ok_or("IPv6 address without closing ']'")?;
-        let port = match after {
-            "" => None,
-            p => Some(
-                p.strip_prefix(':')
-                    .ok_or("unexpected text after the IPv6 address")?,
-            ),
-        };
-        (host.to_owned(), port)
-    } else {
-        match host_port.split_once(':') {
-            Some((host, port)) => (percent_decode(host, "host")?, Some(port)),
-            None => (percent_decode(host_port, "host")?, None),
+    // Several hosts, each with its own port or none: `h1:5432,h2:5433` (libpq's form).
+    let mut hosts = Vec::new();
+    let mut ports = Vec::new();
+    for host_port in authority.split(',') {
+        let (host, port) = split_host_port(host_port)?;
+        if host.is_empty() && authority.contains(',') {
+            return Err("a host of the host list is empty".into());
         }
-    };
-    parts.host = non_empty(host);
-    if let Some(port) = port.filter(|p| !p.is_empty()) {
-        parts.port = Some(parse_port(port)?);
+        hosts.push(host);
+        ports.push(port);
+    }
+    parts.host = non_empty(hosts.join(","));
+    // A host without a port gets the default one, as in libpq.
+    if ports.iter().any(Option::is_some) {
+        let ports: Vec<u16> = ports
+            .into_iter()
+            .map(|p| p.unwrap_or(DEFAULT_PG_PORT))
+            .collect();
+        parts.port = Some(PgPorts::from(ports));
     }
     if let Some(path) = path {
         parts.dbname = non_empty(percent_decode(path, "database name")?);
@@ -109,7 +105,17 @@ pub(super) fn parse_pg_url(url: &str) -> Result<PgUrlParts, String> {
             }
             "user" => parts.user = non_empty(percent_decode(value, "user name")?),
             "host" => parts.host = non_empty(percent_decode(value, "host")?),
-            "port" => parts.port = Some(parse_port(&percent_decode(value, "port")?)?),
+            "port" => {
+                let ports = percent_decode(value, "port")?
+                    .split(',')
+                    .map(parse_port)
+                    .collect::<Result<Vec<_>, _>>()?;
+                parts.port = Some(PgPorts::from(ports));
+            }
+            "target_session_attrs" => {
+                parts.target_session_attrs =
+                    Some(percent_decode(value, "target_session_attrs")?.parse()?)
+            }
             "dbname" => parts.dbname = non_empty(percent_decode(value, "database name")?),
             "sslmode" => parts.sslmode = Some(percent_decode(value, "sslmode")?.parse()?),
             "sslrootcert" => parts.sslrootcert = non_empty_path(value, "sslrootcert")?,
@@ -124,12 +130,40 @@ pub(super) fn parse_pg_url(url: &str) -> Result<PgUrlParts, String> {
             other => {
                 return Err(format!(
                     "query parameter '{other}' is not supported (use sslmode, sslrootcert, \
-                     sslcert, sslkey, connect_timeout, host, port, user, password or dbname)"
+                     sslcert, sslkey, connect_timeout, target_session_attrs, host, port, user, \
+                     password or dbname)"
                 ))
             }
         }
     }
     Ok(parts)
+}
+
+/// `host[:port]` or `[ipv6][:port]`, the host percent-decoded; the port parsed when given.
+fn split_host_port(host_port: &str) -> Result<(String, Option<u16>), String> {
+    let (host, port) = if let Some(bracketed) = host_port.strip_prefix('[') {
+        let (host, after) = bracketed
+            .split_once(']')
+            .ok_or("IPv6 address without closing ']'")?;
+        let port = match after {
+            "" => None,
+            p => Some(
+                p.strip_prefix(':')
+                    .ok_or("unexpected text after the IPv6 address")?,
+            ),
+        };
+        (host.to_owned(), port)
+    } else {
+        match host_port.split_once(':') {
+            Some((host, port)) => (percent_decode(host, "host")?, Some(port)),
+            None => (percent_decode(host_port, "host")?, None),
+        }
+    };
+    let port = match port.filter(|p| !p.is_empty()) {
+        Some(p) => Some(parse_port(p)?),
+        None => None,
+    };
+    Ok((host, port))
 }
 
 fn non_empty(s: String) -> Option<String> {

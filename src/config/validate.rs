@@ -37,11 +37,23 @@ impl Config {
 impl PgConfig {
     /// Checks every field; see [`Config::validate`].
     pub(crate) fn validate(&self) -> Result<(), ConfigError> {
-        if self.host.trim().is_empty() {
-            return Err(invalid("postgres.host", "is empty"));
+        if self.hosts().any(str::is_empty) {
+            return Err(invalid(
+                "postgres.host",
+                "is empty (or a host of its comma list is)",
+            ));
         }
-        if self.port == 0 {
+        if self.port.as_slice().contains(&0) {
             return Err(invalid("postgres.port", "must be 1-65535, not 0"));
+        }
+        let (hosts, ports) = (self.hosts().count(), self.port.as_slice().len());
+        if ports != 1 && ports != hosts {
+            return Err(invalid(
+                "postgres.port",
+                format!(
+                    "gives {ports} ports for {hosts} hosts: give one port for all or one per host"
+                ),
+            ));
         }
         if self.user.is_empty() {
             return Err(invalid("postgres.user", "is empty"));

@@ -52,7 +52,7 @@ fn userinfo_ends_at_the_last_at() {
             "{url}"
         );
         assert_eq!(p.host.as_deref(), Some(host), "{url}");
-        assert_eq!(p.port, port, "{url}");
+        assert_eq!(p.port, port.map(PgPorts::single), "{url}");
         assert_eq!(p.dbname.as_deref(), Some(db), "{url}");
     }
     let p = parse_pg_url(
@@ -122,5 +122,50 @@ fn redaction_hides_all_user_info() {
         ("postgres://u:p/w@h/db?x=1", "postgres://***@h/db?x=1"),
     ] {
         assert_eq!(redact_url_userinfo(url), shown, "{url}");
+    }
+}
+
+/// Several hosts, each with its own port or the default one; lists in `host=` and `port=`;
+/// `target_session_attrs`.
+#[test]
+fn several_hosts_each_with_its_port() {
+    let p =
+        parse_pg_url("postgres://u:pw@h1:5432,h2:5433/db?target_session_attrs=read-write").unwrap();
+    assert_eq!(p.host.as_deref(), Some("h1,h2"));
+    assert_eq!(p.port, Some(PgPorts::from(vec![5432, 5433])));
+    assert_eq!(p.target_session_attrs, Some(TargetSessionAttrs::ReadWrite));
+    assert_eq!(p.password.as_ref().map(Secret::expose), Some("pw"));
+    assert_eq!(p.dbname.as_deref(), Some("db"));
+
+    // A host without a port gets the default; no port at all leaves the port unset.
+    let p = parse_pg_url("postgres://u@h1,h2:5433/db").unwrap();
+    assert_eq!(p.port, Some(PgPorts::from(vec![5432, 5433])));
+    let p = parse_pg_url("postgres://u@h1,h2/db").unwrap();
+    assert_eq!((p.host.as_deref(), p.port), (Some("h1,h2"), None));
+    assert_eq!(p.target_session_attrs, None);
+
+    let p = parse_pg_url("postgres://u@[::1]:6000,[2001:db8::7]:6001,h3/db").unwrap();
+    assert_eq!(p.host.as_deref(), Some("::1,2001:db8::7,h3"));
+    assert_eq!(p.port, Some(PgPorts::from(vec![6000, 6001, 5432])));
+
+    let p = parse_pg_url("postgres:///db?host=a,b&port=1,2&target_session_attrs=primary").unwrap();
+    assert_eq!(p.host.as_deref(), Some("a,b"));
+    assert_eq!(p.port, Some(PgPorts::from(vec![1, 2])));
+    assert_eq!(p.target_session_attrs, Some(TargetSessionAttrs::Primary));
+    let p = parse_pg_url("postgres://h/db?target_session_attrs=any").unwrap();
+    assert_eq!(p.target_session_attrs, Some(TargetSessionAttrs::Any));
+
+    for (url, expect) in [
+        ("postgres://u:s3cret@h1,/db", "empty"),
+        ("postgres://u:s3cret@h1:1,h2:99999/db", "port"),
+        ("postgres://u:s3cret@[::1,h2/db", "IPv6"),
+        (
+            "postgres://u:s3cret@h/db?target_session_attrs=prefer-standby",
+            "primary",
+        ),
+    ] {
+        let err = parse_pg_url(url).unwrap_err();
+        assert!(err.contains(expect), "{url}: {err}");
+        assert!(!err.contains("s3cret"), "{url}: {err}");
     }
 }
