@@ -189,12 +189,38 @@ impl ReplicationConnection {
             if temporary { " TEMPORARY" } else { "" },
             action
         );
-        let r = self.conn.query(&sql)?;
+        self.created_slot(&sql, name)
+    }
+
+    /// `CREATE_REPLICATION_SLOT name LOGICAL pgoutput (SNAPSHOT 'nothing', FAILOVER)`
+    /// (PostgreSQL 17+): a slot that standbys with `sync_replication_slots = on` keep in step,
+    /// so that it exists, at a safe position, on a standby promoted in a failover.
+    pub fn create_failover_slot(&mut self, name: &str) -> Result<CreatedSlot, PgError> {
+        let sql = format!(
+            "CREATE_REPLICATION_SLOT {} LOGICAL pgoutput (SNAPSHOT 'nothing', FAILOVER)",
+            quote_ident(name)
+        );
+        self.created_slot(&sql, name)
+    }
+
+    /// `ALTER_REPLICATION_SLOT name (FAILOVER on|off)` (PostgreSQL 17+); refused while another
+    /// process streams from the slot.
+    pub fn set_slot_failover(&mut self, name: &str, failover: bool) -> Result<(), PgError> {
+        self.conn.execute(&format!(
+            "ALTER_REPLICATION_SLOT {} (FAILOVER {})",
+            quote_ident(name),
+            if failover { "true" } else { "false" }
+        ))
+    }
+
+    /// Runs a `CREATE_REPLICATION_SLOT` and reads its result row.
+    fn created_slot(&mut self, sql: &str, name: &str) -> Result<CreatedSlot, PgError> {
+        let r = self.conn.query(sql)?;
         let consistent_point = r
             .get(0, "consistent_point")
             .and_then(|t| t.parse().ok())
             .ok_or_else(|| PgError::UnexpectedResult {
-                command: sql.clone(),
+                command: sql.to_owned(),
                 status: "missing or invalid consistent_point".into(),
             })?;
         Ok(CreatedSlot {

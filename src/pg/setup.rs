@@ -3,7 +3,7 @@
 //! after the publication is known to exist, because pgoutput resolves publications at the
 //! slot's decoding position).
 
-use super::conn::{quote_ident, ConnectionKind, PgConnection, PgError};
+use super::conn::{quote_ident, quote_literal, ConnectionKind, PgConnection, PgError};
 use super::lsn::Lsn;
 use super::replication::{ReplicationConnection, SnapshotAction};
 
@@ -406,33 +406,117 @@ pub struct SlotState {
     pub created: bool,
     /// PID of the process streaming from it now, if any.
     pub active_pid: Option<i32>,
+    /// Whether it is a failover slot; `None` on servers before PostgreSQL 17, which have none.
+    pub failover: Option<bool>,
 }
 
 /// Makes sure the logical slot exists in this database with the pgoutput plugin, creating it
-/// when missing. `conn` is a normal connection, `repl` a replication one.
+/// when missing (a failover slot when `failover` and the server has them). `conn` is a normal
+/// connection, `repl` a replication one.
 pub fn ensure_slot(
     conn: &mut PgConnection,
     repl: &mut ReplicationConnection,
     slot: &str,
+    failover: bool,
 ) -> Result<SlotState, SetupError> {
     match find_slot(conn, slot)? {
         Some(state) => Ok(state),
-        None => create_slot(repl, slot),
+        None => create_slot(repl, slot, failover),
     }
 }
 
-/// Creates the logical slot (pgoutput, no snapshot).
-pub fn create_slot(repl: &mut ReplicationConnection, slot: &str) -> Result<SlotState, SetupError> {
-    let created = repl.create_slot(slot, false, SnapshotAction::Nothing)?;
+/// The first server version with failover slots (`CREATE_REPLICATION_SLOT ... FAILOVER`,
+/// `sync_replication_slots`, `synchronized_standby_slots`).
+pub const FAILOVER_SLOTS_SINCE: i32 = 170000;
+
+/// Creates the logical slot (pgoutput, no snapshot); a failover slot when `failover` and the
+/// server is PostgreSQL 17 or later.
+pub fn create_slot(
+    repl: &mut ReplicationConnection,
+    slot: &str,
+    failover: bool,
+) -> Result<SlotState, SetupError> {
+    let failover = failover && repl.server_version() >= FAILOVER_SLOTS_SINCE;
+    let created = if failover {
+        repl.create_failover_slot(slot)?
+    } else {
+        repl.create_slot(slot, false, SnapshotAction::Nothing)?
+    };
     log::info!(
-        "created replication slot '{slot}' at {}",
-        created.consistent_point
+        "created replication slot '{slot}' at {}{}",
+        created.consistent_point,
+        if failover { " (a failover slot)" } else { "" }
     );
     Ok(SlotState {
         confirmed_flush: created.consistent_point,
         created: true,
         active_pid: None,
+        failover: (repl.server_version() >= FAILOVER_SLOTS_SINCE).then_some(failover),
     })
+}
+
+/// The start's checks of the failover set-up on PostgreSQL 17 and later, as lines to log
+/// (level, text). With `want` (`--failover-slot`), an existing slot that is not a failover
+/// slot is made one (`ALTER_REPLICATION_SLOT`), or, when that is refused, a warning says how;
+/// a failover slot on a primary without `synchronized_standby_slots` is warned about, because
+/// the bridge may then confirm changes a standby does not have yet, and a promotion of that
+/// standby would lose them. `conn` may be a normal or a replication connection.
+pub fn failover_checks(
+    conn: &mut PgConnection,
+    repl: &mut ReplicationConnection,
+    slot_name: &str,
+    slot: &mut SlotState,
+    want: bool,
+) -> Result<Vec<(log::Level, String)>, PgError> {
+    let mut notes = Vec::new();
+    if slot.failover == Some(false) && want {
+        match repl.set_slot_failover(slot_name, true) {
+            Ok(()) => {
+                slot.failover = Some(true);
+                notes.push((
+                    log::Level::Info,
+                    format!(
+                        "replication slot '{slot_name}' was not a failover slot: made it one \
+                         (ALTER_REPLICATION_SLOT, --failover-slot), so standbys with \
+                         sync_replication_slots = on keep it for a promotion"
+                    ),
+                ));
+            }
+            Err(e) if !e.is_connection_problem() => notes.push((
+                log::Level::Warn,
+                format!(
+                    "replication slot '{slot_name}' is not a failover slot, so a promoted standby \
+                     will not have it and streaming cannot go on after a failover; making it one \
+                     failed ({e}): run ALTER_REPLICATION_SLOT {} (FAILOVER true) on a \
+                     replication connection while no one streams from it (or start with \
+                     --failover-slot=false to keep it as it is)",
+                    quote_ident(slot_name)
+                ),
+            )),
+            Err(e) => return Err(e),
+        }
+    }
+    if slot.failover == Some(true) {
+        let r = conn.query(
+            "SELECT current_setting('synchronized_standby_slots', true) AS standby_slots, \
+                    pg_is_in_recovery()::text AS recovery",
+        )?;
+        let standby_slots = r.get(0, "standby_slots").unwrap_or_default().trim();
+        if standby_slots.is_empty() && r.get(0, "recovery") == Some("false") {
+            notes.push((
+                log::Level::Warn,
+                format!(
+                    "replication slot '{slot_name}' is a failover slot, but the primary has no \
+                     synchronized_standby_slots: the bridge may receive (and confirm) changes a \
+                     standby has not received yet, and a promotion of that standby loses them \
+                     from the database while they are in the stream; set \
+                     synchronized_standby_slots to the standbys' physical slots \
+                     (ALTER SYSTEM SET synchronized_standby_slots = '...'; SELECT pg_reload_conf();)"
+                ),
+            ));
+        }
+    }
+    Ok(notes)
 }
 
 /// The server's current WAL write position (`pg_current_wal_lsn()`, or the replayed position
@@ -451,14 +535,16 @@ pub fn current_wal_lsn(conn: &mut PgConnection) -> Result<Lsn, SetupError> {
 }
 
 /// The logical slot of this database with the pgoutput plugin, `None` when it does not exist;
-/// an error when it exists but cannot be used.
+/// an error when it exists but cannot be used. `conn` may be a normal or a replication
+/// connection (the simple protocol, hence the quoted literal).
 pub fn find_slot(conn: &mut PgConnection, slot: &str) -> Result<Option<SlotState>, SetupError> {
-    let r = conn.query_params(
+    // `failover` exists from PostgreSQL 17 on; through jsonb it is NULL before.
+    let r = conn.query(&format!(
         "SELECT plugin, slot_type, database, confirmed_flush_lsn::text, active_pid::text, wal_status, \
-                current_database() AS db \
-           FROM pg_replication_slots WHERE slot_name = $1",
-        &[slot],
-    )?;
+                current_database() AS db, to_jsonb(s) ->> 'failover' AS failover \
+           FROM pg_replication_slots s WHERE slot_name = {}",
+        quote_literal(slot)
+    ))?;
     if r.rows.is_empty() {
         return Ok(None);
     }
@@ -498,6 +584,7 @@ pub fn find_slot(conn: &mut PgConnection, slot: &str) -> Result<Option<SlotState
         confirmed_flush,
         created: false,
         active_pid: r.get(0, "active_pid").and_then(|p| p.parse().ok()),
+        failover: r.get(0, "failover").map(|f| f == "true"),
     }))
 }
 

@@ -235,10 +235,21 @@ fn pg_setup(
         Err(e) => return Err(e.into()),
     };
     // Only now, with the position accepted, may a missing slot be created.
-    let slot = match slot {
+    let mut slot = match slot {
         Some(s) => s,
-        None => setup::create_slot(&mut repl, slot_name)?,
+        None => setup::create_slot(&mut repl, slot_name, config.replication.failover_slot)?,
     };
+    for (level, note) in setup::failover_checks(
+        &mut conn,
+        &mut repl,
+        slot_name,
+        &mut slot,
+        config.replication.failover_slot,
+    )
+    .map_err(SetupError::Pg)?
+    {
+        log::log!(level, "{note}");
+    }
     let start = match resume {
         Resume::File(lsn) => lsn.max(slot.confirmed_flush),
         Resume::Slot => slot.confirmed_flush,
@@ -259,9 +270,11 @@ fn pg_setup(
     })
 }
 
-/// After a reconnect: the server must still be the same cluster and database, and the durable
-/// position on its timeline's history. A promotion (a new timeline that passed through the
-/// durable position) is followed: logged, and recorded in the state file from now on.
+/// After a reconnect: the server must still be the same cluster and database, the durable
+/// position on its timeline's history, and the slot must exist there. A promotion (a new
+/// timeline that passed through the durable position) is followed: logged, and recorded in
+/// the state file from now on. A promoted server without the slot stops the bridge: a new slot
+/// would start past the changes committed since the durable position.
 fn verify_reconnect(
     repl: &mut ReplicationConnection,
     identity: &mut PositionIdentity,
@@ -307,6 +320,29 @@ fn verify_reconnect(
                 .map_or_else(|| "?".to_string(), |l| l.to_string()),
             found.timeline
         );
+    }
+    if setup::find_slot(repl.connection(), &identity.slot)?.is_none() {
+        let path = state_path.to_path_buf();
+        return Err(if found.timeline == identity.timeline {
+            PositionError::SlotMissing {
+                path,
+                lsn: durable,
+                recorded: Some(identity.clone()),
+                slot: identity.slot.clone(),
+                found,
+            }
+        } else {
+            PositionError::SlotLost {
+                path,
+                lsn: durable,
+                recorded_timeline: identity.timeline,
+                switch_point: history.switch_point(identity.timeline),
+                found,
+            }
+        }
+        .into());
+    }
+    if found.timeline != identity.timeline {
         *identity = found;
         state.set_identity(identity.clone());
     }

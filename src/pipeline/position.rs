@@ -295,6 +295,21 @@ pub enum PositionError {
         /// What the server is.
         found: PositionIdentity,
     },
+    /// The slot does not exist on a server that went through a promotion since the position
+    /// was stored (or on the server the bridge reconnected to): the standby did not keep it.
+    #[error("replication slot '{}' does not exist on the server ({found}{}), while the stream holds every change up to {lsn} (state file {}): the server was promoted from a standby that did not keep the slot, and a new slot would start at its current position and skip the changes committed since {lsn}; to follow a promotion make the slot a failover slot on the primary (PostgreSQL 17+, --failover-slot) and set sync_replication_slots = on, hot_standby_feedback = on and a primary_conninfo with dbname on the standby (docs/operations.md, Failover); {ACCEPT_HINT}", found.slot, promotion_story(*recorded_timeline, found.timeline, *switch_point), path.display())]
+    SlotLost {
+        /// The state file.
+        path: PathBuf,
+        /// The durable position.
+        lsn: Lsn,
+        /// The timeline the position was stored on.
+        recorded_timeline: u32,
+        /// Where that timeline ended on the server's history, if it is on it.
+        switch_point: Option<Lsn>,
+        /// What the server is.
+        found: PositionIdentity,
+    },
     /// The server's timeline left the recorded one before the recorded position.
     #[error("state file {} holds position {lsn} on timeline {recorded_timeline} ({recorded}), which is not on the history of the server's timeline {} ({}): the server was restored to an earlier point (PITR) or promoted before it had that position, and changes of the old timeline after the switch are not on this one; {ACCEPT_HINT}", path.display(), found.timeline, timeline_story(*recorded_timeline, *switch_point))]
     TimelineDiverged {
@@ -313,6 +328,14 @@ pub enum PositionError {
     },
 }
 
+fn promotion_story(recorded: u32, current: u32, switch_point: Option<Lsn>) -> String {
+    match (recorded == current, switch_point) {
+        (true, _) => String::new(),
+        (false, Some(sw)) => format!(", promoted from timeline {recorded} to {current} at {sw}"),
+        (false, None) => format!(", timeline {current}; the position is on timeline {recorded}"),
+    }
+}
+
 fn timeline_story(tli: u32, switch_point: Option<Lsn>) -> String {
     match switch_point {
         Some(sw) => format!("timeline {tli} ended at {sw}"),
@@ -328,11 +351,20 @@ impl PositionError {
             PositionError::OtherIdentity { lsn, .. }
             | PositionError::AheadOfServer { lsn, .. }
             | PositionError::SlotMissing { lsn, .. }
+            | PositionError::SlotLost { lsn, .. }
             | PositionError::TimelineDiverged { lsn, .. } => *lsn,
         };
         let recorded = match self {
             PositionError::OtherIdentity { recorded, .. }
             | PositionError::TimelineDiverged { recorded, .. } => Some(recorded.clone()),
+            PositionError::SlotLost {
+                recorded_timeline,
+                found,
+                ..
+            } => Some(PositionIdentity {
+                timeline: *recorded_timeline,
+                ..found.clone()
+            }),
             PositionError::AheadOfServer { recorded, .. }
             | PositionError::SlotMissing { recorded, .. } => recorded.clone(),
         };
@@ -340,6 +372,7 @@ impl PositionError {
             PositionError::OtherIdentity { found, .. }
             | PositionError::AheadOfServer { found, .. }
             | PositionError::SlotMissing { found, .. }
+            | PositionError::SlotLost { found, .. }
             | PositionError::TimelineDiverged { found, .. } => found,
         };
         format!(
@@ -414,6 +447,19 @@ pub fn check(
         }));
     }
     let Some(slot) = found.slot else {
+        if let Some(id) = rec
+            .identity
+            .as_ref()
+            .filter(|id| id.timeline != found.identity.timeline)
+        {
+            return Err(Box::new(PositionError::SlotLost {
+                path,
+                lsn,
+                recorded_timeline: id.timeline,
+                switch_point: found.history.switch_point(id.timeline),
+                found: found.identity.clone(),
+            }));
+        }
         return Err(Box::new(PositionError::SlotMissing {
             path,
             lsn,
@@ -686,5 +732,28 @@ mod tests {
             e.to_string().contains("timeline 5 is not in its history"),
             "{e}"
         );
+    }
+
+    #[test]
+    fn a_promoted_server_without_the_slot_is_refused_with_the_failover_advice() {
+        let h = TimelineHistory::parse(2, "1\t0/5000000\tno recovery target specified\n").unwrap();
+        let f = found("1", h, None, 0x600_0000);
+        let e = check(path(), Some(&rec(0x480_0000, Some(id("1", 1)))), &f).unwrap_err();
+        assert!(matches!(*e, PositionError::SlotLost { .. }), "{e}");
+        let line = e.to_string();
+        assert!(!line.contains('\n'));
+        for part in [
+            "'cdc_slot' does not exist",
+            "promoted from timeline 1 to 2 at 0/5000000",
+            "every change up to 0/4800000",
+            "sync_replication_slots = on",
+            "--failover-slot",
+            "--accept-position-gap",
+        ] {
+            assert!(line.contains(part), "{part}: {line}");
+        }
+        assert!(e
+            .skipped_range(Lsn(0x600_0000))
+            .contains("recorded: system 1 timeline 1"));
     }
 }

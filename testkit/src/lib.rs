@@ -29,6 +29,7 @@ pub mod pg;
 pub mod proc;
 pub mod rng;
 pub mod slot;
+pub mod standby;
 pub mod stream;
 
 pub use bridge::{bridge_bin, bridge_command, split_msg_id, state_file_lsn, BridgeProcess};

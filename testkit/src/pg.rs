@@ -158,6 +158,30 @@ impl PgServer {
         server
     }
 
+    /// Starts a server of the installation in `bin` on `dir/data`, a data directory made
+    /// elsewhere (by [`initdb`] or a base backup) and owned by the unprivileged user, with
+    /// exactly `settings`; `password` is its superuser's.
+    pub(crate) fn start_on(
+        dir: TempDir,
+        bin: PathBuf,
+        password: String,
+        settings: Vec<(String, String)>,
+    ) -> Self {
+        let mut server = PgServer {
+            dir,
+            bin,
+            ids: pg_run_as(),
+            port: 0,
+            password,
+            settings,
+            child: None,
+            pid_dir: None,
+            pid_file: None,
+        };
+        server.start_again();
+        server
+    }
+
     /// (Re)starts the postmaster on the same data directory. The first start picks a free
     /// port (another one if the pick was taken meanwhile); a restart keeps the port, so
     /// clients configured with it (the bridge) reconnect, and retries it a few times before
@@ -405,7 +429,7 @@ impl PgServer {
 
 /// Runs `initdb` into `{dir}/data` as the unprivileged user, with the superuser password of
 /// `{dir}/pwfile`.
-fn initdb(bin: &Path, ids: Option<(u32, u32)>, dir: &Path) {
+pub(crate) fn initdb(bin: &Path, ids: Option<(u32, u32)>, dir: &Path) {
     let pwfile = dir.join("pwfile");
     let data = dir.join("data");
     let out = command_as(&bin.join("initdb"), ids)

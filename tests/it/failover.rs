@@ -1,0 +1,287 @@
+//! Failover against real servers (PostgreSQL 17+, `PG_BIN_18`): a primary with a physical
+//! standby, the bridge given both hosts with `target_session_attrs=read-write`. The primary is
+//! stopped like a crash and the standby promoted under load. With a failover slot the standby
+//! keeps in step, the bridge follows the promotion on its own, and the stream holds every
+//! committed change once; without slot synchronization the bridge stops with exit code 2 and
+//! one line instead of creating a new slot past the changes it has not streamed.
+
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use pgbridge::pg::conn::{ConnectionKind, PgConnection};
+use testkit::standby::{
+    failover_pg_bin, promote, protect_standby, start_primary, start_standby, wait_slot_synced,
+};
+use testkit::{
+    assert_once_in_order, bridge_command, heavy, json_row_ids, read_stream, setup_app_db,
+    stream_len, wait_for, BridgeProcess, NatsServer, PgServer, StopMode, TempDir, PG_SUPERUSER,
+};
+
+const SCHEMA: &str = "CREATE TABLE t (id bigint PRIMARY KEY)";
+const STANDBY_SLOT: &str = "standby1";
+const WAIT: Duration = Duration::from_secs(90);
+/// Rows written before the crash, and after the promotion.
+const ROWS_BEFORE: u64 = 400;
+const ROWS_AFTER: u64 = 400;
+
+/// The bridge for database `app` of both servers: `PG_URL` names both hosts, each with its
+/// port, and asks for the read-write one.
+fn bridge_for(
+    primary: &PgServer,
+    standby: &PgServer,
+    nats_url: &str,
+    dir: &TempDir,
+) -> BridgeProcess {
+    let url = format!(
+        "postgres://bridge_reader@{}:{},{}:{}/app?target_session_attrs=read-write",
+        primary.host(),
+        primary.port(),
+        standby.host(),
+        standby.port()
+    );
+    BridgeProcess::spawn(
+        bridge_command(primary, nats_url, dir.path())
+            .env_remove("PG_HOST")
+            .env_remove("PG_PORT")
+            .env("PG_URL", url)
+            .args(["--format", "json"]),
+    )
+}
+
+/// One writer that follows the primary: a connection to both hosts (read-write), a few
+/// inserts per transaction with increasing ids; after a failure it reconnects (bounded) and
+/// goes on after the highest id the server has, so ids stay 1..=n whatever a crash kept.
+struct Writer {
+    stop: Arc<AtomicBool>,
+    written: Arc<AtomicU64>,
+    /// Ids whose COMMIT the server acknowledged.
+    acknowledged: Arc<Mutex<Vec<u64>>>,
+    handle: Option<std::thread::JoinHandle<()>>,
+}
+
+impl Writer {
+    fn start(primary: &PgServer, standby: &PgServer) -> Self {
+        let params: Vec<(&'static str, String)> = vec![
+            ("host", format!("{},{}", primary.host(), standby.host())),
+            ("port", format!("{},{}", primary.port(), standby.port())),
+            ("user", PG_SUPERUSER.to_string()),
+            ("password", primary.password().to_string()),
+            ("dbname", "app".to_string()),
+            ("connect_timeout", "5".to_string()),
+            ("target_session_attrs", "read-write".to_string()),
+        ];
+        let stop = Arc::new(AtomicBool::new(false));
+        let written = Arc::new(AtomicU64::new(0));
+        let acknowledged = Arc::new(Mutex::new(Vec::new()));
+        let (stop_flag, counter, acks) = (stop.clone(), written.clone(), acknowledged.clone());
+        let handle = std::thread::spawn(move || {
+            let refs: Vec<(&str, &str)> = params.iter().map(|(k, v)| (*k, v.as_str())).collect();
+            let started = Instant::now();
+            let mut conn: Option<PgConnection> = None;
+            let mut next = 1u64;
+            let mut txn = 0u64;
+            while !stop_flag.load(Ordering::Relaxed) && started.elapsed() < Duration::from_secs(300)
+            {
+                let Some(c) = conn.as_mut() else {
+                    match PgConnection::connect(&refs, ConnectionKind::Normal) {
+                        Ok(mut c) => {
+                            let max = c
+                                .query("SELECT coalesce(max(id), 0)::text AS m FROM t")
+                                .ok()
+                                .and_then(|r| r.get(0, "m").and_then(|m| m.parse().ok()));
+                            if let Some(max) = max {
+                                next = max + 1;
+                                counter.store(max, Ordering::Relaxed);
+                                conn = Some(c);
+                            }
+                        }
+                        Err(_) => std::thread::sleep(Duration::from_millis(100)),
+                    }
+                    continue;
+                };
+                let last = next + txn % 3;
+                let inserts: String = (next..=last)
+                    .map(|id| format!(" INSERT INTO t (id) VALUES ({id});"))
+                    .collect();
+                match c.execute(&format!("BEGIN;{inserts} COMMIT;")) {
+                    Ok(()) => {
+                        acks.lock().unwrap().extend(next..=last);
+                        counter.store(last, Ordering::Relaxed);
+                        next = last + 1;
+                        txn += 1;
+                    }
+                    // The server went away: whether this one committed shows after reconnecting.
+                    Err(_) => conn = None,
+                }
+                std::thread::sleep(Duration::from_millis(3));
+            }
+        });
+        Writer {
+            stop,
+            written,
+            acknowledged,
+            handle: Some(handle),
+        }
+    }
+
+    fn rows(&self) -> u64 {
+        self.written.load(Ordering::Relaxed)
+    }
+
+    fn wait_rows(&self, n: u64) {
+        wait_for(&format!("{n} rows written"), WAIT, || {
+            (self.rows() >= n).then_some(())
+        });
+    }
+
+    /// Stops the writer; the ids whose commit was acknowledged.
+    fn stop(mut self) -> Vec<u64> {
+        self.stop.store(true, Ordering::Relaxed);
+        if let Some(h) = self.handle.take() {
+            h.join().expect("writer thread panicked");
+        }
+        std::mem::take(&mut *self.acknowledged.lock().unwrap())
+    }
+}
+
+impl Drop for Writer {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::Relaxed);
+        if let Some(h) = self.handle.take() {
+            let _ = h.join();
+        }
+    }
+}
+
+/// The ids of table `t` on `pg`, in order.
+fn table_ids(pg: &PgServer) -> Vec<i64> {
+    pg.sql("app", "SELECT id FROM t ORDER BY id")
+        .rows
+        .iter()
+        .map(|r| r[0].as_deref().unwrap().parse().unwrap())
+        .collect()
+}
+
+#[test]
+fn the_bridge_follows_a_promotion_under_load_and_loses_nothing() {
+    let bin = failover_pg_bin();
+    let _heavy = heavy();
+    let nats = std::thread::spawn(NatsServer::start);
+    let primary = start_primary(&bin, STANDBY_SLOT);
+    setup_app_db(&primary, SCHEMA, "t");
+    let standby = start_standby(&primary, STANDBY_SLOT, true);
+    // Every acknowledged commit is on the standby, and the bridge never sees a change before
+    // the standby has it.
+    protect_standby(&primary, STANDBY_SLOT, true);
+    let nats = nats.join().expect("nats-server");
+    let dir = TempDir::new("failover");
+
+    let mut bridge = bridge_for(&primary, &standby, &nats.url(), &dir);
+    bridge.wait_for_line("streaming started", WAIT);
+    let created = bridge.wait_for_line("created replication slot 'cdc_slot'", WAIT);
+    assert!(created.contains("(a failover slot)"), "{}", bridge.log());
+    assert!(
+        !bridge.log().contains("synchronized_standby_slots"),
+        "{}",
+        bridge.log()
+    );
+    wait_slot_synced(&standby, "cdc_slot");
+
+    let writer = Writer::start(&primary, &standby);
+    writer.wait_rows(ROWS_BEFORE);
+    wait_slot_synced(&standby, "cdc_slot");
+    // A crash of the primary, then the operator's promotion.
+    let mut primary = primary;
+    primary.stop(StopMode::Immediate);
+    let at_crash = writer.rows();
+    promote(&standby);
+    writer.wait_rows(at_crash + ROWS_AFTER);
+    let acknowledged = writer.stop();
+
+    let promotion = bridge.wait_for_line("a promotion", WAIT);
+    assert!(
+        promotion.contains("from timeline 1 to 2 (switch point"),
+        "{promotion}"
+    );
+    let ids = table_ids(&standby);
+    let n = ids.len() as u64;
+    assert!(
+        ids.iter().copied().eq(1..=n as i64),
+        "the new primary's ids are not 1..={n}"
+    );
+    for id in &acknowledged {
+        assert!(*id <= n, "acknowledged row {id} is not on the new primary");
+    }
+    wait_for("every row of the new primary in the stream", WAIT, || {
+        (stream_len(&nats.url(), "CDC") >= n).then_some(())
+    });
+    // No restart: the same process streamed before and after.
+    assert_eq!(bridge.child.try_wait().unwrap(), None, "{}", bridge.log());
+    let rows = json_row_ids(&read_stream(&nats.url(), "CDC"));
+    // The table rebuilt from the stream (inserts only) is the new primary's.
+    assert_once_in_order(&rows, n);
+    assert!(
+        rows.iter().map(|(id, _)| *id).eq(ids.iter().copied()),
+        "the table rebuilt from the stream differs from the new primary's"
+    );
+    assert_eq!(bridge.terminate(WAIT), Some(0), "{}", bridge.log());
+}
+
+#[test]
+fn a_promoted_standby_without_the_slot_stops_the_bridge_with_exit_2() {
+    let bin = failover_pg_bin();
+    let _heavy = heavy();
+    let nats = std::thread::spawn(NatsServer::start);
+    let primary = start_primary(&bin, STANDBY_SLOT);
+    setup_app_db(&primary, SCHEMA, "t");
+    // No slot synchronization, no synchronized_standby_slots.
+    let standby = start_standby(&primary, STANDBY_SLOT, false);
+    let nats = nats.join().expect("nats-server");
+    let dir = TempDir::new("failover");
+
+    let mut bridge = bridge_for(&primary, &standby, &nats.url(), &dir);
+    bridge.wait_for_line("streaming started", WAIT);
+    // A failover slot on a primary that does not wait for its standby: said at start.
+    bridge.wait_for_line("no synchronized_standby_slots", WAIT);
+    for id in 1..=50 {
+        primary.sql("app", &format!("INSERT INTO t VALUES ({id})"));
+    }
+    wait_for("the rows in the stream", WAIT, || {
+        (stream_len(&nats.url(), "CDC") >= 50).then_some(())
+    });
+    let mut primary = primary;
+    primary.stop(StopMode::Immediate);
+    promote(&standby);
+    standby.sql("app", "INSERT INTO t VALUES (51)");
+
+    let code = bridge.wait_exit(WAIT);
+    let log = bridge.log();
+    assert_eq!(code, Some(2), "{log}");
+    let line = log
+        .lines()
+        .find(|l| l.contains("does not exist on the server"))
+        .unwrap_or_else(|| panic!("no line about the missing slot:\n{log}"));
+    for part in [
+        "'cdc_slot'",
+        "promoted from timeline 1 to 2",
+        "sync_replication_slots",
+        "--accept-position-gap",
+    ] {
+        assert!(line.contains(part), "{part}: {line}");
+    }
+    // Nothing silently: no new slot on the new primary, and a restart refuses too.
+    let slots = standby.value(
+        "postgres",
+        "SELECT count(*) FROM pg_replication_slots WHERE slot_name = 'cdc_slot'",
+    );
+    assert_eq!(slots, "0");
+    let mut again = bridge_for(&primary, &standby, &nats.url(), &dir);
+    assert_eq!(again.wait_exit(WAIT), Some(2), "{}", again.log());
+    assert!(
+        again.log().contains("does not exist on the server"),
+        "{}",
+        again.log()
+    );
+    assert_eq!(stream_len(&nats.url(), "CDC"), 50);
+}
