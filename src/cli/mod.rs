@@ -49,7 +49,9 @@ CONFIGURATION FILE
 POSTGRESQL URL
   --pg-url / PG_URL / postgres.url take postgres://user:password@host:port/dbname?sslmode=require
   (or postgresql://; query parameters sslmode, sslrootcert, sslcert, sslkey, connect_timeout,
-  host, port, user, password, dbname). The user info ends at the LAST '@', so a password may
+  target_session_attrs, host, port, user, password, dbname). Several hosts each take their own
+  port: postgres://u@pg1:5432,pg2:5433/app?target_session_attrs=read-write (read-write is the
+  default with several hosts: every connection goes to the primary). The user info ends at the LAST '@', so a password may
   hold '/', '?', '#' or '@' as is or percent-encoded (%2F); an '@' after the host is written %40.
   A part given on its own (--pg-host, PG_HOST, postgres.host, ...) always wins over the same
   part of the URL, wherever each comes from; parts given nowhere take the defaults.

@@ -12,10 +12,12 @@
 //! # PostgreSQL URL
 //!
 //! `postgres.url` (`--pg-url`, `PG_URL`) accepts
-//! `postgres[ql]://[user[:password]@][host][:port][/dbname][?param=value&...]`, with `sslmode`,
-//! `sslrootcert`, `sslcert`, `sslkey`, `connect_timeout`, `host`, `port`, `user`, `password` and
-//! `dbname` as query parameters (a query parameter wins over the same part earlier in the URL, as
-//! in libpq). User, password, host, database name and query values are percent-decoded.
+//! `postgres[ql]://[user[:password]@][host][:port][,host[:port]...][/dbname][?param=value&...]`,
+//! with `sslmode`, `sslrootcert`, `sslcert`, `sslkey`, `connect_timeout`,
+//! `target_session_attrs`, `host`, `port`, `user`, `password` and `dbname` as query parameters
+//! (a query parameter wins over the same part earlier in the URL, as in libpq). Several hosts
+//! become comma lists of hosts and ports, as libpq takes them, and `read-write` target session
+//! attributes unless others are given. User, password, host, database name and query values are percent-decoded.
 //!
 //! The user info ends at the *last* `@` of the URL: a password may hold `/`, `?`, `#`, `:` or
 //! `@` as they are or percent-encoded, but an `@` after the host (in the database name or a
