@@ -365,7 +365,9 @@ fn secret_bearing_bad_urls_never_print_the_secret() {
         "postgres://u:pg-s3cret%zz@h/db",
         "postgres://u:pg-s3cret@h/db?password",
         "postgres://u:pg-s3cret@h/db?sslmode=sometimes",
-        "postgres://u:pg-s3cret@h1,h2/db",
+        "postgres://u:pg-s3cret@h1,,h2/db",
+        "postgres://u:pg-s3cret@h1:1,h2:x/db",
+        "postgres://u:pg-s3cret@h/db?target_session_attrs=standby",
         "postgres://u:pg-s3cret@[::1/db",
         "postgres://u:pg/s3cret@h/db?sslrootcert=/nonexistent/ca.pem",
     ];
