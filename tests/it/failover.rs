@@ -5,11 +5,17 @@
 //! committed change once; without slot synchronization the bridge stops with exit code 2 and
 //! one line instead of creating a new slot past the changes it has not streamed.
 
+use std::collections::HashSet;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use pgbridge::pg::conn::{ConnectionKind, PgConnection};
+use pgbridge::pg::conn::{ConnectionKind, PgConnection, PgError};
+use testkit::oracle::{
+    bootstrapped, compare_all, durable, grant_sales, mirror_command, seed_sql, table_tokens,
+    tables, tail, wait_mirror_caught_up, Workload, ROLLBACK, SCHEMA as ORACLE_SCHEMA, STEP_TIMEOUT,
+    TABLES,
+};
 use testkit::standby::{
     failover_pg_bin, promote, protect_standby, start_primary, start_standby, wait_slot_synced,
 };
@@ -19,11 +25,15 @@ use testkit::{
 };
 
 const SCHEMA: &str = "CREATE TABLE t (id bigint PRIMARY KEY)";
+/// The writer gives up after this long whatever happens.
+const WRITER_LIMIT: Duration = Duration::from_secs(300);
 const STANDBY_SLOT: &str = "standby1";
 const WAIT: Duration = Duration::from_secs(90);
 /// Rows written before the crash, and after the promotion.
-const ROWS_BEFORE: u64 = 400;
-const ROWS_AFTER: u64 = 400;
+const ROWS_BEFORE: u64 = 1500;
+const ROWS_AFTER: u64 = 1500;
+/// Seed of the oracle's workload.
+const SEED: u64 = 0xFA11_0E12;
 
 /// The bridge for database `app` of both servers: `PG_URL` names both hosts, each with its
 /// port, and asks for the read-write one.
@@ -49,19 +59,22 @@ fn bridge_for(
     )
 }
 
-/// One writer that follows the primary: a connection to both hosts (read-write), a few
-/// inserts per transaction with increasing ids; after a failure it reconnects (bounded) and
-/// goes on after the highest id the server has, so ids stay 1..=n whatever a crash kept.
+/// One writer that follows the primary: a connection to both hosts (read-write). Each round
+/// commits a few inserts into `t` with increasing ids and, with a workload, one of the
+/// oracle's random transactions (updates, deletes, key changes, TOAST, transactions large
+/// enough to be streamed before their commit). After a failure it reconnects (bounded) and
+/// goes on after the highest id of `t` the server has, so those ids stay 1..=n whatever a
+/// crash kept; the oracle's statements cannot fail whichever of its transactions were kept.
 struct Writer {
     stop: Arc<AtomicBool>,
     written: Arc<AtomicU64>,
-    /// Ids whose COMMIT the server acknowledged.
+    /// Ids of `t` whose COMMIT the server acknowledged.
     acknowledged: Arc<Mutex<Vec<u64>>>,
     handle: Option<std::thread::JoinHandle<()>>,
 }
 
 impl Writer {
-    fn start(primary: &PgServer, standby: &PgServer) -> Self {
+    fn start(primary: &PgServer, standby: &PgServer, mut workload: Option<Workload>) -> Self {
         let params: Vec<(&'static str, String)> = vec![
             ("host", format!("{},{}", primary.host(), standby.host())),
             ("port", format!("{},{}", primary.port(), standby.port())),
@@ -80,14 +93,13 @@ impl Writer {
             let started = Instant::now();
             let mut conn: Option<PgConnection> = None;
             let mut next = 1u64;
-            let mut txn = 0u64;
-            while !stop_flag.load(Ordering::Relaxed) && started.elapsed() < Duration::from_secs(300)
-            {
+            let mut round = 0u64;
+            while !stop_flag.load(Ordering::Relaxed) && started.elapsed() < WRITER_LIMIT {
                 let Some(c) = conn.as_mut() else {
                     match PgConnection::connect(&refs, ConnectionKind::Normal) {
                         Ok(mut c) => {
                             let max = c
-                                .query("SELECT coalesce(max(id), 0)::text AS m FROM t")
+                                .query("SELECT coalesce(max(id), 0) AS m FROM t")
                                 .ok()
                                 .and_then(|r| r.get(0, "m").and_then(|m| m.parse().ok()));
                             if let Some(max) = max {
@@ -100,19 +112,27 @@ impl Writer {
                     }
                     continue;
                 };
-                let last = next + txn % 3;
+                let last = next + round % 3;
                 let inserts: String = (next..=last)
                     .map(|id| format!(" INSERT INTO t (id) VALUES ({id});"))
                     .collect();
-                match c.execute(&format!("BEGIN;{inserts} COMMIT;")) {
-                    Ok(()) => {
+                let result = c
+                    .execute(&format!("BEGIN;{inserts} COMMIT;"))
+                    .and_then(|()| {
                         acks.lock().unwrap().extend(next..=last);
                         counter.store(last, Ordering::Relaxed);
                         next = last + 1;
-                        txn += 1;
-                    }
-                    // The server went away: whether this one committed shows after reconnecting.
-                    Err(_) => conn = None,
+                        match workload.as_mut() {
+                            Some(w) => run_workload_transaction(c, &w.transaction()),
+                            None => Ok(()),
+                        }
+                    });
+                match result {
+                    Ok(()) => round += 1,
+                    // The server went away: whether the last one committed shows after
+                    // reconnecting. Any other failure is a defect of the test.
+                    Err(e) if e.is_connection_problem() => conn = None,
+                    Err(e) => panic!("writer transaction failed: {e}"),
                 }
                 std::thread::sleep(Duration::from_millis(3));
             }
@@ -154,6 +174,19 @@ impl Drop for Writer {
     }
 }
 
+/// Runs one of the oracle's transactions (its control statements included) and commits it
+/// unless it ends in a ROLLBACK.
+fn run_workload_transaction(conn: &mut PgConnection, statements: &[String]) -> Result<(), PgError> {
+    conn.execute("BEGIN")?;
+    for sql in statements {
+        conn.execute(sql)?;
+        if sql == ROLLBACK {
+            return Ok(());
+        }
+    }
+    conn.execute("COMMIT")
+}
+
 /// The ids of table `t` on `pg`, in order.
 fn table_ids(pg: &PgServer) -> Vec<i64> {
     pg.sql("app", "SELECT id FROM t ORDER BY id")
@@ -169,15 +202,21 @@ fn the_bridge_follows_a_promotion_under_load_and_loses_nothing() {
     let _heavy = heavy();
     let nats = std::thread::spawn(NatsServer::start);
     let primary = start_primary(&bin, STANDBY_SLOT);
-    setup_app_db(&primary, SCHEMA, "t");
+    setup_app_db(
+        &primary,
+        &format!("{SCHEMA}; {ORACLE_SCHEMA} {}", seed_sql()),
+        &format!("t,{TABLES}"),
+    );
+    grant_sales(&primary);
     let standby = start_standby(&primary, STANDBY_SLOT, true);
     // Every acknowledged commit is on the standby, and the bridge never sees a change before
     // the standby has it.
     protect_standby(&primary, STANDBY_SLOT, true);
     let nats = nats.join().expect("nats-server");
+    let url = nats.url();
     let dir = TempDir::new("failover");
 
-    let mut bridge = bridge_for(&primary, &standby, &nats.url(), &dir);
+    let mut bridge = bridge_for(&primary, &standby, &url, &dir);
     bridge.wait_for_line("streaming started", WAIT);
     let created = bridge.wait_for_line("created replication slot 'cdc_slot'", WAIT);
     assert!(created.contains("(a failover slot)"), "{}", bridge.log());
@@ -188,9 +227,25 @@ fn the_bridge_follows_a_promotion_under_load_and_loses_nothing() {
     );
     wait_slot_synced(&standby, "cdc_slot");
 
-    let writer = Writer::start(&primary, &standby);
+    // The tables rebuilt from the stream: the mirror, bootstrapped from snapshots.
+    let db = dir.path().join("mirror.db");
+    let mut mirror = BridgeProcess::spawn(&mut mirror_command(
+        &url,
+        &db,
+        dir.path(),
+        Some(TABLES),
+        &[],
+    ));
+    let writer = Writer::start(&primary, &standby, Some(Workload::new(SEED)));
+    let tokens = table_tokens();
+    wait_for("the mirror to bootstrap", STEP_TIMEOUT, || {
+        if let Some(status) = mirror.child.try_wait().unwrap() {
+            panic!("the mirror exited ({status}):\n{}", tail(&mirror.log(), 60));
+        }
+        bootstrapped(&db, &tokens).then_some(())
+    });
     writer.wait_rows(ROWS_BEFORE);
-    wait_slot_synced(&standby, "cdc_slot");
+
     // A crash of the primary, then the operator's promotion.
     let mut primary = primary;
     primary.stop(StopMode::Immediate);
@@ -213,18 +268,31 @@ fn the_bridge_follows_a_promotion_under_load_and_loses_nothing() {
     for id in &acknowledged {
         assert!(*id <= n, "acknowledged row {id} is not on the new primary");
     }
-    wait_for("every row of the new primary in the stream", WAIT, || {
-        (stream_len(&nats.url(), "CDC") >= n).then_some(())
-    });
+    wait_mirror_caught_up(&standby, &url, &durable(&db));
     // No restart: the same process streamed before and after.
     assert_eq!(bridge.child.try_wait().unwrap(), None, "{}", bridge.log());
-    let rows = json_row_ids(&read_stream(&nats.url(), "CDC"));
-    // The table rebuilt from the stream (inserts only) is the new primary's.
+
+    let messages = read_stream(&url, "CDC");
+    let msg_ids: HashSet<&String> = messages.iter().filter_map(|m| m.msg_id.as_ref()).collect();
+    assert_eq!(msg_ids.len(), messages.len(), "a change is stored twice");
+    let inserts: Vec<_> = messages
+        .into_iter()
+        .filter(|m| m.subject == "cdc.t.insert")
+        .collect();
+    let rows = json_row_ids(&inserts);
+    // Commit order, each once, and exactly the new primary's rows.
     assert_once_in_order(&rows, n);
-    assert!(
-        rows.iter().map(|(id, _)| *id).eq(ids.iter().copied()),
-        "the table rebuilt from the stream differs from the new primary's"
-    );
+    match compare_all(&standby, &db, &tables()) {
+        Ok(counts) => {
+            eprintln!("failover: {n} rows of t, equal tables (rows): {counts:?}");
+            assert!(counts.iter().all(|(_, n)| *n > 0), "{counts:?}");
+        }
+        Err(report) => panic!(
+            "the tables rebuilt from the stream differ from the new primary's (seed {SEED}):\n{report}\nmirror log:\n{}",
+            tail(&mirror.log(), 40)
+        ),
+    }
+    assert_eq!(mirror.terminate(WAIT), Some(0), "{}", mirror.log());
     assert_eq!(bridge.terminate(WAIT), Some(0), "{}", bridge.log());
 }
 
