@@ -353,3 +353,45 @@ fn a_promoted_standby_without_the_slot_stops_the_bridge_with_exit_2() {
     );
     assert_eq!(stream_len(&nats.url(), "CDC"), 50);
 }
+
+#[test]
+fn an_existing_slot_is_made_a_failover_slot_at_start() {
+    let bin = failover_pg_bin();
+    let nats = std::thread::spawn(NatsServer::start);
+    let pg = start_primary(&bin, STANDBY_SLOT);
+    setup_app_db(&pg, SCHEMA, "t");
+    pg.sql(
+        "app",
+        "SELECT pg_create_logical_replication_slot('cdc_slot', 'pgoutput')",
+    );
+    let failover = || {
+        pg.value(
+            "postgres",
+            "SELECT failover::text FROM pg_replication_slots WHERE slot_name = 'cdc_slot'",
+        )
+    };
+    assert_eq!(failover(), "false");
+    let nats = nats.join().expect("nats-server");
+    let dir = TempDir::new("failover");
+
+    // Off: the slot stays as it is.
+    let mut bridge = BridgeProcess::spawn(
+        bridge_command(&pg, &nats.url(), dir.path()).arg("--failover-slot=false"),
+    );
+    bridge.wait_for_line("streaming started", WAIT);
+    assert_eq!(bridge.terminate(WAIT), Some(0), "{}", bridge.log());
+    assert_eq!(failover(), "false");
+    assert!(!bridge.log().contains("failover slot"), "{}", bridge.log());
+
+    // On (the default): made a failover slot, and the missing synchronized_standby_slots said.
+    let mut bridge = BridgeProcess::spawn(&mut bridge_command(&pg, &nats.url(), dir.path()));
+    bridge.wait_for_line("was not a failover slot: made it one", WAIT);
+    bridge.wait_for_line("no synchronized_standby_slots", WAIT);
+    bridge.wait_for_line("streaming started", WAIT);
+    assert_eq!(failover(), "true");
+    pg.sql("app", "INSERT INTO t VALUES (1)");
+    wait_for("the row in the stream", WAIT, || {
+        (stream_len(&nats.url(), "CDC") == 1).then_some(())
+    });
+    assert_eq!(bridge.terminate(WAIT), Some(0), "{}", bridge.log());
+}
