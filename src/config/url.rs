@@ -139,25 +139,33 @@ pub(super) fn parse_pg_url(url: &str) -> Result<PgUrlParts, String> {
     Ok(parts)
 }
 
+/// `[ipv6]` or `[ipv6]:port`: the address and the port's text; `None` when `authority` does
+/// not start with `[`.
+fn split_ipv6(authority: &str) -> Result<Option<(&str, Option<&str>)>, String> {
+    let Some(bracketed) = authority.strip_prefix('[') else {
+        return Ok(None);
+    };
+    let (host, after) = bracketed
+        .split_once(']')
+        .ok_or("IPv6 address without closing ']'")?;
+    let port = match after {
+        "" => None,
+        p => Some(
+            p.strip_prefix(':')
+                .ok_or("unexpected text after the IPv6 address")?,
+        ),
+    };
+    Ok(Some((host, port)))
+}
+
 /// `host[:port]` or `[ipv6][:port]`, the host percent-decoded; the port parsed when given.
 fn split_host_port(host_port: &str) -> Result<(String, Option<u16>), String> {
-    let (host, port) = if let Some(bracketed) = host_port.strip_prefix('[') {
-        let (host, after) = bracketed
-            .split_once(']')
-            .ok_or("IPv6 address without closing ']'")?;
-        let port = match after {
-            "" => None,
-            p => Some(
-                p.strip_prefix(':')
-                    .ok_or("unexpected text after the IPv6 address")?,
-            ),
-        };
-        (host.to_owned(), port)
-    } else {
-        match host_port.split_once(':') {
+    let (host, port) = match split_ipv6(host_port)? {
+        Some((host, port)) => (host.to_owned(), port),
+        None => match host_port.split_once(':') {
             Some((host, port)) => (percent_decode(host, "host")?, Some(port)),
             None => (percent_decode(host_port, "host")?, None),
-        }
+        },
     };
     let port = match port.filter(|p| !p.is_empty()) {
         Some(p) => Some(parse_port(p)?),
@@ -236,23 +244,12 @@ pub(super) fn parse_nats_url(url: &str) -> Result<NatsUrl, String> {
         Some(i) => (&rest[..i], &rest[i..]),
         None => (rest, ""),
     };
-    let (host, port) = if let Some(bracketed) = authority.strip_prefix('[') {
-        let (host, after) = bracketed
-            .split_once(']')
-            .ok_or("IPv6 address without closing ']'")?;
-        let port = match after {
-            "" => None,
-            p => Some(
-                p.strip_prefix(':')
-                    .ok_or("unexpected text after the IPv6 address")?,
-            ),
-        };
-        (host, port)
-    } else {
-        match authority.rsplit_once(':') {
+    let (host, port) = match split_ipv6(authority)? {
+        Some(host_port) => host_port,
+        None => match authority.rsplit_once(':') {
             Some((host, port)) => (host, Some(port)),
             None => (authority, None),
-        }
+        },
     };
     if host.is_empty() {
         return Err("no host".into());

@@ -55,6 +55,28 @@ pub fn pg_bin_dir() -> PathBuf {
     )
 }
 
+/// The test clusters' settings: logical WAL, slots and senders to spare, little memory, no
+/// fsync, loopback only.
+pub(crate) fn test_settings() -> Vec<(String, String)> {
+    [
+        ("wal_level", "logical"),
+        ("max_wal_senders", "20"),
+        ("max_replication_slots", "20"),
+        ("max_prepared_transactions", "5"),
+        ("logical_decoding_work_mem", "64kB"),
+        ("listen_addresses", "127.0.0.1"),
+        ("fsync", "off"),
+        ("full_page_writes", "off"),
+        ("shared_buffers", "32MB"),
+        ("max_connections", "50"),
+        ("log_min_messages", "warning"),
+        ("timezone", "UTC"),
+    ]
+    .iter()
+    .map(|(k, v)| (k.to_string(), v.to_string()))
+    .collect()
+}
+
 /// How to stop PostgreSQL (pg_ctl's modes as signals to the postmaster).
 #[derive(Clone, Copy, Debug)]
 pub enum StopMode {
@@ -89,23 +111,7 @@ impl PgServer {
 
     /// Starts a cluster with extra `postgresql.conf` settings (name, value).
     pub fn start_with(extra: &[(&str, &str)]) -> Self {
-        let mut settings: Vec<(String, String)> = [
-            ("wal_level", "logical"),
-            ("max_wal_senders", "20"),
-            ("max_replication_slots", "20"),
-            ("max_prepared_transactions", "5"),
-            ("logical_decoding_work_mem", "64kB"),
-            ("listen_addresses", "127.0.0.1"),
-            ("fsync", "off"),
-            ("full_page_writes", "off"),
-            ("shared_buffers", "32MB"),
-            ("max_connections", "50"),
-            ("log_min_messages", "warning"),
-            ("timezone", "UTC"),
-        ]
-        .iter()
-        .map(|(k, v)| (k.to_string(), v.to_string()))
-        .collect();
+        let mut settings = test_settings();
         for (k, v) in extra {
             settings.retain(|(sk, _)| sk != k);
             settings.push((k.to_string(), v.to_string()));

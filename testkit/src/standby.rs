@@ -8,7 +8,7 @@ use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::Ordering;
 
-use crate::pg::{initdb, PgServer, PG_SUPERUSER};
+use crate::pg::{initdb, test_settings, PgServer, PG_SUPERUSER};
 use crate::proc::{chown_tree, command_as, pg_run_as, run};
 use crate::{wait_for, TempDir, COUNTER, START_TIMEOUT};
 
@@ -52,27 +52,13 @@ fn major_version(bin: &Path) -> u32 {
         .unwrap_or_else(|| panic!("no version in {text:?}"))
 }
 
-/// Settings both servers share: a standby needs at least the primary's limits.
+/// The test settings, for both servers (a standby needs at least the primary's limits), with
+/// full page writes, which `pg_basebackup` needs.
 fn settings() -> Vec<(String, String)> {
-    [
-        ("wal_level", "logical"),
-        ("max_wal_senders", "20"),
-        ("max_replication_slots", "20"),
-        ("max_prepared_transactions", "5"),
-        ("logical_decoding_work_mem", "64kB"),
-        ("listen_addresses", "127.0.0.1"),
-        ("fsync", "off"),
-        // pg_basebackup refuses WAL written without full page writes.
-        ("full_page_writes", "on"),
-        ("shared_buffers", "32MB"),
-        ("max_connections", "50"),
-        ("log_min_messages", "warning"),
-        ("timezone", "UTC"),
-        ("hot_standby", "on"),
-    ]
-    .iter()
-    .map(|(k, v)| (k.to_string(), v.to_string()))
-    .collect()
+    let mut settings = test_settings();
+    settings.retain(|(k, _)| k != "full_page_writes");
+    settings.push(("full_page_writes".into(), "on".into()));
+    settings
 }
 
 /// A new temporary directory owned by the unprivileged user, with the superuser's `pwfile`.
