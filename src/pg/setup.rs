@@ -397,6 +397,30 @@ pub fn published_tables(
         .collect())
 }
 
+/// A warning when the bridge is given several hosts to follow a promotion, but its slot will
+/// not be on a promoted standby: the server has no failover slots (before PostgreSQL 17), or
+/// the slot is not one (`--failover-slot=false`). After a promotion such a bridge stops.
+pub fn several_hosts_warning(
+    hosts: usize,
+    server_version: i32,
+    slot_failover: Option<bool>,
+) -> Option<String> {
+    let why = match slot_failover {
+        _ if hosts < 2 => return None,
+        None => format!(
+            "PostgreSQL {} has no failover slots (17 and later have)",
+            server_version / 10000
+        ),
+        Some(false) => "the slot is not a failover slot (--failover-slot=false)".to_string(),
+        Some(true) => return None,
+    };
+    Some(format!(
+        "{hosts} PostgreSQL hosts are configured to follow a promotion, but {why}: a promoted \
+         standby will not have the slot, and the bridge will then stop (exit code 2) rather than \
+         skip changes"
+    ))
+}
+
 /// The state of the bridge's slot.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct SlotState {
@@ -604,6 +628,17 @@ mod tests {
         assert!(status_interval_warning(ten, 1_000)
             .unwrap()
             .contains("at most 1 s"));
+    }
+
+    #[test]
+    fn several_hosts_without_a_slot_on_the_standby_are_warned_about() {
+        assert_eq!(several_hosts_warning(1, 150000, None), None);
+        assert_eq!(several_hosts_warning(2, 180000, Some(true)), None);
+        let w = several_hosts_warning(2, 160004, None).unwrap();
+        assert!(w.contains("PostgreSQL 16 has no failover slots"), "{w}");
+        let w = several_hosts_warning(3, 180000, Some(false)).unwrap();
+        assert!(w.starts_with("3 PostgreSQL hosts"), "{w}");
+        assert!(w.contains("--failover-slot=false"), "{w}");
     }
 
     #[test]

@@ -250,6 +250,13 @@ fn pg_setup(
     {
         log::log!(level, "{note}");
     }
+    if let Some(w) = setup::several_hosts_warning(
+        config.postgres.hosts().count(),
+        info.server_version,
+        slot.failover,
+    ) {
+        log::warn!("{w}");
+    }
     let start = match resume {
         Resume::File(lsn) => lsn.max(slot.confirmed_flush),
         Resume::Slot => slot.confirmed_flush,

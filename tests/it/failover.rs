@@ -3,7 +3,8 @@
 //! stopped like a crash and the standby promoted under load. With a failover slot the standby
 //! keeps in step, the bridge follows the promotion on its own, and the stream holds every
 //! committed change once; without slot synchronization the bridge stops with exit code 2 and
-//! one line instead of creating a new slot past the changes it has not streamed.
+//! one line instead of creating a new slot past the changes it has not streamed. One test runs
+//! on the default server (`PG_BIN`): several hosts from the environment, the first one down.
 
 use std::collections::HashSet;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -20,8 +21,9 @@ use testkit::standby::{
     failover_pg_bin, promote, protect_standby, start_primary, start_standby, wait_slot_synced,
 };
 use testkit::{
-    assert_once_in_order, bridge_command, heavy, json_row_ids, read_stream, setup_app_db,
-    stream_len, wait_for, BridgeProcess, NatsServer, PgServer, StopMode, TempDir, PG_SUPERUSER,
+    assert_once_in_order, bridge_command, free_port, heavy, json_row_ids, read_stream,
+    setup_app_db, stream_len, wait_for, BridgeProcess, NatsServer, PgServer, StopMode, TempDir,
+    TestEnv, PG_SUPERUSER,
 };
 
 const SCHEMA: &str = "CREATE TABLE t (id bigint PRIMARY KEY)";
@@ -393,5 +395,47 @@ fn an_existing_slot_is_made_a_failover_slot_at_start() {
     wait_for("the row in the stream", WAIT, || {
         (stream_len(&nats.url(), "CDC") == 1).then_some(())
     });
+    assert_eq!(bridge.terminate(WAIT), Some(0), "{}", bridge.log());
+}
+
+/// `PG_HOST` and `PG_PORT` lists, the first host down: the bridge streams from the second
+/// (read-write by default with several hosts). On a server without failover slots (the
+/// default test server, PostgreSQL 15) it warns that it cannot follow a promotion.
+#[test]
+fn several_hosts_from_the_environment_skip_a_host_that_is_down() {
+    let env = TestEnv::start();
+    setup_app_db(&env.pg, SCHEMA, "t");
+    let dir = TempDir::new("failover");
+    let down = free_port();
+    let mut bridge = BridgeProcess::spawn(
+        bridge_command(&env.pg, &env.nats.url(), dir.path())
+            .env("PG_HOST", format!("{0},{0}", env.pg.host()))
+            .env("PG_PORT", format!("{down},{}", env.pg.port())),
+    );
+    let started = bridge.wait_for_line("starting: postgres=", WAIT);
+    assert!(
+        started.contains(&format!(
+            "127.0.0.1:{down},127.0.0.1:{}/app target_session_attrs=read-write",
+            env.pg.port()
+        )),
+        "{started}"
+    );
+    bridge.wait_for_line("streaming started", WAIT);
+    env.pg.sql("app", "INSERT INTO t VALUES (1)");
+    wait_for("the row in the stream", WAIT, || {
+        (stream_len(&env.nats.url(), "CDC") == 1).then_some(())
+    });
+    let version: i32 = env
+        .pg
+        .value("postgres", "SHOW server_version_num")
+        .parse()
+        .unwrap();
+    if version < 170000 {
+        assert!(
+            bridge.log().contains("has no failover slots"),
+            "{}",
+            bridge.log()
+        );
+    }
     assert_eq!(bridge.terminate(WAIT), Some(0), "{}", bridge.log());
 }
