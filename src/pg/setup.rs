@@ -482,7 +482,7 @@ pub fn create_slot(
 /// The start's checks of the failover set-up on PostgreSQL 17 and later, as lines to log
 /// (level, text). With `want` (`--failover-slot`), an existing slot that is not a failover
 /// slot is made one (`ALTER_REPLICATION_SLOT`), or, when that is refused, a warning says how;
-/// a failover slot on a primary without `synchronized_standby_slots` is warned about, because
+/// and a failover slot on a primary without `synchronized_standby_slots` is warned about, because
 /// the bridge may then confirm changes a standby does not have yet, and a promotion of that
 /// standby would lose them. `conn` may be a normal or a replication connection.
 pub fn failover_checks(
@@ -520,7 +520,7 @@ pub fn failover_checks(
             Err(e) => return Err(e),
         }
     }
-    if slot.failover == Some(true) {
+    if want && slot.failover == Some(true) {
         let r = conn.query(
             "SELECT current_setting('synchronized_standby_slots', true) AS standby_slots, \
                     pg_is_in_recovery()::text AS recovery",
@@ -535,7 +535,8 @@ pub fn failover_checks(
                      standby has not received yet, and a promotion of that standby loses them \
                      from the database while they are in the stream; set \
                      synchronized_standby_slots to the standbys' physical slots \
-                     (ALTER SYSTEM SET synchronized_standby_slots = '...'; SELECT pg_reload_conf();)"
+                     (ALTER SYSTEM SET synchronized_standby_slots = '...'; SELECT pg_reload_conf();), \
+                     or, without standbys, start with --failover-slot=false"
                 ),
             ));
         }
