@@ -276,11 +276,18 @@ impl Default for PgConfig {
 }
 
 impl PgConfig {
-    /// The hosts, each with its port: `h1:5432,h2:5433` (for logs and `check-config`).
+    /// The hosts, each with its port: `h1:5432,[::1]:5433` (for the start-up line).
     pub(crate) fn addresses(&self) -> String {
         self.hosts()
             .enumerate()
-            .map(|(i, h)| format!("{h}:{}", self.port.of_host(i)))
+            .map(|(i, h)| {
+                let port = self.port.of_host(i);
+                if h.contains(':') {
+                    format!("[{h}]:{port}")
+                } else {
+                    format!("{h}:{port}")
+                }
+            })
             .collect::<Vec<_>>()
             .join(",")
     }

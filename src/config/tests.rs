@@ -410,6 +410,8 @@ fn several_hosts_reach_libpq_and_check_config() {
         );
     }
     assert!(toml_config("[postgres]\nport = \"x\"\n").is_err());
+    let c = toml_config("[postgres]\nurl = \"postgres://[::1]:1,h:2/db\"\n").unwrap();
+    assert_eq!(c.postgres.addresses(), "[::1]:1,h:2");
     let c = toml_config("[postgres]\nhost = \"a,b\"\nport = [1, 2, 3]\n").unwrap();
     let err = c.validate().unwrap_err().to_string();
     assert!(err.contains("3 ports for 2 hosts"), "{err}");
