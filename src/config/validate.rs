@@ -15,8 +15,8 @@ use super::replication::{
 };
 use super::sections::{MAX_SNAPSHOT_CHUNK_ROWS, MAX_SNAPSHOT_MAX_CONCURRENT, MAX_STREAM_REPLICAS};
 use super::{
-    Config, HttpConfig, MonitorConfig, NatsConfig, PgConfig, ReplicationConfig, Secret,
-    SnapshotConfig, StreamsConfig,
+    Config, Envelope, Format, HttpConfig, MonitorConfig, NatsConfig, PgConfig, ReplicationConfig,
+    Secret, SnapshotConfig, StreamsConfig,
 };
 
 impl Config {
@@ -152,6 +152,23 @@ impl ReplicationConfig {
                     format!("table '{table}' is listed twice"),
                 ));
             }
+        }
+        if self.envelope == Envelope::Debezium && self.format != Format::Json {
+            return Err(invalid(
+                "replication.format",
+                format!(
+                    "{} cannot carry the Debezium envelope, which is JSON: use --format json \
+                     (or leave --format out) with --envelope debezium",
+                    self.format
+                ),
+            ));
+        }
+        if self.debezium_schemas && self.envelope != Envelope::Debezium {
+            return Err(invalid(
+                "replication.debezium_schemas",
+                "applies to the Debezium envelope only: add --envelope debezium, or leave \
+                 --debezium-schemas out",
+            ));
         }
         if !self.ring_capacity.is_power_of_two()
             || !(MIN_RING_CAPACITY..=MAX_RING_CAPACITY).contains(&self.ring_capacity)

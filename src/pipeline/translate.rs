@@ -20,7 +20,7 @@ use crate::pg::Lsn;
 
 use super::position::TimelineHistory;
 use super::spool::{Spool, SpoolError};
-use crate::wire::event::{ChangeEvent, ColumnValue, Operation, TableRef};
+use crate::wire::event::{ChangeEvent, ColumnMeta, ColumnValue, Operation, TableRef};
 
 /// Why a message could not be translated.
 #[derive(Debug, thiserror::Error)]
@@ -281,7 +281,7 @@ impl Translator {
         match msg {
             LogicalMessage::Relation(r) => {
                 let qualified = format!("{}.{}", r.namespace, r.name);
-                let columns = r
+                let columns: Vec<ColumnInfo> = r
                     .columns
                     .iter()
                     .map(|c| ColumnInfo {
@@ -298,6 +298,17 @@ impl Translator {
                     schema: Arc::from(r.namespace),
                     table: Arc::from(r.name),
                     relation_id: r.relid,
+                    columns: r
+                        .columns
+                        .iter()
+                        .zip(&columns)
+                        .map(|(c, info)| ColumnMeta {
+                            name: Arc::clone(&info.name),
+                            type_oid: c.type_oid,
+                            type_modifier: c.type_modifier,
+                            key: info.key,
+                        })
+                        .collect(),
                 });
                 if streamed {
                     out.relation(&table);
@@ -542,6 +553,7 @@ mod tests {
                 schema: Arc::from("public"),
                 table: Arc::from("t"),
                 relation_id: 1,
+                columns: Vec::new(),
             }),
             operation: Operation::Insert,
             lsn: Lsn(100),

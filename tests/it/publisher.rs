@@ -116,6 +116,7 @@ fn start_publisher_with(
         schema: Arc::from("public"),
         table: Arc::from("t"),
         relation_id: 16384,
+        columns: Vec::new(),
     });
     let (mut producer, consumer) =
         ring::channel((TXNS * (u64::from(PER_TXN) + 1) + 1) as usize, u64::MAX);
@@ -141,6 +142,7 @@ fn start_publisher_with(
     let stats = Arc::new(PublisherStats::default());
     let settings = PublisherSettings {
         format: Format::Json,
+        debezium: None,
         max_in_flight,
         max_in_flight_bytes: 8 << 20,
         subject_prefix: "cdc".into(),

@@ -54,6 +54,7 @@
 //! JSON key texts written here are checked against them by the tests.
 
 mod chunk;
+pub mod debezium;
 mod json;
 mod msgpack;
 #[cfg(test)]
