@@ -8,6 +8,7 @@ mod chaos;
 mod cli;
 mod cluster;
 mod deploy;
+mod envelope;
 mod ha;
 mod harness;
 mod identity;
