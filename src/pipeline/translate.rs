@@ -20,6 +20,7 @@ use crate::pg::Lsn;
 
 use super::position::TimelineHistory;
 use super::spool::{Spool, SpoolError};
+use crate::wire::encode::debezium::builtin_type_oid;
 use crate::wire::event::{ChangeEvent, ColumnMeta, ColumnValue, Operation, TableRef};
 
 /// Why a message could not be translated.
@@ -112,6 +113,9 @@ pub(crate) struct Translator {
     decoder: Decoder,
     relations: HashMap<u32, RelationInfo>,
     types: TypeRegistry,
+    /// The built-in base type of each user type that is a domain over one (from Type
+    /// messages), for encoders that type values by column.
+    base_types: HashMap<u32, u32>,
     table_filter: Option<HashSet<String>>,
     txn: Option<Txn>,
     /// The latest change of the open transaction, not emitted yet. It belongs to this
@@ -134,6 +138,7 @@ impl Translator {
             decoder: Decoder::new(),
             relations: HashMap::new(),
             types: TypeRegistry::new(),
+            base_types: HashMap::new(),
             table_filter: tables,
             txn: None,
             held: HeldChange::default(),
@@ -304,7 +309,11 @@ impl Translator {
                         .zip(&columns)
                         .map(|(c, info)| ColumnMeta {
                             name: Arc::clone(&info.name),
-                            type_oid: c.type_oid,
+                            type_oid: self
+                                .base_types
+                                .get(&c.type_oid)
+                                .copied()
+                                .unwrap_or(c.type_oid),
                             type_modifier: c.type_modifier,
                             key: info.key,
                         })
@@ -325,6 +334,10 @@ impl Translator {
             }
             LogicalMessage::Type(t) => {
                 self.types.register(t.oid, t.namespace, t.name);
+                match builtin_type_oid(t.namespace, t.name) {
+                    Some(base) => self.base_types.insert(t.oid, base),
+                    None => self.base_types.remove(&t.oid),
+                };
             }
             LogicalMessage::Insert(i) => {
                 let seq = next_seq(txn);

@@ -78,7 +78,8 @@ pub struct ColumnValue {
 pub struct ColumnMeta {
     /// Column name.
     pub name: Arc<str>,
-    /// The column type's OID (`pg_type.oid`).
+    /// The column type's OID (`pg_type.oid`); for a domain over a built-in type, the OID of
+    /// that base type.
     pub type_oid: u32,
     /// The type modifier (`atttypmod`): length, precision and scale; -1 when none.
     pub type_modifier: i32,

@@ -552,3 +552,65 @@ fn debezium_with_schemas_and_the_mirror_refuses_it() {
     assert!(log.contains("--envelope debezium"), "{log}");
     drop(bridge);
 }
+
+/// Each type family as the real server prints it, in the Debezium form: domains as their base
+/// type, enums, `numeric` with and without scale (and `NaN`), times with and without a time
+/// zone and with millisecond precision, intervals with months, money, `bit(1)`, arrays of
+/// types without a typed native decoding, infinite and BC dates.
+#[test]
+fn debezium_values_of_each_type_family() {
+    let env = TestEnv::start();
+    setup_app_db(
+        &env.pg,
+        "CREATE DOMAIN price AS numeric(10,2); CREATE DOMAIN day AS date; \
+         CREATE TYPE mood AS ENUM ('sad', 'happy'); \
+         CREATE TABLE kinds (id int PRIMARY KEY, p price, d day, m mood, n numeric(6,3), \
+           v numeric, t time, t3 time(3), tz timetz, ts timestamp, ts3 timestamp(3), \
+           tstz timestamptz, iv interval, cash money, b1 bit(1), u uuid, ip inet, \
+           nums numeric(5,1)[], days date[], j jsonb)",
+        "",
+    );
+    let dir = TempDir::new("envelope");
+    let bridge = spawn_bridge_with(&env, dir.path(), &["--envelope", "debezium"]);
+    env.pg.sql(
+        "app",
+        "SET lc_monetary = 'C'; \
+         INSERT INTO kinds VALUES (1, 12.5, '2024-02-29', 'happy', 1.5, 'NaN', '04:05:06.789', \
+           '04:05:06.789', '10:00:00.5+02', '2025-01-01 10:00:00.123456', \
+           '2025-01-01 10:00:00.123', '2025-01-01 12:00:00.5+02', \
+           '1 year 2 months -3 days 04:05:06.5', '-1234.56', B'1', \
+           'a0eebc99-9c0b-4ef8-bb6d-6bb9bd380a11', '192.168.0.1/24', ARRAY[1.5, NULL, -2], \
+           ARRAY['2024-01-01'::date, NULL], '{\"a\": 1}'); \
+         INSERT INTO kinds (id, d, ts) VALUES (2, 'infinity', '0001-01-01 00:00:00 BC')",
+    );
+    let url = env.nats.url();
+    let messages = testkit::wait_for(
+        "both inserts on the stream",
+        Duration::from_secs(60),
+        || (stream_len(&url, "CDC") >= 2).then(|| read_stream(&url, "CDC")),
+    );
+    let after = |i: usize| -> J {
+        let v: J = serde_json::from_slice(&messages[i].payload).unwrap();
+        assert_eq!(v["op"], "c", "{v}");
+        v["after"].clone()
+    };
+    let expected = serde_json::json!({
+        "id": 1,
+        // A domain's own modifier is not in the Relation message: numeric without scale.
+        "p": {"scale": 2, "value": "BOI="},
+        "d": 19_782, "m": "happy",
+        "n": "Bdw=", "v": null,
+        "t": 14_706_789_000_i64, "t3": 14_706_789, "tz": "08:00:00.5Z",
+        "ts": 1_735_725_600_123_456_i64, "ts3": 1_735_725_600_123_i64,
+        "tstz": "2025-01-01T10:00:00.5Z",
+        "iv": 36_572_706_500_000_i64,
+        "cash": "/h3A", "b1": true,
+        "u": "a0eebc99-9c0b-4ef8-bb6d-6bb9bd380a11", "ip": "192.168.0.1/24",
+        "nums": ["Dw==", null, "7A=="], "days": [19_723, null], "j": "{\"a\": 1}",
+    });
+    assert_eq!(after(0), expected, "bridge log:\n{}", bridge.log());
+    let second = after(1);
+    assert_eq!(second["d"], J::Null, "infinity has no day count");
+    assert_eq!(second["ts"], -62_167_219_200_000_000_i64, "1 BC is year 0");
+    drop(bridge);
+}

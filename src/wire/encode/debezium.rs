@@ -16,7 +16,7 @@ mod schema;
 mod tests;
 mod values;
 
-pub use values::UNAVAILABLE_VALUE;
+pub use values::{builtin_type_oid, UNAVAILABLE_VALUE};
 
 use std::sync::Arc;
 

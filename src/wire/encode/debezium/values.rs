@@ -100,6 +100,39 @@ fn array_element(oid: u32) -> Option<u32> {
     })
 }
 
+/// The OID of a built-in type named as in a pgoutput Type message (`namespace` empty or
+/// `pg_catalog`), for the types whose values have a form of their own; `None` otherwise.
+pub fn builtin_type_oid(namespace: &str, name: &str) -> Option<u32> {
+    if !namespace.is_empty() && namespace != "pg_catalog" {
+        return None;
+    }
+    Some(match name {
+        "bool" => 16,
+        "bytea" => 17,
+        "int8" => 20,
+        "int2" => 21,
+        "int4" => 23,
+        "text" => 25,
+        "oid" => 26,
+        "json" => 114,
+        "xml" => 142,
+        "float4" => 700,
+        "float8" => 701,
+        "money" => 790,
+        "varchar" => 1043,
+        "date" => 1082,
+        "time" => 1083,
+        "timestamp" => 1114,
+        "timestamptz" => 1184,
+        "interval" => 1186,
+        "timetz" => 1266,
+        "numeric" => 1700,
+        "uuid" => 2950,
+        "jsonb" => 3802,
+        _ => return None,
+    })
+}
+
 /// The mapping of a column of type `oid` with modifier `typmod`.
 pub(crate) fn mapping(oid: u32, typmod: i32) -> Mapping {
     match array_element(oid) {
