@@ -7,9 +7,9 @@
 //! source, value for value, each compared through a canonical text that PostgreSQL computes
 //! on its side with Debezium's documented semantics (days since the epoch, µs intervals with
 //! 30.4375-day months, UTC ISO timestamps, decimals). Message ids are unchanged; `bridge
-//! mirror` refuses Debezium bodies with a clear error.
+//! mirror` and the Python reference consumer refuse Debezium bodies with a clear error.
 //!
-//! The workload's seed is printed; `ENVELOPE_TEST_SEED=<seed>` reruns it.
+//! The workload's seed is printed; `MIRROR_TEST_SEED=<seed>` reruns it.
 
 use std::collections::BTreeMap;
 use std::fmt::Write as _;
@@ -391,21 +391,6 @@ fn differences(t: &Table, source: &Rows, rebuilt: &Rows) -> String {
 // ---------------------------------------------------------------------------------------
 // Scenarios.
 
-fn seed() -> u64 {
-    let seed = std::env::var("ENVELOPE_TEST_SEED")
-        .ok()
-        .and_then(|s| s.parse().ok())
-        .unwrap_or_else(|| {
-            std::time::SystemTime::now()
-                .duration_since(std::time::UNIX_EPOCH)
-                .unwrap()
-                .as_nanos() as u64
-                | 1
-        });
-    eprintln!("envelope: workload seed {seed} (rerun with ENVELOPE_TEST_SEED={seed})");
-    seed
-}
-
 /// The oracle's empty tables and a bridge with `args`; the rows arrive through the stream.
 fn start(args: &[&str]) -> (TestEnv, BridgeProcess, TempDir) {
     let env = TestEnv::start();
@@ -493,7 +478,7 @@ fn assert_ids(messages: &[testkit::StoredMessage]) {
 
 #[test]
 fn debezium_consumer_rebuilds_the_tables() {
-    let seed = seed();
+    let seed = crate::mirror::seed();
     let (env, bridge, _dir) = start(&["--envelope", "debezium"]);
     write_workload(&env, seed, 6_000);
     let messages = read_until_marker(&env.nats.url(), &bridge);
@@ -515,8 +500,8 @@ fn debezium_consumer_rebuilds_the_tables() {
 }
 
 #[test]
-fn debezium_with_schemas_and_the_mirror_refuses_it() {
-    let seed = seed();
+fn debezium_with_schemas_and_the_native_consumers_refuse_it() {
+    let seed = crate::mirror::seed();
     let (env, bridge, dir) = start(&["--envelope=debezium", "--debezium-schemas"]);
     write_workload(&env, seed, 1_000);
     let url = env.nats.url();
@@ -550,6 +535,55 @@ fn debezium_with_schemas_and_the_mirror_refuses_it() {
         "the mirror exited with {code:?}:\n{log}"
     );
     assert!(log.contains("--envelope debezium"), "{log}");
+
+    // So does the Python reference consumer.
+    let python = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join(".dev/venv/bin/python");
+    let script =
+        std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("consumer-example/python/mirror.py");
+    let mut child = testkit::KillOnDrop(
+        std::process::Command::new(python)
+            .arg(script)
+            .args([
+                "--nats",
+                &url,
+                "--table",
+                "accounts",
+                "--until-idle",
+                "60",
+                "--db",
+            ])
+            .arg(dir.path().join("python.sqlite"))
+            .stdin(std::process::Stdio::null())
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .expect("spawn mirror.py"),
+    );
+    let mut stderr = child.stderr.take().expect("piped stderr");
+    let reader = std::thread::spawn(move || {
+        let mut out = String::new();
+        std::io::Read::read_to_string(&mut stderr, &mut out).map(|_| out)
+    });
+    let deadline = Instant::now() + Duration::from_secs(120);
+    let status = loop {
+        if let Some(status) = child.try_wait().unwrap() {
+            break status;
+        }
+        assert!(Instant::now() < deadline, "mirror.py did not stop");
+        n += 1;
+        env.pg.sql(
+            "app",
+            &format!("UPDATE accounts SET name = 'n{n}' WHERE id = (SELECT min(id) FROM accounts)"),
+        );
+        std::thread::sleep(Duration::from_millis(500));
+    };
+    let err = reader.join().unwrap().unwrap();
+    assert_eq!(status.code(), Some(1), "{err}");
+    assert!(
+        err.trim_end()
+            .ends_with("run the bridge with --envelope native"),
+        "{err}"
+    );
     drop(bridge);
 }
 
