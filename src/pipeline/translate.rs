@@ -300,9 +300,6 @@ impl Translator {
                     .as_ref()
                     .is_none_or(|f| f.contains(&qualified));
                 let table = Arc::new(TableRef {
-                    schema: Arc::from(r.namespace),
-                    table: Arc::from(r.name),
-                    relation_id: r.relid,
                     columns: r
                         .columns
                         .iter()
@@ -318,6 +315,9 @@ impl Translator {
                             key: info.key,
                         })
                         .collect(),
+                    schema: Arc::from(r.namespace),
+                    table: Arc::from(r.name),
+                    relation_id: r.relid,
                 });
                 if streamed {
                     out.relation(&table);
@@ -563,10 +563,10 @@ mod tests {
     fn change(seq: u32) -> Box<ChangeEvent> {
         Box::new(ChangeEvent {
             table: Arc::new(TableRef {
+                columns: Vec::new(),
                 schema: Arc::from("public"),
                 table: Arc::from("t"),
                 relation_id: 1,
-                columns: Vec::new(),
             }),
             operation: Operation::Insert,
             lsn: Lsn(100),

@@ -91,14 +91,14 @@ pub struct ColumnMeta {
 /// The table a change belongs to (shared by all changes of the table).
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct TableRef {
+    /// The table's columns in order, as of the change (empty where unknown, e.g. in tests).
+    pub columns: Vec<ColumnMeta>,
     /// Schema name, e.g. `public`.
     pub schema: Arc<str>,
     /// Table name, e.g. `users`.
     pub table: Arc<str>,
     /// pg_class OID.
     pub relation_id: u32,
-    /// The table's columns in order, as of the change (empty where unknown, e.g. in tests).
-    pub columns: Vec<ColumnMeta>,
 }
 
 /// A committed row change (or truncate) as published.

@@ -113,10 +113,10 @@ fn start_publisher_with(
     pad: impl Fn(u64, u32) -> usize,
 ) -> Running {
     let table = Arc::new(TableRef {
+        columns: Vec::new(),
         schema: Arc::from("public"),
         table: Arc::from("t"),
         relation_id: 16384,
-        columns: Vec::new(),
     });
     let (mut producer, consumer) =
         ring::channel((TXNS * (u64::from(PER_TXN) + 1) + 1) as usize, u64::MAX);
