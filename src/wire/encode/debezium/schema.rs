@@ -77,7 +77,8 @@ pub(super) fn push_key_schema(opts: &DebeziumOptions, table: &TableRef, out: &mu
 }
 
 /// A struct of the columns `keep` selects. Key columns are required, the others optional
-/// (the Relation message does not say which columns allow NULL).
+/// (the Relation message does not say which columns allow NULL). When every column is a key
+/// column (`REPLICA IDENTITY FULL`, which marks them all) none is required: NULLs are allowed.
 fn push_row_schema(
     columns: &[ColumnMeta],
     keep: impl Fn(&ColumnMeta) -> bool,
@@ -85,6 +86,8 @@ fn push_row_schema(
     optional: bool,
     out: &mut Vec<u8>,
 ) {
+    let all_key = columns.iter().all(|c| c.key);
+    let required = |c: &ColumnMeta| c.key && !all_key;
     out.extend_from_slice(br#"{"type":"struct","fields":["#);
     let mut first = true;
     for c in columns.iter().filter(|c| keep(c)) {
@@ -98,13 +101,13 @@ fn push_row_schema(
             push_scalar_schema(m.scalar, true, out);
             out.pop();
             out.push(b'}');
-            out.extend_from_slice(if c.key {
+            out.extend_from_slice(if required(c) {
                 br#","optional":false"#
             } else {
                 br#","optional":true"#
             });
         } else {
-            push_scalar_schema(m.scalar, !c.key, out);
+            push_scalar_schema(m.scalar, !required(c), out);
             out.pop();
         }
         out.extend_from_slice(br#","field":"#);

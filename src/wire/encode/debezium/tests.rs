@@ -424,6 +424,21 @@ fn schemas_wrap_the_key() {
 }
 
 #[test]
+fn with_replica_identity_full_no_column_is_required() {
+    let mut ev = event(Operation::Insert);
+    let mut t = (*ev.table).clone();
+    t.columns.iter_mut().for_each(|c| c.key = true);
+    ev.table = Arc::new(t);
+    let v = value_of(&ev, true);
+    let fields = v["schema"]["fields"][1]["fields"].as_array().unwrap();
+    assert!(fields.iter().all(|f| f["optional"] == true), "{fields:?}");
+    let key = key_of(&ev, true).unwrap();
+    let fields = key["schema"]["fields"].as_array().unwrap();
+    assert_eq!(fields.len(), ev.table.columns.len());
+    assert!(fields.iter().all(|f| f["optional"] == true), "{fields:?}");
+}
+
+#[test]
 fn events_without_column_metadata_write_the_values_as_they_are() {
     let mut ev = event(Operation::Insert);
     let mut t = (*ev.table).clone();
