@@ -99,8 +99,9 @@ pub fn field<'a>(doc: &'a Value, key: &str) -> Option<&'a Value> {
 /// `op` and `source`, or is wrapped as `{"schema": {…}, "payload": …}`. Consumers of the
 /// native event use it to refuse such messages with a clear error.
 pub fn is_debezium_envelope(doc: &Value) -> bool {
-    (field(doc, "op").is_some() && field(doc, "source").is_some())
-        || (field(doc, "payload").is_some() && field(doc, "schema").is_some_and(Value::is_map))
+    (field(doc, fields::DBZ_OP).is_some() && field(doc, fields::DBZ_SOURCE).is_some())
+        || (field(doc, fields::DBZ_PAYLOAD).is_some()
+            && field(doc, fields::DBZ_SCHEMA).is_some_and(Value::is_map))
 }
 
 /// Why a consumer of the native event cannot read a Debezium body.
