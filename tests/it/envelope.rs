@@ -646,5 +646,35 @@ fn debezium_values_of_each_type_family() {
     let second = after(1);
     assert_eq!(second["d"], J::Null, "infinity has no day count");
     assert_eq!(second["ts"], -62_167_219_200_000_000_i64, "1 BC is year 0");
+
+    // `bridge tail` shows Debezium bodies as they are.
+    let mut tail = testkit::KillOnDrop(
+        std::process::Command::new(testkit::bridge_bin())
+            .env_clear()
+            .env("NATS_URL", &url)
+            .args(["tail", "--from-start", "--until-idle", "2"])
+            .stdin(std::process::Stdio::null())
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .expect("spawn bridge tail"),
+    );
+    let mut stdout = tail.stdout.take().expect("piped stdout");
+    let reader = std::thread::spawn(move || {
+        let mut out = String::new();
+        std::io::Read::read_to_string(&mut stdout, &mut out).map(|_| out)
+    });
+    let status = testkit::wait_for("bridge tail to exit", Duration::from_secs(60), || {
+        tail.try_wait().unwrap()
+    });
+    let out = reader.join().unwrap().unwrap();
+    assert!(status.success(), "{out}");
+    let lines: Vec<J> = out
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    assert_eq!(lines.len(), 2, "{out}");
+    assert_eq!(lines[0]["subject"], "cdc.kinds.insert");
+    assert_eq!(lines[0]["after"], expected);
     drop(bridge);
 }
