@@ -590,7 +590,8 @@ fn debezium_with_schemas_and_the_native_consumers_refuse_it() {
 /// Each type family as the real server prints it, in the Debezium form: domains as their base
 /// type, enums, `numeric` with and without scale (and `NaN`), times with and without a time
 /// zone and with millisecond precision, intervals with months, money, `bit(1)`, arrays of
-/// types without a typed native decoding, infinite and BC dates.
+/// types without a typed native decoding, infinite and BC dates; `bridge tail` shows them as
+/// they are.
 #[test]
 fn debezium_values_of_each_type_family() {
     let env = TestEnv::start();
