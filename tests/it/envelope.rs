@@ -288,6 +288,16 @@ fn struct_key(t: &Table, row: &Map<String, J>) -> String {
         .join("|")
 }
 
+/// Debezium's placeholder of an unchanged TOASTed value: the text, a one-element array of it,
+/// or, for integer arrays, its bytes as numbers.
+fn is_placeholder(value: &J) -> bool {
+    let bytes: Vec<J> = UNAVAILABLE.bytes().map(J::from).collect();
+    value.as_str() == Some(UNAVAILABLE)
+        || value
+            .as_array()
+            .is_some_and(|a| (a.len() == 1 && a[0] == UNAVAILABLE) || *a == bytes)
+}
+
 /// Applies the change events of `messages` in order, as a Debezium consumer does; the rows of
 /// each table as row structs, by key.
 fn rebuild(
@@ -330,11 +340,7 @@ fn rebuild(
                     None => rows.get(&struct_key(t, &after)).cloned(),
                 };
                 for (column, value) in after.iter_mut() {
-                    if value.as_str() == Some(UNAVAILABLE)
-                        || value
-                            .as_array()
-                            .is_some_and(|a| a.len() == 1 && a[0] == UNAVAILABLE)
-                    {
+                    if is_placeholder(value) {
                         *value = old.as_ref().expect("the row an update changes")[column].clone();
                     }
                 }

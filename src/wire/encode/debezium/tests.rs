@@ -238,14 +238,19 @@ fn update_without_old_values_has_a_null_before_and_placeholders_for_unchanged_to
 #[test]
 fn unchanged_toast_placeholders_follow_the_column_type() {
     let mut ev = event(Operation::Update);
-    ev.columns.retain(|c| !matches!(&*c.name, "data" | "tags"));
-    ev.unchanged_toast = vec![Arc::from("data"), Arc::from("tags")];
+    let toasted = ["data", "tags", "nums", "days", "doc"];
+    ev.columns.retain(|c| !toasted.contains(&&*c.name));
+    ev.unchanged_toast = toasted.iter().map(|&n| Arc::from(n)).collect();
     let v = value_of(&ev, false);
     assert_eq!(
         v["after"]["data"],
         json!(base64(UNAVAILABLE_VALUE.as_bytes()))
     );
     assert_eq!(v["after"]["tags"], json!([UNAVAILABLE_VALUE]));
+    let bytes: Vec<u8> = UNAVAILABLE_VALUE.bytes().collect();
+    assert_eq!(v["after"]["nums"], json!(bytes));
+    assert_eq!(v["after"]["days"], json!([UNAVAILABLE_VALUE]));
+    assert_eq!(v["after"]["doc"], json!(UNAVAILABLE_VALUE));
 }
 
 /// The old key only: the key columns, every other column null (REPLICA IDENTITY DEFAULT).

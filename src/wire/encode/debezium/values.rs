@@ -220,17 +220,39 @@ fn push_items(scalar: Scalar, items: &[Value], out: &mut Vec<u8>) {
     out.push(b']');
 }
 
-/// Appends Debezium's placeholder for a value of `mapping` that was not sent.
+/// Debezium's placeholder for an unchanged TOASTed `uuid[]` element: the name-based UUID of
+/// [`UNAVAILABLE_VALUE`].
+pub const UNAVAILABLE_UUID: &str = "b68a35a7-17ad-35b3-af2a-ae46edb4545a";
+
+/// Appends Debezium's placeholder for a value of `mapping` that was not sent: the placeholder
+/// text; for `bytea` its bytes; for arrays a one-element array of the element's placeholder,
+/// except integer arrays, which hold the placeholder's bytes as numbers.
 pub(crate) fn push_unavailable(mapping: Mapping, out: &mut Vec<u8>) {
+    let scalar = mapping.scalar;
+    if mapping.array && matches!(scalar, Scalar::Int16 | Scalar::Int32 | Scalar::Int64) {
+        out.push(b'[');
+        for (i, b) in UNAVAILABLE_VALUE.bytes().enumerate() {
+            if i > 0 {
+                out.push(b',');
+            }
+            json_u64(out, u64::from(b));
+        }
+        out.push(b']');
+        return;
+    }
     if mapping.array {
         out.push(b'[');
     }
-    if mapping.scalar == Scalar::Bytes {
-        out.push(b'"');
-        push_base64(out, UNAVAILABLE_VALUE.as_bytes());
-        out.push(b'"');
-    } else {
-        json_str(out, UNAVAILABLE_VALUE);
+    match scalar {
+        Scalar::Bytes => {
+            out.push(b'"');
+            push_base64(out, UNAVAILABLE_VALUE.as_bytes());
+            out.push(b'"');
+        }
+        Scalar::Text(Some("io.debezium.data.Uuid")) if mapping.array => {
+            json_str(out, UNAVAILABLE_UUID)
+        }
+        _ => json_str(out, UNAVAILABLE_VALUE),
     }
     if mapping.array {
         out.push(b']');
