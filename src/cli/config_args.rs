@@ -9,9 +9,8 @@ use clap::parser::ValueSource;
 use clap::{ArgMatches, Args};
 
 use crate::config::{
-    nats, pg, replication, sections, Envelope, Format, HttpOverlay, Layers, MonitorOverlay,
-    NatsOverlay, Overlay, PgOverlay, ReplicationOverlay, Secret, SnapshotOverlay, SslMode,
-    StreamsOverlay,
+    nats, pg, replication, sections, Format, HttpOverlay, Layers, MonitorOverlay, NatsOverlay,
+    Overlay, PgOverlay, ReplicationOverlay, Secret, SnapshotOverlay, SslMode, StreamsOverlay,
 };
 
 /// `text [default: value]`, so the help shows the defaults without clap applying them.
@@ -310,7 +309,7 @@ pub(crate) struct ReplicationArgs {
           help = with_default("Shape of change event bodies: native (the bridge's own event), or \
                                debezium (Debezium's change-event envelope, always JSON; implies \
                                --format json)", replication::DEFAULT_ENVELOPE))]
-    pub(crate) envelope: Option<Envelope>,
+    pub(crate) envelope: Option<replication::Envelope>,
 
     /// `replication.debezium_schemas`.
     #[arg(long, env = "BRIDGE_DEBEZIUM_SCHEMAS", value_name = "BOOL", global = true,

@@ -9,8 +9,9 @@ use super::pg::{
     DEFAULT_PG_CONNECT_TIMEOUT_SECS, DEFAULT_PG_DBNAME, DEFAULT_PG_HOST, DEFAULT_PG_PORT,
     DEFAULT_PG_USER,
 };
+use super::replication::{Envelope, Format};
 use super::url::{parse_pg_url, PgUrlParts};
-use super::{Config, Envelope, Format, PgConfig};
+use super::{Config, PgConfig};
 
 /// What the sources say, in rising precedence over the defaults: the configuration file, the
 /// environment, the command line.

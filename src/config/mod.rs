@@ -61,7 +61,7 @@ pub use overlay::{
     SnapshotOverlay, StreamsOverlay,
 };
 pub use pg::{PgConfig, SslMode};
-pub use replication::{Envelope, Format, ReplicationConfig};
+pub use replication::{Format, ReplicationConfig};
 pub use secret::Secret;
 pub(crate) use secret::REDACTED;
 pub use sections::{HttpConfig, MonitorConfig, SnapshotConfig, StreamsConfig};

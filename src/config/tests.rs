@@ -900,7 +900,7 @@ fn summary_line() {
 #[test]
 fn the_debezium_envelope_is_json() {
     let c = Config::default();
-    assert_eq!(c.replication.envelope, Envelope::Native);
+    assert_eq!(c.replication.envelope, replication::Envelope::Native);
     assert!(!c.replication.debezium_schemas);
 
     // Without a format it implies JSON.
@@ -908,7 +908,7 @@ fn the_debezium_envelope_is_json() {
         toml_config("[replication]\nenvelope = \"debezium\"\ndebezium_schemas = true\n").unwrap();
     c.validate().unwrap();
     assert_eq!(c.replication.format, Format::Json);
-    assert_eq!(c.replication.envelope, Envelope::Debezium);
+    assert_eq!(c.replication.envelope, replication::Envelope::Debezium);
     assert!(c.replication.debezium_schemas);
 
     // A MessagePack format is refused rather than ignored.

@@ -11,12 +11,12 @@ use super::names::{
 };
 use super::nats::check_nkey_seed;
 use super::replication::{
-    MAX_IN_FLIGHT_LIMIT, MAX_RING_CAPACITY, MIN_BYTE_BUDGET, MIN_RING_CAPACITY,
+    Envelope, Format, MAX_IN_FLIGHT_LIMIT, MAX_RING_CAPACITY, MIN_BYTE_BUDGET, MIN_RING_CAPACITY,
 };
 use super::sections::{MAX_SNAPSHOT_CHUNK_ROWS, MAX_SNAPSHOT_MAX_CONCURRENT, MAX_STREAM_REPLICAS};
 use super::{
-    Config, Envelope, Format, HttpConfig, MonitorConfig, NatsConfig, PgConfig, ReplicationConfig,
-    Secret, SnapshotConfig, StreamsConfig,
+    Config, HttpConfig, MonitorConfig, NatsConfig, PgConfig, ReplicationConfig, Secret,
+    SnapshotConfig, StreamsConfig,
 };
 
 impl Config {

@@ -20,8 +20,7 @@ use crate::pg::Lsn;
 
 use super::position::TimelineHistory;
 use super::spool::{Spool, SpoolError};
-use crate::wire::encode::debezium::builtin_type_oid;
-use crate::wire::event::{ChangeEvent, ColumnMeta, ColumnValue, Operation, TableRef};
+use crate::wire::event::{ChangeEvent, ColumnValue, Operation, TableRef};
 
 /// Why a message could not be translated.
 #[derive(Debug, thiserror::Error)]
@@ -304,7 +303,7 @@ impl Translator {
                         .columns
                         .iter()
                         .zip(&columns)
-                        .map(|(c, info)| ColumnMeta {
+                        .map(|(c, info)| crate::wire::event::ColumnMeta {
                             name: Arc::clone(&info.name),
                             type_oid: self
                                 .base_types
@@ -334,7 +333,7 @@ impl Translator {
             }
             LogicalMessage::Type(t) => {
                 self.types.register(t.oid, t.namespace, t.name);
-                match builtin_type_oid(t.namespace, t.name) {
+                match crate::wire::encode::debezium::builtin_type_oid(t.namespace, t.name) {
                     Some(base) => self.base_types.insert(t.oid, base),
                     None => self.base_types.remove(&t.oid),
                 };

@@ -14,7 +14,8 @@ use std::time::Duration;
 
 use async_nats::Client;
 
-use crate::config::{Config, Envelope, NatsConfig, StreamsConfig};
+use crate::config::replication::Envelope;
+use crate::config::{Config, NatsConfig, StreamsConfig};
 use crate::shutdown::Shutdown;
 use crate::telemetry::counters::{NatsStats, PublisherStats};
 use crate::wire::encode::debezium::DebeziumOptions;

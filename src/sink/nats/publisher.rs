@@ -52,7 +52,6 @@ use crate::wire::encode::encode_change;
 use crate::wire::event::ChangeEvent;
 use crate::wire::id;
 use crate::wire::names::{LAST_IN_TX_HEADER, LAST_IN_TX_VALUE};
-use crate::wire::text::now_unix_micros;
 
 mod buffers;
 
@@ -404,7 +403,12 @@ impl Publisher {
 
     async fn publish_change(&mut self, ev: &ChangeEvent) -> Result<Ticket, PublishError> {
         match &self.settings.debezium {
-            Some(opts) => encode_debezium_value(opts, ev, now_unix_micros(), &mut self.buf),
+            Some(opts) => encode_debezium_value(
+                opts,
+                ev,
+                crate::wire::text::now_unix_micros(),
+                &mut self.buf,
+            ),
             None => encode_change(self.settings.format, ev, &mut self.buf),
         }
         let subject = self
