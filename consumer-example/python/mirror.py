@@ -468,6 +468,12 @@ class Consumer:
                 idle_since = time.monotonic()
                 seq = msg.metadata.sequence.stream
                 event = self.codec.decode(msg.data)
+                if "operation" not in event and ("op" in event or "payload" in event):
+                    raise SystemExit(
+                        "this is a change event in Debezium's envelope (the bridge runs with "
+                        "--envelope debezium); mirror.py reads the bridge's native events "
+                        "only: run the bridge with --envelope native"
+                    )
                 if parse_lsn(event["commit_lsn"]) >= lsn:
                     await self.apply(event)
                     self.counts["applied"] += 1

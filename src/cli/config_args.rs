@@ -319,6 +319,22 @@ pub(crate) struct ReplicationArgs {
           help = with_default("Message encoding", replication::DEFAULT_FORMAT))]
     pub(crate) format: Option<Format>,
 
+    /// `replication.envelope`.
+    #[arg(long, env = "BRIDGE_ENVELOPE", value_name = "ENVELOPE", global = true,
+          help = with_default("Shape of change event bodies: native (the bridge's own event), or \
+                               debezium (Debezium's change-event envelope, always JSON; implies \
+                               --format json)", replication::DEFAULT_ENVELOPE))]
+    pub(crate) envelope: Option<replication::Envelope>,
+
+    /// `replication.debezium_schemas`.
+    #[arg(long, env = "BRIDGE_DEBEZIUM_SCHEMAS", value_name = "BOOL", global = true,
+          num_args = 0..=1, require_equals = true, default_missing_value = "true",
+          value_parser = BoolishValueParser::new(),
+          help = with_default("With --envelope debezium: write {\"schema\": …, \"payload\": …} \
+                               like Debezium's JSON converter with schemas.enable=true",
+                              replication::DEFAULT_DEBEZIUM_SCHEMAS))]
+    pub(crate) debezium_schemas: Option<bool>,
+
     /// `replication.ring_capacity`.
     #[arg(long, env = "BRIDGE_RING_CAPACITY", value_name = "N", global = true,
           help = with_default("Capacity of the ring between the WAL reader and the publisher, \
@@ -661,6 +677,8 @@ impl ConfigArgs {
                 publication: take!(p, r, publication),
                 tables: take!(p, r, table).map(|tables| cli_list(&tables)),
                 format: take!(p, r, format),
+                envelope: take!(p, r, envelope),
+                debezium_schemas: take!(p, r, debezium_schemas),
                 ring_capacity: take!(p, r, ring_capacity),
                 max_in_flight: take!(p, r, max_in_flight),
                 ring_max_bytes: take!(p, r, ring_max_bytes),

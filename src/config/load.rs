@@ -9,6 +9,7 @@ use super::pg::{
     DEFAULT_PG_CONNECT_TIMEOUT_SECS, DEFAULT_PG_DBNAME, DEFAULT_PG_HOST, DEFAULT_PG_PORT,
     DEFAULT_PG_USER,
 };
+use super::replication::{Envelope, Format};
 use super::url::{parse_pg_url, PgUrlParts};
 use super::{Config, PgConfig, PgPorts, TargetSessionAttrs};
 
@@ -76,6 +77,13 @@ pub(super) fn resolve(mut overlay: Overlay) -> Result<Config, ConfigError> {
         postgres: resolve_pg(std::mem::take(&mut overlay.postgres))?,
         ..Config::default()
     };
+    // The Debezium envelope is JSON: it implies `--format json` unless a format is given,
+    // and validation refuses a given `msgpack` rather than ignoring it.
+    if overlay.replication.envelope == Some(Envelope::Debezium)
+        && overlay.replication.format.is_none()
+    {
+        overlay.replication.format = Some(Format::Json);
+    }
     overlay.apply_to(&mut config);
     config.nats.urls = config
         .nats

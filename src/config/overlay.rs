@@ -166,6 +166,8 @@ overlay! {
         publication: String = "--publication", "BRIDGE_PUBLICATION";
         tables: Vec<String> = "--table", "BRIDGE_TABLES";
         format: Format = "--format", "BRIDGE_FORMAT";
+        envelope: super::replication::Envelope = "--envelope", "BRIDGE_ENVELOPE";
+        debezium_schemas: bool = "--debezium-schemas", "BRIDGE_DEBEZIUM_SCHEMAS";
         ring_capacity: usize = "--ring-capacity", "BRIDGE_RING_CAPACITY";
         max_in_flight: usize = "--max-in-flight", "BRIDGE_MAX_IN_FLIGHT";
         ring_max_bytes: u64 = "--ring-max-bytes", "BRIDGE_RING_MAX_BYTES";

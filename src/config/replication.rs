@@ -12,6 +12,11 @@ pub(crate) const DEFAULT_SLOT: &str = "cdc_slot";
 pub(crate) const DEFAULT_PUBLICATION: &str = "cdc_pub";
 /// Message encoding.
 pub(crate) const DEFAULT_FORMAT: Format = Format::Msgpack;
+/// Shape of change event bodies.
+pub(crate) const DEFAULT_ENVELOPE: Envelope = Envelope::Native;
+/// Whether Debezium bodies carry the `schema` part (Debezium's JSON converter's
+/// `schemas.enable`); off, as most Debezium consumers run.
+pub(crate) const DEFAULT_DEBEZIUM_SCHEMAS: bool = false;
 /// Slots of the ring between the wal thread and the publisher thread.
 pub(crate) const DEFAULT_RING_CAPACITY: usize = 8192;
 /// Smallest accepted ring capacity; below this the threads hand over too often to keep up.
@@ -84,6 +89,34 @@ impl fmt::Display for Format {
     }
 }
 
+/// Shape of the change event bodies.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
+#[serde(rename_all = "lowercase")]
+pub enum Envelope {
+    /// The bridge's own change event, in `--format` (the default).
+    #[default]
+    Native,
+    /// Debezium's change-event envelope (`before`, `after`, `source`, `op`, `ts_ms`) as
+    /// Debezium's JSON converter writes it; always JSON.
+    Debezium,
+}
+
+impl Envelope {
+    /// The name used in the configuration and on the command line.
+    pub(crate) fn as_str(self) -> &'static str {
+        match self {
+            Envelope::Native => "native",
+            Envelope::Debezium => "debezium",
+        }
+    }
+}
+
+impl fmt::Display for Envelope {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
 /// What to replicate and how the pipeline is tuned.
 #[derive(Clone, Debug, PartialEq, Serialize)]
 pub struct ReplicationConfig {
@@ -96,6 +129,10 @@ pub struct ReplicationConfig {
     pub tables: Vec<String>,
     /// Message encoding.
     pub format: Format,
+    /// Shape of change event bodies; [`Envelope::Debezium`] requires [`Format::Json`].
+    pub envelope: Envelope,
+    /// With the Debezium envelope: wrap bodies as `{"schema": …, "payload": …}`.
+    pub debezium_schemas: bool,
     /// Capacity of the ring between the wal and publisher threads; a power of two.
     pub ring_capacity: usize,
     /// Most messages awaiting a PubAck at once.
@@ -137,6 +174,8 @@ impl Default for ReplicationConfig {
             publication: DEFAULT_PUBLICATION.to_owned(),
             tables: Vec::new(),
             format: DEFAULT_FORMAT,
+            envelope: DEFAULT_ENVELOPE,
+            debezium_schemas: DEFAULT_DEBEZIUM_SCHEMAS,
             ring_capacity: DEFAULT_RING_CAPACITY,
             max_in_flight: DEFAULT_MAX_IN_FLIGHT,
             ring_max_bytes: DEFAULT_RING_MAX_BYTES,

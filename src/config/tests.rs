@@ -972,3 +972,29 @@ fn summary_line() {
         assert!(s.contains(part), "{part} missing in {s}");
     }
 }
+
+#[test]
+fn the_debezium_envelope_is_json() {
+    let c = Config::default();
+    assert_eq!(c.replication.envelope, replication::Envelope::Native);
+    assert!(!c.replication.debezium_schemas);
+
+    // Without a format it implies JSON.
+    let c =
+        toml_config("[replication]\nenvelope = \"debezium\"\ndebezium_schemas = true\n").unwrap();
+    c.validate().unwrap();
+    assert_eq!(c.replication.format, Format::Json);
+    assert_eq!(c.replication.envelope, replication::Envelope::Debezium);
+    assert!(c.replication.debezium_schemas);
+
+    // A MessagePack format is refused rather than ignored.
+    let c = toml_config("[replication]\nenvelope = \"debezium\"\nformat = \"msgpack\"\n").unwrap();
+    assert_eq!(invalid_field(&c), "replication.format");
+    let msg = c.validate().unwrap_err().to_string();
+    assert!(msg.contains("--format json"), "{msg}");
+
+    // Schemas belong to the Debezium envelope.
+    let c = toml_config("[replication]\ndebezium_schemas = true\n").unwrap();
+    assert_eq!(invalid_field(&c), "replication.debezium_schemas");
+    assert!(toml_config("[replication]\nenvelope = \"avro\"\n").is_err());
+}

@@ -11,7 +11,7 @@ use super::names::{
 };
 use super::nats::check_nkey_seed;
 use super::replication::{
-    MAX_IN_FLIGHT_LIMIT, MAX_RING_CAPACITY, MIN_BYTE_BUDGET, MIN_RING_CAPACITY,
+    Envelope, Format, MAX_IN_FLIGHT_LIMIT, MAX_RING_CAPACITY, MIN_BYTE_BUDGET, MIN_RING_CAPACITY,
 };
 use super::sections::{MAX_SNAPSHOT_CHUNK_ROWS, MAX_SNAPSHOT_MAX_CONCURRENT, MAX_STREAM_REPLICAS};
 use super::{
@@ -164,6 +164,23 @@ impl ReplicationConfig {
                     format!("table '{table}' is listed twice"),
                 ));
             }
+        }
+        if self.envelope == Envelope::Debezium && self.format != Format::Json {
+            return Err(invalid(
+                "replication.format",
+                format!(
+                    "{} cannot carry the Debezium envelope, which is JSON: use --format json \
+                     (or leave --format out) with --envelope debezium",
+                    self.format
+                ),
+            ));
+        }
+        if self.debezium_schemas && self.envelope != Envelope::Debezium {
+            return Err(invalid(
+                "replication.debezium_schemas",
+                "applies to the Debezium envelope only: add --envelope debezium, or leave \
+                 --debezium-schemas out",
+            ));
         }
         if !self.ring_capacity.is_power_of_two()
             || !(MIN_RING_CAPACITY..=MAX_RING_CAPACITY).contains(&self.ring_capacity)

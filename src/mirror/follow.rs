@@ -181,6 +181,9 @@ impl Mirror {
             last_stream_seq = seq;
             probe_from = 0;
             let event = self.decode(&msg)?;
+            if decode::is_debezium_envelope(&event) {
+                return Err(self.bad(&msg, decode::DEBEZIUM_REFUSAL));
+            }
             let schema =
                 decode::str_field(&event, fields::SCHEMA).map_err(|e| self.bad(&msg, e))?;
             let table = decode::str_field(&event, fields::TABLE).map_err(|e| self.bad(&msg, e))?;

@@ -112,6 +112,9 @@ pub(crate) struct Translator {
     decoder: Decoder,
     relations: HashMap<u32, RelationInfo>,
     types: TypeRegistry,
+    /// The built-in base type of each user type that is a domain over one (from Type
+    /// messages), for encoders that type values by column.
+    base_types: HashMap<u32, u32>,
     table_filter: Option<HashSet<String>>,
     txn: Option<Txn>,
     /// The latest change of the open transaction, not emitted yet. It belongs to this
@@ -134,6 +137,7 @@ impl Translator {
             decoder: Decoder::new(),
             relations: HashMap::new(),
             types: TypeRegistry::new(),
+            base_types: HashMap::new(),
             table_filter: tables,
             txn: None,
             held: HeldChange::default(),
@@ -281,7 +285,7 @@ impl Translator {
         match msg {
             LogicalMessage::Relation(r) => {
                 let qualified = format!("{}.{}", r.namespace, r.name);
-                let columns = r
+                let columns: Vec<ColumnInfo> = r
                     .columns
                     .iter()
                     .map(|c| ColumnInfo {
@@ -295,6 +299,21 @@ impl Translator {
                     .as_ref()
                     .is_none_or(|f| f.contains(&qualified));
                 let table = Arc::new(TableRef {
+                    columns: r
+                        .columns
+                        .iter()
+                        .zip(&columns)
+                        .map(|(c, info)| crate::wire::event::ColumnMeta {
+                            name: Arc::clone(&info.name),
+                            type_oid: self
+                                .base_types
+                                .get(&c.type_oid)
+                                .copied()
+                                .unwrap_or(c.type_oid),
+                            type_modifier: c.type_modifier,
+                            key: info.key,
+                        })
+                        .collect(),
                     schema: Arc::from(r.namespace),
                     table: Arc::from(r.name),
                     relation_id: r.relid,
@@ -314,6 +333,10 @@ impl Translator {
             }
             LogicalMessage::Type(t) => {
                 self.types.register(t.oid, t.namespace, t.name);
+                match crate::wire::encode::debezium::builtin_type_oid(t.namespace, t.name) {
+                    Some(base) => self.base_types.insert(t.oid, base),
+                    None => self.base_types.remove(&t.oid),
+                };
             }
             LogicalMessage::Insert(i) => {
                 let seq = next_seq(txn);
@@ -539,6 +562,7 @@ mod tests {
     fn change(seq: u32) -> Box<ChangeEvent> {
         Box::new(ChangeEvent {
             table: Arc::new(TableRef {
+                columns: Vec::new(),
                 schema: Arc::from("public"),
                 table: Arc::from("t"),
                 relation_id: 1,

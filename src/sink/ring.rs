@@ -276,6 +276,7 @@ mod tests {
     fn event(columns: Vec<ColumnValue>) -> ChangeEvent {
         ChangeEvent {
             table: Arc::new(TableRef {
+                columns: Vec::new(),
                 schema: Arc::from("public"),
                 table: Arc::from("t"),
                 relation_id: 1,

@@ -95,6 +95,20 @@ pub fn field<'a>(doc: &'a Value, key: &str) -> Option<&'a Value> {
     }
 }
 
+/// Whether `doc` is a change event in Debezium's envelope (`--envelope debezium`): it has
+/// `op` and `source`, or is wrapped as `{"schema": {…}, "payload": …}`. Consumers of the
+/// native event use it to refuse such messages with a clear error.
+pub fn is_debezium_envelope(doc: &Value) -> bool {
+    (field(doc, fields::DBZ_OP).is_some() && field(doc, fields::DBZ_SOURCE).is_some())
+        || (field(doc, fields::DBZ_PAYLOAD).is_some()
+            && field(doc, fields::DBZ_SCHEMA).is_some_and(Value::is_map))
+}
+
+/// Why a consumer of the native event cannot read a Debezium body.
+pub const DEBEZIUM_REFUSAL: &str = "this is a change event in Debezium's envelope (the bridge \
+    runs with --envelope debezium); this command reads the bridge's native events only: run the \
+    bridge with --envelope native, or read the stream with a Debezium consumer";
+
 /// The string field `key`.
 pub fn str_field<'a>(doc: &'a Value, key: &str) -> Result<&'a str, DocError> {
     field(doc, key)
@@ -165,5 +179,16 @@ mod tests {
             "0/16B3748".parse().unwrap()
         );
         assert!(lsn_field(&doc, "columns").is_err());
+        assert!(!is_debezium_envelope(&doc));
+    }
+
+    #[test]
+    fn debezium_bodies_are_recognised() {
+        let plain = decode(br#"{"before":null,"after":{"id":1},"source":{},"op":"c"}"#).unwrap();
+        assert!(is_debezium_envelope(&plain));
+        let wrapped = decode(br#"{"schema":{"type":"struct"},"payload":{"op":"c"}}"#).unwrap();
+        assert!(is_debezium_envelope(&wrapped));
+        let native = decode(br#"{"table":"t","schema":"public","operation":"INSERT"}"#).unwrap();
+        assert!(!is_debezium_envelope(&native));
     }
 }

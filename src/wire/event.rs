@@ -72,9 +72,27 @@ pub struct ColumnValue {
     pub value: Value,
 }
 
+/// A column of a table as the server's Relation message describes it: what encoders that
+/// type values by column (the Debezium envelope) and pick key columns need.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ColumnMeta {
+    /// Column name.
+    pub name: Arc<str>,
+    /// The column type's OID (`pg_type.oid`); for a domain over a built-in type, the OID of
+    /// that base type.
+    pub type_oid: u32,
+    /// The type modifier (`atttypmod`): length, precision and scale; -1 when none.
+    pub type_modifier: i32,
+    /// Part of the replica identity (the primary key unless the table says otherwise;
+    /// every column with `REPLICA IDENTITY FULL`).
+    pub key: bool,
+}
+
 /// The table a change belongs to (shared by all changes of the table).
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct TableRef {
+    /// The table's columns in order, as of the change (empty where unknown, e.g. in tests).
+    pub columns: Vec<ColumnMeta>,
     /// Schema name, e.g. `public`.
     pub schema: Arc<str>,
     /// Table name, e.g. `users`.

@@ -8,6 +8,7 @@
 //! | snapshot meta (`init.meta.…`)   | [`SNAPSHOT_ID`] [`LSN`] [`TIMESTAMP`] [`BATCH_COUNT`] [`ROW_COUNT`] [`TABLE`] [`SCHEMA`] [`CDC_STREAM_SEQ`] |
 //! | snapshot failure (`init.meta.…`)| [`SNAPSHOT_ID`] [`TABLE`] [`SCHEMA`] [`TIMESTAMP`] [`ERROR`] |
 //! | snapshot request reply          | [`STATUS`] [`SNAPSHOT_ID`] [`TABLE`] [`SCHEMA`] [`ESTIMATED_ROWS`]; refused: [`STATUS`] [`REASON`] [`ERROR`] [`RETRY_AFTER_SECS`] |
+//! | Debezium envelope (`--envelope debezium`) | [`DBZ_BEFORE`] [`DBZ_AFTER`] [`DBZ_SOURCE`] [`DBZ_TRANSACTION`] [`DBZ_OP`] [`DBZ_TS_MS`] [`DBZ_TS_US`] [`DBZ_TS_NS`]; with schemas inside [`DBZ_PAYLOAD`] beside [`DBZ_SCHEMA`]; `source`: [`DBZ_SOURCE_FIELDS`] |
 //! | table schema (KV `schemas`)     | [`TABLE`] [`SCHEMA`] [`RELATION_ID`] [`TIMESTAMP`] [`PRIMARY_KEY`] [`COLUMNS`]; each column [`NAME`] [`POSITION`] [`DATA_TYPE`] [`IS_NULLABLE`] [`COLUMN_DEFAULT`] |
 
 // ---- Change events (and shared by the other kinds) ----
@@ -97,3 +98,43 @@ pub const DATA_TYPE: &str = "data_type";
 pub const IS_NULLABLE: &str = "is_nullable";
 /// A column's default expression, or nil.
 pub const COLUMN_DEFAULT: &str = "column_default";
+
+// ---- The Debezium envelope ----
+
+/// The row before the change.
+pub const DBZ_BEFORE: &str = "before";
+/// The row after the change.
+pub const DBZ_AFTER: &str = "after";
+/// Where the change comes from.
+pub const DBZ_SOURCE: &str = "source";
+/// Transaction metadata (always null).
+pub const DBZ_TRANSACTION: &str = "transaction";
+/// `c`, `u`, `d` or `t`.
+pub const DBZ_OP: &str = "op";
+/// When the bridge encoded the change, ms since the epoch (also in `source`: commit time).
+pub const DBZ_TS_MS: &str = "ts_ms";
+/// The same in µs.
+pub const DBZ_TS_US: &str = "ts_us";
+/// The same in ns.
+pub const DBZ_TS_NS: &str = "ts_ns";
+/// With schemas: the envelope's Kafka Connect schema.
+pub const DBZ_SCHEMA: &str = "schema";
+/// With schemas: the envelope itself.
+pub const DBZ_PAYLOAD: &str = "payload";
+/// The fields of `source`, in order.
+pub const DBZ_SOURCE_FIELDS: [&str; 14] = [
+    "version",
+    "connector",
+    "name",
+    "ts_ms",
+    "snapshot",
+    "db",
+    "sequence",
+    "ts_us",
+    "ts_ns",
+    "schema",
+    "table",
+    "txId",
+    "lsn",
+    "xmin",
+];

@@ -79,6 +79,7 @@ mod tests {
     fn message_id_is_namespace_timeline_commit_lsn_and_seq() {
         let ev = |lsn: u64, timeline: u32, seq: u32| ChangeEvent {
             table: Arc::new(TableRef {
+                columns: Vec::new(),
                 schema: Arc::from("public"),
                 table: Arc::from("t"),
                 relation_id: 1,

@@ -7,7 +7,8 @@
 //! * [`id`]: the deterministic message id of each change;
 //! * [`fields`]: the field names of every message kind;
 //! * [`event`]: the change event the pipeline hands to the publisher;
-//! * [`encode`]: change events, snapshot chunks and documents in MessagePack or JSON;
+//! * [`encode`]: change events, snapshot chunks and documents in MessagePack or JSON, and
+//!   change events in Debezium's envelope;
 //! * [`text`]: decimal numbers, timestamps and base64 as the messages write them;
 //! * [`decode`]: the consumer side, reading messages back (used by `bridge mirror` and the
 //!   watch commands).

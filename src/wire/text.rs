@@ -32,12 +32,17 @@ const MIN_MICROS: i64 = (days_from_civil(1, 1, 1) - PG_EPOCH_DAY) * MICROS_PER_D
 /// Last microsecond of 9999-12-31, in µs since 2000-01-01.
 const MAX_MICROS: i64 = (days_from_civil(10_000, 1, 1) - PG_EPOCH_DAY) * MICROS_PER_DAY - 1;
 
-/// The current time as [`format_timestamp`] writes it (snapshot metas, schema documents).
-pub fn now_timestamp() -> String {
-    let micros = std::time::SystemTime::now()
+/// The current time in µs since the Unix epoch.
+pub fn now_unix_micros() -> i64 {
+    std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .map(|d| d.as_micros() as i64)
-        .unwrap_or(0);
+        .unwrap_or(0)
+}
+
+/// The current time as [`format_timestamp`] writes it (snapshot metas, schema documents).
+pub fn now_timestamp() -> String {
+    let micros = now_unix_micros();
     let mut buf = [0u8; TIMESTAMP_LEN];
     format_timestamp(crate::pg::pgoutput::unix_to_pg_micros(micros), &mut buf).to_string()
 }
@@ -75,7 +80,7 @@ fn put_digits(dst: &mut [u8], mut v: u64) {
 
 /// Days since 1970-01-01 of a date in the proleptic Gregorian calendar (Howard Hinnant's
 /// `days_from_civil`).
-const fn days_from_civil(year: i64, month: u32, day: u32) -> i64 {
+pub(crate) const fn days_from_civil(year: i64, month: u32, day: u32) -> i64 {
     // Count from 0000-03-01 so the leap day is the last day of the (shifted) year.
     let y = if month <= 2 { year - 1 } else { year };
     let era = y.div_euclid(400);
@@ -88,7 +93,7 @@ const fn days_from_civil(year: i64, month: u32, day: u32) -> i64 {
 
 /// The date (year, month, day) of a day count since 1970-01-01 (Howard Hinnant's
 /// `civil_from_days`).
-const fn civil_from_days(days: i64) -> (i64, u32, u32) {
+pub(crate) const fn civil_from_days(days: i64) -> (i64, u32, u32) {
     let z = days + 719_468;
     let era = z.div_euclid(146_097);
     let doe = z - era * 146_097; // [0, 146096]

@@ -8,6 +8,7 @@ mod chaos;
 mod cli;
 mod cluster;
 mod deploy;
+mod envelope;
 mod failover;
 mod ha;
 mod harness;

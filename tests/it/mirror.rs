@@ -35,7 +35,8 @@ impl Drop for SeedOnFailure {
     }
 }
 
-fn seed() -> u64 {
+/// The workload's seed: `MIRROR_TEST_SEED`, or a fresh one; printed.
+pub(crate) fn seed() -> u64 {
     let seed = std::env::var("MIRROR_TEST_SEED")
         .ok()
         .and_then(|s| s.parse().ok())

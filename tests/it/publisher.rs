@@ -113,6 +113,7 @@ fn start_publisher_with(
     pad: impl Fn(u64, u32) -> usize,
 ) -> Running {
     let table = Arc::new(TableRef {
+        columns: Vec::new(),
         schema: Arc::from("public"),
         table: Arc::from("t"),
         relation_id: 16384,
@@ -141,6 +142,7 @@ fn start_publisher_with(
     let stats = Arc::new(PublisherStats::default());
     let settings = PublisherSettings {
         format: Format::Json,
+        debezium: None,
         max_in_flight,
         max_in_flight_bytes: 8 << 20,
         subject_prefix: "cdc".into(),

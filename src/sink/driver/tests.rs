@@ -98,6 +98,7 @@ fn change(table: &Arc<TableRef>, commit: u64, seq: u32, last: bool) -> Box<Chang
 #[test]
 fn durable_follows_the_watermark_at_transaction_ends() {
     let table = Arc::new(TableRef {
+        columns: Vec::new(),
         schema: Arc::from("public"),
         table: Arc::from("t"),
         relation_id: 1,

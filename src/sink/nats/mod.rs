@@ -14,9 +14,11 @@ use std::time::Duration;
 
 use async_nats::Client;
 
+use crate::config::replication::Envelope;
 use crate::config::{Config, NatsConfig, StreamsConfig};
 use crate::shutdown::Shutdown;
 use crate::telemetry::counters::{NatsStats, PublisherStats};
+use crate::wire::encode::debezium::DebeziumOptions;
 
 use publisher::{PublishError, Publisher, PublisherSettings, ACK_TIMEOUT};
 
@@ -62,6 +64,13 @@ impl NatsSink {
             backoff: config.replication.reconnect_backoff(),
             settings: PublisherSettings {
                 format: config.replication.format,
+                debezium: (config.replication.envelope == Envelope::Debezium).then(|| {
+                    DebeziumOptions {
+                        name: CDC_SUBJECT_PREFIX.to_string(),
+                        db: config.postgres.dbname.clone(),
+                        schemas: config.replication.debezium_schemas,
+                    }
+                }),
                 max_in_flight: config.replication.max_in_flight,
                 max_in_flight_bytes: config.replication.max_in_flight_bytes,
                 subject_prefix: CDC_SUBJECT_PREFIX.to_string(),

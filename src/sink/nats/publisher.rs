@@ -47,6 +47,7 @@ use crate::shutdown::Shutdown;
 use crate::sink::driver::{self, Delivery, Feed, Progress, Ticket};
 use crate::sink::ring::RingReader;
 use crate::telemetry::counters::{DurableLsn, NatsStats, PublisherStats};
+use crate::wire::encode::debezium::{encode_debezium_value, DebeziumOptions};
 use crate::wire::encode::encode_change;
 use crate::wire::event::ChangeEvent;
 use crate::wire::id;
@@ -126,6 +127,8 @@ pub enum PublishError {
 pub struct PublisherSettings {
     /// Wire format.
     pub format: Format,
+    /// Write change events in Debezium's envelope (JSON) instead of `format`'s event.
+    pub debezium: Option<DebeziumOptions>,
     /// Most PubAcks awaited at once.
     pub max_in_flight: usize,
     /// Most payload bytes awaiting a PubAck at once (one message always goes, however big).
@@ -399,7 +402,15 @@ impl Publisher {
     }
 
     async fn publish_change(&mut self, ev: &ChangeEvent) -> Result<Ticket, PublishError> {
-        encode_change(self.settings.format, ev, &mut self.buf);
+        match &self.settings.debezium {
+            Some(opts) => encode_debezium_value(
+                opts,
+                ev,
+                crate::wire::text::now_unix_micros(),
+                &mut self.buf,
+            ),
+            None => encode_change(self.settings.format, ev, &mut self.buf),
+        }
         let subject = self
             .subjects
             .get(&self.settings.subject_prefix, &ev.table, ev.operation);

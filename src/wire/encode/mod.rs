@@ -52,8 +52,12 @@
 //!
 //! The field names are those of [`fields`](crate::wire::fields); the MessagePack keys and
 //! JSON key texts written here are checked against them by the tests.
+//!
+//! [`debezium`] writes change events in Debezium's change-event envelope instead, and the
+//! record keys Debezium writes.
 
 mod chunk;
+pub mod debezium;
 mod json;
 mod msgpack;
 #[cfg(test)]

@@ -235,6 +235,7 @@ fn col(name: &str, value: Value) -> ColumnValue {
 
 fn table(schema: &str, name: &str, relation_id: u32) -> Arc<TableRef> {
     Arc::new(TableRef {
+        columns: Vec::new(),
         schema: Arc::from(schema),
         table: Arc::from(name),
         relation_id,
@@ -716,6 +717,7 @@ fn any_event() -> impl Strategy<Value = ChangeEvent> {
     ]);
     let table = (any::<String>(), any::<String>(), any::<u32>()).prop_map(|(s, t, r)| {
         Arc::new(TableRef {
+            columns: Vec::new(),
             schema: Arc::from(s),
             table: Arc::from(t),
             relation_id: r,
