@@ -40,6 +40,7 @@ mod error;
 mod load;
 mod names;
 pub(crate) mod nats;
+pub(crate) mod outbox;
 mod overlay;
 pub(crate) mod pg;
 pub(crate) mod replication;
@@ -56,9 +57,10 @@ pub use load::Layers;
 pub(crate) use nats::check_nkey_seed;
 pub(crate) use nats::NatsAuth;
 pub use nats::NatsConfig;
+pub use outbox::{OnOversize, OutboxConfig};
 pub use overlay::{
-    HttpOverlay, MonitorOverlay, NatsOverlay, Overlay, PgOverlay, ReplicationOverlay,
-    SnapshotOverlay, StreamsOverlay,
+    HttpOverlay, MonitorOverlay, NatsOverlay, OutboxOverlay, Overlay, PgOverlay,
+    ReplicationOverlay, SnapshotOverlay, StreamsOverlay,
 };
 pub use pg::{PgConfig, SslMode};
 pub use replication::{Format, ReplicationConfig};
@@ -87,6 +89,8 @@ pub struct Config {
     pub snapshot: SnapshotConfig,
     /// JetStream stream names and retention (`[streams]`).
     pub streams: StreamsConfig,
+    /// Outbox tables and dead letters (`[outbox]`).
+    pub outbox: OutboxConfig,
 }
 
 impl Config {
