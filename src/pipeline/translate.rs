@@ -20,7 +20,9 @@ use crate::pg::Lsn;
 
 use super::position::TimelineHistory;
 use super::spool::{Spool, SpoolError};
+use crate::outbox::{self, MissingColumn, OutboxColumns, OutboxTables};
 use crate::wire::event::{ChangeEvent, ColumnValue, Operation, TableRef};
+use crate::wire::outbox::OutboxEvent;
 
 /// Why a message could not be translated.
 #[derive(Debug, thiserror::Error)]
@@ -44,6 +46,9 @@ pub enum TranslateError {
     /// The spool of streamed transactions failed.
     #[error(transparent)]
     Spool(#[from] SpoolError),
+    /// An outbox table lacks a column the bridge reads.
+    #[error(transparent)]
+    Outbox(#[from] MissingColumn),
 }
 
 /// Where translated changes go, in order. `idle` tells whether the translator had nothing
@@ -54,6 +59,8 @@ pub(crate) trait Emit {
     type Error: From<TranslateError>;
     /// One change.
     fn change(&mut self, ev: Box<ChangeEvent>, idle: bool) -> Result<(), Self::Error>;
+    /// One outbox event, in its place among its transaction's changes.
+    fn outbox(&mut self, ev: Box<OutboxEvent>, idle: bool) -> Result<(), Self::Error>;
     /// The end of a transaction, after its changes.
     fn commit(&mut self, end_lsn: Lsn, idle: bool) -> Result<(), Self::Error>;
     /// A Relation message for a streamed table (its schema may have changed).
@@ -75,6 +82,8 @@ struct RelationInfo {
     qualified: String,
     columns: Vec<ColumnInfo>,
     streamed: bool,
+    /// Set for an outbox table: its inserts are outbox events, and it streams no changes.
+    outbox: Option<OutboxColumns>,
 }
 
 /// The change held back until it is known whether it is the last of its transaction.
@@ -124,6 +133,8 @@ pub(crate) struct Translator {
     spool: Option<Spool>,
     /// The server's timeline history: gives each commit its timeline.
     timelines: TimelineHistory,
+    /// The outbox tables.
+    outbox: OutboxTables,
 }
 
 impl Translator {
@@ -141,7 +152,13 @@ impl Translator {
             warned_values: std::cell::Cell::new(false),
             spool: None,
             timelines,
+            outbox: OutboxTables::default(),
         }
+    }
+
+    /// Inserts into `tables` become outbox events from now on.
+    pub(crate) fn set_outbox(&mut self, tables: OutboxTables) {
+        self.outbox = tables;
     }
 
     /// Streamed transactions go to `spool` from now on.
@@ -290,10 +307,15 @@ impl Translator {
                         key: c.is_key(),
                     })
                     .collect();
-                let streamed = self
-                    .table_filter
-                    .as_ref()
-                    .is_none_or(|f| f.contains(&qualified));
+                let outbox = self
+                    .outbox
+                    .columns(&qualified, &r.columns)
+                    .map_err(TranslateError::Outbox)?;
+                let streamed = outbox.is_none()
+                    && self
+                        .table_filter
+                        .as_ref()
+                        .is_none_or(|f| f.contains(&qualified));
                 let table = Arc::new(TableRef {
                     schema: Arc::from(r.namespace),
                     table: Arc::from(r.name),
@@ -309,6 +331,7 @@ impl Translator {
                         qualified,
                         columns,
                         streamed,
+                        outbox,
                     },
                 );
             }
@@ -318,7 +341,10 @@ impl Translator {
             LogicalMessage::Insert(i) => {
                 let seq = next_seq(txn);
                 let rel = self.relation(i.relid)?;
-                if rel.streamed {
+                if let Some(cols) = &rel.outbox {
+                    let ev = cols.event(&rel.table, &i.new, position(txn, seq));
+                    out.outbox(Box::new(ev), self.is_idle())?;
+                } else if rel.streamed {
                     let mut ev = new_event(out.recycled(), rel, Operation::Insert, lsn, txn, seq);
                     ev.old_columns = None;
                     let ChangeEvent {
@@ -388,7 +414,16 @@ impl Translator {
                     }
                 }
             }
-            // Origins, logical decoding messages and two-phase markers carry no row changes.
+            // A transactional message with an outbox prefix is an outbox event; others (and
+            // non-transactional ones, which belong to no commit) are not routed.
+            LogicalMessage::Message(m) if m.transactional() => {
+                let seq = txn.seq;
+                if let Some(ev) = outbox::message_event(m.prefix, m.content, position(txn, seq)) {
+                    next_seq(txn);
+                    out.outbox(Box::new(ev), self.is_idle())?;
+                }
+            }
+            // Origins and two-phase markers carry no row changes.
             _ => {}
         }
         Ok(())
@@ -525,6 +560,15 @@ fn new_event(
     }
 }
 
+fn position(txn: &Txn, seq: u32) -> outbox::Position {
+    outbox::Position {
+        commit_lsn: txn.commit_lsn,
+        timeline: txn.timeline,
+        seq,
+        commit_time: txn.commit_time,
+    }
+}
+
 fn next_seq(txn: &mut Txn) -> u32 {
     let s = txn.seq;
     txn.seq = txn.seq.wrapping_add(1);
@@ -620,6 +664,7 @@ mod tests {
         out: Vec<Option<Box<ChangeEvent>>>,
         commits: Vec<Lsn>,
         relations: Vec<String>,
+        outbox: Vec<OutboxEvent>,
     }
 
     impl Emit for Collected {
@@ -627,6 +672,11 @@ mod tests {
 
         fn change(&mut self, ev: Box<ChangeEvent>, _idle: bool) -> Result<(), TranslateError> {
             self.out.push(Some(ev));
+            Ok(())
+        }
+
+        fn outbox(&mut self, ev: Box<OutboxEvent>, _idle: bool) -> Result<(), TranslateError> {
+            self.outbox.push(*ev);
             Ok(())
         }
 

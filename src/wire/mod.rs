@@ -7,6 +7,7 @@
 //! * [`id`]: the deterministic message id of each change;
 //! * [`fields`]: the field names of every message kind;
 //! * [`event`]: the change event the pipeline hands to the publisher;
+//! * [`outbox`]: outbox events, their subjects and dead letters;
 //! * [`encode`]: change events, snapshot chunks and documents in MessagePack or JSON;
 //! * [`text`]: decimal numbers, timestamps and base64 as the messages write them;
 //! * [`decode`]: the consumer side, reading messages back (used by `bridge mirror` and the
@@ -21,5 +22,6 @@ pub mod event;
 pub mod fields;
 pub mod id;
 pub mod names;
+pub mod outbox;
 pub mod subject;
 pub mod text;
