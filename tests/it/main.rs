@@ -15,6 +15,7 @@ mod liveness;
 mod memory;
 mod mirror;
 mod nats_setup;
+mod outbox;
 mod pgoutput_vectors;
 mod pipeline;
 mod pipeline_faults;
