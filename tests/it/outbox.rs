@@ -451,6 +451,49 @@ fn undeliverable_events_become_dead_letters_and_the_rest_flows() {
         assert!(metrics.contains(line), "{line} in\n{metrics}");
     }
 
+    // `bridge dlq`: list, refuse what cannot be replayed, replay a corrected one.
+    let dlq_cmd = |args: &[&str]| {
+        let out = std::process::Command::new(testkit::bridge_bin())
+            .env_clear()
+            .env("NATS_URL", &url)
+            .arg("dlq")
+            .args(args)
+            .output()
+            .expect("run bridge dlq");
+        (
+            out.status.code(),
+            String::from_utf8_lossy(&out.stdout).into_owned(),
+            String::from_utf8_lossy(&out.stderr).into_owned(),
+        )
+    };
+    let (code, listed, _) = dlq_cmd(&["list"]);
+    assert_eq!(code, Some(0));
+    let listed: Vec<serde_json::Value> = listed
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    assert_eq!(listed.len(), 8);
+    assert_eq!(listed[0]["error"], "empty_routing_value");
+    assert_eq!(listed[0]["msg_id"], "bad-empty");
+    assert_eq!(listed[2]["truncated_from"], big_payload.len());
+    let seq = |i: usize| listed[i]["seq"].to_string();
+    let (code, _, err) = dlq_cmd(&["replay", &seq(2)]);
+    assert_eq!(code, Some(2), "a cut body cannot be replayed: {err}");
+    let (code, _, err) = dlq_cmd(&["replay", &seq(0)]);
+    assert_eq!(code, Some(2), "outbox..OrderPlaced is no subject: {err}");
+    let (code, replayed, err) = dlq_cmd(&["replay", &seq(0), "--to", "outbox.order.OrderPlaced"]);
+    assert_eq!(code, Some(0), "{err}");
+    assert!(replayed.contains("\"stream\":\"OUTBOX\""), "{replayed}");
+    let outbox = read_stream(&url, "OUTBOX");
+    let last = outbox.last().unwrap();
+    assert_eq!(
+        (last.msg_id.as_deref(), last.payload.as_slice()),
+        (Some("bad-empty"), b"{\"n\": 1}".as_slice())
+    );
+    assert_eq!(last.header("Pgbridge-Aggregate-Id"), Some("agg"));
+    assert_eq!(last.header("Pgbridge-Error"), None);
+    assert_eq!(stream_len(&url, "DLQ"), 7, "removed once stored");
+
     // A restart sends nothing again into either stream.
     assert_eq!(bridge.terminate(WAIT), Some(0), "{}", bridge.log());
     let mut bridge = spawn(&pg, &url, &dir, &["--on-oversize", "dlq"]);
@@ -458,9 +501,9 @@ fn undeliverable_events_become_dead_letters_and_the_rest_flows() {
         .unwrap();
     wait_caught_up(&pg, SLOT, WAIT);
     wait_for("the event after the restart", WAIT, || {
-        (stream_len(&url, "OUTBOX") >= 4).then_some(())
+        (stream_len(&url, "OUTBOX") >= 5).then_some(())
     });
-    assert_eq!(stream_len(&url, "OUTBOX"), 4);
-    assert_eq!(stream_len(&url, "DLQ"), 8);
+    assert_eq!(stream_len(&url, "OUTBOX"), 5);
+    assert_eq!(stream_len(&url, "DLQ"), 7);
     assert_eq!(bridge.terminate(WAIT), Some(0), "{}", bridge.log());
 }
