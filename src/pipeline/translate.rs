@@ -699,6 +699,10 @@ mod tests {
     /// Runs a captured vector file through a translator with a spool in a private
     /// directory of its own.
     fn translate(name: &str, capture: &str) -> Collected {
+        translate_with(name, capture, OutboxTables::default())
+    }
+
+    fn translate_with(name: &str, capture: &str, outbox: OutboxTables) -> Collected {
         static RUN: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
         let dir = std::env::temp_dir().join(format!(
             "pgbridge-translate-{}-{}-{name}",
@@ -707,6 +711,7 @@ mod tests {
         ));
         let mut t = Translator::new(None, TimelineHistory::single(1));
         t.set_spool(Spool::new(&dir).unwrap());
+        t.set_outbox(outbox);
         let mut c = Collected::default();
         for v in test_vectors::load(capture) {
             t.message(&v.bytes, v.lsn, &mut c).unwrap();
@@ -776,6 +781,49 @@ mod tests {
         assert_eq!(values(b)[2], ("big".to_string(), text("c")));
         assert_eq!(values(b)[3], ("note".to_string(), Value::Null));
         assert!(a.old_columns.is_none());
+    }
+
+    #[test]
+    fn an_outbox_table_gives_events_in_place_of_changes() {
+        let config = crate::config::OutboxConfig {
+            tables: vec!["t".into()],
+            aggregate_type_column: "name".into(),
+            aggregate_id_column: "no_such_column".into(),
+            event_type_column: "note".into(),
+            payload_column: "big".into(),
+            ..Default::default()
+        };
+        let c = translate_with("basic", test_vectors::BASIC, OutboxTables::new(&config));
+        assert!(
+            c.relations.is_empty(),
+            "no schema notice for an outbox table"
+        );
+        assert_eq!(c.out.len(), 1, "no change, only the commit");
+        let events: Vec<_> = c
+            .outbox
+            .iter()
+            .map(|e| {
+                (
+                    e.id.as_deref(),
+                    e.aggregate_type.as_deref(),
+                    e.aggregate_id.as_deref(),
+                    e.event_type.as_deref(),
+                    e.payload.as_slice(),
+                    e.seq,
+                )
+            })
+            .collect();
+        assert_eq!(
+            events,
+            [
+                (Some("1"), Some("a"), None, Some("x"), b"".as_slice(), 0),
+                (Some("2"), Some("b"), None, None, b"c".as_slice(), 1),
+            ]
+        );
+        assert!(c
+            .outbox
+            .iter()
+            .all(|e| e.commit_lsn == c.outbox[0].commit_lsn));
     }
 
     #[test]

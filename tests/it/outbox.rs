@@ -44,7 +44,7 @@ fn spawn(env_pg: &PgServer, url: &str, dir: &TempDir, extra: &[&str]) -> BridgeP
 /// The statements of order `i`'s transaction: the order, its `OrderPlaced` row, and for every
 /// third order an emitted `OrderShipped` message.
 fn order_txn(i: u64) -> String {
-    let emit = if i % 3 == 0 {
+    let emit = if i.is_multiple_of(3) {
         format!(
             " SELECT pg_logical_emit_message(true, 'outbox.order.OrderShipped', '{{\"order\": {i}}}');"
         )
@@ -201,7 +201,7 @@ fn outbox_events_arrive_once_in_commit_order_and_add_nothing_to_cdc() {
     assert_eq!(placed, (1..=n).collect::<Vec<_>>());
     assert_eq!(
         shipped_seen,
-        (1..=n).filter(|i| i % 3 == 0).collect::<Vec<_>>()
+        (1..=n).filter(|i| i.is_multiple_of(3)).collect::<Vec<_>>()
     );
     assert_eq!(stream_len(&url, "DLQ"), 0);
     // Each stream's messages follow the previous one of the same stream: no refusal.
@@ -280,7 +280,7 @@ fn kill_9_five_times_under_an_event_load_stores_every_event_once() {
     );
     assert_eq!(
         by_kind["outbox.order.OrderShipped"],
-        (1..=n).filter(|i| i % 3 == 0).collect::<Vec<_>>(),
+        (1..=n).filter(|i| i.is_multiple_of(3)).collect::<Vec<_>>(),
         "every emitted event once, in commit order"
     );
     assert_eq!(stream_len(&url, "CDC"), n);

@@ -34,8 +34,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use async_nats::connection::State;
-use async_nats::{Client, Message, PublishErrorKind, Subject, Subscriber};
-use bytes::Bytes;
+use async_nats::{Client, Message, PublishErrorKind, Subscriber};
 use futures_util::{FutureExt, StreamExt};
 
 use tokio::time::Sleep;
@@ -51,10 +50,11 @@ use crate::wire::id;
 use crate::wire::outbox::{DeadReason, OutboxEvent};
 
 mod buffers;
+mod dead;
 mod entry;
 
 use buffers::{Chunks, Replies, SubjectCache};
-use entry::{send, Extra, InFlight, Lane, CHAINED};
+use entry::{send, InFlight, Lane, CHAINED};
 
 use super::puback::{self, PubAckError};
 
@@ -410,80 +410,6 @@ impl Publisher {
         self.publish_entry(entry).await
     }
 
-    /// Routes an outbox event: to its subject, or, when it cannot go there as it is, as a
-    /// dead letter.
-    async fn publish_outbox(&mut self, ev: &OutboxEvent) -> Result<Ticket, PublishError> {
-        let routed = crate::outbox::route(ev, &self.id_prefix);
-        let subject = match routed.dead {
-            // Written as it would have been, for the dead letter's source header.
-            Some(_) => ev.intended_subject(),
-            None => ev.subject(),
-        };
-        let token = self.next_token;
-        self.next_token += 1;
-        let mut entry = InFlight {
-            token,
-            subject: Subject::from(subject),
-            reply: self.replies.subject(token),
-            commit_lsn: ev.commit_lsn,
-            timeline: ev.timeline,
-            seq: ev.seq,
-            last_in_tx: false,
-            lane: Lane::Outbox,
-            extra: Some(Box::new(Extra {
-                id: routed.id,
-                headers: routed.headers,
-                dlq_subject: Some(ev.dlq_subject()),
-            })),
-            payload: Bytes::copy_from_slice(&ev.payload),
-            state: AckState::Pending,
-        };
-        if let Some((reason, detail)) = routed.dead {
-            self.dead_letter(&mut entry, reason, &detail);
-        }
-        self.publish_entry(entry).await
-    }
-
-    /// Turns `entry` into its dead letter (see [`InFlight::make_dead_letter`]) and counts it.
-    fn dead_letter(&mut self, entry: &mut InFlight, reason: DeadReason, detail: &str) {
-        let max = super::max_payload(&self.client);
-        entry.make_dead_letter(
-            &self.id_prefix,
-            &self.settings.subject_prefix,
-            reason,
-            detail,
-            max,
-        );
-        self.stats.dead_letters[reason.index()].fetch_add(1, Ordering::Relaxed);
-        log::warn!(
-            "sent {} ({}) to the dead-letter stream on {}: {detail}",
-            entry
-                .extra
-                .as_ref()
-                .and_then(|x| x
-                    .headers
-                    .iter()
-                    .find(|(k, _)| *k == crate::wire::names::SOURCE_HEADER))
-                .map_or("", |(_, v)| v.as_str()),
-            reason.as_str(),
-            entry.subject
-        );
-    }
-
-    /// True when `entry` goes to the dead-letter stream rather than stop the bridge when it
-    /// cannot be stored as it is.
-    fn may_dead_letter(&self, entry: &InFlight) -> bool {
-        self.lane_may_dead_letter(entry.lane)
-    }
-
-    fn lane_may_dead_letter(&self, lane: Lane) -> bool {
-        match lane {
-            Lane::Outbox => true,
-            Lane::Cdc => self.settings.on_oversize == OnOversize::Dlq,
-            Lane::Dlq => false,
-        }
-    }
-
     /// Puts `entry` into the window and sends it, after the previous message of its stream.
     async fn publish_entry(&mut self, mut entry: InFlight) -> Result<Ticket, PublishError> {
         let token = entry.token;
@@ -599,19 +525,6 @@ impl Publisher {
                 }
             }
         }
-    }
-
-    /// The message at `at` of the window was refused for good: it becomes its dead letter,
-    /// to be sent again at once in its place.
-    fn dead_letter_at(&mut self, at: usize, detail: &str) {
-        let Some(mut entry) = self.window.remove(at) else {
-            return;
-        };
-        let before = entry.payload.len() as u64;
-        self.dead_letter(&mut entry, DeadReason::Refused, detail);
-        self.window_bytes = self.window_bytes - before + entry.payload.len() as u64;
-        entry.state = AckState::failed(Failure::DeadLettered);
-        self.window.insert(at, entry);
     }
 
     /// Removes the acknowledged messages at the front of the window: what the driver sees as
