@@ -67,7 +67,8 @@ async def main() -> int:
         while args.until_idle == 0 or idle < args.until_idle:
             try:
                 msgs = await sub.fetch(100, timeout=1)
-            except NatsTimeout:
+            # nats-py raises either, depending on where the wait ran out.
+            except (NatsTimeout, asyncio.TimeoutError):
                 idle += 1
                 continue
             idle = 0.0

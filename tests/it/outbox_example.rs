@@ -33,14 +33,15 @@ fn python() -> PathBuf {
 }
 
 /// Runs an example script to its end (bounded); the JSON summary it prints last.
-fn run(script: &str, args: &[&str]) -> Value {
+fn run(script: &str, args: &[&str], logs: &Path) -> Value {
+    let log = logs.join(format!("{script}.log"));
     let mut child = KillOnDrop(
         Command::new(python())
             .arg(example(script))
             .args(args)
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
-            .stderr(Stdio::null())
+            .stderr(std::fs::File::create(&log).expect("a log file"))
             .spawn()
             .expect("spawn the example"),
     );
@@ -57,7 +58,15 @@ fn run(script: &str, args: &[&str]) -> Value {
         assert!(Instant::now() < deadline, "{script} did not finish in time");
         std::thread::sleep(Duration::from_millis(50));
     };
-    assert!(status.success(), "{script} {args:?} failed: {status}");
+    assert!(
+        status.success(),
+        "{script} {args:?} failed: {status}\n{}",
+        {
+            let text = std::fs::read_to_string(&log).unwrap_or_default();
+            let lines: Vec<&str> = text.lines().collect();
+            lines[lines.len().saturating_sub(25)..].join("\n")
+        }
+    );
     let out = reader.join().unwrap().expect("read the output");
     let last = out.lines().last().expect("a summary line");
     serde_json::from_str(last).unwrap_or_else(|e| panic!("{e}: {last}"))
@@ -84,12 +93,16 @@ fn the_shipping_consumer_processes_every_order_event_once() {
     let consume = |extra: &[&str]| {
         let mut args = vec!["--nats", &url, "--db", db, "--until-idle", "3"];
         args.extend_from_slice(extra);
-        run("consumer.py", &args)
+        run("consumer.py", &args, dir.path())
     };
 
     let mut bridge = spawn();
     assert_eq!(
-        run("order_service.py", &["--pg", &pg_url, "--orders", "30"])["placed"],
+        run(
+            "order_service.py",
+            &["--pg", &pg_url, "--orders", "30"],
+            dir.path()
+        )["placed"],
         30
     );
     let first = consume(&[]);
@@ -102,7 +115,11 @@ fn the_shipping_consumer_processes_every_order_event_once() {
     bridge.child.signal(libc::SIGKILL);
     assert_eq!(bridge.wait_exit(WAIT), None);
     let mut bridge = spawn();
-    run("order_service.py", &["--pg", &pg_url, "--orders", "20"]);
+    run(
+        "order_service.py",
+        &["--pg", &pg_url, "--orders", "20"],
+        dir.path(),
+    );
     let second = consume(&[]);
     assert_eq!(
         (second["applied"].as_u64(), second["shipments"].as_u64()),
