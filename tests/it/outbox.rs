@@ -494,6 +494,9 @@ fn undeliverable_events_become_dead_letters_and_the_rest_flows() {
     assert_eq!(last.header("Pgbridge-Error"), None);
     assert_eq!(stream_len(&url, "DLQ"), 7, "removed once stored");
 
+    // The refusal rerouted one message; the ones behind it were resent without alarm.
+    assert!(!bridge.log().contains("another writer"), "{}", bridge.log());
+
     // A restart sends nothing again into either stream.
     assert_eq!(bridge.terminate(WAIT), Some(0), "{}", bridge.log());
     let mut bridge = spawn(&pg, &url, &dir, &["--on-oversize", "dlq"]);

@@ -210,6 +210,9 @@ pub struct Publisher {
     last_id: [Option<String>; CHAINED],
     /// Set once another writer's message was found between two of ours.
     foreign_writer_seen: bool,
+    /// Set when a message of the window became a dead letter after the ones behind it were
+    /// sent: they expected it in their stream and are refused once, which is no other writer.
+    rerouted: bool,
     /// Payload bytes in the window.
     window_bytes: u64,
     /// Where PubAcks arrive; subscribed by [`Delivery::open`].
@@ -249,6 +252,7 @@ impl Publisher {
             reconnects_seen: 0,
             last_id: Default::default(),
             foreign_writer_seen: false,
+            rerouted: false,
             window_bytes: 0,
             acks: None,
             timer: None,
@@ -551,6 +555,7 @@ impl Publisher {
         if self.window.is_empty() {
             // Drained: new changes may enter again, the first one following what is stored.
             self.recovering = false;
+            self.rerouted = false;
             self.last_id = Default::default();
         }
         self.front_since = Instant::now();
@@ -579,7 +584,7 @@ impl Publisher {
                 // and acknowledged) and the front: nothing failed, send it again at once.
                 Failure::Refused(r) if r.is_wrong_last_msg_id() => {
                     immediate = true;
-                    if !self.foreign_writer_seen {
+                    if !self.foreign_writer_seen && !self.rerouted {
                         self.foreign_writer_seen = true;
                         log::warn!(
                             "another writer stores messages into the stream of {subject} ({r}); \

@@ -99,6 +99,7 @@ impl Publisher {
         self.dead_letter(&mut entry, DeadReason::Refused, detail);
         self.window_bytes = self.window_bytes - before + entry.payload.len() as u64;
         entry.state = AckState::failed(Failure::DeadLettered);
+        self.rerouted = true;
         self.window.insert(at, entry);
     }
 }
