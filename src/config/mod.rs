@@ -137,7 +137,7 @@ impl fmt::Display for Config {
              slot={} publication={} tables={} format={} streams={},{} http={} admin_token={} \
              state_file={} ring_capacity={} max_in_flight={} snapshot_chunk_rows={} \
              snapshot_on_start={} snapshot_reply_prefix={} snapshot_max_concurrent={} \
-             snapshot_cooldown_secs={} nats_tls={}",
+             snapshot_cooldown_secs={} nats_tls={} outbox_tables={} on_oversize={}",
             pg.user,
             pg.host,
             pg.port,
@@ -167,6 +167,12 @@ impl fmt::Display for Config {
             } else {
                 "if-offered"
             },
+            if self.outbox.tables.is_empty() {
+                "none".to_owned()
+            } else {
+                self.outbox.tables.join(",")
+            },
+            self.outbox.on_oversize,
         )
     }
 }
