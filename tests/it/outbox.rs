@@ -510,3 +510,91 @@ fn undeliverable_events_become_dead_letters_and_the_rest_flows() {
     assert_eq!(stream_len(&url, "DLQ"), 7);
     assert_eq!(bridge.terminate(WAIT), Some(0), "{}", bridge.log());
 }
+
+#[test]
+fn a_transaction_streamed_before_its_commit_publishes_its_events_once_in_order() {
+    let env = TestEnv::start();
+    setup_app_db(&env.pg, SCHEMA, "");
+    let dir = TempDir::new("bridge");
+    let url = env.nats.url();
+    let mut bridge = spawn(&env.pg, &url, &dir, &[]);
+
+    // Far beyond the test server's logical_decoding_work_mem: PostgreSQL streams both
+    // transactions before they end; the rolled-back one must publish nothing.
+    let n = 2000;
+    let body = |i: u64| {
+        format!(
+            "INSERT INTO outbox VALUES ('big-{i}', 'order', 'agg-{}', 'OrderPlaced', \
+             '{{\"order\": {i}, \"pad\": \"{}\"}}');",
+            i % 3,
+            "p".repeat(100)
+        )
+    };
+    let statements = |prefix: &str| -> String {
+        (1..=n)
+            .map(|i| {
+                let mut s = body(i).replace("big-", prefix);
+                if i % 10 == 0 {
+                    s.push_str(&format!(
+                        " SELECT pg_logical_emit_message(true, 'outbox.order.Tick', '{{\"order\": {i}}}');"
+                    ));
+                }
+                s
+            })
+            .collect()
+    };
+    let mut conn = env.pg.connect("app");
+    conn.execute(&format!("BEGIN; {} ROLLBACK;", statements("gone-")))
+        .unwrap();
+    conn.execute(&format!("BEGIN; {} COMMIT;", statements("big-")))
+        .unwrap();
+    wait_caught_up(&env.pg, SLOT, WAIT);
+    let expected = n + n / 10;
+    wait_for("every event of the transaction", WAIT, || {
+        (stream_len(&url, "OUTBOX") >= expected).then_some(())
+    });
+
+    let outbox = read_stream(&url, "OUTBOX");
+    assert_eq!(
+        outbox.len() as u64,
+        expected,
+        "every event once, none of the rollback"
+    );
+    let lsn = commit_lsn(&outbox[0]);
+    let (mut rows, mut ticks) = (Vec::new(), Vec::new());
+    let mut ids = HashSet::new();
+    for m in &outbox {
+        let id = m.msg_id.clone().unwrap();
+        assert!(ids.insert(id.clone()), "{id} stored twice");
+        assert_eq!(commit_lsn(m), lsn, "one transaction");
+        match m.subject.as_str() {
+            "outbox.order.OrderPlaced" => {
+                assert_eq!(id, format!("big-{}", order_of(m)));
+                rows.push(order_of(m));
+            }
+            "outbox.order.Tick" => {
+                // The message's ordinal counts the inserts before it.
+                let (_, _, id_lsn, seq) = split_msg_id(&id);
+                let order = order_of(m);
+                assert_eq!((id_lsn, u64::from(seq)), (lsn, order + order / 10 - 1));
+                ticks.push(order);
+            }
+            other => panic!("unexpected subject {other}"),
+        }
+    }
+    assert_eq!(rows, (1..=n).collect::<Vec<_>>());
+    assert_eq!(ticks, (1..=n).filter(|i| i % 10 == 0).collect::<Vec<_>>());
+    // PostgreSQL did stream them (the spool path, not the plain one, was taken).
+    wait_for("the slot's streamed transactions", WAIT, || {
+        let streamed: u64 = env
+            .pg
+            .value(
+                "postgres",
+                "SELECT stream_txns FROM pg_stat_replication_slots WHERE slot_name = 'cdc_slot'",
+            )
+            .parse()
+            .unwrap_or(0);
+        (streamed >= 2).then_some(())
+    });
+    assert_eq!(bridge.terminate(WAIT), Some(0), "{}", bridge.log());
+}
