@@ -17,6 +17,8 @@
 #   BRIDGE_TABLES        comma list of tables, e.g. "users,orders,sales.invoices";
 #                        empty: FOR ALL TABLES       (default empty)
 #   BRIDGE_SCHEMAS       schemas to grant SELECT on  (default public)
+#   BRIDGE_OUTBOX_TABLES comma list of outbox tables, added to the publication when it lists
+#                        tables (FOR ALL TABLES has them already)  (default empty)
 #
 # Also usable as /docker-entrypoint-initdb.d/init.sh in the official postgres image.
 set -euo pipefail
@@ -33,6 +35,9 @@ bridge_password="${BRIDGE_PG_PASSWORD:-}"
 publication="${BRIDGE_PUBLICATION:-cdc_pub}"
 tables="${BRIDGE_TABLES:-}"
 schemas="${BRIDGE_SCHEMAS:-public}"
+outbox_tables="${BRIDGE_OUTBOX_TABLES:-}"
+# The outbox tables must be published too; the bridge publishes them as events, not changes.
+if [ -n "$tables" ] && [ -n "$outbox_tables" ]; then tables="$tables,$outbox_tables"; fi
 
 if [ -z "$bridge_password" ]; then
     echo "init.sh: set BRIDGE_PG_PASSWORD to the password of the '$bridge_user' role" >&2

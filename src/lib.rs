@@ -7,6 +7,7 @@ pub mod cli;
 pub mod config;
 pub mod control;
 pub mod mirror;
+pub mod outbox;
 pub mod pg;
 pub mod pipeline;
 pub mod runtime;

@@ -9,7 +9,7 @@ use clap::error::ErrorKind;
 use log::{info, warn};
 use signal_hook::consts::{SIGINT, SIGTERM};
 
-use pgbridge::cli::{usage_error_line, Command, EXIT_FAILURE, EXIT_USAGE};
+use pgbridge::cli::{usage_error_line, Command, DlqCommand, EXIT_FAILURE, EXIT_USAGE};
 use pgbridge::config::Config;
 use pgbridge::shutdown::Shutdown;
 
@@ -20,7 +20,7 @@ fn main() -> ExitCode {
     };
     // The watch commands print for people and scripts: only warnings and errors besides.
     init_logging(match cli.action() {
-        Command::Tail(_) | Command::Snapshot(_) => "warn",
+        Command::Tail(_) | Command::Snapshot(_) | Command::Dlq(_) => "warn",
         _ => "info",
     });
 
@@ -102,6 +102,26 @@ fn main() -> ExitCode {
                 }
                 Err(err) => {
                     eprintln!("bridge snapshot: error: {err}");
+                    ExitCode::from(err.exit_code())
+                }
+            }
+        }
+        Command::Dlq(dlq) => {
+            let mut out = std::io::stdout().lock();
+            let done = match &dlq {
+                DlqCommand::List => pgbridge::watch::dlq::list(&config, &mut out).map(drop),
+                DlqCommand::Replay(a) => pgbridge::watch::dlq::replay(
+                    &config,
+                    &a.seqs,
+                    a.to.as_deref(),
+                    a.keep,
+                    &mut out,
+                ),
+            };
+            match done {
+                Ok(()) => ExitCode::SUCCESS,
+                Err(err) => {
+                    eprintln!("bridge dlq: error: {err}");
                     ExitCode::from(err.exit_code())
                 }
             }

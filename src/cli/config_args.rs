@@ -9,9 +9,9 @@ use clap::parser::ValueSource;
 use clap::{ArgMatches, Args};
 
 use crate::config::{
-    nats, pg, replication, sections, Format, HttpOverlay, Layers, MonitorOverlay, NatsOverlay,
-    Overlay, PgOverlay, PgPorts, ReplicationOverlay, Secret, SnapshotOverlay, SslMode,
-    StreamsOverlay, TargetSessionAttrs,
+    nats, outbox, pg, replication, sections, Format, HttpOverlay, Layers, MonitorOverlay,
+    NatsOverlay, OnOversize, OutboxOverlay, Overlay, PgOverlay, PgPorts, ReplicationOverlay,
+    Secret, SnapshotOverlay, SslMode, StreamsOverlay, TargetSessionAttrs,
 };
 
 /// `text [default: value]`, so the help shows the defaults without clap applying them.
@@ -48,6 +48,9 @@ pub(crate) struct ConfigArgs {
     /// `[streams]`.
     #[command(flatten)]
     pub(crate) streams: StreamArgs,
+    /// `[outbox]`.
+    #[command(flatten)]
+    pub(crate) outbox: OutboxArgs,
 }
 
 /// PostgreSQL connection flags (`[postgres]`).
@@ -561,6 +564,63 @@ pub(crate) struct StreamArgs {
     pub(crate) stream_replicas: Option<usize>,
 }
 
+/// Outbox flags (`[outbox]`).
+#[derive(Clone, Debug, Default, Args)]
+#[command(next_help_heading = "Outbox and dead letters")]
+pub(crate) struct OutboxArgs {
+    /// `outbox.tables`.
+    #[arg(
+        long,
+        env = "BRIDGE_OUTBOX_TABLES",
+        value_name = "TABLE",
+        value_delimiter = ',',
+        global = true,
+        help = "Outbox table (repeatable; comma separated in the variable), as table or \
+                  schema.table: each insert is published as an event on \
+                  outbox.{aggregate_type}.{event_type} in stream OUTBOX, and the table publishes \
+                  no change events [default: none]"
+    )]
+    pub(crate) outbox_table: Option<Vec<String>>,
+
+    /// `outbox.id_column`.
+    #[arg(long, env = "BRIDGE_OUTBOX_ID_COLUMN", value_name = "COLUMN", global = true,
+          help = with_default("Outbox column of the event id (the message id)",
+                              outbox::DEFAULT_OUTBOX_ID_COLUMN))]
+    pub(crate) outbox_id_column: Option<String>,
+
+    /// `outbox.aggregate_type_column`.
+    #[arg(long, env = "BRIDGE_OUTBOX_AGGREGATE_TYPE_COLUMN", value_name = "COLUMN", global = true,
+          help = with_default("Outbox column of the aggregate type",
+                              outbox::DEFAULT_OUTBOX_AGGREGATE_TYPE_COLUMN))]
+    pub(crate) outbox_aggregate_type_column: Option<String>,
+
+    /// `outbox.aggregate_id_column`.
+    #[arg(long, env = "BRIDGE_OUTBOX_AGGREGATE_ID_COLUMN", value_name = "COLUMN", global = true,
+          help = with_default("Outbox column of the aggregate id",
+                              outbox::DEFAULT_OUTBOX_AGGREGATE_ID_COLUMN))]
+    pub(crate) outbox_aggregate_id_column: Option<String>,
+
+    /// `outbox.event_type_column`.
+    #[arg(long, env = "BRIDGE_OUTBOX_EVENT_TYPE_COLUMN", value_name = "COLUMN", global = true,
+          help = with_default("Outbox column of the event type",
+                              outbox::DEFAULT_OUTBOX_EVENT_TYPE_COLUMN))]
+    pub(crate) outbox_event_type_column: Option<String>,
+
+    /// `outbox.payload_column`.
+    #[arg(long, env = "BRIDGE_OUTBOX_PAYLOAD_COLUMN", value_name = "COLUMN", global = true,
+          help = with_default("Outbox column of the payload (published as its text)",
+                              outbox::DEFAULT_OUTBOX_PAYLOAD_COLUMN))]
+    pub(crate) outbox_payload_column: Option<String>,
+
+    /// `outbox.on_oversize`.
+    #[arg(long, env = "BRIDGE_ON_OVERSIZE", value_name = "ACTION", global = true,
+          help = with_default("A change event larger than the NATS server's max_payload: stop \
+                               the bridge, or publish it as a dead letter in stream DLQ and go \
+                               on (outbox events always go to DLQ)",
+                              outbox::DEFAULT_ON_OVERSIZE))]
+    pub(crate) on_oversize: Option<OnOversize>,
+}
+
 /// The value of `--stream CDC[,INIT]`.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub(crate) struct StreamNames {
@@ -636,6 +696,7 @@ impl ConfigArgs {
     fn overlay(&self, p: &Pick<'_>) -> Overlay {
         let (pg, n, r) = (&self.postgres, &self.nats, &self.replication);
         let (h, m, s, st) = (&self.http, &self.monitor, &self.snapshot, &self.streams);
+        let o = &self.outbox;
         // --nats-url / NATS_URL and --nats-host / NATS_HOST are two names for one setting; the
         // first wins when both are given, whichever source each comes from.
         let urls = if n.nats_url.is_some() {
@@ -717,6 +778,15 @@ impl ConfigArgs {
                 cdc_duplicate_window_secs: take!(p, st, cdc_duplicate_window_secs),
                 init_max_age_secs: take!(p, st, init_max_age_secs),
                 replicas: take!(p, st, stream_replicas),
+            },
+            outbox: OutboxOverlay {
+                tables: take!(p, o, outbox_table).map(|tables| cli_list(&tables)),
+                id_column: take!(p, o, outbox_id_column),
+                aggregate_type_column: take!(p, o, outbox_aggregate_type_column),
+                aggregate_id_column: take!(p, o, outbox_aggregate_id_column),
+                event_type_column: take!(p, o, outbox_event_type_column),
+                payload_column: take!(p, o, outbox_payload_column),
+                on_oversize: take!(p, o, on_oversize),
             },
         }
     }

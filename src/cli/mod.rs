@@ -43,7 +43,7 @@ file. Flags beat environment variables, which beat the file, which beats the bui
 const AFTER_LONG_HELP: &str = "\
 CONFIGURATION FILE
   --config FILE (BRIDGE_CONFIG) reads a TOML file with the sections [postgres], [nats],
-  [replication], [http], [monitor], [snapshot] and [streams]. The keys are the ones that
+  [replication], [http], [monitor], [snapshot], [streams] and [outbox]. The keys are the ones that
   `bridge check-config` prints; an unknown key is an error.
 
 POSTGRESQL URL
@@ -128,6 +128,37 @@ pub enum Command {
     /// progress until it is complete; the last line has rows, chunks, seconds, rows/s,
     /// snapshot id, lsn and cdc_stream_seq. Exit 0 when complete, 1 when refused or failed.
     Snapshot(SnapshotCommandArgs),
+    /// The dead letters in stream DLQ: `list` prints each as a JSON line (seq, subject, error,
+    /// source, msg_id, bytes); `replay SEQ...` publishes them again to where they were meant to
+    /// go (or --to SUBJECT) with their headers and message id, and removes each once stored.
+    #[command(subcommand)]
+    Dlq(DlqCommand),
+}
+
+/// `bridge dlq` subcommands.
+#[derive(Clone, Debug, PartialEq, Eq, Subcommand)]
+pub enum DlqCommand {
+    /// Print every dead letter as a JSON line.
+    List,
+    /// Publish dead letters again and remove them from DLQ once stored.
+    Replay(DlqReplayArgs),
+}
+
+/// `bridge dlq replay` options.
+#[derive(Clone, Debug, PartialEq, Eq, Args)]
+pub struct DlqReplayArgs {
+    /// Stream sequences of the dead letters (as `bridge dlq list` shows them).
+    #[arg(value_name = "SEQ", required = true)]
+    pub seqs: Vec<u64>,
+
+    /// Publish to this subject instead of the one each was meant for (for example after
+    /// correcting an empty routing value).
+    #[arg(long, value_name = "SUBJECT")]
+    pub to: Option<String>,
+
+    /// Keep the dead letters in DLQ after replaying them.
+    #[arg(long)]
+    pub keep: bool,
 }
 
 /// An operation `bridge tail --op` shows.

@@ -42,6 +42,7 @@ mod error;
 mod load;
 mod names;
 pub(crate) mod nats;
+pub(crate) mod outbox;
 mod overlay;
 pub(crate) mod pg;
 pub(crate) mod replication;
@@ -58,9 +59,10 @@ pub use load::Layers;
 pub(crate) use nats::check_nkey_seed;
 pub(crate) use nats::NatsAuth;
 pub use nats::NatsConfig;
+pub use outbox::{OnOversize, OutboxConfig};
 pub use overlay::{
-    HttpOverlay, MonitorOverlay, NatsOverlay, Overlay, PgOverlay, ReplicationOverlay,
-    SnapshotOverlay, StreamsOverlay,
+    HttpOverlay, MonitorOverlay, NatsOverlay, OutboxOverlay, Overlay, PgOverlay,
+    ReplicationOverlay, SnapshotOverlay, StreamsOverlay,
 };
 pub use pg::{PgConfig, PgPorts, SslMode, TargetSessionAttrs};
 pub use replication::{Format, ReplicationConfig};
@@ -89,6 +91,8 @@ pub struct Config {
     pub snapshot: SnapshotConfig,
     /// JetStream stream names and retention (`[streams]`).
     pub streams: StreamsConfig,
+    /// Outbox tables and dead letters (`[outbox]`).
+    pub outbox: OutboxConfig,
 }
 
 impl Config {
@@ -135,7 +139,8 @@ impl fmt::Display for Config {
              slot={} publication={} tables={} format={} streams={},{} http={} admin_token={} \
              state_file={} ring_capacity={} max_in_flight={} snapshot_chunk_rows={} \
              snapshot_on_start={} snapshot_reply_prefix={} snapshot_max_concurrent={} \
-             snapshot_cooldown_secs={} nats_tls={} failover_slot={}",
+             snapshot_cooldown_secs={} nats_tls={} failover_slot={} outbox_tables={} \
+             on_oversize={}",
             pg.user,
             pg.addresses(),
             pg.dbname,
@@ -167,6 +172,12 @@ impl fmt::Display for Config {
                 "if-offered"
             },
             self.replication.failover_slot,
+            if self.outbox.tables.is_empty() {
+                "none".to_owned()
+            } else {
+                self.outbox.tables.join(",")
+            },
+            self.outbox.on_oversize,
         )
     }
 }

@@ -14,8 +14,8 @@ use serde::Deserialize;
 
 use super::url::redact_url_userinfo;
 use super::{
-    Format, HttpConfig, MonitorConfig, NatsConfig, PgPorts, ReplicationConfig, Secret,
-    SnapshotConfig, SslMode, StreamsConfig, TargetSessionAttrs,
+    Format, HttpConfig, MonitorConfig, NatsConfig, OnOversize, OutboxConfig, PgPorts,
+    ReplicationConfig, Secret, SnapshotConfig, SslMode, StreamsConfig, TargetSessionAttrs,
 };
 
 /// Sets a configuration field from an overlay value: a plain field takes the value, an optional
@@ -233,6 +233,23 @@ overlay! {
     }
 }
 
+overlay! {
+    /// `[outbox]`.
+    #[derive(Debug)]
+    OutboxOverlay, "outbox" => OutboxConfig {
+        tables: Vec<String> = "--outbox-table", "BRIDGE_OUTBOX_TABLES";
+        id_column: String = "--outbox-id-column", "BRIDGE_OUTBOX_ID_COLUMN";
+        aggregate_type_column: String =
+            "--outbox-aggregate-type-column", "BRIDGE_OUTBOX_AGGREGATE_TYPE_COLUMN";
+        aggregate_id_column: String =
+            "--outbox-aggregate-id-column", "BRIDGE_OUTBOX_AGGREGATE_ID_COLUMN";
+        event_type_column: String =
+            "--outbox-event-type-column", "BRIDGE_OUTBOX_EVENT_TYPE_COLUMN";
+        payload_column: String = "--outbox-payload-column", "BRIDGE_OUTBOX_PAYLOAD_COLUMN";
+        on_oversize: OnOversize = "--on-oversize", "BRIDGE_ON_OVERSIZE";
+    }
+}
+
 /// What one source says: the configuration file, the environment or the command line. The
 /// file is parsed straight into it (an unknown key is an error); `bridge`'s command line builds
 /// one for its environment variables and one for its flags.
@@ -253,6 +270,8 @@ pub struct Overlay {
     pub snapshot: SnapshotOverlay,
     /// `[streams]`.
     pub streams: StreamsOverlay,
+    /// `[outbox]`.
+    pub outbox: OutboxOverlay,
 }
 
 impl Overlay {
@@ -265,6 +284,7 @@ impl Overlay {
         self.monitor.merge(later.monitor);
         self.snapshot.merge(later.snapshot);
         self.streams.merge(later.streams);
+        self.outbox.merge(later.outbox);
     }
 
     /// Sets, in `config`, every field this overlay gives, except `[postgres]`, which needs the
@@ -276,6 +296,7 @@ impl Overlay {
         self.monitor.apply_to(&mut config.monitor);
         self.snapshot.apply_to(&mut config.snapshot);
         self.streams.apply_to(&mut config.streams);
+        self.outbox.apply_to(&mut config.outbox);
     }
 }
 
@@ -289,4 +310,5 @@ pub(crate) fn field_sources() -> impl Iterator<Item = &'static FieldSource> {
         .chain(MonitorOverlay::SOURCES)
         .chain(SnapshotOverlay::SOURCES)
         .chain(StreamsOverlay::SOURCES)
+        .chain(OutboxOverlay::SOURCES)
 }

@@ -998,3 +998,25 @@ fn the_debezium_envelope_is_json() {
     assert_eq!(invalid_field(&c), "replication.debezium_schemas");
     assert!(toml_config("[replication]\nenvelope = \"avro\"\n").is_err());
 }
+
+#[test]
+fn the_outbox_section_maps_debezium_columns_and_is_checked() {
+    let config = toml_config(
+        "[outbox]\ntables = [\"outbox\", \"sales.events\"]\naggregate_type_column = \"aggregatetype\"\n\
+         aggregate_id_column = \"aggregateid\"\nevent_type_column = \"type\"\non_oversize = \"dlq\"\n",
+    )
+    .unwrap();
+    assert_eq!(
+        config.outbox.qualified_tables(),
+        ["public.outbox", "sales.events"]
+    );
+    assert_eq!(config.outbox.aggregate_type_column, "aggregatetype");
+    assert_eq!(config.outbox.id_column, "id");
+    assert_eq!(config.outbox.on_oversize, OnOversize::Dlq);
+    assert!(config.validate().is_ok());
+    let twice = toml_config("[outbox]\ntables = [\"outbox\", \"public.outbox\"]\n").unwrap();
+    assert_eq!(invalid_field(&twice), "outbox.tables");
+    let empty = toml_config("[outbox]\npayload_column = \"\"\n").unwrap();
+    assert_eq!(invalid_field(&empty), "outbox.payload_column");
+    assert_eq!(Config::default().outbox.on_oversize, OnOversize::Stop);
+}

@@ -15,8 +15,8 @@ use super::replication::{
 };
 use super::sections::{MAX_SNAPSHOT_CHUNK_ROWS, MAX_SNAPSHOT_MAX_CONCURRENT, MAX_STREAM_REPLICAS};
 use super::{
-    Config, HttpConfig, MonitorConfig, NatsConfig, PgConfig, ReplicationConfig, Secret,
-    SnapshotConfig, StreamsConfig,
+    Config, HttpConfig, MonitorConfig, NatsConfig, OutboxConfig, PgConfig, ReplicationConfig,
+    Secret, SnapshotConfig, StreamsConfig,
 };
 
 impl Config {
@@ -30,6 +30,36 @@ impl Config {
         self.monitor.validate()?;
         self.snapshot.validate()?;
         self.streams.validate()?;
+        self.outbox.validate()?;
+        Ok(())
+    }
+}
+
+impl OutboxConfig {
+    /// Checks every field; see [`Config::validate`].
+    pub(crate) fn validate(&self) -> Result<(), ConfigError> {
+        let mut seen = HashSet::new();
+        for (table, qualified) in self.tables.iter().zip(self.qualified_tables()) {
+            check_table_name(table).map_err(|r| invalid("outbox.tables", r))?;
+            if !seen.insert(qualified) {
+                return Err(invalid(
+                    "outbox.tables",
+                    format!("table '{table}' is listed twice"),
+                ));
+            }
+        }
+        let columns = [
+            ("outbox.id_column", &self.id_column),
+            ("outbox.aggregate_type_column", &self.aggregate_type_column),
+            ("outbox.aggregate_id_column", &self.aggregate_id_column),
+            ("outbox.event_type_column", &self.event_type_column),
+            ("outbox.payload_column", &self.payload_column),
+        ];
+        for (field, name) in columns {
+            if name.is_empty() {
+                return Err(invalid(field, "a column name is empty"));
+            }
+        }
         Ok(())
     }
 }

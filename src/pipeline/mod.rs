@@ -191,11 +191,24 @@ fn pg_setup(
     let params = pg_params(config);
     let refs: Vec<(&str, &str)> = params.iter().map(|(k, v)| (*k, v.as_str())).collect();
     let mut conn = PgConnection::connect(&refs, ConnectionKind::Normal).map_err(SetupError::Pg)?;
-    let info = setup::check_database(
+    let mut info = setup::check_database(
         &mut conn,
         &config.replication.publication,
         &config.replication.tables,
     )?;
+    // Outbox tables publish events, not changes: no change stream, schema or snapshot.
+    let outbox = config.outbox.qualified_tables();
+    info.tables.retain(|t| !outbox.contains(&t.qualified()));
+    for table in &outbox {
+        if !info.published.iter().any(|t| &t.qualified() == table) {
+            log::warn!(
+                "outbox table {table} is not in publication '{}': its events are not published; \
+                 add it with ALTER PUBLICATION {} ADD TABLE {table}",
+                config.replication.publication,
+                config.replication.publication
+            );
+        }
+    }
     if let Some(w) = setup::status_interval_warning(
         config.replication.standby_status_interval(),
         info.wal_sender_timeout_ms,

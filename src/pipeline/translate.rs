@@ -20,7 +20,9 @@ use crate::pg::Lsn;
 
 use super::position::TimelineHistory;
 use super::spool::{Spool, SpoolError};
+use crate::outbox::{self, MissingColumn, OutboxColumns, OutboxTables};
 use crate::wire::event::{ChangeEvent, ColumnValue, Operation, TableRef};
+use crate::wire::outbox::OutboxEvent;
 
 /// Why a message could not be translated.
 #[derive(Debug, thiserror::Error)]
@@ -44,6 +46,9 @@ pub enum TranslateError {
     /// The spool of streamed transactions failed.
     #[error(transparent)]
     Spool(#[from] SpoolError),
+    /// An outbox table lacks a column the bridge reads.
+    #[error(transparent)]
+    Outbox(#[from] MissingColumn),
 }
 
 /// Where translated changes go, in order. `idle` tells whether the translator had nothing
@@ -54,6 +59,8 @@ pub(crate) trait Emit {
     type Error: From<TranslateError>;
     /// One change.
     fn change(&mut self, ev: Box<ChangeEvent>, idle: bool) -> Result<(), Self::Error>;
+    /// One outbox event, in its place among its transaction's changes.
+    fn outbox(&mut self, ev: Box<OutboxEvent>, idle: bool) -> Result<(), Self::Error>;
     /// The end of a transaction, after its changes.
     fn commit(&mut self, end_lsn: Lsn, idle: bool) -> Result<(), Self::Error>;
     /// A Relation message for a streamed table (its schema may have changed).
@@ -75,6 +82,8 @@ struct RelationInfo {
     qualified: String,
     columns: Vec<ColumnInfo>,
     streamed: bool,
+    /// Set for an outbox table: its inserts are outbox events, and it streams no changes.
+    outbox: Option<OutboxColumns>,
 }
 
 /// The change held back until it is known whether it is the last of its transaction.
@@ -127,6 +136,8 @@ pub(crate) struct Translator {
     spool: Option<Spool>,
     /// The server's timeline history: gives each commit its timeline.
     timelines: TimelineHistory,
+    /// The outbox tables.
+    outbox: OutboxTables,
 }
 
 impl Translator {
@@ -145,7 +156,13 @@ impl Translator {
             warned_values: std::cell::Cell::new(false),
             spool: None,
             timelines,
+            outbox: OutboxTables::default(),
         }
+    }
+
+    /// Inserts into `tables` become outbox events from now on.
+    pub(crate) fn set_outbox(&mut self, tables: OutboxTables) {
+        self.outbox = tables;
     }
 
     /// Streamed transactions go to `spool` from now on.
@@ -294,10 +311,15 @@ impl Translator {
                         key: c.is_key(),
                     })
                     .collect();
-                let streamed = self
-                    .table_filter
-                    .as_ref()
-                    .is_none_or(|f| f.contains(&qualified));
+                let outbox = self
+                    .outbox
+                    .columns(&qualified, &r.columns)
+                    .map_err(TranslateError::Outbox)?;
+                let streamed = outbox.is_none()
+                    && self
+                        .table_filter
+                        .as_ref()
+                        .is_none_or(|f| f.contains(&qualified));
                 let table = Arc::new(TableRef {
                     columns: r
                         .columns
@@ -328,6 +350,7 @@ impl Translator {
                         qualified,
                         columns,
                         streamed,
+                        outbox,
                     },
                 );
             }
@@ -341,7 +364,10 @@ impl Translator {
             LogicalMessage::Insert(i) => {
                 let seq = next_seq(txn);
                 let rel = self.relation(i.relid)?;
-                if rel.streamed {
+                if let Some(cols) = &rel.outbox {
+                    let ev = cols.event(&rel.table, &i.new, position(txn, seq));
+                    out.outbox(Box::new(ev), self.is_idle())?;
+                } else if rel.streamed {
                     let mut ev = new_event(out.recycled(), rel, Operation::Insert, lsn, txn, seq);
                     ev.old_columns = None;
                     let ChangeEvent {
@@ -411,7 +437,16 @@ impl Translator {
                     }
                 }
             }
-            // Origins, logical decoding messages and two-phase markers carry no row changes.
+            // A transactional message with an outbox prefix is an outbox event; others (and
+            // non-transactional ones, which belong to no commit) are not routed.
+            LogicalMessage::Message(m) if m.transactional() => {
+                let seq = txn.seq;
+                if let Some(ev) = outbox::message_event(m.prefix, m.content, position(txn, seq)) {
+                    next_seq(txn);
+                    out.outbox(Box::new(ev), self.is_idle())?;
+                }
+            }
+            // Origins and two-phase markers carry no row changes.
             _ => {}
         }
         Ok(())
@@ -548,6 +583,15 @@ fn new_event(
     }
 }
 
+fn position(txn: &Txn, seq: u32) -> outbox::Position {
+    outbox::Position {
+        commit_lsn: txn.commit_lsn,
+        timeline: txn.timeline,
+        seq,
+        commit_time: txn.commit_time,
+    }
+}
+
 fn next_seq(txn: &mut Txn) -> u32 {
     let s = txn.seq;
     txn.seq = txn.seq.wrapping_add(1);
@@ -644,6 +688,7 @@ mod tests {
         out: Vec<Option<Box<ChangeEvent>>>,
         commits: Vec<Lsn>,
         relations: Vec<String>,
+        outbox: Vec<OutboxEvent>,
     }
 
     impl Emit for Collected {
@@ -651,6 +696,11 @@ mod tests {
 
         fn change(&mut self, ev: Box<ChangeEvent>, _idle: bool) -> Result<(), TranslateError> {
             self.out.push(Some(ev));
+            Ok(())
+        }
+
+        fn outbox(&mut self, ev: Box<OutboxEvent>, _idle: bool) -> Result<(), TranslateError> {
+            self.outbox.push(*ev);
             Ok(())
         }
 
@@ -673,6 +723,10 @@ mod tests {
     /// Runs a captured vector file through a translator with a spool in a private
     /// directory of its own.
     fn translate(name: &str, capture: &str) -> Collected {
+        translate_with(name, capture, OutboxTables::default())
+    }
+
+    fn translate_with(name: &str, capture: &str, outbox: OutboxTables) -> Collected {
         static RUN: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
         let dir = std::env::temp_dir().join(format!(
             "pgbridge-translate-{}-{}-{name}",
@@ -681,6 +735,7 @@ mod tests {
         ));
         let mut t = Translator::new(None, TimelineHistory::single(1));
         t.set_spool(Spool::new(&dir).unwrap());
+        t.set_outbox(outbox);
         let mut c = Collected::default();
         for v in test_vectors::load(capture) {
             t.message(&v.bytes, v.lsn, &mut c).unwrap();
@@ -750,6 +805,49 @@ mod tests {
         assert_eq!(values(b)[2], ("big".to_string(), text("c")));
         assert_eq!(values(b)[3], ("note".to_string(), Value::Null));
         assert!(a.old_columns.is_none());
+    }
+
+    #[test]
+    fn an_outbox_table_gives_events_in_place_of_changes() {
+        let config = crate::config::OutboxConfig {
+            tables: vec!["t".into()],
+            aggregate_type_column: "name".into(),
+            aggregate_id_column: "no_such_column".into(),
+            event_type_column: "note".into(),
+            payload_column: "big".into(),
+            ..Default::default()
+        };
+        let c = translate_with("basic", test_vectors::BASIC, OutboxTables::new(&config));
+        assert!(
+            c.relations.is_empty(),
+            "no schema notice for an outbox table"
+        );
+        assert_eq!(c.out.len(), 1, "no change, only the commit");
+        let events: Vec<_> = c
+            .outbox
+            .iter()
+            .map(|e| {
+                (
+                    e.id.as_deref(),
+                    e.aggregate_type.as_deref(),
+                    e.aggregate_id.as_deref(),
+                    e.event_type.as_deref(),
+                    e.payload.as_slice(),
+                    e.seq,
+                )
+            })
+            .collect();
+        assert_eq!(
+            events,
+            [
+                (Some("1"), Some("a"), None, Some("x"), b"".as_slice(), 0),
+                (Some("2"), Some("b"), None, None, b"c".as_slice(), 1),
+            ]
+        );
+        assert!(c
+            .outbox
+            .iter()
+            .all(|e| e.commit_lsn == c.outbox[0].commit_lsn));
     }
 
     #[test]

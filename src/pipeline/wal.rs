@@ -26,8 +26,10 @@ use super::durable::{StateFileError, StateWriter};
 use super::position::TimelineHistory;
 use super::spool::{Spool, SpoolError};
 use super::translate::{Emit, TranslateError, Translator};
+use crate::outbox::OutboxTables;
 use crate::sink::ring::{item_bytes, RingItem, RingWriter};
 use crate::wire::event::{ChangeEvent, TableRef};
+use crate::wire::outbox::OutboxEvent;
 
 /// How long one wait for the server may last before other work is checked.
 const POLL_INTERVAL: Duration = Duration::from_millis(50);
@@ -190,7 +192,11 @@ impl<'c> WalStream<'c> {
                 last_heard: Instant::now(),
                 pinged: false,
             },
-            translate: Translator::new(tables, timelines),
+            translate: {
+                let mut t = Translator::new(tables, timelines);
+                t.set_outbox(OutboxTables::new(&config.outbox));
+                t
+            },
             xlog_messages: 0,
             spool_dir,
             server_version,
@@ -415,6 +421,21 @@ impl Emit for Ring<'_, '_> {
         if seq % NOTIFY_EVERY == NOTIFY_EVERY - 1 {
             self.ctx.ring.notify();
         }
+        Ok(())
+    }
+
+    fn outbox(&mut self, ev: Box<OutboxEvent>, idle: bool) -> Result<(), StreamError> {
+        let shutdown = self.link.shutdown.clone();
+        let link = &mut *self.link;
+        let mut keepalive = |ctx: &mut WalContext| link.keep_alive_while_waiting(ctx, idle);
+        push_wait(
+            self.ctx,
+            RingItem::Outbox(ev),
+            &shutdown,
+            false,
+            &mut keepalive,
+        )?;
+        self.ctx.stats.changes += 1;
         Ok(())
     }
 

@@ -17,9 +17,10 @@ use tokio::sync::Notify;
 
 use crate::pg::pgoutput::pg_to_unix_micros;
 use crate::pg::Lsn;
-use crate::sink::ring::{event_bytes, RingItem, RingReader};
+use crate::sink::ring::{event_bytes, outbox_bytes, RingItem, RingReader};
 use crate::telemetry::counters::{DurableLsn, PublisherStats};
 use crate::wire::event::ChangeEvent;
+use crate::wire::outbox::OutboxEvent;
 
 /// How long the driver sleeps when the ring is empty and nobody wakes it.
 const IDLE_WAIT: Duration = Duration::from_millis(20);
@@ -105,6 +106,12 @@ pub(crate) trait Delivery {
     /// a reference to `event` (it is reused once this returns). A failure a resend can fix is
     /// not an error: the broker keeps the change and resends it.
     async fn send(&mut self, event: &ChangeEvent) -> Result<Ticket, Self::Error>;
+
+    /// Starts delivering an outbox event, like [`Delivery::send`] (its ticket comes from the
+    /// same sequence, so it is delivered in its place among the changes). The routing
+    /// ([`crate::outbox::route`]) says where it goes or why it is a dead letter; a dead letter
+    /// is delivered too, to the broker's dead-letter destination, so the position can move on.
+    async fn send_outbox(&mut self, event: &OutboxEvent) -> Result<Ticket, Self::Error>;
 
     /// Waits for something to happen (answers, timeouts and resends, a reconnect, or more
     /// changes in `feed` while there is room) and returns the progress so far. May return
@@ -211,6 +218,15 @@ async fn fill<D: Delivery>(
                 if bytes <= RECYCLE_MAX_EVENT_BYTES {
                     ring.recycle(ev);
                 }
+            }
+            Some(RingItem::Outbox(ev)) => {
+                *popped += outbox_bytes(&ev);
+                let ticket = delivery.send_outbox(&ev).await?;
+                sent.push_back(Sent {
+                    ticket,
+                    commit_end: None,
+                    commit_time: ev.commit_time,
+                });
             }
             Some(RingItem::Commit { end_lsn }) => match sent.back_mut() {
                 Some(last) => last.commit_end = Some(end_lsn),

@@ -24,6 +24,7 @@ use crate::pg::value::Value;
 use crate::pg::Lsn;
 
 use crate::wire::event::{ChangeEvent, ColumnValue};
+use crate::wire::outbox::OutboxEvent;
 
 /// Most published events kept for the wal thread to reuse.
 const RECYCLE_CAPACITY: usize = 1024;
@@ -33,6 +34,8 @@ const RECYCLE_CAPACITY: usize = 1024;
 pub enum RingItem {
     /// One change to publish.
     Change(Box<ChangeEvent>),
+    /// One outbox event to publish, in its place among its transaction's changes.
+    Outbox(Box<OutboxEvent>),
     /// The end of a transaction: durable once everything before it is delivered.
     Commit {
         /// The commit record's end: the position to report as flushed.
@@ -186,6 +189,7 @@ impl RingReader {
 pub(crate) fn item_bytes(item: &RingItem) -> u64 {
     match item {
         RingItem::Change(ev) => event_bytes(ev),
+        RingItem::Outbox(ev) => outbox_bytes(ev),
         _ => 0,
     }
 }
@@ -251,6 +255,17 @@ pub(crate) fn event_bytes(ev: &ChangeEvent) -> u64 {
     }
     n += ev.unchanged_toast.capacity() * std::mem::size_of::<std::sync::Arc<str>>();
     n as u64
+}
+
+/// The heap memory an outbox event holds.
+pub(crate) fn outbox_bytes(ev: &OutboxEvent) -> u64 {
+    let text = |s: &Option<String>| s.as_ref().map_or(0, String::capacity);
+    (std::mem::size_of::<OutboxEvent>()
+        + ev.payload.capacity()
+        + text(&ev.id)
+        + text(&ev.aggregate_type)
+        + text(&ev.aggregate_id)
+        + text(&ev.event_type)) as u64
 }
 
 fn value_bytes(v: &Value) -> usize {

@@ -48,7 +48,12 @@ pub struct PublisherStats {
     pub stalled: AtomicBool,
     /// Commit time → PubAck latency, observed per acknowledged message.
     pub commit_to_ack: Option<prometheus::Histogram>,
+    /// Events sent to the dead-letter stream, by reason (in the order of `DeadReason::ALL`).
+    pub dead_letters: [AtomicU64; DEAD_LETTER_REASONS],
 }
+
+/// How many reasons dead letters are counted by.
+pub const DEAD_LETTER_REASONS: usize = crate::wire::outbox::DeadReason::ALL.len();
 
 /// Connection state and counters of one NATS connection, updated from the client's event
 /// callback and read by metrics and `/status`. Share it across attempts of the same logical

@@ -10,11 +10,12 @@ use std::collections::HashMap;
 use std::sync::Arc;
 
 use prometheus::core::{Collector, Desc};
-use prometheus::proto::{Counter, Gauge, Metric, MetricFamily, MetricType};
+use prometheus::proto::{Counter, Gauge, LabelPair, Metric, MetricFamily, MetricType};
 use prometheus::{Encoder, Histogram, HistogramOpts, IntGauge, Opts, Registry, TextEncoder};
 
 use super::state::{Snapshot, Telemetry};
 use super::status;
+use crate::wire::outbox::DeadReason;
 
 /// Name of the commit → PubAck latency histogram.
 pub const COMMIT_TO_PUBACK: &str = "bridge_commit_to_puback_seconds";
@@ -217,7 +218,12 @@ const DEFS: &[Def] = &[
     },
 ];
 
-/// Builds the metric families of [`DEFS`] from one snapshot per scrape.
+/// The dead-letter counter, labelled by reason.
+const DEAD_LETTERS: &str = "bridge_dead_letters_total";
+const DEAD_LETTERS_HELP: &str = "Events sent to the dead-letter stream (DLQ) instead of their destination, by reason: empty_routing_value, invalid_subject, too_large, refused.";
+
+/// Builds the metric families of [`DEFS`] (and the dead-letter counter) from one snapshot per
+/// scrape.
 struct SnapshotCollector {
     telemetry: Arc<Telemetry>,
     descs: Vec<Desc>,
@@ -225,10 +231,16 @@ struct SnapshotCollector {
 
 impl SnapshotCollector {
     fn new(telemetry: Arc<Telemetry>) -> Result<Self, prometheus::Error> {
-        let descs = DEFS
+        let mut descs: Vec<Desc> = DEFS
             .iter()
             .map(|d| Desc::new(d.name.into(), d.help.into(), Vec::new(), HashMap::new()))
             .collect::<Result<_, _>>()?;
+        descs.push(Desc::new(
+            DEAD_LETTERS.into(),
+            DEAD_LETTERS_HELP.into(),
+            vec!["reason".into()],
+            HashMap::new(),
+        )?);
         Ok(SnapshotCollector { telemetry, descs })
     }
 }
@@ -264,8 +276,33 @@ impl Collector for SnapshotCollector {
                 family.set_metric(vec![m]);
                 family
             })
+            .chain(std::iter::once(dead_letters(&snap)))
             .collect()
     }
+}
+
+/// `bridge_dead_letters_total{reason}`, one series per reason, zeros included.
+fn dead_letters(snap: &Snapshot) -> MetricFamily {
+    let metrics = DeadReason::ALL
+        .iter()
+        .map(|reason| {
+            let mut label = LabelPair::default();
+            label.set_name("reason".into());
+            label.set_value(reason.as_str().into());
+            let mut c = Counter::default();
+            c.set_value(snap.dead_letters[reason.index()] as f64);
+            let mut m = Metric::default();
+            m.set_label(vec![label]);
+            m.set_counter(c);
+            m
+        })
+        .collect();
+    let mut family = MetricFamily::default();
+    family.set_name(DEAD_LETTERS.to_owned());
+    family.set_help(DEAD_LETTERS_HELP.to_owned());
+    family.set_field_type(MetricType::COUNTER);
+    family.set_metric(metrics);
+    family
 }
 
 /// The commit → PubAck latency histogram, unregistered: the publisher observes it, and

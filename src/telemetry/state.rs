@@ -254,6 +254,7 @@ impl Telemetry {
             retained_bytes: s.retained_bytes.load(Relaxed),
             snapshot_progress: f64::from_bits(self.snapshot_progress.load(Relaxed)),
             snapshot_requests_ignored: self.snapshot_requests_ignored.load(Relaxed),
+            dead_letters: std::array::from_fn(|i| p.dead_letters[i].load(Relaxed)),
         }
     }
 }
@@ -324,4 +325,6 @@ pub struct Snapshot {
     pub snapshot_progress: f64,
     /// Snapshot requests ignored for their reply subject.
     pub snapshot_requests_ignored: u64,
+    /// Events sent to the dead-letter stream, by reason (`DeadReason::ALL`'s order).
+    pub dead_letters: [u64; super::counters::DEAD_LETTER_REASONS],
 }

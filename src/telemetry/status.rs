@@ -106,6 +106,7 @@ pub fn status_json(s: &Snapshot) -> Value {
         "wal_lag_mb": round(s.lag_bytes as f64 / (1024.0 * 1024.0), 2),
         "durable_lsn": s.durable_lsn.to_string(),
         "id_namespace": s.id_namespace,
+        "dead_letters": s.dead_letters.iter().sum::<u64>(),
         "version": env!("CARGO_PKG_VERSION"),
     })
 }
@@ -149,6 +150,7 @@ mod tests {
             retained_bytes: 0,
             snapshot_progress: 0.0,
             snapshot_requests_ignored: 0,
+            dead_letters: [0; 4],
         }
     }
 
@@ -172,6 +174,7 @@ mod tests {
             "wal_lag_mb",
             "durable_lsn",
             "id_namespace",
+            "dead_letters",
             "version",
         ];
         want.sort_unstable();

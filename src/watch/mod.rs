@@ -1,8 +1,9 @@
 //! Commands that show what the bridge publishes, for people and scripts: `bridge tail` prints
 //! the CDC stream's changes as JSON lines, `bridge snapshot` requests a table snapshot and
 //! follows its progress. Both only read (ordered consumers and core NATS requests), so they
-//! leave nothing behind on the server.
+//! leave nothing behind on the server. `bridge dlq` lists the dead letters and replays them.
 
+pub mod dlq;
 mod render;
 pub mod snapshot;
 pub mod tail;

@@ -7,6 +7,7 @@
 //! * [`id`]: the deterministic message id of each change;
 //! * [`fields`]: the field names of every message kind;
 //! * [`event`]: the change event the pipeline hands to the publisher;
+//! * [`outbox`]: outbox events, their subjects and dead letters;
 //! * [`encode`]: change events, snapshot chunks and documents in MessagePack or JSON, and
 //!   change events in Debezium's envelope;
 //! * [`text`]: decimal numbers, timestamps and base64 as the messages write them;
@@ -22,5 +23,6 @@ pub mod event;
 pub mod fields;
 pub mod id;
 pub mod names;
+pub mod outbox;
 pub mod subject;
 pub mod text;

@@ -23,3 +23,26 @@ pub const LAST_IN_TX_VALUE: &str = "true";
 
 /// Stream metadata key naming the format of the stream's messages (`msgpack` or `json`).
 pub const FORMAT_METADATA_KEY: &str = "pgbridge.format";
+
+/// Subject prefix of outbox events: `outbox.{aggregate_type}.{event_type}`.
+pub const OUTBOX_SUBJECT_PREFIX: &str = "outbox";
+/// Name of the stream holding outbox events (`outbox.>`).
+pub const OUTBOX_STREAM: &str = "OUTBOX";
+/// Subject prefix of dead letters: `dlq.{origin}.{table}` (see [`super::outbox`]).
+pub const DLQ_SUBJECT_PREFIX: &str = "dlq";
+/// Name of the stream holding dead letters (`dlq.>`).
+pub const DLQ_STREAM: &str = "DLQ";
+/// Header of an outbox event: the aggregate id (absent when the column is NULL or missing).
+pub const AGGREGATE_ID_HEADER: &str = "Pgbridge-Aggregate-Id";
+/// Header of an outbox event: the event type.
+pub const EVENT_TYPE_HEADER: &str = "Pgbridge-Event-Type";
+/// Header of an outbox event: the commit LSN of its transaction (`0/25CB5E8`).
+pub const COMMIT_LSN_HEADER: &str = "Pgbridge-Commit-Lsn";
+/// Header of a dead letter: why it is one ([`super::outbox::DeadReason::as_str`]).
+pub const ERROR_HEADER: &str = "Pgbridge-Error";
+/// Header of a dead letter: the reason in words, for people.
+pub const ERROR_DETAIL_HEADER: &str = "Pgbridge-Error-Detail";
+/// Header of a dead letter: the subject it was meant for, as it would have been written.
+pub const SOURCE_HEADER: &str = "Pgbridge-Source";
+/// Header of a dead letter whose body was cut to fit: the original body's size in bytes.
+pub const TRUNCATED_HEADER: &str = "Pgbridge-Truncated";

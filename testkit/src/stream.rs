@@ -15,6 +15,8 @@ pub struct StoredMessage {
     pub msg_id: Option<String>,
     /// The `Pgbridge-Last-In-Tx` header.
     pub last_in_tx_header: Option<String>,
+    /// Every header but the status line, as (name, value), sorted.
+    pub headers: Vec<(String, String)>,
     /// Payload.
     pub payload: Vec<u8>,
     /// When JetStream stored it (the server's clock: the same host in tests).
@@ -68,6 +70,21 @@ pub fn read_stream(nats_url: &str, stream: &str) -> Vec<StoredMessage> {
                     .as_ref()
                     .and_then(|h| h.get("Pgbridge-Last-In-Tx"))
                     .map(|v| v.as_str().to_string()),
+                headers: next
+                    .headers
+                    .as_ref()
+                    .map(|h| {
+                        let mut all: Vec<(String, String)> = h
+                            .iter()
+                            .flat_map(|(k, vs)| {
+                                vs.iter()
+                                    .map(move |v| (k.to_string(), v.as_str().to_string()))
+                            })
+                            .collect();
+                        all.sort();
+                        all
+                    })
+                    .unwrap_or_default(),
                 payload: next.payload.to_vec(),
             });
             if seq >= info.state.last_sequence {
@@ -76,6 +93,16 @@ pub fn read_stream(nats_url: &str, stream: &str) -> Vec<StoredMessage> {
         }
         out
     })
+}
+
+impl StoredMessage {
+    /// The value of header `name`, if the message has it.
+    pub fn header(&self, name: &str) -> Option<&str> {
+        self.headers
+            .iter()
+            .find(|(k, _)| k == name)
+            .map(|(_, v)| v.as_str())
+    }
 }
 
 /// Number of messages in `stream` (0 when it does not exist).

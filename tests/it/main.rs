@@ -17,6 +17,8 @@ mod liveness;
 mod memory;
 mod mirror;
 mod nats_setup;
+mod outbox;
+mod outbox_example;
 mod pgoutput_vectors;
 mod pipeline;
 mod pipeline_faults;

@@ -419,6 +419,7 @@ fn stored_from(nats_url: &str, from: Lsn) -> u64 {
                 subject: m.subject.to_string(),
                 msg_id: m.headers.get("Nats-Msg-Id").map(|v| v.as_str().to_string()),
                 last_in_tx_header: None,
+                headers: Vec::new(),
                 payload: m.payload.to_vec(),
                 stored_at: SystemTime::now(),
             });

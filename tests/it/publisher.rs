@@ -147,6 +147,7 @@ fn start_publisher_with(
         max_in_flight_bytes: 8 << 20,
         subject_prefix: "cdc".into(),
         id_namespace: NAMESPACE.into(),
+        on_oversize: Default::default(),
     };
     let url = url.to_owned();
     let (d, s) = (durable.clone(), Arc::clone(&stats));

@@ -296,6 +296,7 @@ fn metrics_status_and_health_while_streaming() {
         [
             "cdc_events_published",
             "current_lsn",
+            "dead_letters",
             "durable_lsn",
             "id_namespace",
             "is_connected",

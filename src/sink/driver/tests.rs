@@ -10,6 +10,7 @@ use crate::pg::Lsn;
 use crate::sink::ring::{self, RingItem};
 use crate::telemetry::counters::{DurableLsn, PublisherStats};
 use crate::wire::event::{ChangeEvent, Operation, TableRef};
+use crate::wire::outbox::{OutboxEvent, OutboxOrigin};
 
 use super::{run, Delivery, Feed, Progress, Ticket};
 
@@ -48,6 +49,15 @@ impl Delivery for OneByOne {
     }
 
     async fn send(&mut self, event: &ChangeEvent) -> Result<Ticket, Self::Error> {
+        self.log
+            .borrow_mut()
+            .sent
+            .push((event.commit_lsn, event.seq));
+        self.next += 1;
+        Ok(self.next - 1)
+    }
+
+    async fn send_outbox(&mut self, event: &OutboxEvent) -> Result<Ticket, Self::Error> {
         self.log
             .borrow_mut()
             .sent
@@ -98,10 +108,10 @@ fn change(table: &Arc<TableRef>, commit: u64, seq: u32, last: bool) -> Box<Chang
 #[test]
 fn durable_follows_the_watermark_at_transaction_ends() {
     let table = Arc::new(TableRef {
-        columns: Vec::new(),
         schema: Arc::from("public"),
         table: Arc::from("t"),
         relation_id: 1,
+        columns: Vec::new(),
     });
     // Transactions of 2, 1 and 3 changes (tickets 0-1, 2, 3-5), committed at 100, 200, 300;
     // an empty one (no change published) at 250 in between.
@@ -168,4 +178,58 @@ fn durable_follows_the_watermark_at_transaction_ends() {
         recycled += 1;
     }
     assert_eq!(recycled, 6);
+}
+
+#[test]
+fn an_outbox_event_is_delivered_in_its_place_and_can_end_a_transaction() {
+    let table = Arc::new(TableRef {
+        schema: Arc::from("public"),
+        table: Arc::from("t"),
+        relation_id: 1,
+        columns: Vec::new(),
+    });
+    let outbox = |commit: u64, seq: u32| {
+        RingItem::Outbox(Box::new(OutboxEvent {
+            origin: OutboxOrigin::Message {
+                prefix: "outbox.a.b".into(),
+            },
+            id: None,
+            aggregate_type: Some("a".into()),
+            aggregate_id: None,
+            event_type: Some("b".into()),
+            payload: b"{}".to_vec(),
+            commit_lsn: Lsn(commit),
+            timeline: 1,
+            seq,
+            commit_time: 0,
+        }))
+    };
+    // A transaction of a change and an event (tickets 0-1), then one of an event alone (2).
+    let (mut writer, reader) = ring::channel(64, u64::MAX);
+    assert!(writer
+        .push(RingItem::Change(change(&table, 90, 0, true)))
+        .is_ok());
+    assert!(writer.push(outbox(90, 1)).is_ok());
+    assert!(writer.push(RingItem::Commit { end_lsn: Lsn(100) }).is_ok());
+    assert!(writer.push(outbox(190, 0)).is_ok());
+    assert!(writer.push(RingItem::Commit { end_lsn: Lsn(200) }).is_ok());
+    assert!(writer.push(RingItem::End).is_ok());
+    let durable = DurableLsn::new(Lsn(0));
+    let log = Rc::new(RefCell::new(Log::default()));
+    let delivery = OneByOne {
+        window: 8,
+        next: 0,
+        below: 0,
+        durable: durable.clone(),
+        stats: Arc::new(PublisherStats::default()),
+        log: Rc::clone(&log),
+    };
+    let rt = crate::runtime::current_thread().unwrap();
+    rt.block_on(run(delivery, reader, durable.clone())).unwrap();
+    let log = log.borrow();
+    assert_eq!(log.sent, [(Lsn(90), 0), (Lsn(90), 1), (Lsn(190), 0)]);
+    // The first transaction is durable only once its event is delivered too.
+    let seen: Vec<(Ticket, u64)> = log.seen.iter().map(|(b, l)| (*b, l.0)).collect();
+    assert_eq!(seen, [(0, 0), (1, 0), (2, 100)]);
+    assert_eq!(durable.get(), Lsn(200));
 }

@@ -30,7 +30,8 @@ pub const CONNECTION_NAME: &str = "pgbridge";
 
 pub use connect::{connect, connect_with_stats, max_payload, NatsError};
 pub use streams::{
-    cdc_stream_config, check_jetstream, check_stream_format, ensure_streams, init_stream_config,
+    cdc_stream_config, check_jetstream, check_stream_format, dlq_stream_config,
+    ensure_outbox_streams, ensure_streams, init_stream_config, outbox_stream_config,
     stream_last_sequence, StreamWarning, StreamsInfo,
 };
 
@@ -75,6 +76,7 @@ impl NatsSink {
                 max_in_flight_bytes: config.replication.max_in_flight_bytes,
                 subject_prefix: CDC_SUBJECT_PREFIX.to_string(),
                 id_namespace: id_namespace.to_string(),
+                on_oversize: config.outbox.on_oversize,
             },
             stats,
             connection,
@@ -108,6 +110,7 @@ impl Sink for NatsSink {
         let (streams, format) = (&self.streams, self.settings.format);
         let checked = retry_transient(shutdown, self.backoff, || async {
             let info = ensure_streams(&js, streams).await?;
+            ensure_outbox_streams(&js, streams).await?;
             check_stream_format(&js, &info.cdc, format).await
         })
         .await?;

@@ -59,7 +59,15 @@ pub enum PubAckError {
 /// stream's last message.
 pub const ERR_WRONG_LAST_MSG_ID: u64 = 10070;
 
+/// JetStream's error code for a message larger than the stream's `max_msg_size`.
+pub const ERR_MESSAGE_TOO_LARGE: u64 = 10054;
+
 impl PubAckError {
+    /// True when no resend can get the message stored (it is larger than the stream takes).
+    pub fn is_permanent(&self) -> bool {
+        matches!(self, PubAckError::Refused { err_code, .. } if *err_code == ERR_MESSAGE_TOO_LARGE)
+    }
+
     /// True when JetStream refused the message because the stream's last message is not the
     /// one it expects (`Nats-Expected-Last-Msg-Id`).
     pub fn is_wrong_last_msg_id(&self) -> bool {

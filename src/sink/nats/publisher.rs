@@ -34,15 +34,12 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use async_nats::connection::State;
-use async_nats::header::{NATS_EXPECTED_LAST_MESSAGE_ID, NATS_MESSAGE_ID};
-use async_nats::{Client, HeaderMap, Message, PublishErrorKind, Subject, Subscriber};
-use bytes::Bytes;
+use async_nats::{Client, Message, PublishErrorKind, Subscriber};
 use futures_util::{FutureExt, StreamExt};
 
 use tokio::time::Sleep;
 
-use crate::config::Format;
-use crate::pg::Lsn;
+use crate::config::{Format, OnOversize};
 use crate::shutdown::Shutdown;
 use crate::sink::driver::{self, Delivery, Feed, Progress, Ticket};
 use crate::sink::ring::RingReader;
@@ -51,11 +48,14 @@ use crate::wire::encode::debezium::{encode_debezium_value, DebeziumOptions};
 use crate::wire::encode::encode_change;
 use crate::wire::event::ChangeEvent;
 use crate::wire::id;
-use crate::wire::names::{LAST_IN_TX_HEADER, LAST_IN_TX_VALUE};
+use crate::wire::outbox::{DeadReason, OutboxEvent};
 
 mod buffers;
+mod dead;
+mod entry;
 
 use buffers::{Chunks, Replies, SubjectCache};
+use entry::{send, InFlight, Lane, CHAINED};
 
 use super::puback::{self, PubAckError};
 
@@ -137,6 +137,8 @@ pub struct PublisherSettings {
     pub subject_prefix: String,
     /// Namespace of the message ids (`{namespace}:{timeline}:{commit_lsn}-{seq}`).
     pub id_namespace: String,
+    /// What a change event larger than the server accepts does.
+    pub on_oversize: OnOversize,
 }
 
 /// Where a message of the window stands.
@@ -148,6 +150,12 @@ enum AckState {
     /// Not stored as far as the publisher knows: to be sent again. Boxed: rare, and every
     /// entry of the window would otherwise carry its size.
     Failed(Box<Failure>),
+}
+
+impl AckState {
+    fn failed(f: Failure) -> Self {
+        AckState::Failed(Box::new(f))
+    }
 }
 
 /// Why a message has to be sent again.
@@ -165,29 +173,9 @@ enum Failure {
     /// In flight when the connection was lost; its answer may never come.
     #[error("the NATS connection was lost while it was in flight")]
     Reconnected,
-}
-
-/// A message of the window, kept until JetStream acknowledges it.
-struct InFlight {
-    /// Publish ordinal, the last token of the reply subject.
-    token: u64,
-    subject: Subject,
-    reply: Subject,
-    /// With `timeline` and `seq`, the message id (built again only when needed: resends,
-    /// errors).
-    commit_lsn: Lsn,
-    timeline: u32,
-    seq: u32,
-    /// Sent with the [`LAST_IN_TX_HEADER`] header.
-    last_in_tx: bool,
-    payload: Bytes,
-    state: AckState,
-}
-
-impl InFlight {
-    fn message_id(&self, prefix: &str) -> String {
-        id::message_id(prefix, self.timeline, self.commit_lsn, self.seq)
-    }
+    /// Refused for good, and turned into its dead letter: to be sent as that.
+    #[error("refused for good; sent to the dead-letter stream instead")]
+    DeadLettered,
 }
 
 /// The NATS [`Delivery`]: publishes what the driver hands it and reports the acknowledged
@@ -219,11 +207,15 @@ pub struct Publisher {
     connection: Option<Arc<NatsStats>>,
     /// Reconnects seen so far: a new one means what was in flight has to be sent again.
     reconnects_seen: u64,
-    /// The message id of the last message put in the window, which the next one expects to
-    /// follow in the stream (`None` when the window was empty).
-    last_id: Option<String>,
+    /// Per chained stream (CDC, OUTBOX), the message id of its last message put in the
+    /// window, which its next one expects to follow in the stream (`None` when the window was
+    /// empty).
+    last_id: [Option<String>; CHAINED],
     /// Set once another writer's message was found between two of ours.
     foreign_writer_seen: bool,
+    /// Set when a message of the window became a dead letter after the ones behind it were
+    /// sent: they expected it in their stream and are refused once, which is no other writer.
+    rerouted: bool,
     /// Payload bytes in the window.
     window_bytes: u64,
     /// Where PubAcks arrive; subscribed by [`Delivery::open`].
@@ -261,8 +253,9 @@ impl Publisher {
             subjects: SubjectCache::default(),
             connection: None,
             reconnects_seen: 0,
-            last_id: None,
+            last_id: Default::default(),
             foreign_writer_seen: false,
+            rerouted: false,
             window_bytes: 0,
             acks: None,
             timer: None,
@@ -312,7 +305,7 @@ impl Publisher {
         let mut lost = 0;
         for entry in self.window.iter_mut() {
             if matches!(entry.state, AckState::Pending) {
-                entry.state = AckState::Failed(Box::new(Failure::Reconnected));
+                entry.state = AckState::failed(Failure::Reconnected);
                 lost += 1;
             }
         }
@@ -342,7 +335,7 @@ impl Publisher {
         };
         let deadline = self.front_since + ACK_TIMEOUT;
         if matches!(front.state, AckState::Pending) && Instant::now() >= deadline {
-            front.state = AckState::Failed(Box::new(Failure::TimedOut));
+            front.state = AckState::failed(Failure::TimedOut);
             self.stats.publish_errors.fetch_add(1, Ordering::Relaxed);
             self.recovering = true;
         }
@@ -416,7 +409,7 @@ impl Publisher {
             .get(&self.settings.subject_prefix, &ev.table, ev.operation);
         let token = self.next_token;
         self.next_token += 1;
-        let mut entry = InFlight {
+        let entry = InFlight {
             token,
             subject,
             reply: self.replies.subject(token),
@@ -424,24 +417,51 @@ impl Publisher {
             timeline: ev.timeline,
             seq: ev.seq,
             last_in_tx: ev.last_in_tx,
+            lane: Lane::Cdc,
+            extra: None,
             payload: self.payloads.copy(&self.buf),
             state: AckState::Pending,
         };
-        let id = entry.message_id(&self.id_prefix);
-        // The first message of an empty window follows what is already stored; every other
-        // one must follow the message before it.
-        let expect = if self.window.is_empty() {
-            None
-        } else {
-            self.last_id.take()
+        self.publish_entry(entry).await
+    }
+
+    /// Puts `entry` into the window and sends it, after the previous message of its stream.
+    async fn publish_entry(&mut self, mut entry: InFlight) -> Result<Ticket, PublishError> {
+        let token = entry.token;
+        let mut id = entry.message_id(&self.id_prefix);
+        // The first message of a stream in an empty window follows what is already stored;
+        // every other one must follow the message of its stream before it.
+        let chain = entry.lane.chain();
+        let mut expect = match chain {
+            Some(c) if !self.window.is_empty() => self.last_id[c].take(),
+            _ => None,
         };
-        self.last_id = Some(id.clone());
-        if let Err(e) = send(&self.client, &entry, id, expect).await {
+        let mut sent = send(&self.client, &entry, id.clone(), expect.clone()).await;
+        if let Err(e) = &sent {
+            if e.kind() == PublishErrorKind::MaxPayloadExceeded && self.may_dead_letter(&entry) {
+                let detail = format!(
+                    "{} bytes and headers exceed the server's max_payload of {} bytes",
+                    entry.payload.len(),
+                    super::max_payload(&self.client)
+                );
+                self.dead_letter(&mut entry, DeadReason::TooLarge, &detail);
+                // Its own stream's chain goes on from the message before it.
+                if let Some(c) = chain {
+                    self.last_id[c] = expect.take();
+                }
+                id = entry.message_id(&self.id_prefix);
+                sent = send(&self.client, &entry, id.clone(), None).await;
+            }
+        }
+        if let Some(c) = entry.lane.chain() {
+            self.last_id[c] = Some(id);
+        }
+        if let Err(e) = sent {
             if let Some(fatal) = self.fatal(&entry, &e) {
                 return Err(fatal);
             }
             self.stats.publish_errors.fetch_add(1, Ordering::Relaxed);
-            entry.state = AckState::Failed(Box::new(Failure::NotSent(e.to_string())));
+            entry.state = AckState::failed(Failure::NotSent(e.to_string()));
             self.recovering = true;
         }
         if self.window.is_empty() {
@@ -511,9 +531,13 @@ impl Publisher {
             }
             Err(e) => {
                 self.stats.publish_errors.fetch_add(1, Ordering::Relaxed);
-                entry.state = AckState::Failed(Box::new(Failure::Refused(e)));
                 // Whatever follows this message must not be stored before it.
                 self.recovering = true;
+                let lane = entry.lane;
+                entry.state = AckState::failed(Failure::Refused(e.clone()));
+                if e.is_permanent() && self.lane_may_dead_letter(lane) {
+                    self.dead_letter_at(at, &e.to_string());
+                }
             }
         }
     }
@@ -542,7 +566,8 @@ impl Publisher {
         if self.window.is_empty() {
             // Drained: new changes may enter again, the first one following what is stored.
             self.recovering = false;
-            self.last_id = None;
+            self.rerouted = false;
+            self.last_id = Default::default();
         }
         self.front_since = Instant::now();
         if self.failing_since.take().is_some() {
@@ -570,7 +595,7 @@ impl Publisher {
                 // and acknowledged) and the front: nothing failed, send it again at once.
                 Failure::Refused(r) if r.is_wrong_last_msg_id() => {
                     immediate = true;
-                    if !self.foreign_writer_seen {
+                    if !self.foreign_writer_seen && !self.rerouted {
                         self.foreign_writer_seen = true;
                         log::warn!(
                             "another writer stores messages into the stream of {subject} ({r}); \
@@ -579,7 +604,7 @@ impl Publisher {
                         );
                     }
                 }
-                Failure::Reconnected => immediate = true,
+                Failure::Reconnected | Failure::DeadLettered => immediate = true,
                 _ => {}
             }
         }
@@ -650,20 +675,37 @@ impl Publisher {
     async fn republish(&mut self) -> Result<(), PublishError> {
         let mut window = std::mem::take(&mut self.window);
         let mut result = Ok(());
-        // Every message before the first unacknowledged one is stored: it needs no expectation.
-        let mut prev: Option<String> = None;
-        let mut first = true;
+        // Per stream, every message before its first unacknowledged one is stored: that one
+        // needs no expectation. Dead letters are not chained.
+        let mut prev: [Option<String>; CHAINED] = Default::default();
+        let mut first = [true; CHAINED];
         for entry in window.iter_mut() {
             let id = entry.message_id(&self.id_prefix);
+            let Some(c) = entry.lane.chain() else {
+                if !matches!(entry.state, AckState::Acked { .. }) {
+                    match send(&self.client, entry, id, None).await {
+                        Ok(()) => entry.state = AckState::Pending,
+                        Err(e) => {
+                            self.stats.publish_errors.fetch_add(1, Ordering::Relaxed);
+                            if let Some(fatal) = self.fatal(entry, &e) {
+                                result = Err(fatal);
+                            }
+                            entry.state = AckState::failed(Failure::NotSent(e.to_string()));
+                            break;
+                        }
+                    }
+                }
+                continue;
+            };
             if matches!(entry.state, AckState::Acked { .. }) {
-                if !first {
-                    prev = Some(id);
+                if !first[c] {
+                    prev[c] = Some(id);
                 }
                 continue;
             }
-            let expect = if first { None } else { prev.take() };
-            first = false;
-            prev = Some(id.clone());
+            let expect = if first[c] { None } else { prev[c].take() };
+            first[c] = false;
+            prev[c] = Some(id.clone());
             match send(&self.client, entry, id, expect).await {
                 Ok(()) => entry.state = AckState::Pending,
                 Err(e) => {
@@ -671,13 +713,20 @@ impl Publisher {
                     if let Some(fatal) = self.fatal(entry, &e) {
                         result = Err(fatal);
                     }
-                    entry.state = AckState::Failed(Box::new(Failure::NotSent(e.to_string())));
+                    entry.state = AckState::failed(Failure::NotSent(e.to_string()));
                     break;
                 }
             }
         }
-        // The next new message follows the last one of the window.
-        self.last_id = window.back().map(|e| e.message_id(&self.id_prefix));
+        // The next new message of each stream follows the last one of the window.
+        self.last_id = Default::default();
+        for e in window.iter().rev() {
+            if let Some(c) = e.lane.chain() {
+                if self.last_id[c].is_none() {
+                    self.last_id[c] = Some(e.message_id(&self.id_prefix));
+                }
+            }
+        }
         self.window = window;
         self.front_since = Instant::now();
         result
@@ -725,6 +774,13 @@ impl Delivery for Publisher {
         self.publish_change(event).await
     }
 
+    async fn send_outbox(&mut self, event: &OutboxEvent) -> Result<Ticket, PublishError> {
+        if self.window.is_empty() {
+            self.sync_reconnects();
+        }
+        self.publish_outbox(event).await
+    }
+
     async fn delivered(&mut self, feed: Feed<'_>) -> Result<Progress, PublishError> {
         // Taken out for the wait, so that answers can be applied to the window meanwhile.
         let Some(mut acks) = self.acks.take() else {
@@ -754,34 +810,6 @@ impl Delivery for Publisher {
     fn stats(&self) -> &Arc<PublisherStats> {
         &self.stats
     }
-}
-
-/// Publishes one message of the window with its message id `id`, its reply subject and, when
-/// `expect` is given, the id of the message that must be the last one in the stream before it.
-/// The header map is built for each send: the client takes it by value, and cloning one costs
-/// as much as building it.
-async fn send(
-    client: &Client,
-    entry: &InFlight,
-    id: String,
-    expect: Option<String>,
-) -> Result<(), async_nats::PublishError> {
-    let mut headers = HeaderMap::new();
-    headers.insert(NATS_MESSAGE_ID, id);
-    if let Some(expect) = expect {
-        headers.insert(NATS_EXPECTED_LAST_MESSAGE_ID, expect);
-    }
-    if entry.last_in_tx {
-        headers.insert(LAST_IN_TX_HEADER, LAST_IN_TX_VALUE);
-    }
-    client
-        .publish_with_reply_and_headers(
-            entry.subject.clone(),
-            entry.reply.clone(),
-            headers,
-            entry.payload.clone(),
-        )
-        .await
 }
 
 /// Returns when the client connects or disconnects; without connection events, after a short

@@ -16,7 +16,10 @@ use crate::config::{Format, StreamsConfig};
 use super::connect::{
     api_request_failed, is_jetstream_disabled, request_failed, NatsError, NO_RESPONDERS,
 };
-use crate::wire::names::{CDC_SUBJECT_PREFIX, FORMAT_METADATA_KEY, INIT_SUBJECT_PREFIX};
+use crate::wire::names::{
+    CDC_SUBJECT_PREFIX, DLQ_STREAM, DLQ_SUBJECT_PREFIX, FORMAT_METADATA_KEY, INIT_SUBJECT_PREFIX,
+    OUTBOX_STREAM, OUTBOX_SUBJECT_PREFIX,
+};
 
 /// Shortest CDC duplicate window that still covers a bridge restart: changes republished after
 /// a crash arrive about this long after the first copy at most.
@@ -24,6 +27,11 @@ pub const MIN_SAFE_DUPLICATE_WINDOW: Duration = Duration::from_secs(120);
 /// Descriptions set on the streams the bridge creates, shown by `nats stream info`.
 const INIT_DESCRIPTION: &str = "pgbridge snapshots (init.snap.*, init.meta.*)";
 const CDC_DESCRIPTION: &str = "pgbridge change events (cdc.{table}.{op})";
+const OUTBOX_DESCRIPTION: &str = "pgbridge outbox events (outbox.{aggregate_type}.{event_type})";
+const DLQ_DESCRIPTION: &str =
+    "pgbridge dead letters (dlq.outbox.{table}, dlq.outbox.=messages, dlq.cdc.{table})";
+/// Retention of the dead letters: long, so that someone finds them and replays them.
+const DLQ_MAX_AGE: Duration = Duration::from_secs(30 * 24 * 3600);
 
 /// What [`ensure_streams`] found or made.
 #[derive(Debug, Clone)]
@@ -273,6 +281,60 @@ pub fn init_stream_config(streams: &StreamsConfig) -> stream::Config {
         num_replicas: streams.replicas,
         ..Default::default()
     }
+}
+
+/// The OUTBOX stream (`outbox.>`): retention and duplicate window as the CDC stream's, since
+/// its events are replayed after a crash like changes.
+pub fn outbox_stream_config(streams: &StreamsConfig) -> stream::Config {
+    stream::Config {
+        name: OUTBOX_STREAM.to_owned(),
+        description: Some(OUTBOX_DESCRIPTION.to_owned()),
+        subjects: vec![format!("{OUTBOX_SUBJECT_PREFIX}.>")],
+        ..cdc_stream_config(streams)
+    }
+}
+
+/// The DLQ stream (`dlq.>`), kept for [`DLQ_MAX_AGE`].
+pub fn dlq_stream_config(streams: &StreamsConfig) -> stream::Config {
+    stream::Config {
+        name: DLQ_STREAM.to_owned(),
+        description: Some(DLQ_DESCRIPTION.to_owned()),
+        subjects: vec![format!("{DLQ_SUBJECT_PREFIX}.>")],
+        max_age: DLQ_MAX_AGE,
+        ..cdc_stream_config(streams)
+    }
+}
+
+/// Makes sure the OUTBOX and DLQ streams exist, as [`ensure_streams`] does for the CDC and
+/// INIT streams, and returns the names of the ones it created. Warnings are logged.
+pub async fn ensure_outbox_streams(
+    js: &jetstream::Context,
+    streams: &StreamsConfig,
+) -> Result<Vec<String>, NatsError> {
+    let mut created = Vec::new();
+    for (config, max_age) in [
+        (outbox_stream_config(streams), streams.cdc_max_age()),
+        (dlq_stream_config(streams), DLQ_MAX_AGE),
+    ] {
+        let subject = config.subjects[0].clone();
+        let info = ensure_stream(js, config, &mut created).await?;
+        let warnings = check_stream(
+            &info.config,
+            &Requirements {
+                subject,
+                max_age,
+                duplicate_window: Some(
+                    streams
+                        .cdc_duplicate_window()
+                        .max(MIN_SAFE_DUPLICATE_WINDOW),
+                ),
+            },
+        );
+        for w in warnings {
+            log::warn!("{w}");
+        }
+    }
+    Ok(created)
 }
 
 /// Checks that the server answers the JetStream API for this account. Gives
