@@ -155,6 +155,8 @@ struct Link<'c> {
     shutdown: Shutdown,
     last_received: Lsn,
     idle_candidate: Lsn,
+    /// The translator's [`Translator::hold_point`]: no confirmation past a waiting PREPARE.
+    hold: Option<Lsn>,
     last_status: Instant,
     /// Silence after which the connection is given up ([`StreamError::Silent`]); at half of
     /// it a status update asks the server for an answer.
@@ -185,6 +187,7 @@ impl<'c> WalStream<'c> {
                 shutdown,
                 last_received: Lsn::INVALID,
                 idle_candidate: Lsn::INVALID,
+                hold: None,
                 last_status: Instant::now(),
                 receive_timeout: config.replication.wal_receive_timeout(Duration::ZERO),
                 last_heard: Instant::now(),
@@ -246,7 +249,9 @@ impl<'c> WalStream<'c> {
                             link: &mut *link,
                             ctx: &mut *ctx,
                         };
-                        match self.translate.message(x.data, x.wal_start, &mut ring) {
+                        let translated = self.translate.message(x.data, x.wal_start, &mut ring);
+                        link.hold = self.translate.hold_point();
+                        match translated {
                             Err(StreamError::ShuttingDown) => break,
                             other => other?,
                         }
@@ -349,6 +354,9 @@ impl Link<'_> {
         let mut flush = durable;
         if idle {
             flush = flush.max(self.idle_candidate);
+        }
+        if let Some(hold) = self.hold {
+            flush = flush.min(hold);
         }
         flush = flush.max(ctx.reported_flush);
         let moved = flush > ctx.reported_flush;

@@ -25,9 +25,10 @@ pub(crate) const MESSAGE: &str = include_str!("../../../tests/vectors/message.he
 pub(crate) const STREAMING: &str = include_str!("../../../tests/vectors/streaming.hex");
 pub(crate) const NULLS: &str = include_str!("../../../tests/vectors/nulls.hex");
 pub(crate) const TYPES: &str = include_str!("../../../tests/vectors/types.hex");
+pub(crate) const TWO_PHASE: &str = include_str!("../../../tests/vectors/two_phase.hex");
 
 /// Every capture, by name.
-pub(crate) const ALL: [(&str, &str); 9] = [
+pub(crate) const ALL: [(&str, &str); 10] = [
     ("basic", BASIC),
     ("replica_identity", REPLICA_IDENTITY),
     ("pk_change", PK_CHANGE),
@@ -37,6 +38,7 @@ pub(crate) const ALL: [(&str, &str); 9] = [
     ("streaming", STREAMING),
     ("nulls", NULLS),
     ("types", TYPES),
+    ("two_phase", TWO_PHASE),
 ];
 
 /// Decodes a hex string (no separators).
