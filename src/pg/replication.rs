@@ -100,6 +100,20 @@ impl PgOutputOptions {
         }
     }
 
+    /// A short description for the log, e.g. `protocol 4, streaming parallel, two-phase`.
+    pub fn describe(&self) -> String {
+        let streaming = match self.streaming {
+            Streaming::Off => "off",
+            Streaming::On => "on",
+            Streaming::Parallel => "parallel",
+        };
+        format!(
+            "protocol {}, streaming {streaming}{}",
+            self.proto_version,
+            if self.two_phase { ", two-phase" } else { "" }
+        )
+    }
+
     /// The parenthesised option list of `START_REPLICATION`.
     fn to_sql(&self) -> String {
         // publication_names is parsed with SplitIdentifierString: quote each name.

@@ -216,6 +216,7 @@ impl<'c> WalStream<'c> {
         );
         link.repl
             .start_logical(&link.config.replication.slot, start, &options)?;
+        log::info!("pgoutput {} from {start}", options.describe());
         // Only now is the slot ours: a standby waiting for it must not touch the spool, and
         // what an earlier (crashed) run left there is stale, so it is emptied.
         self.translate.set_spool(Spool::new(&self.spool_dir)?);
