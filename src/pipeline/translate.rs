@@ -944,7 +944,12 @@ mod tests {
                 .collect()
         };
         // The row committed in between comes first: commit order, not PREPARE order.
-        assert_eq!(txns.len(), 3, "{:?}", txns.iter().map(|t| ids(t)).collect::<Vec<_>>());
+        assert_eq!(
+            txns.len(),
+            3,
+            "{:?}",
+            txns.iter().map(|t| ids(t)).collect::<Vec<_>>()
+        );
         assert_eq!(ids(&txns[0]), [3]);
         assert_eq!(ids(&txns[1]), [1, 2]);
         // The rolled-back prepared transaction (4) is absent; so is the rolled-back savepoint.
@@ -964,10 +969,8 @@ mod tests {
     #[test]
     fn nothing_past_a_waiting_prepare_may_be_confirmed() {
         let vs = test_vectors::load(test_vectors::TWO_PHASE);
-        let dir = std::env::temp_dir().join(format!(
-            "pgbridge-translate-{}-hold",
-            std::process::id()
-        ));
+        let dir =
+            std::env::temp_dir().join(format!("pgbridge-translate-{}-hold", std::process::id()));
         let mut t = Translator::new(None, TimelineHistory::single(1));
         t.set_spool(Spool::new(&dir).unwrap());
         let mut c = Collected::default();

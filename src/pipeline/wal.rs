@@ -16,6 +16,7 @@ use std::time::{Duration, Instant};
 use crate::config::Config;
 use crate::pg::conn::PgError;
 use crate::pg::framing::{parse_copy_data, FramingError, ReplicationMessage};
+use crate::pg::invalidation;
 use crate::pg::replication::{PgOutputOptions, ReplicationConnection};
 use crate::pg::Lsn;
 use crate::shutdown::Shutdown;
@@ -71,6 +72,9 @@ pub enum StreamError {
     /// a socket open for many minutes) and made anew.
     #[error("nothing received from PostgreSQL for {} s (--wal-receive-timeout-secs), not even an answer to a keepalive request; the connection is taken as dead", .0.as_secs())]
     Silent(Duration),
+    /// The server refuses to stream from the slot: it was invalidated. The one-line advice.
+    #[error("{0}")]
+    SlotInvalidated(String),
 }
 
 impl From<SpoolError> for StreamError {
@@ -214,8 +218,13 @@ impl<'c> WalStream<'c> {
             self.server_version,
             vec![link.config.replication.publication.clone()],
         );
+        let slot = &link.config.replication.slot;
         link.repl
-            .start_logical(&link.config.replication.slot, start, &options)?;
+            .start_logical(slot, start, &options)
+            .map_err(|e| match invalidation::reason_from_error(&e) {
+                Some(reason) => StreamError::SlotInvalidated(invalidation::advice(slot, &reason)),
+                None => StreamError::Pg(e),
+            })?;
         log::info!("pgoutput {} from {start}", options.describe());
         // Only now is the slot ours: a standby waiting for it must not touch the spool, and
         // what an earlier (crashed) run left there is stale, so it is emptied.

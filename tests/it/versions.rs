@@ -183,7 +183,10 @@ fn a_restart_between_prepare_and_commit_prepared_loses_nothing() {
         )
         .parse()
         .unwrap();
-    assert!(confirmed_now < after_prepare, "after shutdown: {confirmed_now}");
+    assert!(
+        confirmed_now < after_prepare,
+        "after shutdown: {confirmed_now}"
+    );
 
     let mut bridge = json_bridge(&env, &dir);
     c.execute("COMMIT PREPARED 'across_restart'").unwrap();
@@ -213,7 +216,11 @@ fn streamed_transactions_arrive_alike_on_every_version() {
         .and_then(|v| v.parse().ok())
         .unwrap_or(200_000);
     let env = TestEnv::start();
-    setup_app_db(&env.pg, "CREATE TABLE big (id int PRIMARY KEY, pad text)", "");
+    setup_app_db(
+        &env.pg,
+        "CREATE TABLE big (id int PRIMARY KEY, pad text)",
+        "",
+    );
     let dir = TempDir::new("bridge");
     let mut bridge = json_bridge(&env, &dir);
     let parallel = env.pg.major_version() >= 16;
@@ -234,12 +241,12 @@ fn streamed_transactions_arrive_alike_on_every_version() {
              BEGIN;
              INSERT INTO big VALUES ({rows} + 1, 'before the savepoint');
              SAVEPOINT s;
-             INSERT INTO big SELECT g, 'dropped' FROM generate_series(1000001, 1030000) g;
+             INSERT INTO big SELECT g, 'dropped' FROM generate_series({rows} + 1001, {rows} + 31000) g;
              ROLLBACK TO SAVEPOINT s;
              INSERT INTO big VALUES ({rows} + 2, 'after the savepoint');
              COMMIT;
              BEGIN;
-             INSERT INTO big SELECT g, 'aborted' FROM generate_series(2000001, 2030000) g;
+             INSERT INTO big SELECT g, 'aborted' FROM generate_series({rows} + 100001, {rows} + 130000) g;
              ROLLBACK;
              INSERT INTO big VALUES ({rows} + 3, 'last');"
         ),
@@ -321,4 +328,102 @@ fn stored_generated_columns_are_published_when_the_publication_says_so() {
         .collect();
     assert_eq!(names, ["id", "a"]);
     assert_eq!(bridge.terminate(Duration::from_secs(30)), Some(0));
+}
+
+/// Starts the bridge until its slot exists, stops it, lets `invalidate` invalidate the slot,
+/// and returns the exit code and stderr of the next start.
+fn restart_on_invalidated_slot(env: &TestEnv, invalidate: impl FnOnce(&PgServer)) -> (i32, String) {
+    setup_app_db(&env.pg, "CREATE TABLE t (id int PRIMARY KEY)", "");
+    let dir = TempDir::new("bridge");
+    let mut bridge = json_bridge(env, &dir);
+    env.pg.sql("app", "INSERT INTO t VALUES (1)");
+    wait_messages(&env.nats.url(), 1);
+    assert_eq!(bridge.terminate(Duration::from_secs(30)), Some(0));
+    invalidate(&env.pg);
+    let status = env.pg.value(
+        "app",
+        "SELECT wal_status FROM pg_replication_slots WHERE slot_type = 'logical'",
+    );
+    assert_eq!(status, "lost", "the slot was invalidated");
+    let mut bridge =
+        BridgeProcess::spawn(&mut bridge_command(&env.pg, &env.nats.url(), dir.path()));
+    let code = bridge.wait_exit(Duration::from_secs(60)).unwrap_or(-1);
+    (code, bridge.log())
+}
+
+fn error_line(log: &str) -> &str {
+    let lines: Vec<&str> = log.lines().filter(|l| l.starts_with("bridge: ")).collect();
+    assert_eq!(lines.len(), 1, "one error line: {log}");
+    lines[0]
+}
+
+#[test]
+fn a_slot_past_max_slot_wal_keep_size_stops_the_start_with_what_to_do() {
+    let nats = std::thread::spawn(testkit::NatsServer::start);
+    let pg = PgServer::start_with(&[
+        ("max_slot_wal_keep_size", "1MB"),
+        ("wal_keep_size", "0"),
+        ("min_wal_size", "32MB"),
+        ("max_wal_size", "32MB"),
+    ]);
+    let env = TestEnv {
+        pg,
+        nats: nats.join().unwrap(),
+    };
+    let (code, log) = restart_on_invalidated_slot(&env, |pg| {
+        let mut c = pg.connect("app");
+        for _ in 0..4 {
+            c.execute("CREATE TABLE filler AS SELECT g FROM generate_series(1, 20000) g")
+                .unwrap();
+            c.execute("DROP TABLE filler").unwrap();
+            c.execute("SELECT pg_switch_wal()").unwrap();
+        }
+        c.execute("CHECKPOINT").unwrap();
+    });
+    assert_eq!(code, 2, "{log}");
+    let line = error_line(&log);
+    assert!(line.contains("was invalidated (wal_removed)"), "{line}");
+    assert!(line.contains("max_slot_wal_keep_size"), "{line}");
+    assert!(line.contains("pg_drop_replication_slot("), "{line}");
+}
+
+#[test]
+fn an_idle_timeout_stops_the_start_with_what_to_do() {
+    let nats = std::thread::spawn(testkit::NatsServer::start);
+    let pg = PgServer::start();
+    let env = TestEnv {
+        pg,
+        nats: nats.join().unwrap(),
+    };
+    if !env.pg.at_least(
+        18,
+        "an_idle_timeout_stops_the_start_with_what_to_do",
+        "idle_replication_slot_timeout",
+    ) {
+        return;
+    }
+    let (code, log) = restart_on_invalidated_slot(&env, |pg| {
+        pg.sql(
+            "postgres",
+            "ALTER SYSTEM SET idle_replication_slot_timeout = '1s'",
+        );
+        pg.sql("postgres", "SELECT pg_reload_conf()");
+        std::thread::sleep(Duration::from_secs(2));
+        pg.sql("postgres", "CHECKPOINT");
+        // What the slot monitor reads (and /status shows) about it.
+        let mut c = pg.connect("app");
+        let slot = pg.value(
+            "app",
+            "SELECT slot_name FROM pg_replication_slots WHERE slot_type = 'logical'",
+        );
+        let r = pgbridge::telemetry::monitor::read_slot(&mut c, &slot)
+            .unwrap()
+            .unwrap();
+        assert_eq!(r.invalidation_reason.as_deref(), Some("idle_timeout"));
+        assert!(r.inactive_since.is_some());
+    });
+    assert_eq!(code, 2, "{log}");
+    let line = error_line(&log);
+    assert!(line.contains("was invalidated (idle_timeout)"), "{line}");
+    assert!(line.contains("idle_replication_slot_timeout"), "{line}");
 }
