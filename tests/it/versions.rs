@@ -148,45 +148,40 @@ fn a_restart_between_prepare_and_commit_prepared_loses_nothing() {
     }
     let msgs = wait_messages(&env.nats.url(), 1);
     let after_prepare = commit_lsn(&msgs[0]);
-    // The bridge confirms what is durable, but not past the waiting PREPARE: the slot stays
-    // between the two, so PostgreSQL sends the prepared transaction again after a restart.
-    let confirmed = wait_for(
-        "the slot to confirm up to the PREPARE",
-        Duration::from_secs(30),
-        || {
-            let lsn: Lsn = env
-                .pg
-                .value(
-                    "app",
-                    &format!(
-                        "SELECT confirmed_flush_lsn FROM pg_replication_slots WHERE slot_name = '{slot}'"
-                    ),
-                )
-                .parse()
-                .ok()?;
-            (lsn > before_prepare).then_some(lsn)
-        },
-    );
-    std::thread::sleep(Duration::from_secs(2));
-    assert!(
-        confirmed < after_prepare,
-        "confirmed {confirmed} past the PREPARE (a later commit at {after_prepare})"
-    );
+    let confirmed_flush = || -> Option<Lsn> {
+        env.pg
+            .value(
+                "app",
+                &format!(
+                    "SELECT confirmed_flush_lsn FROM pg_replication_slots WHERE slot_name = '{slot}'"
+                ),
+            )
+            .parse()
+            .ok()
+    };
+    // On 15+ the bridge confirms what is durable, but not past the waiting PREPARE: the slot
+    // stays between the two, so PostgreSQL sends the prepared transaction again after a
+    // restart. (14 sends nothing at PREPARE: there is nothing to hold.)
+    let two_phase = env.pg.major_version() >= 15;
+    if two_phase {
+        wait_for(
+            "the slot to confirm up to the PREPARE",
+            Duration::from_secs(30),
+            || confirmed_flush().filter(|lsn| *lsn > before_prepare),
+        );
+        // Several status updates later it has not moved past it.
+        std::thread::sleep(Duration::from_secs(2));
+        let confirmed = confirmed_flush().unwrap();
+        assert!(
+            confirmed < after_prepare,
+            "confirmed {confirmed} past the PREPARE (a later commit at {after_prepare})"
+        );
+    }
     assert_eq!(bridge.terminate(Duration::from_secs(30)), Some(0));
-    let confirmed_now: Lsn = env
-        .pg
-        .value(
-            "app",
-            &format!(
-                "SELECT confirmed_flush_lsn FROM pg_replication_slots WHERE slot_name = '{slot}'"
-            ),
-        )
-        .parse()
-        .unwrap();
-    assert!(
-        confirmed_now < after_prepare,
-        "after shutdown: {confirmed_now}"
-    );
+    if two_phase {
+        let confirmed = confirmed_flush().unwrap();
+        assert!(confirmed < after_prepare, "after shutdown: {confirmed}");
+    }
 
     let mut bridge = json_bridge(&env, &dir);
     c.execute("COMMIT PREPARED 'across_restart'").unwrap();
