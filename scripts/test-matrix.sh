@@ -9,12 +9,11 @@ set -euo pipefail
 root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cd "$root"
 
-# The core modules of tests/it: the data path, set-up and position checks, snapshots, faults
-# and the version-dependent features. Not here: pgoutput_vectors (its stored capture is of
-# PostgreSQL 15: stream block contents differ between versions), and the slow or
+# The core modules of tests/it: the data path, the decoder against a live capture, set-up and
+# position checks, snapshots, faults and the version-dependent features. Not here: the slow or
 # cluster-level modules (chaos, ha, cluster, memory, mirror), which the full run on 15 covers.
-CORE_MODULES=(pipeline replication identity snapshot snapshot_requests start_checks
-    pipeline_faults bridge_run telemetry versions)
+CORE_MODULES=(pipeline pgoutput_vectors replication identity snapshot snapshot_requests
+    start_checks pipeline_faults bridge_run telemetry versions)
 
 versions=("$@")
 [ ${#versions[@]} -gt 0 ] || versions=(14 15 16 17 18)

@@ -26,9 +26,11 @@ pub(crate) const STREAMING: &str = include_str!("../../../tests/vectors/streamin
 pub(crate) const NULLS: &str = include_str!("../../../tests/vectors/nulls.hex");
 pub(crate) const TYPES: &str = include_str!("../../../tests/vectors/types.hex");
 pub(crate) const TWO_PHASE: &str = include_str!("../../../tests/vectors/two_phase.hex");
+pub(crate) const STREAMING_PARALLEL: &str =
+    include_str!("../../../tests/vectors/streaming_parallel.hex");
 
 /// Every capture, by name.
-pub(crate) const ALL: [(&str, &str); 10] = [
+pub(crate) const ALL: [(&str, &str); 11] = [
     ("basic", BASIC),
     ("replica_identity", REPLICA_IDENTITY),
     ("pk_change", PK_CHANGE),
@@ -39,6 +41,7 @@ pub(crate) const ALL: [(&str, &str); 10] = [
     ("nulls", NULLS),
     ("types", TYPES),
     ("two_phase", TWO_PHASE),
+    ("streaming_parallel", STREAMING_PARALLEL),
 ];
 
 /// Decodes a hex string (no separators).
