@@ -1008,4 +1008,28 @@ mod tests {
         drop(t);
         let _ = std::fs::remove_dir_all(&dir);
     }
+
+    #[test]
+    fn a_streamed_prepared_transaction_waits_for_its_commit_prepared() {
+        // 400 rows streamed and prepared, a row of the same table committed meanwhile (the
+        // server describes the table again for it), then COMMIT PREPARED.
+        let c = translate("two_phase_streamed", test_vectors::TWO_PHASE_STREAMED);
+        let ids: Vec<i64> = c
+            .out
+            .iter()
+            .flatten()
+            .map(|e| match values(e)[0].1 {
+                Value::Int(i) => i,
+                ref v => panic!("id {v:?}"),
+            })
+            .collect();
+        let want: Vec<i64> = std::iter::once(1000).chain(1..=400).collect();
+        assert_eq!(ids, want);
+        assert_eq!(c.commits.len(), 2);
+        let prepared: Vec<&ChangeEvent> = c.out.iter().flatten().skip(1).map(|e| &**e).collect();
+        assert!(prepared
+            .iter()
+            .all(|e| e.commit_lsn == prepared[0].commit_lsn));
+        assert!(prepared[0].commit_lsn > c.out[0].as_ref().unwrap().commit_lsn);
+    }
 }

@@ -26,11 +26,13 @@ pub(crate) const STREAMING: &str = include_str!("../../../tests/vectors/streamin
 pub(crate) const NULLS: &str = include_str!("../../../tests/vectors/nulls.hex");
 pub(crate) const TYPES: &str = include_str!("../../../tests/vectors/types.hex");
 pub(crate) const TWO_PHASE: &str = include_str!("../../../tests/vectors/two_phase.hex");
+pub(crate) const TWO_PHASE_STREAMED: &str =
+    include_str!("../../../tests/vectors/two_phase_streamed.hex");
 pub(crate) const STREAMING_PARALLEL: &str =
     include_str!("../../../tests/vectors/streaming_parallel.hex");
 
 /// Every capture, by name.
-pub(crate) const ALL: [(&str, &str); 11] = [
+pub(crate) const ALL: [(&str, &str); 12] = [
     ("basic", BASIC),
     ("replica_identity", REPLICA_IDENTITY),
     ("pk_change", PK_CHANGE),
@@ -41,6 +43,7 @@ pub(crate) const ALL: [(&str, &str); 11] = [
     ("nulls", NULLS),
     ("types", TYPES),
     ("two_phase", TWO_PHASE),
+    ("two_phase_streamed", TWO_PHASE_STREAMED),
     ("streaming_parallel", STREAMING_PARALLEL),
 ];
 
