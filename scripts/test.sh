@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # The test command: installs what the tests need, then checks formatting, lints and runs
-# every test (unit tests and integration tests against real PostgreSQL and nats-server), that
+# every test (unit tests and integration tests against real PostgreSQL 15 and nats-server), the
+# core integration tests again on PostgreSQL 18 (scripts/test-matrix.sh 18), that
 # the Elixir example parses, the alert rules' unit tests, and builds and checks the container image (scripts/image.sh; one
 # release build; SKIP_IMAGE=1 skips it for a quicker local run).
 set -euo pipefail
@@ -17,6 +18,8 @@ echo "== cargo clippy"
 cargo clippy --locked --all-targets -- -D warnings
 echo "== cargo test"
 cargo test --locked "$@"
+echo "== core integration tests on PostgreSQL 18 (scripts/test-matrix.sh 18)"
+./scripts/test-matrix.sh 18
 echo "== scripts/check-elixir.sh"
 ./scripts/check-elixir.sh
 echo "== promtool test rules"

@@ -4,6 +4,7 @@
 pub mod conn;
 pub mod copy;
 pub mod framing;
+pub mod invalidation;
 pub mod lsn;
 pub mod pgoutput;
 pub mod replication;

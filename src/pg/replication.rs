@@ -47,31 +47,79 @@ pub struct CreatedSlot {
     pub snapshot_name: Option<String>,
 }
 
+/// pgoutput's `streaming` option: whether (and how) large in-progress transactions are sent
+/// before they commit.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Streaming {
+    /// Only committed transactions.
+    Off,
+    /// In blocks before the commit (proto 2, PostgreSQL 14+).
+    On,
+    /// As `On`, and a Stream Abort carries the abort's LSN and time (proto 4, PostgreSQL 16+).
+    /// The name comes from the subscriber side (parallel apply); what is sent is the same.
+    Parallel,
+}
+
+/// PostgreSQL 17 refuses a slot that is both a failover slot and two-phase (18 allows it).
+/// Failover wins there: without two-phase a prepared transaction simply arrives at COMMIT
+/// PREPARED as an ordinary transaction, with the same events and ids, while a slot that is
+/// lost at a promotion loses changes. So on 17 neither the slot nor the stream is two-phase.
+pub fn failover_excludes_two_phase(server_version: i32) -> bool {
+    (170000..180000).contains(&server_version)
+}
+
 /// pgoutput options for `START_REPLICATION`.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct PgOutputOptions {
-    /// `proto_version`: 1, or 2 with streaming of in-progress transactions (PostgreSQL 14+).
+    /// `proto_version`: 1; 2 for streaming (14+); 3 for two-phase (15+); 4 for parallel
+    /// streaming (16+).
     pub proto_version: u32,
     /// Publications to stream.
     pub publication_names: Vec<String>,
-    /// Stream large in-progress transactions (needs proto 2).
-    pub streaming: bool,
+    /// Streaming of large in-progress transactions.
+    pub streaming: Streaming,
     /// Include `pg_logical_emit_message` messages (PostgreSQL 14+).
     pub messages: bool,
+    /// Send prepared transactions at PREPARE TRANSACTION (Begin Prepare .. Prepare) and their
+    /// outcome as Commit/Rollback Prepared (proto 3, PostgreSQL 15+). A slot created without
+    /// two-phase becomes two-phase from the start position on.
+    pub two_phase: bool,
 }
 
 impl PgOutputOptions {
-    /// The richest options a server of `server_version` (e.g. 150018) accepts: proto 2 with
-    /// streaming and messages on 14 and later, proto 1 before. pgoutput refuses options it does
-    /// not know, so older servers get none of the newer ones.
+    /// The richest options a server of `server_version` (e.g. 150018) accepts: proto 4 with
+    /// parallel streaming and two-phase on 16 and later, proto 3 with streaming and two-phase
+    /// on 15, proto 2 with streaming on 14 (all with messages), proto 1 before. pgoutput
+    /// refuses options and versions it does not know, so older servers get none of the newer
+    /// ones.
     pub fn for_server(server_version: i32, publication_names: Vec<String>) -> Self {
-        let modern = server_version >= 140000;
+        let (proto_version, streaming) = match server_version {
+            v if v >= 160000 => (4, Streaming::Parallel),
+            v if v >= 150000 => (3, Streaming::On),
+            v if v >= 140000 => (2, Streaming::On),
+            _ => (1, Streaming::Off),
+        };
         PgOutputOptions {
-            proto_version: if modern { 2 } else { 1 },
+            proto_version,
             publication_names,
-            streaming: modern,
-            messages: modern,
+            streaming,
+            messages: proto_version >= 2,
+            two_phase: proto_version >= 3 && !failover_excludes_two_phase(server_version),
         }
+    }
+
+    /// A short description for the log, e.g. `protocol 4, streaming parallel, two-phase`.
+    pub fn describe(&self) -> String {
+        let streaming = match self.streaming {
+            Streaming::Off => "off",
+            Streaming::On => "on",
+            Streaming::Parallel => "parallel",
+        };
+        format!(
+            "protocol {}, streaming {streaming}{}",
+            self.proto_version,
+            if self.two_phase { ", two-phase" } else { "" }
+        )
     }
 
     /// The parenthesised option list of `START_REPLICATION`.
@@ -91,8 +139,13 @@ impl PgOutputOptions {
         if self.messages {
             s.push_str(", \"messages\" 'true'");
         }
-        if self.streaming {
-            s.push_str(", \"streaming\" 'on'");
+        match self.streaming {
+            Streaming::Off => {}
+            Streaming::On => s.push_str(", \"streaming\" 'on'"),
+            Streaming::Parallel => s.push_str(", \"streaming\" 'parallel'"),
+        }
+        if self.two_phase {
+            s.push_str(", \"two_phase\" 'true'");
         }
         s.push(')');
         s
@@ -167,7 +220,9 @@ impl ReplicationConnection {
     }
 
     /// `CREATE_REPLICATION_SLOT name [TEMPORARY] LOGICAL pgoutput ...`, in the syntax the server
-    /// understands (generic options on 15+, legacy keywords before).
+    /// understands (generic options on 15+, legacy keywords before). A permanent slot is
+    /// two-phase on 15+, as the streaming options ask for (a temporary one only serves a
+    /// snapshot).
     pub fn create_slot(
         &mut self,
         name: &str,
@@ -176,12 +231,23 @@ impl ReplicationConnection {
     ) -> Result<CreatedSlot, PgError> {
         let modern = self.conn.server_version() >= 150000;
         let action = match (snapshot, modern) {
-            (SnapshotAction::Nothing, true) => "(SNAPSHOT 'nothing')",
-            (SnapshotAction::Export, true) => "(SNAPSHOT 'export')",
-            (SnapshotAction::Use, true) => "(SNAPSHOT 'use')",
+            (SnapshotAction::Nothing, true) => "(SNAPSHOT 'nothing'",
+            (SnapshotAction::Export, true) => "(SNAPSHOT 'export'",
+            (SnapshotAction::Use, true) => "(SNAPSHOT 'use'",
             (SnapshotAction::Nothing, false) => "NOEXPORT_SNAPSHOT",
             (SnapshotAction::Export, false) => "EXPORT_SNAPSHOT",
             (SnapshotAction::Use, false) => "USE_SNAPSHOT",
+        };
+        let two_phase =
+            if modern && !temporary && !failover_excludes_two_phase(self.conn.server_version()) {
+                ", TWO_PHASE true"
+            } else {
+                ""
+            };
+        let action = if modern {
+            format!("{action}{two_phase})")
+        } else {
+            action.to_string()
         };
         let sql = format!(
             "CREATE_REPLICATION_SLOT {}{} LOGICAL pgoutput {}",
@@ -195,9 +261,15 @@ impl ReplicationConnection {
     /// `CREATE_REPLICATION_SLOT name LOGICAL pgoutput (SNAPSHOT 'nothing', FAILOVER)`
     /// (PostgreSQL 17+): a slot that standbys with `sync_replication_slots = on` keep in step,
     /// so that it exists, at a safe position, on a standby promoted in a failover.
+    /// Two-phase too on 18 and later, like [`Self::create_slot`].
     pub fn create_failover_slot(&mut self, name: &str) -> Result<CreatedSlot, PgError> {
+        let two_phase = if failover_excludes_two_phase(self.conn.server_version()) {
+            ""
+        } else {
+            ", TWO_PHASE true"
+        };
         let sql = format!(
-            "CREATE_REPLICATION_SLOT {} LOGICAL pgoutput (SNAPSHOT 'nothing', FAILOVER)",
+            "CREATE_REPLICATION_SLOT {} LOGICAL pgoutput (SNAPSHOT 'nothing'{two_phase}, FAILOVER)",
             quote_ident(name)
         );
         self.created_slot(&sql, name)
@@ -292,10 +364,28 @@ mod tests {
 
     #[test]
     fn options_follow_server_version() {
-        let o = PgOutputOptions::for_server(150018, vec!["cdc_pub".into()]);
+        let o = PgOutputOptions::for_server(140010, vec!["cdc_pub".into()]);
         assert_eq!(
             o.to_sql(),
             "(\"proto_version\" '2', \"publication_names\" '\"cdc_pub\"', \"messages\" 'true', \"streaming\" 'on')"
+        );
+        let o = PgOutputOptions::for_server(150018, vec!["cdc_pub".into()]);
+        assert_eq!(
+            o.to_sql(),
+            "(\"proto_version\" '3', \"publication_names\" '\"cdc_pub\"', \"messages\" 'true', \"streaming\" 'on', \"two_phase\" 'true')"
+        );
+        for v in [160000, 180006] {
+            let o = PgOutputOptions::for_server(v, vec!["cdc_pub".into()]);
+            assert_eq!(
+                o.to_sql(),
+                "(\"proto_version\" '4', \"publication_names\" '\"cdc_pub\"', \"messages\" 'true', \"streaming\" 'parallel', \"two_phase\" 'true')"
+            );
+        }
+        // 17: a failover slot cannot be two-phase there.
+        let o = PgOutputOptions::for_server(170005, vec!["cdc_pub".into()]);
+        assert_eq!(
+            o.to_sql(),
+            "(\"proto_version\" '4', \"publication_names\" '\"cdc_pub\"', \"messages\" 'true', \"streaming\" 'parallel')"
         );
         let o = PgOutputOptions::for_server(130000, vec!["a".into(), "it's".into()]);
         assert_eq!(

@@ -63,6 +63,9 @@ pub enum SetupError {
         /// The tables the publication does contain.
         available: String,
     },
+    /// The slot was invalidated: the one-line advice of [`super::invalidation::advice`].
+    #[error("{0}")]
+    SlotInvalidated(String),
     /// The slot exists but cannot be used by this bridge.
     #[error("replication slot '{slot}' cannot be used: {reason}")]
     SlotUnusable {
@@ -596,9 +599,10 @@ pub fn find_slot(conn: &mut PgConnection, slot: &str) -> Result<Option<SlotState
         )));
     }
     if r.get(0, "wal_status") == Some("lost") {
-        return Err(unusable(format!(
-            "it was invalidated (wal_status = lost: the WAL it needed was removed, see max_slot_wal_keep_size); \
-             changes were lost, so drop it with SELECT pg_drop_replication_slot('{slot}'); and bootstrap consumers from a new snapshot"
+        let reason =
+            super::invalidation::read_reason(conn, slot)?.unwrap_or_else(|| "wal_removed".into());
+        return Err(SetupError::SlotInvalidated(super::invalidation::advice(
+            slot, &reason,
         )));
     }
     let confirmed_flush = r

@@ -98,6 +98,8 @@ impl RunError {
             RunError::Nats(e) if e.is_configuration() => 2,
             RunError::Control(e) if e.is_configuration() => 2,
             RunError::Position(_) => 2,
+            // Only an operator can recover (drop the slot, bootstrap from a snapshot).
+            RunError::Stream(StreamError::SlotInvalidated(_)) => 2,
             _ => 1,
         }
     }

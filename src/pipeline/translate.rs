@@ -6,6 +6,13 @@
 //! and writes nothing else: the events, commits and schema notices go to an [`Emit`], which
 //! the wal thread backs with the ring (and tests with a vector).
 //!
+//! Prepared transactions (two-phase, proto ≥ 3) arrive at PREPARE TRANSACTION, before the
+//! outcome is known. They go to the same spool and are replayed at COMMIT PREPARED, with the
+//! commit's LSN and time, so they are published once, in commit order, exactly as the plain
+//! commit PostgreSQL sends without two-phase; ROLLBACK PREPARED drops them. Once a position
+//! past a PREPARE is confirmed, PostgreSQL sends only its COMMIT PREPARED after a reconnect,
+//! so [`Translator::hold_point`] tells the wal thread how far it may confirm meanwhile.
+//!
 //! The last published change of each transaction carries `last_in_tx`. That is known only at
 //! the commit record, so one translated change is held back ([`HeldChange`]) and emitted when
 //! the next change or the commit arrives; the commit record follows the last change at once
@@ -106,6 +113,15 @@ impl HeldChange {
     }
 }
 
+/// A prepared transaction whose outcome has not arrived; its changes are in the spool.
+#[derive(Debug, Clone, Copy)]
+struct Prepared {
+    /// Start of its PREPARE record: confirming a position past it would lose the changes.
+    prepare_lsn: Lsn,
+    /// Sent in stream blocks (Stream Prepare): its spooled messages carry the xid prefix.
+    streamed: bool,
+}
+
 #[derive(Debug, Clone, Copy)]
 struct Txn {
     xid: u32,
@@ -138,6 +154,10 @@ pub(crate) struct Translator {
     timelines: TimelineHistory,
     /// The outbox tables.
     outbox: OutboxTables,
+    /// The prepared transaction being received (Begin Prepare .. Prepare): xid, PREPARE LSN.
+    preparing: Option<(u32, Lsn)>,
+    /// Prepared transactions waiting for COMMIT or ROLLBACK PREPARED, by xid.
+    prepared: HashMap<u32, Prepared>,
 }
 
 impl Translator {
@@ -157,12 +177,25 @@ impl Translator {
             spool: None,
             timelines,
             outbox: OutboxTables::default(),
+            preparing: None,
+            prepared: HashMap::new(),
         }
     }
 
     /// Inserts into `tables` become outbox events from now on.
     pub(crate) fn set_outbox(&mut self, tables: OutboxTables) {
         self.outbox = tables;
+    }
+
+    /// The highest position that may be confirmed while prepared transactions wait for their
+    /// outcome: the earliest PREPARE's start (PostgreSQL sends a prepared transaction again
+    /// after a reconnect only when its PREPARE is not before the confirmed position).
+    pub(crate) fn hold_point(&self) -> Option<Lsn> {
+        self.prepared
+            .values()
+            .map(|p| p.prepare_lsn)
+            .chain(self.preparing.map(|(_, lsn)| lsn))
+            .min()
     }
 
     /// Streamed transactions go to `spool` from now on.
@@ -175,6 +208,8 @@ impl Translator {
     pub(crate) fn is_idle(&self) -> bool {
         self.txn.is_none()
             && self.current_stream.is_none()
+            && self.preparing.is_none()
+            && self.prepared.is_empty()
             // No spool means a streamed transaction is being replayed right now.
             && self.spool.as_ref().is_some_and(Spool::is_empty)
     }
@@ -184,6 +219,7 @@ impl Translator {
         self.txn = None;
         self.held = HeldChange::default();
         self.current_stream = None;
+        self.preparing = None;
     }
 
     /// Translates one pgoutput message (`raw`, from the WAL record at `wal_start`): schema
@@ -224,6 +260,35 @@ impl Translator {
                 }
             }
         }
+        // Between Begin Prepare and Prepare the changes go to the transaction's spool file.
+        // Relation and Type messages describe the table for everything after them (pgoutput
+        // does not send them again for later transactions): they are applied at once.
+        if let Some((xid, prepare_lsn)) = self.preparing {
+            if let LogicalMessage::Prepare(p) = &msg {
+                self.preparing = None;
+                self.prepared.insert(
+                    p.xid,
+                    Prepared {
+                        prepare_lsn,
+                        streamed: false,
+                    },
+                );
+            } else if matches!(msg, LogicalMessage::Relation(_) | LogicalMessage::Type(_)) {
+                let mut txn = Txn {
+                    xid,
+                    commit_lsn: wal_start,
+                    timeline: self.timelines.timeline_of(wal_start),
+                    commit_time: 0,
+                    seq: 0,
+                };
+                self.apply(msg, wal_start, &mut txn, out)?;
+            } else if let Some(spool) = self.spool.as_mut() {
+                spool
+                    .append(xid, xid, wal_start, raw)
+                    .map_err(TranslateError::Spool)?;
+            }
+            return Ok(());
+        }
         match msg {
             LogicalMessage::Begin(b) => {
                 self.txn = Some(Txn {
@@ -247,16 +312,44 @@ impl Translator {
                     commit_time: c.commit_time,
                     seq: 0,
                 };
-                if let Some(mut spool) = self.spool.take() {
-                    let replayed = spool.replay(c.xid, |m| {
-                        let msg =
-                            LogicalMessage::parse(&m.data, true).map_err(TranslateError::Decode)?;
-                        self.apply(msg, m.lsn, &mut txn, out)
-                    });
-                    self.spool = Some(spool);
-                    replayed.map_err(TranslateError::Spool)??;
-                }
+                self.replay(c.xid, true, &mut txn, out)?;
                 self.commit(c.end_lsn, out)?;
+            }
+            LogicalMessage::BeginPrepare(b) => self.preparing = Some((b.xid, b.prepare_lsn)),
+            LogicalMessage::StreamPrepare(p) => {
+                self.prepared.insert(
+                    p.xid,
+                    Prepared {
+                        prepare_lsn: p.prepare_lsn,
+                        streamed: true,
+                    },
+                );
+            }
+            LogicalMessage::CommitPrepared(k) => {
+                // The ids come from the COMMIT PREPARED record, which is also the commit a
+                // server without two-phase sends for it: the same events either way.
+                let mut txn = Txn {
+                    xid: k.xid,
+                    commit_lsn: k.commit_lsn,
+                    timeline: self.timelines.timeline_of(k.commit_lsn),
+                    commit_time: k.commit_time,
+                    seq: 0,
+                };
+                match self.prepared.remove(&k.xid) {
+                    Some(p) => self.replay(k.xid, p.streamed, &mut txn, out)?,
+                    None => log::warn!(
+                        "COMMIT PREPARED of transaction {} ('{}') arrived without its prepared changes; nothing is published for it",
+                        k.xid,
+                        k.gid
+                    ),
+                }
+                self.commit(k.end_lsn, out)?;
+            }
+            LogicalMessage::RollbackPrepared(r) => {
+                self.prepared.remove(&r.xid);
+                if let Some(spool) = self.spool.as_mut() {
+                    spool.abort(r.xid, r.xid).map_err(TranslateError::Spool)?;
+                }
             }
             LogicalMessage::StreamAbort(a) => {
                 if let Some(spool) = self.spool.as_mut() {
@@ -278,6 +371,27 @@ impl Translator {
                     self.txn = Some(txn);
                 }
             }
+        }
+        Ok(())
+    }
+
+    /// Translates the spooled messages of `xid` (with the stream block's xid prefix when
+    /// `streamed`) as the changes of `txn`.
+    fn replay<E: Emit>(
+        &mut self,
+        xid: u32,
+        streamed: bool,
+        txn: &mut Txn,
+        out: &mut E,
+    ) -> Result<(), E::Error> {
+        if let Some(mut spool) = self.spool.take() {
+            let replayed = spool.replay(xid, |m| {
+                let msg =
+                    LogicalMessage::parse(&m.data, streamed).map_err(TranslateError::Decode)?;
+                self.apply(msg, m.lsn, txn, out)
+            });
+            self.spool = Some(spool);
+            replayed.map_err(TranslateError::Spool)??;
         }
         Ok(())
     }
@@ -922,5 +1036,122 @@ mod tests {
         let last = c.out[c.out.len() - 2].as_ref().unwrap();
         assert_eq!((last.seq, last.last_in_tx), (400, true));
         assert!(c.out.last().unwrap().is_none());
+    }
+
+    #[test]
+    fn prepared_transactions_are_published_once_at_commit_prepared() {
+        let c = translate("two_phase", test_vectors::TWO_PHASE);
+        let vs = test_vectors::load(test_vectors::TWO_PHASE);
+        // The COMMIT PREPARED messages ('K'): their commit LSNs name the transactions.
+        let commit_prepared: Vec<(Lsn, Lsn)> = vs
+            .iter()
+            .filter_map(|v| match LogicalMessage::parse(&v.bytes, false) {
+                Ok(LogicalMessage::CommitPrepared(k)) => Some((k.commit_lsn, k.end_lsn)),
+                _ => None,
+            })
+            .collect();
+        assert_eq!(commit_prepared.len(), 2);
+        let txns: Vec<Vec<&ChangeEvent>> = c
+            .out
+            .split(Option::is_none)
+            .filter(|t| !t.is_empty())
+            .map(|t| t.iter().flatten().map(|e| &**e).collect())
+            .collect();
+        let ids = |t: &[&ChangeEvent]| -> Vec<i64> {
+            t.iter()
+                .map(|e| match values(e)[0].1 {
+                    Value::Int(i) => i,
+                    ref v => panic!("id {v:?}"),
+                })
+                .collect()
+        };
+        // The row committed in between comes first: commit order, not PREPARE order.
+        assert_eq!(
+            txns.len(),
+            3,
+            "{:?}",
+            txns.iter().map(|t| ids(t)).collect::<Vec<_>>()
+        );
+        assert_eq!(ids(&txns[0]), [3]);
+        assert_eq!(ids(&txns[1]), [1, 2]);
+        // The rolled-back prepared transaction (4) is absent; so is the rolled-back savepoint.
+        let streamed: Vec<i64> = (100..500).chain([900]).collect();
+        assert_eq!(ids(&txns[2]), streamed);
+        for (t, (commit_lsn, _)) in txns[1..].iter().zip(&commit_prepared) {
+            assert!(t.iter().all(|e| e.commit_lsn == *commit_lsn));
+            assert_eq!(t.iter().filter(|e| e.last_in_tx).count(), 1);
+            assert!(t.last().unwrap().last_in_tx);
+        }
+        // The commits acknowledged: the plain one and the two COMMIT PREPARED, in order.
+        assert_eq!(c.commits.len(), 3);
+        assert_eq!(c.commits[1], commit_prepared[0].1);
+        assert_eq!(c.commits[2], commit_prepared[1].1);
+    }
+
+    #[test]
+    fn nothing_past_a_waiting_prepare_may_be_confirmed() {
+        let vs = test_vectors::load(test_vectors::TWO_PHASE);
+        let dir =
+            std::env::temp_dir().join(format!("pgbridge-translate-{}-hold", std::process::id()));
+        let mut t = Translator::new(None, TimelineHistory::single(1));
+        t.set_spool(Spool::new(&dir).unwrap());
+        let mut c = Collected::default();
+        let mut seen = String::new();
+        let mut d = Decoder::new();
+        for v in &vs {
+            let msg = d.decode(&v.bytes).unwrap();
+            t.message(&v.bytes, v.lsn, &mut c).unwrap();
+            match msg {
+                LogicalMessage::BeginPrepare(b) => {
+                    assert_eq!(t.hold_point(), Some(b.prepare_lsn));
+                    seen.push('b');
+                }
+                LogicalMessage::Prepare(p) | LogicalMessage::StreamPrepare(p) => {
+                    assert_eq!(t.hold_point(), Some(p.prepare_lsn));
+                    assert!(!t.is_idle());
+                    seen.push('P');
+                }
+                LogicalMessage::Commit(_) => {
+                    // The plain transaction committed while the first PREPARE waits: its
+                    // end is past the PREPARE, which stays the limit.
+                    let hold = t.hold_point().unwrap();
+                    assert!(hold < *c.commits.last().unwrap());
+                    seen.push('C');
+                }
+                LogicalMessage::CommitPrepared(_) | LogicalMessage::RollbackPrepared(_) => {
+                    assert_eq!(t.hold_point(), None);
+                    assert!(t.is_idle());
+                    seen.push('K');
+                }
+                _ => {}
+            }
+        }
+        assert_eq!(seen, "bPCKbPKPK");
+        drop(t);
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    #[test]
+    fn a_streamed_prepared_transaction_waits_for_its_commit_prepared() {
+        // 400 rows streamed and prepared, a row of the same table committed meanwhile (the
+        // server describes the table again for it), then COMMIT PREPARED.
+        let c = translate("two_phase_streamed", test_vectors::TWO_PHASE_STREAMED);
+        let ids: Vec<i64> = c
+            .out
+            .iter()
+            .flatten()
+            .map(|e| match values(e)[0].1 {
+                Value::Int(i) => i,
+                ref v => panic!("id {v:?}"),
+            })
+            .collect();
+        let want: Vec<i64> = std::iter::once(1000).chain(1..=400).collect();
+        assert_eq!(ids, want);
+        assert_eq!(c.commits.len(), 2);
+        let prepared: Vec<&ChangeEvent> = c.out.iter().flatten().skip(1).map(|e| &**e).collect();
+        assert!(prepared
+            .iter()
+            .all(|e| e.commit_lsn == prepared[0].commit_lsn));
+        assert!(prepared[0].commit_lsn > c.out[0].as_ref().unwrap().commit_lsn);
     }
 }

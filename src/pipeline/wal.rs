@@ -16,6 +16,7 @@ use std::time::{Duration, Instant};
 use crate::config::Config;
 use crate::pg::conn::PgError;
 use crate::pg::framing::{parse_copy_data, FramingError, ReplicationMessage};
+use crate::pg::invalidation;
 use crate::pg::replication::{PgOutputOptions, ReplicationConnection};
 use crate::pg::Lsn;
 use crate::shutdown::Shutdown;
@@ -73,6 +74,9 @@ pub enum StreamError {
     /// a socket open for many minutes) and made anew.
     #[error("nothing received from PostgreSQL for {} s (--wal-receive-timeout-secs), not even an answer to a keepalive request; the connection is taken as dead", .0.as_secs())]
     Silent(Duration),
+    /// The server refuses to stream from the slot: it was invalidated. The one-line advice.
+    #[error("{0}")]
+    SlotInvalidated(String),
 }
 
 impl From<SpoolError> for StreamError {
@@ -157,6 +161,8 @@ struct Link<'c> {
     shutdown: Shutdown,
     last_received: Lsn,
     idle_candidate: Lsn,
+    /// The translator's [`Translator::hold_point`]: no confirmation past a waiting PREPARE.
+    hold: Option<Lsn>,
     last_status: Instant,
     /// Silence after which the connection is given up ([`StreamError::Silent`]); at half of
     /// it a status update asks the server for an answer.
@@ -187,6 +193,7 @@ impl<'c> WalStream<'c> {
                 shutdown,
                 last_received: Lsn::INVALID,
                 idle_candidate: Lsn::INVALID,
+                hold: None,
                 last_status: Instant::now(),
                 receive_timeout: config.replication.wal_receive_timeout(Duration::ZERO),
                 last_heard: Instant::now(),
@@ -217,8 +224,14 @@ impl<'c> WalStream<'c> {
             self.server_version,
             vec![link.config.replication.publication.clone()],
         );
+        let slot = &link.config.replication.slot;
         link.repl
-            .start_logical(&link.config.replication.slot, start, &options)?;
+            .start_logical(slot, start, &options)
+            .map_err(|e| match invalidation::reason_from_error(&e) {
+                Some(reason) => StreamError::SlotInvalidated(invalidation::advice(slot, &reason)),
+                None => StreamError::Pg(e),
+            })?;
+        log::info!("pgoutput {} from {start}", options.describe());
         // Only now is the slot ours: a standby waiting for it must not touch the spool, and
         // what an earlier (crashed) run left there is stale, so it is emptied.
         self.translate.set_spool(Spool::new(&self.spool_dir)?);
@@ -252,7 +265,9 @@ impl<'c> WalStream<'c> {
                             link: &mut *link,
                             ctx: &mut *ctx,
                         };
-                        match self.translate.message(x.data, x.wal_start, &mut ring) {
+                        let translated = self.translate.message(x.data, x.wal_start, &mut ring);
+                        link.hold = self.translate.hold_point();
+                        match translated {
                             Err(StreamError::ShuttingDown) => break,
                             other => other?,
                         }
@@ -355,6 +370,9 @@ impl Link<'_> {
         let mut flush = durable;
         if idle {
             flush = flush.max(self.idle_candidate);
+        }
+        if let Some(hold) = self.hold {
+            flush = flush.min(hold);
         }
         flush = flush.max(ctx.reported_flush);
         let moved = flush > ctx.reported_flush;

@@ -13,6 +13,7 @@ use std::time::Duration;
 
 use crate::config::{Config, MonitorConfig};
 use crate::pg::conn::{ConnectionKind, PgConnection, PgError};
+use crate::pg::invalidation;
 use crate::pg::Lsn;
 use crate::shutdown::Shutdown;
 
@@ -21,12 +22,18 @@ use super::state::Telemetry;
 /// `application_name` of the monitor's connection, as `pg_stat_activity` shows it.
 pub const MONITOR_APPLICATION_NAME: &str = "pgbridge-monitor";
 
-/// The slot's row, with the lag computed by the server.
-const SLOT_QUERY: &str = "SELECT active, wal_status, restart_lsn::text AS restart_lsn, \
-        confirmed_flush_lsn::text AS confirmed_flush_lsn, \
-        pg_wal_lsn_diff(pg_current_wal_lsn(), confirmed_flush_lsn)::bigint AS lag, \
-        pg_wal_lsn_diff(pg_current_wal_lsn(), restart_lsn)::bigint AS retained \
-   FROM pg_replication_slots WHERE slot_name = $1";
+/// The slot's row, with the lag computed by the server; the invalidation columns only exist
+/// on 17+.
+fn slot_query(server_version: i32) -> String {
+    format!(
+        "SELECT active, wal_status, restart_lsn::text AS restart_lsn, \
+            confirmed_flush_lsn::text AS confirmed_flush_lsn, \
+            pg_wal_lsn_diff(pg_current_wal_lsn(), confirmed_flush_lsn)::bigint AS lag, \
+            pg_wal_lsn_diff(pg_current_wal_lsn(), restart_lsn)::bigint AS retained, {} \
+       FROM pg_replication_slots WHERE slot_name = $1",
+        invalidation::slot_columns(server_version)
+    )
+}
 
 /// One reading of `pg_replication_slots` for the bridge's slot.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
@@ -43,11 +50,16 @@ pub struct SlotReading {
     pub lag_bytes: Option<u64>,
     /// `pg_current_wal_lsn() - restart_lsn`, bytes.
     pub retained_bytes: Option<u64>,
+    /// Why the slot was invalidated (`invalidation_reason`, 17+; `wal_removed` before when
+    /// `wal_status` is `lost`).
+    pub invalidation_reason: Option<String>,
+    /// Since when no walsender uses the slot (`inactive_since`, 17+).
+    pub inactive_since: Option<String>,
 }
 
 /// Reads the slot; `None` when it does not exist.
 pub fn read_slot(conn: &mut PgConnection, slot: &str) -> Result<Option<SlotReading>, PgError> {
-    let r = conn.query_params(SLOT_QUERY, &[slot])?;
+    let r = conn.query_params(&slot_query(conn.server_version()), &[slot])?;
     if r.rows.is_empty() {
         return Ok(None);
     }
@@ -63,6 +75,11 @@ pub fn read_slot(conn: &mut PgConnection, slot: &str) -> Result<Option<SlotReadi
         confirmed_flush: r.get(0, "confirmed_flush_lsn").and_then(|v| v.parse().ok()),
         lag_bytes: bytes("lag"),
         retained_bytes: bytes("retained"),
+        invalidation_reason: invalidation::reason_of(
+            r.get(0, "wal_status"),
+            r.get(0, "invalidation_reason"),
+        ),
+        inactive_since: r.get(0, "inactive_since").map(str::to_owned),
     }))
 }
 
@@ -115,14 +132,17 @@ pub fn assess(reading: Option<&SlotReading>, slot: &str, config: &MonitorConfig)
         .map(|l| l.to_string())
         .unwrap_or_else(|| "its last confirmed position".into());
     match r.wal_status.as_deref() {
-        Some("lost") => out.push(error(format!(
-            "replication slot '{slot}' was invalidated (wal_status = lost): PostgreSQL removed WAL the slot \
-             still needed, because it fell further behind than max_slot_wal_keep_size allows. Changes after \
-             {confirmed} can no longer be streamed. To recover: stop the bridge, drop the slot \
-             (SELECT pg_drop_replication_slot('{slot}');), start the bridge to create a new one, and \
-             bootstrap consumers from a new snapshot; then raise max_slot_wal_keep_size or fix what held \
-             the bridge back (NATS or JetStream unavailable, bridge stopped)"
-        ))),
+        Some("lost") => {
+            let reason = r.invalidation_reason.as_deref().unwrap_or("wal_removed");
+            out.push(error(format!(
+                "replication slot '{slot}' was invalidated (wal_status = lost, reason {reason}): {}. Changes after \
+                 {confirmed} can no longer be streamed. To recover: stop the bridge, drop the slot \
+                 (SELECT pg_drop_replication_slot('{slot}');), start the bridge to create a new one, and \
+                 bootstrap consumers from a new snapshot; {}",
+                invalidation::cause(reason),
+                invalidation::prevention(reason)
+            )))
+        }
         Some("unreserved") => out.push(warn(format!(
             "replication slot '{slot}' needs WAL beyond max_slot_wal_keep_size (wal_status = unreserved): \
              it will be invalidated at the next checkpoint unless the bridge catches up; check that NATS \
@@ -160,6 +180,7 @@ fn record(telemetry: &Telemetry, reading: Option<&SlotReading>) {
         s.active.store(r.active, Relaxed);
         s.lost
             .store(r.wal_status.as_deref() == Some("lost"), Relaxed);
+        s.set_details(r.invalidation_reason.clone(), r.inactive_since.clone());
         if let Some(lag) = r.lag_bytes {
             s.lag_bytes.store(lag, Relaxed);
         }
@@ -263,6 +284,8 @@ mod tests {
             confirmed_flush: Some(Lsn(0x16B3748)),
             lag_bytes: Some(lag),
             retained_bytes: Some(lag + 10),
+            invalidation_reason: (status == "lost").then(|| "wal_removed".into()),
+            inactive_since: None,
         }
     }
 
@@ -290,11 +313,30 @@ mod tests {
         assert_eq!(f.len(), 1);
         assert_eq!(f[0].level, log::Level::Error);
         let m = &f[0].message;
-        assert!(m.contains("invalidated (wal_status = lost)"), "{m}");
+        assert!(
+            m.contains("invalidated (wal_status = lost, reason wal_removed)"),
+            "{m}"
+        );
         assert!(m.contains("max_slot_wal_keep_size"), "{m}");
         assert!(m.contains("after 0/16B3748"), "{m}");
         assert!(m.contains("pg_drop_replication_slot('cdc_slot')"), "{m}");
         assert!(m.contains("snapshot"), "{m}");
+    }
+
+    #[test]
+    fn an_idle_timeout_says_which_setting_invalidated_the_slot() {
+        let r = SlotReading {
+            invalidation_reason: Some("idle_timeout".into()),
+            inactive_since: Some("2026-12-02 08:48:56+00".into()),
+            ..reading(0, "lost")
+        };
+        let f = assess(Some(&r), "cdc_slot", &config());
+        assert_eq!(f.len(), 1);
+        assert_eq!(f[0].level, log::Level::Error);
+        let m = &f[0].message;
+        assert!(m.contains("reason idle_timeout"), "{m}");
+        assert!(m.contains("idle_replication_slot_timeout"), "{m}");
+        assert!(!m.contains("max_slot_wal_keep_size"), "{m}");
     }
 
     #[test]

@@ -64,6 +64,21 @@ pub struct SlotTelemetry {
     pub lost: AtomicBool,
     /// The slot does not exist (any more).
     pub missing: AtomicBool,
+    /// `invalidation_reason` and `inactive_since` (17+), as the server shows them.
+    details: Mutex<(Option<String>, Option<String>)>,
+}
+
+impl SlotTelemetry {
+    /// Records the slot's invalidation reason and since when it is inactive.
+    pub fn set_details(&self, invalidation_reason: Option<String>, inactive_since: Option<String>) {
+        if let Ok(mut d) = self.details.lock() {
+            *d = (invalidation_reason, inactive_since);
+        }
+    }
+
+    fn details(&self) -> (Option<String>, Option<String>) {
+        self.details.lock().map(|d| d.clone()).unwrap_or_default()
+    }
 }
 
 /// Where the bridge is in its life.
@@ -250,6 +265,8 @@ impl Telemetry {
             slot_active: s.active.load(Relaxed),
             slot_lost: s.lost.load(Relaxed),
             slot_missing: s.missing.load(Relaxed),
+            slot_invalidation_reason: s.details().0,
+            slot_inactive_since: s.details().1,
             lag_bytes: s.lag_bytes.load(Relaxed),
             retained_bytes: s.retained_bytes.load(Relaxed),
             snapshot_progress: f64::from_bits(self.snapshot_progress.load(Relaxed)),
@@ -317,6 +334,10 @@ pub struct Snapshot {
     pub slot_lost: bool,
     /// The slot does not exist.
     pub slot_missing: bool,
+    /// Why the slot was invalidated (`invalidation_reason`), when it was.
+    pub slot_invalidation_reason: Option<String>,
+    /// Since when no walsender uses the slot (`inactive_since`, 17+).
+    pub slot_inactive_since: Option<String>,
     /// Slot lag (`pg_current_wal_lsn() - confirmed_flush_lsn`), bytes.
     pub lag_bytes: u64,
     /// WAL kept for the slot (`pg_current_wal_lsn() - restart_lsn`), bytes.

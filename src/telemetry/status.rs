@@ -65,7 +65,12 @@ pub fn health(s: &Snapshot) -> Health {
         if s.slot_missing {
             reasons.push("replication slot missing".into());
         } else if s.slot_lost {
-            reasons.push("replication slot invalidated (wal_status = lost)".into());
+            reasons.push(format!(
+                "replication slot invalidated (wal_status = lost, reason {})",
+                s.slot_invalidation_reason
+                    .as_deref()
+                    .unwrap_or("wal_removed")
+            ));
         }
     }
     if reasons.is_empty() {
@@ -102,6 +107,8 @@ pub fn status_json(s: &Snapshot) -> Value {
         "nats_reconnect_count": s.nats_reconnects,
         "last_processing_time_us": s.last_processing_us,
         "slot_active": s.slot_active,
+        "slot_invalidation_reason": s.slot_invalidation_reason,
+        "slot_inactive_since": s.slot_inactive_since,
         "wal_lag_bytes": s.lag_bytes,
         "wal_lag_mb": round(s.lag_bytes as f64 / (1024.0 * 1024.0), 2),
         "durable_lsn": s.durable_lsn.to_string(),
@@ -146,6 +153,8 @@ mod tests {
             slot_active: true,
             slot_lost: false,
             slot_missing: false,
+            slot_invalidation_reason: None,
+            slot_inactive_since: None,
             lag_bytes: 3 * 1024 * 1024 + 512 * 1024,
             retained_bytes: 0,
             snapshot_progress: 0.0,
@@ -170,6 +179,8 @@ mod tests {
             "nats_reconnect_count",
             "last_processing_time_us",
             "slot_active",
+            "slot_invalidation_reason",
+            "slot_inactive_since",
             "wal_lag_bytes",
             "wal_lag_mb",
             "durable_lsn",

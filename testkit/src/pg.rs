@@ -433,6 +433,33 @@ impl PgServer {
     }
 }
 
+/// What the server's version offers: tests of a feature newer than the server say so and
+/// skip, and CI runs them on a version that has it.
+impl PgServer {
+    /// `server_version_num`, e.g. 150018 or 180006.
+    pub fn version_num(&self) -> i32 {
+        self.value("postgres", "SHOW server_version_num")
+            .parse()
+            .expect("server_version_num is a number")
+    }
+
+    /// The major version, e.g. 15 or 18.
+    pub fn major_version(&self) -> i32 {
+        self.version_num() / 10000
+    }
+
+    /// True when the server is at least `major`; otherwise prints why `test` is skipped (one
+    /// line, in the test's output) and returns false.
+    pub fn at_least(&self, major: i32, test: &str, feature: &str) -> bool {
+        let have = self.major_version();
+        if have >= major {
+            return true;
+        }
+        println!("SKIPPED {test}: {feature} needs PostgreSQL {major}+, the server is {have}");
+        false
+    }
+}
+
 /// Runs `initdb` into `{dir}/data` as the unprivileged user, with the superuser password of
 /// `{dir}/pwfile`.
 pub(crate) fn initdb(bin: &Path, ids: Option<(u32, u32)>, dir: &Path) {

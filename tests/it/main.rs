@@ -32,3 +32,4 @@ mod start_checks;
 mod tail;
 mod telemetry;
 mod tls;
+mod versions;

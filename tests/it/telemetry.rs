@@ -304,6 +304,8 @@ fn metrics_status_and_health_while_streaming() {
             "nats_reconnect_count",
             "reconnect_count",
             "slot_active",
+            "slot_inactive_since",
+            "slot_invalidation_reason",
             "status",
             "uptime_seconds",
             "version",
@@ -316,6 +318,7 @@ fn metrics_status_and_health_while_streaming() {
     assert_eq!(s["cdc_events_published"], 20);
     assert_eq!(s["is_connected"], true);
     assert_eq!(s["slot_active"], true);
+    assert_eq!(s["slot_invalidation_reason"], serde_json::Value::Null);
     assert_eq!(s["version"], env!("CARGO_PKG_VERSION"));
     s["current_lsn"].as_str().unwrap().parse::<Lsn>().unwrap();
     s["durable_lsn"].as_str().unwrap().parse::<Lsn>().unwrap();

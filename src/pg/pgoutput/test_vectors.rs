@@ -25,9 +25,14 @@ pub(crate) const MESSAGE: &str = include_str!("../../../tests/vectors/message.he
 pub(crate) const STREAMING: &str = include_str!("../../../tests/vectors/streaming.hex");
 pub(crate) const NULLS: &str = include_str!("../../../tests/vectors/nulls.hex");
 pub(crate) const TYPES: &str = include_str!("../../../tests/vectors/types.hex");
+pub(crate) const TWO_PHASE: &str = include_str!("../../../tests/vectors/two_phase.hex");
+pub(crate) const TWO_PHASE_STREAMED: &str =
+    include_str!("../../../tests/vectors/two_phase_streamed.hex");
+pub(crate) const STREAMING_PARALLEL: &str =
+    include_str!("../../../tests/vectors/streaming_parallel.hex");
 
 /// Every capture, by name.
-pub(crate) const ALL: [(&str, &str); 9] = [
+pub(crate) const ALL: [(&str, &str); 12] = [
     ("basic", BASIC),
     ("replica_identity", REPLICA_IDENTITY),
     ("pk_change", PK_CHANGE),
@@ -37,6 +42,9 @@ pub(crate) const ALL: [(&str, &str); 9] = [
     ("streaming", STREAMING),
     ("nulls", NULLS),
     ("types", TYPES),
+    ("two_phase", TWO_PHASE),
+    ("two_phase_streamed", TWO_PHASE_STREAMED),
+    ("streaming_parallel", STREAMING_PARALLEL),
 ];
 
 /// Decodes a hex string (no separators).
