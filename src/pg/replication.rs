@@ -60,14 +60,6 @@ pub enum Streaming {
     Parallel,
 }
 
-/// PostgreSQL 17 refuses a slot that is both a failover slot and two-phase (18 allows it).
-/// Failover wins there: without two-phase a prepared transaction simply arrives at COMMIT
-/// PREPARED as an ordinary transaction, with the same events and ids, while a slot that is
-/// lost at a promotion loses changes. So on 17 neither the slot nor the stream is two-phase.
-pub fn failover_excludes_two_phase(server_version: i32) -> bool {
-    (170000..180000).contains(&server_version)
-}
-
 /// pgoutput options for `START_REPLICATION`.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct PgOutputOptions {
@@ -104,7 +96,7 @@ impl PgOutputOptions {
             publication_names,
             streaming,
             messages: proto_version >= 2,
-            two_phase: proto_version >= 3 && !failover_excludes_two_phase(server_version),
+            two_phase: proto_version >= 3,
         }
     }
 
@@ -238,12 +230,11 @@ impl ReplicationConnection {
             (SnapshotAction::Export, false) => "EXPORT_SNAPSHOT",
             (SnapshotAction::Use, false) => "USE_SNAPSHOT",
         };
-        let two_phase =
-            if modern && !temporary && !failover_excludes_two_phase(self.conn.server_version()) {
-                ", TWO_PHASE true"
-            } else {
-                ""
-            };
+        let two_phase = if modern && !temporary {
+            ", TWO_PHASE true"
+        } else {
+            ""
+        };
         let action = if modern {
             format!("{action}{two_phase})")
         } else {
@@ -258,18 +249,13 @@ impl ReplicationConnection {
         self.created_slot(&sql, name)
     }
 
-    /// `CREATE_REPLICATION_SLOT name LOGICAL pgoutput (SNAPSHOT 'nothing', FAILOVER)`
+    /// `CREATE_REPLICATION_SLOT name LOGICAL pgoutput (SNAPSHOT 'nothing', TWO_PHASE true, FAILOVER)`
     /// (PostgreSQL 17+): a slot that standbys with `sync_replication_slots = on` keep in step,
     /// so that it exists, at a safe position, on a standby promoted in a failover.
-    /// Two-phase too on 18 and later, like [`Self::create_slot`].
+    /// Two-phase too, like [`Self::create_slot`] (checked on 17.10 and 18.6).
     pub fn create_failover_slot(&mut self, name: &str) -> Result<CreatedSlot, PgError> {
-        let two_phase = if failover_excludes_two_phase(self.conn.server_version()) {
-            ""
-        } else {
-            ", TWO_PHASE true"
-        };
         let sql = format!(
-            "CREATE_REPLICATION_SLOT {} LOGICAL pgoutput (SNAPSHOT 'nothing'{two_phase}, FAILOVER)",
+            "CREATE_REPLICATION_SLOT {} LOGICAL pgoutput (SNAPSHOT 'nothing', TWO_PHASE true, FAILOVER)",
             quote_ident(name)
         );
         self.created_slot(&sql, name)
@@ -374,19 +360,13 @@ mod tests {
             o.to_sql(),
             "(\"proto_version\" '3', \"publication_names\" '\"cdc_pub\"', \"messages\" 'true', \"streaming\" 'on', \"two_phase\" 'true')"
         );
-        for v in [160000, 180006] {
+        for v in [160000, 170005, 180006] {
             let o = PgOutputOptions::for_server(v, vec!["cdc_pub".into()]);
             assert_eq!(
                 o.to_sql(),
                 "(\"proto_version\" '4', \"publication_names\" '\"cdc_pub\"', \"messages\" 'true', \"streaming\" 'parallel', \"two_phase\" 'true')"
             );
         }
-        // 17: a failover slot cannot be two-phase there.
-        let o = PgOutputOptions::for_server(170005, vec!["cdc_pub".into()]);
-        assert_eq!(
-            o.to_sql(),
-            "(\"proto_version\" '4', \"publication_names\" '\"cdc_pub\"', \"messages\" 'true', \"streaming\" 'parallel')"
-        );
         let o = PgOutputOptions::for_server(130000, vec!["a".into(), "it's".into()]);
         assert_eq!(
             o.to_sql(),
