@@ -422,3 +422,58 @@ fn an_idle_timeout_stops_the_start_with_what_to_do() {
     assert!(line.contains("was invalidated (idle_timeout)"), "{line}");
     assert!(line.contains("idle_replication_slot_timeout"), "{line}");
 }
+
+/// A slot made before the bridge asked for two-phase (an older bridge, or by hand): it becomes
+/// two-phase from the position streaming starts at, and a transaction prepared before that
+/// arrives whole at its COMMIT PREPARED.
+#[test]
+fn a_slot_created_without_two_phase_serves_prepared_transactions_alike() {
+    let env = TestEnv::start();
+    setup_app_db(&env.pg, "CREATE TABLE t (id int PRIMARY KEY, v text)", "");
+    env.pg.sql(
+        "app",
+        "SELECT pg_create_logical_replication_slot('old_slot', 'pgoutput')",
+    );
+    let mut c = env.pg.connect("app");
+    // Prepared before the bridge ever streamed from the slot.
+    for sql in [
+        "BEGIN",
+        "INSERT INTO t VALUES (2, 'prepared before')",
+        "PREPARE TRANSACTION 'before'",
+    ] {
+        c.execute(sql).unwrap();
+    }
+    let dir = TempDir::new("bridge");
+    let mut bridge = BridgeProcess::spawn(
+        bridge_command(&env.pg, &env.nats.url(), dir.path())
+            .args(["--format", "json", "--slot", "old_slot"]),
+    );
+    bridge.wait_for_line("streaming started", Duration::from_secs(60));
+    for sql in [
+        "INSERT INTO t VALUES (1, 'plain')",
+        "BEGIN",
+        "INSERT INTO t VALUES (4, 'prepared after')",
+        "PREPARE TRANSACTION 'after'",
+        "COMMIT PREPARED 'before'",
+        "INSERT INTO t VALUES (3, 'plain')",
+        "COMMIT PREPARED 'after'",
+    ] {
+        c.execute(sql).unwrap();
+    }
+    let msgs = wait_messages(&env.nats.url(), 4);
+    testkit::assert_once_in_order(&json_row_ids(&msgs), 4);
+    let two_phase = env.pg.value(
+        "app",
+        "SELECT two_phase FROM pg_replication_slots WHERE slot_name = 'old_slot'",
+    );
+    let want = if env.pg.major_version() >= 15 {
+        "t"
+    } else {
+        "f"
+    };
+    assert_eq!(
+        two_phase, want,
+        "the slot became two-phase at START_REPLICATION"
+    );
+    assert_eq!(bridge.terminate(Duration::from_secs(30)), Some(0));
+}
