@@ -14,7 +14,7 @@ use crate::config::{
 };
 
 /// `text [default: value]`, so the help shows the defaults without clap applying them.
-fn with_default(text: &str, default: impl Display) -> String {
+pub(super) fn with_default(text: &str, default: impl Display) -> String {
     format!("{text} [default: {default}]")
 }
 
@@ -47,6 +47,9 @@ pub(crate) struct ConfigArgs {
     /// `[streams]`.
     #[command(flatten)]
     pub(crate) streams: StreamArgs,
+    /// `replication.sink` and `[kafka]`.
+    #[command(flatten)]
+    pub(crate) kafka: super::kafka_args::KafkaArgs,
 }
 
 /// PostgreSQL connection flags (`[postgres]`).
@@ -565,8 +568,13 @@ impl Pick<'_> {
     /// `value` when the argument `id` got it from this source. clap has already chosen between
     /// a flag and its environment variable, so each value lands in exactly one overlay.
     fn take<T: Clone>(&self, id: &str, value: &Option<T>) -> Option<T> {
+        value.as_ref().filter(|_| self.from_here(id)).cloned()
+    }
+
+    /// True when the argument `id`, if given, came from this source.
+    fn from_here(&self, id: &str) -> bool {
         let from_env = self.matches.value_source(id) == Some(ValueSource::EnvVariable);
-        value.as_ref().filter(|_| from_env == self.env).cloned()
+        from_env == self.env
     }
 }
 
@@ -645,6 +653,7 @@ impl ConfigArgs {
                 wal_receive_timeout_secs: take!(p, r, wal_receive_timeout_secs),
                 accept_position_gap: take!(p, r, accept_position_gap),
                 id_namespace: take!(p, r, id_namespace),
+                sink: p.take("sink", &self.kafka.sink),
             },
             http: HttpOverlay {
                 bind: take!(p, h, http_bind),
@@ -672,6 +681,7 @@ impl ConfigArgs {
                 init_max_age_secs: take!(p, st, init_max_age_secs),
                 replicas: take!(p, st, stream_replicas),
             },
+            kafka: self.kafka.overlay(&|id| p.from_here(id)),
         }
     }
 }

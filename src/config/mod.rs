@@ -37,6 +37,7 @@ use std::fmt;
 use serde::Serialize;
 
 mod error;
+pub(crate) mod kafka;
 mod load;
 mod names;
 pub(crate) mod nats;
@@ -52,12 +53,13 @@ mod validate;
 mod tests;
 
 pub use error::ConfigError;
+pub use kafka::{KafkaConfig, KafkaProperties, SinkKind};
 pub use load::Layers;
 pub(crate) use nats::check_nkey_seed;
 pub(crate) use nats::NatsAuth;
 pub use nats::NatsConfig;
 pub use overlay::{
-    HttpOverlay, MonitorOverlay, NatsOverlay, Overlay, PgOverlay, ReplicationOverlay,
+    HttpOverlay, KafkaOverlay, MonitorOverlay, NatsOverlay, Overlay, PgOverlay, ReplicationOverlay,
     SnapshotOverlay, StreamsOverlay,
 };
 pub use pg::{PgConfig, SslMode};
@@ -87,6 +89,8 @@ pub struct Config {
     pub snapshot: SnapshotConfig,
     /// JetStream stream names and retention (`[streams]`).
     pub streams: StreamsConfig,
+    /// The Kafka sink (`[kafka]`), used with `replication.sink = "kafka"`.
+    pub kafka: KafkaConfig,
 }
 
 impl Config {
@@ -133,7 +137,7 @@ impl fmt::Display for Config {
              slot={} publication={} tables={} format={} streams={},{} http={} admin_token={} \
              state_file={} ring_capacity={} max_in_flight={} snapshot_chunk_rows={} \
              snapshot_on_start={} snapshot_reply_prefix={} snapshot_max_concurrent={} \
-             snapshot_cooldown_secs={} nats_tls={}",
+             snapshot_cooldown_secs={} nats_tls={} sink={}",
             pg.user,
             pg.host,
             pg.port,
@@ -163,6 +167,18 @@ impl fmt::Display for Config {
             } else {
                 "if-offered"
             },
-        )
+            self.replication.sink,
+        )?;
+        if self.replication.sink == SinkKind::Kafka {
+            write!(
+                f,
+                " kafka_brokers={} topic_prefix={} kafka_tombstones={} kafka_properties={:?}",
+                self.kafka.brokers.join(","),
+                self.kafka.topic_prefix,
+                self.kafka.tombstones,
+                self.kafka.properties,
+            )?;
+        }
+        Ok(())
     }
 }

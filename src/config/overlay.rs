@@ -13,8 +13,9 @@ use std::path::PathBuf;
 use serde::Deserialize;
 
 use super::url::redact_url_userinfo;
+use super::kafka::SinkKind;
 use super::{
-    Format, HttpConfig, MonitorConfig, NatsConfig, ReplicationConfig, Secret, SnapshotConfig,
+    Format, HttpConfig, KafkaConfig, KafkaProperties, MonitorConfig, NatsConfig, ReplicationConfig, Secret, SnapshotConfig,
     SslMode, StreamsConfig,
 };
 
@@ -177,6 +178,7 @@ overlay! {
             "--wal-receive-timeout-secs", "BRIDGE_WAL_RECEIVE_TIMEOUT_SECS";
         accept_position_gap: bool = "--accept-position-gap", "BRIDGE_ACCEPT_POSITION_GAP";
         id_namespace: String = "--id-namespace", "BRIDGE_ID_NAMESPACE";
+        sink: SinkKind = "--sink", "BRIDGE_SINK";
     }
 }
 
@@ -228,6 +230,19 @@ overlay! {
     }
 }
 
+overlay! {
+    /// `[kafka]`.
+    #[derive(Debug)]
+    KafkaOverlay, "kafka" => KafkaConfig {
+        brokers: Vec<String> = "--kafka-brokers", "KAFKA_BROKERS";
+        topic_prefix: String = "--topic-prefix", "BRIDGE_TOPIC_PREFIX";
+        tombstones: bool = "--kafka-tombstones", "BRIDGE_KAFKA_TOMBSTONES";
+        partitions: u32 = "--kafka-partitions", "BRIDGE_KAFKA_PARTITIONS";
+        replication_factor: u16 = "--kafka-replication-factor", "BRIDGE_KAFKA_REPLICATION_FACTOR";
+        properties: KafkaProperties = "--kafka-property", "KAFKA_PROPERTIES";
+    }
+}
+
 /// What one source says: the configuration file, the environment or the command line. The
 /// file is parsed straight into it (an unknown key is an error); `bridge`'s command line builds
 /// one for its environment variables and one for its flags.
@@ -248,6 +263,8 @@ pub struct Overlay {
     pub snapshot: SnapshotOverlay,
     /// `[streams]`.
     pub streams: StreamsOverlay,
+    /// `[kafka]`.
+    pub kafka: KafkaOverlay,
 }
 
 impl Overlay {
@@ -260,6 +277,11 @@ impl Overlay {
         self.monitor.merge(later.monitor);
         self.snapshot.merge(later.snapshot);
         self.streams.merge(later.streams);
+        let mut kafka = later.kafka;
+        if let (Some(earlier), Some(later)) = (&self.kafka.properties, &mut kafka.properties) {
+            earlier.fill_from(later);
+        }
+        self.kafka.merge(kafka);
     }
 
     /// Sets, in `config`, every field this overlay gives, except `[postgres]`, which needs the
@@ -271,6 +293,7 @@ impl Overlay {
         self.monitor.apply_to(&mut config.monitor);
         self.snapshot.apply_to(&mut config.snapshot);
         self.streams.apply_to(&mut config.streams);
+        self.kafka.apply_to(&mut config.kafka);
     }
 }
 
@@ -284,4 +307,5 @@ pub(crate) fn field_sources() -> impl Iterator<Item = &'static FieldSource> {
         .chain(MonitorOverlay::SOURCES)
         .chain(SnapshotOverlay::SOURCES)
         .chain(StreamsOverlay::SOURCES)
+        .chain(KafkaOverlay::SOURCES)
 }

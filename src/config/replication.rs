@@ -123,6 +123,8 @@ pub struct ReplicationConfig {
     /// and publication.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub id_namespace: Option<String>,
+    /// Where changes are delivered: NATS JetStream or Kafka (`[kafka]`).
+    pub sink: super::kafka::SinkKind,
 }
 
 impl Default for ReplicationConfig {
@@ -143,6 +145,7 @@ impl Default for ReplicationConfig {
             wal_receive_timeout_secs: DEFAULT_WAL_RECEIVE_TIMEOUT_SECS,
             accept_position_gap: DEFAULT_ACCEPT_POSITION_GAP,
             id_namespace: None,
+            sink: super::kafka::DEFAULT_SINK,
         }
     }
 }

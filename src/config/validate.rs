@@ -30,6 +30,7 @@ impl Config {
         self.monitor.validate()?;
         self.snapshot.validate()?;
         self.streams.validate()?;
+        self.kafka.validate(self.replication.sink)?;
         Ok(())
     }
 }

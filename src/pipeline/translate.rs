@@ -281,7 +281,7 @@ impl Translator {
         match msg {
             LogicalMessage::Relation(r) => {
                 let qualified = format!("{}.{}", r.namespace, r.name);
-                let columns = r
+                let columns: Vec<ColumnInfo> = r
                     .columns
                     .iter()
                     .map(|c| ColumnInfo {
@@ -298,6 +298,7 @@ impl Translator {
                     schema: Arc::from(r.namespace),
                     table: Arc::from(r.name),
                     relation_id: r.relid,
+                    key_columns: columns.iter().filter(|c| c.key).map(|c| Arc::clone(&c.name)).collect(),
                 });
                 if streamed {
                     out.relation(&table);
@@ -542,6 +543,7 @@ mod tests {
                 schema: Arc::from("public"),
                 table: Arc::from("t"),
                 relation_id: 1,
+                key_columns: Vec::new(),
             }),
             operation: Operation::Insert,
             lsn: Lsn(100),

@@ -20,6 +20,7 @@ pub mod encode;
 pub mod event;
 pub mod fields;
 pub mod id;
+pub mod kafka;
 pub mod names;
 pub mod subject;
 pub mod text;

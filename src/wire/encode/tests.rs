@@ -238,6 +238,7 @@ fn table(schema: &str, name: &str, relation_id: u32) -> Arc<TableRef> {
         schema: Arc::from(schema),
         table: Arc::from(name),
         relation_id,
+        key_columns: Vec::new(),
     })
 }
 
@@ -719,6 +720,7 @@ fn any_event() -> impl Strategy<Value = ChangeEvent> {
             schema: Arc::from(s),
             table: Arc::from(t),
             relation_id: r,
+            key_columns: Vec::new(),
         })
     });
     let position = (
