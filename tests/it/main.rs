@@ -11,6 +11,7 @@ mod deploy;
 mod ha;
 mod harness;
 mod identity;
+mod kafka;
 mod liveness;
 mod memory;
 mod mirror;
