@@ -20,9 +20,14 @@ pub(crate) struct KafkaArgs {
     pub(crate) sink: Option<SinkKind>,
 
     /// `kafka.brokers`.
-    #[arg(long, env = "KAFKA_BROKERS", value_name = "HOST:PORT", value_delimiter = ',',
-          global = true,
-          help = "Kafka bootstrap brokers, comma separated; required with --sink kafka")]
+    #[arg(
+        long,
+        env = "KAFKA_BROKERS",
+        value_name = "HOST:PORT",
+        value_delimiter = ',',
+        global = true,
+        help = "Kafka bootstrap brokers, comma separated; required with --sink kafka"
+    )]
     pub(crate) kafka_brokers: Option<Vec<String>>,
 
     /// `kafka.topic_prefix`.
@@ -39,14 +44,24 @@ pub(crate) struct KafkaArgs {
     pub(crate) kafka_tombstones: Option<bool>,
 
     /// `kafka.partitions`.
-    #[arg(long, env = "BRIDGE_KAFKA_PARTITIONS", value_name = "N", global = true,
-          help = "Partitions of the topics the bridge creates [default: the broker's num.partitions]")]
+    #[arg(
+        long,
+        env = "BRIDGE_KAFKA_PARTITIONS",
+        value_name = "N",
+        global = true,
+        help = "Partitions of the topics the bridge creates [default: the broker's num.partitions]"
+    )]
     pub(crate) kafka_partitions: Option<u32>,
 
     /// `kafka.replication_factor`.
-    #[arg(long, env = "BRIDGE_KAFKA_REPLICATION_FACTOR", value_name = "N", global = true,
-          help = "Replication factor of the topics the bridge creates [default: the broker's \
-                  default.replication.factor]")]
+    #[arg(
+        long,
+        env = "BRIDGE_KAFKA_REPLICATION_FACTOR",
+        value_name = "N",
+        global = true,
+        help = "Replication factor of the topics the bridge creates [default: the broker's \
+                  default.replication.factor]"
+    )]
     pub(crate) kafka_replication_factor: Option<u16>,
 
     /// `kafka.properties`.

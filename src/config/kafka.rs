@@ -77,9 +77,15 @@ impl KafkaProperties {
 /// the SASL JAAS configuration, PEM keys and the OAUTHBEARER configuration.
 pub(crate) fn is_secret_property(key: &str) -> bool {
     let key = key.to_ascii_lowercase();
-    ["password", "secret", "jaas", "key.pem", "oauthbearer.config"]
-        .iter()
-        .any(|s| key.contains(s))
+    [
+        "password",
+        "secret",
+        "jaas",
+        "key.pem",
+        "oauthbearer.config",
+    ]
+    .iter()
+    .any(|s| key.contains(s))
 }
 
 impl fmt::Debug for KafkaProperties {
@@ -167,7 +173,10 @@ impl Default for KafkaConfig {
 /// Properties the bridge sets itself, and why a user may not change them.
 const RESERVED_PROPERTIES: &[(&str, &str)] = &[
     ("bootstrap.servers", "use --kafka-brokers / KAFKA_BROKERS"),
-    ("metadata.broker.list", "use --kafka-brokers / KAFKA_BROKERS"),
+    (
+        "metadata.broker.list",
+        "use --kafka-brokers / KAFKA_BROKERS",
+    ),
     (
         "enable.idempotence",
         "the bridge needs the idempotent producer to keep each row's changes in order",
@@ -176,7 +185,10 @@ const RESERVED_PROPERTIES: &[(&str, &str)] = &[
         "acks",
         "the bridge confirms a position only once every in-sync replica has the records (acks=all)",
     ),
-    ("request.required.acks", "see acks: the bridge sets acks=all"),
+    (
+        "request.required.acks",
+        "see acks: the bridge sets acks=all",
+    ),
     (
         "transactional.id",
         "the bridge delivers at least once and sets no transactional id",
@@ -312,9 +324,10 @@ mod tests {
 
     #[test]
     fn file_values_of_any_scalar_type_become_text() {
-        let p: KafkaProperties =
-            toml::from_str("\"linger.ms\" = 5\n\"socket.nagle.disable\" = true\n\"client.id\" = \"x\"")
-                .unwrap();
+        let p: KafkaProperties = toml::from_str(
+            "\"linger.ms\" = 5\n\"socket.nagle.disable\" = true\n\"client.id\" = \"x\"",
+        )
+        .unwrap();
         assert_eq!(p.0["linger.ms"], "5");
         assert_eq!(p.0["socket.nagle.disable"], "true");
         assert_eq!(p.0["client.id"], "x");
@@ -328,10 +341,14 @@ mod tests {
         if !cfg!(feature = "kafka") {
             return;
         }
-        let e = KafkaConfig::default().validate(SinkKind::Kafka).unwrap_err();
+        let e = KafkaConfig::default()
+            .validate(SinkKind::Kafka)
+            .unwrap_err();
         assert!(e.to_string().contains("required"), "{e}");
         assert!(kafka(&["b:9092"]).validate(SinkKind::Kafka).is_ok());
-        assert!(kafka(&["kafka://b:9092"]).validate(SinkKind::Kafka).is_err());
+        assert!(kafka(&["kafka://b:9092"])
+            .validate(SinkKind::Kafka)
+            .is_err());
         for (k, v, ok) in [
             ("enable.idempotence", "false", false),
             ("enable.idempotence", "true", true),
@@ -345,7 +362,13 @@ mod tests {
             c.properties.0.insert(k.into(), v.into());
             assert_eq!(c.validate(SinkKind::Kafka).is_ok(), ok, "{k}={v}");
         }
-        for (prefix, ok) in [("cdc", true), ("a.b-c_d", true), ("", false), ("a b", false), (".a", false)] {
+        for (prefix, ok) in [
+            ("cdc", true),
+            ("a.b-c_d", true),
+            ("", false),
+            ("a b", false),
+            (".a", false),
+        ] {
             let c = KafkaConfig {
                 topic_prefix: prefix.into(),
                 ..kafka(&["b:9092"])

@@ -12,11 +12,11 @@ use std::path::PathBuf;
 
 use serde::Deserialize;
 
-use super::url::redact_url_userinfo;
 use super::kafka::SinkKind;
+use super::url::redact_url_userinfo;
 use super::{
-    Format, HttpConfig, KafkaConfig, KafkaProperties, MonitorConfig, NatsConfig, ReplicationConfig, Secret, SnapshotConfig,
-    SslMode, StreamsConfig,
+    Format, HttpConfig, KafkaConfig, KafkaProperties, MonitorConfig, NatsConfig, ReplicationConfig,
+    Secret, SnapshotConfig, SslMode, StreamsConfig,
 };
 
 /// Sets a configuration field from an overlay value: a plain field takes the value, an optional

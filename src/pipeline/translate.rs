@@ -298,7 +298,11 @@ impl Translator {
                     schema: Arc::from(r.namespace),
                     table: Arc::from(r.name),
                     relation_id: r.relid,
-                    key_columns: columns.iter().filter(|c| c.key).map(|c| Arc::clone(&c.name)).collect(),
+                    key_columns: columns
+                        .iter()
+                        .filter(|c| c.key)
+                        .map(|c| Arc::clone(&c.name))
+                        .collect(),
                 });
                 if streamed {
                     out.relation(&table);

@@ -196,7 +196,10 @@ mod tests {
         assert_eq!(d.operation, Operation::Delete);
         assert_eq!(d.columns, vec![col("id", 1)]);
         assert_eq!(i.operation, Operation::Insert);
-        assert_eq!((d.commit_lsn, d.seq, i.commit_lsn, i.seq), (Lsn(2), 3, Lsn(2), 3));
+        assert_eq!(
+            (d.commit_lsn, d.seq, i.commit_lsn, i.seq),
+            (Lsn(2), 3, Lsn(2), 3)
+        );
         assert!(!d.last_in_tx && i.last_in_tx);
     }
 }

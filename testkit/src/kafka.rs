@@ -106,11 +106,16 @@ impl KafkaServer {
 
     fn java(&self, main: &str) -> Command {
         let mut cmd = Command::new("java");
-        cmd.args(["-Xmx384m", "-Xms64m", "-XX:+UseSerialGC", "-XX:TieredStopAtLevel=1"])
-            .arg("-Dlog4j2.level=warn")
-            .arg("-cp")
-            .arg(format!("{}/*", kafka_libs().display()))
-            .arg(main);
+        cmd.args([
+            "-Xmx384m",
+            "-Xms64m",
+            "-XX:+UseSerialGC",
+            "-XX:TieredStopAtLevel=1",
+        ])
+        .arg("-Dlog4j2.level=warn")
+        .arg("-cp")
+        .arg(format!("{}/*", kafka_libs().display()))
+        .arg(main);
         cmd
     }
 
@@ -251,7 +256,10 @@ impl KafkaServer {
         c.assign(&tpl).expect("assign");
         let mut next: BTreeMap<i32, i64> = BTreeMap::new();
         let deadline = Instant::now() + Duration::from_secs(120);
-        while ends.iter().any(|(p, end)| next.get(p).copied().unwrap_or(0) < *end) {
+        while ends
+            .iter()
+            .any(|(p, end)| next.get(p).copied().unwrap_or(0) < *end)
+        {
             assert!(Instant::now() < deadline, "reading topic {topic} timed out");
             let Some(m) = c.poll(Duration::from_millis(500)) else {
                 continue;
@@ -307,7 +315,10 @@ fn watermarks(c: &BaseConsumer, topic: &str, partition: i32) -> (i64, i64) {
         match c.fetch_watermarks(topic, partition, Duration::from_secs(10)) {
             Ok(w) => return w,
             Err(e) => {
-                assert!(Instant::now() < deadline, "watermarks of {topic}/{partition}: {e}");
+                assert!(
+                    Instant::now() < deadline,
+                    "watermarks of {topic}/{partition}: {e}"
+                );
                 std::thread::sleep(Duration::from_millis(200));
             }
         }
@@ -341,7 +352,8 @@ pub struct KafkaRecord {
 impl std::fmt::Debug for KafkaRecord {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         let text = |b: &Option<Vec<u8>>, max: usize| {
-            b.as_deref().map(|b| String::from_utf8_lossy(&b[..b.len().min(max)]).into_owned())
+            b.as_deref()
+                .map(|b| String::from_utf8_lossy(&b[..b.len().min(max)]).into_owned())
         };
         write!(
             f,

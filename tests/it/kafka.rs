@@ -12,8 +12,8 @@ use testkit::kafka::KafkaServer;
 use testkit::oracle::kafka::kafka_rows;
 use testkit::oracle::{grant_sales, kill_9, pg_rows, seed_sql, tables, Writer, SCHEMA, SLOT};
 use testkit::{
-    bridge_command, confirmed_flush, setup_app_db, split_msg_id, wait_caught_up,
-    BridgeProcess, KafkaRecord, PgServer, TempDir,
+    bridge_command, confirmed_flush, setup_app_db, split_msg_id, wait_caught_up, BridgeProcess,
+    KafkaRecord, PgServer, TempDir,
 };
 
 const STEP: Duration = Duration::from_secs(120);
@@ -166,19 +166,26 @@ fn records_follow_the_contract_and_an_oversized_change_stops_the_bridge() {
     assert_eq!(position(moved_del), position(moved_ins));
     let (_, _, lsn, seq) = split_msg_id(base);
     assert_eq!(position(moved_ins), (lsn.to_string(), u64::from(seq)));
-    assert!(ops("update").len() == 1, "only the UPDATE that kept its key");
+    assert!(
+        ops("update").len() == 1,
+        "only the UPDATE that kept its key"
+    );
 
     // TRUNCATE: one keyless record on every partition, one id.
     let truncates = ops("truncate");
     let mut parts: Vec<i32> = truncates.iter().map(|r| r.partition).collect();
     parts.sort();
     assert_eq!(parts, vec![0, 1, 2]);
-    assert!(truncates.iter().all(|r| r.key.is_none()
-        && r.header(ID_HEADER) == truncates[0].header(ID_HEADER)));
+    assert!(truncates
+        .iter()
+        .all(|r| r.key.is_none() && r.header(ID_HEADER) == truncates[0].header(ID_HEADER)));
 
     // Per key, offsets follow commit order.
     let mut last: BTreeMap<(i32, Vec<u8>), (String, u64)> = BTreeMap::new();
-    for r in records.iter().filter(|r| r.value.is_some() && r.key.is_some()) {
+    for r in records
+        .iter()
+        .filter(|r| r.value.is_some() && r.key.is_some())
+    {
         let k = (r.partition, r.key.clone().unwrap());
         let pos = position(r);
         let lsn = |s: &str| s.parse::<pgbridge::pg::Lsn>().unwrap();
@@ -205,7 +212,10 @@ fn records_follow_the_contract_and_an_oversized_change_stops_the_bridge() {
         .unwrap()
         .parse()
         .unwrap();
-    assert!(confirmed >= before && confirmed < end, "{confirmed} {before} {end}");
+    assert!(
+        confirmed >= before && confirmed < end,
+        "{confirmed} {before} {end}"
+    );
     // Nothing before it was lost.
     assert_eq!(kafka.read_topic("cdc.t1").len(), 13);
 }
@@ -342,7 +352,10 @@ fn a_broker_outage_under_load_needs_no_restart() {
     let report = writer.finish();
     wait_caught_up(&pg, SLOT, STEP);
     assert!(confirmed_flush(&pg, SLOT) > held);
-    assert!(bridge.child.try_wait().unwrap().is_none(), "the bridge exited");
+    assert!(
+        bridge.child.try_wait().unwrap().is_none(),
+        "the bridge exited"
+    );
     bridge.wait_for_line("Kafka brokers reachable again", STEP);
     compare_tables(&pg, &kafka);
     eprintln!(

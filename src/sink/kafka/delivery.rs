@@ -221,7 +221,11 @@ impl KafkaDelivery {
         if let Some(t) = self.topics.get(&key) {
             return Ok((Arc::clone(&t.name), t.partitions));
         }
-        let name = topic(&self.settings.kafka.topic_prefix, &ev.table.schema, &ev.table.table);
+        let name = topic(
+            &self.settings.kafka.topic_prefix,
+            &ev.table.schema,
+            &ev.table.table,
+        );
         let mut warned = false;
         let since = Instant::now();
         loop {
@@ -243,7 +247,9 @@ impl KafkaDelivery {
                         log::warn!("cannot find or create Kafka topic {name}: {e}; retrying (PostgreSQL keeps the WAL meanwhile)");
                         warned = true;
                     }
-                    if self.settings.shutdown.is_triggered() && since.elapsed() > SHUTDOWN_RETRY_LIMIT {
+                    if self.settings.shutdown.is_triggered()
+                        && since.elapsed() > SHUTDOWN_RETRY_LIMIT
+                    {
                         return Err(KafkaSinkError::NotDrained {
                             pending: self.window.len(),
                             last_error: e.to_string(),
@@ -385,7 +391,10 @@ impl KafkaDelivery {
 
     /// A record was not stored: no new changes until the window was produced again.
     fn failed(&mut self, e: &KafkaError) {
-        self.settings.stats.publish_errors.fetch_add(1, Ordering::Relaxed);
+        self.settings
+            .stats
+            .publish_errors
+            .fetch_add(1, Ordering::Relaxed);
         if !self.recovering {
             log::warn!(
                 "Kafka did not store a record: {e}; producing the {} unconfirmed changes again, in order, with a new producer (PostgreSQL keeps the WAL meanwhile)",

@@ -80,7 +80,9 @@ impl Context {
             if up {
                 log::info!("Kafka brokers reachable again; delivering");
             } else {
-                log::warn!("no Kafka broker reachable; retrying (PostgreSQL keeps the WAL meanwhile)");
+                log::warn!(
+                    "no Kafka broker reachable; retrying (PostgreSQL keeps the WAL meanwhile)"
+                );
             }
             self.connection.changed.notify_waiters();
         }

@@ -3,9 +3,7 @@
 
 use std::sync::Arc;
 
-use rdkafka::admin::{
-    AdminClient, AdminOptions, NewTopic, ResourceSpecifier, TopicReplication,
-};
+use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, ResourceSpecifier, TopicReplication};
 use rdkafka::error::KafkaError;
 use rdkafka::types::RDKafkaErrorCode;
 
@@ -23,7 +21,10 @@ pub(crate) struct Admin {
 }
 
 impl Admin {
-    pub(crate) fn new(kafka: &KafkaConfig, connection: Arc<NatsStats>) -> Result<Self, KafkaSinkError> {
+    pub(crate) fn new(
+        kafka: &KafkaConfig,
+        connection: Arc<NatsStats>,
+    ) -> Result<Self, KafkaSinkError> {
         let client = client_config(kafka)
             .create_with_context(Context { connection })
             .map_err(KafkaSinkError::Config)?;
@@ -68,11 +69,16 @@ impl Admin {
             }
             tokio::time::sleep(std::time::Duration::from_millis(100)).await;
         }
-        Err(KafkaError::AdminOp(RDKafkaErrorCode::UnknownTopicOrPartition))
+        Err(KafkaError::AdminOp(
+            RDKafkaErrorCode::UnknownTopicOrPartition,
+        ))
     }
 
     fn partitions_of(&self, topic: &str) -> Result<Option<usize>, KafkaError> {
-        let md = self.client.inner().fetch_metadata(Some(topic), REQUEST_TIMEOUT)?;
+        let md = self
+            .client
+            .inner()
+            .fetch_metadata(Some(topic), REQUEST_TIMEOUT)?;
         Ok(md
             .topics()
             .iter()

@@ -1,30 +1,47 @@
-//! The table-rebuild oracle over Kafka: replays a topic's records (`--format json`), each
-//! partition in offset order, into rows in the canonical form of [`super::pg_rows`], so a
-//! topic can be compared with its PostgreSQL source.
+//! The table-rebuild oracle over Kafka: replays a topic's records (`--format json`) in commit
+//! order (`commit_lsn`, `seq`; the halves of a key change DELETE first) into rows in the
+//! canonical form of [`super::pg_rows`], so a topic can be compared with its PostgreSQL
+//! source. (Per-key order within partitions is checked by the tests themselves.)
 //!
 //! Replay follows the documented record rules: INSERT and UPDATE set the row of their key
-//! (a column left out as an unchanged TOASTed value keeps the value it had), DELETE removes
-//! it, a tombstone changes nothing, and a TRUNCATE (one record on every partition) empties its
-//! partition. A duplicate (at-least-once) repeats a suffix of changes in order, which leaves
-//! the same final rows.
+//! (a column left out as an unchanged TOASTed value keeps the value it had; for the INSERT
+//! half of a key change, the value of the row its DELETE half removed), DELETE removes it, a
+//! tombstone changes nothing, and TRUNCATE empties the table. A duplicate (at-least-once)
+//! sorts next to its original and applies the same change again, which changes nothing.
 
-use std::collections::BTreeMap;
+use std::collections::HashMap;
 
 use serde_json::Value as Json;
+
+use pgbridge::pg::Lsn;
+use pgbridge::wire::kafka::{ID_HEADER, KEY_CHANGE_DELETE_SUFFIX, KEY_CHANGE_INSERT_SUFFIX};
 
 use super::{canon_f4, canon_f8, canon_json, key_of, Kind, Row, Rows, Table};
 use crate::kafka::KafkaRecord;
 
 /// The rows of `t` that the records of its topic give.
 pub fn kafka_rows(records: &[KafkaRecord], t: &Table) -> Result<Rows, String> {
-    let mut partitions: BTreeMap<i32, Rows> = BTreeMap::new();
+    let mut changes = Vec::new();
     for r in records {
-        let rows = partitions.entry(r.partition).or_default();
         let Some(value) = &r.value else {
             continue;
         };
         let ev: Json = serde_json::from_slice(value)
             .map_err(|e| format!("{}@{}: value is not JSON: {e}", r.partition, r.offset))?;
+        let lsn: Lsn = ev["commit_lsn"]
+            .as_str()
+            .and_then(|s| s.parse().ok())
+            .ok_or_else(|| format!("{}@{}: no commit_lsn", r.partition, r.offset))?;
+        let seq = ev["seq"].as_u64().unwrap_or(0);
+        let id = r.header(ID_HEADER).unwrap_or_default().to_string();
+        let half = u8::from(id.ends_with(KEY_CHANGE_INSERT_SUFFIX));
+        changes.push(((lsn, seq, half), id, ev));
+    }
+    // Stable: the records of one change keep their order.
+    changes.sort_by_key(|(pos, _, _)| *pos);
+    let mut rows = Rows::new();
+    let mut moved: HashMap<String, Row> = HashMap::new();
+    for (_, id, ev) in changes {
         let op = ev["operation"].as_str().unwrap_or_default();
         let columns = ev["columns"].as_array().cloned().unwrap_or_default();
         let named = |name: &str| {
@@ -33,22 +50,26 @@ pub fn kafka_rows(records: &[KafkaRecord], t: &Table) -> Result<Rows, String> {
                 .find(|c| c["name"] == name)
                 .map(|c| c["value"].clone())
         };
+        let key: Row = t.columns[..t.key]
+            .iter()
+            .map(|(c, k)| canon_json_value(*k, &named(c).unwrap_or(Json::Null)))
+            .collect();
+        let key = key_of(t, &key);
         match op {
             "TRUNCATE" => rows.clear(),
             "DELETE" => {
-                let key: Row = t.columns[..t.key]
-                    .iter()
-                    .map(|(c, k)| canon_json_value(*k, &named(c).unwrap_or(Json::Null)))
-                    .collect();
-                rows.remove(&key_of(t, &key));
+                let removed = rows.remove(&key);
+                if let (Some(base), Some(row)) =
+                    (id.strip_suffix(KEY_CHANGE_DELETE_SUFFIX), removed)
+                {
+                    moved.insert(base.to_string(), row);
+                }
             }
             "INSERT" | "UPDATE" => {
-                let key: Row = t.columns[..t.key]
-                    .iter()
-                    .map(|(c, k)| canon_json_value(*k, &named(c).unwrap_or(Json::Null)))
-                    .collect();
-                let key = key_of(t, &key);
-                let before = rows.get(&key).cloned();
+                let before = match id.strip_suffix(KEY_CHANGE_INSERT_SUFFIX) {
+                    Some(base) => moved.get(base).cloned(),
+                    None => rows.get(&key).cloned(),
+                };
                 let row: Row = t
                     .columns
                     .iter()
@@ -60,19 +81,10 @@ pub fn kafka_rows(records: &[KafkaRecord], t: &Table) -> Result<Rows, String> {
                     .collect();
                 rows.insert(key, row);
             }
-            other => return Err(format!("{}@{}: operation {other:?}", r.partition, r.offset)),
+            other => return Err(format!("{id}: operation {other:?}")),
         }
     }
-    // A row lives in one partition at a time: the same key in two would be a stale row.
-    let mut all = Rows::new();
-    for (p, rows) in partitions {
-        for (key, row) in rows {
-            if all.insert(key.clone(), row).is_some() {
-                return Err(format!("{}: row {key} is in two partitions (up to {p})", t.pg));
-            }
-        }
-    }
-    Ok(all)
+    Ok(rows)
 }
 
 /// One JSON value of a change event in the canonical form of [`super::canon_pg`].
