@@ -568,11 +568,11 @@ impl Pick<'_> {
     /// `value` when the argument `id` got it from this source. clap has already chosen between
     /// a flag and its environment variable, so each value lands in exactly one overlay.
     fn take<T: Clone>(&self, id: &str, value: &Option<T>) -> Option<T> {
-        value.as_ref().filter(|_| self.from_here(id)).cloned()
+        value.as_ref().filter(|_| self.gave(id)).cloned()
     }
 
     /// True when the argument `id`, if given, came from this source.
-    fn from_here(&self, id: &str) -> bool {
+    fn gave(&self, id: &str) -> bool {
         let from_env = self.matches.value_source(id) == Some(ValueSource::EnvVariable);
         from_env == self.env
     }
@@ -681,7 +681,7 @@ impl ConfigArgs {
                 init_max_age_secs: take!(p, st, init_max_age_secs),
                 replicas: take!(p, st, stream_replicas),
             },
-            kafka: self.kafka.overlay(&|id| p.from_here(id)),
+            kafka: self.kafka.overlay(&|id| p.gave(id)),
         }
     }
 }

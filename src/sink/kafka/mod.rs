@@ -126,7 +126,7 @@ pub(crate) fn client_config(kafka: &KafkaConfig) -> ClientConfig {
     c.set("bootstrap.servers", kafka.brokers.join(","));
     c.set("enable.idempotence", "true");
     c.set("acks", "all");
-    if kafka.properties.0.get("client.id").is_none() {
+    if !kafka.properties.0.contains_key("client.id") {
         c.set("client.id", "pgbridge");
     }
     c
