@@ -68,8 +68,8 @@ pub(crate) struct KafkaArgs {
     #[arg(long, env = "KAFKA_PROPERTIES", value_name = "KEY=VALUE", value_delimiter = ';',
           value_parser = parse_property, global = true,
           help = "A librdkafka property for the producer and the admin client (SASL, TLS, \
-                  tuning), repeatable; KAFKA_PROPERTIES takes several separated by ';'. They \
-                  add to [kafka.properties] of the file. Values of *password*, *secret* and \
+                  tuning), repeatable; KAFKA_PROPERTIES (read when no flag is given) takes \
+                  several separated by ';'. They add to [kafka.properties] of the file. Values of *password*, *secret* and \
                   sasl.jaas.config keys are never printed")]
     pub(crate) kafka_property: Option<Vec<(String, String)>>,
 }

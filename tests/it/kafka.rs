@@ -366,3 +366,133 @@ fn a_broker_outage_under_load_needs_no_restart() {
     );
     assert_eq!(bridge.terminate(STEP), Some(0), "{}", bridge.log());
 }
+
+/// Runs `bridge` with exactly `env` as its environment.
+fn bridge_cli(args: &[&str], env: &[(&str, &str)]) -> std::process::Output {
+    std::process::Command::new(env!("CARGO_BIN_EXE_bridge"))
+        .args(args)
+        .env_clear()
+        .envs(env.iter().copied())
+        .output()
+        .expect("run the bridge binary")
+}
+
+#[test]
+fn kafka_settings_are_checked_merged_and_redacted() {
+    let text = |o: &std::process::Output| {
+        format!(
+            "{}{}",
+            String::from_utf8_lossy(&o.stdout),
+            String::from_utf8_lossy(&o.stderr)
+        )
+    };
+    // Kafka without brokers, and Kafka settings with the NATS sink: exit 2, one clear line.
+    let out = bridge_cli(&["check-config", "--sink", "kafka"], &[]);
+    assert_eq!(out.status.code(), Some(2), "{}", text(&out));
+    assert!(
+        text(&out).contains("kafka.brokers (--kafka-brokers / KAFKA_BROKERS)"),
+        "{}",
+        text(&out)
+    );
+    let out = bridge_cli(&["check-config"], &[("KAFKA_BROKERS", "k:9092")]);
+    assert_eq!(out.status.code(), Some(2), "{}", text(&out));
+    assert!(text(&out).contains("add --sink kafka"), "{}", text(&out));
+    let out = bridge_cli(
+        &[
+            "check-config",
+            "--sink",
+            "kafka",
+            "--kafka-brokers",
+            "k:1",
+            "--kafka-property",
+            "acks=1",
+        ],
+        &[],
+    );
+    assert_eq!(out.status.code(), Some(2), "{}", text(&out));
+
+    // File, environment and flags: properties add up key by key; secrets never show.
+    let dir = TempDir::new("kafka-cli");
+    let file = dir.path().join("bridge.toml");
+    std::fs::write(
+        &file,
+        "[kafka]\nbrokers = [\"file:1\"]\ntombstones = false\n\
+         [kafka.properties]\n\"ssl.key.password\" = \"filesecret\"\n\"client.id\" = \"fromfile\"\n\"linger.ms\" = 5\n",
+    )
+    .unwrap();
+    let out = bridge_cli(
+        &[
+            "check-config",
+            "--config",
+            file.to_str().unwrap(),
+            "--sink",
+            "kafka",
+            "--kafka-brokers",
+            "a:1,b:2",
+            "--kafka-property",
+            "sasl.password=hunter2",
+            "--kafka-property",
+            "client.id=fromflag",
+            "--topic-prefix",
+            "pg.app",
+        ],
+        &[(
+            "KAFKA_PROPERTIES",
+            "sasl.username=alice;security.protocol=SASL_SSL",
+        )],
+    );
+    let all = text(&out);
+    assert_eq!(out.status.code(), Some(0), "{all}");
+    assert!(
+        !all.contains("hunter2") && !all.contains("filesecret"),
+        "{all}"
+    );
+    let t: toml::Table = String::from_utf8_lossy(&out.stdout).parse().expect("TOML");
+    let k = &t["kafka"];
+    assert_eq!(k["brokers"].as_array().unwrap().len(), 2);
+    assert_eq!(k["topic_prefix"].as_str(), Some("pg.app"));
+    assert_eq!(k["tombstones"].as_bool(), Some(false));
+    assert_eq!(t["replication"]["sink"].as_str(), Some("kafka"));
+    let p = &k["properties"];
+    assert_eq!(p["client.id"].as_str(), Some("fromflag"));
+    assert_eq!(p["linger.ms"].as_str(), Some("5"));
+    // Flags beat their environment variable as a whole (clap reads one or the other).
+    assert!(p.get("sasl.username").is_none(), "{p:?}");
+    assert_eq!(p["sasl.password"].as_str(), Some("***"));
+    assert_eq!(p["ssl.key.password"].as_str(), Some("***"));
+
+    // Without the flag, the environment's properties add to the file's.
+    let out = bridge_cli(
+        &[
+            "check-config",
+            "--config",
+            file.to_str().unwrap(),
+            "--sink",
+            "kafka",
+        ],
+        &[(
+            "KAFKA_PROPERTIES",
+            "sasl.username=alice;security.protocol=SASL_SSL",
+        )],
+    );
+    assert_eq!(out.status.code(), Some(0), "{}", text(&out));
+    let t: toml::Table = String::from_utf8_lossy(&out.stdout).parse().expect("TOML");
+    let p = &t["kafka"]["properties"];
+    assert_eq!(p["sasl.username"].as_str(), Some("alice"));
+    assert_eq!(p["security.protocol"].as_str(), Some("SASL_SSL"));
+    assert_eq!(p["client.id"].as_str(), Some("fromfile"));
+    assert_eq!(p["ssl.key.password"].as_str(), Some("***"));
+
+    let help = text(&bridge_cli(&["--help"], &[]));
+    for flag in [
+        "--sink",
+        "--kafka-brokers",
+        "--topic-prefix",
+        "--kafka-property",
+        "--kafka-tombstones",
+        "--kafka-partitions",
+        "--kafka-replication-factor",
+    ] {
+        assert!(help.contains(flag), "--help lacks {flag}");
+    }
+}
