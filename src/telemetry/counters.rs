@@ -48,6 +48,12 @@ pub struct PublisherStats {
     pub stalled: AtomicBool,
     /// Commit time → PubAck latency, observed per acknowledged message.
     pub commit_to_ack: Option<prometheus::Histogram>,
+    /// Kafka: records handed to the producer whose delivery report has not come yet.
+    pub queue_depth: AtomicU64,
+    /// Kafka: delivery reports received.
+    pub delivery_reports: AtomicU64,
+    /// Kafka: microseconds from producing a record to its delivery report, summed.
+    pub delivery_report_micros: AtomicU64,
 }
 
 /// Connection state and counters of one NATS connection, updated from the client's event

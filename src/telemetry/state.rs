@@ -243,6 +243,9 @@ impl Telemetry {
             bytes_published: p.bytes.load(Relaxed),
             publish_errors: p.publish_errors.load(Relaxed),
             in_flight: p.in_flight.load(Relaxed),
+            queue_depth: p.queue_depth.load(Relaxed),
+            delivery_reports: p.delivery_reports.load(Relaxed),
+            delivery_report_micros: p.delivery_report_micros.load(Relaxed),
             publisher_stalled: p.stalled.load(Relaxed),
             nats_connected: self.nats.is_connected(),
             nats_reconnects: self.nats.reconnects(),
@@ -302,6 +305,12 @@ pub struct Snapshot {
     pub publish_errors: u64,
     /// PubAcks awaited.
     pub in_flight: u64,
+    /// Kafka: records in the producer awaiting their delivery report.
+    pub queue_depth: u64,
+    /// Kafka: delivery reports received.
+    pub delivery_reports: u64,
+    /// Kafka: produce → delivery report time of those reports, summed, in µs.
+    pub delivery_report_micros: u64,
     /// JetStream does not acknowledge (publishes are being retried).
     pub publisher_stalled: bool,
     /// The publisher's NATS connection is up.

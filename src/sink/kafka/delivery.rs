@@ -74,6 +74,7 @@ struct Report {
 pub(crate) struct ProducerCtx {
     base: Context,
     reports: UnboundedSender<Report>,
+    stats: Arc<PublisherStats>,
 }
 
 impl ClientContext for ProducerCtx {
@@ -87,11 +88,17 @@ impl ClientContext for ProducerCtx {
 }
 
 impl ProducerContext for ProducerCtx {
-    /// (generation, ticket, record index).
-    type DeliveryOpaque = Box<(u64, Ticket, u32)>;
+    /// (generation, ticket, record index, when produced).
+    type DeliveryOpaque = Box<(u64, Ticket, u32, Instant)>;
 
     fn delivery(&self, result: &DeliveryResult<'_>, tag: Self::DeliveryOpaque) {
-        let (generation, ticket, index) = *tag;
+        let (generation, ticket, index, produced) = *tag;
+        let micros = produced.elapsed().as_micros() as u64;
+        self.stats.delivery_reports.fetch_add(1, Ordering::Relaxed);
+        self.stats
+            .delivery_report_micros
+            .fetch_add(micros, Ordering::Relaxed);
+        self.stats.queue_depth.fetch_sub(1, Ordering::Relaxed);
         let result = match result {
             Ok(_) => {
                 self.base.set_connected(true);
@@ -199,6 +206,7 @@ impl KafkaDelivery {
     fn new_producer(&mut self) -> Result<(), KafkaSinkError> {
         // The old one has no record in flight any more (see `delivered`).
         self.producer = None;
+        self.settings.stats.queue_depth.store(0, Ordering::Relaxed);
         self.generation += 1;
         self.outstanding = 0;
         let ctx = ProducerCtx {
@@ -206,6 +214,7 @@ impl KafkaDelivery {
                 connection: Arc::clone(&self.settings.connection),
             },
             reports: self.reports_tx.clone(),
+            stats: Arc::clone(&self.settings.stats),
         };
         let producer = client_config(&self.settings.kafka)
             .create_with_context(ctx)
@@ -353,7 +362,7 @@ impl KafkaDelivery {
                 key: OP_HEADER,
                 value: Some(r.op.as_bytes()),
             });
-        let tag = Box::new((self.generation, entry.ticket, index as u32));
+        let tag = Box::new((self.generation, entry.ticket, index as u32, Instant::now()));
         let mut record: BaseRecord<'_, [u8], [u8], _> =
             BaseRecord::with_opaque_to(&r.topic, tag).headers(headers);
         if let Some(k) = &r.key {
@@ -366,7 +375,13 @@ impl KafkaDelivery {
             record = record.partition(p);
         }
         match producer.send(record) {
-            Ok(()) => self.outstanding += 1,
+            Ok(()) => {
+                self.outstanding += 1;
+                self.settings
+                    .stats
+                    .queue_depth
+                    .fetch_add(1, Ordering::Relaxed);
+            }
             Err((e, _)) => {
                 if is_too_large(&e) {
                     self.fatal = Some(self.too_large(at, index, &e));
