@@ -6,11 +6,10 @@
 //! partition's records in the order they were produced, also across its internal retries.
 //! A delivery error (a record timed out after `message.timeout.ms`, or the producer failed
 //! fatally) stops new changes; once every record still in flight has its report, the producer
-//! is replaced by a fresh one, and every record of the window that has no successful report is
-//! produced again, in the original order. Records stored before the error may so be stored
-//! twice (at least once); a record is never stored after a later record of its key that it
-//! preceded, because the idempotent producer never stores a partition's record after a
-//! failed one of the same producer.
+//! is replaced by a fresh one, and the window is produced again in the original order from its
+//! first record without a successful report, including the records behind it that were stored
+//! meanwhile. Records may so be stored twice (at least once), and the last record of every key
+//! is always its latest change.
 
 use std::collections::{HashMap, VecDeque};
 use std::sync::atomic::Ordering;
@@ -459,8 +458,11 @@ impl KafkaDelivery {
         }
     }
 
-    /// Produces every record of the window without a successful report again, in order,
-    /// with a fresh producer.
+    /// Produces the window again, in order, with a fresh producer: from the first record
+    /// without a successful report on, every record, also those stored meanwhile. A record
+    /// of the same key stored after the failed one (a producer that bumped its epoch goes on
+    /// with the records behind a timed-out one) is so stored again after it: the key's last
+    /// record is its latest change again.
     async fn reproduce(&mut self) -> Result<(), KafkaSinkError> {
         if self.settings.shutdown.sleep(self.backoff).await {
             self.check_shutdown()?;
@@ -468,9 +470,11 @@ impl KafkaDelivery {
         self.backoff = (self.backoff * 2).min(RETRY_MAX);
         self.new_producer()?;
         self.recovering = false;
+        let mut resending = false;
         for at in 0..self.window.len() {
             for index in 0..self.window[at].records.len() {
-                if !self.window[at].records[index].done {
+                resending |= !self.window[at].records[index].done;
+                if resending && !self.recovering {
                     self.produce(at, index);
                 }
             }
