@@ -66,7 +66,7 @@ pub(crate) struct KafkaArgs {
 
     /// `kafka.properties`.
     #[arg(long, env = "KAFKA_PROPERTIES", value_name = "KEY=VALUE", value_delimiter = ';',
-          value_parser = parse_property, global = true,
+          value_parser = parse_property, global = true, hide_env_values = true,
           help = "A librdkafka property for the producer and the admin client (SASL, TLS, \
                   tuning), repeatable; KAFKA_PROPERTIES (read when no flag is given) takes \
                   several separated by ';'. They add to [kafka.properties] of the file. Values of *password*, *secret* and \

@@ -491,7 +491,14 @@ fn kafka_settings_are_checked_merged_and_redacted() {
     assert_eq!(p["client.id"].as_str(), Some("fromfile"));
     assert_eq!(p["ssl.key.password"].as_str(), Some("***"));
 
-    let help = text(&bridge_cli(&["--help"], &[]));
+    let help = text(&bridge_cli(
+        &["--help"],
+        &[("KAFKA_PROPERTIES", "sasl.password=hunter2")],
+    ));
+    assert!(
+        !help.contains("hunter2"),
+        "--help shows KAFKA_PROPERTIES' value"
+    );
     for flag in [
         "--sink",
         "--kafka-brokers",
