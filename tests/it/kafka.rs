@@ -58,6 +58,46 @@ fn wait_records(
     }
 }
 
+/// The bridge's HTTP port, from its log.
+fn http_port(bridge: &BridgeProcess) -> u16 {
+    let line = bridge.wait_for_line("HTTP endpoints on http://127.0.0.1:", STEP);
+    let rest = line.split("http://127.0.0.1:").nth(1).unwrap();
+    rest.split(|c: char| !c.is_ascii_digit())
+        .next()
+        .unwrap()
+        .parse()
+        .unwrap()
+}
+
+/// GET `path`: the status and the body, `None` when nothing answers.
+fn http_get(port: u16, path: &str) -> Option<(u16, String)> {
+    use std::io::{Read, Write};
+    let mut s = std::net::TcpStream::connect(("127.0.0.1", port)).ok()?;
+    s.set_read_timeout(Some(Duration::from_secs(10))).ok()?;
+    write!(
+        s,
+        "GET {path} HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n"
+    )
+    .ok()?;
+    let mut out = String::new();
+    s.read_to_string(&mut out).ok()?;
+    let status = out.split(' ').nth(1)?.parse().ok()?;
+    let body = out
+        .split_once("\r\n\r\n")
+        .map_or("", |(_, b)| b)
+        .to_string();
+    Some((status, body))
+}
+
+/// Waits (bounded) until `/health` answers `status`.
+fn wait_health(port: u16, status: u16) {
+    let deadline = Instant::now() + STEP;
+    while http_get(port, "/health").map(|a| a.0) != Some(status) {
+        assert!(Instant::now() < deadline, "/health never answered {status}");
+        std::thread::sleep(Duration::from_millis(200));
+    }
+}
+
 /// (commit_lsn, seq) of a record, from its value.
 fn position(r: &KafkaRecord) -> (String, u64) {
     let v = r.json();
@@ -350,9 +390,13 @@ fn a_broker_outage_under_load_needs_no_restart() {
     pg.sql("app", &seed_sql());
     let writer = Writer::start(&pg, 0x6f75746167, 9_000, 1_000);
     writer.wait_changes(2_000);
+    let port = http_port(&bridge);
+    wait_health(port, 200);
     kafka.stop();
     let stopped = Instant::now();
     bridge.wait_for_line("no Kafka broker reachable", STEP);
+    // The broker connection shows in /health.
+    wait_health(port, 503);
     std::thread::sleep(Duration::from_secs(10).saturating_sub(stopped.elapsed()));
     let held = confirmed_flush(&pg, SLOT);
     let down = stopped.elapsed();
@@ -366,6 +410,20 @@ fn a_broker_outage_under_load_needs_no_restart() {
     );
     bridge.wait_for_line("Kafka brokers reachable again", STEP);
     bridge.wait_for_line("with a new producer", STEP);
+    wait_health(port, 200);
+    let (_, metrics) = http_get(port, "/metrics").expect("/metrics");
+    let value = |name: &str| -> f64 {
+        metrics
+            .lines()
+            .find_map(|l| l.strip_prefix(name)?.strip_prefix(' ')?.parse().ok())
+            .unwrap_or_else(|| panic!("{name} missing from /metrics"))
+    };
+    assert!(value("bridge_kafka_delivery_reports_total") > 0.0);
+    assert!(
+        value("bridge_publish_errors_total") > 0.0,
+        "the timed-out records"
+    );
+    assert_eq!(value("bridge_sink_connected"), 1.0);
     compare_tables(&pg, &kafka);
     eprintln!(
         "kafka outage: {} changes, broker down {down:?}, test {:?}",

@@ -84,6 +84,10 @@ impl ClientContext for ProducerCtx {
     fn log(&self, level: rdkafka::config::RDKafkaLogLevel, fac: &str, log_message: &str) {
         self.base.log(level, fac, log_message)
     }
+
+    fn stats(&self, statistics: rdkafka::Statistics) {
+        self.base.stats(statistics)
+    }
 }
 
 impl ProducerContext for ProducerCtx {

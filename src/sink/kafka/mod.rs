@@ -102,6 +102,19 @@ impl ClientContext for Context {
         }
     }
 
+    /// A broker librdkafka reached again shows as UP here before any record is delivered, so
+    /// `/health` recovers while the database is idle too.
+    fn stats(&self, statistics: rdkafka::Statistics) {
+        if !self.connection.is_connected()
+            && statistics
+                .brokers
+                .values()
+                .any(|b| b.nodeid >= 0 && b.state == "UP")
+        {
+            self.set_connected(true);
+        }
+    }
+
     fn log(&self, level: rdkafka::config::RDKafkaLogLevel, fac: &str, log_message: &str) {
         use rdkafka::config::RDKafkaLogLevel as L;
         match level {
@@ -128,6 +141,10 @@ pub(crate) fn client_config(kafka: &KafkaConfig) -> ClientConfig {
     c.set("acks", "all");
     if !kafka.properties.0.contains_key("client.id") {
         c.set("client.id", "pgbridge");
+    }
+    // Broker states for `Context::stats`.
+    if !kafka.properties.0.contains_key("statistics.interval.ms") {
+        c.set("statistics.interval.ms", "5000");
     }
     c
 }
