@@ -627,8 +627,12 @@ fn run_pipeline(
         if wal_failed {
             // Said at once: with NATS down, the publisher can take a while to give up.
             log::error!(
-                "{e}; stopping (waiting up to {} s for JetStream to acknowledge what was sent)",
-                crate::sink::nats::publisher::SHUTDOWN_RETRY_LIMIT.as_secs()
+                "{e}; stopping (waiting up to {} s for {} to acknowledge what was sent)",
+                crate::sink::nats::publisher::SHUTDOWN_RETRY_LIMIT.as_secs(),
+                match config.replication.sink {
+                    SinkKind::Nats => "JetStream",
+                    SinkKind::Kafka => "Kafka",
+                }
             );
             shutdown.trigger();
         }
