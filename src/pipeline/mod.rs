@@ -536,6 +536,7 @@ fn run_pipeline(
         #[cfg(feature = "kafka")]
         SinkKind::Kafka => {
             // The broker connection's state shows where the NATS one does (`/health`).
+            telemetry.set_kafka_sink();
             let sink = crate::sink::kafka::KafkaSink::new(
                 config,
                 &namespace,

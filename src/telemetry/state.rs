@@ -117,6 +117,8 @@ pub struct Telemetry {
     pub snapshot_requests_ignored: AtomicU64,
     /// The message-id namespace, once PostgreSQL set-up has decided it.
     id_namespace: Mutex<Option<String>>,
+    /// True when the sink is Kafka: the broker connection in `nats` is a Kafka one.
+    kafka_sink: AtomicBool,
 }
 
 impl Telemetry {
@@ -142,7 +144,13 @@ impl Telemetry {
             stream_established: AtomicBool::new(false),
             snapshot_requests_ignored: AtomicU64::new(0),
             id_namespace: Mutex::new(None),
+            kafka_sink: AtomicBool::new(false),
         }
+    }
+
+    /// Marks the sink as Kafka, so `/health` names it.
+    pub fn set_kafka_sink(&self) {
+        self.kafka_sink.store(true, Relaxed);
     }
 
     /// True while this process streams from the replication slot (START_REPLICATION
@@ -235,6 +243,7 @@ impl Telemetry {
             pg_reconnects: w.reconnects.load(Relaxed),
             pg_problem: self.pg_problem.lock().ok().and_then(|p| p.clone()),
             id_namespace: self.id_namespace.lock().ok().and_then(|n| n.clone()),
+            kafka_sink: self.kafka_sink.load(Relaxed),
             last_processing_us: w.last_processing_us.load(Relaxed),
             ring_used: w.ring_used.load(Relaxed).min(self.ring_capacity),
             ring_capacity: self.ring_capacity,
@@ -289,6 +298,8 @@ pub struct Snapshot {
     pub pg_problem: Option<String>,
     /// The message-id namespace (`None` until set-up decided it).
     pub id_namespace: Option<String>,
+    /// The sink is Kafka (the `nats_*` fields then describe the Kafka connection).
+    pub kafka_sink: bool,
     /// Processing time of a recent WAL message, µs.
     pub last_processing_us: u64,
     /// Items in the ring.

@@ -397,6 +397,11 @@ fn a_broker_outage_under_load_needs_no_restart() {
     bridge.wait_for_line("no Kafka broker reachable", STEP);
     // The broker connection shows in /health.
     wait_health(port, 503);
+    let (_, body) = http_get(port, "/health").unwrap();
+    assert!(
+        body.contains("Kafka unavailable") || body.contains("Kafka is not confirming"),
+        "{body}"
+    );
     std::thread::sleep(Duration::from_secs(10).saturating_sub(stopped.elapsed()));
     let held = confirmed_flush(&pg, SLOT);
     let down = stopped.elapsed();
