@@ -128,3 +128,4 @@ export PG_BIN="$pg_bin"
 export NATS_SERVER_BIN="$nats_bin"
 ENV
 say "ok: PostgreSQL $("$pg_bin/postgres" --version | awk '{print $3}') in $pg_bin, $("$nats_bin" --version)"
+"$root/scripts/install-kafka.sh"

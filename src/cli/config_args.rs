@@ -15,7 +15,7 @@ use crate::config::{
 };
 
 /// `text [default: value]`, so the help shows the defaults without clap applying them.
-fn with_default(text: &str, default: impl Display) -> String {
+pub(super) fn with_default(text: &str, default: impl Display) -> String {
     format!("{text} [default: {default}]")
 }
 
@@ -51,6 +51,9 @@ pub(crate) struct ConfigArgs {
     /// `[outbox]`.
     #[command(flatten)]
     pub(crate) outbox: OutboxArgs,
+    /// `replication.sink` and `[kafka]`.
+    #[command(flatten)]
+    pub(crate) kafka: super::kafka_args::KafkaArgs,
 }
 
 /// PostgreSQL connection flags (`[postgres]`).
@@ -667,8 +670,13 @@ impl Pick<'_> {
     /// `value` when the argument `id` got it from this source. clap has already chosen between
     /// a flag and its environment variable, so each value lands in exactly one overlay.
     fn take<T: Clone>(&self, id: &str, value: &Option<T>) -> Option<T> {
+        value.as_ref().filter(|_| self.gave(id)).cloned()
+    }
+
+    /// True when the argument `id`, if given, came from this source.
+    fn gave(&self, id: &str) -> bool {
         let from_env = self.matches.value_source(id) == Some(ValueSource::EnvVariable);
-        value.as_ref().filter(|_| from_env == self.env).cloned()
+        from_env == self.env
     }
 }
 
@@ -752,6 +760,7 @@ impl ConfigArgs {
                 accept_position_gap: take!(p, r, accept_position_gap),
                 failover_slot: take!(p, r, failover_slot),
                 id_namespace: take!(p, r, id_namespace),
+                sink: p.take("sink", &self.kafka.sink),
             },
             http: HttpOverlay {
                 bind: take!(p, h, http_bind),
@@ -788,6 +797,7 @@ impl ConfigArgs {
                 payload_column: take!(p, o, outbox_payload_column),
                 on_oversize: take!(p, o, on_oversize),
             },
+            kafka: self.kafka.overlay(&|id| p.gave(id)),
         }
     }
 }

@@ -13,6 +13,7 @@ mod failover;
 mod ha;
 mod harness;
 mod identity;
+mod kafka;
 mod liveness;
 mod memory;
 mod mirror;
