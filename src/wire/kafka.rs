@@ -13,13 +13,22 @@
 //! the DELETE it follows. The two halves of a key change keep the UPDATE's `commit_lsn` and
 //! `seq` and get the UPDATE's id with [`KEY_CHANGE_DELETE_SUFFIX`] and
 //! [`KEY_CHANGE_INSERT_SUFFIX`]: distinct, and the same on every resend.
+//!
+//! An outbox event is one record on [`outbox_topic`] of its aggregate type: key = the
+//! aggregate id's text (none when NULL), value = the payload as written, headers
+//! [`ID_HEADER`] (its routed id) and the routing headers of [`crate::outbox::route`]. A dead
+//! letter goes to [`DLQ_TOPIC`] with its original key, value and headers plus
+//! `pgbridge-error`, `pgbridge-error-detail` and `pgbridge-source` (the topic it was meant
+//! for); a too large one keeps no value and gets `pgbridge-truncated` (the value's size).
+//! Header names are those of [`super::names`] in lower case ([`header_name`]).
 
 use crate::config::Format;
 use crate::pg::value::Value;
 
 use super::encode::push_value;
 use super::event::{ChangeEvent, ColumnValue, Operation};
-use super::subject::push_table_token;
+use super::names::{DLQ_SUBJECT_PREFIX, OUTBOX_SUBJECT_PREFIX};
+use super::subject::{push_name_token, push_table_token};
 
 /// Header holding the change's message id (see [`super::id::message_id`]).
 pub const ID_HEADER: &str = "pgbridge-id";
@@ -46,6 +55,32 @@ pub fn topic(prefix: &str, schema: &str, table: &str) -> String {
     out.push('.');
     out.extend(token.chars().map(|c| if c == '%' { '_' } else { c }));
     out
+}
+
+/// The topic of outbox events of `aggregate_type`: `outbox.{aggregate_type}`, the aggregate
+/// type encoded into one token as in [`topic`] (`order.line` becomes `outbox.order_2Eline`).
+pub fn outbox_topic(aggregate_type: &str) -> String {
+    let mut token = String::with_capacity(aggregate_type.len() + 4);
+    push_name_token(&mut token, aggregate_type);
+    let mut out = String::with_capacity(OUTBOX_SUBJECT_PREFIX.len() + token.len() + 1);
+    out.push_str(OUTBOX_SUBJECT_PREFIX);
+    out.push('.');
+    out.extend(token.chars().map(|c| if c == '%' { '_' } else { c }));
+    out
+}
+
+/// The topic of dead letters: outbox events that cannot be delivered as they are, and, with
+/// `--on-oversize dlq`, changes too large for Kafka.
+pub const DLQ_TOPIC: &str = DLQ_SUBJECT_PREFIX;
+
+/// The longest topic name Kafka accepts.
+pub const MAX_TOPIC_LEN: usize = 249;
+
+/// The Kafka name of a header of [`super::names`]: Kafka header names are case-sensitive, and
+/// every header the bridge writes to Kafka is lower-case, like [`ID_HEADER`] and
+/// [`OP_HEADER`] (`Pgbridge-Event-Type` is written `pgbridge-event-type`).
+pub fn header_name(name: &str) -> String {
+    name.to_ascii_lowercase()
 }
 
 /// The record key of a row: its replica identity columns as a document in `format`
@@ -148,6 +183,7 @@ mod tests {
                 schema: "public".into(),
                 table: "t".into(),
                 relation_id: 1,
+                columns: Vec::new(),
                 key_columns: vec![Arc::from("id")],
             }),
             operation: Operation::Update,
@@ -171,6 +207,15 @@ mod tests {
         assert_eq!(topic("cdc", "public", "order.items"), "cdc.order_2Eitems");
         assert_eq!(topic("cdc", "public", "order_items"), "cdc.order_items");
         assert_eq!(topic("cdc", "public", "straße"), "cdc.stra_C3_9Fe");
+        assert_eq!(outbox_topic("order"), "outbox.order");
+        assert_eq!(
+            outbox_topic("order.line item"),
+            "outbox.order_2Eline_20item"
+        );
+        assert_eq!(
+            header_name(crate::wire::names::EVENT_TYPE_HEADER),
+            "pgbridge-event-type"
+        );
     }
 
     #[test]

@@ -16,10 +16,15 @@ use testkit::{
     KafkaRecord, PgServer, TempDir,
 };
 
-const STEP: Duration = Duration::from_secs(120);
+pub(super) const STEP: Duration = Duration::from_secs(120);
 
 /// A bridge delivering to `kafka` in JSON, with its state in `dir`.
-fn kafka_bridge(pg: &PgServer, kafka: &KafkaServer, dir: &Path, extra: &[&str]) -> BridgeProcess {
+pub(super) fn kafka_bridge(
+    pg: &PgServer,
+    kafka: &KafkaServer,
+    dir: &Path,
+    extra: &[&str],
+) -> BridgeProcess {
     let bridge = BridgeProcess::spawn(
         bridge_command(pg, "nats://127.0.0.1:9", dir)
             .args(["--sink", "kafka", "--kafka-brokers", &kafka.brokers()])
@@ -32,7 +37,7 @@ fn kafka_bridge(pg: &PgServer, kafka: &KafkaServer, dir: &Path, extra: &[&str]) 
 
 /// The topic's records once it holds at least `n`; on timeout the panic shows the bridge's
 /// log and what the topic holds.
-fn wait_records(
+pub(super) fn wait_records(
     kafka: &KafkaServer,
     bridge: &BridgeProcess,
     topic: &str,

@@ -188,6 +188,7 @@ fn an_outbox_event_is_delivered_in_its_place_and_can_end_a_transaction() {
         table: Arc::from("t"),
         relation_id: 1,
         columns: Vec::new(),
+        key_columns: Vec::new(),
     });
     let outbox = |commit: u64, seq: u32| {
         RingItem::Outbox(Box::new(OutboxEvent {

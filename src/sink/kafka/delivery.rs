@@ -24,10 +24,11 @@ use rdkafka::producer::{BaseRecord, DeliveryResult, Producer, ProducerContext, T
 use rdkafka::types::RDKafkaErrorCode;
 use tokio::sync::mpsc::{unbounded_channel, UnboundedReceiver, UnboundedSender};
 
-use crate::config::{Format, KafkaConfig};
+use crate::config::{Format, KafkaConfig, OnOversize};
 use crate::shutdown::Shutdown;
 use crate::sink::driver::{Delivery, Feed, Progress, Ticket};
 use crate::telemetry::counters::{NatsStats, PublisherStats};
+use crate::wire::encode::debezium::{encode_debezium_key, encode_debezium_value, DebeziumOptions};
 use crate::wire::encode::encode_change;
 use crate::wire::event::{ChangeEvent, Operation};
 use crate::wire::id;
@@ -35,9 +36,12 @@ use crate::wire::kafka::{
     push_key, split_key_change, topic, ID_HEADER, KEY_CHANGE_DELETE_SUFFIX,
     KEY_CHANGE_INSERT_SUFFIX, OP_HEADER, TOMBSTONE_OP,
 };
+use crate::wire::outbox::OutboxEvent;
 
 use super::topics::Admin;
 use super::{client_config, Context, KafkaSinkError};
+
+mod outbox;
 
 /// At shutdown, how long to keep waiting while Kafka does not confirm.
 const SHUTDOWN_RETRY_LIMIT: Duration = Duration::from_secs(30);
@@ -48,11 +52,20 @@ const RETRY_MIN: Duration = Duration::from_millis(200);
 const RETRY_MAX: Duration = Duration::from_secs(5);
 /// Longest single wait for a delivery report, so that shutdown is looked at.
 const REPORT_WAIT: Duration = Duration::from_secs(1);
+/// What a record batch holding one record adds to the record's key, value and headers, at
+/// most (batch header 61 bytes, record framing and varints).
+const BATCH_OVERHEAD: usize = 128;
+/// librdkafka's default `batch.size`.
+const DEFAULT_BATCH_SIZE: usize = 1_000_000;
 
 /// What [`super::KafkaSink`] hands over.
 pub(crate) struct Settings {
     pub(crate) kafka: KafkaConfig,
     pub(crate) format: Format,
+    /// Write change events in Debezium's envelope (value and key) instead of `format`'s.
+    pub(crate) debezium: Option<DebeziumOptions>,
+    /// What a change too large for Kafka becomes (outbox events always become dead letters).
+    pub(crate) on_oversize: OnOversize,
     pub(crate) max_in_flight: usize,
     pub(crate) max_in_flight_bytes: u64,
     pub(crate) id_namespace: String,
@@ -127,9 +140,21 @@ struct Record {
     key: Option<Bytes>,
     value: Option<Bytes>,
     id: Arc<str>,
-    op: &'static str,
+    /// The [`OP_HEADER`] of a change's record.
+    op: Option<&'static str>,
+    /// Headers besides the id and the operation (outbox events, dead letters), Kafka names.
+    headers: Vec<(String, String)>,
+    lane: Lane,
     /// A successful delivery report arrived.
     done: bool,
+}
+
+/// What a record is: it decides whether a record too large for Kafka becomes a dead letter.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Lane {
+    Change,
+    Outbox,
+    Dead,
 }
 
 /// A change of the window: its records, kept until all are delivered.
@@ -140,12 +165,6 @@ struct Entry {
     /// Records without a successful report.
     pending: usize,
     bytes: u64,
-}
-
-/// A table's topic and its partition count.
-struct TopicInfo {
-    name: Arc<str>,
-    partitions: usize,
 }
 
 /// The Kafka half of the sink (see the [module docs](self)).
@@ -170,7 +189,14 @@ pub(crate) struct KafkaDelivery {
     failing_since: Option<Instant>,
     /// A change no retry can deliver.
     fatal: Option<KafkaSinkError>,
-    topics: HashMap<(Arc<str>, Arc<str>), TopicInfo>,
+    /// Each table's topic name.
+    tables: HashMap<(Arc<str>, Arc<str>), Arc<str>>,
+    /// Each topic known to exist: its partition count and `max.message.bytes`.
+    topics: HashMap<Arc<str>, (usize, Option<usize>)>,
+    /// The smallest `max.message.bytes` of the topics: producers build no larger batches.
+    batch_limit: Option<usize>,
+    /// Records refused as too large that become dead letters: (ticket, record index, reason).
+    oversize: Vec<(Ticket, u32, String)>,
     key_buf: Vec<u8>,
     value_buf: Vec<u8>,
     scratch: (Vec<u8>, Vec<u8>),
@@ -197,7 +223,10 @@ impl KafkaDelivery {
             last_error: None,
             failing_since: None,
             fatal: None,
+            tables: HashMap::new(),
             topics: HashMap::new(),
+            batch_limit: None,
+            oversize: Vec::new(),
             key_buf: Vec::with_capacity(64),
             value_buf: Vec::with_capacity(4096),
             scratch: (Vec::new(), Vec::new()),
@@ -219,40 +248,61 @@ impl KafkaDelivery {
             reports: self.reports_tx.clone(),
             stats: Arc::clone(&self.settings.stats),
         };
-        let producer = client_config(&self.settings.kafka)
+        let mut config = client_config(&self.settings.kafka);
+        if let Some(limit) = self.batch_limit.filter(|&l| l < DEFAULT_BATCH_SIZE) {
+            // A batch larger than a topic accepts is refused whole, with the error of a too
+            // large record, also when every record in it would fit.
+            config.set(
+                "batch.size",
+                limit.saturating_sub(BATCH_OVERHEAD).max(1).to_string(),
+            );
+        }
+        let producer = config
             .create_with_context(ctx)
             .map_err(KafkaSinkError::Config)?;
         self.producer = Some(producer);
         Ok(())
     }
 
-    /// The topic of a table, created when missing; retried (with one warning) while Kafka
-    /// cannot answer, until shutdown has waited long enough.
+    /// The topic of a table (see [`Self::topic_named`]).
     async fn topic_of(&mut self, ev: &ChangeEvent) -> Result<(Arc<str>, usize), KafkaSinkError> {
         let key = (Arc::clone(&ev.table.schema), Arc::clone(&ev.table.table));
-        if let Some(t) = self.topics.get(&key) {
-            return Ok((Arc::clone(&t.name), t.partitions));
+        let name = match self.tables.get(&key) {
+            Some(name) => Arc::clone(name),
+            None => {
+                let name: Arc<str> = Arc::from(topic(
+                    &self.settings.kafka.topic_prefix,
+                    &ev.table.schema,
+                    &ev.table.table,
+                ));
+                self.tables.insert(key, Arc::clone(&name));
+                name
+            }
+        };
+        self.topic_named(name).await
+    }
+
+    /// The topic `name` and its partition count, created when missing; retried (with one
+    /// warning) while Kafka cannot answer, until shutdown has waited long enough.
+    async fn topic_named(&mut self, name: Arc<str>) -> Result<(Arc<str>, usize), KafkaSinkError> {
+        if let Some((name, (partitions, _))) = self.topics.get_key_value(&name) {
+            return Ok((Arc::clone(name), *partitions));
         }
-        let name = topic(
-            &self.settings.kafka.topic_prefix,
-            &ev.table.schema,
-            &ev.table.table,
-        );
         let mut warned = false;
         let since = Instant::now();
         loop {
             match self.admin.ensure(&name).await {
-                Ok(partitions) => {
+                Ok((partitions, max_bytes)) => {
                     if warned {
                         log::info!("Kafka topic {name} is ready");
                     }
-                    let info = TopicInfo {
-                        name: Arc::from(name.as_str()),
-                        partitions: partitions.max(1),
-                    };
-                    let out = (Arc::clone(&info.name), info.partitions);
-                    self.topics.insert(key, info);
-                    return Ok(out);
+                    let partitions = partitions.max(1);
+                    self.topics
+                        .insert(Arc::clone(&name), (partitions, max_bytes));
+                    if let Some(m) = max_bytes {
+                        self.batch_limit = Some(self.batch_limit.map_or(m, |b| b.min(m)));
+                    }
+                    return Ok((name, partitions));
                 }
                 Err(e) => {
                     if !warned {
@@ -288,7 +338,7 @@ impl KafkaDelivery {
             return out;
         }
         if ev.operation == Operation::Truncate {
-            encode_change(format, ev, &mut self.value_buf);
+            self.encode_value(ev);
             let value = Bytes::copy_from_slice(&self.value_buf);
             for p in 0..partitions {
                 out.push(Record {
@@ -297,7 +347,9 @@ impl KafkaDelivery {
                     key: None,
                     value: Some(value.clone()),
                     id: Arc::clone(&base_id),
-                    op: Operation::Truncate.as_lower(),
+                    op: Some(Operation::Truncate.as_lower()),
+                    headers: Vec::new(),
+                    lane: Lane::Change,
                     done: false,
                 });
             }
@@ -316,23 +368,27 @@ impl KafkaDelivery {
         tombstones: bool,
         out: &mut Vec<Record>,
     ) {
-        let format = self.settings.format;
-        let has_key = push_key(
-            format,
-            &ev.table.key_columns,
-            &ev.columns,
-            ev.old_columns.as_deref(),
-            &mut self.key_buf,
-        );
+        let has_key = match &self.settings.debezium {
+            Some(opts) => encode_debezium_key(opts, ev, &mut self.key_buf),
+            None => push_key(
+                self.settings.format,
+                &ev.table.key_columns,
+                &ev.columns,
+                ev.old_columns.as_deref(),
+                &mut self.key_buf,
+            ),
+        };
         let key = has_key.then(|| Bytes::copy_from_slice(&self.key_buf));
-        encode_change(format, ev, &mut self.value_buf);
+        self.encode_value(ev);
         out.push(Record {
             topic: Arc::clone(topic),
             partition: None,
             key: key.clone(),
             value: Some(Bytes::copy_from_slice(&self.value_buf)),
             id: Arc::clone(&id),
-            op: ev.operation.as_lower(),
+            op: Some(ev.operation.as_lower()),
+            headers: Vec::new(),
+            lane: Lane::Change,
             done: false,
         });
         if ev.operation == Operation::Delete && tombstones && key.is_some() {
@@ -342,9 +398,24 @@ impl KafkaDelivery {
                 key,
                 value: None,
                 id,
-                op: TOMBSTONE_OP,
+                op: Some(TOMBSTONE_OP),
+                headers: Vec::new(),
+                lane: Lane::Change,
                 done: false,
             });
+        }
+    }
+
+    /// A change's value: the change event, or with the Debezium envelope Debezium's.
+    fn encode_value(&mut self, ev: &ChangeEvent) {
+        match &self.settings.debezium {
+            Some(opts) => encode_debezium_value(
+                opts,
+                ev,
+                crate::wire::text::now_unix_micros(),
+                &mut self.value_buf,
+            ),
+            None => encode_change(self.settings.format, ev, &mut self.value_buf),
         }
     }
 
@@ -356,15 +427,30 @@ impl KafkaDelivery {
         };
         let entry = &self.window[at];
         let r = &entry.records[index];
-        let headers = OwnedHeaders::new()
-            .insert(Header {
-                key: ID_HEADER,
-                value: Some(r.id.as_bytes()),
-            })
-            .insert(Header {
+        if let Some(limit) = self.topics.get(&r.topic).and_then(|t| t.1) {
+            let size = record_size(r) + BATCH_OVERHEAD;
+            if size > limit {
+                let reason = format!("topic {} accepts at most {limit} bytes", r.topic);
+                self.refused_as_too_large(at, index, &reason);
+                return;
+            }
+        }
+        let mut headers = OwnedHeaders::new_with_capacity(2 + r.headers.len()).insert(Header {
+            key: ID_HEADER,
+            value: Some(r.id.as_bytes()),
+        });
+        if let Some(op) = r.op {
+            headers = headers.insert(Header {
                 key: OP_HEADER,
-                value: Some(r.op.as_bytes()),
+                value: Some(op.as_bytes()),
             });
+        }
+        for (k, v) in &r.headers {
+            headers = headers.insert(Header {
+                key: k,
+                value: Some(v.as_bytes()),
+            });
+        }
         let tag = Box::new((self.generation, entry.ticket, index as u32, Instant::now()));
         let mut record: BaseRecord<'_, [u8], [u8], _> =
             BaseRecord::with_opaque_to(&r.topic, tag).headers(headers);
@@ -387,7 +473,7 @@ impl KafkaDelivery {
             }
             Err((e, _)) => {
                 if is_too_large(&e) {
-                    self.fatal = Some(self.too_large(at, index, &e));
+                    self.refused_as_too_large(at, index, &e.to_string());
                 } else {
                     self.failed(&e);
                 }
@@ -395,7 +481,7 @@ impl KafkaDelivery {
         }
     }
 
-    fn too_large(&self, at: usize, index: usize, e: &KafkaError) -> KafkaSinkError {
+    fn too_large(&self, at: usize, index: usize, reason: &str) -> KafkaSinkError {
         let entry = &self.window[at];
         let r = &entry.records[index];
         KafkaSinkError::TooLarge {
@@ -403,7 +489,7 @@ impl KafkaDelivery {
             topic: r.topic.to_string(),
             size: r.value.as_ref().map_or(0, Bytes::len) + r.key.as_ref().map_or(0, Bytes::len),
             message_id: r.id.to_string(),
-            reason: e.to_string(),
+            reason: reason.to_owned(),
         }
     }
 
@@ -454,8 +540,21 @@ impl KafkaDelivery {
                 }
             }
             Err(e) if is_too_large(&e) => {
-                if self.fatal.is_none() {
-                    self.fatal = Some(self.too_large(at, report.index as usize, &e));
+                let index = report.index as usize;
+                let Some(r) = self.window[at].records.get(index) else {
+                    return;
+                };
+                let fits = self
+                    .topics
+                    .get(&r.topic)
+                    .and_then(|t| t.1)
+                    .is_some_and(|limit| record_size(r) + BATCH_OVERHEAD <= limit);
+                if fits {
+                    // Refused with a batch too large as a whole: produced again, by a
+                    // producer that builds smaller batches.
+                    self.failed(&e);
+                } else {
+                    self.refused_as_too_large(at, index, &e.to_string());
                 }
             }
             Err(e) => self.failed(&e),
@@ -504,6 +603,42 @@ impl KafkaDelivery {
         Ok(())
     }
 
+    /// Adds a change's records to the window and produces them (unless recovering: then they
+    /// are produced with the rest of the window).
+    async fn push_entry(
+        &mut self,
+        table: String,
+        records: Vec<Record>,
+    ) -> Result<Ticket, KafkaSinkError> {
+        let bytes = records
+            .iter()
+            .map(|r| r.value.as_ref().map_or(0, Bytes::len) as u64)
+            .sum();
+        let ticket = self.next_ticket;
+        self.next_ticket += 1;
+        let n = records.len();
+        self.window.push_back(Entry {
+            ticket,
+            table,
+            pending: n,
+            records,
+            bytes,
+        });
+        self.window_bytes += bytes;
+        let at = self.window.len() - 1;
+        for index in 0..n {
+            if self.recovering {
+                break;
+            }
+            self.produce(at, index);
+        }
+        self.reroute().await?;
+        match self.fatal.take() {
+            Some(e) => Err(e),
+            None => Ok(ticket),
+        }
+    }
+
     /// Removes the fully delivered changes at the front of the window.
     fn complete(&mut self) -> Progress {
         let mut bytes = 0;
@@ -525,6 +660,19 @@ impl KafkaDelivery {
             bytes,
         }
     }
+}
+
+/// The bytes of a record's key, value and headers.
+fn record_size(r: &Record) -> usize {
+    r.key.as_ref().map_or(0, Bytes::len)
+        + r.value.as_ref().map_or(0, Bytes::len)
+        + ID_HEADER.len()
+        + r.id.len()
+        + r.op.map_or(0, |op| OP_HEADER.len() + op.len())
+        + r.headers
+            .iter()
+            .map(|(k, v)| k.len() + v.len())
+            .sum::<usize>()
 }
 
 fn is_too_large(e: &KafkaError) -> bool {
@@ -552,33 +700,13 @@ impl Delivery for KafkaDelivery {
     async fn send(&mut self, ev: &ChangeEvent) -> Result<Ticket, KafkaSinkError> {
         let (topic, partitions) = self.topic_of(ev).await?;
         let records = self.records(ev, &topic, partitions);
-        let bytes = records
-            .iter()
-            .map(|r| r.value.as_ref().map_or(0, Bytes::len) as u64)
-            .sum();
-        let ticket = self.next_ticket;
-        self.next_ticket += 1;
-        let n = records.len();
-        self.window.push_back(Entry {
-            ticket,
-            table: format!("{}.{}", ev.table.schema, ev.table.table),
-            pending: n,
-            records,
-            bytes,
-        });
-        self.window_bytes += bytes;
-        let at = self.window.len() - 1;
-        for index in 0..n {
-            if self.recovering {
-                // Produced with the rest of the window once recovered.
-                break;
-            }
-            self.produce(at, index);
-        }
-        match self.fatal.take() {
-            Some(e) => Err(e),
-            None => Ok(ticket),
-        }
+        let table = format!("{}.{}", ev.table.schema, ev.table.table);
+        self.push_entry(table, records).await
+    }
+
+    async fn send_outbox(&mut self, ev: &OutboxEvent) -> Result<Ticket, KafkaSinkError> {
+        let (origin, record) = self.outbox_record(ev).await?;
+        self.push_entry(origin, vec![record]).await
     }
 
     async fn delivered(&mut self, feed: Feed<'_>) -> Result<Progress, KafkaSinkError> {
@@ -607,6 +735,7 @@ impl Delivery for KafkaDelivery {
                 () = tokio::time::sleep(REPORT_WAIT) => {}
             }
         }
+        self.reroute().await?;
         if let Some(e) = self.fatal.take() {
             return Err(e);
         }

@@ -18,9 +18,11 @@ use rdkafka::config::ClientConfig;
 use rdkafka::error::KafkaError;
 use rdkafka::types::RDKafkaErrorCode;
 
-use crate::config::{Config, Format, KafkaConfig};
+use crate::config::replication::Envelope;
+use crate::config::{Config, Format, KafkaConfig, OnOversize};
 use crate::shutdown::Shutdown;
 use crate::telemetry::counters::{NatsStats, PublisherStats};
+use crate::wire::encode::debezium::DebeziumOptions;
 
 pub(crate) use delivery::KafkaDelivery;
 
@@ -154,6 +156,8 @@ pub(crate) fn client_config(kafka: &KafkaConfig) -> ClientConfig {
 pub(crate) struct KafkaSink {
     kafka: KafkaConfig,
     format: Format,
+    debezium: Option<DebeziumOptions>,
+    on_oversize: OnOversize,
     max_in_flight: usize,
     max_in_flight_bytes: u64,
     id_namespace: String,
@@ -174,6 +178,15 @@ impl KafkaSink {
         KafkaSink {
             kafka: config.kafka.clone(),
             format: config.replication.format,
+            // Debezium's `topic.prefix` is the prefix of its topics.
+            debezium: (config.replication.envelope == Envelope::Debezium).then(|| {
+                DebeziumOptions {
+                    name: config.kafka.topic_prefix.clone(),
+                    db: config.postgres.dbname.clone(),
+                    schemas: config.replication.debezium_schemas,
+                }
+            }),
+            on_oversize: config.outbox.on_oversize,
             max_in_flight: config.replication.max_in_flight,
             max_in_flight_bytes: config.replication.max_in_flight_bytes,
             id_namespace: id_namespace.to_owned(),
@@ -225,6 +238,8 @@ impl Sink for KafkaSink {
         KafkaDelivery::new(delivery::Settings {
             kafka: self.kafka,
             format: self.format,
+            debezium: self.debezium,
+            on_oversize: self.on_oversize,
             max_in_flight: self.max_in_flight,
             max_in_flight_bytes: self.max_in_flight_bytes,
             id_namespace: self.id_namespace,

@@ -42,12 +42,12 @@ impl Admin {
         Ok(md.brokers().len())
     }
 
-    /// The partition count of `topic`, creating it when missing and warning once about
-    /// settings that break a guarantee.
-    pub(crate) async fn ensure(&self, topic: &str) -> Result<usize, KafkaError> {
+    /// The partition count of `topic` and the largest record batch it accepts
+    /// (`max.message.bytes`, `None` when it cannot be read), creating the topic when missing
+    /// and warning once about settings that break a guarantee.
+    pub(crate) async fn ensure(&self, topic: &str) -> Result<(usize, Option<usize>), KafkaError> {
         if let Some(n) = self.partitions_of(topic)? {
-            self.check(topic).await;
-            return Ok(n);
+            return Ok((n, self.check(topic).await));
         }
         let partitions = self.partitions.map_or(-1, |p| p as i32);
         let replication = self.replication_factor.map_or(-1, i32::from);
@@ -65,7 +65,7 @@ impl Admin {
         // The metadata of a new topic can take a moment to reach every broker.
         for _ in 0..50 {
             if let Some(n) = self.partitions_of(topic)? {
-                return Ok(n);
+                return Ok((n, self.check(topic).await));
             }
             tokio::time::sleep(std::time::Duration::from_millis(100)).await;
         }
@@ -86,21 +86,24 @@ impl Admin {
             .map(|t| t.partitions().len()))
     }
 
-    /// Warns about an existing topic's settings that break a guarantee; a failed lookup is
-    /// only logged (the settings are advice, not a condition of delivering).
-    async fn check(&self, topic: &str) {
+    /// Warns about an existing topic's settings that break a guarantee, and returns its
+    /// `max.message.bytes`; a failed lookup is only logged (the settings are advice, not a
+    /// condition of delivering).
+    async fn check(&self, topic: &str) -> Option<usize> {
         let opts = AdminOptions::new().request_timeout(Some(REQUEST_TIMEOUT));
         let spec = ResourceSpecifier::Topic(topic);
         let configs = match self.client.describe_configs([&spec], &opts).await {
             Ok(c) => c,
             Err(e) => {
                 log::debug!("cannot read the settings of topic {topic}: {e}");
-                return;
+                return None;
             }
         };
         let brokers = self.broker_count().unwrap_or(1);
+        let mut max_bytes = None;
         for resource in configs.into_iter().flatten() {
             let get = |name: &str| resource.get(name).and_then(|e| e.value.clone());
+            max_bytes = get("max.message.bytes").and_then(|v| v.parse().ok());
             if !self.tombstones && get("cleanup.policy").is_some_and(|p| p.contains("compact")) {
                 log::warn!(
                     "Kafka topic {topic} is compacted (cleanup.policy={}) but tombstones are off \
@@ -118,5 +121,6 @@ impl Admin {
                 );
             }
         }
+        max_bytes
     }
 }
