@@ -14,6 +14,10 @@
 //! `seq` and get the UPDATE's id with [`KEY_CHANGE_DELETE_SUFFIX`] and
 //! [`KEY_CHANGE_INSERT_SUFFIX`]: distinct, and the same on every resend.
 //!
+//! With the Debezium envelope, a record's value is [`super::encode::debezium::encode_debezium_value`]
+//! and its key [`super::encode::debezium::encode_debezium_key`] (a tombstone keeps that key);
+//! the halves of a key change are Debezium `d` and `c` events.
+//!
 //! An outbox event is one record on [`outbox_topic`] of its aggregate type: key = the
 //! aggregate id's text (none when NULL), value = the payload as written, headers
 //! [`ID_HEADER`] (its routed id) and the routing headers of [`crate::outbox::route`]. A dead
