@@ -617,9 +617,10 @@ pub(crate) struct OutboxArgs {
 
     /// `outbox.on_oversize`.
     #[arg(long, env = "BRIDGE_ON_OVERSIZE", value_name = "ACTION", global = true,
-          help = with_default("A change event larger than the NATS server's max_payload: stop \
-                               the bridge, or publish it as a dead letter in stream DLQ and go \
-                               on (outbox events always go to DLQ)",
+          help = with_default("A change event larger than the NATS server's max_payload (on \
+                               Kafka: its topic's max.message.bytes): stop the bridge, or \
+                               publish it as a dead letter in stream DLQ (topic dlq) and go on \
+                               (outbox events always go to DLQ)",
                               outbox::DEFAULT_ON_OVERSIZE))]
     pub(crate) on_oversize: Option<OnOversize>,
 }
