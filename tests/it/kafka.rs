@@ -397,6 +397,22 @@ fn a_broker_outage_under_load_needs_no_restart() {
     writer.wait_changes(2_000);
     let port = http_port(&bridge);
     wait_health(port, 200);
+    // Every table's topic holds records: a bridge still creating a topic when the broker
+    // stops waits in that creation and has no record in flight to time out.
+    let deadline = Instant::now() + STEP;
+    for topic in [
+        "cdc.accounts",
+        "cdc.events",
+        "cdc.items",
+        "cdc.sales.invoices",
+    ] {
+        while !kafka.topics().iter().any(|t| t == topic)
+            || kafka.end_offsets(topic).values().sum::<i64>() == 0
+        {
+            assert!(Instant::now() < deadline, "no records in topic {topic}");
+            std::thread::sleep(Duration::from_millis(200));
+        }
+    }
     kafka.stop();
     let stopped = Instant::now();
     bridge.wait_for_line("no Kafka broker reachable", STEP);
