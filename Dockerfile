@@ -1,7 +1,8 @@
 # The bridge as a FROM scratch image: one static binary, CA certificates, a passwd entry for
 # the unprivileged user, and two writable directories. Nothing else: no shell, no libraries.
 #
-#   docker build -t pgbridge .
+#   docker build -t pgbridge .                                        (NATS only: within 15 MiB)
+#   docker build --build-arg FEATURES=kafka -t pgbridge:kafka .       (also the Kafka sink)
 #   docker compose -f deploy/docker-compose.prod.yml up -d     (PostgreSQL, NATS and the bridge)
 #
 # Without Docker, scripts/image.sh builds the same image with buildah (no daemon, no base
@@ -27,7 +28,7 @@
 FROM rust:1-bookworm AS build
 RUN apt-get update -qq \
     && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends \
-        build-essential pkg-config libssl-dev ca-certificates \
+        build-essential pkg-config libssl-dev ca-certificates cmake \
     && rm -rf /var/lib/apt/lists/*
 WORKDIR /src
 COPY . .
@@ -36,10 +37,14 @@ COPY . .
 # getrandom's fallback would then need /dev/urandom; this calls the system call directly.
 ENV OPENSSL_STATIC=1 \
     RUSTFLAGS="-C target-feature=+crt-static --cfg getrandom_backend=\"linux_getrandom\""
+# Cargo features of the binary: none for the NATS-only image; `kafka` adds the Kafka sink
+# (librdkafka, built from source with cmake and linked statically), a few MiB more.
+ARG FEATURES=""
 # Stripped (as scripts/image.sh does): the release profile's line tables are three quarters
 # of the binary and only serve profiling.
 RUN target="$(rustc -vV | sed -n 's/^host: //p')" \
     && cargo build --release --locked --target "$target" --bin bridge \
+        --no-default-features --features "$FEATURES" \
     && strip -o /bridge "target/$target/release/bridge" \
     && ldd /bridge 2>&1 | grep -q "statically linked" \
     && /bridge --version

@@ -3,13 +3,16 @@
 # under .dev/ and installed first if missing. Safe to run again: what is running stays running.
 #
 #   scripts/dev.sh [bridge flags...]   start the servers (if needed) and run the bridge
+#   scripts/dev.sh --sink kafka [...]  the same into a local Apache Kafka broker (KRaft, one
+#                                      node, under .dev/kafka-server) instead of nats-server
 #   scripts/dev.sh psql [psql args]    a psql shell on the demo database as the superuser
 #   scripts/dev.sh stop                stop the bridge and the servers (data stays in .dev/)
 #   scripts/dev.sh clean               stop everything and delete .dev/pg, .dev/nats and the
 #                                      bridge's state file, spool and pid file (a new cluster
 #                                      must not resume from the old one's position)
 #
-# Ports: DEV_PG_PORT (default 54320), DEV_NATS_PORT (default 42220), loopback only.
+# Ports: DEV_PG_PORT (default 54320), DEV_NATS_PORT (default 42220), DEV_KAFKA_PORT (default
+# 42230, and the next one for its controller), loopback only.
 # The binary is built into ${CARGO_TARGET_DIR:-target}/release/bridge.
 set -euo pipefail
 root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
@@ -20,6 +23,8 @@ nats_port="${DEV_NATS_PORT:-42220}"
 dev="$root/.dev"
 pgdir="$dev/pg"
 natsdir="$dev/nats"
+kafka_port="${DEV_KAFKA_PORT:-42230}"
+kafkadir="$dev/kafka-server"
 bridge_pid="$dev/bridge.pid"
 bridge_state="$dev/bridge.lsn"
 bridge_tmp="$dev/tmp"
@@ -71,6 +76,66 @@ stop_all() {
         rm -f "$natsdir/nats.pid"
         say "nats-server stopped"
     fi
+    if [ -f "$kafkadir/kafka.pid" ] && kill "$(cat "$kafkadir/kafka.pid")" 2>/dev/null; then
+        for _ in $(seq 1 300); do kill -0 "$(cat "$kafkadir/kafka.pid")" 2>/dev/null || break; sleep 0.1; done
+        rm -f "$kafkadir/kafka.pid"
+        say "Kafka broker stopped"
+    fi
+}
+
+# The sink the bridge flags (or BRIDGE_SINK) ask for.
+sink="${BRIDGE_SINK:-nats}"
+prev=""
+for arg in "$@"; do
+    [ "$prev" = "--sink" ] && sink="$arg"
+    case "$arg" in --sink=*) sink="${arg#--sink=}" ;; esac
+    prev="$arg"
+done
+
+# A single-node KRaft broker (broker and controller in one JVM) on loopback.
+start_kafka() {
+    ./scripts/install-kafka.sh
+    # shellcheck source=/dev/null
+    . "$dev/env"
+    mkdir -p "$kafkadir"
+    if [ -f "$kafkadir/kafka.pid" ] && kill -0 "$(cat "$kafkadir/kafka.pid")" 2>/dev/null; then
+        return
+    fi
+    local props="$kafkadir/server.properties" ctl=$((kafka_port + 1))
+    cat >"$props" <<PROPS
+process.roles=broker,controller
+node.id=1
+controller.quorum.voters=1@127.0.0.1:$ctl
+listeners=PLAINTEXT://127.0.0.1:$kafka_port,CONTROLLER://127.0.0.1:$ctl
+advertised.listeners=PLAINTEXT://127.0.0.1:$kafka_port
+controller.listener.names=CONTROLLER
+listener.security.protocol.map=CONTROLLER:PLAINTEXT,PLAINTEXT:PLAINTEXT
+log.dirs=$kafkadir/data
+num.partitions=3
+offsets.topic.replication.factor=1
+transaction.state.log.replication.factor=1
+transaction.state.log.min.isr=1
+share.coordinator.state.topic.replication.factor=1
+share.coordinator.state.topic.min.isr=1
+group.initial.rebalance.delay.ms=0
+PROPS
+    local java=(java -Xmx512m -XX:+UseSerialGC -cp "$KAFKA_LIBS/*")
+    if [ ! -f "$kafkadir/data/meta.properties" ]; then
+        "${java[@]}" kafka.tools.StorageTool format -t cGdicmlkZ2UtZGV2LTAwMQ -c "$props" >/dev/null 2>&1
+    fi
+    setsid "${java[@]}" kafka.Kafka "$props" </dev/null >"$kafkadir/kafka.log" 2>&1 &
+    echo $! >"$kafkadir/kafka.pid"
+    for _ in $(seq 1 600); do
+        if (exec 3<>"/dev/tcp/127.0.0.1/$kafka_port") 2>/dev/null; then
+            say "Kafka broker on 127.0.0.1:$kafka_port (log: $kafkadir/kafka.log)"
+            return
+        fi
+        kill -0 "$(cat "$kafkadir/kafka.pid")" 2>/dev/null || break
+        sleep 0.1
+    done
+    say "the Kafka broker did not start on 127.0.0.1:$kafka_port (set DEV_KAFKA_PORT); its log ends:"
+    tail -n 5 "$kafkadir/kafka.log" >&2 2>/dev/null || true
+    exit 1
 }
 
 ./scripts/install-deps.sh
@@ -82,9 +147,9 @@ stop) stop_all; exit 0 ;;
 clean)
     stop_all
     # The spool directory is pgbridge-spool-{slot} beside the state file.
-    rm -rf "$pgdir" "$natsdir" "$bridge_tmp" "$bridge_pid" "$bridge_state" "$bridge_state.tmp" \
-        "$dev"/pgbridge-spool-*
-    say "removed .dev/pg, .dev/nats and the bridge's state and spool"
+    rm -rf "$pgdir" "$natsdir" "$kafkadir" "$bridge_tmp" "$bridge_pid" "$bridge_state" \
+        "$bridge_state.tmp" "$dev"/pgbridge-spool-*
+    say "removed .dev/pg, .dev/nats, .dev/kafka-server and the bridge's state and spool"
     exit 0 ;;
 esac
 
@@ -117,9 +182,13 @@ CREATE TABLE IF NOT EXISTS orders (id bigserial PRIMARY KEY, user_id bigint REFE
 SQL
 PGDATABASE="$db" BRIDGE_PG_PASSWORD="$reader_password" ./deploy/init.sh >/dev/null
 
-# --- nats-server -----------------------------------------------------------------------------
+# --- nats-server (or the Kafka broker) ---------------------------------------------------------
+if [ "$sink" = kafka ]; then
+    start_kafka
+    export KAFKA_BROKERS="127.0.0.1:$kafka_port"
+fi
 mkdir -p "$natsdir"
-if ! { [ -f "$natsdir/nats.pid" ] && kill -0 "$(cat "$natsdir/nats.pid")" 2>/dev/null; }; then
+if [ "$sink" != kafka ] && ! { [ -f "$natsdir/nats.pid" ] && kill -0 "$(cat "$natsdir/nats.pid")" 2>/dev/null; }; then
     setsid "$NATS_SERVER_BIN" -js -a 127.0.0.1 -p "$nats_port" -sd "$natsdir/store" \
         -P "$natsdir/nats.pid" -l "$natsdir/nats.log" </dev/null >/dev/null 2>&1 &
     # Up only once it accepts connections; it exits at once when the port is taken.

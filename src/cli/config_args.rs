@@ -15,7 +15,7 @@ use crate::config::{
 };
 
 /// `text [default: value]`, so the help shows the defaults without clap applying them.
-fn with_default(text: &str, default: impl Display) -> String {
+pub(super) fn with_default(text: &str, default: impl Display) -> String {
     format!("{text} [default: {default}]")
 }
 
@@ -51,6 +51,9 @@ pub(crate) struct ConfigArgs {
     /// `[outbox]`.
     #[command(flatten)]
     pub(crate) outbox: OutboxArgs,
+    /// `replication.sink` and `[kafka]`.
+    #[command(flatten)]
+    pub(crate) kafka: super::kafka_args::KafkaArgs,
 }
 
 /// PostgreSQL connection flags (`[postgres]`).
@@ -614,9 +617,10 @@ pub(crate) struct OutboxArgs {
 
     /// `outbox.on_oversize`.
     #[arg(long, env = "BRIDGE_ON_OVERSIZE", value_name = "ACTION", global = true,
-          help = with_default("A change event larger than the NATS server's max_payload: stop \
-                               the bridge, or publish it as a dead letter in stream DLQ and go \
-                               on (outbox events always go to DLQ)",
+          help = with_default("A change event larger than the NATS server's max_payload (on \
+                               Kafka: its topic's max.message.bytes): stop the bridge, or \
+                               publish it as a dead letter in stream DLQ (topic dlq) and go on \
+                               (outbox events always go to DLQ)",
                               outbox::DEFAULT_ON_OVERSIZE))]
     pub(crate) on_oversize: Option<OnOversize>,
 }
@@ -667,8 +671,13 @@ impl Pick<'_> {
     /// `value` when the argument `id` got it from this source. clap has already chosen between
     /// a flag and its environment variable, so each value lands in exactly one overlay.
     fn take<T: Clone>(&self, id: &str, value: &Option<T>) -> Option<T> {
+        value.as_ref().filter(|_| self.gave(id)).cloned()
+    }
+
+    /// True when the argument `id`, if given, came from this source.
+    fn gave(&self, id: &str) -> bool {
         let from_env = self.matches.value_source(id) == Some(ValueSource::EnvVariable);
-        value.as_ref().filter(|_| from_env == self.env).cloned()
+        from_env == self.env
     }
 }
 
@@ -752,6 +761,7 @@ impl ConfigArgs {
                 accept_position_gap: take!(p, r, accept_position_gap),
                 failover_slot: take!(p, r, failover_slot),
                 id_namespace: take!(p, r, id_namespace),
+                sink: p.take("sink", &self.kafka.sink),
             },
             http: HttpOverlay {
                 bind: take!(p, h, http_bind),
@@ -788,6 +798,7 @@ impl ConfigArgs {
                 payload_column: take!(p, o, outbox_payload_column),
                 on_oversize: take!(p, o, on_oversize),
             },
+            kafka: self.kafka.overlay(&|id| p.gave(id)),
         }
     }
 }

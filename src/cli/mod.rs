@@ -21,6 +21,7 @@ use crate::mirror::MirrorOptions;
 use crate::watch::tail::{Start, TailOptions};
 
 mod config_args;
+mod kafka_args;
 #[cfg(test)]
 mod tests;
 
@@ -43,7 +44,8 @@ file. Flags beat environment variables, which beat the file, which beats the bui
 const AFTER_LONG_HELP: &str = "\
 CONFIGURATION FILE
   --config FILE (BRIDGE_CONFIG) reads a TOML file with the sections [postgres], [nats],
-  [replication], [http], [monitor], [snapshot], [streams] and [outbox]. The keys are the ones that
+  [replication], [http], [monitor], [snapshot], [streams], [outbox] and [kafka] (with
+  [kafka.properties] for any librdkafka setting). The keys are the ones that
   `bridge check-config` prints; an unknown key is an error.
 
 POSTGRESQL URL

@@ -39,6 +39,7 @@ use std::fmt;
 use serde::Serialize;
 
 mod error;
+pub(crate) mod kafka;
 mod load;
 mod names;
 pub(crate) mod nats;
@@ -55,13 +56,14 @@ mod validate;
 mod tests;
 
 pub use error::ConfigError;
+pub use kafka::{KafkaConfig, KafkaProperties, SinkKind};
 pub use load::Layers;
 pub(crate) use nats::check_nkey_seed;
 pub(crate) use nats::NatsAuth;
 pub use nats::NatsConfig;
 pub use outbox::{OnOversize, OutboxConfig};
 pub use overlay::{
-    HttpOverlay, MonitorOverlay, NatsOverlay, OutboxOverlay, Overlay, PgOverlay,
+    HttpOverlay, KafkaOverlay, MonitorOverlay, NatsOverlay, OutboxOverlay, Overlay, PgOverlay,
     ReplicationOverlay, SnapshotOverlay, StreamsOverlay,
 };
 pub use pg::{PgConfig, PgPorts, SslMode, TargetSessionAttrs};
@@ -93,6 +95,8 @@ pub struct Config {
     pub streams: StreamsConfig,
     /// Outbox tables and dead letters (`[outbox]`).
     pub outbox: OutboxConfig,
+    /// The Kafka sink (`[kafka]`), used with `replication.sink = "kafka"`.
+    pub kafka: KafkaConfig,
 }
 
 impl Config {
@@ -140,7 +144,7 @@ impl fmt::Display for Config {
              state_file={} ring_capacity={} max_in_flight={} snapshot_chunk_rows={} \
              snapshot_on_start={} snapshot_reply_prefix={} snapshot_max_concurrent={} \
              snapshot_cooldown_secs={} nats_tls={} failover_slot={} outbox_tables={} \
-             on_oversize={}",
+             on_oversize={} sink={}",
             pg.user,
             pg.addresses(),
             pg.dbname,
@@ -178,6 +182,18 @@ impl fmt::Display for Config {
                 self.outbox.tables.join(",")
             },
             self.outbox.on_oversize,
-        )
+            self.replication.sink,
+        )?;
+        if self.replication.sink == SinkKind::Kafka {
+            write!(
+                f,
+                " kafka_brokers={} topic_prefix={} kafka_tombstones={} kafka_properties={:?}",
+                self.kafka.brokers.join(","),
+                self.kafka.topic_prefix,
+                self.kafka.tombstones,
+                self.kafka.properties,
+            )?;
+        }
+        Ok(())
     }
 }

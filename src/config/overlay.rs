@@ -12,10 +12,12 @@ use std::path::PathBuf;
 
 use serde::Deserialize;
 
+use super::kafka::SinkKind;
 use super::url::redact_url_userinfo;
 use super::{
-    Format, HttpConfig, MonitorConfig, NatsConfig, OnOversize, OutboxConfig, PgPorts,
-    ReplicationConfig, Secret, SnapshotConfig, SslMode, StreamsConfig, TargetSessionAttrs,
+    Format, HttpConfig, KafkaConfig, KafkaProperties, MonitorConfig, NatsConfig, OnOversize,
+    OutboxConfig, PgPorts, ReplicationConfig, Secret, SnapshotConfig, SslMode, StreamsConfig,
+    TargetSessionAttrs,
 };
 
 /// Sets a configuration field from an overlay value: a plain field takes the value, an optional
@@ -182,6 +184,7 @@ overlay! {
         accept_position_gap: bool = "--accept-position-gap", "BRIDGE_ACCEPT_POSITION_GAP";
         failover_slot: bool = "--failover-slot", "BRIDGE_FAILOVER_SLOT";
         id_namespace: String = "--id-namespace", "BRIDGE_ID_NAMESPACE";
+        sink: SinkKind = "--sink", "BRIDGE_SINK";
     }
 }
 
@@ -250,6 +253,19 @@ overlay! {
     }
 }
 
+overlay! {
+    /// `[kafka]`.
+    #[derive(Debug)]
+    KafkaOverlay, "kafka" => KafkaConfig {
+        brokers: Vec<String> = "--kafka-brokers", "KAFKA_BROKERS";
+        topic_prefix: String = "--topic-prefix", "BRIDGE_TOPIC_PREFIX";
+        tombstones: bool = "--kafka-tombstones", "BRIDGE_KAFKA_TOMBSTONES";
+        partitions: u32 = "--kafka-partitions", "BRIDGE_KAFKA_PARTITIONS";
+        replication_factor: u16 = "--kafka-replication-factor", "BRIDGE_KAFKA_REPLICATION_FACTOR";
+        properties: KafkaProperties = "--kafka-property", "KAFKA_PROPERTIES";
+    }
+}
+
 /// What one source says: the configuration file, the environment or the command line. The
 /// file is parsed straight into it (an unknown key is an error); `bridge`'s command line builds
 /// one for its environment variables and one for its flags.
@@ -272,6 +288,8 @@ pub struct Overlay {
     pub streams: StreamsOverlay,
     /// `[outbox]`.
     pub outbox: OutboxOverlay,
+    /// `[kafka]`.
+    pub kafka: KafkaOverlay,
 }
 
 impl Overlay {
@@ -285,6 +303,11 @@ impl Overlay {
         self.snapshot.merge(later.snapshot);
         self.streams.merge(later.streams);
         self.outbox.merge(later.outbox);
+        let mut kafka = later.kafka;
+        if let (Some(earlier), Some(later)) = (&self.kafka.properties, &mut kafka.properties) {
+            earlier.fill_from(later);
+        }
+        self.kafka.merge(kafka);
     }
 
     /// Sets, in `config`, every field this overlay gives, except `[postgres]`, which needs the
@@ -297,6 +320,7 @@ impl Overlay {
         self.snapshot.apply_to(&mut config.snapshot);
         self.streams.apply_to(&mut config.streams);
         self.outbox.apply_to(&mut config.outbox);
+        self.kafka.apply_to(&mut config.kafka);
     }
 }
 
@@ -311,4 +335,5 @@ pub(crate) fn field_sources() -> impl Iterator<Item = &'static FieldSource> {
         .chain(SnapshotOverlay::SOURCES)
         .chain(StreamsOverlay::SOURCES)
         .chain(OutboxOverlay::SOURCES)
+        .chain(KafkaOverlay::SOURCES)
 }

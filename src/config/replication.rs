@@ -165,6 +165,8 @@ pub struct ReplicationConfig {
     /// and publication.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub id_namespace: Option<String>,
+    /// Where changes are delivered: NATS JetStream or Kafka (`[kafka]`).
+    pub sink: super::kafka::SinkKind,
 }
 
 impl Default for ReplicationConfig {
@@ -188,6 +190,7 @@ impl Default for ReplicationConfig {
             accept_position_gap: DEFAULT_ACCEPT_POSITION_GAP,
             failover_slot: DEFAULT_FAILOVER_SLOT,
             id_namespace: None,
+            sink: super::kafka::DEFAULT_SINK,
         }
     }
 }

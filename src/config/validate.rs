@@ -31,6 +31,7 @@ impl Config {
         self.snapshot.validate()?;
         self.streams.validate()?;
         self.outbox.validate()?;
+        self.kafka.validate(self.replication.sink)?;
         Ok(())
     }
 }

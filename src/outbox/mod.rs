@@ -121,6 +121,7 @@ mod tests {
                 table: Arc::from("outbox"),
                 relation_id: 1,
                 columns: Vec::new(),
+                key_columns: Vec::new(),
             })),
             id: id.map(Into::into),
             aggregate_type: agg.map(Into::into),

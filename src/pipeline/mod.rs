@@ -14,7 +14,7 @@ use std::sync::Arc;
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
-use crate::config::Config;
+use crate::config::{Config, SinkKind};
 use crate::control;
 use crate::pg::conn::{sqlstate, ConnectionKind, PgConnection, PgError};
 use crate::pg::replication::ReplicationConnection;
@@ -51,6 +51,10 @@ pub enum RunError {
     /// Publishing failed in a way retrying cannot fix.
     #[error(transparent)]
     Publish(#[from] PublishError),
+    /// Delivering to Kafka failed in a way retrying cannot fix.
+    #[cfg(feature = "kafka")]
+    #[error(transparent)]
+    Kafka(#[from] crate::sink::kafka::KafkaSinkError),
     /// The state file could not be read.
     #[error(transparent)]
     StateFile(#[from] StateFileError),
@@ -96,6 +100,8 @@ impl RunError {
                 2
             }
             RunError::Nats(e) if e.is_configuration() => 2,
+            #[cfg(feature = "kafka")]
+            RunError::Kafka(e) if e.is_configuration() => 2,
             RunError::Control(e) if e.is_configuration() => 2,
             RunError::Position(_) => 2,
             // Only an operator can recover (drop the slot, bootstrap from a snapshot).
@@ -553,28 +559,57 @@ fn run_pipeline(
     // Snapshots connect to NATS on their own (retrying while it is away) and serve requests
     // only while the wal side streams from the slot.
     let (schema_tx, schema_rx) = tokio::sync::mpsc::unbounded_channel();
-    let snapshots = crate::snapshot::threads::spawn_service(
-        config,
-        shutdown,
-        Arc::clone(telemetry),
-        info.tables.clone(),
-        schema_rx,
-        snapshot_slot,
-    );
+    // Snapshots go to NATS only so far: with the Kafka sink there is no snapshot service.
+    let snapshots = match config.replication.sink {
+        SinkKind::Nats => crate::snapshot::threads::spawn_service(
+            config,
+            shutdown,
+            Arc::clone(telemetry),
+            info.tables.clone(),
+            schema_rx,
+            snapshot_slot,
+        ),
+        SinkKind::Kafka => {
+            drop(schema_rx);
+            None
+        }
+    };
 
     let (writer, reader) = ring::channel(
         config.replication.ring_capacity,
         config.replication.ring_max_bytes,
     );
     let stats = Arc::clone(&telemetry.publisher);
-    let sink = NatsSink::new(
-        config,
-        &namespace,
-        Arc::clone(&stats),
-        Arc::clone(&telemetry.nats),
-    );
     let (ready_tx, ready_rx) = std::sync::mpsc::channel();
-    let publisher = spawn_sink(sink, shutdown, reader, durable.clone(), ready_tx)?;
+    let publisher = match config.replication.sink {
+        SinkKind::Nats => {
+            let sink = NatsSink::new(
+                config,
+                &namespace,
+                Arc::clone(&stats),
+                Arc::clone(&telemetry.nats),
+            );
+            spawn_sink(sink, shutdown, reader, durable.clone(), ready_tx)?
+        }
+        #[cfg(feature = "kafka")]
+        SinkKind::Kafka => {
+            // The broker connection's state shows where the NATS one does (`/health`).
+            telemetry.set_kafka_sink();
+            let sink = crate::sink::kafka::KafkaSink::new(
+                config,
+                &namespace,
+                Arc::clone(&stats),
+                Arc::clone(&telemetry.nats),
+            );
+            spawn_sink(sink, shutdown, reader, durable.clone(), ready_tx)?
+        }
+        #[cfg(not(feature = "kafka"))]
+        SinkKind::Kafka => {
+            return Err(RunError::Internal(
+                "this bridge was built without Kafka support".into(),
+            ))
+        }
+    };
     // Wait for NATS and the streams before reading WAL: nothing could be made durable.
     match ready_rx.recv() {
         Ok(Ok(())) => {}
@@ -651,8 +686,12 @@ fn run_pipeline(
         if wal_failed {
             // Said at once: with NATS down, the publisher can take a while to give up.
             log::error!(
-                "{e}; stopping (waiting up to {} s for JetStream to acknowledge what was sent)",
-                crate::sink::nats::publisher::SHUTDOWN_RETRY_LIMIT.as_secs()
+                "{e}; stopping (waiting up to {} s for {} to acknowledge what was sent)",
+                crate::sink::nats::publisher::SHUTDOWN_RETRY_LIMIT.as_secs(),
+                match config.replication.sink {
+                    SinkKind::Nats => "JetStream",
+                    SinkKind::Kafka => "Kafka",
+                }
             );
             shutdown.trigger();
         }

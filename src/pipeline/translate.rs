@@ -453,6 +453,11 @@ impl Translator {
                     schema: Arc::from(r.namespace),
                     table: Arc::from(r.name),
                     relation_id: r.relid,
+                    key_columns: columns
+                        .iter()
+                        .filter(|c| c.key)
+                        .map(|c| Arc::clone(&c.name))
+                        .collect(),
                 });
                 if streamed {
                     out.relation(&table);
@@ -724,6 +729,7 @@ mod tests {
                 schema: Arc::from("public"),
                 table: Arc::from("t"),
                 relation_id: 1,
+                key_columns: Vec::new(),
             }),
             operation: Operation::Insert,
             lsn: Lsn(100),

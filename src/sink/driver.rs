@@ -120,6 +120,12 @@ pub(crate) trait Delivery {
     /// waits, boundedly, for the broker to become ready).
     async fn delivered(&mut self, feed: Feed<'_>) -> Result<Progress, Self::Error>;
 
+    /// The changes sent so far end a transaction whose commit ends at `end_lsn` (called right
+    /// after the `send` of its last change, and for transactions none of whose changes are
+    /// published too). A broker that writes whole transactions atomically (a transactional
+    /// Kafka producer) can close its own transaction here; the others ignore it.
+    fn transaction_end(&mut self, _end_lsn: Lsn) {}
+
     /// Everything sent is delivered and nothing more comes: flush and let go.
     async fn close(&mut self) -> Result<(), Self::Error>;
 
@@ -228,10 +234,13 @@ async fn fill<D: Delivery>(
                     commit_time: ev.commit_time,
                 });
             }
-            Some(RingItem::Commit { end_lsn }) => match sent.back_mut() {
-                Some(last) => last.commit_end = Some(end_lsn),
-                None => durable.advance(end_lsn),
-            },
+            Some(RingItem::Commit { end_lsn }) => {
+                delivery.transaction_end(end_lsn);
+                match sent.back_mut() {
+                    Some(last) => last.commit_end = Some(end_lsn),
+                    None => durable.advance(end_lsn),
+                }
+            }
             Some(RingItem::End) => *ended = true,
             None => {
                 if ring.is_closed() {

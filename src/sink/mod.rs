@@ -2,6 +2,8 @@
 //! pipeline and a broker, and its NATS JetStream implementation ([`nats`]).
 
 pub(crate) mod driver;
+#[cfg(feature = "kafka")]
+pub(crate) mod kafka;
 pub mod nats;
 pub mod ring;
 

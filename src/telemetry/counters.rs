@@ -50,6 +50,12 @@ pub struct PublisherStats {
     pub commit_to_ack: Option<prometheus::Histogram>,
     /// Events sent to the dead-letter stream, by reason (in the order of `DeadReason::ALL`).
     pub dead_letters: [AtomicU64; DEAD_LETTER_REASONS],
+    /// Kafka: records handed to the producer whose delivery report has not come yet.
+    pub queue_depth: AtomicU64,
+    /// Kafka: delivery reports received.
+    pub delivery_reports: AtomicU64,
+    /// Kafka: microseconds from producing a record to its delivery report, summed.
+    pub delivery_report_micros: AtomicU64,
 }
 
 /// How many reasons dead letters are counted by.

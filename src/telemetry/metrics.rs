@@ -115,6 +115,36 @@ const DEFS: &[Def] = &[
         value: |s| s.in_flight as f64,
     },
     Def {
+        name: "bridge_sink_in_flight",
+        help: "Change events handed to the sink (NATS or Kafka) and not yet confirmed stored.",
+        kind: Kind::Gauge,
+        value: |s| s.in_flight as f64,
+    },
+    Def {
+        name: "bridge_sink_connected",
+        help: "1 while the sink's broker connection (NATS, or a Kafka broker) is up.",
+        kind: Kind::Gauge,
+        value: |s| b(s.nats_connected),
+    },
+    Def {
+        name: "bridge_kafka_producer_queue_depth",
+        help: "Kafka records in the producer waiting for their delivery report.",
+        kind: Kind::Gauge,
+        value: |s| s.queue_depth as f64,
+    },
+    Def {
+        name: "bridge_kafka_delivery_reports_total",
+        help: "Kafka delivery reports received (successful or not).",
+        kind: Kind::Counter,
+        value: |s| s.delivery_reports as f64,
+    },
+    Def {
+        name: "bridge_kafka_delivery_report_seconds_total",
+        help: "Seconds from producing each Kafka record to its delivery report, summed (divide the rate by that of bridge_kafka_delivery_reports_total for the mean).",
+        kind: Kind::Counter,
+        value: |s| s.delivery_report_micros as f64 / 1e6,
+    },
+    Def {
         name: "bridge_ring_occupancy",
         help: "Items waiting in the ring between the wal thread and the publisher (sampled).",
         kind: Kind::Gauge,

@@ -132,6 +132,8 @@ pub struct Telemetry {
     pub snapshot_requests_ignored: AtomicU64,
     /// The message-id namespace, once PostgreSQL set-up has decided it.
     id_namespace: Mutex<Option<String>>,
+    /// True when the sink is Kafka: the broker connection in `nats` is a Kafka one.
+    kafka_sink: AtomicBool,
 }
 
 impl Telemetry {
@@ -157,7 +159,13 @@ impl Telemetry {
             stream_established: AtomicBool::new(false),
             snapshot_requests_ignored: AtomicU64::new(0),
             id_namespace: Mutex::new(None),
+            kafka_sink: AtomicBool::new(false),
         }
+    }
+
+    /// Marks the sink as Kafka, so `/health` names it.
+    pub fn set_kafka_sink(&self) {
+        self.kafka_sink.store(true, Relaxed);
     }
 
     /// True while this process streams from the replication slot (START_REPLICATION
@@ -250,6 +258,7 @@ impl Telemetry {
             pg_reconnects: w.reconnects.load(Relaxed),
             pg_problem: self.pg_problem.lock().ok().and_then(|p| p.clone()),
             id_namespace: self.id_namespace.lock().ok().and_then(|n| n.clone()),
+            kafka_sink: self.kafka_sink.load(Relaxed),
             last_processing_us: w.last_processing_us.load(Relaxed),
             ring_used: w.ring_used.load(Relaxed).min(self.ring_capacity),
             ring_capacity: self.ring_capacity,
@@ -258,6 +267,9 @@ impl Telemetry {
             bytes_published: p.bytes.load(Relaxed),
             publish_errors: p.publish_errors.load(Relaxed),
             in_flight: p.in_flight.load(Relaxed),
+            queue_depth: p.queue_depth.load(Relaxed),
+            delivery_reports: p.delivery_reports.load(Relaxed),
+            delivery_report_micros: p.delivery_report_micros.load(Relaxed),
             publisher_stalled: p.stalled.load(Relaxed),
             nats_connected: self.nats.is_connected(),
             nats_reconnects: self.nats.reconnects(),
@@ -304,6 +316,8 @@ pub struct Snapshot {
     pub pg_problem: Option<String>,
     /// The message-id namespace (`None` until set-up decided it).
     pub id_namespace: Option<String>,
+    /// The sink is Kafka (the `nats_*` fields then describe the Kafka connection).
+    pub kafka_sink: bool,
     /// Processing time of a recent WAL message, µs.
     pub last_processing_us: u64,
     /// Items in the ring.
@@ -320,6 +334,12 @@ pub struct Snapshot {
     pub publish_errors: u64,
     /// PubAcks awaited.
     pub in_flight: u64,
+    /// Kafka: records in the producer awaiting their delivery report.
+    pub queue_depth: u64,
+    /// Kafka: delivery reports received.
+    pub delivery_reports: u64,
+    /// Kafka: produce → delivery report time of those reports, summed, in µs.
+    pub delivery_report_micros: u64,
     /// JetStream does not acknowledge (publishes are being retried).
     pub publisher_stalled: bool,
     /// The publisher's NATS connection is up.

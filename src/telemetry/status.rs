@@ -58,9 +58,17 @@ pub fn health(s: &Snapshot) -> Health {
             });
         }
         if !s.nats_connected && s.phase == Phase::Streaming {
-            reasons.push("NATS unavailable: connection lost, reconnecting".into());
+            reasons.push(if s.kafka_sink {
+                "Kafka unavailable: no broker reachable, retrying".into()
+            } else {
+                "NATS unavailable: connection lost, reconnecting".into()
+            });
         } else if s.publisher_stalled {
-            reasons.push("JetStream is not acknowledging publishes; retrying".into());
+            reasons.push(if s.kafka_sink {
+                "Kafka is not confirming deliveries; retrying".into()
+            } else {
+                "JetStream is not acknowledging publishes; retrying".into()
+            });
         }
         if s.slot_missing {
             reasons.push("replication slot missing".into());
@@ -146,6 +154,10 @@ mod tests {
             bytes_published: 400,
             publish_errors: 0,
             in_flight: 0,
+            queue_depth: 0,
+            delivery_reports: 0,
+            delivery_report_micros: 0,
+            kafka_sink: false,
             publisher_stalled: false,
             nats_connected: true,
             nats_reconnects: 2,

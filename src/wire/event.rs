@@ -99,6 +99,9 @@ pub struct TableRef {
     pub table: Arc<str>,
     /// pg_class OID.
     pub relation_id: u32,
+    /// The replica identity columns (the primary key by default; every column with
+    /// `REPLICA IDENTITY FULL`), in column order: the key of a Kafka record.
+    pub key_columns: Vec<Arc<str>>,
 }
 
 /// A committed row change (or truncate) as published.

@@ -83,6 +83,7 @@ mod tests {
                 schema: Arc::from("public"),
                 table: Arc::from("t"),
                 relation_id: 1,
+                key_columns: Vec::new(),
             }),
             operation: Operation::Insert,
             lsn: Lsn(lsn),

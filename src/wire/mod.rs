@@ -22,6 +22,7 @@ pub mod encode;
 pub mod event;
 pub mod fields;
 pub mod id;
+pub mod kafka;
 pub mod names;
 pub mod outbox;
 pub mod subject;

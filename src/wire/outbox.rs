@@ -188,6 +188,7 @@ mod tests {
             table: Arc::from(name),
             relation_id: 1,
             columns: Vec::new(),
+            key_columns: Vec::new(),
         }))
     }
 

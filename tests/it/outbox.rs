@@ -18,7 +18,8 @@ use testkit::{
     wait_for, with_nats, BridgeProcess, NatsServer, PgServer, Rng, StoredMessage, TempDir, TestEnv,
 };
 
-const SCHEMA: &str = "CREATE TABLE orders (id bigint PRIMARY KEY, customer text NOT NULL); \
+pub(super) const SCHEMA: &str =
+    "CREATE TABLE orders (id bigint PRIMARY KEY, customer text NOT NULL); \
      CREATE TABLE outbox (id text PRIMARY KEY, aggregate_type text, aggregate_id text, \
                           event_type text, payload jsonb)";
 const SLOT: &str = "cdc_slot";
@@ -43,7 +44,7 @@ fn spawn(env_pg: &PgServer, url: &str, dir: &TempDir, extra: &[&str]) -> BridgeP
 
 /// The statements of order `i`'s transaction: the order, its `OrderPlaced` row, and for every
 /// third order an emitted `OrderShipped` message.
-fn order_txn(i: u64) -> String {
+pub(super) fn order_txn(i: u64) -> String {
     let emit = if i.is_multiple_of(3) {
         format!(
             " SELECT pg_logical_emit_message(true, 'outbox.order.OrderShipped', '{{\"order\": {i}}}');"

@@ -117,6 +117,7 @@ fn start_publisher_with(
         schema: Arc::from("public"),
         table: Arc::from("t"),
         relation_id: 16384,
+        key_columns: Vec::new(),
     });
     let (mut producer, consumer) =
         ring::channel((TXNS * (u64::from(PER_TXN) + 1) + 1) as usize, u64::MAX);

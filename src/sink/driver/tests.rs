@@ -112,6 +112,7 @@ fn durable_follows_the_watermark_at_transaction_ends() {
         table: Arc::from("t"),
         relation_id: 1,
         columns: Vec::new(),
+        key_columns: Vec::new(),
     });
     // Transactions of 2, 1 and 3 changes (tickets 0-1, 2, 3-5), committed at 100, 200, 300;
     // an empty one (no change published) at 250 in between.
@@ -187,6 +188,7 @@ fn an_outbox_event_is_delivered_in_its_place_and_can_end_a_transaction() {
         table: Arc::from("t"),
         relation_id: 1,
         columns: Vec::new(),
+        key_columns: Vec::new(),
     });
     let outbox = |commit: u64, seq: u32| {
         RingItem::Outbox(Box::new(OutboxEvent {

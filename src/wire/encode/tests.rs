@@ -239,6 +239,7 @@ fn table(schema: &str, name: &str, relation_id: u32) -> Arc<TableRef> {
         schema: Arc::from(schema),
         table: Arc::from(name),
         relation_id,
+        key_columns: Vec::new(),
     })
 }
 
@@ -721,6 +722,7 @@ fn any_event() -> impl Strategy<Value = ChangeEvent> {
             schema: Arc::from(s),
             table: Arc::from(t),
             relation_id: r,
+            key_columns: Vec::new(),
         })
     });
     let position = (

@@ -3,6 +3,7 @@
 //! comparison of a mirrored SQLite file with its PostgreSQL source, and helpers around the
 //! mirror process (command, state table, consumer, catch-up).
 
+pub mod kafka;
 mod workload;
 
 pub use crate::rng::Rng;

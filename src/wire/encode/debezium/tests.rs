@@ -73,6 +73,7 @@ fn table() -> Arc<TableRef> {
             meta("days", 1182, -1, false),
             meta("big_doc", 25, -1, false),
         ],
+        key_columns: vec![Arc::from("id")],
     })
 }
 

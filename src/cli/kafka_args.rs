@@ -1,0 +1,102 @@
+//! The sink choice and the Kafka flags (`[kafka]`), and the overlay they give.
+
+use std::collections::BTreeMap;
+
+use clap::builder::BoolishValueParser;
+use clap::Args;
+
+use crate::config::kafka::{self, parse_property};
+use crate::config::{KafkaOverlay, KafkaProperties, SinkKind};
+
+use super::config_args::with_default;
+
+/// Kafka flags (`[kafka]`), used with `--sink kafka`.
+#[derive(Clone, Debug, Default, Args)]
+#[command(next_help_heading = "Kafka (with --sink kafka)")]
+pub(crate) struct KafkaArgs {
+    /// `replication.sink`.
+    #[arg(long, env = "BRIDGE_SINK", value_name = "SINK", global = true,
+          help = with_default("Where changes go: NATS JetStream or Kafka", kafka::DEFAULT_SINK))]
+    pub(crate) sink: Option<SinkKind>,
+
+    /// `kafka.brokers`.
+    #[arg(
+        long,
+        env = "KAFKA_BROKERS",
+        value_name = "HOST:PORT",
+        value_delimiter = ',',
+        global = true,
+        help = "Kafka bootstrap brokers, comma separated; required with --sink kafka"
+    )]
+    pub(crate) kafka_brokers: Option<Vec<String>>,
+
+    /// `kafka.topic_prefix`.
+    #[arg(long, env = "BRIDGE_TOPIC_PREFIX", value_name = "PREFIX", global = true,
+          help = with_default("First part of every topic: {prefix}.{table}, or \
+                               {prefix}.{schema}.{table} outside public", kafka::DEFAULT_TOPIC_PREFIX))]
+    pub(crate) topic_prefix: Option<String>,
+
+    /// `kafka.tombstones`.
+    #[arg(long, env = "BRIDGE_KAFKA_TOMBSTONES", value_name = "BOOL", global = true,
+          value_parser = BoolishValueParser::new(),
+          help = with_default("Follow every DELETE with a tombstone (same key, null value) for \
+                               compacted topics", kafka::DEFAULT_KAFKA_TOMBSTONES))]
+    pub(crate) kafka_tombstones: Option<bool>,
+
+    /// `kafka.partitions`.
+    #[arg(
+        long,
+        env = "BRIDGE_KAFKA_PARTITIONS",
+        value_name = "N",
+        global = true,
+        help = "Partitions of the topics the bridge creates [default: the broker's num.partitions]"
+    )]
+    pub(crate) kafka_partitions: Option<u32>,
+
+    /// `kafka.replication_factor`.
+    #[arg(
+        long,
+        env = "BRIDGE_KAFKA_REPLICATION_FACTOR",
+        value_name = "N",
+        global = true,
+        help = "Replication factor of the topics the bridge creates [default: the broker's \
+                  default.replication.factor]"
+    )]
+    pub(crate) kafka_replication_factor: Option<u16>,
+
+    /// `kafka.properties`.
+    #[arg(long, env = "KAFKA_PROPERTIES", value_name = "KEY=VALUE", value_delimiter = ';',
+          value_parser = parse_property, global = true, hide_env_values = true,
+          help = "A librdkafka property for the producer and the admin client (SASL, TLS, \
+                  tuning), repeatable; KAFKA_PROPERTIES (read when no flag is given) takes \
+                  several separated by ';'. They add to [kafka.properties] of the file. Values of *password*, *secret* and \
+                  sasl.jaas.config keys are never printed")]
+    pub(crate) kafka_property: Option<Vec<(String, String)>>,
+}
+
+impl KafkaArgs {
+    /// The `[kafka]` overlay of one source; `take` picks a field's value when that source gave it.
+    pub(crate) fn overlay(&self, take: &dyn Fn(&str) -> bool) -> KafkaOverlay {
+        fn pick<T: Clone>(take: &dyn Fn(&str) -> bool, id: &str, v: &Option<T>) -> Option<T> {
+            v.as_ref().filter(|_| take(id)).cloned()
+        }
+        KafkaOverlay {
+            brokers: pick(take, "kafka_brokers", &self.kafka_brokers).map(|b| {
+                b.iter()
+                    .map(|s| s.trim().to_owned())
+                    .filter(|s| !s.is_empty())
+                    .collect()
+            }),
+            topic_prefix: pick(take, "topic_prefix", &self.topic_prefix),
+            tombstones: pick(take, "kafka_tombstones", &self.kafka_tombstones),
+            partitions: pick(take, "kafka_partitions", &self.kafka_partitions),
+            replication_factor: pick(
+                take,
+                "kafka_replication_factor",
+                &self.kafka_replication_factor,
+            ),
+            properties: pick(take, "kafka_property", &self.kafka_property)
+                .map(|p| KafkaProperties(p.into_iter().collect::<BTreeMap<_, _>>())),
+        }
+    }
+}

@@ -1,0 +1,251 @@
+//! The Kafka sink: an idempotent librdkafka producer (`enable.idempotence=true`, `acks=all`)
+//! that writes each change as the records of [`crate::wire::kafka`], and the topics it needs
+//! (`topics.rs`). The delivering half is [`delivery::KafkaDelivery`].
+//!
+//! At least once: a position is confirmed only once every record up to the transaction's end
+//! has a successful delivery report. Duplicates (after a crash, or a resend after a failed
+//! report) carry the same `pgbridge-id` header and key.
+
+mod delivery;
+mod topics;
+
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::time::Duration;
+
+use rdkafka::client::ClientContext;
+use rdkafka::config::ClientConfig;
+use rdkafka::error::KafkaError;
+use rdkafka::types::RDKafkaErrorCode;
+
+use crate::config::replication::Envelope;
+use crate::config::{Config, Format, KafkaConfig, OnOversize};
+use crate::shutdown::Shutdown;
+use crate::telemetry::counters::{NatsStats, PublisherStats};
+use crate::wire::encode::debezium::DebeziumOptions;
+
+pub(crate) use delivery::KafkaDelivery;
+
+use super::Sink;
+
+/// How long one metadata or admin request may take before it is retried.
+const REQUEST_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Why the Kafka sink stopped or could not start.
+#[derive(Debug, thiserror::Error)]
+pub enum KafkaSinkError {
+    /// librdkafka refused the configuration (an unknown or invalid property).
+    #[error("the Kafka client refuses its configuration: {0} (check --kafka-property / [kafka.properties])")]
+    Config(#[source] KafkaError),
+    /// A record is larger than the broker or the topic accepts; skipping it would lose data.
+    #[error(
+        "a change of {table} ({size} bytes encoded, message id {message_id}) is larger than Kafka accepts ({reason}): raise message.max.bytes on the broker or max.message.bytes on the topic {topic} (and the producer's message.max.bytes with --kafka-property); the change stays in PostgreSQL's WAL until it can be delivered"
+    )]
+    TooLarge {
+        /// `schema.table`.
+        table: String,
+        /// The topic.
+        topic: String,
+        /// Encoded size of the record's value.
+        size: usize,
+        /// The change's message id.
+        message_id: String,
+        /// What the client or broker said.
+        reason: String,
+    },
+    /// Shutdown came while Kafka did not confirm delivery.
+    #[error("stopped with {pending} changes not confirmed by Kafka (they will be sent again on the next start): {last_error}")]
+    NotDrained {
+        /// Changes still waiting for their delivery reports.
+        pending: usize,
+        /// The last delivery error.
+        last_error: String,
+    },
+}
+
+impl KafkaSinkError {
+    /// True for errors a change of configuration must fix (exit code 2).
+    pub(crate) fn is_configuration(&self) -> bool {
+        matches!(self, KafkaSinkError::Config(_))
+    }
+}
+
+/// The client context: turns librdkafka's global errors into one log line per change of the
+/// broker connection, and keeps the connection flag `/health` reads.
+pub(crate) struct Context {
+    connection: Arc<NatsStats>,
+}
+
+impl Context {
+    fn set_connected(&self, up: bool) {
+        if self.connection.connected.swap(up, Ordering::Relaxed) != up {
+            if up {
+                log::info!("Kafka brokers reachable again; delivering");
+            } else {
+                log::warn!(
+                    "no Kafka broker reachable; retrying (PostgreSQL keeps the WAL meanwhile)"
+                );
+            }
+            self.connection.changed.notify_waiters();
+        }
+    }
+}
+
+impl ClientContext for Context {
+    fn error(&self, error: KafkaError, reason: &str) {
+        match error.rdkafka_error_code() {
+            Some(RDKafkaErrorCode::AllBrokersDown) => self.set_connected(false),
+            // Single connection losses are retried by librdkafka and show as AllBrokersDown
+            // when nothing is left.
+            Some(RDKafkaErrorCode::BrokerTransportFailure) => {
+                log::debug!("Kafka: {error}: {reason}")
+            }
+            _ => log::warn!("Kafka client: {error}: {reason}"),
+        }
+    }
+
+    /// A broker librdkafka reached again shows as UP here before any record is delivered, so
+    /// `/health` recovers while the database is idle too.
+    fn stats(&self, statistics: rdkafka::Statistics) {
+        if !self.connection.is_connected()
+            && statistics
+                .brokers
+                .values()
+                .any(|b| b.nodeid >= 0 && b.state == "UP")
+        {
+            self.set_connected(true);
+        }
+    }
+
+    fn log(&self, level: rdkafka::config::RDKafkaLogLevel, fac: &str, log_message: &str) {
+        use rdkafka::config::RDKafkaLogLevel as L;
+        match level {
+            L::Emerg | L::Alert | L::Critical | L::Error => {
+                log::error!("librdkafka {fac}: {log_message}")
+            }
+            L::Warning => log::debug!("librdkafka {fac}: {log_message}"),
+            _ => log::trace!("librdkafka {fac}: {log_message}"),
+        }
+    }
+}
+
+/// The client configuration of the producer and the admin client: the user's properties, the
+/// brokers, and what at-least-once delivery needs.
+pub(crate) fn client_config(kafka: &KafkaConfig) -> ClientConfig {
+    let mut c = ClientConfig::new();
+    // Librdkafka's own logs go through `Context::log`, filtered by level.
+    c.set_log_level(rdkafka::config::RDKafkaLogLevel::Warning);
+    for (k, v) in kafka.properties.expose() {
+        c.set(k, v);
+    }
+    c.set("bootstrap.servers", kafka.brokers.join(","));
+    c.set("enable.idempotence", "true");
+    c.set("acks", "all");
+    if !kafka.properties.0.contains_key("client.id") {
+        c.set("client.id", "pgbridge");
+    }
+    // Broker states for `Context::stats`.
+    if !kafka.properties.0.contains_key("statistics.interval.ms") {
+        c.set("statistics.interval.ms", "5000");
+    }
+    c
+}
+
+/// The Kafka sink: checks the brokers are reachable before any WAL is read, then delivers
+/// through a [`KafkaDelivery`].
+pub(crate) struct KafkaSink {
+    kafka: KafkaConfig,
+    format: Format,
+    debezium: Option<DebeziumOptions>,
+    on_oversize: OnOversize,
+    max_in_flight: usize,
+    max_in_flight_bytes: u64,
+    id_namespace: String,
+    backoff: Duration,
+    stats: Arc<PublisherStats>,
+    connection: Arc<NatsStats>,
+}
+
+impl KafkaSink {
+    /// A sink for `config`'s brokers, with message ids in `id_namespace`, counting in `stats`
+    /// and keeping the broker connection's state in `connection`.
+    pub(crate) fn new(
+        config: &Config,
+        id_namespace: &str,
+        stats: Arc<PublisherStats>,
+        connection: Arc<NatsStats>,
+    ) -> Self {
+        KafkaSink {
+            kafka: config.kafka.clone(),
+            format: config.replication.format,
+            // Debezium's `topic.prefix` is the prefix of its topics.
+            debezium: (config.replication.envelope == Envelope::Debezium).then(|| {
+                DebeziumOptions {
+                    name: config.kafka.topic_prefix.clone(),
+                    db: config.postgres.dbname.clone(),
+                    schemas: config.replication.debezium_schemas,
+                }
+            }),
+            on_oversize: config.outbox.on_oversize,
+            max_in_flight: config.replication.max_in_flight,
+            max_in_flight_bytes: config.replication.max_in_flight_bytes,
+            id_namespace: id_namespace.to_owned(),
+            backoff: config.replication.reconnect_backoff(),
+            stats,
+            connection,
+        }
+    }
+}
+
+impl Sink for KafkaSink {
+    type PrepareError = KafkaSinkError;
+    type Error = KafkaSinkError;
+    type Delivery = KafkaDelivery;
+
+    async fn prepare(&mut self, shutdown: &Shutdown) -> Result<bool, KafkaSinkError> {
+        let admin = topics::Admin::new(&self.kafka, Arc::clone(&self.connection))?;
+        // Reachable before any WAL is read: nothing could be delivered otherwise.
+        let mut warned = false;
+        loop {
+            match admin.broker_count() {
+                Ok(n) => {
+                    log::info!(
+                        "Kafka reachable ({n} broker{}); topics {}.*",
+                        if n == 1 { "" } else { "s" },
+                        self.kafka.topic_prefix
+                    );
+                    self.connection.connected.store(true, Ordering::Relaxed);
+                    return Ok(true);
+                }
+                Err(e) => {
+                    if !warned {
+                        log::warn!(
+                            "Kafka brokers {} not reachable: {e}; retrying every {}s",
+                            self.kafka.brokers.join(","),
+                            self.backoff.as_secs()
+                        );
+                        warned = true;
+                    }
+                    if shutdown.sleep(self.backoff).await {
+                        return Ok(false);
+                    }
+                }
+            }
+        }
+    }
+
+    fn delivery(self, shutdown: Shutdown) -> Result<KafkaDelivery, KafkaSinkError> {
+        KafkaDelivery::new(delivery::Settings {
+            kafka: self.kafka,
+            format: self.format,
+            debezium: self.debezium,
+            on_oversize: self.on_oversize,
+            max_in_flight: self.max_in_flight,
+            max_in_flight_bytes: self.max_in_flight_bytes,
+            id_namespace: self.id_namespace,
+            stats: self.stats,
+            connection: self.connection,
+            shutdown,
+        })
+    }
+}

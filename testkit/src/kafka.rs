@@ -1,0 +1,391 @@
+//! A throw-away Apache Kafka broker (KRaft, one node, broker and controller in one JVM) on
+//! random loopback ports, restartable on the same ports and data, and a reader of a topic's
+//! records through rdkafka's consumer.
+//!
+//! The broker's jars come from `KAFKA_LIBS` (written to `.dev/env` by
+//! `scripts/install-kafka.sh`), else `.dev/kafka/libs` of the repository.
+
+use std::collections::BTreeMap;
+use std::fs;
+use std::io::Read;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use rdkafka::config::ClientConfig;
+use rdkafka::consumer::{BaseConsumer, Consumer};
+use rdkafka::message::{Headers, Message};
+use rdkafka::{Offset, TopicPartitionList};
+
+use crate::proc::stop_child;
+use crate::{free_port, TempDir, START_TIMEOUT, STOP_TIMEOUT};
+
+/// Kafka's (and the KRaft cluster's) id of the test clusters; any base64 UUID works.
+const CLUSTER_ID: &str = "cGdicmlkZ2UtdGVzdHMtMQ";
+
+/// Directory of the broker's jars.
+pub fn kafka_libs() -> PathBuf {
+    if let Some(p) = std::env::var_os("KAFKA_LIBS") {
+        return PathBuf::from(p);
+    }
+    let repo = Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
+    let libs = repo.join(".dev/kafka/libs");
+    assert!(
+        libs.is_dir(),
+        "no Kafka broker jars: run scripts/install-kafka.sh (or set KAFKA_LIBS)"
+    );
+    libs
+}
+
+/// A throw-away single-node Kafka broker.
+pub struct KafkaServer {
+    dir: TempDir,
+    port: u16,
+    controller_port: u16,
+    extra: Vec<(String, String)>,
+    child: Option<Child>,
+}
+
+impl KafkaServer {
+    /// Starts a broker with the settings one node needs.
+    pub fn start() -> Self {
+        Self::start_with(&[])
+    }
+
+    /// Starts a broker with extra `server.properties` settings, e.g.
+    /// `("message.max.bytes", "20000")`.
+    pub fn start_with(extra: &[(&str, &str)]) -> Self {
+        let mut s = KafkaServer {
+            dir: TempDir::new("kafka"),
+            port: free_port(),
+            controller_port: free_port(),
+            extra: extra
+                .iter()
+                .map(|(k, v)| (k.to_string(), v.to_string()))
+                .collect(),
+            child: None,
+        };
+        s.write_properties();
+        s.format();
+        s.start_again();
+        s
+    }
+
+    fn properties(&self) -> PathBuf {
+        self.dir.path().join("server.properties")
+    }
+
+    fn write_properties(&self) {
+        let (p, c) = (self.port, self.controller_port);
+        let mut text = format!(
+            "process.roles=broker,controller\n\
+             node.id=1\n\
+             controller.quorum.voters=1@127.0.0.1:{c}\n\
+             listeners=PLAINTEXT://127.0.0.1:{p},CONTROLLER://127.0.0.1:{c}\n\
+             advertised.listeners=PLAINTEXT://127.0.0.1:{p}\n\
+             controller.listener.names=CONTROLLER\n\
+             inter.broker.listener.name=PLAINTEXT\n\
+             listener.security.protocol.map=CONTROLLER:PLAINTEXT,PLAINTEXT:PLAINTEXT\n\
+             log.dirs={}\n\
+             num.partitions=3\n\
+             offsets.topic.replication.factor=1\n\
+             offsets.topic.num.partitions=1\n\
+             transaction.state.log.replication.factor=1\n\
+             transaction.state.log.min.isr=1\n\
+             share.coordinator.state.topic.replication.factor=1\n\
+             share.coordinator.state.topic.min.isr=1\n\
+             group.initial.rebalance.delay.ms=0\n\
+             auto.create.topics.enable=false\n",
+            self.dir.path().join("data").display()
+        );
+        for (k, v) in &self.extra {
+            text.push_str(&format!("{k}={v}\n"));
+        }
+        fs::write(self.properties(), text).expect("write server.properties");
+    }
+
+    fn java(&self, main: &str) -> Command {
+        let mut cmd = Command::new("java");
+        cmd.args([
+            "-Xmx384m",
+            "-Xms64m",
+            "-XX:+UseSerialGC",
+            "-XX:TieredStopAtLevel=1",
+        ])
+        .arg("-Dlog4j2.level=warn")
+        .arg("-cp")
+        .arg(format!("{}/*", kafka_libs().display()))
+        .arg(main);
+        cmd
+    }
+
+    /// Formats the storage (KRaft needs it once).
+    fn format(&self) {
+        let out = self
+            .java("kafka.tools.StorageTool")
+            .args(["format", "-t", CLUSTER_ID, "-c"])
+            .arg(self.properties())
+            .stdin(Stdio::null())
+            .output()
+            .expect("run the Kafka storage tool (java on PATH?)");
+        assert!(
+            out.status.success(),
+            "formatting the Kafka storage failed: {}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+
+    /// (Re)starts the broker on the same ports and data, e.g. after [`KafkaServer::stop`].
+    pub fn start_again(&mut self) {
+        assert!(self.child.is_none(), "the Kafka broker is already running");
+        let log = fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(self.dir.path().join("kafka.log"))
+            .unwrap();
+        let child = self
+            .java("kafka.Kafka")
+            .arg(self.properties())
+            .stdin(Stdio::null())
+            .stdout(log.try_clone().unwrap())
+            .stderr(log)
+            .spawn()
+            .expect("start the Kafka broker (java on PATH?)");
+        self.child = Some(child);
+        let deadline = Instant::now() + START_TIMEOUT;
+        loop {
+            if let Some(c) = self.child.as_mut() {
+                if let Ok(Some(status)) = c.try_wait() {
+                    panic!("the Kafka broker exited ({status}); log:\n{}", self.log());
+                }
+            }
+            if self.is_ready() {
+                return;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "the Kafka broker did not start in {START_TIMEOUT:?}; log:\n{}",
+                self.log()
+            );
+            std::thread::sleep(Duration::from_millis(200));
+        }
+    }
+
+    /// Ready once it answers a metadata request with itself as a broker.
+    fn is_ready(&self) -> bool {
+        let Ok(c) = self.client_config().create::<BaseConsumer>() else {
+            return false;
+        };
+        c.fetch_metadata(None, Duration::from_secs(2))
+            .is_ok_and(|md| !md.brokers().is_empty())
+    }
+
+    /// Stops the broker (SIGTERM, then SIGKILL), keeping its data.
+    pub fn stop(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            stop_child(&mut c, libc::SIGTERM, STOP_TIMEOUT);
+        }
+    }
+
+    /// `127.0.0.1:PORT`, the bootstrap address.
+    pub fn brokers(&self) -> String {
+        format!("127.0.0.1:{}", self.port)
+    }
+
+    /// The broker log so far.
+    pub fn log(&self) -> String {
+        let mut s = String::new();
+        if let Ok(mut f) = fs::File::open(self.dir.path().join("kafka.log")) {
+            let _ = f.read_to_string(&mut s);
+        }
+        s
+    }
+
+    fn client_config(&self) -> ClientConfig {
+        let mut c = ClientConfig::new();
+        c.set("bootstrap.servers", self.brokers())
+            .set("group.id", "pgbridge-tests")
+            .set("enable.auto.commit", "false")
+            .set("log_level", "0");
+        c
+    }
+
+    /// The topics on the broker (internal ones left out).
+    pub fn topics(&self) -> Vec<String> {
+        let c: BaseConsumer = self.client_config().create().expect("consumer");
+        let md = c
+            .fetch_metadata(None, Duration::from_secs(10))
+            .expect("metadata");
+        let mut names: Vec<String> = md
+            .topics()
+            .iter()
+            .map(|t| t.name().to_string())
+            .filter(|n| !n.starts_with("__"))
+            .collect();
+        names.sort();
+        names
+    }
+
+    /// Every record of `topic` now stored, partition by partition, in offset order.
+    pub fn read_topic(&self, topic: &str) -> Vec<KafkaRecord> {
+        let c: BaseConsumer = self.client_config().create().expect("consumer");
+        let md = c
+            .fetch_metadata(Some(topic), Duration::from_secs(10))
+            .expect("metadata");
+        let partitions: Vec<i32> = md
+            .topics()
+            .iter()
+            .find(|t| t.name() == topic)
+            .map(|t| t.partitions().iter().map(|p| p.id()).collect())
+            .unwrap_or_default();
+        let mut ends = BTreeMap::new();
+        let mut tpl = TopicPartitionList::new();
+        for p in &partitions {
+            let (low, high) = watermarks(&c, topic, *p);
+            if high > low {
+                ends.insert(*p, high);
+                tpl.add_partition_offset(topic, *p, Offset::Offset(low))
+                    .unwrap();
+            }
+        }
+        let mut out = Vec::new();
+        if ends.is_empty() {
+            return out;
+        }
+        c.assign(&tpl).expect("assign");
+        let mut next: BTreeMap<i32, i64> = BTreeMap::new();
+        let deadline = Instant::now() + Duration::from_secs(120);
+        while ends
+            .iter()
+            .any(|(p, end)| next.get(p).copied().unwrap_or(0) < *end)
+        {
+            assert!(Instant::now() < deadline, "reading topic {topic} timed out");
+            let Some(m) = c.poll(Duration::from_millis(500)) else {
+                continue;
+            };
+            let m = m.expect("consume");
+            let headers = m
+                .headers()
+                .map(|h| {
+                    h.iter()
+                        .map(|h| {
+                            (
+                                h.key.to_string(),
+                                String::from_utf8_lossy(h.value.unwrap_or_default()).into_owned(),
+                            )
+                        })
+                        .collect()
+                })
+                .unwrap_or_default();
+            next.insert(m.partition(), m.offset() + 1);
+            out.push(KafkaRecord {
+                partition: m.partition(),
+                offset: m.offset(),
+                key: m.key().map(<[u8]>::to_vec),
+                value: m.payload().map(<[u8]>::to_vec),
+                headers,
+            });
+        }
+        out.sort_by_key(|r| (r.partition, r.offset));
+        out
+    }
+
+    /// The end offset (high watermark) of each partition of `topic`.
+    pub fn end_offsets(&self, topic: &str) -> BTreeMap<i32, i64> {
+        let c: BaseConsumer = self.client_config().create().expect("consumer");
+        let md = c
+            .fetch_metadata(Some(topic), Duration::from_secs(10))
+            .expect("metadata");
+        let mut out = BTreeMap::new();
+        for t in md.topics().iter().filter(|t| t.name() == topic) {
+            for p in t.partitions() {
+                let (_, high) = watermarks(&c, topic, p.id());
+                out.insert(p.id(), high);
+            }
+        }
+        out
+    }
+}
+
+/// A partition's low and high watermarks, retried (bounded) while its leader is elected.
+fn watermarks(c: &BaseConsumer, topic: &str, partition: i32) -> (i64, i64) {
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        match c.fetch_watermarks(topic, partition, Duration::from_secs(10)) {
+            Ok(w) => return w,
+            Err(e) => {
+                assert!(
+                    Instant::now() < deadline,
+                    "watermarks of {topic}/{partition}: {e}"
+                );
+                std::thread::sleep(Duration::from_millis(200));
+            }
+        }
+    }
+}
+
+impl Drop for KafkaServer {
+    fn drop(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            stop_child(&mut c, libc::SIGKILL, Duration::from_secs(10));
+        }
+    }
+}
+
+/// One stored record.
+#[derive(Clone)]
+pub struct KafkaRecord {
+    /// Partition.
+    pub partition: i32,
+    /// Offset in the partition.
+    pub offset: i64,
+    /// Key bytes (`None`: no key).
+    pub key: Option<Vec<u8>>,
+    /// Value bytes (`None`: a tombstone).
+    pub value: Option<Vec<u8>>,
+    /// Headers in order.
+    pub headers: Vec<(String, String)>,
+}
+
+/// Key and value as text (lossy, the value cut at 200 bytes).
+impl std::fmt::Debug for KafkaRecord {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let text = |b: &Option<Vec<u8>>, max: usize| {
+            b.as_deref()
+                .map(|b| String::from_utf8_lossy(&b[..b.len().min(max)]).into_owned())
+        };
+        write!(
+            f,
+            "{}@{} key={:?} headers={:?} value={:?}",
+            self.partition,
+            self.offset,
+            text(&self.key, 200),
+            self.headers,
+            text(&self.value, 200)
+        )
+    }
+}
+
+impl KafkaRecord {
+    /// The value of header `name`.
+    pub fn header(&self, name: &str) -> Option<&str> {
+        self.headers
+            .iter()
+            .find(|(k, _)| k == name)
+            .map(|(_, v)| v.as_str())
+    }
+
+    /// The value parsed as JSON (`--format json`); panics on anything else.
+    pub fn json(&self) -> serde_json::Value {
+        serde_json::from_slice(self.value.as_deref().expect("a value"))
+            .unwrap_or_else(|e| panic!("record value is not JSON: {e}"))
+    }
+
+    /// The key parsed as JSON (`--format json`).
+    pub fn key_json(&self) -> Option<serde_json::Value> {
+        self.key
+            .as_deref()
+            .map(|k| serde_json::from_slice(k).expect("key is JSON"))
+    }
+}
