@@ -198,6 +198,17 @@ impl Translator {
             .min()
     }
 
+    /// A transaction that commits at `commit_lsn`, numbered from its first change.
+    fn txn_at(&self, xid: u32, commit_lsn: Lsn, commit_time: i64) -> Txn {
+        Txn {
+            xid,
+            commit_lsn,
+            timeline: self.timelines.timeline_of(commit_lsn),
+            commit_time,
+            seq: 0,
+        }
+    }
+
     /// Streamed transactions go to `spool` from now on.
     pub(crate) fn set_spool(&mut self, spool: Spool) {
         self.spool = Some(spool);
@@ -274,13 +285,7 @@ impl Translator {
                     },
                 );
             } else if matches!(msg, LogicalMessage::Relation(_) | LogicalMessage::Type(_)) {
-                let mut txn = Txn {
-                    xid,
-                    commit_lsn: wal_start,
-                    timeline: self.timelines.timeline_of(wal_start),
-                    commit_time: 0,
-                    seq: 0,
-                };
+                let mut txn = self.txn_at(xid, wal_start, 0);
                 self.apply(msg, wal_start, &mut txn, out)?;
             } else if let Some(spool) = self.spool.as_mut() {
                 spool
@@ -291,13 +296,7 @@ impl Translator {
         }
         match msg {
             LogicalMessage::Begin(b) => {
-                self.txn = Some(Txn {
-                    xid: b.xid,
-                    commit_lsn: b.final_lsn,
-                    timeline: self.timelines.timeline_of(b.final_lsn),
-                    commit_time: b.commit_time,
-                    seq: 0,
-                })
+                self.txn = Some(self.txn_at(b.xid, b.final_lsn, b.commit_time))
             }
             LogicalMessage::Commit(c) => {
                 self.txn = None;
@@ -305,13 +304,7 @@ impl Translator {
             }
             LogicalMessage::StreamStart(s) => self.current_stream = Some(s.xid),
             LogicalMessage::StreamCommit(c) => {
-                let mut txn = Txn {
-                    xid: c.xid,
-                    commit_lsn: c.commit_lsn,
-                    timeline: self.timelines.timeline_of(c.commit_lsn),
-                    commit_time: c.commit_time,
-                    seq: 0,
-                };
+                let mut txn = self.txn_at(c.xid, c.commit_lsn, c.commit_time);
                 self.replay(c.xid, true, &mut txn, out)?;
                 self.commit(c.end_lsn, out)?;
             }
@@ -328,13 +321,7 @@ impl Translator {
             LogicalMessage::CommitPrepared(k) => {
                 // The ids come from the COMMIT PREPARED record, which is also the commit a
                 // server without two-phase sends for it: the same events either way.
-                let mut txn = Txn {
-                    xid: k.xid,
-                    commit_lsn: k.commit_lsn,
-                    timeline: self.timelines.timeline_of(k.commit_lsn),
-                    commit_time: k.commit_time,
-                    seq: 0,
-                };
+                let mut txn = self.txn_at(k.xid, k.commit_lsn, k.commit_time);
                 match self.prepared.remove(&k.xid) {
                     Some(p) => self.replay(k.xid, p.streamed, &mut txn, out)?,
                     None => log::warn!(
@@ -359,13 +346,7 @@ impl Translator {
                 }
             }
             other => {
-                let mut txn = self.txn.unwrap_or(Txn {
-                    xid: 0,
-                    commit_lsn: wal_start,
-                    timeline: self.timelines.timeline_of(wal_start),
-                    commit_time: 0,
-                    seq: 0,
-                });
+                let mut txn = self.txn.unwrap_or(self.txn_at(0, wal_start, 0));
                 self.apply(other, wal_start, &mut txn, out)?;
                 if self.txn.is_some() {
                     self.txn = Some(txn);
