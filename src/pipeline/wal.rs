@@ -420,22 +420,25 @@ struct Ring<'a, 'c> {
     ctx: &'a mut WalContext,
 }
 
+impl Ring<'_, '_> {
+    /// Pushes one message (a change or an outbox event), keeping the connection alive while
+    /// the ring is full.
+    fn push_message(&mut self, item: RingItem, idle: bool) -> Result<(), StreamError> {
+        let shutdown = self.link.shutdown.clone();
+        let link = &mut *self.link;
+        let mut keepalive = |ctx: &mut WalContext| link.keep_alive_while_waiting(ctx, idle);
+        push_wait(self.ctx, item, &shutdown, false, &mut keepalive)?;
+        self.ctx.stats.changes += 1;
+        Ok(())
+    }
+}
+
 impl Emit for Ring<'_, '_> {
     type Error = StreamError;
 
     fn change(&mut self, ev: Box<ChangeEvent>, idle: bool) -> Result<(), StreamError> {
         let seq = ev.seq;
-        let shutdown = self.link.shutdown.clone();
-        let link = &mut *self.link;
-        let mut keepalive = |ctx: &mut WalContext| link.keep_alive_while_waiting(ctx, idle);
-        push_wait(
-            self.ctx,
-            RingItem::Change(ev),
-            &shutdown,
-            false,
-            &mut keepalive,
-        )?;
-        self.ctx.stats.changes += 1;
+        self.push_message(RingItem::Change(ev), idle)?;
         if seq % NOTIFY_EVERY == NOTIFY_EVERY - 1 {
             self.ctx.ring.notify();
         }
@@ -443,18 +446,7 @@ impl Emit for Ring<'_, '_> {
     }
 
     fn outbox(&mut self, ev: Box<OutboxEvent>, idle: bool) -> Result<(), StreamError> {
-        let shutdown = self.link.shutdown.clone();
-        let link = &mut *self.link;
-        let mut keepalive = |ctx: &mut WalContext| link.keep_alive_while_waiting(ctx, idle);
-        push_wait(
-            self.ctx,
-            RingItem::Outbox(ev),
-            &shutdown,
-            false,
-            &mut keepalive,
-        )?;
-        self.ctx.stats.changes += 1;
-        Ok(())
+        self.push_message(RingItem::Outbox(ev), idle)
     }
 
     fn commit(&mut self, end_lsn: Lsn, idle: bool) -> Result<(), StreamError> {
