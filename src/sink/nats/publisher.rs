@@ -681,31 +681,19 @@ impl Publisher {
         let mut first = [true; CHAINED];
         for entry in window.iter_mut() {
             let id = entry.message_id(&self.id_prefix);
-            let Some(c) = entry.lane.chain() else {
-                if !matches!(entry.state, AckState::Acked { .. }) {
-                    match send(&self.client, entry, id, None).await {
-                        Ok(()) => entry.state = AckState::Pending,
-                        Err(e) => {
-                            self.stats.publish_errors.fetch_add(1, Ordering::Relaxed);
-                            if let Some(fatal) = self.fatal(entry, &e) {
-                                result = Err(fatal);
-                            }
-                            entry.state = AckState::failed(Failure::NotSent(e.to_string()));
-                            break;
-                        }
-                    }
-                }
-                continue;
-            };
+            let chain = entry.lane.chain();
             if matches!(entry.state, AckState::Acked { .. }) {
-                if !first[c] {
+                if let Some(c) = chain.filter(|&c| !first[c]) {
                     prev[c] = Some(id);
                 }
                 continue;
             }
-            let expect = if first[c] { None } else { prev[c].take() };
-            first[c] = false;
-            prev[c] = Some(id.clone());
+            let expect = chain.and_then(|c| {
+                let expect = if first[c] { None } else { prev[c].take() };
+                first[c] = false;
+                prev[c] = Some(id.clone());
+                expect
+            });
             match send(&self.client, entry, id, expect).await {
                 Ok(()) => entry.state = AckState::Pending,
                 Err(e) => {
