@@ -43,9 +43,9 @@ ARG FEATURES=""
 # Stripped (as scripts/image.sh does): the release profile's line tables are three quarters
 # of the binary and only serve profiling.
 RUN target="$(rustc -vV | sed -n 's/^host: //p')" \
-    && cargo build --release --locked --target "$target" --bin bridge \
+    && cargo build --profile image --locked --target "$target" --bin bridge \
         --no-default-features --features "$FEATURES" \
-    && strip -o /bridge "target/$target/release/bridge" \
+    && strip -o /bridge "target/$target/image/bridge" \
     && ldd /bridge 2>&1 | grep -q "statically linked" \
     && /bridge --version
 # The final image's files (directories, user, CA certificates): the same script as
