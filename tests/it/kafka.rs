@@ -13,7 +13,7 @@ use testkit::oracle::kafka::kafka_rows;
 use testkit::oracle::{grant_sales, kill_9, pg_rows, seed_sql, tables, Writer, SCHEMA, SLOT};
 use testkit::{
     bridge_command, confirmed_flush, setup_app_db, split_msg_id, wait_caught_up, BridgeProcess,
-    KafkaRecord, PgServer, TempDir,
+    KafkaClient, KafkaRecord, PgServer, TempDir,
 };
 
 pub(super) const STEP: Duration = Duration::from_secs(120);
@@ -307,8 +307,11 @@ fn count_duplicates(
     dups
 }
 
-/// The oracle's tables, rebuilt from their topics, equal PostgreSQL's.
-fn compare_tables(pg: &PgServer, kafka: &KafkaServer) -> BTreeMap<String, Vec<KafkaRecord>> {
+/// The oracle's tables, rebuilt from their topics, equal PostgreSQL's; every topic's records.
+pub(super) fn compare_tables(
+    pg: &PgServer,
+    kafka: &KafkaClient,
+) -> BTreeMap<String, Vec<KafkaRecord>> {
     let mut all = BTreeMap::new();
     for t in tables() {
         let topic = pgbridge::wire::kafka::topic(
@@ -364,7 +367,7 @@ fn kill_9_five_times_under_load_loses_nothing() {
     }
     let report = writer.finish();
     wait_caught_up(&pg, SLOT, STEP);
-    let all = compare_tables(&pg, &kafka);
+    let all = compare_tables(&pg, &kafka.client());
     let dups: usize = all
         .iter()
         .map(|(topic, records)| count_duplicates(topic, records, &marks))
@@ -450,7 +453,7 @@ fn a_broker_outage_under_load_needs_no_restart() {
         "the timed-out records"
     );
     assert_eq!(value("bridge_sink_connected"), 1.0);
-    compare_tables(&pg, &kafka);
+    compare_tables(&pg, &kafka.client());
     eprintln!(
         "kafka outage: {} changes, broker down {down:?}, test {:?}",
         report.changes,
