@@ -273,7 +273,19 @@ impl KafkaCluster {
     /// Starts node `i` again on the same ports and data and waits (at most
     /// [`START_TIMEOUT`]) until it answers with every running node in its metadata.
     pub fn start_again(&mut self, i: usize) {
+        self.spawn_again(i);
+        self.wait_node_ready(i);
+    }
+
+    /// Starts node `i` again on the same ports and data, without waiting for it (see
+    /// [`KafkaCluster::wait_node_ready`]).
+    pub fn spawn_again(&mut self, i: usize) {
         self.spawn(i);
+    }
+
+    /// Waits (at most [`START_TIMEOUT`]) until node `i` answers with every running node in
+    /// its metadata; panics with its log tail otherwise.
+    pub fn wait_node_ready(&mut self, i: usize) {
         self.wait_ready(i, Instant::now() + START_TIMEOUT);
     }
 

@@ -512,7 +512,8 @@ fn kafka_settings_are_checked_merged_and_redacted() {
     std::fs::write(
         &file,
         "[kafka]\nbrokers = [\"file:1\"]\ntombstones = false\n\
-         [kafka.properties]\n\"ssl.key.password\" = \"filesecret\"\n\"client.id\" = \"fromfile\"\n\"linger.ms\" = 5\n",
+         [kafka.properties]\n\"ssl.key.password\" = \"filesecret\"\n\"client.id\" = \"fromfile\"\n\"linger.ms\" = 5\n\
+         [kafka.topic_config]\n\"min.insync.replicas\" = 2\n\"retention.ms\" = \"1000\"\n",
     )
     .unwrap();
     let out = bridge_cli(
@@ -530,6 +531,8 @@ fn kafka_settings_are_checked_merged_and_redacted() {
             "client.id=fromflag",
             "--topic-prefix",
             "pg.app",
+            "--kafka-topic-config",
+            "retention.ms=5",
         ],
         &[(
             "KAFKA_PROPERTIES",
@@ -555,6 +558,10 @@ fn kafka_settings_are_checked_merged_and_redacted() {
     assert!(p.get("sasl.username").is_none(), "{p:?}");
     assert_eq!(p["sasl.password"].as_str(), Some("***"));
     assert_eq!(p["ssl.key.password"].as_str(), Some("***"));
+    // Topic settings add up key by key too.
+    let tc = &k["topic_config"];
+    assert_eq!(tc["min.insync.replicas"].as_str(), Some("2"));
+    assert_eq!(tc["retention.ms"].as_str(), Some("5"));
 
     // Without the flag, the environment's properties add to the file's.
     let out = bridge_cli(
@@ -594,6 +601,7 @@ fn kafka_settings_are_checked_merged_and_redacted() {
         "--kafka-tombstones",
         "--kafka-partitions",
         "--kafka-replication-factor",
+        "--kafka-topic-config",
     ] {
         assert!(help.contains(flag), "--help lacks {flag}");
     }

@@ -114,9 +114,11 @@ fn a_partition_leader_killed_under_load_loses_nothing() {
     let recovered = killed.elapsed();
     let changes_at_recovery = writer.changes();
 
+    // The node comes back while the writer makes its last changes.
     writer.wait_changes(RESTART_AT);
-    cluster.start_again(victim);
+    cluster.spawn_again(victim);
     let report = writer.finish();
+    cluster.wait_node_ready(victim);
     wait_caught_up(&pg, SLOT, STEP);
     assert!(
         bridge.child.try_wait().unwrap().is_none(),
@@ -153,9 +155,8 @@ fn a_partition_leader_killed_under_load_loses_nothing() {
         changes_at_recovery - changes_at_kill,
         started.elapsed()
     );
-    if std::env::var_os("KAFKA_CLUSTER_LOG").is_some() {
-        eprintln!("{log}");
-    }
+    // One broker lost is not an error: librdkafka moves on to the new leaders.
+    assert!(!log.contains(" ERROR "), "{log}");
     assert_eq!(bridge.terminate(STEP), Some(0), "{log}");
 }
 
@@ -168,11 +169,14 @@ fn position(r: &KafkaRecord) -> (Lsn, u64) {
     )
 }
 
+/// A key's ids so far, its latest position and its last record's position.
+type KeyTrack = (Vec<String>, (Lsn, u64), (Lsn, u64));
+
 /// Per key (and partition), records follow commit order; a record behind one already
 /// stored is allowed only as a copy of an id the key already has (a resend), and each key's
 /// last record is its latest change.
 fn check_order(topic: &str, records: &[KafkaRecord]) {
-    let mut keys: HashMap<(i32, Vec<u8>), (Vec<String>, (Lsn, u64), (Lsn, u64))> = HashMap::new();
+    let mut keys: HashMap<(i32, Vec<u8>), KeyTrack> = HashMap::new();
     for r in records {
         let (Some(key), Some(_)) = (&r.key, &r.value) else {
             continue;
