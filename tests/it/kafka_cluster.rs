@@ -146,9 +146,9 @@ fn a_partition_leader_killed_under_load_loses_nothing() {
     eprintln!(
         "kafka cluster leader loss: {} changes ({changes_at_kill} before the kill), {total} \
          records, {duplicates} duplicates; node {} (leader of {TOPIC}/0) killed, node {} \
-         leads after {elected:?}, records stored there again after {resumed:?}, everything committed before the kill confirmed after \
-         {recovered:?} ({} changes written meanwhile); bridge resent its window: {resent}; \
-         test {:?}",
+         leads after {elected:?}, records stored there again after {resumed:?}, everything \
+         committed before the kill confirmed after {recovered:?} ({} changes written \
+         meanwhile); bridge resent its window: {resent}; test {:?}",
         report.changes,
         cluster.node_id(victim),
         cluster.node_id(new_leader),
