@@ -64,6 +64,15 @@ pub(crate) struct KafkaArgs {
     )]
     pub(crate) kafka_replication_factor: Option<u16>,
 
+    /// `kafka.topic_config`.
+    #[arg(long, env = "BRIDGE_KAFKA_TOPIC_CONFIG", value_name = "KEY=VALUE",
+          value_delimiter = ';', value_parser = parse_property, global = true,
+          help = "A topic setting of the topics the bridge creates, repeatable, e.g. \
+                  min.insync.replicas=2 on a cluster; BRIDGE_KAFKA_TOPIC_CONFIG (read when no \
+                  flag is given) takes several separated by ';'. They add to \
+                  [kafka.topic_config] of the file. Existing topics are left as they are")]
+    pub(crate) kafka_topic_config: Option<Vec<(String, String)>>,
+
     /// `kafka.properties`.
     #[arg(long, env = "KAFKA_PROPERTIES", value_name = "KEY=VALUE", value_delimiter = ';',
           value_parser = parse_property, global = true, hide_env_values = true,
@@ -95,6 +104,8 @@ impl KafkaArgs {
                 "kafka_replication_factor",
                 &self.kafka_replication_factor,
             ),
+            topic_config: pick(take, "kafka_topic_config", &self.kafka_topic_config)
+                .map(|p| KafkaProperties(p.into_iter().collect::<BTreeMap<_, _>>())),
             properties: pick(take, "kafka_property", &self.kafka_property)
                 .map(|p| KafkaProperties(p.into_iter().collect::<BTreeMap<_, _>>())),
         }

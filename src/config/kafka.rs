@@ -154,6 +154,9 @@ pub struct KafkaConfig {
     /// `default.replication.factor`).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub replication_factor: Option<u16>,
+    /// Topic settings of the topics the bridge creates (`min.insync.replicas`,
+    /// `cleanup.policy`, `retention.ms`, ...); existing topics are left as they are.
+    pub topic_config: KafkaProperties,
     /// Further librdkafka properties (SASL, TLS, tuning).
     pub properties: KafkaProperties,
 }
@@ -166,6 +169,7 @@ impl Default for KafkaConfig {
             tombstones: DEFAULT_KAFKA_TOMBSTONES,
             partitions: None,
             replication_factor: None,
+            topic_config: KafkaProperties::default(),
             properties: KafkaProperties::default(),
         }
     }
@@ -236,6 +240,17 @@ impl KafkaConfig {
         }
         if self.replication_factor == Some(0) {
             return Err(invalid("kafka.replication_factor", "must be at least 1"));
+        }
+        if let Some(key) = self
+            .topic_config
+            .0
+            .keys()
+            .find(|k| k.is_empty() || k.contains(char::is_whitespace))
+        {
+            return Err(invalid(
+                "kafka.topic_config",
+                format!("'{key}' is not a topic setting name (e.g. min.insync.replicas=2)"),
+            ));
         }
         for (key, value) in &self.properties.0 {
             if key.is_empty() {
@@ -362,6 +377,11 @@ mod tests {
             let mut c = kafka(&["b:9092"]);
             c.properties.0.insert(k.into(), v.into());
             assert_eq!(c.validate(SinkKind::Kafka).is_ok(), ok, "{k}={v}");
+        }
+        for (key, ok) in [("min.insync.replicas", true), ("", false), ("a b", false)] {
+            let mut c = kafka(&["b:9092"]);
+            c.topic_config.0.insert(key.into(), "2".into());
+            assert_eq!(c.validate(SinkKind::Kafka).is_ok(), ok, "{key:?}");
         }
         for (prefix, ok) in [
             ("cdc", true),

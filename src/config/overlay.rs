@@ -262,6 +262,7 @@ overlay! {
         tombstones: bool = "--kafka-tombstones", "BRIDGE_KAFKA_TOMBSTONES";
         partitions: u32 = "--kafka-partitions", "BRIDGE_KAFKA_PARTITIONS";
         replication_factor: u16 = "--kafka-replication-factor", "BRIDGE_KAFKA_REPLICATION_FACTOR";
+        topic_config: KafkaProperties = "--kafka-topic-config", "BRIDGE_KAFKA_TOPIC_CONFIG";
         properties: KafkaProperties = "--kafka-property", "KAFKA_PROPERTIES";
     }
 }
@@ -304,7 +305,11 @@ impl Overlay {
         self.streams.merge(later.streams);
         self.outbox.merge(later.outbox);
         let mut kafka = later.kafka;
+        // Both maps add up key by key across sources.
         if let (Some(earlier), Some(later)) = (&self.kafka.properties, &mut kafka.properties) {
+            earlier.fill_from(later);
+        }
+        if let (Some(earlier), Some(later)) = (&self.kafka.topic_config, &mut kafka.topic_config) {
             earlier.fill_from(later);
         }
         self.kafka.merge(kafka);

@@ -21,7 +21,7 @@ use crate::proc::stop_child;
 use crate::{free_port, TempDir, START_TIMEOUT, STOP_TIMEOUT};
 
 /// Kafka's (and the KRaft cluster's) id of the test clusters; any base64 UUID works.
-const CLUSTER_ID: &str = "cGdicmlkZ2UtdGVzdHMtMQ";
+pub(crate) const CLUSTER_ID: &str = "cGdicmlkZ2UtdGVzdHMtMQ";
 
 /// Directory of the broker's jars.
 pub fn kafka_libs() -> PathBuf {
@@ -104,25 +104,9 @@ impl KafkaServer {
         fs::write(self.properties(), text).expect("write server.properties");
     }
 
-    fn java(&self, main: &str) -> Command {
-        let mut cmd = Command::new("java");
-        cmd.args([
-            "-Xmx384m",
-            "-Xms64m",
-            "-XX:+UseSerialGC",
-            "-XX:TieredStopAtLevel=1",
-        ])
-        .arg("-Dlog4j2.level=warn")
-        .arg("-cp")
-        .arg(format!("{}/*", kafka_libs().display()))
-        .arg(main);
-        cmd
-    }
-
     /// Formats the storage (KRaft needs it once).
     fn format(&self) {
-        let out = self
-            .java("kafka.tools.StorageTool")
+        let out = java("-Xmx384m", "kafka.tools.StorageTool")
             .args(["format", "-t", CLUSTER_ID, "-c"])
             .arg(self.properties())
             .stdin(Stdio::null())
@@ -144,8 +128,7 @@ impl KafkaServer {
             .append(true)
             .open(self.dir.path().join("kafka.log"))
             .unwrap();
-        let child = self
-            .java("kafka.Kafka")
+        let child = java("-Xmx384m", "kafka.Kafka")
             .arg(self.properties())
             .stdin(Stdio::null())
             .stdout(log.try_clone().unwrap())
@@ -174,7 +157,7 @@ impl KafkaServer {
 
     /// Ready once it answers a metadata request with itself as a broker.
     fn is_ready(&self) -> bool {
-        let Ok(c) = self.client_config().create::<BaseConsumer>() else {
+        let Ok(c) = self.client().config().create::<BaseConsumer>() else {
             return false;
         };
         c.fetch_metadata(None, Duration::from_secs(2))
@@ -202,18 +185,71 @@ impl KafkaServer {
         s
     }
 
-    fn client_config(&self) -> ClientConfig {
+    /// A reader of the broker's topics.
+    pub fn client(&self) -> KafkaClient {
+        KafkaClient::new(self.brokers())
+    }
+
+    /// The topics on the broker (internal ones left out).
+    pub fn topics(&self) -> Vec<String> {
+        self.client().topics()
+    }
+
+    /// Every record of `topic` now stored, partition by partition, in offset order.
+    pub fn read_topic(&self, topic: &str) -> Vec<KafkaRecord> {
+        self.client().read_topic(topic)
+    }
+
+    /// The end offset (high watermark) of each partition of `topic`.
+    pub fn end_offsets(&self, topic: &str) -> BTreeMap<i32, i64> {
+        self.client().end_offsets(topic)
+    }
+}
+
+/// `java` with the broker's jars on the class path, a heap of at most `max_heap` (`-Xmx...`)
+/// and a quick start (serial GC, C1 only), running `main`.
+pub(crate) fn java(max_heap: &str, main: &str) -> Command {
+    let mut cmd = Command::new("java");
+    cmd.args([
+        max_heap,
+        "-Xms64m",
+        "-XX:+UseSerialGC",
+        "-XX:TieredStopAtLevel=1",
+    ])
+    .arg("-Dlog4j2.level=warn")
+    .arg("-cp")
+    .arg(format!("{}/*", kafka_libs().display()))
+    .arg(main);
+    cmd
+}
+
+/// Reads topics of a broker or a cluster through rdkafka's consumer (no group, no commits).
+pub struct KafkaClient {
+    bootstrap: String,
+}
+
+impl KafkaClient {
+    /// A reader of the brokers `bootstrap` (`host:port,...`).
+    pub fn new(bootstrap: String) -> Self {
+        KafkaClient { bootstrap }
+    }
+
+    pub(crate) fn config(&self) -> ClientConfig {
         let mut c = ClientConfig::new();
-        c.set("bootstrap.servers", self.brokers())
+        c.set("bootstrap.servers", &self.bootstrap)
             .set("group.id", "pgbridge-tests")
             .set("enable.auto.commit", "false")
             .set("log_level", "0");
         c
     }
 
-    /// The topics on the broker (internal ones left out).
+    pub(crate) fn consumer(&self) -> BaseConsumer {
+        self.config().create().expect("consumer")
+    }
+
+    /// The topics (internal ones left out).
     pub fn topics(&self) -> Vec<String> {
-        let c: BaseConsumer = self.client_config().create().expect("consumer");
+        let c = self.consumer();
         let md = c
             .fetch_metadata(None, Duration::from_secs(10))
             .expect("metadata");
@@ -229,7 +265,7 @@ impl KafkaServer {
 
     /// Every record of `topic` now stored, partition by partition, in offset order.
     pub fn read_topic(&self, topic: &str) -> Vec<KafkaRecord> {
-        let c: BaseConsumer = self.client_config().create().expect("consumer");
+        let c = self.consumer();
         let md = c
             .fetch_metadata(Some(topic), Duration::from_secs(10))
             .expect("metadata");
@@ -293,7 +329,7 @@ impl KafkaServer {
 
     /// The end offset (high watermark) of each partition of `topic`.
     pub fn end_offsets(&self, topic: &str) -> BTreeMap<i32, i64> {
-        let c: BaseConsumer = self.client_config().create().expect("consumer");
+        let c = self.consumer();
         let md = c
             .fetch_metadata(Some(topic), Duration::from_secs(10))
             .expect("metadata");

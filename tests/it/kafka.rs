@@ -13,7 +13,7 @@ use testkit::oracle::kafka::kafka_rows;
 use testkit::oracle::{grant_sales, kill_9, pg_rows, seed_sql, tables, Writer, SCHEMA, SLOT};
 use testkit::{
     bridge_command, confirmed_flush, setup_app_db, split_msg_id, wait_caught_up, BridgeProcess,
-    KafkaRecord, PgServer, TempDir,
+    KafkaClient, KafkaRecord, PgServer, TempDir,
 };
 
 pub(super) const STEP: Duration = Duration::from_secs(120);
@@ -307,8 +307,11 @@ fn count_duplicates(
     dups
 }
 
-/// The oracle's tables, rebuilt from their topics, equal PostgreSQL's.
-fn compare_tables(pg: &PgServer, kafka: &KafkaServer) -> BTreeMap<String, Vec<KafkaRecord>> {
+/// The oracle's tables, rebuilt from their topics, equal PostgreSQL's; every topic's records.
+pub(super) fn compare_tables(
+    pg: &PgServer,
+    kafka: &KafkaClient,
+) -> BTreeMap<String, Vec<KafkaRecord>> {
     let mut all = BTreeMap::new();
     for t in tables() {
         let topic = pgbridge::wire::kafka::topic(
@@ -364,7 +367,7 @@ fn kill_9_five_times_under_load_loses_nothing() {
     }
     let report = writer.finish();
     wait_caught_up(&pg, SLOT, STEP);
-    let all = compare_tables(&pg, &kafka);
+    let all = compare_tables(&pg, &kafka.client());
     let dups: usize = all
         .iter()
         .map(|(topic, records)| count_duplicates(topic, records, &marks))
@@ -450,7 +453,7 @@ fn a_broker_outage_under_load_needs_no_restart() {
         "the timed-out records"
     );
     assert_eq!(value("bridge_sink_connected"), 1.0);
-    compare_tables(&pg, &kafka);
+    compare_tables(&pg, &kafka.client());
     eprintln!(
         "kafka outage: {} changes, broker down {down:?}, test {:?}",
         report.changes,
@@ -509,7 +512,8 @@ fn kafka_settings_are_checked_merged_and_redacted() {
     std::fs::write(
         &file,
         "[kafka]\nbrokers = [\"file:1\"]\ntombstones = false\n\
-         [kafka.properties]\n\"ssl.key.password\" = \"filesecret\"\n\"client.id\" = \"fromfile\"\n\"linger.ms\" = 5\n",
+         [kafka.properties]\n\"ssl.key.password\" = \"filesecret\"\n\"client.id\" = \"fromfile\"\n\"linger.ms\" = 5\n\
+         [kafka.topic_config]\n\"min.insync.replicas\" = 2\n\"retention.ms\" = \"1000\"\n",
     )
     .unwrap();
     let out = bridge_cli(
@@ -527,6 +531,8 @@ fn kafka_settings_are_checked_merged_and_redacted() {
             "client.id=fromflag",
             "--topic-prefix",
             "pg.app",
+            "--kafka-topic-config",
+            "retention.ms=5",
         ],
         &[(
             "KAFKA_PROPERTIES",
@@ -552,6 +558,10 @@ fn kafka_settings_are_checked_merged_and_redacted() {
     assert!(p.get("sasl.username").is_none(), "{p:?}");
     assert_eq!(p["sasl.password"].as_str(), Some("***"));
     assert_eq!(p["ssl.key.password"].as_str(), Some("***"));
+    // Topic settings add up key by key too.
+    let tc = &k["topic_config"];
+    assert_eq!(tc["min.insync.replicas"].as_str(), Some("2"));
+    assert_eq!(tc["retention.ms"].as_str(), Some("5"));
 
     // Without the flag, the environment's properties add to the file's.
     let out = bridge_cli(
@@ -591,6 +601,7 @@ fn kafka_settings_are_checked_merged_and_redacted() {
         "--kafka-tombstones",
         "--kafka-partitions",
         "--kafka-replication-factor",
+        "--kafka-topic-config",
     ] {
         assert!(help.contains(flag), "--help lacks {flag}");
     }

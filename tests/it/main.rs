@@ -14,6 +14,7 @@ mod ha;
 mod harness;
 mod identity;
 mod kafka;
+mod kafka_cluster;
 mod kafka_envelope;
 mod kafka_outbox;
 mod liveness;

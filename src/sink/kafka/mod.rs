@@ -120,6 +120,13 @@ impl ClientContext for Context {
     fn log(&self, level: rdkafka::config::RDKafkaLogLevel, fac: &str, log_message: &str) {
         use rdkafka::config::RDKafkaLogLevel as L;
         match level {
+            // A failed connection to one broker (FAIL) is retried by librdkafka, and on a
+            // cluster its partitions move to other brokers: a warning, not an error (a rolling
+            // restart would log errors otherwise). Losing every broker is reported by
+            // `Context::error`.
+            L::Emerg | L::Alert | L::Critical | L::Error if fac == "FAIL" => {
+                log::warn!("librdkafka {fac}: {log_message}")
+            }
             L::Emerg | L::Alert | L::Critical | L::Error => {
                 log::error!("librdkafka {fac}: {log_message}")
             }

@@ -17,6 +17,8 @@ pub(crate) struct Admin {
     client: AdminClient<Context>,
     partitions: Option<u32>,
     replication_factor: Option<u16>,
+    /// Settings of the topics it creates.
+    topic_config: Vec<(String, String)>,
     tombstones: bool,
 }
 
@@ -32,6 +34,12 @@ impl Admin {
             client,
             partitions: kafka.partitions,
             replication_factor: kafka.replication_factor,
+            topic_config: kafka
+                .topic_config
+                .0
+                .iter()
+                .map(|(k, v)| (k.clone(), v.clone()))
+                .collect(),
             tombstones: kafka.tombstones,
         })
     }
@@ -51,7 +59,10 @@ impl Admin {
         }
         let partitions = self.partitions.map_or(-1, |p| p as i32);
         let replication = self.replication_factor.map_or(-1, i32::from);
-        let new = NewTopic::new(topic, partitions, TopicReplication::Fixed(replication));
+        let mut new = NewTopic::new(topic, partitions, TopicReplication::Fixed(replication));
+        for (k, v) in &self.topic_config {
+            new = new.set(k, v);
+        }
         let opts = AdminOptions::new().operation_timeout(Some(REQUEST_TIMEOUT));
         let results = self.client.create_topics([&new], &opts).await?;
         for r in results {
