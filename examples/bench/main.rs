@@ -421,7 +421,13 @@ fn main() {
         serde_json::to_string_pretty(&results).unwrap() + "\n",
     )
     .expect("write results");
-    print_table(&results);
+    // The standard table only when a standard phase ran.
+    if ["streaming", "large_transaction", "latency", "snapshot", "startup"]
+        .iter()
+        .any(|k| !results[*k].is_null())
+    {
+        print_table(&results);
+    }
     debezium::print_table(&results);
     if let Some(svg) = chart::svg(&results) {
         if let Some(parent) = b.o.chart.parent() {
