@@ -32,9 +32,9 @@ struct Bar {
     kind: Kind,
 }
 
-const WIDTH: f64 = 900.0;
+const WIDTH: f64 = 960.0;
 const LABEL_W: f64 = 270.0;
-const BAR_W: f64 = 470.0;
+const BAR_W: f64 = 420.0;
 const BAR_H: f64 = 18.0;
 const GAP: f64 = 6.0;
 const TITLE_H: f64 = 26.0;
@@ -134,9 +134,9 @@ pub(super) fn svg(r: &Json) -> Option<String> {
                     value: p99,
                     text: format!(
                         "p99 {} ms (p50 {}, max {})",
-                        round(p99, 1),
-                        round(p50, 1),
-                        round(max, 1)
+                        group(round(p99, 1)),
+                        group(round(p50, 1)),
+                        group(round(max, 1))
                     ),
                     kind,
                 });
@@ -184,10 +184,7 @@ pub(super) fn svg(r: &Json) -> Option<String> {
         s,
         r#"<svg xmlns="http://www.w3.org/2000/svg" width="{WIDTH}" height="{height}" viewBox="0 0 {WIDTH} {height}" font-family="DejaVu Sans, Helvetica, Arial, sans-serif" font-size="12">"#
     );
-    let _ = writeln!(
-        s,
-        r##"<rect width="100%" height="100%" fill="#ffffff"/>"##
-    );
+    let _ = writeln!(s, r##"<rect width="100%" height="100%" fill="#ffffff"/>"##);
     let dbz = p["debezium_server"]
         .as_str()
         .map(|v| format!("Debezium Server {v}"))

@@ -105,7 +105,9 @@ impl Bench {
         for tag in ["json", "schemas", "kafka"] {
             let _ = fs::remove_dir_all(self.o.dir.join(format!("debezium-{tag}")));
         }
-        let slots: Vec<&str> = std::iter::once(SLOT).chain(others.iter().copied()).collect();
+        let slots: Vec<&str> = std::iter::once(SLOT)
+            .chain(others.iter().copied())
+            .collect();
         let list = slots
             .iter()
             .map(|s| format!("'{s}'"))
@@ -184,7 +186,10 @@ impl Bench {
             )),
         }
         fs::write(run_dir.join("config/application.properties"), props).unwrap();
-        let log = self.o.dir.join(format!("debezium-{tag}-{}.log", free_port()));
+        let log = self
+            .o
+            .dir
+            .join(format!("debezium-{tag}-{}.log", free_port()));
         let out = fs::File::create(&log).unwrap();
         let home = &peer.home;
         let classpath = format!(
@@ -205,11 +210,7 @@ impl Bench {
             .stderr(out);
         let spawned = Instant::now();
         let proc = Proc::spawn(&self.o.dir, "debezium", &mut cmd, libc::SIGTERM);
-        Run {
-            proc,
-            log,
-            spawned,
-        }
+        Run { proc, log, spawned }
     }
 
     /// Waits until `count()` (asked every `poll`) reaches `expected`: the rate from spawn, the
@@ -377,7 +378,10 @@ impl Bench {
             });
             self.stop_run(run);
             r["messages"] = self.message_sizes(&stream, 1000);
-            dbz.insert(format!("json_{}", if schemas { "schemas" } else { "plain" }), r);
+            dbz.insert(
+                format!("json_{}", if schemas { "schemas" } else { "plain" }),
+                r,
+            );
         }
         let dbz = Json::Object(dbz);
         let f = |v: &Json| v.as_f64();
@@ -387,7 +391,10 @@ impl Bench {
         };
         let plain = &dbz["json_plain"];
         let rate_x = ratio(f(&bridge["changes_per_s"]), f(&plain["changes_per_s"]));
-        let cpu_share = ratio(f(&bridge["cpu_us_per_change"]), f(&plain["cpu_us_per_change"]));
+        let cpu_share = ratio(
+            f(&bridge["cpu_us_per_change"]),
+            f(&plain["cpu_us_per_change"]),
+        );
         let rss_share = ratio(f(&bridge["peak_rss_kb"]), f(&plain["peak_rss_kb"]));
         let targets = json!([
             {"name": "rate vs Debezium (JSON, no schemas)", "target": ">= 5", "value": rate_x,
@@ -458,7 +465,12 @@ impl Bench {
 
     /// One live run of a started consumer: waits until a marker row arrives (the consumer has
     /// started and caught up), then pgbench at the fixed rate; stops the consumer.
-    fn live_run(&mut self, mut run: Run, subject: &str, commit_us: fn(&[u8]) -> Option<i64>) -> Json {
+    fn live_run(
+        &mut self,
+        mut run: Run,
+        subject: &str,
+        commit_us: fn(&[u8]) -> Option<i64>,
+    ) -> Json {
         let rate = self.o.peer_rate;
         let duration = self.o.peer_secs;
         let tps = rate.div_ceil(CHANGES_PER_TXN);
@@ -477,23 +489,35 @@ impl Bench {
         while ready.is_none() {
             self.pg.sql(
                 DB,
-                &format!("INSERT INTO users (name, email) VALUES ('marker {i}', 'marker@example.com')"),
+                &format!(
+                    "INSERT INTO users (name, email) VALUES ('marker {i}', 'marker@example.com')"
+                ),
             );
             i += 1;
-            let got = self.rt.block_on(async {
-                tokio::time::timeout(Duration::from_secs(1), sub.next()).await
-            });
+            let got = self
+                .rt
+                .block_on(async { tokio::time::timeout(Duration::from_secs(1), sub.next()).await });
             if let Ok(Some(_)) = got {
                 ready = Some(t0.elapsed());
             }
             if let Some((code, _)) = run.proc.wait_timeout(Duration::ZERO) {
-                panic!("{} exited with {code}; log {}:\n{}", run.proc.name, run.log.display(), log_tail(&run.log));
+                panic!(
+                    "{} exited with {code}; log {}:\n{}",
+                    run.proc.name,
+                    run.log.display(),
+                    log_tail(&run.log)
+                );
             }
-            assert!(t0.elapsed() < Duration::from_secs(180), "{} not ready in 3 minutes", run.proc.name);
+            assert!(
+                t0.elapsed() < Duration::from_secs(180),
+                "{} not ready in 3 minutes",
+                run.proc.name
+            );
         }
         // The rest of the markers and whatever came before them.
         self.rt.block_on(async {
-            while let Ok(Some(_)) = tokio::time::timeout(Duration::from_secs(2), sub.next()).await {}
+            while let Ok(Some(_)) = tokio::time::timeout(Duration::from_secs(2), sub.next()).await {
+            }
         });
         let pid = run.proc.pid();
         let cpu0 = cpu_of(pid).unwrap_or_default();
@@ -507,7 +531,8 @@ impl Bench {
             .stderr(Stdio::null());
         let started = Instant::now();
         let mut pgbench = Proc::spawn(&self.o.dir, "pgbench", &mut cmd, libc::SIGTERM);
-        let mut received: Vec<(i64, bytes::Bytes)> = Vec::with_capacity((rate * duration) as usize + 1024);
+        let mut received: Vec<(i64, bytes::Bytes)> =
+            Vec::with_capacity((rate * duration) as usize + 1024);
         let mut pgbench_done = false;
         let mut quiet_since = Instant::now();
         self.rt.block_on(async {
@@ -581,7 +606,11 @@ fn commit_us_bridge(payload: &[u8]) -> Option<i64> {
 /// `source.ts_ms`; under `payload` when the message has its schema.
 fn commit_us_debezium(payload: &[u8]) -> Option<i64> {
     let v: Json = serde_json::from_slice(payload).ok()?;
-    let body = if v["payload"].is_object() { &v["payload"] } else { &v };
+    let body = if v["payload"].is_object() {
+        &v["payload"]
+    } else {
+        &v
+    };
     let source = &body["source"];
     source["ts_us"]
         .as_i64()
@@ -613,7 +642,10 @@ pub(super) fn print_table(r: &Json) {
     let mut rows: Vec<(String, &Json)> = Vec::new();
     let p = &r["peer"];
     if !p.is_null() {
-        rows.push(("pg_recvlogical (ceiling, to /dev/null)".into(), &p["ceiling"]));
+        rows.push((
+            "pg_recvlogical (ceiling, to /dev/null)".into(),
+            &p["ceiling"],
+        ));
         rows.push(("bridge -> JetStream (MessagePack)".into(), &p["bridge"]));
         rows.push((
             "Debezium -> JetStream (JSON)".into(),

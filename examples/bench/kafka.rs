@@ -66,8 +66,12 @@ impl Bench {
                     brokers: broker.brokers(),
                 },
             );
-            let r = self.watch(&mut run, changes, KAFKA_POLL, || count("dbz_kafka.public.users"));
-            let _ = run.proc.stop(libc::SIGTERM, std::time::Duration::from_secs(60));
+            let r = self.watch(&mut run, changes, KAFKA_POLL, || {
+                count("dbz_kafka.public.users")
+            });
+            let _ = run
+                .proc
+                .stop(libc::SIGTERM, std::time::Duration::from_secs(60));
             r
         } else {
             Json::Null

@@ -103,6 +103,8 @@ struct Opts {
     peer_secs: u64,
     /// Where the chart goes.
     chart: PathBuf,
+    /// `--chart-from FILE`: only write the chart of an earlier run's results.
+    chart_from: Option<PathBuf>,
 }
 
 impl Opts {
@@ -133,6 +135,7 @@ fn opts() -> Opts {
         peer_rate: 2_000,
         peer_secs: 20,
         chart: PathBuf::from("target/bench/chart.svg"),
+        chart_from: None,
         wrapper: std::env::var("BENCH_BRIDGE_WRAPPER")
             .map(|w| w.split_whitespace().map(str::to_string).collect())
             .unwrap_or_default(),
@@ -175,6 +178,7 @@ fn opts() -> Opts {
             "--peer-rate" => o.peer_rate = num(value()),
             "--peer-secs" => o.peer_secs = num(value()),
             "--chart" => o.chart = PathBuf::from(value()),
+            "--chart-from" => o.chart_from = Some(PathBuf::from(value())),
             "--quick" => {
                 o.txns = 20_000;
                 o.big_rows = 100_000;
@@ -215,7 +219,7 @@ fn usage(problem: &str) -> ! {
          [--big-rows N] [--latency-secs N] [--latency-rate CHANGES_PER_S] [--snapshot-rows N] \
          [--startup-runs N] [--only PHASE,...] [--quick]\n\
          \x20      [--peer debezium] [--kafka | --sink kafka] [--peer-txns N] [--peer-rate CHANGES_PER_S] \
-         [--peer-secs N] [--chart FILE]\n\
+         [--peer-secs N] [--chart FILE] [--chart-from RESULTS_JSON]\n\
          phases: streaming jetstream large latency startup snapshot; peer peer-live (--peer debezium); \
          kafka (--sink kafka, or --kafka with --peer debezium)\n\
          --peer debezium needs BENCH_DEBEZIUM_HOME and BENCH_JAVA (scripts/bench sets them)\n\
@@ -264,6 +268,14 @@ fn round(x: f64, digits: i32) -> f64 {
 
 fn main() {
     let o = opts();
+    if let Some(from) = &o.chart_from {
+        // Only the picture, from an earlier run's results.
+        let results: Json = serde_json::from_str(&fs::read_to_string(from).expect("read results"))
+            .expect("results JSON");
+        let svg = chart::svg(&results).unwrap_or_else(|| usage("no side-by-side figures in it"));
+        fs::write(&o.chart, svg).expect("write chart");
+        return;
+    }
     let started = Instant::now();
     let loadavg_at_start = loadavg();
     fs::create_dir_all(&o.dir).expect("bench dir");
@@ -422,9 +434,15 @@ fn main() {
     )
     .expect("write results");
     // The standard table only when a standard phase ran.
-    if ["streaming", "large_transaction", "latency", "snapshot", "startup"]
-        .iter()
-        .any(|k| !results[*k].is_null())
+    if [
+        "streaming",
+        "large_transaction",
+        "latency",
+        "snapshot",
+        "startup",
+    ]
+    .iter()
+    .any(|k| !results[*k].is_null())
     {
         print_table(&results);
     }
