@@ -16,7 +16,15 @@
 //! 6. start-up: from spawn to the first change in the stream.
 //!
 //! Prints a table and writes the figures as JSON.
+//!
+//! With `--peer debezium` it runs instead the side-by-side with Debezium Server
+//! (`debezium.rs`): the same backlog from slots created at the same position, a live run at a
+//! fixed rate, and with `--kafka` both Kafka sinks into one broker; `--sink kafka` runs the
+//! bridge's Kafka sink against `pg_recvlogical` (`kafka.rs`). Both write a chart (`chart.rs`).
 
+mod chart;
+mod debezium;
+mod kafka;
 mod nats;
 mod phases;
 mod probe;
@@ -86,6 +94,17 @@ struct Opts {
     only: Vec<String>,
     /// Command line to run the bridge under (e.g. a profiler); figures are then not comparable.
     wrapper: Vec<String>,
+    /// `--peer debezium`: Debezium Server's home (the unpacked dist) and the java to run it.
+    peer: Option<debezium::Peer>,
+    /// Transactions of the side-by-side and Kafka backlogs (3 changes each).
+    peer_txns: u64,
+    /// The side-by-side live run: changes per second and seconds.
+    peer_rate: u64,
+    peer_secs: u64,
+    /// Where the chart goes.
+    chart: PathBuf,
+    /// `--chart-from FILE`: only write the chart of an earlier run's results.
+    chart_from: Option<PathBuf>,
 }
 
 impl Opts {
@@ -111,10 +130,18 @@ fn opts() -> Opts {
         snapshot_rows: 1_000_000,
         startup_runs: 5,
         only: Vec::new(),
+        peer: None,
+        peer_txns: 100_000,
+        peer_rate: 2_000,
+        peer_secs: 20,
+        chart: PathBuf::from("target/bench/chart.svg"),
+        chart_from: None,
         wrapper: std::env::var("BENCH_BRIDGE_WRAPPER")
             .map(|w| w.split_whitespace().map(str::to_string).collect())
             .unwrap_or_default(),
     };
+    let mut peer = false;
+    let mut kafka = false;
     let mut it = std::env::args().skip(1);
     while let Some(flag) = it.next() {
         let mut value = || {
@@ -137,18 +164,49 @@ fn opts() -> Opts {
             "--snapshot-rows" => o.snapshot_rows = num(value()),
             "--startup-runs" => o.startup_runs = num(value()) as u32,
             "--only" => o.only = value().split(',').map(str::to_string).collect(),
+            "--peer" => match value().as_str() {
+                "debezium" => peer = true,
+                other => usage(&format!("unknown peer {other} (known: debezium)")),
+            },
+            "--kafka" => kafka = true,
+            "--sink" => match value().as_str() {
+                "kafka" => kafka = true,
+                "nats" => {}
+                other => usage(&format!("unknown sink {other} (nats or kafka)")),
+            },
+            "--peer-txns" => o.peer_txns = num(value()),
+            "--peer-rate" => o.peer_rate = num(value()),
+            "--peer-secs" => o.peer_secs = num(value()),
+            "--chart" => o.chart = PathBuf::from(value()),
+            "--chart-from" => o.chart_from = Some(PathBuf::from(value())),
             "--quick" => {
                 o.txns = 20_000;
                 o.big_rows = 100_000;
                 o.latency_secs = 10;
                 o.snapshot_rows = 100_000;
                 o.startup_runs = 3;
+                o.peer_txns = 20_000;
+                o.peer_secs = 10;
             }
             "-h" | "--help" => usage(""),
             other => usage(&format!("unknown argument {other}")),
         }
     }
     o.txns = o.txns.max(u64::from(o.clients)) / u64::from(o.clients) * u64::from(o.clients);
+    o.peer_txns =
+        o.peer_txns.max(u64::from(o.clients)) / u64::from(o.clients) * u64::from(o.clients);
+    if peer {
+        o.peer = Some(debezium::Peer::from_env().unwrap_or_else(|e| usage(&e)));
+    }
+    // The side-by-side and the Kafka runs replace the standard phases unless --only names them.
+    if o.only.is_empty() && (peer || kafka) {
+        if peer {
+            o.only = vec!["peer".into(), "peer-live".into()];
+        }
+        if kafka {
+            o.only.push("kafka".into());
+        }
+    }
     o
 }
 
@@ -160,7 +218,11 @@ fn usage(problem: &str) -> ! {
         "usage: bench [--dir DIR] [--out FILE] [--bridge PATH] [--txns N] [--clients N] \
          [--big-rows N] [--latency-secs N] [--latency-rate CHANGES_PER_S] [--snapshot-rows N] \
          [--startup-runs N] [--only PHASE,...] [--quick]\n\
-         phases: streaming jetstream large latency startup snapshot\n\
+         \x20      [--peer debezium] [--kafka | --sink kafka] [--peer-txns N] [--peer-rate CHANGES_PER_S] \
+         [--peer-secs N] [--chart FILE] [--chart-from RESULTS_JSON]\n\
+         phases: streaming jetstream large latency startup snapshot; peer peer-live (--peer debezium); \
+         kafka (--sink kafka, or --kafka with --peer debezium)\n\
+         --peer debezium needs BENCH_DEBEZIUM_HOME and BENCH_JAVA (scripts/bench sets them)\n\
          BENCH_BRIDGE_WRAPPER='valgrind --tool=callgrind' runs the bridge under a profiler"
     );
     std::process::exit(if problem.is_empty() { 0 } else { 2 })
@@ -177,6 +239,8 @@ struct Bench {
     bridge_runs: u32,
     http_port: u16,
     loadavg_at_start: String,
+    /// Extra environment of the bridge (the Kafka sink's settings).
+    bridge_env: Vec<(String, String)>,
 }
 
 /// `/proc/loadavg`: other work on the machine shows in every figure.
@@ -204,6 +268,14 @@ fn round(x: f64, digits: i32) -> f64 {
 
 fn main() {
     let o = opts();
+    if let Some(from) = &o.chart_from {
+        // Only the picture, from an earlier run's results.
+        let results: Json = serde_json::from_str(&fs::read_to_string(from).expect("read results"))
+            .expect("results JSON");
+        let svg = chart::svg(&results).unwrap_or_else(|| usage("no side-by-side figures in it"));
+        fs::write(&o.chart, svg).expect("write chart");
+        return;
+    }
     let started = Instant::now();
     let loadavg_at_start = loadavg();
     fs::create_dir_all(&o.dir).expect("bench dir");
@@ -262,6 +334,7 @@ fn main() {
         bridge_runs: 0,
         http_port: free_port(),
         loadavg_at_start,
+        bridge_env: Vec::new(),
     };
     say(&b, "servers up");
     b.setup();
@@ -297,6 +370,22 @@ fn main() {
         Json::Null
     };
 
+    let peer = if b.o.runs("peer") && b.o.peer.is_some() {
+        b.peer_backlog()
+    } else {
+        Json::Null
+    };
+    let peer_live = if b.o.runs("peer-live") && b.o.peer.is_some() {
+        b.peer_live()
+    } else {
+        Json::Null
+    };
+    let kafka = if b.o.runs("kafka") {
+        b.kafka()
+    } else {
+        Json::Null
+    };
+
     let mut results = json!({
         "machine": machine(&b),
         "settings": {
@@ -315,6 +404,17 @@ fn main() {
         "snapshot": snapshot,
         "startup": startup,
     });
+    // Only when run: the standard run's results keep their shape.
+    for (key, value) in [("peer", peer), ("peer_live", peer_live), ("kafka", kafka)] {
+        if !value.is_null() {
+            results[key] = value;
+        }
+    }
+    if results.get("peer").is_some() || results.get("kafka").is_some() {
+        results["settings"]["peer_transactions"] = json!(b.o.peer_txns);
+        results["settings"]["peer_live_changes_per_s"] = json!(b.o.peer_rate);
+        results["settings"]["peer_live_seconds"] = json!(b.o.peer_secs);
+    }
     // (Assigning into a null would turn a phase left out with --only into an object.)
     if let (Some(bridge_rate), Some(js_rate)) = (
         results["streaming"]["bridge"]["changes_per_s"].as_f64(),
@@ -333,7 +433,27 @@ fn main() {
         serde_json::to_string_pretty(&results).unwrap() + "\n",
     )
     .expect("write results");
-    print_table(&results);
+    // The standard table only when a standard phase ran.
+    if [
+        "streaming",
+        "large_transaction",
+        "latency",
+        "snapshot",
+        "startup",
+    ]
+    .iter()
+    .any(|k| !results[*k].is_null())
+    {
+        print_table(&results);
+    }
+    debezium::print_table(&results);
+    if let Some(svg) = chart::svg(&results) {
+        if let Some(parent) = b.o.chart.parent() {
+            fs::create_dir_all(parent).expect("chart dir");
+        }
+        fs::write(&b.o.chart, svg).expect("write chart");
+        say(&b, &format!("chart written to {}", b.o.chart.display()));
+    }
     say(&b, &format!("results written to {}", b.o.out.display()));
 }
 
@@ -476,6 +596,7 @@ impl Bench {
             .env("NATS_URL", self.nats.url())
             .env("RUST_LOG", "info")
             .env("TMPDIR", &self.o.dir)
+            .envs(self.bridge_env.iter().map(|(k, v)| (k, v)))
             .args([
                 "--slot",
                 SLOT,

@@ -8,6 +8,7 @@
 use std::collections::BTreeMap;
 use std::fs;
 use std::io::Read;
+use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
@@ -44,6 +45,8 @@ pub struct KafkaServer {
     controller_port: u16,
     extra: Vec<(String, String)>,
     child: Option<Child>,
+    /// Where [`KafkaServer::start_in`] records the broker's pid for a cleanup trap.
+    pid_dir: Option<PathBuf>,
 }
 
 impl KafkaServer {
@@ -55,6 +58,17 @@ impl KafkaServer {
     /// Starts a broker with extra `server.properties` settings, e.g.
     /// `("message.max.bytes", "20000")`.
     pub fn start_with(extra: &[(&str, &str)]) -> Self {
+        Self::launch(extra, None)
+    }
+
+    /// Like [`KafkaServer::start_with`], for scripts: the broker leads a process group of its
+    /// own whose pid is recorded under `root/pids` (as `nats-server`'s by
+    /// [`crate::NatsServer::start_in`]), so a trap can stop it even if this process aborts.
+    pub fn start_in(root: &Path, extra: &[(&str, &str)]) -> Self {
+        Self::launch(extra, Some(root.join("pids")))
+    }
+
+    fn launch(extra: &[(&str, &str)], pid_dir: Option<PathBuf>) -> Self {
         let mut s = KafkaServer {
             dir: TempDir::new("kafka"),
             port: free_port(),
@@ -64,6 +78,7 @@ impl KafkaServer {
                 .map(|(k, v)| (k.to_string(), v.to_string()))
                 .collect(),
             child: None,
+            pid_dir,
         };
         s.write_properties();
         s.format();
@@ -128,13 +143,24 @@ impl KafkaServer {
             .append(true)
             .open(self.dir.path().join("kafka.log"))
             .unwrap();
-        let child = java("-Xmx384m", "kafka.Kafka")
-            .arg(self.properties())
+        let mut cmd = java("-Xmx384m", "kafka.Kafka");
+        cmd.arg(self.properties())
             .stdin(Stdio::null())
             .stdout(log.try_clone().unwrap())
-            .stderr(log)
-            .spawn()
-            .expect("start the Kafka broker (java on PATH?)");
+            .stderr(log);
+        if self.pid_dir.is_some() {
+            cmd.process_group(0);
+        }
+        let child = cmd.spawn().expect("start the Kafka broker (java on PATH?)");
+        if let Some(dir) = &self.pid_dir {
+            fs::create_dir_all(dir).expect("pid dir");
+            let pid = child.id();
+            fs::write(
+                dir.join(format!("kafka-{pid}.pid")),
+                format!("{pid} {}\n", libc::SIGTERM),
+            )
+            .expect("pid file");
+        }
         self.child = Some(child);
         let deadline = Instant::now() + START_TIMEOUT;
         loop {
@@ -168,6 +194,9 @@ impl KafkaServer {
     pub fn stop(&mut self) {
         if let Some(mut c) = self.child.take() {
             stop_child(&mut c, libc::SIGTERM, STOP_TIMEOUT);
+            if let Some(dir) = &self.pid_dir {
+                let _ = fs::remove_file(dir.join(format!("kafka-{}.pid", c.id())));
+            }
         }
     }
 
