@@ -1,13 +1,17 @@
 //! A shutdown signal shared by every thread of the bridge, awaited rather than polled.
 
+use std::io::Write;
+use std::os::fd::{AsRawFd, RawFd};
+use std::os::unix::net::UnixStream;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Condvar, Mutex};
+use std::sync::{Arc, Condvar, Mutex, OnceLock};
 use std::time::{Duration, Instant};
 
 /// Cloneable signal that asks every part of the bridge to stop.
 ///
 /// Triggered by SIGINT/SIGTERM in the binary, by `POST /shutdown`, or by a test. Async code
-/// awaits [`Shutdown::triggered`]; threads block in [`Shutdown::wait_timeout`].
+/// awaits [`Shutdown::triggered`]; threads block in [`Shutdown::wait_timeout`], or poll
+/// [`Shutdown::wake_fd`] beside their own sockets.
 #[derive(Clone, Debug, Default)]
 pub struct Shutdown(Arc<Inner>);
 
@@ -17,6 +21,9 @@ struct Inner {
     notify: tokio::sync::Notify,
     lock: Mutex<()>,
     cond: Condvar,
+    /// Made on the first [`Shutdown::wake_fd`]: (read end, write end); the trigger writes a
+    /// byte that nobody reads, so the read end stays readable from then on.
+    fds: OnceLock<(UnixStream, UnixStream)>,
 }
 
 impl Shutdown {
@@ -32,6 +39,29 @@ impl Shutdown {
         self.0.flag.store(true, Ordering::SeqCst);
         self.0.notify.notify_waiters();
         self.0.cond.notify_all();
+        if let Some((_, write)) = self.0.fds.get() {
+            // Non-blocking: one byte is enough, a full buffer already says it.
+            let _ = (&*write).write(&[1]);
+        }
+    }
+
+    /// A descriptor that becomes readable (and stays so) once the signal is triggered, for a
+    /// thread that waits in `poll` on its own sockets: it sleeps until data or the signal
+    /// comes instead of waking up periodically to look at the flag. `None` when no socket
+    /// pair could be made (the caller then polls with a bounded timeout).
+    pub fn wake_fd(&self) -> Option<RawFd> {
+        // Made under the trigger's lock: either the trigger sees the pair and writes to it,
+        // or the flag is already set when the caller looks at it after this.
+        let _guard = self.0.lock.lock().unwrap_or_else(|e| e.into_inner());
+        if self.0.fds.get().is_none() {
+            let (read, write) = UnixStream::pair().ok()?;
+            write.set_nonblocking(true).ok()?;
+            if self.is_triggered() {
+                let _ = (&write).write(&[1]);
+            }
+            let _ = self.0.fds.set((read, write));
+        }
+        self.0.fds.get().map(|(read, _)| read.as_raw_fd())
     }
 
     /// True once [`Shutdown::trigger`] was called.
@@ -106,6 +136,31 @@ mod tests {
         s.trigger();
         assert!(waiter.join().unwrap());
         assert!(s.wait_timeout(Duration::from_secs(30)), "already triggered");
+    }
+
+    fn readable(fd: RawFd, ms: i32) -> bool {
+        let mut pfd = libc::pollfd {
+            fd,
+            events: libc::POLLIN,
+            revents: 0,
+        };
+        // SAFETY: one valid pollfd.
+        unsafe { libc::poll(&mut pfd, 1, ms) > 0 }
+    }
+
+    #[test]
+    fn the_wake_fd_becomes_readable_on_the_trigger_and_stays_so() {
+        let s = Shutdown::new();
+        let fd = s.wake_fd().expect("a socket pair");
+        assert_eq!(s.wake_fd(), Some(fd), "one pair per signal");
+        assert!(!readable(fd, 0));
+        s.clone().trigger();
+        assert!(readable(fd, 30_000));
+        assert!(readable(fd, 0), "still readable");
+        // Made after the trigger: readable at once.
+        let late = Shutdown::new();
+        late.trigger();
+        assert!(readable(late.wake_fd().unwrap(), 0));
     }
 
     #[test]

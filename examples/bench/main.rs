@@ -24,6 +24,7 @@
 
 mod chart;
 mod debezium;
+mod idle;
 mod kafka;
 mod nats;
 mod phases;
@@ -88,9 +89,11 @@ struct Opts {
     big_rows: u64,
     latency_secs: u64,
     latency_rate: u64,
+    idle_secs: u64,
     snapshot_rows: u64,
     startup_runs: u32,
-    /// Phases to run (all when empty): streaming, jetstream, large, latency, startup, snapshot.
+    /// Phases to run (all when empty): streaming, jetstream, large, latency, idle, startup,
+    /// snapshot.
     only: Vec<String>,
     /// Command line to run the bridge under (e.g. a profiler); figures are then not comparable.
     wrapper: Vec<String>,
@@ -127,6 +130,7 @@ fn opts() -> Opts {
         big_rows: 1_000_000,
         latency_secs: 30,
         latency_rate: 5_000,
+        idle_secs: 20,
         snapshot_rows: 1_000_000,
         startup_runs: 5,
         only: Vec::new(),
@@ -161,6 +165,7 @@ fn opts() -> Opts {
             "--big-rows" => o.big_rows = num(value()),
             "--latency-secs" => o.latency_secs = num(value()),
             "--latency-rate" => o.latency_rate = num(value()),
+            "--idle-secs" => o.idle_secs = num(value()),
             "--snapshot-rows" => o.snapshot_rows = num(value()),
             "--startup-runs" => o.startup_runs = num(value()) as u32,
             "--only" => o.only = value().split(',').map(str::to_string).collect(),
@@ -183,6 +188,7 @@ fn opts() -> Opts {
                 o.txns = 20_000;
                 o.big_rows = 100_000;
                 o.latency_secs = 10;
+                o.idle_secs = 10;
                 o.snapshot_rows = 100_000;
                 o.startup_runs = 3;
                 o.peer_txns = 20_000;
@@ -216,11 +222,11 @@ fn usage(problem: &str) -> ! {
     }
     eprintln!(
         "usage: bench [--dir DIR] [--out FILE] [--bridge PATH] [--txns N] [--clients N] \
-         [--big-rows N] [--latency-secs N] [--latency-rate CHANGES_PER_S] [--snapshot-rows N] \
+         [--big-rows N] [--latency-secs N] [--latency-rate CHANGES_PER_S] [--idle-secs N] [--snapshot-rows N] \
          [--startup-runs N] [--only PHASE,...] [--quick]\n\
          \x20      [--peer debezium] [--kafka | --sink kafka] [--peer-txns N] [--peer-rate CHANGES_PER_S] \
          [--peer-secs N] [--chart FILE] [--chart-from RESULTS_JSON]\n\
-         phases: streaming jetstream large latency startup snapshot; peer peer-live (--peer debezium); \
+         phases: streaming jetstream large latency idle startup snapshot; peer peer-live (--peer debezium); \
          kafka (--sink kafka, or --kafka with --peer debezium)\n\
          --peer debezium needs BENCH_DEBEZIUM_HOME and BENCH_JAVA (scripts/bench sets them)\n\
          BENCH_BRIDGE_WRAPPER='valgrind --tool=callgrind' runs the bridge under a profiler"
@@ -359,6 +365,11 @@ fn main() {
     } else {
         Json::Null
     };
+    let idle = if b.o.runs("idle") {
+        b.idle(b.o.idle_secs)
+    } else {
+        Json::Null
+    };
     let startup = if b.o.runs("startup") {
         b.startup()
     } else {
@@ -394,6 +405,7 @@ fn main() {
             "large_transaction_rows": b.o.big_rows,
             "latency_seconds": b.o.latency_secs,
             "latency_changes_per_s": b.o.latency_rate,
+            "idle_seconds": b.o.idle_secs,
             "snapshot_rows": b.o.snapshot_rows,
             "window": WINDOW,
         },
@@ -401,6 +413,7 @@ fn main() {
         "jetstream_ceiling": js_ceiling,
         "large_transaction": large,
         "latency": latency,
+        "idle": idle,
         "snapshot": snapshot,
         "startup": startup,
     });
@@ -696,10 +709,16 @@ impl Bench {
         let (mut bridge, log) = self.spawn_bridge(tag, "users");
         let mut stream = None;
         let mut sender = None;
+        // For one large transaction: the time until its commit was read (nothing is published
+        // before), the rest is publishing.
+        let mut first_stored = None;
         let stored = loop {
             let n = self
                 .rt
                 .block_on(nats::stream_messages(&self.js, &mut stream, "CDC"));
+            if n > 0 && first_stored.is_none() {
+                first_stored = Some(t0.elapsed());
+            }
             if n >= expected {
                 break t0.elapsed();
             }
@@ -758,6 +777,7 @@ impl Bench {
         let started_ms = streaming_started_ms(&log);
         json!({
             "changes": expected,
+            "seconds_to_first_stored": first_stored.map(secs),
             "seconds_to_stored": secs(stored),
             "seconds_to_confirmed": secs(confirmed),
             "changes_per_s": round(expected as f64 / stored.as_secs_f64(), 0),

@@ -62,6 +62,12 @@ pub(super) fn targets(r: &Json) -> Json {
         .or_else(|| f(&r["latency"]["consumer"]["p99_ms"]));
     let snapshot = f(&r["snapshot"]["ratio"]);
     let start = f(&r["startup"]["median_ms"]);
+    let own_start = start
+        .zip(f(&r["startup"]["postgresql_only_median_ms"]))
+        .map(|(all, pg)| round(all - pg, 1));
+    let large = f(&r["large_transaction"]["ratio_to_pg_recvlogical"]);
+    let steady_cpu = f(&r["latency"]["bridge_cpu_us_per_change"]);
+    let idle = f(&r["idle"]["cpu_percent_of_core"]);
     json!([
         target(
             "throughput vs pg_recvlogical",
@@ -89,15 +95,39 @@ pub(super) fn targets(r: &Json) -> Json {
         ),
         target(
             "snapshot vs COPY",
-            ">= 0.5",
+            ">= 0.8",
             json!(snapshot),
-            snapshot.map(|v| v >= 0.5)
+            snapshot.map(|v| v >= 0.8)
         ),
         target(
             "start to streaming (ms, median)",
             "< 200",
             json!(start),
             start.map(|v| v < 200.0)
+        ),
+        target(
+            "large transaction vs pg_recvlogical",
+            ">= 0.8",
+            json!(large),
+            large.map(|v| v >= 0.8)
+        ),
+        target(
+            "bridge CPU per change at 5000/s (us)",
+            "<= 5",
+            json!(steady_cpu),
+            steady_cpu.map(|v| v <= 5.0)
+        ),
+        target(
+            "idle bridge (% of a core)",
+            "<= 0.2",
+            json!(idle),
+            idle.map(|v| v <= 0.2)
+        ),
+        target(
+            "bridge's own start-up share (ms, median)",
+            "< 50",
+            json!(own_start),
+            own_start.map(|v| v < 50.0)
         ),
     ])
 }
@@ -272,6 +302,24 @@ pub(super) fn print_table(r: &Json) {
                     lat["nats_ping"]["max_ms"]
                 ),
                 String::new(),
+                String::new(),
+            ],
+        ),
+        (
+            "latency",
+            [
+                "  bridge CPU per change at this rate".into(),
+                fmt_num(&lat["bridge_cpu_us_per_change"], "us"),
+                String::new(),
+                String::new(),
+            ],
+        ),
+        (
+            "idle",
+            [
+                format!("idle bridge, {} s: share of a core", r["idle"]["seconds"]),
+                format!("{} %", r["idle"]["cpu_percent_of_core"]),
+                format!("{} wake-ups/s", r["idle"]["wakeups_per_s"]),
                 String::new(),
             ],
         ),

@@ -7,6 +7,7 @@
 
 use std::ffi::{CStr, CString};
 use std::ops::{ControlFlow, Deref};
+use std::os::fd::RawFd;
 use std::os::raw::{c_char, c_int, c_void};
 use std::ptr::NonNull;
 use std::time::{Duration, Instant};
@@ -588,7 +589,18 @@ impl PgConnection {
 
     /// Waits up to `timeout` for the next CopyData message of a CopyBoth or CopyOut stream.
     pub fn get_copy_data(&mut self, timeout: Duration) -> Result<CopyData, PgError> {
-        let deadline = Instant::now() + timeout;
+        self.get_copy_data_or_wake(timeout, &[])
+    }
+
+    /// [`get_copy_data`](Self::get_copy_data), also ending the wait (with
+    /// [`CopyData::Timeout`]) as soon as one of `wake` is readable.
+    pub fn get_copy_data_or_wake(
+        &mut self,
+        timeout: Duration,
+        wake: &[RawFd],
+    ) -> Result<CopyData, PgError> {
+        // A day stands for "no deadline" (a caller's timeout may come from large settings).
+        let deadline = Instant::now() + timeout.min(Duration::from_secs(86_400));
         loop {
             let mut p: *mut c_char = std::ptr::null_mut();
             // SAFETY: valid connection; async = 1 never blocks.
@@ -610,7 +622,7 @@ impl PgConnection {
             if now >= deadline {
                 return Ok(CopyData::Timeout);
             }
-            if !self.wait_readable(deadline - now)? {
+            if !self.wait_readable(deadline - now, wake)? {
                 return Ok(CopyData::Timeout);
             }
             // SAFETY: valid connection.
@@ -620,22 +632,39 @@ impl PgConnection {
         }
     }
 
-    /// Waits until the socket is readable; false on timeout.
-    fn wait_readable(&self, timeout: Duration) -> Result<bool, PgError> {
+    /// Waits until the socket is readable; false on timeout or when one of `wake` is
+    /// readable first.
+    fn wait_readable(&self, timeout: Duration, wake: &[RawFd]) -> Result<bool, PgError> {
         // SAFETY: valid connection.
         let fd = unsafe { pq::PQsocket(self.raw.as_ptr()) };
         if fd < 0 {
             return Err(self.lost());
         }
-        let mut pfd = libc::pollfd {
+        const MAX_WAKE: usize = 3;
+        let idle = libc::pollfd {
+            fd: -1,
+            events: 0,
+            revents: 0,
+        };
+        let mut fds = [idle; 1 + MAX_WAKE];
+        fds[0] = libc::pollfd {
             fd,
             events: libc::POLLIN,
             revents: 0,
         };
-        let ms = timeout.as_millis().min(i32::MAX as u128) as c_int;
+        let n = 1 + wake.len().min(MAX_WAKE);
+        for (slot, &w) in fds[1..n].iter_mut().zip(wake) {
+            *slot = libc::pollfd {
+                fd: w,
+                events: libc::POLLIN,
+                revents: 0,
+            };
+        }
+        // Rounded up: a wait cut to 0 ms would spin until the deadline.
+        let ms = timeout.as_micros().div_ceil(1000).min(i32::MAX as u128) as c_int;
         loop {
-            // SAFETY: one valid pollfd.
-            let r = unsafe { libc::poll(&mut pfd, 1, ms) };
+            // SAFETY: `n` valid pollfds (the caller keeps the wake descriptors open).
+            let r = unsafe { libc::poll(fds.as_mut_ptr(), n as libc::nfds_t, ms) };
             if r < 0 {
                 let e = std::io::Error::last_os_error();
                 if e.kind() == std::io::ErrorKind::Interrupted {
@@ -643,7 +672,7 @@ impl PgConnection {
                 }
                 return Err(PgError::Io(e));
             }
-            return Ok(r > 0);
+            return Ok(fds[0].revents != 0);
         }
     }
 

@@ -310,7 +310,17 @@ impl ReplicationConnection {
     /// Waits up to `timeout` for one CopyData message; `None` on timeout. The server ending
     /// the stream is reported as [`PgError::ConnectionLost`] (or the server's error).
     pub fn recv(&mut self, timeout: Duration) -> Result<Option<CopyBuf>, PgError> {
-        match self.conn.get_copy_data(timeout)? {
+        self.recv_or_wake(timeout, &[])
+    }
+
+    /// [`recv`](Self::recv), also returning `None` as soon as one of `wake` (at most three
+    /// descriptors, e.g. a shutdown signal's) is readable.
+    pub fn recv_or_wake(
+        &mut self,
+        timeout: Duration,
+        wake: &[std::os::fd::RawFd],
+    ) -> Result<Option<CopyBuf>, PgError> {
+        match self.conn.get_copy_data_or_wake(timeout, wake)? {
             CopyData::Data(buf) => Ok(Some(buf)),
             CopyData::Timeout => Ok(None),
             CopyData::Done => Err(PgError::ConnectionLost(

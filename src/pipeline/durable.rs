@@ -198,7 +198,9 @@ impl StateWriter {
                 if stop {
                     return;
                 }
-                std::thread::park_timeout(Duration::from_secs(1));
+                // Every request, identity change and the stop unpark this thread (a token
+                // given before it parks is kept): no periodic wake-up.
+                std::thread::park();
             })?;
         Ok(StateWriter {
             shared,

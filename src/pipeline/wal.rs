@@ -32,9 +32,12 @@ use crate::sink::ring::{item_bytes, RingItem, RingWriter};
 use crate::wire::event::{ChangeEvent, TableRef};
 use crate::wire::outbox::OutboxEvent;
 
-/// How long one wait for the server may last before other work is checked.
+/// Longest wait for the server when the shutdown signal or the publisher's end cannot wake
+/// the wait (no descriptor for them): then the flags are looked at this often.
 const POLL_INTERVAL: Duration = Duration::from_millis(50);
-/// Least time between two status updates sent only because the durable position moved.
+/// Least time between two status updates sent only because the durable position moved; also
+/// how often the thread looks at the durable position while something waits to be confirmed
+/// (the publisher moves it without waking this thread).
 const STATUS_MIN_INTERVAL: Duration = Duration::from_millis(100);
 /// Longest wait at shutdown for the final position to be stored in the state file.
 const FINAL_STORE_TIMEOUT: Duration = Duration::from_secs(10);
@@ -248,11 +251,25 @@ impl<'c> WalStream<'c> {
         link.last_heard = Instant::now();
         link.pinged = false;
         let status_interval = link.config.replication.standby_status_interval();
+        // Between messages the thread sleeps in `poll` until data, a deadline of its own, the
+        // shutdown signal or the publisher's end: no periodic wake-ups when idle.
+        let wake: Vec<std::os::fd::RawFd> = [link.shutdown.wake_fd(), ctx.ring.gone_fd()]
+            .into_iter()
+            .flatten()
+            .collect();
+        let max_wait = if wake.len() == 2 {
+            Duration::MAX
+        } else {
+            POLL_INTERVAL
+        };
         while !link.shutdown.is_triggered() {
             if ctx.ring.reader_gone() {
                 return Err(StreamError::PublisherGone);
             }
-            if let Some(buf) = link.repl.recv(POLL_INTERVAL)? {
+            let wait = link
+                .next_wait(ctx, self.translate.is_idle(), status_interval)
+                .min(max_wait);
+            if let Some(buf) = link.repl.recv_or_wake(wait, &wake)? {
                 link.last_heard = Instant::now();
                 link.pinged = false;
                 ctx.stats.wal_messages += 1;
@@ -339,6 +356,41 @@ impl Link<'_> {
         Ok(())
     }
 
+    /// How long the thread may wait for the server before it has something to do by itself:
+    /// soon while a position waits to be confirmed, otherwise until the next status update
+    /// or silence check is due.
+    fn next_wait(&self, ctx: &WalContext, idle: bool, status_interval: Duration) -> Duration {
+        if ctx.durable.get() < ctx.last_pushed_end
+            || self.wanted_flush(ctx, idle) > ctx.reported_flush
+        {
+            return STATUS_MIN_INTERVAL;
+        }
+        let status_due = status_interval.saturating_sub(self.last_status.elapsed());
+        let silence_limit = if self.pinged {
+            self.receive_timeout
+        } else {
+            self.receive_timeout / 2
+        };
+        let silence_due = silence_limit.saturating_sub(self.last_heard.elapsed());
+        status_due.min(silence_due)
+    }
+
+    /// The flush position to report: the durable one, or, when everything received is
+    /// durable and no transaction is open, the last keepalive's WAL end; never past a
+    /// waiting PREPARE, never back.
+    fn wanted_flush(&self, ctx: &WalContext, idle: bool) -> Lsn {
+        let durable = ctx.durable.get();
+        let drained = durable >= ctx.last_pushed_end;
+        let mut flush = durable;
+        if drained && idle {
+            flush = flush.max(self.idle_candidate);
+        }
+        if let Some(hold) = self.hold {
+            flush = flush.min(hold);
+        }
+        flush.max(ctx.reported_flush)
+    }
+
     /// Sends a standby status update when forced, or when the flush position moved (at most
     /// every [`STATUS_MIN_INTERVAL`]). The flush position is the durable one, or, when
     /// everything received is durable and no transaction is open, the last keepalive's WAL
@@ -364,17 +416,7 @@ impl Link<'_> {
         wait_stored: bool,
         idle: bool,
     ) -> Result<(), StreamError> {
-        let durable = ctx.durable.get();
-        let drained = durable >= ctx.last_pushed_end;
-        let idle = drained && idle;
-        let mut flush = durable;
-        if idle {
-            flush = flush.max(self.idle_candidate);
-        }
-        if let Some(hold) = self.hold {
-            flush = flush.min(hold);
-        }
-        flush = flush.max(ctx.reported_flush);
+        let flush = self.wanted_flush(ctx, idle);
         let moved = flush > ctx.reported_flush;
         let due = moved && self.last_status.elapsed() >= STATUS_MIN_INTERVAL;
         if !force && !due {

@@ -11,7 +11,7 @@
 use std::collections::VecDeque;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::{SystemTime, UNIX_EPOCH};
 
 use tokio::sync::Notify;
 
@@ -22,8 +22,6 @@ use crate::telemetry::counters::{DurableLsn, PublisherStats};
 use crate::wire::event::ChangeEvent;
 use crate::wire::outbox::OutboxEvent;
 
-/// How long the driver sleeps when the ring is empty and nobody wakes it.
-const IDLE_WAIT: Duration = Duration::from_millis(20);
 /// A delivered change holding more heap than this is dropped instead of going back to the
 /// wal thread for reuse: reused, its buffers would keep a burst of wide rows' memory for good.
 const RECYCLE_MAX_EVENT_BYTES: u64 = 8 * 1024;
@@ -180,8 +178,11 @@ pub(crate) async fn run<D: Delivery>(
                 return delivery.close().await;
             }
             if delivery.ready() {
-                if ring.is_empty() {
-                    let _ = tokio::time::timeout(IDLE_WAIT, notify.notified()).await;
+                // Asleep until the wal side pushes or closes the ring (it wakes this side
+                // at every transaction end, in long transactions every few hundred changes,
+                // and when it drops its end); a wake-up sent meanwhile is kept as a permit.
+                if ring.is_empty() && !ring.is_closed() {
+                    notify.notified().await;
                 }
                 continue;
             }

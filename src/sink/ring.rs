@@ -14,6 +14,8 @@
 //! it pushed, the sink the bytes it popped (stored once per batch, not per change), so the
 //! hot path pays no shared read-modify-write.
 
+use std::os::fd::{AsRawFd, RawFd};
+use std::os::unix::net::UnixStream;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 
@@ -55,18 +57,26 @@ pub fn channel(capacity: usize, max_bytes: u64) -> (RingWriter, RingReader) {
         rtrb::RingBuffer::<Box<ChangeEvent>>::new(capacity.min(RECYCLE_CAPACITY));
     let budget = Arc::new(RingBudget::new(max_bytes));
     let notify = Arc::new(Notify::new());
+    // The reader's end closes with it, which makes the writer's end readable: the wal
+    // thread learns that the sink is gone while it sleeps in `poll`.
+    let (gone, alive) = match UnixStream::pair() {
+        Ok((gone, alive)) => (Some(gone), Some(alive)),
+        Err(_) => (None, None),
+    };
     (
         RingWriter {
             producer,
             recycled,
             budget: Arc::clone(&budget),
             notify: Arc::clone(&notify),
+            gone,
         },
         RingReader {
             consumer,
             recycle,
             budget,
             notify,
+            _alive: alive,
         },
     )
 }
@@ -79,6 +89,8 @@ pub struct RingWriter {
     recycled: rtrb::Consumer<Box<ChangeEvent>>,
     budget: Arc<RingBudget>,
     notify: Arc<Notify>,
+    /// Readable once the reader is dropped (see [`RingWriter::gone_fd`]).
+    gone: Option<UnixStream>,
 }
 
 impl RingWriter {
@@ -131,11 +143,29 @@ impl RingWriter {
         self.recycled.pop().ok()
     }
 
+    /// A descriptor that becomes readable when the sink dropped its end, to `poll` beside
+    /// the wal thread's socket; `None` when no socket pair could be made (then only
+    /// [`RingWriter::reader_gone`] tells, and the caller must look at it now and then).
+    pub(crate) fn gone_fd(&self) -> Option<RawFd> {
+        self.gone.as_ref().map(AsRawFd::as_raw_fd)
+    }
+
     /// Closes the ring and wakes the sink, which ends once it has taken what is left.
     pub(crate) fn close(self) {
-        let notify = Arc::clone(&self.notify);
         drop(self);
-        notify.notify_one();
+    }
+}
+
+impl Drop for RingWriter {
+    /// The sink sleeps until it is woken: dropping this end (also on an early return or
+    /// while unwinding) wakes it to see the ring closed. The producer goes first (swapped
+    /// for an empty one), so the woken sink finds the ring abandoned.
+    fn drop(&mut self) {
+        drop(std::mem::replace(
+            &mut self.producer,
+            rtrb::RingBuffer::new(1).0,
+        ));
+        self.notify.notify_one();
     }
 }
 
@@ -145,6 +175,8 @@ pub struct RingReader {
     recycle: rtrb::Producer<Box<ChangeEvent>>,
     budget: Arc<RingBudget>,
     notify: Arc<Notify>,
+    /// Closed with the reader: the writer's [`RingWriter::gone_fd`] then becomes readable.
+    _alive: Option<UnixStream>,
 }
 
 impl RingReader {
@@ -331,6 +363,45 @@ mod tests {
         ]));
         assert!(small < 1_000, "{small}");
         assert!(wide >= 100_010, "{wide}");
+    }
+
+    fn readable(fd: std::os::fd::RawFd) -> bool {
+        let mut pfd = libc::pollfd {
+            fd,
+            events: libc::POLLIN,
+            revents: 0,
+        };
+        // SAFETY: one valid pollfd; a timeout of 0 never blocks.
+        unsafe { libc::poll(&mut pfd, 1, 0) > 0 }
+    }
+
+    #[test]
+    fn the_writer_sees_the_reader_go_on_its_descriptor() {
+        let (writer, reader) = channel(4, 1 << 20);
+        let fd = writer.gone_fd().expect("a socket pair");
+        assert!(!readable(fd));
+        assert!(!writer.reader_gone());
+        drop(reader);
+        assert!(readable(fd));
+        assert!(writer.reader_gone());
+    }
+
+    #[test]
+    fn dropping_the_writer_closes_the_ring_and_leaves_a_wake_up() {
+        let (mut writer, reader) = channel(4, 1 << 20);
+        assert!(writer.push(RingItem::Commit { end_lsn: Lsn(1) }).is_ok());
+        let notify = reader.notify();
+        drop(writer);
+        assert!(!reader.is_closed(), "an item is left");
+        let rt = crate::runtime::current_thread().unwrap();
+        // The permit stored by the drop completes the wait at once.
+        rt.block_on(async {
+            tokio::time::timeout(std::time::Duration::from_secs(30), notify.notified()).await
+        })
+        .expect("woken");
+        let mut reader = reader;
+        assert!(matches!(reader.pop(), Some(RingItem::Commit { .. })));
+        assert!(reader.is_closed());
     }
 
     #[test]
