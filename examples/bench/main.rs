@@ -212,9 +212,23 @@ fn opts() -> Opts {
         if kafka {
             o.only.push("kafka".into());
         }
+    } else if o.only.is_empty() {
+        // A plain run is the standard phases only: the Kafka phase starts a broker of its own.
+        o.only = STANDARD_PHASES.iter().map(|p| p.to_string()).collect();
     }
     o
 }
+
+/// The phases of a run without `--only`, `--peer` or `--kafka`.
+const STANDARD_PHASES: [&str; 7] = [
+    "streaming",
+    "jetstream",
+    "large",
+    "latency",
+    "idle",
+    "startup",
+    "snapshot",
+];
 
 fn usage(problem: &str) -> ! {
     if !problem.is_empty() {
