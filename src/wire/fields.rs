@@ -62,6 +62,11 @@ pub const BATCH_COUNT: &str = "batch_count";
 pub const ROW_COUNT: &str = "row_count";
 /// The CDC stream sequence to continue after.
 pub const CDC_STREAM_SEQ: &str = "cdc_stream_seq";
+/// Kafka: the CDC topic of the snapshot's table.
+pub const CDC_TOPIC: &str = "cdc_topic";
+/// Kafka: the CDC topic's end offset of each partition (`{"0": 12, "1": 40}`), read before
+/// the snapshot's slot existed; consumers continue each partition from its offset.
+pub const CDC_OFFSETS: &str = "cdc_offsets";
 /// Why a snapshot failed, or a request was refused.
 pub const ERROR: &str = "error";
 
