@@ -226,13 +226,19 @@ mod tests {
         assert_eq!(topic("cdc", "public", "order_items"), "cdc.order_items");
         assert_eq!(topic("cdc", "public", "straße"), "cdc.stra_C3_9Fe");
         assert_eq!(outbox_topic("order"), "outbox.order");
-        assert_eq!(init_topic("cdc", "public", "users"), "cdc.pgbridge.init.users");
+        assert_eq!(
+            init_topic("cdc", "public", "users"),
+            "cdc.pgbridge.init.users"
+        );
         assert_eq!(
             init_topic("cdc", "sales", "order.items"),
             "cdc.pgbridge.init.sales.order_2Eitems"
         );
         // Never a table's change topic, whatever the schema is called.
-        assert_ne!(init_topic("cdc", "public", "users"), topic("cdc", "init", "users"));
+        assert_ne!(
+            init_topic("cdc", "public", "users"),
+            topic("cdc", "init", "users")
+        );
         assert_eq!(
             outbox_topic("order.line item"),
             "outbox.order_2Eline_20item"

@@ -54,7 +54,10 @@ fn http_post(port: u16, path: &str, token: Option<&str>) -> (u16, String) {
     let mut out = String::new();
     let _ = s.read_to_string(&mut out);
     let (head, body) = out.split_once("\r\n\r\n").expect("an HTTP answer");
-    (head.split(' ').nth(1).unwrap().parse().unwrap(), body.to_string())
+    (
+        head.split(' ').nth(1).unwrap().parse().unwrap(),
+        body.to_string(),
+    )
 }
 
 /// (schema, table) of an oracle table.
@@ -161,9 +164,8 @@ fn kafka_snapshot_plus_topic_rebuilds_every_table_exactly_under_concurrent_write
     wait_caught_up(&pg, SLOT, STEP);
 
     let counts = assert_bootstrap_equals_source(&pg, &kafka);
-    let (snapshot_rows, applied): (usize, usize) = counts
-        .iter()
-        .fold((0, 0), |(a, b), (c, d)| (a + c, b + d));
+    let (snapshot_rows, applied): (usize, usize) =
+        counts.iter().fold((0, 0), |(a, b), (c, d)| (a + c, b + d));
     eprintln!(
         "kafka snapshot: {} writer changes; {snapshot_rows} snapshot rows, {applied} changes applied after them",
         report.changes

@@ -24,9 +24,7 @@ use crate::sink::kafka::topics::Admin;
 use crate::sink::kafka::{client_config, consumer_config};
 use crate::telemetry::counters::NatsStats;
 use crate::wire::fields;
-use crate::wire::kafka::{
-    init_topic, topic, ID_HEADER, OP_HEADER, SNAPSHOT_CHUNK_OP, SNAPSHOT_META_OP,
-};
+use crate::wire::kafka::{init_topic, ID_HEADER, OP_HEADER, SNAPSHOT_CHUNK_OP, SNAPSHOT_META_OP};
 
 use super::super::chunks::{is_failure_document, SnapshotFailure, CHUNK_ACK_TIMEOUT};
 use super::{InitTarget, InitWriter, LastMeta};
@@ -42,6 +40,10 @@ const READ_TIMEOUT: Duration = Duration::from_secs(60);
 const DEFAULT_MESSAGE_MAX_BYTES: usize = 1_000_000;
 /// What a record batch holding one record adds to it, at most (batch header and framing).
 const BATCH_OVERHEAD: usize = 128;
+/// How long to wait for the partitions of a new topic to get a leader.
+const LEADER_WAIT: Duration = Duration::from_secs(30);
+/// Between two looks for a leader.
+const LEADER_RETRY: Duration = Duration::from_millis(200);
 /// The partition every init record goes to.
 const PARTITION: i32 = 0;
 
@@ -139,8 +141,7 @@ impl InitTarget for KafkaInit {
             return Ok(LastMeta::Missing);
         }
         let consumer = self.consumer()?;
-        let (low, high) = consumer
-            .fetch_watermarks(&topic, PARTITION, REQUEST_TIMEOUT)
+        let (low, high) = watermarks(&consumer, &topic, PARTITION)
             .map_err(|e| format!("offsets of {topic}: {e}"))?;
         let classify = |value: Option<&[u8]>| match value {
             Some(v) if is_failure_document(v) => LastMeta::Failed,
@@ -191,7 +192,10 @@ impl InitTarget for KafkaInit {
         let mut config = client_config(&self.kafka);
         // A batch larger than the topic accepts is refused whole.
         if limit < DEFAULT_MESSAGE_MAX_BYTES {
-            config.set("batch.size", limit.saturating_sub(BATCH_OVERHEAD).max(1).to_string());
+            config.set(
+                "batch.size",
+                limit.saturating_sub(BATCH_OVERHEAD).max(1).to_string(),
+            );
         }
         let producer: ThreadedProducer<Reports> =
             config
@@ -202,7 +206,7 @@ impl InitTarget for KafkaInit {
                 })?;
         Ok(Box::new(KafkaWriter {
             target: self,
-            cdc_topic: topic_name(&self.kafka.topic_prefix, schema, table),
+            cdc_topic: crate::wire::kafka::topic(&self.kafka.topic_prefix, schema, table),
             topic,
             max: limit.saturating_sub(BATCH_OVERHEAD),
             producer,
@@ -221,8 +225,24 @@ impl KafkaInit {
     }
 }
 
-fn topic_name(prefix: &str, schema: &str, table: &str) -> String {
-    topic(prefix, schema, table)
+/// A partition's low and high watermarks. Retried for a while: the partitions of a topic
+/// created moments ago have no leader yet.
+fn watermarks(
+    consumer: &BaseConsumer,
+    topic: &str,
+    partition: i32,
+) -> Result<(i64, i64), rdkafka::error::KafkaError> {
+    let deadline = Instant::now() + LEADER_WAIT;
+    loop {
+        match consumer.fetch_watermarks(topic, partition, REQUEST_TIMEOUT) {
+            Ok(w) => return Ok(w),
+            Err(e) if Instant::now() >= deadline => return Err(e),
+            Err(e) => {
+                log::debug!("offsets of {topic} partition {partition}: {e}; retrying");
+                std::thread::sleep(LEADER_RETRY);
+            }
+        }
+    }
 }
 
 /// The producer's context: each record's delivery report goes to the channel it carries.
@@ -277,10 +297,11 @@ impl KafkaWriter<'_> {
                 key: OP_HEADER,
                 value: Some(op),
             });
-        let record: BaseRecord<'_, (), [u8], _> = BaseRecord::with_opaque_to(&self.topic, Box::new(tx))
-            .partition(PARTITION)
-            .payload(payload)
-            .headers(headers);
+        let record: BaseRecord<'_, (), [u8], _> =
+            BaseRecord::with_opaque_to(&self.topic, Box::new(tx))
+                .partition(PARTITION)
+                .payload(payload)
+                .headers(headers);
         self.producer
             .send(record)
             .map_err(|(e, _)| SnapshotFailure::Produce {
@@ -319,8 +340,7 @@ impl InitWriter for KafkaWriter<'_> {
         let consumer = self.target.consumer().map_err(failed)?;
         let mut offsets = serde_json::Map::new();
         for p in 0..partitions as i32 {
-            let (_, high) = consumer
-                .fetch_watermarks(&self.cdc_topic, p, REQUEST_TIMEOUT)
+            let (_, high) = watermarks(&consumer, &self.cdc_topic, p)
                 .map_err(|e| failed(format!("partition {p}: {e}")))?;
             offsets.insert(p.to_string(), high.into());
         }
@@ -345,7 +365,12 @@ impl InitWriter for KafkaWriter<'_> {
         }
     }
 
-    fn send_chunk(&mut self, id: &str, chunk: u64, payload: Vec<u8>) -> Result<(), SnapshotFailure> {
+    fn send_chunk(
+        &mut self,
+        id: &str,
+        chunk: u64,
+        payload: Vec<u8>,
+    ) -> Result<(), SnapshotFailure> {
         if self.in_flight.len() >= CHUNK_ACK_WINDOW {
             if let Some(oldest) = self.in_flight.pop_front() {
                 self.wait(oldest, CHUNK_ACK_TIMEOUT)?;
@@ -356,7 +381,12 @@ impl InitWriter for KafkaWriter<'_> {
         Ok(())
     }
 
-    fn send_meta(&mut self, id: &str, payload: Vec<u8>, timeout: Duration) -> Result<(), SnapshotFailure> {
+    fn send_meta(
+        &mut self,
+        id: &str,
+        payload: Vec<u8>,
+        timeout: Duration,
+    ) -> Result<(), SnapshotFailure> {
         // The meta says the snapshot is complete: only once every chunk is stored.
         while let Some(pending) = self.in_flight.pop_front() {
             self.wait(pending, CHUNK_ACK_TIMEOUT)?;

@@ -65,9 +65,15 @@ pub(super) trait InitWriter {
 
     /// Sends chunk `chunk` of snapshot `id`; waits for the oldest chunk's acknowledgement when
     /// too many are outstanding.
-    fn send_chunk(&mut self, id: &str, chunk: u64, payload: Vec<u8>) -> Result<(), SnapshotFailure>;
+    fn send_chunk(&mut self, id: &str, chunk: u64, payload: Vec<u8>)
+        -> Result<(), SnapshotFailure>;
 
     /// Waits for every chunk's acknowledgement, then stores the meta (or failure document) of
     /// snapshot `id`, waiting at most `timeout` for it.
-    fn send_meta(&mut self, id: &str, payload: Vec<u8>, timeout: Duration) -> Result<(), SnapshotFailure>;
+    fn send_meta(
+        &mut self,
+        id: &str,
+        payload: Vec<u8>,
+        timeout: Duration,
+    ) -> Result<(), SnapshotFailure>;
 }

@@ -151,13 +151,12 @@ impl NatsWriter<'_> {
 impl InitWriter for NatsWriter<'_> {
     fn cdc_position(&mut self) -> Result<Vec<(&'static str, serde_json::Value)>, SnapshotFailure> {
         let t = self.target;
-        let seq = t
-            .rt
-            .block_on(stream_last_sequence(&t.js, &t.cdc_stream))
-            .map_err(|source| SnapshotFailure::CdcSequence {
-                stream: t.cdc_stream.clone(),
-                source,
-            })?;
+        let seq =
+            t.rt.block_on(stream_last_sequence(&t.js, &t.cdc_stream))
+                .map_err(|source| SnapshotFailure::CdcSequence {
+                    stream: t.cdc_stream.clone(),
+                    source,
+                })?;
         Ok(vec![(fields::CDC_STREAM_SEQ, seq.into())])
     }
 
@@ -175,7 +174,12 @@ impl InitWriter for NatsWriter<'_> {
         }
     }
 
-    fn send_chunk(&mut self, id: &str, chunk: u64, payload: Vec<u8>) -> Result<(), SnapshotFailure> {
+    fn send_chunk(
+        &mut self,
+        id: &str,
+        chunk: u64,
+        payload: Vec<u8>,
+    ) -> Result<(), SnapshotFailure> {
         if self.in_flight.len() >= CHUNK_ACK_WINDOW {
             if let Some(oldest) = self.in_flight.pop_front() {
                 self.wait_ack(oldest, CHUNK_ACK_TIMEOUT)?;
@@ -190,7 +194,12 @@ impl InitWriter for NatsWriter<'_> {
         Ok(())
     }
 
-    fn send_meta(&mut self, id: &str, payload: Vec<u8>, timeout: Duration) -> Result<(), SnapshotFailure> {
+    fn send_meta(
+        &mut self,
+        id: &str,
+        payload: Vec<u8>,
+        timeout: Duration,
+    ) -> Result<(), SnapshotFailure> {
         // The meta says the snapshot is complete: only once every chunk is stored.
         while let Some(pending) = self.in_flight.pop_front() {
             self.wait_ack(pending, CHUNK_ACK_TIMEOUT)?;

@@ -193,7 +193,11 @@ pub fn bootstrap_rows(
             r.value.as_deref().is_some_and(|v| {
                 serde_json::from_slice::<Json>(v)
                     .ok()
-                    .and_then(|ev| ev["commit_lsn"].as_str().and_then(|s| s.parse::<Lsn>().ok()))
+                    .and_then(|ev| {
+                        ev["commit_lsn"]
+                            .as_str()
+                            .and_then(|s| s.parse::<Lsn>().ok())
+                    })
                     .is_some_and(|c| c >= lsn)
             })
         })
