@@ -220,3 +220,63 @@ fn kafka_snapshot_on_start_fills_in_only_tables_without_a_meta() {
     }
     assert_eq!(bridge.terminate(STEP), Some(0), "{}", bridge.log());
 }
+
+/// Not a check (timed figures are noisy): the rate of a Kafka snapshot of a 1 000 000-row
+/// table (`KAFKA_SNAPSHOT_ROWS` to change it) against `COPY ... TO STDOUT` of the same table
+/// to /dev/null, best of 3, in one run. Run it with a release bridge:
+/// `PGBRIDGE_BRIDGE_BIN=target/release/bridge cargo test --test it kafka_snapshot_rate -- --ignored --nocapture`.
+#[test]
+#[ignore]
+fn kafka_snapshot_rate_against_copy() {
+    let _heavy = testkit::heavy();
+    let rows: u64 = std::env::var("KAFKA_SNAPSHOT_ROWS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(1_000_000);
+    let kafka = std::thread::spawn(KafkaServer::start);
+    let pg = PgServer::start();
+    // The table of the project's benchmark (scripts/bench --only snapshot).
+    setup_app_db(
+        &pg,
+        &format!(
+            "CREATE TABLE snap_users AS SELECT g::bigint AS id, 'user ' || g AS name, \
+             'user' || g || '@example.com' AS email, g % 1000 AS score, g % 2 = 0 AS active, \
+             now() AS created_at, now() AS updated_at FROM generate_series(1, {rows}) g; \
+             ALTER TABLE snap_users ADD PRIMARY KEY (id); VACUUM ANALYZE snap_users"
+        ),
+        "",
+    );
+    let kafka = kafka.join().expect("the Kafka broker started");
+    let mut best = Duration::MAX;
+    for _ in 0..3 {
+        let mut cmd = pg.tool("psql", "app");
+        cmd.args(["-X", "-q", "-c", "COPY (SELECT * FROM snap_users) TO STDOUT"])
+            .stdout(std::process::Stdio::null());
+        let t = Instant::now();
+        assert!(cmd.status().expect("psql").success(), "COPY failed");
+        best = best.min(t.elapsed());
+    }
+    let dir = TempDir::new("kafka-snap-rate");
+    let bridge = BridgeProcess::spawn(
+        testkit::bridge_command(&pg, "nats://127.0.0.1:9", dir.path())
+            .args(["--sink", "kafka", "--kafka-brokers", &kafka.brokers()])
+            .args(["--admin-token", TOKEN]),
+    );
+    let port = http_port(&bridge);
+    bridge.wait_for_line("served on POST /snapshots/{table}", STEP);
+    let t = Instant::now();
+    let (status, body) = http_post(port, "/snapshots/snap_users", Some(TOKEN));
+    assert_eq!(status, 202, "{body}");
+    let line = bridge.wait_for_line(" of public.snap_users: ", Duration::from_secs(600));
+    let took = t.elapsed();
+    assert!(line.contains(&format!(": {rows} rows in ")), "{line}");
+    let copy_rate = rows as f64 / best.as_secs_f64();
+    let kafka_rate = rows as f64 / took.as_secs_f64();
+    eprintln!(
+        "kafka snapshot of {rows} rows: {:.2} s, {kafka_rate:.0} rows/s; COPY to /dev/null (best of 3): {:.2} s, {copy_rate:.0} rows/s; ratio {:.3}\n{line}",
+        took.as_secs_f64(),
+        best.as_secs_f64(),
+        kafka_rate / copy_rate
+    );
+    drop(bridge);
+}

@@ -297,3 +297,32 @@ impl Sink for KafkaSink {
         })
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_snapshot_consumer_keeps_the_connection_settings_and_drops_the_producer_ones() {
+        let mut kafka = KafkaConfig {
+            brokers: vec!["k1:9092".into(), "k2:9092".into()],
+            ..KafkaConfig::default()
+        };
+        for (k, v) in [
+            ("security.protocol", "SASL_SSL"),
+            ("sasl.username", "u"),
+            ("linger.ms", "5"),
+            ("compression.type", "zstd"),
+        ] {
+            kafka.properties.0.insert(k.into(), v.into());
+        }
+        let c = consumer_config(&kafka);
+        assert_eq!(c.get("bootstrap.servers"), Some("k1:9092,k2:9092"));
+        assert_eq!(c.get("security.protocol"), Some("SASL_SSL"));
+        assert_eq!(c.get("sasl.username"), Some("u"));
+        assert_eq!(c.get("linger.ms"), None);
+        assert_eq!(c.get("compression.type"), None);
+        assert_eq!(c.get("acks"), None);
+        assert_eq!(c.get("enable.auto.commit"), Some("false"));
+    }
+}
