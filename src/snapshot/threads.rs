@@ -126,15 +126,18 @@ pub(crate) fn spawn_kafka_service(
                     return;
                 }
             };
-            let target =
-                match super::target::kafka::KafkaInit::new(&config.kafka, rt.handle().clone()) {
-                    Ok(t) => t,
-                    // The sink reports a configuration it refuses too and stops the bridge.
-                    Err(e) => {
-                        log::error!("snapshots unavailable: {e}");
-                        return;
-                    }
-                };
+            let target = match super::target::kafka::KafkaInit::new(
+                &config.kafka,
+                rt.handle().clone(),
+                Arc::clone(&telemetry.nats),
+            ) {
+                Ok(t) => t,
+                // The sink reports a configuration it refuses too and stops the bridge.
+                Err(e) => {
+                    log::error!("snapshots unavailable: {e}");
+                    return;
+                }
+            };
             let service = super::SnapshotService::new(
                 &config,
                 Box::new(target),

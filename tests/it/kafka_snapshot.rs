@@ -60,6 +60,22 @@ fn http_post(port: u16, path: &str, token: Option<&str>) -> (u16, String) {
     )
 }
 
+/// The value of metric `name` on `/metrics`.
+fn metric(port: u16, name: &str) -> f64 {
+    let mut s = TcpStream::connect(("127.0.0.1", port)).expect("connect to the HTTP port");
+    s.set_read_timeout(Some(Duration::from_secs(20))).unwrap();
+    write!(
+        s,
+        "GET /metrics HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n"
+    )
+    .unwrap();
+    let mut out = String::new();
+    let _ = s.read_to_string(&mut out);
+    out.lines()
+        .find_map(|l| l.strip_prefix(name)?.strip_prefix(' ')?.trim().parse().ok())
+        .unwrap_or_else(|| panic!("no {name} in /metrics:\n{out}"))
+}
+
 /// (schema, table) of an oracle table.
 fn names(t: &Table) -> (&str, &str) {
     t.pg.split_once('.').unwrap_or(("public", t.pg))
@@ -162,6 +178,8 @@ fn kafka_snapshot_plus_topic_rebuilds_every_table_exactly_under_concurrent_write
     }
     let report = writer.finish();
     wait_caught_up(&pg, SLOT, STEP);
+    // The snapshot metrics count Kafka snapshots: the last one completed.
+    assert_eq!(metric(port, "bridge_snapshot_progress_ratio"), 1.0);
 
     let counts = assert_bootstrap_equals_source(&pg, &kafka);
     let (snapshot_rows, applied): (usize, usize) =
@@ -242,16 +260,22 @@ fn kafka_snapshot_rate_against_copy() {
             "CREATE TABLE snap_users AS SELECT g::bigint AS id, 'user ' || g AS name, \
              'user' || g || '@example.com' AS email, g % 1000 AS score, g % 2 = 0 AS active, \
              now() AS created_at, now() AS updated_at FROM generate_series(1, {rows}) g; \
-             ALTER TABLE snap_users ADD PRIMARY KEY (id); VACUUM ANALYZE snap_users"
+             ALTER TABLE snap_users ADD PRIMARY KEY (id)"
         ),
         "",
     );
+    pg.sql("app", "VACUUM ANALYZE snap_users");
     let kafka = kafka.join().expect("the Kafka broker started");
     let mut best = Duration::MAX;
     for _ in 0..3 {
         let mut cmd = pg.tool("psql", "app");
-        cmd.args(["-X", "-q", "-c", "COPY (SELECT * FROM snap_users) TO STDOUT"])
-            .stdout(std::process::Stdio::null());
+        cmd.args([
+            "-X",
+            "-q",
+            "-c",
+            "COPY (SELECT * FROM snap_users) TO STDOUT",
+        ])
+        .stdout(std::process::Stdio::null());
         let t = Instant::now();
         assert!(cmd.status().expect("psql").success(), "COPY failed");
         best = best.min(t.elapsed());
@@ -278,5 +302,12 @@ fn kafka_snapshot_rate_against_copy() {
         best.as_secs_f64(),
         kafka_rate / copy_rate
     );
+    for l in bridge
+        .log()
+        .lines()
+        .filter(|l| l.contains("topic") || l.contains("snapshot"))
+    {
+        eprintln!("{l}");
+    }
     drop(bridge);
 }

@@ -24,7 +24,9 @@ use crate::sink::kafka::topics::Admin;
 use crate::sink::kafka::{client_config, consumer_config};
 use crate::telemetry::counters::NatsStats;
 use crate::wire::fields;
-use crate::wire::kafka::{init_topic, ID_HEADER, OP_HEADER, SNAPSHOT_CHUNK_OP, SNAPSHOT_META_OP};
+use crate::wire::kafka::{
+    init_topic, ID_HEADER, INIT_TOPIC_INFIX, OP_HEADER, SNAPSHOT_CHUNK_OP, SNAPSHOT_META_OP,
+};
 
 use super::super::chunks::{is_failure_document, SnapshotFailure, CHUNK_ACK_TIMEOUT};
 use super::{InitTarget, InitWriter, LastMeta};
@@ -55,13 +57,14 @@ pub(in crate::snapshot) struct KafkaInit {
 }
 
 impl KafkaInit {
-    /// Init topics for `kafka`'s brokers; admin requests run on `rt`.
+    /// Init topics for `kafka`'s brokers; admin requests run on `rt`. `connection` is the
+    /// sink's broker connection flag: one flag, and one log line when the brokers go away.
     pub(in crate::snapshot) fn new(
         kafka: &KafkaConfig,
         rt: tokio::runtime::Handle,
+        connection: Arc<NatsStats>,
     ) -> Result<Self, crate::sink::kafka::KafkaSinkError> {
-        // A connection flag of its own: the sink's tells `/health` about change delivery.
-        let admin = Admin::new(kafka, Arc::new(NatsStats::default()))?;
+        let admin = Admin::new(kafka, connection)?;
         Ok(KafkaInit {
             kafka: kafka.clone(),
             rt,
@@ -120,7 +123,10 @@ impl KafkaInit {
 
 impl InitTarget for KafkaInit {
     fn name(&self) -> String {
-        format!("Kafka topics {}.*", self.init_topic_prefix())
+        format!(
+            "Kafka topics {}.{INIT_TOPIC_INFIX}.*",
+            self.kafka.topic_prefix
+        )
     }
 
     fn meta_location(&self, schema: &str, table: &str) -> (String, String) {
@@ -215,16 +221,6 @@ impl InitTarget for KafkaInit {
     }
 }
 
-impl KafkaInit {
-    fn init_topic_prefix(&self) -> String {
-        format!(
-            "{}.{}",
-            self.kafka.topic_prefix,
-            crate::wire::kafka::INIT_TOPIC_INFIX
-        )
-    }
-}
-
 /// A partition's low and high watermarks. Retried for a while: the partitions of a topic
 /// created moments ago have no leader yet.
 fn watermarks(
@@ -262,6 +258,10 @@ impl ClientContext for Reports {
     fn error(&self, error: rdkafka::error::KafkaError, reason: &str) {
         log::debug!("Kafka (snapshots): {error}: {reason}");
     }
+
+    /// The sink's settings ask for statistics (its context reads broker states from them);
+    /// the default would log each at info level.
+    fn stats(&self, _: rdkafka::Statistics) {}
 }
 
 impl ProducerContext for Reports {
