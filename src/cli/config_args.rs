@@ -504,7 +504,9 @@ pub(crate) struct SnapshotArgs {
           value_parser = BoolishValueParser::new(),
           help = with_default("At start, snapshot, one after the other, every streamed table \
                                without a snapshot in the INIT stream (no init.meta.{table}, or \
-                               a failed one); --snapshot-on-start=false turns a file's true off",
+                               a failed one) or, with --sink kafka, in its init topic \
+                               {prefix}.pgbridge.init.{table}; --snapshot-on-start=false turns \
+                               a file's true off",
                               sections::DEFAULT_SNAPSHOT_ON_START))]
     pub(crate) snapshot_on_start: Option<bool>,
 

@@ -159,7 +159,7 @@ fn request_snapshot(ctx: &HttpContext, token: &str, peer: Option<SocketAddr>) ->
         return Response::json(
             503,
             &json!({fields::STATUS: fields::STATUS_ERROR, fields::REASON: "unavailable",
-                fields::ERROR: "snapshots are not available yet: the bridge is not connected to NATS; try again later"}),
+                fields::ERROR: "snapshots are not available yet: the bridge is not connected to its broker; try again later"}),
         )
         .with_header("Retry-After", "5");
     };

@@ -559,7 +559,8 @@ fn run_pipeline(
     // Snapshots connect to NATS on their own (retrying while it is away) and serve requests
     // only while the wal side streams from the slot.
     let (schema_tx, schema_rx) = tokio::sync::mpsc::unbounded_channel();
-    // Snapshots go to NATS only so far: with the Kafka sink there is no snapshot service.
+    // With the Kafka sink, snapshots go to init topics (requested over HTTP) and there is no
+    // schemas bucket.
     let snapshots = match config.replication.sink {
         SinkKind::Nats => crate::snapshot::threads::spawn_service(
             config,
@@ -569,6 +570,18 @@ fn run_pipeline(
             schema_rx,
             snapshot_slot,
         ),
+        #[cfg(feature = "kafka")]
+        SinkKind::Kafka => {
+            drop(schema_rx);
+            crate::snapshot::threads::spawn_kafka_service(
+                config,
+                shutdown,
+                Arc::clone(telemetry),
+                info.tables.clone(),
+                snapshot_slot,
+            )
+        }
+        #[cfg(not(feature = "kafka"))]
         SinkKind::Kafka => {
             drop(schema_rx);
             None

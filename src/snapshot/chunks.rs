@@ -1,43 +1,30 @@
-//! Publishing one snapshot: the rows of the COPY in chunks `init.snap.{table}.{id}.{chunk}`
-//! (a few PubAcks in flight), then the meta `init.meta.{table}`, or a failure document there
-//! when the snapshot fails after it was accepted.
+//! Publishing one snapshot: the rows of the COPY in chunks, a few awaiting their
+//! acknowledgement at once, then the meta, or a failure document in its place when the
+//! snapshot fails after it was accepted. Where they go is the [`super::target`]'s business.
 
-use std::collections::VecDeque;
 use std::sync::Arc;
 use std::time::Duration;
-
-use async_nats::jetstream::context::{PublishAckFuture, PublishErrorKind};
-use async_nats::jetstream::message::PublishMessage;
-use async_nats::jetstream::Context;
-use bytes::Bytes;
 
 use crate::config::Format;
 use crate::pg::value::Value;
 use crate::pg::Lsn;
 use crate::shutdown::Shutdown;
-use crate::sink::nats::{max_payload, stream_last_sequence, NatsError};
+use crate::sink::nats::NatsError;
 use crate::wire::encode::{encode_chunk, encode_document, ChunkHeader, ChunkRows};
 use crate::wire::fields;
-use crate::wire::names::INIT_SUBJECT_PREFIX;
-use crate::wire::subject::push_table_token;
 
 use super::slot::{take_snapshot, SnapshotColumns, SnapshotError};
+use super::target::InitTarget;
 
 /// How long publishing one chunk may take before the snapshot fails.
-const CHUNK_ACK_TIMEOUT: Duration = Duration::from_secs(30);
-
-/// Chunks whose PubAck may be outstanding at once. Waiting for each ack before reading on
-/// would make PostgreSQL, the bridge and nats-server take turns; with a few chunks in flight
-/// they work at the same time. A chunk is at most about half the server's max_payload, so
-/// this keeps at most two max_payloads of chunks in flight.
-const CHUNK_ACK_WINDOW: usize = 4;
+pub(super) const CHUNK_ACK_TIMEOUT: Duration = Duration::from_secs(30);
 
 /// How long publishing a failure document may take. Short: when it does not get through,
-/// NATS is the problem and the log is all that is left.
+/// the broker is the problem and the log is all that is left.
 const FAILURE_ACK_TIMEOUT: Duration = Duration::from_secs(5);
 
-/// Room left in a chunk for the message headers (`Nats-Msg-Id: snap-{id}-{chunk}`), which
-/// count against the server's max_payload too.
+/// Room left in a chunk for the message headers (`Nats-Msg-Id: snap-{id}-{chunk}`, Kafka's
+/// `pgbridge-id` and `pgbridge-op`), which count against the broker's limit too.
 const HEADER_ALLOWANCE: usize = 128;
 /// Rows between two updates of the progress gauge.
 const PROGRESS_EVERY_ROWS: u64 = 1000;
@@ -84,6 +71,54 @@ pub enum SnapshotFailure {
         /// What went wrong.
         reason: String,
     },
+    /// One row does not fit in a Kafka record.
+    #[error(
+        "row {row} of {table}{key} encodes to {size} bytes, so a snapshot chunk holding it \
+         exceeds the {max} bytes a record of Kafka topic {topic} may take: raise \
+         max.message.bytes on the topic (and the producer's message.max.bytes with \
+         --kafka-property), then request the snapshot again"
+    )]
+    RowTooLargeForKafka {
+        /// `schema.table`.
+        table: String,
+        /// The row's ordinal in the COPY, from 1.
+        row: u64,
+        /// ` (first column name = value)` when the value is short enough to show, else empty.
+        key: String,
+        /// The row's encoded size.
+        size: usize,
+        /// What one record may take.
+        max: usize,
+        /// The init topic.
+        topic: String,
+    },
+    /// The init topic could not be found or created, or its producer not started.
+    #[error("cannot find or create Kafka topic {topic}: {reason}; request the snapshot again once Kafka answers")]
+    InitTopic {
+        /// The init topic.
+        topic: String,
+        /// What went wrong.
+        reason: String,
+    },
+    /// The CDC topic's end offsets (the meta's `cdc_offsets`) could not be read.
+    #[error(
+        "cannot read the end offsets of Kafka topic {topic}, which the snapshot needs as its \
+         cdc_offsets: {reason}; request the snapshot again once Kafka answers"
+    )]
+    CdcOffsets {
+        /// The CDC topic.
+        topic: String,
+        /// What went wrong.
+        reason: String,
+    },
+    /// Kafka did not store a chunk or the meta.
+    #[error("producing to Kafka topic {topic} failed: {reason}; request the snapshot again")]
+    Produce {
+        /// The init topic.
+        topic: String,
+        /// What went wrong.
+        reason: String,
+    },
     /// The bridge is stopping.
     #[error(
         "the bridge shut down before the snapshot finished; request it again once the bridge \
@@ -121,21 +156,20 @@ pub(super) struct Published {
     pub(super) row_filter: Option<String>,
 }
 
-/// What publishing a snapshot needs: the JetStream context and the runtime it is driven on,
-/// the PostgreSQL connection parameters and the settings.
+/// What publishing a snapshot needs: where it goes, the PostgreSQL connection parameters
+/// and the settings.
 pub(super) struct Chunks {
-    pub(super) js: Context,
-    pub(super) rt: tokio::runtime::Handle,
+    pub(super) target: Box<dyn InitTarget>,
     pub(super) pg_params: Vec<(&'static str, String)>,
     pub(super) publication: String,
-    pub(super) cdc_stream: String,
     pub(super) format: Format,
     pub(super) chunk_rows: usize,
     pub(super) shutdown: Shutdown,
 }
 
 impl Chunks {
-    /// Publishes the failure document; when even that fails (NATS is the problem), logs it.
+    /// Publishes the failure document; when even that fails (the broker is the problem), logs
+    /// it.
     pub(super) fn publish_failure(
         &self,
         schema: &str,
@@ -143,9 +177,7 @@ impl Chunks {
         id: &str,
         failure: &SnapshotFailure,
     ) {
-        let mut token = String::new();
-        push_table_token(&mut token, schema, table);
-        let subject = format!("{INIT_SUBJECT_PREFIX}.meta.{token}");
+        let (_, subject) = self.target.meta_location(schema, table);
         let doc = failure_document(
             id,
             schema,
@@ -155,75 +187,15 @@ impl Chunks {
         );
         let mut out = Vec::new();
         encode_document(self.format, &doc, &mut out);
-        match self.publish(subject.clone(), format!("meta-{id}"), out, FAILURE_ACK_TIMEOUT) {
+        let sent = self
+            .target
+            .open(schema, table)
+            .and_then(|mut w| w.send_meta(id, out, FAILURE_ACK_TIMEOUT));
+        match sent {
             Ok(()) => log::info!("snapshot {id} of {schema}.{table}: failure published to {subject}"),
             Err(e) => log::error!(
                 "snapshot {id} of {schema}.{table}: the failure could not be published to {subject} ({e}); consumers waiting for it will time out"
             ),
-        }
-    }
-
-    /// Publishes one message and waits (at most `timeout`) for its PubAck.
-    fn publish(
-        &self,
-        subject: String,
-        id: String,
-        payload: Vec<u8>,
-        timeout: Duration,
-    ) -> Result<(), SnapshotFailure> {
-        let pending = self.send(subject, id, payload)?;
-        self.wait_ack(pending, timeout)
-    }
-
-    /// Publishes one message; its PubAck is awaited with [`Self::wait_ack`].
-    fn send(
-        &self,
-        subject: String,
-        id: String,
-        payload: Vec<u8>,
-    ) -> Result<(String, PublishAckFuture), SnapshotFailure> {
-        self.rt.block_on(async {
-            let msg = PublishMessage::build()
-                .payload(Bytes::from(payload))
-                .message_id(id);
-            match self.js.send_publish(subject.clone(), msg).await {
-                Ok(ack) => Ok((subject, ack)),
-                Err(e) => Err(SnapshotFailure::Publish {
-                    reason: self.publish_reason(e),
-                    subject,
-                }),
-            }
-        })
-    }
-
-    /// Waits (at most `timeout`) for the PubAck of a message published to `subject`.
-    fn wait_ack(
-        &self,
-        (subject, ack): (String, PublishAckFuture),
-        timeout: Duration,
-    ) -> Result<(), SnapshotFailure> {
-        self.rt.block_on(async {
-            let failed = |reason: String| SnapshotFailure::Publish {
-                subject: subject.clone(),
-                reason,
-            };
-            tokio::time::timeout(timeout, ack)
-                .await
-                .map_err(|_| failed(format!("no PubAck within {timeout:?}")))?
-                .map_err(|e| failed(self.publish_reason(e)))?;
-            Ok(())
-        })
-    }
-
-    /// What a failed publish means, with what to do when the message is too large.
-    fn publish_reason(&self, e: async_nats::jetstream::context::PublishError) -> String {
-        if e.kind() == PublishErrorKind::MaxPayloadExceeded {
-            format!(
-                "{e}: the message exceeds the NATS server's max_payload of {} bytes; raise it in the nats-server configuration",
-                max_payload(&self.js.client())
-            )
-        } else {
-            e.to_string()
         }
     }
 
@@ -236,22 +208,15 @@ impl Chunks {
         id: &str,
         progress: &dyn Fn(u64),
     ) -> Result<Published, SnapshotFailure> {
-        // Read before the slot exists: consumers continue the CDC stream after this sequence.
-        let cdc_stream_seq = self
-            .rt
-            .block_on(stream_last_sequence(&self.js, &self.cdc_stream))
-            .map_err(|source| SnapshotFailure::CdcSequence {
-                stream: self.cdc_stream.clone(),
-                source,
-            })?;
-        let mut token = String::new();
-        push_table_token(&mut token, schema, table);
+        let mut writer = self.target.open(schema, table)?;
+        // Read before the slot exists: consumers continue the change stream after it.
+        let cdc_position = writer.cdc_position()?;
         let mut rows = ChunkRows::new(self.format);
-        // A row that would push a chunk past max_payload waits here to start the next one.
+        // A row that would push a chunk past the broker's limit waits here to start the next.
         let mut carried = ChunkRows::new(self.format);
         let mut out = Vec::new();
-        let max = max_payload(&self.js.client());
-        // Half the server's limit leaves room for the chunk's own fields and the next row.
+        let max = writer.max_payload();
+        // Half the broker's limit leaves room for the chunk's own fields and the next row.
         let max_chunk_bytes = max / 2;
         // What a chunk may hold in rows: the limit less its own fields (measured with the
         // widest chunk number) and the message headers.
@@ -271,12 +236,11 @@ impl Chunks {
         let started: std::cell::RefCell<(Lsn, Vec<Arc<str>>)> = Default::default();
         let mut chunk = 0u64;
         let mut row_number = 0u64;
-        // Chunks published and not yet acknowledged, oldest first.
-        let mut in_flight = VecDeque::with_capacity(CHUNK_ACK_WINDOW);
-        let mut flush = |rows: &mut ChunkRows,
-                         chunk: &mut u64,
-                         out: &mut Vec<u8>,
-                         lsn: Lsn|
+        let writer_cell = std::cell::RefCell::new(&mut writer);
+        let flush = |rows: &mut ChunkRows,
+                     chunk: &mut u64,
+                     out: &mut Vec<u8>,
+                     lsn: Lsn|
          -> Result<(), SnapshotFailure> {
             let header = ChunkHeader {
                 table,
@@ -286,16 +250,9 @@ impl Chunks {
                 lsn,
             };
             encode_chunk(self.format, &header, rows, out);
-            if in_flight.len() >= CHUNK_ACK_WINDOW {
-                if let Some(oldest) = in_flight.pop_front() {
-                    self.wait_ack(oldest, CHUNK_ACK_TIMEOUT)?;
-                }
-            }
-            in_flight.push_back(self.send(
-                format!("{INIT_SUBJECT_PREFIX}.snap.{token}.{id}.{chunk}"),
-                format!("snap-{id}-{chunk}"),
-                std::mem::take(out),
-            )?);
+            writer_cell
+                .borrow_mut()
+                .send_chunk(id, *chunk, std::mem::take(out))?;
             *chunk += 1;
             rows.clear();
             Ok(())
@@ -323,13 +280,12 @@ impl Chunks {
                     }
                     let size = rows.push_row(names, values);
                     if size > row_budget {
-                        return Err(SnapshotFailure::RowTooLarge {
-                            table: format!("{schema}.{table}"),
-                            row: row_number,
-                            key: first_column(names, values),
+                        return Err(writer_cell.borrow().row_too_large(
+                            format!("{schema}.{table}"),
+                            row_number,
+                            first_column(names, values),
                             size,
-                            max,
-                        });
+                        ));
                     }
                     if rows.encoded_len() > row_budget {
                         // The rows before fit; this one starts the next chunk.
@@ -337,7 +293,7 @@ impl Chunks {
                         flush(&mut rows, &mut chunk, &mut out, *lsn)?;
                         std::mem::swap(&mut rows, &mut carried);
                     }
-                    // A chunk also ends before it could outgrow the server's max_payload.
+                    // A chunk also ends before it could outgrow the broker's limit.
                     if rows.len() >= self.chunk_rows || rows.encoded_len() >= max_chunk_bytes {
                         flush(&mut rows, &mut chunk, &mut out, *lsn)?;
                     }
@@ -358,11 +314,7 @@ impl Chunks {
         if !rows.is_empty() || chunk == 0 {
             flush(&mut rows, &mut chunk, &mut out, outcome.lsn)?;
         }
-        // The meta says the snapshot is complete: only once every chunk is stored.
-        for pending in in_flight.drain(..) {
-            self.wait_ack(pending, CHUNK_ACK_TIMEOUT)?;
-        }
-        let meta = serde_json::json!({
+        let mut meta = serde_json::json!({
             fields::SNAPSHOT_ID: id,
             fields::LSN: outcome.lsn.to_string(),
             fields::TIMESTAMP: crate::wire::text::now_timestamp(),
@@ -370,15 +322,15 @@ impl Chunks {
             fields::ROW_COUNT: outcome.rows,
             fields::TABLE: table,
             fields::SCHEMA: schema,
-            fields::CDC_STREAM_SEQ: cdc_stream_seq,
         });
+        if let Some(m) = meta.as_object_mut() {
+            for (k, v) in cdc_position {
+                m.insert(k.to_string(), v);
+            }
+        }
         encode_document(self.format, &meta, &mut out);
-        self.publish(
-            format!("{INIT_SUBJECT_PREFIX}.meta.{token}"),
-            format!("meta-{id}"),
-            out,
-            CHUNK_ACK_TIMEOUT,
-        )?;
+        // The writer waits for every chunk before the meta says the snapshot is complete.
+        writer.send_meta(id, out, CHUNK_ACK_TIMEOUT)?;
         Ok(Published {
             lsn: outcome.lsn,
             rows: outcome.rows,

@@ -29,8 +29,6 @@ use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
-use async_nats::jetstream::stream::LastRawMessageErrorKind;
-use async_nats::jetstream::Context;
 use bytes::Bytes;
 use futures_util::StreamExt;
 
@@ -39,11 +37,12 @@ use crate::pg::conn::{ConnectionKind, PgConnection};
 use crate::pg::setup::{published_tables, PublishedTable};
 use crate::shutdown::Shutdown;
 use crate::telemetry::Telemetry;
-use crate::wire::names::{INIT_SUBJECT_PREFIX, SNAPSHOT_REQUEST_PREFIX};
-use crate::wire::subject::{parse_table_token, push_table_token};
+use crate::wire::names::SNAPSHOT_REQUEST_PREFIX;
+use crate::wire::subject::parse_table_token;
 
-use super::chunks::{is_failure_document, Chunks};
+use super::chunks::Chunks;
 use super::request::{new_snapshot_id, reply_allowed, shown, Accepted, Admission, Refusal};
+use super::target::{InitTarget, LastMeta};
 
 /// Least time between two reads of the publication's tables for requests naming a table the
 /// bridge does not know (tables added to the publication while it runs).
@@ -58,17 +57,6 @@ const ADMIT_RETRY: Duration = Duration::from_millis(200);
 /// NATS hangs.
 const STOP_WAIT: Duration = Duration::from_secs(10);
 
-/// The last `init.meta.{table}` message the INIT stream holds.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum LastMeta {
-    /// None: no snapshot of the table was ever published (or it expired).
-    Missing,
-    /// A finished snapshot.
-    Finished,
-    /// A failure document.
-    Failed,
-}
-
 /// The tables requests may name, and when the publication was last read for new ones.
 #[derive(Debug)]
 struct KnownTables {
@@ -78,9 +66,8 @@ struct KnownTables {
 
 /// Everything a snapshot needs, shared by the request handlers and snapshot threads.
 pub struct SnapshotService {
-    /// What publishing a snapshot needs (NATS, PostgreSQL, the settings).
+    /// What publishing a snapshot needs (the broker, PostgreSQL, the settings).
     chunks: Chunks,
-    init_stream: String,
     on_start: bool,
     reply_prefix: String,
     max_concurrent: usize,
@@ -128,7 +115,7 @@ impl std::fmt::Debug for SnapshotService {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("SnapshotService")
             .field("publication", &self.chunks.publication)
-            .field("init_stream", &self.init_stream)
+            .field("target", &self.chunks.target.name())
             .finish_non_exhaustive()
     }
 }
@@ -150,27 +137,24 @@ impl Drop for Claim {
 }
 
 impl SnapshotService {
-    /// A service for `tables` (the tables the bridge streams at start).
-    pub fn new(
+    /// A service for `tables` (the tables the bridge streams at start), publishing to
+    /// `target`.
+    pub(super) fn new(
         config: &Config,
-        js: Context,
-        rt: tokio::runtime::Handle,
+        target: Box<dyn InitTarget>,
         tables: Vec<PublishedTable>,
         telemetry: Arc<Telemetry>,
         shutdown: Shutdown,
     ) -> Arc<Self> {
         Arc::new(SnapshotService {
             chunks: Chunks {
-                js,
-                rt,
+                target,
                 pg_params: config.postgres.libpq_params(),
                 publication: config.replication.publication.clone(),
-                cdc_stream: config.streams.cdc.clone(),
                 format: config.replication.format,
                 chunk_rows: config.snapshot.chunk_rows,
                 shutdown: shutdown.clone(),
             },
-            init_stream: config.streams.init.clone(),
             on_start: config.snapshot.on_start,
             reply_prefix: config.snapshot.reply_prefix.clone(),
             max_concurrent: config.snapshot.max_concurrent,
@@ -190,9 +174,34 @@ impl SnapshotService {
         })
     }
 
+    /// Without NATS (`--sink kafka`): snapshots are requested over HTTP only. Once this process
+    /// streams from the slot, takes the on-start snapshots; then waits for shutdown and
+    /// (bounded) for running snapshots to stop.
+    pub async fn serve_without_requests(self: Arc<Self>) {
+        tokio::select! {
+            _ = self.shutdown.triggered() => {}
+            _ = self.telemetry.slot_held(true) => {
+                log::info!(
+                    "snapshots into {} served on POST /snapshots/{{table}}",
+                    self.chunks.target.name()
+                );
+                if self.on_start {
+                    let me = Arc::clone(&self);
+                    if let Err(e) =
+                        self.spawn_worker("snapshot-on-start", move || me.snapshot_on_start())
+                    {
+                        log::error!("snapshot on start: cannot start the thread: {e}");
+                    }
+                }
+                self.shutdown.triggered().await;
+            }
+        }
+        self.wait_for_workers().await;
+    }
+
     /// Serves requests until shutdown, while this process streams from the slot: it
     /// subscribes once the slot is held and unsubscribes when it is lost. Then waits (bounded)
-    /// for running snapshots to stop. Runs on the runtime of `self.chunks.rt`.
+    /// for running snapshots to stop.
     pub async fn serve(self: Arc<Self>, client: async_nats::Client) {
         let mut on_start_pending = self.on_start;
         let mut subscribe_failed = false;
@@ -457,8 +466,9 @@ impl SnapshotService {
         Ok(())
     }
 
-    /// `snapshot.on_start`: snapshots, one after the other, every streamed table whose INIT
-    /// stream holds no `init.meta.{table}`, or whose last one reports a failure. One at a
+    /// `snapshot.on_start`: snapshots, one after the other, every streamed table whose target
+    /// holds no meta (`init.meta.{table}` in the INIT stream, a meta record in its Kafka init
+    /// topic), or whose last one reports a failure. One at a
     /// time, because each snapshot holds a replication slot and a walsender.
     fn snapshot_on_start(self: &Arc<Self>) {
         for t in &self.initial_tables {
@@ -466,29 +476,23 @@ impl SnapshotService {
                 return;
             }
             let qualified = t.qualified();
-            let mut token = String::new();
-            push_table_token(&mut token, &t.schema, &t.name);
-            let subject = format!("{INIT_SUBJECT_PREFIX}.meta.{token}");
-            match self.chunks.rt.block_on(self.last_meta(&subject)) {
+            let (place, subject) = self.chunks.target.meta_location(&t.schema, &t.name);
+            match self.chunks.target.last_meta(&t.schema, &t.name) {
                 Ok(LastMeta::Finished) => {
                     log::info!(
-                        "snapshot on start: stream '{}' already holds a snapshot of {qualified} ({subject}); none taken",
-                        self.init_stream
+                        "snapshot on start: {place} already holds a snapshot of {qualified} ({subject}); none taken"
                     );
                     continue;
                 }
                 Ok(LastMeta::Missing) => log::info!(
-                    "snapshot on start: stream '{}' holds no snapshot of {qualified} ({subject}); taking one",
-                    self.init_stream
+                    "snapshot on start: {place} holds no snapshot of {qualified} ({subject}); taking one"
                 ),
                 Ok(LastMeta::Failed) => log::info!(
-                    "snapshot on start: the last snapshot of {qualified} in stream '{}' failed; taking a new one",
-                    self.init_stream
+                    "snapshot on start: the last snapshot of {qualified} in {place} failed; taking a new one"
                 ),
                 Err(e) => {
                     log::warn!(
-                        "snapshot on start: cannot read {subject} from stream '{}': {e}; {qualified} not snapshotted",
-                        self.init_stream
+                        "snapshot on start: cannot read {subject} from {place}: {e}; {qualified} not snapshotted"
                     );
                     continue;
                 }
@@ -525,7 +529,7 @@ impl SnapshotService {
     }
 
     /// Takes and publishes one snapshot; a failure is logged and published as a failure
-    /// document on `init.meta.{table}`.
+    /// document in the meta's place.
     fn execute(&self, schema: &str, table: &str, id: &str, estimated_rows: Option<u64>) {
         self.progress_update(id, 0, estimated_rows);
         let result = self.chunks.run_snapshot(schema, table, id, &|rows| {
@@ -546,25 +550,6 @@ impl SnapshotService {
                 log::error!("snapshot {id} of {schema}.{table} failed: {e}");
                 self.chunks.publish_failure(schema, table, id, &e);
             }
-        }
-    }
-
-    /// What the INIT stream's last message on `subject` (an `init.meta.{table}`) is.
-    async fn last_meta(&self, subject: &str) -> Result<LastMeta, String> {
-        let stream = self
-            .chunks
-            .js
-            .get_stream_no_info(&self.init_stream)
-            .await
-            .map_err(|e| e.to_string())?;
-        match stream.get_last_raw_message_by_subject(subject).await {
-            Ok(msg) => Ok(if is_failure_document(&msg.payload) {
-                LastMeta::Failed
-            } else {
-                LastMeta::Finished
-            }),
-            Err(e) if e.kind() == LastRawMessageErrorKind::NoMessageFound => Ok(LastMeta::Missing),
-            Err(e) => Err(e.to_string()),
         }
     }
 

@@ -68,10 +68,15 @@ pub(crate) fn spawn_service(
                     tables.clone(),
                     schema_changes,
                 );
+                let target = super::target::nats::NatsInit {
+                    js,
+                    rt: handle,
+                    init_stream: config.streams.init.clone(),
+                    cdc_stream: config.streams.cdc.clone(),
+                };
                 let service = super::SnapshotService::new(
                     &config,
-                    js,
-                    handle,
+                    Box::new(target),
                     tables,
                     Arc::clone(&telemetry),
                     shutdown.clone(),
@@ -87,6 +92,61 @@ pub(crate) fn spawn_service(
                     }
                 }
             });
+        });
+    match spawned {
+        Ok(h) => Some(h),
+        Err(e) => {
+            log::error!("snapshots unavailable: cannot start the thread: {e}");
+            None
+        }
+    }
+}
+
+/// `--sink kafka`: starts the snapshot thread with its own runtime, taking snapshots into
+/// Kafka init topics on `POST /snapshots/{table}` and, with `snapshot.on_start`, at start,
+/// while this process streams from the slot, until shutdown. (There is no NATS connection, so
+/// no `snapshot.request.{table}` and no schemas bucket.)
+#[cfg(feature = "kafka")]
+pub(crate) fn spawn_kafka_service(
+    config: &Config,
+    shutdown: &Shutdown,
+    telemetry: Arc<Telemetry>,
+    tables: Vec<setup::PublishedTable>,
+    slot: super::ServiceSlot,
+) -> Option<JoinHandle<()>> {
+    let config = config.clone();
+    let shutdown = shutdown.clone();
+    let spawned = std::thread::Builder::new()
+        .name("snapshots".into())
+        .spawn(move || {
+            let rt = match crate::runtime::current_thread() {
+                Ok(rt) => rt,
+                Err(e) => {
+                    log::error!("snapshots unavailable: tokio runtime: {e}");
+                    return;
+                }
+            };
+            let target = match super::target::kafka::KafkaInit::new(
+                &config.kafka,
+                rt.handle().clone(),
+                Arc::clone(&telemetry.nats),
+            ) {
+                Ok(t) => t,
+                // The sink reports a configuration it refuses too and stops the bridge.
+                Err(e) => {
+                    log::error!("snapshots unavailable: {e}");
+                    return;
+                }
+            };
+            let service = super::SnapshotService::new(
+                &config,
+                Box::new(target),
+                tables,
+                telemetry,
+                shutdown.clone(),
+            );
+            let _ = slot.set(Arc::clone(&service));
+            rt.block_on(service.serve_without_requests());
         });
     match spawned {
         Ok(h) => Some(h),

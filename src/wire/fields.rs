@@ -6,6 +6,7 @@
 //! | change event (`cdc.…`)          | [`TABLE`] [`SCHEMA`] [`OPERATION`] [`RELATION_ID`] [`LSN`] [`COMMIT_LSN`] [`XID`] [`COMMIT_TIME`] [`SEQ`] [`LAST_IN_TX`] [`COLUMNS`] [`OLD_COLUMNS`] [`UNCHANGED_TOAST`]; each column [`NAME`] [`VALUE`] |
 //! | snapshot chunk (`init.snap.…`)  | [`TABLE`] [`SCHEMA`] [`OPERATION`] (= [`OPERATION_SNAPSHOT`]) [`SNAPSHOT_ID`] [`CHUNK`] [`LSN`] [`DATA`] |
 //! | snapshot meta (`init.meta.…`)   | [`SNAPSHOT_ID`] [`LSN`] [`TIMESTAMP`] [`BATCH_COUNT`] [`ROW_COUNT`] [`TABLE`] [`SCHEMA`] [`CDC_STREAM_SEQ`] |
+//! | snapshot meta (Kafka init topic)| as above, with [`CDC_TOPIC`] [`CDC_OFFSETS`] in place of [`CDC_STREAM_SEQ`] |
 //! | snapshot failure (`init.meta.…`)| [`SNAPSHOT_ID`] [`TABLE`] [`SCHEMA`] [`TIMESTAMP`] [`ERROR`] |
 //! | snapshot request reply          | [`STATUS`] [`SNAPSHOT_ID`] [`TABLE`] [`SCHEMA`] [`ESTIMATED_ROWS`]; refused: [`STATUS`] [`REASON`] [`ERROR`] [`RETRY_AFTER_SECS`] |
 //! | Debezium envelope (`--envelope debezium`) | [`DBZ_BEFORE`] [`DBZ_AFTER`] [`DBZ_SOURCE`] [`DBZ_TRANSACTION`] [`DBZ_OP`] [`DBZ_TS_MS`] [`DBZ_TS_US`] [`DBZ_TS_NS`]; with schemas inside [`DBZ_PAYLOAD`] beside [`DBZ_SCHEMA`]; `source`: [`DBZ_SOURCE_FIELDS`] |
@@ -62,6 +63,11 @@ pub const BATCH_COUNT: &str = "batch_count";
 pub const ROW_COUNT: &str = "row_count";
 /// The CDC stream sequence to continue after.
 pub const CDC_STREAM_SEQ: &str = "cdc_stream_seq";
+/// Kafka: the CDC topic of the snapshot's table.
+pub const CDC_TOPIC: &str = "cdc_topic";
+/// Kafka: the CDC topic's end offset of each partition (`{"0": 12, "1": 40}`), read before
+/// the snapshot's slot existed; consumers continue each partition from its offset.
+pub const CDC_OFFSETS: &str = "cdc_offsets";
 /// Why a snapshot failed, or a request was refused.
 pub const ERROR: &str = "error";
 

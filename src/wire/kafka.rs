@@ -40,6 +40,12 @@ pub const ID_HEADER: &str = "pgbridge-id";
 pub const OP_HEADER: &str = "pgbridge-op";
 /// [`OP_HEADER`] of a tombstone.
 pub const TOMBSTONE_OP: &str = "tombstone";
+/// [`OP_HEADER`] of a snapshot chunk in an init topic ([`init_topic`]).
+pub const SNAPSHOT_CHUNK_OP: &str = "snapshot";
+/// [`OP_HEADER`] of a snapshot's meta record (or its failure document) in an init topic.
+pub const SNAPSHOT_META_OP: &str = "meta";
+/// The token between the prefix and the table in [`init_topic`] names.
+pub const INIT_TOPIC_INFIX: &str = "pgbridge.init";
 /// Appended to an UPDATE's id for the DELETE of the old key when the key changed.
 pub const KEY_CHANGE_DELETE_SUFFIX: &str = "#d";
 /// Appended to an UPDATE's id for the INSERT of the new key when the key changed.
@@ -59,6 +65,14 @@ pub fn topic(prefix: &str, schema: &str, table: &str) -> String {
     out.push('.');
     out.extend(token.chars().map(|c| if c == '%' { '_' } else { c }));
     out
+}
+
+/// The init topic of a table's snapshots: `{prefix}.pgbridge.init.{table}`, the table encoded
+/// as in [`topic`] (`cdc.pgbridge.init.users`, `cdc.pgbridge.init.sales.orders`). Never the
+/// topic of a table's changes, which has at most two tokens after the prefix (a table `users`
+/// in a schema `init` has `cdc.init.users`).
+pub fn init_topic(prefix: &str, schema: &str, table: &str) -> String {
+    topic(&format!("{prefix}.{INIT_TOPIC_INFIX}"), schema, table)
 }
 
 /// The topic of outbox events of `aggregate_type`: `outbox.{aggregate_type}`, the aggregate
@@ -212,6 +226,19 @@ mod tests {
         assert_eq!(topic("cdc", "public", "order_items"), "cdc.order_items");
         assert_eq!(topic("cdc", "public", "straße"), "cdc.stra_C3_9Fe");
         assert_eq!(outbox_topic("order"), "outbox.order");
+        assert_eq!(
+            init_topic("cdc", "public", "users"),
+            "cdc.pgbridge.init.users"
+        );
+        assert_eq!(
+            init_topic("cdc", "sales", "order.items"),
+            "cdc.pgbridge.init.sales.order_2Eitems"
+        );
+        // Never a table's change topic, whatever the schema is called.
+        assert_ne!(
+            init_topic("cdc", "public", "users"),
+            topic("cdc", "init", "users")
+        );
         assert_eq!(
             outbox_topic("order.line item"),
             "outbox.order_2Eline_20item"

@@ -17,6 +17,7 @@ mod kafka;
 mod kafka_cluster;
 mod kafka_envelope;
 mod kafka_outbox;
+mod kafka_snapshot;
 mod liveness;
 mod memory;
 mod mirror;

@@ -7,7 +7,7 @@
 //! report) carry the same `pgbridge-id` header and key.
 
 mod delivery;
-mod topics;
+pub(crate) mod topics;
 
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
@@ -158,6 +158,54 @@ pub(crate) fn client_config(kafka: &KafkaConfig) -> ClientConfig {
     c
 }
 
+/// The client configuration of a consumer that reads the bridge's own topics (the snapshot
+/// service reads offsets and init topics): the user's properties (SASL, TLS) and the brokers,
+/// without the producer's settings, no group membership and no committed offsets.
+pub(crate) fn consumer_config(kafka: &KafkaConfig) -> ClientConfig {
+    let mut c = ClientConfig::new();
+    c.set_log_level(rdkafka::config::RDKafkaLogLevel::Warning);
+    for (k, v) in kafka.properties.expose() {
+        // Producer properties would be warned about and ignored by a consumer.
+        if !PRODUCER_ONLY.contains(&k) {
+            c.set(k, v);
+        }
+    }
+    c.set("bootstrap.servers", kafka.brokers.join(","));
+    c.set("group.id", "pgbridge-snapshots");
+    c.set("enable.auto.commit", "false");
+    c.set("enable.auto.offset.store", "false");
+    // Committed snapshots only, also when the CDC topic is written transactionally.
+    c.set("isolation.level", "read_committed");
+    if !kafka.properties.0.contains_key("client.id") {
+        c.set("client.id", "pgbridge-snapshots");
+    }
+    c
+}
+
+/// Properties users set for the producer that a consumer does not know.
+const PRODUCER_ONLY: &[&str] = &[
+    "acks",
+    "request.required.acks",
+    "enable.idempotence",
+    "linger.ms",
+    "queue.buffering.max.ms",
+    "batch.size",
+    "batch.num.messages",
+    "compression.type",
+    "compression.codec",
+    "message.timeout.ms",
+    "delivery.timeout.ms",
+    "queue.buffering.max.messages",
+    "queue.buffering.max.kbytes",
+    "retries",
+    "message.send.max.retries",
+    "transactional.id",
+    "transaction.timeout.ms",
+    "max.in.flight",
+    "max.in.flight.requests.per.connection",
+    "partitioner",
+];
+
 /// The Kafka sink: checks the brokers are reachable before any WAL is read, then delivers
 /// through a [`KafkaDelivery`].
 pub(crate) struct KafkaSink {
@@ -254,5 +302,34 @@ impl Sink for KafkaSink {
             connection: self.connection,
             shutdown,
         })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_snapshot_consumer_keeps_the_connection_settings_and_drops_the_producer_ones() {
+        let mut kafka = KafkaConfig {
+            brokers: vec!["k1:9092".into(), "k2:9092".into()],
+            ..KafkaConfig::default()
+        };
+        for (k, v) in [
+            ("security.protocol", "SASL_SSL"),
+            ("sasl.username", "u"),
+            ("linger.ms", "5"),
+            ("compression.type", "zstd"),
+        ] {
+            kafka.properties.0.insert(k.into(), v.into());
+        }
+        let c = consumer_config(&kafka);
+        assert_eq!(c.get("bootstrap.servers"), Some("k1:9092,k2:9092"));
+        assert_eq!(c.get("security.protocol"), Some("SASL_SSL"));
+        assert_eq!(c.get("sasl.username"), Some("u"));
+        assert_eq!(c.get("linger.ms"), None);
+        assert_eq!(c.get("compression.type"), None);
+        assert_eq!(c.get("acks"), None);
+        assert_eq!(c.get("enable.auto.commit"), Some("false"));
     }
 }

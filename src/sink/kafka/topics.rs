@@ -54,10 +54,20 @@ impl Admin {
     /// (`max.message.bytes`, `None` when it cannot be read), creating the topic when missing
     /// and warning once about settings that break a guarantee.
     pub(crate) async fn ensure(&self, topic: &str) -> Result<(usize, Option<usize>), KafkaError> {
+        self.ensure_with(topic, self.partitions).await
+    }
+
+    /// [`Admin::ensure`], creating a missing topic with `partitions` (`None`: the broker's
+    /// default) instead of the configured count.
+    pub(crate) async fn ensure_with(
+        &self,
+        topic: &str,
+        partitions: Option<u32>,
+    ) -> Result<(usize, Option<usize>), KafkaError> {
         if let Some(n) = self.partitions_of(topic)? {
             return Ok((n, self.check(topic).await));
         }
-        let partitions = self.partitions.map_or(-1, |p| p as i32);
+        let partitions = partitions.map_or(-1, |p| p as i32);
         let replication = self.replication_factor.map_or(-1, i32::from);
         let mut new = NewTopic::new(topic, partitions, TopicReplication::Fixed(replication));
         for (k, v) in &self.topic_config {
@@ -85,7 +95,8 @@ impl Admin {
         ))
     }
 
-    fn partitions_of(&self, topic: &str) -> Result<Option<usize>, KafkaError> {
+    /// The partition count of `topic`, `None` when it does not exist.
+    pub(crate) fn partitions_of(&self, topic: &str) -> Result<Option<usize>, KafkaError> {
         let md = self
             .client
             .inner()
