@@ -6,6 +6,7 @@ use std::time::Instant;
 
 use serde_json::{json, Value as Json};
 
+use testkit::proc::{cpu_of, status_kb};
 use testkit::KafkaServer;
 
 use super::debezium::{DbzSink, Run, DBZ_KAFKA_SLOT};
@@ -93,6 +94,93 @@ impl Bench {
             "bridge_rate_vs_debezium": ratio(f(&bridge["changes_per_s"]), f(&debezium["changes_per_s"])),
             "cpu_ratio_to_debezium": ratio(f(&bridge["cpu_us_per_change"]), f(&debezium["cpu_us_per_change"])),
             "rss_ratio_to_debezium": ratio(f(&bridge["peak_rss_kb"]), f(&debezium["peak_rss_kb"])),
+        })
+    }
+}
+
+/// The admin token of the Kafka snapshot phase's bridge (POST /snapshots needs one).
+const SNAPSHOT_TOKEN: &str = "bench-admin-token";
+
+impl Bench {
+    /// A snapshot of a `--snapshot-rows` table into its Kafka init topic, from
+    /// `POST /snapshots/{table}` until the bridge logs it complete (its records acknowledged
+    /// by the broker), against `COPY` of the same table to /dev/null in the same run.
+    pub(super) fn kafka_snapshot(&mut self) -> Json {
+        const TABLE: &str = "ksnap_users";
+        let rows = self.o.snapshot_rows;
+        say(self, "Kafka snapshot: starting a broker");
+        let broker = KafkaServer::start_in(&self.o.dir, &[]);
+        self.create_snapshot_table(TABLE, rows);
+        say(
+            self,
+            "Kafka snapshot ceiling: COPY of the table to /dev/null",
+        );
+        let best = self.copy_ceiling(TABLE);
+        self.pg.sql(
+            DB,
+            &format!("ALTER PUBLICATION {PUBLICATION} ADD TABLE {TABLE}"),
+        );
+        let end = self.wal_lsn();
+        self.bridge_env = vec![
+            ("BRIDGE_SINK".into(), "kafka".into()),
+            ("KAFKA_BROKERS".into(), broker.brokers()),
+            ("BRIDGE_ADMIN_TOKEN".into(), SNAPSHOT_TOKEN.into()),
+        ];
+        let (mut bridge, log) = self.spawn_bridge("kafka-snapshot", &format!("users,{TABLE}"));
+        self.bridge_env.clear();
+        self.wait_caught_up(&mut bridge, &log, &end, "served on POST /snapshots/{table}");
+        let pid = bridge.pid();
+        let cpu0 = cpu_of(pid).unwrap_or_default();
+        say(
+            self,
+            "Kafka snapshot: the bridge's snapshot into its init topic",
+        );
+        let t = Instant::now();
+        match nats::http_post(
+            self.http_port,
+            &format!("/snapshots/{TABLE}"),
+            Some(SNAPSHOT_TOKEN),
+        ) {
+            Some((202, _)) => {}
+            other => panic!("POST /snapshots/{TABLE} was not accepted: {other:?}"),
+        }
+        let done = format!(" of public.{TABLE}: ");
+        let deadline = Instant::now() + std::time::Duration::from_secs(600);
+        let line = loop {
+            let text = std::fs::read_to_string(&log).unwrap_or_default();
+            if let Some(l) = text.lines().find(|l| l.contains(&done)) {
+                break l.to_string();
+            }
+            self.check_alive(&mut bridge, &log);
+            assert!(
+                Instant::now() < deadline,
+                "the Kafka snapshot did not finish in 600 s"
+            );
+            std::thread::sleep(std::time::Duration::from_millis(20));
+        };
+        let took = t.elapsed();
+        let cpu = cpu_of(pid).unwrap_or_default();
+        let hwm = status_kb(pid, "VmHWM").unwrap_or(0);
+        self.stop_bridge(bridge, &log);
+        let cpu_s = (cpu.total() - cpu0.total()).as_secs_f64();
+        let rate = rows as f64 / took.as_secs_f64();
+        let ceiling_rate = rows as f64 / best.as_secs_f64();
+        json!({
+            "rows": rows,
+            "what": "POST /snapshots/{table} -> the bridge logs the snapshot complete (every record acknowledged with acks=all)",
+            "ceiling": {
+                "tool": format!("psql COPY (SELECT * FROM {TABLE}) TO STDOUT > /dev/null, best of 3"),
+                "seconds": secs(best),
+                "rows_per_s": round(ceiling_rate, 0),
+            },
+            "bridge": {
+                "seconds": secs(took),
+                "rows_per_s": round(rate, 0),
+                "cpu_us_per_row": round(cpu_s * 1e6 / rows as f64, 3),
+                "peak_rss_kb": hwm,
+                "log_line": line,
+            },
+            "ratio": round(rate / ceiling_rate, 3),
         })
     }
 }

@@ -211,6 +211,7 @@ fn opts() -> Opts {
         }
         if kafka {
             o.only.push("kafka".into());
+            o.only.push("kafka-snapshot".into());
         }
     } else if o.only.is_empty() {
         // A plain run is the standard phases only: the Kafka phase starts a broker of its own.
@@ -241,7 +242,7 @@ fn usage(problem: &str) -> ! {
          \x20      [--peer debezium] [--kafka | --sink kafka] [--peer-txns N] [--peer-rate CHANGES_PER_S] \
          [--peer-secs N] [--chart FILE] [--chart-from RESULTS_JSON]\n\
          phases: streaming jetstream large latency idle startup snapshot; peer peer-live (--peer debezium); \
-         kafka (--sink kafka, or --kafka with --peer debezium)\n\
+         kafka kafka-snapshot (--sink kafka, or --kafka with --peer debezium)\n\
          --peer debezium needs BENCH_DEBEZIUM_HOME and BENCH_JAVA (scripts/bench sets them)\n\
          BENCH_BRIDGE_WRAPPER='valgrind --tool=callgrind' runs the bridge under a profiler"
     );
@@ -410,6 +411,11 @@ fn main() {
     } else {
         Json::Null
     };
+    let kafka_snapshot = if b.o.runs("kafka-snapshot") {
+        b.kafka_snapshot()
+    } else {
+        Json::Null
+    };
 
     let mut results = json!({
         "machine": machine(&b),
@@ -432,7 +438,12 @@ fn main() {
         "startup": startup,
     });
     // Only when run: the standard run's results keep their shape.
-    for (key, value) in [("peer", peer), ("peer_live", peer_live), ("kafka", kafka)] {
+    for (key, value) in [
+        ("peer", peer),
+        ("peer_live", peer_live),
+        ("kafka", kafka),
+        ("kafka_snapshot", kafka_snapshot),
+    ] {
         if !value.is_null() {
             results[key] = value;
         }
@@ -474,6 +485,14 @@ fn main() {
         print_table(&results);
     }
     debezium::print_table(&results);
+    let ks = &results["kafka_snapshot"];
+    if !ks.is_null() {
+        println!(
+            "\nsnapshot into Kafka ({} rows): {} rows/s, COPY {} rows/s, ratio {}; {} us CPU per row, peak RSS {} kB",
+            ks["rows"], ks["bridge"]["rows_per_s"], ks["ceiling"]["rows_per_s"], ks["ratio"],
+            ks["bridge"]["cpu_us_per_row"], ks["bridge"]["peak_rss_kb"]
+        );
+    }
     if let Some(svg) = chart::svg(&results) {
         if let Some(parent) = b.o.chart.parent() {
             fs::create_dir_all(parent).expect("chart dir");

@@ -204,6 +204,18 @@ impl Histogram {
 
 /// GET http://127.0.0.1:{port}{path}, plain HTTP/1.0; `None` when nothing answers.
 pub fn http_get(port: u16, path: &str) -> Option<String> {
+    match http(port, "GET", path, None)? {
+        (200, body) => Some(body),
+        _ => None,
+    }
+}
+
+/// `POST path` with an optional bearer token: the status and the body.
+pub fn http_post(port: u16, path: &str, token: Option<&str>) -> Option<(u16, String)> {
+    http(port, "POST", path, token)
+}
+
+fn http(port: u16, method: &str, path: &str, token: Option<&str>) -> Option<(u16, String)> {
     use std::io::{Read, Write};
     let mut s = std::net::TcpStream::connect_timeout(
         &std::net::SocketAddr::from(([127, 0, 0, 1], port)),
@@ -211,14 +223,22 @@ pub fn http_get(port: u16, path: &str) -> Option<String> {
     )
     .ok()?;
     s.set_read_timeout(Some(Duration::from_secs(2))).ok()?;
-    write!(s, "GET {path} HTTP/1.0\r\nHost: 127.0.0.1\r\n\r\n").ok()?;
+    let auth = token
+        .map(|t| format!("Authorization: Bearer {t}\r\n"))
+        .unwrap_or_default();
+    write!(
+        s,
+        "{method} {path} HTTP/1.0\r\nHost: 127.0.0.1\r\n{auth}Content-Length: 0\r\n\r\n"
+    )
+    .ok()?;
     let mut body = String::new();
     s.read_to_string(&mut body).ok()?;
     let (head, rest) = body.split_once("\r\n\r\n")?;
-    head.starts_with("HTTP/1.")
-        .then_some(())
-        .filter(|_| head.split(' ').nth(1) == Some("200"))?;
-    Some(rest.to_string())
+    if !head.starts_with("HTTP/1.") {
+        return None;
+    }
+    let status = head.split(' ').nth(1)?.parse().ok()?;
+    Some((status, rest.to_string()))
 }
 
 #[cfg(test)]

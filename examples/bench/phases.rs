@@ -424,31 +424,8 @@ impl Bench {
             self,
             &format!("snapshot ceiling: COPY of a {rows}-row table to /dev/null"),
         );
-        self.pg.sql(
-            DB,
-            &format!(
-                "CREATE TABLE snap_users AS SELECT g::bigint AS id, 'user ' || g AS name, \
-                 'user' || g || '@example.com' AS email, g % 1000 AS score, g % 2 = 0 AS active, \
-                 now() AS created_at, now() AS updated_at FROM generate_series(1, {rows}) g"
-            ),
-        );
-        self.pg.sql(DB, "VACUUM ANALYZE snap_users");
-        let mut best = Duration::MAX;
-        for _ in 0..3 {
-            let mut cmd = self.pg.tool("psql", DB);
-            cmd.args([
-                "-X",
-                "-q",
-                "-c",
-                "COPY (SELECT * FROM snap_users) TO STDOUT",
-            ])
-            .stdout(Stdio::null())
-            .stderr(Stdio::inherit());
-            let t = Instant::now();
-            let status = cmd.status().expect("psql");
-            assert!(status.success(), "COPY failed");
-            best = best.min(t.elapsed());
-        }
+        self.create_snapshot_table("snap_users", rows);
+        let best = self.copy_ceiling("snap_users");
         let ceiling_rate = rows as f64 / best.as_secs_f64();
         let bridge = self.bridge_snapshot(rows);
         let ratio = bridge["rows_per_s"]
@@ -464,6 +441,36 @@ impl Bench {
             "bridge": bridge,
             "ratio": ratio,
         })
+    }
+
+    /// A `rows`-row, 7-column table like the streaming workload's, vacuumed and analysed.
+    pub(super) fn create_snapshot_table(&self, table: &str, rows: u64) {
+        self.pg.sql(
+            DB,
+            &format!(
+                "CREATE TABLE {table} AS SELECT g::bigint AS id, 'user ' || g AS name, \
+                 'user' || g || '@example.com' AS email, g % 1000 AS score, g % 2 = 0 AS active, \
+                 now() AS created_at, now() AS updated_at FROM generate_series(1, {rows}) g"
+            ),
+        );
+        self.pg.sql(DB, &format!("VACUUM ANALYZE {table}"));
+    }
+
+    /// The snapshot's ceiling: `COPY (SELECT * FROM table) TO STDOUT` into /dev/null, best of 3.
+    pub(super) fn copy_ceiling(&self, table: &str) -> Duration {
+        let mut best = Duration::MAX;
+        for _ in 0..3 {
+            let mut cmd = self.pg.tool("psql", DB);
+            cmd.args(["-X", "-q", "-c"])
+                .arg(format!("COPY (SELECT * FROM {table}) TO STDOUT"))
+                .stdout(Stdio::null())
+                .stderr(Stdio::inherit());
+            let t = Instant::now();
+            let status = cmd.status().expect("psql");
+            assert!(status.success(), "COPY failed");
+            best = best.min(t.elapsed());
+        }
+        best
     }
 
     /// The bridge's snapshot of `snap_users`: from the request on `snapshot.request.snap_users`
