@@ -262,6 +262,7 @@ overlay! {
         tombstones: bool = "--kafka-tombstones", "BRIDGE_KAFKA_TOMBSTONES";
         partitions: u32 = "--kafka-partitions", "BRIDGE_KAFKA_PARTITIONS";
         replication_factor: u16 = "--kafka-replication-factor", "BRIDGE_KAFKA_REPLICATION_FACTOR";
+        exactly_once: bool = "--kafka-exactly-once", "KAFKA_EXACTLY_ONCE";
         properties: KafkaProperties = "--kafka-property", "KAFKA_PROPERTIES";
     }
 }

@@ -34,6 +34,47 @@ use super::event::{ChangeEvent, ColumnValue, Operation};
 use super::names::{DLQ_SUBJECT_PREFIX, OUTBOX_SUBJECT_PREFIX};
 use super::subject::{push_name_token, push_table_token};
 
+/// Last part of the positions topic of exactly-once delivery: `{prefix}.pgbridge.positions`.
+pub const POSITIONS_TOPIC_SUFFIX: &str = "pgbridge.positions";
+
+/// The positions topic of exactly-once delivery (compacted, one partition).
+pub fn positions_topic(prefix: &str) -> String {
+    format!("{prefix}.{POSITIONS_TOPIC_SUFFIX}")
+}
+
+/// The key of a bridge's record on the positions topic: `{system_identifier}/{slot}`. A slot
+/// name is unique within a cluster, and a new cluster has a new system identifier, so a
+/// record of another cluster never matches.
+pub fn position_key(system_identifier: &str, slot: &str) -> String {
+    format!("{system_identifier}/{slot}")
+}
+
+/// The value of a record on the positions topic: the end of the last PostgreSQL transaction
+/// of the Kafka transaction that wrote it.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct PositionRecord {
+    /// The cluster's system identifier (also in the key).
+    pub system_identifier: String,
+    /// The replication slot (also in the key).
+    pub slot: String,
+    /// The timeline the bridge streamed from when it wrote the record.
+    pub timeline: u32,
+    /// The transaction's commit `end_lsn`, `X/Y`: every transaction ending at or below it is
+    /// in Kafka.
+    pub end_lsn: String,
+    /// When the record was written, ms since the Unix epoch.
+    pub written_ms: i64,
+}
+
+impl PositionRecord {
+    /// The end position, when the record belongs to `system_identifier` and `slot`.
+    pub fn end_for(&self, system_identifier: &str, slot: &str) -> Option<crate::pg::Lsn> {
+        (self.system_identifier == system_identifier && self.slot == slot)
+            .then(|| self.end_lsn.parse().ok())
+            .flatten()
+    }
+}
+
 /// Header holding the change's message id (see [`super::id::message_id`]).
 pub const ID_HEADER: &str = "pgbridge-id";
 /// Header holding the record's operation: `insert` `update` `delete` `truncate` `tombstone`.

@@ -7,6 +7,7 @@
 //! report) carry the same `pgbridge-id` header and key.
 
 mod delivery;
+mod positions;
 mod topics;
 
 use std::sync::atomic::Ordering;
@@ -24,7 +25,7 @@ use crate::shutdown::Shutdown;
 use crate::telemetry::counters::{NatsStats, PublisherStats};
 use crate::wire::encode::debezium::DebeziumOptions;
 
-pub(crate) use delivery::KafkaDelivery;
+pub(crate) use delivery::{ExactlyOnce, KafkaDelivery};
 
 use super::Sink;
 
@@ -164,16 +165,19 @@ pub(crate) struct KafkaSink {
     backoff: Duration,
     stats: Arc<PublisherStats>,
     connection: Arc<NatsStats>,
+    exactly_once: Option<ExactlyOnce>,
 }
 
 impl KafkaSink {
     /// A sink for `config`'s brokers, with message ids in `id_namespace`, counting in `stats`
-    /// and keeping the broker connection's state in `connection`.
+    /// and keeping the broker connection's state in `connection`. `exactly_once` names the
+    /// bridge's cluster and slot when `--kafka-exactly-once` is on.
     pub(crate) fn new(
         config: &Config,
         id_namespace: &str,
         stats: Arc<PublisherStats>,
         connection: Arc<NatsStats>,
+        exactly_once: Option<ExactlyOnce>,
     ) -> Self {
         KafkaSink {
             kafka: config.kafka.clone(),
@@ -193,6 +197,7 @@ impl KafkaSink {
             backoff: config.replication.reconnect_backoff(),
             stats,
             connection,
+            exactly_once,
         }
     }
 }
@@ -246,6 +251,7 @@ impl Sink for KafkaSink {
             stats: self.stats,
             connection: self.connection,
             shutdown,
+            exactly_once: self.exactly_once,
         })
     }
 }

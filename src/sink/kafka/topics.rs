@@ -46,12 +46,35 @@ impl Admin {
     /// (`max.message.bytes`, `None` when it cannot be read), creating the topic when missing
     /// and warning once about settings that break a guarantee.
     pub(crate) async fn ensure(&self, topic: &str) -> Result<(usize, Option<usize>), KafkaError> {
+        let partitions = self.partitions.map_or(-1, |p| p as i32);
+        self.ensure_with(topic, partitions, &[]).await
+    }
+
+    /// The positions topic of exactly-once delivery: one partition (its records are read
+    /// back in order at start), compacted (only each key's last record matters), replicated
+    /// as the other topics.
+    pub(crate) async fn ensure_positions(
+        &self,
+        topic: &str,
+    ) -> Result<(usize, Option<usize>), KafkaError> {
+        self.ensure_with(topic, 1, &[("cleanup.policy", "compact")])
+            .await
+    }
+
+    async fn ensure_with(
+        &self,
+        topic: &str,
+        partitions: i32,
+        configs: &[(&str, &str)],
+    ) -> Result<(usize, Option<usize>), KafkaError> {
         if let Some(n) = self.partitions_of(topic)? {
             return Ok((n, self.check(topic).await));
         }
-        let partitions = self.partitions.map_or(-1, |p| p as i32);
         let replication = self.replication_factor.map_or(-1, i32::from);
-        let new = NewTopic::new(topic, partitions, TopicReplication::Fixed(replication));
+        let mut new = NewTopic::new(topic, partitions, TopicReplication::Fixed(replication));
+        for (k, v) in configs {
+            new = new.set(k, v);
+        }
         let opts = AdminOptions::new().operation_timeout(Some(REQUEST_TIMEOUT));
         let results = self.client.create_topics([&new], &opts).await?;
         for r in results {
