@@ -15,6 +15,7 @@ mod harness;
 mod identity;
 mod kafka;
 mod kafka_envelope;
+mod kafka_eos;
 mod kafka_outbox;
 mod liveness;
 mod memory;
