@@ -287,7 +287,8 @@ impl KafkaConfig {
                 })
                 .transpose()
         };
-        let transaction = number("transaction.timeout.ms")?.unwrap_or(DEFAULT_TRANSACTION_TIMEOUT_MS);
+        let transaction =
+            number("transaction.timeout.ms")?.unwrap_or(DEFAULT_TRANSACTION_TIMEOUT_MS);
         for key in ["message.timeout.ms", "delivery.timeout.ms"] {
             if let Some(m) = number(key)? {
                 if m > transaction {

@@ -595,15 +595,14 @@ fn run_pipeline(
         SinkKind::Kafka => {
             // The broker connection's state shows where the NATS one does (`/health`).
             telemetry.set_kafka_sink();
-            let exactly_once =
-                config
-                    .kafka
-                    .exactly_once
-                    .then(|| crate::sink::kafka::ExactlyOnce {
-                        system_identifier: identity.system_id.clone(),
-                        slot: identity.slot.clone(),
-                        timeline: identity.timeline,
-                    });
+            let exactly_once = config
+                .kafka
+                .exactly_once
+                .then(|| crate::sink::kafka::ExactlyOnce {
+                    system_identifier: identity.system_id.clone(),
+                    slot: identity.slot.clone(),
+                    timeline: identity.timeline,
+                });
             let sink = crate::sink::kafka::KafkaSink::new(
                 config,
                 &namespace,

@@ -329,7 +329,13 @@ impl KafkaServer {
     /// Opens a transaction as `transactional_id` (fencing any other producer of that id),
     /// writes one record to partition 0 of `topic` with header `id_header` = `id`, and aborts
     /// the transaction.
-    pub fn abort_a_transaction(&self, transactional_id: &str, topic: &str, id_header: &str, id: &str) {
+    pub fn abort_a_transaction(
+        &self,
+        transactional_id: &str,
+        topic: &str,
+        id_header: &str,
+        id: &str,
+    ) {
         use rdkafka::message::{Header, OwnedHeaders};
         use rdkafka::producer::{BaseProducer, BaseRecord, Producer};
         let mut config = ClientConfig::new();

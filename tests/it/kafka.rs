@@ -337,7 +337,7 @@ pub(super) fn compare_tables_read(
 }
 
 /// Starts PostgreSQL with the oracle's tables (no rows yet) and a broker.
-pub(super) fn oracle_env() -> (PgServer, KafkaServer) {
+fn oracle_env() -> (PgServer, KafkaServer) {
     let kafka = std::thread::spawn(KafkaServer::start);
     let pg = PgServer::start();
     setup_app_db(&pg, SCHEMA, "");

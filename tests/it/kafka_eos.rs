@@ -11,17 +11,27 @@ use std::time::Instant;
 use pgbridge::pg::Lsn;
 use pgbridge::wire::kafka::{position_key, positions_topic, PositionRecord, ID_HEADER};
 use testkit::kafka::KafkaServer;
-use testkit::oracle::{kill_9, seed_sql, Writer, SLOT};
+use testkit::oracle::{grant_sales, kill_9, seed_sql, Writer, SCHEMA, SLOT};
 use testkit::{
     confirmed_flush, setup_app_db, state_file_lsn, wait_caught_up, BridgeProcess, KafkaRecord,
     PgServer, TempDir,
 };
 
-use super::kafka::{
-    compare_tables_read, count_duplicates, kafka_bridge, oracle_env, position, STEP,
-};
+use super::kafka::{compare_tables_read, count_duplicates, kafka_bridge, position, STEP};
 
 const EOS: &[&str] = &["--kafka-exactly-once"];
+/// One partition for the broker's transaction log: the first transactional producer does
+/// not wait for fifty to be created.
+const TXN_LOG: &[(&str, &str)] = &[("transaction.state.log.num.partitions", "1")];
+
+/// PostgreSQL with the oracle's tables (no rows yet) and a broker ready for transactions.
+fn eos_env() -> (PgServer, KafkaServer) {
+    let kafka = std::thread::spawn(|| KafkaServer::start_with(TXN_LOG));
+    let pg = PgServer::start();
+    setup_app_db(&pg, SCHEMA, "");
+    grant_sales(&pg);
+    (pg, kafka.join().expect("the Kafka broker started"))
+}
 
 /// The cluster's system identifier.
 fn system_identifier(pg: &PgServer) -> String {
@@ -40,8 +50,8 @@ fn committed_position(kafka: &KafkaServer, pg: &PgServer) -> Option<(PositionRec
     kafka
         .read_topic_isolated(&positions_topic("cdc"), true)
         .into_iter()
-        .filter(|r| r.key.as_deref() == Some(key.as_bytes()))
-        .last()
+        .rev()
+        .find(|r| r.key.as_deref() == Some(key.as_bytes()))
         .map(|r| {
             let rec: PositionRecord = serde_json::from_slice(r.value.as_deref().unwrap()).unwrap();
             let lsn = rec.end_lsn.parse().unwrap();
@@ -96,7 +106,7 @@ fn assert_commit_order(records: &[KafkaRecord]) {
 #[test]
 fn exactly_once_contract_positions_aborts_and_a_fenced_producer() {
     let _heavy = testkit::heavy();
-    let kafka = std::thread::spawn(KafkaServer::start);
+    let kafka = std::thread::spawn(|| KafkaServer::start_with(TXN_LOG));
     let pg = PgServer::start();
     let kafka = kafka.join().expect("the Kafka broker started");
     setup_app_db(&pg, "CREATE TABLE t1 (id int PRIMARY KEY, v text);", "");
@@ -119,10 +129,17 @@ fn exactly_once_contract_positions_aborts_and_a_fenced_producer() {
     assert_eq!(rec.slot, SLOT);
     let last_commit: Lsn = first
         .iter()
-        .filter_map(|r| r.value.as_ref().map(|_| position(r).0.parse::<Lsn>().unwrap()))
+        .filter_map(|r| {
+            r.value
+                .as_ref()
+                .map(|_| position(r).0.parse::<Lsn>().unwrap())
+        })
         .max()
         .unwrap();
-    assert!(end > last_commit, "position {end} after commit {last_commit}");
+    assert!(
+        end > last_commit,
+        "position {end} after commit {last_commit}"
+    );
     let topics = kafka.topics();
     assert!(
         topics.contains(&positions_topic("cdc")),
@@ -146,9 +163,7 @@ fn exactly_once_contract_positions_aborts_and_a_fenced_producer() {
         bridge.log()
     );
     assert_eq!(all.len(), 90, "{:#?}", all);
-    assert!(all
-        .iter()
-        .all(|r| r.header(ID_HEADER) != Some("aborted-1")));
+    assert!(all.iter().all(|r| r.header(ID_HEADER) != Some("aborted-1")));
     let uncommitted = kafka.read_topic_isolated("cdc.t1", false);
     assert!(
         uncommitted
@@ -170,6 +185,7 @@ fn in_commit_window(pg: &PgServer, kafka: &KafkaServer, state: &std::path::Path)
     let (_, kafka_end) = committed_position(kafka, pg)?;
     let confirmed = confirmed_flush(pg, SLOT).unwrap_or(Lsn::INVALID);
     let stored = state_file_lsn(state).unwrap_or(Lsn::INVALID);
+    eprintln!("after the kill: Kafka {kafka_end}, confirmed {confirmed}, state file {stored}");
     (kafka_end > confirmed && kafka_end > stored).then_some(kafka_end)
 }
 
@@ -181,17 +197,27 @@ fn kill_9_under_load_delivers_each_change_exactly_once() {
     const KILL_LIMIT: u64 = 15;
     let _heavy = testkit::heavy();
     let started = Instant::now();
-    let (pg, kafka) = oracle_env();
+    let (pg, kafka) = eos_env();
     let dir = TempDir::new("kafka-eos-kill");
     let state = dir.path().join("bridge.lsn");
     let mut bridge = kafka_bridge(&pg, &kafka, dir.path(), EOS);
     pg.sql("app", &seed_sql());
-    let writer = Writer::start(&pg, 0x656f73, 30_000, 1_500);
+    let writer = Writer::start(&pg, 0x656f73, 100_000, 1_500);
     let mut windows = 0;
     let mut round = 0;
     while round < KILLS || (windows == 0 && round < KILL_LIMIT) {
         round += 1;
         writer.wait_changes(round * 1_200);
+        // Killed while it delivers: once PostgreSQL confirmed a commit of this run, a moment
+        // later, while the writer goes on.
+        bridge.wait_for_line("exactly once: skipped", STEP);
+        let before = confirmed_flush(&pg, SLOT);
+        let deadline = Instant::now() + STEP;
+        while confirmed_flush(&pg, SLOT) <= before {
+            assert!(Instant::now() < deadline, "no progress:\n{}", bridge.log());
+            std::thread::sleep(std::time::Duration::from_millis(20));
+        }
+        std::thread::sleep(std::time::Duration::from_millis(100 + 150 * (round % 5)));
         kill_9(&mut bridge);
         let window = in_commit_window(&pg, &kafka, &state);
         bridge = kafka_bridge(&pg, &kafka, dir.path(), EOS);
@@ -204,13 +230,17 @@ fn kill_9_under_load_delivers_each_change_exactly_once() {
                 .and_then(|t| t.split(' ').next())
                 .and_then(|t| t.parse().ok())
                 .unwrap_or_else(|| panic!("{line}"));
-            assert!(n > 0, "kill {round} in the commit window ({lsn}) but: {line}");
+            assert!(
+                n > 0,
+                "kill {round} in the commit window ({lsn}) but: {line}"
+            );
             windows += 1;
         }
     }
     assert!(
         windows > 0,
-        "no kill of {round} fell between a Kafka commit and PostgreSQL's confirmation"
+        "no kill of {round} fell between a Kafka commit and PostgreSQL's confirmation; last bridge log:\n{}",
+        bridge.log()
     );
     let report = writer.finish();
     wait_caught_up(&pg, SLOT, STEP);

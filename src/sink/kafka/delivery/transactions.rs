@@ -69,10 +69,8 @@ pub(super) struct Txns {
     ready: bool,
     /// PostgreSQL transactions whose commit record begins below this are in Kafka already.
     skip_below: Lsn,
-    /// Transactions skipped so far, and the last one's end (logged once, at the first one
-    /// delivered).
+    /// Transactions skipped so far (logged once, at the first change delivered).
     skipped: u64,
-    skipped_to: Lsn,
     skip_logged: bool,
     /// A Kafka transaction is open.
     open: bool,
@@ -103,7 +101,6 @@ impl Txns {
             ready: false,
             skip_below: Lsn::INVALID,
             skipped: 0,
-            skipped_to: Lsn::INVALID,
             skip_logged: false,
             open: false,
             first: None,
@@ -164,11 +161,13 @@ impl KafkaDelivery {
         }
         if !t.skip_logged {
             t.skip_logged = true;
-            if t.skip_below != Lsn::INVALID {
+            if t.skip_below == Lsn::INVALID {
+                log::info!("exactly once: skipped 0 transactions (no position recorded yet)");
+            } else {
                 log::info!(
                     "exactly once: skipped {} transactions up to {} (in Kafka already: committed before the last stop, not yet confirmed to PostgreSQL)",
                     t.skipped,
-                    t.skipped_to.max(t.skip_below)
+                    t.skip_below
                 );
             }
         }
@@ -219,7 +218,6 @@ impl KafkaDelivery {
         }
         if end_lsn <= t.skip_below {
             t.skipped += 1;
-            t.skipped_to = end_lsn;
             return;
         }
         if t.in_pg_txn {
