@@ -427,6 +427,42 @@ mod tests {
     }
 
     #[test]
+    fn exactly_once_refuses_contradicting_properties() {
+        if !cfg!(feature = "kafka") {
+            return;
+        }
+        let eos = |props: &[(&str, &str)]| {
+            let mut c = KafkaConfig {
+                exactly_once: true,
+                ..kafka(&["b:9092"])
+            };
+            for (k, v) in props {
+                c.properties.0.insert((*k).into(), (*v).into());
+            }
+            c.validate(SinkKind::Kafka)
+        };
+        assert!(eos(&[]).is_ok());
+        assert!(eos(&[("message.timeout.ms", "30000")]).is_ok());
+        assert!(eos(&[
+            ("message.timeout.ms", "120000"),
+            ("transaction.timeout.ms", "180000")
+        ])
+        .is_ok());
+        for props in [
+            &[("transactional.id", "mine")][..],
+            &[("enable.idempotence", "false")],
+            &[("message.timeout.ms", "120000")],
+            &[("delivery.timeout.ms", "90000")],
+            &[("message.timeout.ms", "5000"), ("transaction.timeout.ms", "1000")],
+            &[("message.timeout.ms", "soon")],
+        ] {
+            let e = eos(props).unwrap_err().to_string();
+            assert!(!e.contains('\n'), "one line: {e}");
+            assert!(e.contains(props[0].0), "{props:?}: {e}");
+        }
+    }
+
+    #[test]
     fn flag_properties_add_to_the_file_ones() {
         let file = KafkaProperties(BTreeMap::from([
             ("a".to_string(), "1".to_string()),

@@ -261,3 +261,59 @@ fn kill_9_under_load_delivers_each_change_exactly_once() {
     );
     assert_eq!(bridge.terminate(STEP), Some(0), "{}", bridge.log());
 }
+
+/// Not a check: the delivery rate of one backlog at least once and exactly once, for the
+/// documentation. Two slots are made before the backlog is written, so both runs read the same
+/// changes; each run's time is from its start to its slot confirming the backlog's end.
+/// `cargo test --release --test it kafka_eos::rate -- --ignored --nocapture`.
+#[test]
+#[ignore]
+fn rate_at_least_once_and_exactly_once() {
+    const ROWS: u64 = 200_000;
+    const PER_TXN: u64 = 20;
+    let _heavy = testkit::heavy();
+    let kafka = std::thread::spawn(|| KafkaServer::start_with(TXN_LOG));
+    let pg = PgServer::start();
+    let kafka = kafka.join().expect("the Kafka broker started");
+    setup_app_db(&pg, "CREATE TABLE t1 (id int PRIMARY KEY, v text);", "");
+    let dir = TempDir::new("kafka-eos-rate");
+    let run = |slot: &str, prefix: &str, eos: bool| {
+        let mut args = vec!["--slot", slot, "--topic-prefix", prefix];
+        if eos {
+            args.push("--kafka-exactly-once");
+        }
+        let state = dir.path().join(slot);
+        std::fs::create_dir_all(&state).unwrap();
+        kafka_bridge(&pg, &kafka, &state, &args)
+    };
+    // The slots first.
+    for (slot, prefix, eos) in [("rate_alo", "alo", false), ("rate_eos", "eos", true)] {
+        let mut b = run(slot, prefix, eos);
+        assert_eq!(b.terminate(STEP), Some(0));
+    }
+    let mut conn = pg.connect("app");
+    for t in 0..ROWS / PER_TXN {
+        let from = t * PER_TXN;
+        conn.execute(&format!(
+            "INSERT INTO t1 SELECT g, repeat('x', 100) || g FROM generate_series({}, {}) g",
+            from,
+            from + PER_TXN - 1
+        ))
+        .unwrap();
+    }
+    let mut rates = Vec::new();
+    for (slot, prefix, eos) in [("rate_alo", "alo", false), ("rate_eos", "eos", true)] {
+        let started = Instant::now();
+        let mut b = run(slot, prefix, eos);
+        wait_caught_up(&pg, slot, std::time::Duration::from_secs(600));
+        let took = started.elapsed();
+        assert_eq!(b.terminate(STEP), Some(0));
+        let rate = ROWS as f64 / took.as_secs_f64();
+        eprintln!("rate {slot}: {ROWS} changes in {took:?}: {rate:.0} changes/s");
+        rates.push(rate);
+    }
+    eprintln!(
+        "exactly once / at least once: {:.2} ({ROWS} rows in transactions of {PER_TXN})",
+        rates[1] / rates[0]
+    );
+}
