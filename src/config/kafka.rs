@@ -453,7 +453,10 @@ mod tests {
             &[("enable.idempotence", "false")],
             &[("message.timeout.ms", "120000")],
             &[("delivery.timeout.ms", "90000")],
-            &[("message.timeout.ms", "5000"), ("transaction.timeout.ms", "1000")],
+            &[
+                ("message.timeout.ms", "5000"),
+                ("transaction.timeout.ms", "1000"),
+            ],
             &[("message.timeout.ms", "soon")],
         ] {
             let e = eos(props).unwrap_err().to_string();

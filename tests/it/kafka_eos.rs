@@ -3,7 +3,8 @@
 //! the last transaction; an aborted transaction is invisible to it; a producer fenced by
 //! another with the bridge's transactional id is replaced without a restart; and across
 //! kill -9 under load, including kills after a Kafka commit and before PostgreSQL confirmed
-//! it, every change is seen exactly once, in commit order per key.
+//! it, every change is seen exactly once, in commit order per key; `--on-oversize` behaves as
+//! at least once.
 
 use std::collections::{BTreeMap, HashMap};
 use std::time::Instant;
@@ -177,6 +178,69 @@ fn exactly_once_contract_positions_aborts_and_a_fenced_producer() {
     assert!(end2 > end);
     wait_caught_up(&pg, SLOT, STEP);
     assert_eq!(bridge.terminate(STEP), Some(0), "{}", bridge.log());
+}
+
+#[test]
+fn exactly_once_keeps_the_on_oversize_behaviour() {
+    let _heavy = testkit::heavy();
+    let mut props = TXN_LOG.to_vec();
+    props.push(("message.max.bytes", "200000"));
+    let kafka = std::thread::spawn(move || KafkaServer::start_with(&props));
+    let pg = PgServer::start();
+    let kafka = kafka.join().expect("the Kafka broker started");
+    setup_app_db(
+        &pg,
+        "CREATE TABLE t1 (id int PRIMARY KEY, v text);
+         CREATE TABLE big (id int PRIMARY KEY, body text);
+         ALTER TABLE big ALTER COLUMN body SET STORAGE EXTERNAL;",
+        "",
+    );
+    let big = |id: u32| format!("INSERT INTO big VALUES ({id}, repeat(md5('x'), 10000))");
+    let dir = TempDir::new("kafka-eos-oversize");
+    // --on-oversize dlq: the too large change is a dead letter in its transaction, the
+    // changes around it flow.
+    let mut bridge = kafka_bridge(
+        &pg,
+        &kafka,
+        dir.path(),
+        &["--kafka-exactly-once", "--on-oversize", "dlq"],
+    );
+    pg.sql("app", "INSERT INTO t1 VALUES (1, 'a')");
+    pg.sql("app", &big(1));
+    pg.sql("app", "INSERT INTO t1 VALUES (2, 'b')");
+    let t1 = wait_committed(&kafka, &bridge, "cdc.t1", 2);
+    assert_eq!(t1.len(), 2);
+    let dlq = wait_committed(&kafka, &bridge, "dlq", 1);
+    assert_eq!(dlq.len(), 1, "{dlq:?}");
+    assert_eq!(
+        dlq[0].header("pgbridge-error"),
+        Some("too_large"),
+        "{dlq:?}"
+    );
+    wait_caught_up(&pg, SLOT, STEP);
+    assert_eq!(bridge.terminate(STEP), Some(0), "{}", bridge.log());
+
+    // --on-oversize stop (the default): a clear stop, nothing confirmed past it.
+    let mut bridge = kafka_bridge(&pg, &kafka, dir.path(), EOS);
+    let before = wait_caught_up(&pg, SLOT, STEP);
+    pg.sql("app", &big(2));
+    let end: Lsn = pg.sql("postgres", "SELECT pg_current_wal_lsn()::text").rows[0][0]
+        .as_deref()
+        .unwrap()
+        .parse()
+        .unwrap();
+    assert_eq!(bridge.wait_exit(STEP), Some(1), "{}", bridge.log());
+    let log = bridge.log();
+    assert!(
+        log.contains("public.big") && log.contains("larger than Kafka accepts"),
+        "{log}"
+    );
+    let confirmed = confirmed_flush(&pg, SLOT).unwrap();
+    assert!(
+        confirmed >= before && confirmed < end,
+        "{confirmed} {before} {end}"
+    );
+    assert_eq!(kafka.read_topic_isolated("dlq", true).len(), 1);
 }
 
 /// After a kill: the positions topic's committed LSN when it is past both what PostgreSQL
