@@ -215,6 +215,25 @@ mod tests {
     use crate::pg::Lsn;
     use crate::wire::event::TableRef;
 
+    #[test]
+    fn a_position_record_matches_only_its_cluster_and_slot() {
+        assert_eq!(positions_topic("cdc"), "cdc.pgbridge.positions");
+        assert_eq!(position_key("7714", "cdc_slot"), "7714/cdc_slot");
+        let r = PositionRecord {
+            system_identifier: "7714".into(),
+            slot: "cdc_slot".into(),
+            timeline: 1,
+            end_lsn: "0/304CC38".into(),
+            written_ms: 0,
+        };
+        let text = serde_json::to_string(&r).unwrap();
+        let back: PositionRecord = serde_json::from_str(&text).unwrap();
+        assert_eq!(back, r);
+        assert_eq!(back.end_for("7714", "cdc_slot"), Some(Lsn(0x304CC38)));
+        assert_eq!(back.end_for("7715", "cdc_slot"), None);
+        assert_eq!(back.end_for("7714", "other"), None);
+    }
+
     fn col(name: &str, v: i64) -> ColumnValue {
         ColumnValue {
             name: Arc::from(name),

@@ -4,7 +4,9 @@
 //!
 //! At least once: a position is confirmed only once every record up to the transaction's end
 //! has a successful delivery report. Duplicates (after a crash, or a resend after a failed
-//! report) carry the same `pgbridge-id` header and key.
+//! report) carry the same `pgbridge-id` header and key. Exactly once (`--kafka-exactly-once`):
+//! a transactional producer and the positions topic (`delivery/transactions.rs`,
+//! `positions.rs`).
 
 mod delivery;
 mod positions;
@@ -101,6 +103,8 @@ impl ClientContext for Context {
             Some(RDKafkaErrorCode::BrokerTransportFailure) => {
                 log::debug!("Kafka: {error}: {reason}")
             }
+            // The positions reader asks for the end of its partition.
+            Some(RDKafkaErrorCode::PartitionEOF) => log::debug!("Kafka: {error}: {reason}"),
             _ => log::warn!("Kafka client: {error}: {reason}"),
         }
     }
