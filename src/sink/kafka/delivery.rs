@@ -60,8 +60,6 @@ const REPORT_WAIT: Duration = Duration::from_secs(1);
 /// What a record batch holding one record adds to the record's key, value and headers, at
 /// most (batch header 61 bytes, record framing and varints).
 const BATCH_OVERHEAD: usize = 128;
-/// The transactional producer's `retry.backoff.ms` (librdkafka's default: 100).
-const TXN_RETRY_BACKOFF_MS: &str = "10";
 /// librdkafka's default `batch.size`.
 const DEFAULT_BATCH_SIZE: usize = 1_000_000;
 
@@ -274,18 +272,6 @@ impl KafkaDelivery {
         let mut config = client_config(&self.settings.kafka);
         if let Some(t) = &self.eos {
             config.set("transactional.id", t.ids.transactional_id());
-            // Right after a commit, the coordinator answers the next transaction's first
-            // partitions with CONCURRENT_TRANSACTIONS until its markers are written; at the
-            // default 100 ms backoff every commit costs about 100 ms.
-            if !self
-                .settings
-                .kafka
-                .properties
-                .0
-                .contains_key("retry.backoff.ms")
-            {
-                config.set("retry.backoff.ms", TXN_RETRY_BACKOFF_MS);
-            }
         }
         if let Some(limit) = self.batch_limit.filter(|&l| l < DEFAULT_BATCH_SIZE) {
             // A batch larger than a topic accepts is refused whole, with the error of a too
