@@ -43,6 +43,16 @@ pub(crate) struct KafkaArgs {
                                compacted topics", kafka::DEFAULT_KAFKA_TOMBSTONES))]
     pub(crate) kafka_tombstones: Option<bool>,
 
+    /// `kafka.exactly_once`.
+    #[arg(long, env = "KAFKA_EXACTLY_ONCE", value_name = "BOOL", global = true,
+          num_args = 0..=1, require_equals = true, default_missing_value = "true",
+          value_parser = BoolishValueParser::new(),
+          help = with_default("Exactly once for read_committed consumers: a transactional \
+                               producer writes whole PostgreSQL transactions with their end \
+                               position ({prefix}.pgbridge.positions); a restart skips what \
+                               Kafka already committed", kafka::DEFAULT_KAFKA_EXACTLY_ONCE))]
+    pub(crate) kafka_exactly_once: Option<bool>,
+
     /// `kafka.partitions`.
     #[arg(
         long,
@@ -99,6 +109,7 @@ impl KafkaArgs {
             topic_prefix: pick(take, "topic_prefix", &self.topic_prefix),
             tombstones: pick(take, "kafka_tombstones", &self.kafka_tombstones),
             partitions: pick(take, "kafka_partitions", &self.kafka_partitions),
+            exactly_once: pick(take, "kafka_exactly_once", &self.kafka_exactly_once),
             replication_factor: pick(
                 take,
                 "kafka_replication_factor",

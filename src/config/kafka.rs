@@ -15,6 +15,11 @@ pub(crate) const DEFAULT_TOPIC_PREFIX: &str = "cdc";
 /// Whether a DELETE is followed by a tombstone (same key, null value), so that log compaction
 /// can remove the row's records.
 pub(crate) const DEFAULT_KAFKA_TOMBSTONES: bool = true;
+/// Whether the producer is transactional, writing whole PostgreSQL transactions and their end
+/// position atomically (exactly once for read_committed consumers); off: at least once.
+pub(crate) const DEFAULT_KAFKA_EXACTLY_ONCE: bool = false;
+/// librdkafka's default `transaction.timeout.ms`, for the check of `message.timeout.ms`.
+const DEFAULT_TRANSACTION_TIMEOUT_MS: u64 = 60_000;
 /// Kafka's own limit on a topic name's length.
 const MAX_TOPIC_NAME: usize = 249;
 
@@ -157,6 +162,9 @@ pub struct KafkaConfig {
     /// Topic settings of the topics the bridge creates (`min.insync.replicas`,
     /// `cleanup.policy`, `retention.ms`, ...); existing topics are left as they are.
     pub topic_config: KafkaProperties,
+    /// A transactional producer: each Kafka transaction holds whole PostgreSQL transactions
+    /// and the end position of the last, written to `{prefix}.pgbridge.positions`.
+    pub exactly_once: bool,
     /// Further librdkafka properties (SASL, TLS, tuning).
     pub properties: KafkaProperties,
 }
@@ -170,6 +178,7 @@ impl Default for KafkaConfig {
             partitions: None,
             replication_factor: None,
             topic_config: KafkaProperties::default(),
+            exactly_once: DEFAULT_KAFKA_EXACTLY_ONCE,
             properties: KafkaProperties::default(),
         }
     }
@@ -196,7 +205,8 @@ const RESERVED_PROPERTIES: &[(&str, &str)] = &[
     ),
     (
         "transactional.id",
-        "the bridge delivers at least once and sets no transactional id",
+        "the bridge sets none at least once, and derives it from the system identifier and \
+         slot with --kafka-exactly-once (so a restarted bridge fences its predecessor)",
     ),
 ];
 
@@ -266,6 +276,44 @@ impl KafkaConfig {
                     return Err(invalid(
                         "kafka.properties",
                         format!("{key} cannot be set: {why}"),
+                    ));
+                }
+            }
+        }
+        if self.exactly_once {
+            self.check_exactly_once()?;
+        }
+        Ok(())
+    }
+}
+
+impl KafkaConfig {
+    /// Properties that contradict a transactional producer: a record may not outlive the
+    /// transaction it belongs to.
+    fn check_exactly_once(&self) -> Result<(), ConfigError> {
+        let number = |key: &str| -> Result<Option<u64>, ConfigError> {
+            self.properties
+                .0
+                .get(key)
+                .map(|v| {
+                    v.trim().parse::<u64>().map_err(|_| {
+                        invalid("kafka.properties", format!("{key}={v} is not a number"))
+                    })
+                })
+                .transpose()
+        };
+        let transaction =
+            number("transaction.timeout.ms")?.unwrap_or(DEFAULT_TRANSACTION_TIMEOUT_MS);
+        for key in ["message.timeout.ms", "delivery.timeout.ms"] {
+            if let Some(m) = number(key)? {
+                if m > transaction {
+                    return Err(invalid(
+                        "kafka.properties",
+                        format!(
+                            "{key}={m} is above transaction.timeout.ms={transaction}: with \
+                             --kafka-exactly-once a record must not outlive its transaction; \
+                             lower {key} or raise transaction.timeout.ms"
+                        ),
                     ));
                 }
             }
@@ -395,6 +443,45 @@ mod tests {
                 ..kafka(&["b:9092"])
             };
             assert_eq!(c.validate(SinkKind::Kafka).is_ok(), ok, "{prefix:?}");
+        }
+    }
+
+    #[test]
+    fn exactly_once_refuses_contradicting_properties() {
+        if !cfg!(feature = "kafka") {
+            return;
+        }
+        let eos = |props: &[(&str, &str)]| {
+            let mut c = KafkaConfig {
+                exactly_once: true,
+                ..kafka(&["b:9092"])
+            };
+            for (k, v) in props {
+                c.properties.0.insert((*k).into(), (*v).into());
+            }
+            c.validate(SinkKind::Kafka)
+        };
+        assert!(eos(&[]).is_ok());
+        assert!(eos(&[("message.timeout.ms", "30000")]).is_ok());
+        assert!(eos(&[
+            ("message.timeout.ms", "120000"),
+            ("transaction.timeout.ms", "180000")
+        ])
+        .is_ok());
+        for props in [
+            &[("transactional.id", "mine")][..],
+            &[("enable.idempotence", "false")],
+            &[("message.timeout.ms", "120000")],
+            &[("delivery.timeout.ms", "90000")],
+            &[
+                ("message.timeout.ms", "5000"),
+                ("transaction.timeout.ms", "1000"),
+            ],
+            &[("message.timeout.ms", "soon")],
+        ] {
+            let e = eos(props).unwrap_err().to_string();
+            assert!(!e.contains('\n'), "one line: {e}");
+            assert!(e.contains(props[0].0), "{props:?}: {e}");
         }
     }
 

@@ -187,10 +187,11 @@ impl fmt::Display for Config {
         if self.replication.sink == SinkKind::Kafka {
             write!(
                 f,
-                " kafka_brokers={} topic_prefix={} kafka_tombstones={} kafka_topic_config={:?} kafka_properties={:?}",
+                " kafka_brokers={} topic_prefix={} kafka_tombstones={} kafka_exactly_once={} kafka_topic_config={:?} kafka_properties={:?}",
                 self.kafka.brokers.join(","),
                 self.kafka.topic_prefix,
                 self.kafka.tombstones,
+                self.kafka.exactly_once,
                 self.kafka.topic_config,
                 self.kafka.properties,
             )?;

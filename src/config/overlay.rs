@@ -263,6 +263,7 @@ overlay! {
         partitions: u32 = "--kafka-partitions", "BRIDGE_KAFKA_PARTITIONS";
         replication_factor: u16 = "--kafka-replication-factor", "BRIDGE_KAFKA_REPLICATION_FACTOR";
         topic_config: KafkaProperties = "--kafka-topic-config", "BRIDGE_KAFKA_TOPIC_CONFIG";
+        exactly_once: bool = "--kafka-exactly-once", "KAFKA_EXACTLY_ONCE";
         properties: KafkaProperties = "--kafka-property", "KAFKA_PROPERTIES";
     }
 }

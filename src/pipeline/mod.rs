@@ -608,11 +608,20 @@ fn run_pipeline(
         SinkKind::Kafka => {
             // The broker connection's state shows where the NATS one does (`/health`).
             telemetry.set_kafka_sink();
+            let exactly_once = config
+                .kafka
+                .exactly_once
+                .then(|| crate::sink::kafka::ExactlyOnce {
+                    system_identifier: identity.system_id.clone(),
+                    slot: identity.slot.clone(),
+                    timeline: identity.timeline,
+                });
             let sink = crate::sink::kafka::KafkaSink::new(
                 config,
                 &namespace,
                 Arc::clone(&stats),
                 Arc::clone(&telemetry.nats),
+                exactly_once,
             );
             spawn_sink(sink, shutdown, reader, durable.clone(), ready_tx)?
         }

@@ -34,6 +34,47 @@ use super::event::{ChangeEvent, ColumnValue, Operation};
 use super::names::{DLQ_SUBJECT_PREFIX, OUTBOX_SUBJECT_PREFIX};
 use super::subject::{push_name_token, push_table_token};
 
+/// Last part of the positions topic of exactly-once delivery: `{prefix}.pgbridge.positions`.
+pub const POSITIONS_TOPIC_SUFFIX: &str = "pgbridge.positions";
+
+/// The positions topic of exactly-once delivery (compacted, one partition).
+pub fn positions_topic(prefix: &str) -> String {
+    format!("{prefix}.{POSITIONS_TOPIC_SUFFIX}")
+}
+
+/// The key of a bridge's record on the positions topic: `{system_identifier}/{slot}`. A slot
+/// name is unique within a cluster, and a new cluster has a new system identifier, so a
+/// record of another cluster never matches.
+pub fn position_key(system_identifier: &str, slot: &str) -> String {
+    format!("{system_identifier}/{slot}")
+}
+
+/// The value of a record on the positions topic: the end of the last PostgreSQL transaction
+/// of the Kafka transaction that wrote it.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct PositionRecord {
+    /// The cluster's system identifier (also in the key).
+    pub system_identifier: String,
+    /// The replication slot (also in the key).
+    pub slot: String,
+    /// The timeline the bridge streamed from when it wrote the record.
+    pub timeline: u32,
+    /// The transaction's commit `end_lsn`, `X/Y`: every transaction ending at or below it is
+    /// in Kafka.
+    pub end_lsn: String,
+    /// When the record was written, ms since the Unix epoch.
+    pub written_ms: i64,
+}
+
+impl PositionRecord {
+    /// The end position, when the record belongs to `system_identifier` and `slot`.
+    pub fn end_for(&self, system_identifier: &str, slot: &str) -> Option<crate::pg::Lsn> {
+        (self.system_identifier == system_identifier && self.slot == slot)
+            .then(|| self.end_lsn.parse().ok())
+            .flatten()
+    }
+}
+
 /// Header holding the change's message id (see [`super::id::message_id`]).
 pub const ID_HEADER: &str = "pgbridge-id";
 /// Header holding the record's operation: `insert` `update` `delete` `truncate` `tombstone`.
@@ -187,6 +228,25 @@ mod tests {
     use super::*;
     use crate::pg::Lsn;
     use crate::wire::event::TableRef;
+
+    #[test]
+    fn a_position_record_matches_only_its_cluster_and_slot() {
+        assert_eq!(positions_topic("cdc"), "cdc.pgbridge.positions");
+        assert_eq!(position_key("7714", "cdc_slot"), "7714/cdc_slot");
+        let r = PositionRecord {
+            system_identifier: "7714".into(),
+            slot: "cdc_slot".into(),
+            timeline: 1,
+            end_lsn: "0/304CC38".into(),
+            written_ms: 0,
+        };
+        let text = serde_json::to_string(&r).unwrap();
+        let back: PositionRecord = serde_json::from_str(&text).unwrap();
+        assert_eq!(back, r);
+        assert_eq!(back.end_for("7714", "cdc_slot"), Some(Lsn(0x304CC38)));
+        assert_eq!(back.end_for("7715", "cdc_slot"), None);
+        assert_eq!(back.end_for("7714", "other"), None);
+    }
 
     fn col(name: &str, v: i64) -> ColumnValue {
         ColumnValue {

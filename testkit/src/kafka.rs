@@ -330,30 +330,103 @@ impl KafkaClient {
                 continue;
             };
             let m = m.expect("consume");
-            let headers = m
-                .headers()
-                .map(|h| {
-                    h.iter()
-                        .map(|h| {
-                            (
-                                h.key.to_string(),
-                                String::from_utf8_lossy(h.value.unwrap_or_default()).into_owned(),
-                            )
-                        })
-                        .collect()
-                })
-                .unwrap_or_default();
             next.insert(m.partition(), m.offset() + 1);
-            out.push(KafkaRecord {
-                partition: m.partition(),
-                offset: m.offset(),
-                key: m.key().map(<[u8]>::to_vec),
-                value: m.payload().map(<[u8]>::to_vec),
-                headers,
-            });
+            out.push(KafkaRecord::of(&m));
         }
         out.sort_by_key(|r| (r.partition, r.offset));
         out
+    }
+
+    /// Every record of `topic` a consumer with `isolation.level` read_committed (`committed`)
+    /// or read_uncommitted sees now, partition by partition, in offset order. Reads each
+    /// partition to its end as the broker reports it (for read_committed, the last stable
+    /// offset), so transaction markers, which no consumer is given, do not hold it up.
+    pub fn read_topic_isolated(&self, topic: &str, committed: bool) -> Vec<KafkaRecord> {
+        let mut config = self.config();
+        config
+            .set(
+                "isolation.level",
+                if committed {
+                    "read_committed"
+                } else {
+                    "read_uncommitted"
+                },
+            )
+            .set("enable.partition.eof", "true");
+        let c: BaseConsumer = config.create().expect("consumer");
+        let md = c
+            .fetch_metadata(Some(topic), Duration::from_secs(10))
+            .expect("metadata");
+        let partitions: Vec<i32> = md
+            .topics()
+            .iter()
+            .find(|t| t.name() == topic)
+            .map(|t| t.partitions().iter().map(|p| p.id()).collect())
+            .unwrap_or_default();
+        let mut tpl = TopicPartitionList::new();
+        for p in &partitions {
+            tpl.add_partition_offset(topic, *p, Offset::Beginning)
+                .unwrap();
+        }
+        let mut out = Vec::new();
+        if partitions.is_empty() {
+            return out;
+        }
+        c.assign(&tpl).expect("assign");
+        let mut at_end = std::collections::BTreeSet::new();
+        let deadline = Instant::now() + Duration::from_secs(120);
+        while at_end.len() < partitions.len() {
+            assert!(Instant::now() < deadline, "reading topic {topic} timed out");
+            let m = match c.poll(Duration::from_millis(500)) {
+                None => continue,
+                Some(Err(rdkafka::error::KafkaError::PartitionEOF(p))) => {
+                    at_end.insert(p);
+                    continue;
+                }
+                Some(m) => m.expect("consume"),
+            };
+            out.push(KafkaRecord::of(&m));
+        }
+        out.sort_by_key(|r| (r.partition, r.offset));
+        out
+    }
+
+    /// Opens a transaction as `transactional_id` (fencing any other producer of that id),
+    /// writes one record to partition 0 of `topic` with header `id_header` = `id`, and aborts
+    /// the transaction.
+    pub fn abort_a_transaction(
+        &self,
+        transactional_id: &str,
+        topic: &str,
+        id_header: &str,
+        id: &str,
+    ) {
+        use rdkafka::message::{Header, OwnedHeaders};
+        use rdkafka::producer::{BaseProducer, BaseRecord, Producer};
+        let mut config = ClientConfig::new();
+        config
+            .set("bootstrap.servers", &self.bootstrap)
+            .set("transactional.id", transactional_id)
+            .set("log_level", "0");
+        let p: BaseProducer = config.create().expect("producer");
+        let timeout = Duration::from_secs(60);
+        p.init_transactions(timeout).expect("init_transactions");
+        p.begin_transaction().expect("begin_transaction");
+        let headers = OwnedHeaders::new().insert(Header {
+            key: id_header,
+            value: Some(id.as_bytes()),
+        });
+        p.send(
+            BaseRecord::<[u8], [u8]>::to(topic)
+                .partition(0)
+                .key(&b"{}"[..])
+                .payload(&b"{\"aborted\":true}"[..])
+                .headers(headers),
+        )
+        .map_err(|(e, _)| e)
+        .expect("produce");
+        p.flush(timeout).expect("flush");
+        p.abort_transaction(timeout).expect("abort_transaction");
     }
 
     /// The end offset (high watermark) of each partition of `topic`.
@@ -433,6 +506,30 @@ impl std::fmt::Debug for KafkaRecord {
 }
 
 impl KafkaRecord {
+    /// A copy of a consumed message.
+    fn of(m: &rdkafka::message::BorrowedMessage<'_>) -> Self {
+        let headers = m
+            .headers()
+            .map(|h| {
+                h.iter()
+                    .map(|h| {
+                        (
+                            h.key.to_string(),
+                            String::from_utf8_lossy(h.value.unwrap_or_default()).into_owned(),
+                        )
+                    })
+                    .collect()
+            })
+            .unwrap_or_default();
+        KafkaRecord {
+            partition: m.partition(),
+            offset: m.offset(),
+            key: m.key().map(<[u8]>::to_vec),
+            value: m.payload().map(<[u8]>::to_vec),
+            headers,
+        }
+    }
+
     /// The value of header `name`.
     pub fn header(&self, name: &str) -> Option<&str> {
         self.headers

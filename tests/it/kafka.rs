@@ -104,7 +104,7 @@ fn wait_health(port: u16, status: u16) {
 }
 
 /// (commit_lsn, seq) of a record, from its value.
-fn position(r: &KafkaRecord) -> (String, u64) {
+pub(super) fn position(r: &KafkaRecord) -> (String, u64) {
     let v = r.json();
     (
         v["commit_lsn"].as_str().unwrap().to_string(),
@@ -268,7 +268,7 @@ fn records_follow_the_contract_and_an_oversized_change_stops_the_bridge() {
 /// Ids stored twice, each (topic, partition, id, op) counted once per extra copy; panics when
 /// a duplicate's first copy is not below one of `marks` (end offsets read right after a kill)
 /// and its second copy at or above it.
-fn count_duplicates(
+pub(super) fn count_duplicates(
     topic: &str,
     records: &[KafkaRecord],
     marks: &[BTreeMap<String, BTreeMap<i32, i64>>],
@@ -312,6 +312,14 @@ pub(super) fn compare_tables(
     pg: &PgServer,
     kafka: &KafkaClient,
 ) -> BTreeMap<String, Vec<KafkaRecord>> {
+    compare_tables_read(pg, |topic| kafka.read_topic(topic))
+}
+
+/// [`compare_tables`] with the topics read by `read`.
+pub(super) fn compare_tables_read(
+    pg: &PgServer,
+    read: impl Fn(&str) -> Vec<KafkaRecord>,
+) -> BTreeMap<String, Vec<KafkaRecord>> {
     let mut all = BTreeMap::new();
     for t in tables() {
         let topic = pgbridge::wire::kafka::topic(
@@ -319,7 +327,7 @@ pub(super) fn compare_tables(
             t.pg.split_once('.').map_or("public", |(s, _)| s),
             t.pg.split_once('.').map_or(t.pg, |(_, n)| n),
         );
-        let records = kafka.read_topic(&topic);
+        let records = read(&topic);
         let got = kafka_rows(&records, &t).unwrap_or_else(|e| panic!("{e}"));
         let want = pg_rows(pg, &t);
         assert_eq!(got.len(), want.len(), "{}: row count", t.pg);

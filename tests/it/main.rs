@@ -16,6 +16,7 @@ mod identity;
 mod kafka;
 mod kafka_cluster;
 mod kafka_envelope;
+mod kafka_eos;
 mod kafka_outbox;
 mod kafka_snapshot;
 mod liveness;

@@ -25,6 +25,7 @@ use rdkafka::types::RDKafkaErrorCode;
 use tokio::sync::mpsc::{unbounded_channel, UnboundedReceiver, UnboundedSender};
 
 use crate::config::{Format, KafkaConfig, OnOversize};
+use crate::pg::Lsn;
 use crate::shutdown::Shutdown;
 use crate::sink::driver::{Delivery, Feed, Progress, Ticket};
 use crate::telemetry::counters::{NatsStats, PublisherStats};
@@ -42,6 +43,10 @@ use super::topics::Admin;
 use super::{client_config, Context, KafkaSinkError};
 
 mod outbox;
+mod transactions;
+
+pub(crate) use transactions::ExactlyOnce;
+use transactions::{Admit, Txns};
 
 /// At shutdown, how long to keep waiting while Kafka does not confirm.
 const SHUTDOWN_RETRY_LIMIT: Duration = Duration::from_secs(30);
@@ -72,6 +77,8 @@ pub(crate) struct Settings {
     pub(crate) stats: Arc<PublisherStats>,
     pub(crate) connection: Arc<NatsStats>,
     pub(crate) shutdown: Shutdown,
+    /// Set with `--kafka-exactly-once`: a transactional producer (see [`transactions`]).
+    pub(crate) exactly_once: Option<ExactlyOnce>,
 }
 
 /// A delivery report, tagged with the record it is about.
@@ -165,6 +172,10 @@ struct Entry {
     /// Records without a successful report.
     pending: usize,
     bytes: u64,
+    /// The commit LSN of the change's transaction.
+    commit_lsn: Lsn,
+    /// Set on the last change of a transaction under exactly-once delivery: its end.
+    end: Option<Lsn>,
 }
 
 /// The Kafka half of the sink (see the [module docs](self)).
@@ -200,12 +211,18 @@ pub(crate) struct KafkaDelivery {
     key_buf: Vec<u8>,
     value_buf: Vec<u8>,
     scratch: (Vec<u8>, Vec<u8>),
+    /// Exactly-once delivery's state; `None` at least once.
+    eos: Option<Txns>,
 }
 
 impl KafkaDelivery {
     pub(crate) fn new(settings: Settings) -> Result<Self, KafkaSinkError> {
         let admin = Admin::new(&settings.kafka, Arc::clone(&settings.connection))?;
         let (reports_tx, reports) = unbounded_channel();
+        let eos = settings
+            .exactly_once
+            .clone()
+            .map(|ids| Txns::new(ids, &settings.kafka.topic_prefix));
         let mut d = KafkaDelivery {
             id_prefix: id::id_prefix(&settings.id_namespace),
             settings,
@@ -230,8 +247,12 @@ impl KafkaDelivery {
             key_buf: Vec::with_capacity(64),
             value_buf: Vec::with_capacity(4096),
             scratch: (Vec::new(), Vec::new()),
+            eos,
         };
-        d.new_producer()?;
+        // A transactional producer is created at the first change (see `transactions`).
+        if d.eos.is_none() {
+            d.new_producer()?;
+        }
         Ok(d)
     }
 
@@ -249,6 +270,9 @@ impl KafkaDelivery {
             stats: Arc::clone(&self.settings.stats),
         };
         let mut config = client_config(&self.settings.kafka);
+        if let Some(t) = &self.eos {
+            config.set("transactional.id", t.ids.transactional_id());
+        }
         if let Some(limit) = self.batch_limit.filter(|&l| l < DEFAULT_BATCH_SIZE) {
             // A batch larger than a topic accepts is refused whole, with the error of a too
             // large record, also when every record in it would fit.
@@ -540,6 +564,11 @@ impl KafkaDelivery {
                 }
             }
             Err(e) if is_too_large(&e) => {
+                // The broker refused a record: the Kafka transaction can only be aborted,
+                // and the window produced again (with the dead letter in its place).
+                if self.eos.is_some() {
+                    self.failed(&e);
+                }
                 let index = report.index as usize;
                 let Some(r) = self.window[at].records.get(index) else {
                     return;
@@ -609,6 +638,7 @@ impl KafkaDelivery {
         &mut self,
         table: String,
         records: Vec<Record>,
+        commit_lsn: Lsn,
     ) -> Result<Ticket, KafkaSinkError> {
         let bytes = records
             .iter()
@@ -623,8 +653,11 @@ impl KafkaDelivery {
             pending: n,
             records,
             bytes,
+            commit_lsn,
+            end: None,
         });
         self.window_bytes += bytes;
+        self.admitted(ticket, false, bytes);
         let at = self.window.len() - 1;
         for index in 0..n {
             if self.recovering {
@@ -639,10 +672,38 @@ impl KafkaDelivery {
         }
     }
 
-    /// Removes the fully delivered changes at the front of the window.
+    /// A change already in Kafka (exactly once): an entry without records, delivered as soon
+    /// as everything before it is.
+    fn push_skipped(&mut self, table: String, commit_lsn: Lsn) -> Ticket {
+        let ticket = self.next_ticket;
+        self.next_ticket += 1;
+        self.window.push_back(Entry {
+            ticket,
+            table,
+            pending: 0,
+            records: Vec::new(),
+            bytes: 0,
+            commit_lsn,
+            end: None,
+        });
+        self.admitted(ticket, true, 0);
+        ticket
+    }
+
+    /// Room for one more change, by the window's bounds.
+    fn window_has_room(&self) -> bool {
+        self.window.len() < self.settings.max_in_flight
+            && (self.window_bytes < self.settings.max_in_flight_bytes || self.window.is_empty())
+    }
+
+    /// Removes the delivered changes at the front of the window: fully reported ones, or
+    /// under exactly-once delivery committed ones.
     fn complete(&mut self) -> Progress {
         let mut bytes = 0;
-        while self.window.front().is_some_and(|e| e.pending == 0) {
+        if let Some(below) = self.eos.as_ref().map(|t| t.committed_below) {
+            bytes = self.committed_front(below);
+        }
+        while self.eos.is_none() && self.window.front().is_some_and(|e| e.pending == 0) {
             if let Some(done) = self.window.pop_front() {
                 bytes += done.bytes;
                 self.window_bytes -= done.bytes;
@@ -691,22 +752,37 @@ impl Delivery for KafkaDelivery {
     }
 
     fn room(&self) -> bool {
-        !self.recovering
-            && self.fatal.is_none()
-            && self.window.len() < self.settings.max_in_flight
-            && (self.window_bytes < self.settings.max_in_flight_bytes || self.window.is_empty())
+        if self.recovering || self.fatal.is_some() {
+            return false;
+        }
+        match &self.eos {
+            // A Kafka transaction ends only with a PostgreSQL one: the window takes all of it.
+            Some(t) if t.in_pg_txn => true,
+            Some(t) => self.window_has_room() && !t.full(),
+            None => self.window_has_room(),
+        }
     }
 
     async fn send(&mut self, ev: &ChangeEvent) -> Result<Ticket, KafkaSinkError> {
+        let table = format!("{}.{}", ev.table.schema, ev.table.table);
+        if let Admit::Skip = self.admit(ev.commit_lsn).await? {
+            return Ok(self.push_skipped(table, ev.commit_lsn));
+        }
         let (topic, partitions) = self.topic_of(ev).await?;
         let records = self.records(ev, &topic, partitions);
-        let table = format!("{}.{}", ev.table.schema, ev.table.table);
-        self.push_entry(table, records).await
+        self.push_entry(table, records, ev.commit_lsn).await
     }
 
     async fn send_outbox(&mut self, ev: &OutboxEvent) -> Result<Ticket, KafkaSinkError> {
+        if let Admit::Skip = self.admit(ev.commit_lsn).await? {
+            return Ok(self.push_skipped("outbox".into(), ev.commit_lsn));
+        }
         let (origin, record) = self.outbox_record(ev).await?;
-        self.push_entry(origin, vec![record]).await
+        self.push_entry(origin, vec![record], ev.commit_lsn).await
+    }
+
+    fn transaction_end(&mut self, end_lsn: Lsn) {
+        self.eos_transaction_end(end_lsn);
     }
 
     async fn delivered(&mut self, feed: Feed<'_>) -> Result<Progress, KafkaSinkError> {
@@ -717,7 +793,13 @@ impl Delivery for KafkaDelivery {
         if !self.settings.connection.is_connected() && !self.window.is_empty() {
             self.failing_since.get_or_insert_with(Instant::now);
         }
-        if self.recovering && self.outstanding == 0 {
+        if self.eos.is_some() && self.recovering {
+            self.recover_transaction().await?;
+        } else if self.commit_due(feed.waiting()) || (!feed.open() && self.commit_due(0)) {
+            self.commit();
+        } else if self.eos.is_some() && feed.waiting() > 0 && self.room() {
+            // Changes wait that notify no more: the driver takes them first.
+        } else if self.recovering && self.outstanding == 0 {
             self.reproduce().await?;
         } else if !self.window.is_empty() || self.recovering {
             let can_feed = !self.recovering && feed.open() && self.room();

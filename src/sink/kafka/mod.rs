@@ -4,9 +4,12 @@
 //!
 //! At least once: a position is confirmed only once every record up to the transaction's end
 //! has a successful delivery report. Duplicates (after a crash, or a resend after a failed
-//! report) carry the same `pgbridge-id` header and key.
+//! report) carry the same `pgbridge-id` header and key. Exactly once (`--kafka-exactly-once`):
+//! a transactional producer and the positions topic (`delivery/transactions.rs`,
+//! `positions.rs`).
 
 mod delivery;
+mod positions;
 pub(crate) mod topics;
 
 use std::sync::atomic::Ordering;
@@ -24,7 +27,7 @@ use crate::shutdown::Shutdown;
 use crate::telemetry::counters::{NatsStats, PublisherStats};
 use crate::wire::encode::debezium::DebeziumOptions;
 
-pub(crate) use delivery::KafkaDelivery;
+pub(crate) use delivery::{ExactlyOnce, KafkaDelivery};
 
 use super::Sink;
 
@@ -100,6 +103,8 @@ impl ClientContext for Context {
             Some(RDKafkaErrorCode::BrokerTransportFailure) => {
                 log::debug!("Kafka: {error}: {reason}")
             }
+            // The positions reader asks for the end of its partition.
+            Some(RDKafkaErrorCode::PartitionEOF) => log::debug!("Kafka: {error}: {reason}"),
             _ => log::warn!("Kafka client: {error}: {reason}"),
         }
     }
@@ -219,16 +224,19 @@ pub(crate) struct KafkaSink {
     backoff: Duration,
     stats: Arc<PublisherStats>,
     connection: Arc<NatsStats>,
+    exactly_once: Option<ExactlyOnce>,
 }
 
 impl KafkaSink {
     /// A sink for `config`'s brokers, with message ids in `id_namespace`, counting in `stats`
-    /// and keeping the broker connection's state in `connection`.
+    /// and keeping the broker connection's state in `connection`. `exactly_once` names the
+    /// bridge's cluster and slot when `--kafka-exactly-once` is on.
     pub(crate) fn new(
         config: &Config,
         id_namespace: &str,
         stats: Arc<PublisherStats>,
         connection: Arc<NatsStats>,
+        exactly_once: Option<ExactlyOnce>,
     ) -> Self {
         KafkaSink {
             kafka: config.kafka.clone(),
@@ -248,6 +256,7 @@ impl KafkaSink {
             backoff: config.replication.reconnect_backoff(),
             stats,
             connection,
+            exactly_once,
         }
     }
 }
@@ -301,6 +310,7 @@ impl Sink for KafkaSink {
             stats: self.stats,
             connection: self.connection,
             shutdown,
+            exactly_once: self.exactly_once,
         })
     }
 }

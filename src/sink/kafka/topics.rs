@@ -54,15 +54,28 @@ impl Admin {
     /// (`max.message.bytes`, `None` when it cannot be read), creating the topic when missing
     /// and warning once about settings that break a guarantee.
     pub(crate) async fn ensure(&self, topic: &str) -> Result<(usize, Option<usize>), KafkaError> {
-        self.ensure_with(topic, self.partitions).await
+        self.ensure_with(topic, self.partitions, &[]).await
+    }
+
+    /// The positions topic of exactly-once delivery: one partition (its records are read
+    /// back in order at start), compacted (only each key's last record matters), replicated
+    /// as the other topics.
+    pub(crate) async fn ensure_positions(
+        &self,
+        topic: &str,
+    ) -> Result<(usize, Option<usize>), KafkaError> {
+        self.ensure_with(topic, Some(1), &[("cleanup.policy", "compact")])
+            .await
     }
 
     /// [`Admin::ensure`], creating a missing topic with `partitions` (`None`: the broker's
-    /// default) instead of the configured count.
+    /// default) instead of the configured count, and `configs` over the configured topic
+    /// settings.
     pub(crate) async fn ensure_with(
         &self,
         topic: &str,
         partitions: Option<u32>,
+        configs: &[(&str, &str)],
     ) -> Result<(usize, Option<usize>), KafkaError> {
         if let Some(n) = self.partitions_of(topic)? {
             return Ok((n, self.check(topic).await));
@@ -70,7 +83,11 @@ impl Admin {
         let partitions = partitions.map_or(-1, |p| p as i32);
         let replication = self.replication_factor.map_or(-1, i32::from);
         let mut new = NewTopic::new(topic, partitions, TopicReplication::Fixed(replication));
-        for (k, v) in &self.topic_config {
+        let configured = self
+            .topic_config
+            .iter()
+            .map(|(k, v)| (k.as_str(), v.as_str()));
+        for (k, v) in configured.chain(configs.iter().copied()) {
             new = new.set(k, v);
         }
         let opts = AdminOptions::new().operation_timeout(Some(REQUEST_TIMEOUT));

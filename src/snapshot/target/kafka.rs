@@ -182,7 +182,7 @@ impl InitTarget for KafkaInit {
         let topic = self.init_topic(schema, table);
         let (_, topic_max) = self
             .rt
-            .block_on(self.admin.ensure_with(&topic, Some(1)))
+            .block_on(self.admin.ensure_with(&topic, Some(1), &[]))
             .map_err(|e| SnapshotFailure::InitTopic {
                 topic: topic.clone(),
                 reason: e.to_string(),
