@@ -660,6 +660,12 @@ pub(super) fn print_table(r: &Json) {
     if !k.is_null() {
         rows.push(("pg_recvlogical (Kafka run's ceiling)".into(), &k["ceiling"]));
         rows.push(("bridge -> Kafka".into(), &k["bridge"]));
+        if !k["bridge_exactly_once"].is_null() {
+            rows.push((
+                "bridge -> Kafka, --kafka-exactly-once".into(),
+                &k["bridge_exactly_once"],
+            ));
+        }
         if !k["debezium"].is_null() {
             rows.push(("Debezium -> Kafka (JSON)".into(), &k["debezium"]));
         }

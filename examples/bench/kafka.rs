@@ -17,6 +17,19 @@ use super::*;
 const KAFKA_POLL: std::time::Duration = std::time::Duration::from_millis(100);
 /// The bridge's topic for `public.users` (`--topic-prefix` default `cdc`).
 const BRIDGE_TOPIC: &str = "cdc.users";
+/// The slot and topic prefix of the exactly-once run, beside the at-least-once run's.
+const EOS_SLOT: &str = "bench_eos";
+const EOS_PREFIX: &str = "eos";
+
+/// `bridge_cdc_events_published_total`: with Kafka, the changes whose delivery (in
+/// exactly-once mode, whose Kafka transaction) is confirmed.
+fn published(http_port: u16) -> Option<u64> {
+    let text = nats::http_get(http_port, "/metrics")?;
+    text.lines()
+        .find_map(|l| l.strip_prefix("bridge_cdc_events_published_total "))
+        .and_then(|v| v.trim().parse::<f64>().ok())
+        .map(|v| v as u64)
+}
 
 impl Bench {
     pub(super) fn kafka(&mut self) -> Json {
@@ -27,9 +40,9 @@ impl Bench {
         let txns = if peer { self.o.peer_txns } else { self.o.txns };
         let changes = txns * CHANGES_PER_TXN;
         if peer {
-            self.reset_backlog(&[CEILING_SLOT, DBZ_KAFKA_SLOT]);
+            self.reset_backlog(&[CEILING_SLOT, EOS_SLOT, DBZ_KAFKA_SLOT]);
         } else {
-            self.reset_backlog(&[CEILING_SLOT]);
+            self.reset_backlog(&[CEILING_SLOT, EOS_SLOT]);
         }
         say(
             self,
@@ -57,6 +70,41 @@ impl Bench {
         let count = |topic: &str| broker.end_offsets(topic).values().sum::<i64>().max(0) as u64;
         let bridge = self.watch(&mut run, changes, KAFKA_POLL, || count(BRIDGE_TOPIC));
         self.stop_bridge(run.proc, &run.log);
+
+        say(
+            self,
+            "bridge drains the backlog into Kafka exactly once (--kafka-exactly-once)",
+        );
+        let _ = std::fs::remove_file(self.o.dir.join("bridge.lsn"));
+        self.bridge_env = vec![
+            ("BRIDGE_SINK".into(), "kafka".into()),
+            ("KAFKA_BROKERS".into(), broker.brokers()),
+            ("KAFKA_EXACTLY_ONCE".into(), "true".into()),
+            ("BRIDGE_TOPIC_PREFIX".into(), EOS_PREFIX.into()),
+        ];
+        self.bridge_slot = Some(EOS_SLOT);
+        let (proc, log) = self.spawn_bridge("kafka-eos", "users");
+        self.bridge_env.clear();
+        self.bridge_slot = None;
+        let mut run = Run {
+            proc,
+            log,
+            spawned: Instant::now(),
+        };
+        // Transaction markers take offsets too: count what the bridge has seen committed.
+        let http_port = self.http_port;
+        let mut exactly_once = self.watch(&mut run, changes, KAFKA_POLL, || {
+            published(http_port).unwrap_or(0)
+        });
+        self.stop_bridge(run.proc, &run.log);
+        // Its state file names its own slot: the next bridge run starts from [`SLOT`]'s.
+        let _ = std::fs::remove_file(self.o.dir.join("bridge.lsn"));
+        let stored = broker
+            .client()
+            .read_topic_isolated(&format!("{EOS_PREFIX}.users"), true)
+            .len() as u64;
+        exactly_once["read_committed_records"] = json!(stored);
+        exactly_once["all_arrived"] = json!(stored == changes);
 
         let debezium = if peer {
             say(self, "Debezium Server drains the backlog into Kafka");
@@ -89,6 +137,8 @@ impl Bench {
             "what": "spawn -> the topic's end offsets (all partitions) sum to the backlog's changes",
             "ceiling": ceiling,
             "bridge": bridge,
+            "bridge_exactly_once": exactly_once,
+            "exactly_once_ratio": ratio(f(&exactly_once["changes_per_s"]), f(&bridge["changes_per_s"])),
             "debezium": debezium,
             "ratio_to_pg_recvlogical": ratio(f(&bridge["changes_per_s"]), f(&ceiling["changes_per_s"])),
             "bridge_rate_vs_debezium": ratio(f(&bridge["changes_per_s"]), f(&debezium["changes_per_s"])),

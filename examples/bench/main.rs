@@ -262,6 +262,8 @@ struct Bench {
     loadavg_at_start: String,
     /// Extra environment of the bridge (the Kafka sink's settings).
     bridge_env: Vec<(String, String)>,
+    /// The bridge's slot when not [`SLOT`] (a second bridge run on the same backlog).
+    bridge_slot: Option<&'static str>,
 }
 
 /// `/proc/loadavg`: other work on the machine shows in every figure.
@@ -356,6 +358,7 @@ fn main() {
         http_port: free_port(),
         loadavg_at_start,
         bridge_env: Vec::new(),
+        bridge_slot: None,
     };
     say(&b, "servers up");
     b.setup();
@@ -645,7 +648,7 @@ impl Bench {
             .envs(self.bridge_env.iter().map(|(k, v)| (k, v)))
             .args([
                 "--slot",
-                SLOT,
+                self.bridge_slot.unwrap_or(SLOT),
                 "--publication",
                 PUBLICATION,
                 "--table",
