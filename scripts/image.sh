@@ -39,9 +39,14 @@ if [ "$(id -u)" -ne 0 ]; then
     exit 2
 fi
 
-./scripts/install-deps.sh
-# shellcheck source=/dev/null
-. .dev/env
+# The test command installs them first and runs this beside the tests, with .dev/env's
+# settings in its environment: installing (or reading .dev/env) again could meet another
+# step rewriting it.
+if [ "${PGBRIDGE_DEPS_INSTALLED:-}" != 1 ]; then
+    ./scripts/install-deps.sh
+    # shellcheck source=/dev/null
+    . .dev/env
+fi
 if ! command -v buildah >/dev/null 2>&1; then
     say "apt-get install buildah"
     DEBIAN_FRONTEND=noninteractive apt-get update -qq
