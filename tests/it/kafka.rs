@@ -64,7 +64,7 @@ pub(super) fn wait_records(
 }
 
 /// The bridge's HTTP port, from its log.
-fn http_port(bridge: &BridgeProcess) -> u16 {
+pub(super) fn http_port(bridge: &BridgeProcess) -> u16 {
     let line = bridge.wait_for_line("HTTP endpoints on http://127.0.0.1:", STEP);
     let rest = line.split("http://127.0.0.1:").nth(1).unwrap();
     rest.split(|c: char| !c.is_ascii_digit())
@@ -75,7 +75,7 @@ fn http_port(bridge: &BridgeProcess) -> u16 {
 }
 
 /// GET `path`: the status and the body, `None` when nothing answers.
-fn http_get(port: u16, path: &str) -> Option<(u16, String)> {
+pub(super) fn http_get(port: u16, path: &str) -> Option<(u16, String)> {
     use std::io::{Read, Write};
     let mut s = std::net::TcpStream::connect(("127.0.0.1", port)).ok()?;
     s.set_read_timeout(Some(Duration::from_secs(10))).ok()?;

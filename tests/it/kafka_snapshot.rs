@@ -3,8 +3,6 @@
 //! source table row for row; `--snapshot-on-start` fills in only the tables whose init topic
 //! holds no meta; `POST /snapshots/{table}` needs the admin token and names known tables.
 
-use std::io::{Read, Write};
-use std::net::TcpStream;
 use std::time::{Duration, Instant};
 
 use pgbridge::wire::kafka::{init_topic, OP_HEADER, SNAPSHOT_META_OP};
@@ -13,7 +11,7 @@ use testkit::oracle::kafka::bootstrap_rows;
 use testkit::oracle::{grant_sales, pg_rows, seed_sql, tables, Table, Writer, SCHEMA, SLOT};
 use testkit::{setup_app_db, wait_caught_up, BridgeProcess, PgServer, TempDir};
 
-use super::kafka::{kafka_bridge, STEP};
+use super::kafka::{http_get, http_port, kafka_bridge, STEP};
 
 const TOKEN: &str = "s3cret";
 
@@ -28,49 +26,16 @@ fn seeded_env() -> (PgServer, KafkaServer) {
     (pg, kafka.join().expect("the Kafka broker started"))
 }
 
-/// The bridge's HTTP port, from its log.
-fn http_port(bridge: &BridgeProcess) -> u16 {
-    let line = bridge.wait_for_line("HTTP endpoints on http://127.0.0.1:", STEP);
-    let rest = line.split("http://127.0.0.1:").nth(1).unwrap();
-    rest.split(|c: char| !c.is_ascii_digit())
-        .next()
-        .unwrap()
-        .parse()
-        .unwrap()
-}
-
 /// POST `path`: the status and the body.
 fn http_post(port: u16, path: &str, token: Option<&str>) -> (u16, String) {
-    let auth = token
-        .map(|t| format!("Authorization: Bearer {t}\r\n"))
-        .unwrap_or_default();
-    let mut s = TcpStream::connect(("127.0.0.1", port)).expect("connect to the HTTP port");
-    s.set_read_timeout(Some(Duration::from_secs(20))).unwrap();
-    write!(
-        s,
-        "POST {path} HTTP/1.1\r\nHost: 127.0.0.1\r\n{auth}Content-Length: 0\r\n\r\n"
-    )
-    .unwrap();
-    let mut out = String::new();
-    let _ = s.read_to_string(&mut out);
-    let (head, body) = out.split_once("\r\n\r\n").expect("an HTTP answer");
-    (
-        head.split(' ').nth(1).unwrap().parse().unwrap(),
-        body.to_string(),
-    )
+    let (status, _, body) = super::snapshot_requests::http_post(port, path, token);
+    (status, body)
 }
 
 /// The value of metric `name` on `/metrics`.
 fn metric(port: u16, name: &str) -> f64 {
-    let mut s = TcpStream::connect(("127.0.0.1", port)).expect("connect to the HTTP port");
-    s.set_read_timeout(Some(Duration::from_secs(20))).unwrap();
-    write!(
-        s,
-        "GET /metrics HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n"
-    )
-    .unwrap();
-    let mut out = String::new();
-    let _ = s.read_to_string(&mut out);
+    let (status, out) = http_get(port, "/metrics").expect("the HTTP port answers");
+    assert_eq!(status, 200, "{out}");
     out.lines()
         .find_map(|l| l.strip_prefix(name)?.strip_prefix(' ')?.trim().parse().ok())
         .unwrap_or_else(|| panic!("no {name} in /metrics:\n{out}"))

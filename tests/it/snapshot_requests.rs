@@ -108,7 +108,7 @@ fn error_of(reply: &serde_json::Value) -> &str {
 }
 
 /// An HTTP answer: status, headers (lower-case names), body.
-fn http_post(port: u16, path: &str, token: Option<&str>) -> (u16, String, String) {
+pub(super) fn http_post(port: u16, path: &str, token: Option<&str>) -> (u16, String, String) {
     let auth = token
         .map(|t| format!("Authorization: Bearer {t}\r\n"))
         .unwrap_or_default();
