@@ -43,10 +43,21 @@ pub(super) fn wait_records(
     topic: &str,
     n: usize,
 ) -> Vec<KafkaRecord> {
+    wait_read(kafka, bridge, topic, n, |t| kafka.read_topic(t))
+}
+
+/// [`wait_records`] with the topic read by `read` (e.g. `read_committed`).
+pub(super) fn wait_read(
+    kafka: &KafkaServer,
+    bridge: &BridgeProcess,
+    topic: &str,
+    n: usize,
+    read: impl Fn(&str) -> Vec<KafkaRecord>,
+) -> Vec<KafkaRecord> {
     let deadline = Instant::now() + STEP;
     loop {
         let records = if kafka.topics().iter().any(|t| t == topic) {
-            kafka.read_topic(topic)
+            read(topic)
         } else {
             Vec::new()
         };

@@ -18,7 +18,9 @@ use testkit::{
     PgServer, TempDir,
 };
 
-use super::kafka::{compare_tables_read, count_duplicates, kafka_bridge, position, STEP};
+use super::kafka::{
+    compare_tables_read, count_duplicates, kafka_bridge, position, wait_read, STEP,
+};
 
 const EOS: &[&str] = &["--kafka-exactly-once"];
 /// One partition for the broker's transaction log: the first transactional producer does
@@ -68,24 +70,9 @@ fn wait_committed(
     topic: &str,
     n: usize,
 ) -> Vec<KafkaRecord> {
-    let deadline = Instant::now() + STEP;
-    loop {
-        let records = if kafka.topics().iter().any(|t| t == topic) {
-            kafka.client().read_topic_isolated(topic, true)
-        } else {
-            Vec::new()
-        };
-        if records.len() >= n {
-            return records;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "timed out waiting for {n} committed records in {topic}: {}\nbridge log:\n{}",
-            records.len(),
-            bridge.log()
-        );
-        std::thread::sleep(std::time::Duration::from_millis(200));
-    }
+    wait_read(kafka, bridge, topic, n, |t| {
+        kafka.client().read_topic_isolated(t, true)
+    })
 }
 
 /// Each key's records are in commit order (commit_lsn, seq) within its partition.
