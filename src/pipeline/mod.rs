@@ -30,7 +30,9 @@ use crate::telemetry::counters::{DurableLsn, NatsStats, PublisherStats};
 use crate::telemetry::{self, Telemetry, TelemetryError};
 
 use durable::{StateFile, StateFileError, StateWriter};
-use position::{Found, PositionError, PositionIdentity, Recorded, Resume, TimelineHistory};
+use position::{
+    Found, PositionError, PositionIdentity, Recorded, Resume, ServerPosition, TimelineHistory,
+};
 use translate::TranslateError;
 use wal::{WalContext, WalStream};
 
@@ -184,6 +186,8 @@ struct Setup {
     identity: PositionIdentity,
     /// The current timeline's history, for the timeline of each commit.
     history: TimelineHistory,
+    /// The server's WAL position at set-up.
+    current_wal: Lsn,
     /// The state file must be written now (an accepted gap moved the position).
     rewrite_state: bool,
 }
@@ -239,10 +243,11 @@ fn pg_setup(
         slot: slot_name.clone(),
     };
     let slot = setup::find_slot(&mut conn, slot_name)?;
+    let current_wal = setup::current_wal_lsn(&mut conn)?;
     let found = Found {
         identity: identity.clone(),
         slot: slot.as_ref().map(|s| s.confirmed_flush),
-        current_wal: setup::current_wal_lsn(&mut conn)?,
+        current_wal,
         history: history.clone(),
     };
     let (resume, gap) = match position::check(state_path, recorded, &found) {
@@ -294,6 +299,7 @@ fn pg_setup(
         start,
         identity,
         history,
+        current_wal,
         rewrite_state: gap.is_some(),
     })
 }
@@ -302,13 +308,15 @@ fn pg_setup(
 /// position on its timeline's history, and the slot must exist there. A promotion (a new
 /// timeline that passed through the durable position) is followed: logged, and recorded in
 /// the state file from now on. A promoted server without the slot stops the bridge: a new slot
-/// would start past the changes committed since the durable position.
+/// would start past the changes committed since the durable position. `server` is told the
+/// server's WAL position and history.
 fn verify_reconnect(
     repl: &mut ReplicationConnection,
     identity: &mut PositionIdentity,
     state_path: &std::path::Path,
     durable: Lsn,
     state: &StateWriter,
+    server: &ServerPosition,
 ) -> Result<TimelineHistory, RunError> {
     let system = repl.identify_system().map_err(SetupError::Pg)?;
     let found = PositionIdentity {
@@ -374,6 +382,7 @@ fn verify_reconnect(
         *identity = found;
         state.set_identity(identity.clone());
     }
+    server.set(system.xlogpos, history.clone());
     Ok(history)
 }
 
@@ -492,6 +501,7 @@ fn run_pipeline(
         start,
         identity,
         history,
+        current_wal,
         rewrite_state,
     }) = with_retries(config, shutdown, telemetry, || {
         pg_setup(config, &state_path, recorded.as_ref())
@@ -517,6 +527,8 @@ fn run_pipeline(
         .map_err(|e| RunError::Internal(format!("cannot start the state file thread: {e}")))?;
     let durable: DurableLsn = telemetry.durable.clone();
     durable.advance(start);
+    // Kept up to date at every reconnect, for the Kafka sink's exactly-once positions check.
+    let server = Arc::new(ServerPosition::new(current_wal, history.clone()));
     let namespace = match &config.replication.id_namespace {
         Some(ns) => {
             log::info!("message ids in namespace '{ns}' (configured)");
@@ -614,7 +626,7 @@ fn run_pipeline(
                 .then(|| crate::sink::kafka::ExactlyOnce {
                     system_identifier: identity.system_id.clone(),
                     slot: identity.slot.clone(),
-                    timeline: identity.timeline,
+                    server: Arc::clone(&server),
                 });
             let sink = crate::sink::kafka::KafkaSink::new(
                 config,
@@ -683,6 +695,7 @@ fn run_pipeline(
                     &state_path,
                     ctx.durable.get(),
                     &ctx.state,
+                    &server,
                 )?;
                 repl
             }

@@ -7,6 +7,7 @@
 
 use std::fmt;
 use std::path::PathBuf;
+use std::sync::Mutex;
 
 use crate::pg::Lsn;
 
@@ -214,6 +215,38 @@ impl TimelineHistory {
     }
 }
 
+/// What the server said at the bridge's latest (re)connect: its WAL position then, a lower
+/// bound of its position now (a server's WAL only grows), and its timeline history. Shared
+/// with the Kafka sink, whose exactly-once positions record must fit them.
+#[derive(Debug)]
+pub struct ServerPosition(Mutex<(Lsn, TimelineHistory)>);
+
+impl ServerPosition {
+    /// The server's WAL position `wal` and timeline history `history`.
+    pub fn new(wal: Lsn, history: TimelineHistory) -> Self {
+        ServerPosition(Mutex::new((wal, history)))
+    }
+
+    /// After a reconnect: what the (possibly other, promoted) server said.
+    pub fn set(&self, wal: Lsn, history: TimelineHistory) {
+        *self.0.lock().unwrap_or_else(|e| e.into_inner()) = (wal, history);
+    }
+
+    /// The server's WAL position and timeline history.
+    pub fn get(&self) -> (Lsn, TimelineHistory) {
+        self.0.lock().unwrap_or_else(|e| e.into_inner()).clone()
+    }
+
+    /// The timeline WAL at `lsn` was written on (see [`TimelineHistory::timeline_of`]).
+    pub fn timeline_of(&self, lsn: Lsn) -> u32 {
+        self.0
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .1
+            .timeline_of(lsn)
+    }
+}
+
 /// What the server says at start.
 #[derive(Clone, Debug)]
 pub struct Found {
@@ -336,7 +369,7 @@ fn promotion_story(recorded: u32, current: u32, switch_point: Option<Lsn>) -> St
     }
 }
 
-fn timeline_story(tli: u32, switch_point: Option<Lsn>) -> String {
+pub(crate) fn timeline_story(tli: u32, switch_point: Option<Lsn>) -> String {
     match switch_point {
         Some(sw) => format!("timeline {tli} ended at {sw}"),
         None => format!("timeline {tli} is not in its history"),

@@ -23,6 +23,7 @@ use rdkafka::types::RDKafkaErrorCode;
 
 use crate::config::replication::Envelope;
 use crate::config::{Config, Format, KafkaConfig, OnOversize};
+use crate::pg::Lsn;
 use crate::shutdown::Shutdown;
 use crate::telemetry::counters::{NatsStats, PublisherStats};
 use crate::wire::encode::debezium::DebeziumOptions;
@@ -56,6 +57,21 @@ pub enum KafkaSinkError {
         /// What the client or broker said.
         reason: String,
     },
+    /// Exactly once: the positions record of this bridge's key does not fit the server, so
+    /// skipping up to it would lose changes.
+    #[error("exactly once: positions topic {topic} holds position {end_lsn} (timeline {timeline}) for key {key}, {why}; skipping every transaction up to {end_lsn} would lose changes, so the bridge stops (nothing was sent to Kafka); if that record is stale, delete it (a tombstone: key {key}, null value, on {topic}) or start with another --topic-prefix (docs/operations.md, Exactly once)")]
+    UntrustedPosition {
+        /// The positions topic.
+        topic: String,
+        /// The record's key.
+        key: String,
+        /// The record's `end_lsn`.
+        end_lsn: Lsn,
+        /// The record's timeline.
+        timeline: u32,
+        /// What the server says and what that means.
+        why: String,
+    },
     /// Shutdown came while Kafka did not confirm delivery.
     #[error("stopped with {pending} changes not confirmed by Kafka (they will be sent again on the next start): {last_error}")]
     NotDrained {
@@ -69,7 +85,10 @@ pub enum KafkaSinkError {
 impl KafkaSinkError {
     /// True for errors a change of configuration must fix (exit code 2).
     pub(crate) fn is_configuration(&self) -> bool {
-        matches!(self, KafkaSinkError::Config(_))
+        matches!(
+            self,
+            KafkaSinkError::Config(_) | KafkaSinkError::UntrustedPosition { .. }
+        )
     }
 }
 

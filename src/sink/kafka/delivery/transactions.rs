@@ -10,6 +10,10 @@
 //! PostgreSQL as usual). The same read follows every abort or fresh producer: a commit whose
 //! answer was lost may have succeeded.
 //!
+//! The first read is checked against the server (see [`positions::check`]): a cluster
+//! restored from a backup keeps its system identifier, and a record of its former life would
+//! make the bridge skip changes it never delivered; such a record stops the bridge.
+//!
 //! The producer is created at the first change, not at start: a standby bridge waiting for
 //! the slot must not fence the active one (both derive the same `transactional.id`).
 //!
@@ -24,6 +28,7 @@ use rdkafka::message::{Header, OwnedHeaders};
 use rdkafka::producer::{BaseRecord, Producer};
 
 use crate::pg::Lsn;
+use crate::pipeline::position::ServerPosition;
 use crate::sink::driver::Ticket;
 use crate::sink::kafka::positions::{self, TRANSACTION_CALL_TIMEOUT};
 use crate::sink::kafka::{Context, KafkaSinkError};
@@ -46,8 +51,9 @@ pub(crate) struct ExactlyOnce {
     pub(crate) system_identifier: String,
     /// The replication slot.
     pub(crate) slot: String,
-    /// The timeline streamed from at start (written into position records).
-    pub(crate) timeline: u32,
+    /// The server's WAL position and timeline history as of the latest (re)connect: the
+    /// positions record is checked against them, and gives each record its timeline.
+    pub(crate) server: Arc<ServerPosition>,
 }
 
 impl ExactlyOnce {
@@ -256,7 +262,7 @@ impl KafkaDelivery {
             let value = PositionRecord {
                 system_identifier: t.ids.system_identifier.clone(),
                 slot: t.ids.slot.clone(),
-                timeline: t.ids.timeline,
+                timeline: t.ids.server.timeline_of(end),
                 end_lsn: end.to_string(),
                 written_ms: crate::wire::text::now_unix_micros() / 1000,
             };
@@ -326,7 +332,7 @@ impl KafkaDelivery {
         let since = Instant::now();
         loop {
             match self.try_start().await {
-                Ok(()) => return Ok(()),
+                Ok(found) => return self.trust_start(found),
                 Err(e) => {
                     if let Some(fatal) = self.fatal.take() {
                         return Err(fatal);
@@ -351,36 +357,55 @@ impl KafkaDelivery {
         }
     }
 
-    async fn try_start(&mut self) -> Result<(), KafkaError> {
+    /// Makes sure the positions topic exists, creates the producer and reads the record.
+    async fn try_start(&mut self) -> Result<Option<PositionRecord>, KafkaError> {
         let Some(t) = &self.eos else {
-            return Ok(());
+            return Ok(None);
         };
         let topic = Arc::clone(&t.topic);
         let created = self.admin.ensure_positions(&topic).await;
         created?;
         self.fresh_producer()?;
-        let found = self.read_position()?;
+        self.read_position()
+    }
+
+    /// The first read of the positions topic: a record that fits the server (see
+    /// [`positions::check`]) is skipped up to; one that does not stops the bridge.
+    fn trust_start(&mut self, found: Option<PositionRecord>) -> Result<(), KafkaSinkError> {
         let Some(t) = &mut self.eos else {
             return Ok(());
         };
-        t.ready = true;
-        match found {
-            Some(lsn) => {
-                t.skip_below = t.skip_below.max(lsn);
-                log::info!(
-                    "exactly once: transactional id {}; positions topic {} key {} holds {lsn}: transactions ending at or below it are in Kafka already and are skipped",
-                    t.ids.transactional_id(),
-                    t.topic,
-                    t.key
-                );
-            }
-            None => log::info!(
+        let Some(rec) = found else {
+            t.ready = true;
+            log::info!(
                 "exactly once: transactional id {}; positions topic {} holds no position for key {} yet",
                 t.ids.transactional_id(),
                 t.topic,
                 t.key
-            ),
+            );
+            return Ok(());
+        };
+        let lsn: Lsn = rec.end_lsn.parse().unwrap_or(Lsn::INVALID);
+        let (server_wal, history) = t.ids.server.get();
+        if let Err(why) = positions::check(lsn, rec.timeline, server_wal, &history) {
+            return Err(KafkaSinkError::UntrustedPosition {
+                topic: t.topic.to_string(),
+                key: t.key.clone(),
+                end_lsn: lsn,
+                timeline: rec.timeline,
+                why: why.explain(server_wal, &history),
+            });
         }
+        t.ready = true;
+        t.skip_below = t.skip_below.max(lsn);
+        log::info!(
+            "exactly once: transactional id {}; positions topic {} key {} holds {lsn} (timeline {}, server at {server_wal} on timeline {}): transactions ending at or below it are in Kafka already and are skipped",
+            t.ids.transactional_id(),
+            t.topic,
+            t.key,
+            rec.timeline,
+            history.current()
+        );
         Ok(())
     }
 
@@ -405,8 +430,8 @@ impl KafkaDelivery {
         Ok(())
     }
 
-    /// This bridge's committed position on the positions topic.
-    fn read_position(&self) -> Result<Option<Lsn>, KafkaError> {
+    /// This bridge's committed position record on the positions topic.
+    fn read_position(&self) -> Result<Option<PositionRecord>, KafkaError> {
         let Some(t) = &self.eos else {
             return Ok(None);
         };
@@ -457,8 +482,10 @@ impl KafkaDelivery {
             self.last_error = Some(e.to_string());
             return Ok(());
         }
+        // Not checked against the server again: what committed since the first read was
+        // written by this bridge (or a fenced predecessor holding the slot before it).
         let found = match self.read_position() {
-            Ok(found) => found,
+            Ok(found) => found.and_then(|r| r.end_lsn.parse::<Lsn>().ok()),
             Err(e) => {
                 self.last_error = Some(e.to_string());
                 return Ok(());
