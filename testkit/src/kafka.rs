@@ -429,6 +429,27 @@ impl KafkaClient {
         p.abort_transaction(timeout).expect("abort_transaction");
     }
 
+    /// Writes one record, outside any transaction, to partition `partition` of `topic` (which
+    /// must exist): key `key`, value `value` (`None`: a tombstone); waits for the broker's
+    /// answer (a refusal shows when the topic is read back).
+    pub fn produce(&self, topic: &str, partition: i32, key: &[u8], value: Option<&[u8]>) {
+        use rdkafka::producer::{BaseProducer, BaseRecord, Producer};
+        let mut config = ClientConfig::new();
+        config
+            .set("bootstrap.servers", &self.bootstrap)
+            .set("enable.idempotence", "true")
+            .set("log_level", "0");
+        let p: BaseProducer = config.create().expect("producer");
+        let mut record = BaseRecord::<[u8], [u8]>::to(topic)
+            .partition(partition)
+            .key(key);
+        if let Some(v) = value {
+            record = record.payload(v);
+        }
+        p.send(record).map_err(|(e, _)| e).expect("produce");
+        p.flush(Duration::from_secs(60)).expect("flush");
+    }
+
     /// The end offset (high watermark) of each partition of `topic`.
     pub fn end_offsets(&self, topic: &str) -> BTreeMap<i32, i64> {
         let c = self.consumer();

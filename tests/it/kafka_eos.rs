@@ -316,3 +316,159 @@ fn kill_9_under_load_delivers_each_change_exactly_once() {
     );
     assert_eq!(bridge.terminate(STEP), Some(0), "{}", bridge.log());
 }
+
+/// PostgreSQL with table `t1` and a broker ready for transactions.
+fn t1_env() -> (PgServer, KafkaServer) {
+    let kafka = std::thread::spawn(|| KafkaServer::start_with(TXN_LOG));
+    let pg = PgServer::start();
+    setup_app_db(&pg, "CREATE TABLE t1 (id int PRIMARY KEY, v text);", "");
+    (pg, kafka.join().expect("the Kafka broker started"))
+}
+
+/// Writes, outside any transaction, a position record of this cluster and slot at `end_lsn`
+/// on `timeline`: what a cluster restored from a backup (same system identifier) finds of
+/// its former life.
+fn forge_position(kafka: &KafkaServer, pg: &PgServer, end_lsn: Lsn, timeline: u32) {
+    let rec = PositionRecord {
+        system_identifier: system_identifier(pg),
+        slot: SLOT.into(),
+        timeline,
+        end_lsn: end_lsn.to_string(),
+        written_ms: 0,
+    };
+    let key = position_key(&rec.system_identifier, SLOT);
+    kafka.client().produce(
+        &positions_topic("cdc"),
+        0,
+        key.as_bytes(),
+        Some(&serde_json::to_vec(&rec).unwrap()),
+    );
+    assert_eq!(
+        committed_position(kafka, pg).map(|(r, _)| r),
+        Some(rec),
+        "the forged record is the key's last"
+    );
+}
+
+/// The server's current WAL position.
+fn current_wal(pg: &PgServer) -> Lsn {
+    pg.value("postgres", "SELECT pg_current_wal_lsn()::text")
+        .parse()
+        .unwrap()
+}
+
+/// A start that must refuse: exit code 2 and exactly one line naming `needle`, nothing
+/// confirmed to PostgreSQL and nothing more in `cdc.t1` (committed or not) than `stored`.
+fn assert_refused(
+    pg: &PgServer,
+    kafka: &KafkaServer,
+    dir: &std::path::Path,
+    needle: &str,
+    stored: usize,
+) -> String {
+    let confirmed = confirmed_flush(pg, SLOT);
+    let mut bridge = kafka_bridge(pg, kafka, dir, EOS);
+    assert_eq!(bridge.wait_exit(STEP), Some(2), "{}", bridge.log());
+    let log = bridge.log();
+    let lines: Vec<&str> = log.lines().filter(|l| l.contains(needle)).collect();
+    assert_eq!(lines.len(), 1, "one line with {needle:?}:\n{log}");
+    assert_eq!(
+        confirmed_flush(pg, SLOT),
+        confirmed,
+        "nothing confirmed:\n{log}"
+    );
+    assert_eq!(
+        kafka.client().read_topic_isolated("cdc.t1", false).len(),
+        stored,
+        "nothing produced:\n{log}"
+    );
+    eprintln!("refused: {}", lines[0]);
+    lines[0].to_string()
+}
+
+#[test]
+fn exactly_once_refuses_a_position_beyond_the_servers_wal() {
+    let _heavy = testkit::heavy();
+    let (pg, kafka) = t1_env();
+    let dir = TempDir::new("kafka-eos-ahead");
+    let mut bridge = kafka_bridge(&pg, &kafka, dir.path(), EOS);
+    pg.sql("app", "INSERT INTO t1 VALUES (1, 'a')");
+    wait_committed(&kafka, &bridge, "cdc.t1", 1);
+    wait_caught_up(&pg, SLOT, STEP);
+    assert_eq!(bridge.terminate(STEP), Some(0), "{}", bridge.log());
+
+    // The cluster's former life got much further than its WAL reaches now.
+    let far = Lsn(0xFF_0000_0000);
+    assert!(far > current_wal(&pg));
+    forge_position(&kafka, &pg, far, 1);
+    pg.sql(
+        "app",
+        "INSERT INTO t1 SELECT g, 'b' FROM generate_series(2, 6) g",
+    );
+    let line = assert_refused(
+        &pg,
+        &kafka,
+        dir.path(),
+        "holds position FF/0 (timeline 1)",
+        1,
+    );
+    assert!(
+        line.contains("ahead of the server's WAL position") && line.contains("tombstone"),
+        "{line}"
+    );
+
+    // The way out the line names: a tombstone for the key. Nothing is skipped then.
+    let key = position_key(&system_identifier(&pg), SLOT);
+    kafka
+        .client()
+        .produce(&positions_topic("cdc"), 0, key.as_bytes(), None);
+    let mut bridge = kafka_bridge(&pg, &kafka, dir.path(), EOS);
+    let all = wait_committed(&kafka, &bridge, "cdc.t1", 6);
+    bridge.wait_for_line("holds no position for key", STEP);
+    assert_eq!(all.len(), 6, "{all:#?}");
+    assert_eq!(count_duplicates("cdc.t1", &all, &[]), 0);
+    wait_caught_up(&pg, SLOT, STEP);
+    assert_eq!(bridge.terminate(STEP), Some(0), "{}", bridge.log());
+}
+
+#[test]
+fn exactly_once_checks_the_positions_timeline_against_the_servers_history() {
+    let _heavy = testkit::heavy();
+    let (mut pg, kafka) = t1_env();
+    let dir = TempDir::new("kafka-eos-timeline");
+    let mut bridge = kafka_bridge(&pg, &kafka, dir.path(), EOS);
+    pg.sql("app", "INSERT INTO t1 VALUES (1, 'a')");
+    wait_committed(&kafka, &bridge, "cdc.t1", 1);
+    wait_caught_up(&pg, SLOT, STEP);
+    assert_eq!(bridge.terminate(STEP), Some(0), "{}", bridge.log());
+    let (rec, end1) = committed_position(&kafka, &pg).unwrap();
+    assert_eq!(rec.timeline, 1);
+
+    // A promotion after the recorded position: the record is on the server's history.
+    pg.new_timeline();
+    pg.sql("app", "INSERT INTO t1 VALUES (2, 'b')");
+    let mut bridge = kafka_bridge(&pg, &kafka, dir.path(), EOS);
+    let all = wait_committed(&kafka, &bridge, "cdc.t1", 2);
+    let line = bridge.wait_for_line(&format!("holds {end1} (timeline 1, server at"), STEP);
+    assert!(line.contains("on timeline 2)"), "{line}");
+    wait_caught_up(&pg, SLOT, STEP);
+    assert_eq!(bridge.terminate(STEP), Some(0), "{}", bridge.log());
+    assert_eq!(all.len(), 2, "{all:#?}");
+    assert_eq!(count_duplicates("cdc.t1", &all, &[]), 0);
+    // Records name the timeline their position was written on.
+    let (rec, _) = committed_position(&kafka, &pg).unwrap();
+    assert_eq!(rec.timeline, 2);
+
+    // A record on timeline 1 past the point where the server left it (below the server's
+    // WAL position: only the history tells it apart).
+    forge_position(&kafka, &pg, current_wal(&pg), 1);
+    pg.sql("app", "INSERT INTO t1 VALUES (3, 'c')");
+    let line = assert_refused(
+        &pg,
+        &kafka,
+        dir.path(),
+        "not on the history of the server's timeline 2",
+        2,
+    );
+    assert!(line.contains("that timeline ended at"), "{line}");
+}
