@@ -573,6 +573,19 @@ mod tests {
     }
 
     #[test]
+    fn the_shared_server_position_follows_a_reconnect() {
+        let server = ServerPosition::new(Lsn(0x500), TimelineHistory::single(1));
+        assert_eq!(server.get(), (Lsn(0x500), TimelineHistory::single(1)));
+        assert_eq!(server.timeline_of(Lsn(0x400)), 1);
+        // Promoted at 0/480: WAL from there on is timeline 2's.
+        let promoted = TimelineHistory::parse(2, "1\t0/480\tpromoted\n").unwrap();
+        server.set(Lsn(0x600), promoted.clone());
+        assert_eq!(server.get(), (Lsn(0x600), promoted));
+        assert_eq!(server.timeline_of(Lsn(0x47F)), 1);
+        assert_eq!(server.timeline_of(Lsn(0x480)), 2);
+    }
+
+    #[test]
     fn state_text_round_trips_and_reads_the_old_format() {
         let mut identity = id("7312345678901234567", 3);
         identity.database = "odd%name\nwith=signs".into();

@@ -83,7 +83,8 @@ pub enum KafkaSinkError {
 }
 
 impl KafkaSinkError {
-    /// True for errors a change of configuration must fix (exit code 2).
+    /// True for errors a change of configuration (or of the state in Kafka) must fix (exit
+    /// code 2).
     pub(crate) fn is_configuration(&self) -> bool {
         matches!(
             self,
