@@ -448,27 +448,38 @@ fn exactly_once_checks_the_positions_timeline_against_the_servers_history() {
     pg.new_timeline();
     pg.sql("app", "INSERT INTO t1 VALUES (2, 'b')");
     let mut bridge = kafka_bridge(&pg, &kafka, dir.path(), EOS);
-    let all = wait_committed(&kafka, &bridge, "cdc.t1", 2);
+    wait_committed(&kafka, &bridge, "cdc.t1", 2);
     let line = bridge.wait_for_line(&format!("holds {end1} (timeline 1, server at"), STEP);
     assert!(line.contains("on timeline 2)"), "{line}");
+    // Another one while it streams: records name the timeline their position was written
+    // on, so the next start finds its record on the server's history.
+    pg.new_timeline();
+    bridge.wait_for_line("streaming goes on on timeline 3", STEP);
+    pg.sql("app", "INSERT INTO t1 VALUES (3, 'c')");
+    wait_committed(&kafka, &bridge, "cdc.t1", 3);
     wait_caught_up(&pg, SLOT, STEP);
     assert_eq!(bridge.terminate(STEP), Some(0), "{}", bridge.log());
-    assert_eq!(all.len(), 2, "{all:#?}");
+    let (rec, end3) = committed_position(&kafka, &pg).unwrap();
+    assert_eq!(rec.timeline, 3);
+    pg.sql("app", "INSERT INTO t1 VALUES (4, 'd')");
+    let mut bridge = kafka_bridge(&pg, &kafka, dir.path(), EOS);
+    let all = wait_committed(&kafka, &bridge, "cdc.t1", 4);
+    bridge.wait_for_line(&format!("holds {end3} (timeline 3, server at"), STEP);
+    wait_caught_up(&pg, SLOT, STEP);
+    assert_eq!(bridge.terminate(STEP), Some(0), "{}", bridge.log());
+    assert_eq!(all.len(), 4, "{all:#?}");
     assert_eq!(count_duplicates("cdc.t1", &all, &[]), 0);
-    // Records name the timeline their position was written on.
-    let (rec, _) = committed_position(&kafka, &pg).unwrap();
-    assert_eq!(rec.timeline, 2);
 
     // A record on timeline 1 past the point where the server left it (below the server's
     // WAL position: only the history tells it apart).
     forge_position(&kafka, &pg, current_wal(&pg), 1);
-    pg.sql("app", "INSERT INTO t1 VALUES (3, 'c')");
+    pg.sql("app", "INSERT INTO t1 VALUES (5, 'e')");
     let line = assert_refused(
         &pg,
         &kafka,
         dir.path(),
-        "not on the history of the server's timeline 2",
-        2,
+        "not on the history of the server's timeline 3",
+        4,
     );
     assert!(line.contains("that timeline ended at"), "{line}");
 }
