@@ -98,6 +98,9 @@ impl Bench {
             .expect("js_publish");
         assert_eq!(code, 0, "js_publish failed");
         let r: Json = serde_json::from_str(out.trim()).expect("js_publish output");
+        if !r["skipped"].is_null() {
+            return r;
+        }
         assert_eq!(r["messages"].as_u64(), Some(expected));
         let n = expected as f64;
         json!({
