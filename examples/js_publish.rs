@@ -13,8 +13,14 @@
 //! and JSON decoding of the ack). JetStream stores and acknowledges them just the same;
 //! the difference is the client's cost per message.
 //!
+//! `--mode fast` publishes them as one JetStream fast-ingest batch (nats-server 2.14 and
+//! later; the target stream allows batches): plain publishes whose reply subject carries the
+//! batch id and the message's place in it, the server answering with a flow ack every N
+//! messages (N its choice, at most `--flow`) instead of a PubAck each. `--fill N` first fills
+//! the source stream with N synthetic change-sized messages, for a run without the bridge.
+//!
 //! ```text
-//! js_publish --url nats://127.0.0.1:4222 --source CDC --target CEIL --window 1024 [--mode core]
+//! js_publish --url nats://127.0.0.1:4222 --source CDC --target CEIL --window 1024 [--mode core|fast] [--flow 256] [--fill N]
 //! ```
 
 use std::collections::VecDeque;
@@ -32,7 +38,21 @@ struct Args {
     source: String,
     target: String,
     window: usize,
-    core: bool,
+    mode: Mode,
+    /// Fast batch: the most messages per flow ack the publisher asks for.
+    flow: u16,
+    /// Fill the source stream with this many synthetic messages first (standalone runs).
+    fill: usize,
+}
+
+#[derive(Clone, Copy, PartialEq)]
+enum Mode {
+    /// async-nats' JetStream publish, a PubAck per message.
+    Api,
+    /// Plain publishes under one inbox, a PubAck per message.
+    Core,
+    /// JetStream fast-ingest batch (nats-server 2.14+): one flow ack every N messages.
+    Fast,
 }
 
 fn args() -> Args {
@@ -41,7 +61,9 @@ fn args() -> Args {
         source: "CDC".into(),
         target: "CEIL".into(),
         window: 1024,
-        core: false,
+        mode: Mode::Api,
+        flow: 256,
+        fill: 0,
     };
     let mut it = std::env::args().skip(1);
     while let Some(flag) = it.next() {
@@ -51,7 +73,15 @@ fn args() -> Args {
             "--source" => a.source = value(),
             "--target" => a.target = value(),
             "--window" => a.window = value().parse().expect("--window N"),
-            "--mode" => a.core = value() == "core",
+            "--mode" => {
+                a.mode = match value().as_str() {
+                    "core" => Mode::Core,
+                    "fast" => Mode::Fast,
+                    _ => Mode::Api,
+                }
+            }
+            "--flow" => a.flow = value().parse().expect("--flow N"),
+            "--fill" => a.fill = value().parse().expect("--fill N"),
             other => panic!("unknown argument {other}"),
         }
     }
@@ -75,8 +105,18 @@ fn main() {
 
 async fn run(args: Args) {
     let client = async_nats::connect(&args.url).await.expect("connect");
+    if args.mode == Mode::Fast && !has_fast_batches(&client.server_info().version) {
+        println!(
+            "{{\"skipped\":\"nats-server {} has no fast-ingest batches (2.14 or later)\"}}",
+            client.server_info().version
+        );
+        return;
+    }
     let js = async_nats::jetstream::new(client.clone());
 
+    if args.fill > 0 {
+        fill_source(&client, &js, &args.source, args.fill).await;
+    }
     // Read the source (not timed).
     let read_started = Instant::now();
     let mut source = js.get_stream(&args.source).await.expect("source stream");
@@ -118,6 +158,7 @@ async fn run(args: Args) {
     config.name = args.target.clone();
     config.subjects = vec![format!("{target_prefix}.>")];
     config.description = Some("pgbridge benchmark: JetStream ceiling".into());
+    config.allow_batch_publish = args.mode == Mode::Fast;
     let _ = js.delete_stream(&args.target).await;
     js.create_stream(config)
         .await
@@ -131,8 +172,10 @@ async fn run(args: Args) {
     let bytes: usize = msgs.iter().map(|m| m.payload.len()).sum();
     let cpu_before = cpu_time();
     let started = Instant::now();
-    if args.core {
+    if args.mode == Mode::Core {
         publish_core(&client, &msgs, args.window).await;
+    } else if args.mode == Mode::Fast {
+        publish_fast(&client, &msgs, args.window, args.flow).await;
     } else {
         let mut window = VecDeque::with_capacity(args.window);
         for m in &msgs {
@@ -178,6 +221,35 @@ async fn run(args: Args) {
     let _ = js.delete_stream(&args.target).await;
 }
 
+/// A source stream of `n` messages shaped like change events (~230 bytes, one id each).
+async fn fill_source(
+    client: &async_nats::Client,
+    js: &async_nats::jetstream::Context,
+    name: &str,
+    n: usize,
+) {
+    let prefix = name.to_lowercase();
+    let _ = js.delete_stream(name).await;
+    js.create_stream(async_nats::jetstream::stream::Config {
+        name: name.to_string(),
+        subjects: vec![format!("{prefix}.>")],
+        ..Default::default()
+    })
+    .await
+    .expect("create source stream");
+    let msgs: Vec<Msg> = (0..n)
+        .map(|i| Msg {
+            subject: format!("{prefix}.public.accounts.insert"),
+            id: format!("pgbridge:1:{:X}-{}", 0x1000000 + i / 3, i % 3),
+            payload: Bytes::from(format!(
+                "{{\"op\":\"insert\",\"schema\":\"public\",\"table\":\"accounts\",\"lsn\":\"0/{:X}\",\"commit_lsn\":\"0/{:X}\",\"seq\":{},\"commit_time\":\"2026-12-02T15:00:00.000000Z\",\"xid\":{},\"new\":{{\"id\":{},\"balance\":{},\"name\":\"account {}\"}}}}",
+                0x1000000 + i * 80, 0x1000000 + i / 3 * 240, i % 3, 1000 + i / 3, i, i * 7, i
+            )),
+        })
+        .collect();
+    publish_core(client, &msgs, 1024).await;
+}
+
 /// Plain publishes with a reply subject `{inbox}.{n}`, at most `window` without a PubAck.
 async fn publish_core(client: &async_nats::Client, msgs: &[Msg], window: usize) {
     let inbox = client.new_inbox();
@@ -219,6 +291,81 @@ async fn publish_core(client: &async_nats::Client, msgs: &[Msg], window: usize) 
         next_ack().await;
         in_flight -= 1;
     }
+}
+
+/// One fast-ingest batch (gap mode `fail`) holding every message: reply subjects
+/// `{inbox}.{batch}.{flow}.fail.{seq}.{op}.$FI`, the server acknowledging every `msgs`
+/// messages (it picks `msgs`, at most `flow`), at most `window` messages beyond the last
+/// flow ack, the last message committing the batch.
+async fn publish_fast(client: &async_nats::Client, msgs: &[Msg], window: usize, flow: u16) {
+    let inbox = client.new_inbox();
+    let batch = client.new_inbox().rsplit('.').next().unwrap().to_string();
+    let mut acks = client
+        .subscribe(format!("{inbox}.>"))
+        .await
+        .expect("ack subscription");
+    let mut acked = 0u64;
+    let mut every = 1u64;
+    let mut next = async |acked: &mut u64, every: &mut u64| -> bool {
+        let ack = tokio::time::timeout(ACK_TIMEOUT, acks.next())
+            .await
+            .expect("flow ack timed out")
+            .expect("ack subscription ended");
+        let v: serde_json::Value = serde_json::from_slice(&ack.payload).expect("ack json");
+        match v["type"].as_str() {
+            Some("ack") => {
+                *acked = (*acked).max(v["seq"].as_u64().unwrap());
+                *every = v["msgs"].as_u64().unwrap().max(1);
+                false
+            }
+            Some(other) => panic!("fast batch: {other}: {v}"),
+            None => {
+                assert!(v.get("error").is_none(), "fast batch refused: {v}");
+                true
+            }
+        }
+    };
+    let last = msgs.len() as u64;
+    for (n, m) in msgs.iter().enumerate() {
+        let seq = n as u64 + 1;
+        let op = if seq == 1 {
+            0
+        } else if seq == last {
+            2
+        } else {
+            1
+        };
+        let mut headers = async_nats::HeaderMap::new();
+        headers.insert("Nats-Msg-Id", m.id.as_str());
+        client
+            .publish_with_reply_and_headers(
+                m.subject.clone(),
+                format!("{inbox}.{batch}.{flow}.fail.{seq}.{op}.$FI"),
+                headers,
+                m.payload.clone(),
+            )
+            .await
+            .expect("publish");
+        if seq == last {
+            while !next(&mut acked, &mut every).await {}
+            return;
+        }
+        // The first reply tells the ack frequency; then at most `window` beyond the last ack.
+        if seq == 1 {
+            next(&mut acked, &mut every).await;
+        }
+        while seq >= acked + window.max(every as usize) as u64 {
+            next(&mut acked, &mut every).await;
+        }
+    }
+}
+
+/// Whether a server version (`2.14.0`, `2.15.1-beta`) has fast-ingest batches.
+fn has_fast_batches(version: &str) -> bool {
+    let mut parts = version.split(|c: char| !c.is_ascii_digit());
+    let major: u32 = parts.next().and_then(|p| p.parse().ok()).unwrap_or(0);
+    let minor: u32 = parts.next().and_then(|p| p.parse().ok()).unwrap_or(0);
+    (major, minor) >= (2, 14)
 }
 
 /// User + system CPU time of this process so far, in seconds.

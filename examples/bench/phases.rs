@@ -66,8 +66,14 @@ impl Bench {
             "reference: the same messages as plain publishes with one ack inbox",
         );
         let core = self.js_publish("core", expected);
+        say(
+            self,
+            "reference: the same messages as one JetStream fast-ingest batch (flow acks)",
+        );
+        let fast = self.js_publish("fast", expected);
         let mut r = api.clone();
         r["core_publish_reference"] = core;
+        r["fast_batch_reference"] = fast;
         r
     }
 
@@ -92,13 +98,16 @@ impl Bench {
             .expect("js_publish");
         assert_eq!(code, 0, "js_publish failed");
         let r: Json = serde_json::from_str(out.trim()).expect("js_publish output");
+        if !r["skipped"].is_null() {
+            return r;
+        }
         assert_eq!(r["messages"].as_u64(), Some(expected));
         let n = expected as f64;
         json!({
-            "client": if mode == "core" {
-                "async-nats Client::publish_with_reply_and_headers, one ack inbox subscription"
-            } else {
-                "async-nats jetstream::Context::send_publish (as the bridge)"
+            "client": match mode {
+                "core" => "async-nats Client::publish_with_reply_and_headers, one ack inbox subscription",
+                "fast" => "plain publishes in one fast-ingest batch (gap mode fail), a flow ack every N messages",
+                _ => "async-nats jetstream::Context::send_publish (as the bridge)",
             },
             "messages": r["messages"],
             "payload_bytes": r["payload_bytes"],

@@ -197,6 +197,25 @@ pub(super) fn print_table(r: &Json) {
             ],
         ),
         (
+            "jetstream_ceiling",
+            [
+                "  publisher alone: one ack inbox / fast batch".into(),
+                fmt_num(
+                    &j["core_publish_reference"]["publisher_cpu_us_per_message"],
+                    "us",
+                ),
+                format!(
+                    "fast batch {} at {}",
+                    fmt_num(
+                        &j["fast_batch_reference"]["publisher_cpu_us_per_message"],
+                        "us"
+                    ),
+                    fmt_num(&j["fast_batch_reference"]["messages_per_s"], "msg/s")
+                ),
+                String::new(),
+            ],
+        ),
+        (
             "streaming",
             [
                 "  bridge peak RSS".into(),
