@@ -11,19 +11,20 @@
 #                                      bridge's state file, spool and pid file (a new cluster
 #                                      must not resume from the old one's position)
 #
-# Ports: DEV_PG_PORT (default 54320), DEV_NATS_PORT (default 42220), DEV_KAFKA_PORT (default
-# 42230, and the next one for its controller), loopback only.
+# Ports: DEV_PG_PORT (default 25432), DEV_NATS_PORT (default 24222), DEV_KAFKA_PORT (default
+# 29192, and the next one for its controller), loopback only. The defaults lie below Linux's
+# ephemeral range (32768-60999), where any outgoing connection's local port could hold them.
 # The binary is built into ${CARGO_TARGET_DIR:-target}/release/bridge.
 set -euo pipefail
 root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cd "$root"
 
-pg_port="${DEV_PG_PORT:-54320}"
-nats_port="${DEV_NATS_PORT:-42220}"
+pg_port="${DEV_PG_PORT:-25432}"
+nats_port="${DEV_NATS_PORT:-24222}"
 dev="$root/.dev"
 pgdir="$dev/pg"
 natsdir="$dev/nats"
-kafka_port="${DEV_KAFKA_PORT:-42230}"
+kafka_port="${DEV_KAFKA_PORT:-29192}"
 kafkadir="$dev/kafka-server"
 bridge_pid="$dev/bridge.pid"
 bridge_state="$dev/bridge.lsn"
@@ -169,6 +170,14 @@ if ! as_pg "$PG_BIN/pg_ctl" -D "$pgdir/data" status >/dev/null 2>&1; then
         -o "-p $pg_port -k $pgdir -c listen_addresses=127.0.0.1 -c wal_level=logical -c max_wal_senders=10 -c max_replication_slots=10" \
         start >/dev/null
     say "PostgreSQL listening on 127.0.0.1:$pg_port (log: $pgdir/postgres.log)"
+else
+    # Already running, maybe started with another DEV_PG_PORT (or an older default): its port
+    # is the fourth line of postmaster.pid.
+    running_port="$(sed -n 4p "$pgdir/data/postmaster.pid" 2>/dev/null || true)"
+    if [ -n "$running_port" ] && [ "$running_port" != "$pg_port" ]; then
+        say "PostgreSQL in $pgdir/data runs on port $running_port, not $pg_port: run scripts/dev.sh stop first, or set DEV_PG_PORT=$running_port"
+        exit 1
+    fi
 fi
 
 export PGHOST=127.0.0.1 PGPORT="$pg_port" PGUSER=postgres PGPASSWORD="$su_password"

@@ -28,7 +28,7 @@ done
 # behind for a moment): then a free one, so the block still runs as written.
 listening() { (exec 3<>"/dev/tcp/127.0.0.1/$1") 2>/dev/null; }
 free_port() { python3 -c 'import socket; s = socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])'; }
-for spec in DEV_PG_PORT:54320 DEV_NATS_PORT:42220 BRIDGE_PORT:9090; do
+for spec in DEV_PG_PORT:25432 DEV_NATS_PORT:24222 BRIDGE_PORT:9090; do
     var="${spec%%:*}"
     port="${!var:-${spec#*:}}"
     if listening "$port"; then

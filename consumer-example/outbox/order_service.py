@@ -28,7 +28,7 @@ async def place_order(conn: asyncpg.Connection, customer: str, total: float) -> 
 
 async def main() -> int:
     p = argparse.ArgumentParser(description=__doc__)
-    p.add_argument("--pg", default="postgresql://postgres:dev_superuser@127.0.0.1:54320/app",
+    p.add_argument("--pg", default="postgresql://postgres:dev_superuser@127.0.0.1:25432/app",
                    help="PostgreSQL URL of the service's database")
     p.add_argument("--orders", type=int, default=10, help="orders to place")
     p.add_argument("--schema", action="store_true", help="create the tables first (schema.sql)")

@@ -16,7 +16,7 @@ longer holds the next sequence, a new snapshot is taken.
 
 Usage::
 
-    python mirror.py --nats nats://127.0.0.1:42220 --table users --db mirror.sqlite  # dev.sh
+    python mirror.py --nats nats://127.0.0.1:24222 --table users --db mirror.sqlite  # dev.sh
     python mirror.py --table users --db mirror.sqlite --until-idle 3   # stop when idle
     python mirror.py --table users --db mirror.sqlite --dump           # print the rows
 """

@@ -137,14 +137,12 @@ impl fmt::Display for Config {
         } else {
             self.replication.tables.join(",")
         };
+        let nats_sink = self.replication.sink == SinkKind::Nats;
+        // With Kafka, the NATS settings (URLs, streams, TLS) are not used and are left out,
+        // so the line does not suggest a NATS connection; `sink=` says which it is.
         write!(
             f,
-            "postgres={}@{}/{} target_session_attrs={} pg_password={} sslmode={} nats={} nats_auth={} \
-             slot={} publication={} tables={} format={} streams={},{} http={} admin_token={} \
-             state_file={} ring_capacity={} max_in_flight={} snapshot_chunk_rows={} \
-             snapshot_on_start={} snapshot_reply_prefix={} snapshot_max_concurrent={} \
-             snapshot_cooldown_secs={} nats_tls={} failover_slot={} outbox_tables={} \
-             on_oversize={} sink={}",
+            "postgres={}@{}/{} target_session_attrs={} pg_password={} sslmode={}",
             pg.user,
             pg.addresses(),
             pg.dbname,
@@ -152,14 +150,28 @@ impl fmt::Display for Config {
                 .map_or("libpq-default", TargetSessionAttrs::as_str),
             set(&pg.password),
             sslmode,
-            self.nats.redacted_urls().join(","),
-            nats_auth,
-            self.replication.slot,
-            self.replication.publication,
-            tables,
-            self.replication.format,
-            self.streams.cdc,
-            self.streams.init,
+        )?;
+        if nats_sink {
+            write!(
+                f,
+                " nats={} nats_auth={}",
+                self.nats.redacted_urls().join(","),
+                nats_auth
+            )?;
+        }
+        write!(
+            f,
+            " slot={} publication={} tables={} format={}",
+            self.replication.slot, self.replication.publication, tables, self.replication.format,
+        )?;
+        if nats_sink {
+            write!(f, " streams={},{}", self.streams.cdc, self.streams.init)?;
+        }
+        write!(
+            f,
+            " http={} admin_token={} state_file={} ring_capacity={} max_in_flight={} \
+             snapshot_chunk_rows={} snapshot_on_start={} snapshot_reply_prefix={} \
+             snapshot_max_concurrent={} snapshot_cooldown_secs={}",
             self.http.socket_addr(),
             set(&self.http.admin_token),
             self.replication.state_file_path().display(),
@@ -170,11 +182,18 @@ impl fmt::Display for Config {
             self.snapshot.reply_prefix,
             self.snapshot.max_concurrent,
             self.snapshot.cooldown_secs,
-            if self.nats.requires_tls() {
+        )?;
+        if nats_sink {
+            let tls = if self.nats.requires_tls() {
                 "required"
             } else {
                 "if-offered"
-            },
+            };
+            write!(f, " nats_tls={tls}")?;
+        }
+        write!(
+            f,
+            " failover_slot={} outbox_tables={} on_oversize={} sink={}",
             self.replication.failover_slot,
             if self.outbox.tables.is_empty() {
                 "none".to_owned()

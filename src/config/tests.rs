@@ -968,8 +968,36 @@ fn summary_line() {
         "format=msgpack",
         "streams=CDC,INIT",
         "http=127.0.0.1:9090",
+        "nats_tls=if-offered",
     ] {
         assert!(s.contains(part), "{part} missing in {s}");
+    }
+    assert!(
+        s.starts_with("postgres=") && s.ends_with(" sink=nats"),
+        "{s}"
+    );
+    assert!(!s.contains("kafka"), "{s}");
+}
+
+#[test]
+fn summary_line_with_kafka_names_kafka_and_no_nats_setting() {
+    let c = toml_config(
+        "[replication]\nsink = \"kafka\"\n[kafka]\nbrokers = [\"k1:9092\", \"k2:9092\"]\n",
+    )
+    .unwrap();
+    c.validate().unwrap();
+    let s = c.summary();
+    assert!(s.starts_with("postgres="), "{s}");
+    assert!(s.contains(" sink=kafka "), "{s}");
+    for part in [
+        "kafka_brokers=k1:9092,k2:9092",
+        "topic_prefix=cdc",
+        "slot=cdc_slot",
+    ] {
+        assert!(s.contains(part), "{part} missing in {s}");
+    }
+    for nats in ["nats=", "nats_auth=", "streams=", "nats_tls="] {
+        assert!(!s.contains(&format!(" {nats}")), "{nats} in {s}");
     }
 }
 

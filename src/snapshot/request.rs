@@ -32,8 +32,14 @@ pub enum Refusal {
     )]
     UnknownTable(String),
     /// A snapshot of the table is running.
-    #[error("a snapshot of {0} is already in progress; wait for its init.meta message")]
-    InProgress(String),
+    #[error("a snapshot of {table} is already in progress; wait for {meta}")]
+    InProgress {
+        /// `schema.table`.
+        table: String,
+        /// Where its meta will be, per sink: the INIT stream's `init.meta.*` message, or
+        /// the record on the table's Kafka init topic.
+        meta: String,
+    },
     /// The table was snapshotted moments ago.
     #[error(
         "a snapshot of {table} started less than {cooldown_secs} s ago (snapshot.cooldown_secs); \
@@ -73,7 +79,7 @@ impl Refusal {
         match self {
             Refusal::Malformed { .. } => "malformed",
             Refusal::UnknownTable(_) => "unknown_table",
-            Refusal::InProgress(_) => "in_progress",
+            Refusal::InProgress { .. } => "in_progress",
             Refusal::Cooldown { .. } => "cooldown",
             Refusal::Busy(_) => "busy",
             Refusal::NotActive => "standby",
@@ -87,7 +93,7 @@ impl Refusal {
         match self {
             Refusal::Malformed { .. } => 400,
             Refusal::UnknownTable(_) => 404,
-            Refusal::InProgress(_) => 409,
+            Refusal::InProgress { .. } => 409,
             Refusal::Cooldown { .. } | Refusal::Busy(_) => 429,
             Refusal::NotActive | Refusal::ShuttingDown => 503,
             Refusal::Internal(_) => 500,
@@ -158,17 +164,22 @@ pub(super) struct Admission {
 
 impl Admission {
     /// Marks `key` running at `now` when the rules allow: not running already (today's
-    /// answer to a duplicate), not started within `cooldown`, fewer than `max` running.
+    /// answer to a duplicate; `awaited_meta` says what to wait for), not started within
+    /// `cooldown`, fewer than `max` running.
     pub(super) fn admit(
         &mut self,
         key: &(String, String),
         cooldown: Duration,
         max: usize,
         now: Instant,
+        awaited_meta: impl FnOnce() -> String,
     ) -> Result<(), Refusal> {
         let qualified = || format!("{}.{}", key.0, key.1);
         if self.running.contains(key) {
-            return Err(Refusal::InProgress(qualified()));
+            return Err(Refusal::InProgress {
+                table: qualified(),
+                meta: awaited_meta(),
+            });
         }
         self.started
             .retain(|_, t| now.saturating_duration_since(*t) < cooldown);
@@ -277,34 +288,44 @@ mod tests {
         let key = |t: &str| ("public".to_string(), t.to_string());
         let t0 = Instant::now();
         let cooldown = Duration::from_secs(10);
+        let meta = || "its meta".to_string();
         let mut a = Admission::default();
-        assert_eq!(a.admit(&key("a"), cooldown, 2, t0), Ok(()));
+        assert_eq!(a.admit(&key("a"), cooldown, 2, t0, meta), Ok(()));
         assert_eq!(
-            a.admit(&key("a"), cooldown, 2, t0),
-            Err(Refusal::InProgress("public.a".into()))
+            a.admit(&key("a"), cooldown, 2, t0, meta),
+            Err(Refusal::InProgress {
+                table: "public.a".into(),
+                meta: "its meta".into()
+            })
         );
-        assert_eq!(a.admit(&key("b"), cooldown, 2, t0), Ok(()));
-        let busy = a.admit(&key("c"), cooldown, 2, t0).unwrap_err();
+        assert_eq!(a.admit(&key("b"), cooldown, 2, t0, meta), Ok(()));
+        let busy = a.admit(&key("c"), cooldown, 2, t0, meta).unwrap_err();
         assert_eq!(busy, Refusal::Busy(2));
         assert_eq!(busy.http_status(), 429);
         // a finishes: c fits, a is in its cooldown.
         a.running.remove(&key("a"));
-        assert_eq!(a.admit(&key("c"), cooldown, 3, t0), Ok(()));
+        assert_eq!(a.admit(&key("c"), cooldown, 3, t0, meta), Ok(()));
         let cool = a
-            .admit(&key("a"), cooldown, 3, t0 + Duration::from_millis(2500))
+            .admit(
+                &key("a"),
+                cooldown,
+                3,
+                t0 + Duration::from_millis(2500),
+                meta,
+            )
             .unwrap_err();
         assert_eq!(cool.code(), "cooldown");
         assert_eq!(cool.retry_after_secs(), Some(8));
         assert!(cool.to_string().contains("try again in 8 s"), "{cool}");
         assert_eq!(
-            a.admit(&key("a"), cooldown, 3, t0 + Duration::from_secs(10)),
+            a.admit(&key("a"), cooldown, 3, t0 + Duration::from_secs(10), meta),
             Ok(())
         );
         // No cooldown: a new snapshot as soon as the last one ended.
         let mut a = Admission::default();
-        assert_eq!(a.admit(&key("a"), Duration::ZERO, 1, t0), Ok(()));
+        assert_eq!(a.admit(&key("a"), Duration::ZERO, 1, t0, meta), Ok(()));
         a.running.remove(&key("a"));
-        assert_eq!(a.admit(&key("a"), Duration::ZERO, 1, t0), Ok(()));
+        assert_eq!(a.admit(&key("a"), Duration::ZERO, 1, t0, meta), Ok(()));
     }
 
     #[test]
@@ -315,7 +336,10 @@ mod tests {
                 reason: "too many tokens".into(),
             },
             Refusal::UnknownTable("public.nosuch".into()),
-            Refusal::InProgress("public.users".into()),
+            Refusal::InProgress {
+                table: "public.users".into(),
+                meta: "its meta record on Kafka topic cdc.pgbridge.init.users".into(),
+            },
             Refusal::Cooldown {
                 table: "public.users".into(),
                 cooldown_secs: 10,
@@ -335,6 +359,16 @@ mod tests {
             );
             assert!(r.http_status() >= 400);
         }
+        let kafka = Refusal::InProgress {
+            table: "public.users".into(),
+            meta: "its meta record on Kafka topic cdc.pgbridge.init.users".into(),
+        }
+        .to_string();
+        assert_eq!(
+            kafka,
+            "a snapshot of public.users is already in progress; wait for its meta record on \
+             Kafka topic cdc.pgbridge.init.users"
+        );
         let unknown = Refusal::UnknownTable("public.nosuch".into()).to_string();
         assert!(unknown.contains("unknown table public.nosuch"), "{unknown}");
         assert_eq!(Refusal::Busy(2).to_json()["retry_after_secs"], 1);

@@ -606,7 +606,13 @@ impl SnapshotService {
         self.admission
             .lock()
             .unwrap_or_else(|p| p.into_inner())
-            .admit(&key, self.cooldown, self.max_concurrent, Instant::now())?;
+            .admit(
+                &key,
+                self.cooldown,
+                self.max_concurrent,
+                Instant::now(),
+                || self.chunks.target.awaited_meta(schema, table),
+            )?;
         Ok(Claim {
             service: Arc::clone(self),
             key,

@@ -127,6 +127,12 @@ const DEFS: &[Def] = &[
         value: |s| b(s.nats_connected),
     },
     Def {
+        name: "bridge_sink_reconnects_total",
+        help: "Times the sink's broker connection (NATS, or the Kafka brokers) came back after it was lost.",
+        kind: Kind::Counter,
+        value: |s| s.nats_reconnects as f64,
+    },
+    Def {
         name: "bridge_kafka_producer_queue_depth",
         help: "Kafka records in the producer waiting for their delivery report.",
         kind: Kind::Gauge,

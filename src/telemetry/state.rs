@@ -316,7 +316,8 @@ pub struct Snapshot {
     pub pg_problem: Option<String>,
     /// The message-id namespace (`None` until set-up decided it).
     pub id_namespace: Option<String>,
-    /// The sink is Kafka (the `nats_*` fields then describe the Kafka connection).
+    /// The sink is Kafka (the `nats_*` fields then describe the Kafka brokers' connection;
+    /// `/status` shows them as `sink_*`).
     pub kafka_sink: bool,
     /// Processing time of a recent WAL message, µs.
     pub last_processing_us: u64,

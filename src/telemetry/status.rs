@@ -1,7 +1,7 @@
 //! The documents of `GET /status` and `GET /health`, built from a [`Snapshot`].
 //!
-//! `/health` is a readiness check: 200 only while the bridge streams with PostgreSQL and NATS
-//! reachable, 503 with the reason otherwise. The bridge recovers from those outages by itself,
+//! `/health` is a readiness check: 200 only while the bridge streams with PostgreSQL and its
+//! sink (NATS or Kafka) reachable, 503 with the reason otherwise. The bridge recovers from those outages by itself,
 //! so a 503 is a reason to alert or to route elsewhere, not to restart it. For liveness (is the
 //! process alive and answering), use `/status`, which answers 200 whatever the state.
 
@@ -12,7 +12,7 @@ use super::state::{Phase, Snapshot};
 /// The answer of `/health`.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum Health {
-    /// Streaming, with PostgreSQL and NATS reachable.
+    /// Streaming, with PostgreSQL and the sink reachable.
     Ok,
     /// Not ready, and why (several reasons joined with `; `).
     Unavailable(String),
@@ -47,7 +47,11 @@ pub fn health(s: &Snapshot) -> Health {
     let mut reasons: Vec<String> = Vec::new();
     match s.phase {
         Phase::Stopping => reasons.push("shutting down".into()),
-        Phase::Starting => reasons.push("starting: checking PostgreSQL, connecting to NATS".into()),
+        Phase::Starting => reasons.push(if s.kafka_sink {
+            "starting: checking PostgreSQL, connecting to Kafka".into()
+        } else {
+            "starting: checking PostgreSQL, connecting to NATS".into()
+        }),
         Phase::Streaming => {}
     }
     if s.phase != Phase::Stopping {
@@ -102,9 +106,20 @@ fn round(v: f64, digits: i32) -> f64 {
     (v * f).round() / f
 }
 
-/// The `/status` document: the keys of the original bridge plus `durable_lsn` and `version`.
+/// The sink's name in `/status`: `nats` or `kafka`.
+pub fn sink_name(s: &Snapshot) -> &'static str {
+    if s.kafka_sink {
+        "kafka"
+    } else {
+        "nats"
+    }
+}
+
+/// The `/status` document: the keys of the original bridge plus `durable_lsn`, `version` and
+/// the sink's (`sink`, `sink_connected`, `sink_reconnect_count`). `nats_reconnect_count`, kept
+/// for NATS users, is left out with Kafka, where it would describe no NATS connection.
 pub fn status_json(s: &Snapshot) -> Value {
-    json!({
+    let mut doc = json!({
         "status": status_word(s),
         "uptime_seconds": round(s.uptime.as_secs_f64(), 3),
         "wal_messages_received": s.wal_messages,
@@ -112,7 +127,9 @@ pub fn status_json(s: &Snapshot) -> Value {
         "current_lsn": s.received_lsn.to_string(),
         "is_connected": s.pg_connected,
         "reconnect_count": s.pg_reconnects,
-        "nats_reconnect_count": s.nats_reconnects,
+        "sink": sink_name(s),
+        "sink_connected": s.nats_connected,
+        "sink_reconnect_count": s.nats_reconnects,
         "last_processing_time_us": s.last_processing_us,
         "slot_active": s.slot_active,
         "slot_invalidation_reason": s.slot_invalidation_reason,
@@ -123,7 +140,11 @@ pub fn status_json(s: &Snapshot) -> Value {
         "id_namespace": s.id_namespace,
         "dead_letters": s.dead_letters.iter().sum::<u64>(),
         "version": env!("CARGO_PKG_VERSION"),
-    })
+    });
+    if !s.kafka_sink {
+        doc["nats_reconnect_count"] = s.nats_reconnects.into();
+    }
+    doc
 }
 
 #[cfg(test)]
@@ -188,6 +209,9 @@ mod tests {
             "current_lsn",
             "is_connected",
             "reconnect_count",
+            "sink",
+            "sink_connected",
+            "sink_reconnect_count",
             "nats_reconnect_count",
             "last_processing_time_us",
             "slot_active",
@@ -210,6 +234,40 @@ mod tests {
         assert_eq!(v["is_connected"], true);
         assert_eq!(v["wal_lag_mb"], 3.5);
         assert_eq!(v["nats_reconnect_count"], 2);
+        assert_eq!(v["sink"], "nats");
+        assert_eq!(v["sink_connected"], true);
+        assert_eq!(v["sink_reconnect_count"], 2);
+    }
+
+    #[test]
+    fn status_and_health_name_kafka_when_it_is_the_sink() {
+        let kafka = Snapshot {
+            kafka_sink: true,
+            nats_connected: false,
+            ..streaming()
+        };
+        let v = status_json(&kafka);
+        assert_eq!(v["sink"], "kafka");
+        assert_eq!(v["sink_connected"], false);
+        assert_eq!(v["sink_reconnect_count"], 2);
+        // No NATS connection to describe.
+        assert!(v.get("nats_reconnect_count").is_none(), "{v}");
+        assert!(
+            !v.as_object().unwrap().keys().any(|k| k.contains("nats")),
+            "{v}"
+        );
+        let h = health(&kafka);
+        assert!(
+            matches!(&h, Health::Unavailable(r) if r.contains("Kafka") && !r.contains("NATS")),
+            "{h:?}"
+        );
+        let starting = Snapshot {
+            phase: Phase::Starting,
+            ..kafka
+        };
+        assert!(
+            matches!(health(&starting), Health::Unavailable(r) if r.contains("connecting to Kafka")),
+        );
     }
 
     #[test]

@@ -419,6 +419,13 @@ fn a_broker_outage_under_load_needs_no_restart() {
     writer.wait_changes(2_000);
     let port = http_port(&bridge);
     wait_health(port, 200);
+    // The start line says which sink runs, without NATS settings it does not use.
+    let start = bridge.wait_for_line("starting: postgres=", STEP);
+    assert!(start.contains(" sink=kafka kafka_brokers="), "{start}");
+    assert!(
+        !start.contains(" streams=") && !start.contains(" nats="),
+        "{start}"
+    );
     // Every table's topic holds records: a bridge still creating a topic when the broker
     // stops waits in that creation and has no record in flight to time out.
     let deadline = Instant::now() + STEP;
@@ -444,6 +451,17 @@ fn a_broker_outage_under_load_needs_no_restart() {
     assert!(
         body.contains("Kafka unavailable") || body.contains("Kafka is not confirming"),
         "{body}"
+    );
+    // /status names the sink and its connection, and shows no NATS field.
+    let status = || -> serde_json::Value {
+        serde_json::from_str(&http_get(port, "/status").expect("/status").1).unwrap()
+    };
+    let down_status = status();
+    assert_eq!(down_status["sink"], "kafka", "{down_status}");
+    assert_eq!(down_status["sink_connected"], false, "{down_status}");
+    assert!(
+        down_status.get("nats_reconnect_count").is_none(),
+        "{down_status}"
     );
     std::thread::sleep(Duration::from_secs(10).saturating_sub(stopped.elapsed()));
     let held = confirmed_flush(&pg, SLOT);
@@ -472,6 +490,13 @@ fn a_broker_outage_under_load_needs_no_restart() {
         "the timed-out records"
     );
     assert_eq!(value("bridge_sink_connected"), 1.0);
+    assert!(value("bridge_sink_reconnects_total") >= 1.0);
+    let up_status = status();
+    assert_eq!(up_status["sink_connected"], true, "{up_status}");
+    assert!(
+        up_status["sink_reconnect_count"].as_u64() >= Some(1),
+        "{up_status}"
+    );
     compare_tables(&pg, &kafka.client());
     eprintln!(
         "kafka outage: {} changes, broker down {down:?}, test {:?}",

@@ -138,6 +138,22 @@ fn kafka_snapshot_plus_topic_rebuilds_every_table_exactly_under_concurrent_write
         let (status, body) = http_post(port, &path(&t), Some(TOKEN));
         assert_eq!(status, 202, "{}: {body}", t.pg);
     }
+    // A second request for a table: refused, while it runs with the init topic whose meta
+    // record to wait for (or, if it finished already, by the cooldown).
+    let first = &tables()[0];
+    let (status, body) = http_post(port, &path(first), Some(TOKEN));
+    let (schema, table) = names(first);
+    let topic = init_topic("cdc", schema, table);
+    eprintln!("kafka snapshot: a repeated request answered {status}: {body}");
+    match status {
+        409 => assert!(
+            body.contains(&format!("wait for its meta record on Kafka topic {topic}"))
+                && !body.contains("init.meta"),
+            "{body}"
+        ),
+        429 => assert!(body.contains("cooldown"), "{body}"),
+        other => panic!("a repeated snapshot request answered {other}: {body}"),
+    }
     for t in tables() {
         wait_metas(&kafka, &bridge, &t, 1);
     }

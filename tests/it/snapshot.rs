@@ -102,10 +102,9 @@ fn requests_get_clear_replies_and_leave_streaming_untouched() {
     let dup = request(&url, "snapshot.request.users");
     assert_eq!(dup["status"], "error", "{dup}");
     assert!(
-        dup["error"]
-            .as_str()
-            .unwrap()
-            .contains("already in progress"),
+        dup["error"].as_str().unwrap().contains(
+            "already in progress; wait for its meta message init.meta.users in stream 'INIT'"
+        ),
         "{dup}"
     );
 

@@ -303,6 +303,9 @@ fn metrics_status_and_health_while_streaming() {
             "last_processing_time_us",
             "nats_reconnect_count",
             "reconnect_count",
+            "sink",
+            "sink_connected",
+            "sink_reconnect_count",
             "slot_active",
             "slot_inactive_since",
             "slot_invalidation_reason",
@@ -320,6 +323,9 @@ fn metrics_status_and_health_while_streaming() {
     assert_eq!(s["slot_active"], true);
     assert_eq!(s["slot_invalidation_reason"], serde_json::Value::Null);
     assert_eq!(s["version"], env!("CARGO_PKG_VERSION"));
+    assert_eq!(s["sink"], "nats");
+    assert_eq!(s["sink_connected"], true);
+    assert_eq!(s["sink_reconnect_count"], s["nats_reconnect_count"]);
     s["current_lsn"].as_str().unwrap().parse::<Lsn>().unwrap();
     s["durable_lsn"].as_str().unwrap().parse::<Lsn>().unwrap();
     let ns = s["id_namespace"].as_str().unwrap();
@@ -368,6 +374,7 @@ fn health_and_slot_lag_follow_nats_and_postgresql_outages() {
     assert_eq!(down.json()["status"], "unavailable");
     assert_eq!(get(port, "/status").json()["status"], "degraded");
     assert_eq!(scrape(port).value("bridge_nats_connected"), 0.0);
+    assert_eq!(get(port, "/status").json()["sink_connected"], false);
 
     insert_rows(&env.pg, 4, 10);
     let first = wait_for("a slot lag", Duration::from_secs(30), || {

@@ -102,9 +102,15 @@ pub(crate) struct Context {
 impl Context {
     fn set_connected(&self, up: bool) {
         if self.connection.connected.swap(up, Ordering::Relaxed) != up {
+            // Counted as NATS counts its connection (`sink_reconnect_count` of `/status`):
+            // a loss, and a return after one.
             if up {
+                if self.connection.disconnects() > 0 {
+                    self.connection.reconnects.fetch_add(1, Ordering::Relaxed);
+                }
                 log::info!("Kafka brokers reachable again; delivering");
             } else {
+                self.connection.disconnects.fetch_add(1, Ordering::Relaxed);
                 log::warn!(
                     "no Kafka broker reachable; retrying (PostgreSQL keeps the WAL meanwhile)"
                 );

@@ -121,7 +121,17 @@ impl KafkaInit {
     }
 }
 
+/// What a request refused as `in_progress` waits for: the meta is a record of the table's
+/// init topic, not a NATS message.
+fn awaited_meta(init_topic: &str) -> String {
+    format!("its meta record on Kafka topic {init_topic}")
+}
+
 impl InitTarget for KafkaInit {
+    fn awaited_meta(&self, schema: &str, table: &str) -> String {
+        awaited_meta(&self.init_topic(schema, table))
+    }
+
     fn name(&self) -> String {
         format!(
             "Kafka topics {}.{INIT_TOPIC_INFIX}.*",
@@ -393,5 +403,16 @@ impl InitWriter for KafkaWriter<'_> {
         }
         let pending = self.produce(&format!("meta-{id}"), SNAPSHOT_META_OP, &payload)?;
         self.wait(pending, timeout)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn a_refused_request_waits_for_the_meta_record() {
+        assert_eq!(
+            super::awaited_meta(&super::init_topic("cdc", "public", "users")),
+            "its meta record on Kafka topic cdc.pgbridge.init.users"
+        );
     }
 }

@@ -38,6 +38,10 @@ pub(super) trait InitTarget: Send + Sync {
     /// record), e.g. (`stream 'INIT'`, `init.meta.users`).
     fn meta_location(&self, schema: &str, table: &str) -> (String, String);
 
+    /// What a client whose request was refused because a snapshot of the table runs should
+    /// wait for: the meta where this target stores it.
+    fn awaited_meta(&self, schema: &str, table: &str) -> String;
+
     /// What the last meta stored for the table is. Blocks (call it off the runtime).
     fn last_meta(&self, schema: &str, table: &str) -> Result<LastMeta, String>;
 

@@ -37,9 +37,21 @@ fn meta_subject(schema: &str, table: &str) -> String {
     format!("{INIT_SUBJECT_PREFIX}.meta.{token}")
 }
 
+/// What a request refused as `in_progress` waits for, in the INIT stream.
+fn awaited_meta(init_stream: &str, schema: &str, table: &str) -> String {
+    format!(
+        "its meta message {} in stream '{init_stream}'",
+        meta_subject(schema, table)
+    )
+}
+
 impl InitTarget for NatsInit {
     fn name(&self) -> String {
         format!("stream '{}'", self.init_stream)
+    }
+
+    fn awaited_meta(&self, schema: &str, table: &str) -> String {
+        awaited_meta(&self.init_stream, schema, table)
     }
 
     fn meta_location(&self, schema: &str, table: &str) -> (String, String) {
@@ -210,5 +222,16 @@ impl InitWriter for NatsWriter<'_> {
             payload,
         )?;
         self.wait_ack(pending, timeout)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn a_refused_request_waits_for_the_meta_message() {
+        assert_eq!(
+            super::awaited_meta("INIT", "sales", "invoices"),
+            "its meta message init.meta.sales.invoices in stream 'INIT'"
+        );
     }
 }
