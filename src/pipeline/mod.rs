@@ -17,7 +17,7 @@ use std::time::{Duration, Instant};
 use crate::config::{Config, SinkKind};
 use crate::control;
 use crate::pg::conn::{sqlstate, ConnectionKind, PgConnection, PgError};
-use crate::pg::replication::ReplicationConnection;
+use crate::pg::replication::{ReplicationConnection, SystemIdentity};
 use crate::pg::setup::{self, DatabaseInfo, SetupError};
 use crate::pg::Lsn;
 use crate::shutdown::Shutdown;
@@ -188,15 +188,12 @@ struct Setup {
     rewrite_state: bool,
 }
 
-/// Checks the database, checks the state file's position against the server (before the slot
-/// is created or anything is confirmed), and makes sure the slot exists. Returns the
-/// replication connection too, so streaming can start on it without logging in again.
-fn pg_setup(
+/// Opens the checks' session and checks the database: the publication, its tables, the
+/// privileges (warnings) and the server's settings.
+fn check_postgres(
     config: &Config,
-    state_path: &std::path::Path,
-    recorded: Option<&Recorded>,
-) -> Result<Setup, RunError> {
-    let params = pg_params(config);
+    params: &[(&'static str, String)],
+) -> Result<(PgConnection, DatabaseInfo), RunError> {
     let refs: Vec<(&str, &str)> = params.iter().map(|(k, v)| (*k, v.as_str())).collect();
     let mut conn = PgConnection::connect(&refs, ConnectionKind::Normal).map_err(SetupError::Pg)?;
     let mut info = setup::check_database(
@@ -228,9 +225,45 @@ fn pg_setup(
     {
         log::warn!("{w}");
     }
-    let mut repl = ReplicationConnection::connect(&refs).map_err(SetupError::Pg)?;
+    Ok((conn, info))
+}
+
+/// Logs in a replication session and identifies the server (`IDENTIFY_SYSTEM`) on a thread
+/// of its own.
+fn spawn_replication_login(
+    params: Vec<(&'static str, String)>,
+) -> Result<JoinHandle<Result<(ReplicationConnection, SystemIdentity), PgError>>, RunError> {
+    std::thread::Builder::new()
+        .name("pg-login".into())
+        .spawn(move || {
+            let refs: Vec<(&str, &str)> = params.iter().map(|(k, v)| (*k, v.as_str())).collect();
+            let mut repl = ReplicationConnection::connect(&refs)?;
+            let system = repl.identify_system()?;
+            Ok((repl, system))
+        })
+        .map_err(|e| RunError::Internal(format!("cannot start the PostgreSQL login thread: {e}")))
+}
+
+/// Checks the database, checks the state file's position against the server (before the slot
+/// is created or anything is confirmed), and makes sure the slot exists. Returns the
+/// replication connection too, so streaming can start on it without logging in again.
+fn pg_setup(
+    config: &Config,
+    state_path: &std::path::Path,
+    recorded: Option<&Recorded>,
+) -> Result<Setup, RunError> {
+    let params = pg_params(config);
+    // The replication session logs in alongside the checks' session: each login costs tens
+    // of milliseconds (SCRAM), and nothing of it is needed before the slot is looked at.
+    let repl_login = spawn_replication_login(params.clone())?;
+    let checked = check_postgres(config, &params);
+    let logged_in = repl_login
+        .join()
+        .map_err(|_| RunError::Internal("the PostgreSQL login thread panicked".into()))?;
+    // The checks' errors first, as when the logins ran one after the other.
+    let (mut conn, info) = checked?;
+    let (mut repl, system) = logged_in.map_err(SetupError::Pg)?;
     let slot_name = &config.replication.slot;
-    let system = repl.identify_system().map_err(SetupError::Pg)?;
     let history = timeline_history(&mut repl, system.timeline)?;
     let identity = PositionIdentity {
         system_id: system.system_id,
@@ -766,11 +799,8 @@ impl SinkThread {
             SinkKind::Kafka => {
                 // The broker connection's state shows where the NATS one does (`/health`).
                 telemetry.set_kafka_sink();
-                let sink = crate::sink::kafka::KafkaSink::new(
-                    config,
-                    stats,
-                    Arc::clone(&telemetry.nats),
-                );
+                let sink =
+                    crate::sink::kafka::KafkaSink::new(config, stats, Arc::clone(&telemetry.nats));
                 Self::spawn_sink(sink, shutdown, reader, durable)
             }
             #[cfg(not(feature = "kafka"))]
