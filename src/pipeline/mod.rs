@@ -442,6 +442,7 @@ fn with_retries<T>(
             return Ok(None);
         }
         let result = f();
+        telemetry.set_setup_attempted();
         telemetry.wal.set_connected(false);
         match result {
             Ok(v) => return Ok(Some(v)),
