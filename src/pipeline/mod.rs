@@ -228,11 +228,14 @@ fn check_postgres(
     Ok((conn, info))
 }
 
+/// A replication session logging in on its own thread, and what the server said it is.
+type ReplicationLogin = JoinHandle<Result<(ReplicationConnection, SystemIdentity), PgError>>;
+
 /// Logs in a replication session and identifies the server (`IDENTIFY_SYSTEM`) on a thread
 /// of its own.
 fn spawn_replication_login(
     params: Vec<(&'static str, String)>,
-) -> Result<JoinHandle<Result<(ReplicationConnection, SystemIdentity), PgError>>, RunError> {
+) -> Result<ReplicationLogin, RunError> {
     std::thread::Builder::new()
         .name("pg-login".into())
         .spawn(move || {

@@ -305,7 +305,7 @@ impl Sink for KafkaSink {
             stats: self.stats,
             connection: self.connection,
             shutdown,
-            exactly_once: self.exactly_once.then(|| ExactlyOnce {
+            exactly_once: self.exactly_once.then_some(ExactlyOnce {
                 system_identifier: origin.system_id,
                 slot: origin.slot,
                 timeline: origin.timeline,
