@@ -68,9 +68,13 @@ pub(crate) struct Origin {
     /// Namespace of the message ids (configured, or derived from the server and publication).
     pub(crate) id_namespace: String,
     /// The cluster's system identifier (`IDENTIFY_SYSTEM`), decimal.
+    // Read by the Kafka sink's exactly-once delivery only.
+    #[cfg_attr(not(feature = "kafka"), allow(dead_code))]
     pub(crate) system_id: String,
     /// The replication slot.
+    #[cfg_attr(not(feature = "kafka"), allow(dead_code))]
     pub(crate) slot: String,
     /// The timeline streamed from at start.
+    #[cfg_attr(not(feature = "kafka"), allow(dead_code))]
     pub(crate) timeline: u32,
 }
