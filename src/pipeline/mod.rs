@@ -17,7 +17,7 @@ use std::time::{Duration, Instant};
 use crate::config::{Config, SinkKind};
 use crate::control;
 use crate::pg::conn::{sqlstate, ConnectionKind, PgConnection, PgError};
-use crate::pg::replication::ReplicationConnection;
+use crate::pg::replication::{ReplicationConnection, SystemIdentity};
 use crate::pg::setup::{self, DatabaseInfo, SetupError};
 use crate::pg::Lsn;
 use crate::shutdown::Shutdown;
@@ -25,7 +25,7 @@ use crate::sink::nats::publisher::PublishError;
 use crate::sink::nats::NatsError;
 use crate::sink::nats::NatsSink;
 use crate::sink::ring;
-use crate::sink::Sink;
+use crate::sink::{Origin, Sink};
 use crate::telemetry::counters::{DurableLsn, NatsStats, PublisherStats};
 use crate::telemetry::{self, Telemetry, TelemetryError};
 
@@ -192,15 +192,12 @@ struct Setup {
     rewrite_state: bool,
 }
 
-/// Checks the database, checks the state file's position against the server (before the slot
-/// is created or anything is confirmed), and makes sure the slot exists. Returns the
-/// replication connection too, so streaming can start on it without logging in again.
-fn pg_setup(
+/// Opens the checks' session and checks the database: the publication, its tables, the
+/// privileges (warnings) and the server's settings.
+fn check_postgres(
     config: &Config,
-    state_path: &std::path::Path,
-    recorded: Option<&Recorded>,
-) -> Result<Setup, RunError> {
-    let params = pg_params(config);
+    params: &[(&'static str, String)],
+) -> Result<(PgConnection, DatabaseInfo), RunError> {
     let refs: Vec<(&str, &str)> = params.iter().map(|(k, v)| (*k, v.as_str())).collect();
     let mut conn = PgConnection::connect(&refs, ConnectionKind::Normal).map_err(SetupError::Pg)?;
     let mut info = setup::check_database(
@@ -232,9 +229,48 @@ fn pg_setup(
     {
         log::warn!("{w}");
     }
-    let mut repl = ReplicationConnection::connect(&refs).map_err(SetupError::Pg)?;
+    Ok((conn, info))
+}
+
+/// A replication session logging in on its own thread, and what the server said it is.
+type ReplicationLogin = JoinHandle<Result<(ReplicationConnection, SystemIdentity), PgError>>;
+
+/// Logs in a replication session and identifies the server (`IDENTIFY_SYSTEM`) on a thread
+/// of its own.
+fn spawn_replication_login(
+    params: Vec<(&'static str, String)>,
+) -> Result<ReplicationLogin, RunError> {
+    std::thread::Builder::new()
+        .name("pg-login".into())
+        .spawn(move || {
+            let refs: Vec<(&str, &str)> = params.iter().map(|(k, v)| (*k, v.as_str())).collect();
+            let mut repl = ReplicationConnection::connect(&refs)?;
+            let system = repl.identify_system()?;
+            Ok((repl, system))
+        })
+        .map_err(|e| RunError::Internal(format!("cannot start the PostgreSQL login thread: {e}")))
+}
+
+/// Checks the database, checks the state file's position against the server (before the slot
+/// is created or anything is confirmed), and makes sure the slot exists. Returns the
+/// replication connection too, so streaming can start on it without logging in again.
+fn pg_setup(
+    config: &Config,
+    state_path: &std::path::Path,
+    recorded: Option<&Recorded>,
+) -> Result<Setup, RunError> {
+    let params = pg_params(config);
+    // The replication session logs in alongside the checks' session: each login costs tens
+    // of milliseconds (SCRAM), and nothing of it is needed before the slot is looked at.
+    let repl_login = spawn_replication_login(params.clone())?;
+    let checked = check_postgres(config, &params);
+    let logged_in = repl_login
+        .join()
+        .map_err(|_| RunError::Internal("the PostgreSQL login thread panicked".into()))?;
+    // The checks' errors first, as when the logins ran one after the other.
+    let (mut conn, info) = checked?;
+    let (mut repl, system) = logged_in.map_err(SetupError::Pg)?;
     let slot_name = &config.replication.slot;
-    let system = repl.identify_system().map_err(SetupError::Pg)?;
     let history = timeline_history(&mut repl, system.timeline)?;
     let identity = PositionIdentity {
         system_id: system.system_id,
@@ -418,6 +454,7 @@ fn with_retries<T>(
             return Ok(None);
         }
         let result = f();
+        telemetry.set_setup_attempted();
         telemetry.wal.set_connected(false);
         match result {
             Ok(v) => return Ok(Some(v)),
@@ -495,7 +532,31 @@ fn run_pipeline(
     let mut state = StateFile::new(config.replication.state_file_path());
     let recorded = state.load()?;
     let state_path = state.path().to_path_buf();
-    let Some(Setup {
+
+    // The sink connects and makes sure its streams (topics) exist while PostgreSQL is set up:
+    // the two are independent until the first change is delivered.
+    let (writer, reader) = ring::channel(
+        config.replication.ring_capacity,
+        config.replication.ring_max_bytes,
+    );
+    let stats = Arc::clone(&telemetry.publisher);
+    let durable: DurableLsn = telemetry.durable.clone();
+    let mut sink = SinkThread::spawn(config, shutdown, telemetry, reader, durable.clone())?;
+
+    let mut attempts = 0u32;
+    let setup = with_retries(config, shutdown, telemetry, || {
+        // PostgreSQL's own problems are reported first, as when the sink started after it;
+        // but a sink that can never be ready (a configuration error) ends the start instead
+        // of waiting for PostgreSQL to come back.
+        attempts += 1;
+        if attempts > 1 {
+            if let Some(e) = sink.take_failure() {
+                return Err(e);
+            }
+        }
+        pg_setup(config, &state_path, recorded.as_ref())
+    });
+    let Setup {
         info,
         repl: setup_repl,
         start,
@@ -503,11 +564,20 @@ fn run_pipeline(
         history,
         current_wal,
         rewrite_state,
-    }) = with_retries(config, shutdown, telemetry, || {
-        pg_setup(config, &state_path, recorded.as_ref())
-    })?
-    else {
-        return Ok(early_summary(started, telemetry));
+    } = match setup {
+        Ok(Some(setup)) => setup,
+        Ok(None) => {
+            sink.join()?;
+            return Ok(early_summary(started, telemetry));
+        }
+        Err(e) => {
+            // Both would need fixing: say the sink's problem too, not only the first.
+            if let Some(sink_error) = sink.take_failure() {
+                log::error!("{sink_error}");
+            }
+            let _ = sink.stop();
+            return Err(e);
+        }
     };
     let receive_timeout = config
         .replication
@@ -525,7 +595,6 @@ fn run_pipeline(
     }
     let state = StateWriter::spawn(state)
         .map_err(|e| RunError::Internal(format!("cannot start the state file thread: {e}")))?;
-    let durable: DurableLsn = telemetry.durable.clone();
     durable.advance(start);
     // Kept up to date at every reconnect, for the Kafka sink's exactly-once positions check.
     let server = Arc::new(ServerPosition::new(current_wal, history.clone()));
@@ -600,68 +669,27 @@ fn run_pipeline(
         }
     };
 
-    let (writer, reader) = ring::channel(
-        config.replication.ring_capacity,
-        config.replication.ring_max_bytes,
-    );
-    let stats = Arc::clone(&telemetry.publisher);
-    let (ready_tx, ready_rx) = std::sync::mpsc::channel();
-    let publisher = match config.replication.sink {
-        SinkKind::Nats => {
-            let sink = NatsSink::new(
-                config,
-                &namespace,
-                Arc::clone(&stats),
-                Arc::clone(&telemetry.nats),
-            );
-            spawn_sink(sink, shutdown, reader, durable.clone(), ready_tx)?
-        }
-        #[cfg(feature = "kafka")]
-        SinkKind::Kafka => {
-            // The broker connection's state shows where the NATS one does (`/health`).
-            telemetry.set_kafka_sink();
-            let exactly_once = config
-                .kafka
-                .exactly_once
-                .then(|| crate::sink::kafka::ExactlyOnce {
-                    system_identifier: identity.system_id.clone(),
-                    slot: identity.slot.clone(),
-                    server: Arc::clone(&server),
-                });
-            let sink = crate::sink::kafka::KafkaSink::new(
-                config,
-                &namespace,
-                Arc::clone(&stats),
-                Arc::clone(&telemetry.nats),
-                exactly_once,
-            );
-            spawn_sink(sink, shutdown, reader, durable.clone(), ready_tx)?
-        }
-        #[cfg(not(feature = "kafka"))]
-        SinkKind::Kafka => {
-            return Err(RunError::Internal(
-                "this bridge was built without Kafka support".into(),
-            ))
-        }
-    };
     // Wait for NATS and the streams before reading WAL: nothing could be made durable.
-    match ready_rx.recv() {
-        Ok(Ok(())) => {}
-        Ok(Err(e)) => {
-            let _ = publisher.join();
+    match sink.wait_ready() {
+        Ok(true) => {}
+        Ok(false) => {
+            // The sink ended before it was ready: shutdown during connect.
+            stop_snapshots(shutdown, snapshots);
+            sink.join()?;
+            return Ok(early_summary(started, telemetry));
+        }
+        Err(e) => {
+            let _ = sink.join();
             stop_snapshots(shutdown, snapshots);
             return Err(e);
         }
-        Err(_) => {
-            // The publisher ended before it was ready: shutdown during connect, or a panic.
-            stop_snapshots(shutdown, snapshots);
-            return match publisher.join() {
-                Ok(Ok(())) => Ok(early_summary(started, telemetry)),
-                Ok(Err(e)) => Err(e),
-                Err(_) => Err(RunError::Internal("the publisher thread panicked".into())),
-            };
-        }
     }
+    sink.start(Origin {
+        id_namespace: namespace,
+        system_id: identity.system_id.clone(),
+        slot: identity.slot.clone(),
+        server: Arc::clone(&server),
+    });
     // Phase "streaming": set-up done. `streaming started` is logged by the wal side once
     // START_REPLICATION succeeded on the slot.
     telemetry.set_streaming();
@@ -733,9 +761,7 @@ fn run_pipeline(
     }
     // Close the ring (the wal side is dropped) and collect the publisher's outcome.
     ctx.ring.close();
-    let publisher_result = publisher
-        .join()
-        .map_err(|_| RunError::Internal("the publisher thread panicked".into()))?;
+    let publisher_result = sink.join();
     stop_snapshots(shutdown, snapshots);
     let summary = RunSummary {
         wal: WalStats {
@@ -756,40 +782,158 @@ fn run_pipeline(
     }
 }
 
-/// Starts the sink's thread: [`Sink::prepare`], reported on `ready` (an error, or nothing at
-/// all when shutdown came first), then [`Sink::run`] over `reader` until the ring is closed.
-fn spawn_sink<S: Sink>(
-    mut sink: S,
-    shutdown: &Shutdown,
-    reader: ring::RingReader,
-    durable: DurableLsn,
-    ready: std::sync::mpsc::Sender<Result<(), RunError>>,
-) -> Result<JoinHandle<Result<(), RunError>>, RunError>
-where
-    RunError: From<S::PrepareError> + From<S::Error>,
-{
-    let shutdown = shutdown.clone();
-    std::thread::Builder::new()
-        .name("publisher".into())
-        .spawn(move || {
-            let rt = crate::runtime::current_thread()
-                .map_err(|e| RunError::Internal(format!("tokio runtime: {e}")))?;
-            rt.block_on(async move {
-                match sink.prepare(&shutdown).await {
-                    Ok(true) => {}
-                    Ok(false) => return Ok(()),
-                    Err(e) => {
-                        let _ = ready.send(Err(e.into()));
-                        return Ok(());
+/// The sink's thread, started before PostgreSQL's set-up: [`Sink::prepare`] (connect, streams
+/// or topics) runs meanwhile, reported on `ready`; then, once the supervisor sent the
+/// [`Origin`], [`Sink::run`] over the ring until it is closed.
+struct SinkThread {
+    /// `None` once joined.
+    handle: Option<JoinHandle<Result<(), RunError>>>,
+    /// `prepare`'s outcome: an error, or nothing at all when shutdown came first.
+    ready: std::sync::mpsc::Receiver<Result<(), RunError>>,
+    /// An outcome received before [`SinkThread::wait_ready`] asked for it.
+    outcome: Option<Result<(), RunError>>,
+    /// Dropped unsent, it ends the thread once prepared: nothing is to be delivered.
+    origin: Option<tokio::sync::oneshot::Sender<Origin>>,
+    shutdown: Shutdown,
+}
+
+impl SinkThread {
+    /// Starts the configured sink's thread.
+    fn spawn(
+        config: &Config,
+        shutdown: &Shutdown,
+        telemetry: &Telemetry,
+        reader: ring::RingReader,
+        durable: DurableLsn,
+    ) -> Result<Self, RunError> {
+        let stats = Arc::clone(&telemetry.publisher);
+        match config.replication.sink {
+            SinkKind::Nats => {
+                let sink = NatsSink::new(config, stats, Arc::clone(&telemetry.nats));
+                Self::spawn_sink(sink, shutdown, reader, durable)
+            }
+            #[cfg(feature = "kafka")]
+            SinkKind::Kafka => {
+                // The broker connection's state shows where the NATS one does (`/health`).
+                telemetry.set_kafka_sink();
+                let sink =
+                    crate::sink::kafka::KafkaSink::new(config, stats, Arc::clone(&telemetry.nats));
+                Self::spawn_sink(sink, shutdown, reader, durable)
+            }
+            #[cfg(not(feature = "kafka"))]
+            SinkKind::Kafka => Err(RunError::Internal(
+                "this bridge was built without Kafka support".into(),
+            )),
+        }
+    }
+
+    fn spawn_sink<S: Sink>(
+        mut sink: S,
+        shutdown: &Shutdown,
+        reader: ring::RingReader,
+        durable: DurableLsn,
+    ) -> Result<Self, RunError>
+    where
+        RunError: From<S::PrepareError> + From<S::Error>,
+    {
+        let (ready_tx, ready) = std::sync::mpsc::channel();
+        let (origin_tx, origin) = tokio::sync::oneshot::channel::<Origin>();
+        let thread_shutdown = shutdown.clone();
+        let handle = std::thread::Builder::new()
+            .name("publisher".into())
+            .spawn(move || {
+                let shutdown = thread_shutdown;
+                let rt = crate::runtime::current_thread()
+                    .map_err(|e| RunError::Internal(format!("tokio runtime: {e}")))?;
+                rt.block_on(async move {
+                    match sink.prepare(&shutdown).await {
+                        Ok(true) => {}
+                        Ok(false) => return Ok(()),
+                        Err(e) => {
+                            let _ = ready_tx.send(Err(e.into()));
+                            return Ok(());
+                        }
                     }
-                }
-                let _ = ready.send(Ok(()));
-                sink.run(reader, durable, shutdown)
-                    .await
-                    .map_err(RunError::from)
+                    let _ = ready_tx.send(Ok(()));
+                    // Awaited, not blocked on: the runtime keeps serving the connection (its
+                    // pings) while PostgreSQL's set-up goes on.
+                    let Ok(origin) = origin.await else {
+                        return Ok(());
+                    };
+                    sink.run(reader, durable, origin, shutdown)
+                        .await
+                        .map_err(RunError::from)
+                })
             })
+            .map_err(|e| RunError::Internal(format!("cannot start the publisher thread: {e}")))?;
+        Ok(SinkThread {
+            handle: Some(handle),
+            ready,
+            outcome: None,
+            origin: Some(origin_tx),
+            shutdown: shutdown.clone(),
         })
-        .map_err(|e| RunError::Internal(format!("cannot start the publisher thread: {e}")))
+    }
+
+    /// The error `prepare` reported, if it did already (only configuration errors: it
+    /// retries the rest). Does not wait.
+    fn take_failure(&mut self) -> Option<RunError> {
+        if self.outcome.is_none() {
+            self.outcome = self.ready.try_recv().ok();
+        }
+        match self.outcome.take() {
+            Some(Err(e)) => Some(e),
+            other => {
+                self.outcome = other;
+                None
+            }
+        }
+    }
+
+    /// Waits until the sink is ready (`true`), failed, or ended first (`false`: shutdown).
+    fn wait_ready(&mut self) -> Result<bool, RunError> {
+        match self.outcome.take().or_else(|| self.ready.recv().ok()) {
+            Some(Ok(())) => Ok(true),
+            Some(Err(e)) => Err(e),
+            None => Ok(false),
+        }
+    }
+
+    /// Lets the ready sink deliver what comes through the ring, as changes of `origin`.
+    fn start(&mut self, origin: Origin) {
+        if let Some(tx) = self.origin.take() {
+            // A thread that ended meanwhile tells why when joined.
+            let _ = tx.send(origin);
+        }
+    }
+
+    /// Waits for the thread to end (if it was never started, once prepared) and returns its
+    /// outcome. Before [`SinkThread::start`], only shutdown ends a `prepare` that retries.
+    fn join(&mut self) -> Result<(), RunError> {
+        self.origin = None;
+        match self.handle.take() {
+            Some(handle) => handle
+                .join()
+                .map_err(|_| RunError::Internal("the publisher thread panicked".into()))?,
+            None => Ok(()),
+        }
+    }
+
+    /// Ends the thread before it delivered anything (the start failed): asks for shutdown,
+    /// which a `prepare` still retrying watches, and joins it.
+    fn stop(&mut self) -> Result<(), RunError> {
+        if self.handle.is_some() {
+            self.shutdown.trigger();
+        }
+        self.join()
+    }
+}
+
+impl Drop for SinkThread {
+    /// A start that failed between spawning and joining leaves no thread retrying behind.
+    fn drop(&mut self) {
+        let _ = self.stop();
+    }
 }
 
 /// Ends the snapshot thread: the run is over (it wakes on the shutdown signal and stops after

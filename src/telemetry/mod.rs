@@ -51,6 +51,8 @@ pub struct TelemetryThreads {
     monitor: JoinHandle<()>,
     metrics_log: Option<JoinHandle<()>>,
     stop: Shutdown,
+    /// What the monitor waits for before its first read; triggered at stop too.
+    setup_attempted: Shutdown,
 }
 
 /// Registers the metrics and starts the slot monitor and the `METRICS` log line. `latency` is
@@ -70,6 +72,7 @@ pub fn start(
         },
     )?;
     let stop = Shutdown::new();
+    let setup_attempted = telemetry.setup_attempted();
     let monitor = monitor::spawn_monitor(config, Arc::clone(&telemetry), stop.clone())
         .map_err(TelemetryError::Thread)?;
     let metrics_log = match config.monitor.metrics_log_interval() {
@@ -84,6 +87,7 @@ pub fn start(
         monitor,
         metrics_log,
         stop,
+        setup_attempted,
     })
 }
 
@@ -96,6 +100,7 @@ impl TelemetryThreads {
     /// Stops the threads.
     pub fn stop(self) {
         self.stop.trigger();
+        self.setup_attempted.trigger();
         if let Some(h) = self.metrics_log {
             let _ = h.join();
         }

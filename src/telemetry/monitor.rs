@@ -192,8 +192,9 @@ fn record(telemetry: &Telemetry, reading: Option<&SlotReading>) {
     }
 }
 
-/// Starts the monitor thread; it reads the slot at once, then every `monitor.interval`, until
-/// `stop` is triggered. Connection problems are logged once per outage and retried at the
+/// Starts the monitor thread; it reads the slot once the bridge tried PostgreSQL's set-up
+/// ([`Telemetry::set_setup_attempted`]), then every `monitor.interval`, until `stop` is
+/// triggered (which must trigger that signal too). Connection problems are logged once per outage and retried at the
 /// next interval.
 pub fn spawn_monitor(
     config: &Config,
@@ -211,6 +212,10 @@ pub fn spawn_monitor(
     std::thread::Builder::new()
         .name("monitor".into())
         .spawn(move || {
+            // Its own login would compete with the set-up's logins for the CPU (start-up
+            // time), and the slot may exist only after the set-up.
+            let attempted = telemetry.setup_attempted();
+            while !attempted.wait_timeout(Duration::from_secs(3600)) {}
             let mut conn: Option<PgConnection> = None;
             let mut failing = false;
             let mut seen = false;

@@ -134,6 +134,8 @@ pub struct Telemetry {
     id_namespace: Mutex<Option<String>>,
     /// True when the sink is Kafka: the broker connection in `nats` is a Kafka one.
     kafka_sink: AtomicBool,
+    /// Triggered once PostgreSQL's set-up was tried (whatever came of it).
+    setup_attempted: Shutdown,
 }
 
 impl Telemetry {
@@ -160,7 +162,21 @@ impl Telemetry {
             snapshot_requests_ignored: AtomicU64::new(0),
             id_namespace: Mutex::new(None),
             kafka_sink: AtomicBool::new(false),
+            setup_attempted: Shutdown::new(),
         }
+    }
+
+    /// Records that PostgreSQL's set-up was tried once, whatever came of it: the slot monitor
+    /// reads the slot from then on.
+    pub fn set_setup_attempted(&self) {
+        if !self.setup_attempted.is_triggered() {
+            self.setup_attempted.trigger();
+        }
+    }
+
+    /// The signal [`Telemetry::set_setup_attempted`] triggers.
+    pub(crate) fn setup_attempted(&self) -> Shutdown {
+        self.setup_attempted.clone()
     }
 
     /// Marks the sink as Kafka, so `/health` names it.

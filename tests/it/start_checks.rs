@@ -1,6 +1,7 @@
 //! What a new user meets at start, against real servers: a `--table` that is not a table of a
 //! `FOR ALL TABLES` publication, tables the role cannot read, a CDC stream in another format,
-//! and the stop summary of a run that never reached PostgreSQL.
+//! the stop summary of a run that never reached PostgreSQL, and which problem stops a start
+//! when PostgreSQL and NATS are both wrong.
 
 use std::process::Command;
 use std::time::Duration;
@@ -224,4 +225,36 @@ fn a_run_that_never_reached_postgresql_reports_its_uptime_and_reconnects() {
     assert!(field("uptime") >= 3, "{summary}");
     assert!(attempts >= 3, "{log}");
     assert_eq!(field("reconnects"), attempts, "{summary}\n{log}");
+}
+
+#[test]
+fn with_postgresql_and_nats_both_wrong_the_start_says_what_stops_it() {
+    let pg = PgServer::start();
+    setup_app_db(&pg, SCHEMA, "");
+    // Reachable, but no retry makes it usable.
+    let nats = NatsServer::start_without_jetstream();
+    let dir = TempDir::new("bridge");
+
+    // PostgreSQL's own problem comes first, although NATS is checked meanwhile.
+    let (code, err) = run_to_end(
+        bridge_command(&pg, &nats.url(), dir.path()).env("PG_PASSWORD", "not the password"),
+    );
+    assert_eq!(code, 2, "{err}");
+    let lines = error_lines(&err);
+    assert_eq!(lines.len(), 1, "{err}");
+    assert!(lines[0].contains("password authentication failed"), "{err}");
+
+    // PostgreSQL away (nothing listens there): the NATS problem ends the start rather than
+    // a wait for PostgreSQL that could only end in it.
+    let (code, err) = run_to_end(
+        bridge_command(&pg, &nats.url(), dir.path()).env("PG_PORT", free_port().to_string()),
+    );
+    assert_eq!(code, 2, "{err}");
+    assert!(err.contains("PostgreSQL unavailable"), "{err}");
+    let lines = error_lines(&err);
+    assert_eq!(lines.len(), 1, "{err}");
+    assert!(
+        lines[0].contains("JetStream is not enabled on the NATS server"),
+        "{err}"
+    );
 }

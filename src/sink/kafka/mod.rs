@@ -30,7 +30,7 @@ use crate::wire::encode::debezium::DebeziumOptions;
 
 pub(crate) use delivery::{ExactlyOnce, KafkaDelivery};
 
-use super::Sink;
+use super::{Origin, Sink};
 
 /// How long one metadata or admin request may take before it is retried.
 const REQUEST_TIMEOUT: Duration = Duration::from_secs(10);
@@ -246,23 +246,20 @@ pub(crate) struct KafkaSink {
     on_oversize: OnOversize,
     max_in_flight: usize,
     max_in_flight_bytes: u64,
-    id_namespace: String,
     backoff: Duration,
     stats: Arc<PublisherStats>,
     connection: Arc<NatsStats>,
-    exactly_once: Option<ExactlyOnce>,
+    /// `--kafka-exactly-once`: delivery is transactional, named after the [`Origin`].
+    exactly_once: bool,
 }
 
 impl KafkaSink {
-    /// A sink for `config`'s brokers, with message ids in `id_namespace`, counting in `stats`
-    /// and keeping the broker connection's state in `connection`. `exactly_once` names the
-    /// bridge's cluster and slot when `--kafka-exactly-once` is on.
+    /// A sink for `config`'s brokers, counting in `stats` and keeping the broker connection's
+    /// state in `connection`.
     pub(crate) fn new(
         config: &Config,
-        id_namespace: &str,
         stats: Arc<PublisherStats>,
         connection: Arc<NatsStats>,
-        exactly_once: Option<ExactlyOnce>,
     ) -> Self {
         KafkaSink {
             kafka: config.kafka.clone(),
@@ -278,11 +275,10 @@ impl KafkaSink {
             on_oversize: config.outbox.on_oversize,
             max_in_flight: config.replication.max_in_flight,
             max_in_flight_bytes: config.replication.max_in_flight_bytes,
-            id_namespace: id_namespace.to_owned(),
             backoff: config.replication.reconnect_backoff(),
             stats,
             connection,
-            exactly_once,
+            exactly_once: config.kafka.exactly_once,
         }
     }
 }
@@ -324,7 +320,7 @@ impl Sink for KafkaSink {
         }
     }
 
-    fn delivery(self, shutdown: Shutdown) -> Result<KafkaDelivery, KafkaSinkError> {
+    fn delivery(self, origin: Origin, shutdown: Shutdown) -> Result<KafkaDelivery, KafkaSinkError> {
         KafkaDelivery::new(delivery::Settings {
             kafka: self.kafka,
             format: self.format,
@@ -332,11 +328,15 @@ impl Sink for KafkaSink {
             on_oversize: self.on_oversize,
             max_in_flight: self.max_in_flight,
             max_in_flight_bytes: self.max_in_flight_bytes,
-            id_namespace: self.id_namespace,
             stats: self.stats,
             connection: self.connection,
             shutdown,
-            exactly_once: self.exactly_once,
+            exactly_once: self.exactly_once.then_some(ExactlyOnce {
+                system_identifier: origin.system_id,
+                slot: origin.slot,
+                server: origin.server,
+            }),
+            id_namespace: origin.id_namespace,
         })
     }
 }

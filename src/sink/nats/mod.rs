@@ -22,7 +22,7 @@ use crate::wire::encode::debezium::DebeziumOptions;
 
 use publisher::{PublishError, Publisher, PublisherSettings, ACK_TIMEOUT};
 
-use super::Sink;
+use super::{Origin, Sink};
 use crate::wire::names::CDC_SUBJECT_PREFIX;
 
 /// Connection name the bridge shows in the server's monitoring (`/connz`).
@@ -51,11 +51,9 @@ pub(crate) struct NatsSink {
 }
 
 impl NatsSink {
-    /// A sink for `config`'s NATS servers and streams, with message ids in `id_namespace`,
-    /// counting in `stats` and `connection`.
+    /// A sink for `config`'s NATS servers and streams, counting in `stats` and `connection`.
     pub(crate) fn new(
         config: &Config,
-        id_namespace: &str,
         stats: Arc<PublisherStats>,
         connection: Arc<NatsStats>,
     ) -> Self {
@@ -75,7 +73,8 @@ impl NatsSink {
                 max_in_flight: config.replication.max_in_flight,
                 max_in_flight_bytes: config.replication.max_in_flight_bytes,
                 subject_prefix: CDC_SUBJECT_PREFIX.to_string(),
-                id_namespace: id_namespace.to_string(),
+                // Known once PostgreSQL is set up: see `delivery`.
+                id_namespace: String::new(),
                 on_oversize: config.outbox.on_oversize,
             },
             stats,
@@ -121,12 +120,16 @@ impl Sink for NatsSink {
         Ok(true)
     }
 
-    fn delivery(self, shutdown: Shutdown) -> Result<Publisher, PublishError> {
+    fn delivery(self, origin: Origin, shutdown: Shutdown) -> Result<Publisher, PublishError> {
         // Only reachable without a client when `prepare` was skipped: nothing was sent.
         let Some(client) = self.client else {
             return Err(PublishError::ClientClosed { pending: 0 });
         };
-        Ok(Publisher::new(client, self.settings, self.stats, shutdown)
+        let settings = PublisherSettings {
+            id_namespace: origin.id_namespace,
+            ..self.settings
+        };
+        Ok(Publisher::new(client, settings, self.stats, shutdown)
             .with_connection_events(self.connection))
     }
 }
@@ -144,7 +147,12 @@ where
     Fut: std::future::Future<Output = Result<T, NatsError>>,
 {
     loop {
-        match attempt().await {
+        // Raced with shutdown: an attempt can wait up to the connect timeout, and the
+        // supervisor stops the sink this way when PostgreSQL's set-up fails meanwhile.
+        let Some(result) = shutdown.run_until(attempt()).await else {
+            return Ok(None);
+        };
+        match result {
             Ok(v) => return Ok(Some(v)),
             Err(e) if e.is_configuration() => return Err(e),
             Err(_) if shutdown.is_triggered() => return Ok(None),
