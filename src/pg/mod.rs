@@ -9,6 +9,7 @@ pub mod lsn;
 pub mod pgoutput;
 pub mod replication;
 pub mod setup;
+pub mod timeline;
 pub mod value;
 
 pub use lsn::Lsn;

@@ -19,6 +19,7 @@ use crate::control;
 use crate::pg::conn::{sqlstate, ConnectionKind, PgConnection, PgError};
 use crate::pg::replication::{ReplicationConnection, SystemIdentity};
 use crate::pg::setup::{self, DatabaseInfo, SetupError};
+use crate::pg::timeline::{ServerPosition, TimelineHistory};
 use crate::pg::Lsn;
 use crate::shutdown::Shutdown;
 use crate::sink::nats::publisher::PublishError;
@@ -30,9 +31,7 @@ use crate::telemetry::counters::{DurableLsn, NatsStats, PublisherStats};
 use crate::telemetry::{self, Telemetry, TelemetryError};
 
 use durable::{StateFile, StateFileError, StateWriter};
-use position::{
-    Found, PositionError, PositionIdentity, Recorded, Resume, ServerPosition, TimelineHistory,
-};
+use position::{Found, PositionError, PositionIdentity, Recorded, Resume};
 use translate::TranslateError;
 use wal::{WalContext, WalStream};
 

@@ -25,9 +25,9 @@ use crate::pg::pgoutput::{Cell, DecodeError, Decoder, LogicalMessage, OldTuple, 
 use crate::pg::value::{decode_text_into, TypeRegistry, Value, ValueKind};
 use crate::pg::Lsn;
 
-use super::position::TimelineHistory;
 use super::spool::{Spool, SpoolError};
 use crate::outbox::{self, MissingColumn, OutboxColumns, OutboxTables};
+use crate::pg::timeline::TimelineHistory;
 use crate::wire::event::{ChangeEvent, ColumnValue, Operation, TableRef};
 use crate::wire::outbox::OutboxEvent;
 

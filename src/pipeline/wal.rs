@@ -24,10 +24,10 @@ use crate::telemetry::counters::DurableLsn;
 use crate::telemetry::Telemetry;
 
 use super::durable::{StateFileError, StateWriter};
-use super::position::TimelineHistory;
 use super::spool::{Spool, SpoolError};
 use super::translate::{Emit, TranslateError, Translator};
 use crate::outbox::OutboxTables;
+use crate::pg::timeline::TimelineHistory;
 use crate::sink::ring::{item_bytes, RingItem, RingWriter};
 use crate::wire::event::{ChangeEvent, TableRef};
 use crate::wire::outbox::OutboxEvent;

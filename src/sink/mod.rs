@@ -76,5 +76,5 @@ pub(crate) struct Origin {
     pub(crate) slot: String,
     /// The server's WAL position and timeline history as of the latest (re)connect.
     #[cfg_attr(not(feature = "kafka"), allow(dead_code))]
-    pub(crate) server: std::sync::Arc<crate::pipeline::position::ServerPosition>,
+    pub(crate) server: std::sync::Arc<crate::pg::timeline::ServerPosition>,
 }

@@ -10,8 +10,8 @@ use rdkafka::message::Message;
 use rdkafka::{Offset, TopicPartitionList};
 
 use crate::config::KafkaConfig;
+use crate::pg::timeline::TimelineHistory;
 use crate::pg::Lsn;
-use crate::pipeline::position::TimelineHistory;
 use crate::wire::kafka::{position_key, PositionRecord};
 
 use super::{client_config, Context, REQUEST_TIMEOUT};

@@ -27,8 +27,8 @@ use rdkafka::error::KafkaError;
 use rdkafka::message::{Header, OwnedHeaders};
 use rdkafka::producer::{BaseRecord, Producer};
 
+use crate::pg::timeline::ServerPosition;
 use crate::pg::Lsn;
-use crate::pipeline::position::ServerPosition;
 use crate::sink::driver::Ticket;
 use crate::sink::kafka::positions::{self, TRANSACTION_CALL_TIMEOUT};
 use crate::sink::kafka::{Context, KafkaSinkError};
