@@ -144,28 +144,37 @@ impl<P> AckWindow<P> {
 mod tests {
     use super::*;
 
+    fn record(acked: &mut Vec<u32>, chunk: u32) -> Result<(), SnapshotFailure> {
+        acked.push(chunk);
+        Ok(())
+    }
+
     #[test]
     fn the_window_waits_for_the_oldest_chunks_until_the_next_fits() {
         let mut window = AckWindow::new(100);
         let mut acked = Vec::new();
         for (chunk, size) in [(0, 40), (1, 40), (2, 10)] {
             window
-                .send(size, |p, _| Ok(acked.push(p)), || Ok(chunk))
+                .send(size, |p, _| record(&mut acked, p), || Ok(chunk))
                 .unwrap();
         }
         assert!(acked.is_empty());
         assert_eq!(window.len(), 3);
         // 90 bytes in flight: 30 more wait for chunk 0 only.
-        window.send(30, |p, _| Ok(acked.push(p)), || Ok(3)).unwrap();
+        window
+            .send(30, |p, _| record(&mut acked, p), || Ok(3))
+            .unwrap();
         assert_eq!(acked, [0]);
         // A chunk larger than the budget goes alone, after all the others.
         window
-            .send(500, |p, _| Ok(acked.push(p)), || Ok(4))
+            .send(500, |p, _| record(&mut acked, p), || Ok(4))
             .unwrap();
         assert_eq!(acked, [0, 1, 2, 3]);
-        window.send(1, |p, _| Ok(acked.push(p)), || Ok(5)).unwrap();
+        window
+            .send(1, |p, _| record(&mut acked, p), || Ok(5))
+            .unwrap();
         assert_eq!(acked, [0, 1, 2, 3, 4]);
-        window.drain(|p, _| Ok(acked.push(p))).unwrap();
+        window.drain(|p, _| record(&mut acked, p)).unwrap();
         assert_eq!(acked, [0, 1, 2, 3, 4, 5]);
         assert_eq!(window.len(), 0);
     }
