@@ -373,7 +373,7 @@ impl InitWriter for KafkaWriter<'_> {
         &mut self,
         id: &str,
         chunk: u64,
-        payload: Vec<u8>,
+        payload: bytes::Bytes,
     ) -> Result<(), SnapshotFailure> {
         let out = &self.out;
         self.in_flight.send(

@@ -17,6 +17,8 @@ pub(super) mod kafka;
 use std::collections::VecDeque;
 use std::time::Duration;
 
+use bytes::Bytes;
+
 use super::chunks::{SnapshotFailure, CHUNK_ACK_TIMEOUT};
 
 /// The last meta document stored for a table.
@@ -66,8 +68,7 @@ pub(super) trait InitWriter {
 
     /// Sends chunk `chunk` of snapshot `id`; waits for the oldest chunk's acknowledgement when
     /// too many are outstanding.
-    fn send_chunk(&mut self, id: &str, chunk: u64, payload: Vec<u8>)
-        -> Result<(), SnapshotFailure>;
+    fn send_chunk(&mut self, id: &str, chunk: u64, payload: Bytes) -> Result<(), SnapshotFailure>;
 
     /// Waits for every chunk's acknowledgement, then stores the meta (or failure document) of
     /// snapshot `id`, waiting at most `timeout` for it.

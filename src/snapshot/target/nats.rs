@@ -101,13 +101,11 @@ impl NatsOut<'_> {
         &self,
         subject: String,
         id: String,
-        payload: Vec<u8>,
+        payload: Bytes,
     ) -> Result<(String, PublishAckFuture), SnapshotFailure> {
         let t = self.target;
         t.rt.block_on(async {
-            let msg = PublishMessage::build()
-                .payload(Bytes::from(payload))
-                .message_id(id);
+            let msg = PublishMessage::build().payload(payload).message_id(id);
             match t.js.send_publish(subject.clone(), msg).await {
                 Ok(ack) => Ok((subject, ack)),
                 Err(e) => Err(SnapshotFailure::Publish {
@@ -176,12 +174,7 @@ impl InitWriter for NatsWriter<'_> {
         }
     }
 
-    fn send_chunk(
-        &mut self,
-        id: &str,
-        chunk: u64,
-        payload: Vec<u8>,
-    ) -> Result<(), SnapshotFailure> {
+    fn send_chunk(&mut self, id: &str, chunk: u64, payload: Bytes) -> Result<(), SnapshotFailure> {
         let subject = format!("{INIT_SUBJECT_PREFIX}.snap.{}.{id}.{chunk}", self.token);
         let msg_id = format!("snap-{id}-{chunk}");
         let out = &self.out;
@@ -205,7 +198,7 @@ impl InitWriter for NatsWriter<'_> {
         let pending = out.send(
             format!("{INIT_SUBJECT_PREFIX}.meta.{}", self.token),
             format!("meta-{id}"),
-            payload,
+            Bytes::from(payload),
         )?;
         out.wait_ack(pending, timeout)
     }
