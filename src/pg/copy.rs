@@ -36,16 +36,25 @@ impl CopyRowParser {
         self.buf.clear();
         self.fields.clear();
         let row = row.strip_suffix(b"\n").unwrap_or(row);
+        // Most rows have no escape and no NULL: one copy, then the tabs alone split it.
+        if memchr::memchr(b'\\', row).is_none() {
+            self.buf.extend_from_slice(row);
+            let mut start = 0;
+            for tab in memchr::memchr_iter(b'\t', row) {
+                self.fields.push(Some((start, tab)));
+                start = tab + 1;
+            }
+            self.fields.push(Some((start, row.len())));
+            return Ok(());
+        }
         let mut start = 0;
         let mut i = 0;
         let mut null = false;
         loop {
             // Most fields have no escapes: copy everything up to the next tab or backslash
-            // in one go (byte by byte, this loop took a third of a snapshot's CPU).
-            let run = row[i..]
-                .iter()
-                .position(|&b| b == b'\t' || b == b'\\')
-                .unwrap_or(row.len() - i);
+            // in one go (byte by byte, this loop took a third of a snapshot's CPU; memchr2
+            // looks at a vector register's worth of bytes at a time).
+            let run = memchr::memchr2(b'\t', b'\\', &row[i..]).unwrap_or(row.len() - i);
             if run > 0 {
                 if null {
                     return Err(CopyRowError {

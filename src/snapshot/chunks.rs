@@ -10,7 +10,7 @@ use crate::pg::value::Value;
 use crate::pg::Lsn;
 use crate::shutdown::Shutdown;
 use crate::sink::nats::NatsError;
-use crate::wire::encode::{encode_chunk, encode_document, ChunkHeader, ChunkRows};
+use crate::wire::encode::{encode_chunk, encode_document, take_chunk, ChunkHeader, ChunkRows};
 use crate::wire::fields;
 
 use super::slot::{take_snapshot, SnapshotColumns, SnapshotError};
@@ -26,6 +26,9 @@ const FAILURE_ACK_TIMEOUT: Duration = Duration::from_secs(5);
 /// Room left in a chunk for the message headers (`Nats-Msg-Id: snap-{id}-{chunk}`, Kafka's
 /// `pgbridge-id` and `pgbridge-op`), which count against the broker's limit too.
 const HEADER_ALLOWANCE: usize = 128;
+/// What the length of a chunk's `data` may take beyond the one byte of an empty one
+/// (MessagePack's array32: 5 bytes).
+const ARRAY_LEN_ALLOWANCE: usize = 4;
 /// Rows between two updates of the progress gauge.
 const PROGRESS_EVERY_ROWS: u64 = 1000;
 
@@ -211,9 +214,6 @@ impl Chunks {
         let mut writer = self.target.open(schema, table)?;
         // Read before the slot exists: consumers continue the change stream after it.
         let cdc_position = writer.cdc_position()?;
-        let mut rows = ChunkRows::new(self.format);
-        // A row that would push a chunk past the broker's limit waits here to start the next.
-        let mut carried = ChunkRows::new(self.format);
         let mut out = Vec::new();
         let max = writer.max_payload();
         // Half the broker's limit leaves room for the chunk's own fields and the next row.
@@ -232,31 +232,31 @@ impl Chunks {
             out.len()
         };
         let row_budget = max.saturating_sub(frame + HEADER_ALLOWANCE);
+        // The chunk's fields are written in front of its rows when it is sent: keep room for
+        // them (the frame, with the widest length of `data`).
+        let room = frame + ARRAY_LEN_ALLOWANCE;
+        let mut rows = ChunkRows::with_room(self.format, room);
+        // A row that would push a chunk past the broker's limit waits here to start the next.
+        let mut carried = ChunkRows::with_room(self.format, room);
         // Consistent point and column names, set before the first row.
         let started: std::cell::RefCell<(Lsn, Vec<Arc<str>>)> = Default::default();
         let mut chunk = 0u64;
         let mut row_number = 0u64;
         let writer_cell = std::cell::RefCell::new(&mut writer);
-        let flush = |rows: &mut ChunkRows,
-                     chunk: &mut u64,
-                     out: &mut Vec<u8>,
-                     lsn: Lsn|
-         -> Result<(), SnapshotFailure> {
-            let header = ChunkHeader {
-                table,
-                schema,
-                snapshot_id: id,
-                chunk: *chunk,
-                lsn,
+        let flush =
+            |rows: &mut ChunkRows, chunk: &mut u64, lsn: Lsn| -> Result<(), SnapshotFailure> {
+                let header = ChunkHeader {
+                    table,
+                    schema,
+                    snapshot_id: id,
+                    chunk: *chunk,
+                    lsn,
+                };
+                let payload = take_chunk(self.format, &header, rows);
+                writer_cell.borrow_mut().send_chunk(id, *chunk, payload)?;
+                *chunk += 1;
+                Ok(())
             };
-            encode_chunk(self.format, &header, rows, out);
-            writer_cell
-                .borrow_mut()
-                .send_chunk(id, *chunk, std::mem::take(out))?;
-            *chunk += 1;
-            rows.clear();
-            Ok(())
-        };
         // The typed reason a row callback stopped the COPY (it can only pass text through).
         let mut stopped: Option<SnapshotFailure> = None;
         let outcome = take_snapshot(
@@ -290,12 +290,12 @@ impl Chunks {
                     if rows.encoded_len() > row_budget {
                         // The rows before fit; this one starts the next chunk.
                         rows.move_last_row(&mut carried);
-                        flush(&mut rows, &mut chunk, &mut out, *lsn)?;
+                        flush(&mut rows, &mut chunk, *lsn)?;
                         std::mem::swap(&mut rows, &mut carried);
                     }
                     // A chunk also ends before it could outgrow the broker's limit.
                     if rows.len() >= self.chunk_rows || rows.encoded_len() >= max_chunk_bytes {
-                        flush(&mut rows, &mut chunk, &mut out, *lsn)?;
+                        flush(&mut rows, &mut chunk, *lsn)?;
                     }
                     Ok(())
                 };
@@ -312,7 +312,7 @@ impl Chunks {
             (Err(e), _) => return Err(e.into()),
         };
         if !rows.is_empty() || chunk == 0 {
-            flush(&mut rows, &mut chunk, &mut out, outcome.lsn)?;
+            flush(&mut rows, &mut chunk, outcome.lsn)?;
         }
         let mut meta = serde_json::json!({
             fields::SNAPSHOT_ID: id,

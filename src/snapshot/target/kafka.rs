@@ -8,7 +8,6 @@
 //! meta carries, instead of NATS' `cdc_stream_seq`, the CDC topic (`cdc_topic`) and its end
 //! offset of each partition (`cdc_offsets`), read before the snapshot's slot exists.
 
-use std::collections::VecDeque;
 use std::sync::mpsc::{sync_channel, Receiver, SyncSender};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -28,12 +27,13 @@ use crate::wire::kafka::{
     init_topic, ID_HEADER, INIT_TOPIC_INFIX, OP_HEADER, SNAPSHOT_CHUNK_OP, SNAPSHOT_META_OP,
 };
 
-use super::super::chunks::{is_failure_document, SnapshotFailure, CHUNK_ACK_TIMEOUT};
-use super::{InitTarget, InitWriter, LastMeta};
+use super::super::chunks::{is_failure_document, SnapshotFailure};
+use super::{AckWindow, InitTarget, InitWriter, LastMeta};
 
-/// Chunks whose delivery report may be outstanding at once (see the NATS window; Kafka
-/// batches them, so a few more help).
-const CHUNK_ACK_WINDOW: usize = 8;
+/// Bytes of chunks whose delivery report may be outstanding at once, in records of the
+/// largest size the topic takes: four (a chunk is at most about half of one, so at least
+/// eight chunks; Kafka batches them, so more than NATS' two help).
+const IN_FLIGHT_MAX_RECORDS: usize = 4;
 /// How long one metadata, offsets or read request may take.
 const REQUEST_TIMEOUT: Duration = Duration::from_secs(10);
 /// How long reading an init topic for its last meta may take in all.
@@ -223,10 +223,9 @@ impl InitTarget for KafkaInit {
         Ok(Box::new(KafkaWriter {
             target: self,
             cdc_topic: crate::wire::kafka::topic(&self.kafka.topic_prefix, schema, table),
-            topic,
+            out: KafkaOut { topic, producer },
             max: limit.saturating_sub(BATCH_OVERHEAD),
-            producer,
-            in_flight: VecDeque::with_capacity(CHUNK_ACK_WINDOW),
+            in_flight: AckWindow::new(limit.saturating_mul(IN_FLIGHT_MAX_RECORDS)),
         }))
     }
 }
@@ -288,14 +287,19 @@ type Pending = Receiver<Result<(), String>>;
 /// One snapshot into its init topic.
 struct KafkaWriter<'a> {
     target: &'a KafkaInit,
-    topic: String,
+    out: KafkaOut,
     cdc_topic: String,
     max: usize,
-    producer: ThreadedProducer<Reports>,
-    in_flight: VecDeque<Pending>,
+    in_flight: AckWindow<Pending>,
 }
 
-impl KafkaWriter<'_> {
+/// Producing to the init topic, apart from the window so both can be borrowed at once.
+struct KafkaOut {
+    topic: String,
+    producer: ThreadedProducer<Reports>,
+}
+
+impl KafkaOut {
     fn produce(&self, id: &str, op: &str, payload: &[u8]) -> Result<Pending, SnapshotFailure> {
         let (tx, rx) = sync_channel(1);
         let headers = OwnedHeaders::new_with_capacity(2)
@@ -371,7 +375,7 @@ impl InitWriter for KafkaWriter<'_> {
             key,
             size,
             max: self.max,
-            topic: self.topic.clone(),
+            topic: self.out.topic.clone(),
         }
     }
 
@@ -379,16 +383,14 @@ impl InitWriter for KafkaWriter<'_> {
         &mut self,
         id: &str,
         chunk: u64,
-        payload: Vec<u8>,
+        payload: bytes::Bytes,
     ) -> Result<(), SnapshotFailure> {
-        if self.in_flight.len() >= CHUNK_ACK_WINDOW {
-            if let Some(oldest) = self.in_flight.pop_front() {
-                self.wait(oldest, CHUNK_ACK_TIMEOUT)?;
-            }
-        }
-        let pending = self.produce(&format!("snap-{id}-{chunk}"), SNAPSHOT_CHUNK_OP, &payload)?;
-        self.in_flight.push_back(pending);
-        Ok(())
+        let out = &self.out;
+        self.in_flight.send(
+            payload.len(),
+            |pending, timeout| out.wait(pending, timeout),
+            || out.produce(&format!("snap-{id}-{chunk}"), SNAPSHOT_CHUNK_OP, &payload),
+        )
     }
 
     fn send_meta(
@@ -398,11 +400,11 @@ impl InitWriter for KafkaWriter<'_> {
         timeout: Duration,
     ) -> Result<(), SnapshotFailure> {
         // The meta says the snapshot is complete: only once every chunk is stored.
-        while let Some(pending) = self.in_flight.pop_front() {
-            self.wait(pending, CHUNK_ACK_TIMEOUT)?;
-        }
-        let pending = self.produce(&format!("meta-{id}"), SNAPSHOT_META_OP, &payload)?;
-        self.wait(pending, timeout)
+        let out = &self.out;
+        self.in_flight
+            .drain(|pending, timeout| out.wait(pending, timeout))?;
+        let pending = out.produce(&format!("meta-{id}"), SNAPSHOT_META_OP, &payload)?;
+        out.wait(pending, timeout)
     }
 }
 

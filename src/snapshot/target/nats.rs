@@ -1,6 +1,5 @@
 //! Snapshots into the INIT stream (see [`super`]).
 
-use std::collections::VecDeque;
 use std::time::Duration;
 
 use async_nats::jetstream::context::{PublishAckFuture, PublishErrorKind};
@@ -14,14 +13,12 @@ use crate::wire::fields;
 use crate::wire::names::INIT_SUBJECT_PREFIX;
 use crate::wire::subject::push_table_token;
 
-use super::super::chunks::{is_failure_document, SnapshotFailure, CHUNK_ACK_TIMEOUT};
-use super::{InitTarget, InitWriter, LastMeta};
+use super::super::chunks::{is_failure_document, SnapshotFailure};
+use super::{AckWindow, InitTarget, InitWriter, LastMeta};
 
-/// Chunks whose PubAck may be outstanding at once. Waiting for each ack before reading on
-/// would make PostgreSQL, the bridge and nats-server take turns; with a few chunks in flight
-/// they work at the same time. A chunk is at most about half the server's max_payload, so
-/// this keeps at most two max_payloads of chunks in flight.
-const CHUNK_ACK_WINDOW: usize = 4;
+/// Bytes of chunks whose PubAck may be outstanding at once: two max_payloads. A chunk is
+/// at most about half the server's max_payload, so that is at least four chunks.
+const IN_FLIGHT_MAX_PAYLOADS: usize = 2;
 
 /// The INIT stream, through the snapshot service's JetStream context and runtime.
 pub(in crate::snapshot) struct NatsInit {
@@ -87,37 +84,40 @@ impl InitTarget for NatsInit {
     ) -> Result<Box<dyn InitWriter + 'a>, SnapshotFailure> {
         let mut token = String::new();
         push_table_token(&mut token, schema, table);
+        let max = max_payload(&self.js.client());
         Ok(Box::new(NatsWriter {
-            target: self,
-            max: max_payload(&self.js.client()),
+            out: NatsOut { target: self, max },
             token,
-            in_flight: VecDeque::with_capacity(CHUNK_ACK_WINDOW),
+            in_flight: AckWindow::new(max.saturating_mul(IN_FLIGHT_MAX_PAYLOADS)),
         }))
     }
 }
 
 /// One snapshot into the INIT stream.
 struct NatsWriter<'a> {
-    target: &'a NatsInit,
-    max: usize,
+    out: NatsOut<'a>,
     token: String,
-    /// Chunks published and not yet acknowledged, oldest first.
-    in_flight: VecDeque<(String, PublishAckFuture)>,
+    /// Chunks published and not yet acknowledged.
+    in_flight: AckWindow<(String, PublishAckFuture)>,
 }
 
-impl NatsWriter<'_> {
+/// Publishing to the INIT stream, apart from the window so both can be borrowed at once.
+struct NatsOut<'a> {
+    target: &'a NatsInit,
+    max: usize,
+}
+
+impl NatsOut<'_> {
     /// Publishes one message; its PubAck is awaited with [`Self::wait_ack`].
     fn send(
         &self,
         subject: String,
         id: String,
-        payload: Vec<u8>,
+        payload: Bytes,
     ) -> Result<(String, PublishAckFuture), SnapshotFailure> {
         let t = self.target;
         t.rt.block_on(async {
-            let msg = PublishMessage::build()
-                .payload(Bytes::from(payload))
-                .message_id(id);
+            let msg = PublishMessage::build().payload(payload).message_id(id);
             match t.js.send_publish(subject.clone(), msg).await {
                 Ok(ack) => Ok((subject, ack)),
                 Err(e) => Err(SnapshotFailure::Publish {
@@ -162,7 +162,7 @@ impl NatsWriter<'_> {
 
 impl InitWriter for NatsWriter<'_> {
     fn cdc_position(&mut self) -> Result<Vec<(&'static str, serde_json::Value)>, SnapshotFailure> {
-        let t = self.target;
+        let t = self.out.target;
         let seq =
             t.rt.block_on(stream_last_sequence(&t.js, &t.cdc_stream))
                 .map_err(|source| SnapshotFailure::CdcSequence {
@@ -173,7 +173,7 @@ impl InitWriter for NatsWriter<'_> {
     }
 
     fn max_payload(&self) -> usize {
-        self.max
+        self.out.max
     }
 
     fn row_too_large(&self, table: String, row: u64, key: String, size: usize) -> SnapshotFailure {
@@ -182,28 +182,19 @@ impl InitWriter for NatsWriter<'_> {
             row,
             key,
             size,
-            max: self.max,
+            max: self.out.max,
         }
     }
 
-    fn send_chunk(
-        &mut self,
-        id: &str,
-        chunk: u64,
-        payload: Vec<u8>,
-    ) -> Result<(), SnapshotFailure> {
-        if self.in_flight.len() >= CHUNK_ACK_WINDOW {
-            if let Some(oldest) = self.in_flight.pop_front() {
-                self.wait_ack(oldest, CHUNK_ACK_TIMEOUT)?;
-            }
-        }
-        let pending = self.send(
-            format!("{INIT_SUBJECT_PREFIX}.snap.{}.{id}.{chunk}", self.token),
-            format!("snap-{id}-{chunk}"),
-            payload,
-        )?;
-        self.in_flight.push_back(pending);
-        Ok(())
+    fn send_chunk(&mut self, id: &str, chunk: u64, payload: Bytes) -> Result<(), SnapshotFailure> {
+        let subject = format!("{INIT_SUBJECT_PREFIX}.snap.{}.{id}.{chunk}", self.token);
+        let msg_id = format!("snap-{id}-{chunk}");
+        let out = &self.out;
+        self.in_flight.send(
+            payload.len(),
+            |pending, timeout| out.wait_ack(pending, timeout),
+            || out.send(subject, msg_id, payload),
+        )
     }
 
     fn send_meta(
@@ -213,15 +204,15 @@ impl InitWriter for NatsWriter<'_> {
         timeout: Duration,
     ) -> Result<(), SnapshotFailure> {
         // The meta says the snapshot is complete: only once every chunk is stored.
-        while let Some(pending) = self.in_flight.pop_front() {
-            self.wait_ack(pending, CHUNK_ACK_TIMEOUT)?;
-        }
-        let pending = self.send(
+        let out = &self.out;
+        self.in_flight
+            .drain(|pending, timeout| out.wait_ack(pending, timeout))?;
+        let pending = out.send(
             format!("{INIT_SUBJECT_PREFIX}.meta.{}", self.token),
             format!("meta-{id}"),
-            payload,
+            Bytes::from(payload),
         )?;
-        self.wait_ack(pending, timeout)
+        out.wait_ack(pending, timeout)
     }
 }
 

@@ -2,6 +2,8 @@
 
 use std::sync::Arc;
 
+use bytes::Bytes;
+
 use super::json::{json_str, json_u64, json_value};
 use super::msgpack::{len32, mp_str, mp_uint, msgpack_value, written};
 use crate::config::Format;
@@ -15,21 +17,34 @@ use crate::wire::fields;
 #[derive(Debug)]
 pub struct ChunkRows {
     format: Format,
+    /// `room` bytes kept for the chunk's own fields, then the rows.
     buf: Vec<u8>,
     count: usize,
     /// Where the last row added begins in `buf` (after JSON's separating comma); `None` once
     /// it was moved out or the chunk cleared.
     last_start: Option<usize>,
+    /// Bytes kept in front of the rows, so that [`take_chunk`] writes the chunk's fields there
+    /// instead of copying the rows behind them.
+    room: usize,
 }
 
 impl ChunkRows {
     /// An empty chunk.
     pub fn new(format: Format) -> Self {
+        Self::with_room(format, 0)
+    }
+
+    /// An empty chunk keeping `room` bytes in front of its rows for the chunk's own fields
+    /// (their encoded size, see [`take_chunk`]).
+    pub fn with_room(format: Format, room: usize) -> Self {
+        let mut buf = Vec::with_capacity(64 * 1024);
+        buf.resize(room, 0);
         ChunkRows {
             format,
-            buf: Vec::with_capacity(64 * 1024),
+            buf,
             count: 0,
             last_start: None,
+            room,
         }
     }
 
@@ -45,14 +60,19 @@ impl ChunkRows {
 
     /// Encoded size of the rows so far.
     pub fn encoded_len(&self) -> usize {
-        self.buf.len()
+        self.buf.len() - self.room
     }
 
     /// Starts the next chunk.
     pub fn clear(&mut self) {
-        self.buf.clear();
+        self.buf.truncate(self.room);
         self.count = 0;
         self.last_start = None;
+    }
+
+    /// The encoded rows.
+    fn rows(&self) -> &[u8] {
+        &self.buf[self.room..]
     }
 
     /// Moves the row added last into `next` (emptied first), to start the next chunk with it
@@ -64,7 +84,7 @@ impl ChunkRows {
         };
         next.buf.extend_from_slice(&self.buf[start..]);
         next.count = 1;
-        next.last_start = Some(0);
+        next.last_start = Some(next.room);
         // In JSON the rows before it end with the comma that separated them.
         let end = if self.format == Format::Json && self.count > 1 {
             start - 1
@@ -131,6 +151,41 @@ pub struct ChunkHeader<'a> {
 /// Encodes a snapshot chunk: `{table, schema, operation: "snapshot", snapshot_id, chunk, lsn,
 /// data: [rows]}`.
 pub fn encode_chunk(format: Format, header: &ChunkHeader<'_>, rows: &ChunkRows, out: &mut Vec<u8>) {
+    encode_head(format, header, rows.count, out);
+    out.extend_from_slice(rows.rows());
+    if format == Format::Json {
+        out.extend_from_slice(b"]}");
+    }
+}
+
+/// The chunk message of `rows` under `header`, as [`encode_chunk`] encodes it, built in
+/// place: its fields go into the room kept in front of the rows (copied only when they do
+/// not fit), and `rows` starts the next chunk in a buffer of its own.
+pub fn take_chunk(format: Format, header: &ChunkHeader<'_>, rows: &mut ChunkRows) -> Bytes {
+    let mut head = Vec::with_capacity(rows.room.max(128));
+    encode_head(format, header, rows.count, &mut head);
+    let room = rows.room;
+    let mut next = Vec::with_capacity(rows.buf.capacity());
+    next.resize(room, 0);
+    let mut buf = std::mem::replace(&mut rows.buf, next);
+    rows.clear();
+    if format == Format::Json {
+        buf.extend_from_slice(b"]}");
+    }
+    match room.checked_sub(head.len()) {
+        Some(start) => {
+            buf[start..room].copy_from_slice(&head);
+            Bytes::from(buf).slice(start..)
+        }
+        None => {
+            head.extend_from_slice(&buf[room..]);
+            Bytes::from(head)
+        }
+    }
+}
+
+/// The chunk's fields up to the start of its rows (the length of `data`, for MessagePack).
+fn encode_head(format: Format, header: &ChunkHeader<'_>, count: usize, out: &mut Vec<u8>) {
     out.clear();
     let mut lsn = [0; Lsn::TEXT_MAX_LEN];
     let lsn = header.lsn.text(&mut lsn);
@@ -150,7 +205,7 @@ pub fn encode_chunk(format: Format, header: &ChunkHeader<'_>, rows: &ChunkRows, 
             mp_str(out, fields::LSN);
             mp_str(out, lsn);
             mp_str(out, fields::DATA);
-            written(rmp::encode::write_array_len(out, len32(rows.count)));
+            written(rmp::encode::write_array_len(out, len32(count)));
         }
         Format::Json => {
             out.extend_from_slice(b"{\"table\":");
@@ -165,10 +220,6 @@ pub fn encode_chunk(format: Format, header: &ChunkHeader<'_>, rows: &ChunkRows, 
             json_str(out, lsn);
             out.extend_from_slice(b",\"data\":[");
         }
-    }
-    out.extend_from_slice(&rows.buf);
-    if format == Format::Json {
-        out.extend_from_slice(b"]}");
     }
 }
 
@@ -232,6 +283,43 @@ mod tests {
             );
             rows.clear();
             assert!(rows.is_empty());
+        }
+    }
+
+    #[test]
+    fn chunks_built_in_place_equal_the_encoded_ones_whatever_the_room() {
+        let names: Vec<Arc<str>> = vec![Arc::from("id"), Arc::from("name")];
+        let header = ChunkHeader {
+            table: "users",
+            schema: "public",
+            snapshot_id: "s1",
+            chunk: 7,
+            lsn: Lsn(0x1_0000_00A0),
+        };
+        for format in [Format::Msgpack, Format::Json] {
+            let mut expected = Vec::new();
+            encode_chunk(format, &header, &ChunkRows::new(format), &mut expected);
+            let exact = expected.len() - if format == Format::Json { 2 } else { 0 };
+            // No room (the fields are copied in front), too little, exactly enough, more.
+            for room in [0, exact - 1, exact + 2, exact + 64] {
+                let mut rows = ChunkRows::with_room(format, room);
+                let mut carried = ChunkRows::with_room(format, room);
+                for n in 0..20 {
+                    rows.push_row(&names, &[Value::Int(n), Value::Text(format!("user {n}"))]);
+                }
+                rows.move_last_row(&mut carried);
+                encode_chunk(format, &header, &rows, &mut expected);
+                let len = rows.encoded_len();
+                let chunk = take_chunk(format, &header, &mut rows);
+                assert_eq!(&chunk[..], &expected[..], "{format:?}, room {room}");
+                assert!(rows.is_empty() && rows.encoded_len() == 0);
+                assert!(len > 0);
+                // The next chunk starts with the carried row, in the same room.
+                std::mem::swap(&mut rows, &mut carried);
+                encode_chunk(format, &header, &rows, &mut expected);
+                let chunk = take_chunk(format, &header, &mut rows);
+                assert_eq!(&chunk[..], &expected[..], "{format:?}, room {room}");
+            }
         }
     }
 
