@@ -245,13 +245,14 @@ impl KafkaDelivery {
     }
 
     /// True when the open Kafka transaction should be committed now: it ends with a whole
-    /// PostgreSQL transaction, and no change waits or it is full.
+    /// PostgreSQL transaction, and no change waits or it is full, or it is closing already
+    /// (changes that arrive while its reports are awaited do not reopen it).
     pub(super) fn commit_due(&self, waiting: usize) -> bool {
         self.eos.as_ref().is_some_and(|t| {
             t.first.is_some()
                 && !t.in_pg_txn
                 && t.last_end.is_some()
-                && (waiting == 0 || t.full() || !self.window_has_room())
+                && (t.closing() || waiting == 0 || t.full() || !self.window_has_room())
         })
     }
 
