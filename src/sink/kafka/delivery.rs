@@ -57,6 +57,9 @@ const RETRY_MIN: Duration = Duration::from_millis(200);
 const RETRY_MAX: Duration = Duration::from_secs(5);
 /// Longest single wait for a delivery report, so that shutdown is looked at.
 const REPORT_WAIT: Duration = Duration::from_secs(1);
+/// Before a commit, how long to wait for the producer to let go of the last reported record
+/// (it does so right after the report), or before recovering from a refused position record.
+const COMMIT_WAIT: Duration = Duration::from_millis(1);
 /// What a record batch holding one record adds to the record's key, value and headers, at
 /// most (batch header 61 bytes, record framing and varints).
 const BATCH_OVERHEAD: usize = 128;
@@ -740,6 +743,31 @@ fn is_too_large(e: &KafkaError) -> bool {
     e.rdkafka_error_code() == Some(RDKafkaErrorCode::MessageSizeTooLarge)
 }
 
+impl KafkaDelivery {
+    /// Waits for delivery reports and applies every one that arrived. `long`: up to
+    /// [`REPORT_WAIT`]; otherwise, when no report is to be expected (the producer still holds
+    /// the last one, or the commit failed), only [`COMMIT_WAIT`].
+    async fn await_reports(&mut self, long: bool) {
+        let wait = if long || (self.outstanding > 0 && !self.recovering) {
+            REPORT_WAIT
+        } else {
+            COMMIT_WAIT
+        };
+        tokio::select! {
+            biased;
+            report = self.reports.recv() => {
+                if let Some(r) = report {
+                    self.apply(r);
+                    while let Ok(r) = self.reports.try_recv() {
+                        self.apply(r);
+                    }
+                }
+            }
+            () = tokio::time::sleep(wait) => {}
+        }
+    }
+}
+
 impl Delivery for KafkaDelivery {
     type Error = KafkaSinkError;
 
@@ -758,7 +786,7 @@ impl Delivery for KafkaDelivery {
         match &self.eos {
             // A Kafka transaction ends only with a PostgreSQL one: the window takes all of it.
             Some(t) if t.in_pg_txn => true,
-            Some(t) => self.window_has_room() && !t.full(),
+            Some(t) => self.window_has_room() && !t.full() && !t.closing(),
             None => self.window_has_room(),
         }
     }
@@ -793,10 +821,15 @@ impl Delivery for KafkaDelivery {
         if !self.settings.connection.is_connected() && !self.window.is_empty() {
             self.failing_since.get_or_insert_with(Instant::now);
         }
+        let committing = self.commit_due(feed.waiting()) || (!feed.open() && self.commit_due(0));
         if self.eos.is_some() && self.recovering {
             self.recover_transaction().await?;
-        } else if self.commit_due(feed.waiting()) || (!feed.open() && self.commit_due(0)) {
+        } else if committing && self.commit_ready() {
             self.commit();
+        } else if committing {
+            // The transaction's records are still on their way: their reports are awaited
+            // here, not inside the commit call, which would block for 100 ms at a time.
+            self.await_reports(false).await;
         } else if self.eos.is_some() && feed.waiting() > 0 && self.room() {
             // Changes wait that notify no more: the driver takes them first.
         } else if self.recovering && self.outstanding == 0 {
@@ -805,16 +838,8 @@ impl Delivery for KafkaDelivery {
             let can_feed = !self.recovering && feed.open() && self.room();
             tokio::select! {
                 biased;
-                report = self.reports.recv() => {
-                    if let Some(r) = report {
-                        self.apply(r);
-                        while let Ok(r) = self.reports.try_recv() {
-                            self.apply(r);
-                        }
-                    }
-                }
+                () = self.await_reports(true) => {}
                 () = feed.more(), if can_feed => {}
-                () = tokio::time::sleep(REPORT_WAIT) => {}
             }
         }
         self.reroute().await?;

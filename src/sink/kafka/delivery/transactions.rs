@@ -131,6 +131,12 @@ impl Txns {
                 || self.opened.elapsed() >= TXN_MAX_AGE)
     }
 
+    /// The position record was written: the Kafka transaction takes no more changes and
+    /// is committed once its records are reported.
+    pub(super) fn closing(&self) -> bool {
+        self.position_sent
+    }
+
     fn reset(&mut self) {
         self.open = false;
         self.first = None;
@@ -239,24 +245,28 @@ impl KafkaDelivery {
     }
 
     /// True when the open Kafka transaction should be committed now: it ends with a whole
-    /// PostgreSQL transaction, and no change waits or it is full.
+    /// PostgreSQL transaction, and no change waits or it is full, or it is closing already
+    /// (changes that arrive while its reports are awaited do not reopen it).
     pub(super) fn commit_due(&self, waiting: usize) -> bool {
         self.eos.as_ref().is_some_and(|t| {
             t.first.is_some()
                 && !t.in_pg_txn
                 && t.last_end.is_some()
-                && (waiting == 0 || t.full() || !self.window_has_room())
+                && (t.closing() || waiting == 0 || t.full() || !self.window_has_room())
         })
     }
 
-    /// Writes the position record and commits. A commit a retry may fix is tried again at
-    /// the next call; one that needs an abort starts recovery.
-    pub(super) fn commit(&mut self) {
+    /// Writes the position record (once), then true when every record of the Kafka
+    /// transaction has its report and the producer holds none of them any more: the commit
+    /// then only sends `EndTxn`. (rdkafka's `commit_transaction` flushes first, and while a
+    /// record is outstanding its flush waits in steps of 100 ms: every commit took 100 ms or
+    /// more.) No change joins the transaction meanwhile (see [`Txns::closing`]).
+    pub(super) fn commit_ready(&mut self) -> bool {
         let Some(t) = &self.eos else {
-            return;
+            return false;
         };
         let Some(end) = t.last_end else {
-            return;
+            return false;
         };
         if !t.position_sent {
             let value = PositionRecord {
@@ -280,19 +290,32 @@ impl KafkaDelivery {
                 .payload(&value[..])
                 .headers(headers);
             let Some(p) = &self.producer else {
-                return;
+                return false;
             };
             match p.send(record) {
                 Ok(()) => self.outstanding += 1,
                 Err((e, _)) => {
                     self.failed(&e);
-                    return;
+                    return false;
                 }
             }
             if let Some(t) = &mut self.eos {
                 t.position_sent = true;
             }
         }
+        if self.recovering || self.outstanding > 0 {
+            return false;
+        }
+        // With every report in, the producer's count of records reaches zero as soon as
+        // the last report's event is released: a flush that does not wait says so.
+        self.producer
+            .as_ref()
+            .is_some_and(|p| p.flush(Duration::ZERO).is_ok())
+    }
+
+    /// Commits the Kafka transaction (after [`Self::commit_ready`]). A commit a retry may fix
+    /// is tried again at the next call; one that needs an abort starts recovery.
+    pub(super) fn commit(&mut self) {
         let Some(p) = &self.producer else {
             return;
         };
