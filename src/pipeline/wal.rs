@@ -39,6 +39,10 @@ const POLL_INTERVAL: Duration = Duration::from_millis(50);
 /// how often the thread looks at the durable position while something waits to be confirmed
 /// (the publisher moves it without waking this thread).
 const STATUS_MIN_INTERVAL: Duration = Duration::from_millis(100);
+/// The same while transactions keep arriving: each update also writes and syncs the state
+/// file, and at a steady rate ten of them a second cost more CPU than the changes' own
+/// publishing; once the stream pauses, the quicker cadence confirms the last position.
+const STATUS_BUSY_INTERVAL: Duration = Duration::from_secs(1);
 /// Longest wait at shutdown for the final position to be stored in the state file.
 const FINAL_STORE_TIMEOUT: Duration = Duration::from_secs(10);
 /// How long to wait for the server to end the stream at shutdown.
@@ -174,6 +178,9 @@ struct Link<'c> {
     last_heard: Instant,
     /// Whether an answer was asked for since then.
     pinged: bool,
+    /// Transactions put on the ring when the last status update was sent: more since then
+    /// means a busy stream ([`STATUS_BUSY_INTERVAL`]).
+    status_transactions: u64,
 }
 
 impl<'c> WalStream<'c> {
@@ -201,6 +208,7 @@ impl<'c> WalStream<'c> {
                 receive_timeout: config.replication.wal_receive_timeout(Duration::ZERO),
                 last_heard: Instant::now(),
                 pinged: false,
+                status_transactions: 0,
             },
             translate: {
                 let mut t = Translator::new(tables, timelines);
@@ -262,53 +270,91 @@ impl<'c> WalStream<'c> {
         } else {
             POLL_INTERVAL
         };
+        let batch_wait = link.config.replication.batch_wait();
+        // When the last wait for the server ended with data: the next read that would wait
+        // first lets more gather until `batch_wait` after it.
+        let mut read_at: Option<Instant> = None;
+        // Changes and transactions pushed when the publisher was last woken.
+        let mut notified = ctx.stats.changes + ctx.stats.transactions;
+        // A message was handled since the end of the last batch.
+        let mut heard = false;
         while !link.shutdown.is_triggered() {
             if ctx.ring.reader_gone() {
                 return Err(StreamError::PublisherGone);
             }
-            let wait = link
-                .next_wait(ctx, self.translate.is_idle(), status_interval)
-                .min(max_wait);
-            if let Some(buf) = link.repl.recv_or_wake(wait, &wake)? {
-                link.last_heard = Instant::now();
-                link.pinged = false;
-                ctx.stats.wal_messages += 1;
-                match parse_copy_data(&buf)? {
-                    ReplicationMessage::XLogData(x) => {
-                        self.xlog_messages += 1;
-                        let timed = (self.xlog_messages % TIME_EVERY == 1).then(Instant::now);
-                        link.last_received = link.last_received.max(x.wal_end);
-                        let mut ring = Ring {
-                            link: &mut *link,
-                            ctx: &mut *ctx,
-                        };
-                        let translated = self.translate.message(x.data, x.wal_start, &mut ring);
-                        link.hold = self.translate.hold_point();
-                        match translated {
-                            Err(StreamError::ShuttingDown) => break,
-                            other => other?,
-                        }
-                        if let Some(t0) = timed {
-                            let us = u64::try_from(t0.elapsed().as_micros()).unwrap_or(u64::MAX);
-                            ctx.telemetry.wal.last_processing_us.store(us, Relaxed);
-                            ctx.sample_ring();
-                        }
-                    }
-                    ReplicationMessage::Keepalive(k) => {
-                        link.last_received = link.last_received.max(k.wal_end);
-                        link.idle_candidate = link.idle_candidate.max(k.wal_end);
-                        if k.reply_requested {
-                            link.send_status(ctx, true, self.translate.is_idle())?;
-                        }
+            // What libpq holds already is handled without a system call.
+            let mut received = link.repl.recv_or_wake(Duration::ZERO, &[])?;
+            if received.is_none() {
+                // Everything received is handled: once per batch, not per message, wake the
+                // publisher for all of it, update the counters and send a due status update.
+                let now = Instant::now();
+                if heard {
+                    heard = false;
+                    link.last_heard = now;
+                    link.pinged = false;
+                    ctx.publish_counters(link.last_received);
+                }
+                let pushed = ctx.stats.changes + ctx.stats.transactions;
+                if pushed != notified {
+                    notified = pushed;
+                    ctx.ring.notify();
+                }
+                let due = now.duration_since(link.last_status) >= status_interval;
+                link.send_status(ctx, due, self.translate.is_idle())?;
+                // Let more gather while the server has nothing more yet, so that one wake-up
+                // of this thread and of the publisher serves several transactions; never
+                // while data waits (a backlog is read at full speed).
+                if let Some(until) = read_at.take().map(|t| t + batch_wait) {
+                    if now < until && !link.repl.readable_now()? {
+                        sleep_unless_woken((until - now).min(max_wait), &wake)
+                            .map_err(PgError::Io)?;
+                        continue;
                     }
                 }
-                ctx.publish_counters(link.last_received);
-            } else {
+                let wait = link
+                    .next_wait(ctx, self.translate.is_idle(), status_interval)
+                    .min(max_wait);
+                received = link.repl.recv_or_wake(wait, &wake)?;
+                if received.is_some() && !batch_wait.is_zero() {
+                    read_at = Some(Instant::now());
+                }
+            }
+            let Some(buf) = received else {
                 ctx.sample_ring();
                 link.check_silence(ctx)?;
+                continue;
+            };
+            heard = true;
+            ctx.stats.wal_messages += 1;
+            match parse_copy_data(&buf)? {
+                ReplicationMessage::XLogData(x) => {
+                    self.xlog_messages += 1;
+                    let timed = (self.xlog_messages % TIME_EVERY == 1).then(Instant::now);
+                    link.last_received = link.last_received.max(x.wal_end);
+                    let mut ring = Ring {
+                        link: &mut *link,
+                        ctx: &mut *ctx,
+                    };
+                    let translated = self.translate.message(x.data, x.wal_start, &mut ring);
+                    link.hold = self.translate.hold_point();
+                    match translated {
+                        Err(StreamError::ShuttingDown) => break,
+                        other => other?,
+                    }
+                    if let Some(t0) = timed {
+                        let us = u64::try_from(t0.elapsed().as_micros()).unwrap_or(u64::MAX);
+                        ctx.telemetry.wal.last_processing_us.store(us, Relaxed);
+                        ctx.sample_ring();
+                    }
+                }
+                ReplicationMessage::Keepalive(k) => {
+                    link.last_received = link.last_received.max(k.wal_end);
+                    link.idle_candidate = link.idle_candidate.max(k.wal_end);
+                    if k.reply_requested {
+                        link.send_status(ctx, true, self.translate.is_idle())?;
+                    }
+                }
             }
-            let due = link.last_status.elapsed() >= status_interval;
-            link.send_status(ctx, due, self.translate.is_idle())?;
         }
         self.finish(ctx)
     }
@@ -392,7 +438,8 @@ impl Link<'_> {
     }
 
     /// Sends a standby status update when forced, or when the flush position moved (at most
-    /// every [`STATUS_MIN_INTERVAL`]). The flush position is the durable one, or, when
+    /// every [`STATUS_MIN_INTERVAL`], or [`STATUS_BUSY_INTERVAL`] while transactions keep
+    /// arriving). The flush position is the durable one, or, when
     /// everything received is durable and no transaction is open, the last keepalive's WAL
     /// end, so an idle or filtered database does not pile up WAL.
     /// `idle`: the translator has nothing open ([`Translator::is_idle`]).
@@ -418,7 +465,12 @@ impl Link<'_> {
     ) -> Result<(), StreamError> {
         let flush = self.wanted_flush(ctx, idle);
         let moved = flush > ctx.reported_flush;
-        let due = moved && self.last_status.elapsed() >= STATUS_MIN_INTERVAL;
+        let least = if ctx.stats.transactions != self.status_transactions {
+            STATUS_BUSY_INTERVAL
+        } else {
+            STATUS_MIN_INTERVAL
+        };
+        let due = moved && self.last_status.elapsed() >= least;
         if !force && !due {
             return Ok(());
         }
@@ -441,6 +493,7 @@ impl Link<'_> {
         ctx.stats.flushed = flush;
         ctx.telemetry.wal.flushed_lsn.store(flush.0, Relaxed);
         self.last_status = Instant::now();
+        self.status_transactions = ctx.stats.transactions;
         Ok(())
     }
 
@@ -506,7 +559,8 @@ impl Emit for Ring<'_, '_> {
         let ctx = &mut *self.ctx;
         ctx.last_pushed_end = ctx.last_pushed_end.max(end_lsn);
         ctx.stats.transactions += 1;
-        ctx.ring.notify();
+        // The publisher is woken once the batch that holds this commit is read (the run
+        // loop), not for every transaction.
         Ok(())
     }
 
@@ -521,6 +575,35 @@ impl Emit for Ring<'_, '_> {
     fn recycled(&mut self) -> Option<Box<ChangeEvent>> {
         self.ctx.ring.recycled()
     }
+}
+
+/// Sleeps for `timeout` unless one of `wake` (the shutdown signal, the publisher's end)
+/// becomes readable first.
+fn sleep_unless_woken(timeout: Duration, wake: &[std::os::fd::RawFd]) -> std::io::Result<()> {
+    let mut fds = [libc::pollfd {
+        fd: -1,
+        events: 0,
+        revents: 0,
+    }; 2];
+    let n = wake.len().min(fds.len());
+    for (slot, &fd) in fds.iter_mut().zip(&wake[..n]) {
+        *slot = libc::pollfd {
+            fd,
+            events: libc::POLLIN,
+            revents: 0,
+        };
+    }
+    // Rounded up: a wait cut to 0 ms would return at once and spin.
+    let ms = timeout.as_micros().div_ceil(1000).min(i32::MAX as u128) as libc::c_int;
+    // SAFETY: the first `n` of `fds` are valid pollfds; the caller keeps them open.
+    let r = unsafe { libc::poll(fds.as_mut_ptr(), n as libc::nfds_t, ms) };
+    if r < 0 {
+        let e = std::io::Error::last_os_error();
+        if e.kind() != std::io::ErrorKind::Interrupted {
+            return Err(e);
+        }
+    }
+    Ok(())
 }
 
 /// Pushes onto the ring, waiting while it is full. `at_shutdown` pushes even after shutdown
