@@ -39,9 +39,10 @@ const POLL_INTERVAL: Duration = Duration::from_millis(50);
 /// how often the thread looks at the durable position while something waits to be confirmed
 /// (the publisher moves it without waking this thread).
 const STATUS_MIN_INTERVAL: Duration = Duration::from_millis(100);
-/// The same while transactions keep arriving: each update also writes and syncs the state
-/// file, and at a steady rate ten of them a second cost more CPU than the changes' own
-/// publishing; once the stream pauses, the quicker cadence confirms the last position.
+/// The same while the durable position keeps moving: each update also writes and syncs the
+/// state file, and at a steady rate ten of them a second cost more CPU than the changes' own
+/// publishing. Once the position stands still for [`STATUS_MIN_INTERVAL`] (the stream
+/// paused, or the sink stopped acknowledging), the quicker cadence confirms it.
 const STATUS_BUSY_INTERVAL: Duration = Duration::from_secs(1);
 /// Longest wait at shutdown for the final position to be stored in the state file.
 const FINAL_STORE_TIMEOUT: Duration = Duration::from_secs(10);
@@ -178,9 +179,9 @@ struct Link<'c> {
     last_heard: Instant,
     /// Whether an answer was asked for since then.
     pinged: bool,
-    /// Transactions put on the ring when the last status update was sent: more since then
-    /// means a busy stream ([`STATUS_BUSY_INTERVAL`]).
-    status_transactions: u64,
+    /// The flush position last wanted, and since when: one that keeps moving is reported
+    /// at [`STATUS_BUSY_INTERVAL`].
+    wanted: (Lsn, Instant),
 }
 
 impl<'c> WalStream<'c> {
@@ -208,7 +209,7 @@ impl<'c> WalStream<'c> {
                 receive_timeout: config.replication.wal_receive_timeout(Duration::ZERO),
                 last_heard: Instant::now(),
                 pinged: false,
-                status_transactions: 0,
+                wanted: (Lsn::INVALID, Instant::now()),
             },
             translate: {
                 let mut t = Translator::new(tables, timelines);
@@ -438,10 +439,10 @@ impl Link<'_> {
     }
 
     /// Sends a standby status update when forced, or when the flush position moved (at most
-    /// every [`STATUS_MIN_INTERVAL`], or [`STATUS_BUSY_INTERVAL`] while transactions keep
-    /// arriving). The flush position is the durable one, or, when
-    /// everything received is durable and no transaction is open, the last keepalive's WAL
-    /// end, so an idle or filtered database does not pile up WAL.
+    /// every [`STATUS_MIN_INTERVAL`], or [`STATUS_BUSY_INTERVAL`] while it keeps moving). The
+    /// flush position is the durable one, or, when everything received is durable and no
+    /// transaction is open, the last keepalive's WAL end, so an idle or filtered database does
+    /// not pile up WAL.
     /// `idle`: the translator has nothing open ([`Translator::is_idle`]).
     fn send_status(
         &mut self,
@@ -465,12 +466,19 @@ impl Link<'_> {
     ) -> Result<(), StreamError> {
         let flush = self.wanted_flush(ctx, idle);
         let moved = flush > ctx.reported_flush;
-        let least = if ctx.stats.transactions != self.status_transactions {
-            STATUS_BUSY_INTERVAL
-        } else {
-            STATUS_MIN_INTERVAL
+        let due = moved && {
+            let now = Instant::now();
+            if flush != self.wanted.0 {
+                self.wanted = (flush, now);
+            }
+            let settled = now.duration_since(self.wanted.1) >= STATUS_MIN_INTERVAL;
+            let least = if settled {
+                STATUS_MIN_INTERVAL
+            } else {
+                STATUS_BUSY_INTERVAL
+            };
+            now.duration_since(self.last_status) >= least
         };
-        let due = moved && self.last_status.elapsed() >= least;
         if !force && !due {
             return Ok(());
         }
@@ -493,7 +501,6 @@ impl Link<'_> {
         ctx.stats.flushed = flush;
         ctx.telemetry.wal.flushed_lsn.store(flush.0, Relaxed);
         self.last_status = Instant::now();
-        self.status_transactions = ctx.stats.transactions;
         Ok(())
     }
 
