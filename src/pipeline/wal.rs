@@ -180,8 +180,13 @@ struct Link<'c> {
     /// Whether an answer was asked for since then.
     pinged: bool,
     /// The flush position last wanted, and since when: one that keeps moving is reported
-    /// at [`STATUS_BUSY_INTERVAL`].
-    wanted: (Lsn, Instant),
+    /// at [`STATUS_BUSY_INTERVAL`], after the first update once it started to move.
+    /// `None` before the first: it counts as having stood still.
+    wanted: Option<(Lsn, Instant)>,
+    /// The position started to move after standing still, and no write was asked for since.
+    started_moving: bool,
+    /// When the state file was last asked to store a position.
+    last_request: Instant,
 }
 
 impl<'c> WalStream<'c> {
@@ -209,7 +214,9 @@ impl<'c> WalStream<'c> {
                 receive_timeout: config.replication.wal_receive_timeout(Duration::ZERO),
                 last_heard: Instant::now(),
                 pinged: false,
-                wanted: (Lsn::INVALID, Instant::now()),
+                wanted: None,
+                started_moving: false,
+                last_request: Instant::now(),
             },
             translate: {
                 let mut t = Translator::new(tables, timelines);
@@ -466,27 +473,41 @@ impl Link<'_> {
     ) -> Result<(), StreamError> {
         let flush = self.wanted_flush(ctx, idle);
         let moved = flush > ctx.reported_flush;
-        let due = moved && {
+        let (mut write_due, mut confirm_due) = (false, false);
+        if moved {
             let now = Instant::now();
-            if flush != self.wanted.0 {
-                self.wanted = (flush, now);
-            }
-            let settled = now.duration_since(self.wanted.1) >= STATUS_MIN_INTERVAL;
-            let least = if settled {
+            let since = match self.wanted {
+                Some((lsn, since)) if lsn == flush => since,
+                previous => {
+                    let stood_still =
+                        previous.is_none_or(|(_, t)| now.duration_since(t) >= STATUS_MIN_INTERVAL);
+                    self.started_moving |= stood_still;
+                    self.wanted = Some((flush, now));
+                    now
+                }
+            };
+            let settled = now.duration_since(since) >= STATUS_MIN_INTERVAL;
+            let least = if settled || self.started_moving {
                 STATUS_MIN_INTERVAL
             } else {
                 STATUS_BUSY_INTERVAL
             };
-            now.duration_since(self.last_status) >= least
-        };
-        if !force && !due {
+            let quick = now.duration_since(self.last_status) >= STATUS_MIN_INTERVAL;
+            write_due = quick && now.duration_since(self.last_request) >= least;
+            // What the state file holds already is confirmed at the quick cadence, without
+            // asking for another write.
+            confirm_due = quick && flush.min(ctx.state.stored()) > ctx.reported_flush;
+        }
+        if !force && !write_due && !confirm_due {
             return Ok(());
         }
         let stored = if wait_stored {
             ctx.state.store_now(flush, FINAL_STORE_TIMEOUT)?
         } else {
-            if moved {
+            if moved && (force || write_due) {
                 ctx.state.request(flush);
+                self.last_request = Instant::now();
+                self.started_moving = false;
             }
             if let Some(e) = ctx.state.take_error() {
                 return Err(e.into());
