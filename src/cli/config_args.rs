@@ -376,6 +376,15 @@ pub(crate) struct ReplicationArgs {
                                in seconds", replication::DEFAULT_STANDBY_STATUS_INTERVAL_SECS))]
     pub(crate) standby_status_interval_secs: Option<u64>,
 
+    /// `replication.batch_wait_ms`.
+    #[arg(long, env = "BRIDGE_BATCH_WAIT_MS", value_name = "MS", global = true,
+          help = with_default("After a read that emptied the replication connection, how long \
+                               more transactions may gather before the next read, so that one \
+                               wake-up serves several at a steady rate (adds at most this much \
+                               latency; a transaction after a quiet spell is read at once); 0: \
+                               read each as soon as it arrives", replication::DEFAULT_BATCH_WAIT_MS))]
+    pub(crate) batch_wait_ms: Option<u64>,
+
     /// `replication.state_file`.
     #[arg(long, env = "BRIDGE_STATE_FILE", value_name = "FILE", global = true,
           help = with_default("File holding the last durable LSN",
@@ -757,6 +766,7 @@ impl ConfigArgs {
                 max_in_flight_bytes: take!(p, r, max_in_flight_bytes),
                 reconnect_backoff_secs: take!(p, r, reconnect_backoff_secs),
                 standby_status_interval_secs: take!(p, r, standby_status_interval_secs),
+                batch_wait_ms: take!(p, r, batch_wait_ms),
                 state_file: take!(p, r, state_file),
                 spool_dir: take!(p, r, spool_dir),
                 wal_receive_timeout_secs: take!(p, r, wal_receive_timeout_secs),

@@ -177,6 +177,7 @@ overlay! {
         reconnect_backoff_secs: u64 = "--reconnect-backoff-secs", "BRIDGE_RECONNECT_BACKOFF_SECS";
         standby_status_interval_secs: u64 =
             "--standby-status-interval-secs", "BRIDGE_STANDBY_STATUS_INTERVAL_SECS";
+        batch_wait_ms: u64 = "--batch-wait-ms", "BRIDGE_BATCH_WAIT_MS";
         state_file: PathBuf = "--state-file", "BRIDGE_STATE_FILE";
         spool_dir: PathBuf = "--spool-dir", "BRIDGE_SPOOL_DIR";
         wal_receive_timeout_secs: u64 =

@@ -38,6 +38,14 @@ pub(crate) const MIN_BYTE_BUDGET: u64 = 64 * 1024;
 pub(crate) const DEFAULT_RECONNECT_BACKOFF_SECS: u64 = 5;
 /// Longest interval between two standby status updates to PostgreSQL, in seconds.
 pub(crate) const DEFAULT_STANDBY_STATUS_INTERVAL_SECS: u64 = 10;
+/// After a read that emptied the replication socket, how long the wal thread lets more
+/// transactions gather before reading again, in milliseconds: at a steady rate one wake-up of
+/// the wal thread and of the publisher then serves several transactions instead of each
+/// transaction waking both. A transaction after a quiet spell is read at once; at most this
+/// much is added to the latency of the others.
+pub(crate) const DEFAULT_BATCH_WAIT_MS: u64 = 2;
+/// Largest accepted batch wait: the commit → PubAck target is 10 ms.
+pub(crate) const MAX_BATCH_WAIT_MS: u64 = 100;
 /// Prefix of the default state file name, which is `{prefix}{slot}{suffix}` in the working
 /// directory, so that two bridges with different slots never share one.
 pub(crate) const DEFAULT_STATE_FILE_PREFIX: &str = "pgbridge-";
@@ -145,6 +153,9 @@ pub struct ReplicationConfig {
     pub reconnect_backoff_secs: u64,
     /// Longest interval between standby status updates, in seconds.
     pub standby_status_interval_secs: u64,
+    /// How long more transactions may gather after a read that emptied the socket, in
+    /// milliseconds; 0 reads each as soon as it arrives.
+    pub batch_wait_ms: u64,
     /// File holding the last durable LSN; `None` means [`ReplicationConfig::state_file_path`]'s
     /// default.
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -184,6 +195,7 @@ impl Default for ReplicationConfig {
             max_in_flight_bytes: DEFAULT_MAX_IN_FLIGHT_BYTES,
             reconnect_backoff_secs: DEFAULT_RECONNECT_BACKOFF_SECS,
             standby_status_interval_secs: DEFAULT_STANDBY_STATUS_INTERVAL_SECS,
+            batch_wait_ms: DEFAULT_BATCH_WAIT_MS,
             state_file: None,
             spool_dir: None,
             wal_receive_timeout_secs: DEFAULT_WAL_RECEIVE_TIMEOUT_SECS,
@@ -233,6 +245,11 @@ impl ReplicationConfig {
     /// [`ReplicationConfig::reconnect_backoff_secs`] as a `Duration`.
     pub(crate) fn reconnect_backoff(&self) -> Duration {
         Duration::from_secs(self.reconnect_backoff_secs)
+    }
+
+    /// [`ReplicationConfig::batch_wait_ms`] as a `Duration`.
+    pub(crate) fn batch_wait(&self) -> Duration {
+        Duration::from_millis(self.batch_wait_ms)
     }
 
     /// [`ReplicationConfig::standby_status_interval_secs`] as a `Duration`.

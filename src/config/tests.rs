@@ -713,6 +713,11 @@ fn validation_names_the_field() {
             "at least",
         ),
         (
+            check(&|c| c.replication.batch_wait_ms = 101),
+            "replication.batch_wait_ms",
+            "maximum",
+        ),
+        (
             check(&|c| c.replication.state_file = Some(PathBuf::new())),
             "replication.state_file",
             "empty",

@@ -11,7 +11,8 @@ use super::names::{
 };
 use super::nats::check_nkey_seed;
 use super::replication::{
-    Envelope, Format, MAX_IN_FLIGHT_LIMIT, MAX_RING_CAPACITY, MIN_BYTE_BUDGET, MIN_RING_CAPACITY,
+    Envelope, Format, MAX_BATCH_WAIT_MS, MAX_IN_FLIGHT_LIMIT, MAX_RING_CAPACITY, MIN_BYTE_BUDGET,
+    MIN_RING_CAPACITY,
 };
 use super::sections::{MAX_SNAPSHOT_CHUNK_ROWS, MAX_SNAPSHOT_MAX_CONCURRENT, MAX_STREAM_REPLICAS};
 use super::{
@@ -254,6 +255,15 @@ impl ReplicationConfig {
             return Err(invalid(
                 "replication.standby_status_interval_secs",
                 "must be at least 1 second",
+            ));
+        }
+        if self.batch_wait_ms > MAX_BATCH_WAIT_MS {
+            return Err(invalid(
+                "replication.batch_wait_ms",
+                format!(
+                    "{} ms is more than the maximum of {MAX_BATCH_WAIT_MS} ms",
+                    self.batch_wait_ms
+                ),
             ));
         }
         if self

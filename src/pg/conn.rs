@@ -632,6 +632,11 @@ impl PgConnection {
         }
     }
 
+    /// True when the socket has data to read now (never waits).
+    pub fn socket_readable(&self) -> Result<bool, PgError> {
+        self.wait_readable(Duration::ZERO, &[])
+    }
+
     /// Waits until the socket is readable; false on timeout or when one of `wake` is
     /// readable first.
     fn wait_readable(&self, timeout: Duration, wake: &[RawFd]) -> Result<bool, PgError> {

@@ -329,6 +329,11 @@ impl ReplicationConnection {
         }
     }
 
+    /// True when the server's socket has unread data now (one `poll` that never waits).
+    pub fn readable_now(&self) -> Result<bool, PgError> {
+        self.conn.socket_readable()
+    }
+
     /// Sends a standby status update. `flush` is the only position that moves the slot's
     /// `confirmed_flush_lsn`; it must never decrease and never run ahead of durable data.
     pub fn send_status(

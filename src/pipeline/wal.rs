@@ -39,6 +39,11 @@ const POLL_INTERVAL: Duration = Duration::from_millis(50);
 /// how often the thread looks at the durable position while something waits to be confirmed
 /// (the publisher moves it without waking this thread).
 const STATUS_MIN_INTERVAL: Duration = Duration::from_millis(100);
+/// The same while the durable position keeps moving: each update also writes and syncs the
+/// state file, and at a steady rate ten of them a second cost more CPU than the changes' own
+/// publishing. Once the position stands still for [`STATUS_MIN_INTERVAL`] (the stream
+/// paused, or the sink stopped acknowledging), the quicker cadence confirms it.
+const STATUS_BUSY_INTERVAL: Duration = Duration::from_secs(1);
 /// Longest wait at shutdown for the final position to be stored in the state file.
 const FINAL_STORE_TIMEOUT: Duration = Duration::from_secs(10);
 /// How long to wait for the server to end the stream at shutdown.
@@ -174,6 +179,14 @@ struct Link<'c> {
     last_heard: Instant,
     /// Whether an answer was asked for since then.
     pinged: bool,
+    /// The flush position last wanted, and since when: one that keeps moving is reported
+    /// at [`STATUS_BUSY_INTERVAL`], after the first update once it started to move.
+    /// `None` before the first: it counts as having stood still.
+    wanted: Option<(Lsn, Instant)>,
+    /// The position started to move after standing still, and no write was asked for since.
+    started_moving: bool,
+    /// When the state file was last asked to store a position.
+    last_request: Instant,
 }
 
 impl<'c> WalStream<'c> {
@@ -201,6 +214,9 @@ impl<'c> WalStream<'c> {
                 receive_timeout: config.replication.wal_receive_timeout(Duration::ZERO),
                 last_heard: Instant::now(),
                 pinged: false,
+                wanted: None,
+                started_moving: false,
+                last_request: Instant::now(),
             },
             translate: {
                 let mut t = Translator::new(tables, timelines);
@@ -262,53 +278,91 @@ impl<'c> WalStream<'c> {
         } else {
             POLL_INTERVAL
         };
+        let batch_wait = link.config.replication.batch_wait();
+        // When the last wait for the server ended with data: the next read that would wait
+        // first lets more gather until `batch_wait` after it.
+        let mut read_at: Option<Instant> = None;
+        // Changes and transactions pushed when the publisher was last woken.
+        let mut notified = ctx.stats.changes + ctx.stats.transactions;
+        // A message was handled since the end of the last batch.
+        let mut heard = false;
         while !link.shutdown.is_triggered() {
             if ctx.ring.reader_gone() {
                 return Err(StreamError::PublisherGone);
             }
-            let wait = link
-                .next_wait(ctx, self.translate.is_idle(), status_interval)
-                .min(max_wait);
-            if let Some(buf) = link.repl.recv_or_wake(wait, &wake)? {
-                link.last_heard = Instant::now();
-                link.pinged = false;
-                ctx.stats.wal_messages += 1;
-                match parse_copy_data(&buf)? {
-                    ReplicationMessage::XLogData(x) => {
-                        self.xlog_messages += 1;
-                        let timed = (self.xlog_messages % TIME_EVERY == 1).then(Instant::now);
-                        link.last_received = link.last_received.max(x.wal_end);
-                        let mut ring = Ring {
-                            link: &mut *link,
-                            ctx: &mut *ctx,
-                        };
-                        let translated = self.translate.message(x.data, x.wal_start, &mut ring);
-                        link.hold = self.translate.hold_point();
-                        match translated {
-                            Err(StreamError::ShuttingDown) => break,
-                            other => other?,
-                        }
-                        if let Some(t0) = timed {
-                            let us = u64::try_from(t0.elapsed().as_micros()).unwrap_or(u64::MAX);
-                            ctx.telemetry.wal.last_processing_us.store(us, Relaxed);
-                            ctx.sample_ring();
-                        }
-                    }
-                    ReplicationMessage::Keepalive(k) => {
-                        link.last_received = link.last_received.max(k.wal_end);
-                        link.idle_candidate = link.idle_candidate.max(k.wal_end);
-                        if k.reply_requested {
-                            link.send_status(ctx, true, self.translate.is_idle())?;
-                        }
+            // What libpq holds already is handled without a system call.
+            let mut received = link.repl.recv_or_wake(Duration::ZERO, &[])?;
+            if received.is_none() {
+                // Everything received is handled: once per batch, not per message, wake the
+                // publisher for all of it, update the counters and send a due status update.
+                let now = Instant::now();
+                if heard {
+                    heard = false;
+                    link.last_heard = now;
+                    link.pinged = false;
+                    ctx.publish_counters(link.last_received);
+                }
+                let pushed = ctx.stats.changes + ctx.stats.transactions;
+                if pushed != notified {
+                    notified = pushed;
+                    ctx.ring.notify();
+                }
+                let due = now.duration_since(link.last_status) >= status_interval;
+                link.send_status(ctx, due, self.translate.is_idle())?;
+                // Let more gather while the server has nothing more yet, so that one wake-up
+                // of this thread and of the publisher serves several transactions; never
+                // while data waits (a backlog is read at full speed).
+                if let Some(until) = read_at.take().map(|t| t + batch_wait) {
+                    if now < until && !link.repl.readable_now()? {
+                        sleep_unless_woken((until - now).min(max_wait), &wake)
+                            .map_err(PgError::Io)?;
+                        continue;
                     }
                 }
-                ctx.publish_counters(link.last_received);
-            } else {
+                let wait = link
+                    .next_wait(ctx, self.translate.is_idle(), status_interval)
+                    .min(max_wait);
+                received = link.repl.recv_or_wake(wait, &wake)?;
+                if received.is_some() && !batch_wait.is_zero() {
+                    read_at = Some(Instant::now());
+                }
+            }
+            let Some(buf) = received else {
                 ctx.sample_ring();
                 link.check_silence(ctx)?;
+                continue;
+            };
+            heard = true;
+            ctx.stats.wal_messages += 1;
+            match parse_copy_data(&buf)? {
+                ReplicationMessage::XLogData(x) => {
+                    self.xlog_messages += 1;
+                    let timed = (self.xlog_messages % TIME_EVERY == 1).then(Instant::now);
+                    link.last_received = link.last_received.max(x.wal_end);
+                    let mut ring = Ring {
+                        link: &mut *link,
+                        ctx: &mut *ctx,
+                    };
+                    let translated = self.translate.message(x.data, x.wal_start, &mut ring);
+                    link.hold = self.translate.hold_point();
+                    match translated {
+                        Err(StreamError::ShuttingDown) => break,
+                        other => other?,
+                    }
+                    if let Some(t0) = timed {
+                        let us = u64::try_from(t0.elapsed().as_micros()).unwrap_or(u64::MAX);
+                        ctx.telemetry.wal.last_processing_us.store(us, Relaxed);
+                        ctx.sample_ring();
+                    }
+                }
+                ReplicationMessage::Keepalive(k) => {
+                    link.last_received = link.last_received.max(k.wal_end);
+                    link.idle_candidate = link.idle_candidate.max(k.wal_end);
+                    if k.reply_requested {
+                        link.send_status(ctx, true, self.translate.is_idle())?;
+                    }
+                }
             }
-            let due = link.last_status.elapsed() >= status_interval;
-            link.send_status(ctx, due, self.translate.is_idle())?;
         }
         self.finish(ctx)
     }
@@ -392,9 +446,10 @@ impl Link<'_> {
     }
 
     /// Sends a standby status update when forced, or when the flush position moved (at most
-    /// every [`STATUS_MIN_INTERVAL`]). The flush position is the durable one, or, when
-    /// everything received is durable and no transaction is open, the last keepalive's WAL
-    /// end, so an idle or filtered database does not pile up WAL.
+    /// every [`STATUS_MIN_INTERVAL`], or [`STATUS_BUSY_INTERVAL`] while it keeps moving). The
+    /// flush position is the durable one, or, when everything received is durable and no
+    /// transaction is open, the last keepalive's WAL end, so an idle or filtered database does
+    /// not pile up WAL.
     /// `idle`: the translator has nothing open ([`Translator::is_idle`]).
     fn send_status(
         &mut self,
@@ -418,15 +473,41 @@ impl Link<'_> {
     ) -> Result<(), StreamError> {
         let flush = self.wanted_flush(ctx, idle);
         let moved = flush > ctx.reported_flush;
-        let due = moved && self.last_status.elapsed() >= STATUS_MIN_INTERVAL;
-        if !force && !due {
+        let (mut write_due, mut confirm_due) = (false, false);
+        if moved {
+            let now = Instant::now();
+            let since = match self.wanted {
+                Some((lsn, since)) if lsn == flush => since,
+                previous => {
+                    let stood_still =
+                        previous.is_none_or(|(_, t)| now.duration_since(t) >= STATUS_MIN_INTERVAL);
+                    self.started_moving |= stood_still;
+                    self.wanted = Some((flush, now));
+                    now
+                }
+            };
+            let settled = now.duration_since(since) >= STATUS_MIN_INTERVAL;
+            let least = if settled || self.started_moving {
+                STATUS_MIN_INTERVAL
+            } else {
+                STATUS_BUSY_INTERVAL
+            };
+            let quick = now.duration_since(self.last_status) >= STATUS_MIN_INTERVAL;
+            write_due = quick && now.duration_since(self.last_request) >= least;
+            // What the state file holds already is confirmed at the quick cadence, without
+            // asking for another write.
+            confirm_due = quick && flush.min(ctx.state.stored()) > ctx.reported_flush;
+        }
+        if !force && !write_due && !confirm_due {
             return Ok(());
         }
         let stored = if wait_stored {
             ctx.state.store_now(flush, FINAL_STORE_TIMEOUT)?
         } else {
-            if moved {
+            if moved && (force || write_due) {
                 ctx.state.request(flush);
+                self.last_request = Instant::now();
+                self.started_moving = false;
             }
             if let Some(e) = ctx.state.take_error() {
                 return Err(e.into());
@@ -506,7 +587,8 @@ impl Emit for Ring<'_, '_> {
         let ctx = &mut *self.ctx;
         ctx.last_pushed_end = ctx.last_pushed_end.max(end_lsn);
         ctx.stats.transactions += 1;
-        ctx.ring.notify();
+        // The publisher is woken once the batch that holds this commit is read (the run
+        // loop), not for every transaction.
         Ok(())
     }
 
@@ -521,6 +603,35 @@ impl Emit for Ring<'_, '_> {
     fn recycled(&mut self) -> Option<Box<ChangeEvent>> {
         self.ctx.ring.recycled()
     }
+}
+
+/// Sleeps for `timeout` unless one of `wake` (the shutdown signal, the publisher's end)
+/// becomes readable first.
+fn sleep_unless_woken(timeout: Duration, wake: &[std::os::fd::RawFd]) -> std::io::Result<()> {
+    let mut fds = [libc::pollfd {
+        fd: -1,
+        events: 0,
+        revents: 0,
+    }; 2];
+    let n = wake.len().min(fds.len());
+    for (slot, &fd) in fds.iter_mut().zip(&wake[..n]) {
+        *slot = libc::pollfd {
+            fd,
+            events: libc::POLLIN,
+            revents: 0,
+        };
+    }
+    // Rounded up: a wait cut to 0 ms would return at once and spin.
+    let ms = timeout.as_micros().div_ceil(1000).min(i32::MAX as u128) as libc::c_int;
+    // SAFETY: the first `n` of `fds` are valid pollfds; the caller keeps them open.
+    let r = unsafe { libc::poll(fds.as_mut_ptr(), n as libc::nfds_t, ms) };
+    if r < 0 {
+        let e = std::io::Error::last_os_error();
+        if e.kind() != std::io::ErrorKind::Interrupted {
+            return Err(e);
+        }
+    }
+    Ok(())
 }
 
 /// Pushes onto the ring, waiting while it is full. `at_shutdown` pushes even after shutdown

@@ -179,7 +179,7 @@ pub(crate) async fn run<D: Delivery>(
             }
             if delivery.ready() {
                 // Asleep until the wal side pushes or closes the ring (it wakes this side
-                // at every transaction end, in long transactions every few hundred changes,
+                // once per batch it read, in long transactions every few hundred changes,
                 // and when it drops its end); a wake-up sent meanwhile is kept as a permit.
                 if ring.is_empty() && !ring.is_closed() {
                     notify.notified().await;
