@@ -1,6 +1,5 @@
 //! The configuration flags, one clap group per section, and the overlays they give.
 
-use std::fmt::Display;
 use std::net::IpAddr;
 use std::path::PathBuf;
 
@@ -8,16 +7,13 @@ use clap::builder::BoolishValueParser;
 use clap::parser::ValueSource;
 use clap::{ArgMatches, Args};
 
+use super::help::with_default;
+
 use crate::config::{
     nats, outbox, pg, replication, sections, Format, HttpOverlay, Layers, MonitorOverlay,
     NatsOverlay, OnOversize, OutboxOverlay, Overlay, PgOverlay, PgPorts, ReplicationOverlay,
     Secret, SnapshotOverlay, SslMode, StreamsOverlay, TargetSessionAttrs,
 };
-
-/// `text [default: value]`, so the help shows the defaults without clap applying them.
-pub(super) fn with_default(text: &str, default: impl Display) -> String {
-    format!("{text} [default: {default}]")
-}
 
 /// Every configuration flag. Each field gives the configuration field of the same meaning (see
 /// [`ConfigArgs::layers`]).

@@ -8,7 +8,7 @@ use clap::Args;
 use crate::config::kafka::{self, parse_property};
 use crate::config::{KafkaOverlay, KafkaProperties, SinkKind};
 
-use super::config_args::with_default;
+use super::help::with_default;
 
 /// Kafka flags (`[kafka]`), used with `--sink kafka`.
 #[derive(Clone, Debug, Default, Args)]

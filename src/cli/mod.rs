@@ -21,6 +21,7 @@ use crate::mirror::MirrorOptions;
 use crate::watch::tail::{Start, TailOptions};
 
 mod config_args;
+mod help;
 mod kafka_args;
 #[cfg(test)]
 mod tests;
