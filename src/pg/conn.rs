@@ -645,40 +645,12 @@ impl PgConnection {
         if fd < 0 {
             return Err(self.lost());
         }
-        const MAX_WAKE: usize = 3;
-        let idle = libc::pollfd {
-            fd: -1,
-            events: 0,
-            revents: 0,
-        };
-        let mut fds = [idle; 1 + MAX_WAKE];
-        fds[0] = libc::pollfd {
-            fd,
-            events: libc::POLLIN,
-            revents: 0,
-        };
-        let n = 1 + wake.len().min(MAX_WAKE);
-        for (slot, &w) in fds[1..n].iter_mut().zip(wake) {
-            *slot = libc::pollfd {
-                fd: w,
-                events: libc::POLLIN,
-                revents: 0,
-            };
-        }
-        // Rounded up: a wait cut to 0 ms would spin until the deadline.
-        let ms = timeout.as_micros().div_ceil(1000).min(i32::MAX as u128) as c_int;
-        loop {
-            // SAFETY: `n` valid pollfds (the caller keeps the wake descriptors open).
-            let r = unsafe { libc::poll(fds.as_mut_ptr(), n as libc::nfds_t, ms) };
-            if r < 0 {
-                let e = std::io::Error::last_os_error();
-                if e.kind() == std::io::ErrorKind::Interrupted {
-                    continue;
-                }
-                return Err(PgError::Io(e));
-            }
-            return Ok(fds[0].revents != 0);
-        }
+        let mut fds = [-1; POLL_MAX];
+        fds[0] = fd;
+        let n = 1 + wake.len().min(POLL_MAX - 1);
+        fds[1..n].copy_from_slice(&wake[..n - 1]);
+        let readable = poll_readable(&fds[..n], timeout).map_err(PgError::Io)?;
+        Ok(readable[0])
     }
 
     /// Sends one CopyData message (e.g. a standby status update) and flushes it.
@@ -766,9 +738,68 @@ pub fn quote_ident(s: &str) -> String {
     out
 }
 
+/// Most descriptors [`poll_readable`] watches at once.
+pub(crate) const POLL_MAX: usize = 4;
+
+/// Waits until one of `fds` (at most [`POLL_MAX`]; the caller keeps them open) is readable,
+/// or `timeout` passes; says which are readable. An interrupted wait is started again.
+pub(crate) fn poll_readable(fds: &[RawFd], timeout: Duration) -> std::io::Result<[bool; POLL_MAX]> {
+    let idle = libc::pollfd {
+        fd: -1,
+        events: 0,
+        revents: 0,
+    };
+    let mut polled = [idle; POLL_MAX];
+    let n = fds.len().min(POLL_MAX);
+    for (slot, &fd) in polled.iter_mut().zip(&fds[..n]) {
+        *slot = libc::pollfd {
+            fd,
+            events: libc::POLLIN,
+            revents: 0,
+        };
+    }
+    // Rounded up: a wait cut to 0 ms would spin until the deadline.
+    let ms = timeout.as_micros().div_ceil(1000).min(i32::MAX as u128) as c_int;
+    loop {
+        // SAFETY: `n` valid pollfds (the caller keeps the descriptors open).
+        let r = unsafe { libc::poll(polled.as_mut_ptr(), n as libc::nfds_t, ms) };
+        if r < 0 {
+            let e = std::io::Error::last_os_error();
+            if e.kind() == std::io::ErrorKind::Interrupted {
+                continue;
+            }
+            return Err(e);
+        }
+        return Ok(polled.map(|p| p.revents != 0));
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn poll_readable_says_which_descriptor_is_readable_or_times_out() {
+        use std::io::Write;
+        use std::os::fd::AsRawFd;
+        let (mut a, b) = std::os::unix::net::UnixStream::pair().unwrap();
+        let (_c, d) = std::os::unix::net::UnixStream::pair().unwrap();
+        let fds = [b.as_raw_fd(), d.as_raw_fd()];
+        assert_eq!(
+            poll_readable(&fds, Duration::from_millis(1)).unwrap(),
+            [false; POLL_MAX]
+        );
+        a.write_all(b"x").unwrap();
+        assert_eq!(
+            poll_readable(&fds, Duration::from_secs(30)).unwrap(),
+            [true, false, false, false]
+        );
+        // No descriptor at all: a plain sleep.
+        assert_eq!(
+            poll_readable(&[], Duration::from_millis(1)).unwrap(),
+            [false; POLL_MAX]
+        );
+    }
 
     #[test]
     fn quotes_literals_and_identifiers() {

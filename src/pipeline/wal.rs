@@ -14,7 +14,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use crate::config::Config;
-use crate::pg::conn::PgError;
+use crate::pg::conn::{poll_readable, PgError};
 use crate::pg::framing::{parse_copy_data, FramingError, ReplicationMessage};
 use crate::pg::invalidation;
 use crate::pg::replication::{PgOutputOptions, ReplicationConnection};
@@ -314,8 +314,8 @@ impl<'c> WalStream<'c> {
                 // while data waits (a backlog is read at full speed).
                 if let Some(until) = read_at.take().map(|t| t + batch_wait) {
                     if now < until && !link.repl.readable_now()? {
-                        sleep_unless_woken((until - now).min(max_wait), &wake)
-                            .map_err(PgError::Io)?;
+                        // Sleeps unless the shutdown signal or the publisher's end wakes it.
+                        poll_readable(&wake, (until - now).min(max_wait)).map_err(PgError::Io)?;
                         continue;
                     }
                 }
@@ -603,35 +603,6 @@ impl Emit for Ring<'_, '_> {
     fn recycled(&mut self) -> Option<Box<ChangeEvent>> {
         self.ctx.ring.recycled()
     }
-}
-
-/// Sleeps for `timeout` unless one of `wake` (the shutdown signal, the publisher's end)
-/// becomes readable first.
-fn sleep_unless_woken(timeout: Duration, wake: &[std::os::fd::RawFd]) -> std::io::Result<()> {
-    let mut fds = [libc::pollfd {
-        fd: -1,
-        events: 0,
-        revents: 0,
-    }; 2];
-    let n = wake.len().min(fds.len());
-    for (slot, &fd) in fds.iter_mut().zip(&wake[..n]) {
-        *slot = libc::pollfd {
-            fd,
-            events: libc::POLLIN,
-            revents: 0,
-        };
-    }
-    // Rounded up: a wait cut to 0 ms would return at once and spin.
-    let ms = timeout.as_micros().div_ceil(1000).min(i32::MAX as u128) as libc::c_int;
-    // SAFETY: the first `n` of `fds` are valid pollfds; the caller keeps them open.
-    let r = unsafe { libc::poll(fds.as_mut_ptr(), n as libc::nfds_t, ms) };
-    if r < 0 {
-        let e = std::io::Error::last_os_error();
-        if e.kind() != std::io::ErrorKind::Interrupted {
-            return Err(e);
-        }
-    }
-    Ok(())
 }
 
 /// Pushes onto the ring, waiting while it is full. `at_shutdown` pushes even after shutdown
