@@ -23,6 +23,15 @@ const POLL_WAIT: Duration = Duration::from_millis(500);
 
 impl ConsumerContext for Context {}
 
+/// This bridge's position as the last committed positions record for its key states it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct Committed {
+    /// The record's `end_lsn`: the end of the last PostgreSQL transaction in Kafka.
+    pub(crate) end: Lsn,
+    /// The timeline that WAL was written on.
+    pub(crate) timeline: u32,
+}
+
 /// Where this bridge's position stands in Kafka: the last committed record written for
 /// `system_identifier` and `slot` on `topic` (partition 0) with a readable `end_lsn`, `None`
 /// when there is none.
@@ -32,7 +41,7 @@ pub(crate) fn read(
     topic: &str,
     system_identifier: &str,
     slot: &str,
-) -> Result<Option<PositionRecord>, KafkaError> {
+) -> Result<Option<Committed>, KafkaError> {
     let mut config = client_config(kafka);
     config
         .set("isolation.level", "read_committed")
@@ -71,7 +80,10 @@ pub(crate) fn read(
                     // A tombstone: the position was removed by hand.
                     None => None,
                     Some(v) => match serde_json::from_slice::<PositionRecord>(v) {
-                        Ok(r) => r.end_for(system_identifier, slot).is_some().then_some(r),
+                        Ok(r) => r.end_for(system_identifier, slot).map(|end| Committed {
+                            end,
+                            timeline: r.timeline,
+                        }),
                         Err(e) => {
                             log::warn!(
                                 "positions topic {topic}: offset {} of key {key} is not a position record ({e}); ignored",

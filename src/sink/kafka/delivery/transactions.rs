@@ -30,7 +30,7 @@ use rdkafka::producer::{BaseRecord, Producer};
 use crate::pg::timeline::ServerPosition;
 use crate::pg::Lsn;
 use crate::sink::driver::Ticket;
-use crate::sink::kafka::positions::{self, TRANSACTION_CALL_TIMEOUT};
+use crate::sink::kafka::positions::{self, Committed, TRANSACTION_CALL_TIMEOUT};
 use crate::sink::kafka::{Context, KafkaSinkError};
 use crate::wire::kafka::{position_key, positions_topic, PositionRecord, ID_HEADER};
 
@@ -381,7 +381,7 @@ impl KafkaDelivery {
     }
 
     /// Makes sure the positions topic exists, creates the producer and reads the record.
-    async fn try_start(&mut self) -> Result<Option<PositionRecord>, KafkaError> {
+    async fn try_start(&mut self) -> Result<Option<Committed>, KafkaError> {
         let Some(t) = &self.eos else {
             return Ok(None);
         };
@@ -394,11 +394,11 @@ impl KafkaDelivery {
 
     /// The first read of the positions topic: a record that fits the server (see
     /// [`positions::check`]) is skipped up to; one that does not stops the bridge.
-    fn trust_start(&mut self, found: Option<PositionRecord>) -> Result<(), KafkaSinkError> {
+    fn trust_start(&mut self, found: Option<Committed>) -> Result<(), KafkaSinkError> {
         let Some(t) = &mut self.eos else {
             return Ok(());
         };
-        let Some(rec) = found else {
+        let Some(Committed { end: lsn, timeline }) = found else {
             t.ready = true;
             log::info!(
                 "exactly once: transactional id {}; positions topic {} holds no position for key {} yet",
@@ -408,14 +408,13 @@ impl KafkaDelivery {
             );
             return Ok(());
         };
-        let lsn: Lsn = rec.end_lsn.parse().unwrap_or(Lsn::INVALID);
         let (server_wal, history) = t.ids.server.get();
-        if let Err(why) = positions::check(lsn, rec.timeline, server_wal, &history) {
+        if let Err(why) = positions::check(lsn, timeline, server_wal, &history) {
             return Err(KafkaSinkError::UntrustedPosition {
                 topic: t.topic.to_string(),
                 key: t.key.clone(),
                 end_lsn: lsn,
-                timeline: rec.timeline,
+                timeline,
                 why: why.explain(server_wal, &history),
             });
         }
@@ -426,7 +425,7 @@ impl KafkaDelivery {
             t.ids.transactional_id(),
             t.topic,
             t.key,
-            rec.timeline,
+            timeline,
             history.current()
         );
         Ok(())
@@ -454,7 +453,7 @@ impl KafkaDelivery {
     }
 
     /// This bridge's committed position record on the positions topic.
-    fn read_position(&self) -> Result<Option<PositionRecord>, KafkaError> {
+    fn read_position(&self) -> Result<Option<Committed>, KafkaError> {
         let Some(t) = &self.eos else {
             return Ok(None);
         };
@@ -508,7 +507,7 @@ impl KafkaDelivery {
         // Not checked against the server again: what committed since the first read was
         // written by this bridge (or a fenced predecessor holding the slot before it).
         let found = match self.read_position() {
-            Ok(found) => found.and_then(|r| r.end_lsn.parse::<Lsn>().ok()),
+            Ok(found) => found.map(|c| c.end),
             Err(e) => {
                 self.last_error = Some(e.to_string());
                 return Ok(());
