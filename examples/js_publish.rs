@@ -250,6 +250,16 @@ async fn fill_source(
     publish_core(client, &msgs, 1024).await;
 }
 
+/// Publishes `m` with its `Nats-Msg-Id` as a plain message answered on `reply`.
+async fn publish_with_id(client: &async_nats::Client, m: &Msg, reply: String) {
+    let mut headers = async_nats::HeaderMap::new();
+    headers.insert("Nats-Msg-Id", m.id.as_str());
+    client
+        .publish_with_reply_and_headers(m.subject.clone(), reply, headers, m.payload.clone())
+        .await
+        .expect("publish");
+}
+
 /// Plain publishes with a reply subject `{inbox}.{n}`, at most `window` without a PubAck.
 async fn publish_core(client: &async_nats::Client, msgs: &[Msg], window: usize) {
     let inbox = client.new_inbox();
@@ -274,17 +284,7 @@ async fn publish_core(client: &async_nats::Client, msgs: &[Msg], window: usize) 
             next_ack().await;
             in_flight -= 1;
         }
-        let mut headers = async_nats::HeaderMap::new();
-        headers.insert("Nats-Msg-Id", m.id.as_str());
-        client
-            .publish_with_reply_and_headers(
-                m.subject.clone(),
-                format!("{inbox}.{n}"),
-                headers,
-                m.payload.clone(),
-            )
-            .await
-            .expect("publish");
+        publish_with_id(client, m, format!("{inbox}.{n}")).await;
         in_flight += 1;
     }
     while in_flight > 0 {
@@ -335,17 +335,12 @@ async fn publish_fast(client: &async_nats::Client, msgs: &[Msg], window: usize, 
         } else {
             1
         };
-        let mut headers = async_nats::HeaderMap::new();
-        headers.insert("Nats-Msg-Id", m.id.as_str());
-        client
-            .publish_with_reply_and_headers(
-                m.subject.clone(),
-                format!("{inbox}.{batch}.{flow}.fail.{seq}.{op}.$FI"),
-                headers,
-                m.payload.clone(),
-            )
-            .await
-            .expect("publish");
+        publish_with_id(
+            client,
+            m,
+            format!("{inbox}.{batch}.{flow}.fail.{seq}.{op}.$FI"),
+        )
+        .await;
         if seq == last {
             while !next(&mut acked, &mut every).await {}
             return;
