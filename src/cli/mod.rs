@@ -120,7 +120,8 @@ pub enum Command {
     /// Keep a local SQLite database equal to the streamed tables: read their schemas from the
     /// KV bucket `schemas`, load a snapshot when the local copy is empty or older than the CDC
     /// stream, then follow the CDC stream. Uses the NATS and stream settings; --table chooses
-    /// the tables (default: every table with a schema in the bucket).
+    /// the tables (default: every table with a schema in the bucket, also one that appears
+    /// later).
     Mirror(MirrorArgs),
     /// Print the CDC stream's changes as JSON lines on stdout (stream_seq, subject, then the
     /// change's fields), decoded from either format. --table (global, table or schema.table)

@@ -5,13 +5,13 @@ use std::collections::HashMap;
 use std::time::{Duration, Instant};
 
 use async_nats::jetstream::consumer::{pull, AckPolicy, DeliverPolicy};
-use async_nats::jetstream::{self, Message};
-use futures_util::StreamExt;
+use async_nats::jetstream::{self, kv, Message};
+use futures_util::{FutureExt, StreamExt};
 use rmpv::Value;
 
 use super::store::{self, Version};
 use super::{
-    doc, open_stream, Applied, FollowEnd, Mirror, MirrorError, Position,
+    doc, open_stream, Applied, FollowEnd, Mirror, MirrorError, MirrorTable, Position,
     ACK_INSIDE_TRANSACTION_EVERY, ACK_WAIT, COMMIT_EVERY, IDLE_COMMIT, MAX_ACK_PENDING,
     PROBE_MESSAGES, SCHEMA_RECHECK, TOMBSTONE_PRUNE_EVERY, TOMBSTONE_TTL,
 };
@@ -20,8 +20,11 @@ use crate::wire::decode::{self, DocError};
 use crate::wire::event::Operation;
 use crate::wire::fields;
 use crate::wire::id::id_commit_lsn;
+use crate::wire::names::SCHEMAS_BUCKET;
 use crate::wire::names::{LAST_IN_TX_HEADER, LAST_IN_TX_VALUE};
-use crate::wire::subject::{table_changes_filter, table_token};
+use crate::wire::subject::{
+    parse_table_token, schema_key_token, table_changes_filter, table_token,
+};
 
 impl Mirror {
     /// Follows the CDC stream from the stored positions.
@@ -88,6 +91,13 @@ impl Mirror {
             "following stream {} from sequence {start} (consumer {durable})",
             self.cdc
         );
+        // Without --table, a table whose schema appears later (the bridge writes them one by
+        // one at its start, and again for a table new to the publication) is mirrored too.
+        let mut schemas = if self.options.tables.is_empty() {
+            self.watch_schemas().await
+        } else {
+            None
+        };
 
         let mut idle_since = Instant::now();
         let mut last: Option<Message> = None;
@@ -140,6 +150,9 @@ impl Mirror {
                         .await?;
                     if self.shutdown.is_triggered() {
                         return Ok(FollowEnd::Done);
+                    }
+                    if let Some(new) = self.new_tables(&mut schemas).await? {
+                        return Ok(FollowEnd::Snapshot(new));
                     }
                     if let Some(idle) = self.options.until_idle {
                         if idle_since.elapsed() >= idle {
@@ -204,6 +217,10 @@ impl Mirror {
                 if in_batch >= COMMIT_EVERY {
                     self.commit(&mut positions, &mut last, &mut in_batch)
                         .await?;
+                    // This change stays unacknowledged: the next consumer delivers it again.
+                    if let Some(new) = self.new_tables(&mut schemas).await? {
+                        return Ok(FollowEnd::Snapshot(new));
+                    }
                 }
                 txn = Some(commit_lsn);
             }
@@ -262,6 +279,84 @@ impl Mirror {
                 return Ok(FollowEnd::Done);
             }
         }
+    }
+
+    /// A watch of the schemas bucket, its present keys first; `None` (with a warning) when
+    /// it cannot be made: tables present now are still mirrored.
+    async fn watch_schemas(&self) -> Option<kv::Watch> {
+        let watch = match self.js.get_key_value(SCHEMAS_BUCKET).await {
+            Ok(bucket) => bucket
+                .watch_with_history(">")
+                .await
+                .map_err(|e| e.to_string()),
+            Err(e) => Err(e.to_string()),
+        };
+        watch
+            .map_err(|e| {
+                log::warn!(
+                    "cannot watch KV bucket '{SCHEMAS_BUCKET}' ({e}): tables whose schema \
+                     appears later are mirrored after a restart"
+                )
+            })
+            .ok()
+    }
+
+    /// Tables whose schema the watch has shown since it was last asked and that are not
+    /// mirrored yet: added to the mirrored tables with their SQLite table, for a snapshot.
+    /// Called between source transactions, with nothing uncommitted. Never waits for the
+    /// watch.
+    async fn new_tables(
+        &mut self,
+        watch: &mut Option<kv::Watch>,
+    ) -> Result<Option<Vec<String>>, MirrorError> {
+        let Some(w) = watch.as_mut() else {
+            return Ok(None);
+        };
+        let mut found = Vec::new();
+        loop {
+            match w.next().now_or_never() {
+                Some(Some(Ok(entry))) => {
+                    if entry.operation != kv::Operation::Put {
+                        continue;
+                    }
+                    let Ok((schema, name)) = parse_table_token(&schema_key_token(&entry.key))
+                    else {
+                        continue;
+                    };
+                    let t = MirrorTable::new(schema, name);
+                    if self.table(&t.token).is_none()
+                        && !found.iter().any(|f: &MirrorTable| f.token == t.token)
+                    {
+                        found.push(t);
+                    }
+                }
+                Some(Some(Err(e))) => {
+                    log::warn!("watching KV bucket '{SCHEMAS_BUCKET}': {e}; watching again");
+                    *watch = self.watch_schemas().await;
+                    break;
+                }
+                Some(None) => {
+                    *watch = self.watch_schemas().await;
+                    break;
+                }
+                None => break,
+            }
+        }
+        if found.is_empty() {
+            return Ok(None);
+        }
+        let mut tokens = Vec::new();
+        for t in found {
+            log::info!(
+                "{}: its schema appeared in KV bucket '{SCHEMAS_BUCKET}'; mirroring it too",
+                t.local
+            );
+            let schema = self.schema(&t).await?;
+            self.store.apply_schema(&t.token, &t.local, &schema, None)?;
+            tokens.push(t.token.clone());
+            self.tables.push(t);
+        }
+        Ok(Some(tokens))
     }
 
     /// Whether the transaction at `commit_lsn`, whose last change seen so far (at stream

@@ -2,7 +2,8 @@
 //! tables, from what the bridge publishes (the bootstrap rule of the protocol):
 //!
 //! 1. read each table's schema from the KV bucket `schemas` and create the SQLite table (new
-//!    columns are added when a later schema revision has them);
+//!    columns are added when a later schema revision has them); without `--table`, a table
+//!    whose schema appears later is taken up between two source transactions;
 //! 2. when the table has no stored position, or the CDC stream no longer holds the change after
 //!    it, request a snapshot (`snapshot.request.{table}`), and load its chunks
 //!    `init.snap.{table}.{id}.*` as they arrive, in one SQLite transaction with the position

@@ -146,16 +146,30 @@ impl TestEnv {
 }
 
 /// Polls `f` until it returns `Some`, at most `timeout`; panics with `what` otherwise.
-pub fn wait_for<T>(what: &str, timeout: Duration, mut f: impl FnMut() -> Option<T>) -> T {
+pub fn wait_for<T>(what: &str, timeout: Duration, f: impl FnMut() -> Option<T>) -> T {
+    wait_for_logged(what, timeout, &[], f)
+}
+
+/// [`wait_for`] whose panic also shows the logs of `processes` (name, process), so a timeout
+/// says what each of them was doing.
+pub fn wait_for_logged<T>(
+    what: &str,
+    timeout: Duration,
+    processes: &[(&str, &BridgeProcess)],
+    mut f: impl FnMut() -> Option<T>,
+) -> T {
     let deadline = Instant::now() + timeout;
     loop {
         if let Some(v) = f() {
             return v;
         }
-        assert!(
-            Instant::now() < deadline,
-            "timed out after {timeout:?} waiting for {what}"
-        );
+        if Instant::now() >= deadline {
+            let mut logs = String::new();
+            for (name, p) in processes {
+                logs.push_str(&format!("\n{name} log:\n{}\n", p.log()));
+            }
+            panic!("timed out after {timeout:?} waiting for {what}{logs}");
+        }
         std::thread::sleep(Duration::from_millis(25));
     }
 }

@@ -19,7 +19,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use testkit::oracle::*;
-use testkit::{setup_app_db, wait_for, BridgeProcess, TempDir, TestEnv};
+use testkit::{setup_app_db, wait_for, wait_for_logged, BridgeProcess, TempDir, TestEnv};
 
 /// Prints the seed when the test fails, whatever fails.
 struct SeedOnFailure(u64);
@@ -565,9 +565,12 @@ fn small_setup(
         tables,
         &[],
     ));
-    wait_for("the mirror to bootstrap", STEP_TIMEOUT, || {
-        bootstrapped(&db, tokens).then_some(())
-    });
+    wait_for_logged(
+        "the mirror to bootstrap",
+        STEP_TIMEOUT,
+        &[("bridge", &bridge), ("mirror", &mirror)],
+        || bootstrapped(&db, tokens).then_some(()),
+    );
     (env, bridge, dir, mirror)
 }
 
@@ -749,6 +752,56 @@ fn mirror_shows_whole_source_transactions_only() {
     wait_for("the whole transaction", Duration::from_secs(30), || {
         ((bal(1), bal(2)) == (one - 5, two + 5)).then_some(())
     });
+    assert_eq!(mirror.terminate(Duration::from_secs(30)), Some(0));
+    drop(bridge);
+}
+
+/// Without `--table`, a table whose schema the bridge writes after the mirror started (here
+/// one created later, in a publication for all tables) is mirrored too, without a restart:
+/// its snapshot, then its changes, while the first table goes on.
+#[test]
+fn mirror_without_tables_takes_up_a_table_created_later() {
+    let (env, bridge, dir, mut mirror) = small_setup(
+        "CREATE TABLE t (id int PRIMARY KEY, v text); INSERT INTO t VALUES (0, 'seed')",
+        None,
+        &["t"],
+    );
+    let url = env.nats.url();
+    let db = dir.path().join("mirror.sqlite");
+    env.pg.sql(
+        "app",
+        "CREATE TABLE late (id int PRIMARY KEY, v text); \
+         GRANT SELECT ON late TO bridge_reader; \
+         INSERT INTO late SELECT g, 'a' || g FROM generate_series(1, 50) g; \
+         INSERT INTO t VALUES (1, 'one')",
+    );
+    wait_for_logged(
+        "the mirror to take up the new table",
+        STEP_TIMEOUT,
+        &[("bridge", &bridge), ("mirror", &mirror)],
+        || bootstrapped(&db, &["t", "late"]).then_some(()),
+    );
+    env.pg.sql(
+        "app",
+        "UPDATE late SET v = 'b' WHERE id <= 10; DELETE FROM late WHERE id > 40; \
+         INSERT INTO t VALUES (2, 'two')",
+    );
+    wait_mirror_caught_up(&env.pg, &url, &durable(&db));
+    let columns = vec![("id", Kind::Int), ("v", Kind::Text)];
+    for (token, rows) in [("t", 3), ("late", 40)] {
+        let t = Table {
+            token,
+            pg: token,
+            key: 1,
+            columns: columns.clone(),
+        };
+        assert_eq!(assert_table_mirrored(&env, &db, &t, &mirror), rows);
+    }
+    assert!(
+        mirror.log().contains("late: its schema appeared"),
+        "{}",
+        mirror.log()
+    );
     assert_eq!(mirror.terminate(Duration::from_secs(30)), Some(0));
     drop(bridge);
 }
