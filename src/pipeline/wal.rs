@@ -128,7 +128,7 @@ pub struct WalContext {
     /// Live state for telemetry.
     pub telemetry: Arc<Telemetry>,
     /// Told about every Relation message (schema, table), to keep the schemas bucket current.
-    pub schema_changes: Option<tokio::sync::mpsc::UnboundedSender<(Arc<str>, Arc<str>)>>,
+    pub schema_changes: Option<tokio::sync::mpsc::UnboundedSender<TableRef>>,
 }
 
 impl WalContext {
@@ -596,7 +596,7 @@ impl Emit for Ring<'_, '_> {
         if let Some(tx) = &self.ctx.schema_changes {
             // The schema writer compares with the stored revision; a closed channel only
             // means schemas are unavailable.
-            let _ = tx.send((Arc::clone(&table.schema), Arc::clone(&table.table)));
+            let _ = tx.send(table.clone());
         }
     }
 

@@ -9,12 +9,16 @@
 //! written at start and whenever a Relation message arrives for the table, but only when the
 //! schema differs from the stored one.
 
+use std::time::{Duration, Instant};
+
 use async_nats::jetstream::kv::Store;
 use async_nats::jetstream::Context;
 use bytes::Bytes;
 
 use crate::config::Format;
 use crate::pg::conn::{ConnectionKind, PgConnection, PgError};
+use crate::shutdown::Shutdown;
+use crate::wire::event::TableRef;
 
 use crate::wire::encode::encode_document;
 use crate::wire::fields;
@@ -23,6 +27,8 @@ use crate::wire::subject::schema_key;
 
 /// Revisions kept per key.
 const HISTORY: i64 = 16;
+/// How long a Relation message's table and columns are waited for in the catalog.
+pub const RELATION_VISIBLE_WAIT: Duration = Duration::from_secs(5);
 
 /// Errors writing schemas.
 #[derive(Debug, thiserror::Error)]
@@ -123,6 +129,20 @@ pub fn read_schema(
     }))
 }
 
+/// Whether a schema document read from the catalog has every column of a Relation message
+/// (the message has the published ones only: column lists and generated columns leave some
+/// out).
+fn shows_columns(doc: &serde_json::Value, relation: &TableRef) -> bool {
+    let Some(columns) = doc[fields::COLUMNS].as_array() else {
+        return false;
+    };
+    relation.columns.iter().all(|c| {
+        columns
+            .iter()
+            .any(|d| d[fields::NAME].as_str() == Some(&*c.name))
+    })
+}
+
 /// Keeps the bucket in line with the catalog.
 pub struct SchemaWriter {
     store: Store,
@@ -130,6 +150,17 @@ pub struct SchemaWriter {
     conn: Option<PgConnection>,
     params: Vec<(&'static str, String)>,
     buf: Vec<u8>,
+}
+
+/// What [`SchemaWriter::refresh`] did.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Refreshed {
+    /// The stored revision was the same.
+    Unchanged,
+    /// The bucket had no schema of the table: its first revision was written.
+    New,
+    /// A new revision was written over a different one.
+    Changed,
 }
 
 impl SchemaWriter {
@@ -144,9 +175,8 @@ impl SchemaWriter {
         }
     }
 
-    /// Writes the table's schema if it differs from the stored revision; true when a new
-    /// revision was written.
-    pub async fn refresh(&mut self, schema: &str, table: &str) -> Result<bool, SchemaError> {
+    /// Writes the table's schema if it differs from the stored revision, and says which.
+    pub async fn refresh(&mut self, schema: &str, table: &str) -> Result<Refreshed, SchemaError> {
         let mut doc = match self.read(schema, table) {
             Ok(d) => d,
             Err(e) => {
@@ -156,10 +186,12 @@ impl SchemaWriter {
             }
         };
         let key = schema_key(schema, table);
+        let mut written = Refreshed::New;
         if let Ok(Some(current)) = self.store.get(key.clone()).await {
             if decoded_without_timestamp(self.format, &current).as_ref() == Some(&doc) {
-                return Ok(false);
+                return Ok(Refreshed::Unchanged);
             }
+            written = Refreshed::Changed;
         }
         if let Some(map) = doc.as_object_mut() {
             map.insert(
@@ -172,7 +204,46 @@ impl SchemaWriter {
             .put(key, Bytes::copy_from_slice(&self.buf))
             .await
             .map_err(|e| SchemaError::Kv(e.to_string()))?;
-        Ok(true)
+        Ok(written)
+    }
+
+    /// [`refresh`](Self::refresh) for a table whose Relation message the stream just brought.
+    /// Logical decoding can send a transaction a moment before other sessions see it
+    /// committed, so the catalog may still show the table missing or without a column the
+    /// message has: it is read again, a little later each time, for at most
+    /// [`RELATION_VISIBLE_WAIT`], before the stale reading stands (with a warning).
+    pub async fn refresh_relation(
+        &mut self,
+        relation: &TableRef,
+        shutdown: &Shutdown,
+    ) -> Result<Refreshed, SchemaError> {
+        let (schema, table) = (&*relation.schema, &*relation.table);
+        let deadline = Instant::now() + RELATION_VISIBLE_WAIT;
+        let mut pause = Duration::from_millis(10);
+        loop {
+            let seen = match self.read(schema, table) {
+                Ok(doc) => shows_columns(&doc, relation),
+                Err(SchemaError::Missing(_)) => false,
+                Err(e) => {
+                    self.conn = None;
+                    return Err(e);
+                }
+            };
+            if seen || Instant::now() + pause > deadline {
+                if !seen {
+                    log::warn!(
+                        "schema of {schema}.{table}: the catalog still did not show the table \
+                         or all of its published columns after {RELATION_VISIBLE_WAIT:?}; \
+                         writing what it shows"
+                    );
+                }
+                return self.refresh(schema, table).await;
+            }
+            if shutdown.sleep(pause).await {
+                return Ok(Refreshed::Unchanged);
+            }
+            pause = (pause * 2).min(Duration::from_millis(500));
+        }
     }
 
     fn read(&mut self, schema: &str, table: &str) -> Result<serde_json::Value, SchemaError> {
@@ -235,6 +306,32 @@ fn msgpack_to_json(v: &rmpv::Value) -> Option<serde_json::Value> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::wire::event::ColumnMeta;
+
+    #[test]
+    fn a_reading_without_a_published_column_is_stale() {
+        let relation = |names: &[&str]| TableRef {
+            columns: names
+                .iter()
+                .map(|n| ColumnMeta {
+                    name: (*n).into(),
+                    type_oid: 23,
+                    type_modifier: -1,
+                    key: false,
+                })
+                .collect(),
+            schema: "public".into(),
+            table: "t".into(),
+            relation_id: 1,
+            key_columns: Vec::new(),
+        };
+        let doc =
+            serde_json::json!({"columns": [{"name": "id"}, {"name": "v"}, {"name": "secret"}]});
+        // A column list may leave catalog columns out of the message.
+        assert!(shows_columns(&doc, &relation(&["id", "v"])));
+        assert!(!shows_columns(&doc, &relation(&["id", "v", "added"])));
+        assert!(!shows_columns(&serde_json::json!({}), &relation(&["id"])));
+    }
 
     #[test]
     fn stored_documents_compare_without_timestamp() {

@@ -11,6 +11,7 @@ use crate::pg::setup;
 use crate::shutdown::Shutdown;
 use crate::sink::nats;
 use crate::telemetry::state::Telemetry;
+use crate::wire::event::TableRef;
 
 /// Starts the snapshot thread: its own NATS connection (retried with the reconnect backoff
 /// while NATS is away, like the publisher's) and runtime, serving `snapshot.request.{table}`
@@ -21,7 +22,7 @@ pub(crate) fn spawn_service(
     shutdown: &Shutdown,
     telemetry: Arc<Telemetry>,
     tables: Vec<setup::PublishedTable>,
-    schema_changes: tokio::sync::mpsc::UnboundedReceiver<(Arc<str>, Arc<str>)>,
+    schema_changes: tokio::sync::mpsc::UnboundedReceiver<TableRef>,
     slot: super::ServiceSlot,
 ) -> Option<JoinHandle<()>> {
     let config = config.clone();
@@ -165,9 +166,9 @@ fn spawn_schema_writer(
     shutdown: &Shutdown,
     js: async_nats::jetstream::Context,
     tables: Vec<setup::PublishedTable>,
-    mut changes: tokio::sync::mpsc::UnboundedReceiver<(Arc<str>, Arc<str>)>,
+    mut changes: tokio::sync::mpsc::UnboundedReceiver<TableRef>,
 ) -> Option<JoinHandle<()>> {
-    use super::schemas::{open_bucket, SchemaWriter};
+    use super::schemas::{open_bucket, Refreshed, SchemaWriter};
     use crate::wire::names::SCHEMAS_BUCKET;
     let format = config.replication.format;
     let params = config.postgres.libpq_params();
@@ -196,22 +197,24 @@ fn spawn_schema_writer(
                         return;
                     }
                     match writer.refresh(&t.schema, &t.name).await {
-                        Ok(true) => log::info!(
+                        Ok(Refreshed::Unchanged) => {}
+                        Ok(_) => log::info!(
                             "schema of {} written to KV bucket {SCHEMAS_BUCKET}",
                             t.qualified()
                         ),
-                        Ok(false) => {}
                         Err(e) => log::warn!("{e}"),
                     }
                 }
-                while let Some(Some((schema, table))) =
-                    shutdown.run_until(changes.recv()).await
-                {
-                    match writer.refresh(&schema, &table).await {
-                        Ok(true) => log::info!(
+                while let Some(Some(relation)) = shutdown.run_until(changes.recv()).await {
+                    let (schema, table) = (&relation.schema, &relation.table);
+                    match writer.refresh_relation(&relation, &shutdown).await {
+                        Ok(Refreshed::Unchanged) => {}
+                        Ok(Refreshed::New) => log::info!(
+                            "schema of {schema}.{table} (new to the stream) written to KV bucket {SCHEMAS_BUCKET}"
+                        ),
+                        Ok(Refreshed::Changed) => log::info!(
                             "schema of {schema}.{table} changed: new revision in KV bucket {SCHEMAS_BUCKET}"
                         ),
-                        Ok(false) => {}
                         Err(e) => log::warn!("{e}"),
                     }
                 }

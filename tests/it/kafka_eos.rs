@@ -243,6 +243,29 @@ fn in_commit_window(pg: &PgServer, kafka: &KafkaServer, state: &std::path::Path)
     (kafka_end > confirmed && kafka_end > stored).then_some(kafka_end)
 }
 
+/// Freezes the bridge at moments a little apart until one is inside the commit window (see
+/// [`in_commit_window`]), at most [`FREEZES`] times; the bridge stays frozen when it is.
+fn freeze_in_commit_window(
+    bridge: &BridgeProcess,
+    pg: &PgServer,
+    kafka: &KafkaServer,
+    state: &std::path::Path,
+    round: u64,
+) -> Option<Lsn> {
+    const FREEZES: u64 = 40;
+    for attempt in 0..FREEZES {
+        bridge.child.signal(libc::SIGSTOP);
+        if let Some(lsn) = in_commit_window(pg, kafka, state) {
+            return Some(lsn);
+        }
+        bridge.child.signal(libc::SIGCONT);
+        std::thread::sleep(std::time::Duration::from_millis(
+            5 + (attempt * 17 + round * 7) % 60,
+        ));
+    }
+    None
+}
+
 #[test]
 fn kill_9_under_load_delivers_each_change_exactly_once() {
     /// At least this many kills; more (up to the limit) until one fell into the window
@@ -272,8 +295,15 @@ fn kill_9_under_load_delivers_each_change_exactly_once() {
             std::thread::sleep(std::time::Duration::from_millis(20));
         }
         std::thread::sleep(std::time::Duration::from_millis(100 + 150 * (round % 5)));
+        // Every other kill aims at the window: the bridge is frozen (SIGSTOP) and killed only
+        // when, frozen, it is inside; else it goes on a moment. The others fall where they fall.
+        let window = if round % 2 == 0 {
+            freeze_in_commit_window(&bridge, &pg, &kafka, &state, round)
+        } else {
+            None
+        };
         kill_9(&mut bridge);
-        let window = in_commit_window(&pg, &kafka, &state);
+        let window = window.or_else(|| in_commit_window(&pg, &kafka, &state));
         bridge = kafka_bridge(&pg, &kafka, dir.path(), EOS);
         if let Some(lsn) = window {
             // The restarted bridge skips what Kafka has and PostgreSQL had not confirmed.

@@ -802,6 +802,13 @@ fn mirror_without_tables_takes_up_a_table_created_later() {
         "{}",
         mirror.log()
     );
+    assert!(
+        bridge
+            .log()
+            .contains("schema of public.late (new to the stream) written"),
+        "{}",
+        bridge.log()
+    );
     assert_eq!(mirror.terminate(Duration::from_secs(30)), Some(0));
     drop(bridge);
 }
