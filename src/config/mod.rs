@@ -170,8 +170,7 @@ impl fmt::Display for Config {
         write!(
             f,
             " http={} admin_token={} state_file={} ring_capacity={} max_in_flight={} \
-             snapshot_chunk_rows={} snapshot_on_start={} snapshot_reply_prefix={} \
-             snapshot_max_concurrent={} snapshot_cooldown_secs={}",
+             snapshot_chunk_rows={} snapshot_on_start={}",
             self.http.socket_addr(),
             set(&self.http.admin_token),
             self.replication.state_file_path().display(),
@@ -179,9 +178,15 @@ impl fmt::Display for Config {
             self.replication.max_in_flight,
             self.snapshot.chunk_rows,
             self.snapshot.on_start,
-            self.snapshot.reply_prefix,
-            self.snapshot.max_concurrent,
-            self.snapshot.cooldown_secs,
+        )?;
+        // Snapshot replies are NATS inboxes; with Kafka, requests come over HTTP.
+        if nats_sink {
+            write!(f, " snapshot_reply_prefix={}", self.snapshot.reply_prefix)?;
+        }
+        write!(
+            f,
+            " snapshot_max_concurrent={} snapshot_cooldown_secs={}",
+            self.snapshot.max_concurrent, self.snapshot.cooldown_secs,
         )?;
         if nats_sink {
             let tls = if self.nats.requires_tls() {

@@ -974,6 +974,7 @@ fn summary_line() {
         "streams=CDC,INIT",
         "http=127.0.0.1:9090",
         "nats_tls=if-offered",
+        "snapshot_reply_prefix=_INBOX.",
     ] {
         assert!(s.contains(part), "{part} missing in {s}");
     }
@@ -1001,7 +1002,13 @@ fn summary_line_with_kafka_names_kafka_and_no_nats_setting() {
     ] {
         assert!(s.contains(part), "{part} missing in {s}");
     }
-    for nats in ["nats=", "nats_auth=", "streams=", "nats_tls="] {
+    for nats in [
+        "nats=",
+        "nats_auth=",
+        "streams=",
+        "nats_tls=",
+        "snapshot_reply_prefix=",
+    ] {
         assert!(!s.contains(&format!(" {nats}")), "{nats} in {s}");
     }
 }
