@@ -10,10 +10,12 @@ use crate::pg::value::Value;
 use crate::pg::Lsn;
 use crate::shutdown::Shutdown;
 use crate::sink::nats::NatsError;
-use crate::wire::encode::{encode_chunk, encode_document, take_chunk, ChunkHeader, ChunkRows};
+use crate::wire::encode::{
+    encode_chunk, encode_document, take_chunk, ChunkHeader, ChunkRows, ColumnKeys,
+};
 use crate::wire::fields;
 
-use super::slot::{take_snapshot, SnapshotColumns, SnapshotError};
+use super::slot::{take_snapshot, CopyRow, SnapshotColumns, SnapshotError};
 use super::target::InitTarget;
 
 /// How long publishing one chunk may take before the snapshot fails.
@@ -238,8 +240,9 @@ impl Chunks {
         let mut rows = ChunkRows::with_room(self.format, room);
         // A row that would push a chunk past the broker's limit waits here to start the next.
         let mut carried = ChunkRows::with_room(self.format, room);
-        // Consistent point and column names, set before the first row.
-        let started: std::cell::RefCell<(Lsn, Vec<Arc<str>>)> = Default::default();
+        // Consistent point, column names and their encoded keys, set before the first row.
+        let started: std::cell::RefCell<(Lsn, Vec<Arc<str>>, ColumnKeys)> =
+            std::cell::RefCell::new((Lsn(0), Vec::new(), ColumnKeys::new(self.format, &[])));
         let mut chunk = 0u64;
         let mut row_number = 0u64;
         let writer_cell = std::cell::RefCell::new(&mut writer);
@@ -265,25 +268,29 @@ impl Chunks {
             schema,
             table,
             |c: Lsn, cols: &SnapshotColumns| {
-                *started.borrow_mut() = (c, cols.names.clone());
+                *started.borrow_mut() = (
+                    c,
+                    cols.names.clone(),
+                    ColumnKeys::new(self.format, &cols.names),
+                );
                 Ok(())
             },
-            |values| {
+            |row: &CopyRow<'_>| {
                 let mut step = || -> Result<(), SnapshotFailure> {
                     if self.shutdown.is_triggered() {
                         return Err(SnapshotFailure::ShuttingDown);
                     }
-                    let (lsn, names) = &*started.borrow();
+                    let (lsn, names, keys) = &*started.borrow();
                     row_number += 1;
                     if row_number.is_multiple_of(PROGRESS_EVERY_ROWS) {
                         progress(row_number);
                     }
-                    let size = rows.push_row(names, values);
+                    let size = rows.push_fields(keys, row.fields(), row.is_ascii());
                     if size > row_budget {
                         return Err(writer_cell.borrow().row_too_large(
                             format!("{schema}.{table}"),
                             row_number,
-                            first_column(names, values),
+                            first_column(names, &[row.value(0)]),
                             size,
                         ));
                     }
