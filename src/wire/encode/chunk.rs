@@ -450,7 +450,11 @@ mod tests {
             "caf\u{e9} \u{2713} \u{1f600}".as_bytes(),
             b"bad \xff utf-8",
             b"\xc3",
-            &[b'x'; 40],
+            // Around the headers' bounds: fixstr up to 31 bytes, str8 up to 255, then str16.
+            &[b'w'; 31],
+            &[b'x'; 32],
+            &[b'y'; 255],
+            &[b'z'; 256],
         ] {
             cells.push((ValueKind::Text, Some(text)));
         }
