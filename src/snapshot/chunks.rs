@@ -205,12 +205,15 @@ impl Chunks {
     }
 
     /// Takes and publishes the snapshot.
-    /// `progress` is told the rows copied so far, every [`PROGRESS_EVERY_ROWS`].
+    /// `on_connected` is told PostgreSQL's row estimate once the snapshot's connection is up
+    /// (see [`take_snapshot`]; never when the snapshot fails before); `progress` the rows
+    /// copied so far, every [`PROGRESS_EVERY_ROWS`].
     pub(super) fn run_snapshot(
         &self,
         schema: &str,
         table: &str,
         id: &str,
+        on_connected: impl FnOnce(Option<u64>),
         progress: &dyn Fn(u64),
     ) -> Result<Published, SnapshotFailure> {
         let mut writer = self.target.open(schema, table)?;
@@ -267,6 +270,7 @@ impl Chunks {
             &self.publication,
             schema,
             table,
+            on_connected,
             |c: Lsn, cols: &SnapshotColumns| {
                 *started.borrow_mut() = (
                     c,

@@ -107,8 +107,11 @@ pub struct SnapshotOutcome {
 
 /// Reads `schema.table` in a snapshot consistent with the replication stream.
 ///
-/// `on_start` gets the consistent point and the columns before the first row; `on_row` gets
-/// each row and may stop the snapshot with a reason. The rows and columns are
+/// `on_connected` gets PostgreSQL's row estimate of the table (`pg_class.reltuples`; `None`
+/// when it has none or it cannot be read), read on the snapshot's connection before its
+/// transaction, so a snapshot logs in once. `on_start` gets the consistent point and the
+/// columns before the first row; `on_row` gets each row and may stop the snapshot with a
+/// reason. The rows and columns are
 /// exactly those the publication streams: its column list and row filter (PostgreSQL 15+) are
 /// applied to the COPY, read in the same transaction so they are the ones in force at the
 /// consistent point.
@@ -117,10 +120,19 @@ pub fn take_snapshot<K: AsRef<str>, V: AsRef<str>>(
     publication: &str,
     schema: &str,
     table: &str,
+    on_connected: impl FnOnce(Option<u64>),
     on_start: impl FnMut(Lsn, &SnapshotColumns) -> Result<(), String>,
     on_row: impl FnMut(&CopyRow<'_>) -> Result<(), String>,
 ) -> Result<SnapshotOutcome, SnapshotError> {
-    match read_snapshot(params, publication, schema, table, on_start, on_row) {
+    match read_snapshot(
+        params,
+        publication,
+        schema,
+        table,
+        on_connected,
+        on_start,
+        on_row,
+    ) {
         Err(SnapshotError::Pg(error))
             if error.sqlstate() == Some(sqlstate::INSUFFICIENT_PRIVILEGE) =>
         {
@@ -181,12 +193,22 @@ fn read_snapshot<K: AsRef<str>, V: AsRef<str>>(
     publication: &str,
     schema: &str,
     table: &str,
+    on_connected: impl FnOnce(Option<u64>),
     mut on_start: impl FnMut(Lsn, &SnapshotColumns) -> Result<(), String>,
     mut on_row: impl FnMut(&CopyRow<'_>) -> Result<(), String>,
 ) -> Result<SnapshotOutcome, SnapshotError> {
     let qualified = format!("{}.{}", quote_ident(schema), quote_ident(table));
     let mut repl = ReplicationConnection::connect(params)?;
     let server_version = repl.server_version();
+    let target = SnapshotTarget {
+        server_version,
+        publication,
+        schema,
+        table,
+    };
+    // Before BEGIN, in a transaction of its own: CREATE_REPLICATION_SLOT must be the first
+    // command of the snapshot's transaction.
+    on_connected(target.row_estimate(repl.connection()));
     repl.connection()
         .execute("BEGIN READ ONLY ISOLATION LEVEL REPEATABLE READ")?;
     let slot_name = format!(
@@ -196,12 +218,6 @@ fn read_snapshot<K: AsRef<str>, V: AsRef<str>>(
     );
     let slot = repl.create_slot(&slot_name, true, SnapshotAction::Use)?;
 
-    let target = SnapshotTarget {
-        server_version,
-        publication,
-        schema,
-        table,
-    };
     let cols = repl.connection().query(&target.columns_sql())?;
     let columns = SnapshotColumns {
         names: cols
@@ -284,6 +300,31 @@ impl SnapshotTarget<'_> {
             quote_ident(self.schema),
             quote_ident(self.table)
         ))
+    }
+
+    /// PostgreSQL's row estimate of the table (`pg_class.reltuples`), for the reply to a
+    /// request and the progress gauge; `None` when it has none (never vacuumed or analysed)
+    /// or cannot be read.
+    fn row_estimate(&self, conn: &mut PgConnection) -> Option<u64> {
+        let sql = format!(
+            "SELECT reltuples::float8 FROM pg_class WHERE oid = {}::regclass",
+            self.regclass()
+        );
+        match conn.query(&sql) {
+            Ok(result) => result
+                .get(0, "reltuples")
+                .and_then(|t| t.parse::<f64>().ok())
+                .filter(|n| *n >= 0.0)
+                .map(|n| n.round() as u64),
+            Err(e) => {
+                log::debug!(
+                    "cannot read the row estimate of {}.{}: {e}",
+                    self.schema,
+                    self.table
+                );
+                None
+            }
+        }
     }
 
     /// The published columns in table order, with the OID their text decodes as (a domain's
