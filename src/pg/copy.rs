@@ -22,6 +22,8 @@ pub struct CopyRowParser {
     buf: Vec<u8>,
     /// (start, end) in `buf` per field; `None` for NULL.
     fields: Vec<Option<(usize, usize)>>,
+    /// Every field of the row is ASCII (so valid UTF-8 without a check per field).
+    ascii: bool,
 }
 
 impl CopyRowParser {
@@ -35,6 +37,7 @@ impl CopyRowParser {
     pub fn parse(&mut self, row: &[u8]) -> Result<(), CopyRowError> {
         self.buf.clear();
         self.fields.clear();
+        self.ascii = false;
         let row = row.strip_suffix(b"\n").unwrap_or(row);
         // Most rows have no escape and no NULL: one copy, then the tabs alone split it.
         if memchr::memchr(b'\\', row).is_none() {
@@ -45,6 +48,7 @@ impl CopyRowParser {
                 start = tab + 1;
             }
             self.fields.push(Some((start, row.len())));
+            self.ascii = row.is_ascii();
             return Ok(());
         }
         let mut start = 0;
@@ -80,6 +84,7 @@ impl CopyRowParser {
                         self.fields.push(Some((start, self.buf.len())));
                     }
                     if b.is_none() {
+                        self.ascii = self.buf.is_ascii();
                         break;
                     }
                     null = false;
@@ -173,6 +178,12 @@ impl CopyRowParser {
     pub fn get(&self, i: usize) -> Option<&[u8]> {
         let (s, e) = (*self.fields.get(i)?)?;
         self.buf.get(s..e)
+    }
+
+    /// True when every field of the last parsed row is ASCII: each is then valid UTF-8, and
+    /// text needs no check of its own (one pass over the row instead of one per field).
+    pub fn is_ascii(&self) -> bool {
+        self.ascii
     }
 
     /// True when field `i` is NULL.
@@ -381,6 +392,16 @@ mod tests {
         fn never_panics(row in proptest::collection::vec(proptest::prelude::any::<u8>(), 0..200)) {
             let mut p = CopyRowParser::new();
             let _ = p.parse(&row);
+        }
+
+        #[test]
+        fn ascii_rows_are_those_of_ascii_fields(row in proptest::collection::vec(
+            proptest::sample::select(b"\t\\Nnx0179afAz\n\xc3\xa9".to_vec()), 0..40)) {
+            let mut p = CopyRowParser::new();
+            if p.parse(&row).is_ok() {
+                let all = (0..p.len()).all(|i| p.get(i).is_none_or(<[u8]>::is_ascii));
+                proptest::prop_assert_eq!(p.is_ascii(), all);
+            }
         }
 
         #[test]

@@ -10,10 +10,12 @@ use crate::pg::value::Value;
 use crate::pg::Lsn;
 use crate::shutdown::Shutdown;
 use crate::sink::nats::NatsError;
-use crate::wire::encode::{encode_chunk, encode_document, take_chunk, ChunkHeader, ChunkRows};
+use crate::wire::encode::{
+    encode_chunk, encode_document, take_chunk, ChunkHeader, ChunkRows, ColumnKeys,
+};
 use crate::wire::fields;
 
-use super::slot::{take_snapshot, SnapshotColumns, SnapshotError};
+use super::slot::{take_snapshot, CopyRow, SnapshotColumns, SnapshotError};
 use super::target::InitTarget;
 
 /// How long publishing one chunk may take before the snapshot fails.
@@ -203,12 +205,15 @@ impl Chunks {
     }
 
     /// Takes and publishes the snapshot.
-    /// `progress` is told the rows copied so far, every [`PROGRESS_EVERY_ROWS`].
+    /// `on_connected` is told PostgreSQL's row estimate once the snapshot's connection is up
+    /// (see [`take_snapshot`]; never when the snapshot fails before); `progress` the rows
+    /// copied so far, every [`PROGRESS_EVERY_ROWS`].
     pub(super) fn run_snapshot(
         &self,
         schema: &str,
         table: &str,
         id: &str,
+        on_connected: impl FnOnce(Option<u64>),
         progress: &dyn Fn(u64),
     ) -> Result<Published, SnapshotFailure> {
         let mut writer = self.target.open(schema, table)?;
@@ -238,8 +243,9 @@ impl Chunks {
         let mut rows = ChunkRows::with_room(self.format, room);
         // A row that would push a chunk past the broker's limit waits here to start the next.
         let mut carried = ChunkRows::with_room(self.format, room);
-        // Consistent point and column names, set before the first row.
-        let started: std::cell::RefCell<(Lsn, Vec<Arc<str>>)> = Default::default();
+        // Consistent point, column names and their encoded keys, set before the first row.
+        let started: std::cell::RefCell<(Lsn, Vec<Arc<str>>, ColumnKeys)> =
+            std::cell::RefCell::new((Lsn(0), Vec::new(), ColumnKeys::new(self.format, &[])));
         let mut chunk = 0u64;
         let mut row_number = 0u64;
         let writer_cell = std::cell::RefCell::new(&mut writer);
@@ -264,26 +270,31 @@ impl Chunks {
             &self.publication,
             schema,
             table,
+            on_connected,
             |c: Lsn, cols: &SnapshotColumns| {
-                *started.borrow_mut() = (c, cols.names.clone());
+                *started.borrow_mut() = (
+                    c,
+                    cols.names.clone(),
+                    ColumnKeys::new(self.format, &cols.names),
+                );
                 Ok(())
             },
-            |values| {
+            |row: &CopyRow<'_>| {
                 let mut step = || -> Result<(), SnapshotFailure> {
                     if self.shutdown.is_triggered() {
                         return Err(SnapshotFailure::ShuttingDown);
                     }
-                    let (lsn, names) = &*started.borrow();
+                    let (lsn, names, keys) = &*started.borrow();
                     row_number += 1;
                     if row_number.is_multiple_of(PROGRESS_EVERY_ROWS) {
                         progress(row_number);
                     }
-                    let size = rows.push_row(names, values);
+                    let size = rows.push_fields(keys, row.fields(), row.is_ascii());
                     if size > row_budget {
                         return Err(writer_cell.borrow().row_too_large(
                             format!("{schema}.{table}"),
                             row_number,
-                            first_column(names, values),
+                            first_column(names, &[row.value(0)]),
                             size,
                         ));
                     }

@@ -24,7 +24,9 @@
 //! within `snapshot.cooldown_secs` of its last start. Snapshots run on their own threads:
 //! change streaming never waits for them, and a request never takes the bridge down.
 
+use std::cell::Cell;
 use std::collections::HashMap;
+use std::sync::mpsc::SyncSender;
 use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
@@ -56,6 +58,10 @@ const ADMIT_RETRY: Duration = Duration::from_millis(200);
 /// A snapshot checks for shutdown at every row, so this is only reached when PostgreSQL or
 /// NATS hangs.
 const STOP_WAIT: Duration = Duration::from_secs(10);
+/// How long the reply to a request waits for the table's row estimate, which the snapshot
+/// reads once its connection is up. Below the usual requesters' timeouts (the `nats` tool's
+/// 5 s, `bridge snapshot`'s 10 s): a slower login costs the reply its estimate, not the reply.
+const ESTIMATE_WAIT: Duration = Duration::from_secs(3);
 
 /// The tables requests may name, and when the publication was last read for new ones.
 #[derive(Debug)]
@@ -384,32 +390,6 @@ impl SnapshotService {
         known.tables.iter().any(matches)
     }
 
-    /// PostgreSQL's row estimate of the table (`pg_class.reltuples`), for the progress of its
-    /// snapshot; `None` when it has none (never vacuumed or analysed) or cannot be read.
-    fn estimate_rows(&self, schema: &str, table: &str) -> Option<u64> {
-        let sql = format!(
-            "SELECT reltuples::float8 FROM pg_class WHERE oid = {}::regclass",
-            crate::pg::conn::quote_literal(&format!(
-                "{}.{}",
-                crate::pg::conn::quote_ident(schema),
-                crate::pg::conn::quote_ident(table)
-            ))
-        );
-        let read = PgConnection::connect(&self.chunks.pg_params, ConnectionKind::Normal)
-            .and_then(|mut conn| conn.query(&sql));
-        match read {
-            Ok(result) => result
-                .get(0, "reltuples")
-                .and_then(|t| t.parse::<f64>().ok())
-                .filter(|n| *n >= 0.0)
-                .map(|n| n.round() as u64),
-            Err(e) => {
-                log::debug!("cannot read the row estimate of {schema}.{table}: {e}");
-                None
-            }
-        }
-    }
-
     /// Records the rows a running snapshot has copied and updates the progress gauge.
     fn progress_update(&self, id: &str, copied: u64, estimated: Option<u64>) {
         let mut running = self.progress.lock().unwrap_or_else(|p| p.into_inner());
@@ -522,19 +502,36 @@ impl SnapshotService {
                 );
                 continue;
             };
-            let estimated = self.estimate_rows(&t.schema, &t.name);
-            self.execute(&t.schema, &t.name, &new_snapshot_id(), estimated);
+            self.execute(&t.schema, &t.name, &new_snapshot_id(), None);
             drop(claim);
         }
     }
 
     /// Takes and publishes one snapshot; a failure is logged and published as a failure
-    /// document in the meta's place.
-    fn execute(&self, schema: &str, table: &str, id: &str, estimated_rows: Option<u64>) {
-        self.progress_update(id, 0, estimated_rows);
-        let result = self.chunks.run_snapshot(schema, table, id, &|rows| {
-            self.progress_update(id, rows, estimated_rows)
-        });
+    /// document in the meta's place. `estimate_to` is sent the table's row estimate once the
+    /// snapshot's connection has read it, and dropped unsent when the snapshot fails before.
+    fn execute(
+        &self,
+        schema: &str,
+        table: &str,
+        id: &str,
+        estimate_to: Option<SyncSender<Option<u64>>>,
+    ) {
+        let estimated_rows = Cell::new(None);
+        self.progress_update(id, 0, None);
+        let on_connected = |estimate: Option<u64>| {
+            estimated_rows.set(estimate);
+            self.progress_update(id, 0, estimate);
+            if let Some(to) = estimate_to {
+                // The requester may have stopped waiting.
+                let _ = to.send(estimate);
+            }
+        };
+        let result = self
+            .chunks
+            .run_snapshot(schema, table, id, on_connected, &|rows| {
+                self.progress_update(id, rows, estimated_rows.get())
+            });
         self.progress_end(id, result.is_ok());
         match result {
             Ok(p) => log::info!(
@@ -582,16 +579,19 @@ impl SnapshotService {
         let claim = self.admit(&schema, &table)?;
         let snapshot_id = new_snapshot_id();
         let id = snapshot_id.clone();
-        let estimated_rows = self.estimate_rows(&schema, &table);
+        let (estimate_to, estimate) = std::sync::mpsc::sync_channel(1);
         // The claim moves into the thread and frees the table when the snapshot ends; if
         // the thread cannot start, it is dropped with the closure and frees it at once.
         self.spawn_worker("snapshot", move || {
             claim
                 .service
-                .execute(&claim.key.0, &claim.key.1, &id, estimated_rows);
+                .execute(&claim.key.0, &claim.key.1, &id, Some(estimate_to));
             drop(claim);
         })
         .map_err(|e| Refusal::Internal(e.to_string()))?;
+        // Read on the snapshot's own connection (one login per snapshot): the reply waits
+        // for it, at most ESTIMATE_WAIT, and goes without it when the snapshot failed first.
+        let estimated_rows = estimate.recv_timeout(ESTIMATE_WAIT).ok().flatten();
         Ok(Accepted {
             snapshot_id,
             schema,

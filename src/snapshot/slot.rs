@@ -21,7 +21,7 @@ use crate::pg::replication::{ReplicationConnection, SnapshotAction};
 use crate::pg::setup::{
     grant_hint, published_tables, table_privileges, MissingPrivilege, PublishedTable,
 };
-use crate::pg::value::{decode_text_into, Value, ValueKind};
+use crate::pg::value::{decode_or_verbatim, Value, ValueKind};
 
 static SLOT_COUNTER: AtomicU32 = AtomicU32::new(0);
 
@@ -61,6 +61,38 @@ pub struct SnapshotColumns {
     pub kinds: Vec<ValueKind>,
 }
 
+/// One row of the COPY as it arrived: each field's text (COPY's escapes undone, `None` for
+/// NULL) with the kind it decodes as. Encoders read the common kinds straight from the text
+/// instead of building typed values first.
+pub struct CopyRow<'a> {
+    parser: &'a CopyRowParser,
+    kinds: &'a [ValueKind],
+}
+
+impl<'a> CopyRow<'a> {
+    /// The fields in column order: how each decodes, and its text (`None` for NULL).
+    pub fn fields(&self) -> impl Iterator<Item = (ValueKind, Option<&'a [u8]>)> + '_ {
+        let parser = self.parser;
+        self.kinds
+            .iter()
+            .enumerate()
+            .map(move |(i, kind)| (*kind, parser.get(i)))
+    }
+
+    /// True when every field is ASCII, so text fields are valid UTF-8 without a check.
+    pub fn is_ascii(&self) -> bool {
+        self.parser.is_ascii()
+    }
+
+    /// Column `i` as a typed value; a cell that does not decode as its kind is its text.
+    pub fn value(&self, i: usize) -> Value {
+        match (self.kinds.get(i), self.parser.get(i)) {
+            (Some(kind), Some(text)) => decode_or_verbatim(*kind, text),
+            _ => Value::Null,
+        }
+    }
+}
+
 /// What a finished snapshot read.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct SnapshotOutcome {
@@ -75,8 +107,11 @@ pub struct SnapshotOutcome {
 
 /// Reads `schema.table` in a snapshot consistent with the replication stream.
 ///
-/// `on_start` gets the consistent point and the columns before the first row; `on_row` gets
-/// each row's typed values and may stop the snapshot with a reason. The rows and columns are
+/// `on_connected` gets PostgreSQL's row estimate of the table (`pg_class.reltuples`; `None`
+/// when it has none or it cannot be read), read on the snapshot's connection before its
+/// transaction, so a snapshot logs in once. `on_start` gets the consistent point and the
+/// columns before the first row; `on_row` gets each row and may stop the snapshot with a
+/// reason. The rows and columns are
 /// exactly those the publication streams: its column list and row filter (PostgreSQL 15+) are
 /// applied to the COPY, read in the same transaction so they are the ones in force at the
 /// consistent point.
@@ -85,10 +120,19 @@ pub fn take_snapshot<K: AsRef<str>, V: AsRef<str>>(
     publication: &str,
     schema: &str,
     table: &str,
+    on_connected: impl FnOnce(Option<u64>),
     on_start: impl FnMut(Lsn, &SnapshotColumns) -> Result<(), String>,
-    on_row: impl FnMut(&[Value]) -> Result<(), String>,
+    on_row: impl FnMut(&CopyRow<'_>) -> Result<(), String>,
 ) -> Result<SnapshotOutcome, SnapshotError> {
-    match read_snapshot(params, publication, schema, table, on_start, on_row) {
+    match read_snapshot(
+        params,
+        publication,
+        schema,
+        table,
+        on_connected,
+        on_start,
+        on_row,
+    ) {
         Err(SnapshotError::Pg(error))
             if error.sqlstate() == Some(sqlstate::INSUFFICIENT_PRIVILEGE) =>
         {
@@ -149,12 +193,22 @@ fn read_snapshot<K: AsRef<str>, V: AsRef<str>>(
     publication: &str,
     schema: &str,
     table: &str,
+    on_connected: impl FnOnce(Option<u64>),
     mut on_start: impl FnMut(Lsn, &SnapshotColumns) -> Result<(), String>,
-    mut on_row: impl FnMut(&[Value]) -> Result<(), String>,
+    mut on_row: impl FnMut(&CopyRow<'_>) -> Result<(), String>,
 ) -> Result<SnapshotOutcome, SnapshotError> {
     let qualified = format!("{}.{}", quote_ident(schema), quote_ident(table));
     let mut repl = ReplicationConnection::connect(params)?;
     let server_version = repl.server_version();
+    let target = SnapshotTarget {
+        server_version,
+        publication,
+        schema,
+        table,
+    };
+    // Before BEGIN, in a transaction of its own: CREATE_REPLICATION_SLOT must be the first
+    // command of the snapshot's transaction.
+    on_connected(target.row_estimate(repl.connection()));
     repl.connection()
         .execute("BEGIN READ ONLY ISOLATION LEVEL REPEATABLE READ")?;
     let slot_name = format!(
@@ -164,12 +218,6 @@ fn read_snapshot<K: AsRef<str>, V: AsRef<str>>(
     );
     let slot = repl.create_slot(&slot_name, true, SnapshotAction::Use)?;
 
-    let target = SnapshotTarget {
-        server_version,
-        publication,
-        schema,
-        table,
-    };
     let cols = repl.connection().query(&target.columns_sql())?;
     let columns = SnapshotColumns {
         names: cols
@@ -196,8 +244,6 @@ fn read_snapshot<K: AsRef<str>, V: AsRef<str>>(
 
     let copy = copy_sql(&qualified, only, &columns.names, row_filter.as_deref());
     let mut parser = CopyRowParser::new();
-    // One slot per column, reused from row to row: a text value keeps its allocation.
-    let mut values: Vec<Value> = vec![Value::Null; columns.names.len()];
     let mut failure: Option<SnapshotError> = None;
     let mut rows = 0u64;
     repl.connection().copy_out(&copy, |row| {
@@ -205,18 +251,12 @@ fn read_snapshot<K: AsRef<str>, V: AsRef<str>>(
             failure = Some(e.into());
             return ControlFlow::Break(());
         }
-        for (i, (kind, slot)) in columns.kinds.iter().zip(values.iter_mut()).enumerate() {
-            match parser.get(i) {
-                None => *slot = Value::Null,
-                Some(text) => {
-                    if decode_text_into(*kind, text, slot).is_err() {
-                        *slot = Value::Text(String::from_utf8_lossy(text).into_owned());
-                    }
-                }
-            }
-        }
         rows += 1;
-        match on_row(&values) {
+        let row = CopyRow {
+            parser: &parser,
+            kinds: &columns.kinds,
+        };
+        match on_row(&row) {
             Ok(()) => ControlFlow::Continue(()),
             Err(e) => {
                 failure = Some(SnapshotError::Stopped(qualified.clone(), e));
@@ -260,6 +300,31 @@ impl SnapshotTarget<'_> {
             quote_ident(self.schema),
             quote_ident(self.table)
         ))
+    }
+
+    /// PostgreSQL's row estimate of the table (`pg_class.reltuples`), for the reply to a
+    /// request and the progress gauge; `None` when it has none (never vacuumed or analysed)
+    /// or cannot be read.
+    fn row_estimate(&self, conn: &mut PgConnection) -> Option<u64> {
+        let sql = format!(
+            "SELECT reltuples::float8 FROM pg_class WHERE oid = {}::regclass",
+            self.regclass()
+        );
+        match conn.query(&sql) {
+            Ok(result) => result
+                .get(0, "reltuples")
+                .and_then(|t| t.parse::<f64>().ok())
+                .filter(|n| *n >= 0.0)
+                .map(|n| n.round() as u64),
+            Err(e) => {
+                log::debug!(
+                    "cannot read the row estimate of {}.{}: {e}",
+                    self.schema,
+                    self.table
+                );
+                None
+            }
+        }
     }
 
     /// The published columns in table order, with the OID their text decodes as (a domain's

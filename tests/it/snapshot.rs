@@ -56,7 +56,8 @@ fn requests_get_clear_replies_and_leave_streaming_untouched() {
     setup_app_db(
         &env.pg,
         "CREATE TABLE users (id int PRIMARY KEY, name text); \
-         INSERT INTO users SELECT g, 'u' || g FROM generate_series(1, 100000) g",
+         INSERT INTO users SELECT g, 'u' || g FROM generate_series(1, 100000) g; \
+         ANALYZE users",
         "",
     );
     let dir = TempDir::new("bridge");
@@ -98,6 +99,8 @@ fn requests_get_clear_replies_and_leave_streaming_untouched() {
 
     let first = request(&url, "snapshot.request.users");
     assert_eq!(first["status"], "accepted", "{first}");
+    // Read on the snapshot's own connection; ANALYZE read every page of the table.
+    assert_eq!(first["estimated_rows"], 100000, "{first}");
     let id = first["snapshot_id"].as_str().unwrap().to_string();
     let dup = request(&url, "snapshot.request.users");
     assert_eq!(dup["status"], "error", "{dup}");

@@ -94,11 +94,9 @@ fn preview(input: &[u8]) -> String {
 
 pub(super) fn decode_scalar(kind: ElemKind, text: &[u8]) -> Result<Value, ValueError> {
     match kind {
-        ElemKind::Bool => match text {
-            b"t" | b"true" => Ok(Value::Bool(true)),
-            b"f" | b"false" => Ok(Value::Bool(false)),
-            _ => Err(ValueError::new("boolean", "'t' or 'f'", text)),
-        },
+        ElemKind::Bool => parse_bool(text)
+            .map(Value::Bool)
+            .ok_or_else(|| ValueError::new("boolean", "'t' or 'f'", text)),
         ElemKind::Int => parse_int(text).map(Value::Int).ok_or_else(|| {
             ValueError::new("integer", "a decimal integer within the 64-bit range", text)
         }),
@@ -117,8 +115,19 @@ pub(super) fn decode_scalar(kind: ElemKind, text: &[u8]) -> Result<Value, ValueE
     }
 }
 
+/// `boolout`'s `t` and `f`, and the `true` and `false` of array literals.
+#[inline]
+pub fn parse_bool(text: &[u8]) -> Option<bool> {
+    match text {
+        b"t" | b"true" => Some(true),
+        b"f" | b"false" => Some(false),
+        _ => None,
+    }
+}
+
 /// `int8in` without the whitespace tolerance: optional sign, then ASCII digits.
-fn parse_int(text: &[u8]) -> Option<i64> {
+#[inline]
+pub fn parse_int(text: &[u8]) -> Option<i64> {
     let (negative, digits) = match text {
         [b'-', rest @ ..] => (true, rest),
         [b'+', rest @ ..] => (false, rest),

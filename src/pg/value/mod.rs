@@ -25,7 +25,7 @@ mod decode;
 mod tests;
 mod types;
 
-pub use decode::ValueError;
+pub use decode::{parse_bool, parse_int, ValueError};
 pub use types::{
     ElemKind, TypeRegistry, Value, ValueKind, CLIENT_ENCODING, FIRST_USER_TYPE_OID, SESSION_OPTIONS,
 };
@@ -50,6 +50,13 @@ pub fn decode_text(kind: ValueKind, text: &[u8]) -> Result<Value, ValueError> {
         ValueKind::Text => decode_scalar(ElemKind::Text, text),
         ValueKind::Array(elem) => decode_array(elem, text),
     }
+}
+
+/// [`decode_text`], or the text itself when it is not valid for `kind` (a cell that does
+/// not decode is passed on verbatim, never dropped); invalid UTF-8 is replaced (U+FFFD).
+pub fn decode_or_verbatim(kind: ValueKind, text: &[u8]) -> Value {
+    decode_text(kind, text)
+        .unwrap_or_else(|_| Value::Text(String::from_utf8_lossy(text).into_owned()))
 }
 
 /// [`decode_text`] into `slot`, reusing the allocation of the text value `slot` holds when

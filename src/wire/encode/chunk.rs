@@ -4,10 +4,10 @@ use std::sync::Arc;
 
 use bytes::Bytes;
 
-use super::json::{json_str, json_u64, json_value};
-use super::msgpack::{len32, mp_str, mp_uint, msgpack_value, written};
+use super::json::{json_str, json_u64, json_utf8, json_value};
+use super::msgpack::{len32, mp_str, mp_uint, mp_utf8, msgpack_value, written};
 use crate::config::Format;
-use crate::pg::value::Value;
+use crate::pg::value::{decode_or_verbatim, parse_bool, parse_int, Value, ValueKind};
 use crate::pg::Lsn;
 use crate::wire::fields;
 
@@ -130,6 +130,130 @@ impl ChunkRows {
         self.count += 1;
         self.last_start = Some(start);
         out.len() - start
+    }
+}
+
+/// A snapshot's column names as map keys, encoded once for all its rows (MessagePack: the
+/// str; JSON: the string and its colon).
+#[derive(Debug, Clone)]
+pub struct ColumnKeys {
+    keys: Vec<Box<[u8]>>,
+}
+
+impl ColumnKeys {
+    /// The keys of `names` in `format`.
+    pub fn new(format: Format, names: &[Arc<str>]) -> Self {
+        let keys = names
+            .iter()
+            .map(|name| {
+                let mut key = Vec::with_capacity(name.len() + 3);
+                match format {
+                    Format::Msgpack => mp_str(&mut key, name),
+                    Format::Json => {
+                        json_str(&mut key, name);
+                        key.push(b':');
+                    }
+                }
+                key.into_boxed_slice()
+            })
+            .collect();
+        ColumnKeys { keys }
+    }
+
+    /// Number of columns.
+    pub fn len(&self) -> usize {
+        self.keys.len()
+    }
+
+    /// True when there are no columns.
+    pub fn is_empty(&self) -> bool {
+        self.keys.is_empty()
+    }
+}
+
+impl ChunkRows {
+    /// Adds a row of `keys.len()` columns read from COPY text: each field's kind and text
+    /// (`None` for NULL; missing fields are NULL). `ascii` says every field is ASCII (text
+    /// then needs no UTF-8 check). Encodes exactly what [`ChunkRows::push_row`] encodes for
+    /// the values the fields decode to (a field that does not decode as its kind is its
+    /// text), but writes integers, booleans and text straight from the field instead of
+    /// through a [`Value`]. Returns the row's encoded size.
+    pub fn push_fields<'f>(
+        &mut self,
+        keys: &ColumnKeys,
+        fields: impl IntoIterator<Item = (ValueKind, Option<&'f [u8]>)>,
+        ascii: bool,
+    ) -> usize {
+        let format = self.format;
+        let out = &mut self.buf;
+        if format == Format::Json && self.count > 0 {
+            out.push(b',');
+        }
+        let start = out.len();
+        let mut fields = fields.into_iter();
+        match format {
+            Format::Msgpack => {
+                written(rmp::encode::write_map_len(out, len32(keys.len())));
+                for key in &keys.keys {
+                    out.extend_from_slice(key);
+                    let (kind, text) = fields.next().unwrap_or((ValueKind::Text, None));
+                    push_cell(format, kind, text, ascii, out);
+                }
+            }
+            Format::Json => {
+                out.push(b'{');
+                for (i, key) in keys.keys.iter().enumerate() {
+                    if i > 0 {
+                        out.push(b',');
+                    }
+                    out.extend_from_slice(key);
+                    let (kind, text) = fields.next().unwrap_or((ValueKind::Text, None));
+                    push_cell(format, kind, text, ascii, out);
+                }
+                out.push(b'}');
+            }
+        }
+        self.count += 1;
+        self.last_start = Some(start);
+        out.len() - start
+    }
+}
+
+/// One COPY field as the value it decodes to: the common kinds straight from the text, the
+/// others through [`decode_or_verbatim`].
+#[inline]
+fn push_cell(format: Format, kind: ValueKind, text: Option<&[u8]>, ascii: bool, out: &mut Vec<u8>) {
+    let Some(text) = text else {
+        return encode_value(format, &Value::Null, out);
+    };
+    match kind {
+        ValueKind::Int => {
+            if let Some(n) = parse_int(text) {
+                return encode_value(format, &Value::Int(n), out);
+            }
+        }
+        ValueKind::Bool => {
+            if let Some(b) = parse_bool(text) {
+                return encode_value(format, &Value::Bool(b), out);
+            }
+        }
+        // What msgpack_value and json_value write for Value::Text, for valid UTF-8.
+        ValueKind::Text if ascii || std::str::from_utf8(text).is_ok() => {
+            return match format {
+                Format::Msgpack => mp_utf8(out, text),
+                Format::Json => json_utf8(out, text),
+            };
+        }
+        _ => {}
+    }
+    encode_value(format, &decode_or_verbatim(kind, text), out);
+}
+
+#[inline(always)]
+fn encode_value(format: Format, value: &Value, out: &mut Vec<u8>) {
+    match format {
+        Format::Msgpack => msgpack_value(value, out),
+        Format::Json => json_value(value, out),
     }
 }
 
@@ -283,6 +407,142 @@ mod tests {
             );
             rows.clear();
             assert!(rows.is_empty());
+        }
+    }
+
+    /// Fields of every kind, the fast-pathed ones (int, bool, text) with the edge cases of
+    /// their text, and fields that do not decode as their kind.
+    fn cells() -> Vec<(ValueKind, Option<&'static [u8]>)> {
+        use crate::pg::value::ElemKind;
+        let mut cells = Vec::new();
+        for text in [
+            &b"0"[..],
+            b"1",
+            b"-1",
+            b"127",
+            b"128",
+            b"-32",
+            b"-33",
+            b"65535",
+            b"-2147483648",
+            b"4294967295",
+            b"9223372036854775807",
+            b"-9223372036854775808",
+            b"9223372036854775808",
+            b"+7",
+            b"",
+            b"-",
+            b"12a",
+            b" 1",
+        ] {
+            cells.push((ValueKind::Int, Some(text)));
+        }
+        for text in [&b"t"[..], b"f", b"true", b"false", b"T", b"yes", b""] {
+            cells.push((ValueKind::Bool, Some(text)));
+        }
+        for text in [
+            &b""[..],
+            b"plain",
+            b"say \"hi\"",
+            b"back\\slash",
+            b"tab\tnew\nline\r",
+            b"\x00\x01\x1f\x7f",
+            "caf\u{e9} \u{2713} \u{1f600}".as_bytes(),
+            b"bad \xff utf-8",
+            b"\xc3",
+            // Around the headers' bounds: fixstr up to 31 bytes, str8 up to 255, then str16.
+            &[b'w'; 31],
+            &[b'x'; 32],
+            &[b'y'; 255],
+            &[b'z'; 256],
+        ] {
+            cells.push((ValueKind::Text, Some(text)));
+        }
+        cells.push((ValueKind::Float, Some(b"-1.5e300")));
+        cells.push((ValueKind::Float, Some(b"NaN")));
+        cells.push((ValueKind::Float, Some(b"x")));
+        cells.push((ValueKind::Bytes, Some(b"\\x00ff")));
+        cells.push((ValueKind::Bytes, Some(b"\\xf")));
+        cells.push((ValueKind::Array(ElemKind::Int), Some(b"{1,-2,NULL}")));
+        cells.push((ValueKind::Array(ElemKind::Text), Some(b"{a,\"b c\"}")));
+        cells.push((ValueKind::Array(ElemKind::Int), Some(b"{1,x}")));
+        for kind in [
+            ValueKind::Int,
+            ValueKind::Bool,
+            ValueKind::Text,
+            ValueKind::Float,
+            ValueKind::Bytes,
+        ] {
+            cells.push((kind, None));
+        }
+        cells
+    }
+
+    /// The general path: each field decoded into a [`Value`], then encoded.
+    fn through_values(
+        rows: &mut ChunkRows,
+        names: &[Arc<str>],
+        row: &[(ValueKind, Option<&[u8]>)],
+    ) {
+        let values: Vec<Value> = row
+            .iter()
+            .map(|(kind, text)| text.map_or(Value::Null, |t| decode_or_verbatim(*kind, t)))
+            .collect();
+        rows.push_row(names, &values);
+    }
+
+    #[test]
+    fn fields_encode_byte_for_byte_as_their_values() {
+        let cells = cells();
+        for format in [Format::Msgpack, Format::Json] {
+            // Each cell alone, under a name that needs escaping in JSON.
+            let names: Vec<Arc<str>> = vec![Arc::from("c\"ol\\1")];
+            for cell in &cells {
+                let ascii = cell.1.is_none_or(<[u8]>::is_ascii);
+                let mut fast = ChunkRows::new(format);
+                let mut general = ChunkRows::new(format);
+                for ascii in [false, ascii] {
+                    let size = fast.push_fields(&ColumnKeys::new(format, &names), [*cell], ascii);
+                    through_values(&mut general, &names, &[*cell]);
+                    assert_eq!(size, general.buf.len() - general.last_start.unwrap());
+                }
+                assert_eq!(fast.buf, general.buf, "{format:?} {cell:?}");
+            }
+            // Rows of many columns; a row shorter than the names has NULLs at the end.
+            let names: Vec<Arc<str>> = (0..cells.len())
+                .map(|i| Arc::from(format!("col{i}")))
+                .collect();
+            let keys = ColumnKeys::new(format, &names);
+            let mut fast = ChunkRows::new(format);
+            let mut general = ChunkRows::new(format);
+            for row in [&cells[..], &cells[..3]] {
+                fast.push_fields(&keys, row.iter().copied(), false);
+                let mut padded = row.to_vec();
+                padded.resize(cells.len(), (ValueKind::Text, None));
+                through_values(&mut general, &names, &padded);
+            }
+            assert_eq!(fast.len(), 2);
+            assert_eq!(fast.buf, general.buf, "{format:?}");
+        }
+    }
+
+    proptest::proptest! {
+        #[test]
+        fn any_field_encodes_as_its_value(
+            kind in proptest::sample::select(vec![ValueKind::Int, ValueKind::Bool, ValueKind::Text,
+                ValueKind::Float, ValueKind::Bytes]),
+            text in proptest::option::of(proptest::collection::vec(
+                proptest::sample::select(b"-+0189tfrue\\\"x\x00\x1f\x7f\xc3\xa9\xff".to_vec()), 0..12)),
+        ) {
+            let names: Vec<Arc<str>> = vec![Arc::from("v")];
+            for format in [Format::Msgpack, Format::Json] {
+                let cell = (kind, text.as_deref());
+                let mut fast = ChunkRows::new(format);
+                fast.push_fields(&ColumnKeys::new(format, &names), [cell], cell.1.is_none_or(<[u8]>::is_ascii));
+                let mut general = ChunkRows::new(format);
+                through_values(&mut general, &names, &[cell]);
+                proptest::prop_assert_eq!(&fast.buf, &general.buf);
+            }
         }
     }
 

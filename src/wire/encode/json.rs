@@ -129,8 +129,12 @@ pub fn json_f64(out: &mut Vec<u8>, x: f64) {
 
 /// Appends `s` as a JSON string.
 pub fn json_str(out: &mut Vec<u8>, s: &str) {
+    json_utf8(out, s.as_bytes());
+}
+
+/// [`json_str`] of bytes the caller knows to be valid UTF-8 (a snapshot's ASCII fields).
+pub(super) fn json_utf8(out: &mut Vec<u8>, bytes: &[u8]) {
     out.push(b'"');
-    let bytes = s.as_bytes();
     // Copy runs that need no escaping in one go; multi-byte UTF-8 never needs escaping.
     let mut start = 0;
     for (i, &b) in bytes.iter().enumerate() {

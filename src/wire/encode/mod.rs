@@ -63,7 +63,7 @@ mod msgpack;
 #[cfg(test)]
 mod tests;
 
-pub use chunk::{encode_chunk, take_chunk, ChunkHeader, ChunkRows};
+pub use chunk::{encode_chunk, take_chunk, ChunkHeader, ChunkRows, ColumnKeys};
 pub use json::{json_f64, json_str, push_json_key, push_json_value};
 
 use crate::config::Format;

@@ -25,6 +25,17 @@ pub(super) fn mp_str(out: &mut Vec<u8>, s: &str) {
     written(rmp::encode::write_str(out, s));
 }
 
+/// [`mp_str`] of bytes the caller knows to be valid UTF-8 (a snapshot's ASCII fields):
+/// the same str header and bytes.
+pub(super) fn mp_utf8(out: &mut Vec<u8>, bytes: &[u8]) {
+    match u8::try_from(bytes.len()) {
+        // fixstr, most snapshot text: one byte without rmp's writer.
+        Ok(len) if len < 32 => out.push(0xa0 | len),
+        _ => written(rmp::encode::write_str_len(out, len32(bytes.len()))),
+    }
+    out.extend_from_slice(bytes);
+}
+
 pub(super) fn mp_uint(out: &mut Vec<u8>, v: u64) {
     written(rmp::encode::write_uint(out, v));
 }
