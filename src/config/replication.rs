@@ -44,8 +44,8 @@ pub(crate) const DEFAULT_STANDBY_STATUS_INTERVAL_SECS: u64 = 10;
 /// transaction waking both. A transaction after a quiet spell is read at once; at most this
 /// much is added to the latency of the others. Each wake-up costs far more CPU than the
 /// changes it serves at a few thousand a second, whatever wakes the thread; 3 ms (rather
-/// than 2) cuts a quarter of the CPU at 5 000 changes/s for about 0.5 ms of median latency
-/// (docs/benchmark.md, *CPU at a steady rate*).
+/// than 2) cuts a fifth to a quarter of the CPU at 5 000 changes/s for 0.5–0.8 ms of median
+/// latency (docs/benchmark.md, *What a wake-up costs*).
 pub(crate) const DEFAULT_BATCH_WAIT_MS: u64 = 3;
 /// Largest accepted batch wait: the commit → PubAck target is 10 ms.
 pub(crate) const MAX_BATCH_WAIT_MS: u64 = 100;
