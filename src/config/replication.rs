@@ -42,8 +42,11 @@ pub(crate) const DEFAULT_STANDBY_STATUS_INTERVAL_SECS: u64 = 10;
 /// transactions gather before reading again, in milliseconds: at a steady rate one wake-up of
 /// the wal thread and of the publisher then serves several transactions instead of each
 /// transaction waking both. A transaction after a quiet spell is read at once; at most this
-/// much is added to the latency of the others.
-pub(crate) const DEFAULT_BATCH_WAIT_MS: u64 = 2;
+/// much is added to the latency of the others. Each wake-up costs far more CPU than the
+/// changes it serves at a few thousand a second, whatever wakes the thread; 3 ms (rather
+/// than 2) cuts a fifth to a quarter of the CPU at 5 000 changes/s for 0.5–0.8 ms of median
+/// latency (docs/benchmark.md, *What a wake-up costs*).
+pub(crate) const DEFAULT_BATCH_WAIT_MS: u64 = 3;
 /// Largest accepted batch wait: the commit → PubAck target is 10 ms.
 pub(crate) const MAX_BATCH_WAIT_MS: u64 = 100;
 /// Prefix of the default state file name, which is `{prefix}{slot}{suffix}` in the working
