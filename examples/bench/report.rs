@@ -71,9 +71,9 @@ pub(super) fn targets(r: &Json) -> Json {
     json!([
         target(
             "throughput vs pg_recvlogical",
-            ">= 0.6",
+            ">= 0.9",
             json!(tput),
-            tput.map(|v| v >= 0.6)
+            tput.map(|v| v >= 0.9)
         ),
         target(
             "bridge CPU per change (us)",

@@ -6,7 +6,7 @@
 //! `RingWriter::reader_gone`.
 //!
 //! The ring is bounded by a count of items, which bounds memory only as long as rows are
-//! small: 8 192 changes of 100 KB rows would be 800 MB. So the bytes that the queued changes
+//! small: 4 096 changes of 100 KB rows would be 400 MB. So the bytes that the queued changes
 //! hold are counted too, and the wal thread waits (as it does when the ring is full) while
 //! they are over the budget, so PostgreSQL keeps the WAL instead of the bridge's memory.
 //!

@@ -278,7 +278,7 @@ fn metrics_status_and_health_while_streaming() {
     assert!(m.value("bridge_durable_lsn") >= m.value("bridge_last_ack_lsn"));
     assert!(m.value("bridge_uptime_seconds") > 0.0);
     assert_eq!(m.value("bridge_nats_connected"), 1.0);
-    assert_eq!(m.value("bridge_ring_capacity"), 8192.0);
+    assert_eq!(m.value("bridge_ring_capacity"), 4096.0);
     assert_eq!(m.value("bridge_healthy"), 1.0);
     wait_for(
         "the monitor's first reading",
