@@ -49,6 +49,7 @@ pub(crate) mod pg;
 pub(crate) mod replication;
 mod secret;
 pub(crate) mod sections;
+mod sources;
 mod url;
 mod validate;
 
@@ -73,7 +74,7 @@ pub(crate) use secret::REDACTED;
 pub use sections::{HttpConfig, MonitorConfig, SnapshotConfig, StreamsConfig};
 
 #[cfg(test)]
-pub(crate) use overlay::field_sources;
+pub(crate) use sources::field_sources;
 
 /// The whole, effective bridge configuration. Build it with [`Config::load`]; `Default` gives the
 /// built-in defaults.

@@ -129,14 +129,19 @@ pub fn read_schema(
     }))
 }
 
-/// Whether a schema document read from the catalog has every column of a Relation message
-/// (the message has the published ones only: column lists and generated columns leave some
-/// out).
-fn shows_columns(doc: &serde_json::Value, relation: &TableRef) -> bool {
-    let Some(columns) = doc[fields::COLUMNS].as_array() else {
-        return false;
+/// Whether a catalog reading may predate a Relation message: it does not show the table, or
+/// lacks a column the message has (the message has the published ones only: column lists and
+/// generated columns leave some out). A failed reading is not stale: waiting would not mend it.
+fn stale_reading(reading: &Result<serde_json::Value, SchemaError>, relation: &TableRef) -> bool {
+    let doc = match reading {
+        Ok(doc) => doc,
+        Err(SchemaError::Missing(_)) => return true,
+        Err(_) => return false,
     };
-    relation.columns.iter().all(|c| {
+    let Some(columns) = doc[fields::COLUMNS].as_array() else {
+        return true;
+    };
+    !relation.columns.iter().all(|c| {
         columns
             .iter()
             .any(|d| d[fields::NAME].as_str() == Some(&*c.name))
@@ -177,14 +182,72 @@ impl SchemaWriter {
 
     /// Writes the table's schema if it differs from the stored revision, and says which.
     pub async fn refresh(&mut self, schema: &str, table: &str) -> Result<Refreshed, SchemaError> {
-        let mut doc = match self.read(schema, table) {
-            Ok(d) => d,
-            Err(e) => {
-                // A broken connection is reopened next time.
-                self.conn = None;
-                return Err(e);
+        let doc = self.read(schema, table)?;
+        self.write(schema, table, doc).await
+    }
+
+    /// [`refresh`](Self::refresh) for a table whose Relation message the stream just brought.
+    /// Logical decoding can send a transaction a moment before other sessions see it
+    /// committed, so the catalog may still show the table missing or without a column the
+    /// message has: it is read again, a little later each time, for at most
+    /// [`RELATION_VISIBLE_WAIT`], before the stale reading stands (with a warning).
+    pub async fn refresh_relation(
+        &mut self,
+        relation: &TableRef,
+        shutdown: &Shutdown,
+    ) -> Result<Refreshed, SchemaError> {
+        let (schema, table) = (&*relation.schema, &*relation.table);
+        let deadline = Instant::now() + RELATION_VISIBLE_WAIT;
+        let mut pause = Duration::from_millis(10);
+        loop {
+            let reading = self.read(schema, table);
+            let stale = stale_reading(&reading, relation);
+            if stale && Instant::now() + pause <= deadline {
+                if shutdown.sleep(pause).await {
+                    return Ok(Refreshed::Unchanged);
+                }
+                pause = (pause * 2).min(Duration::from_millis(500));
+                continue;
             }
+            if stale {
+                log::warn!(
+                    "schema of {schema}.{table}: the catalog still did not show the table \
+                     or all of its published columns after {RELATION_VISIBLE_WAIT:?}; \
+                     writing what it shows"
+                );
+            }
+            return self.write(schema, table, reading?).await;
+        }
+    }
+
+    /// Reads the table's schema from the catalog, opening the connection if needed.
+    fn read(&mut self, schema: &str, table: &str) -> Result<serde_json::Value, SchemaError> {
+        let conn = match &mut self.conn {
+            Some(conn) => conn,
+            None => self.conn.insert(
+                PgConnection::connect(&self.params, ConnectionKind::Normal).map_err(|source| {
+                    SchemaError::Pg {
+                        table: format!("{schema}.{table}"),
+                        source: Box::new(source),
+                    }
+                })?,
+            ),
         };
+        let reading = read_schema(conn, schema, table);
+        if matches!(reading, Err(SchemaError::Pg { .. })) {
+            // A broken connection is reopened next time.
+            self.conn = None;
+        }
+        reading
+    }
+
+    /// Stores `doc`, a reading of the table's schema, unless the stored revision is the same.
+    async fn write(
+        &mut self,
+        schema: &str,
+        table: &str,
+        mut doc: serde_json::Value,
+    ) -> Result<Refreshed, SchemaError> {
         let key = schema_key(schema, table);
         let mut written = Refreshed::New;
         if let Ok(Some(current)) = self.store.get(key.clone()).await {
@@ -205,62 +268,6 @@ impl SchemaWriter {
             .await
             .map_err(|e| SchemaError::Kv(e.to_string()))?;
         Ok(written)
-    }
-
-    /// [`refresh`](Self::refresh) for a table whose Relation message the stream just brought.
-    /// Logical decoding can send a transaction a moment before other sessions see it
-    /// committed, so the catalog may still show the table missing or without a column the
-    /// message has: it is read again, a little later each time, for at most
-    /// [`RELATION_VISIBLE_WAIT`], before the stale reading stands (with a warning).
-    pub async fn refresh_relation(
-        &mut self,
-        relation: &TableRef,
-        shutdown: &Shutdown,
-    ) -> Result<Refreshed, SchemaError> {
-        let (schema, table) = (&*relation.schema, &*relation.table);
-        let deadline = Instant::now() + RELATION_VISIBLE_WAIT;
-        let mut pause = Duration::from_millis(10);
-        loop {
-            let seen = match self.read(schema, table) {
-                Ok(doc) => shows_columns(&doc, relation),
-                Err(SchemaError::Missing(_)) => false,
-                Err(e) => {
-                    self.conn = None;
-                    return Err(e);
-                }
-            };
-            if seen || Instant::now() + pause > deadline {
-                if !seen {
-                    log::warn!(
-                        "schema of {schema}.{table}: the catalog still did not show the table \
-                         or all of its published columns after {RELATION_VISIBLE_WAIT:?}; \
-                         writing what it shows"
-                    );
-                }
-                return self.refresh(schema, table).await;
-            }
-            if shutdown.sleep(pause).await {
-                return Ok(Refreshed::Unchanged);
-            }
-            pause = (pause * 2).min(Duration::from_millis(500));
-        }
-    }
-
-    fn read(&mut self, schema: &str, table: &str) -> Result<serde_json::Value, SchemaError> {
-        if self.conn.is_none() {
-            self.conn = Some(
-                PgConnection::connect(&self.params, ConnectionKind::Normal).map_err(|source| {
-                    SchemaError::Pg {
-                        table: format!("{schema}.{table}"),
-                        source: Box::new(source),
-                    }
-                })?,
-            );
-        }
-        match self.conn.as_mut() {
-            Some(conn) => read_schema(conn, schema, table),
-            None => Err(SchemaError::Missing(format!("{schema}.{table}"))),
-        }
     }
 }
 
@@ -326,11 +333,21 @@ mod tests {
             key_columns: Vec::new(),
         };
         let doc =
-            serde_json::json!({"columns": [{"name": "id"}, {"name": "v"}, {"name": "secret"}]});
+            Ok(serde_json::json!({"columns": [{"name": "id"}, {"name": "v"}, {"name": "secret"}]}));
         // A column list may leave catalog columns out of the message.
-        assert!(shows_columns(&doc, &relation(&["id", "v"])));
-        assert!(!shows_columns(&doc, &relation(&["id", "v", "added"])));
-        assert!(!shows_columns(&serde_json::json!({}), &relation(&["id"])));
+        assert!(!stale_reading(&doc, &relation(&["id", "v"])));
+        assert!(stale_reading(&doc, &relation(&["id", "v", "added"])));
+        assert!(stale_reading(
+            &Ok(serde_json::json!({})),
+            &relation(&["id"])
+        ));
+        let missing = Err(SchemaError::Missing("public.t".into()));
+        assert!(stale_reading(&missing, &relation(&["id"])));
+        let failed = Err(SchemaError::Pg {
+            table: "public.t".into(),
+            source: Box::new(PgError::ConnectionLost("reset by peer".into())),
+        });
+        assert!(!stale_reading(&failed, &relation(&["id"])));
     }
 
     #[test]
