@@ -8,7 +8,7 @@
 
 use async_nats::header::{NATS_EXPECTED_LAST_MESSAGE_ID, NATS_MESSAGE_ID};
 
-use async_nats::{Client, HeaderMap, Subject};
+use async_nats::{Client, HeaderMap, HeaderName, Subject};
 use bytes::Bytes;
 
 use crate::pg::Lsn;
@@ -20,6 +20,10 @@ use crate::wire::names::{
 use crate::wire::outbox::{change_dlq_subject, DeadReason};
 
 use super::AckState;
+
+/// [`LAST_IN_TX_HEADER`] as the client's header name, made once: from a `&str`, the client
+/// checks and looks up the name again for every message.
+const LAST_IN_TX: HeaderName = HeaderName::from_static(LAST_IN_TX_HEADER);
 
 /// The stream a message goes to. CDC and OUTBOX messages each follow the previous one of
 /// their own stream (`Nats-Expected-Last-Msg-Id`); dead letters are not chained: the DLQ is
@@ -158,7 +162,7 @@ pub(super) async fn send(
         headers.insert(NATS_EXPECTED_LAST_MESSAGE_ID, expect);
     }
     if entry.last_in_tx {
-        headers.insert(LAST_IN_TX_HEADER, LAST_IN_TX_VALUE);
+        headers.insert(LAST_IN_TX, LAST_IN_TX_VALUE);
     }
     if let Some(extra) = &entry.extra {
         for (k, v) in &extra.headers {
