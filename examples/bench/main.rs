@@ -10,7 +10,8 @@
 //!    (`examples/js_publish.rs`) with the same window and message ids;
 //! 3. bridge CPU per change and peak RSS, from /proc;
 //! 4. commit → PubAck latency at a steady rate, from the bridge's histogram on /metrics
-//!    (scraped before and after the run), cross-checked by a consumer of `cdc.>`;
+//!    (scraped before and after the run), cross-checked by a consumer of `cdc.>`, beside
+//!    PostgreSQL alone (a second slot), a core NATS ping and a JetStream ping (`jsping.rs`);
 //! 5. snapshot: request → meta stored for a table in the INIT stream, with the bridge's CPU
 //!    and peak RSS, vs `COPY ... TO STDOUT` of the same table to /dev/null;
 //! 6. start-up: from spawn to the first change in the stream.
@@ -25,6 +26,7 @@
 mod chart;
 mod debezium;
 mod idle;
+mod jsping;
 mod kafka;
 mod nats;
 mod phases;

@@ -232,6 +232,8 @@ impl Bench {
             .expect("subscribe")
             .expect("subscribe");
         let mut ping_ms: Vec<f64> = Vec::new();
+        // JetStream's share: the same every 5 ms, stored in a stream of its own.
+        let js_ping = self.rt.block_on(jsping::JsPing::start(&self.js, "CDC"));
         self.rt.block_on(async {
             let mut tick = tokio::time::interval(Duration::from_millis(5));
             loop {
@@ -260,6 +262,9 @@ impl Bench {
                 }
                 if pgbench_exit.is_none() {
                     pgbench_exit = pgbench.wait_timeout(Duration::ZERO);
+                    if pgbench_exit.is_some() {
+                        js_ping.stop();
+                    }
                 } else if quiet_since.elapsed() > Duration::from_secs(2) {
                     break;
                 }
@@ -270,6 +275,9 @@ impl Bench {
             }
         });
         ping_ms.sort_by(f64::total_cmp);
+        let js_pings = self.rt.block_on(js_ping.finish());
+        let mut js_ping_ms = js_pings.ms;
+        js_ping_ms.sort_by(f64::total_cmp);
         for (now, payload) in &received {
             if let Some(ct) =
                 nats::field(payload, "commit_time").and_then(|t| nats::parse_commit_time(&t))
@@ -332,6 +340,16 @@ impl Bench {
                 "p50_ms": round(nats::percentile(&ping_ms, 50.0), 3),
                 "p99_ms": round(nats::percentile(&ping_ms, 99.0), 3),
                 "max_ms": round(ping_ms.last().copied().unwrap_or(f64::NAN), 3),
+            },
+            "jetstream_ping": {
+                "what": "a change-sized message with a Nats-Msg-Id every 5 ms into a stream of its own with the CDC stream's settings (file storage), publish -> PubAck one at a time, from the consumer's connection, same time",
+                "stream": jsping::STREAM,
+                "payload_bytes": jsping::PAYLOAD_BYTES,
+                "pings": js_ping_ms.len(),
+                "errors": js_pings.errors,
+                "p50_ms": round(nats::percentile(&js_ping_ms, 50.0), 3),
+                "p99_ms": round(nats::percentile(&js_ping_ms, 99.0), 3),
+                "max_ms": round(js_ping_ms.last().copied().unwrap_or(f64::NAN), 3),
             },
             "bridge_share": {
                 "what": "per message: consumer latency minus the PostgreSQL-only latency of its transaction (bridge, nats-server and this consumer)",

@@ -327,6 +327,25 @@ pub(super) fn print_table(r: &Json) {
         (
             "latency",
             [
+                "  JetStream ping (5 ms), p50 / p99 / max".into(),
+                format!(
+                    "{} / {} / {} ms",
+                    lat["jetstream_ping"]["p50_ms"],
+                    lat["jetstream_ping"]["p99_ms"],
+                    lat["jetstream_ping"]["max_ms"]
+                ),
+                match lat["jetstream_ping"]["errors"].as_u64() {
+                    Some(e) if e > 0 => {
+                        format!("{} pings, {e} failed", lat["jetstream_ping"]["pings"])
+                    }
+                    _ => format!("{} pings", lat["jetstream_ping"]["pings"]),
+                },
+                String::new(),
+            ],
+        ),
+        (
+            "latency",
+            [
                 "  bridge CPU per change at this rate".into(),
                 fmt_num(&lat["bridge_cpu_us_per_change"], "us"),
                 String::new(),
