@@ -2,7 +2,7 @@
 
 use std::path::PathBuf;
 
-use super::sources::field_sources;
+use super::overlay::field_sources;
 
 /// Why the configuration could not be loaded or is not usable. Every message is one line that
 /// names the file or the field, and never contains a secret.

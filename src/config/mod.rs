@@ -49,7 +49,6 @@ pub(crate) mod pg;
 pub(crate) mod replication;
 mod secret;
 pub(crate) mod sections;
-mod sources;
 mod url;
 mod validate;
 
@@ -74,7 +73,7 @@ pub(crate) use secret::REDACTED;
 pub use sections::{HttpConfig, MonitorConfig, SnapshotConfig, StreamsConfig};
 
 #[cfg(test)]
-pub(crate) use sources::field_sources;
+pub(crate) use overlay::field_sources;
 
 /// The whole, effective bridge configuration. Build it with [`Config::load`]; `Default` gives the
 /// built-in defaults.

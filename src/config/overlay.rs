@@ -2,8 +2,9 @@
 //! command line each produce one; [`Config::load`](super::Config::load) lays them over the
 //! defaults in that order, field by field, only where a value was given.
 //!
-//! Each field's flag and environment variable stand in [`super::sources`], which the error
-//! messages read too; a test checks that every field here has its line there.
+//! Each field is declared once here, with its TOML key, flag and environment variable: the
+//! error messages name the flag and variable from this table, and a test checks it against the
+//! command line.
 
 use std::fmt;
 use std::net::IpAddr;
@@ -37,20 +38,23 @@ impl<T> Assign<T> for Option<T> {
     }
 }
 
+/// Where a field can be set: TOML key, flag, environment variable.
+type FieldSource = (&'static str, &'static str, &'static str);
+
 /// Declares the overlay of one section: one `Option` per field, in the section's order (serde
-/// lists them in that order in an "unknown field" error), `merge`, and with `=> Target`,
-/// `apply_to`.
+/// lists them in that order in an "unknown field" error), the flag and environment variable of
+/// each, `merge`, and with `=> Target`, `apply_to`.
 macro_rules! overlay {
     (
         $(#[$attr:meta])*
         $name:ident, $section:literal => $target:ty {
-            $($field:ident: $ty:ty;)*
+            $($field:ident: $ty:ty = $flag:literal, $env:literal;)*
         }
     ) => {
         overlay! {
             $(#[$attr])*
             $name, $section {
-                $($field: $ty;)*
+                $($field: $ty = $flag, $env;)*
             }
         }
 
@@ -66,7 +70,7 @@ macro_rules! overlay {
     (
         $(#[$attr:meta])*
         $name:ident, $section:literal {
-            $($field:ident: $ty:ty;)*
+            $($field:ident: $ty:ty = $flag:literal, $env:literal;)*
         }
     ) => {
         $(#[$attr])*
@@ -74,16 +78,15 @@ macro_rules! overlay {
         #[serde(default, deny_unknown_fields)]
         pub struct $name {
             $(
-                #[doc = concat!("`", $section, ".", stringify!($field), "`.")]
+                #[doc = concat!("`", $section, ".", stringify!($field), "` (", $flag, ", ", $env, ").")]
                 pub $field: Option<$ty>,
             )*
         }
 
         impl $name {
-            /// Each field's TOML key.
-            #[cfg(test)]
-            const KEYS: &'static [&'static str] = &[
-                $(concat!($section, ".", stringify!($field)),)*
+            /// Where each field can be set.
+            const SOURCES: &'static [FieldSource] = &[
+                $((concat!($section, ".", stringify!($field)), $flag, $env),)*
             ];
 
             /// Takes every value `later` gives.
@@ -101,35 +104,36 @@ overlay! {
     /// own wins over the URL's, whichever source each comes from.
     #[derive(Debug)]
     PgOverlay, "postgres" {
-        url: Secret;
-        host: String;
-        port: PgPorts;
-        user: String;
-        password: Secret;
-        dbname: String;
-        sslmode: SslMode;
-        sslrootcert: PathBuf;
-        sslcert: PathBuf;
-        sslkey: PathBuf;
-        connect_timeout_secs: u64;
-        target_session_attrs: TargetSessionAttrs;
+        url: Secret = "--pg-url", "PG_URL";
+        host: String = "--pg-host", "PG_HOST";
+        port: PgPorts = "--pg-port", "PG_PORT";
+        user: String = "--pg-user", "PG_USER";
+        password: Secret = "--pg-password", "PG_PASSWORD";
+        dbname: String = "--pg-db", "PG_DB";
+        sslmode: SslMode = "--pg-sslmode", "PG_SSLMODE";
+        sslrootcert: PathBuf = "--pg-sslrootcert", "PG_SSLROOTCERT";
+        sslcert: PathBuf = "--pg-sslcert", "PG_SSLCERT";
+        sslkey: PathBuf = "--pg-sslkey", "PG_SSLKEY";
+        connect_timeout_secs: u64 = "--pg-connect-timeout-secs", "PG_CONNECT_TIMEOUT_SECS";
+        target_session_attrs: TargetSessionAttrs =
+            "--pg-target-session-attrs", "PG_TARGET_SESSION_ATTRS";
     }
 }
 
 overlay! {
     /// `[nats]`.
     NatsOverlay, "nats" => NatsConfig {
-        urls: Vec<String>;
-        user: String;
-        password: Secret;
-        token: Secret;
-        creds_file: PathBuf;
-        nkey_seed: Secret;
-        nkey_file: PathBuf;
-        tls_required: bool;
-        tls_ca_file: PathBuf;
-        tls_cert_file: PathBuf;
-        tls_key_file: PathBuf;
+        urls: Vec<String> = "--nats-url", "NATS_URL";
+        user: String = "--nats-user", "NATS_BRIDGE_USER";
+        password: Secret = "--nats-password", "NATS_BRIDGE_PASSWORD";
+        token: Secret = "--nats-token", "NATS_BRIDGE_TOKEN";
+        creds_file: PathBuf = "--nats-creds", "NATS_BRIDGE_CREDS";
+        nkey_seed: Secret = "--nats-nkey-seed", "NATS_NKEY_SEED";
+        nkey_file: PathBuf = "--nats-nkey-file", "NATS_NKEY_FILE";
+        tls_required: bool = "--nats-tls-required", "NATS_TLS_REQUIRED";
+        tls_ca_file: PathBuf = "--nats-tls-ca-file", "NATS_TLS_CA_FILE";
+        tls_cert_file: PathBuf = "--nats-tls-cert-file", "NATS_TLS_CERT_FILE";
+        tls_key_file: PathBuf = "--nats-tls-key-file", "NATS_TLS_KEY_FILE";
     }
 }
 
@@ -160,26 +164,28 @@ overlay! {
     /// `[replication]`.
     #[derive(Debug)]
     ReplicationOverlay, "replication" => ReplicationConfig {
-        slot: String;
-        publication: String;
-        tables: Vec<String>;
-        format: Format;
-        envelope: super::replication::Envelope;
-        debezium_schemas: bool;
-        ring_capacity: usize;
-        max_in_flight: usize;
-        ring_max_bytes: u64;
-        max_in_flight_bytes: u64;
-        reconnect_backoff_secs: u64;
-        standby_status_interval_secs: u64;
-        batch_wait_ms: u64;
-        state_file: PathBuf;
-        spool_dir: PathBuf;
-        wal_receive_timeout_secs: u64;
-        accept_position_gap: bool;
-        failover_slot: bool;
-        id_namespace: String;
-        sink: SinkKind;
+        slot: String = "--slot", "BRIDGE_SLOT";
+        publication: String = "--publication", "BRIDGE_PUBLICATION";
+        tables: Vec<String> = "--table", "BRIDGE_TABLES";
+        format: Format = "--format", "BRIDGE_FORMAT";
+        envelope: super::replication::Envelope = "--envelope", "BRIDGE_ENVELOPE";
+        debezium_schemas: bool = "--debezium-schemas", "BRIDGE_DEBEZIUM_SCHEMAS";
+        ring_capacity: usize = "--ring-capacity", "BRIDGE_RING_CAPACITY";
+        max_in_flight: usize = "--max-in-flight", "BRIDGE_MAX_IN_FLIGHT";
+        ring_max_bytes: u64 = "--ring-max-bytes", "BRIDGE_RING_MAX_BYTES";
+        max_in_flight_bytes: u64 = "--max-in-flight-bytes", "BRIDGE_MAX_IN_FLIGHT_BYTES";
+        reconnect_backoff_secs: u64 = "--reconnect-backoff-secs", "BRIDGE_RECONNECT_BACKOFF_SECS";
+        standby_status_interval_secs: u64 =
+            "--standby-status-interval-secs", "BRIDGE_STANDBY_STATUS_INTERVAL_SECS";
+        batch_wait_ms: u64 = "--batch-wait-ms", "BRIDGE_BATCH_WAIT_MS";
+        state_file: PathBuf = "--state-file", "BRIDGE_STATE_FILE";
+        spool_dir: PathBuf = "--spool-dir", "BRIDGE_SPOOL_DIR";
+        wal_receive_timeout_secs: u64 =
+            "--wal-receive-timeout-secs", "BRIDGE_WAL_RECEIVE_TIMEOUT_SECS";
+        accept_position_gap: bool = "--accept-position-gap", "BRIDGE_ACCEPT_POSITION_GAP";
+        failover_slot: bool = "--failover-slot", "BRIDGE_FAILOVER_SLOT";
+        id_namespace: String = "--id-namespace", "BRIDGE_ID_NAMESPACE";
+        sink: SinkKind = "--sink", "BRIDGE_SINK";
     }
 }
 
@@ -187,9 +193,9 @@ overlay! {
     /// `[http]`.
     #[derive(Debug)]
     HttpOverlay, "http" => HttpConfig {
-        bind: IpAddr;
-        port: u16;
-        admin_token: Secret;
+        bind: IpAddr = "--http-bind", "BRIDGE_HTTP_BIND";
+        port: u16 = "--port", "BRIDGE_PORT";
+        admin_token: Secret = "--admin-token", "BRIDGE_ADMIN_TOKEN";
     }
 }
 
@@ -197,10 +203,11 @@ overlay! {
     /// `[monitor]`.
     #[derive(Debug)]
     MonitorOverlay, "monitor" => MonitorConfig {
-        interval_secs: u64;
-        lag_warn_bytes: u64;
-        lag_critical_bytes: u64;
-        metrics_log_interval_secs: u64;
+        interval_secs: u64 = "--monitor-interval-secs", "BRIDGE_MONITOR_INTERVAL_SECS";
+        lag_warn_bytes: u64 = "--lag-warn-bytes", "BRIDGE_LAG_WARN_BYTES";
+        lag_critical_bytes: u64 = "--lag-critical-bytes", "BRIDGE_LAG_CRITICAL_BYTES";
+        metrics_log_interval_secs: u64 =
+            "--metrics-log-interval-secs", "BRIDGE_METRICS_LOG_INTERVAL_SECS";
     }
 }
 
@@ -208,11 +215,11 @@ overlay! {
     /// `[snapshot]`.
     #[derive(Debug)]
     SnapshotOverlay, "snapshot" => SnapshotConfig {
-        chunk_rows: usize;
-        on_start: bool;
-        reply_prefix: String;
-        max_concurrent: usize;
-        cooldown_secs: u64;
+        chunk_rows: usize = "--snapshot-chunk-rows", "BRIDGE_SNAPSHOT_CHUNK_ROWS";
+        on_start: bool = "--snapshot-on-start", "BRIDGE_SNAPSHOT_ON_START";
+        reply_prefix: String = "--snapshot-reply-prefix", "BRIDGE_SNAPSHOT_REPLY_PREFIX";
+        max_concurrent: usize = "--snapshot-max-concurrent", "BRIDGE_SNAPSHOT_MAX_CONCURRENT";
+        cooldown_secs: u64 = "--snapshot-cooldown-secs", "BRIDGE_SNAPSHOT_COOLDOWN_SECS";
     }
 }
 
@@ -220,12 +227,13 @@ overlay! {
     /// `[streams]`.
     #[derive(Debug)]
     StreamsOverlay, "streams" => StreamsConfig {
-        cdc: String;
-        init: String;
-        cdc_max_age_secs: u64;
-        cdc_duplicate_window_secs: u64;
-        init_max_age_secs: u64;
-        replicas: usize;
+        cdc: String = "--stream", "BRIDGE_STREAMS";
+        init: String = "--stream", "BRIDGE_STREAMS";
+        cdc_max_age_secs: u64 = "--cdc-max-age-secs", "BRIDGE_CDC_MAX_AGE_SECS";
+        cdc_duplicate_window_secs: u64 =
+            "--cdc-duplicate-window-secs", "BRIDGE_CDC_DUPLICATE_WINDOW_SECS";
+        init_max_age_secs: u64 = "--init-max-age-secs", "BRIDGE_INIT_MAX_AGE_SECS";
+        replicas: usize = "--stream-replicas", "BRIDGE_STREAM_REPLICAS";
     }
 }
 
@@ -233,13 +241,16 @@ overlay! {
     /// `[outbox]`.
     #[derive(Debug)]
     OutboxOverlay, "outbox" => OutboxConfig {
-        tables: Vec<String>;
-        id_column: String;
-        aggregate_type_column: String;
-        aggregate_id_column: String;
-        event_type_column: String;
-        payload_column: String;
-        on_oversize: OnOversize;
+        tables: Vec<String> = "--outbox-table", "BRIDGE_OUTBOX_TABLES";
+        id_column: String = "--outbox-id-column", "BRIDGE_OUTBOX_ID_COLUMN";
+        aggregate_type_column: String =
+            "--outbox-aggregate-type-column", "BRIDGE_OUTBOX_AGGREGATE_TYPE_COLUMN";
+        aggregate_id_column: String =
+            "--outbox-aggregate-id-column", "BRIDGE_OUTBOX_AGGREGATE_ID_COLUMN";
+        event_type_column: String =
+            "--outbox-event-type-column", "BRIDGE_OUTBOX_EVENT_TYPE_COLUMN";
+        payload_column: String = "--outbox-payload-column", "BRIDGE_OUTBOX_PAYLOAD_COLUMN";
+        on_oversize: OnOversize = "--on-oversize", "BRIDGE_ON_OVERSIZE";
     }
 }
 
@@ -247,14 +258,14 @@ overlay! {
     /// `[kafka]`.
     #[derive(Debug)]
     KafkaOverlay, "kafka" => KafkaConfig {
-        brokers: Vec<String>;
-        topic_prefix: String;
-        tombstones: bool;
-        partitions: u32;
-        replication_factor: u16;
-        topic_config: KafkaProperties;
-        exactly_once: bool;
-        properties: KafkaProperties;
+        brokers: Vec<String> = "--kafka-brokers", "KAFKA_BROKERS";
+        topic_prefix: String = "--topic-prefix", "BRIDGE_TOPIC_PREFIX";
+        tombstones: bool = "--kafka-tombstones", "BRIDGE_KAFKA_TOMBSTONES";
+        partitions: u32 = "--kafka-partitions", "BRIDGE_KAFKA_PARTITIONS";
+        replication_factor: u16 = "--kafka-replication-factor", "BRIDGE_KAFKA_REPLICATION_FACTOR";
+        topic_config: KafkaProperties = "--kafka-topic-config", "BRIDGE_KAFKA_TOPIC_CONFIG";
+        exactly_once: bool = "--kafka-exactly-once", "KAFKA_EXACTLY_ONCE";
+        properties: KafkaProperties = "--kafka-property", "KAFKA_PROPERTIES";
     }
 }
 
@@ -320,26 +331,16 @@ impl Overlay {
     }
 }
 
-#[cfg(test)]
-mod tests {
-    use super::*;
-    use crate::config::sources::field_sources;
-
-    #[test]
-    fn every_field_has_its_sources() {
-        let keys = [
-            PgOverlay::KEYS,
-            NatsOverlay::KEYS,
-            ReplicationOverlay::KEYS,
-            HttpOverlay::KEYS,
-            MonitorOverlay::KEYS,
-            SnapshotOverlay::KEYS,
-            StreamsOverlay::KEYS,
-            OutboxOverlay::KEYS,
-            KafkaOverlay::KEYS,
-        ]
-        .concat();
-        let sourced: Vec<&str> = field_sources().map(|(key, _, _)| *key).collect();
-        assert_eq!(keys, sourced);
-    }
+/// Every field's TOML key, flag and environment variable.
+pub(crate) fn field_sources() -> impl Iterator<Item = &'static FieldSource> {
+    PgOverlay::SOURCES
+        .iter()
+        .chain(NatsOverlay::SOURCES)
+        .chain(ReplicationOverlay::SOURCES)
+        .chain(HttpOverlay::SOURCES)
+        .chain(MonitorOverlay::SOURCES)
+        .chain(SnapshotOverlay::SOURCES)
+        .chain(StreamsOverlay::SOURCES)
+        .chain(OutboxOverlay::SOURCES)
+        .chain(KafkaOverlay::SOURCES)
 }
