@@ -5,7 +5,6 @@ use std::fmt;
 
 use serde::{Deserialize, Serialize, Serializer};
 
-use super::error::{invalid, ConfigError};
 use super::secret::REDACTED;
 
 /// Where changes are delivered.
@@ -19,7 +18,7 @@ pub(crate) const DEFAULT_KAFKA_TOMBSTONES: bool = true;
 /// position atomically (exactly once for read_committed consumers); off: at least once.
 pub(crate) const DEFAULT_KAFKA_EXACTLY_ONCE: bool = false;
 /// librdkafka's default `transaction.timeout.ms`, for the check of `message.timeout.ms`.
-const DEFAULT_TRANSACTION_TIMEOUT_MS: u64 = 60_000;
+pub(super) const DEFAULT_TRANSACTION_TIMEOUT_MS: u64 = 60_000;
 /// Kafka's own limit on a topic name's length.
 const MAX_TOPIC_NAME: usize = 249;
 
@@ -185,7 +184,7 @@ impl Default for KafkaConfig {
 }
 
 /// Properties the bridge sets itself, and why a user may not change them.
-const RESERVED_PROPERTIES: &[(&str, &str)] = &[
+pub(super) const RESERVED_PROPERTIES: &[(&str, &str)] = &[
     ("bootstrap.servers", "use --kafka-brokers / KAFKA_BROKERS"),
     (
         "metadata.broker.list",
@@ -210,120 +209,8 @@ const RESERVED_PROPERTIES: &[(&str, &str)] = &[
     ),
 ];
 
-impl KafkaConfig {
-    /// Checks every field; `sink` is the configured sink (see [`super::Config::validate`]).
-    pub(crate) fn validate(&self, sink: SinkKind) -> Result<(), ConfigError> {
-        if sink == SinkKind::Nats {
-            if *self != KafkaConfig::default() {
-                return Err(invalid(
-                    "kafka.brokers",
-                    "Kafka settings ([kafka], --kafka-*, KAFKA_*) are given but the sink is nats: \
-                     add --sink kafka (BRIDGE_SINK=kafka) or remove them",
-                ));
-            }
-            return Ok(());
-        }
-        if !cfg!(feature = "kafka") {
-            return Err(invalid(
-                "replication.sink",
-                "this bridge was built without Kafka support (cargo feature `kafka`); use the \
-                 image or build that includes it",
-            ));
-        }
-        if self.brokers.is_empty() {
-            return Err(invalid(
-                "kafka.brokers",
-                "is required with --sink kafka: the bootstrap brokers as host:port, comma separated",
-            ));
-        }
-        for b in &self.brokers {
-            if b.contains("://") || b.contains(char::is_whitespace) {
-                return Err(invalid(
-                    "kafka.brokers",
-                    format!("'{b}' is not host:port (no scheme: set security.protocol with --kafka-property)"),
-                ));
-            }
-        }
-        check_topic_prefix(&self.topic_prefix).map_err(|r| invalid("kafka.topic_prefix", r))?;
-        if self.partitions == Some(0) {
-            return Err(invalid("kafka.partitions", "must be at least 1"));
-        }
-        if self.replication_factor == Some(0) {
-            return Err(invalid("kafka.replication_factor", "must be at least 1"));
-        }
-        if let Some(key) = self
-            .topic_config
-            .0
-            .keys()
-            .find(|k| k.is_empty() || k.contains(char::is_whitespace))
-        {
-            return Err(invalid(
-                "kafka.topic_config",
-                format!("'{key}' is not a topic setting name (e.g. min.insync.replicas=2)"),
-            ));
-        }
-        for (key, value) in &self.properties.0 {
-            if key.is_empty() {
-                return Err(invalid("kafka.properties", "a property name is empty"));
-            }
-            if let Some((_, why)) = RESERVED_PROPERTIES.iter().find(|(k, _)| k == key) {
-                let allowed = match key.as_str() {
-                    "enable.idempotence" => value == "true",
-                    "acks" | "request.required.acks" => value == "all" || value == "-1",
-                    _ => false,
-                };
-                if !allowed {
-                    return Err(invalid(
-                        "kafka.properties",
-                        format!("{key} cannot be set: {why}"),
-                    ));
-                }
-            }
-        }
-        if self.exactly_once {
-            self.check_exactly_once()?;
-        }
-        Ok(())
-    }
-}
-
-impl KafkaConfig {
-    /// Properties that contradict a transactional producer: a record may not outlive the
-    /// transaction it belongs to.
-    fn check_exactly_once(&self) -> Result<(), ConfigError> {
-        let number = |key: &str| -> Result<Option<u64>, ConfigError> {
-            self.properties
-                .0
-                .get(key)
-                .map(|v| {
-                    v.trim().parse::<u64>().map_err(|_| {
-                        invalid("kafka.properties", format!("{key}={v} is not a number"))
-                    })
-                })
-                .transpose()
-        };
-        let transaction =
-            number("transaction.timeout.ms")?.unwrap_or(DEFAULT_TRANSACTION_TIMEOUT_MS);
-        for key in ["message.timeout.ms", "delivery.timeout.ms"] {
-            if let Some(m) = number(key)? {
-                if m > transaction {
-                    return Err(invalid(
-                        "kafka.properties",
-                        format!(
-                            "{key}={m} is above transaction.timeout.ms={transaction}: with \
-                             --kafka-exactly-once a record must not outlive its transaction; \
-                             lower {key} or raise transaction.timeout.ms"
-                        ),
-                    ));
-                }
-            }
-        }
-        Ok(())
-    }
-}
-
 /// A topic prefix: Kafka topic characters (`A-Z a-z 0-9 . _ -`), leaving room for the table.
-fn check_topic_prefix(prefix: &str) -> Result<(), String> {
+pub(super) fn check_topic_prefix(prefix: &str) -> Result<(), String> {
     if prefix.is_empty() {
         return Err("is empty".into());
     }

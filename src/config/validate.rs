@@ -5,6 +5,9 @@ use std::collections::HashSet;
 use std::path::PathBuf;
 
 use super::error::{invalid, ConfigError};
+use super::kafka::{
+    check_topic_prefix, KafkaConfig, SinkKind, DEFAULT_TRANSACTION_TIMEOUT_MS, RESERVED_PROPERTIES,
+};
 use super::names::{
     check_id_namespace, check_identifier, check_reply_prefix, check_slot_name, check_stream_name,
     check_table_name,
@@ -433,5 +436,115 @@ fn check_file(field: &'static str, path: Option<&PathBuf>) -> Result<(), ConfigE
             format!("{} does not exist or is not a file", p.display()),
         )),
         _ => Ok(()),
+    }
+}
+
+impl KafkaConfig {
+    /// Checks every field; `sink` is the configured sink (see [`super::Config::validate`]).
+    pub(crate) fn validate(&self, sink: SinkKind) -> Result<(), ConfigError> {
+        if sink == SinkKind::Nats {
+            if *self != KafkaConfig::default() {
+                return Err(invalid(
+                    "kafka.brokers",
+                    "Kafka settings ([kafka], --kafka-*, KAFKA_*) are given but the sink is nats: \
+                     add --sink kafka (BRIDGE_SINK=kafka) or remove them",
+                ));
+            }
+            return Ok(());
+        }
+        if !cfg!(feature = "kafka") {
+            return Err(invalid(
+                "replication.sink",
+                "this bridge was built without Kafka support (cargo feature `kafka`); use the \
+                 image or build that includes it",
+            ));
+        }
+        if self.brokers.is_empty() {
+            return Err(invalid(
+                "kafka.brokers",
+                "is required with --sink kafka: the bootstrap brokers as host:port, comma separated",
+            ));
+        }
+        for b in &self.brokers {
+            if b.contains("://") || b.contains(char::is_whitespace) {
+                return Err(invalid(
+                    "kafka.brokers",
+                    format!("'{b}' is not host:port (no scheme: set security.protocol with --kafka-property)"),
+                ));
+            }
+        }
+        check_topic_prefix(&self.topic_prefix).map_err(|r| invalid("kafka.topic_prefix", r))?;
+        if self.partitions == Some(0) {
+            return Err(invalid("kafka.partitions", "must be at least 1"));
+        }
+        if self.replication_factor == Some(0) {
+            return Err(invalid("kafka.replication_factor", "must be at least 1"));
+        }
+        if let Some(key) = self
+            .topic_config
+            .0
+            .keys()
+            .find(|k| k.is_empty() || k.contains(char::is_whitespace))
+        {
+            return Err(invalid(
+                "kafka.topic_config",
+                format!("'{key}' is not a topic setting name (e.g. min.insync.replicas=2)"),
+            ));
+        }
+        for (key, value) in &self.properties.0 {
+            if key.is_empty() {
+                return Err(invalid("kafka.properties", "a property name is empty"));
+            }
+            if let Some((_, why)) = RESERVED_PROPERTIES.iter().find(|(k, _)| k == key) {
+                let allowed = match key.as_str() {
+                    "enable.idempotence" => value == "true",
+                    "acks" | "request.required.acks" => value == "all" || value == "-1",
+                    _ => false,
+                };
+                if !allowed {
+                    return Err(invalid(
+                        "kafka.properties",
+                        format!("{key} cannot be set: {why}"),
+                    ));
+                }
+            }
+        }
+        if self.exactly_once {
+            self.check_exactly_once()?;
+        }
+        Ok(())
+    }
+
+    /// Properties that contradict a transactional producer: a record may not outlive the
+    /// transaction it belongs to.
+    fn check_exactly_once(&self) -> Result<(), ConfigError> {
+        let number = |key: &str| -> Result<Option<u64>, ConfigError> {
+            self.properties
+                .0
+                .get(key)
+                .map(|v| {
+                    v.trim().parse::<u64>().map_err(|_| {
+                        invalid("kafka.properties", format!("{key}={v} is not a number"))
+                    })
+                })
+                .transpose()
+        };
+        let transaction =
+            number("transaction.timeout.ms")?.unwrap_or(DEFAULT_TRANSACTION_TIMEOUT_MS);
+        for key in ["message.timeout.ms", "delivery.timeout.ms"] {
+            if let Some(m) = number(key)? {
+                if m > transaction {
+                    return Err(invalid(
+                        "kafka.properties",
+                        format!(
+                            "{key}={m} is above transaction.timeout.ms={transaction}: with \
+                             --kafka-exactly-once a record must not outlive its transaction; \
+                             lower {key} or raise transaction.timeout.ms"
+                        ),
+                    ));
+                }
+            }
+        }
+        Ok(())
     }
 }
