@@ -29,6 +29,7 @@ use std::time::{Duration, Instant};
 use async_nats::jetstream::message::PublishMessage;
 use bytes::Bytes;
 use futures_util::StreamExt;
+use pgbridge::sink::nats::publisher::server_has_fast_batches;
 
 /// The bridge's PubAck timeout (`ACK_TIMEOUT`).
 const ACK_TIMEOUT: Duration = Duration::from_secs(5);
@@ -105,7 +106,7 @@ fn main() {
 
 async fn run(args: Args) {
     let client = async_nats::connect(&args.url).await.expect("connect");
-    if args.mode == Mode::Fast && !has_fast_batches(&client.server_info().version) {
+    if args.mode == Mode::Fast && !server_has_fast_batches(&client.server_info().version) {
         println!(
             "{{\"skipped\":\"nats-server {} has no fast-ingest batches (2.14 or later)\"}}",
             client.server_info().version
@@ -353,14 +354,6 @@ async fn publish_fast(client: &async_nats::Client, msgs: &[Msg], window: usize, 
             next(&mut acked, &mut every).await;
         }
     }
-}
-
-/// Whether a server version (`2.14.0`, `2.15.1-beta`) has fast-ingest batches.
-fn has_fast_batches(version: &str) -> bool {
-    let mut parts = version.split(|c: char| !c.is_ascii_digit());
-    let major: u32 = parts.next().and_then(|p| p.parse().ok()).unwrap_or(0);
-    let minor: u32 = parts.next().and_then(|p| p.parse().ok()).unwrap_or(0);
-    (major, minor) >= (2, 14)
 }
 
 /// User + system CPU time of this process so far, in seconds.

@@ -200,7 +200,7 @@ fn pgbridge_run(config: Config, shutdown: Shutdown) -> i32 {
     match pgbridge::run(&config, &shutdown) {
         Ok(s) => {
             info!(
-                "stopped: uptime={}s wal_messages={} transactions={} changes={} published={} duplicates={} durable_lsn={} reconnects={}",
+                "stopped: uptime={}s wal_messages={} transactions={} changes={} published={} duplicates={} durable_lsn={} reconnects={} batches={}",
                 s.wal.uptime.as_secs(),
                 s.wal.wal_messages,
                 s.wal.transactions,
@@ -208,7 +208,8 @@ fn pgbridge_run(config: Config, shutdown: Shutdown) -> i32 {
                 s.published,
                 s.duplicates,
                 s.durable,
-                s.wal.reconnects
+                s.wal.reconnects,
+                s.batches
             );
             0
         }

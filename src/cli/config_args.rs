@@ -426,6 +426,17 @@ pub(crate) struct ReplicationArgs {
                               replication::DEFAULT_FAILOVER_SLOT))]
     pub(crate) failover_slot: Option<bool>,
 
+    /// `replication.batch_publish`.
+    #[arg(long, env = "BRIDGE_BATCH_PUBLISH", value_name = "BOOL", global = true,
+          num_args = 0..=1, require_equals = true, default_missing_value = "true",
+          value_parser = BoolishValueParser::new(),
+          help = with_default("Publish backlogs to NATS as fast-ingest batches (nats-server 2.14 \
+                               and later, on a CDC stream with allow_batched): one flow \
+                               acknowledgement per few hundred changes instead of a PubAck each; \
+                               the same messages, ids and order",
+                              replication::DEFAULT_BATCH_PUBLISH))]
+    pub(crate) batch_publish: Option<bool>,
+
     /// `replication.id_namespace`.
     #[arg(
         long,
@@ -768,6 +779,7 @@ impl ConfigArgs {
                 wal_receive_timeout_secs: take!(p, r, wal_receive_timeout_secs),
                 accept_position_gap: take!(p, r, accept_position_gap),
                 failover_slot: take!(p, r, failover_slot),
+                batch_publish: take!(p, r, batch_publish),
                 id_namespace: take!(p, r, id_namespace),
                 sink: p.take("sink", &self.kafka.sink),
             },

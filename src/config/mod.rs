@@ -194,7 +194,11 @@ impl fmt::Display for Config {
             } else {
                 "if-offered"
             };
-            write!(f, " nats_tls={tls}")?;
+            write!(
+                f,
+                " nats_tls={tls} batch_publish={}",
+                self.replication.batch_publish
+            )?;
         }
         write!(
             f,

@@ -184,6 +184,7 @@ overlay! {
             "--wal-receive-timeout-secs", "BRIDGE_WAL_RECEIVE_TIMEOUT_SECS";
         accept_position_gap: bool = "--accept-position-gap", "BRIDGE_ACCEPT_POSITION_GAP";
         failover_slot: bool = "--failover-slot", "BRIDGE_FAILOVER_SLOT";
+        batch_publish: bool = "--batch-publish", "BRIDGE_BATCH_PUBLISH";
         id_namespace: String = "--id-namespace", "BRIDGE_ID_NAMESPACE";
         sink: SinkKind = "--sink", "BRIDGE_SINK";
     }

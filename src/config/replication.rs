@@ -74,6 +74,9 @@ pub(crate) const DEFAULT_ACCEPT_POSITION_GAP: bool = false;
 /// Whether the slot is created as a failover slot (PostgreSQL 17+), which standbys with
 /// `sync_replication_slots` keep in step so that streaming goes on after a promotion.
 pub(crate) const DEFAULT_FAILOVER_SLOT: bool = true;
+/// Whether backlogs go to NATS as fast-ingest batches (nats-server 2.14 and later, on a stream
+/// that allows them): one flow acknowledgement per few hundred changes instead of a PubAck each.
+pub(crate) const DEFAULT_BATCH_PUBLISH: bool = true;
 
 /// Encoding of the messages published to JetStream.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
@@ -177,6 +180,8 @@ pub struct ReplicationConfig {
     pub accept_position_gap: bool,
     /// Create the slot as a failover slot, and make an existing one so (PostgreSQL 17+).
     pub failover_slot: bool,
+    /// Publish backlogs to NATS as fast-ingest batches where the server and stream allow it.
+    pub batch_publish: bool,
     /// Namespace of the message ids; `None` derives it from the system identifier, database
     /// and publication.
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -206,6 +211,7 @@ impl Default for ReplicationConfig {
             wal_receive_timeout_secs: DEFAULT_WAL_RECEIVE_TIMEOUT_SECS,
             accept_position_gap: DEFAULT_ACCEPT_POSITION_GAP,
             failover_slot: DEFAULT_FAILOVER_SLOT,
+            batch_publish: DEFAULT_BATCH_PUBLISH,
             id_namespace: None,
             sink: super::kafka::DEFAULT_SINK,
         }

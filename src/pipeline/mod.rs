@@ -152,6 +152,8 @@ pub struct RunSummary {
     pub published: u64,
     /// Messages JetStream already had (replays within the duplicate window).
     pub duplicates: u64,
+    /// NATS fast-ingest batches committed.
+    pub batches: u64,
     /// The durable position at the end.
     pub durable: Lsn,
 }
@@ -167,6 +169,7 @@ fn early_summary(started: Instant, telemetry: &Telemetry) -> RunSummary {
         },
         published: telemetry.publisher.published.load(Ordering::Relaxed),
         duplicates: telemetry.publisher.duplicates.load(Ordering::Relaxed),
+        batches: telemetry.publisher.batches.load(Ordering::Relaxed),
         durable: telemetry.durable.get(),
     }
 }
@@ -769,6 +772,7 @@ fn run_pipeline(
         },
         published: stats.published.load(Ordering::Relaxed),
         duplicates: stats.duplicates.load(Ordering::Relaxed),
+        batches: stats.batches.load(Ordering::Relaxed),
         durable: durable.get(),
     };
     match (wal_result, publisher_result) {

@@ -42,6 +42,9 @@ pub struct PublisherStats {
     pub bytes: AtomicU64,
     /// Failed publish attempts (each retried).
     pub publish_errors: AtomicU64,
+    /// NATS: fast-ingest batches committed (backlogs sent with one flow acknowledgement per
+    /// few hundred messages instead of a PubAck each).
+    pub batches: AtomicU64,
     /// Messages waiting for a PubAck now.
     pub in_flight: AtomicU64,
     /// True while JetStream does not acknowledge (the oldest publish is being retried).

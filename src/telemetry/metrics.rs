@@ -109,6 +109,12 @@ const DEFS: &[Def] = &[
         value: |s| s.publish_errors as f64,
     },
     Def {
+        name: "bridge_publish_batches_total",
+        help: "NATS fast-ingest batches committed (backlogs acknowledged every few hundred messages instead of one PubAck each).",
+        kind: Kind::Counter,
+        value: |s| s.batches as f64,
+    },
+    Def {
         name: "bridge_pubacks_in_flight",
         help: "Change events published and waiting for their PubAck.",
         kind: Kind::Gauge,

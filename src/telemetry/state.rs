@@ -282,6 +282,7 @@ impl Telemetry {
             duplicates: p.duplicates.load(Relaxed),
             bytes_published: p.bytes.load(Relaxed),
             publish_errors: p.publish_errors.load(Relaxed),
+            batches: p.batches.load(Relaxed),
             in_flight: p.in_flight.load(Relaxed),
             queue_depth: p.queue_depth.load(Relaxed),
             delivery_reports: p.delivery_reports.load(Relaxed),
@@ -349,6 +350,8 @@ pub struct Snapshot {
     pub bytes_published: u64,
     /// Failed publish attempts.
     pub publish_errors: u64,
+    /// NATS: fast-ingest batches committed.
+    pub batches: u64,
     /// PubAcks awaited.
     pub in_flight: u64,
     /// Kafka: records in the producer awaiting their delivery report.

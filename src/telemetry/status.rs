@@ -174,6 +174,7 @@ mod tests {
             duplicates: 0,
             bytes_published: 400,
             publish_errors: 0,
+            batches: 0,
             in_flight: 0,
             queue_depth: 0,
             delivery_reports: 0,

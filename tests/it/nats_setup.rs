@@ -80,6 +80,8 @@ async fn streams_are_created_with_the_design_settings_and_reused() {
     assert_eq!(c.discard, DiscardPolicy::Old);
     assert_eq!(c.max_age, Duration::from_secs(3 * 86_400));
     assert_eq!(c.duplicate_window, Duration::from_secs(300));
+    // The server (2.14 or later) takes fast-ingest batches; the bridge's stream allows them.
+    assert!(c.allow_batch_publish);
     let mut init = js.get_stream("INIT").await.expect("INIT exists");
     let i = init.info().await.unwrap().config.clone();
     assert_eq!(i.subjects, vec![format!("{INIT_SUBJECT_PREFIX}.>")]);

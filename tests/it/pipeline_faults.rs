@@ -432,16 +432,26 @@ fn stored_from(nats_url: &str, from: Lsn) -> u64 {
     })
 }
 
+/// A count (`name=`) of the summary line of a stopped bridge.
+fn summary_count(bridge: &BridgeProcess, name: &str) -> u64 {
+    let line = bridge.wait_for_line("stopped:", Duration::from_secs(5));
+    line.split_whitespace()
+        .find_map(|w| w.strip_prefix(name))
+        .and_then(|v| v.parse().ok())
+        .unwrap_or_else(|| panic!("no {name} in {line}"))
+}
+
 /// `published` and `duplicates` of the summary line of a stopped bridge.
 fn summary_counts(bridge: &BridgeProcess) -> (u64, u64) {
-    let line = bridge.wait_for_line("stopped:", Duration::from_secs(5));
-    let count = |name: &str| -> u64 {
-        line.split_whitespace()
-            .find_map(|w| w.strip_prefix(name))
-            .and_then(|v| v.parse().ok())
-            .unwrap_or_else(|| panic!("no {name} in {line}"))
-    };
-    (count("published="), count("duplicates="))
+    (
+        summary_count(bridge, "published="),
+        summary_count(bridge, "duplicates="),
+    )
+}
+
+/// The fast-ingest batches of the summary line of a stopped bridge.
+fn summary_batches(bridge: &BridgeProcess) -> u64 {
+    summary_count(bridge, "batches=")
 }
 
 fn assert_running(bridge: &mut BridgeProcess) {
@@ -598,6 +608,10 @@ fn nats_down_for_10s_under_load_loses_nothing_and_holds_the_slot() {
     assert_running(&mut bridge);
     let (published, duplicates) = stop_gracefully(&mut bridge);
     let log = bridge.log();
+    // The backlog of the outage (more than a ring) went as fast-ingest batches, checked above
+    // to be stored once, in order, with the slot held.
+    let batches = summary_batches(&bridge);
+    assert!(batches > 0, "no fast-ingest batch after the outage:\n{log}");
     assert_eq!(
         log.matches("streaming started").count(),
         1,
@@ -643,7 +657,7 @@ fn nats_down_for_10s_under_load_loses_nothing_and_holds_the_slot() {
         );
     }
     eprintln!(
-        "nats_down: slot held at {} (last commit stored before the outage at {last_stored}, first after at {first_unstored}); {report:?}; {} changes; published={published} duplicates={duplicates}; {:?}",
+        "nats_down: slot held at {} (last commit stored before the outage at {last_stored}, first after at {first_unstored}); {report:?}; {} changes; published={published} duplicates={duplicates} batches={batches}; {:?}",
         settled[0].1,
         committed.len(),
         started.elapsed()

@@ -76,6 +76,8 @@ impl NatsSink {
                 // Known once PostgreSQL is set up: see `delivery`.
                 id_namespace: String::new(),
                 on_oversize: config.outbox.on_oversize,
+                // Known once the server and the stream are: see `prepare`.
+                batch_publish: config.replication.batch_publish,
             },
             stats,
             connection,
@@ -110,12 +112,15 @@ impl Sink for NatsSink {
         let checked = retry_transient(shutdown, self.backoff, || async {
             let info = ensure_streams(&js, streams).await?;
             ensure_outbox_streams(&js, streams).await?;
-            check_stream_format(&js, &info.cdc, format).await
+            check_stream_format(&js, &info.cdc, format).await?;
+            Ok(info.cdc.config.allow_batch_publish)
         })
         .await?;
-        if checked.is_none() {
+        let Some(stream_allows_batches) = checked else {
             return Ok(false);
-        }
+        };
+        self.settings.batch_publish = self.settings.batch_publish
+            && batches_usable(&client, &self.streams.cdc, stream_allows_batches);
         self.client = Some(client);
         Ok(true)
     }
@@ -132,6 +137,26 @@ impl Sink for NatsSink {
         Ok(Publisher::new(client, settings, self.stats, shutdown)
             .with_connection_events(self.connection))
     }
+}
+
+/// Whether backlogs can go as fast-ingest batches: the server is 2.14 or later and the CDC
+/// stream allows them. Says why not when they cannot, since batches were asked for.
+fn batches_usable(client: &Client, stream: &str, stream_allows: bool) -> bool {
+    let version = client.server_info().version;
+    if !publisher::server_has_fast_batches(&version) {
+        log::info!(
+            "nats-server {version} has no fast-ingest batches (2.14 or later): every change gets a PubAck of its own"
+        );
+        return false;
+    }
+    if !stream_allows {
+        log::info!(
+            "stream '{stream}' does not allow fast-ingest batches: every change gets a PubAck of its own (allow them with `nats stream edit {stream} --allow-batch`, or set allow_batched in the stream's configuration)"
+        );
+        return false;
+    }
+    log::info!("backlogs go to stream '{stream}' as fast-ingest batches");
+    true
 }
 
 /// Runs `attempt` until it succeeds, retrying what a retry may fix (NATS unreachable, a

@@ -62,7 +62,22 @@ pub const ERR_WRONG_LAST_MSG_ID: u64 = 10070;
 /// JetStream's error code for a message larger than the stream's `max_msg_size`.
 pub const ERR_MESSAGE_TOO_LARGE: u64 = 10054;
 
+/// JetStream's error code for a batch message sent to a stream that does not allow batches
+/// (`allow_batched` off).
+pub const ERR_BATCH_DISABLED: u64 = 10205;
+/// ... whose batch reply subject the server cannot read.
+pub const ERR_BATCH_INVALID_PATTERN: u64 = 10206;
+/// ... whose batch id the server refuses.
+pub const ERR_BATCH_INVALID_ID: u64 = 10207;
+
 impl PubAckError {
+    /// True when the stream takes no fast-ingest batches from this publisher at all (they are
+    /// not allowed, or not understood): sending more would fail the same way.
+    pub fn refuses_batches(&self) -> bool {
+        matches!(self, PubAckError::Refused { err_code, .. }
+            if matches!(*err_code, ERR_BATCH_DISABLED | ERR_BATCH_INVALID_PATTERN | ERR_BATCH_INVALID_ID))
+    }
+
     /// True when no resend can get the message stored (it is larger than the stream takes).
     pub fn is_permanent(&self) -> bool {
         matches!(self, PubAckError::Refused { err_code, .. } if *err_code == ERR_MESSAGE_TOO_LARGE)

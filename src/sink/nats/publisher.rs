@@ -50,10 +50,13 @@ use crate::wire::event::ChangeEvent;
 use crate::wire::id;
 use crate::wire::outbox::{DeadReason, OutboxEvent};
 
+mod batch;
 mod buffers;
 mod dead;
 mod entry;
 
+pub use batch::server_has_fast_batches;
+use batch::{BatchReply, Batches};
 use buffers::{Chunks, Replies, SubjectCache};
 use entry::{send, InFlight, Lane, CHAINED};
 
@@ -139,6 +142,9 @@ pub struct PublisherSettings {
     pub id_namespace: String,
     /// What a change event larger than the server accepts does.
     pub on_oversize: OnOversize,
+    /// Send backlogs of change events as fast-ingest batches: set only when the server
+    /// (2.14 or later) and the CDC stream (`allow_batched`) take them.
+    pub batch_publish: bool,
 }
 
 /// Where a message of the window stands.
@@ -176,6 +182,10 @@ enum Failure {
     /// Refused for good, and turned into its dead letter: to be sent as that.
     #[error("refused for good; sent to the dead-letter stream instead")]
     DeadLettered,
+    /// Its fast-ingest batch ended before it (a message before it was refused or lost), so it
+    /// was not stored.
+    #[error("its fast-ingest batch ended before it")]
+    BatchEnded,
 }
 
 /// The NATS [`Delivery`]: publishes what the driver hands it and reports the acknowledged
@@ -223,6 +233,12 @@ pub struct Publisher {
     /// One timer for the front's deadline, made at the first wait. Deadlines only move later,
     /// so the timer is re-armed only when it fires early, not each time the front changes.
     timer: Option<Pin<Box<Sleep>>>,
+    /// Fast-ingest batches (`None`: every message gets its own PubAck).
+    batches: Option<Batches>,
+    /// Set once JetStream stored a message of this publisher as new. Until then messages go
+    /// plainly: after a restart the first ones are replays, and only a PubAck each tells a
+    /// duplicate apart (a batch's acknowledgements do not).
+    armed: bool,
 }
 
 impl Publisher {
@@ -234,7 +250,13 @@ impl Publisher {
         shutdown: Shutdown,
     ) -> Self {
         let window = VecDeque::with_capacity(settings.max_in_flight);
-        let replies = Replies::new(&client.new_inbox());
+        let inbox = client.new_inbox();
+        let replies = Replies::new(&inbox);
+        // The batch ids must differ from any other publisher's, now and after a restart.
+        let batches = settings.batch_publish.then(|| {
+            let token = inbox.rsplit('.').next().unwrap_or("b").to_owned();
+            Batches::new(&inbox, &token, settings.max_in_flight)
+        });
         Publisher {
             client,
             id_prefix: id::id_prefix(&settings.id_namespace),
@@ -259,6 +281,8 @@ impl Publisher {
             window_bytes: 0,
             acks: None,
             timer: None,
+            batches,
+            armed: false,
         }
     }
 
@@ -302,6 +326,9 @@ impl Publisher {
             return;
         }
         self.reconnects_seen = reconnects;
+        if let Some(b) = self.batches.as_mut() {
+            b.abandon();
+        }
         let mut lost = 0;
         for entry in self.window.iter_mut() {
             if matches!(entry.state, AckState::Pending) {
@@ -409,10 +436,16 @@ impl Publisher {
             .get(&self.settings.subject_prefix, &ev.table, ev.operation);
         let token = self.next_token;
         self.next_token += 1;
+        let (reply, batch, batch_seq) = match self.batch_place(&subject) {
+            Some((number, seq, reply)) => (reply, number, seq),
+            None => (self.replies.subject(token), 0, 0),
+        };
         let entry = InFlight {
             token,
             subject,
-            reply: self.replies.subject(token),
+            reply,
+            batch,
+            batch_seq,
             commit_lsn: ev.commit_lsn,
             timeline: ev.timeline,
             seq: ev.seq,
@@ -423,6 +456,35 @@ impl Publisher {
             state: AckState::Pending,
         };
         self.publish_entry(entry).await
+    }
+
+    /// The batch place of the next change event, when it goes in a fast-ingest batch: once
+    /// JetStream stored one of ours as new, and while enough is in flight (or a batch is open).
+    fn batch_place(
+        &mut self,
+        subject: &async_nats::Subject,
+    ) -> Option<(u64, u64, async_nats::Subject)> {
+        if !self.armed || self.recovering {
+            return None;
+        }
+        let in_flight = self.window.len();
+        self.batches.as_mut()?.next(in_flight, subject)
+    }
+
+    /// Ends the open batch with its end-of-batch marker: the server commits it and
+    /// acknowledges everything in it at once. Called when no change is waiting to join it.
+    async fn end_batch(&mut self) {
+        let Some((subject, reply)) = self.batches.as_mut().and_then(Batches::close) else {
+            return;
+        };
+        if let Err(e) = self
+            .client
+            .publish_with_reply(subject, reply, bytes::Bytes::new())
+            .await
+        {
+            // Its messages then wait for their acknowledgement in vain and are sent again.
+            log::debug!("could not end a fast-ingest batch: {e}");
+        }
     }
 
     /// Puts `entry` into the window and sends it, after the previous message of its stream.
@@ -437,6 +499,16 @@ impl Publisher {
             _ => None,
         };
         let mut sent = send(&self.client, &entry, id.clone(), expect.clone()).await;
+        if sent.is_err() && entry.batch != 0 {
+            // Not sent, so not part of the batch: the next message takes its place, and this
+            // one (or its dead letter) goes plainly.
+            if let Some(b) = self.batches.as_mut() {
+                b.unsend(entry.batch);
+            }
+            entry.batch = 0;
+            entry.batch_seq = 0;
+            entry.reply = self.replies.subject(entry.token);
+        }
         if let Err(e) = &sent {
             if e.kind() == PublishErrorKind::MaxPayloadExceeded && self.may_dead_letter(&entry) {
                 let detail = format!(
@@ -506,6 +578,7 @@ impl Publisher {
     /// message sent several times, any positive answer means it is stored.
     fn take_reply(&mut self, reply: &Message) {
         let Some(token) = self.replies.token(reply.subject.as_str()) else {
+            self.take_batch_reply(reply);
             return;
         };
         let Some(front) = self.window.front() else {
@@ -527,7 +600,8 @@ impl Publisher {
             Ok(ack) => {
                 entry.state = AckState::Acked {
                     duplicate: ack.duplicate,
-                }
+                };
+                self.armed |= !ack.duplicate;
             }
             Err(e) => {
                 self.stats.publish_errors.fetch_add(1, Ordering::Relaxed);
@@ -538,6 +612,93 @@ impl Publisher {
                 if e.is_permanent() && self.lane_may_dead_letter(lane) {
                     self.dead_letter_at(at, &e.to_string());
                 }
+            }
+        }
+    }
+
+    /// Records the server's answer about one of this publisher's fast-ingest batches: a flow
+    /// acknowledgement or the commit acknowledges its messages up to a point; a refusal, or a
+    /// commit short of what was sent, fails the rest, to be sent again plainly, in order.
+    fn take_batch_reply(&mut self, reply: &Message) {
+        let Some((number, seq)) = self
+            .batches
+            .as_ref()
+            .and_then(|b| b.place(reply.subject.as_str()))
+        else {
+            return;
+        };
+        match batch::read_reply(reply, seq) {
+            BatchReply::Stored { seq } => self.ack_batch(number, seq),
+            BatchReply::Committed { count } => {
+                self.stats.batches.fetch_add(1, Ordering::Relaxed);
+                self.ack_batch(number, count);
+                self.fail_batch(number, count + 1, None);
+            }
+            // Informational: the commit that follows says what was stored.
+            BatchReply::Gap => {}
+            BatchReply::Refused { seq, error } => self.fail_batch(number, seq, Some(error)),
+        }
+    }
+
+    /// Batch `number`'s messages up to `seq` are stored.
+    fn ack_batch(&mut self, number: u64, seq: u64) {
+        if let Some(b) = self.batches.as_mut() {
+            b.acked(number, seq);
+        }
+        for entry in self.window.iter_mut().filter(|e| e.batch == number) {
+            if entry.batch_seq > seq {
+                break;
+            }
+            if !matches!(entry.state, AckState::Acked { .. }) {
+                entry.state = AckState::Acked { duplicate: false };
+            }
+        }
+    }
+
+    /// Batch `number` ended before its message `seq`: that one is refused with `error` (if
+    /// given), and none after it is stored. Marks those still waiting as failed, to be sent
+    /// again plainly. A reply about messages no longer waiting (late, or about the end
+    /// marker) changes nothing.
+    fn fail_batch(&mut self, number: u64, seq: u64, error: Option<PubAckError>) {
+        let mut refused_at = None;
+        let mut failed = 0;
+        for (at, entry) in self.window.iter_mut().enumerate() {
+            if entry.batch != number
+                || entry.batch_seq < seq
+                || !matches!(entry.state, AckState::Pending)
+            {
+                continue;
+            }
+            let failure = match &error {
+                Some(e) if entry.batch_seq == seq => {
+                    refused_at = Some(at);
+                    Failure::Refused(e.clone())
+                }
+                _ => Failure::BatchEnded,
+            };
+            entry.state = AckState::failed(failure);
+            failed += 1;
+        }
+        if failed == 0 {
+            return;
+        }
+        if let Some(b) = self.batches.as_mut() {
+            if b.open.as_ref().is_some_and(|o| o.number == number) {
+                b.abandon();
+            }
+        }
+        self.stats.publish_errors.fetch_add(1, Ordering::Relaxed);
+        self.recovering = true;
+        if let Some(e) = error.as_ref().filter(|e| e.refuses_batches()) {
+            log::warn!(
+                "the CDC stream refuses fast-ingest batches ({e}): sending every change with a PubAck of its own from now on"
+            );
+            self.batches = None;
+        }
+        if let (Some(e), Some(at)) = (error, refused_at) {
+            let lane = self.window[at].lane;
+            if e.is_permanent() && self.lane_may_dead_letter(lane) {
+                self.dead_letter_at(at, &e.to_string());
             }
         }
     }
@@ -604,7 +765,11 @@ impl Publisher {
                         );
                     }
                 }
-                Failure::Reconnected | Failure::DeadLettered => immediate = true,
+                // Sent again plainly, which the stream takes.
+                Failure::Refused(r) if r.refuses_batches() => immediate = true,
+                Failure::Reconnected | Failure::DeadLettered | Failure::BatchEnded => {
+                    immediate = true
+                }
                 _ => {}
             }
         }
@@ -675,6 +840,10 @@ impl Publisher {
     async fn republish(&mut self) -> Result<(), PublishError> {
         let mut window = std::mem::take(&mut self.window);
         let mut result = Ok(());
+        // Resent messages go plainly, each with its own PubAck, until the window drained.
+        if let Some(b) = self.batches.as_mut() {
+            b.abandon();
+        }
         // Per stream, every message before its first unacknowledged one is stored: that one
         // needs no expectation. Dead letters are not chained.
         let mut prev: [Option<String>; CHAINED] = Default::default();
@@ -694,6 +863,11 @@ impl Publisher {
                 prev[c] = Some(id.clone());
                 expect
             });
+            if entry.batch != 0 {
+                entry.batch = 0;
+                entry.batch_seq = 0;
+                entry.reply = self.replies.subject(entry.token);
+            }
             match send(&self.client, entry, id, expect).await {
                 Ok(()) => entry.state = AckState::Pending,
                 Err(e) => {
@@ -775,6 +949,18 @@ impl Delivery for Publisher {
             return Err(self.client_closed());
         };
         let connected = self.is_connected();
+        // Nothing waits to join the open batch, or the window is full with too few of its
+        // messages unacknowledged for the server to send a flow acknowledgement (plain
+        // messages or the byte budget filled it): end the batch, so that its last messages are
+        // acknowledged now rather than after the ack timeout.
+        if connected
+            && self.batches.as_ref().is_some_and(Batches::is_open)
+            && (feed.waiting() == 0
+                || !feed.open()
+                || (!self.room() && self.batches.as_ref().is_some_and(Batches::starved)))
+        {
+            self.end_batch().await;
+        }
         let waited = if self.window.is_empty() {
             if connected {
                 Ok(())

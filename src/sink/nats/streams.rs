@@ -364,7 +364,11 @@ pub async fn ensure_streams(
 ) -> Result<StreamsInfo, NatsError> {
     check_jetstream(js).await?;
     let mut created = Vec::new();
-    let cdc = ensure_stream(js, cdc_stream_config(streams), &mut created).await?;
+    let mut cdc_config = cdc_stream_config(streams);
+    // Only servers that know the setting are told it; older ones would refuse the stream.
+    cdc_config.allow_batch_publish =
+        super::publisher::server_has_fast_batches(&js.client().server_info().version);
+    let cdc = ensure_stream(js, cdc_config, &mut created).await?;
     let init = ensure_stream(js, init_stream_config(streams), &mut created).await?;
 
     let mut warnings = check_stream(

@@ -65,9 +65,10 @@ impl Replies {
         }
     }
 
-    /// The wildcard subject all replies arrive on.
+    /// The wildcard subject all replies arrive on, a fast-ingest batch's
+    /// (`{inbox}.{batch}.….$FI`) too.
     pub(super) fn filter(&self) -> String {
-        format!("{}*", self.prefix)
+        format!("{}>", self.prefix)
     }
 
     pub(super) fn subject(&mut self, token: u64) -> Subject {
@@ -138,7 +139,7 @@ mod tests {
     #[test]
     fn reply_subjects_carry_their_token() {
         let mut replies = Replies::new("_INBOX.abc");
-        assert_eq!(replies.filter(), "_INBOX.abc.*");
+        assert_eq!(replies.filter(), "_INBOX.abc.>");
         for token in [0, 7, 10, 123_456_789, u64::MAX] {
             let subject = replies.subject(token);
             assert_eq!(subject.as_str(), format!("_INBOX.abc.{token}"));

@@ -33,6 +33,8 @@ impl Publisher {
             token,
             subject: Subject::from(subject),
             reply: self.replies.subject(token),
+            batch: 0,
+            batch_seq: 0,
             commit_lsn: ev.commit_lsn,
             timeline: ev.timeline,
             seq: ev.seq,

@@ -69,6 +69,10 @@ pub(super) struct InFlight {
     pub(super) token: u64,
     pub(super) subject: Subject,
     pub(super) reply: Subject,
+    /// The fast-ingest batch it was sent in (0: sent plainly, with a PubAck of its own) ...
+    pub(super) batch: u64,
+    /// ... and its place in that batch, from 1.
+    pub(super) batch_seq: u64,
     /// With `timeline` and `seq`, a change's message id (built again only when needed:
     /// resends, errors).
     pub(super) commit_lsn: Lsn,
@@ -188,6 +192,8 @@ mod tests {
             token: 0,
             subject: Subject::from("cdc.users.insert"),
             reply: Subject::from("_INBOX.x.0"),
+            batch: 0,
+            batch_seq: 0,
             commit_lsn: Lsn(0x100),
             timeline: 1,
             seq: 2,
