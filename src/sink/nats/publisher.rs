@@ -974,7 +974,14 @@ impl Delivery for Publisher {
         waited?;
         self.check_reconnect();
         // Acknowledged messages leave first, so the driver fills their room at once.
-        Ok(self.complete_acked())
+        let progress = self.complete_acked();
+        // Flow acknowledgements covered the whole open batch and nothing waits: end it now.
+        // The driver sleeps until the next change, and the server forgets a batch that stays
+        // idle (10 s by default), which would refuse the next message sent into it.
+        if self.window.is_empty() && feed.waiting() == 0 && self.is_connected() {
+            self.end_batch().await;
+        }
+        Ok(progress)
     }
 
     async fn close(&mut self) -> Result<(), PublishError> {
