@@ -921,8 +921,13 @@ fn mirror_follows_dropped_and_retyped_columns() {
         "ALTER TABLE users ALTER COLUMN age TYPE text USING age::text, \
          ALTER COLUMN score TYPE bigint USING score::bigint",
     );
-    // Two waves: the mirror reads the schema again at most once a second.
+    // Two waves: the mirror reads the schema again at most once a second. The bridge writes the
+    // new schema when the first change after the ALTER arrives, so the first wave may reach
+    // the mirror before the schema does; the second comes only once the schema is stored.
     for wave in 0..2 {
+        if wave == 1 {
+            wait_schema_without(&url, "users", "note");
+        }
         env.pg.sql(
             "app",
             &format!(
@@ -973,6 +978,22 @@ fn mirror_follows_dropped_and_retyped_columns() {
     assert_eq!(assert_table_mirrored(&env, &db, &users, &mirror), 200);
     assert_eq!(mirror.terminate(Duration::from_secs(30)), Some(0));
     drop(bridge);
+}
+
+/// Waits until the bridge's `schemas` bucket holds the schema of `key` without `column`.
+fn wait_schema_without(nats_url: &str, key: &str, column: &str) {
+    wait_for(
+        &format!("the schema of {key} without {column} in the schemas bucket"),
+        Duration::from_secs(30),
+        || {
+            let value = testkit::with_nats(nats_url, |client| async move {
+                let js = async_nats::jetstream::new(client);
+                let kv = js.get_key_value("schemas").await.ok()?;
+                kv.get(key).await.ok()?
+            })?;
+            (!value.windows(column.len()).any(|w| w == column.as_bytes())).then_some(())
+        },
+    );
 }
 
 /// Two mirrors on one stream, both with the default consumer name, at the same time: each
