@@ -27,7 +27,7 @@ fn request(nats_url: &str, subject: &str) -> serde_json::Value {
     })
 }
 
-fn map(v: &Mp) -> BTreeMap<String, Mp> {
+pub(crate) fn map(v: &Mp) -> BTreeMap<String, Mp> {
     v.as_map()
         .expect("a map")
         .iter()
@@ -311,7 +311,7 @@ fn snapshot_plus_stream_rebuilds_the_table_exactly_under_concurrent_writes() {
 }
 
 /// The current value and revision of a key in the `schemas` bucket.
-fn schema_entry(nats_url: &str, key: &str) -> Option<(u64, BTreeMap<String, Mp>)> {
+pub(crate) fn schema_entry(nats_url: &str, key: &str) -> Option<(u64, BTreeMap<String, Mp>)> {
     testkit::with_nats(nats_url, |client| async move {
         let js = async_nats::jetstream::new(client);
         let kv = js.get_key_value("schemas").await.ok()?;
