@@ -29,7 +29,11 @@ fn free_port() -> u16 {
 /// returns the exit code and everything it printed.
 fn run_until_retry(env: &[(&str, &str)]) -> (Option<i32>, String) {
     use std::io::{BufRead, BufReader};
+    // The default state file and spool directory are relative: a directory of its own keeps
+    // them out of the source tree.
+    let dir = testkit::TempDir::new("cli");
     let mut child = Command::new(env!("CARGO_BIN_EXE_bridge"))
+        .current_dir(dir.path())
         .args([
             "--reconnect-backoff-secs",
             "1",
