@@ -17,14 +17,19 @@ impl Lsn {
     /// Length of the longest text, `FFFFFFFF/FFFFFFFF`.
     pub const TEXT_MAX_LEN: usize = 17;
 
-    /// The `X/X` text written into `buf`, without allocating. The one writer of LSN text:
+    /// The `X/X` text written into `buf`, without allocating.
+    pub fn text(self, buf: &mut [u8; Lsn::TEXT_MAX_LEN]) -> &str {
+        std::str::from_utf8(self.ascii(buf)).expect("hex digits are ASCII")
+    }
+
+    /// The `X/X` text as ASCII bytes written into `buf`. The one writer of LSN text:
     /// `Display`, message ids and the encoders all use it, since it runs several times per
     /// published message and `format!` costs several times more.
-    pub fn text(self, buf: &mut [u8; Lsn::TEXT_MAX_LEN]) -> &str {
+    pub fn ascii(self, buf: &mut [u8; Lsn::TEXT_MAX_LEN]) -> &[u8] {
         let mut n = push_hex32(buf, 0, (self.0 >> 32) as u32);
         buf[n] = b'/';
         n = push_hex32(buf, n + 1, self.0 as u32);
-        std::str::from_utf8(&buf[..n]).expect("hex digits are ASCII")
+        &buf[..n]
     }
 }
 

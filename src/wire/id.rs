@@ -2,7 +2,7 @@
 //! `{namespace}:{timeline}:{commit_lsn}-{seq}`, which makes republishing idempotent and
 //! tells consumers where a message stands without decoding it.
 
-use super::text::decimal;
+use super::text::{decimal, push_ascii};
 use crate::pg::Lsn;
 
 /// The first part of every message id: `{namespace}:`, built once per run.
@@ -19,11 +19,11 @@ pub fn message_id(prefix: &str, timeline: u32, commit_lsn: Lsn, seq: u32) -> Str
     // Written by hand: this runs for every message, and `format!` costs several times more.
     let mut id = String::with_capacity(prefix.len() + 40);
     id.push_str(prefix);
-    id.push_str(decimal(u64::from(timeline), &mut [0u8; 20]));
+    push_ascii(&mut id, decimal(u64::from(timeline), &mut [0u8; 20]));
     id.push(':');
-    id.push_str(commit_lsn.text(&mut [0; Lsn::TEXT_MAX_LEN]));
+    push_ascii(&mut id, commit_lsn.ascii(&mut [0; Lsn::TEXT_MAX_LEN]));
     id.push('-');
-    id.push_str(decimal(u64::from(seq), &mut [0u8; 20]));
+    push_ascii(&mut id, decimal(u64::from(seq), &mut [0u8; 20]));
     id
 }
 

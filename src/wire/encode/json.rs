@@ -9,7 +9,7 @@ use rmpv::Value as Mp;
 use crate::pg::value::Value;
 use crate::pg::Lsn;
 use crate::wire::event::{ChangeEvent, ColumnValue};
-use crate::wire::text::{decimal, format_timestamp, push_base64, TIMESTAMP_LEN};
+use crate::wire::text::{decimal, push_base64, timestamp_ascii, TIMESTAMP_LEN};
 
 const HEX_UPPER: &[u8; 16] = b"0123456789ABCDEF";
 
@@ -24,14 +24,14 @@ pub(super) fn json_change(event: &ChangeEvent, out: &mut Vec<u8>) {
     json_u64(out, u64::from(event.table.relation_id));
     let mut lsn = [0; Lsn::TEXT_MAX_LEN];
     out.extend_from_slice(b",\"lsn\":");
-    json_str(out, event.lsn.text(&mut lsn));
+    json_ascii(out, event.lsn.ascii(&mut lsn));
     out.extend_from_slice(b",\"commit_lsn\":");
-    json_str(out, event.commit_lsn.text(&mut lsn));
+    json_ascii(out, event.commit_lsn.ascii(&mut lsn));
     out.extend_from_slice(b",\"xid\":");
     json_u64(out, u64::from(event.xid));
     let mut time = [0; TIMESTAMP_LEN];
     out.extend_from_slice(b",\"commit_time\":");
-    json_str(out, format_timestamp(event.commit_time, &mut time));
+    json_ascii(out, timestamp_ascii(event.commit_time, &mut time));
     out.extend_from_slice(b",\"seq\":");
     json_u64(out, u64::from(event.seq));
     out.extend_from_slice(if event.last_in_tx {
@@ -105,7 +105,14 @@ pub(super) fn json_value(value: &Value, out: &mut Vec<u8>) {
 }
 
 pub(super) fn json_u64(out: &mut Vec<u8>, v: u64) {
-    out.extend_from_slice(decimal(v, &mut [0u8; 20]).as_bytes());
+    out.extend_from_slice(decimal(v, &mut [0u8; 20]));
+}
+
+/// A JSON string of text that needs no escaping (LSNs, timestamps: digits and separators).
+fn json_ascii(out: &mut Vec<u8>, ascii: &[u8]) {
+    out.push(b'"');
+    out.extend_from_slice(ascii);
+    out.push(b'"');
 }
 
 /// Appends `x` as a JSON number, or as the string `"NaN"`, `"Infinity"` or `"-Infinity"`.

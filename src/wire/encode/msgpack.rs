@@ -4,7 +4,7 @@ use super::has_old_columns;
 use crate::pg::value::Value;
 use crate::pg::Lsn;
 use crate::wire::event::{ChangeEvent, ColumnValue};
-use crate::wire::text::{format_timestamp, TIMESTAMP_LEN};
+use crate::wire::text::{timestamp_ascii, TIMESTAMP_LEN};
 
 /// Discards the result of an `rmp` write: writing into a `Vec` cannot fail (it grows, or the
 /// process aborts on out-of-memory).
@@ -73,14 +73,14 @@ pub(super) fn msgpack_change(event: &ChangeEvent, out: &mut Vec<u8>) {
     mp_uint(out, u64::from(event.table.relation_id));
     let mut lsn = [0; Lsn::TEXT_MAX_LEN];
     out.extend_from_slice(K_LSN);
-    mp_str(out, event.lsn.text(&mut lsn));
+    mp_utf8(out, event.lsn.ascii(&mut lsn));
     out.extend_from_slice(K_COMMIT_LSN);
-    mp_str(out, event.commit_lsn.text(&mut lsn));
+    mp_utf8(out, event.commit_lsn.ascii(&mut lsn));
     out.extend_from_slice(K_XID);
     mp_uint(out, u64::from(event.xid));
     let mut time = [0; TIMESTAMP_LEN];
     out.extend_from_slice(K_COMMIT_TIME);
-    mp_str(out, format_timestamp(event.commit_time, &mut time));
+    mp_utf8(out, timestamp_ascii(event.commit_time, &mut time));
     out.extend_from_slice(K_SEQ);
     mp_uint(out, u64::from(event.seq));
     out.extend_from_slice(K_LAST_IN_TX);

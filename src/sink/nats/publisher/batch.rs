@@ -189,7 +189,7 @@ impl Batches {
 fn reply(scratch: &mut Vec<u8>, chunks: &mut Chunks, head: &str, seq: u64, op: u8) -> Subject {
     scratch.clear();
     scratch.extend_from_slice(head.as_bytes());
-    scratch.extend_from_slice(crate::wire::text::decimal(seq, &mut [0u8; 20]).as_bytes());
+    scratch.extend_from_slice(crate::wire::text::decimal(seq, &mut [0u8; 20]));
     scratch.extend_from_slice(&[b'.', b'0' + op]);
     scratch.extend_from_slice(b".$FI");
     let bytes = chunks.copy(scratch);

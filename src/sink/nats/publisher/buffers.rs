@@ -75,7 +75,7 @@ impl Replies {
         self.scratch.clear();
         self.scratch.extend_from_slice(self.prefix.as_bytes());
         self.scratch
-            .extend_from_slice(crate::wire::text::decimal(token, &mut [0u8; 20]).as_bytes());
+            .extend_from_slice(crate::wire::text::decimal(token, &mut [0u8; 20]));
         let bytes = self.chunks.copy(&self.scratch);
         // The inbox is a string and the token ASCII digits, so this cannot fail; the fallback
         // only spares a panic path.
