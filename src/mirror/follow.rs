@@ -11,8 +11,8 @@ use rmpv::Value;
 
 use super::store::{self, Version};
 use super::{
-    doc, open_stream, Applied, FollowEnd, Mirror, MirrorError, MirrorTable, Position,
-    ACK_INSIDE_TRANSACTION_EVERY, ACK_WAIT, COMMIT_EVERY, IDLE_COMMIT, MAX_ACK_PENDING,
+    doc, open_stream, Applied, ColumnEvidence, FollowEnd, Mirror, MirrorError, MirrorTable,
+    Position, ACK_INSIDE_TRANSACTION_EVERY, ACK_WAIT, COMMIT_EVERY, IDLE_COMMIT, MAX_ACK_PENDING,
     PROBE_MESSAGES, SCHEMA_RECHECK, TOMBSTONE_PRUNE_EVERY, TOMBSTONE_TTL,
 };
 use crate::pg::Lsn;
@@ -92,12 +92,9 @@ impl Mirror {
             self.cdc
         );
         // Without --table, a table whose schema appears later (the bridge writes them one by
-        // one at its start, and again for a table new to the publication) is mirrored too.
-        let mut schemas = if self.options.tables.is_empty() {
-            self.watch_schemas().await
-        } else {
-            None
-        };
+        // one at its start, and again for a table new to the publication) is mirrored too; and
+        // a mirrored table's new schema settles what its changes already suggested.
+        let mut schemas = self.watch_schemas().await;
 
         let mut idle_since = Instant::now();
         let mut last: Option<Message> = None;
@@ -151,7 +148,7 @@ impl Mirror {
                     if self.shutdown.is_triggered() {
                         return Ok(FollowEnd::Done);
                     }
-                    if let Some(new) = self.new_tables(&mut schemas).await? {
+                    if let Some(new) = self.schema_updates(&mut schemas).await? {
                         return Ok(FollowEnd::Snapshot(new));
                     }
                     if let Some(idle) = self.options.until_idle {
@@ -218,7 +215,7 @@ impl Mirror {
                     self.commit(&mut positions, &mut last, &mut in_batch)
                         .await?;
                     // This change stays unacknowledged: the next consumer delivers it again.
-                    if let Some(new) = self.new_tables(&mut schemas).await? {
+                    if let Some(new) = self.schema_updates(&mut schemas).await? {
                         return Ok(FollowEnd::Snapshot(new));
                     }
                 }
@@ -282,7 +279,8 @@ impl Mirror {
     }
 
     /// A watch of the schemas bucket, its present keys first; `None` (with a warning) when
-    /// it cannot be made: tables present now are still mirrored.
+    /// it cannot be made: tables present now are still mirrored, and a dropped or retyped
+    /// column is followed at the table's next change.
     async fn watch_schemas(&self) -> Option<kv::Watch> {
         let watch = match self.js.get_key_value(SCHEMAS_BUCKET).await {
             Ok(bucket) => bucket
@@ -295,17 +293,20 @@ impl Mirror {
             .map_err(|e| {
                 log::warn!(
                     "cannot watch KV bucket '{SCHEMAS_BUCKET}' ({e}): tables whose schema \
-                     appears later are mirrored after a restart"
+                     appears later are mirrored after a restart, and columns dropped or \
+                     retyped at a table's next change"
                 )
             })
             .ok()
     }
 
-    /// Tables whose schema the watch has shown since it was last asked and that are not
-    /// mirrored yet: added to the mirrored tables with their SQLite table, for a snapshot.
-    /// Called between source transactions, with nothing uncommitted. Never waits for the
-    /// watch.
-    async fn new_tables(
+    /// What the watch has shown since it was last asked. A mirrored table whose changes
+    /// showed a column the stored schema did not explain gets its new schema with that
+    /// evidence (the bridge may store it after the change reached the mirror). Without
+    /// `--table`, tables not mirrored yet are added with their SQLite table; those, and a
+    /// table that gained a column with a default, are returned for a snapshot. Called
+    /// between source transactions, with nothing uncommitted. Never waits for the watch.
+    async fn schema_updates(
         &mut self,
         watch: &mut Option<kv::Watch>,
     ) -> Result<Option<Vec<String>>, MirrorError> {
@@ -313,6 +314,7 @@ impl Mirror {
             return Ok(None);
         };
         let mut found = Vec::new();
+        let mut changed = Vec::new();
         loop {
             match w.next().now_or_never() {
                 Some(Some(Ok(entry))) => {
@@ -324,7 +326,13 @@ impl Mirror {
                         continue;
                     };
                     let t = MirrorTable::new(schema, name);
-                    if self.table(&t.token).is_none()
+                    if self.table(&t.token).is_some() {
+                        if self.schema_evidence.contains_key(&t.token)
+                            && !changed.contains(&t.token)
+                        {
+                            changed.push(t.token);
+                        }
+                    } else if self.options.tables.is_empty()
                         && !found.iter().any(|f: &MirrorTable| f.token == t.token)
                     {
                         found.push(t);
@@ -342,10 +350,31 @@ impl Mirror {
                 None => break,
             }
         }
-        if found.is_empty() {
+        let mut tokens = Vec::new();
+        for token in changed {
+            // The evidence stays until a change agrees with the columns: this revision may
+            // not be the one that explains it (the watch shows older ones first).
+            let (Some(evidence), Some(t)) = (
+                self.schema_evidence.get(&token).cloned(),
+                self.table(&token).cloned(),
+            ) else {
+                continue;
+            };
+            log::info!(
+                "{}: its schema changed in KV bucket '{SCHEMAS_BUCKET}'; following it",
+                t.local
+            );
+            if self.apply_evidence(&t, &evidence).await? {
+                log::info!(
+                    "{}: a column with a default was added; taking a new snapshot",
+                    t.local
+                );
+                tokens.push(token);
+            }
+        }
+        if found.is_empty() && tokens.is_empty() {
             return Ok(None);
         }
-        let mut tokens = Vec::new();
         for t in found {
             log::info!(
                 "{}: its schema appeared in KV bucket '{SCHEMAS_BUCKET}'; mirroring it too",
@@ -526,8 +555,9 @@ impl Mirror {
     /// Brings the table's columns in line with what an INSERT or UPDATE shows: adds the
     /// columns it lacks, and when a column is missing from the change (not an unchanged TOAST
     /// value) or a value does not fit its column's type, reads the newest schema (at most every
-    /// [`SCHEMA_RECHECK`]) to drop or retype. Returns true when the table needs a new snapshot
-    /// (a column with a default was added).
+    /// [`SCHEMA_RECHECK`]) to drop or retype. What the change showed is kept while the schema
+    /// does not explain it, for the schema watch. Returns true when the table needs a new
+    /// snapshot (a column with a default was added).
     async fn follow_schema(
         &mut self,
         token: &str,
@@ -538,24 +568,16 @@ impl Mirror {
         if self.ensure_columns(token, &names).await? {
             return Ok(true);
         }
-        let Some(kinds) = self.store.column_kinds(token) else {
+        let Some(evidence) = self.column_evidence(token, event, columns) else {
+            if !self.schema_evidence.is_empty() {
+                self.schema_evidence.remove(token);
+            }
             return Ok(false);
         };
-        let toast: Vec<&str> = match decode::field(event, fields::UNCHANGED_TOAST) {
-            Some(Value::Array(a)) => a.iter().filter_map(Value::as_str).collect(),
-            _ => Vec::new(),
-        };
-        let missing = kinds
-            .keys()
-            .any(|k| !names.contains(&k.as_str()) && !toast.contains(&k.as_str()));
-        let misfits: Vec<&str> = columns
-            .iter()
-            .filter(|(n, v)| kinds.get(*n).is_some_and(|k| !doc::fits(*k, v)))
-            .map(|c| c.0)
-            .collect();
-        if !missing && misfits.is_empty() {
-            return Ok(false);
-        }
+        // Kept until the columns explain a change again: the schema watch applies the
+        // bridge's next schema with it.
+        self.schema_evidence
+            .insert(token.to_owned(), evidence.clone());
         if self
             .schema_checked
             .get(token)
@@ -567,11 +589,56 @@ impl Mirror {
         let Some(t) = self.table(token).cloned() else {
             return Ok(false);
         };
-        let schema = self.schema(&t).await?;
-        let mut present = names.clone();
-        present.extend(&toast);
+        let added_with_default = self.apply_evidence(&t, &evidence).await?;
+        if self.column_evidence(token, event, columns).is_none() {
+            self.schema_evidence.remove(token);
+        }
+        Ok(added_with_default)
+    }
+
+    /// Reads the table's newest schema and applies it with what a change showed (see
+    /// [`store::Store::apply_schema`]); true when a column with a default was added.
+    async fn apply_evidence(
+        &mut self,
+        t: &MirrorTable,
+        evidence: &ColumnEvidence,
+    ) -> Result<bool, MirrorError> {
+        let schema = self.schema(t).await?;
+        let present: Vec<&str> = evidence.present.iter().map(String::as_str).collect();
+        let misfits: Vec<&str> = evidence.misfits.iter().map(String::as_str).collect();
         Ok(self
             .store
             .apply_schema(&t.token, &t.local, &schema, Some((&present, &misfits)))?)
+    }
+
+    /// Where the change's columns disagree with the mirrored table, if anywhere: a column
+    /// it lacks (not an unchanged TOAST value), or a value that does not fit its column's type.
+    fn column_evidence(
+        &self,
+        token: &str,
+        event: &Value,
+        columns: &[(&str, &Value)],
+    ) -> Option<ColumnEvidence> {
+        let kinds = self.store.column_kinds(token)?;
+        let toast: Vec<&str> = match decode::field(event, fields::UNCHANGED_TOAST) {
+            Some(Value::Array(a)) => a.iter().filter_map(Value::as_str).collect(),
+            _ => Vec::new(),
+        };
+        let present = |k: &str| columns.iter().any(|c| c.0 == k) || toast.contains(&k);
+        let missing = kinds.keys().any(|k| !present(k));
+        let misfits: Vec<String> = columns
+            .iter()
+            .filter(|(n, v)| kinds.get(*n).is_some_and(|k| !doc::fits(*k, v)))
+            .map(|c| c.0.to_owned())
+            .collect();
+        if !missing && misfits.is_empty() {
+            return None;
+        }
+        let mut carried: Vec<String> = columns.iter().map(|c| c.0.to_owned()).collect();
+        carried.extend(toast.iter().map(|t| (*t).to_owned()));
+        Some(ColumnEvidence {
+            present: carried,
+            misfits,
+        })
     }
 }

@@ -279,6 +279,16 @@ enum FollowEnd {
     Restart,
 }
 
+/// A change's columns where they disagree with the mirrored table: a column it lacks (not an
+/// unchanged TOAST value), or a value that does not fit its column's type.
+#[derive(Debug, Clone, PartialEq, Eq)]
+struct ColumnEvidence {
+    /// The columns the change carried, unchanged TOAST values included.
+    present: Vec<String>,
+    /// Those of them whose value did not fit the mirrored column's type.
+    misfits: Vec<String>,
+}
+
 /// Runs the mirror until `shutdown` (or `until_idle`), on a runtime of its own.
 pub fn run(
     config: &Config,
@@ -292,6 +302,7 @@ pub fn run(
         let store = Store::open(&options.db)?;
         let mut mirror = Mirror {
             schema_checked: HashMap::new(),
+            schema_evidence: HashMap::new(),
             tombstones_pruned: Instant::now(),
             js: jetstream::new(client.clone()),
             client,
@@ -348,6 +359,9 @@ struct Mirror {
     /// When each table's schema was last read because a change suggested a dropped or
     /// retyped column.
     schema_checked: HashMap<String, Instant>,
+    /// Per table, the shape of the last change that the mirrored columns did not explain:
+    /// applied again with the schema the bridge stores next, which may come after the change.
+    schema_evidence: HashMap<String, ColumnEvidence>,
     /// When old tombstones were last dropped.
     tombstones_pruned: Instant,
     js: Context,

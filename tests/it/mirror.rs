@@ -941,14 +941,7 @@ fn mirror_follows_dropped_and_retyped_columns() {
         std::thread::sleep(Duration::from_millis(1500));
     }
     wait_mirror_caught_up(&env.pg, &url, &durable(&db));
-    let columns: Vec<(String, String)> = open_sqlite(&db)
-        .unwrap()
-        .prepare("SELECT name, type FROM pragma_table_info('users') ORDER BY cid")
-        .unwrap()
-        .query_map([], |r| Ok((r.get(0)?, r.get(1)?)))
-        .unwrap()
-        .map(Result::unwrap)
-        .collect();
+    let columns = column_types(&db, "users");
     let columns: Vec<(&str, &str)> = columns
         .iter()
         .map(|(n, t)| (n.as_str(), t.as_str()))
@@ -978,6 +971,101 @@ fn mirror_follows_dropped_and_retyped_columns() {
     assert_eq!(assert_table_mirrored(&env, &db, &users, &mirror), 200);
     assert_eq!(mirror.terminate(Duration::from_secs(30)), Some(0));
     drop(bridge);
+}
+
+/// A change that lacks a dropped column and carries a retyped one reaches the mirror before
+/// the bridge has stored the table's new schema (here: the old schema is put back while the
+/// mirror is stopped). The mirror keeps its columns then, and follows the new schema as soon
+/// as it is stored, with no further change of the table.
+#[test]
+fn mirror_follows_a_schema_stored_after_the_change() {
+    let (env, bridge, dir, mut mirror) = small_setup(
+        "CREATE TABLE users (id int PRIMARY KEY, name text, age int, note text); \
+         INSERT INTO users SELECT g, 'u' || g, g, 'n' || g FROM generate_series(1, 50) g",
+        None,
+        &["users"],
+    );
+    let url = env.nats.url();
+    let db = dir.path().join("mirror.sqlite");
+    assert_eq!(mirror.terminate(Duration::from_secs(30)), Some(0));
+    let (_, old) = schema_bytes(&url, "users").expect("the schema of users");
+    env.pg.sql("app", "ALTER TABLE users DROP COLUMN note");
+    env.pg.sql(
+        "app",
+        "ALTER TABLE users ALTER COLUMN age TYPE text USING age::text",
+    );
+    env.pg
+        .sql("app", "UPDATE users SET age = age || 'y' WHERE id <= 5");
+    wait_schema_without(&url, "users", "note");
+    let (_, new) = schema_bytes(&url, "users").expect("the schema of users");
+    put_schema_bytes(&url, "users", old);
+
+    let mut mirror = BridgeProcess::spawn(&mut mirror_command(&url, &db, dir.path(), None, &[]));
+    wait_mirror_caught_up(&env.pg, &url, &durable(&db));
+    let before = column_types(&db, "users");
+    assert_eq!(
+        before,
+        [
+            ("id".into(), "INTEGER".into()),
+            ("name".into(), "TEXT".into()),
+            ("age".into(), "INTEGER".into()),
+            ("note".into(), "TEXT".into())
+        ],
+        "with the old schema stored, the mirror cannot tell a dropped column; log:\n{}",
+        tail(&mirror.log(), 40)
+    );
+    put_schema_bytes(&url, "users", new);
+    let want: Vec<(String, String)> = [("id", "INTEGER"), ("name", "TEXT"), ("age", "TEXT")]
+        .iter()
+        .map(|(n, t)| ((*n).to_owned(), (*t).to_owned()))
+        .collect();
+    wait_for_logged(
+        "the mirror to follow the stored schema",
+        STEP_TIMEOUT,
+        &[("mirror", &mirror)],
+        || (column_types(&db, "users") == want).then_some(()),
+    );
+    let users = Table {
+        token: "users",
+        pg: "users",
+        key: 1,
+        columns: vec![("id", Kind::Int), ("name", Kind::Text), ("age", Kind::Text)],
+    };
+    assert_eq!(assert_table_mirrored(&env, &db, &users, &mirror), 50);
+    assert_eq!(mirror.terminate(Duration::from_secs(30)), Some(0));
+    drop(bridge);
+}
+
+/// The mirrored table's columns and declared types, in order.
+fn column_types(db: &Path, table: &str) -> Vec<(String, String)> {
+    open_sqlite(db)
+        .unwrap()
+        .prepare("SELECT name, type FROM pragma_table_info(?1) ORDER BY cid")
+        .unwrap()
+        .query_map([table], |r| Ok((r.get(0)?, r.get(1)?)))
+        .unwrap()
+        .map(Result::unwrap)
+        .collect()
+}
+
+/// The stored bytes of `key` in the `schemas` bucket, with their revision.
+fn schema_bytes(nats_url: &str, key: &str) -> Option<(u64, bytes::Bytes)> {
+    testkit::with_nats(nats_url, |client| async move {
+        let js = async_nats::jetstream::new(client);
+        let kv = js.get_key_value("schemas").await.ok()?;
+        let e = kv.entry(key).await.ok()??;
+        Some((e.revision, e.value))
+    })
+}
+
+/// Stores `value` as `key` in the `schemas` bucket, as the bridge would.
+fn put_schema_bytes(nats_url: &str, key: &str, value: bytes::Bytes) {
+    let key = key.to_owned();
+    testkit::with_nats(nats_url, |client| async move {
+        let js = async_nats::jetstream::new(client);
+        let kv = js.get_key_value("schemas").await.unwrap();
+        kv.put(key, value).await.unwrap();
+    });
 }
 
 /// Waits until the bridge's `schemas` bucket holds the schema of `key` without `column`.
