@@ -16,15 +16,66 @@ pub fn id_prefix(namespace: &str) -> String {
 /// timelines (a promotion reuses LSNs) and across clusters, databases and publications (the
 /// namespace).
 pub fn message_id(prefix: &str, timeline: u32, commit_lsn: Lsn, seq: u32) -> String {
-    // Written by hand: this runs for every message, and `format!` costs several times more.
-    let mut id = String::with_capacity(prefix.len() + 40);
-    id.push_str(prefix);
-    push_ascii(&mut id, decimal(u64::from(timeline), &mut [0u8; 20]));
-    id.push(':');
-    push_ascii(&mut id, commit_lsn.ascii(&mut [0; Lsn::TEXT_MAX_LEN]));
-    id.push('-');
-    push_ascii(&mut id, decimal(u64::from(seq), &mut [0u8; 20]));
+    let mut stem = String::with_capacity(prefix.len() + 40);
+    push_stem(&mut stem, prefix, timeline, commit_lsn);
+    with_seq(&stem, seq)
+}
+
+/// Writes `{prefix}{timeline}:{commit_lsn}-`, the part of [`message_id`] that every change of
+/// a transaction shares. Written by hand: `format!` costs several times more.
+fn push_stem(out: &mut String, prefix: &str, timeline: u32, commit_lsn: Lsn) {
+    out.push_str(prefix);
+    push_ascii(out, decimal(u64::from(timeline), &mut [0u8; 20]));
+    out.push(':');
+    push_ascii(out, commit_lsn.ascii(&mut [0; Lsn::TEXT_MAX_LEN]));
+    out.push('-');
+}
+
+/// The id of change `seq` after its transaction's `stem`.
+fn with_seq(stem: &str, seq: u32) -> String {
+    let mut buf = [0u8; 20];
+    let digits = decimal(u64::from(seq), &mut buf);
+    let mut id = String::with_capacity(stem.len() + digits.len());
+    id.push_str(stem);
+    push_ascii(&mut id, digits);
     id
+}
+
+/// The [`message_id`]s of a run, for a publisher that sends changes in order: the text a
+/// transaction's changes share is written once per transaction rather than once per change.
+#[derive(Debug, Clone)]
+pub struct MessageIds {
+    prefix: String,
+    /// The transaction `stem` was written for: its timeline and commit position.
+    of: Option<(u32, Lsn)>,
+    stem: String,
+}
+
+impl MessageIds {
+    /// The ids of namespace `namespace`.
+    pub fn new(namespace: &str) -> Self {
+        MessageIds {
+            prefix: id_prefix(namespace),
+            of: None,
+            stem: String::new(),
+        }
+    }
+
+    /// [`id_prefix`] of the namespace.
+    pub fn prefix(&self) -> &str {
+        &self.prefix
+    }
+
+    /// [`message_id`] of change `seq` of the transaction committed at `commit_lsn` on
+    /// `timeline`.
+    pub fn id(&mut self, timeline: u32, commit_lsn: Lsn, seq: u32) -> String {
+        if self.of != Some((timeline, commit_lsn)) {
+            self.stem.clear();
+            push_stem(&mut self.stem, &self.prefix, timeline, commit_lsn);
+            self.of = Some((timeline, commit_lsn));
+        }
+        with_seq(&self.stem, seq)
+    }
 }
 
 /// The parts of a message id written by [`message_id`].
@@ -74,6 +125,27 @@ mod tests {
 
     use super::*;
     use crate::wire::event::{ChangeEvent, Operation, TableRef};
+
+    #[test]
+    fn message_ids_of_a_run_are_message_id() {
+        let mut ids = MessageIds::new("3f9a1c2e");
+        assert_eq!(ids.prefix(), "3f9a1c2e:");
+        for (timeline, lsn, seq) in [
+            (1, 0x25C_B5E8, 0),
+            (1, 0x25C_B5E8, 417),
+            (1, 0x25C_B5E8, u32::MAX),
+            (2, 0x25C_B5E8, 1),
+            (2, 0x10_025C_B5E8, 1),
+            (1, 0x25C_B5E8, 3),
+            (u32::MAX, u64::MAX, 9),
+        ] {
+            assert_eq!(
+                ids.id(timeline, Lsn(lsn), seq),
+                message_id("3f9a1c2e:", timeline, Lsn(lsn), seq)
+            );
+        }
+        assert_eq!(ids.id(1, Lsn(0x25C_B5E8), 5), "3f9a1c2e:1:0/25CB5E8-5");
+    }
 
     #[test]
     fn message_id_is_namespace_timeline_commit_lsn_and_seq() {

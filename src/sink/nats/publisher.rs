@@ -47,7 +47,7 @@ use crate::telemetry::counters::{DurableLsn, NatsStats, PublisherStats};
 use crate::wire::encode::debezium::{encode_debezium_value, DebeziumOptions};
 use crate::wire::encode::encode_change;
 use crate::wire::event::ChangeEvent;
-use crate::wire::id;
+use crate::wire::id::MessageIds;
 use crate::wire::outbox::{DeadReason, OutboxEvent};
 
 mod batch;
@@ -193,8 +193,8 @@ enum Failure {
 pub struct Publisher {
     client: Client,
     settings: PublisherSettings,
-    /// `{namespace}:`, the start of every message id.
-    id_prefix: String,
+    /// Writes the message ids; its prefix `{namespace}:` starts every one.
+    ids: MessageIds,
     stats: Arc<PublisherStats>,
     shutdown: Shutdown,
     /// Encoding buffer, reused for every change.
@@ -259,7 +259,7 @@ impl Publisher {
         });
         Publisher {
             client,
-            id_prefix: id::id_prefix(&settings.id_namespace),
+            ids: MessageIds::new(&settings.id_namespace),
             settings,
             stats,
             shutdown,
@@ -490,7 +490,7 @@ impl Publisher {
     /// Puts `entry` into the window and sends it, after the previous message of its stream.
     async fn publish_entry(&mut self, mut entry: InFlight) -> Result<Ticket, PublishError> {
         let token = entry.token;
-        let mut id = entry.message_id(&self.id_prefix);
+        let mut id = entry.message_id_from(&mut self.ids);
         // The first message of a stream in an empty window follows what is already stored;
         // every other one must follow the message of its stream before it.
         let chain = entry.lane.chain();
@@ -521,7 +521,7 @@ impl Publisher {
                 if let Some(c) = chain {
                     self.last_id[c] = expect.take();
                 }
-                id = entry.message_id(&self.id_prefix);
+                id = entry.message_id(self.ids.prefix());
                 sent = send(&self.client, &entry, id.clone(), None).await;
             }
         }
@@ -550,12 +550,12 @@ impl Publisher {
                 table: entry.subject.to_string(),
                 size: entry.payload.len(),
                 max: super::max_payload(&self.client),
-                message_id: entry.message_id(&self.id_prefix),
+                message_id: entry.message_id(self.ids.prefix()),
             }),
             // Retrying cannot make a subject valid.
             PublishErrorKind::InvalidSubject => Some(PublishError::InvalidSubject {
                 subject: entry.subject.to_string(),
-                message_id: entry.message_id(&self.id_prefix),
+                message_id: entry.message_id(self.ids.prefix()),
             }),
             PublishErrorKind::Send => None,
         }
@@ -784,7 +784,7 @@ impl Publisher {
                     log::warn!(
                         "publish of {} ({}) not acknowledged: {e}; retrying (PostgreSQL keeps the WAL meanwhile)",
                         front.subject,
-                        front.message_id(&self.id_prefix)
+                        front.message_id(self.ids.prefix())
                     );
                 }
             }
@@ -849,7 +849,7 @@ impl Publisher {
         let mut prev: [Option<String>; CHAINED] = Default::default();
         let mut first = [true; CHAINED];
         for entry in window.iter_mut() {
-            let id = entry.message_id(&self.id_prefix);
+            let id = entry.message_id(self.ids.prefix());
             let chain = entry.lane.chain();
             if matches!(entry.state, AckState::Acked { .. }) {
                 if let Some(c) = chain.filter(|&c| !first[c]) {
@@ -885,7 +885,7 @@ impl Publisher {
         for e in window.iter().rev() {
             if let Some(c) = e.lane.chain() {
                 if self.last_id[c].is_none() {
-                    self.last_id[c] = Some(e.message_id(&self.id_prefix));
+                    self.last_id[c] = Some(e.message_id(self.ids.prefix()));
                 }
             }
         }

@@ -21,7 +21,7 @@ impl Publisher {
         &mut self,
         ev: &OutboxEvent,
     ) -> Result<Ticket, PublishError> {
-        let routed = crate::outbox::route(ev, &self.id_prefix);
+        let routed = crate::outbox::route(ev, self.ids.prefix());
         let subject = match routed.dead {
             // Written as it would have been, for the dead letter's source header.
             Some(_) => ev.intended_subject(),
@@ -58,7 +58,7 @@ impl Publisher {
     pub(super) fn dead_letter(&mut self, entry: &mut InFlight, reason: DeadReason, detail: &str) {
         let max = crate::sink::nats::max_payload(&self.client);
         entry.make_dead_letter(
-            &self.id_prefix,
+            self.ids.prefix(),
             &self.settings.subject_prefix,
             reason,
             detail,

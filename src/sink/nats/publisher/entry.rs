@@ -12,7 +12,7 @@ use async_nats::{Client, HeaderMap, HeaderName, Subject};
 use bytes::Bytes;
 
 use crate::pg::Lsn;
-use crate::wire::id;
+use crate::wire::id::{self, MessageIds};
 use crate::wire::names::{
     ERROR_DETAIL_HEADER, ERROR_HEADER, LAST_IN_TX_HEADER, LAST_IN_TX_VALUE, SOURCE_HEADER,
     TRUNCATED_HEADER,
@@ -92,6 +92,15 @@ impl InFlight {
         match &self.extra {
             Some(extra) => extra.id.clone(),
             None => id::message_id(prefix, self.timeline, self.commit_lsn, self.seq),
+        }
+    }
+
+    /// [`InFlight::message_id`] through `ids`, which writes a transaction's shared part once:
+    /// for the publish path, where changes come in order.
+    pub(super) fn message_id_from(&self, ids: &mut MessageIds) -> String {
+        match &self.extra {
+            Some(extra) => extra.id.clone(),
+            None => ids.id(self.timeline, self.commit_lsn, self.seq),
         }
     }
 
