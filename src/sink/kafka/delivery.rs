@@ -30,7 +30,7 @@ use crate::shutdown::Shutdown;
 use crate::sink::driver::{Delivery, Feed, Progress, Ticket};
 use crate::telemetry::counters::{NatsStats, PublisherStats};
 use crate::wire::encode::debezium::{encode_debezium_key, encode_debezium_value, DebeziumOptions};
-use crate::wire::encode::encode_change;
+use crate::wire::encode::{encode_change_in, CommitText};
 use crate::wire::event::{ChangeEvent, Operation};
 use crate::wire::id;
 use crate::wire::kafka::{
@@ -213,6 +213,8 @@ pub(crate) struct KafkaDelivery {
     oversize: Vec<(Ticket, u32, String)>,
     key_buf: Vec<u8>,
     value_buf: Vec<u8>,
+    /// The commit text of the transaction being encoded.
+    commit_text: CommitText,
     scratch: (Vec<u8>, Vec<u8>),
     /// Exactly-once delivery's state; `None` at least once.
     eos: Option<Txns>,
@@ -249,6 +251,7 @@ impl KafkaDelivery {
             oversize: Vec::new(),
             key_buf: Vec::with_capacity(64),
             value_buf: Vec::with_capacity(4096),
+            commit_text: CommitText::default(),
             scratch: (Vec::new(), Vec::new()),
             eos,
         };
@@ -442,7 +445,12 @@ impl KafkaDelivery {
                 crate::wire::text::now_unix_micros(),
                 &mut self.value_buf,
             ),
-            None => encode_change(self.settings.format, ev, &mut self.value_buf),
+            None => encode_change_in(
+                self.settings.format,
+                ev,
+                &mut self.commit_text,
+                &mut self.value_buf,
+            ),
         }
     }
 

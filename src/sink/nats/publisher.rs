@@ -45,7 +45,7 @@ use crate::sink::driver::{self, Delivery, Feed, Progress, Ticket};
 use crate::sink::ring::RingReader;
 use crate::telemetry::counters::{DurableLsn, NatsStats, PublisherStats};
 use crate::wire::encode::debezium::{encode_debezium_value, DebeziumOptions};
-use crate::wire::encode::encode_change;
+use crate::wire::encode::{encode_change_in, CommitText};
 use crate::wire::event::ChangeEvent;
 use crate::wire::id::MessageIds;
 use crate::wire::outbox::{DeadReason, OutboxEvent};
@@ -199,6 +199,8 @@ pub struct Publisher {
     shutdown: Shutdown,
     /// Encoding buffer, reused for every change.
     buf: Vec<u8>,
+    /// The commit text of the transaction being encoded.
+    commit_text: CommitText,
     /// Where payloads are copied to and cut from.
     payloads: Chunks,
     replies: Replies,
@@ -264,6 +266,7 @@ impl Publisher {
             stats,
             shutdown,
             buf: Vec::with_capacity(4096),
+            commit_text: CommitText::default(),
             payloads: Chunks::new(PAYLOAD_CHUNK),
             replies,
             next_token: 0,
@@ -429,7 +432,12 @@ impl Publisher {
                 crate::wire::text::now_unix_micros(),
                 &mut self.buf,
             ),
-            None => encode_change(self.settings.format, ev, &mut self.buf),
+            None => encode_change_in(
+                self.settings.format,
+                ev,
+                &mut self.commit_text,
+                &mut self.buf,
+            ),
         }
         let subject = self
             .subjects

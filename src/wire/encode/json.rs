@@ -2,18 +2,18 @@
 
 use std::io::Write as _;
 
-use super::has_old_columns;
 use super::msgpack::written;
+use super::{has_old_columns, CommitFields};
 use rmpv::Value as Mp;
 
 use crate::pg::value::Value;
 use crate::pg::Lsn;
 use crate::wire::event::{ChangeEvent, ColumnValue};
-use crate::wire::text::{decimal, push_base64, timestamp_ascii, TIMESTAMP_LEN};
+use crate::wire::text::{decimal, push_base64};
 
 const HEX_UPPER: &[u8; 16] = b"0123456789ABCDEF";
 
-pub(super) fn json_change(event: &ChangeEvent, out: &mut Vec<u8>) {
+pub(super) fn json_change(event: &ChangeEvent, commit: CommitFields<'_>, out: &mut Vec<u8>) {
     out.extend_from_slice(b"{\"table\":");
     json_str(out, &event.table.table);
     out.extend_from_slice(b",\"schema\":");
@@ -26,12 +26,11 @@ pub(super) fn json_change(event: &ChangeEvent, out: &mut Vec<u8>) {
     out.extend_from_slice(b",\"lsn\":");
     json_ascii(out, event.lsn.ascii(&mut lsn));
     out.extend_from_slice(b",\"commit_lsn\":");
-    json_ascii(out, event.commit_lsn.ascii(&mut lsn));
+    json_ascii(out, commit.lsn);
     out.extend_from_slice(b",\"xid\":");
     json_u64(out, u64::from(event.xid));
-    let mut time = [0; TIMESTAMP_LEN];
     out.extend_from_slice(b",\"commit_time\":");
-    json_ascii(out, timestamp_ascii(event.commit_time, &mut time));
+    json_ascii(out, commit.time);
     out.extend_from_slice(b",\"seq\":");
     json_u64(out, u64::from(event.seq));
     out.extend_from_slice(if event.last_in_tx {

@@ -68,7 +68,9 @@ pub use json::{json_f64, json_str, push_json_key, push_json_value};
 
 use crate::config::Format;
 use crate::pg::value::Value;
+use crate::pg::Lsn;
 use crate::wire::event::{ChangeEvent, Operation};
+use crate::wire::text::{timestamp_ascii, TIMESTAMP_LEN};
 
 /// The MIME type of a message in `format`, for a `Content-Type` header.
 pub fn content_type(format: Format) -> &'static str {
@@ -82,10 +84,53 @@ pub fn content_type(format: Format) -> &'static str {
 ///
 /// Reusing one buffer for many events avoids allocating per event: only `out` may grow.
 pub fn encode_change(format: Format, event: &ChangeEvent, out: &mut Vec<u8>) {
+    encode_change_in(format, event, &mut CommitText::default(), out);
+}
+
+/// [`encode_change`] for an encoder of many events, which keeps the text their transaction
+/// shares in `commit`.
+pub fn encode_change_in(
+    format: Format,
+    event: &ChangeEvent,
+    commit: &mut CommitText,
+    out: &mut Vec<u8>,
+) {
     out.clear();
     match format {
-        Format::Msgpack => msgpack::msgpack_change(event, out),
-        Format::Json => json::json_change(event, out),
+        Format::Msgpack => msgpack::msgpack_change(event, commit.of(event), out),
+        Format::Json => json::json_change(event, commit.of(event), out),
+    }
+}
+
+/// The `commit_lsn` and `commit_time` text of the last transaction encoded: written once per
+/// transaction instead of once per change.
+#[derive(Debug, Clone, Default)]
+pub struct CommitText {
+    /// The commit the text is for.
+    of: Option<(Lsn, i64)>,
+    lsn: [u8; Lsn::TEXT_MAX_LEN],
+    lsn_len: usize,
+    time: [u8; TIMESTAMP_LEN],
+}
+
+/// A change event's commit position and time as ASCII text.
+struct CommitFields<'a> {
+    lsn: &'a [u8],
+    time: &'a [u8],
+}
+
+impl CommitText {
+    fn of(&mut self, event: &ChangeEvent) -> CommitFields<'_> {
+        let commit = (event.commit_lsn, event.commit_time);
+        if self.of != Some(commit) {
+            self.lsn_len = event.commit_lsn.ascii(&mut self.lsn).len();
+            timestamp_ascii(event.commit_time, &mut self.time);
+            self.of = Some(commit);
+        }
+        CommitFields {
+            lsn: &self.lsn[..self.lsn_len],
+            time: &self.time,
+        }
     }
 }
 

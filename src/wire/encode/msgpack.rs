@@ -1,10 +1,9 @@
 //! The MessagePack encoders: change events, values and documents.
 
-use super::has_old_columns;
+use super::{has_old_columns, CommitFields};
 use crate::pg::value::Value;
 use crate::pg::Lsn;
 use crate::wire::event::{ChangeEvent, ColumnValue};
-use crate::wire::text::{timestamp_ascii, TIMESTAMP_LEN};
 
 /// Discards the result of an `rmp` write: writing into a `Vec` cannot fail (it grows, or the
 /// process aborts on out-of-memory).
@@ -59,7 +58,7 @@ const K_UNCHANGED_TOAST: &[u8] = b"\xafunchanged_toast";
 const K_NAME: &[u8] = b"\xa4name";
 const K_VALUE: &[u8] = b"\xa5value";
 
-pub(super) fn msgpack_change(event: &ChangeEvent, out: &mut Vec<u8>) {
+pub(super) fn msgpack_change(event: &ChangeEvent, commit: CommitFields<'_>, out: &mut Vec<u8>) {
     let with_old = has_old_columns(event);
     written(rmp::encode::write_map_len(out, 12 + u32::from(with_old)));
 
@@ -75,12 +74,11 @@ pub(super) fn msgpack_change(event: &ChangeEvent, out: &mut Vec<u8>) {
     out.extend_from_slice(K_LSN);
     mp_utf8(out, event.lsn.ascii(&mut lsn));
     out.extend_from_slice(K_COMMIT_LSN);
-    mp_utf8(out, event.commit_lsn.ascii(&mut lsn));
+    mp_utf8(out, commit.lsn);
     out.extend_from_slice(K_XID);
     mp_uint(out, u64::from(event.xid));
-    let mut time = [0; TIMESTAMP_LEN];
     out.extend_from_slice(K_COMMIT_TIME);
-    mp_utf8(out, timestamp_ascii(event.commit_time, &mut time));
+    mp_utf8(out, commit.time);
     out.extend_from_slice(K_SEQ);
     mp_uint(out, u64::from(event.seq));
     out.extend_from_slice(K_LAST_IN_TX);

@@ -653,6 +653,27 @@ fn reused_buffer_keeps_its_capacity() {
     }
 }
 
+#[test]
+fn commit_text_follows_each_transaction() {
+    for format in [Format::Msgpack, Format::Json] {
+        let mut commit = CommitText::default();
+        let mut out = Vec::new();
+        // Changes of three transactions, the second with the first one's commit time, and
+        // the first one's again after them (a resend).
+        for (i, (lsn, time)) in [(1, 0), (1, 0), (2, 0), (2, 0), (3, 7), (1, 0)]
+            .into_iter()
+            .enumerate()
+        {
+            let mut event = insert_every_kind();
+            event.seq = i as u32;
+            event.commit_lsn = Lsn(0x16B_3748 + lsn);
+            event.commit_time = SAMPLE_TIME + time;
+            encode_change_in(format, &event, &mut commit, &mut out);
+            assert_eq!(out, encode(format, &event), "{format}, change {i}");
+        }
+    }
+}
+
 // ---- Properties ----
 
 pub(super) fn any_float() -> impl Strategy<Value = f64> {
