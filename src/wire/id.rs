@@ -16,9 +16,10 @@ pub fn id_prefix(namespace: &str) -> String {
 /// timelines (a promotion reuses LSNs) and across clusters, databases and publications (the
 /// namespace).
 pub fn message_id(prefix: &str, timeline: u32, commit_lsn: Lsn, seq: u32) -> String {
-    let mut stem = String::with_capacity(prefix.len() + 40);
-    push_stem(&mut stem, prefix, timeline, commit_lsn);
-    with_seq(&stem, seq)
+    let mut id = String::with_capacity(prefix.len() + 40);
+    push_stem(&mut id, prefix, timeline, commit_lsn);
+    push_seq(&mut id, seq);
+    id
 }
 
 /// Writes `{prefix}{timeline}:{commit_lsn}-`, the part of [`message_id`] that every change of
@@ -31,14 +32,9 @@ fn push_stem(out: &mut String, prefix: &str, timeline: u32, commit_lsn: Lsn) {
     out.push('-');
 }
 
-/// The id of change `seq` after its transaction's `stem`.
-fn with_seq(stem: &str, seq: u32) -> String {
-    let mut buf = [0u8; 20];
-    let digits = decimal(u64::from(seq), &mut buf);
-    let mut id = String::with_capacity(stem.len() + digits.len());
-    id.push_str(stem);
-    push_ascii(&mut id, digits);
-    id
+/// Writes the change's ordinal, the last part of [`message_id`].
+fn push_seq(out: &mut String, seq: u32) {
+    push_ascii(out, decimal(u64::from(seq), &mut [0u8; 20]));
 }
 
 /// The [`message_id`]s of a run, for a publisher that sends changes in order: the text a
@@ -74,7 +70,11 @@ impl MessageIds {
             push_stem(&mut self.stem, &self.prefix, timeline, commit_lsn);
             self.of = Some((timeline, commit_lsn));
         }
-        with_seq(&self.stem, seq)
+        // Room for the longest ordinal: the id is not grown while it is written.
+        let mut id = String::with_capacity(self.stem.len() + 10);
+        id.push_str(&self.stem);
+        push_seq(&mut id, seq);
+        id
     }
 }
 

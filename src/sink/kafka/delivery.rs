@@ -32,7 +32,7 @@ use crate::telemetry::counters::{NatsStats, PublisherStats};
 use crate::wire::encode::debezium::{encode_debezium_key, encode_debezium_value, DebeziumOptions};
 use crate::wire::encode::{encode_change_in, CommitText};
 use crate::wire::event::{ChangeEvent, Operation};
-use crate::wire::id;
+use crate::wire::id::MessageIds;
 use crate::wire::kafka::{
     push_key, split_key_change, topic, ID_HEADER, KEY_CHANGE_DELETE_SUFFIX,
     KEY_CHANGE_INSERT_SUFFIX, OP_HEADER, TOMBSTONE_OP,
@@ -184,7 +184,8 @@ struct Entry {
 /// The Kafka half of the sink (see the [module docs](self)).
 pub(crate) struct KafkaDelivery {
     settings: Settings,
-    id_prefix: String,
+    /// Writes the message ids; its prefix `{namespace}:` starts every one.
+    ids: MessageIds,
     admin: Admin,
     producer: Option<ThreadedProducer<ProducerCtx>>,
     reports_tx: UnboundedSender<Report>,
@@ -229,7 +230,7 @@ impl KafkaDelivery {
             .clone()
             .map(|ids| Txns::new(ids, &settings.kafka.topic_prefix));
         let mut d = KafkaDelivery {
-            id_prefix: id::id_prefix(&settings.id_namespace),
+            ids: MessageIds::new(&settings.id_namespace),
             settings,
             admin,
             producer: None,
@@ -356,7 +357,7 @@ impl KafkaDelivery {
     /// The records of one change (see [`crate::wire::kafka`]).
     fn records(&mut self, ev: &ChangeEvent, topic: &Arc<str>, partitions: usize) -> Vec<Record> {
         let format = self.settings.format;
-        let base_id: Arc<str> = Arc::from(ev.message_id(&self.id_prefix));
+        let base_id: Arc<str> = Arc::from(self.ids.id(ev.timeline, ev.commit_lsn, ev.seq));
         let mut out = Vec::with_capacity(2);
         let tombstones = self.settings.kafka.tombstones;
         let (a, b) = (&mut self.scratch.0, &mut self.scratch.1);

@@ -24,7 +24,7 @@ impl KafkaDelivery {
         &mut self,
         ev: &OutboxEvent,
     ) -> Result<(String, Record), KafkaSinkError> {
-        let routed = crate::outbox::route(ev, &self.id_prefix);
+        let routed = crate::outbox::route(ev, self.ids.prefix());
         let name = outbox_topic(ev.aggregate_type.as_deref().unwrap_or(""));
         let dead = routed.dead.or_else(|| {
             (name.len() > MAX_TOPIC_LEN).then(|| {
