@@ -20,7 +20,7 @@
 //! the source stream with N synthetic change-sized messages, for a run without the bridge.
 //!
 //! ```text
-//! js_publish --url nats://127.0.0.1:4222 --source CDC --target CEIL --window 1024 [--mode core|fast] [--flow 256] [--fill N]
+//! js_publish --url nats://127.0.0.1:4222 --source CDC --target CEIL --window 1024 [--mode core|fast] [--flow 256] [--fill N] [--server-pid PID] [--chain]
 //! ```
 
 use std::collections::VecDeque;
@@ -30,6 +30,7 @@ use async_nats::jetstream::message::PublishMessage;
 use bytes::Bytes;
 use futures_util::StreamExt;
 use pgbridge::sink::nats::publisher::server_has_fast_batches;
+use testkit::proc::cpu_of;
 
 /// The bridge's PubAck timeout (`ACK_TIMEOUT`).
 const ACK_TIMEOUT: Duration = Duration::from_secs(5);
@@ -44,6 +45,11 @@ struct Args {
     flow: u16,
     /// Fill the source stream with this many synthetic messages first (standalone runs).
     fill: usize,
+    /// nats-server's process, whose CPU time while publishing is reported too.
+    server_pid: Option<u32>,
+    /// Core and fast modes: every message but the first also expects the one before it
+    /// (`Nats-Expected-Last-Msg-Id`), as the bridge's do.
+    chain: bool,
 }
 
 #[derive(Clone, Copy, PartialEq)]
@@ -65,6 +71,8 @@ fn args() -> Args {
         mode: Mode::Api,
         flow: 256,
         fill: 0,
+        server_pid: None,
+        chain: false,
     };
     let mut it = std::env::args().skip(1);
     while let Some(flag) = it.next() {
@@ -83,6 +91,8 @@ fn args() -> Args {
             }
             "--flow" => a.flow = value().parse().expect("--flow N"),
             "--fill" => a.fill = value().parse().expect("--fill N"),
+            "--server-pid" => a.server_pid = Some(value().parse().expect("--server-pid PID")),
+            "--chain" => a.chain = true,
             other => panic!("unknown argument {other}"),
         }
     }
@@ -172,11 +182,12 @@ async fn run(args: Args) {
         .build(client.clone());
     let bytes: usize = msgs.iter().map(|m| m.payload.len()).sum();
     let cpu_before = cpu_time();
+    let server_before = args.server_pid.and_then(cpu_of);
     let started = Instant::now();
     if args.mode == Mode::Core {
-        publish_core(&client, &msgs, args.window).await;
+        publish_core(&client, &msgs, args.window, args.chain).await;
     } else if args.mode == Mode::Fast {
-        publish_fast(&client, &msgs, args.window, args.flow).await;
+        publish_fast(&client, &msgs, args.window, args.flow, args.chain).await;
     } else {
         let mut window = VecDeque::with_capacity(args.window);
         for m in &msgs {
@@ -200,6 +211,12 @@ async fn run(args: Args) {
     }
     let secs = started.elapsed().as_secs_f64();
     let cpu = cpu_time() - cpu_before;
+    let server_cpu = match (server_before, args.server_pid.and_then(cpu_of)) {
+        (Some(before), Some(after)) => {
+            format!("{:.2}", (after.total() - before.total()).as_secs_f64())
+        }
+        _ => "null".into(),
+    };
     let stored = js
         .get_stream(&args.target)
         .await
@@ -211,12 +228,13 @@ async fn run(args: Args) {
         .messages;
     assert_eq!(stored as usize, msgs.len(), "every message stored once");
     println!(
-        "{{\"messages\":{},\"payload_bytes\":{},\"seconds\":{:.6},\"rate\":{:.1},\"cpu_seconds\":{:.6},\"read_seconds\":{:.3}}}",
+        "{{\"messages\":{},\"payload_bytes\":{},\"seconds\":{:.6},\"rate\":{:.1},\"cpu_seconds\":{:.6},\"server_cpu_seconds\":{},\"read_seconds\":{:.3}}}",
         msgs.len(),
         bytes,
         secs,
         msgs.len() as f64 / secs,
         cpu,
+        server_cpu,
         read_secs
     );
     let _ = js.delete_stream(&args.target).await;
@@ -248,13 +266,22 @@ async fn fill_source(
             )),
         })
         .collect();
-    publish_core(client, &msgs, 1024).await;
+    publish_core(client, &msgs, 1024, false).await;
 }
 
 /// Publishes `m` with its `Nats-Msg-Id` as a plain message answered on `reply`.
-async fn publish_with_id(client: &async_nats::Client, m: &Msg, reply: String) {
+/// Publishes `m` with its id, expecting `expect` as the stream's last message id if given.
+async fn publish_with_id(
+    client: &async_nats::Client,
+    m: &Msg,
+    reply: String,
+    expect: Option<&Msg>,
+) {
     let mut headers = async_nats::HeaderMap::new();
     headers.insert("Nats-Msg-Id", m.id.as_str());
+    if let Some(before) = expect {
+        headers.insert("Nats-Expected-Last-Msg-Id", before.id.as_str());
+    }
     client
         .publish_with_reply_and_headers(m.subject.clone(), reply, headers, m.payload.clone())
         .await
@@ -262,7 +289,7 @@ async fn publish_with_id(client: &async_nats::Client, m: &Msg, reply: String) {
 }
 
 /// Plain publishes with a reply subject `{inbox}.{n}`, at most `window` without a PubAck.
-async fn publish_core(client: &async_nats::Client, msgs: &[Msg], window: usize) {
+async fn publish_core(client: &async_nats::Client, msgs: &[Msg], window: usize, chain: bool) {
     let inbox = client.new_inbox();
     let mut acks = client
         .subscribe(format!("{inbox}.*"))
@@ -285,7 +312,8 @@ async fn publish_core(client: &async_nats::Client, msgs: &[Msg], window: usize) 
             next_ack().await;
             in_flight -= 1;
         }
-        publish_with_id(client, m, format!("{inbox}.{n}")).await;
+        let before = n.checked_sub(1).filter(|_| chain).map(|b| &msgs[b]);
+        publish_with_id(client, m, format!("{inbox}.{n}"), before).await;
         in_flight += 1;
     }
     while in_flight > 0 {
@@ -298,7 +326,13 @@ async fn publish_core(client: &async_nats::Client, msgs: &[Msg], window: usize) 
 /// `{inbox}.{batch}.{flow}.fail.{seq}.{op}.$FI`, the server acknowledging every `msgs`
 /// messages (it picks `msgs`, at most `flow`), at most `window` messages beyond the last
 /// flow ack, the last message committing the batch.
-async fn publish_fast(client: &async_nats::Client, msgs: &[Msg], window: usize, flow: u16) {
+async fn publish_fast(
+    client: &async_nats::Client,
+    msgs: &[Msg],
+    window: usize,
+    flow: u16,
+    chain: bool,
+) {
     let inbox = client.new_inbox();
     let batch = client.new_inbox().rsplit('.').next().unwrap().to_string();
     let mut acks = client
@@ -336,10 +370,12 @@ async fn publish_fast(client: &async_nats::Client, msgs: &[Msg], window: usize, 
         } else {
             1
         };
+        let before = n.checked_sub(1).filter(|_| chain).map(|b| &msgs[b]);
         publish_with_id(
             client,
             m,
             format!("{inbox}.{batch}.{flow}.fail.{seq}.{op}.$FI"),
+            before,
         )
         .await;
         if seq == last {

@@ -828,6 +828,7 @@ impl Bench {
             "peak_rss_kb": hwm,
             "walsender_cpu_s": secs(sender_cpu.total()),
             "nats_server_cpu_s": secs(nats_cpu),
+            "nats_server_cpu_us_per_change": round(nats_cpu.as_secs_f64() * 1e6 / expected as f64, 3),
         })
     }
 }

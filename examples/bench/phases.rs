@@ -88,6 +88,13 @@ impl Bench {
             "CEIL",
         ])
         .args(["--window", &WINDOW.to_string(), "--mode", mode])
+        .args(
+            self.nats
+                .pid()
+                .map(|p| ["--server-pid".to_string(), p.to_string()])
+                .into_iter()
+                .flatten(),
+        )
         .stdout(Stdio::piped())
         .stderr(Stdio::inherit());
         let mut p = Proc::spawn(&self.o.dir, "js_publish", &mut cmd, libc::SIGTERM);
@@ -117,6 +124,8 @@ impl Bench {
             "window": WINDOW,
             "publisher_cpu_s": r["cpu_seconds"],
             "publisher_cpu_us_per_message": round(r["cpu_seconds"].as_f64().unwrap() * 1e6 / n, 3),
+            "nats_server_cpu_s": r["server_cpu_seconds"],
+            "nats_server_cpu_us_per_message": r["server_cpu_seconds"].as_f64().map(|s| round(s * 1e6 / n, 3)),
         })
     }
 

@@ -218,6 +218,22 @@ pub(super) fn print_table(r: &Json) {
         (
             "streaming",
             [
+                "  nats-server CPU per change".into(),
+                fmt_num(&s["bridge"]["nats_server_cpu_us_per_change"], "us"),
+                format!(
+                    "publisher {} / fast batch {}",
+                    fmt_num(&j["nats_server_cpu_us_per_message"], "us"),
+                    fmt_num(
+                        &j["fast_batch_reference"]["nats_server_cpu_us_per_message"],
+                        "us"
+                    )
+                ),
+                String::new(),
+            ],
+        ),
+        (
+            "streaming",
+            [
                 "  bridge peak RSS".into(),
                 fmt_num(&s["bridge"]["peak_rss_kb"], "kB"),
                 String::new(),
@@ -392,7 +408,10 @@ pub(super) fn print_table(r: &Json) {
                     fmt_num(&snap["bridge"]["cpu_us_per_row"], "us"),
                     fmt_num(&snap["bridge"]["cpu_share_of_one_core"], "")
                 ),
-                String::new(),
+                format!(
+                    "nats-server CPU {}",
+                    fmt_num(&snap["bridge"]["nats_server_cpu_s"], "s")
+                ),
                 String::new(),
             ],
         ),

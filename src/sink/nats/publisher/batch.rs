@@ -7,6 +7,9 @@
 //! ends the batch there, and nothing after it is stored. Every message still carries its
 //! `Nats-Msg-Id` and `Nats-Expected-Last-Msg-Id`, which the server checks per message inside a
 //! batch as outside one, so the ordering and de-duplication guarantees are the plain path's.
+//! The gap check alone would not do: a message that passes the batch's checks and then fails
+//! to be stored (a store error in nats-server's fast-batch path) does not end the batch, and
+//! only the next message's expected id keeps that one from being stored after a hole.
 //!
 //! Reply subjects: `{inbox}.{batch id}.{flow}.fail.{seq}.{op}.$FI`, `op` 0 for the first
 //! message, 1 for the others, 3 for the empty end-of-batch message that commits without being
