@@ -1,6 +1,7 @@
 //! Fault tests (docs/protocol.md, "Ordering and exactly-once") with real servers: under continuous load the bridge is killed
-//! with SIGKILL again and again, nats-server is stopped for 10 s, PostgreSQL is restarted, and
-//! the bridge is stopped with SIGTERM and started again. Each time the CDC stream is compared
+//! with SIGKILL again and again, nats-server is stopped for 10 s, PostgreSQL is restarted, the
+//! bridge is frozen until nats-server forgets its fast-ingest batch, and the bridge is stopped
+//! with SIGTERM and started again. Each time the CDC stream is compared
 //! with what PostgreSQL committed: every committed change is there, none is stored twice.
 //!
 //! Fault timing is random (xorshift seeded from the clock); the seed is printed, and
@@ -34,6 +35,8 @@ const LOAD_MAX_TXNS: i64 = 200_000;
 const WAIT: Duration = Duration::from_secs(60);
 /// Log line of a publish that JetStream did not acknowledge (and that is retried).
 const PUBLISH_RETRY: &str = "not acknowledged";
+/// Warning of a fast-ingest batch that nats-server dropped before the bridge ended it.
+const BATCH_FORGOTTEN: &str = "no longer knows this bridge's fast-ingest batch";
 /// Start-up warning of a slot confirmed beyond the state file's durable position.
 const SLOT_AHEAD: &str = "without being stored";
 
@@ -659,6 +662,99 @@ fn nats_down_for_10s_under_load_loses_nothing_and_holds_the_slot() {
     eprintln!(
         "nats_down: slot held at {} (last commit stored before the outage at {last_stored}, first after at {first_unstored}); {report:?}; {} changes; published={published} duplicates={duplicates} batches={batches}; {:?}",
         settled[0].1,
+        committed.len(),
+        started.elapsed()
+    );
+}
+
+/// Writes `txns` transactions of `rows` inserts each into `load`, as the load generator writes
+/// them (`payload = 'i{txn}'`), a few hundred transactions per round trip.
+fn write_backlog(pg: &PgServer, txns: i64, rows: i64) {
+    let mut txn = 0;
+    while txn < txns {
+        let mut sql = String::new();
+        for _ in 0..500.min(txns - txn) {
+            txn += 1;
+            let first = (txn - 1) * rows + 1;
+            let last = txn * rows;
+            sql.push_str(&format!(
+                "BEGIN; INSERT INTO load (id, txn, payload) \
+                 SELECT g, {txn}, 'i{txn}' FROM generate_series({first}, {last}) g; COMMIT; "
+            ));
+        }
+        pg.sql("app", &sql);
+    }
+}
+
+/// nats-server forgets a fast-ingest batch that gets no message for its batch timeout (10 s by
+/// default, 1 s here). A bridge frozen (SIGSTOP) for longer than that while it drains a backlog
+/// in batches wakes up sending into a batch the server no longer knows: JetStream refuses those
+/// messages (`batch publish ID unknown`), and of the batch's messages stored before the freeze
+/// some are never acknowledged. Nothing may be lost, stored twice or stored out of order, and
+/// the bridge goes on without a restart.
+#[test]
+fn a_batch_nats_forgot_while_the_bridge_was_frozen_loses_nothing() {
+    let started = Instant::now();
+    let conf = TempDir::new("nats-conf");
+    let conf_file = conf.path().join("batch-timeout.conf");
+    std::fs::write(
+        &conf_file,
+        "jetstream {\n  limits {\n    batch {\n      timeout: \"1s\"\n    }\n  }\n}\n",
+    )
+    .expect("write the nats-server config");
+    let env = TestEnv {
+        pg: PgServer::start(),
+        nats: NatsServer::start_with_args(&["-c", conf_file.to_str().expect("UTF-8 path")]),
+    };
+    setup_app_db(&env.pg, SCHEMA, "");
+    let dir = TempDir::new("bridge");
+    let url = env.nats.url();
+    // The first run creates the slot; 100 000 changes in 5 000 transactions are written while
+    // the bridge is stopped, and the second run drains them in batches.
+    let mut first = BridgeProcess::spawn(&mut bridge_command(&env.pg, &url, dir.path()));
+    first.wait_for_line("streaming started", WAIT);
+    stop_gracefully(&mut first);
+    write_backlog(&env.pg, 5_000, 20);
+    let mut bridge = BridgeProcess::spawn(&mut bridge_command(&env.pg, &url, dir.path()));
+    wait_stream_len(&url, 10_000);
+    // Frozen for three times the server's batch timeout while a batch is open. A backlog goes
+    // in one batch after another, so a freeze lands in one unless it hits the moment between
+    // two; then it is tried again.
+    let mut frozen_at = Vec::new();
+    while !bridge.log().contains(BATCH_FORGOTTEN) {
+        let at = stream_len(&url, "CDC");
+        assert!(
+            frozen_at.len() < 3 && at < 90_000,
+            "no freeze (at {frozen_at:?} of 100 000 changes) made the server forget a batch:\n{}",
+            bridge.log()
+        );
+        frozen_at.push(at);
+        bridge.child.signal(libc::SIGSTOP);
+        std::thread::sleep(Duration::from_secs(3));
+        bridge.child.signal(libc::SIGCONT);
+        // The refusal of its next message comes within moments of waking.
+        let woke = Instant::now();
+        while !bridge.log().contains(BATCH_FORGOTTEN) && woke.elapsed() < Duration::from_secs(5) {
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+    let committed = committed_changes(&env.pg);
+    assert_eq!(committed.len(), 100_000);
+    wait_caught_up(&env.pg, &bridge);
+    assert_running(&mut bridge);
+    let (published, duplicates) = stop_gracefully(&mut bridge);
+    let log = bridge.log();
+    assert_eq!(
+        log.matches("streaming started").count(),
+        1,
+        "one start, no restart:\n{log}"
+    );
+    let batches = summary_batches(&bridge);
+    let events = read_events(&url);
+    assert_exactly_once(&events, &committed);
+    assert_commit_order(&events);
+    eprintln!(
+        "forgotten batch: frozen at {frozen_at:?} of {} changes; published={published} duplicates={duplicates} batches={batches}; {:?}",
         committed.len(),
         started.elapsed()
     );

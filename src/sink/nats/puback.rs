@@ -69,6 +69,9 @@ pub const ERR_BATCH_DISABLED: u64 = 10205;
 pub const ERR_BATCH_INVALID_PATTERN: u64 = 10206;
 /// ... whose batch id the server refuses.
 pub const ERR_BATCH_INVALID_ID: u64 = 10207;
+/// ... whose batch the server does not know: never started, or dropped after getting no
+/// message for its batch timeout.
+pub const ERR_BATCH_UNKNOWN_ID: u64 = 10208;
 
 impl PubAckError {
     /// True when the stream takes no fast-ingest batches from this publisher at all (they are
@@ -76,6 +79,12 @@ impl PubAckError {
     pub fn refuses_batches(&self) -> bool {
         matches!(self, PubAckError::Refused { err_code, .. }
             if matches!(*err_code, ERR_BATCH_DISABLED | ERR_BATCH_INVALID_PATTERN | ERR_BATCH_INVALID_ID))
+    }
+
+    /// True when the server no longer knows the message's fast-ingest batch: none of the
+    /// batch's messages not yet acknowledged will be.
+    pub fn is_unknown_batch(&self) -> bool {
+        matches!(self, PubAckError::Refused { err_code, .. } if *err_code == ERR_BATCH_UNKNOWN_ID)
     }
 
     /// True when no resend can get the message stored (it is larger than the stream takes).

@@ -644,6 +644,26 @@ impl Publisher {
             }
             // Informational: the commit that follows says what was stored.
             BatchReply::Gap => {}
+            // The server dropped the batch (no message for its batch timeout: the bridge was
+            // paused, or its connection stalled). What it stored of the batch beyond the last
+            // flow acknowledgement will never be acknowledged, so everything of the batch still
+            // waiting goes again at once, plainly and in order: JetStream drops what it has as
+            // duplicates.
+            BatchReply::Refused { error, .. } if error.is_unknown_batch() => {
+                let waiting = self
+                    .window
+                    .iter()
+                    .any(|e| e.batch == number && matches!(e.state, AckState::Pending));
+                if waiting {
+                    log::warn!(
+                        "nats-server no longer knows this bridge's fast-ingest batch ({error}): it \
+                         drops a batch that gets no message for its batch timeout (10 s by default; \
+                         was the bridge paused, or the connection stalled?); sending the batch's \
+                         unacknowledged changes again, in order"
+                    );
+                    self.fail_batch(number, 0, None);
+                }
+            }
             BatchReply::Refused { seq, error } => self.fail_batch(number, seq, Some(error)),
         }
     }

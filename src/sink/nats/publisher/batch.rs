@@ -400,6 +400,16 @@ mod tests {
             BatchReply::Refused { seq: 9, error } => assert!(error.is_permanent()),
             other => panic!("{other:?}"),
         }
+        // The answer to a message of a batch the server dropped (as nats-server 2.15 words it).
+        match read_payload(
+            br#"{"stream":"CDC","error":{"code":400,"err_code":10208,"description":"batch publish ID unknown"}}"#,
+            301,
+        ) {
+            BatchReply::Refused { seq: 301, error } => {
+                assert!(error.is_unknown_batch() && !error.refuses_batches())
+            }
+            other => panic!("{other:?}"),
+        }
         for bad in [
             &b"nope"[..],
             br#"{"type":"ack"}"#,
