@@ -140,6 +140,11 @@ fn fmt_num(v: &Json, unit: &str) -> String {
     }
 }
 
+/// A latency summary's `p50_ms`, `p99_ms` and `max_ms` as `p50 / p99 / max ms`.
+fn p50_p99_max(v: &Json) -> String {
+    format!("{} / {} / {} ms", v["p50_ms"], v["p99_ms"], v["max_ms"])
+}
+
 fn group(n: u64) -> String {
     let s = n.to_string();
     let mut out = String::new();
@@ -272,10 +277,7 @@ pub(super) fn print_table(r: &Json) {
                     "latency at {} ch/s, consumer, p50 / p99 / max",
                     lat["target_changes_per_s"]
                 ),
-                format!(
-                    "{} / {} / {} ms",
-                    lat["consumer"]["p50_ms"], lat["consumer"]["p99_ms"], lat["consumer"]["max_ms"]
-                ),
+                p50_p99_max(&lat["consumer"]),
                 format!("{} msgs", lat["messages"]),
                 String::new(),
             ],
@@ -302,12 +304,7 @@ pub(super) fn print_table(r: &Json) {
             "latency",
             [
                 "  PostgreSQL alone (2nd slot), p50 / p99 / max".into(),
-                format!(
-                    "{} / {} / {} ms",
-                    lat["postgresql_only"]["p50_ms"],
-                    lat["postgresql_only"]["p99_ms"],
-                    lat["postgresql_only"]["max_ms"]
-                ),
+                p50_p99_max(&lat["postgresql_only"]),
                 String::new(),
                 String::new(),
             ],
@@ -316,12 +313,7 @@ pub(super) fn print_table(r: &Json) {
             "latency",
             [
                 "  minus PostgreSQL, per txn, p50 / p99 / max".into(),
-                format!(
-                    "{} / {} / {} ms",
-                    lat["bridge_share"]["p50_ms"],
-                    lat["bridge_share"]["p99_ms"],
-                    lat["bridge_share"]["max_ms"]
-                ),
+                p50_p99_max(&lat["bridge_share"]),
                 String::new(),
                 String::new(),
             ],
@@ -330,12 +322,7 @@ pub(super) fn print_table(r: &Json) {
             "latency",
             [
                 "  NATS ping (5 ms), p50 / p99 / max".into(),
-                format!(
-                    "{} / {} / {} ms",
-                    lat["nats_ping"]["p50_ms"],
-                    lat["nats_ping"]["p99_ms"],
-                    lat["nats_ping"]["max_ms"]
-                ),
+                p50_p99_max(&lat["nats_ping"]),
                 String::new(),
                 String::new(),
             ],
@@ -344,12 +331,7 @@ pub(super) fn print_table(r: &Json) {
             "latency",
             [
                 "  JetStream ping (5 ms), p50 / p99 / max".into(),
-                format!(
-                    "{} / {} / {} ms",
-                    lat["jetstream_ping"]["p50_ms"],
-                    lat["jetstream_ping"]["p99_ms"],
-                    lat["jetstream_ping"]["max_ms"]
-                ),
+                p50_p99_max(&lat["jetstream_ping"]),
                 match lat["jetstream_ping"]["errors"].as_u64() {
                     Some(e) if e > 0 => {
                         format!("{} pings, {e} failed", lat["jetstream_ping"]["pings"])
