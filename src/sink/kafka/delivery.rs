@@ -40,7 +40,7 @@ use crate::wire::kafka::{
 use crate::wire::outbox::OutboxEvent;
 
 use super::topics::Admin;
-use super::{client_config, Context, KafkaSinkError};
+use super::{client_config, Context, KafkaSinkError, REQUEST_TIMEOUT};
 
 mod outbox;
 mod transactions;
@@ -292,7 +292,21 @@ impl KafkaDelivery {
             .create_with_context(ctx)
             .map_err(KafkaSinkError::Config)?;
         self.producer = Some(producer);
+        for name in self.topics.keys() {
+            self.learn_topic(name);
+        }
         Ok(())
+    }
+
+    /// Has the producer learn `topic`'s partitions and leaders now. Left to find them at its
+    /// first record there, librdkafka waits for its next metadata refresh: up to a second
+    /// before the first change after a start is stored.
+    fn learn_topic(&self, topic: &str) {
+        if let Some(p) = &self.producer {
+            if let Err(e) = p.client().fetch_metadata(Some(topic), REQUEST_TIMEOUT) {
+                log::debug!("metadata of Kafka topic {topic}: {e}");
+            }
+        }
     }
 
     /// The topic of a table (see [`Self::topic_named`]).
@@ -328,6 +342,7 @@ impl KafkaDelivery {
                         log::info!("Kafka topic {name} is ready");
                     }
                     let partitions = partitions.max(1);
+                    self.learn_topic(&name);
                     self.topics
                         .insert(Arc::clone(&name), (partitions, max_bytes));
                     if let Some(m) = max_bytes {
