@@ -40,7 +40,7 @@ use crate::wire::kafka::{
 use crate::wire::outbox::OutboxEvent;
 
 use super::topics::Admin;
-use super::{client_config, Context, KafkaSinkError, REQUEST_TIMEOUT};
+use super::{client_config, Context, KafkaSinkError};
 
 mod outbox;
 mod transactions;
@@ -60,6 +60,9 @@ const REPORT_WAIT: Duration = Duration::from_secs(1);
 /// Before a commit, how long to wait for the producer to let go of the last reported record
 /// (it does so right after the report), or before recovering from a refused position record.
 const COMMIT_WAIT: Duration = Duration::from_millis(1);
+/// Longest wait for a new topic's metadata before its first record (the topic was just found
+/// or created, so Kafka answers at once unless it went away meanwhile).
+const LEARN_TOPIC_TIMEOUT: Duration = Duration::from_secs(1);
 /// What a record batch holding one record adds to the record's key, value and headers, at
 /// most (batch header 61 bytes, record framing and varints).
 const BATCH_OVERHEAD: usize = 128;
@@ -292,18 +295,16 @@ impl KafkaDelivery {
             .create_with_context(ctx)
             .map_err(KafkaSinkError::Config)?;
         self.producer = Some(producer);
-        for name in self.topics.keys() {
-            self.learn_topic(name);
-        }
         Ok(())
     }
 
-    /// Has the producer learn `topic`'s partitions and leaders now. Left to find them at its
-    /// first record there, librdkafka waits for its next metadata refresh: up to a second
-    /// before the first change after a start is stored.
+    /// Has the producer learn a topic it is about to write to for the first time: its
+    /// partitions and leaders. Left to find them at its first record there, librdkafka waits
+    /// for its next metadata refresh, up to a second before the first change after a start is
+    /// stored. Only an optimisation: bounded by [`LEARN_TOPIC_TIMEOUT`], a failure is ignored.
     fn learn_topic(&self, topic: &str) {
         if let Some(p) = &self.producer {
-            if let Err(e) = p.client().fetch_metadata(Some(topic), REQUEST_TIMEOUT) {
+            if let Err(e) = p.client().fetch_metadata(Some(topic), LEARN_TOPIC_TIMEOUT) {
                 log::debug!("metadata of Kafka topic {topic}: {e}");
             }
         }
