@@ -364,6 +364,17 @@ fn assert_commit_order(events: &[Event]) {
     }
 }
 
+/// The CDC stream holds every committed change once, in commit order; its events.
+fn assert_stored_once_in_order(
+    nats_url: &str,
+    committed: &HashMap<ChangeKey, String>,
+) -> Vec<Event> {
+    let events = read_events(nats_url);
+    assert_exactly_once(&events, committed);
+    assert_commit_order(&events);
+    events
+}
+
 fn lsn_query(pg: &PgServer, sql: &str) -> Option<Lsn> {
     pg.sql("app", sql).rows.first().and_then(|r| {
         r[0].as_deref()
@@ -549,9 +560,7 @@ fn kill_9_under_load_loses_nothing_and_stores_nothing_twice() {
     } else {
         assert_eq!(duplicates, replayed, "{}", bridge.log());
     }
-    let events = read_events(&url);
-    assert_exactly_once(&events, &committed);
-    assert_commit_order(&events);
+    assert_stored_once_in_order(&url, &committed);
     eprintln!(
         "kill_9: {kills} kills while streaming, 1 in start-up; {report:?}; {} changes; last run published={published} duplicates={duplicates}; {:?}",
         committed.len(),
@@ -625,9 +634,7 @@ fn nats_down_for_10s_under_load_loses_nothing_and_holds_the_slot() {
         "the replication connection broke while NATS was down:\n{log}\nPostgreSQL log:\n{}",
         env.pg.log()
     );
-    let events = read_events(&url);
-    assert_exactly_once(&events, &committed);
-    assert_commit_order(&events);
+    let events = assert_stored_once_in_order(&url, &committed);
 
     // After a second without NATS the slot stands still ...
     let settled: Vec<&(Duration, Lsn)> = samples
@@ -750,9 +757,7 @@ fn a_batch_nats_forgot_while_the_bridge_was_frozen_loses_nothing() {
         "one start, no restart:\n{log}"
     );
     let batches = summary_batches(&bridge);
-    let events = read_events(&url);
-    assert_exactly_once(&events, &committed);
-    assert_commit_order(&events);
+    assert_stored_once_in_order(&url, &committed);
     eprintln!(
         "forgotten batch: frozen at {frozen_at:?} of {} changes; published={published} duplicates={duplicates} batches={batches}; {:?}",
         committed.len(),
@@ -793,9 +798,7 @@ fn postgres_fast_restart_under_load_loses_nothing() {
     wait_caught_up(&env.pg, &bridge);
     assert_running(&mut bridge);
     let (published, duplicates) = stop_gracefully(&mut bridge);
-    let events = read_events(&url);
-    assert_exactly_once(&events, &committed);
-    assert_commit_order(&events);
+    assert_stored_once_in_order(&url, &committed);
     eprintln!(
         "pg_restart: fast shutdown took {stop_took:?}; {report:?}; {} changes; published={published} duplicates={duplicates}; {:?}",
         committed.len(),
@@ -846,9 +849,7 @@ fn sigterm_under_load_then_restart_republishes_only_the_unfinished_transaction()
             bridge.log()
         );
     }
-    let events = read_events(&url);
-    assert_exactly_once(&events, &committed);
-    assert_commit_order(&events);
+    assert_stored_once_in_order(&url, &committed);
     eprintln!(
         "sigterm: first run published={published_first} duplicates={duplicates_first}, {unfinished} unfinished; restart published={published} duplicates={duplicates}; {report:?}; {} changes; {:?}",
         committed.len(),
