@@ -649,22 +649,20 @@ impl Publisher {
             // flow acknowledgement will never be acknowledged, so everything of the batch still
             // waiting goes again at once, plainly and in order: JetStream drops what it has as
             // duplicates.
+            // Said once: the batch's later refusals find nothing of it waiting.
             BatchReply::Refused { error, .. } if error.is_unknown_batch() => {
-                let waiting = self
-                    .window
-                    .iter()
-                    .any(|e| e.batch == number && matches!(e.state, AckState::Pending));
-                if waiting {
+                if self.fail_batch(number, 1, None) > 0 {
                     log::warn!(
                         "nats-server no longer knows this bridge's fast-ingest batch ({error}): it \
                          drops a batch that gets no message for its batch timeout (10 s by default; \
                          was the bridge paused, or the connection stalled?); sending the batch's \
                          unacknowledged changes again, in order"
                     );
-                    self.fail_batch(number, 0, None);
                 }
             }
-            BatchReply::Refused { seq, error } => self.fail_batch(number, seq, Some(error)),
+            BatchReply::Refused { seq, error } => {
+                self.fail_batch(number, seq, Some(error));
+            }
         }
     }
 
@@ -686,8 +684,8 @@ impl Publisher {
     /// Batch `number` ended before its message `seq`: that one is refused with `error` (if
     /// given), and none after it is stored. Marks those still waiting as failed, to be sent
     /// again plainly. A reply about messages no longer waiting (late, or about the end
-    /// marker) changes nothing.
-    fn fail_batch(&mut self, number: u64, seq: u64, error: Option<PubAckError>) {
+    /// marker) changes nothing. Returns how many waiting messages it failed.
+    fn fail_batch(&mut self, number: u64, seq: u64, error: Option<PubAckError>) -> usize {
         let mut refused_at = None;
         let mut failed = 0;
         for (at, entry) in self.window.iter_mut().enumerate() {
@@ -708,7 +706,7 @@ impl Publisher {
             failed += 1;
         }
         if failed == 0 {
-            return;
+            return 0;
         }
         if let Some(b) = self.batches.as_mut() {
             if b.open.as_ref().is_some_and(|o| o.number == number) {
@@ -729,6 +727,7 @@ impl Publisher {
                 self.dead_letter_at(at, &e.to_string());
             }
         }
+        failed
     }
 
     /// Removes the acknowledged messages at the front of the window: what the driver sees as
