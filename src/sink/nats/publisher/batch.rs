@@ -196,9 +196,9 @@ fn reply(scratch: &mut Vec<u8>, chunks: &mut Chunks, head: &str, seq: u64, op: u
     scratch.extend_from_slice(&[b'.', b'0' + op]);
     scratch.extend_from_slice(b".$FI");
     let bytes = chunks.copy(scratch);
-    // ASCII around a string: cannot fail; the fallback only spares a panic path.
-    Subject::try_from(bytes)
-        .unwrap_or_else(|_| Subject::from(String::from_utf8_lossy(scratch).into_owned()))
+    // SAFETY: the bytes are `head`, a `str`, followed by ASCII digits, dots and `$FI`, so they
+    // are UTF-8. Checking them again cost about 130 instructions per message.
+    unsafe { Subject::from_bytes_unchecked(bytes) }
 }
 
 /// What a reply to a batch message says.
