@@ -60,14 +60,17 @@ impl Chunks {
     /// Retires the chunk and goes on with the oldest retired buffer if all its pieces are
     /// gone (`try_reclaim` succeeds only for the buffer's last handle), else with a new one.
     fn next_chunk(&mut self) {
-        let reuse = match self.retired.front_mut() {
-            Some(oldest) => oldest.try_reclaim(self.size),
-            None => false,
+        let size = self.size;
+        let reclaimed = self
+            .retired
+            .front_mut()
+            .is_some_and(|oldest| oldest.try_reclaim(size));
+        let reused = if reclaimed {
+            self.retired.pop_front()
+        } else {
+            None
         };
-        let next = match reuse.then(|| self.retired.pop_front()).flatten() {
-            Some(buffer) => buffer,
-            None => BytesMut::with_capacity(self.size),
-        };
+        let next = reused.unwrap_or_else(|| BytesMut::with_capacity(size));
         let full = std::mem::replace(&mut self.chunk, next);
         if self.retired.len() == RETIRED_CHUNKS {
             self.retired.pop_front();
