@@ -23,9 +23,15 @@ pub struct StoredMessage {
     pub stored_at: std::time::SystemTime,
 }
 
+/// Longest wait for the next message before the reader starts a new ordered consumer where the
+/// last one stopped: after an R3 stream lost and regained its quorum, an ordered consumer was
+/// once seen to deliver nothing more although the stream held the messages.
+const READ_STALL: Duration = Duration::from_secs(15);
+
 /// Reads every message of `stream` (empty when the stream does not exist yet), in stream
 /// order, through an ordered consumer.
 pub fn read_stream(nats_url: &str, stream: &str) -> Vec<StoredMessage> {
+    use async_nats::jetstream::consumer::{pull::OrderedConfig, DeliverPolicy};
     use futures_util::StreamExt;
     with_nats(nats_url, |client| async move {
         let js = async_nats::jetstream::new(client);
@@ -37,59 +43,77 @@ pub fn read_stream(nats_url: &str, stream: &str) -> Vec<StoredMessage> {
         if info.state.messages == 0 {
             return out;
         }
-        let consumer = s
-            .create_consumer(async_nats::jetstream::consumer::pull::OrderedConfig::default())
-            .await
-            .expect("ordered consumer");
-        let mut messages = consumer.messages().await.expect("consume");
         let deadline = Instant::now() + Duration::from_secs(120);
-        while out.len() < info.state.messages as usize {
-            let left = deadline.saturating_duration_since(Instant::now());
-            let next = tokio::time::timeout(left, messages.next())
-                .await
-                .expect("reading the stream timed out")
-                .expect("stream ended")
-                .expect("message");
-            let info_of = next.info().expect("message info");
-            let seq = info_of.stream_sequence;
-            let stored_at = std::time::UNIX_EPOCH
-                + Duration::from_nanos(
-                    u64::try_from(info_of.published.unix_timestamp_nanos()).unwrap_or(0),
-                );
-            out.push(StoredMessage {
-                seq,
-                stored_at,
-                subject: next.subject.to_string(),
-                msg_id: next
-                    .headers
-                    .as_ref()
-                    .and_then(|h| h.get("Nats-Msg-Id"))
-                    .map(|v| v.as_str().to_string()),
-                last_in_tx_header: next
-                    .headers
-                    .as_ref()
-                    .and_then(|h| h.get("Pgbridge-Last-In-Tx"))
-                    .map(|v| v.as_str().to_string()),
-                headers: next
-                    .headers
-                    .as_ref()
-                    .map(|h| {
-                        let mut all: Vec<(String, String)> = h
-                            .iter()
-                            .flat_map(|(k, vs)| {
-                                vs.iter()
-                                    .map(move |v| (k.to_string(), v.as_str().to_string()))
-                            })
-                            .collect();
-                        all.sort();
-                        all
-                    })
-                    .unwrap_or_default(),
-                payload: next.payload.to_vec(),
-            });
-            if seq >= info.state.last_sequence {
-                break;
+        let mut next_seq = info.state.first_sequence;
+        'consumers: loop {
+            let config = OrderedConfig {
+                deliver_policy: DeliverPolicy::ByStartSequence {
+                    start_sequence: next_seq,
+                },
+                ..Default::default()
+            };
+            let consumer = s.create_consumer(config).await.expect("ordered consumer");
+            let mut messages = consumer.messages().await.expect("consume");
+            while out.len() < info.state.messages as usize {
+                let left = deadline.saturating_duration_since(Instant::now());
+                let Ok(next) = tokio::time::timeout(left.min(READ_STALL), messages.next()).await
+                else {
+                    assert!(
+                        Instant::now() < deadline,
+                        "reading {stream} timed out at sequence {next_seq}: {} of {} messages read",
+                        out.len(),
+                        info.state.messages
+                    );
+                    eprintln!(
+                        "reading {stream}: nothing for {READ_STALL:?} at sequence {next_seq}; \
+                         reading on from there with a new consumer"
+                    );
+                    continue 'consumers;
+                };
+                let next = next.expect("stream ended").expect("message");
+                let info_of = next.info().expect("message info");
+                let seq = info_of.stream_sequence;
+                let stored_at = std::time::UNIX_EPOCH
+                    + Duration::from_nanos(
+                        u64::try_from(info_of.published.unix_timestamp_nanos()).unwrap_or(0),
+                    );
+                out.push(StoredMessage {
+                    seq,
+                    stored_at,
+                    subject: next.subject.to_string(),
+                    msg_id: next
+                        .headers
+                        .as_ref()
+                        .and_then(|h| h.get("Nats-Msg-Id"))
+                        .map(|v| v.as_str().to_string()),
+                    last_in_tx_header: next
+                        .headers
+                        .as_ref()
+                        .and_then(|h| h.get("Pgbridge-Last-In-Tx"))
+                        .map(|v| v.as_str().to_string()),
+                    headers: next
+                        .headers
+                        .as_ref()
+                        .map(|h| {
+                            let mut all: Vec<(String, String)> = h
+                                .iter()
+                                .flat_map(|(k, vs)| {
+                                    vs.iter()
+                                        .map(move |v| (k.to_string(), v.as_str().to_string()))
+                                })
+                                .collect();
+                            all.sort();
+                            all
+                        })
+                        .unwrap_or_default(),
+                    payload: next.payload.to_vec(),
+                });
+                next_seq = seq + 1;
+                if seq >= info.state.last_sequence {
+                    break;
+                }
             }
+            break;
         }
         out
     })
