@@ -44,8 +44,9 @@ pub fn read_stream(nats_url: &str, stream: &str) -> Vec<StoredMessage> {
             return out;
         }
         let deadline = Instant::now() + Duration::from_secs(120);
+        let total = info.state.messages as usize;
         let mut next_seq = info.state.first_sequence;
-        'consumers: loop {
+        'consumers: while out.len() < total {
             let config = OrderedConfig {
                 deliver_policy: DeliverPolicy::ByStartSequence {
                     start_sequence: next_seq,
@@ -54,15 +55,14 @@ pub fn read_stream(nats_url: &str, stream: &str) -> Vec<StoredMessage> {
             };
             let consumer = s.create_consumer(config).await.expect("ordered consumer");
             let mut messages = consumer.messages().await.expect("consume");
-            while out.len() < info.state.messages as usize {
+            while out.len() < total {
                 let left = deadline.saturating_duration_since(Instant::now());
                 let Ok(next) = tokio::time::timeout(left.min(READ_STALL), messages.next()).await
                 else {
                     assert!(
                         Instant::now() < deadline,
-                        "reading {stream} timed out at sequence {next_seq}: {} of {} messages read",
-                        out.len(),
-                        info.state.messages
+                        "reading {stream} timed out at sequence {next_seq}: {} of {total} messages read",
+                        out.len()
                     );
                     eprintln!(
                         "reading {stream}: nothing for {READ_STALL:?} at sequence {next_seq}; \
@@ -70,53 +70,57 @@ pub fn read_stream(nats_url: &str, stream: &str) -> Vec<StoredMessage> {
                     );
                     continue 'consumers;
                 };
-                let next = next.expect("stream ended").expect("message");
-                let info_of = next.info().expect("message info");
-                let seq = info_of.stream_sequence;
-                let stored_at = std::time::UNIX_EPOCH
-                    + Duration::from_nanos(
-                        u64::try_from(info_of.published.unix_timestamp_nanos()).unwrap_or(0),
-                    );
-                out.push(StoredMessage {
-                    seq,
-                    stored_at,
-                    subject: next.subject.to_string(),
-                    msg_id: next
-                        .headers
-                        .as_ref()
-                        .and_then(|h| h.get("Nats-Msg-Id"))
-                        .map(|v| v.as_str().to_string()),
-                    last_in_tx_header: next
-                        .headers
-                        .as_ref()
-                        .and_then(|h| h.get("Pgbridge-Last-In-Tx"))
-                        .map(|v| v.as_str().to_string()),
-                    headers: next
-                        .headers
-                        .as_ref()
-                        .map(|h| {
-                            let mut all: Vec<(String, String)> = h
-                                .iter()
-                                .flat_map(|(k, vs)| {
-                                    vs.iter()
-                                        .map(move |v| (k.to_string(), v.as_str().to_string()))
-                                })
-                                .collect();
-                            all.sort();
-                            all
-                        })
-                        .unwrap_or_default(),
-                    payload: next.payload.to_vec(),
-                });
-                next_seq = seq + 1;
-                if seq >= info.state.last_sequence {
-                    break;
+                let message = stored_message(&next.expect("stream ended").expect("message"));
+                next_seq = message.seq + 1;
+                let last = message.seq >= info.state.last_sequence;
+                out.push(message);
+                if last {
+                    break 'consumers;
                 }
             }
-            break;
         }
         out
     })
+}
+
+/// A message as a consumer received it, with its stream sequence, time and headers.
+fn stored_message(next: &async_nats::jetstream::Message) -> StoredMessage {
+    let info_of = next.info().expect("message info");
+    let stored_at = std::time::UNIX_EPOCH
+        + Duration::from_nanos(
+            u64::try_from(info_of.published.unix_timestamp_nanos()).unwrap_or(0),
+        );
+    StoredMessage {
+        seq: info_of.stream_sequence,
+        stored_at,
+        subject: next.subject.to_string(),
+        msg_id: next
+            .headers
+            .as_ref()
+            .and_then(|h| h.get("Nats-Msg-Id"))
+            .map(|v| v.as_str().to_string()),
+        last_in_tx_header: next
+            .headers
+            .as_ref()
+            .and_then(|h| h.get("Pgbridge-Last-In-Tx"))
+            .map(|v| v.as_str().to_string()),
+        headers: next
+            .headers
+            .as_ref()
+            .map(|h| {
+                let mut all: Vec<(String, String)> = h
+                    .iter()
+                    .flat_map(|(k, vs)| {
+                        vs.iter()
+                            .map(move |v| (k.to_string(), v.as_str().to_string()))
+                    })
+                    .collect();
+                all.sort();
+                all
+            })
+            .unwrap_or_default(),
+        payload: next.payload.to_vec(),
+    }
 }
 
 impl StoredMessage {
