@@ -3,6 +3,7 @@
 //! The library holds every part of the bridge; `main.rs` only parses the command line and
 //! calls [`run`]. Tests drive the same entry points as the binary.
 
+pub mod alloc;
 pub mod cli;
 pub mod config;
 pub mod control;

@@ -13,6 +13,10 @@ use pgbridge::cli::{usage_error_line, Command, DlqCommand, EXIT_FAILURE, EXIT_US
 use pgbridge::config::Config;
 use pgbridge::shutdown::Shutdown;
 
+/// glibc's allocator, with small blocks grown ahead of need: see [`pgbridge::alloc`].
+#[global_allocator]
+static ALLOCATOR: pgbridge::alloc::SmallGrowth = pgbridge::alloc::SmallGrowth;
+
 fn main() -> ExitCode {
     let (cli, layers) = match pgbridge::cli::parse() {
         Ok(parsed) => parsed,
