@@ -60,9 +60,8 @@ impl Bench {
             self,
             &format!("idle: a caught-up bridge, {secs} s without writes"),
         );
-        let end = self.wal_lsn();
         let (mut bridge, log) = self.spawn_bridge("idle", "users");
-        self.wait_caught_up(&mut bridge, &log, &end, "streaming started");
+        self.wait_caught_up(&mut bridge, &log, "streaming started");
         // Let the start-up's own work (schemas, streams, first status updates) settle.
         std::thread::sleep(Duration::from_secs(2));
         let pid = bridge.pid();

@@ -170,7 +170,6 @@ impl Bench {
             DB,
             &format!("ALTER PUBLICATION {PUBLICATION} ADD TABLE {TABLE}"),
         );
-        let end = self.wal_lsn();
         self.bridge_env = vec![
             ("BRIDGE_SINK".into(), "kafka".into()),
             ("KAFKA_BROKERS".into(), broker.brokers()),
@@ -178,7 +177,7 @@ impl Bench {
         ];
         let (mut bridge, log) = self.spawn_bridge("kafka-snapshot", &format!("users,{TABLE}"));
         self.bridge_env.clear();
-        self.wait_caught_up(&mut bridge, &log, &end, "served on POST /snapshots/{table}");
+        self.wait_caught_up(&mut bridge, &log, "served on POST /snapshots/{table}");
         let pid = bridge.pid();
         let cpu0 = cpu_of(pid).unwrap_or_default();
         say(

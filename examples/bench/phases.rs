@@ -191,9 +191,8 @@ impl Bench {
         );
         // Steady state: the run starts once the walsender is past the WAL it re-reads.
         let reread = self.slot_reread_bytes();
-        let end = self.wal_lsn();
         let (mut bridge, log) = self.spawn_bridge("latency", "users");
-        let catch_up = self.wait_caught_up(&mut bridge, &log, &end, "streaming started");
+        let catch_up = self.wait_caught_up(&mut bridge, &log, "streaming started");
         let t0 = Instant::now();
         let cpu0 = cpu_of(bridge.pid()).unwrap_or_default();
         // The bridge's histogram counts from its start: the phase's own observations are the
@@ -523,10 +522,9 @@ impl Bench {
             DB,
             &format!("ALTER PUBLICATION {PUBLICATION} ADD TABLE {TABLE}"),
         );
-        let end = self.wal_lsn();
         let (mut bridge, log) = self.spawn_bridge("snapshot", &format!("users,{TABLE}"));
         // Before the request: the table's creation is in the WAL the walsender re-reads.
-        let catch_up = self.wait_caught_up(&mut bridge, &log, &end, "snapshot requests served");
+        let catch_up = self.wait_caught_up(&mut bridge, &log, "snapshot requests served");
         let pid = bridge.pid();
         let rss_before = status_kb(pid, "VmRSS").unwrap_or(0);
         let hwm_before = status_kb(pid, "VmHWM").unwrap_or(0);
