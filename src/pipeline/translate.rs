@@ -135,7 +135,8 @@ struct Txn {
 /// The translation state of one replication connection.
 pub(crate) struct Translator {
     decoder: Decoder,
-    relations: HashMap<u32, RelationInfo>,
+    /// By relation id, looked up for every change (foldhash: the ids are PostgreSQL's).
+    relations: foldhash::HashMap<u32, RelationInfo>,
     types: TypeRegistry,
     /// The built-in base type of each user type that is a domain over one (from Type
     /// messages), for encoders that type values by column.
@@ -166,7 +167,7 @@ impl Translator {
     pub(crate) fn new(tables: Option<HashSet<String>>, timelines: TimelineHistory) -> Self {
         Translator {
             decoder: Decoder::new(),
-            relations: HashMap::new(),
+            relations: foldhash::HashMap::default(),
             types: TypeRegistry::new(),
             base_types: HashMap::new(),
             table_filter: tables,

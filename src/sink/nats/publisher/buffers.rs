@@ -1,7 +1,7 @@
 //! The publisher's allocation savers: payloads and reply subjects cut from shared buffers, and
 //! the subjects of each table built once.
 
-use std::collections::{HashMap, VecDeque};
+use std::collections::VecDeque;
 use std::sync::Arc;
 
 use async_nats::Subject;
@@ -137,7 +137,8 @@ impl Replies {
 /// cannot be reused by another table while it is cached.
 #[derive(Default)]
 pub(super) struct SubjectCache {
-    tables: HashMap<usize, (Arc<TableRef>, [Option<Subject>; 4])>,
+    /// Looked up for every message (foldhash: the keys are addresses, not anyone's input).
+    tables: foldhash::HashMap<usize, (Arc<TableRef>, [Option<Subject>; 4])>,
 }
 
 impl SubjectCache {
