@@ -20,8 +20,9 @@ pub(super) fn len32(len: usize) -> u32 {
     u32::try_from(len).expect("collection longer than MessagePack allows")
 }
 
+/// A str: its header and its bytes, as `rmp::encode::write_str` writes them.
 pub(super) fn mp_str(out: &mut Vec<u8>, s: &str) {
-    written(rmp::encode::write_str(out, s));
+    mp_utf8(out, s.as_bytes());
 }
 
 /// [`mp_str`] of bytes the caller knows to be valid UTF-8 (a snapshot's ASCII fields):
@@ -169,6 +170,18 @@ pub(super) fn msgpack_document(doc: &serde_json::Value, out: &mut Vec<u8>) {
 mod tests {
     use super::*;
     use crate::wire::fields;
+
+    #[test]
+    fn strings_are_written_as_rmp_writes_them() {
+        for len in [0, 1, 31, 32, 255, 256, 65_535, 65_536] {
+            let text = "é".repeat(len / 2) + &"x".repeat(len % 2);
+            let mut ours = Vec::new();
+            mp_str(&mut ours, &text);
+            let mut theirs = Vec::new();
+            rmp::encode::write_str(&mut theirs, &text).unwrap();
+            assert_eq!(ours, theirs, "{len} bytes");
+        }
+    }
 
     #[test]
     fn msgpack_keys_are_the_field_names_as_fixstr() {
