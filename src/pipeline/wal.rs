@@ -561,7 +561,7 @@ impl Emit for Ring<'_, '_> {
 
     fn change(&mut self, ev: Box<ChangeEvent>, idle: bool) -> Result<(), StreamError> {
         let seq = ev.seq;
-        self.push_message(RingItem::Change(ev), idle)?;
+        self.push_message(RingItem::change(ev), idle)?;
         if seq % NOTIFY_EVERY == NOTIFY_EVERY - 1 {
             self.ctx.ring.notify();
         }

@@ -17,7 +17,7 @@ use tokio::sync::Notify;
 
 use crate::pg::pgoutput::pg_to_unix_micros;
 use crate::pg::Lsn;
-use crate::sink::ring::{event_bytes, outbox_bytes, RingItem, RingReader};
+use crate::sink::ring::{outbox_bytes, RingItem, RingReader};
 use crate::telemetry::counters::{DurableLsn, PublisherStats};
 use crate::wire::event::ChangeEvent;
 use crate::wire::outbox::OutboxEvent;
@@ -213,8 +213,7 @@ async fn fill<D: Delivery>(
 ) -> Result<(), D::Error> {
     while !*ended && delivery.room() {
         match ring.pop() {
-            Some(RingItem::Change(ev)) => {
-                let bytes = event_bytes(&ev);
+            Some(RingItem::Change { event: ev, bytes }) => {
                 *popped += bytes;
                 let ticket = delivery.send(&ev).await?;
                 sent.push_back(Sent {

@@ -34,8 +34,15 @@ const RECYCLE_CAPACITY: usize = 1024;
 /// What travels through the ring from the wal thread to the sink.
 #[derive(Debug)]
 pub enum RingItem {
-    /// One change to publish.
-    Change(Box<ChangeEvent>),
+    /// One change to publish, and the heap bytes it holds ([`event_bytes`]), counted once
+    /// when the item is made (see [`RingItem::change`]): the wal side adds them to the budget,
+    /// the sink takes them off, and the sink decides by them whether to recycle the event.
+    Change {
+        /// The change.
+        event: Box<ChangeEvent>,
+        /// Its heap bytes.
+        bytes: u64,
+    },
     /// One outbox event to publish, in its place among its transaction's changes.
     Outbox(Box<OutboxEvent>),
     /// The end of a transaction: durable once everything before it is delivered.
@@ -217,10 +224,18 @@ impl RingReader {
     }
 }
 
+impl RingItem {
+    /// The item of a change, with its bytes counted.
+    pub fn change(event: Box<ChangeEvent>) -> Self {
+        let bytes = event_bytes(&event);
+        RingItem::Change { event, bytes }
+    }
+}
+
 /// The bytes `item` counts against the budget.
 pub(crate) fn item_bytes(item: &RingItem) -> u64 {
     match item {
-        RingItem::Change(ev) => event_bytes(ev),
+        RingItem::Change { bytes, .. } => *bytes,
         RingItem::Outbox(ev) => outbox_bytes(ev),
         _ => 0,
     }
@@ -276,7 +291,7 @@ impl RingBudget {
 
 /// The heap memory a change holds (its buffers' capacities, which is what recycling keeps),
 /// not counting the names and table shared with the relation cache.
-pub(crate) fn event_bytes(ev: &ChangeEvent) -> u64 {
+fn event_bytes(ev: &ChangeEvent) -> u64 {
     let columns = |cols: &Vec<ColumnValue>| -> usize {
         cols.capacity() * std::mem::size_of::<ColumnValue>()
             + cols.iter().map(|c| value_bytes(&c.value)).sum::<usize>()

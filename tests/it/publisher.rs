@@ -141,7 +141,7 @@ fn start_publisher_of(
     for txn in 0..txns {
         for seq in 0..PER_TXN {
             assert!(producer
-                .push(RingItem::Change(change_sized(
+                .push(RingItem::change(change_sized(
                     &table,
                     txn,
                     seq,

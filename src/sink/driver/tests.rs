@@ -121,7 +121,7 @@ fn durable_follows_the_watermark_at_transaction_ends() {
     for (commit, n) in txns {
         for seq in 0..n {
             assert!(writer
-                .push(RingItem::Change(change(
+                .push(RingItem::change(change(
                     &table,
                     commit - 10,
                     seq,
@@ -209,7 +209,7 @@ fn an_outbox_event_is_delivered_in_its_place_and_can_end_a_transaction() {
     // A transaction of a change and an event (tickets 0-1), then one of an event alone (2).
     let (mut writer, reader) = ring::channel(64, u64::MAX);
     assert!(writer
-        .push(RingItem::Change(change(&table, 90, 0, true)))
+        .push(RingItem::change(change(&table, 90, 0, true)))
         .is_ok());
     assert!(writer.push(outbox(90, 1)).is_ok());
     assert!(writer.push(RingItem::Commit { end_lsn: Lsn(100) }).is_ok());
