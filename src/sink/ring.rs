@@ -34,7 +34,7 @@ const RECYCLE_CAPACITY: usize = 1024;
 /// What travels through the ring from the wal thread to the sink.
 #[derive(Debug)]
 pub enum RingItem {
-    /// One change to publish, and the heap bytes it holds ([`event_bytes`]), counted once
+    /// One change to publish, and the heap bytes it holds (`event_bytes`), counted once
     /// when the item is made (see [`RingItem::change`]): the wal side adds them to the budget,
     /// the sink takes them off, and the sink decides by them whether to recycle the event.
     Change {
