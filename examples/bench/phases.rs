@@ -8,7 +8,7 @@ use std::time::{Duration, Instant};
 use futures_util::StreamExt;
 use serde_json::{json, Value as Json};
 
-use testkit::proc::{cpu_by_thread, cpu_of, status_kb, Proc, Rusage};
+use testkit::proc::{cpu_by_thread, cpu_of, status_kb, switches_by_thread, Proc, Rusage};
 
 use super::*;
 
@@ -195,6 +195,7 @@ impl Bench {
         let catch_up = self.wait_caught_up(&mut bridge, &log, "streaming started");
         let t0 = Instant::now();
         let cpu0 = cpu_of(bridge.pid()).unwrap_or_default();
+        let threads0 = ThreadWork::of(bridge.pid());
         // The bridge's histogram counts from its start: the phase's own observations are the
         // difference between a scrape now and one after the run.
         let metrics_before = self.scrape_metrics();
@@ -319,7 +320,9 @@ impl Bench {
             &format!("SELECT pg_drop_replication_slot('{PROBE_SLOT}')"),
         );
         let metrics_after = self.scrape_metrics();
-        let cpu = cpu_of(bridge.pid()).unwrap_or_default().total() - cpu0.total();
+        let cpu_end = cpu_of(bridge.pid()).unwrap_or_default();
+        let cpu = cpu_end.total() - cpu0.total();
+        let threads = ThreadWork::of(bridge.pid()).since(&threads0);
         let hwm = status_kb(bridge.pid(), "VmHWM").unwrap_or(0);
         self.stop_bridge(bridge, &log);
 
@@ -374,6 +377,9 @@ impl Bench {
                 "max_ms": round(pg_latencies_ms.last().copied().unwrap_or(f64::NAN), 3),
             },
             "bridge_cpu_us_per_change": round(cpu.as_secs_f64() * 1e6 / n.max(1) as f64, 3),
+            "bridge_cpu_user_s": secs(cpu_end.user.saturating_sub(cpu0.user)),
+            "bridge_cpu_sys_s": secs(cpu_end.sys.saturating_sub(cpu0.sys)),
+            "bridge_threads": threads.json(n.max(1) as f64),
             "bridge_peak_rss_kb": hwm,
         })
     }
@@ -692,4 +698,56 @@ fn histogram_figures(before: Option<&str>, after: Option<&str>) -> Json {
         "share_within_10ms": h.share_within(0.01).map(|v| round(v, 5)),
         "cumulative_buckets_ms": h.buckets.iter().map(|(b, c)| json!([if b.is_finite() { json!(round(b * 1e3, 3)) } else { json!("+Inf") }, *c as u64])).collect::<Vec<_>>(),
     })
+}
+
+/// Each thread's CPU time and context switches (sleeps and preemptions), by thread name.
+struct ThreadWork(std::collections::BTreeMap<String, (Rusage, u64)>);
+
+impl ThreadWork {
+    fn of(pid: u32) -> Self {
+        let mut by_name = std::collections::BTreeMap::<String, (Rusage, u64)>::new();
+        for (name, r) in cpu_by_thread(pid) {
+            let e = by_name.entry(name).or_default();
+            e.0.user += r.user;
+            e.0.sys += r.sys;
+        }
+        for (name, n) in switches_by_thread(pid) {
+            by_name.entry(name).or_default().1 += n;
+        }
+        ThreadWork(by_name)
+    }
+
+    /// What each thread did since `before` (threads that ended meanwhile are left out).
+    fn since(mut self, before: &ThreadWork) -> Self {
+        for (name, (r, n)) in self.0.iter_mut() {
+            if let Some((r0, n0)) = before.0.get(name) {
+                r.user = r.user.saturating_sub(r0.user);
+                r.sys = r.sys.saturating_sub(r0.sys);
+                *n = n.saturating_sub(*n0);
+            }
+        }
+        self
+    }
+
+    /// Per thread that ran: CPU and context switches per change of `changes`.
+    fn json(&self, changes: f64) -> Json {
+        self.0
+            .iter()
+            // Threads that did nothing worth a figure (the HTTP server's, the snapshots')
+            // are left out.
+            .filter(|(_, (r, n))| r.total() > Duration::ZERO || *n as f64 >= changes / 1000.0)
+            .map(|(name, (r, n))| {
+                (
+                    name.clone(),
+                    json!({
+                        "user_s": secs(r.user),
+                        "sys_s": secs(r.sys),
+                        "us_per_change": round(r.total().as_secs_f64() * 1e6 / changes, 3),
+                        "switches_per_change": round(*n as f64 / changes, 3),
+                    }),
+                )
+            })
+            .collect::<serde_json::Map<_, _>>()
+            .into()
+    }
 }

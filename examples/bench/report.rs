@@ -140,6 +140,26 @@ fn fmt_num(v: &Json, unit: &str) -> String {
     }
 }
 
+/// The `n` threads with the most CPU per change, as `name us (switches)`.
+fn busiest_threads(threads: &Json, n: usize) -> String {
+    let Some(map) = threads.as_object() else {
+        return "n/a".into();
+    };
+    let mut t: Vec<(&String, f64, f64)> = map
+        .iter()
+        .map(|(name, v)| {
+            let us = v["us_per_change"].as_f64().unwrap_or(0.0);
+            (name, us, v["switches_per_change"].as_f64().unwrap_or(0.0))
+        })
+        .collect();
+    t.sort_by(|a, b| b.1.total_cmp(&a.1));
+    t.iter()
+        .take(n)
+        .map(|(name, us, sw)| format!("{name} {us} ({sw})"))
+        .collect::<Vec<_>>()
+        .join(", ")
+}
+
 /// A latency summary's `p50_ms`, `p99_ms` and `max_ms` as `p50 / p99 / max ms`.
 fn p50_p99_max(v: &Json) -> String {
     format!("{} / {} / {} ms", v["p50_ms"], v["p99_ms"], v["max_ms"])
@@ -346,6 +366,21 @@ pub(super) fn print_table(r: &Json) {
             [
                 "  bridge CPU per change at this rate".into(),
                 fmt_num(&lat["bridge_cpu_us_per_change"], "us"),
+                match (
+                    lat["bridge_cpu_user_s"].as_f64(),
+                    lat["bridge_cpu_sys_s"].as_f64(),
+                ) {
+                    (Some(u), Some(s)) => format!("user {u} s, system {s} s"),
+                    _ => String::new(),
+                },
+                String::new(),
+            ],
+        ),
+        (
+            "latency",
+            [
+                "  per thread: us, context switches per change".into(),
+                busiest_threads(&lat["bridge_threads"], 2),
                 String::new(),
                 String::new(),
             ],
