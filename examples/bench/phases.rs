@@ -71,9 +71,15 @@ impl Bench {
             "reference: the same messages as one JetStream fast-ingest batch (flow acks)",
         );
         let fast = self.js_publish("fast", expected);
+        say(
+            self,
+            "reference: the same as one fast-ingest batch, each message expecting the one before",
+        );
+        let chained = self.js_publish("fast-chained", expected);
         let mut r = api.clone();
         r["core_publish_reference"] = core;
         r["fast_batch_reference"] = fast;
+        r["fast_batch_chained_reference"] = chained;
         r
     }
 
@@ -87,7 +93,12 @@ impl Bench {
             "--target",
             "CEIL",
         ])
-        .args(["--window", &WINDOW.to_string(), "--mode", mode])
+        .args(["--window", &WINDOW.to_string()])
+        // `fast-chained`: the bridge's headers, `Nats-Expected-Last-Msg-Id` included.
+        .args(match mode {
+            "fast-chained" => vec!["--mode", "fast", "--chain"],
+            _ => vec!["--mode", mode],
+        })
         .args(
             self.nats
                 .pid()
@@ -114,6 +125,7 @@ impl Bench {
             "client": match mode {
                 "core" => "async-nats Client::publish_with_reply_and_headers, one ack inbox subscription",
                 "fast" => "plain publishes in one fast-ingest batch (gap mode fail), a flow ack every N messages",
+                "fast-chained" => "the same, every message but the first with Nats-Expected-Last-Msg-Id (the one before), as the bridge's",
                 _ => "async-nats jetstream::Context::send_publish (as the bridge)",
             },
             "messages": r["messages"],

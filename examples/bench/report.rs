@@ -241,6 +241,28 @@ pub(super) fn print_table(r: &Json) {
             ],
         ),
         (
+            "jetstream_ceiling",
+            [
+                "  fast batch with the bridge's expected-last header".into(),
+                fmt_num(
+                    &j["fast_batch_chained_reference"]["publisher_cpu_us_per_message"],
+                    "us",
+                ),
+                format!(
+                    "at {}, nats-server {}",
+                    fmt_num(
+                        &j["fast_batch_chained_reference"]["messages_per_s"],
+                        "msg/s"
+                    ),
+                    fmt_num(
+                        &j["fast_batch_chained_reference"]["nats_server_cpu_us_per_message"],
+                        "us"
+                    )
+                ),
+                String::new(),
+            ],
+        ),
+        (
             "streaming",
             [
                 "  nats-server CPU per change".into(),
