@@ -32,6 +32,7 @@ mod nats;
 mod phases;
 mod probe;
 mod report;
+mod threads;
 
 use std::fs;
 use std::path::{Path, PathBuf};

@@ -8,8 +8,9 @@ use std::time::{Duration, Instant};
 use futures_util::StreamExt;
 use serde_json::{json, Value as Json};
 
-use testkit::proc::{cpu_by_thread, cpu_of, status_kb, switches_by_thread, Proc, Rusage};
+use testkit::proc::{cpu_by_thread, cpu_of, status_kb, Proc, Rusage};
 
+use super::threads::{self, TaskSample};
 use super::*;
 
 impl Bench {
@@ -207,7 +208,7 @@ impl Bench {
         let catch_up = self.wait_caught_up(&mut bridge, &log, "streaming started");
         let t0 = Instant::now();
         let cpu0 = cpu_of(bridge.pid()).unwrap_or_default();
-        let threads0 = ThreadWork::of(bridge.pid());
+        let threads0 = threads::sample(bridge.pid());
         // The bridge's histogram counts from its start: the phase's own observations are the
         // difference between a scrape now and one after the run.
         let metrics_before = self.scrape_metrics();
@@ -334,7 +335,7 @@ impl Bench {
         let metrics_after = self.scrape_metrics();
         let cpu_end = cpu_of(bridge.pid()).unwrap_or_default();
         let cpu = cpu_end.total() - cpu0.total();
-        let threads = ThreadWork::of(bridge.pid()).since(&threads0);
+        let threads = threads::since(&threads::sample(bridge.pid()), &threads0);
         let hwm = status_kb(bridge.pid(), "VmHWM").unwrap_or(0);
         self.stop_bridge(bridge, &log);
 
@@ -391,7 +392,7 @@ impl Bench {
             "bridge_cpu_us_per_change": round(cpu.as_secs_f64() * 1e6 / n.max(1) as f64, 3),
             "bridge_cpu_user_s": secs(cpu_end.user.saturating_sub(cpu0.user)),
             "bridge_cpu_sys_s": secs(cpu_end.sys.saturating_sub(cpu0.sys)),
-            "bridge_threads": threads.json(n.max(1) as f64),
+            "bridge_threads": threads_per_change(&threads, n.max(1) as f64),
             "bridge_peak_rss_kb": hwm,
         })
     }
@@ -712,54 +713,24 @@ fn histogram_figures(before: Option<&str>, after: Option<&str>) -> Json {
     })
 }
 
-/// Each thread's CPU time and context switches (sleeps and preemptions), by thread name.
-struct ThreadWork(std::collections::BTreeMap<String, (Rusage, u64)>);
-
-impl ThreadWork {
-    fn of(pid: u32) -> Self {
-        let mut by_name = std::collections::BTreeMap::<String, (Rusage, u64)>::new();
-        for (name, r) in cpu_by_thread(pid) {
-            let e = by_name.entry(name).or_default();
-            e.0.user += r.user;
-            e.0.sys += r.sys;
-        }
-        for (name, n) in switches_by_thread(pid) {
-            by_name.entry(name).or_default().1 += n;
-        }
-        ThreadWork(by_name)
-    }
-
-    /// What each thread did since `before` (threads that ended meanwhile are left out).
-    fn since(mut self, before: &ThreadWork) -> Self {
-        for (name, (r, n)) in self.0.iter_mut() {
-            if let Some((r0, n0)) = before.0.get(name) {
-                r.user = r.user.saturating_sub(r0.user);
-                r.sys = r.sys.saturating_sub(r0.sys);
-                *n = n.saturating_sub(*n0);
-            }
-        }
-        self
-    }
-
-    /// Per thread that ran: CPU and context switches per change of `changes`.
-    fn json(&self, changes: f64) -> Json {
-        self.0
-            .iter()
-            // Threads that did nothing worth a figure (the HTTP server's, the snapshots')
-            // are left out.
-            .filter(|(_, (r, n))| r.total() > Duration::ZERO || *n as f64 >= changes / 1000.0)
-            .map(|(name, (r, n))| {
+/// Per thread: CPU and context switches per change of `changes`, for the threads with a
+/// figure above zero at three decimals.
+fn threads_per_change(
+    threads: &std::collections::BTreeMap<String, TaskSample>,
+    changes: f64,
+) -> Json {
+    threads
+        .iter()
+        .filter_map(|(name, d)| {
+            let us = round(d.cpu_ns as f64 / 1e3 / changes, 3);
+            let switches = round(d.switches as f64 / changes, 3);
+            (us > 0.0 || switches > 0.0).then(|| {
                 (
                     name.clone(),
-                    json!({
-                        "user_s": secs(r.user),
-                        "sys_s": secs(r.sys),
-                        "us_per_change": round(r.total().as_secs_f64() * 1e6 / changes, 3),
-                        "switches_per_change": round(*n as f64 / changes, 3),
-                    }),
+                    json!({"us_per_change": us, "switches_per_change": switches}),
                 )
             })
-            .collect::<serde_json::Map<_, _>>()
-            .into()
-    }
+        })
+        .collect::<serde_json::Map<_, _>>()
+        .into()
 }

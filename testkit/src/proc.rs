@@ -263,39 +263,6 @@ pub fn cpu_by_thread(pid: u32) -> Vec<(String, Rusage)> {
     out
 }
 
-/// Context switches so far (voluntary and not: each is a sleep or a preemption) of each thread
-/// of `pid`, by thread name; threads of one name are added up.
-pub fn switches_by_thread(pid: u32) -> Vec<(String, u64)> {
-    let mut out: Vec<(String, u64)> = Vec::new();
-    let Ok(rd) = fs::read_dir(format!("/proc/{pid}/task")) else {
-        return out;
-    };
-    for e in rd.flatten() {
-        let Ok(text) = fs::read_to_string(e.path().join("status")) else {
-            continue;
-        };
-        let field = |name: &str| -> u64 {
-            text.lines()
-                .find_map(|l| l.strip_prefix(name)?.strip_prefix(':'))
-                .and_then(|v| v.trim().parse().ok())
-                .unwrap_or(0)
-        };
-        let name = field_str(&text, "Name").unwrap_or_default();
-        let n = field("voluntary_ctxt_switches") + field("nonvoluntary_ctxt_switches");
-        match out.iter_mut().find(|(t, _)| *t == name) {
-            Some((_, total)) => *total += n,
-            None => out.push((name, n)),
-        }
-    }
-    out
-}
-
-fn field_str(text: &str, name: &str) -> Option<String> {
-    text.lines()
-        .find_map(|l| l.strip_prefix(name)?.strip_prefix(':'))
-        .map(|v| v.trim().to_string())
-}
-
 /// A `kB` field of /proc/<pid>/status, e.g. `VmHWM` (peak RSS) or `VmRSS`.
 pub fn status_kb(pid: u32, field: &str) -> Option<u64> {
     let text = fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
