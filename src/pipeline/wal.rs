@@ -39,6 +39,8 @@ const POLL_INTERVAL: Duration = Duration::from_millis(50);
 /// how often the thread looks at the durable position while something waits to be confirmed
 /// (the publisher moves it without waking this thread).
 const STATUS_MIN_INTERVAL: Duration = Duration::from_millis(100);
+/// Longest wait for room on the ring for the End marker once shutdown was requested.
+const SHUTDOWN_PUSH_LIMIT: Duration = Duration::from_secs(30);
 /// The same while the durable position keeps moving: each update also writes and syncs the
 /// state file, and at a steady rate ten of them a second cost more CPU than the changes' own
 /// publishing. Once the position stands still for [`STATUS_MIN_INTERVAL`] (the stream
@@ -374,7 +376,9 @@ impl<'c> WalStream<'c> {
         self.translate.drop_open();
         let idle = self.translate.is_idle();
         let link = &mut self.link;
-        push_wait(ctx, RingItem::End, &link.shutdown, true, &mut |_| Ok(()))?;
+        push_wait(ctx, RingItem::End, &link.shutdown, true, &mut |_| {
+            Ok(SHUTDOWN_PUSH_LIMIT)
+        })?;
         ctx.ring.notify();
         let deadline = Instant::now() + SHUTDOWN_DRAIN_TIMEOUT;
         while ctx.durable.get() < ctx.last_pushed_end
@@ -525,14 +529,22 @@ impl Link<'_> {
         Ok(())
     }
 
-    /// While the ring is full: status updates keep the walsender from timing out.
+    /// While the ring is full: status updates keep the walsender from timing out. Returns
+    /// how long the wait may last until the next one: the status interval, or
+    /// [`STATUS_MIN_INTERVAL`] while a position waits to be confirmed (the publisher moves
+    /// the durable position while this thread waits).
     fn keep_alive_while_waiting(
         &mut self,
         ctx: &mut WalContext,
         idle: bool,
-    ) -> Result<(), StreamError> {
-        let due = self.last_status.elapsed() >= self.config.replication.standby_status_interval();
-        self.send_status(ctx, due, idle)
+    ) -> Result<Duration, StreamError> {
+        let interval = self.config.replication.standby_status_interval();
+        let due = self.last_status.elapsed() >= interval;
+        self.send_status(ctx, due, idle)?;
+        if ctx.durable.get() > ctx.reported_flush {
+            return Ok(STATUS_MIN_INTERVAL);
+        }
+        Ok(interval.saturating_sub(self.last_status.elapsed()))
     }
 }
 
@@ -607,12 +619,18 @@ impl Emit for Ring<'_, '_> {
 
 /// Pushes onto the ring, waiting while it is full. `at_shutdown` pushes even after shutdown
 /// was requested (the End marker); otherwise a requested shutdown aborts the wait.
+/// `while_waiting` runs before each sleep and says how long the sleep may last at most.
+///
+/// The sleep ends when the publisher made room (it signals once a few hundred slots are free,
+/// so a full-speed backlog wakes this thread once per few hundred changes), the publisher is
+/// gone, the shutdown signal, or the deadline: no periodic wake-ups while the broker takes
+/// nothing.
 fn push_wait(
     ctx: &mut WalContext,
     item: RingItem,
     shutdown: &Shutdown,
     at_shutdown: bool,
-    while_waiting: &mut dyn FnMut(&mut WalContext) -> Result<(), StreamError>,
+    while_waiting: &mut dyn FnMut(&mut WalContext) -> Result<Duration, StreamError>,
 ) -> Result<(), StreamError> {
     let mut item = item;
     let mut pause = Duration::from_micros(50);
@@ -632,13 +650,37 @@ fn push_wait(
         if ctx.ring.reader_gone() {
             return Err(StreamError::PublisherGone);
         }
-        if shutdown.is_triggered() && (!at_shutdown || started.elapsed() > Duration::from_secs(30))
-        {
+        if shutdown.is_triggered() && (!at_shutdown || started.elapsed() > SHUTDOWN_PUSH_LIMIT) {
             return Err(StreamError::ShuttingDown);
         }
         ctx.ring.notify();
-        while_waiting(ctx)?;
-        std::thread::sleep(pause);
-        pause = (pause * 2).min(Duration::from_millis(5));
+        let mut wait = while_waiting(ctx)?;
+        let Some(room) = ctx.ring.room_fd() else {
+            // No descriptor to wait on: look again after a growing pause.
+            std::thread::sleep(pause);
+            pause = (pause * 2).min(Duration::from_millis(5));
+            continue;
+        };
+        // The shutdown signal's descriptor stays readable once triggered: not watched while
+        // the End marker waits after it (then the time limit ends the wait).
+        let shutdown_fd = if at_shutdown {
+            wait = wait.min(SHUTDOWN_PUSH_LIMIT.saturating_sub(started.elapsed()));
+            None
+        } else {
+            shutdown.wake_fd()
+        };
+        let mut fds = [room; 3];
+        let mut n = 1;
+        for fd in [ctx.ring.gone_fd(), shutdown_fd].into_iter().flatten() {
+            fds[n] = fd;
+            n += 1;
+        }
+        if n < 2 + usize::from(!at_shutdown) {
+            wait = wait.min(POLL_INTERVAL);
+        }
+        if ctx.ring.expect_room(bytes) {
+            poll_readable(&fds[..n], wait.max(Duration::from_millis(1))).map_err(PgError::Io)?;
+        }
+        ctx.ring.end_room_wait();
     }
 }

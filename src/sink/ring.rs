@@ -13,10 +13,16 @@
 //! Each side counts only what it moved itself, on its own cache line: the wal thread the bytes
 //! it pushed, the sink the bytes it popped (stored once per batch, not per change), so the
 //! hot path pays no shared read-modify-write.
+//!
+//! A wal thread waiting for room sleeps on a descriptor ([`RingWriter::room_fd`]) that the
+//! sink makes readable once a few hundred slots are free and the ring holds at most half its
+//! bytes (or it is empty), and only when the wal thread said it waits: one wake-up per few
+//! hundred changes at full speed, none while the broker takes nothing.
 
+use std::io::{Read, Write};
 use std::os::fd::{AsRawFd, RawFd};
 use std::os::unix::net::UnixStream;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{fence, AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 
 use crossbeam_utils::CachePadded;
@@ -30,6 +36,11 @@ use crate::wire::outbox::OutboxEvent;
 
 /// Most published events kept for the wal thread to reuse.
 const RECYCLE_CAPACITY: usize = 1024;
+
+/// Free slots at which the sink wakes a wal thread waiting for room (at most half the ring):
+/// enough that one wake-up serves a burst of changes, few enough that the events given back
+/// while it slept still fit the way back for reuse instead of being freed and made again.
+const ROOM_MARK: usize = RECYCLE_CAPACITY / 2;
 
 /// What travels through the ring from the wal thread to the sink.
 #[derive(Debug)]
@@ -70,6 +81,8 @@ pub fn channel(capacity: usize, max_bytes: u64) -> (RingWriter, RingReader) {
         Ok((gone, alive)) => (Some(gone), Some(alive)),
         Err(_) => (None, None),
     };
+    let waiting = Arc::new(CachePadded::new(AtomicBool::new(false)));
+    let (room, made_room) = room_pair();
     (
         RingWriter {
             producer,
@@ -77,6 +90,8 @@ pub fn channel(capacity: usize, max_bytes: u64) -> (RingWriter, RingReader) {
             budget: Arc::clone(&budget),
             notify: Arc::clone(&notify),
             gone,
+            waiting: Arc::clone(&waiting),
+            room,
         },
         RingReader {
             consumer,
@@ -84,8 +99,26 @@ pub fn channel(capacity: usize, max_bytes: u64) -> (RingWriter, RingReader) {
             budget,
             notify,
             _alive: alive,
+            waiting,
+            made_room,
+            room_mark: (capacity / 2).min(ROOM_MARK),
         },
     )
+}
+
+/// The wal side's and the sink's ends of the room signal, both non-blocking: the sink never
+/// waits to signal (a full socket buffer already holds a wake-up), the wal side drains
+/// without waiting. `None` when no socket pair could be made (the wal side then sleeps and
+/// looks again).
+fn room_pair() -> (Option<UnixStream>, Option<UnixStream>) {
+    match UnixStream::pair() {
+        Ok((room, made_room))
+            if room.set_nonblocking(true).is_ok() && made_room.set_nonblocking(true).is_ok() =>
+        {
+            (Some(room), Some(made_room))
+        }
+        _ => (None, None),
+    }
 }
 
 /// The wal side of the ring.
@@ -98,6 +131,10 @@ pub struct RingWriter {
     notify: Arc<Notify>,
     /// Readable once the reader is dropped (see [`RingWriter::gone_fd`]).
     gone: Option<UnixStream>,
+    /// Set while the wal side waits for room (see [`RingWriter::expect_room`]).
+    waiting: Arc<CachePadded<AtomicBool>>,
+    /// Readable once the sink made room while [`RingWriter::waiting`] was set.
+    room: Option<UnixStream>,
 }
 
 impl RingWriter {
@@ -116,6 +153,46 @@ impl RingWriter {
                 Ok(())
             }
             Err(rtrb::PushError::Full(back)) => Err(back),
+        }
+    }
+
+    /// True when an item of `bytes` would be taken now (the conditions of
+    /// [`RingWriter::try_push`]).
+    fn fits(&self, bytes: u64) -> bool {
+        let slots = self.producer.slots();
+        slots > 0
+            && !(bytes > 0
+                && self.budget.would_exceed(bytes)
+                && slots < self.producer.buffer().capacity())
+    }
+
+    /// A descriptor that becomes readable when the sink made room after
+    /// [`RingWriter::expect_room`]; `None` when no socket pair could be made.
+    pub(crate) fn room_fd(&self) -> Option<RawFd> {
+        self.room.as_ref().map(AsRawFd::as_raw_fd)
+    }
+
+    /// Before sleeping on [`RingWriter::room_fd`]: asks the sink to signal room, then looks
+    /// once more. False when an item of `bytes` fits already (then do not sleep: the signal
+    /// may never come). Either the sink sees the request after it popped, or this look sees
+    /// what it popped.
+    pub(crate) fn expect_room(&self, bytes: u64) -> bool {
+        self.waiting.store(true, Ordering::Relaxed);
+        fence(Ordering::SeqCst);
+        if self.fits(bytes) {
+            self.waiting.store(false, Ordering::Relaxed);
+            return false;
+        }
+        true
+    }
+
+    /// After the sleep on [`RingWriter::room_fd`]: takes the signal (and a late one from an
+    /// earlier wait) and withdraws the request.
+    pub(crate) fn end_room_wait(&self) {
+        self.waiting.store(false, Ordering::Relaxed);
+        if let Some(mut room) = self.room.as_ref() {
+            let mut buf = [0u8; 64];
+            while matches!(room.read(&mut buf), Ok(n) if n > 0) {}
         }
     }
 
@@ -184,6 +261,12 @@ pub struct RingReader {
     notify: Arc<Notify>,
     /// Closed with the reader: the writer's [`RingWriter::gone_fd`] then becomes readable.
     _alive: Option<UnixStream>,
+    /// Set by the wal side while it waits for room.
+    waiting: Arc<CachePadded<AtomicBool>>,
+    /// Written to make the wal side's [`RingWriter::room_fd`] readable.
+    made_room: Option<UnixStream>,
+    /// Free slots at which a waiting wal side is woken.
+    room_mark: usize,
 }
 
 impl RingReader {
@@ -212,9 +295,25 @@ impl RingReader {
         Arc::clone(&self.notify)
     }
 
-    /// Gives `bytes` of popped changes back to the budget (once per batch).
+    /// Gives `bytes` of popped changes back to the budget (once per batch), and wakes the
+    /// wal side if it waits for room and the ring has [`ROOM_MARK`] free slots (at most half
+    /// the ring) and holds at most half its bytes, or is empty.
     pub(crate) fn popped(&self, bytes: u64) {
         self.budget.popped(bytes);
+        // Pairs with the fence in `RingWriter::expect_room`: the pops above are seen there,
+        // or the request is seen here.
+        fence(Ordering::SeqCst);
+        if !self.waiting.load(Ordering::Relaxed) {
+            return;
+        }
+        let free = self.consumer.buffer().capacity() - self.consumer.slots();
+        let room = free >= self.room_mark && self.budget.at_most_half();
+        if (room || self.consumer.is_empty()) && self.waiting.swap(false, Ordering::Relaxed) {
+            if let Some(mut made_room) = self.made_room.as_ref() {
+                // A full socket buffer already holds a wake-up.
+                let _ = made_room.write(&[1]);
+            }
+        }
     }
 
     /// Hands a delivered event back to the wal thread for reuse (dropped when the way back
@@ -264,6 +363,11 @@ impl RingBudget {
         self.pushed
             .load(Ordering::Relaxed)
             .saturating_sub(self.popped.load(Ordering::Acquire))
+    }
+
+    /// True when the changes on the ring hold at most half the limit.
+    pub(crate) fn at_most_half(&self) -> bool {
+        self.used() <= self.limit / 2
     }
 
     /// True when `bytes` more would go over the limit.
@@ -417,6 +521,58 @@ mod tests {
         let mut reader = reader;
         assert!(matches!(reader.pop(), Some(RingItem::Commit { .. })));
         assert!(reader.is_closed());
+    }
+
+    #[test]
+    fn a_waiting_writer_is_woken_once_half_a_small_ring_is_free() {
+        let (mut writer, mut reader) = channel(8, 1 << 20);
+        let room = writer.room_fd().expect("a socket pair");
+        for i in 0..8 {
+            assert!(writer.push(RingItem::Commit { end_lsn: Lsn(i) }).is_ok());
+        }
+        // Popped without a request: no signal.
+        reader.pop();
+        reader.popped(0);
+        assert!(!readable(room));
+        assert!(writer.push(RingItem::Commit { end_lsn: Lsn(8) }).is_ok());
+        assert!(writer.expect_room(0), "full: the writer must sleep");
+        for _ in 0..3 {
+            reader.pop();
+        }
+        reader.popped(0);
+        assert!(!readable(room), "5 of 8 left: not yet");
+        reader.pop();
+        reader.popped(0);
+        assert!(readable(room), "4 of 8 left: woken");
+        writer.end_room_wait();
+        assert!(!readable(room), "the signal is taken");
+        // The request was withdrawn with the signal: later pops signal nothing.
+        reader.pop();
+        reader.popped(0);
+        assert!(!readable(room));
+    }
+
+    #[test]
+    fn a_writer_whose_item_fits_does_not_wait() {
+        let (mut writer, mut reader) = channel(8, 1000);
+        let room = writer.room_fd().expect("a socket pair");
+        assert!(!writer.expect_room(0), "empty ring");
+        assert!(writer
+            .try_push(RingItem::Commit { end_lsn: Lsn(1) }, 600)
+            .is_ok());
+        assert!(!writer.expect_room(400), "within the budget");
+        assert!(writer.expect_room(401), "over the budget");
+        // Down to half the items but not half the bytes: the request stays.
+        assert!(writer.push(RingItem::Commit { end_lsn: Lsn(2) }).is_ok());
+        reader.pop();
+        reader.popped(0);
+        assert!(!readable(room));
+        // Empty: woken whatever the bytes.
+        reader.pop();
+        reader.popped(600);
+        assert!(readable(room));
+        writer.end_room_wait();
+        assert!(!writer.expect_room(401));
     }
 
     #[test]
