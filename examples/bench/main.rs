@@ -482,6 +482,7 @@ fn main() {
         "streaming",
         "large_transaction",
         "latency",
+        "idle",
         "snapshot",
         "startup",
     ]

@@ -417,6 +417,22 @@ pub(super) fn print_table(r: &Json) {
             ],
         ),
         (
+            "idle",
+            [
+                format!(
+                    "  nats-server stopped, {} waiting, {} s",
+                    r["idle"]["stalled_broker"]["changes"], r["idle"]["stalled_broker"]["seconds"]
+                ),
+                format!("{} %", r["idle"]["stalled_broker"]["cpu_percent_of_core"]),
+                format!(
+                    "{} wake-ups/s, stored once {} s after",
+                    r["idle"]["stalled_broker"]["wakeups_per_s"],
+                    r["idle"]["stalled_broker"]["seconds_to_stored_after_resume"]
+                ),
+                String::new(),
+            ],
+        ),
+        (
             "snapshot",
             [
                 format!("snapshot ({} rows)", snap["rows"]),
