@@ -6,7 +6,6 @@
 //!
 //! The counters are [`threads::sample`]'s.
 
-use std::collections::BTreeMap;
 use std::path::Path;
 use std::time::{Duration, Instant};
 
@@ -14,7 +13,7 @@ use serde_json::{json, Value as Json};
 
 use testkit::proc::Proc;
 
-use super::threads::{sample, since, TaskSample};
+use super::threads::{sample, since};
 use super::{nats, round, say, Bench, DB};
 
 /// Changes written while nats-server is stopped: more than the ring and the PubAck window
@@ -44,14 +43,8 @@ impl Bench {
         self.wait_caught_up(&mut bridge, &log, "streaming started");
         // Let the start-up's own work (schemas, streams, first status updates) settle.
         std::thread::sleep(Duration::from_secs(2));
-        let pid = bridge.pid();
-        let before = sample(pid);
-        let t0 = Instant::now();
-        std::thread::sleep(Duration::from_secs(secs));
-        let after = sample(pid);
-        let elapsed = t0.elapsed().as_secs_f64();
+        let mut idle = quiet_figures(bridge.pid(), secs);
         self.check_alive(&mut bridge, &log);
-        let mut idle = quiet_figures(&since(&after, &before), elapsed);
         idle["stalled_broker"] = self.stalled_broker(&mut bridge, &log);
         self.stop_bridge(bridge, &log);
         idle
@@ -83,12 +76,7 @@ impl Bench {
         );
         // The wal thread reads the backlog until the ring is full.
         std::thread::sleep(Duration::from_secs(2));
-        let pid = bridge.pid();
-        let before = sample(pid);
-        let t0 = Instant::now();
-        std::thread::sleep(Duration::from_secs(STALL_SECS));
-        let after = sample(pid);
-        let elapsed = t0.elapsed().as_secs_f64();
+        let mut figures = quiet_figures(bridge.pid(), STALL_SECS);
         self.check_alive(bridge, log);
         drop(resume);
         let t1 = Instant::now();
@@ -113,7 +101,6 @@ impl Bench {
             "after nats-server went on, the CDC stream held {finally} messages, {expected} \
              expected ({stored_before} before, {STALL_BACKLOG} written while it was stopped)"
         );
-        let mut figures = quiet_figures(&since(&after, &before), elapsed);
         figures["changes"] = json!(STALL_BACKLOG);
         figures["seconds_to_stored_after_resume"] = json!(round(resumed.as_secs_f64(), 3));
         figures["stored_once"] = json!(true);
@@ -121,12 +108,18 @@ impl Bench {
     }
 }
 
-/// Share of a core and wake-ups per second, in all and by thread, over `elapsed` seconds.
-fn quiet_figures(delta: &BTreeMap<String, TaskSample>, elapsed: f64) -> Json {
+/// Process `pid` over the next `secs`: share of a core and wake-ups per second, in all and by
+/// thread.
+fn quiet_figures(pid: u32, secs: u64) -> Json {
+    let before = sample(pid);
+    let t0 = Instant::now();
+    std::thread::sleep(Duration::from_secs(secs));
+    let delta = since(&sample(pid), &before);
+    let elapsed = t0.elapsed().as_secs_f64();
     let mut total_ns = 0u64;
     let mut total_switches = 0u64;
     let mut threads = serde_json::Map::new();
-    for (name, d) in delta {
+    for (name, d) in &delta {
         let (ns, sw) = (d.cpu_ns, d.switches);
         total_ns += ns;
         total_switches += sw;
