@@ -664,7 +664,9 @@ fn push_wait(
         // The shutdown signal's descriptor stays readable once triggered: not watched while
         // the End marker waits after it (then the time limit ends the wait).
         let shutdown_fd = if at_shutdown {
-            wait = wait.min(SHUTDOWN_PUSH_LIMIT.saturating_sub(started.elapsed()));
+            if shutdown.is_triggered() {
+                wait = wait.min(SHUTDOWN_PUSH_LIMIT.saturating_sub(started.elapsed()));
+            }
             None
         } else {
             shutdown.wake_fd()
