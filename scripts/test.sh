@@ -26,6 +26,8 @@ echo "== cargo fmt --check"
 cargo fmt --all -- --check
 echo "== cargo clippy"
 cargo clippy --locked --all-targets -- -D warnings
+echo "== cargo doc (library, warnings are errors)"
+RUSTDOCFLAGS="-D warnings" cargo doc --locked --no-deps --lib
 
 image_pid=""
 image_log=""

@@ -145,7 +145,7 @@ pub struct ReplicationConfig {
     pub tables: Vec<String>,
     /// Message encoding.
     pub format: Format,
-    /// Shape of change event bodies; [`Envelope::Debezium`] requires [`Format::Json`].
+    /// Shape of change event bodies; `Envelope::Debezium` requires [`Format::Json`].
     pub envelope: Envelope,
     /// With the Debezium envelope: wrap bodies as `{"schema": …, "payload": …}`.
     pub debezium_schemas: bool,
@@ -164,16 +164,16 @@ pub struct ReplicationConfig {
     /// How long more transactions may gather after a read that emptied the socket, in
     /// milliseconds; 0 reads each as soon as it arrives.
     pub batch_wait_ms: u64,
-    /// File holding the last durable LSN; `None` means [`ReplicationConfig::state_file_path`]'s
+    /// File holding the last durable LSN; `None` means `ReplicationConfig::state_file_path`'s
     /// default.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub state_file: Option<PathBuf>,
     /// Private directory (mode 0700) for the spool files of large streamed transactions; `None`
-    /// means [`ReplicationConfig::spool_dir_path`]'s default.
+    /// means `ReplicationConfig::spool_dir_path`'s default.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub spool_dir: Option<PathBuf>,
     /// Silence on the replication connection after which it is reconnected, in seconds
-    /// (0: automatic, see [`DEFAULT_WAL_RECEIVE_TIMEOUT_SECS`]).
+    /// (0: automatic, see `DEFAULT_WAL_RECEIVE_TIMEOUT_SECS`).
     pub wal_receive_timeout_secs: u64,
     /// Start even when the state file's position does not belong to the server, from the
     /// slot, logging the skipped range.

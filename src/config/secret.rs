@@ -9,7 +9,7 @@ use serde::{Deserialize, Serialize, Serializer};
 pub(crate) const REDACTED: &str = "***";
 
 /// A password, token or credential-bearing URL. Prints, debugs and serializes as `***`; the
-/// value is reachable only through [`Secret::expose`].
+/// value is reachable only through `Secret::expose`.
 #[derive(Clone, Default, PartialEq, Eq)]
 pub struct Secret(String);
 

@@ -130,7 +130,7 @@ impl PgConfig {
 }
 
 impl NatsConfig {
-    /// Checks every field; see [`Config::validate`].
+    /// Checks every field; see `Config::validate`.
     pub fn validate(&self) -> Result<(), ConfigError> {
         if self.urls.is_empty() {
             return Err(invalid("nats.urls", "no NATS server given"));

@@ -17,11 +17,11 @@
 //! transaction, so a restart, even after `kill -9`, neither loses nor repeats a change. The
 //! end of a source transaction is its change marked `last_in_tx`, or a change of a later
 //! transaction; when the marked change is of a table not mirrored, the stream's next messages
-//! are looked at ([`Mirror::transaction_ended`]). Changes from a bridge that does not mark
+//! are looked at (`Mirror::transaction_ended`). Changes from a bridge that does not mark
 //! them are committed after [`IDLE_COMMIT`] without a change, as before.
 //!
 //! Each row keeps the version (`commit_lsn`, `seq`) of its last change, and deleted rows a
-//! tombstone (see [`store`]): a change that comes again, or out of order, and is not newer
+//! tombstone (see `store`): a change that comes again, or out of order, and is not newer
 //! than the row is skipped.
 //!
 //! Schema changes are followed from the changes themselves: a column a change has and the

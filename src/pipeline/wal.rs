@@ -1,4 +1,4 @@
-//! The wal thread's I/O loop: reads the replication stream, has [`Translator`] turn pgoutput
+//! The wal thread's I/O loop: reads the replication stream, has `Translator` turn pgoutput
 //! into [`ChangeEvent`]s, hands them through the ring to the publisher, answers keepalives
 //! and reports the durable position to PostgreSQL.
 //!

@@ -14,7 +14,7 @@
 //! it pushed, the sink the bytes it popped (stored once per batch, not per change), so the
 //! hot path pays no shared read-modify-write.
 //!
-//! A wal thread waiting for room sleeps on a descriptor ([`RingWriter::room_fd`]) that the
+//! A wal thread waiting for room sleeps on a descriptor (`RingWriter::room_fd`) that the
 //! sink makes readable once a few hundred slots are free and the ring holds at most half its
 //! bytes (or it is empty), and only when the wal thread said it waits: one wake-up per few
 //! hundred changes at full speed, none while the broker takes nothing.

@@ -256,7 +256,7 @@ pub async fn connect(
 /// snapshot service, admin requests, `bridge mirror`) is made here, so that they all apply.
 ///
 /// The first connection is tried once over the server list, bounded by
-/// [`INITIAL_CONNECT_TIMEOUT`]; failing that the error says why ([`NatsError::Unreachable`],
+/// `INITIAL_CONNECT_TIMEOUT`; failing that the error says why ([`NatsError::Unreachable`],
 /// [`NatsError::Authentication`], ...) and the caller decides whether to retry. Once connected,
 /// the client reconnects forever by itself; `stats` counts the losses and reconnects.
 pub async fn connect_with_stats(

@@ -1,5 +1,5 @@
-//! The publisher, the NATS half of delivering changes (a [`Delivery`]): encodes the changes
-//! the driver ([`crate::sink::driver`]) hands it, publishes them to JetStream with their
+//! The publisher, the NATS half of delivering changes (a `Delivery`): encodes the changes
+//! the driver (`crate::sink::driver`) hands it, publishes them to JetStream with their
 //! deterministic message ids, and keeps a bounded window of PubAcks in flight.
 //!
 //! Publishing is pipelined on the client's own connection rather than going through the
@@ -7,7 +7,7 @@
 //! decoder per message). The publisher subscribes once to `{inbox}.*`, an inbox of its own,
 //! and sends every message as a plain publish whose reply subject is `{inbox}.{token}`, the
 //! token counting messages. JetStream answers each publish on its reply subject, so the token
-//! of the answer finds the message in the window; [`super::puback`] reads the answer.
+//! of the answer finds the message in the window; `super::puback` reads the answer.
 //!
 //! Acks are applied in publish order: the acknowledged front of the window is what the driver
 //! sees as delivered, and from that it advances the durable position past each transaction.
@@ -19,7 +19,7 @@
 //! instead of being stored ahead of it. The duplicate check comes first on the server, so a
 //! message already stored is acknowledged as a duplicate whatever it expects.
 //!
-//! A failed publish (a refusal, no PubAck within [`ACK_TIMEOUT`] of reaching the front of the
+//! A failed publish (a refusal, no PubAck within `ACK_TIMEOUT` of reaching the front of the
 //! window, NATS down) stops the window from taking new changes. After a backoff, and once the
 //! client is connected, every unacknowledged message is sent again in order from the first one,
 //! with the same message id, so JetStream stores each once however often it is sent within the
@@ -188,7 +188,7 @@ enum Failure {
     BatchEnded,
 }
 
-/// The NATS [`Delivery`]: publishes what the driver hands it and reports the acknowledged
+/// The NATS `Delivery`: publishes what the driver hands it and reports the acknowledged
 /// front of its window. Runs on its own thread's tokio runtime ([`Publisher::deliver`]).
 pub struct Publisher {
     client: Client,

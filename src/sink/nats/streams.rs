@@ -47,7 +47,7 @@ pub struct StreamsInfo {
     /// Settings of the streams that break a guarantee; each was also logged as a warning.
     pub warnings: Vec<StreamWarning>,
     /// Durability limits that hold for the default set-up too (a single-replica CDC stream,
-    /// see [`durability_warnings`]); logged as warnings, kept apart from `warnings`.
+    /// see `durability_warnings`); logged as warnings, kept apart from `warnings`.
     pub durability: Vec<StreamWarning>,
 }
 
@@ -294,7 +294,7 @@ pub fn outbox_stream_config(streams: &StreamsConfig) -> stream::Config {
     }
 }
 
-/// The DLQ stream (`dlq.>`), kept for [`DLQ_MAX_AGE`].
+/// The DLQ stream (`dlq.>`), kept for `DLQ_MAX_AGE`.
 pub fn dlq_stream_config(streams: &StreamsConfig) -> stream::Config {
     stream::Config {
         name: DLQ_STREAM.to_owned(),

@@ -7,7 +7,7 @@
 //! `{"schema": …, "payload": …}`. The record key ([`encode_debezium_key`]) is the key
 //! columns' values, `{"id": 1}`, wrapped the same way with schemas on.
 //!
-//! Column values follow the connector's default settings (see [`values`]); the row structs
+//! Column values follow the connector's default settings (see `values`); the row structs
 //! name every column of the table, in table order, from the event's
 //! [`TableRef::columns`](crate::wire::event::TableRef::columns).
 
