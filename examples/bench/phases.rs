@@ -608,18 +608,27 @@ impl Bench {
         }
         let nats_cpu = cpu_of(nats_pid).unwrap_or_default().total() - nats_cpu0.total();
         let hwm = status_kb(pid, "VmHWM").unwrap_or(0);
-        // The meta is on its subject as nats-server routes it, as it stores it; check it is
-        // stored, and that it is this snapshot's and complete.
-        let (stored, init_messages, init_bytes) = self.rt.block_on(async {
+        // The meta is on its subject as nats-server routes it, which can be a moment before
+        // the stream has stored it; check it is stored (looking again for up to 5 s), and
+        // that it is this snapshot's and complete.
+        let (init_messages, init_bytes) = self.rt.block_on(async {
             let mut s = self.js.get_stream("INIT").await.expect("INIT stream");
-            let m = s
-                .get_last_raw_message_by_subject(&format!("init.meta.{TABLE}"))
-                .await
-                .expect("stored meta");
+            let subject = format!("init.meta.{TABLE}");
+            let looked = Instant::now();
+            loop {
+                let last = s.get_last_raw_message_by_subject(&subject).await;
+                match last {
+                    Ok(m) if m.payload == meta.payload => break,
+                    _ if looked.elapsed() < Duration::from_secs(5) => {
+                        tokio::time::sleep(Duration::from_millis(20)).await;
+                    }
+                    Ok(_) => panic!("the last stored meta is not the one received"),
+                    Err(e) => panic!("the snapshot's meta is not stored after 5 s: {e}"),
+                }
+            }
             let state = s.info().await.expect("INIT info").state.clone();
-            (m.payload, state.messages, state.bytes)
+            (state.messages, state.bytes)
         });
-        assert_eq!(stored, meta.payload, "the stored meta is the one received");
         let meta_doc = rmpv::decode::read_value(&mut &meta.payload[..]).expect("MessagePack meta");
         let meta_field = |k: &str| {
             meta_doc
