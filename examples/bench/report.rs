@@ -183,6 +183,8 @@ pub(super) fn print_table(r: &Json) {
     let j = &r["jetstream_ceiling"];
     let lat = &r["latency"];
     let snap = &r["snapshot"];
+    let chained = &j["fast_batch_chained_reference"];
+    let stalled = &r["idle"]["stalled_broker"];
     // (the phase a row belongs to, its cells); phases left out with --only print nothing.
     let rows: Vec<(&str, [String; 4])> = vec![
         (
@@ -244,20 +246,11 @@ pub(super) fn print_table(r: &Json) {
             "jetstream_ceiling",
             [
                 "  fast batch with the bridge's expected-last header".into(),
-                fmt_num(
-                    &j["fast_batch_chained_reference"]["publisher_cpu_us_per_message"],
-                    "us",
-                ),
+                fmt_num(&chained["publisher_cpu_us_per_message"], "us"),
                 format!(
                     "at {}, nats-server {}",
-                    fmt_num(
-                        &j["fast_batch_chained_reference"]["messages_per_s"],
-                        "msg/s"
-                    ),
-                    fmt_num(
-                        &j["fast_batch_chained_reference"]["nats_server_cpu_us_per_message"],
-                        "us"
-                    )
+                    fmt_num(&chained["messages_per_s"], "msg/s"),
+                    fmt_num(&chained["nats_server_cpu_us_per_message"], "us")
                 ),
                 String::new(),
             ],
@@ -421,13 +414,12 @@ pub(super) fn print_table(r: &Json) {
             [
                 format!(
                     "  nats-server stopped, {} waiting, {} s",
-                    r["idle"]["stalled_broker"]["changes"], r["idle"]["stalled_broker"]["seconds"]
+                    stalled["changes"], stalled["seconds"]
                 ),
-                format!("{} %", r["idle"]["stalled_broker"]["cpu_percent_of_core"]),
+                format!("{} %", stalled["cpu_percent_of_core"]),
                 format!(
                     "{} wake-ups/s, stored once {} s after",
-                    r["idle"]["stalled_broker"]["wakeups_per_s"],
-                    r["idle"]["stalled_broker"]["seconds_to_stored_after_resume"]
+                    stalled["wakeups_per_s"], stalled["seconds_to_stored_after_resume"]
                 ),
                 String::new(),
             ],

@@ -671,17 +671,17 @@ fn push_wait(
         } else {
             shutdown.wake_fd()
         };
-        let mut fds = [room; 3];
-        let mut n = 1;
-        for fd in [ctx.ring.gone_fd(), shutdown_fd].into_iter().flatten() {
-            fds[n] = fd;
-            n += 1;
-        }
-        if n < 2 + usize::from(!at_shutdown) {
+        let gone_fd = ctx.ring.gone_fd();
+        // A flag without its descriptor is looked at this often, as in the run loop.
+        if gone_fd.is_none() || (!at_shutdown && shutdown_fd.is_none()) {
             wait = wait.min(POLL_INTERVAL);
         }
+        let fds: Vec<std::os::fd::RawFd> = [Some(room), gone_fd, shutdown_fd]
+            .into_iter()
+            .flatten()
+            .collect();
         if ctx.ring.expect_room(bytes) {
-            poll_readable(&fds[..n], wait.max(Duration::from_millis(1))).map_err(PgError::Io)?;
+            poll_readable(&fds, wait.max(Duration::from_millis(1))).map_err(PgError::Io)?;
         }
         ctx.ring.end_room_wait();
     }

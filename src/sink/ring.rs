@@ -141,10 +141,7 @@ impl RingWriter {
     /// Pushes `item`, which holds `bytes` (see [`item_bytes`]), unless the ring is full or,
     /// not being empty, over its byte budget: then the item comes back.
     pub(crate) fn try_push(&mut self, item: RingItem, bytes: u64) -> Result<(), RingItem> {
-        let over_budget = bytes > 0
-            && self.budget.would_exceed(bytes)
-            && self.producer.slots() < self.producer.buffer().capacity();
-        if over_budget {
+        if self.over_budget(bytes) {
             return Err(item);
         }
         match self.producer.push(item) {
@@ -156,14 +153,17 @@ impl RingWriter {
         }
     }
 
-    /// True when an item of `bytes` would be taken now (the conditions of
-    /// [`RingWriter::try_push`]).
+    /// True when `bytes` more would go over the byte budget and the ring is not empty (one
+    /// change larger than the budget still goes, alone).
+    fn over_budget(&self, bytes: u64) -> bool {
+        bytes > 0
+            && self.budget.would_exceed(bytes)
+            && self.producer.slots() < self.producer.buffer().capacity()
+    }
+
+    /// True when [`RingWriter::try_push`] would take an item of `bytes` now.
     fn fits(&self, bytes: u64) -> bool {
-        let slots = self.producer.slots();
-        slots > 0
-            && !(bytes > 0
-                && self.budget.would_exceed(bytes)
-                && slots < self.producer.buffer().capacity())
+        self.producer.slots() > 0 && !self.over_budget(bytes)
     }
 
     /// A descriptor that becomes readable when the sink made room after
