@@ -504,3 +504,81 @@ fn post_snapshots_needs_the_admin_token_and_follows_the_same_rules() {
     assert_eq!(status, 400, "{body}");
     drop(bridge);
 }
+
+/// Publishes `subject` with a reply subject and a raw header block, as any client may write
+/// it on the wire; the server's answer to the `PING` after it (`PONG` or `-ERR ...`).
+fn publish_raw_headers(nats_port: u16, subject: &str, reply: &str, header: &str) -> String {
+    let mut s = TcpStream::connect(("127.0.0.1", nats_port)).expect("connect to nats-server");
+    s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    let len = header.len();
+    write!(
+        s,
+        "CONNECT {{\"verbose\":false,\"pedantic\":false,\"headers\":true}}\r\n\
+         HPUB {subject} {reply} {len} {len}\r\n{header}\r\nPING\r\n"
+    )
+    .unwrap();
+    let mut seen = String::new();
+    let mut buf = [0u8; 4096];
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while Instant::now() < deadline && !seen.contains("PONG") && !seen.contains("-ERR") {
+        match s.read(&mut buf) {
+            Ok(0) | Err(_) => break,
+            Ok(n) => seen.push_str(&String::from_utf8_lossy(&buf[..n])),
+        }
+    }
+    seen.lines()
+        .find(|l| l.starts_with("PONG") || l.starts_with("-ERR"))
+        .unwrap_or("no answer")
+        .to_string()
+}
+
+/// A header value holding a bare carriage return is legal on the wire for nats-server, and a
+/// client library that panicked on it would lose the bridge's NATS connection to anyone
+/// allowed to publish a request. The request is served like any other, and the bridge goes
+/// on streaming and answering.
+#[test]
+fn a_request_with_a_carriage_return_in_a_header_value_is_served_and_breaks_nothing() {
+    let env = TestEnv::start();
+    setup_app_db(
+        &env.pg,
+        "CREATE TABLE users (id int PRIMARY KEY, name text); \
+         INSERT INTO users SELECT g, 'u' || g FROM generate_series(1, 10) g",
+        "",
+    );
+    let url = env.nats.url();
+    let dir = TempDir::new("bridge");
+    let bridge = BridgeProcess::spawn(
+        bridge_command(&env.pg, &url, dir.path()).args(["--snapshot-cooldown-secs", "0"]),
+    );
+    bridge.wait_for_line("snapshot requests served", Duration::from_secs(60));
+
+    let answer = publish_raw_headers(
+        env.nats.port(),
+        "snapshot.request.users",
+        "_INBOX.raw.1",
+        "NATS/1.0\r\nX-Note: a\rb\r\n\r\n",
+    );
+    assert_eq!(answer, "PONG", "nats-server refused the message");
+    testkit::wait_for_logged(
+        "the meta",
+        Duration::from_secs(60),
+        &[("bridge", &bridge)],
+        || (metas(&url, "users").len() == 1).then_some(()),
+    );
+    bridge.wait_for_line(" of public.users:", Duration::from_secs(60));
+
+    // The same connection still answers, and changes still flow.
+    env.pg
+        .sql("app", "INSERT INTO users VALUES (100, 'streamed')");
+    wait_for("the insert", Duration::from_secs(30), || {
+        (stream_len(&url, "CDC") == 1).then_some(())
+    });
+    let r = request(&url, "snapshot.request.users");
+    assert_eq!(r["status"], "accepted", "{r}");
+    let id = r["snapshot_id"].as_str().unwrap();
+    let meta = wait_for_meta(&url, "users", id);
+    assert_eq!(meta["row_count"].as_u64(), Some(11));
+    let log = bridge.log();
+    assert!(!log.contains("panicked"), "{log}");
+    drop(bridge);
+}
