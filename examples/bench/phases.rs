@@ -560,6 +560,7 @@ impl Bench {
         let cpu0 = cpu_of(pid).unwrap_or_default();
         let nats_pid = self.nats.pid().expect("nats-server runs");
         let nats_cpu0 = cpu_of(nats_pid).unwrap_or_default();
+        let nats_rss_before = status_kb(nats_pid, "VmRSS").unwrap_or(0);
 
         let t0 = Instant::now();
         let reply = self
@@ -678,6 +679,7 @@ impl Bench {
             "cpu_share_of_one_core": round(total_cpu.as_secs_f64() / elapsed.as_secs_f64(), 3),
             "threads_cpu_s": by_thread.iter().map(|(name, d)| (name.clone(), json!(secs(*d)))).collect::<serde_json::Map<_, _>>(),
             "nats_server_cpu_s": secs(nats_cpu),
+            "nats_server_rss_before_kb": nats_rss_before,
             "rss_before_kb": rss_before,
             // VmHWM can trail a VmRSS sample by a few pages (the kernel syncs its RSS
             // counters lazily): the peak is the larger of the two.

@@ -471,7 +471,12 @@ pub(super) fn print_table(r: &Json) {
                     fmt_num(&snap["bridge"]["peak_rss_kb"], "kB"),
                     fmt_num(&snap["bridge"]["rss_before_kb"], "kB")
                 ),
-                String::new(),
+                // What earlier phases left in nats-server (their duplicate-window ids among
+                // it) is what its collector scans while it stores the chunks.
+                format!(
+                    "nats-server RSS {} before",
+                    fmt_num(&snap["bridge"]["nats_server_rss_before_kb"], "kB")
+                ),
                 String::new(),
             ],
         ),
