@@ -126,6 +126,26 @@ pub(super) fn http_post(port: u16, path: &str, token: Option<&str>) -> (u16, Str
     (status, head.to_ascii_lowercase(), body.to_string())
 }
 
+/// Servers, a `users` table of 10 rows, and a bridge (no snapshot cooldown, `extra`
+/// arguments) that serves snapshot requests.
+fn users_and_a_bridge(extra: &[&str]) -> (TestEnv, TempDir, BridgeProcess) {
+    let env = TestEnv::start();
+    setup_app_db(
+        &env.pg,
+        "CREATE TABLE users (id int PRIMARY KEY, name text); \
+         INSERT INTO users SELECT g, 'u' || g FROM generate_series(1, 10) g",
+        "",
+    );
+    let dir = TempDir::new("bridge");
+    let bridge = BridgeProcess::spawn(
+        bridge_command(&env.pg, &env.nats.url(), dir.path())
+            .args(["--snapshot-cooldown-secs", "0"])
+            .args(extra),
+    );
+    bridge.wait_for_line("snapshot requests served", Duration::from_secs(60));
+    (env, dir, bridge)
+}
+
 fn metric(port: u16, name: &str) -> f64 {
     let mut s = TcpStream::connect(("127.0.0.1", port)).unwrap();
     s.set_read_timeout(Some(Duration::from_secs(20))).unwrap();
@@ -142,23 +162,9 @@ fn metric(port: u16, name: &str) -> f64 {
 
 #[test]
 fn requests_with_a_reply_subject_outside_the_inbox_prefix_are_neither_answered_nor_served() {
-    let env = TestEnv::start();
-    setup_app_db(
-        &env.pg,
-        "CREATE TABLE users (id int PRIMARY KEY, name text); \
-         INSERT INTO users SELECT g, 'u' || g FROM generate_series(1, 10) g",
-        "",
-    );
-    let url = env.nats.url();
-    let dir = TempDir::new("bridge");
     let port = free_port();
-    let bridge = BridgeProcess::spawn(bridge_command(&env.pg, &url, dir.path()).args([
-        "--port",
-        &port.to_string(),
-        "--snapshot-cooldown-secs",
-        "0",
-    ]));
-    bridge.wait_for_line("snapshot requests served", Duration::from_secs(60));
+    let (env, _dir, bridge) = users_and_a_bridge(&["--port", &port.to_string()]);
+    let url = env.nats.url();
     env.pg
         .sql("app", "INSERT INTO users VALUES (100, 'streamed')");
     wait_for("the insert", Duration::from_secs(30), || {
@@ -538,19 +544,8 @@ fn publish_raw_headers(nats_port: u16, subject: &str, reply: &str, header: &str)
 /// on streaming and answering.
 #[test]
 fn a_request_with_a_carriage_return_in_a_header_value_is_served_and_breaks_nothing() {
-    let env = TestEnv::start();
-    setup_app_db(
-        &env.pg,
-        "CREATE TABLE users (id int PRIMARY KEY, name text); \
-         INSERT INTO users SELECT g, 'u' || g FROM generate_series(1, 10) g",
-        "",
-    );
+    let (env, _dir, bridge) = users_and_a_bridge(&[]);
     let url = env.nats.url();
-    let dir = TempDir::new("bridge");
-    let bridge = BridgeProcess::spawn(
-        bridge_command(&env.pg, &url, dir.path()).args(["--snapshot-cooldown-secs", "0"]),
-    );
-    bridge.wait_for_line("snapshot requests served", Duration::from_secs(60));
 
     let answer = publish_raw_headers(
         env.nats.port(),
