@@ -21,6 +21,10 @@ use rdkafka::{Offset, TopicPartitionList};
 use crate::proc::stop_child;
 use crate::{free_port, TempDir, START_TIMEOUT, STOP_TIMEOUT};
 
+/// First starts of a broker tried on new ports when one was taken before it bound it.
+const BIND_ATTEMPTS: u32 = 3;
+/// What the broker logs when it cannot bind a port.
+const ADDRESS_IN_USE: &str = "Address already in use";
 /// Kafka's (and the KRaft cluster's) id of the test clusters; any base64 UUID works.
 pub(crate) const CLUSTER_ID: &str = "cGdicmlkZ2UtdGVzdHMtMQ";
 
@@ -82,7 +86,21 @@ impl KafkaServer {
         };
         s.write_properties();
         s.format();
-        s.start_again();
+        // A port from `free_port` is free when asked for, not when the JVM binds it a second
+        // later: an outgoing connection of another test can take it meanwhile. The storage
+        // does not record the ports (static quorum), so the first start may move to new ones.
+        for attempt in 1.. {
+            match s.try_start() {
+                Ok(()) => break,
+                Err(log) if attempt < BIND_ATTEMPTS && log.contains(ADDRESS_IN_USE) => {
+                    eprintln!("kafka: a port was taken before the broker bound it; new ports");
+                    s.port = free_port();
+                    s.controller_port = free_port();
+                    s.write_properties();
+                }
+                Err(log) => panic!("{log}"),
+            }
+        }
         s
     }
 
@@ -137,7 +155,16 @@ impl KafkaServer {
 
     /// (Re)starts the broker on the same ports and data, e.g. after [`KafkaServer::stop`].
     pub fn start_again(&mut self) {
+        if let Err(e) = self.try_start() {
+            panic!("{e}");
+        }
+    }
+
+    /// Starts the broker and waits until it answers; the failure with the broker's log when it
+    /// exits first.
+    fn try_start(&mut self) -> Result<(), String> {
         assert!(self.child.is_none(), "the Kafka broker is already running");
+        let log_before = self.log().len();
         let log = fs::OpenOptions::new()
             .create(true)
             .append(true)
@@ -166,11 +193,20 @@ impl KafkaServer {
         loop {
             if let Some(c) = self.child.as_mut() {
                 if let Ok(Some(status)) = c.try_wait() {
-                    panic!("the Kafka broker exited ({status}); log:\n{}", self.log());
+                    let pid = c.id();
+                    self.child = None;
+                    if let Some(dir) = &self.pid_dir {
+                        let _ = fs::remove_file(dir.join(format!("kafka-{pid}.pid")));
+                    }
+                    let log = self.log();
+                    let this_start = log.get(log_before..).unwrap_or(&log);
+                    return Err(format!(
+                        "the Kafka broker exited ({status}); log:\n{this_start}"
+                    ));
                 }
             }
             if self.is_ready() {
-                return;
+                return Ok(());
             }
             assert!(
                 Instant::now() < deadline,
