@@ -377,8 +377,24 @@ struct Mirror {
 
 impl Mirror {
     async fn run(&mut self) -> Result<(), MirrorError> {
+        // A JetStream failure here (NATS restarting, a request timing out) is waited out as
+        // later ones are; a stream that does not exist stops the mirror at once.
         for stream in [self.cdc.clone(), self.init.clone()] {
-            open_stream(&self.js, &stream).await?;
+            let mut warned = false;
+            loop {
+                match open_stream(&self.js, &stream).await {
+                    Ok(_) => break,
+                    Err(MirrorError::JetStream(e)) => {
+                        if !std::mem::replace(&mut warned, true) {
+                            log::warn!("{e}; trying again every {RESTART_DELAY:?}");
+                        }
+                        if !self.pause().await {
+                            return Ok(());
+                        }
+                    }
+                    Err(e) => return Err(e),
+                }
+            }
         }
         self.tables = self.resolve_tables().await?;
         let names: Vec<&str> = self.tables.iter().map(|t| t.local.as_str()).collect();
