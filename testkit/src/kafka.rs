@@ -25,6 +25,11 @@ use crate::{free_port, TempDir, START_TIMEOUT, STOP_TIMEOUT};
 const BIND_ATTEMPTS: u32 = 3;
 /// What the broker logs when it cannot bind a port.
 const ADDRESS_IN_USE: &str = "Address already in use";
+/// The file under `dir` recording the broker process `pid` for a script's trap.
+fn pid_file(dir: &Path, pid: u32) -> PathBuf {
+    dir.join(format!("kafka-{pid}.pid"))
+}
+
 /// Kafka's (and the KRaft cluster's) id of the test clusters; any base64 UUID works.
 pub(crate) const CLUSTER_ID: &str = "cGdicmlkZ2UtdGVzdHMtMQ";
 
@@ -182,11 +187,7 @@ impl KafkaServer {
         if let Some(dir) = &self.pid_dir {
             fs::create_dir_all(dir).expect("pid dir");
             let pid = child.id();
-            fs::write(
-                dir.join(format!("kafka-{pid}.pid")),
-                format!("{pid} {}\n", libc::SIGTERM),
-            )
-            .expect("pid file");
+            fs::write(pid_file(dir, pid), format!("{pid} {}\n", libc::SIGTERM)).expect("pid file");
         }
         self.child = Some(child);
         let deadline = Instant::now() + START_TIMEOUT;
@@ -196,7 +197,7 @@ impl KafkaServer {
                     let pid = c.id();
                     self.child = None;
                     if let Some(dir) = &self.pid_dir {
-                        let _ = fs::remove_file(dir.join(format!("kafka-{pid}.pid")));
+                        let _ = fs::remove_file(pid_file(dir, pid));
                     }
                     let log = self.log();
                     let this_start = log.get(log_before..).unwrap_or(&log);
@@ -231,7 +232,7 @@ impl KafkaServer {
         if let Some(mut c) = self.child.take() {
             stop_child(&mut c, libc::SIGTERM, STOP_TIMEOUT);
             if let Some(dir) = &self.pid_dir {
-                let _ = fs::remove_file(dir.join(format!("kafka-{}.pid", c.id())));
+                let _ = fs::remove_file(pid_file(dir, c.id()));
             }
         }
     }
