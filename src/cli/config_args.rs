@@ -287,6 +287,13 @@ pub(crate) struct NatsArgs {
         help = "PEM private key of --nats-tls-cert-file"
     )]
     pub(crate) nats_tls_key_file: Option<PathBuf>,
+
+    /// `nats.inbox_prefix`.
+    #[arg(long, env = "NATS_INBOX_PREFIX", value_name = "PREFIX", global = true,
+          help = with_default("Prefix of the subjects PubAcks and JetStream answers come back \
+                               on; one of the bridge's own lets NATS permissions keep other \
+                               users out", nats::DEFAULT_INBOX_PREFIX))]
+    pub(crate) nats_inbox_prefix: Option<String>,
 }
 
 /// Replication flags (`[replication]`).
@@ -759,6 +766,7 @@ impl ConfigArgs {
                 tls_ca_file: take!(p, n, nats_tls_ca_file),
                 tls_cert_file: take!(p, n, nats_tls_cert_file),
                 tls_key_file: take!(p, n, nats_tls_key_file),
+                inbox_prefix: take!(p, n, nats_inbox_prefix),
             },
             replication: ReplicationOverlay {
                 slot: take!(p, r, slot),

@@ -20,28 +20,54 @@ pub(super) fn check_reply_prefix(prefix: &str) -> Result<(), String> {
     if prefix.is_empty() {
         return Err("is empty: use the NATS inbox prefix, e.g. _INBOX.".into());
     }
-    if prefix.bytes().any(|b| !b.is_ascii_graphic()) {
+    if !prefix.ends_with('.') {
+        return Err(format!(
+            "{shown} must end with '.' so it matches whole tokens, e.g. \"{prefix}.\""
+        ));
+    }
+    check_subject_prefix(prefix, &shown)
+}
+
+/// Checks the bridge's inbox prefix: as a reply prefix, but without the final `.`, which the
+/// NATS client adds itself before each inbox's unique token.
+pub(super) fn check_inbox_prefix(prefix: &str) -> Result<(), String> {
+    let shown = format!("{prefix:?}");
+    if prefix.is_empty() {
+        return Err(
+            "is empty: use _INBOX (the default) or a prefix of the bridge's own, e.g. \
+                    _INBOX_pgbridge"
+                .into(),
+        );
+    }
+    if prefix.ends_with('.') {
+        return Err(format!(
+            "{shown} must not end with '.': the client adds '.' and a unique token to it"
+        ));
+    }
+    check_subject_prefix(&format!("{prefix}."), &shown)
+}
+
+/// The rules reply and inbox prefixes share, on `dotted` (the prefix ending in `.`); errors
+/// name it as `shown`.
+fn check_subject_prefix(dotted: &str, shown: &str) -> Result<(), String> {
+    if dotted.bytes().any(|b| !b.is_ascii_graphic()) {
         return Err(format!(
             "{shown} contains whitespace or non-ASCII characters"
         ));
     }
-    if prefix.contains(['*', '>']) {
+    if dotted.contains(['*', '>']) {
         return Err(format!("{shown} contains a wildcard (* or >)"));
     }
-    let Some(body) = prefix.strip_suffix('.') else {
-        return Err(format!(
-            "{shown} must end with '.' so it matches whole tokens, e.g. \"{prefix}.\""
-        ));
-    };
+    let body = dotted.strip_suffix('.').unwrap_or(dotted);
     if body.is_empty() || body.split('.').any(str::is_empty) {
         return Err(format!("{shown} has an empty subject token"));
     }
-    if prefix.starts_with('$') {
+    if dotted.starts_with('$') {
         return Err(format!(
             "{shown} reaches system subjects ($JS, $KV, $SYS): use an inbox prefix such as _INBOX."
         ));
     }
-    let lower = prefix.to_ascii_lowercase();
+    let lower = dotted.to_ascii_lowercase();
     if let Some(r) = RESERVED_SUBJECT_PREFIXES
         .iter()
         .find(|r| lower.starts_with(*r) || r.starts_with(&lower))
@@ -192,5 +218,35 @@ mod tests {
         assert!(c.validate().is_err());
         c.max_concurrent = 2;
         assert!(c.validate().is_ok());
+    }
+
+    #[test]
+    fn inbox_prefixes_are_whole_tokens_without_the_final_dot() {
+        for ok in ["_INBOX", "_INBOX_pgbridge", "pgbridge.inbox", "a"] {
+            assert_eq!(check_inbox_prefix(ok), Ok(()), "{ok}");
+        }
+        for (bad, why) in [
+            ("", "is empty"),
+            ("_INBOX.", "must not end with '.'"),
+            ("a..b", "empty subject token"),
+            (".a", "empty subject token"),
+            ("_IN BOX", "whitespace"),
+            ("_INBOX.*", "wildcard"),
+            ("_INBOX.>", "wildcard"),
+            ("$JS.API", "system subjects"),
+            ("cdc", "overlaps the bridge's subjects cdc.>"),
+            ("DLQ.x", "overlaps the bridge's subjects dlq.>"),
+        ] {
+            let e = check_inbox_prefix(bad).expect_err(bad);
+            assert!(e.contains(why), "{bad:?}: {e}");
+        }
+        let mut n = crate::config::NatsConfig::default();
+        assert_eq!(n.inbox_prefix, "_INBOX", "the clients' own default");
+        n.inbox_prefix = "_INBOX.".into();
+        let e = n.validate().unwrap_err().to_string();
+        assert!(
+            e.contains("nats.inbox_prefix") && e.contains("NATS_INBOX_PREFIX"),
+            "{e}"
+        );
     }
 }

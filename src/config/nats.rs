@@ -11,6 +11,8 @@ use super::Secret;
 
 /// NATS server list.
 pub(crate) const DEFAULT_NATS_URL: &str = "nats://localhost:4222";
+/// Inbox prefix: the NATS clients' own default.
+pub(crate) const DEFAULT_INBOX_PREFIX: &str = "_INBOX";
 
 /// NATS connection.
 #[derive(Clone, PartialEq, Serialize)]
@@ -51,6 +53,11 @@ pub struct NatsConfig {
     /// PEM private key of `tls_cert_file`.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub tls_key_file: Option<PathBuf>,
+    /// Prefix of the bridge's inboxes: the subjects its PubAcks and the answers to its
+    /// JetStream requests come back on (`{prefix}.{unique token}.…`). A prefix of its own lets
+    /// NATS permissions keep every other user from publishing (forging a PubAck) or
+    /// subscribing there.
+    pub inbox_prefix: String,
 }
 
 impl Default for NatsConfig {
@@ -67,6 +74,7 @@ impl Default for NatsConfig {
             tls_ca_file: None,
             tls_cert_file: None,
             tls_key_file: None,
+            inbox_prefix: DEFAULT_INBOX_PREFIX.to_owned(),
         }
     }
 }
@@ -85,6 +93,7 @@ impl fmt::Debug for NatsConfig {
             .field("tls_ca_file", &self.tls_ca_file)
             .field("tls_cert_file", &self.tls_cert_file)
             .field("tls_key_file", &self.tls_key_file)
+            .field("inbox_prefix", &self.inbox_prefix)
             .finish()
     }
 }

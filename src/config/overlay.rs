@@ -134,6 +134,7 @@ overlay! {
         tls_ca_file: PathBuf = "--nats-tls-ca-file", "NATS_TLS_CA_FILE";
         tls_cert_file: PathBuf = "--nats-tls-cert-file", "NATS_TLS_CERT_FILE";
         tls_key_file: PathBuf = "--nats-tls-key-file", "NATS_TLS_KEY_FILE";
+        inbox_prefix: String = "--nats-inbox-prefix", "NATS_INBOX_PREFIX";
     }
 }
 
@@ -156,6 +157,7 @@ impl fmt::Debug for NatsOverlay {
             .field("tls_ca_file", &self.tls_ca_file)
             .field("tls_cert_file", &self.tls_cert_file)
             .field("tls_key_file", &self.tls_key_file)
+            .field("inbox_prefix", &self.inbox_prefix)
             .finish()
     }
 }

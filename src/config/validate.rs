@@ -9,8 +9,8 @@ use super::kafka::{
     check_topic_prefix, KafkaConfig, SinkKind, DEFAULT_TRANSACTION_TIMEOUT_MS, RESERVED_PROPERTIES,
 };
 use super::names::{
-    check_id_namespace, check_identifier, check_reply_prefix, check_slot_name, check_stream_name,
-    check_table_name,
+    check_id_namespace, check_identifier, check_inbox_prefix, check_reply_prefix, check_slot_name,
+    check_stream_name, check_table_name,
 };
 use super::nats::check_nkey_seed;
 use super::replication::{
@@ -166,6 +166,7 @@ impl NatsConfig {
         {
             return Err(invalid("nats.creds_file", "is empty"));
         }
+        check_inbox_prefix(&self.inbox_prefix).map_err(|r| invalid("nats.inbox_prefix", r))?;
         check_file("nats.nkey_file", self.nkey_file.as_ref())?;
         check_file("nats.tls_ca_file", self.tls_ca_file.as_ref())?;
         check_file("nats.tls_cert_file", self.tls_cert_file.as_ref())?;

@@ -22,6 +22,7 @@ mod kafka_snapshot;
 mod liveness;
 mod memory;
 mod mirror;
+mod nats_permissions;
 mod nats_setup;
 mod outbox;
 mod outbox_example;

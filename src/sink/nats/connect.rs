@@ -13,7 +13,7 @@ use std::time::Duration;
 
 use async_nats::jetstream::context::{RequestError, RequestErrorKind};
 use async_nats::jetstream::{self, ErrorCode};
-use async_nats::{Client, ConnectError, ConnectErrorKind, ConnectOptions, Event};
+use async_nats::{Client, ConnectError, ConnectErrorKind, ConnectOptions, Event, ServerError};
 
 use crate::config::{check_nkey_seed, NatsAuth, NatsConfig};
 use crate::telemetry::counters::NatsStats;
@@ -197,7 +197,7 @@ pub(super) fn api_request_failed(what: String, error: RequestError) -> NatsError
 
 /// Records a client event in `stats`. `seen_connect` is per connection: the first `Connected` is the
 /// initial connection, every later one a reconnect.
-fn on_event(stats: &NatsStats, event: &Event, seen_connect: &AtomicBool) {
+fn on_event(stats: &NatsStats, event: &Event, seen_connect: &AtomicBool, inbox_prefix: &str) {
     match event {
         Event::Connected => {
             stats.connected.store(true, Ordering::Relaxed);
@@ -223,11 +223,33 @@ fn on_event(stats: &NatsStats, event: &Event, seen_connect: &AtomicBool) {
         Event::SlowConsumer(sid) => {
             log::warn!("NATS slow consumer on subscription {sid}: messages were dropped")
         }
+        Event::ServerError(e) if is_permissions_violation(e) => {
+            log::error!(
+                "NATS refused the bridge: {e}; {}",
+                permissions_needed(inbox_prefix)
+            )
+        }
         Event::ServerError(e) => log::warn!("NATS server error: {e}"),
         // Every failed reconnect attempt reports one; the Disconnected warning says enough.
         Event::ClientError(e) => log::debug!("NATS client error: {e}"),
         Event::Draining | Event::Closed => log::debug!("NATS connection {event}"),
     }
+}
+
+/// True for the server's refusal of a publish or subscription the user may not make.
+fn is_permissions_violation(e: &ServerError) -> bool {
+    matches!(e, ServerError::Other(text) if text.contains("Permissions Violation"))
+}
+
+/// What the bridge's NATS user must be allowed (the operations guide, *NATS permissions*),
+/// told with a refusal so that the fix is in the same line.
+fn permissions_needed(inbox_prefix: &str) -> String {
+    format!(
+        "the bridge's NATS user must be allowed to publish on cdc.>, init.>, outbox.>, dlq.>, \
+         $KV.schemas.>, $JS.API.> and the snapshot requesters' inboxes (--snapshot-reply-prefix, \
+         _INBOX. by default), and to subscribe on snapshot.request.> and on its own inboxes \
+         {inbox_prefix}.> (--nats-inbox-prefix)"
+    )
 }
 
 /// Delay before reconnect attempt `attempts` (1-based): none for the first, then 250 ms doubling
@@ -313,14 +335,16 @@ pub async fn connect_with_stats(
     }
     let seen_connect = AtomicBool::new(false);
     let events = Arc::clone(&stats);
+    let inbox_prefix = config.inbox_prefix.clone();
     options = options
         .name(name)
+        .custom_inbox_prefix(config.inbox_prefix.as_str())
         .max_reconnects(None)
         .reconnect_delay_callback(reconnect_delay)
         .connection_timeout(SERVER_CONNECT_TIMEOUT)
         .ping_interval(PING_INTERVAL)
         .event_callback(move |event| {
-            on_event(&events, &event, &seen_connect);
+            on_event(&events, &event, &seen_connect, &inbox_prefix);
             async {}
         });
 
@@ -415,6 +439,30 @@ mod tests {
     use super::*;
 
     #[test]
+    fn a_permissions_violation_says_what_the_user_needs() {
+        let refused =
+            ServerError::Other("Permissions Violation for Subscription to \"_INBOX.abc.*\"".into());
+        assert!(is_permissions_violation(&refused));
+        assert!(!is_permissions_violation(&ServerError::Other(
+            "Maximum Payload Violation".into()
+        )));
+        assert!(!is_permissions_violation(
+            &ServerError::AuthorizationViolation
+        ));
+        let hint = permissions_needed("_INBOX_pgbridge");
+        assert!(
+            hint.contains(
+                "subscribe on snapshot.request.> and on its own inboxes _INBOX_pgbridge.>"
+            ),
+            "{hint}"
+        );
+        assert!(
+            hint.contains("$JS.API.>") && hint.contains("--nats-inbox-prefix"),
+            "{hint}"
+        );
+    }
+
+    #[test]
     fn reconnect_delays_grow_to_the_cap() {
         assert_eq!(reconnect_delay(0), Duration::ZERO);
         assert_eq!(reconnect_delay(1), Duration::ZERO);
@@ -428,13 +476,13 @@ mod tests {
     fn stats_count_reconnects_not_the_first_connect() {
         let stats = NatsStats::default();
         let seen = AtomicBool::new(false);
-        on_event(&stats, &Event::Connected, &seen);
+        on_event(&stats, &Event::Connected, &seen, "_INBOX");
         assert!(stats.is_connected());
         assert_eq!(stats.reconnects(), 0);
-        on_event(&stats, &Event::Disconnected, &seen);
+        on_event(&stats, &Event::Disconnected, &seen, "_INBOX");
         assert!(!stats.is_connected());
         assert_eq!(stats.disconnects(), 1);
-        on_event(&stats, &Event::Connected, &seen);
+        on_event(&stats, &Event::Connected, &seen, "_INBOX");
         assert!(stats.is_connected());
         assert_eq!(stats.reconnects(), 1);
     }

@@ -1,0 +1,167 @@
+//! The bridge under least-privilege NATS permissions, as docs/operations.md lists them: with
+//! an inbox prefix of its own (`--nats-inbox-prefix`) it streams, writes the schemas bucket and
+//! serves snapshot requests, while no other user can publish (forge a PubAck) or subscribe
+//! under that prefix.
+
+use std::io::{BufRead, BufReader, Write};
+use std::net::TcpStream;
+use std::time::Duration;
+
+use testkit::{
+    bridge_command, read_stream, setup_app_db, stream_len, wait_for, BridgeProcess, NatsServer,
+    PgServer, TempDir,
+};
+
+const INBOX_PREFIX: &str = "_INBOX_pgbridge";
+const BRIDGE_PASSWORD: &str = "bridge-s3cret";
+
+/// The server's users as the operations guide gives them: `bridge` with exactly the
+/// permissions it needs, and `app` (also every connection without credentials) kept out of
+/// the bridge's inboxes and off its subjects.
+fn server_config() -> String {
+    format!(
+        r#"
+authorization {{
+  users = [
+    {{
+      user: bridge
+      password: "{BRIDGE_PASSWORD}"
+      permissions: {{
+        publish: {{ allow: ["cdc.>", "init.>", "outbox.>", "dlq.>", "$KV.schemas.>", "$JS.API.>", "_INBOX.>"] }}
+        subscribe: {{ allow: ["snapshot.request.>", "{INBOX_PREFIX}.>"] }}
+      }}
+    }}
+    {{
+      user: app
+      password: "app-s3cret"
+      permissions: {{
+        publish: {{ allow: [">"], deny: ["{INBOX_PREFIX}.>", "cdc.>", "init.>", "outbox.>", "dlq.>", "$KV.schemas.>"] }}
+        subscribe: {{ allow: [">"], deny: ["{INBOX_PREFIX}.>"] }}
+      }}
+    }}
+  ]
+}}
+no_auth_user: app
+"#
+    )
+}
+
+/// Sends `command` on a raw connection as `app` (no credentials) and returns the server's
+/// first answer to it after the handshake (`-ERR ...` or the `PONG` of the ping sent after it).
+fn raw_answer(port: u16, command: &str) -> String {
+    let stream = TcpStream::connect(("127.0.0.1", port)).unwrap();
+    stream
+        .set_read_timeout(Some(Duration::from_secs(10)))
+        .unwrap();
+    let mut reader = BufReader::new(stream.try_clone().unwrap());
+    let mut line = String::new();
+    reader.read_line(&mut line).unwrap();
+    assert!(line.starts_with("INFO "), "{line}");
+    let mut w = stream;
+    write!(
+        w,
+        "CONNECT {{\"verbose\":false,\"pedantic\":false,\"protocol\":1}}\r\n{command}\r\nPING\r\n"
+    )
+    .unwrap();
+    line.clear();
+    reader.read_line(&mut line).unwrap();
+    line.trim_end().to_string()
+}
+
+#[test]
+fn with_an_inbox_prefix_of_its_own_the_bridge_runs_on_least_privilege_and_nobody_else_reaches_its_inboxes(
+) {
+    let pg = PgServer::start();
+    setup_app_db(
+        &pg,
+        "CREATE TABLE users (id int PRIMARY KEY, name text); \
+         INSERT INTO users SELECT g, 'u' || g FROM generate_series(1, 10) g",
+        "",
+    );
+    let conf_dir = TempDir::new("natsconf");
+    let conf = conf_dir.path().join("permissions.conf");
+    std::fs::write(&conf, server_config()).unwrap();
+    let nats = NatsServer::start_with_args(&["-c", conf.to_str().unwrap()]);
+    let url = nats.url();
+    let dir = TempDir::new("bridge");
+    let bridge = BridgeProcess::spawn(
+        bridge_command(&pg, &url, dir.path())
+            .env("NATS_BRIDGE_USER", "bridge")
+            .env("NATS_BRIDGE_PASSWORD", BRIDGE_PASSWORD)
+            .args(["--nats-inbox-prefix", INBOX_PREFIX])
+            .args(["--snapshot-cooldown-secs", "0"]),
+    );
+    bridge.wait_for_line("snapshot requests served", Duration::from_secs(60));
+
+    // Streaming: stored and acknowledged, so the PubAcks came back to the bridge's inbox.
+    pg.sql("app", "INSERT INTO users VALUES (100, 'streamed')");
+    wait_for("the insert", Duration::from_secs(30), || {
+        (stream_len(&url, "CDC") == 1).then_some(())
+    });
+    wait_for("the schemas bucket", Duration::from_secs(30), || {
+        (stream_len(&url, "KV_schemas") >= 1).then_some(())
+    });
+
+    // A snapshot request from another user, answered on that user's inbox and served.
+    let reply = testkit::with_nats(&url, |client| async move {
+        tokio::time::timeout(
+            Duration::from_secs(10),
+            client.request("snapshot.request.users", "".into()),
+        )
+        .await
+        .expect("a reply in time")
+        .expect("a reply")
+    });
+    let reply: serde_json::Value = serde_json::from_slice(&reply.payload).unwrap();
+    assert_eq!(reply["status"], "accepted", "{reply}");
+    wait_for("the snapshot's meta", Duration::from_secs(60), || {
+        read_stream(&url, "INIT")
+            .iter()
+            .any(|m| m.subject == "init.meta.users")
+            .then_some(())
+    });
+    bridge.wait_for_line(" of public.users:", Duration::from_secs(30));
+
+    // Nobody else can publish into the bridge's inboxes (a forged PubAck) or listen there.
+    let ack = r#"{"stream":"CDC","seq":99}"#;
+    let forged = raw_answer(
+        nats.port(),
+        &format!("PUB {INBOX_PREFIX}.x.1 {}\r\n{ack}", ack.len()),
+    );
+    assert!(
+        forged.contains("Permissions Violation for Publish"),
+        "{forged}"
+    );
+    let listen = raw_answer(nats.port(), &format!("SUB {INBOX_PREFIX}.> 1"));
+    assert!(
+        listen.contains("Permissions Violation for Subscription"),
+        "{listen}"
+    );
+
+    // Still streaming, and the bridge was refused nothing along the way.
+    pg.sql("app", "INSERT INTO users VALUES (101, 'after')");
+    wait_for("the second insert", Duration::from_secs(30), || {
+        (stream_len(&url, "CDC") == 2).then_some(())
+    });
+    let log = bridge.log();
+    assert!(
+        !log.to_ascii_lowercase().contains("permission"),
+        "the bridge met a permission error:\n{log}"
+    );
+
+    // The same user without the prefix is refused its inboxes, and the bridge says what it
+    // needs in the same line.
+    let dir = TempDir::new("refused");
+    let refused = BridgeProcess::spawn(
+        bridge_command(&pg, &url, dir.path())
+            .env("NATS_BRIDGE_USER", "bridge")
+            .env("NATS_BRIDGE_PASSWORD", BRIDGE_PASSWORD),
+    );
+    let line = refused.wait_for_line("NATS refused the bridge", Duration::from_secs(60));
+    assert!(
+        line.contains("ERROR")
+            && line.contains("Permissions Violation for Subscription to \"_INBOX.")
+            && line.contains("subscribe on snapshot.request.> and on its own inboxes _INBOX.>"),
+        "{line}"
+    );
+}
