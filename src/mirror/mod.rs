@@ -46,7 +46,7 @@ use rmpv::Value;
 use crate::config::Config;
 use crate::shutdown::Shutdown;
 // Connecting is the sink's (one place for TLS, credentials and reconnect settings).
-use crate::sink::nats::{connect, NatsError};
+use crate::sink::nats::{check_jetstream, connect, NatsError};
 use crate::wire::decode;
 use crate::wire::names::SCHEMAS_BUCKET;
 use crate::wire::subject::{
@@ -377,6 +377,14 @@ struct Mirror {
 
 impl Mirror {
     async fn run(&mut self) -> Result<(), MirrorError> {
+        // A server that says it runs without JetStream, and whose JetStream API nobody
+        // answers, will not get it by waiting (a restarting one says it has it): stop at once,
+        // as the bridge does.
+        if !self.client.server_info().jetstream {
+            if let Err(e @ NatsError::JetStreamDisabled { .. }) = check_jetstream(&self.js).await {
+                return Err(e.into());
+            }
+        }
         // A JetStream failure here (NATS restarting, a request timing out) is waited out as
         // later ones are; a stream that does not exist stops the mirror at once.
         for stream in [self.cdc.clone(), self.init.clone()] {

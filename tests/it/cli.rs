@@ -357,6 +357,33 @@ fn mirror_usage_and_unreachable_nats_are_one_line_errors() {
     assert!(!db.exists());
 }
 
+#[test]
+fn mirror_against_nats_without_jetstream_is_one_line_error() {
+    let nats = testkit::NatsServer::start_without_jetstream();
+    let dir = testkit::TempDir::new("cli-mirror");
+    let db = dir.path().join("m.sqlite");
+    let mut mirror =
+        testkit::BridgeProcess::spawn(Command::new(env!("CARGO_BIN_EXE_bridge")).env_clear().args(
+            [
+                "mirror",
+                "--db",
+                db.to_str().unwrap(),
+                "--nats-url",
+                &nats.url(),
+            ],
+        ));
+    // At once, rather than waiting for a JetStream that will not come.
+    let code = mirror.wait_exit(std::time::Duration::from_secs(30));
+    let log = mirror.log();
+    assert_eq!(code, Some(2), "{log}");
+    let line = log.lines().last().unwrap_or_default();
+    assert!(
+        line.starts_with("bridge mirror: error: JetStream is not enabled on the NATS server"),
+        "{log}"
+    );
+    assert!(line.contains("-js"), "{line}");
+}
+
 /// Bad URLs that carry a password, through every error path a URL can take: `check-config`,
 /// a start and `bridge mirror` all refuse them in one line that never shows the secret.
 #[test]
