@@ -299,6 +299,10 @@ impl SnapshotService {
         };
         match reply_to {
             Some(to) => {
+                // The requester learns why from the reply; the operator from this line.
+                if let Err(r) = &outcome {
+                    log::info!("snapshot request on {} refused: {r}", shown(&subject));
+                }
                 let body = serde_json::to_vec(&body).unwrap_or_default();
                 if let Err(e) = client.publish(to, Bytes::from(body)).await {
                     log::warn!("snapshot reply not sent: {e}");

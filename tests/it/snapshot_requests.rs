@@ -314,6 +314,11 @@ fn a_table_added_to_the_publication_at_run_time_can_be_snapshotted() {
     let error = error_of(&r);
     assert!(error.contains("unknown table public.late"), "{error}");
     assert!(!error.contains("users"), "no list of tables: {error}");
+    let logged = bridge.wait_for_line(
+        "snapshot request on \"snapshot.request.late\" refused",
+        Duration::from_secs(5),
+    );
+    assert!(logged.contains("unknown table public.late"), "{logged}");
 
     env.pg
         .sql("app", "ALTER PUBLICATION cdc_pub ADD TABLE late");
