@@ -180,6 +180,13 @@ impl SchemaWriter {
         }
     }
 
+    /// Reads the catalog on `conn`, an open session (the set-up's), instead of logging in
+    /// again: a SCRAM login costs tens of milliseconds of CPU.
+    pub fn with_connection(mut self, conn: Option<PgConnection>) -> Self {
+        self.conn = conn;
+        self
+    }
+
     /// Writes the table's schema if it differs from the stored revision, and says which.
     pub async fn refresh(&mut self, schema: &str, table: &str) -> Result<Refreshed, SchemaError> {
         let doc = self.read(schema, table)?;
@@ -220,8 +227,23 @@ impl SchemaWriter {
         }
     }
 
-    /// Reads the table's schema from the catalog, opening the connection if needed.
+    /// Reads the table's schema from the catalog, opening the connection if needed. A kept
+    /// session may have ended while idle (an administrator, an idle timeout, a server
+    /// restart): then the reading is tried once more on a new one.
     fn read(&mut self, schema: &str, table: &str) -> Result<serde_json::Value, SchemaError> {
+        let kept = self.conn.is_some();
+        match self.read_once(schema, table) {
+            Err(SchemaError::Pg { source, .. }) if kept && source.is_connection_problem() => {
+                log::debug!(
+                    "schema writer's PostgreSQL session ended ({source}); opening a new one"
+                );
+                self.read_once(schema, table)
+            }
+            reading => reading,
+        }
+    }
+
+    fn read_once(&mut self, schema: &str, table: &str) -> Result<serde_json::Value, SchemaError> {
         let conn = match &mut self.conn {
             Some(conn) => conn,
             None => self.conn.insert(

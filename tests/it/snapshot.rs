@@ -413,6 +413,49 @@ fn schemas_are_in_kv_and_follow_alter_table() {
     drop(bridge);
 }
 
+/// The schema writer's session ended under it (an administrator, an idle timeout, a server
+/// restart): the next schema change is still written, on a new session.
+#[test]
+fn a_schema_change_is_written_after_the_schema_writers_session_ended() {
+    let env = TestEnv::start();
+    setup_app_db(
+        &env.pg,
+        "CREATE TABLE users (id int PRIMARY KEY, email text)",
+        "",
+    );
+    let dir = TempDir::new("bridge");
+    let bridge = BridgeProcess::spawn(&mut bridge_command(&env.pg, &env.nats.url(), dir.path()));
+    bridge.wait_for_line("snapshot requests served", Duration::from_secs(60));
+    let url = env.nats.url();
+    let (rev, _) = wait_for("schema of users", Duration::from_secs(30), || {
+        schema_entry(&url, "users")
+    });
+
+    // The bridge's one SQL session besides its replication session and the slot monitor's.
+    let killed = env.pg.sql(
+        "app",
+        "SELECT pg_terminate_backend(pid) AS killed FROM pg_stat_activity \
+         WHERE application_name = 'pgbridge' AND backend_type = 'client backend'",
+    );
+    assert_eq!(killed.rows.len(), 1, "{killed:?}");
+    assert_eq!(killed.get(0, "killed"), Some("t"));
+
+    env.pg.sql("app", "ALTER TABLE users ADD COLUMN age int");
+    env.pg.sql("app", "INSERT INTO users VALUES (1, 'a@x', 30)");
+    let (_, users) = wait_for("a new schema revision", Duration::from_secs(30), || {
+        schema_entry(&url, "users").filter(|(r, _)| *r > rev)
+    });
+    let names: Vec<String> = users["columns"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|c| map(c)["name"].as_str().unwrap().to_string())
+        .collect();
+    assert_eq!(names, ["id", "email", "age"]);
+    let log = bridge.log();
+    assert!(!log.contains("reading the schema of"), "{log}");
+}
+
 #[test]
 fn chunks_stay_under_max_payload_whatever_the_row_count() {
     let env = TestEnv::start();
