@@ -182,6 +182,8 @@ fn pg_params(config: &Config) -> Vec<(&'static str, String)> {
 struct Setup {
     info: DatabaseInfo,
     repl: ReplicationConnection,
+    /// The checks' session, handed on to the schema writer (one login fewer).
+    session: PgConnection,
     /// Where streaming starts.
     start: Lsn,
     /// What the positions of this run belong to.
@@ -334,6 +336,7 @@ fn pg_setup(
     Ok(Setup {
         info,
         repl,
+        session: conn,
         start,
         identity,
         history,
@@ -561,6 +564,7 @@ fn run_pipeline(
     let Setup {
         info,
         repl: setup_repl,
+        session,
         start,
         identity,
         history,
@@ -650,12 +654,17 @@ fn run_pipeline(
             shutdown,
             Arc::clone(telemetry),
             info.tables.clone(),
-            schema_rx,
+            crate::snapshot::threads::SchemaSource {
+                changes: schema_rx,
+                session,
+            },
             snapshot_slot,
         ),
         #[cfg(feature = "kafka")]
         SinkKind::Kafka => {
             drop(schema_rx);
+            // No schemas bucket: the checks' session is not needed any more.
+            drop(session);
             crate::snapshot::threads::spawn_kafka_service(
                 config,
                 shutdown,

@@ -182,8 +182,8 @@ impl SchemaWriter {
 
     /// Reads the catalog on `conn`, an open session (the set-up's), instead of logging in
     /// again: a SCRAM login costs tens of milliseconds of CPU.
-    pub fn with_connection(mut self, conn: Option<PgConnection>) -> Self {
-        self.conn = conn;
+    pub fn with_connection(mut self, conn: PgConnection) -> Self {
+        self.conn = Some(conn);
         self
     }
 

@@ -7,22 +7,32 @@ use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use crate::config::Config;
+use crate::pg::conn::PgConnection;
 use crate::pg::setup;
 use crate::shutdown::Shutdown;
 use crate::sink::nats;
 use crate::telemetry::state::Telemetry;
 use crate::wire::event::TableRef;
 
+/// What the schema writer follows, and the session it reads the catalog on.
+pub(crate) struct SchemaSource {
+    /// Tables whose Relation message showed a change.
+    pub(crate) changes: tokio::sync::mpsc::UnboundedReceiver<TableRef>,
+    /// An open session (the set-up's checks'), so that the writer does not log in again.
+    pub(crate) session: PgConnection,
+}
+
 /// Starts the snapshot thread: its own NATS connection (retried with the reconnect backoff
 /// while NATS is away, like the publisher's) and runtime, serving `snapshot.request.{table}`
 /// while this process streams from the slot, until shutdown. The schemas bucket is kept
-/// current on a thread of its own, so reading the catalog never holds up a request.
+/// current on a thread of its own, so reading the catalog never holds up a request; it
+/// follows `schemas`.
 pub(crate) fn spawn_service(
     config: &Config,
     shutdown: &Shutdown,
     telemetry: Arc<Telemetry>,
     tables: Vec<setup::PublishedTable>,
-    schema_changes: tokio::sync::mpsc::UnboundedReceiver<TableRef>,
+    schemas: SchemaSource,
     slot: super::ServiceSlot,
 ) -> Option<JoinHandle<()>> {
     let config = config.clone();
@@ -62,13 +72,8 @@ pub(crate) fn spawn_service(
                 let js = async_nats::jetstream::context::ContextBuilder::new()
                     .timeout(crate::sink::nats::publisher::ACK_TIMEOUT)
                     .build(client.clone());
-                let schemas = spawn_schema_writer(
-                    &config,
-                    &shutdown,
-                    js.clone(),
-                    tables.clone(),
-                    schema_changes,
-                );
+                let schemas =
+                    spawn_schema_writer(&config, &shutdown, js.clone(), tables.clone(), schemas);
                 let target = super::target::nats::NatsInit {
                     js,
                     rt: handle,
@@ -166,8 +171,12 @@ fn spawn_schema_writer(
     shutdown: &Shutdown,
     js: async_nats::jetstream::Context,
     tables: Vec<setup::PublishedTable>,
-    mut changes: tokio::sync::mpsc::UnboundedReceiver<TableRef>,
+    source: SchemaSource,
 ) -> Option<JoinHandle<()>> {
+    let SchemaSource {
+        mut changes,
+        session,
+    } = source;
     use super::schemas::{open_bucket, Refreshed, SchemaWriter};
     use crate::wire::names::SCHEMAS_BUCKET;
     let format = config.replication.format;
@@ -186,7 +195,7 @@ fn spawn_schema_writer(
             };
             rt.block_on(async {
                 let mut writer = match open_bucket(&js, replicas).await {
-                    Ok(store) => SchemaWriter::new(store, format, params),
+                    Ok(store) => SchemaWriter::new(store, format, params).with_connection(session),
                     Err(e) => {
                         log::error!("schemas unavailable: {e}");
                         return;
