@@ -157,7 +157,7 @@ fn with_an_inbox_prefix_of_its_own_the_bridge_runs_on_least_privilege_and_nobody
             .env("NATS_BRIDGE_USER", "bridge")
             .env("NATS_BRIDGE_PASSWORD", BRIDGE_PASSWORD),
     );
-    let line = refused.wait_for_line("NATS refused the bridge", Duration::from_secs(60));
+    let line = refused.wait_for_line("NATS refused pgbridge", Duration::from_secs(60));
     assert!(
         line.contains("ERROR")
             && line.contains("Permissions Violation for Subscription to \"_INBOX.")

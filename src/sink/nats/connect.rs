@@ -197,7 +197,7 @@ pub(super) fn api_request_failed(what: String, error: RequestError) -> NatsError
 
 /// Records a client event in `stats`. `seen_connect` is per connection: the first `Connected` is the
 /// initial connection, every later one a reconnect.
-fn on_event(stats: &NatsStats, event: &Event, seen_connect: &AtomicBool, inbox_prefix: &str) {
+fn on_event(stats: &NatsStats, event: &Event, seen_connect: &AtomicBool, client: &ClientName) {
     match event {
         Event::Connected => {
             stats.connected.store(true, Ordering::Relaxed);
@@ -225,8 +225,9 @@ fn on_event(stats: &NatsStats, event: &Event, seen_connect: &AtomicBool, inbox_p
         }
         Event::ServerError(e) if is_permissions_violation(e) => {
             log::error!(
-                "NATS refused the bridge: {e}; {}",
-                permissions_needed(inbox_prefix)
+                "NATS refused {}: {e}; {}",
+                client.name,
+                permissions_needed(&client.inbox_prefix)
             )
         }
         Event::ServerError(e) => log::warn!("NATS server error: {e}"),
@@ -241,14 +242,24 @@ fn is_permissions_violation(e: &ServerError) -> bool {
     matches!(e, ServerError::Other(text) if text.contains("Permissions Violation"))
 }
 
-/// What the bridge's NATS user must be allowed (the operations guide, *NATS permissions*),
-/// told with a refusal so that the fix is in the same line.
+/// Who a connection is, for the error a refused permission gets.
+struct ClientName {
+    /// The connection's name (`pgbridge`, `pgbridge-mirror`, ...).
+    name: String,
+    /// `nats.inbox_prefix`.
+    inbox_prefix: String,
+}
+
+/// What the bridge's NATS user, and the commands that read its streams, must be allowed (the
+/// operations guide, *NATS permissions*), told with a refusal so that the fix is in the same
+/// line.
 fn permissions_needed(inbox_prefix: &str) -> String {
     format!(
         "the bridge's NATS user must be allowed to publish on cdc.>, init.>, outbox.>, dlq.>, \
          $KV.schemas.>, $JS.API.> and the snapshot requesters' inboxes (--snapshot-reply-prefix, \
          _INBOX. by default), and to subscribe on snapshot.request.> and on its own inboxes \
-         {inbox_prefix}.> (--nats-inbox-prefix)"
+         {inbox_prefix}.> (--nats-inbox-prefix); bridge mirror, tail and snapshot read the \
+         streams through the JetStream API and subscribe on their inboxes {inbox_prefix}.>"
     )
 }
 
@@ -335,7 +346,10 @@ pub async fn connect_with_stats(
     }
     let seen_connect = AtomicBool::new(false);
     let events = Arc::clone(&stats);
-    let inbox_prefix = config.inbox_prefix.clone();
+    let client_name = ClientName {
+        name: name.to_owned(),
+        inbox_prefix: config.inbox_prefix.clone(),
+    };
     options = options
         .name(name)
         .custom_inbox_prefix(config.inbox_prefix.as_str())
@@ -344,7 +358,7 @@ pub async fn connect_with_stats(
         .connection_timeout(SERVER_CONNECT_TIMEOUT)
         .ping_interval(PING_INTERVAL)
         .event_callback(move |event| {
-            on_event(&events, &event, &seen_connect, &inbox_prefix);
+            on_event(&events, &event, &seen_connect, &client_name);
             async {}
         });
 
@@ -457,6 +471,11 @@ mod tests {
             "{hint}"
         );
         assert!(
+            hint.contains("bridge mirror, tail and snapshot")
+                && hint.contains("subscribe on their inboxes _INBOX_pgbridge.>"),
+            "{hint}"
+        );
+        assert!(
             hint.contains("$JS.API.>") && hint.contains("--nats-inbox-prefix"),
             "{hint}"
         );
@@ -476,13 +495,17 @@ mod tests {
     fn stats_count_reconnects_not_the_first_connect() {
         let stats = NatsStats::default();
         let seen = AtomicBool::new(false);
-        on_event(&stats, &Event::Connected, &seen, "_INBOX");
+        let name = ClientName {
+            name: crate::sink::nats::CONNECTION_NAME.into(),
+            inbox_prefix: "_INBOX".into(),
+        };
+        on_event(&stats, &Event::Connected, &seen, &name);
         assert!(stats.is_connected());
         assert_eq!(stats.reconnects(), 0);
-        on_event(&stats, &Event::Disconnected, &seen, "_INBOX");
+        on_event(&stats, &Event::Disconnected, &seen, &name);
         assert!(!stats.is_connected());
         assert_eq!(stats.disconnects(), 1);
-        on_event(&stats, &Event::Connected, &seen, "_INBOX");
+        on_event(&stats, &Event::Connected, &seen, &name);
         assert!(stats.is_connected());
         assert_eq!(stats.reconnects(), 1);
     }
