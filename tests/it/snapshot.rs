@@ -320,6 +320,20 @@ pub(crate) fn schema_entry(nats_url: &str, key: &str) -> Option<(u64, BTreeMap<S
     })
 }
 
+/// Waits for a revision of `key` in the `schemas` bucket after `rev`; it and its column names.
+fn next_schema_revision(nats_url: &str, key: &str, rev: u64) -> (u64, Vec<String>) {
+    let (rev, doc) = wait_for("a new schema revision", Duration::from_secs(30), || {
+        schema_entry(nats_url, key).filter(|(r, _)| *r > rev)
+    });
+    let names = doc["columns"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|c| map(c)["name"].as_str().unwrap().to_string())
+        .collect();
+    (rev, names)
+}
+
 /// How many revisions the `schemas` bucket holds for a key.
 fn schema_revisions(nats_url: &str, key: &str) -> usize {
     use futures_util::StreamExt;
@@ -383,15 +397,7 @@ fn schemas_are_in_kv_and_follow_alter_table() {
         "app",
         "INSERT INTO users (id, email, age) VALUES (2, 'b@x', 30)",
     );
-    let (rev2, users2) = wait_for("a new schema revision", Duration::from_secs(30), || {
-        schema_entry(&url, "users").filter(|(r, _)| *r > rev)
-    });
-    let names: Vec<String> = users2["columns"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|c| map(c)["name"].as_str().unwrap().to_string())
-        .collect();
+    let (rev2, names) = next_schema_revision(&url, "users", rev);
     assert_eq!(names, ["id", "email", "created", "age"]);
     assert!(rev2 > rev);
     // The restarted bridge finds the same schema and writes nothing new either.
@@ -442,15 +448,7 @@ fn a_schema_change_is_written_after_the_schema_writers_session_ended() {
 
     env.pg.sql("app", "ALTER TABLE users ADD COLUMN age int");
     env.pg.sql("app", "INSERT INTO users VALUES (1, 'a@x', 30)");
-    let (_, users) = wait_for("a new schema revision", Duration::from_secs(30), || {
-        schema_entry(&url, "users").filter(|(r, _)| *r > rev)
-    });
-    let names: Vec<String> = users["columns"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|c| map(c)["name"].as_str().unwrap().to_string())
-        .collect();
+    let (_, names) = next_schema_revision(&url, "users", rev);
     assert_eq!(names, ["id", "email", "age"]);
     let log = bridge.log();
     assert!(!log.contains("reading the schema of"), "{log}");
