@@ -22,9 +22,9 @@ use crate::proc::stop_child;
 use crate::{free_port, TempDir, START_TIMEOUT, STOP_TIMEOUT};
 
 /// First starts of a broker tried on new ports when one was taken before it bound it.
-const BIND_ATTEMPTS: u32 = 3;
+pub(crate) const BIND_ATTEMPTS: u32 = 3;
 /// What the broker logs when it cannot bind a port.
-const ADDRESS_IN_USE: &str = "Address already in use";
+pub(crate) const ADDRESS_IN_USE: &str = "Address already in use";
 /// The file under `dir` recording the broker process `pid` for a script's trap.
 fn pid_file(dir: &Path, pid: u32) -> PathBuf {
     dir.join(format!("kafka-{pid}.pid"))

@@ -18,7 +18,7 @@ use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, ResourceSpecifier, Top
 use rdkafka::client::DefaultClientContext;
 use rdkafka::consumer::{BaseConsumer, Consumer};
 
-use crate::kafka::{java, KafkaClient, CLUSTER_ID};
+use crate::kafka::{java, KafkaClient, ADDRESS_IN_USE, BIND_ATTEMPTS, CLUSTER_ID};
 use crate::proc::stop_child;
 use crate::{free_port, TempDir, START_TIMEOUT, STOP_TIMEOUT};
 
@@ -47,7 +47,24 @@ pub struct KafkaCluster {
 impl KafkaCluster {
     /// Starts three nodes and waits (at most [`START_TIMEOUT`]) until each answers metadata
     /// requests naming all three brokers; panics with the failing node's log tail otherwise.
+    /// A port taken by another process before a node bound it is given up for new ports, for
+    /// the whole cluster (the voters' addresses name every node's ports).
     pub fn start() -> Self {
+        for attempt in 1..=BIND_ATTEMPTS {
+            match Self::try_start() {
+                Ok(cluster) => return cluster,
+                Err(log) if attempt < BIND_ATTEMPTS && log.contains(ADDRESS_IN_USE) => {
+                    eprintln!("kafka cluster: a port was taken before a node bound it; new ports");
+                }
+                Err(log) => panic!("{log}"),
+            }
+        }
+        unreachable!("the last attempt returns or panics")
+    }
+
+    /// One start on free ports; the failing node's log on failure (the nodes started are
+    /// killed when the cluster is dropped).
+    fn try_start() -> Result<Self, String> {
         let began = Instant::now();
         let nodes = (0..3)
             .map(|_| Node {
@@ -70,10 +87,10 @@ impl KafkaCluster {
         }
         let deadline = began + START_TIMEOUT;
         for i in 0..cluster.nodes.len() {
-            cluster.wait_ready(i, deadline);
+            cluster.wait_ready(i, deadline)?;
         }
         cluster.started_in = began.elapsed();
-        cluster
+        Ok(cluster)
     }
 
     /// How long [`KafkaCluster::start`] took.
@@ -207,28 +224,34 @@ impl KafkaCluster {
         self.nodes[i].child = Some(child);
     }
 
-    /// Waits until node `i` answers a metadata request that names every running node.
-    fn wait_ready(&mut self, i: usize, deadline: Instant) {
+    /// Waits until node `i` answers a metadata request that names every running node; the
+    /// log of a node that exited meanwhile (any node: node `i` waits for all of them), or of
+    /// node `i` when the deadline passed.
+    fn wait_ready(&mut self, i: usize, deadline: Instant) -> Result<(), String> {
         let want = self.nodes.iter().filter(|n| n.child.is_some()).count();
         loop {
-            if let Some(c) = self.nodes[i].child.as_mut() {
-                if let Ok(Some(status)) = c.try_wait() {
-                    panic!(
-                        "Kafka node {} exited ({status}); its log ends:\n{}",
-                        self.node_id(i),
-                        self.log_tail(i)
-                    );
+            for j in 0..self.nodes.len() {
+                if let Some(c) = self.nodes[j].child.as_mut() {
+                    if let Ok(Some(status)) = c.try_wait() {
+                        self.nodes[j].child = None;
+                        return Err(format!(
+                            "Kafka node {} exited ({status}); its log ends:\n{}",
+                            self.node_id(j),
+                            self.log_tail(j)
+                        ));
+                    }
                 }
             }
             if self.brokers_seen_by(i).is_some_and(|n| n >= want) {
-                return;
+                return Ok(());
             }
-            assert!(
-                Instant::now() < deadline,
-                "Kafka node {} was not ready in {START_TIMEOUT:?}; its log ends:\n{}",
-                self.node_id(i),
-                self.log_tail(i)
-            );
+            if Instant::now() >= deadline {
+                return Err(format!(
+                    "Kafka node {} was not ready in {START_TIMEOUT:?}; its log ends:\n{}",
+                    self.node_id(i),
+                    self.log_tail(i)
+                ));
+            }
             std::thread::sleep(Duration::from_millis(250));
         }
     }
@@ -286,7 +309,9 @@ impl KafkaCluster {
     /// Waits (at most [`START_TIMEOUT`]) until node `i` answers with every running node in
     /// its metadata; panics with its log tail otherwise.
     pub fn wait_node_ready(&mut self, i: usize) {
-        self.wait_ready(i, Instant::now() + START_TIMEOUT);
+        if let Err(log) = self.wait_ready(i, Instant::now() + START_TIMEOUT) {
+            panic!("{log}");
+        }
     }
 
     /// The leader (broker id) and in-sync replicas of each partition of `topic`, asked
