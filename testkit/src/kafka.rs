@@ -22,9 +22,30 @@ use crate::proc::stop_child;
 use crate::{free_port, TempDir, START_TIMEOUT, STOP_TIMEOUT};
 
 /// First starts of a broker tried on new ports when one was taken before it bound it.
-pub(crate) const BIND_ATTEMPTS: u32 = 3;
+const BIND_ATTEMPTS: u32 = 3;
 /// What the broker logs when it cannot bind a port.
-pub(crate) const ADDRESS_IN_USE: &str = "Address already in use";
+const ADDRESS_IN_USE: &str = "Address already in use";
+
+/// Runs `start` (given the attempt, from 1) until it succeeds, again when it failed because
+/// a port was taken before the broker bound it, at most [`BIND_ATTEMPTS`] times; panics with
+/// the log of the failure otherwise. A port from `free_port` is free when asked for, not when
+/// the JVM binds it a second later: an outgoing connection of another test can take it
+/// meanwhile. `start` picks new ports for an attempt after the first.
+pub(crate) fn start_on_free_ports<T>(
+    what: &str,
+    mut start: impl FnMut(u32) -> Result<T, String>,
+) -> T {
+    for attempt in 1.. {
+        match start(attempt) {
+            Ok(started) => return started,
+            Err(log) if attempt < BIND_ATTEMPTS && log.contains(ADDRESS_IN_USE) => {
+                eprintln!("{what}: a port was taken before it was bound; new ports");
+            }
+            Err(log) => panic!("{log}"),
+        }
+    }
+    unreachable!("the last attempt returns or panics")
+}
 /// The file under `dir` recording the broker process `pid` for a script's trap.
 fn pid_file(dir: &Path, pid: u32) -> PathBuf {
     dir.join(format!("kafka-{pid}.pid"))
@@ -91,21 +112,15 @@ impl KafkaServer {
         };
         s.write_properties();
         s.format();
-        // A port from `free_port` is free when asked for, not when the JVM binds it a second
-        // later: an outgoing connection of another test can take it meanwhile. The storage
-        // does not record the ports (static quorum), so the first start may move to new ones.
-        for attempt in 1.. {
-            match s.try_start() {
-                Ok(()) => break,
-                Err(log) if attempt < BIND_ATTEMPTS && log.contains(ADDRESS_IN_USE) => {
-                    eprintln!("kafka: a port was taken before the broker bound it; new ports");
-                    s.port = free_port();
-                    s.controller_port = free_port();
-                    s.write_properties();
-                }
-                Err(log) => panic!("{log}"),
+        // The storage does not record the ports (static quorum): the first start may move.
+        start_on_free_ports("kafka", |attempt| {
+            if attempt > 1 {
+                s.port = free_port();
+                s.controller_port = free_port();
+                s.write_properties();
             }
-        }
+            s.try_start()
+        });
         s
     }
 

@@ -18,7 +18,7 @@ use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, ResourceSpecifier, Top
 use rdkafka::client::DefaultClientContext;
 use rdkafka::consumer::{BaseConsumer, Consumer};
 
-use crate::kafka::{java, KafkaClient, ADDRESS_IN_USE, BIND_ATTEMPTS, CLUSTER_ID};
+use crate::kafka::{java, start_on_free_ports, KafkaClient, CLUSTER_ID};
 use crate::proc::stop_child;
 use crate::{free_port, TempDir, START_TIMEOUT, STOP_TIMEOUT};
 
@@ -50,19 +50,10 @@ impl KafkaCluster {
     /// A port taken by another process before a node bound it is given up for new ports, for
     /// the whole cluster (the voters' addresses name every node's ports).
     pub fn start() -> Self {
-        for attempt in 1..=BIND_ATTEMPTS {
-            match Self::try_start() {
-                Ok(cluster) => return cluster,
-                Err(log) if attempt < BIND_ATTEMPTS && log.contains(ADDRESS_IN_USE) => {
-                    eprintln!("kafka cluster: a port was taken before a node bound it; new ports");
-                }
-                Err(log) => panic!("{log}"),
-            }
-        }
-        unreachable!("the last attempt returns or panics")
+        start_on_free_ports("kafka cluster", |_| Self::try_start())
     }
 
-    /// One start on free ports; the failing node's log on failure (the nodes started are
+    /// One start on new free ports; the failing node's log on failure (the nodes started are
     /// killed when the cluster is dropped).
     fn try_start() -> Result<Self, String> {
         let began = Instant::now();
