@@ -1,7 +1,7 @@
 //! The bridge under least-privilege NATS permissions, as docs/operations.md lists them: with
 //! an inbox prefix of its own (`--nats-inbox-prefix`) it streams, writes the schemas bucket and
-//! serves snapshot requests, while no other user can publish (forge a PubAck) or subscribe
-//! under that prefix.
+//! serves snapshot requests, started again it reads what it created, and no other user can
+//! publish (forge a PubAck) or subscribe under that prefix, or delete or purge its streams.
 
 use std::io::{BufRead, BufReader, Write};
 use std::net::TcpStream;
@@ -16,8 +16,9 @@ const INBOX_PREFIX: &str = "_INBOX_pgbridge";
 const BRIDGE_PASSWORD: &str = "bridge-s3cret";
 
 /// The server's users as the operations guide gives them: `bridge` with exactly the
-/// permissions it needs, and `app` (also every connection without credentials) kept out of
-/// the bridge's inboxes and off its subjects.
+/// permissions it needs (its JetStream API requests named one by one), and `app` (also every
+/// connection without credentials) kept out of the bridge's inboxes, off its subjects, and
+/// from deleting or purging streams.
 fn server_config() -> String {
     format!(
         r#"
@@ -27,7 +28,16 @@ authorization {{
       user: bridge
       password: "{BRIDGE_PASSWORD}"
       permissions: {{
-        publish: {{ allow: ["cdc.>", "init.>", "outbox.>", "dlq.>", "$KV.schemas.>", "$JS.API.>", "_INBOX.>"] }}
+        publish: {{ allow: ["cdc.>", "init.>", "outbox.>", "dlq.>", "$KV.schemas.>", "_INBOX.>",
+                           "$JS.API.INFO",
+                           "$JS.API.STREAM.INFO.CDC", "$JS.API.STREAM.CREATE.CDC",
+                           "$JS.API.STREAM.UPDATE.CDC", "$JS.API.STREAM.MSG.GET.CDC",
+                           "$JS.API.STREAM.INFO.INIT", "$JS.API.STREAM.CREATE.INIT",
+                           "$JS.API.STREAM.MSG.GET.INIT",
+                           "$JS.API.STREAM.INFO.OUTBOX", "$JS.API.STREAM.CREATE.OUTBOX",
+                           "$JS.API.STREAM.INFO.DLQ", "$JS.API.STREAM.CREATE.DLQ",
+                           "$JS.API.STREAM.INFO.KV_schemas", "$JS.API.STREAM.CREATE.KV_schemas",
+                           "$JS.API.DIRECT.GET.KV_schemas.>"] }}
         subscribe: {{ allow: ["snapshot.request.>", "{INBOX_PREFIX}.>"] }}
       }}
     }}
@@ -35,7 +45,10 @@ authorization {{
       user: app
       password: "app-s3cret"
       permissions: {{
-        publish: {{ allow: [">"], deny: ["{INBOX_PREFIX}.>", "cdc.>", "init.>", "outbox.>", "dlq.>", "$KV.schemas.>"] }}
+        publish: {{ allow: [">"],
+                   deny: ["{INBOX_PREFIX}.>", "cdc.>", "init.>", "outbox.>", "dlq.>", "$KV.schemas.>",
+                          "$JS.API.STREAM.DELETE.*", "$JS.API.STREAM.PURGE.*",
+                          "$JS.API.STREAM.UPDATE.*", "$JS.API.STREAM.MSG.DELETE.*"] }}
         subscribe: {{ allow: [">"], deny: ["{INBOX_PREFIX}.>"] }}
       }}
     }}
@@ -137,6 +150,15 @@ fn with_an_inbox_prefix_of_its_own_the_bridge_runs_on_least_privilege_and_nobody
         listen.contains("Permissions Violation for Subscription"),
         "{listen}"
     );
+    // Nor delete or purge what the bridge stored.
+    for api in ["STREAM.DELETE.CDC", "STREAM.PURGE.CDC"] {
+        let answer = raw_answer(nats.port(), &format!("PUB $JS.API.{api} _INBOX.x 0\r\n"));
+        assert!(
+            answer.contains("Permissions Violation for Publish"),
+            "{api}: {answer}"
+        );
+    }
+    assert_eq!(stream_len(&url, "CDC"), 1);
 
     // Still streaming, and the bridge was refused nothing along the way.
     pg.sql("app", "INSERT INTO users VALUES (101, 'after')");
@@ -149,11 +171,38 @@ fn with_an_inbox_prefix_of_its_own_the_bridge_runs_on_least_privilege_and_nobody
         "the bridge met a permission error:\n{log}"
     );
 
+    // Started again on the streams and bucket it created: it reads them instead of creating
+    // them, and looks up the last snapshot's meta for --snapshot-on-start.
+    let mut bridge = bridge;
+    assert_eq!(bridge.terminate(Duration::from_secs(30)), Some(0));
+    let again = BridgeProcess::spawn(
+        bridge_command(&pg, &url, dir.path())
+            .env("NATS_BRIDGE_USER", "bridge")
+            .env("NATS_BRIDGE_PASSWORD", BRIDGE_PASSWORD)
+            .args(["--nats-inbox-prefix", INBOX_PREFIX])
+            .arg("--snapshot-on-start"),
+    );
+    again.wait_for_line(
+        "already holds a snapshot of public.users",
+        Duration::from_secs(60),
+    );
+    pg.sql("app", "INSERT INTO users VALUES (102, 'restarted')");
+    wait_for(
+        "the insert after the restart",
+        Duration::from_secs(30),
+        || (stream_len(&url, "CDC") == 3).then_some(()),
+    );
+    let log = again.log();
+    assert!(
+        !log.to_ascii_lowercase().contains("permission"),
+        "the restarted bridge met a permission error:\n{log}"
+    );
+
     // The same user without the prefix is refused its inboxes, and the bridge says what it
     // needs in the same line.
-    let dir = TempDir::new("refused");
+    let refused_dir = TempDir::new("refused");
     let refused = BridgeProcess::spawn(
-        bridge_command(&pg, &url, dir.path())
+        bridge_command(&pg, &url, refused_dir.path())
             .env("NATS_BRIDGE_USER", "bridge")
             .env("NATS_BRIDGE_PASSWORD", BRIDGE_PASSWORD),
     );
