@@ -1,7 +1,8 @@
 //! The bridge under least-privilege NATS permissions, as docs/operations.md lists them: with
 //! an inbox prefix of its own (`--nats-inbox-prefix`) it streams, writes the schemas bucket and
 //! serves snapshot requests, started again it reads what it created, and no other user can
-//! publish (forge a PubAck) or subscribe under that prefix, or delete or purge its streams.
+//! publish (forge a PubAck) or subscribe under that prefix, or delete or purge its streams;
+//! `bridge mirror`, `tail` and `snapshot` run as that other user.
 
 use std::io::{BufRead, BufReader, Write};
 use std::net::TcpStream;
@@ -213,4 +214,115 @@ fn with_an_inbox_prefix_of_its_own_the_bridge_runs_on_least_privilege_and_nobody
             && line.contains("subscribe on snapshot.request.> and on its own inboxes _INBOX.>"),
         "{line}"
     );
+}
+
+/// `bridge SUBCOMMAND ARGS` without credentials: as `app`.
+fn as_app(url: &str, args: &[&str]) -> std::process::Command {
+    let mut cmd = std::process::Command::new(testkit::bridge_bin());
+    cmd.env_clear()
+        .env("NATS_URL", url)
+        .env("BRIDGE_PORT", testkit::free_port().to_string())
+        .env("RUST_LOG", "info")
+        .args(args)
+        .stdin(std::process::Stdio::null());
+    cmd
+}
+
+/// Runs `cmd` to its end (bounded); its exit code, stdout and stderr.
+fn run_to_end(mut cmd: std::process::Command) -> (Option<i32>, String, String) {
+    let out_dir = TempDir::new("command-out");
+    let (stdout, stderr) = (out_dir.path().join("out"), out_dir.path().join("err"));
+    let child = cmd
+        .stdout(std::fs::File::create(&stdout).unwrap())
+        .stderr(std::fs::File::create(&stderr).unwrap())
+        .spawn()
+        .unwrap();
+    let mut child = testkit::KillOnDrop(child);
+    let status = wait_for("the command to end", Duration::from_secs(60), || {
+        child.try_wait().unwrap()
+    });
+    let read = |p| std::fs::read_to_string(p).unwrap();
+    (status.code(), read(&stdout), read(&stderr))
+}
+
+#[test]
+fn mirror_tail_and_snapshot_run_as_the_documented_consumer_user() {
+    let pg = PgServer::start();
+    setup_app_db(
+        &pg,
+        "CREATE TABLE users (id int PRIMARY KEY, name text); \
+         INSERT INTO users SELECT g, 'u' || g FROM generate_series(1, 10) g",
+        "",
+    );
+    let conf_dir = TempDir::new("natsconf");
+    let conf = conf_dir.path().join("permissions.conf");
+    std::fs::write(&conf, server_config()).unwrap();
+    let nats = NatsServer::start_with_args(&["-c", conf.to_str().unwrap()]);
+    let url = nats.url();
+    let dir = TempDir::new("bridge");
+    let bridge = BridgeProcess::spawn(
+        bridge_command(&pg, &url, dir.path())
+            .env("NATS_BRIDGE_USER", "bridge")
+            .env("NATS_BRIDGE_PASSWORD", BRIDGE_PASSWORD)
+            .args(["--nats-inbox-prefix", INBOX_PREFIX])
+            .args(["--snapshot-cooldown-secs", "0"]),
+    );
+    bridge.wait_for_line("snapshot requests served", Duration::from_secs(60));
+    pg.sql("app", "INSERT INTO users VALUES (100, 'streamed')");
+    wait_for("the insert", Duration::from_secs(30), || {
+        (stream_len(&url, "CDC") == 1).then_some(())
+    });
+
+    let (code, _, log) = run_to_end(as_app(&url, &["snapshot", "users"]));
+    assert_eq!(code, Some(0), "bridge snapshot as app:\n{log}");
+    let (code, out, log) = run_to_end(as_app(&url, &["tail", "--from-start", "--count", "1"]));
+    assert_eq!(code, Some(0), "bridge tail as app:\n{log}");
+    assert!(out.contains("\"streamed\""), "{out}");
+
+    let db = dir.path().join("mirror.sqlite");
+    let mirror = BridgeProcess::spawn(&mut as_app(
+        &url,
+        &["mirror", "--db", db.to_str().unwrap(), "--table", "users"],
+    ));
+    pg.sql("app", "INSERT INTO users VALUES (101, 'mirrored')");
+    wait_for(
+        "the mirror to hold every row",
+        Duration::from_secs(60),
+        || {
+            let conn = rusqlite::Connection::open(&db).ok()?;
+            let n: i64 = conn
+                .query_row("SELECT count(*) FROM users", [], |r| r.get(0))
+                .ok()?;
+            (n == 12).then_some(())
+        },
+    );
+    // Stopped and started again, it resumes from its position.
+    let mut mirror = mirror;
+    assert_eq!(
+        mirror.terminate(Duration::from_secs(30)),
+        Some(0),
+        "{}",
+        mirror.log()
+    );
+    let first_log = mirror.log();
+    pg.sql("app", "INSERT INTO users VALUES (102, 'while stopped')");
+    let again = BridgeProcess::spawn(&mut as_app(
+        &url,
+        &["mirror", "--db", db.to_str().unwrap(), "--table", "users"],
+    ));
+    wait_for("the mirror to catch up", Duration::from_secs(60), || {
+        let conn = rusqlite::Connection::open(&db).ok()?;
+        let n: i64 = conn
+            .query_row("SELECT count(*) FROM users WHERE id = 102", [], |r| {
+                r.get(0)
+            })
+            .ok()?;
+        (n == 1).then_some(())
+    });
+    for log in [first_log, again.log(), bridge.log()] {
+        assert!(
+            !log.to_ascii_lowercase().contains("permission"),
+            "a permission error:\n{log}"
+        );
+    }
 }
