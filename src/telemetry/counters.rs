@@ -77,6 +77,10 @@ pub struct NatsStats {
     pub disconnects: AtomicU64,
     /// Woken at every connect and disconnect, for the publisher to wait on instead of polling.
     pub changed: tokio::sync::Notify,
+    /// The first refusal of a publish or subscription for lack of permissions, as logged.
+    pub refused: std::sync::OnceLock<String>,
+    /// Woken at that refusal, for a command that ends on it.
+    pub refusal: tokio::sync::Notify,
 }
 
 impl NatsStats {
@@ -93,6 +97,18 @@ impl NatsStats {
     /// Disconnects so far.
     pub fn disconnects(&self) -> u64 {
         self.disconnects.load(Ordering::Relaxed)
+    }
+
+    /// Waits for the first permissions refusal and returns its line. The bridge and the
+    /// mirror wait such a refusal out (an operator may grant the permission); the one-shot
+    /// commands end on it.
+    pub async fn first_refusal(&self) -> String {
+        loop {
+            if let Some(line) = self.refused.get() {
+                return line.clone();
+            }
+            self.refusal.notified().await;
+        }
     }
 }
 

@@ -57,6 +57,19 @@ impl WatchError {
     }
 }
 
+/// Runs a command's `work` on its NATS connection until it ends or the server refuses the
+/// connection a permission: a one-shot command cannot get further without it, so it stops
+/// with the refusal's line (exit code 2) instead of waiting for answers that never come.
+async fn unless_refused<T>(
+    stats: &crate::telemetry::counters::NatsStats,
+    work: impl std::future::Future<Output = Result<T, WatchError>>,
+) -> Result<T, WatchError> {
+    tokio::select! {
+        done = work => done,
+        line = stats.first_refusal() => Err(NatsError::PermissionRefused(line).into()),
+    }
+}
+
 /// A single-threaded runtime for one command.
 fn runtime() -> Result<tokio::runtime::Runtime, WatchError> {
     crate::runtime::current_thread()

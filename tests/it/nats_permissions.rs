@@ -279,6 +279,28 @@ fn mirror_tail_and_snapshot_run_as_the_documented_consumer_user() {
     assert_eq!(code, Some(0), "bridge tail as app:\n{log}");
     assert!(out.contains("\"streamed\""), "{out}");
 
+    // The bridge's own user may not read the streams: a one-shot command stops at once with
+    // the server's refusal, exit code 2.
+    for args in [
+        &["tail", "--from-start", "--count", "1"][..],
+        &["snapshot", "users"][..],
+    ] {
+        let mut cmd = as_app(&url, args);
+        cmd.env("NATS_BRIDGE_USER", "bridge")
+            .env("NATS_BRIDGE_PASSWORD", BRIDGE_PASSWORD)
+            .env("NATS_INBOX_PREFIX", INBOX_PREFIX);
+        let started = std::time::Instant::now();
+        let (code, _, log) = run_to_end(cmd);
+        let last = log.lines().last().unwrap_or_default();
+        assert!(
+            code == Some(2)
+                && last.contains("error: NATS refused")
+                && last.contains("Permissions Violation for Publish to \"$JS.API.CONSUMER.CREATE."),
+            "{args:?} as bridge, after {:?}, exit {code:?}:\n{log}",
+            started.elapsed()
+        );
+    }
+
     let db = dir.path().join("mirror.sqlite");
     let mirror = BridgeProcess::spawn(&mut as_app(
         &url,

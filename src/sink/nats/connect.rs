@@ -134,6 +134,10 @@ pub enum NatsError {
         /// How `found` was learnt: the stream's metadata or its last message.
         source_of_format: String,
     },
+    /// The server refused a publish or subscription for lack of permissions; the line names
+    /// the connection, the subject and what the user needs.
+    #[error("{0}")]
+    PermissionRefused(String),
     /// A JetStream API request failed in a way that may pass (timeout, connection lost).
     #[error("JetStream request failed while {what}: {source}; the NATS server may be busy or unreachable")]
     Request {
@@ -155,7 +159,8 @@ impl NatsError {
             | NatsError::InvalidUrl { .. }
             | NatsError::JetStreamDisabled { .. }
             | NatsError::StreamRefused { .. }
-            | NatsError::FormatMismatch { .. } => true,
+            | NatsError::FormatMismatch { .. }
+            | NatsError::PermissionRefused(_) => true,
             // A handshake can fail while the server's certificate is being replaced: retried.
             NatsError::Unreachable { .. } | NatsError::Tls { .. } | NatsError::Request { .. } => {
                 false
@@ -224,11 +229,14 @@ fn on_event(stats: &NatsStats, event: &Event, seen_connect: &AtomicBool, client:
             log::warn!("NATS slow consumer on subscription {sid}: messages were dropped")
         }
         Event::ServerError(e) if is_permissions_violation(e) => {
-            log::error!(
+            let line = format!(
                 "NATS refused {}: {e}; {}",
                 client.name,
                 permissions_needed(&client.inbox_prefix)
-            )
+            );
+            log::error!("{line}");
+            let _ = stats.refused.set(line);
+            stats.refusal.notify_one();
         }
         Event::ServerError(e) => log::warn!("NATS server error: {e}"),
         // Every failed reconnect attempt reports one; the Disconnected warning says enough.
