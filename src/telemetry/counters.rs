@@ -99,9 +99,7 @@ impl NatsStats {
         self.disconnects.load(Ordering::Relaxed)
     }
 
-    /// Waits for the first permissions refusal and returns its line. The bridge and the
-    /// mirror wait such a refusal out (an operator may grant the permission); the one-shot
-    /// commands end on it.
+    /// Waits for the first permissions refusal and returns its line.
     pub async fn first_refusal(&self) -> String {
         loop {
             if let Some(line) = self.refused.get() {

@@ -10,6 +10,8 @@ pub mod tail;
 
 // Connection errors are the sink's (one place for TLS, credentials and reconnects).
 use crate::sink::nats::NatsError;
+// A refused permission ends a command as it ends the bridge's start.
+use crate::sink::nats::unless_refused;
 
 /// Why a watch command stopped.
 #[derive(Debug, thiserror::Error)]
@@ -54,19 +56,6 @@ impl WatchError {
             WatchError::Usage(_) => 2,
             _ => 1,
         }
-    }
-}
-
-/// Runs a command's `work` on its NATS connection until it ends or the server refuses the
-/// connection a permission: a one-shot command cannot get further without it, so it stops
-/// with the refusal's line (exit code 2) instead of waiting for answers that never come.
-async fn unless_refused<T>(
-    stats: &crate::telemetry::counters::NatsStats,
-    work: impl std::future::Future<Output = Result<T, WatchError>>,
-) -> Result<T, WatchError> {
-    tokio::select! {
-        done = work => done,
-        line = stats.first_refusal() => Err(NatsError::PermissionRefused(line).into()),
     }
 }
 

@@ -214,6 +214,16 @@ fn with_an_inbox_prefix_of_its_own_the_bridge_runs_on_least_privilege_and_nobody
             && line.contains("subscribe on snapshot.request.> and on its own inboxes _INBOX.>"),
         "{line}"
     );
+    // Its start cannot get further: it stops there with that line, exit code 2.
+    let mut refused = refused;
+    let code = refused.wait_exit(Duration::from_secs(30));
+    let log = refused.log();
+    assert_eq!(code, Some(2), "{log}");
+    let last = log.lines().last().unwrap_or_default();
+    assert!(
+        last.contains("NATS refused pgbridge: ") && last.contains("Permissions Violation"),
+        "{log}"
+    );
 }
 
 /// `bridge SUBCOMMAND ARGS` without credentials: as `app`.

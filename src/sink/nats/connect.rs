@@ -245,6 +245,21 @@ fn on_event(stats: &NatsStats, event: &Event, seen_connect: &AtomicBool, client:
     }
 }
 
+/// Runs `work` on a connection until it ends or the server refuses the connection a
+/// permission (`stats` are the connection's): work that cannot get further without it, such
+/// as setting up the streams or a one-shot command, ends with
+/// [`NatsError::PermissionRefused`] (exit code 2) instead of waiting for answers that never
+/// come. Streaming waits such a refusal out instead: an operator may grant the permission.
+pub async fn unless_refused<T, E: From<NatsError>>(
+    stats: &NatsStats,
+    work: impl std::future::Future<Output = Result<T, E>>,
+) -> Result<T, E> {
+    tokio::select! {
+        done = work => done,
+        line = stats.first_refusal() => Err(NatsError::PermissionRefused(line).into()),
+    }
+}
+
 /// True for the server's refusal of a publish or subscription the user may not make.
 fn is_permissions_violation(e: &ServerError) -> bool {
     matches!(e, ServerError::Other(text) if text.contains("Permissions Violation"))

@@ -28,7 +28,7 @@ use crate::wire::names::CDC_SUBJECT_PREFIX;
 /// Connection name the bridge shows in the server's monitoring (`/connz`).
 pub const CONNECTION_NAME: &str = "pgbridge";
 
-pub use connect::{connect, connect_with_stats, max_payload, NatsError};
+pub use connect::{connect, connect_with_stats, max_payload, unless_refused, NatsError};
 pub use streams::{
     cdc_stream_config, check_jetstream, check_stream_format, dlq_stream_config,
     ensure_outbox_streams, ensure_streams, init_stream_config, outbox_stream_config,
@@ -108,12 +108,15 @@ impl Sink for NatsSink {
             .build(client.clone());
         // A server that restarts or elects a leader meanwhile times these requests out:
         // retried like the connect, only a configuration error ends the start.
+        // A permission the server refuses (an API subject, the inbox) ends the start too.
         let (streams, format) = (&self.streams, self.settings.format);
-        let checked = retry_transient(shutdown, self.backoff, || async {
-            let info = ensure_streams(&js, streams).await?;
-            ensure_outbox_streams(&js, streams).await?;
-            check_stream_format(&js, &info.cdc, format).await?;
-            Ok(info.cdc.config.allow_batch_publish)
+        let checked = retry_transient(shutdown, self.backoff, || {
+            unless_refused(connection, async {
+                let info = ensure_streams(&js, streams).await?;
+                ensure_outbox_streams(&js, streams).await?;
+                check_stream_format(&js, &info.cdc, format).await?;
+                Ok(info.cdc.config.allow_batch_publish)
+            })
         })
         .await?;
         let Some(stream_allows_batches) = checked else {
