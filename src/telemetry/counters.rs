@@ -64,6 +64,9 @@ pub struct PublisherStats {
 /// How many reasons dead letters are counted by.
 pub const DEAD_LETTER_REASONS: usize = crate::wire::outbox::DeadReason::ALL.len();
 
+/// Shortest time between two log lines about refused permissions on one connection.
+pub const REFUSAL_LOG_INTERVAL: std::time::Duration = std::time::Duration::from_secs(60);
+
 /// Connection state and counters of one NATS connection, updated from the client's event
 /// callback and read by metrics and `/status`. Share it across attempts of the same logical
 /// connection (e.g. when the caller retries a connect), not between connections.
@@ -79,6 +82,11 @@ pub struct NatsStats {
     pub changed: tokio::sync::Notify,
     /// The first refusal of a publish or subscription for lack of permissions, as logged.
     pub refused: std::sync::OnceLock<String>,
+    /// Refusals for lack of permissions so far.
+    pub refusals: AtomicU64,
+    /// When a refusal was last logged, and the count then: every refused publish gets one,
+    /// so they are logged at most every [`REFUSAL_LOG_INTERVAL`].
+    pub refusal_logged: std::sync::Mutex<Option<(std::time::Instant, u64)>>,
     /// Woken at that refusal, for a command that ends on it.
     pub refusal: tokio::sync::Notify,
 }
@@ -99,6 +107,23 @@ impl NatsStats {
         self.disconnects.load(Ordering::Relaxed)
     }
 
+    /// Counts a refusal for lack of permissions; `Some(n)` when it is to be logged, with `n`
+    /// the refusals not logged since the last line.
+    pub fn count_refusal(&self, now: std::time::Instant) -> Option<u64> {
+        let total = self.refusals.fetch_add(1, Ordering::Relaxed) + 1;
+        let mut logged = self
+            .refusal_logged
+            .lock()
+            .unwrap_or_else(|e| e.into_inner());
+        match *logged {
+            Some((at, _)) if now.duration_since(at) < REFUSAL_LOG_INTERVAL => None,
+            previous => {
+                *logged = Some((now, total));
+                Some(previous.map_or(0, |(_, n)| total - n - 1))
+            }
+        }
+    }
+
     /// Waits for the first permissions refusal and returns its line.
     pub async fn first_refusal(&self) -> String {
         loop {
@@ -113,6 +138,18 @@ impl NatsStats {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn refusals_are_logged_at_most_once_a_minute_with_the_count_left_out() {
+        let stats = NatsStats::default();
+        let t0 = std::time::Instant::now();
+        assert_eq!(stats.count_refusal(t0), Some(0));
+        assert_eq!(stats.count_refusal(t0), None);
+        assert_eq!(stats.count_refusal(t0 + REFUSAL_LOG_INTERVAL / 2), None);
+        assert_eq!(stats.count_refusal(t0 + REFUSAL_LOG_INTERVAL), Some(2));
+        assert_eq!(stats.count_refusal(t0 + REFUSAL_LOG_INTERVAL), None);
+        assert_eq!(stats.refusals.load(Ordering::Relaxed), 5);
+    }
 
     #[test]
     fn durable_lsn_never_moves_back() {

@@ -2,7 +2,9 @@
 //! an inbox prefix of its own (`--nats-inbox-prefix`) it streams, writes the schemas bucket and
 //! serves snapshot requests, started again it reads what it created, and no other user can
 //! publish (forge a PubAck) or subscribe under that prefix, or delete or purge its streams;
-//! `bridge mirror`, `tail` and `snapshot` run as that other user.
+//! `bridge mirror`, `tail` and `snapshot` run as that other user. A permission refused at
+//! start stops the bridge (exit 2); one withdrawn while it streams is waited out, and nothing
+//! is confirmed, lost or stored twice.
 
 use std::io::{BufRead, BufReader, Write};
 use std::net::TcpStream;
@@ -357,4 +359,92 @@ fn mirror_tail_and_snapshot_run_as_the_documented_consumer_user() {
             "a permission error:\n{log}"
         );
     }
+}
+
+/// Makes nats-server read its configuration file again and waits until it has, the
+/// `reloads`-th time.
+fn reload(nats: &NatsServer, reloads: usize) {
+    let pid = nats.pid().expect("nats-server runs") as libc::pid_t;
+    // SAFETY: a signal to the test's own child process.
+    assert_eq!(unsafe { libc::kill(pid, libc::SIGHUP) }, 0);
+    wait_for("nats-server to reload", Duration::from_secs(30), || {
+        (nats.log().matches("Reloaded server configuration").count() >= reloads).then_some(())
+    });
+}
+
+#[test]
+fn publishing_refused_while_streaming_is_waited_out_and_nothing_is_confirmed_lost_or_stored_twice()
+{
+    let pg = PgServer::start();
+    setup_app_db(
+        &pg,
+        "CREATE TABLE users (id int PRIMARY KEY, name text)",
+        "",
+    );
+    let conf_dir = TempDir::new("natsconf");
+    let conf = conf_dir.path().join("permissions.conf");
+    let granted = server_config();
+    let revoked = granted.replacen(r#"["cdc.>", "init.>""#, r#"["init.>""#, 1);
+    assert_ne!(granted, revoked);
+    std::fs::write(&conf, &granted).unwrap();
+    let nats = NatsServer::start_with_args(&["-c", conf.to_str().unwrap()]);
+    let url = nats.url();
+    let dir = TempDir::new("bridge");
+    let mut bridge = BridgeProcess::spawn(
+        bridge_command(&pg, &url, dir.path())
+            .env("NATS_BRIDGE_USER", "bridge")
+            .env("NATS_BRIDGE_PASSWORD", BRIDGE_PASSWORD)
+            .args(["--nats-inbox-prefix", INBOX_PREFIX, "--format", "json"]),
+    );
+    bridge.wait_for_line("snapshot requests served", Duration::from_secs(60));
+    pg.sql("app", "INSERT INTO users VALUES (1, 'granted')");
+    wait_for("the first insert", Duration::from_secs(60), || {
+        (stream_len(&url, "CDC") == 1).then_some(())
+    });
+
+    // The bridge's user loses cdc.> while the bridge streams.
+    std::fs::write(&conf, &revoked).unwrap();
+    reload(&nats, 1);
+    let before: pgbridge::pg::Lsn = pg
+        .value("app", "SELECT pg_current_wal_lsn()::text")
+        .parse()
+        .unwrap();
+    pg.sql("app", "INSERT INTO users VALUES (2, 'refused')");
+    pg.sql("app", "INSERT INTO users VALUES (3, 'refused too')");
+    bridge.wait_for_line(
+        "Permissions Violation for Publish to \"cdc.",
+        Duration::from_secs(30),
+    );
+    // Sent again at least once meanwhile (the PubAck wait is 5 s), and never confirmed.
+    std::thread::sleep(Duration::from_secs(7));
+    assert_eq!(stream_len(&url, "CDC"), 1);
+    let confirmed = testkit::confirmed_flush(&pg, "cdc_slot").expect("the slot");
+    assert!(
+        confirmed <= before,
+        "confirmed {confirmed} past the refused changes (from {before})"
+    );
+    assert_eq!(bridge.child.try_wait().unwrap(), None, "{}", bridge.log());
+    // Every refused publish gets a refusal: logged once, not once each.
+    let refusals = bridge
+        .log()
+        .matches("ERROR pgbridge::sink::nats::connect] NATS refused")
+        .count();
+    assert_eq!(refusals, 1, "{}", bridge.log());
+
+    // Granted again: both arrive, once each and in order, and are confirmed.
+    std::fs::write(&conf, &granted).unwrap();
+    reload(&nats, 2);
+    wait_for("the refused inserts", Duration::from_secs(60), || {
+        (stream_len(&url, "CDC") == 3).then_some(())
+    });
+    testkit::assert_once_in_order(&testkit::json_row_ids(&read_stream(&url, "CDC")), 3);
+    wait_for(
+        "the refused inserts confirmed",
+        Duration::from_secs(30),
+        || {
+            testkit::confirmed_flush(&pg, "cdc_slot")
+                .filter(|c| *c > before)
+                .map(drop)
+        },
+    );
 }

@@ -234,7 +234,13 @@ fn on_event(stats: &NatsStats, event: &Event, seen_connect: &AtomicBool, client:
                 client.name,
                 permissions_needed(&client.inbox_prefix)
             );
-            log::error!("{line}");
+            match stats.count_refusal(std::time::Instant::now()) {
+                Some(0) => log::error!("{line}"),
+                Some(unlogged) => {
+                    log::error!("{line} ({unlogged} refusals not logged since the last such line)")
+                }
+                None => {}
+            }
             let _ = stats.refused.set(line);
             stats.refusal.notify_one();
         }
