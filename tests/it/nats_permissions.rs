@@ -84,42 +84,77 @@ fn raw_answer(port: u16, command: &str) -> String {
     line.trim_end().to_string()
 }
 
+/// PostgreSQL with a `users` table (`seed` runs after creating it), nats-server with the
+/// documented users (configuration file `conf`), and a bridge streaming as `bridge` with an
+/// inbox prefix of its own and `extra` flags, once it serves snapshot requests.
+struct Setup {
+    pg: PgServer,
+    _conf_dir: TempDir,
+    conf: std::path::PathBuf,
+    nats: NatsServer,
+    url: String,
+    dir: TempDir,
+    bridge: BridgeProcess,
+}
+
+impl Setup {
+    fn start(seed: &str, extra: &[&str]) -> Setup {
+        let pg = PgServer::start();
+        setup_app_db(
+            &pg,
+            &format!("CREATE TABLE users (id int PRIMARY KEY, name text); {seed}"),
+            "",
+        );
+        let conf_dir = TempDir::new("natsconf");
+        let conf = conf_dir.path().join("permissions.conf");
+        std::fs::write(&conf, server_config()).unwrap();
+        let nats = NatsServer::start_with_args(&["-c", conf.to_str().unwrap()]);
+        let url = nats.url();
+        let dir = TempDir::new("bridge");
+        let bridge = BridgeProcess::spawn(as_bridge_user(&pg, &url, &dir).args(extra));
+        bridge.wait_for_line("snapshot requests served", Duration::from_secs(60));
+        Setup {
+            pg,
+            _conf_dir: conf_dir,
+            conf,
+            nats,
+            url,
+            dir,
+            bridge,
+        }
+    }
+}
+
+/// The bridge as the `bridge` user, with its inbox prefix, its state in `dir`.
+fn as_bridge_user(pg: &PgServer, url: &str, dir: &TempDir) -> std::process::Command {
+    let mut cmd = bridge_command(pg, url, dir.path());
+    cmd.env("NATS_BRIDGE_USER", "bridge")
+        .env("NATS_BRIDGE_PASSWORD", BRIDGE_PASSWORD)
+        .args(["--nats-inbox-prefix", INBOX_PREFIX]);
+    cmd
+}
+
 #[test]
 fn with_an_inbox_prefix_of_its_own_the_bridge_runs_on_least_privilege_and_nobody_else_reaches_its_inboxes(
 ) {
-    let pg = PgServer::start();
-    setup_app_db(
-        &pg,
-        "CREATE TABLE users (id int PRIMARY KEY, name text); \
-         INSERT INTO users SELECT g, 'u' || g FROM generate_series(1, 10) g",
-        "",
+    let setup = Setup::start(
+        "INSERT INTO users SELECT g, 'u' || g FROM generate_series(1, 10) g",
+        &["--snapshot-cooldown-secs", "0"],
     );
-    let conf_dir = TempDir::new("natsconf");
-    let conf = conf_dir.path().join("permissions.conf");
-    std::fs::write(&conf, server_config()).unwrap();
-    let nats = NatsServer::start_with_args(&["-c", conf.to_str().unwrap()]);
-    let url = nats.url();
-    let dir = TempDir::new("bridge");
-    let bridge = BridgeProcess::spawn(
-        bridge_command(&pg, &url, dir.path())
-            .env("NATS_BRIDGE_USER", "bridge")
-            .env("NATS_BRIDGE_PASSWORD", BRIDGE_PASSWORD)
-            .args(["--nats-inbox-prefix", INBOX_PREFIX])
-            .args(["--snapshot-cooldown-secs", "0"]),
-    );
-    bridge.wait_for_line("snapshot requests served", Duration::from_secs(60));
+    let (pg, nats, url, dir) = (&setup.pg, &setup.nats, setup.url.as_str(), &setup.dir);
+    let bridge = setup.bridge;
 
     // Streaming: stored and acknowledged, so the PubAcks came back to the bridge's inbox.
     pg.sql("app", "INSERT INTO users VALUES (100, 'streamed')");
     wait_for("the insert", Duration::from_secs(30), || {
-        (stream_len(&url, "CDC") == 1).then_some(())
+        (stream_len(url, "CDC") == 1).then_some(())
     });
     wait_for("the schemas bucket", Duration::from_secs(30), || {
-        (stream_len(&url, "KV_schemas") >= 1).then_some(())
+        (stream_len(url, "KV_schemas") >= 1).then_some(())
     });
 
     // A snapshot request from another user, answered on that user's inbox and served.
-    let reply = testkit::with_nats(&url, |client| async move {
+    let reply = testkit::with_nats(url, |client| async move {
         tokio::time::timeout(
             Duration::from_secs(10),
             client.request("snapshot.request.users", "".into()),
@@ -131,7 +166,7 @@ fn with_an_inbox_prefix_of_its_own_the_bridge_runs_on_least_privilege_and_nobody
     let reply: serde_json::Value = serde_json::from_slice(&reply.payload).unwrap();
     assert_eq!(reply["status"], "accepted", "{reply}");
     wait_for("the snapshot's meta", Duration::from_secs(60), || {
-        read_stream(&url, "INIT")
+        read_stream(url, "INIT")
             .iter()
             .any(|m| m.subject == "init.meta.users")
             .then_some(())
@@ -161,12 +196,12 @@ fn with_an_inbox_prefix_of_its_own_the_bridge_runs_on_least_privilege_and_nobody
             "{api}: {answer}"
         );
     }
-    assert_eq!(stream_len(&url, "CDC"), 1);
+    assert_eq!(stream_len(url, "CDC"), 1);
 
     // Still streaming, and the bridge was refused nothing along the way.
     pg.sql("app", "INSERT INTO users VALUES (101, 'after')");
     wait_for("the second insert", Duration::from_secs(30), || {
-        (stream_len(&url, "CDC") == 2).then_some(())
+        (stream_len(url, "CDC") == 2).then_some(())
     });
     let log = bridge.log();
     assert!(
@@ -178,13 +213,7 @@ fn with_an_inbox_prefix_of_its_own_the_bridge_runs_on_least_privilege_and_nobody
     // them, and looks up the last snapshot's meta for --snapshot-on-start.
     let mut bridge = bridge;
     assert_eq!(bridge.terminate(Duration::from_secs(30)), Some(0));
-    let again = BridgeProcess::spawn(
-        bridge_command(&pg, &url, dir.path())
-            .env("NATS_BRIDGE_USER", "bridge")
-            .env("NATS_BRIDGE_PASSWORD", BRIDGE_PASSWORD)
-            .args(["--nats-inbox-prefix", INBOX_PREFIX])
-            .arg("--snapshot-on-start"),
-    );
+    let again = BridgeProcess::spawn(as_bridge_user(pg, url, dir).arg("--snapshot-on-start"));
     again.wait_for_line(
         "already holds a snapshot of public.users",
         Duration::from_secs(60),
@@ -193,7 +222,7 @@ fn with_an_inbox_prefix_of_its_own_the_bridge_runs_on_least_privilege_and_nobody
     wait_for(
         "the insert after the restart",
         Duration::from_secs(30),
-        || (stream_len(&url, "CDC") == 3).then_some(()),
+        || (stream_len(url, "CDC") == 3).then_some(()),
     );
     let log = again.log();
     assert!(
@@ -205,7 +234,7 @@ fn with_an_inbox_prefix_of_its_own_the_bridge_runs_on_least_privilege_and_nobody
     // needs in the same line.
     let refused_dir = TempDir::new("refused");
     let refused = BridgeProcess::spawn(
-        bridge_command(&pg, &url, refused_dir.path())
+        bridge_command(pg, url, refused_dir.path())
             .env("NATS_BRIDGE_USER", "bridge")
             .env("NATS_BRIDGE_PASSWORD", BRIDGE_PASSWORD),
     );
@@ -259,35 +288,20 @@ fn run_to_end(mut cmd: std::process::Command) -> (Option<i32>, String, String) {
 
 #[test]
 fn mirror_tail_and_snapshot_run_as_the_documented_consumer_user() {
-    let pg = PgServer::start();
-    setup_app_db(
-        &pg,
-        "CREATE TABLE users (id int PRIMARY KEY, name text); \
-         INSERT INTO users SELECT g, 'u' || g FROM generate_series(1, 10) g",
-        "",
+    let setup = Setup::start(
+        "INSERT INTO users SELECT g, 'u' || g FROM generate_series(1, 10) g",
+        &["--snapshot-cooldown-secs", "0"],
     );
-    let conf_dir = TempDir::new("natsconf");
-    let conf = conf_dir.path().join("permissions.conf");
-    std::fs::write(&conf, server_config()).unwrap();
-    let nats = NatsServer::start_with_args(&["-c", conf.to_str().unwrap()]);
-    let url = nats.url();
-    let dir = TempDir::new("bridge");
-    let bridge = BridgeProcess::spawn(
-        bridge_command(&pg, &url, dir.path())
-            .env("NATS_BRIDGE_USER", "bridge")
-            .env("NATS_BRIDGE_PASSWORD", BRIDGE_PASSWORD)
-            .args(["--nats-inbox-prefix", INBOX_PREFIX])
-            .args(["--snapshot-cooldown-secs", "0"]),
-    );
-    bridge.wait_for_line("snapshot requests served", Duration::from_secs(60));
+    let (pg, url, dir) = (&setup.pg, setup.url.as_str(), &setup.dir);
+    let bridge = setup.bridge;
     pg.sql("app", "INSERT INTO users VALUES (100, 'streamed')");
     wait_for("the insert", Duration::from_secs(30), || {
-        (stream_len(&url, "CDC") == 1).then_some(())
+        (stream_len(url, "CDC") == 1).then_some(())
     });
 
-    let (code, _, log) = run_to_end(as_app(&url, &["snapshot", "users"]));
+    let (code, _, log) = run_to_end(as_app(url, &["snapshot", "users"]));
     assert_eq!(code, Some(0), "bridge snapshot as app:\n{log}");
-    let (code, out, log) = run_to_end(as_app(&url, &["tail", "--from-start", "--count", "1"]));
+    let (code, out, log) = run_to_end(as_app(url, &["tail", "--from-start", "--count", "1"]));
     assert_eq!(code, Some(0), "bridge tail as app:\n{log}");
     assert!(out.contains("\"streamed\""), "{out}");
 
@@ -297,7 +311,7 @@ fn mirror_tail_and_snapshot_run_as_the_documented_consumer_user() {
         &["tail", "--from-start", "--count", "1"][..],
         &["snapshot", "users"][..],
     ] {
-        let mut cmd = as_app(&url, args);
+        let mut cmd = as_app(url, args);
         cmd.env("NATS_BRIDGE_USER", "bridge")
             .env("NATS_BRIDGE_PASSWORD", BRIDGE_PASSWORD)
             .env("NATS_INBOX_PREFIX", INBOX_PREFIX);
@@ -315,7 +329,7 @@ fn mirror_tail_and_snapshot_run_as_the_documented_consumer_user() {
 
     let db = dir.path().join("mirror.sqlite");
     let mirror = BridgeProcess::spawn(&mut as_app(
-        &url,
+        url,
         &["mirror", "--db", db.to_str().unwrap(), "--table", "users"],
     ));
     pg.sql("app", "INSERT INTO users VALUES (101, 'mirrored')");
@@ -341,7 +355,7 @@ fn mirror_tail_and_snapshot_run_as_the_documented_consumer_user() {
     let first_log = mirror.log();
     pg.sql("app", "INSERT INTO users VALUES (102, 'while stopped')");
     let again = BridgeProcess::spawn(&mut as_app(
-        &url,
+        url,
         &["mirror", "--db", db.to_str().unwrap(), "--table", "users"],
     ));
     wait_for("the mirror to catch up", Duration::from_secs(60), || {
@@ -375,36 +389,20 @@ fn reload(nats: &NatsServer, reloads: usize) {
 #[test]
 fn publishing_refused_while_streaming_is_waited_out_and_nothing_is_confirmed_lost_or_stored_twice()
 {
-    let pg = PgServer::start();
-    setup_app_db(
-        &pg,
-        "CREATE TABLE users (id int PRIMARY KEY, name text)",
-        "",
-    );
-    let conf_dir = TempDir::new("natsconf");
-    let conf = conf_dir.path().join("permissions.conf");
+    let setup = Setup::start("", &["--format", "json"]);
+    let (pg, conf, nats, url) = (&setup.pg, &setup.conf, &setup.nats, setup.url.as_str());
+    let mut bridge = setup.bridge;
     let granted = server_config();
     let revoked = granted.replacen(r#"["cdc.>", "init.>""#, r#"["init.>""#, 1);
     assert_ne!(granted, revoked);
-    std::fs::write(&conf, &granted).unwrap();
-    let nats = NatsServer::start_with_args(&["-c", conf.to_str().unwrap()]);
-    let url = nats.url();
-    let dir = TempDir::new("bridge");
-    let mut bridge = BridgeProcess::spawn(
-        bridge_command(&pg, &url, dir.path())
-            .env("NATS_BRIDGE_USER", "bridge")
-            .env("NATS_BRIDGE_PASSWORD", BRIDGE_PASSWORD)
-            .args(["--nats-inbox-prefix", INBOX_PREFIX, "--format", "json"]),
-    );
-    bridge.wait_for_line("snapshot requests served", Duration::from_secs(60));
     pg.sql("app", "INSERT INTO users VALUES (1, 'granted')");
     wait_for("the first insert", Duration::from_secs(60), || {
-        (stream_len(&url, "CDC") == 1).then_some(())
+        (stream_len(url, "CDC") == 1).then_some(())
     });
 
     // The bridge's user loses cdc.> while the bridge streams.
-    std::fs::write(&conf, &revoked).unwrap();
-    reload(&nats, 1);
+    std::fs::write(conf, &revoked).unwrap();
+    reload(nats, 1);
     let before: pgbridge::pg::Lsn = pg
         .value("app", "SELECT pg_current_wal_lsn()::text")
         .parse()
@@ -417,8 +415,8 @@ fn publishing_refused_while_streaming_is_waited_out_and_nothing_is_confirmed_los
     );
     // Sent again at least once meanwhile (the PubAck wait is 5 s), and never confirmed.
     std::thread::sleep(Duration::from_secs(7));
-    assert_eq!(stream_len(&url, "CDC"), 1);
-    let confirmed = testkit::confirmed_flush(&pg, "cdc_slot").expect("the slot");
+    assert_eq!(stream_len(url, "CDC"), 1);
+    let confirmed = testkit::confirmed_flush(pg, "cdc_slot").expect("the slot");
     assert!(
         confirmed <= before,
         "confirmed {confirmed} past the refused changes (from {before})"
@@ -432,17 +430,17 @@ fn publishing_refused_while_streaming_is_waited_out_and_nothing_is_confirmed_los
     assert_eq!(refusals, 1, "{}", bridge.log());
 
     // Granted again: both arrive, once each and in order, and are confirmed.
-    std::fs::write(&conf, &granted).unwrap();
-    reload(&nats, 2);
+    std::fs::write(conf, &granted).unwrap();
+    reload(nats, 2);
     wait_for("the refused inserts", Duration::from_secs(60), || {
-        (stream_len(&url, "CDC") == 3).then_some(())
+        (stream_len(url, "CDC") == 3).then_some(())
     });
-    testkit::assert_once_in_order(&testkit::json_row_ids(&read_stream(&url, "CDC")), 3);
+    testkit::assert_once_in_order(&testkit::json_row_ids(&read_stream(url, "CDC")), 3);
     wait_for(
         "the refused inserts confirmed",
         Duration::from_secs(30),
         || {
-            testkit::confirmed_flush(&pg, "cdc_slot")
+            testkit::confirmed_flush(pg, "cdc_slot")
                 .filter(|c| *c > before)
                 .map(drop)
         },
