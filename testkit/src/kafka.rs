@@ -77,7 +77,13 @@ pub struct KafkaServer {
     child: Option<Child>,
     /// Where [`KafkaServer::start_in`] records the broker's pid for a cleanup trap.
     pid_dir: Option<PathBuf>,
+    /// [`KafkaServer::start_with_sasl`]: the SASL/PLAIN listener's port and its users.
+    sasl: Option<(u16, Vec<(String, String)>)>,
 }
+
+/// The super user of a broker started by [`KafkaServer::start_with_sasl`] (the harness's own
+/// plaintext connections are super users too).
+pub const SASL_ADMIN: (&str, &str) = ("admin", "admin-s3cret");
 
 impl KafkaServer {
     /// Starts a broker with the settings one node needs.
@@ -88,17 +94,37 @@ impl KafkaServer {
     /// Starts a broker with extra `server.properties` settings, e.g.
     /// `("message.max.bytes", "20000")`.
     pub fn start_with(extra: &[(&str, &str)]) -> Self {
-        Self::launch(extra, None)
+        Self::launch(extra, None, None)
+    }
+
+    /// Starts a broker that also listens with SASL/PLAIN ([`KafkaServer::sasl_brokers`]) for
+    /// `users` (name, password) and [`SASL_ADMIN`], and authorizes with Kafka's ACLs:
+    /// [`SASL_ADMIN`] and the plaintext listener's anonymous clients are super users, every
+    /// other user may do only what an ACL grants it (none at first).
+    pub fn start_with_sasl(users: &[(&str, &str)]) -> Self {
+        let mut all: Vec<(String, String)> = vec![(SASL_ADMIN.0.into(), SASL_ADMIN.1.into())];
+        all.extend(users.iter().map(|(u, p)| (u.to_string(), p.to_string())));
+        Self::launch(&[], None, Some(all))
+    }
+
+    /// `host:port` of the SASL/PLAIN listener of [`KafkaServer::start_with_sasl`].
+    pub fn sasl_brokers(&self) -> String {
+        let (port, _) = self.sasl.as_ref().expect("a broker started with SASL");
+        format!("127.0.0.1:{port}")
     }
 
     /// Like [`KafkaServer::start_with`], for scripts: the broker leads a process group of its
     /// own whose pid is recorded under `root/pids` (as `nats-server`'s by
     /// [`crate::NatsServer::start_in`]), so a trap can stop it even if this process aborts.
     pub fn start_in(root: &Path, extra: &[(&str, &str)]) -> Self {
-        Self::launch(extra, Some(root.join("pids")))
+        Self::launch(extra, Some(root.join("pids")), None)
     }
 
-    fn launch(extra: &[(&str, &str)], pid_dir: Option<PathBuf>) -> Self {
+    fn launch(
+        extra: &[(&str, &str)],
+        pid_dir: Option<PathBuf>,
+        sasl_users: Option<Vec<(String, String)>>,
+    ) -> Self {
         let mut s = KafkaServer {
             dir: TempDir::new("kafka"),
             port: free_port(),
@@ -109,6 +135,7 @@ impl KafkaServer {
                 .collect(),
             child: None,
             pid_dir,
+            sasl: sasl_users.map(|users| (free_port(), users)),
         };
         s.write_properties();
         s.format();
@@ -117,6 +144,9 @@ impl KafkaServer {
             if attempt > 1 {
                 s.port = free_port();
                 s.controller_port = free_port();
+                if let Some((port, _)) = s.sasl.as_mut() {
+                    *port = free_port();
+                }
                 s.write_properties();
             }
             s.try_start()
@@ -151,6 +181,23 @@ impl KafkaServer {
              auto.create.topics.enable=false\n",
             self.dir.path().join("data").display()
         );
+        if let Some((sasl, users)) = &self.sasl {
+            // Later keys win: the listeners again, with the SASL one.
+            let accounts: String = users
+                .iter()
+                .map(|(u, pw)| format!(" user_{u}=\"{pw}\""))
+                .collect();
+            let (admin, admin_pw) = SASL_ADMIN;
+            text.push_str(&format!(
+                "listeners=PLAINTEXT://127.0.0.1:{p},SASL_PLAINTEXT://127.0.0.1:{sasl},CONTROLLER://127.0.0.1:{c}\n\
+                 advertised.listeners=PLAINTEXT://127.0.0.1:{p},SASL_PLAINTEXT://127.0.0.1:{sasl}\n\
+                 listener.security.protocol.map=CONTROLLER:PLAINTEXT,PLAINTEXT:PLAINTEXT,SASL_PLAINTEXT:SASL_PLAINTEXT\n\
+                 sasl.enabled.mechanisms=PLAIN\n\
+                 listener.name.sasl_plaintext.plain.sasl.jaas.config=org.apache.kafka.common.security.plain.PlainLoginModule required username=\"{admin}\" password=\"{admin_pw}\"{accounts};\n\
+                 authorizer.class.name=org.apache.kafka.metadata.authorizer.StandardAuthorizer\n\
+                 super.users=User:ANONYMOUS;User:{admin}\n"
+            ));
+        }
         for (k, v) in &self.extra {
             text.push_str(&format!("{k}={v}\n"));
         }

@@ -18,6 +18,7 @@ mod kafka_cluster;
 mod kafka_envelope;
 mod kafka_eos;
 mod kafka_outbox;
+mod kafka_sasl;
 mod kafka_snapshot;
 mod liveness;
 mod memory;

@@ -14,11 +14,12 @@ pub(crate) mod topics;
 
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use rdkafka::client::ClientContext;
 use rdkafka::config::ClientConfig;
 use rdkafka::error::KafkaError;
+use rdkafka::producer::{NoCustomPartitioner, Producer, ProducerContext, ThreadedProducer};
 use rdkafka::types::RDKafkaErrorCode;
 
 use crate::config::replication::Envelope;
@@ -72,6 +73,9 @@ pub enum KafkaSinkError {
         /// What the server says and what that means.
         why: String,
     },
+    /// The brokers refused the bridge's user: wrong SASL credentials, or an ACL missing.
+    #[error("{0}")]
+    Refused(String),
     /// Shutdown came while Kafka did not confirm delivery.
     #[error("stopped with {pending} changes not confirmed by Kafka (they will be sent again on the next start): {last_error}")]
     NotDrained {
@@ -88,9 +92,25 @@ impl KafkaSinkError {
     pub(crate) fn is_configuration(&self) -> bool {
         matches!(
             self,
-            KafkaSinkError::Config(_) | KafkaSinkError::UntrustedPosition { .. }
+            KafkaSinkError::Config(_)
+                | KafkaSinkError::UntrustedPosition { .. }
+                | KafkaSinkError::Refused(_)
         )
     }
+}
+
+/// Errors that mean the brokers will not serve the bridge's user until its credentials or
+/// ACLs change: the SASL handshake failed, or an authorization (the idempotent producer's
+/// id, a topic, the transactional id) was refused.
+fn is_refusal(code: RDKafkaErrorCode) -> bool {
+    matches!(
+        code,
+        RDKafkaErrorCode::Authentication
+            | RDKafkaErrorCode::SaslAuthenticationFailed
+            | RDKafkaErrorCode::ClusterAuthorizationFailed
+            | RDKafkaErrorCode::TopicAuthorizationFailed
+            | RDKafkaErrorCode::TransactionalIdAuthorizationFailed
+    )
 }
 
 /// The client context: turns librdkafka's global errors into one log line per change of the
@@ -120,6 +140,48 @@ impl Context {
     }
 }
 
+/// Records a refusal of the bridge's user in `connection` (logged at most once a minute):
+/// the start, or the delivery at its next step, stops on it with exit code 2.
+pub(crate) fn record_refusal(connection: &NatsStats, error: &KafkaError, reason: &str) {
+    let line = format!(
+        "Kafka refused the bridge's user: {error}: {reason}; check the SASL credentials \
+         (sasl.username, sasl.password in --kafka-property) and the user's ACLs: the bridge \
+         produces idempotently (with --kafka-exactly-once, transactionally) to its topics \
+         and creates those missing"
+    );
+    match connection.count_refusal(Instant::now()) {
+        Some(0) => log::error!("{line}"),
+        Some(unlogged) => {
+            log::error!("{line} ({unlogged} refusals not logged since the last such line)")
+        }
+        None => {}
+    }
+    let _ = connection.refused.set(line);
+    connection.refusal.notify_one();
+}
+
+/// True when `error` is a refusal of the bridge's user (see [`is_refusal`]).
+pub(crate) fn is_refused(error: &KafkaError) -> bool {
+    error.rdkafka_error_code().is_some_and(is_refusal)
+}
+
+impl Context {
+    /// The refusal recorded, if any, as the sink's error.
+    pub(crate) fn refusal(connection: &NatsStats) -> Result<(), KafkaSinkError> {
+        match connection.refused.get() {
+            Some(line) => Err(KafkaSinkError::Refused(line.clone())),
+            None => Ok(()),
+        }
+    }
+}
+
+/// For the start's probe, which produces nothing.
+impl ProducerContext<NoCustomPartitioner> for Context {
+    type DeliveryOpaque = ();
+
+    fn delivery(&self, _: &rdkafka::producer::DeliveryResult<'_>, _: Self::DeliveryOpaque) {}
+}
+
 impl ClientContext for Context {
     fn error(&self, error: KafkaError, reason: &str) {
         match error.rdkafka_error_code() {
@@ -131,6 +193,7 @@ impl ClientContext for Context {
             }
             // The positions reader asks for the end of its partition.
             Some(RDKafkaErrorCode::PartitionEOF) => log::debug!("Kafka: {error}: {reason}"),
+            Some(code) if is_refusal(code) => record_refusal(&self.connection, &error, reason),
             _ => log::warn!("Kafka client: {error}: {reason}"),
         }
     }
@@ -289,11 +352,21 @@ impl Sink for KafkaSink {
     type Delivery = KafkaDelivery;
 
     async fn prepare(&mut self, shutdown: &Shutdown) -> Result<bool, KafkaSinkError> {
-        let admin = topics::Admin::new(&self.kafka, Arc::clone(&self.connection))?;
+        // A producer's client, not the admin client: its thread serves the client's events, so
+        // a refused SASL handshake reaches `Context::error` and ends the start.
+        let probe: ThreadedProducer<Context> = client_config(&self.kafka)
+            .create_with_context(Context {
+                connection: Arc::clone(&self.connection),
+            })
+            .map_err(KafkaSinkError::Config)?;
         // Reachable before any WAL is read: nothing could be delivered otherwise.
         let mut warned = false;
         loop {
-            match admin.broker_count() {
+            let brokers = probe
+                .client()
+                .fetch_metadata(None, REQUEST_TIMEOUT)
+                .map(|md| md.brokers().len());
+            match brokers {
                 Ok(n) => {
                     log::info!(
                         "Kafka reachable ({n} broker{}); topics {}.*",
@@ -304,6 +377,8 @@ impl Sink for KafkaSink {
                     return Ok(true);
                 }
                 Err(e) => {
+                    // Refused credentials: no retry gets further.
+                    Context::refusal(&self.connection)?;
                     if !warned {
                         log::warn!(
                             "Kafka brokers {} not reachable: {e}; retrying every {}s",
