@@ -1,6 +1,7 @@
 //! The Kafka sink on a broker that authenticates with SASL/PLAIN and authorizes with ACLs:
 //! the bridge's librdkafka properties reach the broker, and a user the broker refuses stops
-//! the bridge with one line and exit code 2, nothing confirmed.
+//! the bridge with one line and exit code 2, nothing confirmed (also with exactly-once
+//! delivery).
 
 use testkit::kafka::{KafkaServer, SASL_ADMIN};
 use testkit::{bridge_command, confirmed_flush, setup_app_db, BridgeProcess, PgServer, TempDir};
@@ -13,6 +14,7 @@ fn sasl_bridge(
     kafka: &KafkaServer,
     dir: &TempDir,
     user: (&str, &str),
+    extra: &[&str],
 ) -> BridgeProcess {
     BridgeProcess::spawn(
         bridge_command(pg, "nats://127.0.0.1:9", dir.path())
@@ -21,7 +23,8 @@ fn sasl_bridge(
             .args(["--kafka-property", "security.protocol=SASL_PLAINTEXT"])
             .args(["--kafka-property", "sasl.mechanism=PLAIN"])
             .args(["--kafka-property", &format!("sasl.username={}", user.0)])
-            .args(["--kafka-property", &format!("sasl.password={}", user.1)]),
+            .args(["--kafka-property", &format!("sasl.password={}", user.1)])
+            .args(extra),
     )
 }
 
@@ -65,21 +68,32 @@ fn over_sasl_an_authorized_user_streams_and_a_refused_one_stops_with_one_line() 
 
     // A wrong password: refused at start.
     let dir = TempDir::new("wrong");
-    let mut wrong = sasl_bridge(&pg, &kafka, &dir, ("alice", "wrong-s3cret"));
+    let mut wrong = sasl_bridge(&pg, &kafka, &dir, ("alice", "wrong-s3cret"), &[]);
     assert_refused(&mut wrong, "Authentication failed");
 
     // Authenticated, but without any ACL: the idempotent producer gets no producer id. The
     // change waits in the WAL; the bridge stops on it.
     let dir = TempDir::new("alice");
-    let mut alice = sasl_bridge(&pg, &kafka, &dir, ("alice", "alice-s3cret"));
+    let mut alice = sasl_bridge(&pg, &kafka, &dir, ("alice", "alice-s3cret"), &[]);
     alice.wait_for_line("streaming started", STEP);
     pg.sql("app", "INSERT INTO users VALUES (1, 'refused')");
     assert_refused(&mut alice, "Cluster authorization failed");
+    // With --kafka-exactly-once it stops before the first change: the transactional
+    // producer cannot start.
+    let dir = TempDir::new("alice-eos");
+    let mut eos = sasl_bridge(
+        &pg,
+        &kafka,
+        &dir,
+        ("alice", "alice-s3cret"),
+        &["--kafka-exactly-once"],
+    );
+    assert_refused(&mut eos, "authorization failed");
     let confirmed = confirmed_flush(&pg, "cdc_slot").expect("the slot");
 
     // The super user: the same change arrives.
     let dir = TempDir::new("admin");
-    let bridge = sasl_bridge(&pg, &kafka, &dir, SASL_ADMIN);
+    let bridge = sasl_bridge(&pg, &kafka, &dir, SASL_ADMIN, &[]);
     bridge.wait_for_line("streaming started", STEP);
     let records = wait_records(&kafka, &bridge, "cdc.users", 1);
     assert_eq!(records.len(), 1, "{}", bridge.log());
