@@ -107,6 +107,21 @@ impl NatsStats {
         self.disconnects.load(Ordering::Relaxed)
     }
 
+    /// Records a refusal of the connection's user, `line` saying what was refused and what
+    /// the user needs: logged as an error at most once per [`REFUSAL_LOG_INTERVAL`], kept for
+    /// [`NatsStats::first_refusal`].
+    pub fn record_refusal(&self, line: String) {
+        match self.count_refusal(std::time::Instant::now()) {
+            Some(0) => log::error!("{line}"),
+            Some(unlogged) => {
+                log::error!("{line} ({unlogged} refusals not logged since the last such line)")
+            }
+            None => {}
+        }
+        let _ = self.refused.set(line);
+        self.refusal.notify_one();
+    }
+
     /// Counts a refusal for lack of permissions; `Some(n)` when it is to be logged, with `n`
     /// the refusals not logged since the last line.
     pub fn count_refusal(&self, now: std::time::Instant) -> Option<u64> {

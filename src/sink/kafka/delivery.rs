@@ -40,7 +40,7 @@ use crate::wire::kafka::{
 use crate::wire::outbox::OutboxEvent;
 
 use super::topics::Admin;
-use super::{client_config, is_refused, record_refusal, Context, KafkaSinkError};
+use super::{check_refusal, client_config, is_refused, record_refusal, Context, KafkaSinkError};
 
 mod outbox;
 mod transactions;
@@ -360,7 +360,7 @@ impl KafkaDelivery {
                             &format!("finding or creating topic {name}"),
                         );
                     }
-                    Context::refusal(&self.settings.connection)?;
+                    check_refusal(&self.settings.connection)?;
                     if !warned {
                         log::warn!("cannot find or create Kafka topic {name}: {e}; retrying (PostgreSQL keeps the WAL meanwhile)");
                         warned = true;
@@ -852,7 +852,7 @@ impl Delivery for KafkaDelivery {
             return Err(e);
         }
         // The brokers refused the bridge's user: resending cannot help until that changes.
-        Context::refusal(&self.settings.connection)?;
+        check_refusal(&self.settings.connection)?;
         self.check_shutdown()?;
         if !self.settings.connection.is_connected() && !self.window.is_empty() {
             self.failing_since.get_or_insert_with(Instant::now);

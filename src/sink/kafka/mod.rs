@@ -14,7 +14,7 @@ pub(crate) mod topics;
 
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use rdkafka::client::ClientContext;
 use rdkafka::config::ClientConfig;
@@ -149,30 +149,20 @@ pub(crate) fn record_refusal(connection: &NatsStats, error: &KafkaError, reason:
          produces idempotently (with --kafka-exactly-once, transactionally) to its topics \
          and creates those missing"
     );
-    match connection.count_refusal(Instant::now()) {
-        Some(0) => log::error!("{line}"),
-        Some(unlogged) => {
-            log::error!("{line} ({unlogged} refusals not logged since the last such line)")
-        }
-        None => {}
+    connection.record_refusal(line);
+}
+
+/// The refusal `connection` recorded, if any, as the sink's error.
+pub(crate) fn check_refusal(connection: &NatsStats) -> Result<(), KafkaSinkError> {
+    match connection.refused.get() {
+        Some(line) => Err(KafkaSinkError::Refused(line.clone())),
+        None => Ok(()),
     }
-    let _ = connection.refused.set(line);
-    connection.refusal.notify_one();
 }
 
 /// True when `error` is a refusal of the bridge's user (see [`is_refusal`]).
 pub(crate) fn is_refused(error: &KafkaError) -> bool {
     error.rdkafka_error_code().is_some_and(is_refusal)
-}
-
-impl Context {
-    /// The refusal recorded, if any, as the sink's error.
-    pub(crate) fn refusal(connection: &NatsStats) -> Result<(), KafkaSinkError> {
-        match connection.refused.get() {
-            Some(line) => Err(KafkaSinkError::Refused(line.clone())),
-            None => Ok(()),
-        }
-    }
 }
 
 /// For the start's probe, which produces nothing.
@@ -378,7 +368,7 @@ impl Sink for KafkaSink {
                 }
                 Err(e) => {
                     // Refused credentials: no retry gets further.
-                    Context::refusal(&self.connection)?;
+                    check_refusal(&self.connection)?;
                     if !warned {
                         log::warn!(
                             "Kafka brokers {} not reachable: {e}; retrying every {}s",

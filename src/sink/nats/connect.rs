@@ -234,15 +234,7 @@ fn on_event(stats: &NatsStats, event: &Event, seen_connect: &AtomicBool, client:
                 client.name,
                 permissions_needed(&client.inbox_prefix)
             );
-            match stats.count_refusal(std::time::Instant::now()) {
-                Some(0) => log::error!("{line}"),
-                Some(unlogged) => {
-                    log::error!("{line} ({unlogged} refusals not logged since the last such line)")
-                }
-                None => {}
-            }
-            let _ = stats.refused.set(line);
-            stats.refusal.notify_one();
+            stats.record_refusal(line);
         }
         Event::ServerError(e) => log::warn!("NATS server error: {e}"),
         // Every failed reconnect attempt reports one; the Disconnected warning says enough.

@@ -31,7 +31,7 @@ use crate::pg::timeline::ServerPosition;
 use crate::pg::Lsn;
 use crate::sink::driver::Ticket;
 use crate::sink::kafka::positions::{self, Committed, TRANSACTION_CALL_TIMEOUT};
-use crate::sink::kafka::{is_refused, record_refusal, Context, KafkaSinkError};
+use crate::sink::kafka::{check_refusal, is_refused, record_refusal, Context, KafkaSinkError};
 use crate::wire::kafka::{position_key, positions_topic, PositionRecord, ID_HEADER};
 
 use super::{KafkaDelivery, RETRY_MAX};
@@ -368,7 +368,7 @@ impl KafkaDelivery {
                             "starting the transactional producer",
                         );
                     }
-                    Context::refusal(&self.settings.connection)?;
+                    check_refusal(&self.settings.connection)?;
                     if !warned {
                         log::warn!("exactly once: cannot start the transactional producer: {e}; retrying (PostgreSQL keeps the WAL meanwhile)");
                         warned = true;
