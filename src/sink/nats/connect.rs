@@ -279,9 +279,10 @@ fn permissions_needed(inbox_prefix: &str) -> String {
         "the bridge's NATS user must be allowed to publish on cdc.>, init.>, outbox.>, dlq.>, \
          $KV.schemas.>, the JetStream API subjects of its streams and of the schemas bucket \
          (docs/operations.md, NATS permissions, lists each) and the snapshot requesters' \
-         inboxes (--snapshot-reply-prefix, _INBOX. by default), and to subscribe on snapshot.request.> and on its own inboxes \
-         {inbox_prefix}.> (--nats-inbox-prefix); bridge mirror, tail and snapshot read the \
-         streams through the JetStream API and subscribe on their inboxes {inbox_prefix}.>"
+         inboxes (--snapshot-reply-prefix, _INBOX. by default), and to subscribe on \
+         snapshot.request.> and on its own inboxes {inbox_prefix}.> (--nats-inbox-prefix); \
+         bridge mirror, tail and snapshot read the streams through the JetStream API and \
+         subscribe on their inboxes {inbox_prefix}.>"
     )
 }
 

@@ -107,8 +107,8 @@ impl Sink for NatsSink {
             .timeout(ACK_TIMEOUT)
             .build(client.clone());
         // A server that restarts or elects a leader meanwhile times these requests out:
-        // retried like the connect, only a configuration error ends the start.
-        // A permission the server refuses (an API subject, the inbox) ends the start too.
+        // retried like the connect; only a configuration error, or a permission the server
+        // refuses (an API subject, the inbox), ends the start.
         let (streams, format) = (&self.streams, self.settings.format);
         let checked = retry_transient(shutdown, self.backoff, || {
             unless_refused(connection, async {
