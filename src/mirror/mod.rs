@@ -46,7 +46,7 @@ use rmpv::Value;
 use crate::config::Config;
 use crate::shutdown::Shutdown;
 // Connecting is the sink's (one place for TLS, credentials and reconnect settings).
-use crate::sink::nats::{check_jetstream, connect, NatsError};
+use crate::sink::nats::{check_jetstream, connect, unless_refused, NatsError};
 use crate::wire::decode;
 use crate::wire::names::SCHEMAS_BUCKET;
 use crate::wire::subject::{
@@ -298,7 +298,7 @@ pub fn run(
     let rt = crate::runtime::current_thread()
         .map_err(|e| MirrorError::JetStream(format!("cannot start the runtime: {e}")))?;
     rt.block_on(async {
-        let (client, _) = connect(&config.nats, CONNECTION_NAME).await?;
+        let (client, stats) = connect(&config.nats, CONNECTION_NAME).await?;
         let store = Store::open(&options.db)?;
         let mut mirror = Mirror {
             schema_checked: HashMap::new(),
@@ -314,7 +314,9 @@ pub fn run(
             shutdown: shutdown.clone(),
             summary: MirrorSummary::default(),
         };
-        mirror.run().await?;
+        // A permission the server refuses is not waited out: without it the mirror gets no
+        // further (what it loaded is committed with its position, or rolled back).
+        unless_refused(&stats, mirror.run()).await?;
         Ok(mirror.summary)
     })
 }

@@ -2,9 +2,9 @@
 //! an inbox prefix of its own (`--nats-inbox-prefix`) it streams, writes the schemas bucket and
 //! serves snapshot requests, started again it reads what it created, and no other user can
 //! publish (forge a PubAck) or subscribe under that prefix, or delete or purge its streams;
-//! `bridge mirror`, `tail` and `snapshot` run as that other user. A permission refused at
-//! start stops the bridge (exit 2); one withdrawn while it streams is waited out, and nothing
-//! is confirmed, lost or stored twice.
+//! `bridge mirror`, `tail` and `snapshot` run as that other user, and stop with exit 2 as a
+//! user the server refuses. A permission refused at start stops the bridge (exit 2); one
+//! withdrawn while it streams is waited out, and nothing is confirmed, lost or stored twice.
 
 use std::io::{BufRead, BufReader, Write};
 use std::net::TcpStream;
@@ -305,11 +305,19 @@ fn mirror_tail_and_snapshot_run_as_the_documented_consumer_user() {
     assert_eq!(code, Some(0), "bridge tail as app:\n{log}");
     assert!(out.contains("\"streamed\""), "{out}");
 
-    // The bridge's own user may not read the streams: a one-shot command stops at once with
-    // the server's refusal, exit code 2.
+    // The bridge's own user may not read the streams: each command stops at once with the
+    // server's refusal, exit code 2.
+    let refused_db = dir.path().join("refused.sqlite");
     for args in [
         &["tail", "--from-start", "--count", "1"][..],
         &["snapshot", "users"][..],
+        &[
+            "mirror",
+            "--db",
+            refused_db.to_str().unwrap(),
+            "--table",
+            "users",
+        ][..],
     ] {
         let mut cmd = as_app(url, args);
         cmd.env("NATS_BRIDGE_USER", "bridge")
