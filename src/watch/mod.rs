@@ -8,10 +8,9 @@ mod render;
 pub mod snapshot;
 pub mod tail;
 
-// Connection errors are the sink's (one place for TLS, credentials and reconnects).
-use crate::sink::nats::NatsError;
-// A refused permission ends a command as it ends the bridge's start.
-use crate::sink::nats::unless_refused;
+// Connecting and its errors are the sink's (one place for TLS, credentials and reconnects).
+use crate::config::Config;
+use crate::sink::nats::{connect, unless_refused, NatsError};
 
 /// Why a watch command stopped.
 #[derive(Debug, thiserror::Error)]
@@ -59,10 +58,20 @@ impl WatchError {
     }
 }
 
-/// A single-threaded runtime for one command.
-fn runtime() -> Result<tokio::runtime::Runtime, WatchError> {
-    crate::runtime::current_thread()
-        .map_err(|e| WatchError::Runtime(format!("cannot start the runtime: {e}")))
+/// Runs a command's `work` on a runtime of its own with a NATS connection named `name`. A
+/// permission the server refuses the connection ends it, as it ends the bridge's start: a
+/// command gets no further without it.
+fn on_nats<T, F, Fut>(config: &Config, name: &str, work: F) -> Result<T, WatchError>
+where
+    F: FnOnce(async_nats::Client) -> Fut,
+    Fut: std::future::Future<Output = Result<T, WatchError>>,
+{
+    let rt = crate::runtime::current_thread()
+        .map_err(|e| WatchError::Runtime(format!("cannot start the runtime: {e}")))?;
+    rt.block_on(async {
+        let (client, stats) = connect(&config.nats, name).await?;
+        unless_refused(&stats, work(client)).await
+    })
 }
 
 /// Opens a stream; a missing one is a usage error (wrong `--stream`, or no bridge ran yet).

@@ -10,11 +10,9 @@ use bytes::Bytes;
 use futures_util::StreamExt;
 use rmpv::Value;
 
-use super::{open_stream, runtime, tail, unless_refused, WatchError};
+use super::{on_nats, open_stream, tail, WatchError};
 use crate::config::Config;
 use crate::shutdown::Shutdown;
-// Connecting is the sink's (one place for TLS, credentials and reconnect settings).
-use crate::sink::nats::connect;
 use crate::wire::decode as doc;
 use crate::wire::fields;
 use crate::wire::subject::{
@@ -126,169 +124,157 @@ pub fn run(
     shutdown: &Shutdown,
 ) -> Result<SnapshotSummary, WatchError> {
     let token = tail::table_spec_token(table)?;
-    runtime()?.block_on(async {
-        let (client, stats) = connect(&config.nats, CONNECTION_NAME).await?;
-        unless_refused(&stats, follow(config, &token, wait, shutdown, client)).await
-    })
-}
+    on_nats(config, CONNECTION_NAME, |client| async move {
+        let js = jetstream::new(client.clone());
+        let init = open_stream(&js, &config.streams.init).await?;
+        let rt_err = |e: &dyn std::fmt::Display| WatchError::Runtime(e.to_string());
+        // Subscribed before the request, so the meta cannot be missed.
+        let meta_subject = snapshot_meta_subject(&token);
+        let mut metas = init
+            .create_consumer(jetstream::consumer::pull::OrderedConfig {
+                filter_subject: meta_subject.clone(),
+                deliver_policy: DeliverPolicy::New,
+                ..Default::default()
+            })
+            .await
+            .map_err(|e| rt_err(&format!("consumer on {meta_subject}: {e}")))?
+            .messages()
+            .await
+            .map_err(|e| rt_err(&e))?;
 
-/// Requests the snapshot of `token` on `client` and follows it until its meta.
-async fn follow(
-    config: &Config,
-    token: &str,
-    wait: Duration,
-    shutdown: &Shutdown,
-    client: async_nats::Client,
-) -> Result<SnapshotSummary, WatchError> {
-    let js = jetstream::new(client.clone());
-    let init = open_stream(&js, &config.streams.init).await?;
-    let rt_err = |e: &dyn std::fmt::Display| WatchError::Runtime(e.to_string());
-    // Subscribed before the request, so the meta cannot be missed.
-    let meta_subject = snapshot_meta_subject(token);
-    let mut metas = init
-        .create_consumer(jetstream::consumer::pull::OrderedConfig {
-            filter_subject: meta_subject.clone(),
-            deliver_policy: DeliverPolicy::New,
-            ..Default::default()
-        })
-        .await
-        .map_err(|e| rt_err(&format!("consumer on {meta_subject}: {e}")))?
-        .messages()
-        .await
-        .map_err(|e| rt_err(&e))?;
-
-    let subject = snapshot_request_subject(token);
-    let reply = tokio::time::timeout(REQUEST_TIMEOUT, client.request(subject.clone(), Bytes::new()))
-        .await
-        .map_err(|_| {
-            rt_err(&format!(
-                "no reply to the snapshot request on {subject} within {REQUEST_TIMEOUT:?}: is the bridge running?"
-            ))
-        })?
-        .map_err(|e| {
-            rt_err(&format!(
-                "snapshot request on {subject}: {e} (no bridge serves snapshot requests: is it running and streaming?)"
-            ))
-        })?;
-    let answer: serde_json::Value = serde_json::from_slice(&reply.payload).unwrap_or_default();
-    let id = match (
-        answer[fields::STATUS].as_str(),
-        answer[fields::SNAPSHOT_ID].as_str(),
-    ) {
-        (Some(fields::STATUS_ACCEPTED), Some(id)) => id.to_owned(),
-        _ => {
-            let reason = answer[fields::ERROR].as_str().map_or_else(
-                || String::from_utf8_lossy(&reply.payload).into_owned(),
-                str::to_owned,
-            );
-            return Err(WatchError::Refused {
-                table: token.to_owned(),
-                reason,
-            });
-        }
-    };
-    let estimated = answer[fields::ESTIMATED_ROWS].as_u64();
-    let mut progress = Progress {
-        terminal: std::io::stdout().is_terminal(),
-        table: token.to_owned(),
-        id: id.clone(),
-        estimated,
-        started: Instant::now(),
-        last_line: None,
-    };
-    let chunk_subject = snapshot_chunks_filter(token, &id);
-    let mut chunks = init
-        .create_consumer(jetstream::consumer::pull::OrderedConfig {
-            filter_subject: chunk_subject.clone(),
-            deliver_policy: DeliverPolicy::All,
-            ..Default::default()
-        })
-        .await
-        .map_err(|e| rt_err(&format!("consumer on {chunk_subject}: {e}")))?
-        .messages()
-        .await
-        .map_err(|e| rt_err(&e))?;
-
-    let mut rows = 0u64;
-    let mut loaded = 0u64;
-    // The meta's batch_count, row_count, lsn and cdc_stream_seq once it arrived.
-    let mut meta: Option<(u64, u64, String, u64)> = None;
-    let mut last_progress = Instant::now();
-    progress.show(0, 0)?;
-    loop {
-        if let Some((batches, row_count, lsn, cdc_stream_seq)) = &meta {
-            if loaded >= *batches {
-                progress.finish()?;
-                if rows != *row_count {
-                    return Err(rt_err(&format!(
-                        "snapshot {id} of {token}: its chunks hold {rows} rows, its meta says {row_count}"
-                    )));
-                }
-                return Ok(SnapshotSummary {
-                    snapshot_id: id,
-                    rows,
-                    chunks: loaded,
-                    elapsed: progress.started.elapsed(),
-                    lsn: lsn.clone(),
-                    cdc_stream_seq: *cdc_stream_seq,
+        let subject = snapshot_request_subject(&token);
+        let reply = tokio::time::timeout(REQUEST_TIMEOUT, client.request(subject.clone(), Bytes::new()))
+            .await
+            .map_err(|_| {
+                rt_err(&format!(
+                    "no reply to the snapshot request on {subject} within {REQUEST_TIMEOUT:?}: is the bridge running?"
+                ))
+            })?
+            .map_err(|e| {
+                rt_err(&format!(
+                    "snapshot request on {subject}: {e} (no bridge serves snapshot requests: is it running and streaming?)"
+                ))
+            })?;
+        let answer: serde_json::Value = serde_json::from_slice(&reply.payload).unwrap_or_default();
+        let id = match (
+            answer[fields::STATUS].as_str(),
+            answer[fields::SNAPSHOT_ID].as_str(),
+        ) {
+            (Some(fields::STATUS_ACCEPTED), Some(id)) => id.to_owned(),
+            _ => {
+                let reason = answer[fields::ERROR].as_str().map_or_else(
+                    || String::from_utf8_lossy(&reply.payload).into_owned(),
+                    str::to_owned,
+                );
+                return Err(WatchError::Refused {
+                    table: token.clone(),
+                    reason,
                 });
             }
-        }
-        if shutdown.is_triggered() {
-            progress.finish()?;
-            return Err(rt_err(&format!(
-                "stopped watching; snapshot {id} of {token} goes on in the bridge"
-            )));
-        }
-        if last_progress.elapsed() > wait {
-            progress.finish()?;
-            return Err(rt_err(&format!(
-                "snapshot {id} of {token}: nothing arrived for {} s (--wait-secs); is the bridge still running?",
-                wait.as_secs()
-            )));
-        }
-        tokio::select! {
-            m = chunks.next() => {
-                let msg = m.ok_or_else(|| rt_err(&"the chunk consumer ended"))?
-                    .map_err(|e| rt_err(&e))?;
-                let chunk = decode(&msg)?;
-                let n = doc::u64_field(&chunk, fields::CHUNK).map_err(|e| bad(&msg, e))?;
-                if n != loaded {
-                    return Err(bad(&msg, format!("chunk {n} came where {loaded} was due")));
-                }
-                match doc::field(&chunk, fields::DATA) {
-                    Some(Value::Array(d)) => rows += d.len() as u64,
-                    _ => return Err(bad(&msg, "chunk without a data list")),
-                }
-                loaded += 1;
-                last_progress = Instant::now();
-                progress.show(rows, loaded)?;
-            }
-            m = metas.next() => {
-                let msg = m.ok_or_else(|| rt_err(&"the meta consumer ended"))?
-                    .map_err(|e| rt_err(&e))?;
-                let d = decode(&msg)?;
-                if doc::str_field(&d, fields::SNAPSHOT_ID).ok() != Some(id.as_str()) {
-                    continue; // another snapshot of the same table
-                }
-                if let Some(err) = doc::field(&d, fields::ERROR) {
+        };
+        let estimated = answer[fields::ESTIMATED_ROWS].as_u64();
+        let mut progress = Progress {
+            terminal: std::io::stdout().is_terminal(),
+            table: token.clone(),
+            id: id.clone(),
+            estimated,
+            started: Instant::now(),
+            last_line: None,
+        };
+        let chunk_subject = snapshot_chunks_filter(&token, &id);
+        let mut chunks = init
+            .create_consumer(jetstream::consumer::pull::OrderedConfig {
+                filter_subject: chunk_subject.clone(),
+                deliver_policy: DeliverPolicy::All,
+                ..Default::default()
+            })
+            .await
+            .map_err(|e| rt_err(&format!("consumer on {chunk_subject}: {e}")))?
+            .messages()
+            .await
+            .map_err(|e| rt_err(&e))?;
+
+        let mut rows = 0u64;
+        let mut loaded = 0u64;
+        // The meta's batch_count, row_count, lsn and cdc_stream_seq once it arrived.
+        let mut meta: Option<(u64, u64, String, u64)> = None;
+        let mut last_progress = Instant::now();
+        progress.show(0, 0)?;
+        loop {
+            if let Some((batches, row_count, lsn, cdc_stream_seq)) = &meta {
+                if loaded >= *batches {
                     progress.finish()?;
-                    return Err(WatchError::Failed {
-                        table: token.to_owned(),
+                    if rows != *row_count {
+                        return Err(rt_err(&format!(
+                            "snapshot {id} of {token}: its chunks hold {rows} rows, its meta says {row_count}"
+                        )));
+                    }
+                    return Ok(SnapshotSummary {
                         snapshot_id: id,
-                        reason: err.as_str().map_or_else(|| err.to_string(), str::to_owned),
+                        rows,
+                        chunks: loaded,
+                        elapsed: progress.started.elapsed(),
+                        lsn: lsn.clone(),
+                        cdc_stream_seq: *cdc_stream_seq,
                     });
                 }
-                let field = |k| doc::u64_field(&d, k).map_err(|e| bad(&msg, e));
-                let lsn = doc::str_field(&d, fields::LSN).map_err(|e| bad(&msg, e))?.to_owned();
-                meta = Some((field(fields::BATCH_COUNT)?, field(fields::ROW_COUNT)?, lsn, field(fields::CDC_STREAM_SEQ)?));
-                last_progress = Instant::now();
             }
-            // Wakes for the idle check, or at once on shutdown.
-            _ = tokio::time::sleep(Duration::from_millis(200)) => {}
-            _ = shutdown.triggered() => {}
+            if shutdown.is_triggered() {
+                progress.finish()?;
+                return Err(rt_err(&format!(
+                    "stopped watching; snapshot {id} of {token} goes on in the bridge"
+                )));
+            }
+            if last_progress.elapsed() > wait {
+                progress.finish()?;
+                return Err(rt_err(&format!(
+                    "snapshot {id} of {token}: nothing arrived for {} s (--wait-secs); is the bridge still running?",
+                    wait.as_secs()
+                )));
+            }
+            tokio::select! {
+                m = chunks.next() => {
+                    let msg = m.ok_or_else(|| rt_err(&"the chunk consumer ended"))?
+                        .map_err(|e| rt_err(&e))?;
+                    let chunk = decode(&msg)?;
+                    let n = doc::u64_field(&chunk, fields::CHUNK).map_err(|e| bad(&msg, e))?;
+                    if n != loaded {
+                        return Err(bad(&msg, format!("chunk {n} came where {loaded} was due")));
+                    }
+                    match doc::field(&chunk, fields::DATA) {
+                        Some(Value::Array(d)) => rows += d.len() as u64,
+                        _ => return Err(bad(&msg, "chunk without a data list")),
+                    }
+                    loaded += 1;
+                    last_progress = Instant::now();
+                    progress.show(rows, loaded)?;
+                }
+                m = metas.next() => {
+                    let msg = m.ok_or_else(|| rt_err(&"the meta consumer ended"))?
+                        .map_err(|e| rt_err(&e))?;
+                    let d = decode(&msg)?;
+                    if doc::str_field(&d, fields::SNAPSHOT_ID).ok() != Some(id.as_str()) {
+                        continue; // another snapshot of the same table
+                    }
+                    if let Some(err) = doc::field(&d, fields::ERROR) {
+                        progress.finish()?;
+                        return Err(WatchError::Failed {
+                            table: token.clone(),
+                            snapshot_id: id,
+                            reason: err.as_str().map_or_else(|| err.to_string(), str::to_owned),
+                        });
+                    }
+                    let field = |k| doc::u64_field(&d, k).map_err(|e| bad(&msg, e));
+                    let lsn = doc::str_field(&d, fields::LSN).map_err(|e| bad(&msg, e))?.to_owned();
+                    meta = Some((field(fields::BATCH_COUNT)?, field(fields::ROW_COUNT)?, lsn, field(fields::CDC_STREAM_SEQ)?));
+                    last_progress = Instant::now();
+                }
+                // Wakes for the idle check, or at once on shutdown.
+                _ = tokio::time::sleep(Duration::from_millis(200)) => {}
+                _ = shutdown.triggered() => {}
+            }
         }
-    }
+    })
 }
 
 fn decode(msg: &jetstream::Message) -> Result<Value, WatchError> {

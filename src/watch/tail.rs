@@ -10,11 +10,9 @@ use async_nats::jetstream::consumer::{pull, DeliverPolicy};
 use async_nats::jetstream::{self, stream::Stream};
 use futures_util::StreamExt;
 
-use super::{open_stream, render, runtime, unless_refused, WatchError};
+use super::{on_nats, open_stream, render, WatchError};
 use crate::config::Config;
 use crate::shutdown::Shutdown;
-// Connecting is the sink's (one place for TLS, credentials and reconnect settings).
-use crate::sink::nats::connect;
 use crate::wire::event::Operation;
 use crate::wire::names::CDC_SUBJECT_PREFIX;
 use crate::wire::subject::{table_token, DEFAULT_SCHEMA};
@@ -103,64 +101,52 @@ pub(crate) fn table_spec_token(spec: &str) -> Result<String, WatchError> {
 /// Runs `bridge tail` until shutdown, `count` or `until_idle`; returns the changes printed.
 pub fn run(config: &Config, options: &TailOptions, shutdown: &Shutdown) -> Result<u64, WatchError> {
     let filters = filter_subjects(&options.tables, &options.ops)?;
-    runtime()?.block_on(async {
-        let (client, stats) = connect(&config.nats, CONNECTION_NAME).await?;
-        unless_refused(&stats, follow(config, options, &filters, shutdown, client)).await
-    })
-}
-
-/// Prints the changes on `client` until shutdown, `count` or `until_idle`.
-async fn follow(
-    config: &Config,
-    options: &TailOptions,
-    filters: &[String],
-    shutdown: &Shutdown,
-    client: async_nats::Client,
-) -> Result<u64, WatchError> {
-    let js = jetstream::new(client);
-    let stream = open_stream(&js, &config.streams.cdc).await?;
-    let deliver_policy = match options.start {
-        Start::New => DeliverPolicy::New,
-        Start::All => DeliverPolicy::All,
-        Start::Last(n) => last_n_start(&stream, filters, n).await?,
-    };
-    let mut messages = ordered(&stream, filters, deliver_policy, false).await?;
-    let stdout = std::io::stdout();
-    let mut line = Vec::new();
-    let mut printed = 0u64;
-    let mut last_activity = Instant::now();
-    loop {
-        if shutdown.is_triggered() || options.count.is_some_and(|c| printed >= c) {
-            return Ok(printed);
-        }
-        let idle_at = options.until_idle.map(|idle| last_activity + idle);
-        let msg = tokio::select! {
-            m = messages.next() => m,
-            _ = shutdown.triggered() => return Ok(printed),
-            _ = until(idle_at) => return Ok(printed),
+    on_nats(config, CONNECTION_NAME, |client| async move {
+        let js = jetstream::new(client);
+        let stream = open_stream(&js, &config.streams.cdc).await?;
+        let deliver_policy = match options.start {
+            Start::New => DeliverPolicy::New,
+            Start::All => DeliverPolicy::All,
+            Start::Last(n) => last_n_start(&stream, &filters, n).await?,
         };
-        let msg = msg
-            .ok_or_else(|| WatchError::Runtime("the stream's consumer ended".into()))?
-            .map_err(|e| WatchError::Runtime(format!("reading {}: {e}", config.streams.cdc)))?;
-        last_activity = Instant::now();
-        let seq = msg.info().map(|i| i.stream_sequence).unwrap_or_default();
-        let doc = match crate::wire::decode::decode(&msg.payload) {
-            Ok(doc) => doc,
-            Err(e) => {
-                log::warn!("message #{seq} on {} skipped: {e}", msg.subject);
-                continue;
+        let mut messages = ordered(&stream, &filters, deliver_policy, false).await?;
+        let stdout = std::io::stdout();
+        let mut line = Vec::new();
+        let mut printed = 0u64;
+        let mut last_activity = Instant::now();
+        loop {
+            if shutdown.is_triggered() || options.count.is_some_and(|c| printed >= c) {
+                return Ok(printed);
             }
-        };
-        line.clear();
-        render::change_line(&mut line, seq, msg.subject.as_str(), &doc, options.colour);
-        let mut out = stdout.lock();
-        match out.write_all(&line).and_then(|()| out.flush()) {
-            Ok(()) => printed += 1,
-            // The reader went away (`| head`): nothing more to do.
-            Err(e) if e.kind() == std::io::ErrorKind::BrokenPipe => return Ok(printed),
-            Err(e) => return Err(e.into()),
+            let idle_at = options.until_idle.map(|idle| last_activity + idle);
+            let msg = tokio::select! {
+                m = messages.next() => m,
+                _ = shutdown.triggered() => return Ok(printed),
+                _ = until(idle_at) => return Ok(printed),
+            };
+            let msg = msg
+                .ok_or_else(|| WatchError::Runtime("the stream's consumer ended".into()))?
+                .map_err(|e| WatchError::Runtime(format!("reading {}: {e}", config.streams.cdc)))?;
+            last_activity = Instant::now();
+            let seq = msg.info().map(|i| i.stream_sequence).unwrap_or_default();
+            let doc = match crate::wire::decode::decode(&msg.payload) {
+                Ok(doc) => doc,
+                Err(e) => {
+                    log::warn!("message #{seq} on {} skipped: {e}", msg.subject);
+                    continue;
+                }
+            };
+            line.clear();
+            render::change_line(&mut line, seq, msg.subject.as_str(), &doc, options.colour);
+            let mut out = stdout.lock();
+            match out.write_all(&line).and_then(|()| out.flush()) {
+                Ok(()) => printed += 1,
+                // The reader went away (`| head`): nothing more to do.
+                Err(e) if e.kind() == std::io::ErrorKind::BrokenPipe => return Ok(printed),
+                Err(e) => return Err(e.into()),
+            }
         }
-    }
+    })
 }
 
 /// Completes at `deadline`, or never without one.
