@@ -83,10 +83,10 @@ pub struct NatsStats {
     /// The first refusal of a publish or subscription for lack of permissions, as logged.
     pub refused: std::sync::OnceLock<String>,
     /// Refusals for lack of permissions so far.
-    pub refusals: AtomicU64,
+    refusals: AtomicU64,
     /// When a refusal was last logged, and the count then: every refused publish gets one,
     /// so they are logged at most every [`REFUSAL_LOG_INTERVAL`].
-    pub refusal_logged: std::sync::Mutex<Option<(std::time::Instant, u64)>>,
+    refusal_logged: std::sync::Mutex<Option<(std::time::Instant, u64)>>,
     /// Woken at that refusal, for a command that ends on it.
     pub refusal: tokio::sync::Notify,
 }
@@ -124,7 +124,7 @@ impl NatsStats {
 
     /// Counts a refusal for lack of permissions; `Some(n)` when it is to be logged, with `n`
     /// the refusals not logged since the last line.
-    pub fn count_refusal(&self, now: std::time::Instant) -> Option<u64> {
+    fn count_refusal(&self, now: std::time::Instant) -> Option<u64> {
         let total = self.refusals.fetch_add(1, Ordering::Relaxed) + 1;
         let mut logged = self
             .refusal_logged

@@ -40,7 +40,7 @@ use crate::wire::kafka::{
 use crate::wire::outbox::OutboxEvent;
 
 use super::topics::Admin;
-use super::{check_refusal, client_config, is_refused, record_refusal, Context, KafkaSinkError};
+use super::{check_refusal, client_config, stop_if_refused, Context, KafkaSinkError};
 
 mod outbox;
 mod transactions;
@@ -352,15 +352,11 @@ impl KafkaDelivery {
                     return Ok((name, partitions));
                 }
                 Err(e) => {
-                    // A refused user gets no further by retrying.
-                    if is_refused(&e) {
-                        record_refusal(
-                            &self.settings.connection,
-                            &e,
-                            &format!("finding or creating topic {name}"),
-                        );
-                    }
-                    check_refusal(&self.settings.connection)?;
+                    stop_if_refused(
+                        &self.settings.connection,
+                        &e,
+                        &format!("finding or creating topic {name}"),
+                    )?;
                     if !warned {
                         log::warn!("cannot find or create Kafka topic {name}: {e}; retrying (PostgreSQL keeps the WAL meanwhile)");
                         warned = true;

@@ -142,7 +142,7 @@ impl Context {
 
 /// Records a refusal of the bridge's user in `connection` (logged at most once a minute):
 /// the start, or the delivery at its next step, stops on it with exit code 2.
-pub(crate) fn record_refusal(connection: &NatsStats, error: &KafkaError, reason: &str) {
+fn record_refusal(connection: &NatsStats, error: &KafkaError, reason: &str) {
     let line = format!(
         "Kafka refused the bridge's user: {error}: {reason}; check the SASL credentials \
          (sasl.username, sasl.password in --kafka-property) and the user's ACLs: the bridge \
@@ -160,9 +160,18 @@ pub(crate) fn check_refusal(connection: &NatsStats) -> Result<(), KafkaSinkError
     }
 }
 
-/// True when `error` is a refusal of the bridge's user (see [`is_refusal`]).
-pub(crate) fn is_refused(error: &KafkaError) -> bool {
-    error.rdkafka_error_code().is_some_and(is_refusal)
+/// For a request that failed with `error` while `doing` it: when the brokers refused the
+/// bridge's user (now, or earlier on another client of the connection), that refusal as the
+/// sink's error, since no retry gets further.
+pub(crate) fn stop_if_refused(
+    connection: &NatsStats,
+    error: &KafkaError,
+    doing: &str,
+) -> Result<(), KafkaSinkError> {
+    if error.rdkafka_error_code().is_some_and(is_refusal) {
+        record_refusal(connection, error, doing);
+    }
+    check_refusal(connection)
 }
 
 /// For the start's probe, which produces nothing.

@@ -31,7 +31,7 @@ use crate::pg::timeline::ServerPosition;
 use crate::pg::Lsn;
 use crate::sink::driver::Ticket;
 use crate::sink::kafka::positions::{self, Committed, TRANSACTION_CALL_TIMEOUT};
-use crate::sink::kafka::{check_refusal, is_refused, record_refusal, Context, KafkaSinkError};
+use crate::sink::kafka::{stop_if_refused, Context, KafkaSinkError};
 use crate::wire::kafka::{position_key, positions_topic, PositionRecord, ID_HEADER};
 
 use super::{KafkaDelivery, RETRY_MAX};
@@ -360,15 +360,11 @@ impl KafkaDelivery {
                     if let Some(fatal) = self.fatal.take() {
                         return Err(fatal);
                     }
-                    // A refused user gets no further by retrying.
-                    if is_refused(&e) {
-                        record_refusal(
-                            &self.settings.connection,
-                            &e,
-                            "starting the transactional producer",
-                        );
-                    }
-                    check_refusal(&self.settings.connection)?;
+                    stop_if_refused(
+                        &self.settings.connection,
+                        &e,
+                        "starting the transactional producer",
+                    )?;
                     if !warned {
                         log::warn!("exactly once: cannot start the transactional producer: {e}; retrying (PostgreSQL keeps the WAL meanwhile)");
                         warned = true;
