@@ -421,8 +421,11 @@ fn publishing_refused_while_streaming_is_waited_out_and_nothing_is_confirmed_los
         "Permissions Violation for Publish to \"cdc.",
         Duration::from_secs(30),
     );
-    // Sent again at least once meanwhile (the PubAck wait is 5 s), and never confirmed.
-    std::thread::sleep(Duration::from_secs(7));
+    // Its PubAck wait ends and it is sent again, refused again, and never confirmed.
+    bridge.wait_for_line(
+        "not acknowledged: no PubAck within",
+        Duration::from_secs(30),
+    );
     assert_eq!(stream_len(url, "CDC"), 1);
     let confirmed = testkit::confirmed_flush(pg, "cdc_slot").expect("the slot");
     assert!(
